@@ -1,0 +1,153 @@
+"""The GMT mask: kept fractions per scope, ties, zeros, sampling accuracy, compile."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from gmt_mlx.masking import apply_masks, gmt_masks, group_units, random_masks
+
+
+def grad_tree(seed: int = 0):
+    """A gradient-shaped tree: two blocks, an embedding with zero rows, a big tensor."""
+    mx.random.seed(seed)
+    return {
+        "model": {
+            "embed_tokens": {"weight": mx.concatenate([mx.zeros((300, 64)), mx.random.normal((200, 64))])},
+            "layers": [
+                {
+                    "q": {"weight": mx.random.normal((128, 128))},
+                    "mlp": {"weight": mx.random.normal((256, 128)) * 3},
+                    "norm": {"weight": mx.random.normal((128,))},
+                }
+                for _ in range(2)
+            ],
+        },
+        "lm_head": {"weight": mx.random.normal((500, 64))},
+    }
+
+
+def kept_fraction(masks, names):
+    flat = dict(tree_flatten(masks))
+    kept = sum(flat[n].sum().item() for n in names)
+    return kept / sum(flat[n].size for n in names)
+
+
+@pytest.mark.parametrize("mask_ratio", [0.1, 0.5, 0.9])
+def test_tensor_scope_kept_fraction(mask_ratio):
+    grads = grad_tree()
+    masks, kept = gmt_masks(grads, mask_ratio, "tensor", mx.random.key(1))
+    for name, g in tree_flatten(grads):
+        if g.size < 10_000:
+            continue
+        nonzero = (g != 0).sum().item() / g.size
+        expected = min(1 - mask_ratio, nonzero)  # zeros are never kept
+        assert abs(kept_fraction(masks, [name]) - expected) <= 0.01, name
+    total_kept = sum(m.sum().item() for _, m in tree_flatten(masks))
+    assert abs(kept.item() - total_kept) <= 2  # the reported count is the real one
+
+
+@pytest.mark.parametrize("mask_ratio", [0.2, 0.7])
+def test_layer_scope_kept_fraction_per_block(mask_ratio):
+    grads = grad_tree()
+    masks, _ = gmt_masks(grads, mask_ratio, "layer", mx.random.key(2))
+    units = group_units([n for n, _ in tree_flatten(grads)], "layer")
+    assert set(units) == {"model.layers.0", "model.layers.1", "model.embed_tokens.weight", "lm_head.weight"}
+    for block in ("model.layers.0", "model.layers.1"):
+        assert abs(kept_fraction(masks, units[block]) - (1 - mask_ratio)) <= 0.01
+
+
+@pytest.mark.parametrize("mask_ratio", [0.3, 0.8])
+def test_global_scope_kept_fraction(mask_ratio):
+    grads = grad_tree()
+    masks, _ = gmt_masks(grads, mask_ratio, "global", mx.random.key(3))
+    names = [n for n, _ in tree_flatten(grads)]
+    assert abs(kept_fraction(masks, names) - (1 - mask_ratio)) <= 0.01
+    # One threshold: every kept |g| is >= every dropped non-zero |g| (up to ties).
+    flat_g = {n: np.abs(np.array(g)) for n, g in tree_flatten(grads)}
+    flat_m = {n: np.array(m) for n, m in tree_flatten(masks)}
+    kept_min = min(flat_g[n][flat_m[n]].min() for n in names if flat_m[n].any())
+    dropped_max = max(flat_g[n][~flat_m[n]].max() for n in names if (~flat_m[n]).any())
+    assert dropped_max <= kept_min
+
+
+@pytest.mark.parametrize("scope", ["tensor", "layer", "global"])
+def test_ties_keep_the_target_fraction(scope):
+    """A constant gradient has one value: thresholding alone would keep all or nothing."""
+    # One value per unit under every scope (global pools both tensors).
+    value = 1.0 if scope == "global" else 0.5
+    grads = {"layers": [{"w": mx.ones((200, 100))}, {"w": mx.full((100, 150), value)}]}
+    masks, _ = gmt_masks(grads, 0.4, scope, mx.random.key(0))
+    for name, m in tree_flatten(masks):
+        assert abs(m.sum().item() / m.size - 0.6) <= 0.01, name
+        # The chosen ties are spread over the tensor, not a leading block.
+        rows = np.array(m).reshape(m.shape[0], -1).mean(axis=1)
+        assert rows.min() > 0.3 and rows.max() < 0.9
+
+
+def test_exact_zeros_are_never_kept():
+    g = mx.concatenate([mx.zeros((7000,)), mx.random.normal((3000,), key=mx.random.key(0))])
+    masks, kept = gmt_masks({"w": g}, 0.5, "tensor", mx.random.key(0))
+    m = masks["w"]
+    assert not m[:7000].any().item()
+    assert m[7000:].all().item()  # fewer non-zeros than the target: keep them all
+    assert kept.item() == 3000
+
+
+def test_sampled_threshold_is_accurate_on_a_large_tensor():
+    """2M entries, a 65536-entry sample: kept fraction within the 1% bound, and far tighter."""
+    g = mx.random.normal((2000, 1000), key=mx.random.key(4)) * mx.random.uniform(shape=(2000, 1), key=mx.random.key(5))
+    for mask_ratio in (0.1, 0.5, 0.9):
+        masks, _ = gmt_masks({"w": g}, mask_ratio, "tensor", mx.random.key(6))
+        assert abs(masks["w"].sum().item() / g.size - (1 - mask_ratio)) < 0.005
+
+
+def test_small_units_are_exact():
+    g = mx.random.normal((100, 100), key=mx.random.key(7))
+    masks, kept = gmt_masks({"w": g}, 0.37, "tensor", mx.random.key(0), sample_size=65536)
+    assert masks["w"].sum().item() == 10_000 - 3700 == kept.item()
+    # Exactly the largest-|g| entries.
+    order = np.argsort(-np.abs(np.array(g)).ravel())
+    expected = np.zeros(10_000, bool)
+    expected[order[:6300]] = True
+    assert (np.array(masks["w"]).ravel() == expected).all()
+
+
+def test_masks_compile_to_the_same_result():
+    grads = grad_tree(1)
+    key = mx.random.key(9)
+    eager, eager_kept = gmt_masks(grads, 0.5, "layer", key)
+    compiled, compiled_kept = mx.compile(lambda g, k: gmt_masks(g, 0.5, "layer", k))(grads, key)
+    for (n, a), (_, b) in zip(tree_flatten(eager), tree_flatten(compiled)):
+        assert mx.array_equal(a, b).item(), n
+    assert eager_kept.item() == compiled_kept.item()
+
+
+def test_apply_masks_zeroes_dropped_entries():
+    grads = grad_tree()
+    masks, _ = gmt_masks(grads, 0.5, "tensor", mx.random.key(0))
+    masked = apply_masks(grads, masks)
+    for (n, g), (_, m), (_, out) in zip(tree_flatten(grads), tree_flatten(masks), tree_flatten(masked)):
+        assert mx.array_equal(out, mx.where(m, g, 0)).item(), n
+
+
+def test_random_masks_fraction_and_resampling():
+    grads = {"w": mx.ones((300, 300))}
+    a, kept = random_masks(grads, 0.3, mx.random.key(0))
+    b, _ = random_masks(grads, 0.3, mx.random.key(1))
+    assert abs(a["w"].mean().item() - 0.7) < 0.01
+    assert kept.item() == a["w"].sum().item()
+    assert not mx.array_equal(a["w"], b["w"]).item()
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
+def test_mask_ratio_out_of_range(bad):
+    with pytest.raises(ValueError, match="mask_ratio"):
+        gmt_masks({"w": mx.ones((4,))}, bad)
+
+
+def test_unknown_scope():
+    with pytest.raises(ValueError, match="scope"):
+        gmt_masks({"w": mx.ones((4,))}, 0.5, "row")

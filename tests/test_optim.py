@@ -1,0 +1,164 @@
+"""The masked optimizer on a tiny llama: equality at ratio 0, targets, compile, training."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm import load
+
+from gmt_mlx.masking import count_entries
+from gmt_mlx.optim import MaskedOptimizer, build_optimizer, make_schedule
+from gmt_mlx.trainer import train
+
+
+def batches(seed: int = 0, vocab: int = 384):
+    rng = np.random.default_rng(seed)
+    while True:
+        tokens = mx.array(rng.integers(0, vocab, (4, 24)), mx.int32)
+        mask = mx.array(np.ones((4, 24), np.float32))
+        yield tokens, mask
+
+
+def fixed_batches():
+    tokens = mx.array(np.random.default_rng(0).integers(0, 384, (4, 24)), mx.int32)
+    while True:
+        yield tokens, mx.ones((4, 24))
+
+
+def run(model_dir, optimizer, iters=4, accumulation=1, data=None):
+    model, _ = load(str(model_dir))
+    losses = []
+    train(model, optimizer, data or batches(), iters=iters, grad_accumulation_steps=accumulation, grad_clip=1.0,
+          on_step=lambda r: losses.append(r))
+    return model, losses
+
+
+def params(model):
+    return dict(tree_flatten(model.parameters()))
+
+
+@pytest.mark.parametrize("method,scope,target", [
+    ("gmt", "tensor", "grad"), ("gmt", "layer", "update"), ("gmt", "global", "grad"), ("random", "tensor", "update"),
+])
+def test_mask_ratio_zero_is_bit_for_bit_plain(tiny_model_dir, method, scope, target):
+    plain, _ = run(tiny_model_dir, optim.AdamW(1e-3, weight_decay=0.01), accumulation=2)
+    masked, _ = run(
+        tiny_model_dir,
+        MaskedOptimizer(optim.AdamW(1e-3, weight_decay=0.01), method=method, mask_ratio=0.0, scope=scope, target=target),
+        accumulation=2,
+    )
+    a, b = params(plain), params(masked)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert mx.array_equal(a[name], b[name]).item(), name
+
+
+def one_step_change(model_dir, target, base):
+    """Masks predicted for step 0 and the entries that actually changed in one step."""
+    model, _ = load(str(model_dir))
+    before = {n: np.array(v) for n, v in tree_flatten(model.parameters())}
+    opt = MaskedOptimizer(base, mask_ratio=0.6, scope="tensor", target=target, seed=3)
+    tokens, mask = next(batches())
+    import mlx.nn as nn
+    from gmt_mlx.losses import sft_loss
+
+    (_, _), grads = nn.value_and_grad(model, sft_loss)(model, tokens, mask)
+    masks, _ = opt.masks(grads)  # same (seed, step) key the update will use
+    opt.update(model, grads)
+    after = {n: np.array(v) for n, v in tree_flatten(model.parameters())}
+    return {n: np.array(m) for n, m in tree_flatten(masks)}, {n: before[n] != after[n] for n in before}
+
+
+def test_update_target_changes_exactly_the_kept_entries(tiny_model_dir):
+    masks, changed = one_step_change(tiny_model_dir, "update", optim.AdamW(1e-2, weight_decay=0.1))
+    for name, m in masks.items():
+        assert (changed[name] == m).all(), name
+        assert 0 < m.mean() < 1
+
+
+def test_grad_target_feeds_the_optimizer_the_masked_gradient(tiny_model_dir):
+    # Plain SGD moves an entry iff its (masked) gradient is non-zero.
+    masks, changed = one_step_change(tiny_model_dir, "grad", optim.SGD(1e-1))
+    for name, m in masks.items():
+        assert (changed[name] == m).all(), name
+
+
+def test_adam_with_grad_target_moves_more_than_the_kept_entries(tiny_model_dir):
+    """The documented difference: momentum keeps moving entries the mask dropped."""
+    model, _ = load(str(tiny_model_dir))
+    start = {n: np.array(v) for n, v in tree_flatten(model.parameters())}
+    opt = MaskedOptimizer(optim.Adam(1e-2), mask_ratio=0.8, target="grad")
+    train(model, opt, batches(), iters=3)
+    moved = sum((start[n] != np.array(v)).sum() for n, v in tree_flatten(model.parameters()))
+    assert moved / count_entries(model.parameters()) > 0.2 + 0.05
+
+
+def test_compiled_step_matches_eager(tiny_model_dir):
+    import mlx.nn as nn
+    from gmt_mlx.losses import sft_loss
+
+    results = []
+    for compiled in (False, True):
+        model, _ = load(str(tiny_model_dir))
+        opt = MaskedOptimizer(optim.AdamW(1e-3), mask_ratio=0.5, scope="layer", target="update")
+        state = [model.state, opt.state]
+
+        def step(tokens, mask):
+            (loss, _), grads = nn.value_and_grad(model, sft_loss)(model, tokens, mask)
+            return loss, opt.update(model, grads)["kept"]
+
+        fn = mx.compile(step, inputs=state, outputs=state) if compiled else step
+        data = batches()
+        for _ in range(3):
+            loss, kept = fn(*next(data))
+            mx.eval(state, loss, kept)
+        results.append(params(model))
+    for name in results[0]:
+        assert mx.allclose(results[0][name], results[1][name], atol=1e-6).item(), name
+
+
+@pytest.mark.parametrize("method", ["gmt", "random"])
+def test_masked_training_reduces_loss(tiny_model_dir, method):
+    opt = build_optimizer("adamw", make_schedule(3e-3, 30), method=method, mask_ratio=0.5)
+    _, losses = run(tiny_model_dir, opt, iters=30, data=fixed_batches())
+    assert losses[-1].loss < 0.5 * losses[0].loss
+    kept = losses[-1].kept / count_entries(load(str(tiny_model_dir))[0].trainable_parameters())
+    assert 0.3 < kept < 0.55  # ~half kept; fewer where gradients are exactly zero (absent tokens)
+
+
+def test_masks_differ_between_steps_and_repeat_for_the_same_step():
+    grads = {"w": mx.random.normal((300, 300), key=mx.random.key(0))}
+    opt = MaskedOptimizer(optim.SGD(0.1), method="random", mask_ratio=0.5, seed=7)
+    first, _ = opt.masks(grads)
+    again, _ = opt.masks(grads)
+    assert mx.array_equal(first["w"], again["w"]).item()
+    opt.optimizer.state["step"] = mx.array(1, mx.uint64)
+    second, _ = opt.masks(grads)
+    assert not mx.array_equal(first["w"], second["w"]).item()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"method": "topk"}, "method"), ({"scope": "row"}, "scope"), ({"target": "weights"}, "target"),
+    ({"mask_ratio": 1.0}, "mask_ratio"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MaskedOptimizer(optim.SGD(0.1), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "adafactor", "muon"])
+def test_every_base_optimizer_can_be_masked(tiny_model_dir, name):
+    opt = build_optimizer(name, 1e-3, method="gmt", mask_ratio=0.3)
+    _, losses = run(tiny_model_dir, opt, iters=2)
+    assert np.isfinite(losses[-1].loss)
+
+
+def test_schedule_warmup_then_decay():
+    f = make_schedule(1.0, 10, kind="cosine", warmup_steps=4, min_lr_ratio=0.1)
+    lrs = [f(mx.array(i)).item() for i in range(10)]
+    assert lrs[0] == pytest.approx(0.25) and lrs[3] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] >= 0.1 - 1e-6
+    assert make_schedule(1.0, 10, kind="constant")(mx.array(7)).item() == 1.0
