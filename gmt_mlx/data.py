@@ -1,0 +1,421 @@
+"""Datasets, chat templates, prompt masking and length-grouped batches.
+
+Data lives in JSONL files, one example per line, in the three formats that
+`mlx_lm.lora` users know:
+
+- chat:        {"messages": [{"role": "user", "content": ...}, ...]}
+- completions: {"prompt": ..., "completion": ...}
+- text:        {"text": ...}
+
+A data folder holds `train.jsonl` (required), `valid.jsonl` and `test.jsonl`
+(optional). Every problem with a file becomes a one-line `UserError` that
+names the file and the 1-based line.
+
+Batching owns what mlx-lm gets wrong: batches are grouped by length inside
+random windows (so padding is small but the order is still random), the
+order is a pure function of (seed, epoch), and resuming at step k skips the
+first k batches without building them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from gmt_mlx.errors import UserError
+
+FORMATS = ("chat", "completions", "text")
+SPLITS = ("train", "valid", "test")
+_KNOWN = "messages | prompt+completion | text"
+
+
+# --------------------------------------------------------------------------
+# Reading and validating JSONL
+# --------------------------------------------------------------------------
+
+
+def _check_messages(messages: object, where: str) -> None:
+    """Raise a UserError unless `messages` is a usable chat transcript."""
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if isinstance(messages, list) else type(messages).__name__
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects, got {got}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise UserError(f"{where}: messages[{i}] must be an object with 'role' and 'content', got {type(message).__name__}")
+        if not isinstance(message.get("role"), str):
+            raise UserError(f"{where}: messages[{i}] has no string 'role'")
+        content = message.get("content")
+        # Tool-call turns may carry no content; list content is the HF "parts" form the template renders.
+        if content is None and "tool_calls" in message:
+            continue
+        if not isinstance(content, (str, list)):
+            got = "missing" if "content" not in message else type(content).__name__
+            raise UserError(f"{where}: messages[{i}] 'content' must be a string, got {got}")
+
+
+def detect_format(example: dict, where: str) -> str:
+    """Return 'chat', 'completions' or 'text' for one example, or raise UserError naming `where`.
+
+    `where` is the location used in messages, normally "file:line".
+    """
+    if not isinstance(example, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(example).__name__}")
+    if "messages" in example:
+        _check_messages(example["messages"], where)
+        return "chat"
+    if "prompt" in example or "completion" in example:
+        for key in ("prompt", "completion"):
+            if key not in example:
+                other = "completion" if key == "prompt" else "prompt"
+                raise UserError(f"{where}: has '{other}' but no '{key}' (completions format needs both)")
+            if not isinstance(example[key], str):
+                raise UserError(f"{where}: '{key}' must be a string, got {type(example[key]).__name__}")
+        return "completions"
+    if "text" in example:
+        if not isinstance(example["text"], str):
+            raise UserError(f"{where}: 'text' must be a string, got {type(example['text']).__name__}")
+        return "text"
+    keys = ", ".join(sorted(example)) or "none"
+    raise UserError(f"{where}: line has none of the known formats ({_KNOWN}); keys found: {keys}")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a JSONL file of examples, validating every line; blank lines are skipped.
+
+    Raises UserError ("file:line: ...") for invalid JSON, a line that is not an
+    object, an unknown format, or a format that differs from the file's first
+    example; and ("file: no examples") for a file without any.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+
+    rows: list[dict] = []
+    first: tuple[str, int] | None = None  # (format, line) of the first example
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where}: invalid JSON ({err.msg}, column {err.colno})") from None
+        fmt = detect_format(row, where)
+        if first is None:
+            first = (fmt, lineno)
+        elif fmt != first[0]:
+            # One file, one format: mixing usually means a broken export, and the
+            # prompt-masking rules differ per format.
+            raise UserError(
+                f"{where}: format is {fmt} but the file started as {first[0]} (line {first[1]}); "
+                "one file must use one format"
+            )
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: no examples")
+    return rows
+
+
+def load_splits(data: str | Path) -> dict[str, list[dict]]:
+    """Load a data folder (train.jsonl required; valid/test.jsonl optional) or one JSONL file.
+
+    Returns {split: rows} for the splits present; a single file becomes {"train": rows}.
+    """
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder (expected a folder with train.jsonl, or a .jsonl file)")
+    if path.is_file():
+        return {"train": read_jsonl(path)}
+    if not (path / "train.jsonl").is_file():
+        raise UserError(f"{path}: no train.jsonl (a data folder needs train.jsonl; valid.jsonl and test.jsonl are optional)")
+    return {name: read_jsonl(path / f"{name}.jsonl") for name in SPLITS if (path / f"{name}.jsonl").is_file()}
+
+
+# --------------------------------------------------------------------------
+# Tokenizing
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """One tokenized example; the loss targets are tokens[max(prompt_len, 1):]."""
+
+    tokens: list[int]
+    prompt_len: int
+
+    @property
+    def num_targets(self) -> int:
+        """Tokens that are loss targets (the first token is never one: nothing predicts it)."""
+        return max(len(self.tokens) - max(self.prompt_len, 1), 0)
+
+
+def _has_chat_template(tokenizer) -> bool:
+    # mlx-lm's wrapper may hold its own template in `_chat_template` while the HF one is None.
+    return bool(getattr(tokenizer, "chat_template", None)) or getattr(tokenizer, "_chat_template", None) is not None
+
+
+def _chat_ids(tokenizer, messages: list, **kwargs) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    # A bare transformers>=5 tokenizer returns a BatchEncoding; mlx-lm's wrapper a list.
+    if isinstance(out, Mapping):
+        out = out["input_ids"]
+    return [int(t) for t in out]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _encode_chat(messages: list, tokenizer, mask_prompt: bool, tools=None) -> Example:
+    kwargs = {"tools": tools} if tools is not None else {}
+    tokens = _chat_ids(tokenizer, messages, **kwargs)
+    if not mask_prompt or len(messages) < 2:
+        # A lone message has no prompt to mask: train on all of it.
+        return Example(tokens, 0)
+    prompt = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True, **kwargs)
+    # Some templates render earlier turns differently once a reply follows (e.g. strip
+    # <think> blocks); the common prefix never masks a token of the final reply.
+    return Example(tokens, _common_prefix(prompt, tokens))
+
+
+def _encode_plain(tokenizer, text: str, *, first: bool) -> list[int]:
+    # Only the first piece gets special tokens, so an automatic BOS appears once.
+    if first:
+        return list(tokenizer.encode(text))
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def encode_example(example: dict, tokenizer, *, mask_prompt: bool) -> Example:
+    """Tokenize one example; with mask_prompt only the reply (completion / final turn) is a target.
+
+    - chat: the tokenizer's chat template; the prompt is the template of all
+      turns but the last, with the generation prompt (what mlx-lm does).
+    - completions: a [user, assistant] chat when the tokenizer has a chat
+      template, else encode(prompt) + encode(completion) + eos.
+    - text: encode(text) + eos (unless already last); mask_prompt is ignored.
+    """
+    fmt = detect_format(example, "example")
+    if fmt == "chat":
+        return _encode_chat(example["messages"], tokenizer, mask_prompt, example.get("tools"))
+    eos = tokenizer.eos_token_id
+    if fmt == "completions":
+        if _has_chat_template(tokenizer):
+            messages = [
+                {"role": "user", "content": example["prompt"]},
+                {"role": "assistant", "content": example["completion"]},
+            ]
+            return _encode_chat(messages, tokenizer, mask_prompt, example.get("tools"))
+        prompt = _encode_plain(tokenizer, example["prompt"], first=True)
+        tokens = prompt + _encode_plain(tokenizer, example["completion"], first=False)
+        if eos is not None:
+            tokens.append(eos)
+        return Example(tokens, len(prompt) if mask_prompt else 0)
+    tokens = _encode_plain(tokenizer, example["text"], first=True)
+    if eos is not None and (not tokens or tokens[-1] != eos):
+        tokens.append(eos)
+    return Example(tokens, 0)
+
+
+@dataclass
+class TokenizedSplit:
+    """A tokenized split.
+
+    `truncated` counts examples cut to max_seq_length (the caller warns);
+    `dropped` counts examples left without any target token (after truncation,
+    or too short to have one) and therefore removed.
+    """
+
+    examples: list[Example]
+    truncated: int
+    name: str
+    dropped: int = 0
+    max_seq_length: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def lengths(self) -> list[int]:
+        """Token count of each example."""
+        return [len(e.tokens) for e in self.examples]
+
+    def num_target_tokens(self, indices: list[int] | None = None) -> int:
+        """Loss-target tokens in the whole split, or in the examples at `indices`."""
+        chosen = self.examples if indices is None else [self.examples[i] for i in indices]
+        return sum(e.num_targets for e in chosen)
+
+
+def tokenize_split(rows: list[dict], tokenizer, *, mask_prompt: bool, max_seq_length: int, name: str) -> TokenizedSplit:
+    """Tokenize rows, cutting each to max_seq_length tokens.
+
+    A cut example is counted in `truncated`; it is kept only if it still has at
+    least one target token (otherwise it is counted in `dropped` too).
+    """
+    if max_seq_length < 2:
+        # One token has nothing to predict it from.
+        raise UserError(f"max_seq_length must be at least 2, got {max_seq_length}")
+    examples: list[Example] = []
+    truncated = dropped = 0
+    for i, row in enumerate(rows, start=1):
+        try:
+            example = encode_example(row, tokenizer, mask_prompt=mask_prompt)
+        except UserError:
+            raise
+        except Exception as err:  # a chat template that rejects these messages, say
+            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"{name} split, example {i}: could not tokenize ({msg})") from err
+        if len(example.tokens) > max_seq_length:
+            example = Example(example.tokens[:max_seq_length], example.prompt_len)
+            truncated += 1
+        if example.num_targets == 0:
+            dropped += 1
+            continue
+        examples.append(example)
+    return TokenizedSplit(examples, truncated, name, dropped=dropped, max_seq_length=max_seq_length)
+
+
+# --------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------
+
+
+def _check_batch_size(n: int, batch_size: int, name: str = "the") -> None:
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
+    if n < batch_size:
+        raise UserError(f"{name} split has {n} examples but batch_size is {batch_size}; lower batch_size or add examples")
+
+
+def batch_order(lengths: list[int], batch_size: int, *, seed: int, epoch: int, group_size: int = 64) -> list[list[int]]:
+    """One epoch of batches (lists of example indices), grouped by length yet random.
+
+    A permutation seeded by (seed, epoch) is cut into windows of
+    batch_size * group_size examples; each window is sorted by length and
+    chunked into batches, and the batch order is shuffled. group_size=1 gives
+    plain random batches. The n % batch_size leftover examples sit out this
+    epoch. Pure and deterministic in its arguments.
+    """
+    _check_batch_size(len(lengths), batch_size)
+    if group_size < 1:
+        raise UserError(f"group_size must be at least 1, got {group_size}")
+    rng = np.random.default_rng((seed, epoch))
+    perm = rng.permutation(len(lengths))
+    # Drop the leftover from the random permutation, not after sorting: otherwise
+    # the longest examples of the last window would sit out every epoch.
+    perm = perm[: len(perm) - len(perm) % batch_size]
+    lens = np.asarray(lengths, dtype=np.int64)
+    window = batch_size * group_size
+    batches: list[list[int]] = []
+    for start in range(0, len(perm), window):
+        chunk = perm[start : start + window]
+        chunk = chunk[np.argsort(lens[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size].tolist() for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _padded_length(longest: int, pad_multiple: int, max_seq_length: int | None) -> int:
+    # Rounding up bounds the number of distinct shapes mx.compile sees; the cap keeps
+    # L within max_seq_length when that is not itself a multiple.
+    if pad_multiple < 1:
+        raise UserError(f"pad_multiple must be at least 1, got {pad_multiple}")
+    length = -(-longest // pad_multiple) * pad_multiple
+    if max_seq_length is not None:
+        length = min(length, max(max_seq_length, longest))
+    return length
+
+
+def make_batch(split: TokenizedSplit, indices: list[int], *, pad_id: int, pad_multiple: int = 32) -> tuple[mx.array, mx.array]:
+    """Pad the examples at `indices` into (tokens int32 (B, L), mask float32 (B, L)).
+
+    L is the longest example rounded up to pad_multiple (capped at the split's
+    max_seq_length). mask[b, t] = 1 iff token t is a loss target, i.e.
+    max(prompt_len, 1) <= t < len(example): it is predicted from position t-1.
+    """
+    chosen = [split.examples[i] for i in indices]
+    length = _padded_length(max(len(e.tokens) for e in chosen), pad_multiple, split.max_seq_length)
+    tokens = np.full((len(chosen), length), pad_id, dtype=np.int32)
+    mask = np.zeros((len(chosen), length), dtype=np.float32)
+    for row, example in enumerate(chosen):
+        n = len(example.tokens)
+        tokens[row, :n] = example.tokens
+        mask[row, max(example.prompt_len, 1) : n] = 1.0
+    return mx.array(tokens), mx.array(mask)
+
+
+def iterate_batches(
+    split: TokenizedSplit,
+    batch_size: int,
+    *,
+    seed: int,
+    pad_id: int,
+    start_step: int = 0,
+    pad_multiple: int = 32,
+    loop: bool = True,
+    group_size: int = 64,
+) -> Iterator[tuple[int, int, mx.array, mx.array]]:
+    """Yield (step, epoch, tokens, mask), step counting from start_step.
+
+    Epoch e uses batch_order(seed=seed, epoch=e). With loop=True epochs go on
+    forever; with loop=False only epoch 0 is yielded. Resuming at start_step
+    gives exactly the batches a fresh iterator yields from that step on,
+    without building the skipped ones.
+    """
+    _check_batch_size(len(split.examples), batch_size, split.name)
+    if start_step < 0:
+        raise UserError(f"start_step must be >= 0, got {start_step}")
+    lengths = split.lengths()
+    steps_per_epoch = len(split.examples) // batch_size
+    step = start_step
+    epoch, offset = divmod(start_step, steps_per_epoch)
+    while loop or epoch == 0:
+        order = batch_order(lengths, batch_size, seed=seed, epoch=epoch, group_size=group_size)
+        for indices in order[offset:]:
+            tokens, mask = make_batch(split, indices, pad_id=pad_id, pad_multiple=pad_multiple)
+            yield step, epoch, tokens, mask
+            step += 1
+        epoch, offset = epoch + 1, 0
+
+
+def padding_waste(split: TokenizedSplit, batch_size: int, *, seed: int, pad_multiple: int = 32, group_size: int = 64) -> float:
+    """Fraction of padded positions over epoch 0 of iterate_batches (from lengths only).
+
+    Compare with group_size=1 (plain random batches) to see what grouping saves.
+    """
+    _check_batch_size(len(split.examples), batch_size, split.name)
+    lengths = split.lengths()
+    padded = real = 0
+    for indices in batch_order(lengths, batch_size, seed=seed, epoch=0, group_size=group_size):
+        batch_lengths = [lengths[i] for i in indices]
+        padded += len(indices) * _padded_length(max(batch_lengths), pad_multiple, split.max_seq_length)
+        real += sum(batch_lengths)
+    return 1.0 - real / padded
+
+
+def token_stats(split: TokenizedSplit) -> dict:
+    """Counts to print at start-up: examples, tokens, target tokens, max/mean length, truncated, dropped."""
+    lengths = split.lengths()
+    return {
+        "name": split.name,
+        "count": len(lengths),
+        "total_tokens": sum(lengths),
+        "target_tokens": split.num_target_tokens(),
+        "max_length": max(lengths, default=0),
+        "mean_length": sum(lengths) / len(lengths) if lengths else 0.0,
+        "truncated": split.truncated,
+        "dropped": split.dropped,
+    }
