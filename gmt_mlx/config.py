@@ -117,6 +117,12 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads 5e-5 (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -1,0 +1,31 @@
+"""The `gmt-mlx` command line: one thin module per command, wired here."""
+
+from __future__ import annotations
+
+import typer
+
+from .doctor import doctor
+from .finetune import finetune
+from .generate import generate
+from .import_gguf import import_gguf
+
+app = typer.Typer(
+    name="gmt-mlx",
+    help="Fine-tune Hugging Face LLMs on MLX with Gradient-Mask Tuning (arXiv 2406.15330).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("finetune")(finetune)
+app.command("generate")(generate)
+app.command("import-gguf")(import_gguf)
+app.command("doctor")(doctor)
+
+
+def main() -> None:
+    """Console entry point: on Linux, first switch MLX to an optimized BLAS when one is
+    installed and passes a numerical check (GMT_MLX_BLAS=reference opts out; see blas.py)."""
+    from ..blas import maybe_reexec_with_blas
+
+    maybe_reexec_with_blas()
+    app()

@@ -1,0 +1,27 @@
+"""`gmt-mlx import-gguf`: convert a llama-family GGUF file to a Hugging Face folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import echo, user_errors
+
+
+@user_errors
+def import_gguf(
+    file: Annotated[Path, typer.Argument(help="The .gguf file (F32, F16, Q8_0, Q4_0 or Q4_1 tensors).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (must not exist or be empty).")],
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+) -> None:
+    """Dequantize, rename to HF layout, undo GGML's q/k permutation, build the tokenizer."""
+    from ..errors import UserError
+    from ..gguf import convert_gguf
+
+    if not file.is_file():
+        raise UserError(f"GGUF file not found: {file}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not empty")
+    echo(f"wrote {convert_gguf(file, out, dtype=dtype)}")

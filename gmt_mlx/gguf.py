@@ -1,0 +1,569 @@
+"""Convert a llama-family GGUF file into a Hugging Face model folder.
+
+`convert_gguf(path, out_dir)` writes what `mlx_lm.load` and `transformers`
+read: `model.safetensors` (dequantized, float32 by default), `config.json`
+derived from the GGUF metadata, `tokenizer.json` + `tokenizer_config.json`
+rebuilt with the `tokenizers` library from the GGUF vocabulary, and
+`generation_config.json`.
+
+How the tensors come back:
+- `mx.load` reads F32/F16 tensors as they are and Q4_0/Q4_1/Q8_0 tensors as
+  MLX affine-quantized triplets (`x.weight` packed uint32, `x.scales`,
+  `x.biases`, group size 32), which `mx.dequantize` turns back into floats
+  exactly (scales and biases are taken in float32, as ggml does).
+- Every other ggml type (K-quants, IQ*, BF16, ...) is refused up front with a
+  `UserError` naming it: `mx.load` would either fail on it or silently cast it
+  to float16 through a decoder we cannot vouch for.
+- llama.cpp's converter permutes the rows of q_proj/k_proj so that GGML's
+  rope (rotating adjacent pairs) matches Hugging Face's (rotating the two
+  halves of each head). We apply the exact inverse; see `unpermute_qk`.
+
+The GGUF header (metadata and tensor types) is parsed here in pure Python so
+that an unsupported file is refused before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gmt_mlx.errors import UserError
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+# ggml tensor type ids (ggml.h); the names are what users see in llama.cpp.
+GGML_TYPE_NAMES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
+    9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
+    15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
+    20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
+    26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0",
+    35: "TQ2_0", 39: "MXFP4",
+}  # fmt: skip
+SUPPORTED_TENSOR_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
+QUANT_GROUP_SIZE = 32  # ggml's Q4_0/Q4_1/Q8_0 block size, as mx.load keeps it
+
+# GGUF metadata value types (gguf spec).
+_STRING, _ARRAY = 8, 9
+_SCALAR_FORMATS = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+    10: "<Q", 11: "<q", 12: "<d",
+}  # fmt: skip
+_NUMPY_DTYPES = {
+    0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+    10: "<u8", 11: "<i8", 12: "<f8",
+}  # fmt: skip
+
+# llama.cpp token types (llama.h: LLAMA_TOKEN_TYPE_*).
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_BYTE = 1, 2, 3, 4, 6
+
+# GGUF tensor name (inside blk.N) -> Hugging Face llama module name.
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+# Pre-tokenizer regexes, paraphrasing llama.cpp's llama-vocab.cpp.
+_GPT2_STYLE = {"gpt-2", "gpt2", "default", "phi-2", "jais", "poro-chat", "olmo", "dbrx"}
+_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "codeshell", "exaone", "minerva", "command-r"}
+_LLAMA3_STYLE = {"llama-bpe", "llama3", "smaug-bpe", "falcon3", "pixtral"}
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass
+class GGUFHeader:
+    """What a GGUF file declares, read without loading any tensor."""
+
+    version: int
+    metadata: dict[str, Any]
+    tensor_types: dict[str, str] = field(default_factory=dict)  # name -> ggml type name
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # numpy order
+
+
+class _Reader:
+    """Little-endian cursor over a memory-mapped GGUF header."""
+
+    def __init__(self, buf: mmap.mmap, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def unpack(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise UserError(f"truncated GGUF file: {self.path}")
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if self.pos + n > len(self.buf):
+            raise UserError(f"truncated GGUF file: {self.path}")
+        raw = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.unpack("<I"), self.unpack("<Q")
+            if etype == _STRING:
+                return [self.string() for _ in range(count)]
+            if etype not in _NUMPY_DTYPES:
+                raise UserError(f"unsupported GGUF metadata array type {etype} in {self.path}")
+            import numpy as np
+
+            dtype = np.dtype(_NUMPY_DTYPES[etype])
+            end = self.pos + count * dtype.itemsize
+            if end > len(self.buf):
+                raise UserError(f"truncated GGUF file: {self.path}")
+            arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
+            self.pos = end
+            return arr.tolist()
+        if vtype not in _SCALAR_FORMATS:
+            raise UserError(f"unsupported GGUF metadata value type {vtype} in {self.path}")
+        return self.unpack(_SCALAR_FORMATS[vtype])
+
+
+def read_gguf_header(path: str | Path) -> GGUFHeader:
+    """Parse a GGUF file's metadata and tensor table (types and shapes), not its data."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:4] != b"GGUF":
+                raise UserError(f"not a GGUF file (bad magic bytes): {path}")
+            r = _Reader(buf, path)
+            r.pos = 4
+            version = r.unpack("<I")
+            if version not in (2, 3):
+                raise UserError(f"unsupported GGUF version {version} in {path} (supported: 2, 3)")
+            n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
+            metadata = {}
+            for _ in range(n_kv):
+                key = r.string()
+                metadata[key] = r.value(r.unpack("<I"))
+            header = GGUFHeader(version, metadata)
+            for _ in range(n_tensors):
+                name = r.string()
+                dims = [r.unpack("<Q") for _ in range(r.unpack("<I"))]
+                ggml_type = r.unpack("<I")
+                r.unpack("<Q")  # data offset: mx.load reads the data
+                header.tensor_types[name] = GGML_TYPE_NAMES.get(ggml_type, f"type {ggml_type}")
+                header.tensor_shapes[name] = tuple(reversed(dims))  # ggml lists dims fastest-first
+            return header
+    except (OSError, ValueError) as err:  # ValueError: mmap of an empty file
+        raise UserError(f"cannot read GGUF file {path}: {err}") from err
+
+
+def check_supported(header: GGUFHeader, path: str | Path = "") -> str:
+    """Refuse files we cannot convert faithfully; return the architecture name."""
+    meta = header.metadata
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UserError(
+            f"unsupported GGUF architecture {arch!r} in {path} "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if meta.get(f"{arch}.expert_count", 0):
+        raise UserError(f"unsupported GGUF model in {path}: mixture-of-experts llama (expert_count > 0)")
+    bad = sorted({t for t in header.tensor_types.values() if t not in SUPPORTED_TENSOR_TYPES})
+    if bad:
+        raise UserError(
+            f"unsupported GGUF tensor type(s) {', '.join(bad)} in {path} "
+            f"(supported: {', '.join(SUPPORTED_TENSOR_TYPES)}); re-export it as Q8_0, F16 or F32"
+        )
+    return arch
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def permute_qk(w, n_head: int):
+    """llama.cpp's q/k row permutation (HF half-split rope -> GGML pairwise rope).
+
+    Rows of one head, viewed as (2 halves, head_dim/2), are interleaved into
+    (head_dim/2, 2 pairs). Works on numpy and MLX arrays, 1-D (bias) or 2-D.
+    """
+    shape = w.shape
+    return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def unpermute_qk(w, n_head: int):
+    """Exact inverse of `permute_qk`: GGML pairwise rows back to HF half-split rows."""
+    shape = w.shape
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _dequantize(raw: dict, name: str):
+    """One GGUF tensor as floats: F32/F16 as is, MLX triplets via mx.dequantize."""
+    import mlx.core as mx
+
+    w = raw[f"{name}.weight"]
+    scales = raw.get(f"{name}.scales")
+    if scales is None:
+        return w
+    cols = scales.shape[-1] * QUANT_GROUP_SIZE
+    bits = w.shape[-1] * 32 // cols
+    # float32 scales/biases: ggml dequantizes as float(d) * q + float(m) in fp32.
+    return mx.dequantize(
+        w,
+        scales.astype(mx.float32),
+        raw[f"{name}.biases"].astype(mx.float32),
+        group_size=QUANT_GROUP_SIZE,
+        bits=bits,
+    )
+
+
+def hf_tensor_names(header: GGUFHeader) -> dict[str, str]:
+    """GGUF tensor name -> Hugging Face llama name, for every tensor the file holds."""
+    names = {}
+    for gguf_name in header.tensor_types:
+        if gguf_name == "rope_freqs.weight":  # folded into config["rope_scaling"]
+            continue
+        parts = gguf_name.split(".")
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
+            names[gguf_name] = f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+        elif len(parts) == 2 and parts[0] in _TOP_NAMES:
+            names[gguf_name] = f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
+        else:
+            raise UserError(f"unexpected tensor {gguf_name!r} in a llama GGUF (not a plain llama?)")
+    arch = header.metadata.get("general.architecture", "llama")
+    n_layers = int(header.metadata.get(f"{arch}.block_count", 0))
+    expected = ["model.embed_tokens.weight", "model.norm.weight"] + [
+        f"model.layers.{i}.{m}.weight" for i in range(n_layers) for m in _LAYER_NAMES.values()
+    ]
+    missing = sorted(set(expected) - set(names.values()))
+    if missing:
+        raise UserError(f"GGUF is missing {len(missing)} llama tensor(s), e.g. {missing[0]}")
+    return names
+
+
+def _hf_weights(raw: dict, names: dict[str, str], config: dict, dtype) -> dict:
+    """Dequantize, un-permute q/k and rename every tensor (lazily: nothing is computed yet)."""
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    out = {}
+    for gguf_name, hf_name in names.items():
+        if gguf_name.endswith(".weight"):
+            w = _dequantize(raw, gguf_name[: -len(".weight")])
+        else:  # biases are stored unquantized
+            w = raw[gguf_name]
+        kind = gguf_name.split(".")[2] if gguf_name.startswith("blk.") else None
+        if kind in heads:
+            w = unpermute_qk(w, heads[kind])
+        out[hf_name] = w.astype(dtype)
+    return out
+
+
+# ---------------------------------------------------------------- config
+
+
+def _f32(x: float) -> float:
+    """A float32 metadata value as the short decimal it was written from (9.99e-06 -> 1e-05)."""
+    return float(f"{x:.7g}")
+
+
+def _llama3_rope_scaling(factors: list[float], base: float, head_dim: int) -> dict | None:
+    """Recover Llama 3.x rope_scaling from llama.cpp's `rope_freqs` tensor.
+
+    llama.cpp stores the per-frequency divisors it computed from HF's
+    (factor, low_freq_factor, high_freq_factor, original context); we try the
+    values every Llama 3.x release uses and keep the one that reproduces them.
+    """
+    if all(abs(f - 1.0) < 1e-6 for f in factors):
+        return None  # identity: no scaling reaches these frequencies
+    factor = max(factors)
+    for low, high, original in [(1.0, 4.0, 8192)]:
+        expect = []
+        for i in range(0, head_dim, 2):
+            wavelen = 2 * math.pi * base ** (i / head_dim)
+            if wavelen < original / high:
+                expect.append(1.0)
+            elif wavelen > original / low:
+                expect.append(factor)
+            else:
+                smooth = (original / wavelen - low) / (high - low)
+                expect.append(1 / ((1 - smooth) / factor + smooth))
+        if len(expect) == len(factors) and all(
+            abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(factors, expect)
+        ):
+            return {
+                "rope_type": "llama3",
+                "factor": _f32(factor),
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": original,
+            }
+    raise UserError("unsupported rope scaling: the GGUF's rope_freqs tensor matches no Llama 3 setting")
+
+
+def hf_config(header: GGUFHeader, raw: dict | None = None, dtype_name: str = "float32") -> dict:
+    """A Hugging Face LlamaForCausalLM config.json built from GGUF metadata."""
+    meta = header.metadata
+    arch = meta.get("general.architecture", "llama")
+
+    def get(key, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise UserError(f"GGUF metadata lacks {arch}.{key}")
+        return value
+
+    n_head = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    head_dim = int(get("attention.key_length", hidden // n_head))
+    rope_dim = int(get("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise UserError(f"unsupported GGUF: partial rotary embedding ({rope_dim} of {head_dim} dims)")
+    vocab = header.tensor_shapes["token_embd.weight"][0]
+    rope_theta = _f32(get("rope.freq_base", 10000.0))
+    rope_scaling = None
+    scaling_type = get("rope.scaling.type", "none")
+    if scaling_type == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
+    elif scaling_type != "none":
+        raise UserError(f"unsupported GGUF rope scaling type {scaling_type!r} (supported: none, linear)")
+    if "rope_freqs.weight" in header.tensor_types:
+        if raw is None:
+            raise ValueError("rope_freqs needs the loaded tensors")
+        factors = [float(f) for f in raw["rope_freqs.weight"].tolist()]
+        rope_scaling = _llama3_rope_scaling(factors, rope_theta, head_dim)
+
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    eos_ids = [i for i in (eos, meta.get("tokenizer.ggml.eot_token_id")) if i is not None]
+    eos_ids = list(dict.fromkeys(eos_ids))  # unique, in order
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(get("attention.head_count_kv", n_head)),
+        "head_dim": head_dim,
+        "vocab_size": int(vocab or len(tokens)),
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling,
+        "hidden_act": "silu",
+        "attention_bias": "blk.0.attn_q.bias" in header.tensor_types,
+        "mlp_bias": False,
+        "tie_word_embeddings": "output.weight" not in header.tensor_types,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else (eos_ids or None),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+        "torch_dtype": dtype_name,
+    }
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _bpe_pre_tokenizer(pre: str):
+    """The Hugging Face pre-tokenizer matching llama.cpp's `tokenizer.ggml.pre`."""
+    from tokenizers import Regex, pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _DIGITS_THEN_GPT2:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in _LLAMA3_STYLE:
+        split = pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated", invert=False)
+        return pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    if pre not in _GPT2_STYLE:
+        warnings.warn(
+            f"GGUF pre-tokenizer {pre!r} is not known to gmt-mlx; using GPT-2's split rules, "
+            "so some texts may tokenize differently than in llama.cpp",
+            stacklevel=3,
+        )
+    return byte_level
+
+
+def _spm_merges(tokens: list[str], scores: list[float], vocab: dict[str, int], normal: set[int]):
+    """BPE merges implied by a SentencePiece vocabulary: a piece's score ranks its merge."""
+    ranked = []
+    for i in sorted(normal):
+        piece = tokens[i]
+        local = [
+            (piece[:k], piece[k:])
+            for k in range(1, len(piece))
+            if vocab.get(piece[:k]) in normal and vocab.get(piece[k:]) in normal
+        ]
+        local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        ranked.extend((scores[i], lr) for lr in local)
+    ranked.sort(key=lambda item: -item[0])  # stable: ties keep vocabulary order
+    return [lr for _, lr in ranked]
+
+
+def build_tokenizer(metadata: dict):
+    """A `tokenizers.Tokenizer` and its tokenizer_config.json dict from GGUF metadata."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    kind = metadata.get("tokenizer.ggml.model")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if kind is None or not tokens:
+        raise UserError("GGUF has no tokenizer (tokenizer.ggml.model / tokens metadata missing)")
+    types = metadata.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
+    vocab = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)  # a duplicated string keeps its first id, like llama.cpp
+
+    def token(key):
+        idx = metadata.get(f"tokenizer.ggml.{key}")
+        return tokens[idx] if idx is not None and 0 <= idx < len(tokens) else None
+
+    bos, eos = token("bos_token_id"), token("eos_token_id")
+    unk, pad = token("unknown_token_id"), token("padding_token_id")
+    if kind == "gpt2":
+        merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
+        pre = metadata.get("tokenizer.ggml.pre", "default")
+        tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in _LLAMA3_STYLE))
+        tok.pre_tokenizer = _bpe_pre_tokenizer(pre)
+        tok.decoder = decoders.ByteLevel()
+        add_bos_default, byte_post = False, processors.ByteLevel(trim_offsets=False)
+    elif kind == "llama":
+        scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        normal = {i for i, t in enumerate(types) if t in (_TOKEN_NORMAL, _TOKEN_USER_DEFINED)}
+        merges = _spm_merges(tokens, scores, vocab, normal)
+        tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+        space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+        steps = [normalizers.Prepend("▁")] if space_prefix else []
+        tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+        strip = [decoders.Strip(" ", 1, 0)] if space_prefix else []  # the prepended space
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()] + strip
+        )
+        add_bos_default, byte_post = True, None
+    else:
+        raise UserError(f"unsupported GGUF tokenizer model {kind!r} (supported: gpt2, llama)")
+
+    # Control tokens (and SPM's <unk>) are special; user-defined ones are matched
+    # in raw text but decoded like normal text, as llama.cpp treats them.
+    special_types = (_TOKEN_CONTROL, _TOKEN_UNKNOWN)
+    specials = [tokens[i] for i, t in enumerate(types) if t in special_types]
+    user = [tokens[i] for i, t in enumerate(types) if t == _TOKEN_USER_DEFINED]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if user:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None
+    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    if add_bos or add_eos:
+        head, tail = (f"{bos}:0 " if add_bos else ""), (f" {eos}:0" if add_eos else "")
+        used = [(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{head}$A:0{tail}",
+            pair=f"{head}$A:0{tail} {head.replace(':0', ':1')}$B:1{tail.replace(':0', ':1')}",
+            special_tokens=list(dict.fromkeys(used)),
+        )
+    elif byte_post is not None:
+        tok.post_processor = byte_post
+
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": pad,
+        "unk_token": unk,
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(
+            metadata.get(f"{metadata.get('general.architecture', 'llama')}.context_length", 2048)
+        ),
+    }
+    if metadata.get("tokenizer.chat_template"):
+        config["chat_template"] = metadata["tokenizer.chat_template"]
+    return tok, config
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _save_safetensors(out_dir: Path, weights: dict, max_shard_gb: int = 5) -> None:
+    """Write (possibly sharded) HF safetensors; one shard evaluated at a time."""
+    import mlx.core as mx
+
+    limit, shards, size = max_shard_gb << 30, [], 0
+    for name in sorted(weights):
+        if not shards or size + weights[name].nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = weights[name]
+        size += weights[name].nbytes
+    if len(shards) == 1:
+        mx.save_safetensors(str(out_dir / "model.safetensors"), shards[0], metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(out_dir / fname), shard, metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+        total += sum(v.nbytes for v in shard.values())
+        shards[i] = None  # drop the evaluated arrays before the next shard
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
+    """Convert a llama-family GGUF file into a Hugging Face model folder; return out_dir.
+
+    dtype: float dtype of the written weights ("float32", "float16" or
+    "bfloat16"); float32 is what training and generation on CPU want.
+    Raises UserError for files it cannot convert faithfully.
+    """
+    import mlx.core as mx
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise UserError(f"GGUF file not found: {gguf_path}")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise UserError(f"unsupported dtype {dtype!r} (use float32, float16 or bfloat16)")
+    header = read_gguf_header(gguf_path)
+    check_supported(header, gguf_path)
+    names = hf_tensor_names(header)  # fail fast, before reading any tensor
+    tokenizer, tokenizer_config = build_tokenizer(header.metadata)
+
+    try:
+        raw = mx.load(str(gguf_path))
+    except Exception as err:  # mlx raises RuntimeError/ValueError with a one-line reason
+        raise UserError(f"cannot load GGUF tensors from {gguf_path}: {err}") from err
+    config = hf_config(header, raw, dtype)
+    weights = _hf_weights(raw, names, config, getattr(mx, dtype))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _save_safetensors(out_dir, weights)
+    del weights, raw
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+    generation = {k: config[k] for k in ids if config[k] is not None}
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    source = {
+        "converted_from": str(gguf_path.resolve()),
+        "size": gguf_path.stat().st_size,
+        "general.name": header.metadata.get("general.name"),
+        "file_types": sorted(set(header.tensor_types.values())),
+        "converter": "gmt_mlx.gguf.convert_gguf",
+    }
+    (out_dir / "gguf_source.json").write_text(json.dumps(source, indent=2))
+    return out_dir

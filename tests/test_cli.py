@@ -1,0 +1,172 @@
+"""`gmt-mlx finetune` / `generate` end to end on a tiny model, and every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from gmt_mlx.cli import app
+
+from .conftest import arithmetic_chat, write_jsonl
+
+runner = CliRunner()
+
+
+def finetune(*args):
+    return runner.invoke(app, ["finetune", *map(str, args)])
+
+
+def base_args(model, data, out, *extra):
+    return ["--model", model, "--data", data, "--out", out, "--iters", "6", "--batch-size", "4",
+            "--learning-rate", "1e-3", "--steps-per-eval", "3", "--steps-per-report", "2", *extra]
+
+
+@pytest.mark.parametrize("method", ["gmt", "sft", "random"])
+def test_finetune_writes_the_run_directory(tiny_model_dir, chat_data, tmp_path, method):
+    out = tmp_path / "run"
+    result = finetune(*base_args(tiny_model_dir, chat_data, out, "--method", method, "--mask-ratio", "0.5"))
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["method"] == method and saved["mask_ratio"] == 0.5 and saved["iters"] == 6
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in train] == [2, 4, 6] and [r["step"] for r in evals] == [3, 6]
+    for key in ("loss", "learning_rate", "tokens_per_sec", "kept_fraction", "peak_memory_gb", "wall_time"):
+        assert key in train[-1]
+    if method == "sft":
+        assert train[-1]["kept_fraction"] == 1.0
+    else:
+        assert 0.2 < train[-1]["kept_fraction"] <= 0.5 + 0.01
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / "model" / name).is_file(), name
+    assert (out / "checkpoints" / "best" / "state.json").is_file()
+    assert "trainable" in result.output and "ETA" in result.output
+    assert "prompt:" in result.output and "after:" in result.output
+
+
+def test_gmt_run_reduces_training_loss(tiny_model_dir, chat_data, tmp_path):
+    out = tmp_path / "run"
+    result = finetune(*base_args(tiny_model_dir, chat_data, out, "--iters", "20", "--mask-prompt"))
+    assert result.exit_code == 0, result.output
+    losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_yaml_is_overridden_by_flags(tiny_model_dir, chat_data, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"iters": 2, "mask_ratio": 0.3, "method": "random", "seed": 5}))
+    out = tmp_path / "run"
+    result = finetune("-c", config, "--model", tiny_model_dir, "--data", chat_data, "--out", out, "--mask-ratio", "0.4")
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["iters"], saved["mask_ratio"], saved["method"], saved["seed"]) == (2, 0.4, "random", 5)
+    assert saved["batch_size"] == 4  # default
+
+
+def test_epochs_and_accumulation(tiny_model_dir, chat_data, tmp_path):
+    out = tmp_path / "run"
+    result = finetune("--model", tiny_model_dir, "--data", chat_data, "--out", out, "--epochs", "2",
+                      "--grad-accumulation-steps", "2", "--steps-per-report", "1")
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    assert steps[-1] == 4  # 16 examples / batch 4 = 4 batches per epoch, 2 per step, 2 epochs
+
+
+def test_saved_model_reloads_with_identical_logits(tiny_model_dir, tmp_path):
+    from mlx_lm import load
+
+    from gmt_mlx.config import Config
+    from gmt_mlx.export import save_hf_model
+    from gmt_mlx.methods import prepare_model
+    from gmt_mlx.optim import build_optimizer
+    from gmt_mlx.trainer import train
+
+    model, tokenizer, config = load(str(tiny_model_dir), return_config=True)
+    prepare_model(model, Config())
+    tokens = mx.array([[1, 5, 9, 40, 77, 2, 3, 8]])
+    data = iter([(tokens, mx.ones(tokens.shape))] * 3)
+    train(model, build_optimizer("adamw", 1e-2, method="gmt", mask_ratio=0.5), data, iters=3)
+    model.eval()
+    expected = model(tokens)
+    save_hf_model(tmp_path / "model", model, tokenizer, config, dtype="float32", base_path=tiny_model_dir)
+    reloaded, _ = load(str(tmp_path / "model"))
+    assert mx.array_equal(reloaded(tokens), expected).item()
+    before, _ = load(str(tiny_model_dir))
+    assert not mx.allclose(before(tokens), expected).item()  # training changed it
+
+
+def test_generate_from_a_run(tiny_model_dir, chat_data, tmp_path):
+    out = tmp_path / "run"
+    assert finetune(*base_args(tiny_model_dir, chat_data, out, "--iters", "2")).exit_code == 0
+    result = runner.invoke(app, ["generate", str(out), "--prompt", "What is 2 + 5?", "--max-tokens", "5"])
+    assert result.exit_code == 0, result.output
+
+
+# ---- bad input: one line, non-zero exit, no traceback --------------------------------
+
+
+def assert_clean_error(result, *fragments):
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    message = result.output.strip().splitlines()[-1]
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_missing_model(chat_data, tmp_path):
+    assert_clean_error(finetune("--model", tmp_path / "nope", "--data", chat_data, "--out", tmp_path / "o"), "nope")
+
+
+def test_malformed_json_line(tiny_model_dir, tmp_path):
+    data = tmp_path / "d"
+    write_jsonl(data / "train.jsonl", arithmetic_chat(5))
+    with open(data / "train.jsonl", "a") as fh:
+        fh.write('{"messages": [\n')
+    assert_clean_error(finetune(*base_args(tiny_model_dir, data, tmp_path / "o")), "train.jsonl:6")
+
+
+def test_unknown_format_line(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_chat(3) + [{"question": "hi"}])
+    assert_clean_error(finetune(*base_args(tiny_model_dir, data, tmp_path / "o")), "train.jsonl:4")
+
+
+def test_empty_training_file(tiny_model_dir, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text("")
+    assert_clean_error(finetune(*base_args(tiny_model_dir, tmp_path / "d", tmp_path / "o")), "train.jsonl")
+
+
+@pytest.mark.parametrize("flag,value,fragment", [
+    ("--mask-ratio", "1.0", "--mask-ratio"), ("--mask-ratio", "-0.1", "--mask-ratio"),
+    ("--method", "topk", "--method"), ("--mask-scope", "row", "--mask-scope"), ("--mask-target", "w", "--mask-target"),
+])
+def test_bad_options(tiny_model_dir, chat_data, tmp_path, flag, value, fragment):
+    assert_clean_error(finetune(*base_args(tiny_model_dir, chat_data, tmp_path / "o", flag, value)), fragment)
+
+
+def test_existing_run_is_refused_then_overwritten(tiny_model_dir, chat_data, tmp_path):
+    out = tmp_path / "run"
+    assert finetune(*base_args(tiny_model_dir, chat_data, out, "--iters", "2")).exit_code == 0
+    assert_clean_error(finetune(*base_args(tiny_model_dir, chat_data, out, "--iters", "3")), "--overwrite")
+    again = finetune(*base_args(tiny_model_dir, chat_data, out, "--iters", "3", "--overwrite"))
+    assert again.exit_code == 0, again.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["iters"] == 3
+
+
+def test_foreign_folder_is_never_touched(tiny_model_dir, chat_data, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    assert_clean_error(finetune(*base_args(tiny_model_dir, chat_data, out, "--overwrite")), "not a gmt-mlx run")
+    assert (out / "notes.txt").read_text() == "precious"
+
+
+def test_bad_yaml_key(tiny_model_dir, chat_data, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("mask_ration: 0.3\n")
+    assert_clean_error(finetune("-c", config, *base_args(tiny_model_dir, chat_data, tmp_path / "o")), "mask_ration")
