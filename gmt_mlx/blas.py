@@ -398,7 +398,7 @@ def _shim_dir_for(gfortran: Path) -> Path | None:
     x86_64) are linked alongside because ``$ORIGIN`` resolves to the
     symlink's directory. Lives in the user cache dir; None if unwritable.
     """
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gmt_mlx"
+    base = _cache_root()
     tag = hashlib.sha256(str(gfortran.resolve()).encode()).hexdigest()[:12]
     d = base / f"blas-shim-{tag}"
     try:
@@ -556,8 +556,15 @@ def _check_cache_key(lib: Path) -> str | None:
         return None
 
 
+def _cache_root() -> Path:
+    # The same cache as converted models ($GMT_MLX_CACHE or ~/.cache/gmt-mlx);
+    # models.py is not imported here because this runs before MLX loads.
+    env = os.environ.get("GMT_MLX_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gmt-mlx"
+
+
 def _cache_file() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gmt_mlx" / "blas_check.json"
+    return _cache_root() / "blas_check.json"
 
 
 def _cached_ok(key: str | None) -> bool:
@@ -596,7 +603,7 @@ def maybe_reexec_with_blas(argv: Sequence[str] | None = None, *, use_cache: bool
     (keeps ``-m module`` and interpreter flags); it is executed with
     ``sys.executable``. See the module docstring for the rules and the
     ``GMT_MLX_BLAS`` opt-out. A passed check is remembered in
-    ``~/.cache/gmt_mlx/blas_check.json`` (keyed by library file, size,
+    ``~/.cache/gmt-mlx/blas_check.json`` (keyed by library file, size,
     mtime, interpreter and MLX version) unless ``use_cache`` is False.
 
     Never raises: any problem keeps the current (reference) BLAS and the

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from gmt_mlx.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Keep converted models out of the user's ~/.cache during tests."""
+    old = os.environ.get("GMT_MLX_CACHE")
+    os.environ["GMT_MLX_CACHE"] = str(tmp_path_factory.mktemp("gmt-cache"))
+    yield
+    if old is None:
+        os.environ.pop("GMT_MLX_CACHE", None)
+    else:
+        os.environ["GMT_MLX_CACHE"] = old
 
 
 @pytest.fixture(scope="session")
