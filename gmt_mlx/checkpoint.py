@@ -1,29 +1,53 @@
-"""Save and load training state, atomically.
+"""Save and load the full training state, atomically and verifiably.
 
-A checkpoint is a folder:
+A checkpoint is a folder under ``RUN_DIR/checkpoints/`` (``step-000120``,
+``best``):
 
-    weights.safetensors     trainable parameters
+    weights.safetensors     trainable parameters (adapters only for LoRA)
     optimizer.safetensors   the optimizer state tree (step, moments, lr)
-    state.json              step, metrics, the resolved config, versions
+    rng.safetensors         MLX's global RNG state (LoRA dropout draws from it)
+    state.json              step, data position, metrics, resolved config,
+                            versions, and the sha256 of every file above
 
-It is written to a temporary sibling folder, fsynced, then renamed into place,
-so a kill during a save never leaves a folder that looks complete but is not:
-a checkpoint without `state.json` (written last) is never loaded.
+It is written to a temporary sibling folder, fsynced, then renamed into
+place, and `state.json` is written last: a kill during a save leaves either
+the previous checkpoint or a ``*.tmp`` folder that is never loaded. On load
+every file is checked against its sha256, so a corrupt or truncated
+checkpoint is refused instead of silently loaded. GMT/random masks need no
+RNG of their own: they derive from (seed, optimizer step).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .errors import UserError
+
 STATE_FILE = "state.json"
+FILES = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+FAULT_ENV = "GMT_MLX_FAULT"
+
+
+def fault(point: str) -> None:
+    """Fault injection for the kill-and-resume tests: SIGKILL this process at ``point``.
+
+    ``GMT_MLX_FAULT=during-save:6`` kills the save of step 6 half-way;
+    ``after-step:4`` kills right after step 4. Unset in normal use.
+    """
+    if os.environ.get(FAULT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def versions() -> Dict[str, str]:
@@ -39,7 +63,15 @@ def versions() -> Dict[str, str]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -47,12 +79,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(path: Path) -> None:
-    for file in path.iterdir():
-        if file.is_file():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path``, replacing an old ``path`` with no window where neither is complete."""
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    _fsync(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def save_checkpoint(
@@ -64,41 +101,139 @@ def save_checkpoint(
     config: Dict[str, Any],
     extra: Optional[Dict[str, Any]] = None,
 ) -> Path:
-    """Write the trainable weights, optimizer state and metadata to ``path`` atomically."""
+    """Write the full training state to ``path`` atomically; return ``path``.
+
+    Disk errors (full disk, read-only folder) become a UserError and leave the
+    previous checkpoint at ``path`` untouched.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        mx.save_safetensors(str(tmp / FILES[0]), dict(tree_flatten(model.trainable_parameters())))
+        mx.save_safetensors(str(tmp / FILES[1]), dict(tree_flatten(optimizer.state)))
+        fault(f"during-save:{step}")
+        mx.save_safetensors(str(tmp / FILES[2]), {"rng": mx.random.state[0]})
+        meta = {
+            "step": step,
+            "config": config,
+            "versions": versions(),
+            "sha256": {name: sha256(tmp / name) for name in FILES},
+            **(extra or {}),
+        }
+        for name in FILES:
+            _fsync(tmp / name)
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2))
+        _fsync(tmp / STATE_FILE)
+        _fsync(tmp)
+        _replace_dir(tmp, path)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not save checkpoint {path}: {err.strerror or err}") from None
+    return path
+
+
+def link_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Make ``dst`` a copy of checkpoint ``src`` (hard links where possible: no extra disk)."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    weights = dict(tree_flatten(model.trainable_parameters()))
-    mx.save_safetensors(str(tmp / "weights.safetensors"), weights)
-    opt_state = dict(tree_flatten(optimizer.state))
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
-    meta = {"step": step, "config": config, "versions": versions(), **(extra or {})}
-    (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2))
-    _fsync_tree(tmp)
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        path.rename(old)
-    tmp.rename(path)
-    _fsync_dir(path.parent)
-    if old.exists():
-        shutil.rmtree(old)
-    return path
+    try:
+        shutil.copytree(src, tmp, copy_function=_link_or_copy)
+        _replace_dir(tmp, dst)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not save checkpoint {dst}: {err.strerror or err}") from None
+    return dst
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def read_state(path: str | Path) -> Dict[str, Any]:
+    """The metadata of a complete checkpoint (``state.json``)."""
+    return json.loads((Path(path) / STATE_FILE).read_text())
 
 
 def is_complete(path: str | Path) -> bool:
     return (Path(path) / STATE_FILE).is_file()
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer) -> Dict[str, Any]:
-    """Restore weights and optimizer state from ``path``; return its metadata."""
+def verify(path: str | Path) -> Dict[str, Any]:
+    """Check every file against the sha256 in state.json; raise UserError if any differs."""
     path = Path(path)
-    meta = json.loads((path / STATE_FILE).read_text())
-    weights = mx.load(str(path / "weights.safetensors"))
-    model.load_weights(list(weights.items()), strict=False)
-    optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
-    mx.eval(model.parameters(), optimizer.state)
+    try:
+        meta = read_state(path)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"checkpoint {path} is unreadable ({err})") from None
+    for name, digest in meta.get("sha256", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise UserError(f"checkpoint {path} is incomplete: {name} is missing")
+        if sha256(file) != digest:
+            raise UserError(f"checkpoint {path} is corrupt: {name} does not match its checksum")
     return meta
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None) -> Dict[str, Any]:
+    """Verify, then restore weights (and optimizer state and RNG); return the metadata."""
+    path = Path(path)
+    meta = verify(path)
+    weights = mx.load(str(path / FILES[0]))
+    model.load_weights(list(weights.items()), strict=False)
+    if optimizer is not None:
+        optimizer.state = tree_unflatten(list(mx.load(str(path / FILES[1])).items()))
+        # Restore the structure the optimizer expects (tree_unflatten drops empty containers).
+        optimizer.init(model.trainable_parameters())
+        mx.eval(optimizer.state)
+    rng_file = path / FILES[2]
+    if rng_file.is_file():
+        # mx.random.state cannot be assigned to; a key is {seed >> 32, seed & 0xffffffff},
+        # so reseeding with the saved key's two words restores it exactly.
+        hi, lo = (int(w) for w in mx.load(str(rng_file))["rng"].tolist())
+        mx.random.seed((hi << 32) | lo)
+    mx.eval(model.parameters())
+    return meta
+
+
+def step_checkpoints(run_dir: str | Path) -> List[Path]:
+    """Complete ``step-N`` checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and is_complete(child):
+            found.append((int(match.group(1)), child))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """The complete checkpoint with the highest step (``step-N`` or ``best``)."""
+    candidates = step_checkpoints(run_dir)
+    best = Path(run_dir) / "checkpoints" / "best"
+    if is_complete(best):
+        candidates.append(best)
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: (read_state(p)["step"], p.name != "best"))
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints (``best`` is never pruned)."""
+    if keep <= 0:
+        return
+    for old in step_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"

@@ -92,12 +92,16 @@ def read_jsonl(path: Path) -> list[dict]:
     example; and ("file: no examples") for a file without any.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a JSONL file")
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror})") from None
 
@@ -137,6 +141,8 @@ def load_splits(data: str | Path) -> dict[str, list[dict]]:
         raise UserError(f"{path}: no such file or folder (expected a folder with train.jsonl, or a .jsonl file)")
     if path.is_file():
         return {"train": read_jsonl(path)}
+    if (path / "train.jsonl").is_dir():
+        raise UserError(f"{path / 'train.jsonl'}: is a directory, not a JSONL file")
     if not (path / "train.jsonl").is_file():
         raise UserError(f"{path}: no train.jsonl (a data folder needs train.jsonl; valid.jsonl and test.jsonl are optional)")
     return {name: read_jsonl(path / f"{name}.jsonl") for name in SPLITS if (path / f"{name}.jsonl").is_file()}
@@ -183,6 +189,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _encode_chat(messages: list, tokenizer, mask_prompt: bool, tools=None) -> Example:
+    if not _has_chat_template(tokenizer):
+        raise UserError("chat examples (messages) need a chat template and this model's tokenizer has none; "
+                        "use the prompt/completion or text format")
     kwargs = {"tools": tools} if tools is not None else {}
     tokens = _chat_ids(tokenizer, messages, **kwargs)
     if not mask_prompt or len(messages) < 2:
@@ -274,8 +283,8 @@ def tokenize_split(rows: list[dict], tokenizer, *, mask_prompt: bool, max_seq_le
     for i, row in enumerate(rows, start=1):
         try:
             example = encode_example(row, tokenizer, mask_prompt=mask_prompt)
-        except UserError:
-            raise
+        except UserError as err:
+            raise UserError(f"{name} split: {err}") from None
         except Exception as err:  # a chat template that rejects these messages, say
             msg = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise UserError(f"{name} split, example {i}: could not tokenize ({msg})") from err
@@ -367,6 +376,7 @@ def iterate_batches(
     pad_multiple: int = 32,
     loop: bool = True,
     group_size: int = 64,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[int, int, mx.array, mx.array]]:
     """Yield (step, epoch, tokens, mask), step counting from start_step.
 
@@ -385,6 +395,10 @@ def iterate_batches(
     while loop or epoch == 0:
         order = batch_order(lengths, batch_size, seed=seed, epoch=epoch, group_size=group_size)
         for indices in order[offset:]:
+            if shard[1] > 1:
+                # Data-parallel: this rank's contiguous slice of the (length-sorted) global batch.
+                per = len(indices) // shard[1]
+                indices = indices[shard[0] * per : (shard[0] + 1) * per]
             tokens, mask = make_batch(split, indices, pad_id=pad_id, pad_multiple=pad_multiple)
             yield step, epoch, tokens, mask
             step += 1

@@ -8,3 +8,7 @@ Anything else is a bug and keeps its traceback.
 
 class UserError(Exception):
     """A problem the user can fix; str(err) is the whole message, one line."""
+
+
+class Interrupted(Exception):
+    """The user stopped a run (Ctrl-C) and its state was saved; str(err) says how to resume."""

@@ -17,6 +17,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
+from .distributed import all_sum_tree, any_rank
 from .losses import sft_loss
 
 Batch = Tuple[mx.array, mx.array]  # tokens (B, L) int32, target mask (B, L)
@@ -30,36 +31,56 @@ class StepResult:
     grad_norm: float
     kept: int
     learning_rate: float
+    skipped: bool = False  # non-finite loss or gradient: the update was not applied
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+    def __init__(self, step: int, count: int):
+        super().__init__(f"{count} consecutive steps with a non-finite loss or gradient (last at step {step})")
+        self.step, self.count = step, count
+
+
+def training_state(model: nn.Module, optimizer) -> list:
+    """Everything a step reads and writes: weights, optimizer state and the RNG
+    (LoRA dropout draws from it; without it a compiled step would replay one mask)."""
+    return [model.state, optimizer.state, mx.random.state]
 
 
 def make_step_fns(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, grad_clip: float = 0.0):
     """Compile the two halves of a step over the explicit training state.
 
     ``grad_fn(tokens, mask)`` returns (loss, ntoks, grads) for one micro-batch;
-    ``update_fn(grads)`` clips, masks and applies the accumulated gradient and
-    returns (grad_norm, kept). Splitting them lets gradient accumulation sum
-    micro-batches before the mask is built, once per optimizer step.
+    ``update_fn(grads, norm)`` clips, masks and applies the accumulated
+    gradient and returns the number of entries kept. Splitting them lets
+    gradient accumulation sum micro-batches before the mask is built (once per
+    optimizer step), and lets the loop skip the update when the gradient is
+    not finite.
     """
-    state = [model.state, optimizer.state]
+    state = training_state(model, optimizer)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def grad_fn(tokens, mask):
-        (loss, ntoks), grads = loss_and_grad(model, tokens, mask)
+    def grad_fn(tokens, mask, *norm):
+        (loss, ntoks), grads = loss_and_grad(model, tokens, mask, *norm)
         return loss, ntoks, grads
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def update_fn(grads):
+    def update_fn(grads, norm):
         if grad_clip > 0:
-            grads, norm = optim.clip_grad_norm(grads, grad_clip)
-        else:
-            _, norm = optim.clip_grad_norm(grads, float("inf"))
+            # The same scaling as optim.clip_grad_norm, reusing the norm we already have.
+            scale = mx.minimum(grad_clip / (norm + 1e-6), 1.0)
+            grads = tree_map(lambda g: g * scale, grads)
         stats = optimizer.update(model, grads)
         # A plain mlx optimizer returns None: everything was kept.
-        kept = stats["kept"] if stats else mx.array(sum(g.size for _, g in tree_flatten(grads)), mx.int64)
-        return norm, kept
+        return stats["kept"] if stats else mx.array(sum(g.size for _, g in tree_flatten(grads)), mx.int64)
 
     return grad_fn, update_fn
+
+
+def global_norm(grads) -> mx.array:
+    return mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
 
 
 def train(
@@ -75,47 +96,75 @@ def train(
     on_step: Optional[Callable[[StepResult], None]] = None,
     on_eval: Optional[Callable[[int], None]] = None,
     steps_per_eval: int = 0,
-) -> None:
-    """Run optimizer steps ``start_step + 1 .. iters``.
+    should_stop: Optional[Callable[[], bool]] = None,
+    max_bad_steps: int = 0,
+    group: Optional[mx.distributed.Group] = None,
+) -> int:
+    """Run optimizer steps ``start_step + 1 .. iters``; return the last step completed.
 
-    ``batches`` yields micro-batches; each optimizer step consumes
-    ``grad_accumulation_steps`` of them and averages their gradients (the
-    paper's Gamma = 1/N sum of micro-batch gradients). ``on_step`` gets every
-    step's result; ``on_eval(step)`` runs every ``steps_per_eval`` steps and at
-    the end.
+    Each step consumes ``grad_accumulation_steps`` micro-batches and averages
+    their gradients (the paper's Gamma = 1/N sum of micro-batch gradients). A
+    step whose loss or gradient is not finite is not applied; after
+    ``max_bad_steps`` such steps in a row (0: never) `NonFiniteError` is
+    raised. ``should_stop()`` is polled between steps (Ctrl-C sets it), so the
+    state is never left half-updated. ``on_eval(step)`` runs every
+    ``steps_per_eval`` steps and at ``iters``.
+
+    With a distributed ``group`` (``mlx.launch``), ``batches`` yields this
+    rank's shard of each global batch; gradients, losses and token counts are
+    summed over ranks after accumulation and before clipping and masking.
     """
+    distributed = group is not None and group.size() > 1
     grad_fn, update_fn = make_step_fns(model, optimizer, loss_fn, grad_clip)
-    state = [model.state, optimizer.state]
+    state = training_state(model, optimizer)
     model.train()
+    bad_in_a_row, step = 0, start_step
     for step in range(start_step + 1, iters + 1):
         loss_sum, ntoks_sum, grads = mx.array(0.0), mx.array(0.0), None
         for _ in range(grad_accumulation_steps):
             tokens, mask = next(batches)
-            loss, ntoks, micro = grad_fn(tokens, mask)
+            if distributed:
+                # Normalise by the global batch's target tokens, not this rank's.
+                norm = mx.distributed.all_sum(mask[:, 1:].astype(mx.float32).sum(), group=group)
+                loss, ntoks, micro = grad_fn(tokens, mask, norm)
+            else:
+                loss, ntoks, micro = grad_fn(tokens, mask)
             grads = micro if grads is None else tree_map(mx.add, grads, micro)
             loss_sum, ntoks_sum = loss_sum + loss, ntoks_sum + ntoks
             if grad_accumulation_steps > 1:
                 mx.eval(grads, loss_sum, ntoks_sum)  # bound the graph (and memory) per micro-batch
+        if distributed:
+            grads = all_sum_tree(grads, group)
+            loss_sum = mx.distributed.all_sum(loss_sum, group=group)
+            ntoks_sum = mx.distributed.all_sum(ntoks_sum, group=group)
         if grad_accumulation_steps > 1:
             grads = tree_map(lambda g: g / grad_accumulation_steps, grads)
-        norm, kept = update_fn(grads)
-        mx.eval(state, loss_sum, ntoks_sum, norm, kept)
-        # The optimizer stores the learning rate it just used (schedule at this step).
-        lr = optimizer.state["learning_rate"].item()
+        norm = global_norm(grads)
+        mx.eval(loss_sum, ntoks_sum, norm)
+        loss_value, norm_value = loss_sum.item() / grad_accumulation_steps, norm.item()
+        skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
+        kept = 0
+        if skipped:
+            bad_in_a_row += 1
+        else:
+            bad_in_a_row = 0
+            kept_arr = update_fn(grads, norm)
+            mx.eval(state, kept_arr)
+            kept = int(kept_arr.item())
+        del grads
         if on_step is not None:
-            on_step(
-                StepResult(
-                    step=step,
-                    loss=loss_sum.item() / grad_accumulation_steps,
-                    ntoks=int(ntoks_sum.item()),
-                    grad_norm=norm.item(),
-                    kept=int(kept.item()),
-                    learning_rate=lr,
-                )
-            )
+            # The optimizer stores the learning rate it last used (the schedule at this step).
+            lr = optimizer.state["learning_rate"].item() if "learning_rate" in optimizer.state else float("nan")
+            on_step(StepResult(step, loss_value, int(ntoks_sum.item()), norm_value, kept, lr, skipped))
+        if max_bad_steps > 0 and bad_in_a_row >= max_bad_steps:
+            raise NonFiniteError(step, bad_in_a_row)
         if on_eval is not None and ((steps_per_eval > 0 and step % steps_per_eval == 0) or step == iters):
             on_eval(step)
             model.train()
+        # Every rank must stop at the same step, or the others would wait forever.
+        if should_stop is not None and any_rank(should_stop(), group) and step < iters:
+            return step
+    return step
 
 
 def evaluate_loss(model: nn.Module, batches, loss_fn: Callable = sft_loss) -> Dict[str, float]:
