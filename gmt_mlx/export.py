@@ -1,28 +1,147 @@
-"""Write a model back in Hugging Face layout (safetensors + config + tokenizer)."""
+"""Write a model back in Hugging Face layout: merged weights, or a PEFT adapter.
+
+`save_hf_model` writes what `transformers` and `mlx_lm.load` read: safetensors
+(sharded with an index above `SHARD_BYTES`), config.json, tokenizer files and
+generation_config.json. LoRA/DoRA adapters are fused into their base weights
+(the adapter scale included) and quantized layers are expanded to floats on
+the way out, without modifying the in-memory model. `save_peft_adapter` writes
+a LoRA run's adapters alone, in PEFT's format. `export_run` rebuilds a run's
+model from its config and a checkpoint (`gmt-mlx export`).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
+from .errors import UserError
 from .methods import DTYPES
 
-# Shard above this many bytes per file, like the Hub's own writers.
+# Shard above this many bytes per file, like transformers' and mlx_lm's writers.
 SHARD_BYTES = 5 * 1024**3
+WEIGHTS_INDEX = "model.safetensors.index.json"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+# ---------------------------------------------------------------- merging
+
+
+def is_adapter(module: nn.Module) -> bool:
+    """An mlx_lm LoRA/DoRA layer (linear, embedding or switch), or anything shaped like one."""
+    return callable(getattr(module, "fuse", None)) and "lora_a" in module and "lora_b" in module
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A quantized layer (QuantizedLinear / QuantizedEmbedding / QuantizedSwitchLinear)."""
+    return "scales" in module and hasattr(module, "bits") and hasattr(module, "group_size")
+
+
+def _fuse_one(module: nn.Module) -> nn.Module:
+    try:
+        return module.fuse(dequantize=True)
+    except TypeError:  # an adapter class whose fuse() takes no arguments
+        return module.fuse()
+
+
+def _dequantized_params(module: nn.Module) -> Dict[str, mx.array]:
+    weight = mx.dequantize(
+        module["weight"], module["scales"], module.get("biases"), module.group_size, module.bits,
+        mode=getattr(module, "mode", "affine"),
+    )
+    out = {"weight": weight}
+    if "bias" in module:
+        out["bias"] = module["bias"]
+    return out
+
+
+def _replacements(model: nn.Module) -> Dict[str, Dict[str, mx.array]]:
+    """Module name -> the parameters that replace its subtree (fused adapters, dequantized layers)."""
+    out: Dict[str, Dict[str, mx.array]] = {}
+    for name, module in sorted(model.named_modules(), key=lambda nm: nm[0].count(".") if nm[0] else -1):
+        if not name or any(name.startswith(done + ".") for done in out):
+            continue  # the root, or inside a module already replaced (an adapter's base layer)
+        if is_adapter(module):
+            fused = _fuse_one(module)
+            out[name] = _dequantized_params(fused) if is_quantized(fused) else dict(tree_flatten(fused.parameters()))
+        elif is_quantized(module):
+            out[name] = _dequantized_params(module)
+    return out
+
+
+def merged_weights(model: nn.Module) -> Dict[str, mx.array]:
+    """All parameters with adapters fused and quantized layers dequantized; ``model`` is unchanged.
+
+    A LoRA layer contributes ``W + scale * (lora_a @ lora_b).T`` under the base
+    layer's name (``...q_proj.weight``), exactly what `fuse_adapters` would leave.
+    """
+    flat = dict(tree_flatten(model.parameters()))
+    for name, params in _replacements(model).items():
+        for key in [k for k in flat if k.startswith(name + ".")]:
+            del flat[key]
+        flat.update({f"{name}.{key}": value for key, value in params.items()})
+    return flat
+
+
+def fuse_adapters(model: nn.Module) -> nn.Module:
+    """Replace every LoRA/DoRA layer by its fused base layer, in place; dequantize what is left.
+
+    Returns ``model``. `save_hf_model` does not need this (it merges on the
+    fly); use it to keep working with a merged model in memory.
+    """
+    from mlx_lm.utils import dequantize_model
+
+    fused = [(name, _fuse_one(module)) for name, module in model.named_modules() if name and is_adapter(module)]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    if any(is_quantized(module) for _, module in model.named_modules()):
+        model = dequantize_model(model)
+    return model
 
 
 def hf_weights(model: nn.Module, dtype: str) -> Dict[str, mx.array]:
-    """The model's parameters under Hugging Face names, floats cast to ``dtype``."""
+    """The model's merged parameters under Hugging Face names, floats cast to ``dtype``."""
     target = DTYPES[dtype]
     out = {}
-    for name, value in tree_flatten(model.parameters()):
+    for name, value in merged_weights(model).items():
         out[name] = value.astype(target) if mx.issubdtype(value.dtype, mx.floating) else value
+    return out
+
+
+# ---------------------------------------------------------------- HF folder
+
+
+def _shard(weights: Dict[str, mx.array], shard_bytes: int) -> List[Dict[str, mx.array]]:
+    shards, current, size = [], {}, 0
+    for name in sorted(weights):
+        nbytes = weights[name].nbytes
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = weights[name]
+        size += nbytes
+    shards.append(current)
+    return shards
+
+
+def _generation_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """What transformers derives from config.json when the base ships no generation_config.json."""
+    out: Dict[str, Any] = {"_from_model_config": True}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if config.get(key) is not None:
+            out[key] = config[key]
     return out
 
 
@@ -34,20 +153,23 @@ def save_hf_model(
     *,
     dtype: str = "float32",
     base_path: Optional[str | Path] = None,
+    shard_bytes: Optional[int] = None,
 ) -> Path:
-    """Write ``model`` as a Hugging Face folder that `mlx_lm.load` and `transformers` read."""
+    """Write ``model`` as a Hugging Face folder that `mlx_lm.load` and `transformers` read.
+
+    Adapters are merged and quantized layers dequantized (``model`` itself is not
+    modified); config.json is the base's with the dtype updated and any
+    quantization entry removed.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Old shards would be read with the new ones (mlx_lm globs model*.safetensors).
+    for stale in [*out_dir.glob("model*.safetensors"), out_dir / WEIGHTS_INDEX]:
+        stale.unlink(missing_ok=True)
     weights = hf_weights(model, dtype)
-    shards, current, size = [], {}, 0
-    for name in sorted(weights):
-        nbytes = weights[name].nbytes
-        if current and size + nbytes > SHARD_BYTES:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = weights[name]
-        size += nbytes
-    shards.append(current)
+    shards = _shard(weights, SHARD_BYTES if shard_bytes is None else shard_bytes)
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -56,14 +178,329 @@ def save_hf_model(
         weight_map.update({name: fname for name in shard})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(w.nbytes for w in weights.values())}, "weight_map": weight_map}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (out_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
     config = dict(base_config)
     # The weights are saved dequantized: drop any quantization entry.
     for key in ("quantization", "quantization_config"):
         config.pop(key, None)
     config["torch_dtype"] = dtype
+    if "dtype" in config:  # transformers >= 5 writes "dtype"
+        config["dtype"] = dtype
     (out_dir / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
     tokenizer.save_pretrained(str(out_dir))
-    if base_path is not None and (Path(base_path) / "generation_config.json").is_file():
-        shutil.copy(Path(base_path) / "generation_config.json", out_dir / "generation_config.json")
+    generation = Path(base_path) / "generation_config.json" if base_path is not None else None
+    if generation is not None and generation.is_file():
+        shutil.copy(generation, out_dir / "generation_config.json")
+    else:
+        (out_dir / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2))
     return out_dir
+
+
+# ---------------------------------------------------------------- PEFT adapter
+
+
+def _dropout_p(module: nn.Module) -> float:
+    dropout = getattr(module, "dropout", None)
+    return round(1.0 - getattr(dropout, "_p_1", 1.0), 6) if dropout is not None else 0.0
+
+
+def peft_adapter(model: nn.Module) -> Tuple[Dict[str, mx.array], Dict[str, Any]]:
+    """The model's LoRA/DoRA adapters as PEFT tensors and the matching LoraConfig fields.
+
+    mlx_lm computes ``y = W x + scale * (x @ lora_a) @ lora_b``; PEFT computes
+    ``W x + (lora_alpha / r) * B(A(x))``, so ``A = lora_a.T``, ``B = lora_b.T``
+    and ``lora_alpha = scale * r``. DoRA's magnitude ``m`` is PEFT's
+    ``lora_magnitude_vector``.
+    """
+    from mlx_lm.tuner.dora import DoRALinear
+    from mlx_lm.tuner.lora import LoRALinear
+
+    weights: Dict[str, mx.array] = {}
+    ranks, alphas, dropouts, kinds = {}, {}, set(), set()
+    adapter_names = []
+    for name, module in model.named_modules():
+        if not name or not is_adapter(module):
+            continue
+        if not isinstance(module, (LoRALinear, DoRALinear)):
+            raise UserError(f"{name}: {type(module).__name__} has no PEFT equivalent here; "
+                            "export the merged model instead (without --adapter-only)")
+        prefix = f"base_model.model.{name}"
+        weights[f"{prefix}.lora_A.weight"] = module.lora_a.T
+        weights[f"{prefix}.lora_B.weight"] = module.lora_b.T
+        if isinstance(module, DoRALinear):
+            weights[f"{prefix}.lora_magnitude_vector"] = module.m
+        rank = int(module.lora_a.shape[1])
+        ranks[name], alphas[name] = rank, float(module.scale) * rank
+        dropouts.add(_dropout_p(module))
+        kinds.add(type(module))
+        adapter_names.append(name)
+    if not adapter_names:
+        raise UserError("the model has no LoRA/DoRA adapters: --adapter-only needs a lora or dora run")
+    if len(kinds) > 1:
+        raise UserError("the model mixes LoRA and DoRA layers, which one PEFT config cannot describe")
+    lora_suffixes = (".lora_a", ".lora_b", ".m")
+    others = [k for k, _ in tree_flatten(model.trainable_parameters())
+              if not (k.endswith(lora_suffixes) and k.rsplit(".", 1)[0] in ranks)]
+    if others:
+        raise UserError(f"--adapter-only would drop trained weights outside the adapters ({others[0]}, ...); "
+                        "export the merged model instead")
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config: Dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": max(dropouts),
+        "use_dora": kinds == {DoRALinear},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "modules_to_save": None,
+        "rank_pattern": {n: r for n, r in ranks.items() if r != rank},
+        "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
+    }
+    config.update(_peft_targets(model, adapter_names))
+    return weights, config
+
+
+def _peft_targets(model: nn.Module, names: List[str]) -> Dict[str, Any]:
+    """target_modules (+ layers_to_transform) that select exactly ``names`` in the model."""
+    matches = [_LAYER.match(n) for n in names]
+    if all(matches):
+        layers = sorted({int(m.group(1)) for m in matches})
+        suffixes = sorted({m.group(2) for m in matches})
+        # The compact form must select the same modules in the whole model, no more.
+        selected = set()
+        for name, _ in model.named_modules():
+            m = _LAYER.match(name)
+            if m and int(m.group(1)) in layers and m.group(2) in suffixes:
+                selected.add(name)
+        if selected == set(names):
+            all_layers = {int(m.group(1)) for m in map(_LAYER.match, (n for n, _ in model.named_modules())) if m}
+            compact: Dict[str, Any] = {"target_modules": suffixes}
+            if set(layers) != all_layers:
+                compact.update(layers_to_transform=layers, layers_pattern="layers")
+            return compact
+    return {"target_modules": sorted(names)}  # exact names: PEFT matches a name against itself
+
+
+def save_peft_adapter(
+    out_dir: str | Path,
+    model: nn.Module,
+    *,
+    base_model: Optional[str] = None,
+    dtype: str = "float32",
+    tokenizer=None,
+) -> Path:
+    """Write the model's adapters as ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT)."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    weights, config = peft_adapter(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
+    mx.save_safetensors(str(out_dir / PEFT_WEIGHTS), weights, metadata={"format": "pt"})
+    config["base_model_name_or_path"] = base_model
+    (out_dir / PEFT_CONFIG).write_text(json.dumps(dict(sorted(config.items())), indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+# ---------------------------------------------------------------- a run's model
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    source: str  # "model/" (the final merged model) or a checkpoint folder
+    step: Optional[int]
+    files: List[str]
+
+
+def run_step(run_dir: Path) -> Optional[int]:
+    """The last optimizer step a run reported (its final model's step)."""
+    metrics = run_dir / "metrics.jsonl"
+    steps = []
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("type") == "train" and isinstance(record.get("step"), int):
+                steps.append(record["step"])
+    return max(steps) if steps else None
+
+
+def _step_checkpoints(run_dir: Path) -> Dict[int, Path]:
+    from . import checkpoint as ckpt
+
+    folder = run_dir / "checkpoints"
+    found = {}
+    for child in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = re.match(r"^step-(\d+)$", child.name)
+        if m and ckpt.is_complete(child):
+            found[int(m.group(1))] = child
+    return found
+
+
+def find_checkpoint(run_dir: str | Path, name: str) -> Path:
+    """The checkpoint folder for ``best``, ``last`` (the newest one) or ``step-N``."""
+    from . import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    folder = run_dir / "checkpoints"
+    steps = _step_checkpoints(run_dir)
+    have = ", ".join(["best"] * ckpt.is_complete(folder / "best") + [f"step-{n}" for n in steps]) or "none"
+    if name == "best":
+        if ckpt.is_complete(folder / "best"):
+            return folder / "best"
+        raise UserError(f"{run_dir} has no 'best' checkpoint (it is saved at validation, which needs "
+                        f"valid.jsonl); checkpoints: {have}")
+    if name == "last":
+        if ckpt.is_complete(folder / "last"):  # a "last" folder or link, where a version writes one
+            return folder / "last"
+        latest = getattr(ckpt, "latest_checkpoint", None)
+        found = latest(run_dir) if latest else None
+        if found is None and steps:
+            found = steps[max(steps)]
+        if found is None and ckpt.is_complete(folder / "best"):
+            found = folder / "best"
+        if found is None:
+            raise UserError(f"{run_dir} has no checkpoint and no final model (model/)")
+        return found
+    m = re.match(r"^step-?(\d+)$", name)
+    if not m:
+        raise UserError(f"--checkpoint must be best, last or step-N, got {name!r}")
+    if int(m.group(1)) in steps:
+        return steps[int(m.group(1))]
+    raise UserError(f"{run_dir} has no checkpoint {name}; checkpoints: {have}")
+
+
+def load_run_model(run_dir: Path, checkpoint_dir: Path, config) -> Tuple[nn.Module, Any, Dict[str, Any], Path, dict]:
+    """Base model + the run's method preparation (adapters for lora/dora) + the checkpoint's weights."""
+    from . import checkpoint as ckpt
+    from . import config as cfg
+    from .loading import load_base
+    from .methods import prepare_model
+
+    verify = getattr(ckpt, "verify", None)
+    meta = verify(checkpoint_dir) if verify else json.loads((checkpoint_dir / ckpt.STATE_FILE).read_text())
+    # As finetune does: adapter methods keep a quantized base quantized (QLoRA), the others expand it.
+    adapter_methods = getattr(cfg, "ADAPTER_METHODS", ("lora", "dora"))
+    model, tokenizer, hf_config, base_path = load_base(config.model, dequantize=config.method not in adapter_methods)
+    prepare_model(model, config)
+    weights = mx.load(str(checkpoint_dir / "weights.safetensors"))
+    params = dict(tree_flatten(model.parameters()))
+    # load_weights(strict=False) would skip names the rebuilt model lacks, leaving base weights in
+    # place silently (the "fused model behaves like the base" bug): check every name and shape.
+    missing = [k for k in weights if k not in params]
+    if missing:
+        raise UserError(f"{checkpoint_dir}: {len(missing)} weights do not exist in the rebuilt model "
+                        f"(e.g. {missing[0]}); was the run made with another method or gmt-mlx version?")
+    wrong = [k for k, v in weights.items() if v.shape != params[k].shape]
+    if wrong:
+        raise UserError(f"{checkpoint_dir}: {wrong[0]} has shape {weights[wrong[0]].shape}, "
+                        f"the rebuilt model {params[wrong[0]].shape}")
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+    model.eval()
+    return model, tokenizer, hf_config, base_path, meta
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        looks_exported = (out / "config.json").is_file() or (out / PEFT_CONFIG).is_file()
+        if not looks_exported:
+            raise UserError(f"--out {out} is a non-empty folder that is not an exported model; choose another")
+        if not overwrite:
+            raise UserError(f"--out {out} already holds a model; pass --overwrite to replace it")
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    dtype: Optional[str] = None,
+    checkpoint: str = "last",
+    adapter_only: bool = False,
+    datasets: Optional[List[str]] = None,
+    overwrite: bool = False,
+    shard_bytes: Optional[int] = None,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """Export a run's model (merged, or the PEFT adapter) with a model card to ``out``.
+
+    ``last`` is the final model: RUN_DIR/model/ re-saved in ``dtype`` (for
+    ``--adapter-only``, or when model/ is missing, the newest checkpoint).
+    ``best`` and ``step-N`` rebuild the model from the base, the run's method
+    and that checkpoint's weights. The folder is written next to ``out`` and
+    renamed into place, so an interrupted export leaves nothing half-written.
+    """
+    from . import checkpoint as ckpt
+    from .config import resolve
+    from .hub import write_model_card
+    from .loading import load_base
+
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a gmt-mlx run directory (no config.yaml)")
+    config = resolve(run_dir / "config.yaml")
+    dtype = dtype or config.dtype
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    own = [run_dir.resolve(), (run_dir / "model").resolve(), (run_dir / "checkpoints").resolve()]
+    if out.resolve() in own or own[2] in out.resolve().parents:
+        raise UserError(f"--out {out} would overwrite the run's own files; choose another folder")
+    _prepare_out(out, overwrite)
+
+    final = run_dir / "model"
+    use_final = checkpoint == "last" and not adapter_only and (final / "config.json").is_file()
+    if use_final:
+        model, tokenizer, hf_config, _ = load_base(str(final))
+        base_path, step, val_loss, source = final, run_step(run_dir), None, "model/"
+        saved = hf_config.get("dtype") or hf_config.get("torch_dtype")
+        if saved in DTYPES and DTYPES[saved].size < DTYPES[dtype].size:
+            log(f"note: {final} holds {saved} weights; the {dtype} export has {saved} precision "
+                "(export --checkpoint best or step-N for the trained precision)")
+        versions = ckpt.versions()
+    else:
+        where = find_checkpoint(run_dir, checkpoint)
+        model, tokenizer, hf_config, base_path, meta = load_run_model(run_dir, where, config)
+        step, val_loss, source = meta.get("step"), meta.get("val_loss"), str(where.relative_to(run_dir))
+        versions = meta.get("versions") or ckpt.versions()
+        final_step = run_step(run_dir)
+        if checkpoint == "last" and final_step is not None and step is not None and step < final_step:
+            log(f"note: the newest checkpoint is step {step}; the run reported up to step {final_step}")
+    label = checkpoint if checkpoint in ("best", "last") else f"step-{step}"
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if adapter_only:
+            from .hub import base_model_id
+
+            save_peft_adapter(tmp, model, base_model=base_model_id(config.model, base_path) or config.model,
+                              dtype=dtype, tokenizer=tokenizer)
+        else:
+            save_hf_model(tmp, model, tokenizer, hf_config, dtype=dtype, base_path=base_path, shard_bytes=shard_bytes)
+        # The base folder (for its license) is known after a rebuild; model/ is not the base.
+        local_base = Path(config.model).expanduser()
+        card_base = (local_base if local_base.is_dir() else None) if use_final else base_path
+        write_model_card(tmp, run_dir, dtype=dtype, checkpoint=label, step=step, checkpoint_val_loss=val_loss,
+                         adapter=adapter_only, datasets=datasets, base_path=card_base, versions=versions,
+                         title=out.name)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    return ExportResult(out, source, step, files)
