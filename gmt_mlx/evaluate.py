@@ -1,14 +1,28 @@
-"""Evaluation helpers: validation loss over a split, and greedy generation."""
+"""Evaluation: loss and perplexity on a split, and generation-based accuracy.
+
+Library first: `split_loss` (token-weighted loss over a tokenized split),
+`generate_batch` (batched greedy generation), `generation_accuracy` (answers
+scored by pluggable scorers, see `scorers.py`), `evaluate_model` (both, on
+an already loaded model) and `evaluate` (load a model or run directory and a
+data split, then both). `gmt-mlx eval` is a thin wrapper around `evaluate`.
+"""
 
 from __future__ import annotations
 
-from typing import List, Optional
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.nn as nn
 
-from .data import TokenizedSplit, batch_order, make_batch
+from .data import TokenizedSplit, batch_order, load_splits, make_batch, tokenize_split
+from .errors import UserError
 from .losses import sft_loss
+from .scorers import get_scorer, reference_of
 from .trainer import evaluate_loss
+
+DEFAULT_MAX_TOKENS = 64
+DEFAULT_BATCH_SIZE = 16
 
 
 def split_loss(
@@ -19,11 +33,14 @@ def split_loss(
     pad_id: int,
     max_batches: int = -1,
     pad_multiple: int = 8,
+    group=None,
 ) -> dict:
     """Token-weighted loss and perplexity over (the first ``max_batches`` batches of) a split.
 
     Uses every example (the last batch may be smaller), in a fixed
     length-grouped order so the value is comparable across steps and runs.
+    With a distributed ``group``, rank r evaluates batches r, r + N, ... and
+    the token-weighted sums are reduced over ranks.
     """
     order = batch_order(split.lengths(), min(batch_size, len(split)), seed=0, epoch=0)
     covered = {i for batch in order for i in batch}
@@ -32,6 +49,17 @@ def split_loss(
         order.append(leftover)
     if max_batches > 0:
         order = order[:max_batches]
+    if group is not None and group.size() > 1:
+        import math
+
+        import mlx.core as mx
+
+        mine = order[group.rank() :: group.size()]
+        local = evaluate_loss(model, (make_batch(split, idx, pad_id=pad_id, pad_multiple=pad_multiple) for idx in mine))
+        total = local["loss"] * local["tokens"] if local["tokens"] else 0.0
+        sums = mx.distributed.all_sum(mx.array([total, float(local["tokens"])]), group=group).tolist()
+        mean = sums[0] / sums[1] if sums[1] else float("nan")
+        return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": int(sums[1])}
     batches = (make_batch(split, idx, pad_id=pad_id, pad_multiple=pad_multiple) for idx in order)
     return evaluate_loss(model, batches, sft_loss)
 
@@ -53,6 +81,13 @@ def generate_text(model: nn.Module, tokenizer, prompt, *, max_tokens: int = 64, 
     """
     from mlx_lm.generate import generate
 
+    model.eval()
+    return generate(model, tokenizer, prompt_tokens(tokenizer, prompt, chat=chat), max_tokens=max_tokens, verbose=False)
+
+
+def prompt_tokens(tokenizer, prompt, *, chat: Optional[bool] = None) -> List[int]:
+    """Token ids of a prompt: chat messages (or a string, wrapped as a user turn when the
+    tokenizer has a chat template, unless ``chat=False``) end with the generation prompt."""
     has_template = getattr(tokenizer, "chat_template", None) is not None
     if isinstance(prompt, list):
         ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
@@ -60,8 +95,173 @@ def generate_text(model: nn.Module, tokenizer, prompt, *, max_tokens: int = 64, 
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     else:
         ids = tokenizer.encode(prompt)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers>=5 may return a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+def generate_batch(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    chat: Optional[bool] = None,
+    on_batch: Optional[Callable[[int, int], None]] = None,
+) -> List[str]:
+    """Greedy answers to ``prompts`` (strings or chat message lists), ``batch_size`` at a time.
+
+    Prompts are grouped by length (less left-padding) and the answers come
+    back in the prompts' order; generation stops at an end-of-sequence token
+    or after ``max_tokens``. ``on_batch(done, total)`` reports progress.
+    """
+    from mlx_lm.generate import batch_generate
+
+    if max_tokens < 1 or batch_size < 1:
+        raise UserError(f"max_tokens and batch_size must be at least 1, got {max_tokens} and {batch_size}")
+    ids = [prompt_tokens(tokenizer, p, chat=chat) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    answers: List[str] = [""] * len(ids)
     model.eval()
-    return generate(model, tokenizer, ids, max_tokens=max_tokens, verbose=False)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        result = batch_generate(model, tokenizer, [ids[i] for i in chunk], max_tokens=max_tokens,
+                                prefill_batch_size=len(chunk), completion_batch_size=len(chunk))
+        for i, text in zip(chunk, result.texts):
+            answers[i] = text
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(order)), len(order))
+    return answers
+
+
+def scored_rows(rows: List[dict], limit: Optional[int] = None) -> List[dict]:
+    """The rows that have both a prompt and a reference answer, first ``limit`` of them."""
+    usable = [r for r in rows if prompt_of(r) is not None and reference_of(r) is not None]
+    return usable[:limit] if limit is not None and limit >= 0 else usable
+
+
+def generation_accuracy(
+    model: nn.Module,
+    tokenizer,
+    rows: List[dict],
+    *,
+    scorers: Sequence[str] = ("exact",),
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    limit: Optional[int] = None,
+    on_batch: Optional[Callable[[int, int], None]] = None,
+) -> dict:
+    """Generate an answer to each row's prompt and score it with every scorer.
+
+    Returns {"accuracy": {scorer: mean score}, "count": items scored,
+    "items": [{"prompt", "reference", "answer", "scores"}]}. Rows without a
+    prompt/answer pair (plain text) are skipped.
+    """
+    functions = {name: get_scorer(name) for name in scorers}
+    chosen = scored_rows(rows, limit)
+    answers = generate_batch(model, tokenizer, [prompt_of(r) for r in chosen], max_tokens=max_tokens,
+                             batch_size=batch_size, on_batch=on_batch)
+    items = []
+    for row, answer in zip(chosen, answers):
+        scores = {name: fn(answer, row) for name, fn in functions.items()}
+        items.append({"prompt": describe_prompt(prompt_of(row)), "reference": reference_of(row),
+                      "answer": answer, "scores": scores})
+    accuracy = {name: (sum(i["scores"][name] for i in items) / len(items) if items else None) for name in functions}
+    return {"accuracy": accuracy, "count": len(items), "items": items}
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer,
+    rows: List[dict],
+    *,
+    split: str = "test",
+    scorers: Sequence[str] = ("exact",),
+    mask_prompt: bool = True,
+    max_seq_length: int = 2048,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    limit: Optional[int] = None,
+    loss: bool = True,
+    generate: bool = True,
+    on_batch: Optional[Callable[[int, int], None]] = None,
+) -> dict:
+    """Loss/perplexity over all of ``rows`` and generation accuracy on (the first ``limit`` of) them."""
+    result: Dict[str, object] = {"split": split, "examples": len(rows)}
+    t0 = time.perf_counter()
+    if loss:
+        tokenized = tokenize_split(rows, tokenizer, mask_prompt=mask_prompt, max_seq_length=max_seq_length, name=split)
+        if len(tokenized) == 0:
+            raise UserError(f"{split} split has no examples with target tokens")
+        pad = getattr(tokenizer, "pad_token_id", None)
+        pad_id = int(pad) if pad is not None else int(tokenizer.eos_token_id)
+        measured = split_loss(model, tokenized, batch_size=batch_size, pad_id=pad_id)
+        result.update(loss=measured["loss"], ppl=measured["ppl"], tokens=measured["tokens"], mask_prompt=mask_prompt)
+    if generate:
+        result.update(generation_accuracy(model, tokenizer, rows, scorers=scorers, max_tokens=max_tokens,
+                                          batch_size=batch_size, limit=limit, on_batch=on_batch))
+        result["scorers"] = list(scorers)
+        result["max_tokens"] = max_tokens
+    result["wall_time"] = time.perf_counter() - t0
+    return result
+
+
+def run_config(model_or_run: str) -> Optional[dict]:
+    """The config.yaml of a gmt-mlx run directory, or None for a plain model."""
+    import yaml
+
+    path = Path(model_or_run) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise UserError(f"{path}: invalid YAML") from None
+
+
+def evaluate(
+    model_or_run: str,
+    data: Optional[str] = None,
+    *,
+    split: str = "test",
+    scorers: Sequence[str] = ("exact",),
+    mask_prompt: Optional[bool] = None,
+    max_seq_length: Optional[int] = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    limit: Optional[int] = None,
+    loss: bool = True,
+    generate: bool = True,
+    on_batch: Optional[Callable[[int, int], None]] = None,
+) -> dict:
+    """Evaluate a model (run directory, HF folder, GGUF, Hub id or 'smollm2-135m') on a data split.
+
+    For a run directory, ``data``, ``mask_prompt`` and ``max_seq_length``
+    default to the run's own config, so the loss compares with its
+    validation loss. Otherwise the loss is on completions only (mask_prompt
+    True) by default.
+    """
+    from .loading import load_base, run_model_dir
+
+    for name in scorers:
+        get_scorer(name)  # unknown scorer or missing package: fail before loading anything
+    run = run_config(model_or_run) or {}
+    data = data or run.get("data")
+    if not data:
+        raise UserError("--data is required (a folder with train/valid/test.jsonl, or a .jsonl file)")
+    splits = load_splits(data)
+    if split not in splits:
+        raise UserError(f"{data}: no {split} split (found: {', '.join(splits)})")
+    if not loss and not generate:
+        raise UserError("nothing to do: both the loss and the generation accuracy are switched off")
+    mask_prompt = run.get("mask_prompt", True) if mask_prompt is None else mask_prompt
+    max_seq_length = max_seq_length or run.get("max_seq_length", 2048)
+    model, tokenizer, _, path = load_base(run_model_dir(model_or_run), dequantize=False)
+    result = evaluate_model(model, tokenizer, splits[split], split=split, scorers=scorers, mask_prompt=mask_prompt,
+                            max_seq_length=max_seq_length, batch_size=batch_size, max_tokens=max_tokens,
+                            limit=limit, loss=loss, generate=generate, on_batch=on_batch)
+    return {"model": str(model_or_run), "model_path": str(path), "data": str(data), **result}
 
 
 def describe_prompt(prompt) -> str:

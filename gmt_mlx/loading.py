@@ -8,11 +8,13 @@ from typing import Any, Dict, Tuple
 from .errors import UserError
 
 
-def load_base(model: str) -> Tuple[Any, Any, Dict[str, Any], Path]:
+def load_base(model: str, *, dequantize: bool = True) -> Tuple[Any, Any, Dict[str, Any], Path]:
     """Return (model, tokenizer, hf_config, local_path); quantized weights are dequantized.
 
     GMT and full fine-tuning update every weight, so a quantized base is
-    expanded to floats first.
+    expanded to floats first. LoRA/DoRA pass ``dequantize=False`` to train
+    adapters on the quantized base (QLoRA); hf_config then keeps its
+    quantization entry.
     """
     from mlx_lm.utils import dequantize_model, load
 
@@ -27,7 +29,7 @@ def load_base(model: str) -> Tuple[Any, Any, Dict[str, Any], Path]:
         raise UserError(f"{path}: cannot load model ({err})") from None
     except ValueError as err:
         raise UserError(f"{path}: cannot load model ({str(err).splitlines()[0]})") from None
-    if "quantization" in config or "quantization_config" in config:
+    if dequantize and ("quantization" in config or "quantization_config" in config):
         net = dequantize_model(net)
         config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     return net, tokenizer, config, path

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Tuple
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from .masking import (
     DEFAULT_SAMPLE_SIZE,
@@ -30,6 +30,18 @@ from .masking import (
 )
 
 MASK_METHODS = ("gmt", "random")
+# Optimizer-state key of the keep-mask sample (see MaskedOptimizer.apply_gradients).
+MASK_SAMPLE_KEY = "mask_sample"
+MASK_SAMPLE_SIZE = 65536
+
+
+def mask_sample(masks: dict, size: int = MASK_SAMPLE_SIZE) -> mx.array:
+    """A fixed subset of ~``size`` keep-mask entries (every k-th entry of each tensor,
+    k odd so it does not line up with power-of-two rows): the same positions every
+    step, so two steps' samples estimate how much their masks overlap."""
+    flat = [m.reshape(-1) for _, m in tree_flatten(masks)]
+    stride = max(1, sum(m.size for m in flat) // size) | 1
+    return mx.concatenate([m[::stride] for m in flat])
 
 
 class MaskedOptimizer:
@@ -39,8 +51,10 @@ class MaskedOptimizer:
     result is bit-for-bit plain fine-tuning.
 
     ``update()`` / ``apply_gradients()`` return statistics as arrays (``kept``:
-    entries kept this step, ``total``: trainable entries) so a compiled step
-    can return them.
+    entries kept this step) so a compiled step can return them. When masking,
+    a sample of the keep-mask (`mask_sample`) is also stored in the state
+    under ``"mask_sample"``, so a caller can measure the overlap of
+    consecutive steps' masks without holding whole masks.
     """
 
     def __init__(
@@ -109,6 +123,7 @@ class MaskedOptimizer:
             kept = mx.array(total, mx.int64)
             return self.optimizer.apply_gradients(gradients, parameters), {"kept": kept}
         masks, kept = self.masks(gradients)
+        self.optimizer.state[MASK_SAMPLE_KEY] = mask_sample(masks)
         if self.target == "grad":
             updated = self.optimizer.apply_gradients(apply_masks(gradients, masks), parameters)
         else:

@@ -1,0 +1,65 @@
+"""`gmt-mlx eval`: loss, perplexity and generation accuracy of a model or run on a data split."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import echo, user_errors
+
+
+@user_errors
+def eval_command(
+    model: Annotated[str, typer.Argument(help="A run directory, HF folder, GGUF file, Hub id or 'smollm2-135m'.")],
+    data: Annotated[Optional[str], typer.Option(help="Data folder or .jsonl file (default: a run's own --data).")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate: train, valid or test.")] = "test",
+    scorer: Annotated[str, typer.Option(help="Comma-separated scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK] or module:function.")] = "exact",
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate per answer at most (greedy).")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Prompts generated (and loss examples scored) together.")] = 16,
+    limit: Annotated[Optional[int], typer.Option(help="Score only the first N prompt/answer pairs (the loss still uses the whole split).")] = None,
+    mask_prompt: Annotated[Optional[bool], typer.Option("--mask-prompt/--no-mask-prompt", help="Loss on completions only (default: a run's own setting, else yes).")] = None,
+    loss: Annotated[bool, typer.Option("--loss/--no-loss", help="Compute loss and perplexity.")] = True,
+    generate: Annotated[bool, typer.Option("--generate/--no-generate", help="Generate answers and score them.")] = True,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the full result (every item's answer and scores) to this JSON file.")] = None,
+    show: Annotated[int, typer.Option(help="Print this many scored answers.")] = 3,
+) -> None:
+    """Evaluate a model or a fine-tuned run: loss/perplexity on a split and generation accuracy."""
+    from ..errors import UserError
+    from ..evaluate import evaluate
+    from ..scorers import parse_scorers
+
+    if limit is not None and limit < 0:
+        raise UserError(f"--limit must be 0 or more, got {limit}")
+    if max_tokens < 1 or batch_size < 1:
+        raise UserError("--max-tokens and --batch-size must be at least 1")
+    names = parse_scorers(scorer)
+
+    def on_batch(done: int, total: int) -> None:
+        sys.stderr.write(f"generating {done}/{total}\n")
+        sys.stderr.flush()
+
+    result = evaluate(model, data, split=split, scorers=names, mask_prompt=mask_prompt, batch_size=batch_size,
+                      max_tokens=max_tokens, limit=limit, loss=loss, generate=generate, on_batch=on_batch)
+    for item in result.get("items", [])[:show]:
+        scores = ", ".join(f"{k} {v:g}" for k, v in item["scores"].items())
+        echo(f"prompt:    {item['prompt'].strip()}\n  answer:    {item['answer'].strip()}\n"
+             f"  reference: {str(item['reference']).strip()}\n  score:     {scores}")
+    echo(f"model     {result['model']}")
+    echo(f"data      {result['data']} ({split}, {result['examples']} examples)")
+    if "loss" in result:
+        echo(f"loss      {result['loss']:.4f} (perplexity {result['ppl']:.3f}, {result['tokens']} target tokens"
+             f"{', completions only' if result['mask_prompt'] else ''})")
+    if generate:
+        if result["count"] == 0:
+            echo("accuracy  skipped: the split has no prompt/answer pairs")
+        for name, value in result.get("accuracy", {}).items():
+            if value is not None:
+                echo(f"accuracy  {name}: {100 * value:.1f}% of {result['count']} (greedy, max {max_tokens} tokens)")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        echo(f"wrote     {out}")

@@ -1,0 +1,593 @@
+"""Compare methods (sft, gmt, random, lora, dora) on one model, data and budget.
+
+`compare(spec)` runs every (method, mask ratio, seed) as a normal fine-tuning
+run under ``OUT/runs/<name>/``, evaluates each saved model on the test split
+(loss, perplexity, generation accuracy), evaluates the untouched base model
+once, and writes:
+
+    OUT/results.json     every run's numbers and curves, and the per-method rows
+    OUT/results.md       one row per method: mean ± std over seeds
+    OUT/*.png            validation loss vs step and vs wall time, train loss,
+                         GMT's kept fraction and mask overlap between steps
+
+What is held equal: every run starts from the same base config (data,
+sequence length, batch, accumulation, optimizer step budget, schedule shape,
+warmup, evaluation cadence), and seed s gives every method the same data order.
+What differs: the method, its mask ratio (gmt/random only), and its learning
+rate (full-weight methods and adapters need very different ones; see
+DEFAULT_LEARNING_RATES).
+
+A finished run (``model/config.json`` and ``metrics.jsonl`` present, same
+config) is reused, and its evaluation too (``eval.json``), so a comparison
+interrupted half-way picks up where it stopped; an interrupted run resumes
+from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from . import config as cfg
+from .config import METHODS, Config
+from .errors import Interrupted, UserError
+from .progress import format_seconds
+
+DEFAULT_METHODS = ("sft", "gmt", "lora")
+# Peak learning rates when --learning-rates does not name the method. Full-weight
+# methods share one, TRL's SFT default (GMT's mask does not change the step size of
+# the entries it keeps); adapters start from zero and take ~5-10x more (PEFT users
+# run 1e-4 to 2e-4; DESIGN.md measured 1e-4 working and 5e-4 collapsing SmolLM2-135M).
+DEFAULT_LEARNING_RATES = {"sft": 2e-5, "gmt": 2e-5, "random": 2e-5, "lora": 1e-4, "dora": 1e-4}
+MASKED_METHODS = ("gmt", "random")
+# Config keys compare sets per run; a base config must leave them alone.
+PER_RUN_KEYS = ("method", "mask_ratio", "seed", "learning_rate", "out")
+RESULTS_JSON, RESULTS_MD, EVAL_FILE, BASE_EVAL = "results.json", "results.md", "eval.json", "base_eval.json"
+PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "train_loss_vs_step.png", "kept_fraction.png", "mask_overlap.png")
+
+
+@dataclass
+class CompareSpec:
+    """What to compare. ``base`` holds every shared option (model, data, iters, batch ...)."""
+
+    base: Config
+    out: Path
+    methods: List[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    seeds: List[int] = field(default_factory=lambda: [0])
+    mask_ratios: List[float] = field(default_factory=lambda: [0.2])
+    learning_rates: Dict[str, float] = field(default_factory=dict)
+    scorers: List[str] = field(default_factory=lambda: ["exact"])
+    eval_limit: int = 100
+    max_tokens: int = 32
+    eval_batch_size: int = 16
+    command: Optional[str] = None  # the command line, recorded in results.md
+
+    def learning_rate(self, method: str) -> float:
+        return self.learning_rates.get(method, DEFAULT_LEARNING_RATES[method])
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    method: str
+    mask_ratio: Optional[float]  # None for methods that do not mask
+    seed: int
+    config: Config
+
+    @property
+    def group(self) -> str:
+        return group_label(self.method, self.mask_ratio)
+
+
+def group_label(method: str, mask_ratio: Optional[float]) -> str:
+    return f"{method} r={mask_ratio:g}" if mask_ratio is not None else method
+
+
+# --------------------------------------------------------------------------
+# Parsing the comma-separated options
+# --------------------------------------------------------------------------
+
+
+def _items(text: str, what: str) -> List[str]:
+    items = [t.strip() for t in str(text).split(",")]
+    if not any(items) or not all(items):
+        raise UserError(f"--{what} must be a comma-separated list, got {text!r}")
+    return items
+
+
+def parse_methods(text: str) -> List[str]:
+    methods = _items(text, "methods")
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"--methods: unknown method {m!r} (expected some of {', '.join(METHODS)})")
+    if len(set(methods)) != len(methods):
+        raise UserError(f"--methods lists a method twice: {text}")
+    return methods
+
+
+def parse_seeds(text: str) -> List[int]:
+    try:
+        seeds = [int(s) for s in _items(text, "seeds")]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise UserError(f"--seeds must be distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def parse_mask_ratios(text: str) -> List[float]:
+    try:
+        ratios = [float(r) for r in _items(text, "mask-ratios")]
+    except ValueError:
+        raise UserError(f"--mask-ratios must be comma-separated numbers, got {text!r}") from None
+    for r in ratios:
+        if not 0.0 < r < 1.0:
+            raise UserError(f"--mask-ratios must each be in (0, 1) (the fraction dropped; sft is ratio 0), got {r:g}")
+    if len(set(ratios)) != len(ratios):
+        raise UserError(f"--mask-ratios lists a ratio twice: {text}")
+    return ratios
+
+
+def parse_learning_rates(text: Optional[str]) -> Dict[str, float]:
+    """"1e-4" (every method) or "lora=1e-4,gmt=2e-5" (those methods; others keep their default)."""
+    if not text:
+        return {}
+    out: Dict[str, float] = {}
+    for item in _items(text, "learning-rates"):
+        method, sep, value = item.partition("=")
+        try:
+            rate = float(value if sep else method)
+        except ValueError:
+            raise UserError(f"--learning-rates: {item!r} is not METHOD=RATE or a number") from None
+        if rate <= 0 or not math.isfinite(rate):
+            raise UserError(f"--learning-rates: {item!r} must be positive")
+        if not sep:
+            out.update({m: rate for m in METHODS})
+        elif method.strip() not in METHODS:
+            raise UserError(f"--learning-rates: unknown method {method.strip()!r}")
+        else:
+            out[method.strip()] = rate
+    return out
+
+
+def check_base(values: Dict[str, object], where: str) -> None:
+    """A base config must not set what compare sets per run."""
+    for key in PER_RUN_KEYS:
+        if key in values and values[key] is not None:
+            hint = {"method": "--methods", "mask_ratio": "--mask-ratios", "seed": "--seeds",
+                    "learning_rate": "--learning-rates", "out": "compare's --out"}[key]
+            raise UserError(f"{where}: {key} is set per run by compare; use {hint}")
+
+
+# --------------------------------------------------------------------------
+# Planning and running
+# --------------------------------------------------------------------------
+
+
+def run_name(method: str, mask_ratio: Optional[float], seed: int) -> str:
+    """Run folder name: gmt-r0.3-s0 for masked methods, sft-s0 / lora-s0 for the others."""
+    return f"{method}-r{mask_ratio:g}-s{seed}" if mask_ratio is not None else f"{method}-s{seed}"
+
+
+def plan(spec: CompareSpec) -> List[PlannedRun]:
+    """Every run of the comparison, seed-major (all methods of seed 0 first), configs validated."""
+    if not spec.base.data:
+        raise UserError("--data is required (a folder with train.jsonl, valid.jsonl and test.jsonl)")
+    runs = []
+    for seed in spec.seeds:
+        for method in spec.methods:
+            ratios: List[Optional[float]] = list(spec.mask_ratios) if method in MASKED_METHODS else [None]
+            for ratio in ratios:
+                name = run_name(method, ratio, seed)
+                # samples=0: the before/after answers of finetune would repeat (slowly) what
+                # the evaluation below records for every test prompt.
+                config = replace(
+                    spec.base, method=method, mask_ratio=ratio if ratio is not None else 0.0, seed=seed,
+                    learning_rate=spec.learning_rate(method), out=str(spec.out / "runs" / name), samples=0,
+                ).validate()
+                runs.append(PlannedRun(name, method, ratio, seed, config))
+    return runs
+
+
+def _is_finished(run_dir: Path) -> bool:
+    return (run_dir / "model" / "config.json").is_file() and (run_dir / "metrics.jsonl").is_file()
+
+
+def _check_same_config(run: PlannedRun, run_dir: Path) -> Dict[str, tuple]:
+    try:
+        saved = cfg.load_yaml(run_dir / "config.yaml")
+    except UserError:
+        return {"config.yaml": ("unreadable", "")}
+    return cfg.diff({**Config().to_dict(), **saved}, run.config.to_dict())
+
+
+def _eval_settings(spec: CompareSpec, split: str) -> dict:
+    return {"split": split, "scorers": list(spec.scorers), "limit": spec.eval_limit, "max_tokens": spec.max_tokens}
+
+
+def _evaluate(spec: CompareSpec, model: str, split: Optional[str], path: Path, config: Config, log) -> Optional[dict]:
+    """Evaluate ``model`` on ``split`` once; reuse ``path`` when it holds the same evaluation."""
+    from .evaluate import evaluate
+
+    if split is None:
+        return None
+    settings = _eval_settings(spec, split)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return saved
+    t0 = time.perf_counter()
+    result = evaluate(model, config.data, split=split, scorers=spec.scorers, mask_prompt=config.mask_prompt,
+                      max_seq_length=config.max_seq_length, batch_size=spec.eval_batch_size,
+                      max_tokens=spec.max_tokens, limit=spec.eval_limit)
+    result["settings"] = settings
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    acc = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.get("accuracy", {}).items() if v is not None)
+    log(f"eval       {split}: loss {result['loss']:.4f} (ppl {result['ppl']:.3f})"
+        + (f", accuracy {acc} of {result['count']}" if acc else "") + f" [{time.perf_counter() - t0:.0f} s]")
+    return result
+
+
+def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run (or reuse) every planned run, evaluate them, and write results.json/.md and the plots."""
+    import mlx.core as mx
+
+    from .data import load_splits
+    from .finetune import finetune
+
+    if not spec.methods or not spec.seeds:
+        raise UserError("compare needs at least one method and one seed")
+    out = Path(spec.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "runs").is_dir() and not (out / RESULTS_JSON).is_file():
+        raise UserError(f"--out {out} is a non-empty folder that is not a gmt-mlx comparison; choose another")
+    runs = plan(spec)
+    splits = load_splits(spec.base.data)  # fail on bad data before any model is loaded
+    eval_split = "test" if "test" in splits else ("valid" if "valid" in splits else None)
+    if "valid" not in splits:
+        log("warning: no valid.jsonl: no validation-loss curves")
+    if eval_split != "test":
+        log(f"warning: no test.jsonl: evaluating on {eval_split or 'nothing'}")
+    # Refuse a finished run of another config before spending time on anything.
+    if not overwrite:
+        for run in runs:
+            run_dir = out / "runs" / run.name
+            if _is_finished(run_dir) and (diff := _check_same_config(run, run_dir)):
+                keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                raise UserError(f"{run_dir} holds a finished run with a different config ({keys}); "
+                                f"use another --out or pass --overwrite")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+
+    base_eval = _evaluate(spec, spec.base.model, eval_split, out / BASE_EVAL, spec.base,
+                          lambda s: log(f"[base model] {s}"))
+    started, trained_time, trained = time.perf_counter(), 0.0, 0
+    summaries = []
+    for i, run in enumerate(runs, start=1):
+        run_dir = out / "runs" / run.name
+        reuse = _is_finished(run_dir) and not overwrite
+        remaining = len(runs) - i + 1
+        eta = f"ETA {format_seconds(trained_time / trained * remaining)}" if trained else "ETA ?"
+        log(f"\n=== compare {i}/{len(runs)}: {run.name} (lr {run.config.learning_rate:g}) | "
+            f"elapsed {format_seconds(time.perf_counter() - started)} | {eta}"
+            + (" | finished earlier, reused" if reuse else ""))
+        if not reuse:
+            t0 = time.perf_counter()
+            (run_dir / EVAL_FILE).unlink(missing_ok=True)  # it described the model being replaced
+            mx.reset_peak_memory()
+            try:
+                finetune(run.config, overwrite=overwrite and run_dir.exists(), log=log)
+            except Interrupted:
+                raise Interrupted(f"comparison interrupted during {run.name} (its checkpoint is saved); run the same "
+                                  f"compare command again to resume: finished runs are reused") from None
+            trained_time += time.perf_counter() - t0
+            trained += 1
+        evaluation = _evaluate(spec, str(run_dir), eval_split, run_dir / EVAL_FILE, run.config, log)
+        if not reuse and evaluation is not None:
+            trained_time += evaluation.get("wall_time", 0.0)
+        summaries.append(summarize_run(run, run_dir, evaluation))
+
+    results = {
+        "spec": describe_spec(spec, eval_split),
+        "base": summarize_eval(base_eval),
+        "runs": summaries,
+        "rows": aggregate(summaries, spec.scorers),
+        "wall_time": time.perf_counter() - started,
+    }
+    (out / RESULTS_JSON).write_text(json.dumps(results, indent=2))
+    (out / RESULTS_MD).write_text(render_markdown(results))
+    results["plots"] = [str(p) for p in write_plots(results, out)]
+    log(f"\ncompare done: {len(runs)} runs ({len(runs) - trained} reused) in "
+        f"{format_seconds(time.perf_counter() - started)}; see {out / RESULTS_MD}")
+    return results
+
+
+# --------------------------------------------------------------------------
+# Summaries
+# --------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: Path) -> List[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _median(values: List[float]) -> Optional[float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else None
+
+
+def _mean(values: List[Optional[float]]) -> Optional[float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def summarize_eval(evaluation: Optional[dict]) -> Optional[dict]:
+    if evaluation is None:
+        return None
+    items = evaluation.get("items", [])
+    return {"test_loss": evaluation.get("loss"), "test_ppl": evaluation.get("ppl"),
+            "accuracy": evaluation.get("accuracy", {}), "count": evaluation.get("count", 0),
+            "samples": [{k: item[k] for k in ("prompt", "reference", "answer")} for item in items[:3]]}
+
+
+def summarize_run(run: PlannedRun, run_dir: Path, evaluation: Optional[dict]) -> dict:
+    """One run's numbers (from metrics.jsonl and eval.json) and its curves."""
+    records = read_metrics(run_dir)
+    train = [r for r in records if r.get("type") == "train" and not r.get("skipped")]
+    evals = [r for r in records if r.get("type") == "eval"]
+    setup = [r for r in records if r.get("type") == "setup"]
+    trainable = setup[-1]["trainable_params"] if setup else None
+    total = setup[-1]["total_params"] if setup else None
+    kept = _mean([r.get("kept_fraction") for r in train])
+    # The first report window includes compilation: leave it out of the speed when there are others.
+    speeds = [r.get("tokens_per_sec") for r in (train[1:] if len(train) > 1 else train)]
+    share = trainable / total if trainable and total else None
+    summary = {
+        "name": run.name, "group": run.group, "method": run.method, "mask_ratio": run.mask_ratio,
+        "seed": run.seed, "learning_rate": run.config.learning_rate, "steps": train[-1]["step"] if train else 0,
+        "final_val_loss": evals[-1]["val_loss"] if evals else None,
+        "best_val_loss": min(r["val_loss"] for r in evals) if evals else None,
+        "tokens_per_sec": _median(speeds),
+        "wall_time": train[-1]["wall_time"] if train else None,
+        "peak_memory_gb": max((r.get("peak_memory_gb") or 0.0) for r in train) if train else None,
+        "trainable_params": trainable, "total_params": total, "trainable_share": share,
+        "updated_share": share * kept if share is not None and kept is not None else None,
+        "kept_fraction": kept,
+        "mask_overlap": _mean([r.get("mask_overlap") for r in train]),
+        "curves": {
+            "val": [[r["step"], r.get("wall_time"), r["val_loss"]] for r in evals],
+            "train": [[r["step"], r.get("wall_time"), r["loss"], r.get("kept_fraction"), r.get("mask_overlap")]
+                      for r in train],
+        },
+    }
+    summary.update(summarize_eval(evaluation) or {"test_loss": None, "test_ppl": None, "accuracy": {}, "count": 0,
+                                                  "samples": []})
+    return summary
+
+
+def mean_std(values: List[Optional[float]]) -> Optional[dict]:
+    """Mean and sample standard deviation (0 for a single seed) of the finite values."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": sum(values) / len(values), "std": std, "n": len(values)}
+
+
+ROW_METRICS = ("final_val_loss", "best_val_loss", "test_loss", "test_ppl", "tokens_per_sec", "wall_time",
+               "peak_memory_gb", "trainable_share", "updated_share", "kept_fraction", "mask_overlap")
+
+
+def aggregate(summaries: List[dict], scorers: Sequence[str]) -> List[dict]:
+    """One row per (method, mask ratio): mean ± std over seeds of every metric."""
+    groups: Dict[str, List[dict]] = {}
+    for s in summaries:
+        groups.setdefault(s["group"], []).append(s)
+    rows = []
+    for label, members in groups.items():
+        row = {"group": label, "method": members[0]["method"], "mask_ratio": members[0]["mask_ratio"],
+               "learning_rate": members[0]["learning_rate"], "seeds": [m["seed"] for m in members]}
+        for key in ROW_METRICS:
+            row[key] = mean_std([m.get(key) for m in members])
+        row["accuracy"] = {name: mean_std([m["accuracy"].get(name) for m in members]) for name in scorers}
+        rows.append(row)
+    return rows
+
+
+def describe_spec(spec: CompareSpec, eval_split: Optional[str]) -> dict:
+    base = spec.base
+    return {
+        "model": base.model, "data": base.data, "out": str(spec.out), "methods": spec.methods, "seeds": spec.seeds,
+        "mask_ratios": spec.mask_ratios,
+        "learning_rates": {m: spec.learning_rate(m) for m in spec.methods},
+        "steps": base.iters if base.epochs is None else f"{base.epochs} epochs",
+        "batch_size": base.batch_size, "grad_accumulation_steps": base.grad_accumulation_steps,
+        "lr_schedule": base.lr_schedule, "warmup_steps": base.warmup_steps, "min_lr_ratio": base.min_lr_ratio,
+        "optimizer": base.optimizer, "mask_prompt": base.mask_prompt, "max_seq_length": base.max_seq_length,
+        "mask_scope": base.mask_scope, "mask_target": base.mask_target,
+        "lora": {"rank": base.lora_rank, "scale": base.lora_scale, "dropout": base.lora_dropout,
+                 "keys": base.lora_keys or "all linear layers", "num_layers": base.num_layers},
+        "eval": {"split": eval_split, "scorers": spec.scorers, "limit": spec.eval_limit,
+                 "max_tokens": spec.max_tokens, "decoding": "greedy"},
+        "command": spec.command,
+        "base_config": base.to_dict(),
+    }
+
+
+# --------------------------------------------------------------------------
+# results.md
+# --------------------------------------------------------------------------
+
+
+def _fmt(stat: Optional[dict], digits: int = 4, scale: float = 1.0, suffix: str = "") -> str:
+    if stat is None:
+        return "—"
+    mean = stat["mean"] * scale
+    text = f"{mean:.{digits}f}{suffix}"
+    if stat["n"] > 1:
+        text += f" ± {stat['std'] * scale:.{digits}f}{suffix}"
+    return text
+
+
+def render_markdown(results: dict) -> str:
+    spec, rows, base = results["spec"], results["rows"], results["base"]
+    scorers = spec["eval"]["scorers"]
+    lines = ["# gmt-mlx compare", ""]
+    if spec.get("command"):
+        lines += ["Command:", "", "```sh", spec["command"], "```", ""]
+    seeds = ", ".join(map(str, spec["seeds"]))
+    lines += [
+        f"- model: `{spec['model']}`; data: `{spec['data']}`",
+        f"- budget: {spec['steps']} optimizer steps, batch {spec['batch_size']} x {spec['grad_accumulation_steps']} "
+        f"accumulation, {spec['optimizer']}, {spec['lr_schedule']} schedule (warmup {spec['warmup_steps']}, "
+        f"min lr ratio {spec['min_lr_ratio']}), prompt masked: {spec['mask_prompt']}",
+        f"- seeds: {seeds} (mean ± sample std over seeds; a seed fixes the data order for every method)",
+        "- learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in spec["learning_rates"].items()),
+        f"- GMT/random: mask scope {spec['mask_scope']}, target {spec['mask_target']}; "
+        f"LoRA/DoRA: rank {spec['lora']['rank']}, scale {spec['lora']['scale']:g}, dropout {spec['lora']['dropout']:g}, "
+        f"keys {spec['lora']['keys']}, blocks {'all' if spec['lora']['num_layers'] < 0 else spec['lora']['num_layers']}",
+        f"- evaluation: {spec['eval']['split']} split, loss over all of it; accuracy on the first "
+        f"{spec['eval']['limit']} prompts, greedy, at most {spec['eval']['max_tokens']} new tokens, "
+        f"scorer{'s' if len(scorers) > 1 else ''} {', '.join(scorers)}",
+        "",
+    ]
+    acc_headers = [f"accuracy ({s})" for s in scorers]
+    headers = ["method", "lr", "final val loss", "best val loss", "test ppl", *acc_headers, "tokens/s",
+               "train time (s)", "peak mem (GB)", "trained %", "updated %/step"]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    if base is not None:
+        acc = [f"{100 * base['accuracy'][s]:.1f}%" if base["accuracy"].get(s) is not None else "—" for s in scorers]
+        ppl = f"{base['test_ppl']:.3f}" if base.get("test_ppl") is not None else "—"
+        lines.append("| " + " | ".join(["base model (no training)", "—", "—", "—", ppl, *acc, "—", "—", "—", "0%", "0%"]) + " |")
+    for row in rows:
+        acc = [_fmt(row["accuracy"].get(s), 1, 100, "%") for s in scorers]
+        cells = [row["group"], f"{row['learning_rate']:g}", _fmt(row["final_val_loss"]), _fmt(row["best_val_loss"]),
+                 _fmt(row["test_ppl"], 3), *acc, _fmt(row["tokens_per_sec"], 0), _fmt(row["wall_time"], 1),
+                 _fmt(row["peak_memory_gb"], 2), _fmt(row["trainable_share"], 2, 100, "%"),
+                 _fmt(row["updated_share"], 2, 100, "%")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "- *trained %*: share of the model's parameters that receive gradients (adapters count as extra "
+        "parameters on top of the base). *updated %/step*: trained % times the mean kept fraction, i.e. the "
+        "gradient entries the optimizer sees per step (with Adam and `--mask-target grad`, momentum still moves "
+        "masked entries).",
+        "- *tokens/s*: median over the report windows after the first (which includes compilation); *train time*: "
+        "the training loop with its validation passes, without model loading and saving.",
+        "",
+    ]
+    masked = [r for r in rows if r["method"] in MASKED_METHODS]
+    if masked:
+        lines += ["| masked method | mean kept fraction | mean mask overlap with the previous step |", "|---|---|---|"]
+        for row in masked:
+            lines.append(f"| {row['group']} | {_fmt(row['kept_fraction'], 3)} | {_fmt(row['mask_overlap'], 3)} |")
+        lines += ["", "Mask overlap: the share of a step's kept entries that the previous step kept too, measured "
+                  "on a fixed sample of ~65k positions (a random mask gives 1 - ratio).", ""]
+    lines += ["## Plots", ""]
+    for name in PLOTS:
+        lines.append(f"![{name[:-4].replace('_', ' ')}]({name})")
+    lines.append("")
+    samples = [(r["name"], r["samples"]) for r in results["runs"] if r["samples"] and r["seed"] == spec["seeds"][0]]
+    if samples or (base and base["samples"]):
+        lines += ["## Sample answers (first test prompts, first seed)", ""]
+        first = (base["samples"] if base and base["samples"] else samples[0][1])
+        for k, item in enumerate(first):
+            lines.append(f"**{item['prompt'].strip()}** (reference: `{str(item['reference']).strip()}`)")
+            lines.append("")
+            if base and len(base["samples"]) > k:
+                lines.append(f"- base model: `{_one_line(base['samples'][k]['answer'])}`")
+            for name, items in samples:
+                if len(items) > k:
+                    lines.append(f"- {name}: `{_one_line(items[k]['answer'])}`")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _one_line(text: str, width: int = 120) -> str:
+    text = " ".join(str(text).split()).replace("`", "'")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# --------------------------------------------------------------------------
+# Plots (matplotlib's object API with the Agg canvas: no pyplot, no global state)
+# --------------------------------------------------------------------------
+
+
+def _series(runs: List[dict], curve: str, x_index: int, y_index: int) -> Dict[str, List[tuple]]:
+    """Per group: the mean curve over seeds (points present in every seed) and its min/max."""
+    groups: Dict[str, List[dict]] = {}
+    for run in runs:
+        groups.setdefault(run["group"], []).append(run)
+    out = {}
+    for label, members in groups.items():
+        by_step: Dict[int, List[tuple]] = {}
+        for run in members:
+            for point in run["curves"][curve]:
+                if point[y_index] is not None and point[x_index] is not None:
+                    by_step.setdefault(point[0], []).append((point[x_index], point[y_index]))
+        points = []
+        for step in sorted(by_step):
+            values = by_step[step]
+            if len(values) == len(members):
+                xs, ys = zip(*values)
+                points.append((sum(xs) / len(xs), sum(ys) / len(ys), min(ys), max(ys)))
+        if points:
+            out[label] = points
+    return out
+
+
+def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: Dict[str, List[tuple]], empty: str) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, points in series.items():
+        xs, ys, lo, hi = zip(*points)
+        line = ax.plot(xs, ys, marker="o", markersize=3, label=label)[0]
+        if any(a != b for a, b in zip(lo, hi)):
+            ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color(), linewidth=0)
+    if series:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+    if xlabel == "optimizer step":
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def write_plots(results: dict, out: Path) -> List[Path]:
+    """The PNG plots of a comparison (mean over seeds; the band is the min-max over seeds)."""
+    runs = results["runs"]
+    masked = [r for r in runs if r["method"] in MASKED_METHODS]
+    no_val = "no validation split"
+    return [
+        _plot(out / PLOTS[0], "Validation loss", "optimizer step", "validation loss", _series(runs, "val", 0, 2), no_val),
+        _plot(out / PLOTS[1], "Validation loss against time", "wall time (s)", "validation loss",
+              _series(runs, "val", 1, 2), no_val),
+        _plot(out / PLOTS[2], "Training loss (report steps)", "optimizer step", "training loss",
+              _series(runs, "train", 0, 2), "no training records"),
+        _plot(out / PLOTS[3], "Kept fraction of gradient entries", "optimizer step", "kept fraction",
+              _series(masked, "train", 0, 3), "no gmt/random run"),
+        _plot(out / PLOTS[4], "Mask overlap with the previous step", "optimizer step", "overlap",
+              _series(masked, "train", 0, 4), "no gmt/random run"),
+    ]

@@ -1,0 +1,251 @@
+"""`compare`: every method trains on the tiny model; tables, plots, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from gmt_mlx import compare as cmp
+from gmt_mlx.cli import app
+from gmt_mlx.config import Config
+from gmt_mlx.errors import UserError
+
+runner = CliRunner()
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def spec_for(model, data, out, **kwargs) -> cmp.CompareSpec:
+    base = Config(model=str(model), data=str(data), iters=4, batch_size=4, steps_per_eval=2, steps_per_report=1,
+                  steps_per_save=0)
+    defaults = dict(methods=["sft", "gmt", "random", "lora", "dora"], seeds=[0, 1], mask_ratios=[0.5],
+                    learning_rates={m: 1e-3 for m in cmp.DEFAULT_LEARNING_RATES}, scorers=["number", "exact"],
+                    eval_limit=2, max_tokens=3)
+    defaults.update(kwargs)
+    return cmp.CompareSpec(base=base, out=Path(out), **defaults)
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_model_dir, tmp_path_factory):
+    """One comparison of all five methods x two seeds on the tiny model, shared by the tests below."""
+    from .conftest import arithmetic_chat, write_jsonl
+
+    root = tmp_path_factory.mktemp("compare")
+    data = root / "data"
+    write_jsonl(data / "train.jsonl", arithmetic_chat(16))
+    write_jsonl(data / "valid.jsonl", arithmetic_chat(4, 100))
+    write_jsonl(data / "test.jsonl", arithmetic_chat(4, 200))
+    spec = spec_for(tiny_model_dir, data, root / "cmp")
+    logs = []
+    results = cmp.compare(spec, log=logs.append)
+    return spec, results, logs
+
+
+def test_every_method_trains_through_compare(compared):
+    spec, results, logs = compared
+    names = {r["name"] for r in results["runs"]}
+    expected = {f"{m}-s{s}" for m in ("sft", "lora", "dora") for s in (0, 1)} | {
+        f"{m}-r0.5-s{s}" for m in ("gmt", "random") for s in (0, 1)}
+    assert names == expected
+    for run in results["runs"]:
+        run_dir = spec.out / "runs" / run["name"]
+        assert (run_dir / "model" / "config.json").is_file() and (run_dir / "eval.json").is_file()
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert (saved["method"], saved["seed"], saved["iters"]) == (run["method"], run["seed"], 4)
+        assert run["steps"] == 4 and run["final_val_loss"] is not None and run["test_ppl"] > 1
+        curve = run["curves"]["val"]
+        assert [p[0] for p in curve] == [2, 4] and curve[-1][2] < 8.0
+        if run["method"] in ("gmt", "random"):
+            assert 0.2 < run["kept_fraction"] <= 0.51 and 0 < run["mask_overlap"] <= 1
+        else:
+            assert run["kept_fraction"] == 1.0 and run["mask_overlap"] is None
+        if run["method"] in ("lora", "dora"):
+            assert 0 < run["trainable_share"] < 0.5
+        else:
+            assert run["trainable_share"] == 1.0
+    assert any("=== compare 1/10" in line for line in logs) and "ETA" in "\n".join(logs)
+
+
+def test_same_seed_same_data_order(compared):
+    spec, results, _ = compared
+    # Step 1 of every full-weight method sees the same batch from the same weights: same loss.
+    first = {r["name"]: r["curves"]["train"][0][2] for r in results["runs"]}
+    assert first["sft-s0"] == pytest.approx(first["gmt-r0.5-s0"]) == pytest.approx(first["random-r0.5-s0"])
+    assert first["sft-s0"] != pytest.approx(first["sft-s1"])
+
+
+def test_random_masks_overlap_like_independent_draws(compared):
+    _, results, _ = compared
+    random_run = next(r for r in results["runs"] if r["name"] == "random-r0.5-s0")
+    overlaps = [p[4] for p in random_run["curves"]["train"]]
+    assert overlaps[0] is None  # step 1 has no previous mask
+    assert all(abs(o - 0.5) < 0.05 for o in overlaps[1:])
+
+
+def test_results_table_and_plots(compared):
+    spec, results, _ = compared
+    rows = {row["group"]: row for row in results["rows"]}
+    assert set(rows) == {"sft", "gmt r=0.5", "random r=0.5", "lora", "dora"}
+    assert rows["sft"]["final_val_loss"]["n"] == 2 and rows["sft"]["final_val_loss"]["std"] > 0
+    saved = json.loads((spec.out / "results.json").read_text())
+    assert [r["group"] for r in saved["rows"]] == [r["group"] for r in results["rows"]]
+    assert saved["base"]["test_ppl"] > 1
+    md = (spec.out / "results.md").read_text()
+    for label in ("| sft |", "| gmt r=0.5 |", "| random r=0.5 |", "| lora |", "| dora |", "base model"):
+        assert label in md
+    assert "±" in md and "accuracy (number)" in md and "accuracy (exact)" in md
+    for name in cmp.PLOTS:
+        path = spec.out / name
+        assert path.read_bytes()[:8] == PNG_MAGIC, name
+        assert path.stat().st_size > 5000 and f"]({name})" in md
+
+
+def test_mean_std():
+    assert cmp.mean_std([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(2 ** 0.5), "n": 2}
+    assert cmp.mean_std([5.0, None]) == {"mean": 5.0, "std": 0.0, "n": 1}
+    assert cmp.mean_std([None, float("nan")]) is None
+
+
+def test_half_finished_comparison_resumes(compared, tmp_path):
+    spec, results, _ = compared
+    out = tmp_path / "copy"
+    shutil.copytree(spec.out, out)
+    shutil.rmtree(out / "runs" / "lora-s1" / "model")  # as if killed while saving
+    shutil.rmtree(out / "runs" / "dora-s1")  # as if never started
+    logs = []
+    again = cmp.compare(spec_for(spec.base.model, spec.base.data, out), log=logs.append)
+    text = "\n".join(logs)
+    assert text.count("finished earlier, reused") == 8
+    assert "10 runs (8 reused)" in text
+    assert {r["name"] for r in again["runs"]} == {r["name"] for r in results["runs"]}
+    redone = next(r for r in again["runs"] if r["name"] == "dora-s1")
+    before = next(r for r in results["runs"] if r["name"] == "dora-s1")
+    assert redone["final_val_loss"] == pytest.approx(before["final_val_loss"], rel=1e-5)  # deterministic
+
+
+def test_finished_run_with_another_config_is_refused(compared, tmp_path):
+    spec, _, _ = compared
+    out = tmp_path / "copy"
+    shutil.copytree(spec.out, out)
+    changed = spec_for(spec.base.model, spec.base.data, out, learning_rates={"sft": 5e-3}, methods=["sft"])
+    with pytest.raises(UserError, match=r"sft-s0 holds a finished run with a different config \(learning_rate"):
+        cmp.compare(changed, log=lambda s: None)
+
+
+@pytest.mark.parametrize("fn,text,fragment", [
+    (cmp.parse_methods, "sft,foo", "unknown method 'foo'"),
+    (cmp.parse_methods, "sft,sft", "twice"),
+    (cmp.parse_methods, "sft,,gmt", "comma-separated"),
+    (cmp.parse_seeds, "0,x", "integers"),
+    (cmp.parse_seeds, "1,1", "distinct"),
+    (cmp.parse_mask_ratios, "0.2,1", "in (0, 1)"),
+    (cmp.parse_mask_ratios, "0", "in (0, 1)"),
+    (cmp.parse_learning_rates, "lora=abc", "not METHOD=RATE"),
+    (cmp.parse_learning_rates, "bogus=1e-4", "unknown method 'bogus'"),
+    (cmp.parse_learning_rates, "lora=-1", "must be positive"),
+])
+def test_bad_lists_are_user_errors(fn, text, fragment):
+    with pytest.raises(UserError) as err:
+        fn(text)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_learning_rates():
+    assert cmp.parse_learning_rates("3e-4")["dora"] == 3e-4
+    rates = cmp.parse_learning_rates("lora=2e-4")
+    spec = cmp.CompareSpec(base=Config(), out=Path("x"), learning_rates=rates)
+    assert spec.learning_rate("lora") == 2e-4 and spec.learning_rate("gmt") == cmp.DEFAULT_LEARNING_RATES["gmt"]
+
+
+def test_compare_command(tiny_model_dir, chat_data, tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", str(tiny_model_dir), "--data", str(chat_data), "--out", str(out),
+            "--methods", "sft,lora", "--iters", "2", "--steps-per-eval", "1", "--eval-limit", "1", "--max-tokens", "2",
+            "--learning-rates", "1e-3", "--scorer", "number"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "| sft |" in result.output and "| lora |" in result.output and "compare 2/2" in result.output
+    assert (out / "results.md").is_file() and (out / "val_loss_vs_step.png").read_bytes()[:8] == PNG_MAGIC
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "2 runs (2 reused)" in again.output
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--methods", "sft,qlora"], "unknown method 'qlora'"),
+    (["--seeds", "a"], "--seeds must be comma-separated integers"),
+    (["--mask-ratios", "1.5"], "--mask-ratios must each be in (0, 1)"),
+    (["--scorer", "nope"], "unknown scorer 'nope'"),
+    (["--iters", "0"], "--iters must be at least 1"),
+])
+def test_compare_bad_input_is_one_line(tiny_model_dir, chat_data, tmp_path, extra, fragment):
+    result = runner.invoke(app, ["compare", "--model", str(tiny_model_dir), "--data", str(chat_data),
+                                 "--out", str(tmp_path / "cmp"), *extra])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert fragment in result.output.strip().splitlines()[-1]
+
+
+def test_compare_refuses_per_run_keys_in_the_yaml(tiny_model_dir, chat_data, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("iters: 2\nlearning_rate: 1.0e-4\n")
+    result = runner.invoke(app, ["compare", "-c", str(config), "--model", str(tiny_model_dir), "--data", str(chat_data),
+                                 "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 2
+    assert "learning_rate is set per run by compare; use --learning-rates" in result.output
+
+
+def test_compare_needs_data_and_refuses_foreign_folders(tiny_model_dir, tmp_path):
+    result = runner.invoke(app, ["compare", "--model", str(tiny_model_dir), "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 2 and "--data is required" in result.output
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a gmt-mlx comparison"):
+        cmp.compare(spec_for(tiny_model_dir, tmp_path, foreign), log=lambda s: None)
+
+
+# ---- the shipped example --------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_compare_example_config_and_data():
+    from gmt_mlx.config import load_yaml, resolve
+    from gmt_mlx.data import load_splits
+
+    config_path = ROOT / "examples" / "compare_chain_sum.yaml"
+    values = load_yaml(config_path)
+    cmp.check_base(values, str(config_path))  # compare accepts it
+    assert resolve(config_path).data == "examples/data/chain_sum"
+    splits = load_splits(ROOT / "examples" / "data" / "chain_sum")
+    assert {name: len(rows) for name, rows in splits.items()} == {"train": 256, "valid": 16, "test": 48}
+    questions = [row["messages"][0]["content"] for rows in splits.values() for row in rows]
+    assert len(questions) == len(set(questions)), "a question appears in two places"
+    for rows in splits.values():
+        for row in rows:
+            assert row["answer"] == row["messages"][-1]["content"]
+            assert row["metadata"]["source_dataset"] == "chain_sum"
+            assert eval(row["metadata"]["expression"]) == int(row["answer"])  # noqa: S307 - two numbers and + or -
+    script = (ROOT / "examples" / "compare_chain_sum.sh").read_text()
+    assert "-c examples/compare_chain_sum.yaml" in script and "--scorer reasoning_gym" in script
+
+
+def test_shipped_example_data_is_what_the_generator_makes():
+    pytest.importorskip("reasoning_gym")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_chain_sum", ROOT / "examples" / "compare_make_chain_sum.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    built = module.build()
+    for split, rows in built.items():
+        shipped = (ROOT / "examples" / "data" / "chain_sum" / f"{split}.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in shipped] == rows, split
+    from gmt_mlx.scorers import get_scorer
+
+    score = get_scorer("reasoning_gym")
+    assert all(score(row["answer"], row) == 1.0 for row in built["test"])
