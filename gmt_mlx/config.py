@@ -17,7 +17,9 @@ import yaml
 
 from .errors import UserError
 
-METHODS = ("gmt", "sft", "random")
+METHODS = ("gmt", "sft", "random", "lora", "dora")
+# Methods that train low-rank adapters on a frozen base (which may stay quantized: QLoRA).
+ADAPTER_METHODS = ("lora", "dora")
 
 
 def opt(default, help: str, choices: tuple = (), group: str = "Training", cli: bool = True):
@@ -35,14 +37,20 @@ class Config:
     mask_prompt: bool = opt(False, "Train only on completions / the final assistant turn (loss masked on prompts).", group="Model and data")
 
     # Method
-    method: str = opt("gmt", "gmt (gradient-mask tuning), sft (plain full fine-tuning), random (random mask control).", METHODS, group="Method")
+    method: str = opt("gmt", "gmt (gradient-mask tuning), sft (plain full fine-tuning), random (random mask control), lora / dora (low-rank adapters on a frozen base).", METHODS, group="Method")
     mask_ratio: float = opt(0.2, "Fraction of gradient entries DROPPED each optimizer step, in [0, 1).", group="Method")
     mask_scope: str = opt("tensor", "Unit sharing one threshold: tensor, layer (transformer block) or global.", ("tensor", "layer", "global"), group="Method")
     mask_target: str = opt("grad", "grad: the optimizer sees the masked gradient; update: only kept entries move.", ("grad", "update"), group="Method")
     mask_sample_size: int = opt(65536, "Units larger than this estimate the threshold from a sample of this many entries.", group="Method")
     freeze_embeddings: bool = opt(False, "Do not train the input embeddings.", group="Method")
     freeze_lm_head: bool = opt(False, "Do not train the output head (lm_head).", group="Method")
-    num_layers: int = opt(-1, "Train only the last N transformer blocks (-1: all).", group="Method")
+    num_layers: int = opt(-1, "Train only the last N transformer blocks (-1: all); for lora/dora, put adapters on the last N blocks.", group="Method")
+
+    # LoRA / DoRA (mlx_lm's adapter layers; the base stays frozen, and quantized if it was)
+    lora_rank: int = opt(8, "Rank of the LoRA/DoRA adapters.", group="LoRA")
+    lora_scale: float = opt(20.0, "Adapter output multiplier, mlx-lm's 'scale' (PEFT's lora_alpha / rank).", group="LoRA")
+    lora_dropout: float = opt(0.0, "Dropout on the adapter input, in [0, 1).", group="LoRA")
+    lora_keys: str = opt("", "Comma-separated block-relative module names to adapt, e.g. self_attn.q_proj,self_attn.v_proj (empty: every linear layer of the block).", group="LoRA")
 
     # Optimisation
     optimizer: str = opt("adamw", "Base optimizer that the mask wraps.", ("adamw", "adam", "sgd", "adafactor", "muon"))
@@ -62,8 +70,21 @@ class Config:
     steps_per_report: int = opt(10, "Optimizer steps between metrics lines.", group="Reporting")
     steps_per_eval: int = opt(50, "Optimizer steps between validation passes (0: only at the end).", group="Reporting")
     val_batches: int = opt(25, "Validation batches per evaluation (-1: the whole split).", group="Reporting")
+    samples: int = opt(2, "Test prompts answered greedily before and after training, saved in samples.json (0: none).", group="Reporting")
     dtype: str = opt("float32", "dtype of the saved model.", ("float32", "bfloat16", "float16"), group="Reporting")
     train_dtype: str = opt("float32", "dtype the weights are trained in (float32 recommended on CPU).", ("float32", "bfloat16", "float16"), group="Reporting")
+
+    # Checkpoints, resume and guards
+    steps_per_save: int = opt(100, "Optimizer steps between checkpoints of the full training state (0: only on Ctrl-C).", group="Checkpoints and safety")
+    keep_checkpoints: int = opt(2, "Keep the newest N step checkpoints (the best-validation one is always kept).", group="Checkpoints and safety")
+    max_bad_steps: int = opt(3, "Stop after this many consecutive steps with a non-finite loss or gradient (their updates are skipped).", group="Checkpoints and safety")
+    grad_checkpoint: bool = opt(False, "Recompute block activations in the backward pass: less memory, ~30% more compute.", group="Checkpoints and safety")
+    distributed_backend: str = opt("any", "Backend of mlx.launch runs (any: whatever the launcher set up).", ("any", "ring", "mpi", "nccl", "jaccl"), group="Checkpoints and safety")
+    memory_check: bool = opt(True, "Refuse to start when the estimated peak memory exceeds the memory available.", group="Checkpoints and safety")
+
+    # Hub (the token comes from HF_TOKEN or `hf auth login`, never from the config)
+    push_to_hub: Optional[str] = opt(None, "Upload RUN_DIR/model (with its model card) to this Hub repo, user/name, at the end of the run.", group="Hub")
+    hub_datasets: Optional[str] = opt(None, "Comma-separated Hub dataset ids the training data came from (the model card's `datasets`).", group="Hub")
 
     def validate(self) -> "Config":
         """Check ranges and choices; raise UserError with a one-line message."""
@@ -74,7 +95,7 @@ class Config:
                 raise UserError(f"--{flag(f.name)} must be one of {', '.join(choices)}, got {value!r}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise UserError(f"--mask-ratio must be in [0, 1) (the fraction dropped), got {self.mask_ratio}")
-        positive = ["batch_size", "grad_accumulation_steps", "max_seq_length", "mask_sample_size", "steps_per_report"]
+        positive = ["batch_size", "grad_accumulation_steps", "max_seq_length", "mask_sample_size", "steps_per_report", "keep_checkpoints"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
@@ -82,17 +103,28 @@ class Config:
             raise UserError(f"--iters must be at least 1, got {self.iters}")
         if self.epochs is not None and self.epochs <= 0:
             raise UserError(f"--epochs must be positive, got {self.epochs}")
+        for name in ("steps_per_save", "steps_per_eval", "max_bad_steps", "samples"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{flag(name)} must be 0 or more, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
         if self.num_layers == 0 or self.num_layers < -1:
             raise UserError(f"--num-layers must be -1 (all) or positive, got {self.num_layers}")
+        if self.lora_rank < 1:
+            raise UserError(f"--lora-rank must be at least 1, got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_scale <= 0:
+            raise UserError(f"--lora-scale must be positive, got {self.lora_scale}")
+        if any(not key.strip() for key in self.lora_keys.split(",")) and self.lora_keys.strip():
+            raise UserError(f"--lora-keys must be comma-separated module names, got {self.lora_keys!r}")
         return self
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
     # Keys that do not change what is trained (used to compare runs).
-    COSMETIC = ("out", "steps_per_report")
+    COSMETIC = ("out", "steps_per_report", "samples", "steps_per_save", "keep_checkpoints", "max_bad_steps", "memory_check", "distributed_backend", "push_to_hub", "hub_datasets")
 
 
 def flag(name: str) -> str:
@@ -153,9 +185,13 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
     return out
 
 
-def resolve(yaml_path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] = None) -> Config:
-    """Defaults, overlaid by YAML, overlaid by explicit overrides (None = not given)."""
-    values: Dict[str, Any] = {}
+def resolve(
+    yaml_path: Optional[str | Path] = None,
+    overrides: Optional[Dict[str, Any]] = None,
+    base: Optional[Dict[str, Any]] = None,
+) -> Config:
+    """Defaults < ``base`` (a resumed run's config) < YAML < explicit overrides (None = not given)."""
+    values: Dict[str, Any] = dict(base or {})
     if yaml_path:
         values.update(load_yaml(yaml_path))
     for key, value in (overrides or {}).items():

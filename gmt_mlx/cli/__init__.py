@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import typer
 
+from .compare import compare
 from .doctor import doctor
+from .eval import eval_command
+from .export import export
 from .finetune import finetune
 from .generate import generate
 from .import_gguf import import_gguf
+from .push import push
 
 app = typer.Typer(
     name="gmt-mlx",
@@ -18,7 +22,11 @@ app = typer.Typer(
 )
 app.command("finetune")(finetune)
 app.command("generate")(generate)
+app.command("eval")(eval_command)
+app.command("compare")(compare)
 app.command("import-gguf")(import_gguf)
+app.command("export")(export)
+app.command("push")(push)
 app.command("doctor")(doctor)
 
 
