@@ -316,8 +316,9 @@ def _checked_expressions(text: str) -> list[str]:
 
 
 def test_shipped_example_datasets(tokenizer):
-    # The arithmetic examples of make_examples.py (chain_sum/ is reasoning-gym's: tests/test_compare.py).
-    files = sorted(f for f in EXAMPLES.glob("*/*.jsonl") if f.parent.name != "chain_sum")
+    # The arithmetic examples of make_examples.py; the reasoning-gym task folders
+    # (chain_sum/, leg_counting/, ...) are checked by test_every_example_folder_parses.
+    files = sorted(f for f in EXAMPLES.glob("*/*.jsonl") if f.parent.name in ("chat", "completions", "text"))
     assert {f.parent.name for f in files} == {"chat", "completions", "text"}
     seen: set[str] = set()
     for folder in sorted({f.parent for f in files}):
@@ -337,3 +338,13 @@ def test_shipped_example_datasets(tokenizer):
                 seen.add(expr)
             split = tokenize_split(rows, tokenizer, mask_prompt=True, max_seq_length=256, name=name)
             assert len(split) == len(rows) and split.truncated == 0
+
+
+def test_every_example_folder_parses():
+    """Every shipped data folder loads, has a train split and no test item inside train."""
+    for folder in sorted(p for p in EXAMPLES.iterdir() if p.is_dir()):
+        splits = load_splits(folder)
+        assert "train" in splits, folder
+        if "test" in splits:
+            train = {json.dumps(r, sort_keys=True) for r in splits["train"]}
+            assert not any(json.dumps(r, sort_keys=True) in train for r in splits["test"]), folder

@@ -1,0 +1,80 @@
+#!/bin/sh
+# The evidence study of docs/EVIDENCE.md: SmolLM2-135M-Instruct (embedded), two
+# reasoning-gym tasks, after a learning-rate sweep on the VALIDATION split:
+#   chain_sum (arithmetic, the full study): sft / gmt at mask ratios 0.2, 0.5,
+#     0.8 (grad target) / gmt with the update target at the best ratio / random
+#     at 0.5 / lora;
+#   leg_counting (word problem, reduced to fit the time budget): sft / gmt at
+#     the best ratio (grad target) / lora.
+# "Best ratio": the lowest final validation loss of the seed-0 chain_sum gmt runs.
+# About an hour on a 2-core Linux CPU with OpenBLAS (~80-100 s per run).
+#
+#   sh examples/evidence.sh            # seeds 0,1,2 (seed-major: all of seed 0 first)
+#   SEEDS=0 sh examples/evidence.sh    # one seed; SEEDS=0,1,2 later reuses it
+#
+# Re-running resumes: finished runs are reused (their weights are deleted after
+# evaluation; model/config.json stays as compare's "finished" marker).
+# Raw results: runs/evidence/, copied to docs/evidence/; tables and plot by
+# examples/evidence_tables.py, which regenerates them without retraining.
+set -e
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+SEEDS="${SEEDS:-0,1,2}"
+OUT=runs/evidence
+"$PY" -c "import reasoning_gym" 2>/dev/null || "$PY" -m pip install -q "reasoning-gym>=0.1.25"
+[ -f examples/data/leg_counting/test.jsonl ] || (cd examples && "$PY" evidence_make_leg_counting.py)
+
+EVAL="--scorer reasoning_gym,number --max-tokens 16"
+cmp() { "$PY" -m gmt_mlx compare -c examples/evidence.yaml $EVAL "$@"; }
+slim() {  # drop weights and checkpoints of evaluated runs, keep the finished marker
+  for d in "$1"/runs/*/; do
+    [ -f "$d/eval.json" ] || continue
+    rm -rf "$d/checkpoints"; find "$d/model" -type f ! -name config.json -delete 2>/dev/null || true
+  done
+}
+share_base() {  # the base model's evaluation is the same for every comparison of a task
+  mkdir -p "$2/runs"; [ -f "$1/base_eval.json" ] && cp -n "$1/base_eval.json" "$2/" 2>/dev/null || true
+}
+
+# 1. Learning-rate sweep: chain_sum, seed 0, two peak LRs per method. Its data
+#    folder has no test.jsonl, so compare evaluates on the validation split.
+mkdir -p $OUT/data/chain_sum_trainvalid
+cp examples/data/chain_sum/train.jsonl examples/data/chain_sum/valid.jsonl $OUT/data/chain_sum_trainvalid/
+for LR in lo hi; do
+  case $LR in
+    lo) LRS=sft=2e-5,gmt=2e-5,random=2e-5,lora=1e-4 ;;
+    hi) LRS=sft=6e-5,gmt=6e-5,random=6e-5,lora=3e-4 ;;
+  esac
+  share_base $OUT/sweep/lo $OUT/sweep/$LR
+  cmp --data $OUT/data/chain_sum_trainvalid --out $OUT/sweep/$LR --methods sft,gmt,random,lora \
+      --mask-ratios 0.5 --seeds 0 --learning-rates $LRS --eval-limit 16
+  slim $OUT/sweep/$LR
+done
+# Per method, the LR with the lower final validation loss (gmt's also serves its update target).
+LRS=$("$PY" examples/evidence_tables.py --pick-lr $OUT)
+echo "chosen learning rates: $LRS"
+
+# 2. Seed-major, so that a cut-short study still has whole seeds.
+for S in $(echo "$SEEDS" | tr , ' '); do
+  UPTO=$(echo "$SEEDS" | tr , '\n' | awk -v s="$S" '{print} $0==s{exit}' | paste -sd, -)
+  T=$OUT/chain_sum
+  cmp --data examples/data/chain_sum --out $T/main --methods sft,gmt,lora --mask-ratios 0.2,0.5,0.8 \
+      --seeds "$UPTO" --learning-rates $LRS --eval-limit 48
+  slim $T/main
+  RATIO=$("$PY" examples/evidence_tables.py --pick-ratio $OUT)
+  echo "best mask ratio (seed-0 chain_sum validation loss): $RATIO"
+  share_base $T/main $T/random; share_base $T/main $T/update
+  cmp --data examples/data/chain_sum --out $T/random --methods random --mask-ratios 0.5 \
+      --seeds "$UPTO" --learning-rates $LRS --eval-limit 48
+  slim $T/random
+  cmp --data examples/data/chain_sum --out $T/update --methods gmt --mask-ratios "$RATIO" --mask-target update \
+      --seeds "$UPTO" --learning-rates $LRS --eval-limit 48
+  slim $T/update
+  cmp --data examples/data/leg_counting --out $OUT/leg_counting/main --methods sft,gmt,lora --mask-ratios "$RATIO" \
+      --seeds "$UPTO" --learning-rates $LRS --eval-limit 48
+  slim $OUT/leg_counting/main
+done
+
+# 3. Raw results into docs/evidence/, then the tables and the plot.
+"$PY" examples/evidence_tables.py --collect $OUT docs/evidence
+"$PY" examples/evidence_tables.py docs/evidence

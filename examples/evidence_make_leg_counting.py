@@ -1,0 +1,38 @@
+"""Build examples/data/leg_counting/ from the reasoning-gym task `leg_counting` (deterministic).
+
+    pip install "reasoning-gym>=0.1.25"      # or: pip install -e ".[tasks]"
+    python examples/evidence_make_leg_counting.py
+
+The word-problem task of the evidence study (docs/EVIDENCE.md): "how many legs
+are there in total if you have 2 cows, 3 spiders?" with 1-2 kinds of animal and
+1-3 of each, so that prompts stay short (~60 tokens with the chat template).
+Same recipe as examples/compare_make_chain_sum.py (which it reuses): splits from
+widely separated seeds (1, 10000, 20000), every question in one split only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import compare_make_chain_sum as maker
+
+maker.OUT = Path(__file__).resolve().parent / "data" / "leg_counting"
+maker.TASK = "leg_counting"
+maker.TASK_OPTIONS = {"min_animals": 1, "max_animals": 2, "min_instances": 1, "max_instances": 3}
+maker.SPLITS = {"train": (1, 256), "valid": (10000, 16), "test": (20000, 48)}  # split: (seed, size)
+
+
+def main() -> None:
+    out = maker.build()
+    train = {r["messages"][0]["content"] for r in out["train"]}
+    assert not any(r["messages"][0]["content"] in train for s in ("valid", "test") for r in out[s])
+    maker.OUT.mkdir(parents=True, exist_ok=True)
+    for split, rows in out.items():
+        path = maker.OUT / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        print(f"wrote {path} ({len(rows)} examples)")
+
+
+if __name__ == "__main__":
+    main()
