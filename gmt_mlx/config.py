@@ -41,7 +41,7 @@ class Config:
     mask_ratio: float = opt(0.2, "Fraction of gradient entries DROPPED each optimizer step, in [0, 1).", group="Method")
     mask_scope: str = opt("tensor", "Unit sharing one threshold: tensor, layer (transformer block) or global.", ("tensor", "layer", "global"), group="Method")
     mask_target: str = opt("grad", "grad: the optimizer sees the masked gradient; update: only kept entries move.", ("grad", "update"), group="Method")
-    mask_sample_size: int = opt(65536, "Units larger than this estimate the threshold from a sample of this many entries.", group="Method")
+    mask_sample_size: int = opt(65536, "Units larger than this estimate the threshold from a sample of up to this many entries (4 r (1-r) x this at mask ratio r).", group="Method")
     freeze_embeddings: bool = opt(False, "Do not train the input embeddings.", group="Method")
     freeze_lm_head: bool = opt(False, "Do not train the output head (lm_head).", group="Method")
     num_layers: int = opt(-1, "Train only the last N transformer blocks (-1: all); for lora/dora, put adapters on the last N blocks.", group="Method")

@@ -348,15 +348,78 @@ def _padded_length(longest: int, pad_multiple: int, max_seq_length: int | None) 
     return length
 
 
-def make_batch(split: TokenizedSplit, indices: list[int], *, pad_id: int, pad_multiple: int = 32) -> tuple[mx.array, mx.array]:
+def length_buckets(
+    lengths: list[int], batch_size: int, *, seed: int, max_buckets: int = 16, group_size: int = 64, epochs: int = 4
+) -> list[int]:
+    """At most `max_buckets` padded widths that minimise the padding of our batches.
+
+    Rounding every batch up to a multiple of 8 bounds the compiled shapes but
+    wastes ~4 positions per row, 7-20% of the short examples we ship. Instead,
+    take the longest example of each batch that `batch_order` makes over
+    `epochs` epochs, and choose the widths (from those lengths, the longest
+    example always included, so every batch of every epoch fits) that minimise
+    the total padded width: an optimal 1-D segmentation, by dynamic
+    programming. A dataset with at most `max_buckets` distinct batch maxima
+    gets exactly those; the number of compiled step shapes is at most
+    `max_buckets` whatever the length spread. Pure and deterministic.
+    """
+    _check_batch_size(len(lengths), batch_size)
+    if max_buckets < 1:
+        raise UserError(f"max_buckets must be at least 1, got {max_buckets}")
+    longest = [max(lengths[i] for i in b) for e in range(epochs)
+               for b in batch_order(lengths, batch_size, seed=seed, epoch=e, group_size=group_size)]
+    values, counts = np.unique(np.array(longest + [max(lengths)], dtype=np.int64), return_counts=True)
+    counts[-1] -= 1  # max(lengths) was added to be a bucket, not as a batch
+    if len(values) <= max_buckets:
+        return values.tolist()
+    # cost[j]: least total width of the batches with maxima values[:j+1] when a
+    # bucket ends at values[j]; cost_k[j] = min_i cost_{k-1}[i] + values[j] * (C[j] - C[i]).
+    cum = np.cumsum(counts).astype(np.float64)
+    width = values.astype(np.float64)
+    cost = width * cum
+    parents = []
+    upper = np.triu(np.ones((len(values), len(values)), dtype=bool), k=1)  # i < j
+    for _ in range(max_buckets - 1):
+        candidates = np.where(upper, cost[:, None] - cum[:, None] * width[None, :], np.inf)
+        best = candidates.argmin(axis=0)
+        new = candidates[best, np.arange(len(values))] + width * cum
+        improved = new < cost
+        parents.append(np.where(improved, best, -1))
+        cost = np.where(improved, new, cost)
+    # Walk back from the last value: each level's parent is the previous bucket's end.
+    buckets, j = [int(values[-1])], len(values) - 1
+    for parent in reversed(parents):
+        if parent[j] >= 0:
+            j = int(parent[j])
+            buckets.append(int(values[j]))
+    return sorted(buckets)
+
+
+def _bucket_length(longest: int, buckets: list[int]) -> int:
+    # The smallest bucket that holds the batch; a batch longer than every bucket
+    # (buckets made from another split) is padded to its own length.
+    for width in buckets:
+        if width >= longest:
+            return width
+    return longest
+
+
+def make_batch(
+    split: TokenizedSplit, indices: list[int], *, pad_id: int, pad_multiple: int = 32, buckets: list[int] | None = None
+) -> tuple[mx.array, mx.array]:
     """Pad the examples at `indices` into (tokens int32 (B, L), mask float32 (B, L)).
 
     L is the longest example rounded up to pad_multiple (capped at the split's
-    max_seq_length). mask[b, t] = 1 iff token t is a loss target, i.e.
+    max_seq_length), or, given `buckets` (see `length_buckets`), the smallest
+    bucket that holds it. mask[b, t] = 1 iff token t is a loss target, i.e.
     max(prompt_len, 1) <= t < len(example): it is predicted from position t-1.
     """
     chosen = [split.examples[i] for i in indices]
-    length = _padded_length(max(len(e.tokens) for e in chosen), pad_multiple, split.max_seq_length)
+    longest = max(len(e.tokens) for e in chosen)
+    if buckets:
+        length = _bucket_length(longest, buckets)
+    else:
+        length = _padded_length(longest, pad_multiple, split.max_seq_length)
     tokens = np.full((len(chosen), length), pad_id, dtype=np.int32)
     mask = np.zeros((len(chosen), length), dtype=np.float32)
     for row, example in enumerate(chosen):
@@ -377,13 +440,15 @@ def iterate_batches(
     loop: bool = True,
     group_size: int = 64,
     shard: tuple[int, int] = (0, 1),
+    buckets: list[int] | None = None,
 ) -> Iterator[tuple[int, int, mx.array, mx.array]]:
     """Yield (step, epoch, tokens, mask), step counting from start_step.
 
     Epoch e uses batch_order(seed=seed, epoch=e). With loop=True epochs go on
     forever; with loop=False only epoch 0 is yielded. Resuming at start_step
     gives exactly the batches a fresh iterator yields from that step on,
-    without building the skipped ones.
+    without building the skipped ones. Batches are padded as `make_batch`
+    does (to `buckets` when given).
     """
     _check_batch_size(len(split.examples), batch_size, split.name)
     if start_step < 0:
@@ -399,13 +464,16 @@ def iterate_batches(
                 # Data-parallel: this rank's contiguous slice of the (length-sorted) global batch.
                 per = len(indices) // shard[1]
                 indices = indices[shard[0] * per : (shard[0] + 1) * per]
-            tokens, mask = make_batch(split, indices, pad_id=pad_id, pad_multiple=pad_multiple)
+            tokens, mask = make_batch(split, indices, pad_id=pad_id, pad_multiple=pad_multiple, buckets=buckets)
             yield step, epoch, tokens, mask
             step += 1
         epoch, offset = epoch + 1, 0
 
 
-def padding_waste(split: TokenizedSplit, batch_size: int, *, seed: int, pad_multiple: int = 32, group_size: int = 64) -> float:
+def padding_waste(
+    split: TokenizedSplit, batch_size: int, *, seed: int, pad_multiple: int = 32, group_size: int = 64,
+    buckets: list[int] | None = None,
+) -> float:
     """Fraction of padded positions over epoch 0 of iterate_batches (from lengths only).
 
     Compare with group_size=1 (plain random batches) to see what grouping saves.
@@ -415,7 +483,11 @@ def padding_waste(split: TokenizedSplit, batch_size: int, *, seed: int, pad_mult
     padded = real = 0
     for indices in batch_order(lengths, batch_size, seed=seed, epoch=0, group_size=group_size):
         batch_lengths = [lengths[i] for i in indices]
-        padded += len(indices) * _padded_length(max(batch_lengths), pad_multiple, split.max_seq_length)
+        if buckets:
+            width = _bucket_length(max(batch_lengths), buckets)
+        else:
+            width = _padded_length(max(batch_lengths), pad_multiple, split.max_seq_length)
+        padded += len(indices) * width
         real += sum(batch_lengths)
     return 1.0 - real / padded
 

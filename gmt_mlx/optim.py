@@ -116,25 +116,43 @@ class MaskedOptimizer:
             return random_masks(gradients, self.mask_ratio, key)
         return gmt_masks(gradients, self.mask_ratio, self.scope, key, self.sample_size)
 
-    def apply_gradients(self, gradients: dict, parameters: dict) -> Tuple[dict, Dict[str, mx.array]]:
-        """Return the updated parameters (same tree as ``gradients``) and mask statistics."""
+    def apply_gradients(
+        self, gradients: dict, parameters: dict, grad_scale: mx.array | None = None
+    ) -> Tuple[dict, Dict[str, mx.array]]:
+        """Return the updated parameters (same tree as ``gradients``) and mask statistics.
+
+        ``grad_scale`` (a positive scalar, e.g. the gradient-clipping factor)
+        multiplies the gradient the wrapped optimizer sees. Pass it here rather
+        than scaling the gradient beforehand: a positive scale does not change
+        the mask, so the mask is built from the gradient as given and the
+        scaling fuses into the optimizer's kernel. A pre-scaled gradient has to
+        be materialised for the sampled threshold: a whole extra copy of the
+        gradient (+14% peak memory and ~2% step time on SmolLM2-135M).
+        """
+
+        def scaled(tree):
+            return tree if grad_scale is None else tree_map(lambda g: g * grad_scale, tree)
+
         total = count_entries(gradients)
         if self.mask_ratio == 0.0:
             kept = mx.array(total, mx.int64)
-            return self.optimizer.apply_gradients(gradients, parameters), {"kept": kept}
+            return self.optimizer.apply_gradients(scaled(gradients), parameters), {"kept": kept}
         masks, kept = self.masks(gradients)
         self.optimizer.state[MASK_SAMPLE_KEY] = mask_sample(masks)
         if self.target == "grad":
-            updated = self.optimizer.apply_gradients(apply_masks(gradients, masks), parameters)
+            updated = self.optimizer.apply_gradients(scaled(apply_masks(gradients, masks)), parameters)
         else:
             # The optimizer state sees the full gradient; only kept entries move.
-            new = self.optimizer.apply_gradients(gradients, parameters)
-            updated = tree_map(lambda n, m, p: mx.where(m, n, p), new, masks, parameters)
+            # new * m + p * ~m is where(m, new, p) for finite values (x * 1 = x,
+            # x * 0 = 0): arithmetic fuses into the optimizer's kernel at full
+            # speed, a select there made the step ~3% slower (SmolLM2-135M, CPU).
+            new = self.optimizer.apply_gradients(scaled(gradients), parameters)
+            updated = tree_map(lambda n, m, p: n * m + p * ~m, new, masks, parameters)
         return updated, {"kept": kept}
 
-    def update(self, model, gradients: dict) -> Dict[str, mx.array]:
-        """Update ``model`` in place; return mask statistics."""
-        updated, stats = self.apply_gradients(gradients, model)
+    def update(self, model, gradients: dict, grad_scale: mx.array | None = None) -> Dict[str, mx.array]:
+        """Update ``model`` in place; return mask statistics (``grad_scale``: see apply_gradients)."""
+        updated, stats = self.apply_gradients(gradients, model, grad_scale)
         model.update(updated)
         return stats
 

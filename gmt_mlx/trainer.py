@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from .distributed import all_sum_tree, any_rank
 from .losses import sft_loss
+from .optim import MaskedOptimizer
 
 Batch = Tuple[mx.array, mx.array]  # tokens (B, L) int32, target mask (B, L)
 
@@ -68,11 +69,15 @@ def make_step_fns(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, gra
 
     @partial(mx.compile, inputs=state, outputs=state)
     def update_fn(grads, norm):
-        if grad_clip > 0:
-            # The same scaling as optim.clip_grad_norm, reusing the norm we already have.
-            scale = mx.minimum(grad_clip / (norm + 1e-6), 1.0)
-            grads = tree_map(lambda g: g * scale, grads)
-        stats = optimizer.update(model, grads)
+        # The same scaling as optim.clip_grad_norm, reusing the norm we already have.
+        scale = mx.minimum(grad_clip / (norm + 1e-6), 1.0) if grad_clip > 0 else None
+        if isinstance(optimizer, MaskedOptimizer):
+            # The mask is built from the unscaled gradient: see MaskedOptimizer.apply_gradients.
+            stats = optimizer.update(model, grads, grad_scale=scale)
+        else:
+            if scale is not None:
+                grads = tree_map(lambda g: g * scale, grads)
+            stats = optimizer.update(model, grads)
         # A plain mlx optimizer returns None: everything was kept.
         return stats["kept"] if stats else mx.array(sum(g.size for _, g in tree_flatten(grads)), mx.int64)
 
@@ -80,7 +85,8 @@ def make_step_fns(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, gra
 
 
 def global_norm(grads) -> mx.array:
-    return mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
+    # mx.square, not ** 2: an uncompiled power costs ~5x more (1.1 s a step on SmolLM2-135M, CPU).
+    return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads)))
 
 
 def train(
@@ -130,6 +136,7 @@ def train(
             else:
                 loss, ntoks, micro = grad_fn(tokens, mask)
             grads = micro if grads is None else tree_map(mx.add, grads, micro)
+            del micro  # else this gradient stays alive through on_step/on_eval (validation, checkpoints)
             loss_sum, ntoks_sum = loss_sum + loss, ntoks_sum + ntoks
             if grad_accumulation_steps > 1:
                 mx.eval(grads, loss_sum, ntoks_sum)  # bound the graph (and memory) per micro-batch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -151,3 +153,101 @@ def test_mask_ratio_out_of_range(bad):
 def test_unknown_scope():
     with pytest.raises(ValueError, match="scope"):
         gmt_masks({"w": mx.ones((4,))}, 0.5, "row")
+
+
+# --- Sampled units (more than sample_size entries): the systematic sample ---------------
+
+
+def unit_kept(masks, name="w"):
+    m = dict(tree_flatten(masks))[name]
+    return m.sum().item() / m.size
+
+
+def test_sampled_units_report_the_exact_count():
+    g = mx.random.normal((600, 700), key=mx.random.key(11))
+    for scope in ("tensor", "global"):
+        masks, kept = gmt_masks({"w": g, "v": g[:300] * 2}, 0.3, scope, mx.random.key(1))
+        assert kept.item() == sum(m.sum().item() for _, m in tree_flatten(masks))
+
+
+def test_sample_entries_hold_the_error_constant():
+    from gmt_mlx.masking import sample_entries
+
+    assert sample_entries(65536, 0.5) == 65536
+    assert sample_entries(65536, 0.2) == math.ceil(0.64 * 65536)
+    for r in (0.01, 0.2, 0.5, 0.9):
+        n = sample_entries(65536, r)
+        assert math.sqrt(r * (1 - r) / n) <= 1 / (2 * math.sqrt(65536)) + 1e-12
+
+
+def structured_gradients():
+    """Large tensors built to trip a systematic sample up."""
+    key = mx.random.key(21)
+    normal = mx.random.normal((1024, 1024), key=key)
+    # Every 16th entry (every 16th column: 1024 % 16 == 0) is 100x larger: a
+    # stride of 16 would see all or none of them.
+    periodic = normal * mx.where(mx.arange(1024) % 16 == 0, 100.0, 1.0)
+    # Column scales spread over four decades, one dominant column.
+    col_scale = 10 ** mx.random.uniform(-2, 2, (1, 576), key=mx.random.key(22))
+    columns = mx.random.normal((700, 576), key=mx.random.key(23)) * col_scale
+    # An embedding gradient: 40% of the rows (tokens absent from the batch) are zero.
+    rows = mx.random.normal((2000, 64), key=mx.random.key(24)) * (mx.random.uniform(shape=(2000, 1), key=mx.random.key(25)) > 0.4)
+    # bfloat16 gradients: 8 mantissa bits, so many exact ties at any threshold.
+    low_precision = mx.random.normal((800, 800), key=mx.random.key(26)).astype(mx.bfloat16)
+    return {"periodic": periodic, "columns": columns, "rows": rows, "low_precision": low_precision,
+            "constant": mx.full((1000, 900), 0.25)}
+
+
+@pytest.mark.parametrize("mask_ratio", [0.2, 0.5, 0.8])
+def test_sampled_tensor_units_keep_their_fraction(mask_ratio):
+    grads = structured_gradients()
+    for seed in range(3):
+        masks, _ = gmt_masks(grads, mask_ratio, "tensor", mx.random.key(seed))
+        for name, g in grads.items():
+            nonzero = (g != 0).sum().item() / g.size
+            expected = min(1 - mask_ratio, nonzero)
+            assert abs(unit_kept(masks, name) - expected) <= 0.01, (name, seed)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_sampled_multi_tensor_units_keep_their_fraction(scope):
+    grads = {"layers": [structured_gradients(), {k: v * 0.5 for k, v in structured_gradients().items()}]}
+    names = [n for n, _ in tree_flatten(grads)]
+    for seed in range(2):
+        masks, kept = gmt_masks(grads, 0.3, scope, mx.random.key(seed))
+        for unit, members in group_units(names, scope).items():
+            flat_m, flat_g = dict(tree_flatten(masks)), dict(tree_flatten(grads))
+            size = sum(flat_g[n].size for n in members)
+            nonzero = sum((flat_g[n] != 0).sum().item() for n in members) / size
+            got = sum(flat_m[n].sum().item() for n in members) / size
+            assert abs(got - min(0.7, nonzero)) <= 0.01, (unit, seed)
+
+
+def test_large_constant_gradient_spreads_its_ties():
+    g = mx.full((1000, 900), 0.25)
+    masks, kept = gmt_masks({"w": g}, 0.4, "tensor", mx.random.key(0))
+    m = np.array(masks["w"])
+    assert abs(m.mean() - 0.6) <= 0.01 and kept.item() == m.sum()
+    rows, cols = m.mean(axis=1), m.mean(axis=0)
+    assert rows.min() > 0.5 and rows.max() < 0.7 and cols.min() > 0.45 and cols.max() < 0.75
+
+
+def test_sampled_masks_compile_to_the_same_result():
+    grads = structured_gradients()
+    key = mx.random.key(5)
+    for scope in ("tensor", "global"):
+        eager, eager_kept = gmt_masks(grads, 0.3, scope, key)
+        compiled, compiled_kept = mx.compile(lambda g, k: gmt_masks(g, 0.3, scope, k))(grads, key)
+        for (n, a), (_, b) in zip(tree_flatten(eager), tree_flatten(compiled)):
+            assert mx.array_equal(a, b).item(), (scope, n)
+        assert eager_kept.item() == compiled_kept.item()
+
+
+def test_random_masks_are_fresh_per_key_and_even_over_positions():
+    grads = {"w": mx.ones((400, 500))}
+    a, _ = random_masks(grads, 0.3, mx.random.key(0))
+    b, _ = random_masks(grads, 0.3, mx.random.key(1))
+    a, b = np.array(a["w"]), np.array(b["w"])
+    # Independent draws overlap on (1-r)^2 + r^2 of the entries.
+    assert abs((a == b).mean() - (0.7**2 + 0.3**2)) < 0.01
+    assert abs(a.mean(axis=0).mean() - 0.7) < 0.01 and a.mean(axis=0).min() > 0.55 and a.mean(axis=1).min() > 0.55
