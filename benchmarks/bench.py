@@ -651,6 +651,7 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before)
     whole steps on a shared machine. Step ratio = (shared + update) / (shared +
     sft's update)."""
     import mlx.core as mx
+    import numpy as np
 
     from gmt_mlx import trainer
     from gmt_mlx.methods import prepare_model
@@ -701,14 +702,28 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before)
             times[name].append(time.perf_counter() - t0)
     shared_s = statistics.median(shared_times)
     sft = statistics.median(times["sft"])
-    out = {"reps": reps, "shared_vs_sft_update": shared_s / sft, "result": {}}
+    # The update costs the same whatever the batch; the shared part grows with
+    # the tokens of a step. DESIGN.md's reference step is 4 x 256 tokens.
+    long_tokens = mx.array(np.resize(np.array(tokens), (batch_size, 256)), mx.int32)  # valid ids, repeated
+    long_mask = mx.ones((batch_size, 256))
+    long_times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        loss, ntoks, g = grad_fn(long_tokens, long_mask)
+        mx.eval(loss, ntoks, trainer.global_norm(g), g)
+        long_times.append(time.perf_counter() - t0)
+        del g
+    shared_long = statistics.median(long_times[1:])
+    out = {"reps": reps, "shared_vs_sft_update": shared_s / sft, "shared_long_vs_sft_update": shared_long / sft,
+           "batch_shape": [batch_size, width], "long_shape": [batch_size, 256], "result": {}}
     for name, ts in times.items():
         update = statistics.median(ts)
         # Per repetition, against sft's update of the same repetition: the spread.
         paired = sorted((shared_s + t) / (shared_s + u) for t, u in zip(ts, times["sft"]))
         out["result"][name] = {"update_vs_sft_update": update / sft, "step_ratio": (shared_s + update) / (shared_s + sft),
-                               "step_ratio_quartiles": [paired[len(paired) // 4], paired[(3 * len(paired)) // 4]]}
-    del fns, optimizers, model, grads
+                               "step_ratio_quartiles": [paired[len(paired) // 4], paired[(3 * len(paired)) // 4]],
+                               "step_ratio_long": (shared_long + update) / (shared_long + sft)}
+    del fns, optimizers, model, grads, long_tokens
     gc.collect()
     mx.clear_cache()
     return out
@@ -1043,12 +1058,16 @@ def render(results: dict) -> str:
             lines.append("")
         if "update" in m:
             up = m["update"]
+            b, lb = up.get("batch_shape", ["?", "?"]), up.get("long_shape", ["?", "?"])
             lines += [f"### Step split in two: shared forward/backward/norm, then each method's update ({up['reps']} interleaved "
-                      f"repetitions on one real gradient; shared part = {up['shared_vs_sft_update']:.2f} x sft's update)", "",
-                      "| method | update / sft update | step / sft step | (quartiles over repetitions) |", "|---|---|---|---|"]
+                      f"repetitions on one real gradient; shared part = {up['shared_vs_sft_update']:.2f} x sft's update at "
+                      f"{b[0]} x {b[1]} tokens, {up.get('shared_long_vs_sft_update', float('nan')):.2f} x at {lb[0]} x {lb[1]})", "",
+                      f"| method | update / sft update | step / sft step, {b[0]} x {b[1]} tokens | (quartiles over repetitions) | step / sft step, {lb[0]} x {lb[1]} tokens |",
+                      "|---|---|---|---|---|"]
             for name, r in up["result"].items():
                 q = r["step_ratio_quartiles"]
-                lines.append(f"| {name} | {r['update_vs_sft_update']:.3f} | **{r['step_ratio']:.3f}** | ({q[0]:.3f} .. {q[1]:.3f}) |")
+                lines.append(f"| {name} | {r['update_vs_sft_update']:.3f} | **{r['step_ratio']:.3f}** | ({q[0]:.3f} .. {q[1]:.3f}) | "
+                             f"{r.get('step_ratio_long', float('nan')):.3f} |")
             lines.append("")
         if "step" in m:
             st = m["step"]
