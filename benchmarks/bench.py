@@ -912,7 +912,7 @@ def masking_section(spec: ModelSpec, before, reps: int) -> dict:
     fns["after: thresholds (samples + batched partition + tie stats)"] = compiled(new_pieces("thresholds"))
     fns["after: keep mask + exact count"] = compiled(new_pieces("keep"))
     fns["after: keep mask + count, no tie test"] = compiled(new_pieces("keep no ties"))
-    fns["after: multiply to apply"] = compiled(new_pieces("multiply"))
+    fns["after: multiply to apply (alone; fused into the optimizer in a step)"] = compiled(new_pieces("multiply"))
     for scope in ("tensor", "layer", "global"):
         fns[f"after: gmt_masks, {scope} scope"] = (
             lambda scope=scope: (lambda c: c(grads))(_compiled_masks(new, scope, key)))
