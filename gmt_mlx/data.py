@@ -505,3 +505,9 @@ def token_stats(split: TokenizedSplit) -> dict:
         "truncated": split.truncated,
         "dropped": split.dropped,
     }
+
+
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else int(tokenizer.eos_token_id)

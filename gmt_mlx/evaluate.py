@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.nn as nn
 
+from .data import pad_id as batch_pad_id
 from .data import TokenizedSplit, batch_order, load_splits, make_batch, tokenize_split
 from .errors import UserError
 from .losses import sft_loss
@@ -194,9 +195,7 @@ def evaluate_model(
         tokenized = tokenize_split(rows, tokenizer, mask_prompt=mask_prompt, max_seq_length=max_seq_length, name=split)
         if len(tokenized) == 0:
             raise UserError(f"{split} split has no examples with target tokens")
-        pad = getattr(tokenizer, "pad_token_id", None)
-        pad_id = int(pad) if pad is not None else int(tokenizer.eos_token_id)
-        measured = split_loss(model, tokenized, batch_size=batch_size, pad_id=pad_id)
+        measured = split_loss(model, tokenized, batch_size=batch_size, pad_id=batch_pad_id(tokenizer))
         result.update(loss=measured["loss"], ppl=measured["ppl"], tokens=measured["tokens"], mask_prompt=mask_prompt)
     if generate:
         result.update(generation_accuracy(model, tokenizer, rows, scorers=scorers, max_tokens=max_tokens,

@@ -29,6 +29,7 @@ from . import config as cfg
 from . import checkpoint as ckpt
 from .config import Config
 from .distributed import check_batch_size, check_same_config, init_group, is_main
+from .data import pad_id as batch_pad_id
 from .data import TokenizedSplit, iterate_batches, load_splits, padding_waste, tokenize_split
 from .errors import Interrupted, UserError
 from .evaluate import describe_prompt, generate_text, sample_prompts, split_loss
@@ -159,11 +160,6 @@ def _train_batches(split: TokenizedSplit, config: Config, pad_id: int, counter: 
         yield tokens, mask
 
 
-def _pad_id(tokenizer) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return int(pad) if pad is not None else int(tokenizer.eos_token_id)
-
-
 @contextmanager
 def stop_on_sigint(log: Callable[[str], None]):
     """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
@@ -245,7 +241,7 @@ def finetune(
         enable_grad_checkpoint(model)
     splits = tokenize_splits(config, rows, tokenizer, log)
     train_split, valid_split = splits["train"], splits.get("valid")
-    pad_id = _pad_id(tokenizer)
+    pad_id = batch_pad_id(tokenizer)
     steps = total_steps(config, len(train_split))
     schedule = make_schedule(
         config.learning_rate, steps, kind=config.lr_schedule, warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio
