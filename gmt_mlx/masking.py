@@ -143,10 +143,15 @@ def _sample_stride(total: int, draws: int, row_lengths: List[int]) -> int:
     which for a unit that small costs about what sampling it would.
     """
     ideal = total / draws
-    coprime = [s for s in range(2, math.floor(1.25 * ideal) + 1) if all(math.gcd(s, n) == 1 for n in row_lengths)]
-    if not coprime:
-        return 1
-    return min(coprime, key=lambda s: (abs(s - ideal), s))
+    longest = math.floor(1.25 * ideal)
+    # Candidates by distance from the ideal stride, the shorter one first on a tie.
+    below, above = math.floor(ideal), math.floor(ideal) + 1
+    while below >= 2 or above <= longest:
+        for stride in sorted((s for s in (below, above) if 2 <= s <= longest), key=lambda s: (abs(s - ideal), s)):
+            if all(math.gcd(stride, n) == 1 for n in row_lengths):
+                return stride
+        below, above = below - 1, above + 1
+    return 1
 
 
 def sample_entries(sample_size: int, mask_ratio: float) -> int:
@@ -196,9 +201,9 @@ def unit_thresholds(
 
     Returns two arrays of shape (len(units),). Exact for units of at most
     ``sample_size`` entries, else estimated from a systematic sample of about
-    ``sample_entries(sample_size, mask_ratio)`` entries. The tie fraction is what entries equal to
-    the threshold must contribute for the unit to keep its target count
-    (exactly, or as estimated from the sample).
+    ``sample_entries(sample_size, mask_ratio)`` entries. The tie fraction is
+    what entries equal to the threshold must contribute for the unit to keep
+    its target count (exactly, or as estimated from the sample).
 
     Units whose pools have the same length are stacked and partitioned in one
     call: a step of the tensor scope has hundreds of units, and on CPU every
@@ -254,7 +259,9 @@ def gmt_masks(
     sample_key, dither_key = mx.random.split(key)
     flat = dict(tree_flatten(grads))
     units = list(group_units(list(flat), scope).values())
-    thresholds, tie_fractions = unit_thresholds([[flat[n] for n in names] for names in units], mask_ratio, sample_key, sample_size)
+    thresholds, tie_fractions = unit_thresholds(
+        [[flat[n] for n in names] for names in units], mask_ratio, sample_key, sample_size
+    )
     # Per tensor: its unit's threshold, and the tie cut on the 0..254 position
     # rank. Ties at zero are zero gradients: never kept. Each tensor rounds its
     # unit's level with its own random dither, so the rounding is unbiased over
