@@ -890,7 +890,7 @@ def masking_section(spec: ModelSpec, before, reps: int) -> dict:
             if kind == "pools":
                 plans = [new._pool_plan([g], 65536, MASK_RATIO) for g in gs]
                 offset = [mx.array([1], mx.int32)]
-                return [new._unit_pool([g], s, c, offset) for g, (s, c) in zip(gs, plans)]
+                return [new._unit_pool([g], s, w, c, offset) for g, (s, w, c) in zip(gs, plans)]
             if kind == "thresholds":
                 return new.unit_thresholds([[g] for g in gs], MASK_RATIO, key, 65536)
             if kind in ("keep", "keep no ties"):

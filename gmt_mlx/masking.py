@@ -129,29 +129,42 @@ def _position_rank(shape: Tuple[int, ...]) -> mx.array:
     return rank
 
 
-def _sample_stride(total: int, draws: int, row_lengths: List[int]) -> int:
-    """Stride of a systematic sample of about `draws` entries: the one nearest
-    total / draws that shares no factor with any row length of the unit.
+def _sample_stride(total: int, draws: int, row_lengths: List[int]) -> Tuple[int, int]:
+    """(stride, width) of a systematic sample of about `draws` entries: `width`
+    adjacent entries out of every `stride`, the stride sharing no factor with
+    any row length of the unit.
 
     A stride sharing a factor d with the row length visits only 1/d of the
     columns (a stride equal to it, a single column), and a weight gradient's
     magnitudes differ by column: strides 2 and 4 missed the kept fraction of
-    real SmolLM2 and tiny-llama gradients by up to 1.7%. The stride may end
-    up to 25% longer than ideal (fewer draws, error std. dev. up to 12%
-    larger) or anywhere shorter (more draws). Where no stride qualifies (an
-    ideal stride of 2 or 3 and even row lengths), 1: the whole unit, exactly,
-    which for a unit that small costs about what sampling it would.
+    real SmolLM2 and tiny-llama gradients by up to 1.7%. Preferred: width 1
+    and the stride nearest total / draws, up to 25% longer than ideal (fewer
+    draws, error std. dev. up to 12% larger) or anywhere shorter. Where none
+    qualifies (an ideal stride of 2 or 3 and even row lengths, like
+    SmolLM2's 576 x 192 k/v projections), the shortest qualifying longer
+    stride with as many adjacent entries per stride as keep the draws near
+    `draws` (k/v: 2 of every 5 entries instead of the whole tensor, which
+    made partitioning those 60 tensors half of all the threshold work).
+    (1, 1) means the whole unit, exactly.
     """
+
+    def qualifies(stride: int) -> bool:
+        return all(math.gcd(stride, n) == 1 for n in row_lengths)
+
     ideal = total / draws
     longest = math.floor(1.25 * ideal)
     # Candidates by distance from the ideal stride, the shorter one first on a tie.
     below, above = math.floor(ideal), math.floor(ideal) + 1
     while below >= 2 or above <= longest:
         for stride in sorted((s for s in (below, above) if 2 <= s <= longest), key=lambda s: (abs(s - ideal), s)):
-            if all(math.gcd(stride, n) == 1 for n in row_lengths):
-                return stride
+            if qualifies(stride):
+                return stride, 1
         below, above = below - 1, above + 1
-    return 1
+    for stride in range(max(2, longest + 1), max(2, longest + 1) + 64):
+        width = max(1, round(stride / ideal))
+        if qualifies(stride) and width <= 0.75 * stride:
+            return stride, width
+    return 1, 1
 
 
 def sample_entries(sample_size: int, mask_ratio: float) -> int:
@@ -165,20 +178,23 @@ def sample_entries(sample_size: int, mask_ratio: float) -> int:
     return max(1024, math.ceil(4 * mask_ratio * (1 - mask_ratio) * sample_size))
 
 
-def _pool_plan(grads: List[mx.array], sample_size: int, mask_ratio: float) -> Tuple[int, List[int]]:
-    """(stride, entries sampled per tensor) of a unit; stride 1 means the whole unit (exact)."""
+def _pool_plan(grads: List[mx.array], sample_size: int, mask_ratio: float) -> Tuple[int, int, List[int]]:
+    """(stride, width, strides per tensor) of a unit's sample; (1, 1, sizes) means the whole unit (exact).
+
+    The sample takes `width` adjacent entries from every whole stride of each tensor.
+    """
     total = sum(g.size for g in grads)
     if total <= sample_size:
-        return 1, [g.size for g in grads]
+        return 1, 1, [g.size for g in grads]
     row_lengths = sorted({g.shape[-1] for g in grads if g.ndim > 1})
-    stride = _sample_stride(total, sample_entries(sample_size, mask_ratio), row_lengths)
+    stride, width = _sample_stride(total, sample_entries(sample_size, mask_ratio), row_lengths)
     if stride == 1:
-        return 1, [g.size for g in grads]
+        return 1, 1, [g.size for g in grads]
     # One stride for the whole unit: each tensor contributes in proportion to its size.
-    return stride, [g.size // stride for g in grads]
+    return stride, width, [g.size // stride for g in grads]
 
 
-def _unit_pool(grads: List[mx.array], stride: int, counts: List[int], offsets: List[mx.array]) -> mx.array:
+def _unit_pool(grads: List[mx.array], stride: int, width: int, counts: List[int], offsets: List[mx.array]) -> mx.array:
     """|g| of the whole unit (stride 1) or of its systematic sample (one offset per tensor)."""
     if stride == 1:
         return mx.concatenate([mx.abs(g).reshape(-1) for g in grads])
@@ -186,11 +202,12 @@ def _unit_pool(grads: List[mx.array], stride: int, counts: List[int], offsets: L
     for g, count, offset in zip(grads, counts, offsets):
         if count == 0:  # a tensor smaller than the stride has less than one entry's share
             continue
-        # Row i of this view holds entries [i * stride, (i + 1) * stride); one
-        # column of it, at a random offset, is the sample. Slice the gradient
-        # before taking |.|, so that no full-size |g| is materialised here.
+        # Row i of this view holds entries [i * stride, (i + 1) * stride);
+        # `width` adjacent columns of it, at a random offset, are the sample.
+        # Slice the gradient before taking |.|, so that no full-size |g| is
+        # materialised here.
         rows = g.reshape(-1)[: count * stride].reshape(count, stride)
-        parts.append(mx.abs(mx.slice(rows, offset, (1,), (count, 1))).reshape(-1))
+        parts.append(mx.abs(mx.slice(rows, offset, (1,), (count, width))).reshape(-1))
     return mx.concatenate(parts)
 
 
@@ -210,16 +227,17 @@ def unit_thresholds(
     small op costs a few microseconds.
     """
     plans = [_pool_plan(grads, sample_size, mask_ratio) for grads in units]
-    sampled = [(u, i) for u, (stride, _) in enumerate(plans) if stride > 1 for i in range(len(units[u]))]
+    sampled = [(u, i) for u, (stride, _, _) in enumerate(plans) if stride > 1 for i in range(len(units[u]))]
     offsets: Dict[Tuple[int, int], mx.array] = {}
     if sampled:
-        strides = mx.array([plans[u][0] for u, _ in sampled], mx.float32)
-        draws = (mx.random.uniform(shape=(len(sampled),), key=key) * strides).astype(mx.int32)
+        # An offset in 0 .. stride - width, so that the sampled columns fit.
+        starts = mx.array([plans[u][0] - plans[u][1] + 1 for u, _ in sampled], mx.float32)
+        draws = (mx.random.uniform(shape=(len(sampled),), key=key) * starts).astype(mx.int32)
         offsets = {ui: draws[j : j + 1] for j, ui in enumerate(sampled)}
     by_length: Dict[int, List[int]] = {}
     pools = []
-    for u, (grads, (stride, counts)) in enumerate(zip(units, plans)):
-        pool = _unit_pool(grads, stride, counts, [offsets.get((u, i)) for i in range(len(grads))])
+    for u, (grads, (stride, width, counts)) in enumerate(zip(units, plans)):
+        pool = _unit_pool(grads, stride, width, counts, [offsets.get((u, i)) for i in range(len(grads))])
         pools.append(pool)
         by_length.setdefault(pool.size, []).append(u)
     thresholds, tie_fractions, order = [], [], []

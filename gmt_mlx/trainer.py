@@ -65,7 +65,13 @@ def make_step_fns(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, gra
     @partial(mx.compile, inputs=state, outputs=state)
     def grad_fn(tokens, mask, *norm):
         (loss, ntoks), grads = loss_and_grad(model, tokens, mask, *norm)
-        return loss, ntoks, grads
+        # A Linear's weight gradient comes out of the matmul's vjp transposed
+        # (column-major). Every later pass (norm, mask, optimizer) mixes it
+        # with row-major arrays and falls off MLX's contiguous kernels: one
+        # copy here made SmolLM2-135M's whole SFT step 7% and its GMT step
+        # 16% faster on CPU (benchmarks/RESULTS.md). A no-op for arrays that
+        # are already contiguous.
+        return loss, ntoks, tree_map(mx.contiguous, grads)
 
     @partial(mx.compile, inputs=state, outputs=state)
     def update_fn(grads, norm):

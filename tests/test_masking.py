@@ -194,8 +194,24 @@ def structured_gradients():
     rows = mx.random.normal((2000, 64), key=mx.random.key(24)) * (mx.random.uniform(shape=(2000, 1), key=mx.random.key(25)) > 0.4)
     # bfloat16 gradients: 8 mantissa bits, so many exact ties at any threshold.
     low_precision = mx.random.normal((800, 800), key=mx.random.key(26)).astype(mx.bfloat16)
+    # A k/v projection's shape (576 x 192): no stride near the ideal 2-3 is
+    # coprime with 192, so it is sampled 2-3 adjacent entries per 5.
+    kv_scale = 10 ** mx.random.uniform(-2, 2, (1, 192), key=mx.random.key(27))
+    kv_columns = mx.random.normal((576, 192), key=mx.random.key(28)) * kv_scale
     return {"periodic": periodic, "columns": columns, "rows": rows, "low_precision": low_precision,
-            "constant": mx.full((1000, 900), 0.25)}
+            "constant": mx.full((1000, 900), 0.25), "kv_columns": kv_columns}
+
+
+def test_sample_takes_adjacent_entries_when_no_short_stride_fits():
+    from gmt_mlx.masking import _pool_plan, _sample_stride, sample_entries
+
+    # 576 x 192 at r = 0.2: the ideal stride is 2.6, and 2 and 3 divide 192.
+    assert _sample_stride(110592, sample_entries(65536, 0.2), [192]) == (5, 2)
+    assert _sample_stride(110592, sample_entries(65536, 0.5), [192]) == (5, 3)
+    # A stride near the ideal one that fits: one entry per stride.
+    assert _sample_stride(884736, sample_entries(65536, 0.2), [1536]) == (23, 1)  # 21 = 3 x 7 shares a 3 with 1536
+    stride, width, counts = _pool_plan([mx.zeros((576, 192))], 65536, 0.2)
+    assert (stride, width) == (5, 2) and abs(counts[0] * width - sample_entries(65536, 0.2)) < 0.1 * 41944
 
 
 @pytest.mark.parametrize("mask_ratio", [0.2, 0.5, 0.8])
