@@ -90,9 +90,30 @@ def make_step_fns(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, gra
     return grad_fn, update_fn
 
 
+_ONES: Dict[int, mx.array] = {}
+
+
+def _sum_of_squares(g: mx.array) -> mx.array:
+    """sum(g ** 2) in float32: squares summed in rows of <= 64 by a matrix-vector product.
+
+    On CPU, mx.sum over a whole tensor is one sequential float32 loop: slow,
+    and over a 28M-entry embedding gradient off by ~0.4% against float64. The
+    BLAS's vectorised row sums made the whole norm of SmolLM2-135M's
+    (contiguous, see make_step_fns) gradient 1.5x faster and accurate to 1e-6.
+    mx.square, not ** 2: an uncompiled power costs ~5x more.
+    """
+    flat = g.reshape(-1).astype(mx.float32)
+    cols = 64
+    while flat.size % cols:
+        cols //= 2
+    ones = _ONES.get(cols)
+    if ones is None:
+        ones = _ONES[cols] = mx.ones((cols,), mx.float32)
+    return mx.sum(mx.square(flat.reshape(-1, cols)) @ ones)
+
+
 def global_norm(grads) -> mx.array:
-    # mx.square, not ** 2: an uncompiled power costs ~5x more (1.1 s a step on SmolLM2-135M, CPU).
-    return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads)))
+    return mx.sqrt(sum(_sum_of_squares(g) for _, g in tree_flatten(grads)))
 
 
 def train(

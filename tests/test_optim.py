@@ -162,3 +162,17 @@ def test_schedule_warmup_then_decay():
     assert lrs[0] == pytest.approx(0.25) and lrs[3] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] >= 0.1 - 1e-6
     assert make_schedule(1.0, 10, kind="constant")(mx.array(7)).item() == 1.0
+
+
+def test_global_norm_matches_float64():
+    from gmt_mlx.trainer import global_norm
+
+    rng = np.random.default_rng(0)
+    # A large tensor (where a float32 running sum drifts), odd sizes that do
+    # not split into rows of 64, a scalar, bfloat16 and an empty tensor.
+    arrays = [rng.normal(size=(3000, 1000)), rng.normal(size=(7, 13)), rng.normal(size=()), rng.normal(size=(96,))]
+    tree = {"a": [mx.array(a.astype(np.float32)) for a in arrays], "b": mx.array(arrays[1]).astype(mx.bfloat16),
+            "c": mx.zeros((0, 4))}
+    expected = np.sqrt(sum(float(np.sum(np.asarray(a, np.float32).astype(np.float64) ** 2)) for a in arrays)
+                       + float(np.sum(np.array(tree["b"].astype(mx.float32), np.float64) ** 2)))
+    assert abs(global_norm(tree).item() - expected) <= 1e-5 * expected
