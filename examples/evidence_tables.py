@@ -6,7 +6,7 @@
     python examples/evidence_tables.py --pick-ratio runs/evidence  # used by examples/evidence.sh
 
 Reads only the `results.json` files that `gmt-mlx compare` wrote (one per
-comparison folder: <task>/main, <task>/random, <task>/update, sweep/lo, sweep/hi),
+comparison folder: <task>/main, <task>/random, <task>/update, sweep/lo, sweep/mid, sweep/hi),
 so everything here is regenerated without retraining.
 """
 
@@ -20,7 +20,8 @@ from pathlib import Path
 
 TASKS = ("chain_sum", "leg_counting")
 GROUPS = ("main", "random", "update")
-SWEEP = {"lo": "sweep/lo", "hi": "sweep/hi"}
+STEPS = 16  # examples/evidence.yaml: iters
+SWEEP = {"lo": "sweep/lo", "mid": "sweep/mid", "hi": "sweep/hi"}
 
 
 def load(path: Path) -> dict:
@@ -44,7 +45,11 @@ def sweep_table(root: Path) -> tuple:
 
 
 def pick_lr(root: Path) -> str:
+    """--learning-rates for compare. The random control takes gmt's learning rate:
+    it is meant to differ from gmt only in which entries the mask drops."""
     _, chosen = sweep_table(root)
+    if "gmt" in chosen:
+        chosen.setdefault("random", chosen["gmt"])
     return ",".join(f"{m}={lr:g}" for m, lr in sorted(chosen.items()))
 
 
@@ -207,7 +212,7 @@ def plot(root: Path, path: Path) -> None:
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M-Instruct, 8 steps x batch 4; mean ± std over seeds", fontsize=9)
+    fig.suptitle(f"SmolLM2-135M-Instruct, {STEPS} steps x batch 4; mean ± std over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
