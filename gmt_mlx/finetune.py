@@ -45,7 +45,8 @@ from .trainer import NonFiniteError, StepResult, train
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_BEFORE = "samples_before.json"
-# Pad batch lengths to a multiple of 8: few distinct compiled shapes, little padding.
+# Training batches are padded to train_buckets' widths; this multiple only rounds the
+# memory estimate's sequence length and a batch no bucket holds (none, by construction).
 PAD_MULTIPLE = 8
 SAMPLE_COUNT = 2
 
