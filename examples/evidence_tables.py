@@ -6,7 +6,7 @@
     python examples/evidence_tables.py --pick-ratio runs/evidence  # used by examples/evidence.sh
 
 Reads only the `results.json` files that `gmt-mlx compare` wrote (one per
-comparison folder: <task>/main, <task>/random, <task>/update, sweep/lo, sweep/mid, sweep/hi),
+comparison folder: <task>/main, <task>/random, <task>/update, sweep/{xlo,lo,mid,hi}),
 so everything here is regenerated without retraining.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 TASKS = ("chain_sum", "leg_counting")
 GROUPS = ("main", "random", "update")
 STEPS = 16  # examples/evidence.yaml: iters
-SWEEP = {"lo": "sweep/lo", "mid": "sweep/mid", "hi": "sweep/hi"}
+SWEEP = {"xlo": "sweep/xlo", "lo": "sweep/lo", "mid": "sweep/mid", "hi": "sweep/hi"}
 
 
 def load(path: Path) -> dict:
