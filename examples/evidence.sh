@@ -8,7 +8,7 @@
 #     the best ratio (grad target) / random at the best ratio / lora.
 # "Best ratio": the lowest final validation loss of the seed-0 chain_sum gmt runs.
 # The random control uses gmt's learning rate (it differs from gmt only in
-# which entries it drops). 45 runs, about 50 minutes on a 2-core Linux CPU
+# which entries it drops). 47 runs, about 50 minutes on a 2-core Linux CPU
 # with OpenBLAS (~60 s per full-weight run including model load, save and evaluation).
 #
 #   sh examples/evidence.sh            # seeds 0,1,2 (seed-major: all of seed 0 first)
@@ -38,19 +38,22 @@ share_base() {  # the base model's evaluation is the same for every comparison o
   mkdir -p "$2/runs"; [ -f "$1/base_eval.json" ] && cp -n "$1/base_eval.json" "$2/" 2>/dev/null || true
 }
 
-# 1. Learning-rate sweep: chain_sum, seed 0, four peak LRs per method. Its data
+# 1. Learning-rate sweep: chain_sum, seed 0, four or five peak LRs per method
+#    (down to 2.5e-6 for sft/gmt, whose best was still the lowest of four). Its data
 #    folder has no test.jsonl, so compare evaluates on the validation split.
 mkdir -p $OUT/data/chain_sum_trainvalid
 cp examples/data/chain_sum/train.jsonl examples/data/chain_sum/valid.jsonl $OUT/data/chain_sum_trainvalid/
-for LR in xlo lo mid hi; do
+for LR in xxlo xlo lo mid hi; do
+  METHODS=sft,gmt,lora
   case $LR in
+    xxlo) LRS=sft=2.5e-6,gmt=2.5e-6; METHODS=sft,gmt ;;
     xlo) LRS=sft=5e-6,gmt=5e-6,lora=2.5e-5 ;;
     lo) LRS=sft=1e-5,gmt=1e-5,lora=5e-5 ;;
     mid) LRS=sft=2e-5,gmt=2e-5,lora=1e-4 ;;
     hi) LRS=sft=5e-5,gmt=5e-5,lora=3e-4 ;;
   esac
   share_base $OUT/sweep/lo $OUT/sweep/$LR
-  cmp --data $OUT/data/chain_sum_trainvalid --out $OUT/sweep/$LR --methods sft,gmt,lora \
+  cmp --data $OUT/data/chain_sum_trainvalid --out $OUT/sweep/$LR --methods $METHODS \
       --mask-ratios 0.5 --seeds 0 --learning-rates $LRS --eval-limit 16
   slim $OUT/sweep/$LR
 done

@@ -6,7 +6,7 @@
     python examples/evidence_tables.py --pick-ratio runs/evidence  # used by examples/evidence.sh
 
 Reads only the `results.json` files that `gmt-mlx compare` wrote (one per
-comparison folder: <task>/main, <task>/random, <task>/update, sweep/{xlo,lo,mid,hi}),
+comparison folder: <task>/main, <task>/random, <task>/update, sweep/{xxlo,xlo,lo,mid,hi}),
 so everything here is regenerated without retraining.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 TASKS = ("chain_sum", "leg_counting")
 GROUPS = ("main", "random", "update")
 STEPS = 16  # examples/evidence.yaml: iters
-SWEEP = {"xlo": "sweep/xlo", "lo": "sweep/lo", "mid": "sweep/mid", "hi": "sweep/hi"}
+SWEEP = {t: f"sweep/{t}" for t in ("xxlo", "xlo", "lo", "mid", "hi")}
 
 
 def load(path: Path) -> dict:
