@@ -4,6 +4,7 @@
     python examples/evidence_tables.py --collect runs/evidence docs/evidence   # copy raw results.json files
     python examples/evidence_tables.py --pick-lr runs/evidence     # used by examples/evidence.sh
     python examples/evidence_tables.py --pick-ratio runs/evidence  # used by examples/evidence.sh
+    python examples/evidence_tables.py --answers runs/evidence     # distinct test answers per run (needs the runs)
 
 Reads only the `results.json` files that `gmt-mlx compare` wrote (one per
 comparison folder: <task>/main, <task>/random, <task>/update, sweep/{xxlo,xlo,lo,mid,hi}),
@@ -217,11 +218,35 @@ def plot(root: Path, path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def answers(root: Path) -> None:
+    """Per test run: how many distinct answers over the test problems, and the commonest one.
+
+    Reads each run's eval.json under runs/ (not copied to docs/): a model that
+    answers every problem alike has learned the answer prior, not the task."""
+    import collections
+
+    for task in TASKS:
+        sft = {p.parent.name.rsplit("-s", 1)[1]: [i["answer"].strip() for i in load(p)["items"]]
+               for p in (root / task / "main" / "runs").glob("sft-s*/eval.json")}
+        for group in GROUPS:
+            for path in sorted((root / task / group / "runs").glob("*/eval.json")):
+                got = [item["answer"].strip() for item in load(path)["items"]]
+                counts = collections.Counter(got)
+                answer, n = counts.most_common(1)[0]
+                # Same seed = same data order: how often this run answers exactly what sft answered.
+                ref = sft.get(path.parent.name.rsplit("-s", 1)[1])
+                same = f"; same answer as sft {sum(a == b for a, b in zip(got, ref))}/{len(got)}" if ref else ""
+                print(f"{task}/{group}/{path.parent.name}: {len(counts)} distinct answers over {len(got)}; "
+                      f"commonest {answer!r} x {n}{same}")
+
+
 def main(argv: list) -> None:
     if argv[:1] == ["--pick-lr"]:
         print(pick_lr(Path(argv[1])))
     elif argv[:1] == ["--pick-ratio"]:
         print(pick_ratio(Path(argv[1])))
+    elif argv[:1] == ["--answers"]:
+        answers(Path(argv[1]))
     elif argv[:1] == ["--collect"]:
         collect(Path(argv[1]), Path(argv[2]))
     else:

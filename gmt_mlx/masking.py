@@ -18,11 +18,11 @@ instead of a sort (measurements: benchmarks/RESULTS.md):
    larger unit estimates it from a *systematic* sample of
    n = 4 r (1 - r) * sample_size entries (``sample_entries``: that many keep
    the error's standard deviation at 1 / (2 sqrt(sample_size)) whatever r):
-   every s-th entry of each of its tensors, from a random offset drawn from
-   the step's key. One stride s for the whole unit, so each tensor is
-   sampled in proportion to its size; nudged to share no factor with the row
-   lengths, so every column is visited (a weight gradient's magnitudes differ
-   by column). A strided slice is a view: the sample
+   w adjacent entries (usually 1) out of every s of each of its tensors,
+   from a random offset drawn from the step's key. One stride s for the
+   whole unit, so each tensor is sampled in proportion to its size; nudged
+   to share no factor with the row lengths, so every column is visited (a
+   weight gradient's magnitudes differ by column). A strided slice is a view: the sample
    costs one cache line per entry, where the random gather it replaces was
    ~2x slower per entry on CPU and needed random indices besides. Units with
    pools of the same length are stacked and partitioned in one call.
