@@ -8,9 +8,10 @@
 #     the best ratio (grad target) / random at the best ratio / lora.
 # "Best ratio": the lowest final validation loss of the seed-0 chain_sum gmt runs.
 # The random control uses gmt's learning rate (it differs from gmt only in
-# which entries it drops). 47 runs, about 50 minutes on a 2-core Linux CPU
+# which entries it drops). 69 runs for 5 seeds, about 90 minutes on a 2-core Linux CPU
 # with OpenBLAS (~60 s per full-weight run including model load, save and evaluation).
 #
+#   SEEDS=0,1,2,3,4 sh examples/evidence.sh   # what docs/EVIDENCE.md reports (seed-major)
 #   sh examples/evidence.sh            # seeds 0,1,2 (seed-major: all of seed 0 first)
 #   SEEDS=0 sh examples/evidence.sh    # one seed; SEEDS=0,1,2 later reuses it
 #
