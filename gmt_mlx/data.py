@@ -395,13 +395,16 @@ def length_buckets(
     return sorted(buckets)
 
 
-def _bucket_length(longest: int, buckets: list[int]) -> int:
-    # The smallest bucket that holds the batch; a batch longer than every bucket
-    # (buckets made from another split) is padded to its own length.
-    for width in buckets:
-        if width >= longest:
-            return width
-    return longest
+def _batch_width(longest: int, pad_multiple: int, max_seq_length: int | None, buckets: list[int] | None) -> int:
+    """Padded width of a batch whose longest example has `longest` tokens.
+
+    With `buckets`: the smallest bucket that holds it (a batch longer than every
+    bucket, from buckets made for another split, keeps its own length); else
+    `longest` rounded up to `pad_multiple`.
+    """
+    if buckets:
+        return next((width for width in buckets if width >= longest), longest)
+    return _padded_length(longest, pad_multiple, max_seq_length)
 
 
 def make_batch(
@@ -415,11 +418,7 @@ def make_batch(
     max(prompt_len, 1) <= t < len(example): it is predicted from position t-1.
     """
     chosen = [split.examples[i] for i in indices]
-    longest = max(len(e.tokens) for e in chosen)
-    if buckets:
-        length = _bucket_length(longest, buckets)
-    else:
-        length = _padded_length(longest, pad_multiple, split.max_seq_length)
+    length = _batch_width(max(len(e.tokens) for e in chosen), pad_multiple, split.max_seq_length, buckets)
     tokens = np.full((len(chosen), length), pad_id, dtype=np.int32)
     mask = np.zeros((len(chosen), length), dtype=np.float32)
     for row, example in enumerate(chosen):
@@ -483,11 +482,7 @@ def padding_waste(
     padded = real = 0
     for indices in batch_order(lengths, batch_size, seed=seed, epoch=0, group_size=group_size):
         batch_lengths = [lengths[i] for i in indices]
-        if buckets:
-            width = _bucket_length(max(batch_lengths), buckets)
-        else:
-            width = _padded_length(max(batch_lengths), pad_multiple, split.max_seq_length)
-        padded += len(indices) * width
+        padded += len(indices) * _batch_width(max(batch_lengths), pad_multiple, split.max_seq_length, buckets)
         real += sum(batch_lengths)
     return 1.0 - real / padded
 

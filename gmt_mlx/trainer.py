@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import mlx.core as mx
@@ -90,7 +90,9 @@ def make_step_fns(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, gra
     return grad_fn, update_fn
 
 
-_ONES: Dict[int, mx.array] = {}
+@lru_cache(maxsize=8)
+def _ones(n: int) -> mx.array:
+    return mx.ones((n,), mx.float32)
 
 
 def _sum_of_squares(g: mx.array) -> mx.array:
@@ -99,17 +101,14 @@ def _sum_of_squares(g: mx.array) -> mx.array:
     On CPU, mx.sum over a whole tensor is one sequential float32 loop: slow,
     and over a 28M-entry embedding gradient off by ~0.4% against float64. The
     BLAS's vectorised row sums made the whole norm of SmolLM2-135M's
-    (contiguous, see make_step_fns) gradient 1.5x faster and accurate to 1e-6.
+    (contiguous, see make_step_fns) gradient 1.5x faster, within 1e-5 of float64.
     mx.square, not ** 2: an uncompiled power costs ~5x more.
     """
     flat = g.reshape(-1).astype(mx.float32)
     cols = 64
     while flat.size % cols:
         cols //= 2
-    ones = _ONES.get(cols)
-    if ones is None:
-        ones = _ONES[cols] = mx.ones((cols,), mx.float32)
-    return mx.sum(mx.square(flat.reshape(-1, cols)) @ ones)
+    return mx.sum(mx.square(flat.reshape(-1, cols)) @ _ones(cols))
 
 
 def global_norm(grads) -> mx.array:
