@@ -128,10 +128,44 @@ _TO_GGUF = {
 }
 
 
+# The q/k row order llama.cpp's converter writes, derived from the two rope
+# definitions rather than copied from any converter (or from gmt_mlx.gguf):
+# Hugging Face's rope rotates the pairs (x[i], x[i + d/2]) of a head at
+# frequency i, GGML's (llama, normal mode) the adjacent pairs (x[2i], x[2i+1]).
+# So GGML slot 2i must hold HF row i and slot 2i+1 HF row i + d/2;
+# test_ggml_rope_order_matches_hf_rope checks that this order carries one rope
+# onto the other.
+
+
+def rope_hf(x: np.ndarray, pos: int, base: float = 10000.0) -> np.ndarray:
+    """Hugging Face's rotate-half rope of head vectors x (..., d) at position pos."""
+    half = x.shape[-1] // 2
+    angle = pos * base ** (-2 * np.arange(half) / x.shape[-1])
+    a, b = x[..., :half], x[..., half:]
+    return np.concatenate([a * np.cos(angle) - b * np.sin(angle), b * np.cos(angle) + a * np.sin(angle)], -1)
+
+
+def rope_ggml(x: np.ndarray, pos: int, base: float = 10000.0) -> np.ndarray:
+    """GGML's rope (ggml_rope, mode 0: llama) of head vectors x (..., d): adjacent pairs."""
+    half = x.shape[-1] // 2
+    angle = pos * base ** (-2 * np.arange(half) / x.shape[-1])
+    a, b = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = a * np.cos(angle) - b * np.sin(angle)
+    out[..., 1::2] = a * np.sin(angle) + b * np.cos(angle)
+    return out
+
+
+def ggml_order(head_dim: int) -> np.ndarray:
+    """HF row index held by each GGML slot of one head: 0, d/2, 1, d/2 + 1, ..."""
+    half = head_dim // 2
+    return np.stack([np.arange(half), np.arange(half) + half], axis=1).reshape(-1)
+
+
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """convert_hf_to_gguf.py's q/k permutation (HF rotate-half -> GGML adjacent pairs)."""
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    """Rows of q_proj/k_proj (or a bias) from HF order to GGML order, head by head."""
+    head_dim = w.shape[0] // n_head
+    return w.reshape(n_head, head_dim, *w.shape[1:])[:, ggml_order(head_dim)].reshape(w.shape)
 
 
 def hf_weights(hf_dir: Path) -> dict[str, np.ndarray]:
@@ -243,17 +277,56 @@ def test_f32_gguf_gives_the_same_logits(fixture, request, tmp_path):
     np.testing.assert_allclose(_logits(out, IDS), _logits(hf_dir, IDS), rtol=1e-5, atol=1e-5)
 
 
-def test_unpermute_is_needed_and_exact(tiny, tmp_path):
-    """Guard against a test that passes whatever the permutation: q/k really moved."""
-    from gmt_mlx.gguf import permute_qk, unpermute_qk
+def test_ggml_rope_order_matches_hf_rope():
+    """The writer's q/k order is the one that carries HF's rope onto GGML's: for any
+    head vector x and position, rope_ggml(x in GGML order) == rope_hf(x) in GGML order."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 16))
+    order = ggml_order(16)
+    for pos in (0, 1, 7, 300):
+        np.testing.assert_allclose(rope_ggml(x[:, order], pos), rope_hf(x, pos)[:, order], atol=1e-12)
+    # The check can tell orders apart: HF's own order does not satisfy it.
+    assert not np.allclose(rope_ggml(x, 7), rope_hf(x, 7))
 
-    w = hf_weights(tiny)["model.layers.0.self_attn.q_proj.weight"]
-    permuted = llama_cpp_permute(w, 4)
-    assert not np.array_equal(permuted, w)
-    np.testing.assert_array_equal(permute_qk(w, 4), permuted)
-    np.testing.assert_array_equal(unpermute_qk(permuted, 4), w)
-    bias = np.arange(64.0)
-    np.testing.assert_array_equal(unpermute_qk(llama_cpp_permute(bias, 4), 4), bias)
+
+def _attention_scores(w_q, w_k, hidden, n_head, n_kv_head, traditional):
+    """q.k logits of one attention layer after MLX's rope (traditional=True: GGML's pairs)."""
+    import mlx.core as mx
+
+    def heads(w, n):
+        x = mx.array(hidden @ w.T).reshape(1, hidden.shape[0], n, -1).transpose(0, 2, 1, 3)
+        return mx.fast.rope(x, x.shape[-1], traditional=traditional, base=10000.0, scale=1.0, offset=0)
+
+    q, k = heads(w_q, n_head), heads(w_k, n_kv_head)
+    k = mx.repeat(k, n_head // n_kv_head, axis=1)
+    return np.array(q @ k.transpose(0, 1, 3, 2))
+
+
+def test_qk_unpermutation_keeps_attention_scores(tiny, tmp_path):
+    """Independent of gmt_mlx's permutation code: the GGUF's q/k rows under GGML's rope,
+    the original rows under HF's rope, and the converted rows under HF's rope give the
+    same attention logits on random inputs (MLX's own rope, both conventions)."""
+    import mlx.core as mx
+
+    cfg = json.loads((tiny / "config.json").read_text())
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    path = hf_to_gguf(tiny, tmp_path / "m.gguf")
+    stored = {k: np.array(v) for k, v in mx.load(str(path)).items()}
+    original = hf_weights(tiny)
+    converted = hf_weights(convert_gguf(path, tmp_path / "hf"))
+    hidden = np.random.default_rng(1).standard_normal((9, cfg["hidden_size"])).astype(np.float32)
+    for layer in range(cfg["num_hidden_layers"]):
+        hf_q, hf_k = (f"model.layers.{layer}.self_attn.{p}_proj.weight" for p in "qk")
+        want = _attention_scores(original[hf_q], original[hf_k], hidden, n_head, n_kv, traditional=False)
+        ggml = _attention_scores(stored[f"blk.{layer}.attn_q.weight"], stored[f"blk.{layer}.attn_k.weight"],
+                                 hidden, n_head, n_kv, traditional=True)
+        got = _attention_scores(converted[hf_q], converted[hf_k], hidden, n_head, n_kv, traditional=False)
+        np.testing.assert_allclose(ggml, want, rtol=1e-4, atol=1e-4)  # the GGUF is what llama.cpp expects
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # and converts back to HF's rope
+        # The rows really moved: left in GGUF order, HF's rope gives other scores.
+        moved = _attention_scores(stored[f"blk.{layer}.attn_q.weight"], stored[f"blk.{layer}.attn_k.weight"],
+                                  hidden, n_head, n_kv, traditional=False)
+        assert not np.allclose(moved, want, rtol=1e-2, atol=1e-2)
 
 
 def test_f16_gguf_is_read_as_float16_values(tiny, tmp_path):
