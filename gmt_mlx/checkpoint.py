@@ -1,7 +1,7 @@
 """Save and load the full training state, atomically and verifiably.
 
-A checkpoint is a folder under ``RUN_DIR/checkpoints/`` (``step-000120``,
-``best``):
+A checkpoint is one folder (rundir.py names and finds them:
+``RUN_DIR/checkpoints/step-000120``, ``best``):
 
     weights.safetensors     trainable parameters (adapters only for LoRA)
     optimizer.safetensors   the optimizer state tree (step, moments, lr)
@@ -22,11 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,7 +35,6 @@ from .errors import UserError
 
 STATE_FILE = "state.json"
 FILES = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors")
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 FAULT_ENV = "GMT_MLX_FAULT"
 
 
@@ -201,39 +199,3 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None) -> Dict[
         mx.random.seed((hi << 32) | lo)
     mx.eval(model.parameters())
     return meta
-
-
-def step_checkpoints(run_dir: str | Path) -> List[Path]:
-    """Complete ``step-N`` checkpoints of a run, oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = []
-    for child in folder.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and is_complete(child):
-            found.append((int(match.group(1)), child))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    """The complete checkpoint with the highest step (``step-N`` or ``best``)."""
-    candidates = step_checkpoints(run_dir)
-    best = Path(run_dir) / "checkpoints" / "best"
-    if is_complete(best):
-        candidates.append(best)
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: (read_state(p)["step"], p.name != "best"))
-
-
-def prune(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` step checkpoints (``best`` is never pruned)."""
-    if keep <= 0:
-        return
-    for old in step_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def step_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"

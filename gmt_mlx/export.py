@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import UserError
 from .methods import DTYPES
+from .rundir import find_checkpoint, last_step as run_step  # noqa: F401 (moved to rundir.py)
 
 # Shard above this many bytes per file, like transformers' and mlx_lm's writers.
 SHARD_BYTES = 5 * 1024**3
@@ -319,66 +320,6 @@ class ExportResult:
     source: str  # "model/" (the final merged model) or a checkpoint folder
     step: Optional[int]
     files: List[str]
-
-
-def run_step(run_dir: Path) -> Optional[int]:
-    """The last optimizer step a run reported (its final model's step)."""
-    metrics = run_dir / "metrics.jsonl"
-    steps = []
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("type") == "train" and isinstance(record.get("step"), int):
-                steps.append(record["step"])
-    return max(steps) if steps else None
-
-
-def _step_checkpoints(run_dir: Path) -> Dict[int, Path]:
-    from . import checkpoint as ckpt
-
-    folder = run_dir / "checkpoints"
-    found = {}
-    for child in sorted(folder.iterdir()) if folder.is_dir() else []:
-        m = re.match(r"^step-(\d+)$", child.name)
-        if m and ckpt.is_complete(child):
-            found[int(m.group(1))] = child
-    return found
-
-
-def find_checkpoint(run_dir: str | Path, name: str) -> Path:
-    """The checkpoint folder for ``best``, ``last`` (the newest one) or ``step-N``."""
-    from . import checkpoint as ckpt
-
-    run_dir = Path(run_dir)
-    folder = run_dir / "checkpoints"
-    steps = _step_checkpoints(run_dir)
-    have = ", ".join(["best"] * ckpt.is_complete(folder / "best") + [f"step-{n}" for n in steps]) or "none"
-    if name == "best":
-        if ckpt.is_complete(folder / "best"):
-            return folder / "best"
-        raise UserError(f"{run_dir} has no 'best' checkpoint (it is saved at validation, which needs "
-                        f"valid.jsonl); checkpoints: {have}")
-    if name == "last":
-        if ckpt.is_complete(folder / "last"):  # a "last" folder or link, where a version writes one
-            return folder / "last"
-        latest = getattr(ckpt, "latest_checkpoint", None)
-        found = latest(run_dir) if latest else None
-        if found is None and steps:
-            found = steps[max(steps)]
-        if found is None and ckpt.is_complete(folder / "best"):
-            found = folder / "best"
-        if found is None:
-            raise UserError(f"{run_dir} has no checkpoint and no final model (model/)")
-        return found
-    m = re.match(r"^step-?(\d+)$", name)
-    if not m:
-        raise UserError(f"--checkpoint must be best, last or step-N, got {name!r}")
-    if int(m.group(1)) in steps:
-        return steps[int(m.group(1))]
-    raise UserError(f"{run_dir} has no checkpoint {name}; checkpoints: {have}")
 
 
 def load_run_model(run_dir: Path, checkpoint_dir: Path, config) -> Tuple[nn.Module, Any, Dict[str, Any], Path, dict]:

@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten
 
 from . import config as cfg
 from . import checkpoint as ckpt
+from . import rundir
 from .config import Config
 from .distributed import check_batch_size, check_same_config, init_group, is_main
 from .data import pad_id as batch_pad_id
@@ -42,9 +43,6 @@ from .optim import MASK_SAMPLE_KEY, build_optimizer, make_schedule
 from .progress import Progress
 from .trainer import NonFiniteError, StepResult, train
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-SAMPLES_BEFORE = "samples_before.json"
 # Training batches are padded to train_buckets' widths; this multiple only rounds the
 # memory estimate's sequence length and a batch no bucket holds (none, by construction).
 PAD_MULTIPLE = 8
@@ -74,14 +72,6 @@ class RunPlan:
     checkpoint: Optional[Path] = None
 
 
-def is_run_dir(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file()
-
-
-def is_finished(path: Path) -> bool:
-    return (path / "model" / "config.json").is_file()
-
-
 def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, force: bool = False) -> RunPlan:
     """Decide between a fresh run and a resume; refuse to clobber anything the user made.
 
@@ -97,15 +87,15 @@ def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, f
         if resume:
             raise UserError(f"nothing to resume: {out} is not a gmt-mlx run")
         return RunPlan(out, fresh=True)
-    if not is_run_dir(out):
+    if not rundir.is_run_dir(out):
         raise UserError(f"--out {out} is a non-empty folder that is not a gmt-mlx run; choose another")
     if overwrite:
         return RunPlan(out, fresh=True, replace=True)
-    latest = ckpt.latest_checkpoint(out)
-    if is_finished(out) and not resume:
+    latest = rundir.latest_checkpoint(out)
+    if rundir.is_finished(out) and not resume:
         raise UserError(f"--out {out} already holds a finished run; pass --overwrite to replace it or choose another --out")
     try:
-        previous = cfg.load_yaml(out / CONFIG_FILE)
+        previous = cfg.load_yaml(out / rundir.CONFIG_FILE)
     except UserError as err:
         raise UserError(f"cannot resume {out}: {err}") from None
     differences = cfg.diff({**Config().to_dict(), **previous}, config.to_dict())
@@ -194,14 +184,6 @@ def stop_on_sigint(log: Callable[[str], None]):
         signal.signal(signal.SIGINT, previous)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after ``step`` so a resumed run's metrics read like an uninterrupted one."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 @dataclass
 class Tracker:
     """Per-run bookkeeping shared by the callbacks: metrics file, best loss, last values."""
@@ -275,16 +257,16 @@ def finetune(
     if plan.checkpoint is not None:
         meta = ckpt.load_checkpoint(plan.checkpoint, model, optimizer)
         start_step, best_val = int(meta["step"]), meta.get("best_val_loss")
-        best = out / "checkpoints" / "best"
+        best = rundir.best_dir(out)
         if ckpt.is_complete(best):  # a step checkpoint saved just before a new best knows the older best
             best_val = ckpt.read_state(best).get("best_val_loss", best_val)
         if main:
-            _truncate_metrics(out / METRICS_FILE, start_step)
+            rundir.truncate_metrics(out, start_step)
         log(f"resuming   from {plan.checkpoint} (step {start_step} of {steps})")
     elif main:
-        (out / METRICS_FILE).unlink(missing_ok=True)
+        (out / rundir.METRICS_FILE).unlink(missing_ok=True)
     if main:
-        cfg.save_yaml(config, out / CONFIG_FILE)
+        cfg.save_yaml(config, out / rundir.CONFIG_FILE)
     buckets = train_buckets(train_split, config)
     _summary(config, sizes, train_split, valid_split, steps, memory, model_path, buckets, log)
     if group.size() > 1:
@@ -293,7 +275,7 @@ def finetune(
     prompts = sample_prompts(rows.get("test") or rows.get("valid") or [], config.samples) if main and config.samples else []
     before = _samples_before(out, model, tokenizer, prompts, fresh=plan.checkpoint is None) if main else []
 
-    metrics_file = open(out / METRICS_FILE, "a") if main else open(os.devnull, "w")
+    metrics_file = open(out / rundir.METRICS_FILE, "a") if main else open(os.devnull, "w")
     tracker = Tracker(metrics_file, time.perf_counter(), best_val, resumed=start_step > 0, main=main)
     callbacks = _callbacks(config, out, model, optimizer, tracker, steps, sizes, memory, valid_split, pad_id, group)
     counter = callbacks.pop("counter")
@@ -308,13 +290,13 @@ def finetune(
                 group=group, **callbacks,
             )
     except NonFiniteError as err:
-        latest = ckpt.latest_checkpoint(out)
+        latest = rundir.latest_checkpoint(out)
         where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
         raise UserError(f"stopped: {err}; {where}. Lower --learning-rate or check the data") from None
     except RuntimeError as err:
         if group.size() == 1 or "[ring]" not in str(err) and "peer" not in str(err):
             raise
-        latest = ckpt.latest_checkpoint(out)
+        latest = rundir.latest_checkpoint(out)
         raise UserError(f"rank {group.rank()} lost contact with another rank ({str(err).splitlines()[0]}); "
                         f"resume from {latest or 'the start'} with the same mlx.launch command") from None
     finally:
@@ -325,14 +307,14 @@ def finetune(
         raise Interrupted(f"interrupted at step {last_step} of {steps}; checkpoint saved. "
                           f"Resume with: gmt-mlx finetune --resume {out}")
     if not main:  # the other ranks hold the same weights; rank 0 writes them
-        return RunResult(out, out / "model", steps, tracker.last.get("loss", float("nan")),
+        return RunResult(out, rundir.model_dir(out), steps, tracker.last.get("loss", float("nan")),
                          tracker.last.get("val_loss"), tracker.best_val, [], start_step or None, model)
 
-    model_dir = save_hf_model(out / "model", model, tokenizer, model_config, dtype=config.dtype, base_path=model_path)
+    model_dir = save_hf_model(rundir.model_dir(out), model, tokenizer, model_config, dtype=config.dtype, base_path=model_path)
     after = [generate_text(model, tokenizer, p) for p in prompts]
     samples = [{"prompt": describe_prompt(p), "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
     if samples:
-        (out / "samples.json").write_text(json.dumps(samples, indent=2))
+        (out / rundir.SAMPLES_FILE).write_text(json.dumps(samples, indent=2))
     publish_run(out, model_dir, config, step=steps, base_path=model_path, log=log)  # model card, --push-to-hub
     return RunResult(out, model_dir, steps, tracker.last.get("loss", float("nan")), tracker.last.get("val_loss"),
                      tracker.best_val, samples, start_step or None, model)
@@ -372,7 +354,7 @@ def _summary(config, sizes, train_split, valid_split, steps, memory, model_path,
 
 def _samples_before(out: Path, model, tokenizer, prompts: list, *, fresh: bool) -> List[str]:
     """Answers of the untrained model; a resumed run reuses the ones its first start saved."""
-    path = out / SAMPLES_BEFORE
+    path = out / rundir.SAMPLES_BEFORE_FILE
     if not fresh and path.is_file():
         saved = json.loads(path.read_text())
         if len(saved) == len(prompts):
@@ -385,12 +367,12 @@ def _samples_before(out: Path, model, tokenizer, prompts: list, *, fresh: bool) 
 
 def _save(out: Path, model, optimizer, step: int, config: Config, tracker: Tracker, steps: int) -> Path:
     path = ckpt.save_checkpoint(
-        ckpt.step_dir(out, step), model, optimizer, step=step, config=config.to_dict(),
+        rundir.step_dir(out, step), model, optimizer, step=step, config=config.to_dict(),
         extra={"best_val_loss": tracker.best_val, "total_steps": steps,
                "micro_batches": step * config.grad_accumulation_steps},
     )
     tracker.saved_step = step
-    ckpt.prune(out, config.keep_checkpoints)
+    rundir.prune(out, config.keep_checkpoints)
     return path
 
 
@@ -457,9 +439,9 @@ def _callbacks(config, out, model, optimizer, tracker: Tracker, steps, sizes, me
                        "wall_time": time.perf_counter() - tracker.t_start})
         if improved:
             tracker.best_val = result["loss"]
-            best = out / "checkpoints" / "best"
+            best = rundir.best_dir(out)
             if tracker.saved_step == step:
-                ckpt.link_checkpoint(ckpt.step_dir(out, step), best)
+                ckpt.link_checkpoint(rundir.step_dir(out, step), best)
                 state = ckpt.read_state(best)
             else:
                 ckpt.save_checkpoint(best, model, optimizer, step=step, config=config.to_dict(),

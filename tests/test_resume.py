@@ -13,6 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from gmt_mlx import checkpoint as ckpt
+from gmt_mlx import rundir
 from gmt_mlx.cli import app
 from gmt_mlx.config import METHODS
 from gmt_mlx.killcheck import final_weights, kill_and_resume
@@ -51,7 +52,7 @@ def test_ctrl_c_saves_and_resume_matches(tiny_model_dir, chat_data, tmp_path, mo
     stopped = runner.invoke(app, args(tiny_model_dir, chat_data, out))
     assert stopped.exit_code == 130, stopped.output
     assert f"gmt-mlx finetune --resume {out}" in stopped.output
-    assert ckpt.is_complete(ckpt.step_dir(out, 3)) and not (out / "model").exists()
+    assert ckpt.is_complete(rundir.step_dir(out, 3)) and not (out / "model").exists()
     monkeypatch.setattr(ckpt, "fault", real_fault)
 
     resumed = runner.invoke(app, ["finetune", "--resume", str(out)])
@@ -101,7 +102,7 @@ def test_corrupt_checkpoint_is_never_loaded(tiny_model_dir, chat_data, tmp_path,
     out = tmp_path / "run"
     monkeypatch.setattr(ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:2" else None)
     assert runner.invoke(app, args(tiny_model_dir, chat_data, out)).exit_code == 130
-    weights = ckpt.step_dir(out, 2) / "weights.safetensors"
+    weights = rundir.step_dir(out, 2) / "weights.safetensors"
     if damage == "flip":
         corrupt(weights)
     else:
@@ -175,7 +176,7 @@ def test_diverging_run_stops_with_a_message(tiny_model_dir, chat_data, tmp_path)
                                      "--grad-clip", "0", "--steps-per-save", "1", "--iters", "12"))
     assert result.exit_code == 2, result.output
     assert "non-finite" in last_line(result) and "last good checkpoint" in last_line(result)
-    latest = ckpt.latest_checkpoint(out)
+    latest = rundir.latest_checkpoint(out)
     ckpt.verify(latest)
 
 

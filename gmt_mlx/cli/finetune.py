@@ -25,12 +25,12 @@ def finetune(
     """
     from ..config import load_yaml, resolve
     from ..errors import UserError
-    from ..finetune import CONFIG_FILE
     from ..finetune import finetune as run
+    from ..rundir import CONFIG_FILE, is_run_dir
 
     base = None
     if resume is not None:
-        if not (resume / CONFIG_FILE).is_file():
+        if not is_run_dir(resume):
             raise UserError(f"--resume {resume}: not a gmt-mlx run (no {CONFIG_FILE})")
         if overrides.get("out") not in (None, str(resume)):
             raise UserError("--resume RUN_DIR and --out must name the same folder (or leave --out out)")

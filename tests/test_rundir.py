@@ -1,0 +1,91 @@
+"""The run directory's layout: metrics reading and truncation, checkpoint lookup, pruning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gmt_mlx import rundir
+from gmt_mlx.checkpoint import STATE_FILE
+from gmt_mlx.errors import UserError
+
+RECORDS = [
+    {"type": "setup", "step": 0},
+    {"type": "train", "step": 1, "loss": 2.0},
+    {"type": "train", "step": 2, "loss": 1.5},
+    {"type": "eval", "step": 2, "val_loss": 1.7},
+    {"type": "train", "step": 3, "loss": 1.2},
+]
+
+
+def write_metrics(run, records=RECORDS, tail=""):
+    run.mkdir(parents=True, exist_ok=True)
+    (run / rundir.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+
+
+def fake_checkpoint(path, step):
+    path.mkdir(parents=True)
+    (path / STATE_FILE).write_text(json.dumps({"step": step}))
+    return path
+
+
+def test_run_and_finished_markers(tmp_path):
+    assert not rundir.is_run_dir(tmp_path) and not rundir.is_finished(tmp_path)
+    (tmp_path / rundir.CONFIG_FILE).write_text("seed: 0\n")
+    assert rundir.is_run_dir(tmp_path) and not rundir.is_finished(tmp_path)
+    rundir.model_dir(tmp_path).mkdir()
+    (rundir.model_dir(tmp_path) / "config.json").write_text("{}")
+    assert rundir.is_finished(tmp_path)
+
+
+def test_read_metrics_filters_by_kind_and_skips_blank_lines(tmp_path):
+    assert rundir.read_metrics(tmp_path) == [] and rundir.last_step(tmp_path) is None
+    write_metrics(tmp_path, RECORDS[:2] + RECORDS[2:], tail="\n\n")
+    assert rundir.read_metrics(tmp_path) == RECORDS
+    assert [r["step"] for r in rundir.read_metrics(tmp_path, "train")] == [1, 2, 3]
+    assert rundir.read_metrics(tmp_path, "eval") == [RECORDS[3]]
+    assert rundir.last_step(tmp_path) == 3
+
+
+def test_a_damaged_line_names_file_and_line(tmp_path):
+    (tmp_path / rundir.METRICS_FILE).write_text('{"type": "train", "step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl:2: "):
+        rundir.read_metrics(tmp_path)
+
+
+def test_a_last_line_cut_by_a_kill_is_skipped_then_dropped_on_resume(tmp_path):
+    write_metrics(tmp_path, tail='{"type": "train", "st')
+    assert rundir.read_metrics(tmp_path) == RECORDS
+    rundir.truncate_metrics(tmp_path, 2)
+    assert rundir.read_metrics(tmp_path) == RECORDS[:4]
+    assert (tmp_path / rundir.METRICS_FILE).read_text().endswith("}\n")
+
+
+def test_checkpoint_lookup_and_pruning(tmp_path):
+    assert rundir.latest_checkpoint(tmp_path) is None and rundir.step_checkpoints(tmp_path) == []
+    for step in (2, 10, 4):
+        fake_checkpoint(rundir.step_dir(tmp_path, step), step)
+    rundir.step_dir(tmp_path, 12).mkdir()  # incomplete (no state.json): never used
+    assert rundir.step_dir(tmp_path, 4).name == "step-000004"
+    assert [p.name for p in rundir.step_checkpoints(tmp_path)] == ["step-000002", "step-000004", "step-000010"]
+    assert rundir.latest_checkpoint(tmp_path) == rundir.step_dir(tmp_path, 10)
+    fake_checkpoint(rundir.best_dir(tmp_path), 10)
+    assert rundir.latest_checkpoint(tmp_path) == rundir.step_dir(tmp_path, 10)  # a tie goes to step-N
+    assert rundir.find_checkpoint(tmp_path, "best") == rundir.best_dir(tmp_path)
+    assert rundir.find_checkpoint(tmp_path, "last") == rundir.step_dir(tmp_path, 10)
+    assert rundir.find_checkpoint(tmp_path, "step-4") == rundir.find_checkpoint(tmp_path, "step4")
+    with pytest.raises(UserError, match="no checkpoint step-5; checkpoints: best, step-2, step-4, step-10"):
+        rundir.find_checkpoint(tmp_path, "step-5")
+    with pytest.raises(UserError, match="must be best, last or step-N"):
+        rundir.find_checkpoint(tmp_path, "newest")
+    rundir.prune(tmp_path, 1)
+    assert rundir.step_checkpoints(tmp_path) == [rundir.step_dir(tmp_path, 10)]
+    assert rundir.best_dir(tmp_path).is_dir()
+
+
+def test_find_checkpoint_without_any(tmp_path):
+    with pytest.raises(UserError, match="no 'best' checkpoint .*checkpoints: none"):
+        rundir.find_checkpoint(tmp_path, "best")
+    with pytest.raises(UserError, match="no checkpoint and no final model"):
+        rundir.find_checkpoint(tmp_path, "last")
