@@ -109,24 +109,6 @@ def classify_library(path: str | os.PathLike | None) -> str:
     return "unknown"
 
 
-_BLAS_NAME_RE = re.compile(r"(blas|lapack|mkl|blis|gfortran)", re.IGNORECASE)
-
-
-def parse_maps(maps_text: str) -> list[str]:
-    """BLAS-ish shared objects mapped in a process, from /proc/<pid>/maps text.
-
-    Purely informational (what is loaded, not what is bound): numpy's own
-    ``libscipy_openblas64_`` shows up here but exports only prefixed symbols
-    and cannot serve MLX.
-    """
-    seen: dict[str, None] = {}
-    for line in maps_text.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) == 6 and parts[5].startswith("/") and _BLAS_NAME_RE.search(os.path.basename(parts[5])):
-            seen.setdefault(parts[5].strip(), None)
-    return list(seen)
-
-
 class _DlInfo(ctypes.Structure):
     _fields_ = [
         ("dli_fname", ctypes.c_char_p),
@@ -215,9 +197,7 @@ def blas_info(measure: bool = True) -> dict:
 
     Keys: ``platform``, ``machine``, ``mlx_version``, ``library`` (the file
     whose ``cblas_sgemm`` MLX binds, or ``"Accelerate"`` on macOS),
-    ``lapack_library`` (same for ``sgetrf_``), ``kind`` (see
-    :func:`classify_library`), ``is_reference``, ``loaded`` (BLAS-ish files
-    mapped, from /proc/self/maps), ``ld_preload``, ``reexecuted``,
+    ``kind`` (see :func:`classify_library`), ``is_reference``, ``reexecuted``,
     ``gflops`` (float32 512^2 matmul, None when ``measure`` is False or it
     failed), ``error`` (None, or why something could not be found out).
     """
@@ -226,11 +206,8 @@ def blas_info(measure: bool = True) -> dict:
         "machine": platform.machine(),
         "mlx_version": None,
         "library": None,
-        "lapack_library": None,
         "kind": "unknown",
         "is_reference": False,
-        "loaded": [],
-        "ld_preload": os.environ.get("LD_PRELOAD") or None,
         "reexecuted": bool(os.environ.get(MARKER_VAR)),
         "gflops": None,
         "error": None,
@@ -245,19 +222,13 @@ def blas_info(measure: bool = True) -> dict:
 
     if sys.platform == "darwin":
         # MLX on macOS links Apple's Accelerate framework (optimized).
-        info.update(library="Accelerate", lapack_library="Accelerate", kind="accelerate")
+        info.update(library="Accelerate", kind="accelerate")
     elif sys.platform.startswith("linux"):
         try:
-            libmlx = _libmlx_path()
-            info["library"] = _symbol_file("cblas_sgemm", libmlx)
-            info["lapack_library"] = _symbol_file("sgetrf_", libmlx)
+            info["library"] = _symbol_file("cblas_sgemm", _libmlx_path())
             info["kind"] = classify_library(info["library"])
         except Exception as exc:  # pragma: no cover - defensive
             info["error"] = f"symbol lookup failed: {exc}"
-        try:
-            info["loaded"] = parse_maps(Path("/proc/self/maps").read_text())
-        except OSError:
-            pass
         if info["library"] is None and info["error"] is None:
             info["error"] = "cblas_sgemm not found (GPU-only MLX build?)"
     info["is_reference"] = info["kind"] == "reference"
