@@ -102,9 +102,21 @@ def test_saved_model_reloads_with_identical_logits(tiny_model_dir, tmp_path):
 
 def test_generate_from_a_run(tiny_model_dir, chat_data, tmp_path):
     out = tmp_path / "run"
-    assert finetune(*base_args(tiny_model_dir, chat_data, out, "--iters", "2")).exit_code == 0
+    # A small learning rate: the run's model differs from the base but does not yet end every answer at once.
+    assert finetune(*base_args(tiny_model_dir, chat_data, out, "--iters", "2", "--learning-rate", "1e-4")).exit_code == 0
     result = runner.invoke(app, ["generate", str(out), "--prompt", "What is 2 + 5?", "--max-tokens", "5"])
     assert result.exit_code == 0, result.output
+    # The printed text is the greedy completion of the run's model (not the base model's),
+    # computed here with mlx_lm directly from the chat-templated prompt.
+    from mlx_lm import generate, load
+
+    model, tokenizer = load(str(out / "model"))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 5?"}], add_generation_prompt=True)
+    expected = generate(model, tokenizer, prompt, max_tokens=5, verbose=False)
+    assert expected, "the tiny model's completion is empty: the test would prove nothing"
+    assert result.stdout == expected + "\n"
+    base, _ = load(str(tiny_model_dir))
+    assert generate(base, tokenizer, prompt, max_tokens=5, verbose=False) != expected  # the run's weights were used
 
 
 # ---- bad input: one line, non-zero exit, no traceback --------------------------------
