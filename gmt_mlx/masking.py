@@ -10,42 +10,16 @@ traced by `mx.compile`. The unit that shares one threshold is chosen by the
 - ``global``: one threshold across all trainable parameters.
 
 Within a unit the ``mask_ratio`` fraction of entries with the smallest |g| is
-dropped. How, and why it costs a few elementwise passes over the gradient
-instead of a sort (measurements: benchmarks/RESULTS.md):
+dropped, without sorting:
 
-1. The threshold T is the ``mask_ratio`` quantile r of |g|. A unit of at most
-   ``sample_size`` entries gets it exactly (``mx.partition`` of the unit). A
-   larger unit estimates it from a *systematic* sample of
-   n = 4 r (1 - r) * sample_size entries (``sample_entries``: that many keep
-   the error's standard deviation at 1 / (2 sqrt(sample_size)) whatever r):
-   w adjacent entries (usually 1) out of every s of each of its tensors,
-   from a random offset drawn from the step's key. One stride s for the
-   whole unit, so each tensor is sampled in proportion to its size; nudged
-   to share no factor with the row lengths, so every column is visited (a
-   weight gradient's magnitudes differ by column). A strided slice is a view: the sample
-   costs one cache line per entry, where the random gather it replaces was
-   ~2x slower per entry on CPU and needed random indices besides. Units with
-   pools of the same length are stacked and partitioned in one call.
-2. Entries strictly above T are kept. Entries *equal* to T (ties) fill the gap
-   to the target count: the fraction of ties to keep is read off the same
-   pool (exact, or the sample), and which ties are kept is decided by a fixed
-   low-discrepancy rank of each position (8 bits of a Fibonacci hash of the
-   flat index, built once per tensor shape). So a constant gradient still
-   keeps 1 - mask_ratio of the unit, spread over the whole tensor.
-3. Entries whose gradient is exactly zero are never kept: when T == 0 only the
-   non-zero entries are kept.
+1. The threshold T is the ``mask_ratio`` quantile of |g|: exact
+   (``mx.partition``) for a unit of at most ``sample_size`` entries, else
+   estimated from a systematic sample (`sample_entries` says how many).
+2. Entries above T are kept; entries equal to T (ties) fill the gap to the
+   target count, chosen by a fixed, uniform 16-bit rank of their position.
+3. Entries whose gradient is exactly zero are never kept.
 
-The keep-mask of a tensor is one fused elementwise kernel (two compares and
-the rank test); the number kept is counted exactly from it. Masks are applied
-by multiplication, which MLX's compiler fuses into the optimizer's kernel
-(``mx.where`` there made AdamW's update ~40% slower on CPU).
-
-Accuracy: exact for units up to ``sample_size`` entries (ties resolved to
-within 1/255 of the tied entries); otherwise the kept fraction carries the
-sampling error of a quantile, standard deviation at most 1 / (2 sqrt(sample_size))
-= 0.2% absolute at the default 65536 (systematic sampling, without
-replacement, only lowers it), so the 1% bound of DESIGN.md sits 5 standard
-deviations out. The reported count of kept entries is exact either way.
+Why it is built this way, its error and its cost: docs/masking.md.
 """
 
 from __future__ import annotations
@@ -53,7 +27,7 @@ from __future__ import annotations
 import math
 import re
 from functools import lru_cache
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
@@ -67,8 +41,12 @@ _BLOCK = re.compile(r"^(.*?\blayers\.\d+)\.")
 # over [0, 2^32) (Fibonacci hashing), so the positions whose rank is below any
 # cut are a fair, deterministic, evenly spread subset of any tensor.
 _FIB = 2654435769
-# Tie ranks are 8 bits: a tie fraction is resolved to 1/255 of the tied entries.
-_RANK_LEVELS = 255
+# Tie ranks are 16 bits: a tie fraction is resolved to 1/65536 of the tied entries.
+_RANK_LEVELS = 65536
+# Sample-size rule (sample_entries): relative error of the kept count at high ratios,
+# and the cap on a unit's sample, in multiples of sample_size.
+_HIGH_RATIO_FACTOR = 6.25
+_MAX_SAMPLE_FACTOR = 16
 
 
 def unit_of(name: str, scope: str) -> str:
@@ -115,16 +93,13 @@ def _index_hash(shape: Tuple[int, ...]) -> mx.array:
 
 @lru_cache(maxsize=64)
 def _position_rank(shape: Tuple[int, ...]) -> mx.array:
-    """A fixed uint8 rank (0 .. 254) per position, from the index hash, built once per shape.
+    """A fixed uint16 rank (0 .. 65535) per position: the top 16 bits of its index hash.
 
-    A contiguous constant keeps the tie test in the fast (contiguous) kernel;
-    computing the hash from broadcast row/column terms each step made the
-    keep-mask kernel ~2x slower on CPU. Costs one byte per entry of each
-    distinct parameter shape.
+    Every rank holds the same share of positions (an 8-bit rank squeezed into
+    255 levels gave rank 0 a double share). Cached per shape: a contiguous
+    constant keeps the tie test in the fast kernel (see docs/masking.md).
     """
-    # 0 .. 254, so that the cut (0 .. 255) fits the same dtype: comparing with
-    # a wider type would make MLX materialise a widened copy of the rank.
-    rank = (((_index_hash(shape) >> 24) * 255) >> 8).astype(mx.uint8)
+    rank = (_index_hash(shape) >> 16).astype(mx.uint16)
     mx.eval(rank)
     return rank
 
@@ -168,14 +143,17 @@ def _sample_stride(total: int, draws: int, row_lengths: List[int]) -> Tuple[int,
 
 
 def sample_entries(sample_size: int, mask_ratio: float) -> int:
-    """Entries to sample from a large unit: ``sample_size`` at mask_ratio 0.5, fewer elsewhere.
+    """Entries to sample from a large unit at ``mask_ratio`` r (docs/masking.md).
 
-    The kept fraction of a sampled unit has standard deviation
-    sqrt(r (1 - r) / n) for n sampled entries; n = 4 r (1 - r) * sample_size
-    holds it at 1 / (2 sqrt(sample_size)) (0.2% for 65536) for every ratio r,
-    with 36% fewer entries to sample and partition at the default r = 0.2.
+    4 r (1 - r) * sample_size holds the kept fraction's standard deviation at
+    1 / (2 sqrt(sample_size)) (0.2% at 65536) for every r. Above r = 0.8 that
+    would be a large share of the small kept set, so the sample grows with
+    r / (1 - r) to hold the kept count's relative error at 2.5 / sqrt(sample_size)
+    (1%), up to 16 x sample_size.
     """
-    return max(1024, math.ceil(4 * mask_ratio * (1 - mask_ratio) * sample_size))
+    r = mask_ratio
+    factor = max(4 * r * (1 - r), r / (_HIGH_RATIO_FACTOR * (1 - r)))
+    return max(1024, math.ceil(min(factor, _MAX_SAMPLE_FACTOR) * sample_size))
 
 
 def _pool_plan(grads: List[mx.array], sample_size: int, mask_ratio: float) -> Tuple[int, int, List[int]]:
@@ -211,16 +189,26 @@ def _unit_pool(grads: List[mx.array], stride: int, width: int, counts: List[int]
     return mx.concatenate(parts)
 
 
-def unit_thresholds(
-    units: List[List[mx.array]], mask_ratio: float, key: mx.array, sample_size: int
-) -> Tuple[mx.array, mx.array]:
-    """Per unit: the ``mask_ratio`` quantile of its pooled |g|, and the fraction of ties to keep.
+class UnitThresholds(NamedTuple):
+    """Per unit (arrays of shape (units,)): where to cut |g|, and which ties to keep."""
 
-    Returns two arrays of shape (len(units),). Exact for units of at most
-    ``sample_size`` entries, else estimated from a systematic sample of about
-    ``sample_entries(sample_size, mask_ratio)`` entries. The tie fraction is
-    what entries equal to the threshold must contribute for the unit to keep
-    its target count (exactly, or as estimated from the sample).
+    threshold: mx.array  # the mask_ratio quantile of |g| (exact, or from the sample)
+    tie_fraction: mx.array  # of the entries equal to it, the share to keep
+    tie_hash_cut: mx.array  # small units: ties whose pool hash is <= this are kept (uint32)
+    keeps_ties: mx.array  # False: no tie is kept (bool)
+
+
+_NO_HASH = 0xFFFFFFFF
+
+
+def unit_thresholds(units: List[List[mx.array]], mask_ratio: float, key: mx.array, sample_size: int) -> UnitThresholds:
+    """Per unit: the ``mask_ratio`` quantile of its pooled |g|, and which ties keep the target count.
+
+    Exact for units of at most ``sample_size`` entries: there the ties kept
+    are exactly the ones needed, those with the smallest Fibonacci hash of
+    their position in the unit (spread evenly). A larger unit estimates both
+    from a systematic sample of about ``sample_entries(sample_size,
+    mask_ratio)`` entries, and its tensors pick ties by the 16-bit position rank.
 
     Units whose pools have the same length are stacked and partitioned in one
     call: a step of the tensor scope has hundreds of units, and on CPU every
@@ -234,28 +222,52 @@ def unit_thresholds(
         starts = mx.array([plans[u][0] - plans[u][1] + 1 for u, _ in sampled], mx.float32)
         draws = (mx.random.uniform(shape=(len(sampled),), key=key) * starts).astype(mx.int32)
         offsets = {ui: draws[j : j + 1] for j, ui in enumerate(sampled)}
-    by_length: Dict[int, List[int]] = {}
+    totals = [sum(g.size for g in grads) for grads in units]
+    groups: Dict[Tuple[int, bool], List[int]] = {}
     pools = []
     for u, (grads, (stride, width, counts)) in enumerate(zip(units, plans)):
         pool = _unit_pool(grads, stride, width, counts, [offsets.get((u, i)) for i in range(len(grads))])
         pools.append(pool)
-        by_length.setdefault(pool.size, []).append(u)
-    thresholds, tie_fractions, order = [], [], []
-    for length, members in by_length.items():
+        groups.setdefault((pool.size, totals[u] <= sample_size), []).append(u)
+    parts, order = [], []
+    for (length, small), members in groups.items():
         batch = mx.stack([pools[u] for u in members])
         kth = min(int(round(mask_ratio * length)), length - 1)
         threshold = mx.partition(batch, kth, axis=-1)[:, kth]
-        # Each unit's target share, scaled to its pool (exact when the pool is the unit).
-        totals = [sum(g.size for g in units[u]) for u in members]
-        keep_in_pool = mx.array([length * (n - int(round(mask_ratio * n))) / n for n in totals], mx.float32)
+        # Each unit's target count, scaled to its pool (exact when the pool is the unit).
+        keep = mx.array([length * (n - int(round(mask_ratio * n))) / n for n in (totals[u] for u in members)])
+        is_tie = batch == threshold[:, None]
         above = mx.sum(batch > threshold[:, None], axis=-1).astype(mx.float32)
-        ties = mx.sum(batch == threshold[:, None], axis=-1).astype(mx.float32)
-        tie_fractions.append(mx.clip((keep_in_pool - above) / mx.maximum(ties, 1.0), 0.0, 1.0))
-        thresholds.append(threshold)
+        ties = mx.sum(is_tie, axis=-1).astype(mx.float32)
+        needed = mx.round(keep - above)  # ties to keep (exact for a small unit)
+        fraction = mx.clip((keep - above) / mx.maximum(ties, 1.0), 0.0, 1.0)
+        if small:
+            # The hash cut that keeps exactly `needed` ties: the needed-th smallest tie hash.
+            hashes = mx.where(is_tie, mx.arange(length, dtype=mx.uint32) * mx.array(_FIB, mx.uint32), _NO_HASH)
+            pick = mx.clip(needed - 1, 0, length - 1).astype(mx.int32)[:, None]
+            cut = mx.take_along_axis(mx.sort(hashes, axis=-1), pick, axis=-1)[:, 0]
+        else:
+            cut = mx.full((len(members),), _NO_HASH, mx.uint32)
+        parts.append((threshold, fraction, cut, needed > 0))
         order.extend(members)
     # Back to unit order.
     restore = mx.array(sorted(range(len(order)), key=order.__getitem__))
-    return mx.concatenate(thresholds)[restore], mx.concatenate(tie_fractions)[restore]
+    threshold, fraction, cut, keeps_ties = (mx.concatenate([p[i] for p in parts])[restore] for i in range(4))
+    # A unit whose target drops no entry (mask_ratio * size rounds to 0) keeps
+    # every non-zero entry, even where a sample's minimum would cut some.
+    drops_none = [int(round(mask_ratio * n)) == 0 for n in totals]
+    if any(drops_none):
+        none = mx.array(drops_none)
+        threshold, keeps_ties = mx.where(none, 0, threshold), keeps_ties & ~none
+    return UnitThresholds(threshold, fraction, cut, keeps_ties)
+
+
+@lru_cache(maxsize=256)
+def _position_hash(shape: Tuple[int, ...]) -> mx.array:
+    """The uint32 Fibonacci hash of each flat index, built once per (small) shape."""
+    h = _index_hash(shape)
+    mx.eval(h)
+    return h
 
 
 def gmt_masks(
@@ -277,30 +289,45 @@ def gmt_masks(
     sample_key, dither_key = mx.random.split(key)
     flat = dict(tree_flatten(grads))
     units = list(group_units(list(flat), scope).values())
-    thresholds, tie_fractions = unit_thresholds(
-        [[flat[n] for n in names] for names in units], mask_ratio, sample_key, sample_size
-    )
-    # Per tensor: its unit's threshold, and the tie cut on the 0..254 position
-    # rank. Ties at zero are zero gradients: never kept. Each tensor rounds its
-    # unit's level with its own random dither, so the rounding is unbiased over
-    # the unit. Computing these as (tensors,) arrays and slicing one scalar per
-    # tensor keeps this scalar arithmetic out of the full-size kernels (fused
-    # into them, it was recomputed per entry: 3x slower).
+    found = unit_thresholds([[flat[n] for n in names] for names in units], mask_ratio, sample_key, sample_size)
+    # Per tensor: its unit's threshold and tie rule; ties at zero are zero
+    # gradients, never kept. In a large unit each tensor keeps the ties whose
+    # 16-bit position rank is below its unit's level, rounded with its own
+    # random dither (unbiased over the unit). These are (tensors,) arrays
+    # sliced one scalar per tensor: fused into the full-size kernels, this
+    # scalar arithmetic was recomputed per entry (3x slower).
     unit_index = mx.array([u for u, names in enumerate(units) for _ in names])
     names = [n for group in units for n in group]
-    tensor_thresholds = thresholds[unit_index]
-    tie_levels = mx.where(tensor_thresholds > 0, tie_fractions[unit_index] * _RANK_LEVELS, 0.0)
+    thresholds = found.threshold[unit_index]
     dither = mx.random.uniform(shape=(len(names),), key=dither_key)
-    tie_cuts = mx.minimum(mx.floor(tie_levels + dither), _RANK_LEVELS).astype(mx.uint8)
+    rank_cuts = mx.minimum(mx.floor(found.tie_fraction[unit_index] * _RANK_LEVELS + dither), _RANK_LEVELS)
+    # rank < cut, written as rank <= cut - 1 so that it fits uint16 (a wider
+    # comparison would materialise a widened copy of the rank); a tensor that
+    # keeps no tie gets the tie value -1, which no |g| equals.
+    keeps_ties = found.keeps_ties[unit_index] & (thresholds > 0)
+    tie_values = mx.where(keeps_ties & (rank_cuts > 0), thresholds, -1.0)
+    last_ranks = mx.maximum(rank_cuts - 1, 0).astype(mx.uint16)
+    small_tie_values = mx.where(keeps_ties, thresholds, -1.0)
+    hash_cuts = found.tie_hash_cut[unit_index]
     masks: Dict[str, mx.array] = {}
     counts = []
-    for j, name in enumerate(names):
-        g = flat[name]
-        threshold, tie_cut = tensor_thresholds[j], tie_cuts[j]
-        magnitude = mx.abs(g)
-        tie_kept = (magnitude == threshold) & (_position_rank(tuple(g.shape)) < tie_cut)
-        masks[name] = (magnitude > threshold) | tie_kept
-        counts.append(mx.sum(masks[name]))  # int32: a tensor has < 2^31 entries
+    j = 0
+    for unit in units:
+        small = sum(flat[n].size for n in unit) <= sample_size
+        offset = 0
+        for name in unit:
+            g = flat[name]
+            magnitude = mx.abs(g)
+            if small:
+                # The tensor's entries continue the unit's pool index from `offset`.
+                shift = mx.array((offset * _FIB) & 0xFFFFFFFF, mx.uint32)
+                tie_kept = (magnitude == small_tie_values[j]) & (_position_hash(tuple(g.shape)) + shift <= hash_cuts[j])
+            else:
+                tie_kept = (magnitude == tie_values[j]) & (_position_rank(tuple(g.shape)) <= last_ranks[j])
+            masks[name] = (magnitude > thresholds[j]) | tie_kept
+            counts.append(mx.sum(masks[name]))  # int32: a tensor has < 2^31 entries
+            offset += g.size
+            j += 1
     # int64 for the total: a large model has more than 2^31 entries.
     kept = mx.sum(mx.stack(counts).astype(mx.int64))
     # Rebuild on the gradient tree itself: tree_unflatten would drop empty
@@ -317,25 +344,40 @@ def _mix32(h: mx.array) -> mx.array:
     return h ^ (h >> 16)
 
 
-def random_masks(grads: dict, mask_ratio: float, key: mx.array) -> Tuple[dict, mx.array]:
-    """The control: keep each entry with probability 1 - mask_ratio, afresh for each key.
+def random_scores(grads: dict, key: mx.array) -> dict:
+    """A random positive score per entry with a non-zero gradient, 0 elsewhere.
 
-    The random bits are a hash of (position, a per-tensor seed drawn from
-    ``key``), computed in the mask's own fused kernel: a counter-based
-    generator like MLX's threefry, but ~8x cheaper per entry on CPU.
+    The scores are a hash of (position, a per-tensor seed drawn from ``key``):
+    a counter-based generator like MLX's threefry, computed in the consumer's
+    fused kernel at ~8x less cost per entry on CPU.
     """
-    mask_ratio = check_mask_ratio(mask_ratio)
     flat = tree_flatten(grads)
     # One uint32 seed per tensor: the two words of a split threefry key are random bits.
     seeds = mx.random.split(key, max(2, len(flat)))
     seeds = seeds[:, 0] ^ seeds[:, 1]
-    drop_below = mx.array(min(int(round(mask_ratio * 2**32)), 2**32 - 1), mx.uint32)
-    masks, kept = {}, mx.array(0, mx.int64)
+    scores = {}
     for i, (name, g) in enumerate(flat):
-        keep = _mix32(_index_hash(tuple(g.shape)) ^ seeds[i]) >= drop_below
-        masks[name] = keep
-        kept = kept + mx.sum(keep).astype(mx.int64)
-    return tree_map_with_path(lambda path, _: masks[path], grads), kept
+        # 24 bits: what float32 holds exactly; + 1 keeps every eligible score above 0.
+        bits = (_mix32(_index_hash(tuple(g.shape)) ^ seeds[i]) >> 8).astype(mx.float32) + 1.0
+        scores[name] = bits * (g != 0)
+    return tree_map_with_path(lambda path, _: scores[path], grads)
+
+
+def random_masks(
+    grads: dict,
+    mask_ratio: float,
+    key: mx.array,
+    scope: str = "tensor",
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+) -> Tuple[dict, mx.array]:
+    """The control: GMT's keep-count per unit, drawn at random from GMT's eligible entries.
+
+    Entries with a zero gradient are never kept, and each unit keeps as many
+    entries as `gmt_masks` would (DESIGN.md decision 9), so the two differ only
+    in which entries are kept. Afresh for each key.
+    """
+    score_key, mask_key = mx.random.split(key)
+    return gmt_masks(random_scores(grads, score_key), mask_ratio, scope, mask_key, sample_size)
 
 
 def apply_masks(tree: dict, masks: dict) -> dict:

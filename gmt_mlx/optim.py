@@ -12,12 +12,13 @@ and a resumed run draws exactly the masks the uninterrupted run would have.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
+from .config import MASKED_METHODS
 from .masking import (
     DEFAULT_SAMPLE_SIZE,
     SCOPES,
@@ -29,7 +30,6 @@ from .masking import (
     random_masks,
 )
 
-MASK_METHODS = ("gmt", "random")
 # Optimizer-state key of the keep-mask sample (see MaskedOptimizer.apply_gradients).
 MASK_SAMPLE_KEY = "mask_sample"
 MASK_SAMPLE_SIZE = 65536
@@ -68,8 +68,8 @@ class MaskedOptimizer:
         seed: int = 0,
         sample_size: int = DEFAULT_SAMPLE_SIZE,
     ):
-        if method not in MASK_METHODS:
-            raise ValueError(f"unknown mask method {method!r} (expected one of {', '.join(MASK_METHODS)})")
+        if method not in MASKED_METHODS:
+            raise ValueError(f"unknown mask method {method!r} (expected one of {', '.join(MASKED_METHODS)})")
         if scope not in SCOPES:
             raise ValueError(f"unknown mask scope {scope!r} (expected one of {', '.join(SCOPES)})")
         if target not in TARGETS:
@@ -113,7 +113,7 @@ class MaskedOptimizer:
         """Keep-masks for this step's (accumulated) gradient, and the number kept."""
         key = self._step_key()
         if self.method == "random":
-            return random_masks(gradients, self.mask_ratio, key)
+            return random_masks(gradients, self.mask_ratio, key, self.scope, self.sample_size)
         return gmt_masks(gradients, self.mask_ratio, self.scope, key, self.sample_size)
 
     def apply_gradients(
@@ -195,9 +195,7 @@ def build_optimizer(
     learning_rate,
     *,
     weight_decay: float = 0.0,
-    betas: Tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    momentum: float = 0.0,
+    momentum: Optional[float] = None,
     method: str = "sft",
     mask_ratio: float = 0.0,
     mask_scope: str = "tensor",
@@ -205,20 +203,24 @@ def build_optimizer(
     seed: int = 0,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
 ) -> MaskedOptimizer:
-    """Build the base optimizer and wrap it; ``sft`` (and LoRA) get mask_ratio 0."""
+    """Build the base optimizer and wrap it; unmasked methods (sft, LoRA) get mask_ratio 0.
+
+    ``momentum`` is sgd's and muon's (None: their own defaults, 0 and 0.95);
+    Adam's betas and eps stay mlx's defaults.
+    """
     if name == "adamw":
-        base = optim.AdamW(learning_rate, betas=list(betas), eps=eps, weight_decay=weight_decay)
+        base = optim.AdamW(learning_rate, weight_decay=weight_decay)
     elif name == "adam":
-        base = optim.Adam(learning_rate, betas=list(betas), eps=eps)
+        base = optim.Adam(learning_rate)
     elif name == "sgd":
-        base = optim.SGD(learning_rate, momentum=momentum, weight_decay=weight_decay)
+        base = optim.SGD(learning_rate, momentum=momentum or 0.0, weight_decay=weight_decay)
     elif name == "adafactor":
         base = optim.Adafactor(learning_rate, relative_step=False, scale_parameter=False)
     elif name == "muon":
-        base = optim.Muon(learning_rate, momentum=momentum or 0.95, weight_decay=weight_decay)
+        base = optim.Muon(learning_rate, momentum=0.95 if momentum is None else momentum, weight_decay=weight_decay)
     else:
         raise ValueError(f"unknown optimizer {name!r} (expected one of {', '.join(OPTIMIZERS)})")
-    masked = method in MASK_METHODS
+    masked = method in MASKED_METHODS
     return MaskedOptimizer(
         base,
         method=method if masked else "gmt",

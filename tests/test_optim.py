@@ -154,6 +154,37 @@ def test_every_base_optimizer_can_be_masked(tiny_model_dir, name):
     opt = build_optimizer(name, 1e-3, method="gmt", mask_ratio=0.3)
     _, losses = run(tiny_model_dir, opt, iters=2)
     assert np.isfinite(losses[-1].loss)
+    # And the mask is really applied: with the update target exactly the kept entries move.
+    base = build_optimizer(name, 1e-2, method="sft").optimizer
+    masks, changed = one_step_change(tiny_model_dir, "update", base)
+    for n, m in masks.items():
+        assert not changed[n][~m].any(), n  # a dropped entry never moves
+    moved = sum(changed[n].sum() for n in masks) / sum(m.sum() for m in masks.values())
+    assert moved > 0.95  # ... and (nearly) every kept one does
+    if name != "muon":  # Muon orthogonalises the whole update matrix: a zero gradient entry still moves
+        masks, changed = one_step_change(tiny_model_dir, "grad", build_optimizer(name, 1e-2, method="sft").optimizer)
+        for n, m in masks.items():
+            assert not changed[n][~m].any(), n
+
+
+def test_a_ratio_that_drops_nothing_runs_through_the_masking_and_equals_sft(tiny_model_dir):
+    """Unlike ratio 0 (which bypasses the masking code), 1e-6 goes through it and must keep everything."""
+    import mlx.nn as nn
+    from gmt_mlx.losses import sft_loss
+
+    model, _ = load(str(tiny_model_dir))
+    (_, _), grads = nn.value_and_grad(model, sft_loss)(model, *next(batches()))
+    opt = build_optimizer("adamw", 1e-3, method="gmt", mask_ratio=1e-6)
+    masks, kept = opt.masks(grads)
+    nonzero = sum(int((g != 0).sum().item()) for _, g in tree_flatten(grads))
+    assert kept.item() == nonzero
+    for (n, g), (_, m) in zip(tree_flatten(grads), tree_flatten(masks)):
+        assert mx.array_equal(m, g != 0).item(), n
+    plain, _ = run(tiny_model_dir, build_optimizer("adamw", 1e-3, method="sft"), accumulation=2)
+    masked, _ = run(tiny_model_dir, build_optimizer("adamw", 1e-3, method="gmt", mask_ratio=1e-6), accumulation=2)
+    a, b = params(plain), params(masked)
+    for name in a:
+        assert mx.allclose(a[name], b[name], rtol=1e-6, atol=1e-7).item(), name
 
 
 def test_schedule_warmup_then_decay():
