@@ -10,6 +10,8 @@ once, and writes:
     OUT/*.png            validation loss vs step and vs wall time, train loss,
                          GMT's kept fraction and mask overlap between steps
 
+(report.py builds results.md and the plots from the results dict.)
+
 What is held equal: every run starts from the same base config (data,
 sequence length, batch, accumulation, optimizer step budget, schedule shape,
 warmup, evaluation cadence), and seed s gives every method the same data order.
@@ -31,12 +33,14 @@ import statistics
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 from . import config as cfg
-from .config import METHODS, Config
+from . import rundir
+from .config import MASKED_METHODS, Config
 from .errors import Interrupted, UserError
 from .progress import format_seconds
+from .report import RESULTS_MD, aggregate, render_markdown, write_plots
 
 DEFAULT_METHODS = ("sft", "gmt", "lora")
 # Peak learning rates when --learning-rates does not name the method. Full-weight
@@ -44,11 +48,9 @@ DEFAULT_METHODS = ("sft", "gmt", "lora")
 # the entries it keeps); adapters start from zero and take ~5-10x more (PEFT users
 # run 1e-4 to 2e-4; DESIGN.md measured 1e-4 working and 5e-4 collapsing SmolLM2-135M).
 DEFAULT_LEARNING_RATES = {"sft": 2e-5, "gmt": 2e-5, "random": 2e-5, "lora": 1e-4, "dora": 1e-4}
-MASKED_METHODS = ("gmt", "random")
 # Config keys compare sets per run; a base config must leave them alone.
 PER_RUN_KEYS = ("method", "mask_ratio", "seed", "learning_rate", "out")
-RESULTS_JSON, RESULTS_MD, EVAL_FILE, BASE_EVAL = "results.json", "results.md", "eval.json", "base_eval.json"
-PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "train_loss_vs_step.png", "kept_fraction.png", "mask_overlap.png")
+RESULTS_JSON, EVAL_FILE, BASE_EVAL = "results.json", "eval.json", "base_eval.json"
 
 
 @dataclass
@@ -86,73 +88,6 @@ class PlannedRun:
 
 def group_label(method: str, mask_ratio: Optional[float]) -> str:
     return f"{method} r={mask_ratio:g}" if mask_ratio is not None else method
-
-
-# --------------------------------------------------------------------------
-# Parsing the comma-separated options
-# --------------------------------------------------------------------------
-
-
-def _items(text: str, what: str) -> List[str]:
-    items = [t.strip() for t in str(text).split(",")]
-    if not any(items) or not all(items):
-        raise UserError(f"--{what} must be a comma-separated list, got {text!r}")
-    return items
-
-
-def parse_methods(text: str) -> List[str]:
-    methods = _items(text, "methods")
-    for m in methods:
-        if m not in METHODS:
-            raise UserError(f"--methods: unknown method {m!r} (expected some of {', '.join(METHODS)})")
-    if len(set(methods)) != len(methods):
-        raise UserError(f"--methods lists a method twice: {text}")
-    return methods
-
-
-def parse_seeds(text: str) -> List[int]:
-    try:
-        seeds = [int(s) for s in _items(text, "seeds")]
-    except ValueError:
-        raise UserError(f"--seeds must be comma-separated integers, got {text!r}") from None
-    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
-        raise UserError(f"--seeds must be distinct non-negative integers, got {text!r}")
-    return seeds
-
-
-def parse_mask_ratios(text: str) -> List[float]:
-    try:
-        ratios = [float(r) for r in _items(text, "mask-ratios")]
-    except ValueError:
-        raise UserError(f"--mask-ratios must be comma-separated numbers, got {text!r}") from None
-    for r in ratios:
-        if not 0.0 < r < 1.0:
-            raise UserError(f"--mask-ratios must each be in (0, 1) (the fraction dropped; sft is ratio 0), got {r:g}")
-    if len(set(ratios)) != len(ratios):
-        raise UserError(f"--mask-ratios lists a ratio twice: {text}")
-    return ratios
-
-
-def parse_learning_rates(text: Optional[str]) -> Dict[str, float]:
-    """"1e-4" (every method) or "lora=1e-4,gmt=2e-5" (those methods; others keep their default)."""
-    if not text:
-        return {}
-    out: Dict[str, float] = {}
-    for item in _items(text, "learning-rates"):
-        method, sep, value = item.partition("=")
-        try:
-            rate = float(value if sep else method)
-        except ValueError:
-            raise UserError(f"--learning-rates: {item!r} is not METHOD=RATE or a number") from None
-        if rate <= 0 or not math.isfinite(rate):
-            raise UserError(f"--learning-rates: {item!r} must be positive")
-        if not sep:
-            out.update({m: rate for m in METHODS})
-        elif method.strip() not in METHODS:
-            raise UserError(f"--learning-rates: unknown method {method.strip()!r}")
-        else:
-            out[method.strip()] = rate
-    return out
 
 
 def check_base(values: Dict[str, object], where: str) -> None:
@@ -195,12 +130,12 @@ def plan(spec: CompareSpec) -> List[PlannedRun]:
 
 
 def _is_finished(run_dir: Path) -> bool:
-    return (run_dir / "model" / "config.json").is_file() and (run_dir / "metrics.jsonl").is_file()
+    return rundir.is_finished(run_dir) and (run_dir / rundir.METRICS_FILE).is_file()
 
 
 def _check_same_config(run: PlannedRun, run_dir: Path) -> Dict[str, tuple]:
     try:
-        saved = cfg.load_yaml(run_dir / "config.yaml")
+        saved = cfg.load_yaml(run_dir / rundir.CONFIG_FILE)
     except UserError:
         return {"config.yaml": ("unreadable", "")}
     return cfg.diff({**Config().to_dict(), **saved}, run.config.to_dict())
@@ -314,13 +249,6 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
 # --------------------------------------------------------------------------
 
 
-def read_metrics(run_dir: Path) -> List[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _median(values: List[float]) -> Optional[float]:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.median(values) if values else None
@@ -342,7 +270,7 @@ def summarize_eval(evaluation: Optional[dict]) -> Optional[dict]:
 
 def summarize_run(run: PlannedRun, run_dir: Path, evaluation: Optional[dict]) -> dict:
     """One run's numbers (from metrics.jsonl and eval.json) and its curves."""
-    records = read_metrics(run_dir)
+    records = rundir.read_metrics(run_dir)
     train = [r for r in records if r.get("type") == "train" and not r.get("skipped")]
     evals = [r for r in records if r.get("type") == "eval"]
     setup = [r for r in records if r.get("type") == "setup"]
@@ -375,35 +303,6 @@ def summarize_run(run: PlannedRun, run_dir: Path, evaluation: Optional[dict]) ->
     return summary
 
 
-def mean_std(values: List[Optional[float]]) -> Optional[dict]:
-    """Mean and sample standard deviation (0 for a single seed) of the finite values."""
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return None
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": sum(values) / len(values), "std": std, "n": len(values)}
-
-
-ROW_METRICS = ("final_val_loss", "best_val_loss", "test_loss", "test_ppl", "tokens_per_sec", "wall_time",
-               "peak_memory_gb", "trainable_share", "updated_share", "kept_fraction", "mask_overlap")
-
-
-def aggregate(summaries: List[dict], scorers: Sequence[str]) -> List[dict]:
-    """One row per (method, mask ratio): mean ± std over seeds of every metric."""
-    groups: Dict[str, List[dict]] = {}
-    for s in summaries:
-        groups.setdefault(s["group"], []).append(s)
-    rows = []
-    for label, members in groups.items():
-        row = {"group": label, "method": members[0]["method"], "mask_ratio": members[0]["mask_ratio"],
-               "learning_rate": members[0]["learning_rate"], "seeds": [m["seed"] for m in members]}
-        for key in ROW_METRICS:
-            row[key] = mean_std([m.get(key) for m in members])
-        row["accuracy"] = {name: mean_std([m["accuracy"].get(name) for m in members]) for name in scorers}
-        rows.append(row)
-    return rows
-
-
 def describe_spec(spec: CompareSpec, eval_split: Optional[str]) -> dict:
     base = spec.base
     return {
@@ -422,172 +321,3 @@ def describe_spec(spec: CompareSpec, eval_split: Optional[str]) -> dict:
         "command": spec.command,
         "base_config": base.to_dict(),
     }
-
-
-# --------------------------------------------------------------------------
-# results.md
-# --------------------------------------------------------------------------
-
-
-def _fmt(stat: Optional[dict], digits: int = 4, scale: float = 1.0, suffix: str = "") -> str:
-    if stat is None:
-        return "—"
-    mean = stat["mean"] * scale
-    text = f"{mean:.{digits}f}{suffix}"
-    if stat["n"] > 1:
-        text += f" ± {stat['std'] * scale:.{digits}f}{suffix}"
-    return text
-
-
-def render_markdown(results: dict) -> str:
-    spec, rows, base = results["spec"], results["rows"], results["base"]
-    scorers = spec["eval"]["scorers"]
-    lines = ["# gmt-mlx compare", ""]
-    if spec.get("command"):
-        lines += ["Command:", "", "```sh", spec["command"], "```", ""]
-    seeds = ", ".join(map(str, spec["seeds"]))
-    lines += [
-        f"- model: `{spec['model']}`; data: `{spec['data']}`",
-        f"- budget: {spec['steps']} optimizer steps, batch {spec['batch_size']} x {spec['grad_accumulation_steps']} "
-        f"accumulation, {spec['optimizer']}, {spec['lr_schedule']} schedule (warmup {spec['warmup_steps']}, "
-        f"min lr ratio {spec['min_lr_ratio']}), prompt masked: {spec['mask_prompt']}",
-        f"- seeds: {seeds} (mean ± sample std over seeds; a seed fixes the data order for every method)",
-        "- learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in spec["learning_rates"].items()),
-        f"- GMT/random: mask scope {spec['mask_scope']}, target {spec['mask_target']}; "
-        f"LoRA/DoRA: rank {spec['lora']['rank']}, scale {spec['lora']['scale']:g}, dropout {spec['lora']['dropout']:g}, "
-        f"keys {spec['lora']['keys']}, blocks {'all' if spec['lora']['num_layers'] < 0 else spec['lora']['num_layers']}",
-        f"- evaluation: {spec['eval']['split']} split, loss over all of it; accuracy on the first "
-        f"{spec['eval']['limit']} prompts, greedy, at most {spec['eval']['max_tokens']} new tokens, "
-        f"scorer{'s' if len(scorers) > 1 else ''} {', '.join(scorers)}",
-        "",
-    ]
-    acc_headers = [f"accuracy ({s})" for s in scorers]
-    headers = ["method", "lr", "final val loss", "best val loss", "test ppl", *acc_headers, "tokens/s",
-               "train time (s)", "peak mem (GB)", "trained %", "updated %/step"]
-    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    if base is not None:
-        acc = [f"{100 * base['accuracy'][s]:.1f}%" if base["accuracy"].get(s) is not None else "—" for s in scorers]
-        ppl = f"{base['test_ppl']:.3f}" if base.get("test_ppl") is not None else "—"
-        lines.append("| " + " | ".join(["base model (no training)", "—", "—", "—", ppl, *acc, "—", "—", "—", "0%", "0%"]) + " |")
-    for row in rows:
-        acc = [_fmt(row["accuracy"].get(s), 1, 100, "%") for s in scorers]
-        cells = [row["group"], f"{row['learning_rate']:g}", _fmt(row["final_val_loss"]), _fmt(row["best_val_loss"]),
-                 _fmt(row["test_ppl"], 3), *acc, _fmt(row["tokens_per_sec"], 0), _fmt(row["wall_time"], 1),
-                 _fmt(row["peak_memory_gb"], 2), _fmt(row["trainable_share"], 2, 100, "%"),
-                 _fmt(row["updated_share"], 2, 100, "%")]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "- *trained %*: share of the model's parameters that receive gradients (adapters count as extra "
-        "parameters on top of the base). *updated %/step*: trained % times the mean kept fraction, i.e. the "
-        "gradient entries the optimizer sees per step (with Adam and `--mask-target grad`, momentum still moves "
-        "masked entries).",
-        "- *tokens/s*: median over the report windows after the first (which includes compilation); *train time*: "
-        "the training loop with its validation passes, without model loading and saving.",
-        "",
-    ]
-    masked = [r for r in rows if r["method"] in MASKED_METHODS]
-    if masked:
-        lines += ["| masked method | mean kept fraction | mean mask overlap with the previous step |", "|---|---|---|"]
-        for row in masked:
-            lines.append(f"| {row['group']} | {_fmt(row['kept_fraction'], 3)} | {_fmt(row['mask_overlap'], 3)} |")
-        lines += ["", "Mask overlap: the share of a step's kept entries that the previous step kept too, measured "
-                  "on a fixed sample of ~65k positions (a random mask gives 1 - ratio).", ""]
-    lines += ["## Plots", ""]
-    for name in PLOTS:
-        lines.append(f"![{name[:-4].replace('_', ' ')}]({name})")
-    lines.append("")
-    samples = [(r["name"], r["samples"]) for r in results["runs"] if r["samples"] and r["seed"] == spec["seeds"][0]]
-    if samples or (base and base["samples"]):
-        lines += ["## Sample answers (first test prompts, first seed)", ""]
-        first = (base["samples"] if base and base["samples"] else samples[0][1])
-        for k, item in enumerate(first):
-            lines.append(f"**{item['prompt'].strip()}** (reference: `{str(item['reference']).strip()}`)")
-            lines.append("")
-            if base and len(base["samples"]) > k:
-                lines.append(f"- base model: `{_one_line(base['samples'][k]['answer'])}`")
-            for name, items in samples:
-                if len(items) > k:
-                    lines.append(f"- {name}: `{_one_line(items[k]['answer'])}`")
-            lines.append("")
-    return "\n".join(lines)
-
-
-def _one_line(text: str, width: int = 120) -> str:
-    text = " ".join(str(text).split()).replace("`", "'")
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-# --------------------------------------------------------------------------
-# Plots (matplotlib's object API with the Agg canvas: no pyplot, no global state)
-# --------------------------------------------------------------------------
-
-
-def _series(runs: List[dict], curve: str, x_index: int, y_index: int) -> Dict[str, List[tuple]]:
-    """Per group: the mean curve over seeds (points present in every seed) and its min/max."""
-    groups: Dict[str, List[dict]] = {}
-    for run in runs:
-        groups.setdefault(run["group"], []).append(run)
-    out = {}
-    for label, members in groups.items():
-        by_step: Dict[int, List[tuple]] = {}
-        for run in members:
-            for point in run["curves"][curve]:
-                if point[y_index] is not None and point[x_index] is not None:
-                    by_step.setdefault(point[0], []).append((point[x_index], point[y_index]))
-        points = []
-        for step in sorted(by_step):
-            values = by_step[step]
-            if len(values) == len(members):
-                xs, ys = zip(*values)
-                points.append((sum(xs) / len(xs), sum(ys) / len(ys), min(ys), max(ys)))
-        if points:
-            out[label] = points
-    return out
-
-
-def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: Dict[str, List[tuple]], empty: str) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.0), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for label, points in series.items():
-        xs, ys, lo, hi = zip(*points)
-        line = ax.plot(xs, ys, marker="o", markersize=3, label=label)[0]
-        if any(a != b for a, b in zip(lo, hi)):
-            ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color(), linewidth=0)
-    if series:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
-    if xlabel == "optimizer step":
-        from matplotlib.ticker import MaxNLocator
-
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
-
-
-def write_plots(results: dict, out: Path) -> List[Path]:
-    """The PNG plots of a comparison (mean over seeds; the band is the min-max over seeds)."""
-    runs = results["runs"]
-    masked = [r for r in runs if r["method"] in MASKED_METHODS]
-    no_val = "no validation split"
-    return [
-        _plot(out / PLOTS[0], "Validation loss", "optimizer step", "validation loss", _series(runs, "val", 0, 2), no_val),
-        _plot(out / PLOTS[1], "Validation loss against time", "wall time (s)", "validation loss",
-              _series(runs, "val", 1, 2), no_val),
-        _plot(out / PLOTS[2], "Training loss (report steps)", "optimizer step", "training loss",
-              _series(runs, "train", 0, 2), "no training records"),
-        _plot(out / PLOTS[3], "Kept fraction of gradient entries", "optimizer step", "kept fraction",
-              _series(masked, "train", 0, 3), "no gmt/random run"),
-        _plot(out / PLOTS[4], "Mask overlap with the previous step", "optimizer step", "overlap",
-              _series(masked, "train", 0, 4), "no gmt/random run"),
-    ]

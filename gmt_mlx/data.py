@@ -166,12 +166,16 @@ class Example:
         return max(len(self.tokens) - max(self.prompt_len, 1), 0)
 
 
-def _has_chat_template(tokenizer) -> bool:
-    # mlx-lm's wrapper may hold its own template in `_chat_template` while the HF one is None.
+def has_chat_template(tokenizer) -> bool:
+    """Whether ``tokenizer`` formats chats: training and generation both ask this, so that a
+    model is prompted the way it was trained."""
+    # An empty template renders nothing; mlx-lm's wrapper may hold its own template in
+    # `_chat_template` (a function, e.g. for `chat_template_type` models) while the HF one is None.
     return bool(getattr(tokenizer, "chat_template", None)) or getattr(tokenizer, "_chat_template", None) is not None
 
 
-def _chat_ids(tokenizer, messages: list, **kwargs) -> list[int]:
+def chat_ids(tokenizer, messages: list, **kwargs) -> list[int]:
+    """Token ids of ``messages`` through the chat template (``kwargs`` go to apply_chat_template)."""
     out = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
     # A bare transformers>=5 tokenizer returns a BatchEncoding; mlx-lm's wrapper a list.
     if isinstance(out, Mapping):
@@ -189,15 +193,15 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _encode_chat(messages: list, tokenizer, mask_prompt: bool, tools=None) -> Example:
-    if not _has_chat_template(tokenizer):
+    if not has_chat_template(tokenizer):
         raise UserError("chat examples (messages) need a chat template and this model's tokenizer has none; "
                         "use the prompt/completion or text format")
     kwargs = {"tools": tools} if tools is not None else {}
-    tokens = _chat_ids(tokenizer, messages, **kwargs)
+    tokens = chat_ids(tokenizer, messages, **kwargs)
     if not mask_prompt or len(messages) < 2:
         # A lone message has no prompt to mask: train on all of it.
         return Example(tokens, 0)
-    prompt = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True, **kwargs)
+    prompt = chat_ids(tokenizer, messages[:-1], add_generation_prompt=True, **kwargs)
     # Some templates render earlier turns differently once a reply follows (e.g. strip
     # <think> blocks); the common prefix never masks a token of the final reply.
     return Example(tokens, _common_prefix(prompt, tokens))
@@ -224,7 +228,7 @@ def encode_example(example: dict, tokenizer, *, mask_prompt: bool) -> Example:
         return _encode_chat(example["messages"], tokenizer, mask_prompt, example.get("tools"))
     eos = tokenizer.eos_token_id
     if fmt == "completions":
-        if _has_chat_template(tokenizer):
+        if has_chat_template(tokenizer):
             messages = [
                 {"role": "user", "content": example["prompt"]},
                 {"role": "assistant", "content": example["completion"]},

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import mlx.nn as nn
 
 from .data import pad_id as batch_pad_id
-from .data import TokenizedSplit, batch_order, load_splits, make_batch, tokenize_split
+from .data import TokenizedSplit, batch_order, chat_ids, has_chat_template, load_splits, make_batch, tokenize_split
 from .errors import UserError
 from .losses import sft_loss
 from .scorers import get_scorer, reference_of
@@ -89,16 +89,11 @@ def generate_text(model: nn.Module, tokenizer, prompt, *, max_tokens: int = 64, 
 def prompt_tokens(tokenizer, prompt, *, chat: Optional[bool] = None) -> List[int]:
     """Token ids of a prompt: chat messages (or a string, wrapped as a user turn when the
     tokenizer has a chat template, unless ``chat=False``) end with the generation prompt."""
-    has_template = getattr(tokenizer, "chat_template", None) is not None
     if isinstance(prompt, list):
-        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-    elif (chat is None and has_template) or chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    else:
-        ids = tokenizer.encode(prompt)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers>=5 may return a BatchEncoding
-        ids = ids["input_ids"]
-    return [int(t) for t in ids]
+        return chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    if (chat is None and has_chat_template(tokenizer)) or chat:
+        return chat_ids(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return [int(t) for t in tokenizer.encode(prompt)]
 
 
 def generate_batch(

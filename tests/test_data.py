@@ -348,3 +348,39 @@ def test_every_example_folder_parses():
         if "test" in splits:
             train = {json.dumps(r, sort_keys=True) for r in splits["train"]}
             assert not any(json.dumps(r, sort_keys=True) in train for r in splits["test"]), folder
+
+
+class _TemplateTokenizer:
+    """Chat formatting set per test: an HF template string and/or mlx-lm's own template function."""
+
+    eos_token_id = 2
+
+    def __init__(self, chat_template, own):
+        self.chat_template, self._chat_template = chat_template, own
+
+    def encode(self, text, add_special_tokens=True):
+        return [3 + len(word) for word in text.split()]
+
+    def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=False, **kwargs):
+        ids = []
+        for message in messages:
+            ids += [10 if message["role"] == "user" else 12, *self.encode(message["content"]), 11]
+        return ids + [12] * add_generation_prompt
+
+
+@pytest.mark.parametrize("template,own,chat", [
+    (None, None, False),
+    ("", None, False),  # an empty template renders nothing: not a chat model
+    ("{{ messages }}", None, True),
+    (None, lambda *a, **k: "", True),  # mlx-lm's own template (chat_template_type), the HF one None
+])
+def test_one_chat_template_rule_for_training_and_generation(template, own, chat):
+    from gmt_mlx.data import has_chat_template
+    from gmt_mlx.evaluate import prompt_tokens
+
+    tok = _TemplateTokenizer(template, own)
+    assert has_chat_template(tok) is chat
+    # A model is prompted at generation exactly as its training prompts were encoded.
+    example = encode_example(COMPLETION, tok, mask_prompt=True)
+    assert prompt_tokens(tok, COMPLETION["prompt"]) == example.tokens[: example.prompt_len]
+    assert (example.tokens[0] == 10) is chat

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import gmt_mlx.models as models
+import gmt_mlx.hub as hub
 from gmt_mlx.errors import UserError
 from gmt_mlx.models import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, resolve_model
 
@@ -99,7 +99,7 @@ def test_default_prefers_the_hub_cache(tiny, monkeypatch):
         calls.append((repo_id, local_files_only))
         return tiny
 
-    monkeypatch.setattr(models, "_hub_snapshot", cached)
+    monkeypatch.setattr(hub, "download_model", cached)
     assert resolve_model(None) == tiny
     assert resolve_model("SmolLM2-135M") == tiny
     assert calls == [("HuggingFaceTB/SmolLM2-135M-Instruct", True)] * 2
@@ -107,7 +107,7 @@ def test_default_prefers_the_hub_cache(tiny, monkeypatch):
 
 
 def test_default_falls_back_to_the_distribution_gguf(tiny_gguf, tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "_hub_snapshot", _no_hub)
+    monkeypatch.setattr(hub, "download_model", _no_hub)
     monkeypatch.setattr(metadata, "distribution", lambda name: FakeDistribution([tiny_gguf]))
     out = resolve_model(None)
     assert out == tmp_path / "gmt-cache" / "models" / "smollm2-135m"
@@ -117,7 +117,7 @@ def test_default_falls_back_to_the_distribution_gguf(tiny_gguf, tmp_path, monkey
 
 
 def test_missing_distribution_says_how_to_get_it(monkeypatch):
-    monkeypatch.setattr(models, "_hub_snapshot", _no_hub)
+    monkeypatch.setattr(hub, "download_model", _no_hub)
 
     def not_installed(name):
         raise metadata.PackageNotFoundError(name)
@@ -131,11 +131,11 @@ def test_missing_distribution_says_how_to_get_it(monkeypatch):
     monkeypatch.setenv("GMT_MLX_ALLOW_DOWNLOAD", "1")
     calls = []
 
-    def hub(repo_id, local_files_only=False):
+    def download(repo_id, local_files_only=False):
         calls.append(local_files_only)
         return _no_hub(repo_id)
 
-    monkeypatch.setattr(models, "_hub_snapshot", hub)
+    monkeypatch.setattr(hub, "download_model", download)
     with pytest.raises(UserError, match="could not find model HuggingFaceTB/SmolLM2-135M-Instruct"):
         resolve_model("smollm2-135m")
     assert calls == [True, False]

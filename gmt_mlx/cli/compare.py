@@ -42,18 +42,13 @@ def compare(
     Every run is a normal fine-tuning run under OUT/runs/. Running the same
     command again resumes an interrupted comparison and reuses finished runs.
     """
-    from ..compare import (
-        CompareSpec,
-        check_base,
-        compare as run,
-        parse_learning_rates,
-        parse_mask_ratios,
-        parse_methods,
-        parse_seeds,
-    )
+    from ..compare import CompareSpec, check_base
+    from ..compare import compare as run
     from ..config import load_yaml, resolve
     from ..errors import UserError
+    from ..report import RESULTS_MD
     from ..scorers import parse_scorers
+    from .parsing import parse_learning_rates, parse_mask_ratios, parse_methods, parse_seeds
 
     if config_file is not None:
         check_base(load_yaml(config_file), str(config_file))
@@ -74,5 +69,5 @@ def compare(
     )
     results = run(spec, overwrite=overwrite, log=echo)
     echo("")
-    echo((out / "results.md").read_text().split("\n## Plots")[0])
+    echo((out / RESULTS_MD).read_text().split("\n## Plots")[0])
     echo(f"plots: {', '.join(Path(p).name for p in results['plots'])}")

@@ -1,0 +1,75 @@
+"""Parsing of the comma-separated option strings (`gmt-mlx compare --methods sft,gmt ...`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional
+
+from ..config import METHODS
+from ..errors import UserError
+
+
+def _items(text: str, what: str) -> List[str]:
+    items = [t.strip() for t in str(text).split(",")]
+    if not any(items) or not all(items):
+        raise UserError(f"--{what} must be a comma-separated list, got {text!r}")
+    return items
+
+
+def _numbers(text: str, what: str, kind: Callable, kind_name: str) -> list:
+    try:
+        return [kind(item) for item in _items(text, what)]
+    except ValueError:
+        raise UserError(f"--{what} must be comma-separated {kind_name}, got {text!r}") from None
+
+
+def parse_methods(text: str) -> List[str]:
+    """"sft,gmt,lora": known methods, each once."""
+    methods = _items(text, "methods")
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"--methods: unknown method {m!r} (expected some of {', '.join(METHODS)})")
+    if len(set(methods)) != len(methods):
+        raise UserError(f"--methods lists a method twice: {text}")
+    return methods
+
+
+def parse_seeds(text: str) -> List[int]:
+    """"0,1,2": distinct non-negative integers."""
+    seeds = _numbers(text, "seeds", int, "integers")
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise UserError(f"--seeds must be distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def parse_mask_ratios(text: str) -> List[float]:
+    """"0.2,0.5": distinct ratios in (0, 1) (0 would be sft)."""
+    ratios = _numbers(text, "mask-ratios", float, "numbers")
+    for r in ratios:
+        if not 0.0 < r < 1.0:
+            raise UserError(f"--mask-ratios must each be in (0, 1) (the fraction dropped; sft is ratio 0), got {r:g}")
+    if len(set(ratios)) != len(ratios):
+        raise UserError(f"--mask-ratios lists a ratio twice: {text}")
+    return ratios
+
+
+def parse_learning_rates(text: Optional[str]) -> Dict[str, float]:
+    """"1e-4" (every method) or "lora=1e-4,gmt=2e-5" (those methods; others keep their default)."""
+    if not text:
+        return {}
+    out: Dict[str, float] = {}
+    for item in _items(text, "learning-rates"):
+        method, sep, value = item.partition("=")
+        try:
+            rate = float(value if sep else method)
+        except ValueError:
+            raise UserError(f"--learning-rates: {item!r} is not METHOD=RATE or a number") from None
+        if rate <= 0 or not math.isfinite(rate):
+            raise UserError(f"--learning-rates: {item!r} must be positive")
+        if not sep:
+            out.update({m: rate for m in METHODS})
+        elif method.strip() not in METHODS:
+            raise UserError(f"--learning-rates: unknown method {method.strip()!r}")
+        else:
+            out[method.strip()] = rate
+    return out
