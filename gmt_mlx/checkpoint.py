@@ -7,7 +7,8 @@ A checkpoint is one folder (rundir.py names and finds them:
     optimizer.safetensors   the optimizer state tree (step, moments, lr)
     rng.safetensors         MLX's global RNG state (LoRA dropout draws from it)
     state.json              step, data position, metrics, resolved config,
-                            versions, and the sha256 of every file above
+                            loss normalisation, versions, and the sha256
+                            of every file above
 
 It is written to a temporary sibling folder, fsynced, then renamed into
 place, and `state.json` is written last: a kill during a save leaves either
@@ -36,6 +37,10 @@ from .errors import UserError
 STATE_FILE = "state.json"
 FILES = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors")
 FAULT_ENV = "GMT_MLX_FAULT"
+# How a step's loss and gradient are normalised: by the step's total target tokens
+# (DESIGN.md decision 8). Checkpoints of gmt-mlx < 0.2 lack the field: they averaged
+# micro-batch means, and finetune refuses to resume them where that differs.
+LOSS_NORMALISATION = "step_tokens"
 
 
 def fault(point: str) -> None:
@@ -116,6 +121,7 @@ def save_checkpoint(
         mx.save_safetensors(str(tmp / FILES[2]), {"rng": mx.random.state[0]})
         meta = {
             "step": step,
+            "loss_normalisation": LOSS_NORMALISATION,
             "config": config,
             "versions": versions(),
             "sha256": {name: sha256(tmp / name) for name in FILES},

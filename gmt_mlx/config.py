@@ -17,9 +17,15 @@ import yaml
 
 from .errors import UserError
 
-METHODS = ("gmt", "sft", "random", "lora", "dora")
+# "full" is another name for "sft" (plain full fine-tuning); Config stores it as "sft".
+METHODS = ("gmt", "sft", "full", "random", "lora", "dora")
+METHOD_ALIASES = {"full": "sft"}
+# Methods whose optimizer masks the gradient (the one place that decides it; mask_* apply to them only).
+MASKED_METHODS = ("gmt", "random")
 # Methods that train low-rank adapters on a frozen base (which may stay quantized: QLoRA).
 ADAPTER_METHODS = ("lora", "dora")
+MASK_KEYS = ("mask_ratio", "mask_scope", "mask_target", "mask_sample_size")
+LORA_KEYS = ("lora_rank", "lora_scale", "lora_dropout", "lora_keys")
 
 
 def opt(default, help: str, choices: tuple = (), group: str = "Training", cli: bool = True):
@@ -37,7 +43,7 @@ class Config:
     mask_prompt: bool = opt(False, "Train only on completions / the final assistant turn (loss masked on prompts).", group="Model and data")
 
     # Method
-    method: str = opt("gmt", "gmt (gradient-mask tuning), sft (plain full fine-tuning), random (random mask control), lora / dora (low-rank adapters on a frozen base).", METHODS, group="Method")
+    method: str = opt("gmt", "gmt (gradient-mask tuning), sft or full (plain full fine-tuning), random (random mask control), lora / dora (low-rank adapters on a frozen base).", METHODS, group="Method")
     mask_ratio: float = opt(0.2, "Fraction of gradient entries DROPPED each optimizer step, in [0, 1).", group="Method")
     mask_scope: str = opt("tensor", "Unit sharing one threshold: tensor, layer (transformer block) or global.", ("tensor", "layer", "global"), group="Method")
     mask_target: str = opt("grad", "grad: the optimizer sees the masked gradient; update: only kept entries move.", ("grad", "update"), group="Method")
@@ -56,6 +62,7 @@ class Config:
     optimizer: str = opt("adamw", "Base optimizer that the mask wraps.", ("adamw", "adam", "sgd", "adafactor", "muon"))
     learning_rate: float = opt(1e-5, "Peak learning rate.")
     weight_decay: float = opt(0.0, "Decoupled weight decay (adamw, sgd, muon).")
+    momentum: Optional[float] = opt(None, "Momentum of sgd and muon (default: 0 for sgd, 0.95 for muon); ignored by adam/adamw/adafactor.")
     lr_schedule: str = opt("cosine", "Decay after warmup.", ("cosine", "linear", "constant"))
     warmup_steps: int = opt(0, "Linear warmup steps.")
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak.")
@@ -86,6 +93,14 @@ class Config:
     push_to_hub: Optional[str] = opt(None, "Upload RUN_DIR/model (with its model card) to this Hub repo, user/name, at the end of the run.", group="Hub")
     hub_datasets: Optional[str] = opt(None, "Comma-separated Hub dataset ids the training data came from (the model card's `datasets`).", group="Hub")
 
+    def __post_init__(self) -> None:
+        self.method = METHOD_ALIASES.get(self.method, self.method)
+
+    @property
+    def masked(self) -> bool:
+        """Whether the optimizer step drops gradient entries (a masking method with mask_ratio > 0)."""
+        return self.method in MASKED_METHODS and self.mask_ratio > 0
+
     def validate(self) -> "Config":
         """Check ranges and choices; raise UserError with a one-line message."""
         for f in fields(self):
@@ -93,8 +108,14 @@ class Config:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise UserError(f"--{flag(f.name)} must be one of {', '.join(choices)}, got {value!r}")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise UserError(f"--mask-ratio must be in [0, 1) (the fraction dropped), got {self.mask_ratio}")
+        from .masking import check_mask_ratio  # the one rule for the range (imports mlx: not at module load)
+
+        try:
+            check_mask_ratio(self.mask_ratio)
+        except ValueError:
+            raise UserError(f"--mask-ratio must be in [0, 1) (the fraction dropped), got {self.mask_ratio}") from None
+        if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
+            raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
         positive = ["batch_size", "grad_accumulation_steps", "max_seq_length", "mask_sample_size", "steps_per_report", "keep_checkpoints"]
         for name in positive:
             if getattr(self, name) < 1:
@@ -204,7 +225,24 @@ def save_yaml(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
+def applies(key: str, method: Optional[str]) -> bool:
+    """Whether option ``key`` can change what ``method`` trains (mask_* only for masking, lora_* only for adapters)."""
+    method = METHOD_ALIASES.get(method, method)
+    if key in MASK_KEYS:
+        return method in MASKED_METHODS
+    if key in LORA_KEYS:
+        return method in ADAPTER_METHODS
+    return True
+
+
 def diff(a: Dict[str, Any], b: Dict[str, Any], ignore=Config.COSMETIC) -> Dict[str, tuple]:
-    """Keys whose values differ between two config dicts (cosmetic keys ignored)."""
+    """Keys whose values differ between two config dicts.
+
+    Cosmetic keys are ignored, and so are keys that apply to neither side's
+    method: an sft run saved with the default mask_ratio resumes under a YAML
+    that sets another one.
+    """
     keys = (set(a) | set(b)) - set(ignore)
-    return {k: (a.get(k), b.get(k)) for k in sorted(keys) if a.get(k) != b.get(k)}
+    methods = (a.get("method"), b.get("method"))
+    return {k: (a.get(k), b.get(k)) for k in sorted(keys)
+            if a.get(k) != b.get(k) and any(applies(k, m) for m in methods)}

@@ -19,25 +19,25 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import config as cfg
 from . import checkpoint as ckpt
+from . import config as cfg
 from . import rundir
 from .config import Config
-from .distributed import check_batch_size, check_same_config, init_group, is_main
-from .data import pad_id as batch_pad_id
 from .data import TokenizedSplit, iterate_batches, length_buckets, load_splits, padding_waste, tokenize_split
+from .data import pad_id as batch_pad_id
+from .distributed import check_batch_size, check_same_config, init_group, is_main
 from .errors import Interrupted, UserError
 from .evaluate import describe_prompt, generate_text, sample_prompts, split_loss
 from .export import save_hf_model
 from .hub import check_push, publish_run
 from .loading import load_base
-from .memory import advice, available_bytes, estimate
+from .memory import MemoryEstimate, advice, available_bytes, estimate
 from .methods import enable_grad_checkpoint, prepare_model
 from .optim import MASK_SAMPLE_KEY, build_optimizer, make_schedule
 from .progress import Progress
@@ -46,7 +46,6 @@ from .trainer import NonFiniteError, StepResult, train
 # Training batches are padded to train_buckets' widths; this multiple only rounds the
 # memory estimate's sequence length and a batch no bucket holds (none, by construction).
 PAD_MULTIPLE = 8
-SAMPLE_COUNT = 2
 
 
 @dataclass
@@ -72,13 +71,15 @@ class RunPlan:
     checkpoint: Optional[Path] = None
 
 
-def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, force: bool = False) -> RunPlan:
+def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, force: bool = False,
+             ranks: int = 1) -> RunPlan:
     """Decide between a fresh run and a resume; refuse to clobber anything the user made.
 
     An interrupted run of the same config in ``--out`` is resumed
     automatically; one with a different config is refused with the differing
     keys (``--force`` resumes anyway, ``--overwrite`` starts over). A folder
-    that is not a gmt-mlx run is never touched.
+    that is not a gmt-mlx run is never touched. ``ranks``: the data-parallel
+    processes of this (and so of the interrupted) run.
     """
     out = Path(config.out)
     if out.exists() and not out.is_dir():
@@ -103,9 +104,31 @@ def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, f
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in differences.items()))
         raise UserError(f"{out} holds a run with a different config ({listed}); pass --force to resume it "
                         f"anyway or --overwrite to start over")
+    if latest is not None:
+        _check_loss_normalisation(out, latest, ranks)
     # No checkpoint yet (killed early): start over in place. A checkpoint at the
     # last step (killed while saving the model) resumes straight to the save.
     return RunPlan(out, fresh=latest is None, replace=latest is None, checkpoint=latest)
+
+
+def _check_loss_normalisation(out: Path, checkpoint: Path, ranks: int) -> None:
+    """Refuse a checkpoint whose steps averaged micro-batch means (gmt-mlx < 0.2) where that differs.
+
+    With one micro-batch per step on one process both rules give the same
+    gradient, so such a checkpoint resumes; otherwise the run's gradient would
+    change definition mid-run.
+    """
+    try:
+        state = ckpt.read_state(checkpoint)
+    except (OSError, ValueError):
+        return  # unreadable: load_checkpoint's verification says so
+    if "loss_normalisation" in state:
+        return
+    accumulation = int((state.get("config") or {}).get("grad_accumulation_steps", 1))
+    if accumulation > 1 or ranks > 1:
+        raise UserError(f"{out} was started by gmt-mlx before 0.2's change to gradient accumulation (micro-batches "
+                        "are now weighted by their target tokens); resuming it would change its training mid-run: "
+                        "start it over with --overwrite")
 
 
 def tokenize_splits(config: Config, rows: Dict[str, list], tokenizer, log: Callable[[str], None]) -> Dict[str, TokenizedSplit]:
@@ -153,52 +176,55 @@ def train_buckets(split: TokenizedSplit, config: Config) -> List[int]:
     return length_buckets(split.lengths(), config.batch_size, seed=config.seed)
 
 
-def _train_batches(split: TokenizedSplit, config: Config, pad_id: int, counter: list, start_micro: int,
-                   shard: tuple = (0, 1), buckets: Optional[List[int]] = None) -> Iterator:
+def _train_batches(split: TokenizedSplit, config: Config, pad_id: int, start_micro: int, *, shard: tuple = (0, 1),
+                   buckets: Optional[List[int]] = None, count: Callable[[int], None] = lambda tokens: None) -> Iterator:
+    """This rank's micro-batches from micro-batch ``start_micro`` on; ``count`` hears each one's real tokens."""
     for _, _, tokens, mask in iterate_batches(
         split, config.batch_size, seed=config.seed, pad_id=pad_id, pad_multiple=PAD_MULTIPLE, start_step=start_micro,
         shard=shard, buckets=buckets,
     ):
-        counter[0] += _batch_tokens(mask)
+        count(_batch_tokens(mask))
         yield tokens, mask
 
 
 @contextmanager
 def stop_on_sigint(log: Callable[[str], None]):
     """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
-    flag = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: flag["stop"]
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield stop.is_set
         return
 
     def handler(signum, frame):
-        if flag["stop"]:
+        if stop.is_set():
             raise KeyboardInterrupt
-        flag["stop"] = True
+        stop.set()
         log("\nstopping after this step to save a checkpoint (Ctrl-C again to abort without saving)")
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
-        yield lambda: flag["stop"]
+        yield stop.is_set
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
-class Tracker:
-    """Per-run bookkeeping shared by the callbacks: metrics file, best loss, last values."""
+class Setup:
+    """Everything the loop needs, built before the run directory is touched."""
 
-    metrics: Any
-    t_start: float
-    best_val: Optional[float] = None
-    last: Dict[str, float] = field(default_factory=dict)
-    saved_step: int = -1
-    resumed: bool = False
-    main: bool = True  # rank 0 (or the only process): the one that writes
-
-    def write(self, record: dict) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+    model: Any
+    tokenizer: Any
+    model_config: dict
+    model_path: Path
+    sizes: Dict[str, int]  # trainable / total parameters
+    rows: Dict[str, list]  # raw examples per split: the sample prompts come from them
+    train_split: TokenizedSplit
+    valid_split: Optional[TokenizedSplit]
+    pad_id: int
+    steps: int
+    optimizer: Any
+    memory: MemoryEstimate
+    buckets: List[int]
 
 
 def finetune(
@@ -220,11 +246,33 @@ def finetune(
     if not main:
         log = lambda *_: None  # noqa: E731
     check_batch_size(config.batch_size, group.size())
-    plan = plan_run(config, overwrite=overwrite, resume=resume, force=force)  # fail fast, before the slow parts
+    plan = plan_run(config, overwrite=overwrite, resume=resume, force=force, ranks=group.size())  # fail fast
     # Also a barrier: no rank reads the run dir after rank 0 starts changing it.
     check_same_config(config.to_dict(), group)
     if config.push_to_hub:
         check_push(config.push_to_hub)  # repo id and token, before hours of training
+
+    run = _setup(config, log)
+    start_step, best_val = _open_run_dir(plan, config, run, main, log)
+    _summary(config, run, log)
+    if group.size() > 1:
+        log(f"ranks      {group.size()} data-parallel ranks, {config.batch_size // group.size()} examples each per micro-batch")
+    prompts, before = _samples_before(config, run, plan.out, fresh=plan.checkpoint is None) if main else ([], [])
+
+    logger = RunLogger(config, run, plan.out, group, best_val=best_val, resumed=start_step > 0)
+    last_step = _train(config, run, logger, start_step, group, log)
+    if last_step < run.steps:
+        if main and logger.saved_step != last_step:
+            logger.save(last_step)
+        raise Interrupted(f"interrupted at step {last_step} of {run.steps}; checkpoint saved. "
+                          f"Resume with: gmt-mlx finetune --resume {plan.out}")
+    if not main:  # the other ranks hold the same weights; rank 0 writes them
+        return logger.result(rundir.model_dir(plan.out), [], start_step)
+    return _save_final(config, run, plan.out, logger, prompts, before, start_step, log)
+
+
+def _setup(config: Config, log: Callable[[str], None]) -> Setup:
+    """Read the data, load and prepare the model, build the optimizer, check memory."""
     mx.random.seed(config.seed)
     if not config.data:
         raise UserError("--data is required (a folder with train.jsonl, or a .jsonl file)")
@@ -235,19 +283,23 @@ def finetune(
     if config.grad_checkpoint:
         enable_grad_checkpoint(model)
     splits = tokenize_splits(config, rows, tokenizer, log)
-    train_split, valid_split = splits["train"], splits.get("valid")
-    pad_id = batch_pad_id(tokenizer)
+    train_split = splits["train"]
     steps = total_steps(config, len(train_split))
     schedule = make_schedule(
         config.learning_rate, steps, kind=config.lr_schedule, warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio
     )
     optimizer = build_optimizer(
-        config.optimizer, schedule, weight_decay=config.weight_decay, method=config.method,
+        config.optimizer, schedule, weight_decay=config.weight_decay, momentum=config.momentum, method=config.method,
         mask_ratio=config.mask_ratio, mask_scope=config.mask_scope, mask_target=config.mask_target,
         seed=config.seed, sample_size=config.mask_sample_size,
     )
     memory = _check_memory(config, model, model_config, sizes, train_split, log)
+    return Setup(model, tokenizer, model_config, model_path, sizes, rows, train_split, splits.get("valid"),
+                 batch_pad_id(tokenizer), steps, optimizer, memory, train_buckets(train_split, config))
 
+
+def _open_run_dir(plan: RunPlan, config: Config, run: Setup, main: bool, log) -> Tuple[int, Optional[float]]:
+    """Create (or replace) the run directory, or restore its checkpoint; return (start step, best val loss)."""
     out = plan.out
     if main:
         if plan.replace:
@@ -255,72 +307,61 @@ def finetune(
         out.mkdir(parents=True, exist_ok=True)
     start_step, best_val = 0, None
     if plan.checkpoint is not None:
-        meta = ckpt.load_checkpoint(plan.checkpoint, model, optimizer)
+        meta = ckpt.load_checkpoint(plan.checkpoint, run.model, run.optimizer)
         start_step, best_val = int(meta["step"]), meta.get("best_val_loss")
         best = rundir.best_dir(out)
         if ckpt.is_complete(best):  # a step checkpoint saved just before a new best knows the older best
             best_val = ckpt.read_state(best).get("best_val_loss", best_val)
         if main:
             rundir.truncate_metrics(out, start_step)
-        log(f"resuming   from {plan.checkpoint} (step {start_step} of {steps})")
+        log(f"resuming   from {plan.checkpoint} (step {start_step} of {run.steps})")
     elif main:
         (out / rundir.METRICS_FILE).unlink(missing_ok=True)
     if main:
         cfg.save_yaml(config, out / rundir.CONFIG_FILE)
-    buckets = train_buckets(train_split, config)
-    _summary(config, sizes, train_split, valid_split, steps, memory, model_path, buckets, log)
-    if group.size() > 1:
-        log(f"ranks      {group.size()} data-parallel ranks, {config.batch_size // group.size()} examples each per micro-batch")
+    return start_step, best_val
 
-    prompts = sample_prompts(rows.get("test") or rows.get("valid") or [], config.samples) if main and config.samples else []
-    before = _samples_before(out, model, tokenizer, prompts, fresh=plan.checkpoint is None) if main else []
 
-    metrics_file = open(out / rundir.METRICS_FILE, "a") if main else open(os.devnull, "w")
-    tracker = Tracker(metrics_file, time.perf_counter(), best_val, resumed=start_step > 0, main=main)
-    callbacks = _callbacks(config, out, model, optimizer, tracker, steps, sizes, memory, valid_split, pad_id, group)
-    counter = callbacks.pop("counter")
-    batches = _train_batches(train_split, config, pad_id, counter, start_step * config.grad_accumulation_steps,
-                             (group.rank(), group.size()), buckets)
+def _train(config: Config, run: Setup, logger: "RunLogger", start_step: int, group, log) -> int:
+    """The loop from ``start_step``; return the last step done. Divergence and a lost rank become UserErrors."""
+    batches = _train_batches(run.train_split, config, run.pad_id, start_step * config.grad_accumulation_steps,
+                             shard=(group.rank(), group.size()), buckets=run.buckets, count=logger.count_tokens)
     try:
         with stop_on_sigint(log) as should_stop:
-            last_step = train(
-                model, optimizer, batches, iters=steps, start_step=start_step,
+            return train(
+                run.model, run.optimizer, batches, iters=run.steps, start_step=start_step,
                 grad_accumulation_steps=config.grad_accumulation_steps, grad_clip=config.grad_clip,
                 steps_per_eval=config.steps_per_eval, should_stop=should_stop, max_bad_steps=config.max_bad_steps,
-                group=group, **callbacks,
+                group=group, on_step=logger.on_step, on_eval=logger.on_eval,
             )
     except NonFiniteError as err:
-        latest = rundir.latest_checkpoint(out)
+        latest = rundir.latest_checkpoint(logger.out)
         where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
         raise UserError(f"stopped: {err}; {where}. Lower --learning-rate or check the data") from None
     except RuntimeError as err:
         if group.size() == 1 or "[ring]" not in str(err) and "peer" not in str(err):
             raise
-        latest = rundir.latest_checkpoint(out)
+        latest = rundir.latest_checkpoint(logger.out)
         raise UserError(f"rank {group.rank()} lost contact with another rank ({str(err).splitlines()[0]}); "
                         f"resume from {latest or 'the start'} with the same mlx.launch command") from None
     finally:
-        tracker.metrics.close()
-    if last_step < steps:
-        if main and tracker.saved_step != last_step:
-            _save(out, model, optimizer, last_step, config, tracker, steps)
-        raise Interrupted(f"interrupted at step {last_step} of {steps}; checkpoint saved. "
-                          f"Resume with: gmt-mlx finetune --resume {out}")
-    if not main:  # the other ranks hold the same weights; rank 0 writes them
-        return RunResult(out, rundir.model_dir(out), steps, tracker.last.get("loss", float("nan")),
-                         tracker.last.get("val_loss"), tracker.best_val, [], start_step or None, model)
+        logger.close()
 
-    model_dir = save_hf_model(rundir.model_dir(out), model, tokenizer, model_config, dtype=config.dtype, base_path=model_path)
-    after = [generate_text(model, tokenizer, p) for p in prompts]
+
+def _save_final(config: Config, run: Setup, out: Path, logger: "RunLogger", prompts: list, before: List[str],
+                start_step: int, log) -> RunResult:
+    """Write model/ and samples.json, then the model card (and the --push-to-hub upload)."""
+    model_dir = save_hf_model(rundir.model_dir(out), run.model, run.tokenizer, run.model_config, dtype=config.dtype,
+                              base_path=run.model_path)
+    after = [generate_text(run.model, run.tokenizer, p) for p in prompts]
     samples = [{"prompt": describe_prompt(p), "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
     if samples:
         (out / rundir.SAMPLES_FILE).write_text(json.dumps(samples, indent=2))
-    publish_run(out, model_dir, config, step=steps, base_path=model_path, log=log)  # model card, --push-to-hub
-    return RunResult(out, model_dir, steps, tracker.last.get("loss", float("nan")), tracker.last.get("val_loss"),
-                     tracker.best_val, samples, start_step or None, model)
+    publish_run(out, model_dir, config, step=run.steps, base_path=run.model_path, log=log)
+    return logger.result(model_dir, samples, start_step)
 
 
-def _check_memory(config: Config, model, model_config: dict, sizes: dict, train_split: TokenizedSplit, log) -> Any:
+def _check_memory(config: Config, model, model_config: dict, sizes: dict, train_split: TokenizedSplit, log) -> MemoryEstimate:
     longest = max(train_split.lengths())
     seq_len = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
@@ -336,122 +377,155 @@ def _check_memory(config: Config, model, model_config: dict, sizes: dict, train_
     return memory
 
 
-def _summary(config, sizes, train_split, valid_split, steps, memory, model_path, buckets, log) -> None:
+def _summary(config: Config, run: Setup, log) -> None:
     """Start-up summary: the derived numbers a user should see before waiting."""
+    sizes, train_split, valid_split = run.sizes, run.train_split, run.valid_split
     tokens_per_step = config.batch_size * config.grad_accumulation_steps * np.mean(train_split.lengths())
-    masked = config.method in ("gmt", "random") and config.mask_ratio > 0
-    updated = sizes["trainable"] * (1 - config.mask_ratio) if masked else sizes["trainable"]
-    waste = padding_waste(train_split, config.batch_size, seed=config.seed, buckets=buckets)
-    log(f"model      {config.model} ({model_path})")
-    log(f"method     {config.method}" + (f" mask_ratio={config.mask_ratio} scope={config.mask_scope} target={config.mask_target}" if masked else ""))
+    updated = sizes["trainable"] * (1 - config.mask_ratio) if config.masked else sizes["trainable"]
+    waste = padding_waste(train_split, config.batch_size, seed=config.seed, buckets=run.buckets)
+    log(f"model      {config.model} ({run.model_path})")
+    log(f"method     {config.method}" + (f" mask_ratio={config.mask_ratio} scope={config.mask_scope} target={config.mask_target}" if config.masked else ""))
     log(f"params     {sizes['trainable']:,} trainable of {sizes['total']:,} ({100 * sizes['trainable'] / sizes['total']:.1f}%)")
     log(f"per step   ~{tokens_per_step:.0f} tokens, ~{updated:,.0f} gradient entries kept")
     log(f"data       {len(train_split)} train / {len(valid_split) if valid_split else 0} valid examples; "
-        f"padding waste {100 * waste:.1f}% ({len(buckets)} batch widths)")
-    log(f"memory     estimated peak {memory.describe()}")
-    log(f"steps      {steps} optimizer steps, batch {config.batch_size} x {config.grad_accumulation_steps} accumulation")
+        f"padding waste {100 * waste:.1f}% ({len(run.buckets)} batch widths)")
+    log(f"memory     estimated peak {run.memory.describe()}")
+    log(f"steps      {run.steps} optimizer steps, batch {config.batch_size} x {config.grad_accumulation_steps} accumulation")
 
 
-def _samples_before(out: Path, model, tokenizer, prompts: list, *, fresh: bool) -> List[str]:
-    """Answers of the untrained model; a resumed run reuses the ones its first start saved."""
+def _samples_before(config: Config, run: Setup, out: Path, *, fresh: bool) -> Tuple[list, List[str]]:
+    """Sample prompts and the untrained model's answers; a resumed run reuses the ones its first start saved."""
+    rows = run.rows.get("test") or run.rows.get("valid") or []
+    prompts = sample_prompts(rows, config.samples) if config.samples else []
     path = out / rundir.SAMPLES_BEFORE_FILE
     if not fresh and path.is_file():
         saved = json.loads(path.read_text())
         if len(saved) == len(prompts):
-            return saved
-    before = [generate_text(model, tokenizer, p) for p in prompts] if fresh else ["(not recorded)"] * len(prompts)
+            return prompts, saved
+    before = [generate_text(run.model, run.tokenizer, p) for p in prompts] if fresh else ["(not recorded)"] * len(prompts)
     if fresh:
         path.write_text(json.dumps(before))
-    return before
+    return prompts, before
 
 
-def _save(out: Path, model, optimizer, step: int, config: Config, tracker: Tracker, steps: int) -> Path:
-    path = ckpt.save_checkpoint(
-        rundir.step_dir(out, step), model, optimizer, step=step, config=config.to_dict(),
-        extra={"best_val_loss": tracker.best_val, "total_steps": steps,
-               "micro_batches": step * config.grad_accumulation_steps},
-    )
-    tracker.saved_step = step
-    rundir.prune(out, config.keep_checkpoints)
-    return path
+class RunLogger:
+    """The loop's callbacks: progress, metrics.jsonl, periodic checkpoints, validation and the best checkpoint.
 
+    Every rank runs them (validation is sharded over the ranks); only rank 0
+    (``main``) prints, writes metrics and saves.
+    """
 
-def _callbacks(config, out, model, optimizer, tracker: Tracker, steps, sizes, memory, valid_split, pad_id, group=None) -> dict:
-    """on_step (progress, metrics, periodic checkpoints) and on_eval (validation, best checkpoint)."""
-    progress = Progress(steps, every=config.steps_per_report)
-    counter, window = [0], {"t": time.perf_counter(), "tokens": 0}
-    if not tracker.resumed:  # a resumed run keeps the first start's record
-        tracker.write({"type": "setup", "step": 0, "trainable_params": sizes["trainable"], "total_params": sizes["total"],
-                       "total_steps": steps})
-    masks = {"previous": None, "overlap": None}
+    def __init__(self, config: Config, run: Setup, out: Path, group, *, best_val: Optional[float], resumed: bool):
+        self.config, self.run, self.out, self.group = config, run, out, group
+        self.main = is_main(group)
+        self.best_val = best_val
+        self.last: Dict[str, float] = {}  # the latest train loss and val loss
+        self.saved_step = -1  # the step of the newest step checkpoint this start saved
+        self.trained_tokens = 0  # real (unpadded) tokens drawn by this start
+        self.progress = Progress(run.steps, every=config.steps_per_report)
+        self.t_start = time.perf_counter()
+        self.window_start, self.window_tokens = self.t_start, 0  # tokens/s over the last step
+        self.previous_mask: Optional[np.ndarray] = None
+        self.mask_overlap: Optional[float] = None
+        self.metrics = open(out / rundir.METRICS_FILE, "a") if self.main else open(os.devnull, "w")
+        if not resumed:  # a resumed run keeps the first start's record
+            self.write({"type": "setup", "step": 0, "trainable_params": run.sizes["trainable"],
+                        "total_params": run.sizes["total"], "total_steps": run.steps})
 
-    def mask_overlap() -> None:
+    def write(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+    def close(self) -> None:
+        self.metrics.close()
+
+    def count_tokens(self, tokens: int) -> None:
+        self.trained_tokens += tokens
+
+    def result(self, model_dir: Path, samples: list, start_step: int) -> RunResult:
+        return RunResult(self.out, model_dir, self.run.steps, self.last.get("loss", float("nan")), self.last.get("val_loss"),
+                         self.best_val, samples, start_step or None, self.run.model)
+
+    def save(self, step: int) -> Path:
+        """Checkpoint the full training state at ``step``, then prune old step checkpoints."""
+        path = self._save_checkpoint(rundir.step_dir(self.out, step), step)
+        self.saved_step = step
+        rundir.prune(self.out, self.config.keep_checkpoints)
+        return path
+
+    def _save_checkpoint(self, path: Path, step: int) -> Path:
+        return ckpt.save_checkpoint(
+            path, self.run.model, self.run.optimizer, step=step, config=self.config.to_dict(),
+            extra={"best_val_loss": self.best_val, "total_steps": self.run.steps,
+                   "micro_batches": step * self.config.grad_accumulation_steps},
+        )
+
+    def _update_mask_overlap(self) -> None:
         # Share of this step's kept entries (on a fixed sample of positions) that the
         # previous step kept too: 1 - mask_ratio for independent masks, near 1 for sticky ones.
-        sample = optimizer.state.get(MASK_SAMPLE_KEY)
+        sample = self.run.optimizer.state.get(MASK_SAMPLE_KEY)
         if sample is None:
             return
         current = np.array(sample)
-        previous, masks["previous"] = masks["previous"], current
+        previous, self.previous_mask = self.previous_mask, current
         if previous is not None and previous.shape == current.shape and current.any():
-            masks["overlap"] = float((current & previous).sum() / current.sum())
+            self.mask_overlap = float((current & previous).sum() / current.sum())
 
-    def on_step(result: StepResult) -> None:
+    def on_step(self, result: StepResult) -> None:
+        config, steps = self.config, self.run.steps
         now = time.perf_counter()
-        tps = (counter[0] - window["tokens"]) / max(now - window["t"], 1e-9)
-        window.update(t=now, tokens=counter[0])
-        kept_fraction = result.kept / sizes["trainable"]
+        tps = (self.trained_tokens - self.window_tokens) / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_tokens = now, self.trained_tokens
+        kept_fraction = result.kept / self.run.sizes["trainable"]
         if not result.skipped:
-            mask_overlap()
-        tracker.last.update(loss=result.loss)
-        if group is not None and group.size() > 1:
-            ckpt.fault(f"rank{group.rank()}:after-step:{result.step}")  # kill one rank (tests)
-        if not tracker.main:
+            self._update_mask_overlap()
+        self.last["loss"] = result.loss
+        if self.group.size() > 1:
+            ckpt.fault(f"rank{self.group.rank()}:after-step:{result.step}")  # kill one rank (tests)
+        if not self.main:
             return
         if result.skipped:
-            progress.message(f"step {result.step}: non-finite loss or gradient, update skipped")
-        progress.update(result.step, loss=result.loss, tok_s=round(tps), kept=round(kept_fraction, 3))
+            self.progress.message(f"step {result.step}: non-finite loss or gradient, update skipped")
+        self.progress.update(result.step, loss=result.loss, tok_s=round(tps), kept=round(kept_fraction, 3))
         if result.step % config.steps_per_report == 0 or result.step == steps or result.skipped:
-            tracker.write({
+            self.write({
                 "type": "train", "step": result.step, "loss": result.loss, "learning_rate": result.learning_rate,
-                "tokens_per_sec": tps, "kept_fraction": kept_fraction, "mask_overlap": masks["overlap"],
-                "grad_norm": result.grad_norm, "skipped": result.skipped, "trained_tokens": counter[0],
-                "peak_memory_gb": mx.get_peak_memory() / 1e9, "memory_estimate_gb": memory.total / 1e9,
-                "wall_time": now - tracker.t_start,
+                "tokens_per_sec": tps, "kept_fraction": kept_fraction, "mask_overlap": self.mask_overlap,
+                "grad_norm": result.grad_norm, "skipped": result.skipped, "trained_tokens": self.trained_tokens,
+                "peak_memory_gb": mx.get_peak_memory() / 1e9, "memory_estimate_gb": self.run.memory.total / 1e9,
+                "wall_time": now - self.t_start,
             })
         # A skipped (non-finite) step changed nothing: the last good checkpoint stays as it is.
         if config.steps_per_save > 0 and not result.skipped and (result.step % config.steps_per_save == 0 or result.step == steps):
-            _save(out, model, optimizer, result.step, config, tracker, steps)
+            self.save(result.step)
         ckpt.fault(f"after-step:{result.step}")
 
-    def on_eval(step: int) -> None:
-        if valid_split is None:
+    def on_eval(self, step: int) -> None:
+        if self.run.valid_split is None:
             return
         # Every rank evaluates its share; only rank 0 reports and saves.
-        result = split_loss(model, valid_split, batch_size=config.batch_size, pad_id=pad_id,
-                            max_batches=config.val_batches, group=group)
-        if not tracker.main:
+        result = split_loss(self.run.model, self.run.valid_split, batch_size=self.config.batch_size,
+                            pad_id=self.run.pad_id, max_batches=self.config.val_batches, group=self.group)
+        if not self.main:
             return
-        tracker.last.update(val_loss=result["loss"])
-        improved = tracker.best_val is None or result["loss"] < tracker.best_val
-        progress.message(f"step {step}: val loss {result['loss']:.4f} (ppl {result['ppl']:.2f})" + (" *best*" if improved else ""))
-        tracker.write({"type": "eval", "step": step, "val_loss": result["loss"], "val_ppl": result["ppl"],
-                       "wall_time": time.perf_counter() - tracker.t_start})
+        self.last["val_loss"] = result["loss"]
+        improved = self.best_val is None or result["loss"] < self.best_val
+        self.progress.message(f"step {step}: val loss {result['loss']:.4f} (ppl {result['ppl']:.2f})" + (" *best*" if improved else ""))
+        self.write({"type": "eval", "step": step, "val_loss": result["loss"], "val_ppl": result["ppl"],
+                    "wall_time": time.perf_counter() - self.t_start})
         if improved:
-            tracker.best_val = result["loss"]
-            best = rundir.best_dir(out)
-            if tracker.saved_step == step:
-                ckpt.link_checkpoint(rundir.step_dir(out, step), best)
-                state = ckpt.read_state(best)
-            else:
-                ckpt.save_checkpoint(best, model, optimizer, step=step, config=config.to_dict(),
-                                     extra={"best_val_loss": tracker.best_val, "total_steps": steps,
-                                            "micro_batches": step * config.grad_accumulation_steps})
-                state = None
-            if state is not None:
-                # The linked copy must say it is the best one (a fresh state.json, not a link).
-                state["best_val_loss"], state["val_loss"] = tracker.best_val, result["loss"]
-                (best / ckpt.STATE_FILE).unlink()
-                (best / ckpt.STATE_FILE).write_text(json.dumps(state, indent=2))
+            self.best_val = result["loss"]
+            self._save_best(step, result["loss"])
 
-    return {"on_step": on_step, "on_eval": on_eval, "counter": counter}
+    def _save_best(self, step: int, val_loss: float) -> None:
+        best = rundir.best_dir(self.out)
+        if self.saved_step != step:
+            self._save_checkpoint(best, step)
+            return
+        # This step was just saved: link its files instead of writing them twice. The
+        # linked copy must say it is the best one (a fresh state.json, not a link).
+        ckpt.link_checkpoint(rundir.step_dir(self.out, step), best)
+        state = ckpt.read_state(best)
+        state["best_val_loss"], state["val_loss"] = self.best_val, val_loss
+        (best / ckpt.STATE_FILE).unlink()
+        (best / ckpt.STATE_FILE).write_text(json.dumps(state, indent=2))

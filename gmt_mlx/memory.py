@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+from .config import ADAPTER_METHODS, MASKED_METHODS
+
 F32 = 4
 
 # Optimizer state in float32 words per trainable entry.
@@ -62,7 +64,7 @@ def estimate(
     opt_words = _OPTIMIZER_WORDS.get(optimizer, 2)
     optimizer_bytes = int(trainable * F32 * opt_words)
     # gmt/random: a bool mask plus one masked copy of the gradient (or of the update).
-    masking = trainable * (1 + F32) if method in ("gmt", "random") else 0
+    masking = trainable * (1 + F32) if method in MASKED_METHODS else 0
     # Saved for the backward pass per layer and token: ~12 hidden-sized and
     # ~4 intermediate-sized vectors, plus attention scores and probabilities.
     per_layer = tokens * (12 * hidden + 4 * inter) * F32 + batch_size * heads * seq_len * seq_len * 2 * F32
@@ -101,6 +103,6 @@ def available_bytes() -> Optional[int]:
 def advice(method: str) -> str:
     tips = ["a smaller --batch-size (with --grad-accumulation-steps to keep the batch)",
             "a shorter --max-seq-length", "--grad-checkpoint"]
-    if method not in ("lora", "dora"):
+    if method not in ADAPTER_METHODS:
         tips.append("--method lora, or --num-layers N to train fewer blocks")
     return "try " + ", ".join(tips)

@@ -83,3 +83,16 @@ def test_wrong_keys_and_shapes(tiny_model_dir, tmp_path, content, fragment):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "train.jsonl").write_text(content)
     assert fragment in message(run(tiny_model_dir, tmp_path / "d", tmp_path / "o"))
+
+
+def test_momentum_out_of_range(tiny_model_dir, chat_data, tmp_path):
+    line = message(run(tiny_model_dir, chat_data, tmp_path / "o", "--optimizer", "sgd", "--momentum", "1"))
+    assert "--momentum must be in [0, 1), got 1.0" in line
+
+
+def test_damaged_metrics_on_resume_names_the_line(tiny_model_dir, chat_data, tmp_path):
+    out = tmp_path / "o"
+    assert run(tiny_model_dir, chat_data, out, "--iters", "2", "--steps-per-save", "1").exit_code == 0
+    (out / "model" / "config.json").unlink()  # as if killed while saving the model
+    (out / "metrics.jsonl").write_text('{"type": "setup", "step": 0}\n{"type": "tra\n{"type": "train", "step": 1}\n')
+    assert "metrics.jsonl:2: not a metrics record" in message(runner.invoke(app, ["finetune", "--resume", str(out)]))

@@ -72,6 +72,7 @@ def test_checkpoint_holds_the_full_state(tiny_model_dir, chat_data, tmp_path):
     assert names == ["best", "step-000004", "step-000006"]  # pruned to 2, best kept
     state = ckpt.read_state(out / "checkpoints" / "step-000006")
     assert state["step"] == 6 and state["micro_batches"] == 6 and state["config"]["mask_ratio"] == 0.5
+    assert state["loss_normalisation"] == "step_tokens"  # steps divide by their total target tokens
     assert set(state["versions"]) == {"mlx", "mlx-lm", "gmt-mlx"} and set(state["sha256"]) == set(ckpt.FILES)
     opt = mx.load(str(out / "checkpoints" / "step-000006" / "optimizer.safetensors"))
     assert int(opt["step"].item()) == 6 and any(k.endswith(".m") for k in opt)
