@@ -69,6 +69,10 @@ class CompareSpec:
     eval_batch_size: int = 16
     command: Optional[str] = None  # the command line, recorded in results.md
 
+    def __post_init__(self) -> None:
+        # "full" runs as "sft" (Config stores it so): one run, named and priced as sft.
+        self.methods = list(dict.fromkeys(cfg.METHOD_ALIASES.get(m, m) for m in self.methods))
+
     def learning_rate(self, method: str) -> float:
         return self.learning_rates.get(method, DEFAULT_LEARNING_RATES[method])
 
@@ -137,7 +141,7 @@ def _check_same_config(run: PlannedRun, run_dir: Path) -> Dict[str, tuple]:
     try:
         saved = cfg.load_yaml(run_dir / rundir.CONFIG_FILE)
     except UserError:
-        return {"config.yaml": ("unreadable", "")}
+        return {rundir.CONFIG_FILE: ("unreadable", "")}
     return cfg.diff({**Config().to_dict(), **saved}, run.config.to_dict())
 
 

@@ -205,7 +205,9 @@ def run_config(model_or_run: str) -> Optional[dict]:
     """The config.yaml of a gmt-mlx run directory, or None for a plain model."""
     import yaml
 
-    path = Path(model_or_run) / "config.yaml"
+    from .rundir import CONFIG_FILE
+
+    path = Path(model_or_run) / CONFIG_FILE
     if not path.is_file():
         return None
     try:

@@ -37,7 +37,6 @@ def load_base(model: str, *, dequantize: bool = True) -> Tuple[Any, Any, Dict[st
 
 def run_model_dir(path_or_model: str) -> str:
     """A run directory stands for its fine-tuned model (RUN_DIR/model)."""
-    candidate = Path(path_or_model) / "model"
-    if (candidate / "config.json").is_file():
-        return str(candidate)
-    return path_or_model
+    from .rundir import is_finished, model_dir
+
+    return str(model_dir(path_or_model)) if is_finished(path_or_model) else path_or_model

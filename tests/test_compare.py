@@ -142,6 +142,7 @@ def test_finished_run_with_another_config_is_refused(compared, tmp_path):
     (parsing.parse_methods, "sft,foo", "unknown method 'foo'"),
     (parsing.parse_methods, "sft,sft", "twice"),
     (parsing.parse_methods, "sft,,gmt", "comma-separated"),
+    (parsing.parse_methods, "sft,full", "twice"),  # full is sft's other name
     (parsing.parse_seeds, "0,x", "integers"),
     (parsing.parse_seeds, "1,1", "distinct"),
     (parsing.parse_mask_ratios, "0.2,1", "in (0, 1)"),
@@ -154,6 +155,14 @@ def test_bad_lists_are_user_errors(fn, text, fragment):
     with pytest.raises(UserError) as err:
         fn(text)
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_full_is_sft():
+    assert parsing.parse_methods("full,gmt") == ["sft", "gmt"]
+    assert parsing.parse_learning_rates("full=1e-4") == {"sft": 1e-4}
+    assert "full" not in parsing.parse_learning_rates("1e-4")
+    spec = cmp.CompareSpec(base=Config(), out=Path("x"), methods=["full", "sft"])
+    assert spec.methods == ["sft"] and spec.learning_rate("sft") == cmp.DEFAULT_LEARNING_RATES["sft"]
 
 
 def test_learning_rates():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, List, Optional
 
-from ..config import METHODS
+from ..config import METHOD_ALIASES, METHODS
 from ..errors import UserError
 
 
@@ -24,11 +24,12 @@ def _numbers(text: str, what: str, kind: Callable, kind_name: str) -> list:
 
 
 def parse_methods(text: str) -> List[str]:
-    """"sft,gmt,lora": known methods, each once."""
+    """"sft,gmt,lora": known methods, each once (an alias such as full counts as its method)."""
     methods = _items(text, "methods")
     for m in methods:
         if m not in METHODS:
             raise UserError(f"--methods: unknown method {m!r} (expected some of {', '.join(METHODS)})")
+    methods = [METHOD_ALIASES.get(m, m) for m in methods]
     if len(set(methods)) != len(methods):
         raise UserError(f"--methods lists a method twice: {text}")
     return methods
@@ -46,11 +47,21 @@ def parse_mask_ratios(text: str) -> List[float]:
     """"0.2,0.5": distinct ratios in (0, 1) (0 would be sft)."""
     ratios = _numbers(text, "mask-ratios", float, "numbers")
     for r in ratios:
-        if not 0.0 < r < 1.0:
+        if r == 0.0 or not _is_mask_ratio(r):
             raise UserError(f"--mask-ratios must each be in (0, 1) (the fraction dropped; sft is ratio 0), got {r:g}")
     if len(set(ratios)) != len(ratios):
         raise UserError(f"--mask-ratios lists a ratio twice: {text}")
     return ratios
+
+
+def _is_mask_ratio(value: float) -> bool:
+    from ..masking import check_mask_ratio  # the one range rule
+
+    try:
+        check_mask_ratio(value)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_learning_rates(text: Optional[str]) -> Dict[str, float]:
@@ -66,10 +77,11 @@ def parse_learning_rates(text: Optional[str]) -> Dict[str, float]:
             raise UserError(f"--learning-rates: {item!r} is not METHOD=RATE or a number") from None
         if rate <= 0 or not math.isfinite(rate):
             raise UserError(f"--learning-rates: {item!r} must be positive")
+        method = method.strip()
         if not sep:
-            out.update({m: rate for m in METHODS})
-        elif method.strip() not in METHODS:
-            raise UserError(f"--learning-rates: unknown method {method.strip()!r}")
+            out.update({m: rate for m in METHODS if m not in METHOD_ALIASES})
+        elif method not in METHODS:
+            raise UserError(f"--learning-rates: unknown method {method!r}")
         else:
-            out[method.strip()] = rate
+            out[METHOD_ALIASES.get(method, method)] = rate
     return out
