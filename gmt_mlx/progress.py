@@ -20,14 +20,17 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    """Progress over steps ``start+1 .. total``; ETA from the mean time of steps seen."""
+    """Progress up to step ``total``; ETA from the mean time of the steps seen in this process."""
 
-    def __init__(self, total: int, start: int = 0, *, stream: Optional[TextIO] = None, every: int = 10, width: int = 24):
-        self.total, self.start, self.every, self.width = total, start, max(1, every), width
+    def __init__(self, total: int, *, stream: Optional[TextIO] = None, every: int = 10, width: int = 24):
+        self.total, self.every, self.width = total, max(1, every), width
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0 = time.perf_counter()
         self.first_step_time: Optional[float] = None
+        # The step before the first one updated: a resumed run starts late, and the
+        # steps done before it took no time here.
+        self.start = 0
 
     def eta(self, step: int) -> float:
         done = step - self.start
@@ -54,6 +57,7 @@ class Progress:
     def update(self, step: int, **fields) -> None:
         if self.first_step_time is None:
             self.first_step_time = time.perf_counter()
+            self.start = step - 1
         text = self.line(step, **fields)
         if self.tty:
             self.stream.write("\r\033[K" + text)
