@@ -79,6 +79,8 @@ class CompareSpec:
 
 @dataclass
 class PlannedRun:
+    """One run of a comparison: its folder name, method, mask ratio (None unmasked), seed and config."""
+
     name: str
     method: str
     mask_ratio: Optional[float]  # None for methods that do not mask
@@ -91,6 +93,7 @@ class PlannedRun:
 
 
 def group_label(method: str, mask_ratio: Optional[float]) -> str:
+    """The row a run belongs to: the method, with its mask ratio for masked methods (gmt r=0.2)."""
     return f"{method} r={mask_ratio:g}" if mask_ratio is not None else method
 
 
@@ -264,6 +267,7 @@ def _mean(values: List[Optional[float]]) -> Optional[float]:
 
 
 def summarize_eval(evaluation: Optional[dict]) -> Optional[dict]:
+    """The numbers of an evaluation that results.json keeps (and its first three answers)."""
     if evaluation is None:
         return None
     items = evaluation.get("items", [])
@@ -308,6 +312,7 @@ def summarize_run(run: PlannedRun, run_dir: Path, evaluation: Optional[dict]) ->
 
 
 def describe_spec(spec: CompareSpec, eval_split: Optional[str]) -> dict:
+    """What a comparison held equal and what it varied, for results.json and the results.md header."""
     base = spec.base
     return {
         "model": base.model, "data": base.data, "out": str(spec.out), "methods": spec.methods, "seeds": spec.seeds,

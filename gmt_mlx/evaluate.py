@@ -261,6 +261,7 @@ def evaluate(
 
 
 def describe_prompt(prompt) -> str:
+    """A prompt as one string for logs: its last message's content, or the prompt itself."""
     if isinstance(prompt, list):
         return prompt[-1].get("content", "") if prompt else ""
     return str(prompt)

@@ -317,6 +317,8 @@ def save_peft_adapter(
 
 @dataclass
 class ExportResult:
+    """What `export_run` wrote: the folder, what it came from, its step and its files."""
+
     out: Path
     source: str  # "model/" (the final merged model) or a checkpoint folder
     step: Optional[int]

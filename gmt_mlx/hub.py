@@ -33,6 +33,12 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # ---------------------------------------------------------------- download
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0].strip() if text else type(err).__name__
+    return line[:300]
+
+
 def is_hub_id(name: str) -> bool:
     """``name`` has the shape of a Hub repo id (owner/name); whether it exists is not checked."""
     return bool(_HUB_ID.match(name))
@@ -56,13 +62,8 @@ def download_model(repo_id: str, local_files_only: bool = False) -> Path:
 # ---------------------------------------------------------------- upload
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    line = text.splitlines()[0].strip() if text else type(err).__name__
-    return line[:300]
-
-
 def redact(text: str, token: Optional[str]) -> str:
+    """``text`` with the token, wherever it appears, replaced by ***."""
     return text.replace(token, "***") if token else text
 
 
@@ -174,6 +175,8 @@ def _size(nbytes: int) -> str:
 
 @dataclass
 class PushResult:
+    """What `push` sent: the repo, the files (relative paths), the repo and commit URLs."""
+
     repo_id: str
     files: List[str]
     url: Optional[str] = None

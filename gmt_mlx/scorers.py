@@ -131,6 +131,7 @@ def reference_number(reference: Optional[str]) -> Optional[Decimal]:
 
 
 def numbers_equal(a: Optional[Decimal], b: Optional[Decimal]) -> bool:
+    """Equal as numbers (exactly, or within 1e-9 for values that went through floats); None never matches."""
     if a is None or b is None:
         return False
     if a == b:
@@ -139,6 +140,7 @@ def numbers_equal(a: Optional[Decimal], b: Optional[Decimal]) -> bool:
 
 
 def exact_match(answer: str, row: dict) -> float:
+    """1.0 when the answer equals the reference after normalize_text (case, spaces, trailing period)."""
     reference = reference_of(row)
     if reference is None or answer is None:
         return 0.0
@@ -146,10 +148,12 @@ def exact_match(answer: str, row: dict) -> float:
 
 
 def number_match(answer: str, row: dict) -> float:
+    """1.0 when the answer's last number equals the reference's number."""
     return float(numbers_equal(parse_number(last_number(answer)), reference_number(reference_of(row))))
 
 
 def gsm8k_match(answer: str, row: dict) -> float:
+    """1.0 when the number after the answer's "####" equals the reference's number (GSM8K's format)."""
     found = hash_answer(answer)
     # "#### 72 apples" still counts: take the first number after the marker.
     value = parse_number(found) if found is not None else None
@@ -160,6 +164,7 @@ def gsm8k_match(answer: str, row: dict) -> float:
 
 
 def boxed_match(answer: str, row: dict) -> float:
+    """1.0 when the answer's last \\boxed{...} equals the reference (as numbers when both parse)."""
     content = boxed(answer)
     reference = reference_of(row)
     if content is None or reference is None:
