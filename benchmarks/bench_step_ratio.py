@@ -1,0 +1,128 @@
+"""Step ratio GMT / SFT, precisely: the part of a step every full-weight method shares
+(forward, backward, gradient norm) and each method's update (clip, mask, AdamW),
+timed separately on one real gradient, interleaved; step ratio = (shared + update)
+/ (shared + sft's update), at the benchmark batch and at 4 x 256 tokens.
+The GMT/SFT step ratios of RESULTS.md come from here."""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from typing import List
+
+from harness import GMT_CONTENDERS, MASK_RATIO, Context, ModelSpec, fixed_batch, load_model, pad_token, tokenized
+
+NAME = "step-ratio"
+KEY = "update"  # its key in the results JSON
+
+
+def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before) -> dict:
+    """The step split in two: the part every full-weight method shares (forward,
+    backward, gradient norm: trainer.make_step_fns' grad_fn + trainer.global_norm)
+    and the update (clip, mask, optimizer: update_fn), each method's update timed
+    `reps` times, interleaved, on the same real gradient. The update is where
+    the methods differ; short and repeated, it is measured far more precisely than
+    whole steps on a shared machine. Step ratio = (shared + update) / (shared +
+    sft's update)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from gmt_mlx import trainer
+    from gmt_mlx.config import Config
+    from gmt_mlx.methods import prepare_model
+    from gmt_mlx.optim import MaskedOptimizer, build_optimizer
+
+    defaults = Config()
+    model, tokenizer = load_model(spec.path)
+    prepare_model(model, Config(method="sft"))
+    _, split = tokenized(folders["chat"], tokenizer)
+    width = 8 * math.ceil(max(split.lengths()[:batch_size]) / 8)
+    (tokens, mask, _), _ = fixed_batch(split, batch_size, pad_token(tokenizer), width)
+    base = build_optimizer("adamw", defaults.learning_rate, weight_decay=defaults.weight_decay).optimizer
+    optimizers = {"sft": MaskedOptimizer(base, mask_ratio=0.0)}
+    for name in GMT_CONTENDERS[1:]:
+        if name == "random":
+            optimizers[name] = MaskedOptimizer(base, method="random", mask_ratio=MASK_RATIO)
+        elif name.startswith("gmt before"):
+            if before is not None:
+                optimizers[name] = before.MaskedOptimizer(base, mask_ratio=MASK_RATIO)
+        elif name.startswith("gmt tensor/grad sample"):
+            optimizers[name] = MaskedOptimizer(base, mask_ratio=MASK_RATIO, sample_size=int(name.rsplit(" ", 1)[1]))
+        else:
+            scope, target = name.split()[1].split("/")
+            optimizers[name] = MaskedOptimizer(base, mask_ratio=MASK_RATIO, scope=scope, target=target)
+    fns = {name: trainer.make_step_fns(model, opt, grad_clip=defaults.grad_clip) for name, opt in optimizers.items()}
+    grad_fn = fns["sft"][0]
+    state = trainer.training_state(model, base)
+
+    def shared():
+        loss, ntoks, grads = grad_fn(tokens, mask)
+        norm = trainer.global_norm(grads)
+        mx.eval(loss, ntoks, norm, grads)
+        return grads, norm
+
+    grads, norm = shared()
+    for _, update_fn in fns.values():  # compile
+        mx.eval(update_fn(grads, norm), state)
+    times = {name: [] for name in fns}
+    shared_times = []
+    for r in range(reps):
+        t0 = time.perf_counter()
+        grads, norm = shared()
+        shared_times.append(time.perf_counter() - t0)
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            mx.clear_cache()  # the same (cold) start for every update
+            t0 = time.perf_counter()
+            mx.eval(fns[name][1](grads, norm), state)
+            times[name].append(time.perf_counter() - t0)
+    shared_s = statistics.median(shared_times)
+    sft = statistics.median(times["sft"])
+    # The update costs the same whatever the batch; the shared part grows with
+    # the tokens of a step. DESIGN.md's reference step is 4 x 256 tokens.
+    long_tokens = mx.array(np.resize(np.array(tokens), (batch_size, 256)), mx.int32)  # valid ids, repeated
+    long_mask = mx.ones((batch_size, 256))
+    long_times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        loss, ntoks, g = grad_fn(long_tokens, long_mask)
+        mx.eval(loss, ntoks, trainer.global_norm(g), g)
+        long_times.append(time.perf_counter() - t0)
+        del g
+    shared_long = statistics.median(long_times[1:])
+    out = {"reps": reps, "shared_vs_sft_update": shared_s / sft, "shared_long_vs_sft_update": shared_long / sft,
+           "batch_shape": [batch_size, width], "long_shape": [batch_size, 256], "result": {}}
+    for name, ts in times.items():
+        update = statistics.median(ts)
+        # Per repetition, against sft's update of the same repetition: the spread.
+        paired = sorted((shared_s + t) / (shared_s + u) for t, u in zip(ts, times["sft"]))
+        out["result"][name] = {"update_vs_sft_update": update / sft, "step_ratio": (shared_s + update) / (shared_s + sft),
+                               "step_ratio_quartiles": [paired[len(paired) // 4], paired[(3 * len(paired)) // 4]],
+                               "step_ratio_long": (shared_long + update) / (shared_long + sft)}
+    del fns, optimizers, model, grads, long_tokens
+    gc.collect()
+    mx.clear_cache()
+    return out
+
+
+def run(ctx: Context, spec: ModelSpec) -> dict:
+    return update_section(spec, ctx.folders, ctx.batch_size, reps=12 if ctx.quick else 10, before=ctx.before)
+
+
+def render(result: dict) -> List[str]:
+    """Markdown lines of this benchmark's tables."""
+    lines: List[str] = []
+    up = result
+    b, lb = up.get("batch_shape", ["?", "?"]), up.get("long_shape", ["?", "?"])
+    lines += [f"### Step split in two: shared forward/backward/norm, then each method's update ({up['reps']} interleaved "
+              f"repetitions on one real gradient; shared part = {up['shared_vs_sft_update']:.2f} x sft's update at "
+              f"{b[0]} x {b[1]} tokens, {up.get('shared_long_vs_sft_update', float('nan')):.2f} x at {lb[0]} x {lb[1]})", "",
+              f"| method | update / sft update | step / sft step, {b[0]} x {b[1]} tokens | (quartiles over repetitions) | step / sft step, {lb[0]} x {lb[1]} tokens |",
+              "|---|---|---|---|---|"]
+    for name, r in up["result"].items():
+        q = r["step_ratio_quartiles"]
+        lines.append(f"| {name} | {r['update_vs_sft_update']:.3f} | **{r['step_ratio']:.3f}** | ({q[0]:.3f} .. {q[1]:.3f}) | "
+                     f"{r.get('step_ratio_long', float('nan')):.3f} |")
+    lines.append("")
+    return lines
