@@ -81,8 +81,8 @@ def make_tiny_model(
 
     out_dir = Path(out_dir)
     make_tiny_tokenizer(out_dir)
-    vocab_size = Tokenizer.from_file(str(out_dir / "tokenizer.json")).get_vocab_size()
-    eos_id = Tokenizer.from_file(str(out_dir / "tokenizer.json")).token_to_id("<|im_end|>")
+    tokenizer = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    vocab_size, eos_id = tokenizer.get_vocab_size(), tokenizer.token_to_id("<|im_end|>")
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
