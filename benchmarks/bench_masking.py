@@ -68,11 +68,10 @@ def masking_section(spec: ModelSpec, before, reps: int) -> dict:
                         out.append(mx.where(a > 2.5e-4, g, mx.zeros((), g.dtype)))
                 return out
             return f
-        fns["before: random gather of the samples"] = compiled(old_pieces("sample"))
-        fns["before: threshold (gather + partition)"] = compiled(old_pieces("threshold"))
-        fns["before: 2 counting passes (> T, == T)"] = compiled(old_pieces("counts"))
-        fns["before: tie hash + keep mask"] = compiled(old_pieces("tie hash + mask"))
-        fns["before: mx.where to apply"] = compiled(old_pieces("where"))
+        for label, kind in (("random gather of the samples", "sample"), ("threshold (gather + partition)", "threshold"),
+                            ("2 counting passes (> T, == T)", "counts"), ("tie hash + keep mask", "tie hash + mask"),
+                            ("mx.where to apply", "where")):
+            fns[f"before: {label}"] = compiled(old_pieces(kind))
         fns["before: gmt_masks, tensor scope"] = lambda: compiled_masks(old, "tensor", key)(grads)
 
     def new_pieces(kind):
@@ -98,11 +97,10 @@ def masking_section(spec: ModelSpec, before, reps: int) -> dict:
                 return [g * (mx.abs(g) > 2.5e-4) for g in gs]
         return f
 
-    fns["after: strided samples"] = compiled(new_pieces("pools"))
-    fns["after: thresholds (samples + batched partition + tie stats)"] = compiled(new_pieces("thresholds"))
-    fns["after: keep mask + exact count"] = compiled(new_pieces("keep"))
-    fns["after: keep mask + count, no tie test"] = compiled(new_pieces("keep no ties"))
-    fns["after: multiply to apply (alone; fused into the optimizer in a step)"] = compiled(new_pieces("multiply"))
+    for label, kind in (("strided samples", "pools"), ("thresholds (samples + batched partition + tie stats)", "thresholds"),
+                        ("keep mask + exact count", "keep"), ("keep mask + count, no tie test", "keep no ties"),
+                        ("multiply to apply (alone; fused into the optimizer in a step)", "multiply")):
+        fns[f"after: {label}"] = compiled(new_pieces(kind))
     for scope in ("tensor", "layer", "global"):
         fns[f"after: gmt_masks, {scope} scope"] = (
             lambda scope=scope: (lambda c: c(grads))(compiled_masks(new, scope, key)))
