@@ -57,25 +57,36 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before)
     grad_fn = fns["sft"][0]
     state = trainer.training_state(model, base)
 
+    # What trainer.train does before and at the update. Since DESIGN.md decision 8
+    # (trainer.accumulate), grad_fn returns the gradient of the summed loss and
+    # update_fn(grads, scale, norm) scales it by 1 / target tokens; before, grad_fn's
+    # gradient was already a mean and update_fn took (grads, norm).
+    summed = hasattr(trainer, "accumulate")
+
     def shared():
         loss, ntoks, grads = grad_fn(tokens, mask)
+        if summed:
+            scale = 1.0 / mx.maximum(ntoks, 1.0)
+            norm = trainer.global_norm(grads) * scale
+            mx.eval(loss, ntoks, scale, norm, grads)
+            return grads, scale, norm
         norm = trainer.global_norm(grads)
         mx.eval(loss, ntoks, norm, grads)
         return grads, norm
 
-    grads, norm = shared()
+    args = shared()
     for _, update_fn in fns.values():  # compile
-        mx.eval(update_fn(grads, norm), state)
+        mx.eval(update_fn(*args), state)
     times = {name: [] for name in fns}
     shared_times = []
     for r in range(reps):
         t0 = time.perf_counter()
-        grads, norm = shared()
+        args = shared()
         shared_times.append(time.perf_counter() - t0)
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
             mx.clear_cache()  # the same (cold) start for every update
             t0 = time.perf_counter()
-            mx.eval(fns[name][1](grads, norm), state)
+            mx.eval(fns[name][1](*args), state)
             times[name].append(time.perf_counter() - t0)
     shared_s = statistics.median(shared_times)
     sft = statistics.median(times["sft"])
@@ -100,7 +111,7 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before)
         out["result"][name] = {"update_vs_sft_update": update / sft, "step_ratio": (shared_s + update) / (shared_s + sft),
                                "step_ratio_quartiles": [paired[len(paired) // 4], paired[(3 * len(paired)) // 4]],
                                "step_ratio_long": (shared_long + update) / (shared_long + sft)}
-    del fns, optimizers, model, grads, long_tokens
+    del fns, optimizers, model, args, long_tokens
     gc.collect()
     mx.clear_cache()
     return out
