@@ -2,12 +2,12 @@
 
 Launched with `mlx.launch -n N -- gmt-mlx finetune ...` (ring, MPI or NCCL
 backend), every rank runs the same command. `--batch-size` stays the global
-batch: each rank takes a contiguous 1/N slice of every global batch. Each
-rank's loss is its summed token loss divided by the *global* target-token
-count, so the summed gradient is exactly the gradient of the global mean —
-the same quantity a single process computes. Gradients are summed after
-accumulation and before clipping and masking, so every rank builds the same
-GMT / random mask and the weights stay identical across ranks.
+batch: each rank takes a contiguous 1/N slice of every global batch. Summed
+token losses, their gradients and the target-token counts are summed over
+ranks after accumulation, and the sum is divided by the global count
+(trainer.train): the gradient of the global batch's mean loss, the same
+quantity a single process computes. Clipping and masking come after, so
+every rank builds the same GMT / random mask and the weights stay identical.
 """
 
 from __future__ import annotations
@@ -71,8 +71,6 @@ def all_sum_tree(tree: Any, group: mx.distributed.Group) -> Any:
         size += value.nbytes
     flush()
     return tree_unflatten([(name, out[name]) for name, _ in flat])
-
-
 
 
 def check_batch_size(batch_size: int, size: int) -> None:

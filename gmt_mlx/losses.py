@@ -1,25 +1,26 @@
-"""Training losses, as plain functions of (model, batch)."""
+"""Training losses, as plain functions of (model, batch).
+
+Every loss returns ``(summed loss, count)``: the sum over its units (target
+tokens for SFT) and how many there were. The trainer divides the step's sum by
+the step's count over every micro-batch and rank (DESIGN.md decision 8), so
+that accumulation and data parallelism compute the gradient of one big batch.
+"""
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
 
-def sft_loss(
-    model: nn.Module, tokens: mx.array, mask: mx.array, norm: Optional[mx.array] = None
-) -> Tuple[mx.array, mx.array]:
-    """Mean next-token cross-entropy over target positions, and their count.
+def sft_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> Tuple[mx.array, mx.array]:
+    """Summed next-token cross-entropy over target positions, and their count.
 
     ``tokens`` is (B, L) int32; ``mask[b, t]`` is 1 where token t is a loss
-    target (predicted from position t - 1), 0 on prompts and padding. In
-    data-parallel runs ``norm`` is the target count of the *global* batch, so
-    the ranks' losses (and gradients) sum to the global mean.
+    target (predicted from position t - 1), 0 on prompts and padding.
     """
     logits = model(tokens[:, :-1]).astype(mx.float32)
     weights = mask[:, 1:].astype(mx.float32)
     ce = nn.losses.cross_entropy(logits, tokens[:, 1:]) * weights
-    ntoks = weights.sum()
-    return ce.sum() / (mx.maximum(ntoks, 1.0) if norm is None else norm), ntoks
+    return ce.sum(), weights.sum()

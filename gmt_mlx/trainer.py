@@ -14,7 +14,6 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
 from .distributed import all_sum_tree, any_rank
@@ -52,38 +51,39 @@ def training_state(model: nn.Module, optimizer) -> list:
 def make_step_fns(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, grad_clip: float = 0.0):
     """Compile the two halves of a step over the explicit training state.
 
-    ``grad_fn(tokens, mask)`` returns (loss, ntoks, grads) for one micro-batch;
-    ``update_fn(grads, norm)`` clips, masks and applies the accumulated
-    gradient and returns the number of entries kept. Splitting them lets
-    gradient accumulation sum micro-batches before the mask is built (once per
-    optimizer step), and lets the loop skip the update when the gradient is
-    not finite.
+    ``grad_fn(tokens, mask)`` returns (summed loss, count, gradient of the
+    summed loss) for one micro-batch; ``update_fn(grads, scale, norm)`` applies
+    ``scale * grads`` (scale: 1 / the step's count, times the clipping factor
+    from ``norm``, the norm of the scaled gradient), masked, and returns the
+    number of entries kept. Splitting them lets accumulation and the
+    all-reduce sum micro-batches before the mask is built (once per step), and
+    lets the loop skip the update when the gradient is not finite.
     """
     state = training_state(model, optimizer)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def grad_fn(tokens, mask, *norm):
-        (loss, ntoks), grads = loss_and_grad(model, tokens, mask, *norm)
+    def grad_fn(tokens, mask):
+        (loss, count), grads = loss_and_grad(model, tokens, mask)
         # A Linear's weight gradient comes out of the matmul's vjp transposed
         # (column-major). Every later pass (norm, mask, optimizer) mixes it
         # with row-major arrays and falls off MLX's contiguous kernels: one
         # copy here made SmolLM2-135M's whole SFT step 7% and its GMT step
         # 16% faster on CPU (benchmarks/RESULTS.md). A no-op for arrays that
         # are already contiguous.
-        return loss, ntoks, tree_map(mx.contiguous, grads)
+        return loss, count, tree_map(mx.contiguous, grads)
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def update_fn(grads, norm):
-        # The same scaling as optim.clip_grad_norm, reusing the norm we already have.
-        scale = mx.minimum(grad_clip / (norm + 1e-6), 1.0) if grad_clip > 0 else None
+    def update_fn(grads, scale, norm):
+        # The same clipping as optim.clip_grad_norm, reusing the norm we already have.
+        if grad_clip > 0:
+            scale = scale * mx.minimum(grad_clip / (norm + 1e-6), 1.0)
         if isinstance(optimizer, MaskedOptimizer):
-            # The mask is built from the unscaled gradient: see MaskedOptimizer.apply_gradients.
+            # The mask is built from the unscaled sum (a positive scale does not
+            # change it) and the scale fuses into the optimizer's kernel.
             stats = optimizer.update(model, grads, grad_scale=scale)
         else:
-            if scale is not None:
-                grads = tree_map(lambda g: g * scale, grads)
-            stats = optimizer.update(model, grads)
+            stats = optimizer.update(model, tree_map(lambda g: g * scale, grads))
         # A plain mlx optimizer returns None: everything was kept.
         return stats["kept"] if stats else mx.array(sum(g.size for _, g in tree_flatten(grads)), mx.int64)
 
@@ -115,6 +115,24 @@ def global_norm(grads) -> mx.array:
     return mx.sqrt(sum(_sum_of_squares(g) for _, g in tree_flatten(grads)))
 
 
+def accumulate(grad_fn: Callable, batches: Iterator[Batch], micro_batches: int, group=None):
+    """Sum (loss, count, gradient) over one step's micro-batches, then over ranks."""
+    loss_sum, count, grads = mx.array(0.0), mx.array(0.0), None
+    for _ in range(micro_batches):
+        tokens, mask = next(batches)
+        loss, n, micro = grad_fn(tokens, mask)
+        grads = micro if grads is None else tree_map(mx.add, grads, micro)
+        del micro  # else this gradient stays alive through on_step/on_eval (validation, checkpoints)
+        loss_sum, count = loss_sum + loss, count + n
+        if micro_batches > 1:
+            mx.eval(grads, loss_sum, count)  # bound the graph (and memory) per micro-batch
+    if group is not None and group.size() > 1:
+        grads = all_sum_tree(grads, group)
+        loss_sum = mx.distributed.all_sum(loss_sum, group=group)
+        count = mx.distributed.all_sum(count, group=group)
+    return loss_sum, count, grads
+
+
 def train(
     model: nn.Module,
     optimizer,
@@ -134,61 +152,41 @@ def train(
 ) -> int:
     """Run optimizer steps ``start_step + 1 .. iters``; return the last step completed.
 
-    Each step consumes ``grad_accumulation_steps`` micro-batches and averages
-    their gradients (the paper's Gamma = 1/N sum of micro-batch gradients). A
-    step whose loss or gradient is not finite is not applied; after
-    ``max_bad_steps`` such steps in a row (0: never) `NonFiniteError` is
-    raised. ``should_stop()`` is polled between steps (Ctrl-C sets it), so the
-    state is never left half-updated. ``on_eval(step)`` runs every
-    ``steps_per_eval`` steps and at ``iters``.
-
-    With a distributed ``group`` (``mlx.launch``), ``batches`` yields this
-    rank's shard of each global batch; gradients, losses and token counts are
-    summed over ranks after accumulation and before clipping and masking.
+    A step's gradient is the gradient of the summed loss over its
+    ``grad_accumulation_steps`` micro-batches on every rank (``batches``
+    yields this rank's shard), divided by the step's total count of target
+    tokens (DESIGN.md decision 8): a batch of 8 equals 4 x 2 accumulated
+    equals 2 ranks of 4. The mask is built from it after the all-reduce, so
+    every rank builds the same one. A step whose loss or gradient is not
+    finite is not applied; after ``max_bad_steps`` such steps in a row (0:
+    never) `NonFiniteError` is raised. ``should_stop()`` is polled between
+    steps (Ctrl-C sets it). ``on_eval(step)`` runs every ``steps_per_eval``
+    steps and at ``iters``.
     """
-    distributed = group is not None and group.size() > 1
     grad_fn, update_fn = make_step_fns(model, optimizer, loss_fn, grad_clip)
     state = training_state(model, optimizer)
     model.train()
     bad_in_a_row, step = 0, start_step
     for step in range(start_step + 1, iters + 1):
-        loss_sum, ntoks_sum, grads = mx.array(0.0), mx.array(0.0), None
-        for _ in range(grad_accumulation_steps):
-            tokens, mask = next(batches)
-            if distributed:
-                # Normalise by the global batch's target tokens, not this rank's.
-                norm = mx.distributed.all_sum(mask[:, 1:].astype(mx.float32).sum(), group=group)
-                loss, ntoks, micro = grad_fn(tokens, mask, norm)
-            else:
-                loss, ntoks, micro = grad_fn(tokens, mask)
-            grads = micro if grads is None else tree_map(mx.add, grads, micro)
-            del micro  # else this gradient stays alive through on_step/on_eval (validation, checkpoints)
-            loss_sum, ntoks_sum = loss_sum + loss, ntoks_sum + ntoks
-            if grad_accumulation_steps > 1:
-                mx.eval(grads, loss_sum, ntoks_sum)  # bound the graph (and memory) per micro-batch
-        if distributed:
-            grads = all_sum_tree(grads, group)
-            loss_sum = mx.distributed.all_sum(loss_sum, group=group)
-            ntoks_sum = mx.distributed.all_sum(ntoks_sum, group=group)
-        if grad_accumulation_steps > 1:
-            grads = tree_map(lambda g: g / grad_accumulation_steps, grads)
-        norm = global_norm(grads)
-        mx.eval(loss_sum, ntoks_sum, norm)
-        loss_value, norm_value = loss_sum.item() / grad_accumulation_steps, norm.item()
+        loss_sum, count, grads = accumulate(grad_fn, batches, grad_accumulation_steps, group)
+        scale = 1.0 / mx.maximum(count, 1.0)
+        norm = global_norm(grads) * scale
+        mx.eval(loss_sum, scale, norm)
+        loss_value, norm_value = (loss_sum * scale).item(), norm.item()
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
         kept = 0
         if skipped:
             bad_in_a_row += 1
         else:
             bad_in_a_row = 0
-            kept_arr = update_fn(grads, norm)
+            kept_arr = update_fn(grads, scale, norm)
             mx.eval(state, kept_arr)
             kept = int(kept_arr.item())
         del grads
         if on_step is not None:
             # The optimizer stores the learning rate it last used (the schedule at this step).
             lr = optimizer.state["learning_rate"].item() if "learning_rate" in optimizer.state else float("nan")
-            on_step(StepResult(step, loss_value, int(ntoks_sum.item()), norm_value, kept, lr, skipped))
+            on_step(StepResult(step, loss_value, int(count.item()), norm_value, kept, lr, skipped))
         if max_bad_steps > 0 and bad_in_a_row >= max_bad_steps:
             raise NonFiniteError(step, bad_in_a_row)
         if on_eval is not None and ((steps_per_eval > 0 and step % steps_per_eval == 0) or step == iters):
@@ -201,14 +199,14 @@ def train(
 
 
 def evaluate_loss(model: nn.Module, batches, loss_fn: Callable = sft_loss) -> Dict[str, float]:
-    """Token-weighted mean loss over ``batches`` (and its perplexity)."""
+    """Mean loss per unit (target token) over ``batches``, and its perplexity."""
     model.eval()
     total, count = 0.0, 0.0
     for tokens, mask in batches:
-        loss, ntoks = loss_fn(model, tokens, mask)
-        mx.eval(loss, ntoks)
-        total += loss.item() * ntoks.item()
-        count += ntoks.item()
+        loss, n = loss_fn(model, tokens, mask)
+        mx.eval(loss, n)
+        total += loss.item()
+        count += n.item()
     if count == 0:
         return {"loss": float("nan"), "ppl": float("nan"), "tokens": 0}
     mean = total / count

@@ -1,0 +1,160 @@
+"""Accumulation equals a bigger batch (DESIGN.md decision 8).
+
+Batch 8 in one step == 4 x 2 accumulated == 2 ranks of 4, with deliberately
+unequal target counts per micro-batch (the normal case with length buckets
+and --mask-prompt): the step's gradient is the summed token loss over the
+whole step divided by the step's target count, not an average of
+micro-batch means.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm import load
+
+from gmt_mlx.optim import MaskedOptimizer, build_optimizer
+from gmt_mlx.trainer import train
+
+STEPS = 3
+WIDTHS = (28, 12)  # the two micro-batches of a step: long and short examples
+TARGETS = (24, 3)  # target tokens per example: 96 vs 12 per micro-batch
+# SGD's update is linear in the gradient: the two orders of summation differ by float
+# rounding only. Adam divides by sqrt(v): on entries whose gradient is near its eps that
+# rounding becomes up to ~1e-5 of the tensor's scale after 3 steps (measured 1.0e-5; the
+# old rule, averaging micro-batch means, differed by 0.20-0.24 here, and kept 3 of 63 masks).
+RTOL = {"sgd": 1e-6, "adamw": 1e-4}
+
+
+def micro_batch(rng, width: int, targets: int):
+    tokens = rng.integers(3, 384, (4, width))
+    mask = np.zeros((4, width), np.float32)
+    mask[:, width - targets :] = 1  # a prompt, then the completion (the loss's targets)
+    return tokens, mask
+
+
+def global_batches(seed: int = 0):
+    """Each step's 8 examples: 4 long ones with many targets, then 4 short ones with few,
+    padded (right, mask 0) to one width."""
+    rng = np.random.default_rng(seed)
+    while True:
+        parts = [micro_batch(rng, w, t) for w, t in zip(WIDTHS, TARGETS)]
+        width = max(WIDTHS)
+        tokens = np.zeros((8, width), np.int64)
+        mask = np.zeros((8, width), np.float32)
+        for i, (t, m) in enumerate(parts):
+            tokens[4 * i : 4 * i + 4, : t.shape[1]] = t
+            mask[4 * i : 4 * i + 4, : m.shape[1]] = m
+        yield mx.array(tokens, mx.int32), mx.array(mask)
+
+
+def micro_batches(seed: int = 0):
+    """The same examples as 4 x 2 micro-batches, each at its own width."""
+    for tokens, mask in global_batches(seed):
+        for i, width in enumerate(WIDTHS):
+            yield tokens[4 * i : 4 * i + 4, :width], mask[4 * i : 4 * i + 4, :width]
+
+
+class Recording(MaskedOptimizer):
+    """Keeps each step's masks in the optimizer state, which the compiled step returns."""
+
+    def masks(self, gradients):
+        masks, kept = super().masks(gradients)
+        self.optimizer.state["recorded_masks"] = masks
+        return masks, kept
+
+
+def train_recording(model_dir, method: str, batches, *, accumulation: int, group=None, optimizer: str = "adamw"):
+    """Train STEPS steps; return the final weights and each step's masks (flat dicts)."""
+    model, _ = load(str(model_dir))
+    lr = 1e-3 if optimizer == "adamw" else 0.5
+    base = build_optimizer(optimizer, lr, weight_decay=0.01, method=method, mask_ratio=0.5, seed=1)
+    opt = Recording(base.optimizer, method=base.method, mask_ratio=base.mask_ratio, seed=1)
+    masks = []
+
+    def on_step(_):
+        recorded = opt.optimizer.state.get("recorded_masks")
+        masks.append(dict(tree_flatten(recorded)) if recorded is not None else {})
+
+    train(model, opt, batches, iters=STEPS, grad_accumulation_steps=accumulation, grad_clip=1.0,
+          on_step=on_step, group=group)
+    return dict(tree_flatten(model.parameters())), masks
+
+
+# A batch summed in another order rounds differently, so an entry whose |g| lies
+# within float rounding of the threshold can fall on either side: measured 2 of
+# 123,200 entries, once in 18 masks. The old rule (averaging micro-batch means)
+# changed 60 of 63 masks, by far more.
+MAX_FLIPS = 1e-4
+
+
+def assert_same(a_weights, b_weights, a_masks, b_masks, rtol):
+    """Same masks up to rounding-level flips; same weights wherever no mask flipped."""
+    flipped = {}
+    for step, (ma, mb) in enumerate(zip(a_masks, b_masks)):
+        assert ma.keys() == mb.keys()
+        flips = 0
+        for name in ma:
+            diff = np.array(ma[name]) != np.array(mb[name])
+            flips += int(diff.sum())
+            flipped[name] = flipped.get(name, False) | diff
+        assert flips <= MAX_FLIPS * sum(np.array(m).size for m in ma.values()), (step, flips)
+    for name, a in a_weights.items():
+        a, b = np.array(a), np.array(b_weights[name])
+        same = ~flipped.get(name, np.zeros(a.shape, bool))
+        gap = np.abs(a - b)[same].max()
+        assert gap <= rtol * np.abs(a).max(), (name, gap / np.abs(a).max())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("method", ["sft", "gmt", "random"])
+def test_accumulation_equals_the_bigger_batch(tiny_model_dir, method, optimizer):
+    big = train_recording(tiny_model_dir, method, global_batches(), accumulation=1, optimizer=optimizer)
+    accumulated = train_recording(tiny_model_dir, method, micro_batches(), accumulation=2, optimizer=optimizer)
+    assert_same(big[0], accumulated[0], big[1], accumulated[1], RTOL[optimizer])
+    if method != "sft":
+        assert len(big[1]) == STEPS and all(big[1])
+
+
+def test_micro_batches_really_differ_in_target_count():
+    """The premise: averaging micro-batch means would weight these 96 and 12 tokens alike."""
+    batches = micro_batches()
+    counts = [int(next(batches)[1][:, 1:].sum().item()) for _ in range(2)]
+    assert counts == [4 * TARGETS[0], 4 * TARGETS[1]]
+
+
+LAUNCH = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
+
+
+METHODS = ["sft", "gmt", "random"]
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tiny_model_dir, tmp_path_factory):
+    """Every method trained by 2 ranks of 4 examples (one mlx.launch job)."""
+    out = tmp_path_factory.mktemp("ranks")
+    driver = Path(__file__).parent / "accum_driver.py"
+    result = subprocess.run([LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, str(driver),
+                             str(tiny_model_dir), str(out), *METHODS],
+                            capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    return out, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(LAUNCH).exists(), reason="mlx.launch not installed")
+@pytest.mark.parametrize("method", METHODS)
+def test_two_ranks_of_four_equal_the_bigger_batch(tiny_model_dir, two_rank_runs, method):
+    out, said = two_rank_runs
+    assert (out / method / "weights.safetensors").is_file(), said
+    ranks = mx.load(str(out / method / "weights.safetensors"))
+    rank_masks = [mx.load(str(out / method / f"masks-{s}.safetensors")) if method != "sft" else {} for s in range(STEPS)]
+    big = train_recording(tiny_model_dir, method, global_batches(), accumulation=1)
+    assert_same(big[0], ranks, big[1], rank_masks, RTOL["adamw"])
