@@ -1,3 +1,3 @@
 """gmt-mlx: Gradient-Mask Tuning (arXiv 2406.15330) for Hugging Face LLMs on MLX."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
