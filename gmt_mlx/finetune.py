@@ -367,7 +367,7 @@ def _check_memory(config: Config, model, model_config: dict, sizes: dict, train_
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     memory = estimate(
         model_config, weight_bytes=weight_bytes, trainable=sizes["trainable"], batch_size=config.batch_size,
-        seq_len=seq_len, optimizer=config.optimizer, method=config.method,
+        seq_len=seq_len, optimizer=config.optimizer, masked=config.masked,
         grad_accumulation_steps=config.grad_accumulation_steps, grad_checkpoint=config.grad_checkpoint,
     )
     available = available_bytes()
@@ -453,11 +453,11 @@ class RunLogger:
         rundir.prune(self.out, self.config.keep_checkpoints)
         return path
 
-    def _save_checkpoint(self, path: Path, step: int) -> Path:
+    def _save_checkpoint(self, path: Path, step: int, **extra) -> Path:
         return ckpt.save_checkpoint(
             path, self.run.model, self.run.optimizer, step=step, config=self.config.to_dict(),
             extra={"best_val_loss": self.best_val, "total_steps": self.run.steps,
-                   "micro_batches": step * self.config.grad_accumulation_steps},
+                   "micro_batches": step * self.config.grad_accumulation_steps, **extra},
         )
 
     def _update_mask_overlap(self) -> None:
@@ -520,7 +520,7 @@ class RunLogger:
     def _save_best(self, step: int, val_loss: float) -> None:
         best = rundir.best_dir(self.out)
         if self.saved_step != step:
-            self._save_checkpoint(best, step)
+            self._save_checkpoint(best, step, val_loss=val_loss)
             return
         # This step was just saved: link its files instead of writing them twice. The
         # linked copy must say it is the best one (a fresh state.json, not a link).

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from .config import ADAPTER_METHODS, MASKED_METHODS
+from .config import ADAPTER_METHODS
 
 F32 = 4
 
@@ -49,11 +49,11 @@ def estimate(
     batch_size: int,
     seq_len: int,
     optimizer: str = "adamw",
-    method: str = "gmt",
+    masked: bool = True,
     grad_accumulation_steps: int = 1,
     grad_checkpoint: bool = False,
 ) -> MemoryEstimate:
-    """Estimate the peak bytes of one training step (float32 training)."""
+    """Estimate the peak bytes of one training step (float32 training); ``masked``: Config.masked."""
     hidden = int(hf_config.get("hidden_size", 0))
     inter = int(hf_config.get("intermediate_size", 4 * hidden))
     layers = int(hf_config.get("num_hidden_layers", 0))
@@ -63,8 +63,8 @@ def estimate(
     gradients = trainable * F32 * (2 if grad_accumulation_steps > 1 else 1)
     opt_words = _OPTIMIZER_WORDS.get(optimizer, 2)
     optimizer_bytes = int(trainable * F32 * opt_words)
-    # gmt/random: a bool mask plus one masked copy of the gradient (or of the update).
-    masking = trainable * (1 + F32) if method in MASKED_METHODS else 0
+    # A masked step holds a bool mask plus one masked copy of the gradient (or of the update).
+    masking = trainable * (1 + F32) if masked else 0
     # Saved for the backward pass per layer and token: ~12 hidden-sized and
     # ~4 intermediate-sized vectors, plus attention scores and probabilities.
     per_layer = tokens * (12 * hidden + 4 * inter) * F32 + batch_size * heads * seq_len * seq_len * 2 * F32

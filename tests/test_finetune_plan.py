@@ -71,7 +71,7 @@ def test_full_run_resumes_under_a_yaml_with_another_mask_ratio(tiny_model_dir, c
     """End to end: --method full (stored as sft), Ctrl-C, then --resume with a YAML that sets mask_ratio."""
     out = tmp_path / "run"
     first = ["finetune", "--model", str(tiny_model_dir), "--data", str(chat_data), "--out", str(out), "--iters", "4",
-             "--learning-rate", "1e-3", "--steps-per-save", "2", "--steps-per-eval", "0", "--samples", "0",
+             "--learning-rate", "1e-3", "--steps-per-save", "2", "--steps-per-eval", "3", "--samples", "0",
              "--method", "full", "--optimizer", "sgd", "--momentum", "0.5"]
     monkeypatch.setattr(ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:2" else None)
     assert runner.invoke(app, first).exit_code == 130
@@ -88,3 +88,5 @@ def test_full_run_resumes_under_a_yaml_with_another_mask_ratio(tiny_model_dir, c
     assert resumed.exit_code == 0, resumed.output
     assert "resuming" in resumed.output and built["momentum"] == 0.5
     assert rundir.last_step(out) == 4 and rundir.is_finished(out)
+    best = ckpt.read_state(rundir.best_dir(out))  # saved at step 3 (no step checkpoint) or linked at 4
+    assert best["val_loss"] == best["best_val_loss"] == min(r["val_loss"] for r in rundir.read_metrics(out, "eval"))
