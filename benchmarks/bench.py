@@ -46,6 +46,7 @@ import bench_pipeline
 import bench_step_ratio
 import bench_steps
 import bench_threshold
+import harness
 from harness import REPO, Context, datasets, environment, load_before, log, model_specs
 
 # The order they run in: padding, then each model's benchmarks model by model, then
@@ -94,7 +95,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder for the JSON and markdown results")
     parser.add_argument("--no-blas", action="store_true", help="keep MLX's bundled reference BLAS (no re-exec)")
+    parser.add_argument("--before", default=harness.BEFORE_COMMIT, help=f"the commit whose masking code the 'before' contenders run (default {harness.BEFORE_COMMIT}, before issue 7)")
     args = parser.parse_args(argv)
+    harness.BEFORE_COMMIT = args.before
     sections = args.sections.split(",")
     unknown = sorted(set(sections) - set(NAMES))
     if unknown:

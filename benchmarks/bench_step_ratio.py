@@ -15,7 +15,22 @@ from typing import List
 from harness import GMT_CONTENDERS, MASK_RATIO, Context, ModelSpec, fixed_batch, load_model, pad_token, tokenized
 
 NAME = "step-ratio"
+# The step benchmark's contenders, and high ratios: what the larger samples cost there (issue 13).
+CONTENDERS = GMT_CONTENDERS + ["gmt tensor/grad ratio 0.9", "gmt tensor/grad ratio 0.99",
+                               "gmt before tensor/grad ratio 0.99", "random ratio 0.9"]
 KEY = "update"  # its key in the results JSON
+
+
+def _before_masks(before):
+    """Today's MaskedOptimizer with the masks of the 'before' code: only the masking
+    differs, so the comparison is not skewed by how each version's step is wired."""
+    from gmt_mlx.optim import MaskedOptimizer
+
+    class Before(MaskedOptimizer):
+        def masks(self, gradients):
+            return before.gmt_masks(gradients, self.mask_ratio, self.scope, self._step_key(), self.sample_size)
+
+    return Before
 
 
 def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before) -> dict:
@@ -42,17 +57,19 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before)
     (tokens, mask, _), _ = fixed_batch(split, batch_size, pad_token(tokenizer), width)
     base = build_optimizer("adamw", defaults.learning_rate, weight_decay=defaults.weight_decay).optimizer
     optimizers = {"sft": MaskedOptimizer(base, mask_ratio=0.0)}
-    for name in GMT_CONTENDERS[1:]:
-        if name == "random":
-            optimizers[name] = MaskedOptimizer(base, method="random", mask_ratio=MASK_RATIO)
+    for name in CONTENDERS[1:]:
+        # "... ratio R": that mask ratio instead of MASK_RATIO (the cost of high ratios' larger samples).
+        ratio = float(name.rsplit(" ", 1)[1]) if " ratio " in name else MASK_RATIO
+        if name.startswith("random"):
+            optimizers[name] = MaskedOptimizer(base, method="random", mask_ratio=ratio)
         elif name.startswith("gmt before"):
             if before is not None:
-                optimizers[name] = before.MaskedOptimizer(base, mask_ratio=MASK_RATIO)
+                optimizers[name] = _before_masks(before)(base, mask_ratio=ratio)
         elif name.startswith("gmt tensor/grad sample"):
-            optimizers[name] = MaskedOptimizer(base, mask_ratio=MASK_RATIO, sample_size=int(name.rsplit(" ", 1)[1]))
+            optimizers[name] = MaskedOptimizer(base, mask_ratio=ratio, sample_size=int(name.rsplit(" ", 1)[1]))
         else:
             scope, target = name.split()[1].split("/")
-            optimizers[name] = MaskedOptimizer(base, mask_ratio=MASK_RATIO, scope=scope, target=target)
+            optimizers[name] = MaskedOptimizer(base, mask_ratio=ratio, scope=scope, target=target)
     fns = {name: trainer.make_step_fns(model, opt, grad_clip=defaults.grad_clip) for name, opt in optimizers.items()}
     grad_fn = fns["sft"][0]
     state = trainer.training_state(model, base)

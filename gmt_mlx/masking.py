@@ -190,25 +190,37 @@ def _unit_pool(grads: List[mx.array], stride: int, width: int, counts: List[int]
 
 
 class UnitThresholds(NamedTuple):
-    """Per unit (arrays of shape (units,)): where to cut |g|, and which ties to keep."""
+    """Per unit (arrays of shape (units,)): where to cut, and which ties a large unit keeps."""
 
-    threshold: mx.array  # the mask_ratio quantile of |g| (exact, or from the sample)
-    tie_fraction: mx.array  # of the entries equal to it, the share to keep
-    tie_hash_cut: mx.array  # small units: ties whose pool hash is <= this are kept (uint32)
-    keeps_ties: mx.array  # False: no tie is kept (bool)
+    threshold: mx.array  # large units: the mask_ratio quantile of |g| (from the sample)
+    tie_fraction: mx.array  # large units: of the entries equal to it, the share to keep
+    order_cut: mx.array  # small units: keep entries whose order key (_order_key) is >= this (uint64)
+
+
+def _order_key(magnitude: mx.array, position_hash: mx.array) -> mx.array:
+    """A unique uint64 per entry that sorts like |g|, ties broken by position.
+
+    The float32 bits of |g| >= 0 sort like its value; below them, the inverted
+    Fibonacci hash of the entry's position in its unit (a bijection on
+    positions), so the ties kept are the ones with the smallest hash: a fixed,
+    evenly spread subset.
+    """
+    bits = mx.view(magnitude.astype(mx.float32), mx.uint32).astype(mx.uint64)
+    return (bits << 32) | (_NO_HASH - position_hash).astype(mx.uint64)
 
 
 _NO_HASH = 0xFFFFFFFF
 
 
 def unit_thresholds(units: List[List[mx.array]], mask_ratio: float, key: mx.array, sample_size: int) -> UnitThresholds:
-    """Per unit: the ``mask_ratio`` quantile of its pooled |g|, and which ties keep the target count.
+    """Per unit: where the ``mask_ratio`` fraction with the smallest |g| is cut off.
 
-    Exact for units of at most ``sample_size`` entries: there the ties kept
-    are exactly the ones needed, those with the smallest Fibonacci hash of
-    their position in the unit (spread evenly). A larger unit estimates both
-    from a systematic sample of about ``sample_entries(sample_size,
-    mask_ratio)`` entries, and its tensors pick ties by the 16-bit position rank.
+    A unit of at most ``sample_size`` entries is cut exactly: its order keys
+    (|g|, ties broken by position) are partitioned at its drop count, so it
+    keeps exactly its target count. A larger unit estimates the quantile of
+    |g| and the share of ties to keep from a systematic sample of about
+    ``sample_entries(sample_size, mask_ratio)`` entries; its tensors pick ties
+    by the 16-bit position rank.
 
     Units whose pools have the same length are stacked and partitioned in one
     call: a step of the tensor scope has hundreds of units, and on CPU every
@@ -233,33 +245,30 @@ def unit_thresholds(units: List[List[mx.array]], mask_ratio: float, key: mx.arra
     for (length, small), members in groups.items():
         batch = mx.stack([pools[u] for u in members])
         kth = min(int(round(mask_ratio * length)), length - 1)
-        threshold = mx.partition(batch, kth, axis=-1)[:, kth]
-        # Each unit's target count, scaled to its pool (exact when the pool is the unit).
-        keep = mx.array([length * (n - int(round(mask_ratio * n))) / n for n in (totals[u] for u in members)])
-        is_tie = batch == threshold[:, None]
-        above = mx.sum(batch > threshold[:, None], axis=-1).astype(mx.float32)
-        ties = mx.sum(is_tie, axis=-1).astype(mx.float32)
-        needed = mx.round(keep - above)  # ties to keep (exact for a small unit)
-        fraction = mx.clip((keep - above) / mx.maximum(ties, 1.0), 0.0, 1.0)
+        none = mx.zeros((len(members),))
         if small:
-            # The hash cut that keeps exactly `needed` ties: the needed-th smallest tie hash.
-            hashes = mx.where(is_tie, mx.arange(length, dtype=mx.uint32) * mx.array(_FIB, mx.uint32), _NO_HASH)
-            pick = mx.clip(needed - 1, 0, length - 1).astype(mx.int32)[:, None]
-            cut = mx.take_along_axis(mx.sort(hashes, axis=-1), pick, axis=-1)[:, 0]
+            hashes = mx.arange(length, dtype=mx.uint32) * mx.array(_FIB, mx.uint32)
+            cut = mx.partition(_order_key(batch, hashes), kth, axis=-1)[:, kth]
+            parts.append((none, none, cut))
         else:
-            cut = mx.full((len(members),), _NO_HASH, mx.uint32)
-        parts.append((threshold, fraction, cut, needed > 0))
+            threshold = mx.partition(batch, kth, axis=-1)[:, kth]
+            # Each unit's target count, scaled to its sample.
+            keep = mx.array([length * (n - int(round(mask_ratio * n))) / n for n in (totals[u] for u in members)])
+            above = mx.sum(batch > threshold[:, None], axis=-1).astype(mx.float32)
+            ties = mx.sum(batch == threshold[:, None], axis=-1).astype(mx.float32)
+            fraction = mx.clip((keep - above) / mx.maximum(ties, 1.0), 0.0, 1.0)
+            parts.append((threshold, fraction, mx.zeros((len(members),), mx.uint64)))
         order.extend(members)
     # Back to unit order.
     restore = mx.array(sorted(range(len(order)), key=order.__getitem__))
-    threshold, fraction, cut, keeps_ties = (mx.concatenate([p[i] for p in parts])[restore] for i in range(4))
+    threshold, fraction, cut = (mx.concatenate([p[i] for p in parts])[restore] for i in range(3))
     # A unit whose target drops no entry (mask_ratio * size rounds to 0) keeps
     # every non-zero entry, even where a sample's minimum would cut some.
     drops_none = [int(round(mask_ratio * n)) == 0 for n in totals]
     if any(drops_none):
         none = mx.array(drops_none)
-        threshold, keeps_ties = mx.where(none, 0, threshold), keeps_ties & ~none
-    return UnitThresholds(threshold, fraction, cut, keeps_ties)
+        threshold, cut = mx.where(none, 0, threshold), mx.where(none, 0, cut)
+    return UnitThresholds(threshold, fraction, cut)
 
 
 @lru_cache(maxsize=256)
@@ -290,12 +299,12 @@ def gmt_masks(
     flat = dict(tree_flatten(grads))
     units = list(group_units(list(flat), scope).values())
     found = unit_thresholds([[flat[n] for n in names] for names in units], mask_ratio, sample_key, sample_size)
-    # Per tensor: its unit's threshold and tie rule; ties at zero are zero
-    # gradients, never kept. In a large unit each tensor keeps the ties whose
-    # 16-bit position rank is below its unit's level, rounded with its own
-    # random dither (unbiased over the unit). These are (tensors,) arrays
-    # sliced one scalar per tensor: fused into the full-size kernels, this
-    # scalar arithmetic was recomputed per entry (3x slower).
+    # Per tensor: its unit's cut; zero gradients are never kept. In a large
+    # unit each tensor keeps the ties whose 16-bit position rank is below its
+    # unit's level, rounded with its own random dither (unbiased over the
+    # unit). These are (tensors,) arrays sliced one scalar per tensor: fused
+    # into the full-size kernels, this scalar arithmetic was recomputed per
+    # entry (3x slower).
     unit_index = mx.array([u for u, names in enumerate(units) for _ in names])
     names = [n for group in units for n in group]
     thresholds = found.threshold[unit_index]
@@ -304,11 +313,9 @@ def gmt_masks(
     # rank < cut, written as rank <= cut - 1 so that it fits uint16 (a wider
     # comparison would materialise a widened copy of the rank); a tensor that
     # keeps no tie gets the tie value -1, which no |g| equals.
-    keeps_ties = found.keeps_ties[unit_index] & (thresholds > 0)
-    tie_values = mx.where(keeps_ties & (rank_cuts > 0), thresholds, -1.0)
+    tie_values = mx.where((thresholds > 0) & (rank_cuts > 0), thresholds, -1.0)
     last_ranks = mx.maximum(rank_cuts - 1, 0).astype(mx.uint16)
-    small_tie_values = mx.where(keeps_ties, thresholds, -1.0)
-    hash_cuts = found.tie_hash_cut[unit_index]
+    order_cuts = found.order_cut[unit_index]
     masks: Dict[str, mx.array] = {}
     counts = []
     j = 0
@@ -319,12 +326,13 @@ def gmt_masks(
             g = flat[name]
             magnitude = mx.abs(g)
             if small:
-                # The tensor's entries continue the unit's pool index from `offset`.
-                shift = mx.array((offset * _FIB) & 0xFFFFFFFF, mx.uint32)
-                tie_kept = (magnitude == small_tie_values[j]) & (_position_hash(tuple(g.shape)) + shift <= hash_cuts[j])
+                # The tensor's entries continue the unit's position index from `offset`.
+                shift = mx.array((offset * _FIB) & _NO_HASH, mx.uint32)
+                keys = _order_key(magnitude, _position_hash(tuple(g.shape)) + shift)
+                masks[name] = (keys >= order_cuts[j]) & (magnitude > 0)
             else:
                 tie_kept = (magnitude == tie_values[j]) & (_position_rank(tuple(g.shape)) <= last_ranks[j])
-            masks[name] = (magnitude > thresholds[j]) | tie_kept
+                masks[name] = (magnitude > thresholds[j]) | tie_kept
             counts.append(mx.sum(masks[name]))  # int32: a tensor has < 2^31 entries
             offset += g.size
             j += 1
