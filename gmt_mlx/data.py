@@ -444,8 +444,14 @@ def iterate_batches(
     group_size: int = 64,
     shard: tuple[int, int] = (0, 1),
     buckets: list[int] | None = None,
+    micro_batches: int = 1,
 ) -> Iterator[tuple[int, int, mx.array, mx.array]]:
     """Yield (step, epoch, tokens, mask), step counting from start_step.
+
+    With ``micro_batches`` k > 1 each step's batch (of ``batch_size``
+    examples, this rank's share of it when sharded) is yielded as k
+    contiguous micro-batches, each padded to its own width: the examples of a
+    step do not depend on how it is accumulated (DESIGN.md decision 8).
 
     Epoch e uses batch_order(seed=seed, epoch=e). With loop=True epochs go on
     forever; with loop=False only epoch 0 is yielded. Resuming at start_step
@@ -467,8 +473,11 @@ def iterate_batches(
                 # Data-parallel: this rank's contiguous slice of the (length-sorted) global batch.
                 per = len(indices) // shard[1]
                 indices = indices[shard[0] * per : (shard[0] + 1) * per]
-            tokens, mask = make_batch(split, indices, pad_id=pad_id, pad_multiple=pad_multiple, buckets=buckets)
-            yield step, epoch, tokens, mask
+            per = len(indices) // micro_batches
+            for part in range(micro_batches):
+                tokens, mask = make_batch(split, indices[part * per : (part + 1) * per], pad_id=pad_id,
+                                          pad_multiple=pad_multiple, buckets=buckets)
+                yield step, epoch, tokens, mask
             step += 1
         epoch, offset = epoch + 1, 0
 

@@ -153,8 +153,12 @@ def total_steps(config: Config, n_train: int) -> int:
     """Optimizer steps for the run: --iters, or --epochs over the training split."""
     if config.epochs is None:
         return config.iters
-    batches_per_epoch = max(1, n_train // config.batch_size)
-    return max(1, math.ceil(config.epochs * batches_per_epoch / config.grad_accumulation_steps))
+    return max(1, math.ceil(config.epochs * max(1, n_train // step_examples(config))))
+
+
+def step_examples(config: Config) -> int:
+    """Examples per optimizer step: --batch-size micro-batches x --grad-accumulation-steps."""
+    return config.batch_size * config.grad_accumulation_steps
 
 
 def _batch_tokens(mask: mx.array) -> int:
@@ -178,10 +182,19 @@ def train_buckets(split: TokenizedSplit, config: Config) -> List[int]:
 
 def _train_batches(split: TokenizedSplit, config: Config, pad_id: int, start_micro: int, *, shard: tuple = (0, 1),
                    buckets: Optional[List[int]] = None, count: Callable[[int], None] = lambda tokens: None) -> Iterator:
-    """This rank's micro-batches from micro-batch ``start_micro`` on; ``count`` hears each one's real tokens."""
+    """This rank's micro-batches from micro-batch ``start_micro`` on; ``count`` hears each one's real tokens.
+
+    Each step draws one batch of batch_size x grad_accumulation_steps examples and
+    splits it into micro-batches, so `--batch-size 8` and `--batch-size 4
+    --grad-accumulation-steps 2` train on the same examples per step.
+    """
+    accumulation = config.grad_accumulation_steps
+    if len(split.examples) < step_examples(config):
+        raise UserError(f"the {split.name} split has {len(split.examples)} examples, fewer than one optimizer step takes "
+                        f"(--batch-size {config.batch_size} x --grad-accumulation-steps {accumulation}); lower them or add examples")
     for _, _, tokens, mask in iterate_batches(
-        split, config.batch_size, seed=config.seed, pad_id=pad_id, pad_multiple=PAD_MULTIPLE, start_step=start_micro,
-        shard=shard, buckets=buckets,
+        split, step_examples(config), seed=config.seed, pad_id=pad_id, pad_multiple=PAD_MULTIPLE,
+        start_step=start_micro // accumulation, shard=shard, buckets=buckets, micro_batches=accumulation,
     ):
         count(_batch_tokens(mask))
         yield tokens, mask

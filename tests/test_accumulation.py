@@ -158,3 +158,40 @@ def test_two_ranks_of_four_equal_the_bigger_batch(tiny_model_dir, two_rank_runs,
     rank_masks = [mx.load(str(out / method / f"masks-{s}.safetensors")) if method != "sft" else {} for s in range(STEPS)]
     big = train_recording(tiny_model_dir, method, global_batches(), accumulation=1)
     assert_same(big[0], ranks, big[1], rank_masks, RTOL["adamw"])
+
+
+def varied_chat(n: int):
+    """Chat rows whose answers run from a few tokens to a few dozen: unequal target counts."""
+    rows = []
+    for a in range(n):
+        answer = " + ".join(str(a + i) for i in range(1 + a % 7)) + f" = {sum(a + i for i in range(1 + a % 7))}."
+        rows.append({"messages": [{"role": "user", "content": f"Add the first {1 + a % 7} numbers from {a}."},
+                                  {"role": "assistant", "content": answer}]})
+    return rows
+
+
+@pytest.mark.parametrize("method,optimizer", [("sft", "adamw"), ("gmt", "sgd")])
+def test_finetune_batch_8_equals_4_accumulated_twice(tiny_model_dir, tmp_path, method, optimizer):
+    """The CLI-level promise: the same examples per step, and the same weights."""
+    from gmt_mlx.config import Config
+    from gmt_mlx.finetune import finetune
+
+    from .conftest import write_jsonl
+
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", varied_chat(32))
+    runs = {}
+    for name, batch, accumulation in (("big", 8, 1), ("accumulated", 4, 2)):
+        config = Config(model=str(tiny_model_dir), data=str(data), out=str(tmp_path / name), method=method,
+                        optimizer=optimizer, learning_rate=1e-3 if optimizer == "adamw" else 0.5, mask_ratio=0.5,
+                        mask_prompt=True, batch_size=batch, grad_accumulation_steps=accumulation, iters=3,
+                        steps_per_eval=0, steps_per_save=0, samples=0, seed=2)
+        runs[name] = {k: np.array(v) for k, v in tree_flatten(finetune(config, log=lambda *_: None).model.parameters())}
+    far = 0
+    for name, a in runs["big"].items():
+        gap = np.abs(a - runs["accumulated"][name])
+        far += int((gap > 1e-5 * np.abs(a).max()).sum())
+        if method == "sft":
+            assert gap.max() <= RTOL["adamw"] * np.abs(a).max(), name
+    # gmt: only entries a rounding-level mask flip moved may differ.
+    assert far <= MAX_FLIPS * sum(a.size for a in runs["big"].values())
