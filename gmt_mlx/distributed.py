@@ -38,10 +38,6 @@ def is_main(group: Optional[mx.distributed.Group]) -> bool:
     return group is None or group.rank() == 0
 
 
-def world_size(group: Optional[mx.distributed.Group]) -> int:
-    return 1 if group is None else group.size()
-
-
 def all_sum_tree(tree: Any, group: mx.distributed.Group) -> Any:
     """Sum a tree of arrays over all ranks, a few large all-reduces at a time."""
     if group.size() == 1:

@@ -197,18 +197,14 @@ def check_supported(header: GGUFHeader, path: str | Path = "") -> str:
 # ---------------------------------------------------------------- tensors
 
 
-def permute_qk(w, n_head: int):
-    """llama.cpp's q/k row permutation (HF half-split rope -> GGML pairwise rope).
-
-    Rows of one head, viewed as (2 halves, head_dim/2), are interleaved into
-    (head_dim/2, 2 pairs). Works on numpy and MLX arrays, 1-D (bias) or 2-D.
-    """
-    shape = w.shape
-    return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
-
-
 def unpermute_qk(w, n_head: int):
-    """Exact inverse of `permute_qk`: GGML pairwise rows back to HF half-split rows."""
+    """GGML pairwise rows back to HF half-split rows: the inverse of llama.cpp's q/k permutation.
+
+    llama.cpp's converter views the rows of one head as (2 halves, head_dim/2)
+    and interleaves them into (head_dim/2, 2 pairs) for GGML's pairwise rope;
+    this views them as (head_dim/2, 2) and swaps back. Works on numpy and MLX
+    arrays, 1-D (bias) or 2-D.
+    """
     shape = w.shape
     return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
