@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -24,7 +25,11 @@ def load_base(model: str, *, dequantize: bool = True) -> Tuple[Any, Any, Dict[st
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a model folder (no config.json)")
     try:
-        net, tokenizer, config = load(str(path), return_config=True)
+        overrides = rope_overrides(json.loads((path / "config.json").read_text()), path)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path / 'config.json'}:{err.lineno}: not valid JSON ({err.msg})") from None
+    try:
+        net, tokenizer, config = load(str(path), model_config=overrides, return_config=True)
     except FileNotFoundError as err:
         raise UserError(f"{path}: cannot load model ({err})") from None
     except ValueError as err:
@@ -33,6 +38,28 @@ def load_base(model: str, *, dequantize: bool = True) -> Tuple[Any, Any, Dict[st
         net = dequantize_model(net)
         config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     return net, tokenizer, config, path
+
+
+def rope_overrides(config: Dict[str, Any], where: Path) -> Dict[str, Any]:
+    """Config keys that make mlx-lm read the rope a transformers-5 config describes.
+
+    transformers 5 writes ``rope_parameters`` (``rope_theta``, ``rope_type``
+    and the scaling keys) instead of the top-level ``rope_theta`` and
+    ``rope_scaling`` that mlx-lm's models read: without these keys mlx-lm
+    silently uses its own default base (measured: logits off by up to 2.0).
+    """
+    params = config.get("rope_parameters")
+    if not isinstance(params, dict) or "rope_theta" in config:
+        return {}
+    if "rope_theta" not in params:
+        # One dict per attention type (e.g. Gemma 3's sliding/full): no mlx-lm equivalent to map to.
+        raise UserError(f"{where / 'config.json'}: rope_parameters per layer type ({', '.join(map(str, params))}) "
+                        f"cannot be read by mlx-lm; use a config with rope_theta / rope_scaling")
+    overrides: Dict[str, Any] = {"rope_theta": params["rope_theta"]}
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling.get("rope_type", "default") != "default":
+        overrides["rope_scaling"] = {**scaling, "type": scaling["rope_type"]}
+    return overrides
 
 
 def run_model_dir(path_or_model: str) -> str:
