@@ -33,7 +33,7 @@ import statistics
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from . import config as cfg
 from . import rundir
@@ -51,6 +51,10 @@ DEFAULT_LEARNING_RATES = {"sft": 2e-5, "gmt": 2e-5, "random": 2e-5, "lora": 1e-4
 # Config keys compare sets per run; a base config must leave them alone.
 PER_RUN_KEYS = ("method", "mask_ratio", "seed", "learning_rate", "out")
 RESULTS_JSON, EVAL_FILE, BASE_EVAL = "results.json", "eval.json", "base_eval.json"
+BASE_VAL = "base_val.json"  # the base model's validation loss: every validation curve's step 0
+CADENCE_KEYS = ("steps_per_report", "steps_per_eval")
+# Validation points per run when compare picks the cadence (train-loss points: twice as many).
+CURVE_POINTS = 8
 
 
 @dataclass
@@ -68,6 +72,8 @@ class CompareSpec:
     max_tokens: int = 32
     eval_batch_size: int = 16
     command: Optional[str] = None  # the command line, recorded in results.md
+    # Cadence keys compare may choose so that every run draws a curve (those the user did not set).
+    auto_cadence: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # "full" runs as "sft" (Config stores it so): one run, named and priced as sft.
@@ -109,6 +115,27 @@ def check_base(values: Dict[str, object], where: str) -> None:
 # --------------------------------------------------------------------------
 # Planning and running
 # --------------------------------------------------------------------------
+
+
+def with_cadence(spec: CompareSpec, steps: int, log: Callable[[str], None] = print) -> CompareSpec:
+    """``spec`` with the report/eval cadence that draws a curve of ~CURVE_POINTS points for a run of
+    ``steps`` steps, for the keys in ``spec.auto_cadence``; warns when the user's cadence draws dots."""
+    changes = {}
+    every_eval = max(1, steps // CURVE_POINTS)
+    if "steps_per_eval" in spec.auto_cadence:
+        changes["steps_per_eval"] = every_eval
+    if "steps_per_report" in spec.auto_cadence:
+        # Eval steps are multiples of report steps, and enough report windows for a median speed.
+        changes["steps_per_report"] = max(1, changes.get("steps_per_eval", every_eval) // 2)
+    base = replace(spec.base, **changes)
+    if changes:
+        log(f"compare: {steps} steps per run; validation every {base.steps_per_eval}, metrics every "
+            f"{base.steps_per_report} (set --steps-per-eval / --steps-per-report to choose)")
+    evals = steps // base.steps_per_eval if base.steps_per_eval else 1
+    if evals < 3:
+        log(f"warning: --steps-per-eval {base.steps_per_eval} with {steps} steps: each validation curve has "
+            f"{evals + 1} point{'s' if evals else ''} (step 0 included); a smaller --steps-per-eval draws a curve")
+    return replace(spec, base=base)
 
 
 def run_name(method: str, mask_ratio: Optional[float], seed: int) -> str:
@@ -177,12 +204,53 @@ def _evaluate(spec: CompareSpec, model: str, split: Optional[str], path: Path, c
     return result
 
 
+def _base_validation(base: Config, splits: Dict[str, list], path: Path, log) -> Optional[float]:
+    """The untouched model's validation loss, measured as finetune measures it (same split, batches
+    and dtype): the step-0 point of every curve (LoRA starts as the base model too). Cached in ``path``."""
+    import mlx.core as mx
+
+    from .data import pad_id
+    from .evaluate import split_loss
+    from .finetune import tokenize_splits
+    from .loading import load_base
+
+    if "valid" not in splits:
+        return None
+    settings = {key: getattr(base, key) for key in ("model", "data", "batch_size", "val_batches", "max_seq_length",
+                                                    "mask_prompt", "train_dtype")}
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            saved = {}  # a damaged cache is recomputed
+        if isinstance(saved, dict) and saved.get("settings") == settings and isinstance(saved.get("val_loss"), float):
+            return saved["val_loss"]
+    t0 = time.perf_counter()
+    model, tokenizer, _, _ = load_base(base.model)
+    model.set_dtype(getattr(mx, base.train_dtype))
+    valid = tokenize_splits(base, {"valid": splits["valid"]}, tokenizer, lambda s: None)["valid"]
+    loss = split_loss(model, valid, batch_size=base.batch_size, pad_id=pad_id(tokenizer),
+                      max_batches=base.val_batches)["loss"]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "val_loss": loss}, indent=2))
+    tmp.replace(path)
+    log(f"valid: loss {loss:.4f} (step 0 of every validation curve) [{time.perf_counter() - t0:.0f} s]")
+    return loss
+
+
+def _with_val_loss(summary: Optional[dict], val_loss: Optional[float]) -> Optional[dict]:
+    if summary is None:
+        return None if val_loss is None else {"val_loss": val_loss, "test_loss": None, "test_ppl": None,
+                                              "accuracy": {}, "count": 0, "samples": []}
+    return {**summary, "val_loss": val_loss}
+
+
 def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
     """Run (or reuse) every planned run, evaluate them, and write results.json/.md and the plots."""
     import mlx.core as mx
 
     from .data import load_splits
-    from .finetune import finetune
+    from .finetune import finetune, total_steps
 
     if not spec.methods or not spec.seeds:
         raise UserError("compare needs at least one method and one seed")
@@ -191,8 +259,10 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
         raise UserError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "runs").is_dir() and not (out / RESULTS_JSON).is_file():
         raise UserError(f"--out {out} is a non-empty folder that is not a gmt-mlx comparison; choose another")
-    runs = plan(spec)
+    plan(spec)  # check every run's config before anything else
     splits = load_splits(spec.base.data)  # fail on bad data before any model is loaded
+    spec = with_cadence(spec, total_steps(spec.base, len(splits["train"])), log)
+    runs = plan(spec)
     eval_split = "test" if "test" in splits else ("valid" if "valid" in splits else None)
     if "valid" not in splits:
         log("warning: no valid.jsonl: no validation-loss curves")
@@ -210,6 +280,7 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
 
     base_eval = _evaluate(spec, spec.base.model, eval_split, out / BASE_EVAL, spec.base,
                           lambda s: log(f"[base model] {s}"))
+    base_val = _base_validation(spec.base, splits, out / BASE_VAL, lambda s: log(f"[base model] {s}"))
     started, trained_time, trained = time.perf_counter(), 0.0, 0
     summaries = []
     for i, run in enumerate(runs, start=1):
@@ -234,11 +305,11 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
         evaluation = _evaluate(spec, str(run_dir), eval_split, run_dir / EVAL_FILE, run.config, log)
         if not reuse and evaluation is not None:
             trained_time += evaluation.get("wall_time", 0.0)
-        summaries.append(summarize_run(run, run_dir, evaluation))
+        summaries.append(summarize_run(run, run_dir, evaluation, base_val_loss=base_val))
 
     results = {
         "spec": describe_spec(spec, eval_split),
-        "base": summarize_eval(base_eval),
+        "base": _with_val_loss(summarize_eval(base_eval), base_val),
         "runs": summaries,
         "rows": aggregate(summaries, spec.scorers),
         "wall_time": time.perf_counter() - started,
@@ -276,8 +347,38 @@ def summarize_eval(evaluation: Optional[dict]) -> Optional[dict]:
             "samples": [{k: item[k] for k in ("prompt", "reference", "answer")} for item in items[:3]]}
 
 
-def summarize_run(run: PlannedRun, run_dir: Path, evaluation: Optional[dict]) -> dict:
-    """One run's numbers (from metrics.jsonl and eval.json) and its curves."""
+def step_speeds(train: List[dict], evals: List[dict], steps_per_save: int) -> List[float]:
+    """The tokens/s of the report steps that measured training alone.
+
+    A report's rate is that of its one step, timed from the end of the step before. Left out:
+    the first report (compilation), and steps that follow a validation pass or a checkpoint
+    save (their time includes it). What remains still holds the odd step that compiles a new
+    batch width: take the median.
+    """
+    after = {r["step"] + 1 for r in evals}
+    if steps_per_save > 0:
+        after |= {r["step"] + 1 for r in train if r["step"] % steps_per_save == 0}
+    clean = [r for r in train[1:] if r["step"] not in after]
+    # With a validation after every step nothing is clean: use what there is (marked noisy: < 4 samples).
+    chosen = clean or train[1:] or train
+    return [v for v in (r.get("tokens_per_sec") for r in chosen) if v is not None and math.isfinite(v) and v > 0]
+
+
+def speed_spread(speeds: List[float]) -> Optional[float]:
+    """Interquartile range over the median of per-step speeds (None with fewer than 4 of them)."""
+    if len(speeds) < 4:
+        return None
+    q1, _, q3 = statistics.quantiles(speeds, n=4)
+    return (q3 - q1) / statistics.median(speeds)
+
+
+def summarize_run(run: PlannedRun, run_dir: Path, evaluation: Optional[dict],
+                  base_val_loss: Optional[float] = None) -> dict:
+    """One run's numbers (from metrics.jsonl and eval.json) and its curves.
+
+    ``base_val_loss`` (the untouched model's) starts the validation curve at step 0 when the
+    run did not record a step-0 evaluation itself.
+    """
     records = rundir.read_metrics(run_dir)
     train = [r for r in records if r.get("type") == "train" and not r.get("skipped")]
     evals = [r for r in records if r.get("type") == "eval"]
@@ -285,15 +386,18 @@ def summarize_run(run: PlannedRun, run_dir: Path, evaluation: Optional[dict]) ->
     trainable = setup[-1]["trainable_params"] if setup else None
     total = setup[-1]["total_params"] if setup else None
     kept = _mean([r.get("kept_fraction") for r in train])
-    # The first report window includes compilation: leave it out of the speed when there are others.
-    speeds = [r.get("tokens_per_sec") for r in (train[1:] if len(train) > 1 else train)]
+    speeds = step_speeds(train, evals, run.config.steps_per_save)
     share = trainable / total if trainable and total else None
+    val_curve = [[r["step"], r.get("wall_time"), r["val_loss"]] for r in evals]
+    if base_val_loss is not None and not (val_curve and val_curve[0][0] == 0):
+        val_curve.insert(0, [0, 0.0, base_val_loss])
     summary = {
         "name": run.name, "group": run.group, "method": run.method, "mask_ratio": run.mask_ratio,
         "seed": run.seed, "learning_rate": run.config.learning_rate, "steps": train[-1]["step"] if train else 0,
         "final_val_loss": evals[-1]["val_loss"] if evals else None,
         "best_val_loss": min(r["val_loss"] for r in evals) if evals else None,
-        "tokens_per_sec": _median(speeds),
+        "tokens_per_sec": _median(speeds), "tokens_per_sec_samples": len(speeds),
+        "tokens_per_sec_spread": speed_spread(speeds),
         "wall_time": train[-1]["wall_time"] if train else None,
         "peak_memory_gb": max((r.get("peak_memory_gb") or 0.0) for r in train) if train else None,
         "trainable_params": trainable, "total_params": total, "trainable_share": share,
@@ -301,7 +405,7 @@ def summarize_run(run: PlannedRun, run_dir: Path, evaluation: Optional[dict]) ->
         "kept_fraction": kept,
         "mask_overlap": _mean([r.get("mask_overlap") for r in train]),
         "curves": {
-            "val": [[r["step"], r.get("wall_time"), r["val_loss"]] for r in evals],
+            "val": val_curve,
             "train": [[r["step"], r.get("wall_time"), r["loss"], r.get("kept_fraction"), r.get("mask_overlap")]
                       for r in train],
         },
@@ -319,6 +423,7 @@ def describe_spec(spec: CompareSpec, eval_split: Optional[str]) -> dict:
         "mask_ratios": spec.mask_ratios,
         "learning_rates": {m: spec.learning_rate(m) for m in spec.methods},
         "steps": base.iters if base.epochs is None else f"{base.epochs} epochs",
+        "steps_per_eval": base.steps_per_eval, "steps_per_report": base.steps_per_report,
         "batch_size": base.batch_size, "grad_accumulation_steps": base.grad_accumulation_steps,
         "lr_schedule": base.lr_schedule, "warmup_steps": base.warmup_steps, "min_lr_ratio": base.min_lr_ratio,
         "optimizer": base.optimizer, "mask_prompt": base.mask_prompt, "max_seq_length": base.max_seq_length,

@@ -9,6 +9,7 @@ command-line flags > YAML (`-c config.yaml`) > these defaults.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -28,23 +29,25 @@ MASK_KEYS = ("mask_ratio", "mask_scope", "mask_target", "mask_sample_size")
 LORA_KEYS = ("lora_rank", "lora_scale", "lora_dropout", "lora_keys")
 
 
-def opt(default, help: str, choices: tuple = (), group: str = "Training", cli: bool = True):
-    """A config field with its help text (and allowed values) attached."""
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "cli": cli})
+def opt(default, help: str, choices: tuple = (), group: str = "Training", cli: bool = True, common: bool = False):
+    """A config field with its help text (and allowed values) attached; ``common`` fields are
+    the ones a short ``--help`` lists (``--help-all`` lists every field)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "cli": cli,
+                                            "common": common})
 
 
 @dataclass
 class Config:
     # What to train on
-    model: str = opt("smollm2-135m", "Local HF folder, GGUF file, Hub id, or 'smollm2-135m' (the embedded default).", group="Model and data")
-    data: Optional[str] = opt(None, "Folder with train.jsonl (+ valid.jsonl, test.jsonl) or a single .jsonl file.", group="Model and data")
-    out: str = opt("runs/latest", "Run directory: config, metrics, checkpoints and the fine-tuned model.", group="Model and data")
-    max_seq_length: int = opt(2048, "Truncate examples to this many tokens (a warning says how many were cut).", group="Model and data")
-    mask_prompt: bool = opt(False, "Train only on completions / the final assistant turn (loss masked on prompts).", group="Model and data")
+    model: str = opt("smollm2-135m", "Local HF folder, GGUF file, Hub id, or 'smollm2-135m' (the embedded default).", group="Model and data", common=True)
+    data: Optional[str] = opt(None, "Folder with train.jsonl (+ valid.jsonl, test.jsonl) or a single .jsonl file.", group="Model and data", common=True)
+    out: str = opt("runs/latest", "Run directory: config, metrics, checkpoints and the fine-tuned model.", group="Model and data", common=True)
+    max_seq_length: int = opt(2048, "Truncate examples to this many tokens (a warning says how many were cut).", group="Model and data", common=True)
+    mask_prompt: bool = opt(False, "Train only on completions / the final assistant turn (loss masked on prompts).", group="Model and data", common=True)
 
     # Method
-    method: str = opt("gmt", "gmt (gradient-mask tuning), sft or full (plain full fine-tuning), random (random mask control), lora / dora (low-rank adapters on a frozen base).", METHODS, group="Method")
-    mask_ratio: float = opt(0.2, "Fraction of gradient entries DROPPED each optimizer step, in [0, 1).", group="Method")
+    method: str = opt("gmt", "gmt (gradient-mask tuning), sft or full (plain full fine-tuning), random (random mask control), lora / dora (low-rank adapters on a frozen base).", METHODS, group="Method", common=True)
+    mask_ratio: float = opt(0.2, "Fraction of gradient entries DROPPED each optimizer step, in [0, 1).", group="Method", common=True)
     mask_scope: str = opt("tensor", "Unit sharing one threshold: tensor, layer (transformer block) or global.", ("tensor", "layer", "global"), group="Method")
     mask_target: str = opt("grad", "grad: the optimizer sees the masked gradient; update: only kept entries move.", ("grad", "update"), group="Method")
     mask_sample_size: int = opt(65536, "Units larger than this estimate the threshold from a sample of up to this many entries (4 r (1-r) x this at mask ratio r).", group="Method")
@@ -60,22 +63,22 @@ class Config:
 
     # Optimisation
     optimizer: str = opt("adamw", "Base optimizer that the mask wraps.", ("adamw", "adam", "sgd", "adafactor", "muon"))
-    learning_rate: float = opt(1e-5, "Peak learning rate.")
+    learning_rate: float = opt(1e-5, "Peak learning rate.", common=True)
     weight_decay: float = opt(0.0, "Decoupled weight decay (adamw, sgd, muon).")
-    momentum: Optional[float] = opt(None, "Momentum of sgd and muon (default: 0 for sgd, 0.95 for muon); ignored by adam/adamw/adafactor.")
+    momentum: Optional[float] = opt(None, "Momentum of sgd and muon; ignored by adam/adamw/adafactor.  [default: 0 for sgd, 0.95 for muon]")
     lr_schedule: str = opt("cosine", "Decay after warmup.", ("cosine", "linear", "constant"))
     warmup_steps: int = opt(0, "Linear warmup steps.")
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak.")
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0: off).")
-    batch_size: int = opt(4, "Examples per micro-batch.")
+    batch_size: int = opt(4, "Examples per micro-batch.", common=True)
     grad_accumulation_steps: int = opt(1, "Micro-batches per optimizer step (the GMT mask is built once per step).")
-    iters: int = opt(100, "Optimizer steps (ignored when --epochs is set).")
-    epochs: Optional[float] = opt(None, "Train for this many passes over the training split instead of --iters.")
-    seed: int = opt(0, "Seed for initialisation, data order and masks.")
+    iters: int = opt(100, "Optimizer steps (ignored when --epochs is set).", common=True)
+    epochs: Optional[float] = opt(None, "Train for this many passes over the training split instead of --iters.", common=True)
+    seed: int = opt(0, "Seed for initialisation, data order and masks.", common=True)
 
     # Reporting and saving
     steps_per_report: int = opt(10, "Optimizer steps between metrics lines.", group="Reporting")
-    steps_per_eval: int = opt(50, "Optimizer steps between validation passes (0: only at the end).", group="Reporting")
+    steps_per_eval: int = opt(50, "Optimizer steps between validation passes (0: only at the end).", group="Reporting", common=True)
     val_batches: int = opt(25, "Validation batches per evaluation (-1: the whole split).", group="Reporting")
     samples: int = opt(2, "Test prompts answered greedily before and after training, saved in samples.json (0: none).", group="Reporting")
     dtype: str = opt("float32", "dtype of the saved model.", ("float32", "bfloat16", "float16"), group="Reporting")
@@ -183,6 +186,12 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     raise UserError(f"{where}: {name} must be {kind.__name__}, got {value!r}")
 
 
+def did_you_mean(name: str, known) -> str:
+    """" (did you mean mask_ratio?)" for the closest known name, or "" when none is close."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def load_yaml(path: str | Path) -> Dict[str, Any]:
     """Read a YAML config; unknown keys and wrong types are user errors."""
     path = Path(path)
@@ -201,7 +210,7 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise UserError(f"{path}: unknown option {key!r}")
+            raise UserError(f"{path}: unknown option {key!r}{did_you_mean(name, known)}")
         out[name] = _coerce(name, value, str(path))
     return out
 

@@ -19,7 +19,9 @@ first k batches without building them.
 
 from __future__ import annotations
 
+import codecs
 import json
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,23 +82,44 @@ def detect_format(example: dict, where: str) -> str:
         if not isinstance(example["text"], str):
             raise UserError(f"{where}: 'text' must be a string, got {type(example['text']).__name__}")
         return "text"
-    keys = ", ".join(sorted(example)) or "none"
+    # repr() for odd keys keeps the message one printable line (newlines, lone surrogates).
+    keys = ", ".join(k if k.isprintable() else repr(k) for k in sorted(example)) or "none"
     raise UserError(f"{where}: line has none of the known formats ({_KNOWN}); keys found: {keys}")
+
+
+def _parse_line(line: str, where: str) -> object:
+    """json.loads, with every way it can fail turned into a UserError naming `where`."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: invalid JSON ({err.msg}, column {err.colno})") from None
+    except RecursionError:
+        # Python's parser recurses per nesting level (~1000 levels max).
+        raise UserError(f"{where}: invalid JSON (nested too deeply)") from None
+    except ValueError as err:
+        # Python 3.11+ refuses integer literals over 4,300 digits (sys.int_max_str_digits).
+        if "digits" in str(err):
+            raise UserError(f"{where}: invalid JSON (an integer literal of more than "
+                            f"{sys.get_int_max_str_digits()} digits)") from None
+        raise UserError(f"{where}: invalid JSON ({str(err).splitlines()[0][:120]})") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
     """Read a JSONL file of examples, validating every line; blank lines are skipped.
 
-    Raises UserError ("file:line: ...") for invalid JSON, a line that is not an
-    object, an unknown format, or a format that differs from the file's first
-    example; and ("file: no examples") for a file without any.
+    Lines end at \n (or \r\n) only: U+2028, U+2029 and U+0085 are valid inside
+    JSON strings. A leading UTF-8 byte-order mark is skipped. Raises UserError
+    ("file:line: ...") for invalid JSON, a line that is not an object, an unknown
+    format, or a format that differs from the file's first example; and
+    ("file: no examples") for a file without any.
     """
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a directory, not a JSONL file")
     try:
         raw = path.read_bytes()
-        text = raw.decode("utf-8")
+        # Editors on Windows write a BOM; it is not part of the first line's JSON.
+        text = raw[len(codecs.BOM_UTF8):].decode("utf-8") if raw.startswith(codecs.BOM_UTF8) else raw.decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except UnicodeDecodeError as err:
@@ -107,14 +130,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
     rows: list[dict] = []
     first: tuple[str, int] | None = None  # (format, line) of the first example
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Not str.splitlines(): it also splits at U+2028/U+2029/U+0085 and other controls.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{where}: invalid JSON ({err.msg}, column {err.colno})") from None
+        row = _parse_line(line, where)
         fmt = detect_format(row, where)
         if first is None:
             first = (fmt, lineno)
@@ -307,11 +329,14 @@ def tokenize_split(rows: list[dict], tokenizer, *, mask_prompt: bool, max_seq_le
 # --------------------------------------------------------------------------
 
 
-def _check_batch_size(n: int, batch_size: int, name: str = "the") -> None:
+def _check_batch_size(n: int, batch_size: int, name: str = "train") -> None:
+    # Without a split's name the lengths are a training epoch's (batch_order, length_buckets).
     if batch_size < 1:
-        raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if n < batch_size:
-        raise UserError(f"{name} split has {n} examples but batch_size is {batch_size}; lower batch_size or add examples")
+        examples = "example" if n == 1 else "examples"
+        raise UserError(f"{name} split has {n} {examples} but --batch-size is {batch_size}; "
+                        "lower --batch-size or add examples")
 
 
 def batch_order(lengths: list[int], batch_size: int, *, seed: int, epoch: int, group_size: int = 64) -> list[list[int]]:

@@ -44,14 +44,39 @@ def is_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name))
 
 
+class HubUnreachable(UserError):
+    """The Hub could not be reached (offline mode or no network) and the model is not in the HF cache."""
+
+
+def _unreachable_reason(err: BaseException) -> Optional[str]:
+    """"offline mode (HF_HUB_OFFLINE is set)" / "no network (ConnectError)" when ``err`` or its cause says so."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    seen: List[BaseException] = []
+    while err is not None and err not in seen:  # the download error wraps the real cause
+        seen.append(err)
+        if isinstance(err, OfflineModeIsEnabled):
+            return "offline mode: HF_HUB_OFFLINE is set"
+        if _is_network_error(err):
+            return f"no network: {type(err).__name__}"
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def download_model(repo_id: str, local_files_only: bool = False) -> Path:
     """A Hub repo's snapshot folder with what a model needs (from the local HF cache only when
-    ``local_files_only``); UserError when it cannot be had or lacks config.json or weights."""
-    from huggingface_hub import snapshot_download
+    ``local_files_only``); HubUnreachable when offline and not cached, UserError when it cannot
+    be had otherwise or lacks config.json or weights."""
+    from huggingface_hub import constants, snapshot_download
 
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=MODEL_PATTERNS, local_files_only=local_files_only))
     except Exception as err:  # hub errors are many types (offline, 404, gated, network)
+        reason = None if local_files_only else _unreachable_reason(err)
+        if reason is not None:
+            raise HubUnreachable(f"cannot reach the Hugging Face Hub ({reason}) and {repo_id} is not in the local "
+                                 f"Hugging Face cache ({constants.HF_HUB_CACHE}), where a copy would be used "
+                                 "as it is") from err
         raise UserError(f"could not find model {repo_id} locally or on the Hub ({_first_line(err)})") from err
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         where = "in the local Hugging Face cache" if local_files_only else "on the Hub"

@@ -7,7 +7,9 @@
   else (only with GMT_MLX_ALLOW_DOWNLOAD=1) a Hub download;
 - a `.gguf` file: converted once into the cache, keyed by path, size and mtime;
 - a folder with a config.json: used as it is;
-- a Hub id (owner/name): downloaded by `hub.download_model`.
+- a Hub id (owner/name): downloaded by `hub.download_model`; offline, a one-line hint
+  (the embedded model, when it is that very model). A path-like name that does not
+  exist is "no such folder or file", never a Hub look-up (`looks_like_path`).
 
 The cache lives in `$GMT_MLX_CACHE` (default `~/.cache/gmt-mlx`), converted
 models under `models/`. Conversions are written to a temporary folder and
@@ -77,11 +79,45 @@ def resolve_model(name_or_path: str | Path | None, cache_dir: str | Path | None 
         return _convert_cached(path, cache_root(cache_dir) / "models" / f"{path.stem}-{digest}")
     if path.is_dir():
         if not (path / "config.json").is_file():
+            if (path / "config.yaml").is_file():  # rundir.CONFIG_FILE: a run that has not saved its model yet
+                raise UserError(f"{name} is a run that has not finished (no model/ yet); "
+                                f"finish it with: gmt-mlx finetune --resume {name}")
             raise UserError(f"model folder has no config.json: {name}")
         return path
+    if looks_like_path(name):
+        # Never a Hub look-up (and its DNS error) for what was typed as a path.
+        raise UserError(f"{name}: no such folder or file (expected a model folder with config.json, a .gguf file, "
+                        "a finished run directory, a Hub id owner/name or 'smollm2-135m')")
     if hub.is_hub_id(name):
-        return hub.download_model(name)
-    raise UserError(f"model path not found: {name}")
+        try:
+            return hub.download_model(name)
+        except hub.HubUnreachable as err:
+            raise UserError(f"{err}; {_offline_alternative(name)}") from None
+    raise UserError(f"{name}: no such folder or file, and not a Hub id (owner/name)")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` was typed as a local path rather than a Hub id (owner/name).
+
+    A path: starts with /, ./, ../ or ~, has more than one slash or a backslash, ends with a
+    slash or .gguf, or its first part is a local folder or runs/ (where runs go by default).
+    A bare owner/name that exists nowhere locally is a Hub id.
+    """
+    if name.startswith(("/", "./", "../", "~")) or name in (".", "..") or "\\" in name:
+        return True
+    if name.count("/") > 1 or name.endswith("/") or name.lower().endswith(".gguf"):
+        return True
+    first = name.split("/", 1)[0]
+    return "/" in name and (first == "runs" or Path(first).is_dir())
+
+
+def _offline_alternative(repo_id: str) -> str:
+    """What works offline instead of ``repo_id``: the embedded model when it is that very model."""
+    for short, spec in EMBEDDED_MODELS.items():
+        if spec.hub_repo.lower() == repo_id.lower():
+            return (f"the embedded '{short}' is this very model ({spec.gguf_name}, dequantized) and works offline: "
+                    f"use {short} instead")
+    return f"offline, use a local model folder, a .gguf file or the embedded '{DEFAULT_MODEL}'"
 
 
 def local_embedded(name: str, cache_dir: str | Path | None = None) -> Path | None:

@@ -32,6 +32,17 @@ ROW_METRICS = ("final_val_loss", "best_val_loss", "test_loss", "test_ppl", "toke
                "peak_memory_gb", "trainable_share", "updated_share", "kept_fraction", "mask_overlap")
 
 
+# A run's tokens/s is marked noisy when its per-step rates spread this much (interquartile range
+# over median) or when fewer than 4 steps measured training alone.
+NOISY_SPREAD = 0.25
+
+
+def speed_is_noisy(summary: dict) -> bool:
+    """Whether a run's median tokens/s rests on too few or too scattered per-step rates."""
+    spread = summary.get("tokens_per_sec_spread")
+    return summary.get("tokens_per_sec") is not None and (spread is None or spread > NOISY_SPREAD)
+
+
 def aggregate(summaries: List[dict], scorers: Sequence[str]) -> List[dict]:
     """One row per (method, mask ratio): mean ± std over seeds of every metric."""
     groups: Dict[str, List[dict]] = {}
@@ -44,6 +55,7 @@ def aggregate(summaries: List[dict], scorers: Sequence[str]) -> List[dict]:
         for key in ROW_METRICS:
             row[key] = mean_std([m.get(key) for m in members])
         row["accuracy"] = {name: mean_std([m["accuracy"].get(name) for m in members]) for name in scorers}
+        row["speed_noisy"] = any(speed_is_noisy(m) for m in members)
         rows.append(row)
     return rows
 
@@ -77,6 +89,8 @@ def render_markdown(results: dict) -> str:
         f"accumulation, {spec['optimizer']}, {spec['lr_schedule']} schedule (warmup {spec['warmup_steps']}, "
         f"min lr ratio {spec['min_lr_ratio']}), prompt masked: {spec['mask_prompt']}",
         f"- seeds: {seeds} (mean ± sample std over seeds; a seed fixes the data order for every method)",
+        *([f"- validation every {spec['steps_per_eval']} steps and metrics every {spec['steps_per_report']}; "
+           "every validation curve starts at step 0, the base model"] if spec.get("steps_per_eval") else []),
         "- learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in spec["learning_rates"].items()),
         f"- GMT/random: mask scope {spec['mask_scope']}, target {spec['mask_target']}; "
         f"LoRA/DoRA: rank {spec['lora']['rank']}, scale {spec['lora']['scale']:g}, dropout {spec['lora']['dropout']:g}, "
@@ -93,11 +107,13 @@ def render_markdown(results: dict) -> str:
     if base is not None:
         acc = [f"{100 * base['accuracy'][s]:.1f}%" if base["accuracy"].get(s) is not None else "—" for s in scorers]
         ppl = f"{base['test_ppl']:.3f}" if base.get("test_ppl") is not None else "—"
-        lines.append("| " + " | ".join(["base model (no training)", "—", "—", "—", ppl, *acc, "—", "—", "—", "0%", "0%"]) + " |")
+        val = f"{base['val_loss']:.4f}" if base.get("val_loss") is not None else "—"
+        lines.append("| " + " | ".join(["base model (no training)", "—", val, val, ppl, *acc, "—", "—", "—", "0%", "0%"]) + " |")
     for row in rows:
         acc = [_fmt(row["accuracy"].get(s), 1, 100, "%") for s in scorers]
         cells = [row["group"], f"{row['learning_rate']:g}", _fmt(row["final_val_loss"]), _fmt(row["best_val_loss"]),
-                 _fmt(row["test_ppl"], 3), *acc, _fmt(row["tokens_per_sec"], 0), _fmt(row["wall_time"], 1),
+                 _fmt(row["test_ppl"], 3), *acc, _fmt(row["tokens_per_sec"], 0) + (" (noisy)" if row.get("speed_noisy") else ""),
+                 _fmt(row["wall_time"], 1),
                  _fmt(row["peak_memory_gb"], 2), _fmt(row["trainable_share"], 2, 100, "%"),
                  _fmt(row["updated_share"], 2, 100, "%")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -107,8 +123,10 @@ def render_markdown(results: dict) -> str:
         "parameters on top of the base). *updated %/step*: trained % times the mean kept fraction, i.e. the "
         "gradient entries the optimizer sees per step (with Adam and `--mask-target grad`, momentum still moves "
         "masked entries).",
-        "- *tokens/s*: median over the report windows after the first (which includes compilation); *train time*: "
-        "the training loop with its validation passes, without model loading and saving.",
+        "- *tokens/s*: the median of per-step rates, measured at the report steps, leaving out the first (it "
+        "compiles) and steps timed across a validation pass or checkpoint save; *(noisy)*: fewer than 4 such "
+        f"steps, or their interquartile range above {NOISY_SPREAD:.0%} of the median, so compare rows with care. "
+        "*train time*: the training loop with its validation passes, without model loading and saving.",
         "",
     ]
     masked = [r for r in rows if r["method"] in MASKED_METHODS]

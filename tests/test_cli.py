@@ -134,6 +134,33 @@ def test_missing_model(chat_data, tmp_path):
     assert_clean_error(finetune("--model", tmp_path / "nope", "--data", chat_data, "--out", tmp_path / "o"), "nope")
 
 
+@pytest.mark.parametrize("model", ["runs/nope", "./nope", "~/models/x"])
+def test_missing_path_like_model_is_no_such_folder(monkeypatch, chat_data, tmp_path, model):
+    import huggingface_hub
+
+    def no_lookup(repo_id, **kwargs):
+        raise AssertionError("looked up on the Hub")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_lookup)
+    assert_clean_error(runner.invoke(app, ["generate", model, "-p", "hi"]), f"{model}: no such folder or file")
+    result = finetune("--model", model, "--data", chat_data, "--out", tmp_path / "o")
+    assert_clean_error(result, f"{model}: no such folder or file")
+
+
+def test_offline_hub_id_points_to_the_embedded_model(monkeypatch, chat_data, tmp_path):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    def offline(repo_id, **kwargs):
+        raise LocalEntryNotFoundError("no cached snapshot") from OfflineModeIsEnabled("offline mode is enabled")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    result = finetune("--model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--data", chat_data, "--out", tmp_path / "o")
+    assert_clean_error(result, "cannot reach the Hugging Face Hub (offline mode", "Hugging Face cache",
+                       "the embedded 'smollm2-135m' is this very model")
+
+
 def test_malformed_json_line(tiny_model_dir, tmp_path):
     data = tmp_path / "d"
     write_jsonl(data / "train.jsonl", arithmetic_chat(5))
@@ -181,4 +208,11 @@ def test_foreign_folder_is_never_touched(tiny_model_dir, chat_data, tmp_path):
 def test_bad_yaml_key(tiny_model_dir, chat_data, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("mask_ration: 0.3\n")
-    assert_clean_error(finetune("-c", config, *base_args(tiny_model_dir, chat_data, tmp_path / "o")), "mask_ration")
+    assert_clean_error(finetune("-c", config, *base_args(tiny_model_dir, chat_data, tmp_path / "o")),
+                       "unknown option 'mask_ration' (did you mean mask_ratio?)")
+    config.write_text("zzz_nothing_like_it: 1\n")
+    result = finetune("-c", config, *base_args(tiny_model_dir, chat_data, tmp_path / "o"))
+    assert_clean_error(result, "unknown option 'zzz_nothing_like_it'")
+    assert "did you mean" not in result.output
+    # An unknown flag: click suggests the close ones itself.
+    assert_clean_error(finetune("--mask-ration", "0.3"), "No such option: --mask-ration", "--mask-ratio")

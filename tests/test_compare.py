@@ -60,7 +60,9 @@ def test_every_method_trains_through_compare(compared):
         assert (saved["method"], saved["seed"], saved["iters"]) == (run["method"], run["seed"], 4)
         assert run["steps"] == 4 and run["final_val_loss"] is not None and run["test_ppl"] > 1
         curve = run["curves"]["val"]
-        assert [p[0] for p in curve] == [2, 4] and curve[-1][2] < 8.0
+        # Every curve starts at step 0, the base model (the same point for every method and seed).
+        assert [p[0] for p in curve] == [0, 2, 4] and curve[-1][2] < 8.0
+        assert curve[0][1:] == [0.0, results["base"]["val_loss"]]
         if run["method"] in ("gmt", "random"):
             assert 0.2 < run["kept_fraction"] <= 0.51 and 0 < run["mask_overlap"] <= 1
         else:
@@ -104,6 +106,48 @@ def test_results_table_and_plots(compared):
         path = spec.out / name
         assert path.read_bytes()[:8] == PNG_MAGIC, name
         assert path.stat().st_size > 5000 and f"]({name})" in md
+
+
+def test_base_validation_loss_is_what_a_run_measures_before_training(compared, tiny_model_dir, tmp_path):
+    # A 1-step sft run at a learning rate of ~0 still holds the base weights at its first evaluation.
+    spec, results, _ = compared
+    from gmt_mlx.evaluate import split_loss
+    from gmt_mlx.data import load_splits, pad_id, tokenize_split
+    from gmt_mlx.loading import load_base
+
+    model, tokenizer, _, _ = load_base(str(tiny_model_dir))
+    rows = load_splits(spec.base.data)["valid"]
+    valid = tokenize_split(rows, tokenizer, mask_prompt=False, max_seq_length=spec.base.max_seq_length, name="valid")
+    expected = split_loss(model, valid, batch_size=4, pad_id=pad_id(tokenizer), max_batches=spec.base.val_batches)
+    assert results["base"]["val_loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert "base model (no training) | — | " + f"{expected['loss']:.4f}" in (spec.out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("steps, every_eval, every_report", [(4, 1, 1), (10, 1, 1), (30, 3, 1), (100, 12, 6), (1000, 125, 62)])
+def test_compare_picks_a_cadence_that_draws_curves(steps, every_eval, every_report):
+    spec = cmp.CompareSpec(base=Config(iters=steps), out=Path("x"), auto_cadence=cmp.CADENCE_KEYS)
+    logs = []
+    base = cmp.with_cadence(spec, steps, logs.append).base
+    assert (base.steps_per_eval, base.steps_per_report) == (every_eval, every_report)
+    assert steps // base.steps_per_eval >= min(steps, cmp.CURVE_POINTS)
+    assert "validation every" in logs[0]
+    # What the user set stays, with a warning when it draws dots.
+    mine = cmp.CompareSpec(base=Config(iters=steps, steps_per_eval=50), out=Path("x"), auto_cadence=("steps_per_report",))
+    logs = []
+    assert cmp.with_cadence(mine, steps, logs.append).base.steps_per_eval == 50
+    assert (steps < 150) == any("warning: --steps-per-eval 50" in line for line in logs)
+
+
+def test_speed_leaves_out_compilation_and_steps_timed_across_evals():
+    train = [{"step": s, "tokens_per_sec": v} for s, v in [(1, 10.0), (2, 100.0), (3, 40.0), (4, 104.0), (5, 98.0),
+                                                           (6, 102.0), (7, 101.0)]]
+    evals = [{"step": 2}]
+    speeds = cmp.step_speeds(train, evals, steps_per_save=0)
+    assert speeds == [100.0, 104.0, 98.0, 102.0, 101.0]  # not step 1 (compiles) nor 3 (timed across the eval)
+    assert cmp.speed_spread(speeds) < report.NOISY_SPREAD
+    assert not report.speed_is_noisy({"tokens_per_sec": 101.5, "tokens_per_sec_spread": cmp.speed_spread(speeds)})
+    assert report.speed_is_noisy({"tokens_per_sec": 50.0, "tokens_per_sec_spread": None})  # too few steps
+    assert cmp.step_speeds(train, evals, steps_per_save=5) == [100.0, 104.0, 98.0, 101.0]  # 6 follows a save
 
 
 def test_mean_std():
@@ -170,6 +214,22 @@ def test_learning_rates():
     rates = parsing.parse_learning_rates("lora=2e-4")
     spec = cmp.CompareSpec(base=Config(), out=Path("x"), learning_rates=rates)
     assert spec.learning_rate("lora") == 2e-4 and spec.learning_rate("gmt") == cmp.DEFAULT_LEARNING_RATES["gmt"]
+
+
+def test_short_compare_draws_curves_from_step_0(tiny_model_dir, chat_data, tmp_path):
+    # 8 steps, shorter than the default --steps-per-report 10 and --steps-per-eval 50: a dot each, before.
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", str(tiny_model_dir), "--data", str(chat_data), "--out", str(out),
+            "--methods", "sft,lora", "--iters", "8", "--eval-limit", "1", "--max-tokens", "2",
+            "--learning-rates", "1e-3", "--scorer", "number", "--steps-per-save", "0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "validation every 1, metrics every 1" in result.output
+    results = json.loads((out / "results.json").read_text())
+    for run in results["runs"]:
+        assert [p[0] for p in run["curves"]["val"]] == list(range(9))
+        assert len(run["curves"]["train"]) == 8 and run["tokens_per_sec"] > 0
+    assert "every validation curve starts at step 0" in (out / "results.md").read_text()
 
 
 def test_compare_command(tiny_model_dir, chat_data, tmp_path):

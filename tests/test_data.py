@@ -298,10 +298,58 @@ def test_iterate_batches_resume_is_exact():
 
 def test_batch_size_larger_than_split():
     split = synthetic_split([4, 5, 6], name="valid")
-    with pytest.raises(UserError, match="valid split has 3 examples but batch_size is 4"):
+    with pytest.raises(UserError, match="valid split has 3 examples but --batch-size is 4"):
         next(iterate_batches(split, 4, seed=0, pad_id=0))
-    with pytest.raises(UserError, match="3 examples but batch_size is 8"):
+    with pytest.raises(UserError, match="3 examples but --batch-size is 8"):
         batch_order(split.lengths(), 8, seed=0, epoch=0)
+
+    one = synthetic_split([4], name="train")
+    with pytest.raises(UserError, match="train split has 1 example but --batch-size is 2; lower --batch-size"):
+        next(iterate_batches(one, 2, seed=0, pad_id=0))
+
+
+# ---------------------------------------------------------------- loader regressions (issue 14, fuzzing)
+
+
+def test_deep_nesting_is_a_user_error(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(UserError, match=r"train.jsonl:2: invalid JSON \(nested too deeply\)"):
+        read_jsonl(path)
+
+
+def test_huge_integer_literal_is_a_user_error(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "ok", "n": ' + "9" * 5000 + "}\n")
+    with pytest.raises(UserError, match=r"train.jsonl:1: invalid JSON \(an integer literal of more than 4300 digits\)$"):
+        read_jsonl(path)
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\u0085"])
+def test_line_separators_inside_strings_are_text(tmp_path, char):
+    # str.splitlines() would cut the line at these; JSON allows them raw inside a string.
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"text": f"a{char}b"}, ensure_ascii=False) + "\n" + '{"text": "c"}\n', encoding="utf-8")
+    assert char in path.read_text(encoding="utf-8")
+    assert [r["text"] for r in read_jsonl(path)] == [f"a{char}b", "c"]
+
+
+def test_bom_and_crlf_are_accepted(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a"}\r\n\r\n{"text": "b"}\r\n')
+    assert [r["text"] for r in read_jsonl(path)] == ["a", "b"]
+    path.write_bytes(b'{"text": "a"}\n{"text": "b",}\r\n')
+    with pytest.raises(UserError, match=r"train.jsonl:2: invalid JSON"):
+        read_jsonl(path)
+
+
+def test_odd_keys_keep_the_message_one_printable_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"a\\nb": 1, "\\ud800": 2}\n')
+    with pytest.raises(UserError) as err:
+        read_jsonl(path)
+    message = str(err.value)
+    assert "\n" not in message and message.encode("utf-8") and "keys found:" in message
 
 
 # ---------------------------------------------------------------- shipped examples

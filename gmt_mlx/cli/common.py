@@ -9,6 +9,7 @@ from dataclasses import MISSING, fields
 from typing import Annotated, Any, Callable, Dict, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from ..config import Config, field_types, flag
 from ..errors import Interrupted, UserError
@@ -42,25 +43,79 @@ def user_errors(fn: Callable) -> Callable:
 
 def _option(field) -> Any:
     kind = field_types()[field.name]
-    help_text = field.metadata["help"]
     choices = field.metadata.get("choices")
-    # Parentheses, not brackets: rich would read [..] as markup and drop it.
-    if choices:
-        help_text += f" (one of: {', '.join(choices)})"
-    if field.default is not MISSING and field.default is not None and field.default != "":
-        help_text += f" (default: {field.default})"
-    names = [f"--{flag(field.name)}/--no-{flag(field.name)}"] if kind is bool else [f"--{flag(field.name)}"]
-    option = typer.Option(*names, help=help_text, rich_help_panel=field.metadata.get("group"), show_default=False)
+    name = flag(field.name)
+    # The options default to None (to tell what was given), so the default shown is the dataclass's.
+    default = field.default if field.default is not MISSING else None
+    if kind is bool:
+        names, shown = [f"--{name}/--no-{name}"], f"--{name}" if default else f"--no-{name}"
+    else:
+        names, shown = [f"--{name}"], (str(default) if default not in (None, "") else None)
+    # Written as click writes the defaults of the commands' own options (a string show_default
+    # would come out as "[default: (x)]").
+    help_text = field.metadata["help"] + (f"  [default: {shown}]" if shown is not None else "")
+    option = typer.Option(*names, help=help_text, rich_help_panel=field.metadata.get("group"),
+                          show_default=False, metavar=f"[{'|'.join(choices)}]" if choices else None)
     return Annotated[Optional[kind], option]
 
 
+FULL_HELP = "gmt_mlx.full_help"  # ctx.meta key: --help-all asked for every option
+
+
+def _show_full_help(ctx: typer.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        ctx.meta[FULL_HELP] = True
+        typer.echo(ctx.get_help(), color=ctx.color)
+        ctx.exit()
+
+
+HelpAllOpt = Annotated[Optional[bool], typer.Option(
+    "--help-all", is_eager=True, expose_value=False, callback=_show_full_help,
+    help="Show every option, by group, and exit.")]
+
+
+def _is_common(name: str) -> bool:
+    return next((f.metadata.get("common", False) for f in fields(Config) if f.name == name), True)
+
+
+class ConfigHelpCommand(TyperCommand):
+    """Plain help whose option names are never cut: ``--help`` lists the command's own options and
+    the common config options; ``--help-all`` lists every option under its group (Config's)."""
+
+    def format_options(self, ctx, formatter) -> None:
+        full = ctx.meta.get(FULL_HELP, False)
+        sections: Dict[str, list] = {"Arguments": [], "Options": []}
+        hidden = 0
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                sections["Arguments"].append(record)
+                continue
+            group = getattr(param, "rich_help_panel", None)
+            if group and not full and not _is_common(param.name):
+                hidden += 1
+                continue
+            sections.setdefault(group or "Options", []).append(record)
+        for title, records in sections.items():
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+        if hidden:
+            formatter.write_paragraph()
+            formatter.write_text(f"{hidden} more options (method details, LoRA, optimizer, reporting, checkpoints, "
+                                 f"Hub): {ctx.command_path} --help-all")
+
+
 def with_config_options(fn: Optional[Callable] = None, *, exclude: tuple = ()) -> Callable:
-    """Add one CLI option per Config field to ``fn`` (except the fields in ``exclude``).
+    """Add one CLI option per Config field to ``fn`` (except the fields in ``exclude``), and --help-all.
 
     The options default to None so the command can tell what was given:
     ``fn`` receives those as ``overrides`` (flags > YAML > defaults). Help text
     and defaults come from the Config dataclass, the single source. Use as
-    ``@with_config_options`` or ``@with_config_options(exclude=(...))``.
+    ``@with_config_options`` or ``@with_config_options(exclude=(...))``, and
+    register the command with ``cls=ConfigHelpCommand``.
     """
     if fn is None:
         return functools.partial(with_config_options, exclude=exclude)
@@ -71,13 +126,15 @@ def with_config_options(fn: Optional[Callable] = None, *, exclude: tuple = ()) -
         for f in fields(Config)
         if f.name in names
     ]
+    help_all = inspect.Parameter("help_all", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=HelpAllOpt)
 
     @functools.wraps(fn)
     def wrapper(**kwargs):
+        kwargs.pop("help_all", None)
         overrides: Dict[str, Any] = {name: kwargs.pop(name) for name in names if name in kwargs}
         return fn(overrides=overrides, **kwargs)
 
-    wrapper.__signature__ = inspect.Signature(own + extra)
+    wrapper.__signature__ = inspect.Signature(own + [help_all] + extra)
     return wrapper
 
 

@@ -28,7 +28,7 @@ def compare(
     methods: Annotated[str, typer.Option(help="Comma-separated methods: sft, gmt, random, lora, dora.")] = "sft,gmt,lora",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each runs every method (same data order per seed).")] = "0",
     mask_ratios: Annotated[str, typer.Option(help="Comma-separated mask ratios for gmt and random (one run each).")] = "0.2",
-    learning_rates: Annotated[Optional[str], typer.Option(help="Peak LR per method, e.g. lora=2e-4,gmt=2e-5, or one number for all (defaults: sft/gmt/random 2e-5, lora/dora 1e-4).")] = None,
+    learning_rates: Annotated[Optional[str], typer.Option(help="Peak LR per method, e.g. lora=2e-4,gmt=2e-5, or one number for all.  [default: sft/gmt/random 2e-5, lora/dora 1e-4]")] = None,
     scorer: Annotated[str, typer.Option(help="Comma-separated accuracy scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK], module:function.")] = "exact",
     eval_limit: Annotated[int, typer.Option(help="Test prompts to generate answers for, per run (the test loss uses the whole split).")] = 100,
     max_tokens: Annotated[int, typer.Option(help="New tokens per generated answer at most (greedy).")] = 32,
@@ -42,7 +42,7 @@ def compare(
     Every run is a normal fine-tuning run under OUT/runs/. Running the same
     command again resumes an interrupted comparison and reuses finished runs.
     """
-    from ..compare import CompareSpec, check_base
+    from ..compare import CADENCE_KEYS, CompareSpec, check_base
     from ..compare import compare as run
     from ..config import load_yaml, resolve
     from ..errors import UserError
@@ -50,8 +50,9 @@ def compare(
     from ..scorers import parse_scorers
     from .parsing import parse_learning_rates, parse_mask_ratios, parse_methods, parse_seeds
 
+    from_yaml = load_yaml(config_file) if config_file is not None else {}
     if config_file is not None:
-        check_base(load_yaml(config_file), str(config_file))
+        check_base(from_yaml, str(config_file))
     if eval_limit < 0 or max_tokens < 1 or eval_batch_size < 1:
         raise UserError("--eval-limit must be 0 or more; --max-tokens and --eval-batch-size at least 1")
     spec = CompareSpec(
@@ -66,6 +67,8 @@ def compare(
         max_tokens=max_tokens,
         eval_batch_size=eval_batch_size,
         command=_command_line(),
+        # Unless set, compare reports and validates often enough to draw a curve.
+        auto_cadence=tuple(k for k in CADENCE_KEYS if overrides.get(k) is None and k not in from_yaml),
     )
     results = run(spec, overwrite=overwrite, log=echo)
     echo("")

@@ -12,12 +12,12 @@ from .common import echo, user_errors
 
 @user_errors
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `gmt-mlx finetune`.")],
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory written by `gmt-mlx finetune`.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the model to.")],
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: the run's --dtype).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16.  [default: the run's --dtype]")] = None,
     checkpoint: Annotated[str, typer.Option(help="last (the final model), best (lowest validation loss) or step-N.")] = "last",
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="LoRA/DoRA runs: write only the adapter, in PEFT's format.")] = False,
-    dataset: Annotated[Optional[List[str]], typer.Option("--dataset", help="Hub dataset id the training data came from (repeatable): the card's `datasets`.")] = None,
+    dataset: Annotated[Optional[List[str]], typer.Option("--dataset", metavar="ID", help="Hub dataset id the training data came from (repeatable): the card's `datasets`.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model already in --out.")] = False,
 ) -> None:
     """Export a run: merged safetensors + config + tokenizer + model card (or a PEFT adapter)."""
