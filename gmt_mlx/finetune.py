@@ -142,7 +142,7 @@ def tokenize_splits(config: Config, rows: Dict[str, list], tokenizer, log: Calla
             log(f"warning: {split.truncated} of {len(split_rows)} {name} examples were longer than "
                 f"--max-seq-length {config.max_seq_length} and were truncated")
         if split.dropped:
-            log(f"warning: {split.dropped} {name} examples had no target tokens left and were dropped")
+            log(f"warning: dropped {split.dropped} {name} example{'s' if split.dropped != 1 else ''} with no target tokens left")
         if len(split) == 0:
             raise UserError(f"{name} split has no usable examples")
         splits[name] = split

@@ -15,13 +15,13 @@ from .common import echo, user_errors
 @user_errors
 def eval_command(
     model: Annotated[str, typer.Argument(help="A run directory, HF folder, GGUF file, Hub id or 'smollm2-135m'.")],
-    data: Annotated[Optional[str], typer.Option(help="Data folder or .jsonl file (default: a run's own --data).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Data folder or .jsonl file.  [default: a run's own --data]")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate: train, valid or test.")] = "test",
     scorer: Annotated[str, typer.Option(help="Comma-separated scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK] or module:function.")] = "exact",
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate per answer at most (greedy).")] = 64,
     batch_size: Annotated[int, typer.Option(help="Prompts generated (and loss examples scored) together.")] = 16,
     limit: Annotated[Optional[int], typer.Option(help="Score only the first N prompt/answer pairs (the loss still uses the whole split).")] = None,
-    mask_prompt: Annotated[Optional[bool], typer.Option("--mask-prompt/--no-mask-prompt", help="Loss on completions only (default: a run's own setting, else yes).")] = None,
+    mask_prompt: Annotated[Optional[bool], typer.Option("--mask-prompt/--no-mask-prompt", help="Loss on completions only.  [default: a run's own setting, else yes]")] = None,
     loss: Annotated[bool, typer.Option("--loss/--no-loss", help="Compute loss and perplexity.")] = True,
     generate: Annotated[bool, typer.Option("--generate/--no-generate", help="Generate answers and score them.")] = True,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the full result (every item's answer and scores) to this JSON file.")] = None,
