@@ -260,6 +260,50 @@ def evaluate(
     return {"model": str(model_or_run), "model_path": str(path), "data": str(data), **result}
 
 
+def base_model_of(run_dir: str) -> str:
+    """The base model a run was fine-tuned from (its config's ``model``)."""
+    run = run_config(run_dir)
+    if not run or not run.get("model"):
+        raise UserError(f"{run_dir}: comparing with the base model needs a gmt-mlx run directory "
+                        "(its config.yaml names the base model)")
+    return str(run["model"])
+
+
+def evaluate_with_base(run_dir: str, data: Optional[str] = None, *, on_model: Optional[Callable[[str], None]] = None,
+                       **options) -> dict:
+    """`evaluate` a run and the base model it was fine-tuned from, on the same split and rows.
+
+    Both use the run's data (unless ``data``), prompt masking and sequence
+    length, so their losses and accuracies compare item by item. Returns
+    {"base": result, "tuned": result} with `evaluate`'s results;
+    ``on_model(role)`` is called before each ("base", then "tuned").
+    """
+    base = base_model_of(run_dir)
+    run = run_config(run_dir) or {}
+    data = data or run.get("data")
+    if options.get("mask_prompt") is None:
+        options["mask_prompt"] = run.get("mask_prompt", True)
+    options.setdefault("max_seq_length", run.get("max_seq_length"))
+    results = {}
+    for role, model in (("base", base), ("tuned", run_dir)):
+        if on_model is not None:
+            on_model(role)
+        results[role] = evaluate(model, data, **options)
+    return results
+
+
+def score_summary(result: dict, scorer: str) -> str:
+    """A scorer's accuracy as "27/32 (84%)" (a mean percentage when there is partial credit)."""
+    count = result.get("count", 0)
+    value = result.get("accuracy", {}).get(scorer)
+    if not count or value is None:
+        return "n/a"
+    scores = [item["scores"][scorer] for item in result.get("items", [])]
+    if all(float(s) in (0.0, 1.0) for s in scores):
+        return f"{int(sum(float(s) for s in scores))}/{count} ({100 * value:.0f}%)"
+    return f"{100 * value:.1f}% of {count}"
+
+
 def describe_prompt(prompt) -> str:
     """A prompt as one string for logs: its last message's content, or the prompt itself."""
     if isinstance(prompt, list):

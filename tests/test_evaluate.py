@@ -214,3 +214,51 @@ def test_eval_bad_input_is_one_line(tiny_model_dir, chat_data, args, fragment):
 def test_eval_without_data_is_one_line(tiny_model_dir):
     result = runner.invoke(app, ["eval", str(tiny_model_dir)])
     assert result.exit_code == 2 and "--data is required" in result.output
+
+
+def test_score_summary_counts_or_averages():
+    from gmt_mlx.evaluate import score_summary
+
+    result = {"count": 3, "accuracy": {"exact": 2 / 3, "rg": 0.5},
+              "items": [{"scores": {"exact": 1.0, "rg": 1.0}}, {"scores": {"exact": True, "rg": 0.5}},
+                        {"scores": {"exact": 0.0, "rg": 0.0}}]}
+    assert score_summary(result, "exact") == "2/3 (67%)"
+    assert score_summary(result, "rg") == "50.0% of 3"  # partial credit: a mean, not a count
+    assert score_summary({"count": 0, "accuracy": {}}, "exact") == "n/a"
+
+
+def test_eval_baseline_compares_a_run_with_its_base(tiny_model_dir, chat_data, tmp_path):
+    from gmt_mlx.config import Config
+    from gmt_mlx.evaluate import evaluate
+    from gmt_mlx.finetune import finetune
+
+    run = tmp_path / "run"
+    finetune(Config(model=str(tiny_model_dir), data=str(chat_data), out=str(run), iters=2, learning_rate=1e-2,
+                    mask_prompt=False, samples=0), log=lambda s: None)
+    out = tmp_path / "both.json"
+    result = runner.invoke(app, ["eval", str(run), "--baseline", "--scorer", "exact,number", "--max-tokens", "3",
+                                 "--limit", "2", "--show", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert sum(line.startswith("  base:  ") for line in lines) == 2
+    assert sum(line.startswith("  tuned: ") for line in lines) == 2
+    assert any(line.startswith("exact     base ") and "/2 (" in line and "-> tuned " in line and "points" in line
+               for line in lines), result.output
+    assert any(line.startswith("loss      base ") for line in lines), result.output
+    saved = json.loads(out.read_text())
+    base, tuned = saved["base"], saved["tuned"]
+    assert base["model"] == str(tiny_model_dir) and tuned["model"] == str(run)
+    assert [i["prompt"] for i in base["items"]] == [i["prompt"] for i in tuned["items"]]
+    # The base is scored as the run's own settings would score it (here: loss on whole sequences).
+    assert base["mask_prompt"] is False and tuned["mask_prompt"] is False
+    alone = evaluate(str(tiny_model_dir), str(chat_data), scorers=["exact", "number"], max_tokens=3, limit=2,
+                     mask_prompt=False)
+    assert base["loss"] == pytest.approx(alone["loss"], rel=1e-6)
+    assert [i["answer"] for i in base["items"]] == [i["answer"] for i in alone["items"]]
+    assert tuned["loss"] != pytest.approx(base["loss"], rel=1e-6)  # the run's weights, not the base's
+
+
+def test_eval_baseline_needs_a_run(tiny_model_dir, chat_data):
+    result = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", str(chat_data), "--baseline"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "needs a gmt-mlx run directory" in result.output.strip().splitlines()[-1]

@@ -26,10 +26,11 @@ def eval_command(
     generate: Annotated[bool, typer.Option("--generate/--no-generate", help="Generate answers and score them.")] = True,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the full result (every item's answer and scores) to this JSON file.")] = None,
     show: Annotated[int, typer.Option(help="Print this many scored answers.")] = 3,
+    baseline: Annotated[bool, typer.Option("--baseline", help="A run only: also evaluate the base model it was tuned from, on the same rows, and print base -> tuned with before/after answers.")] = False,
 ) -> None:
     """Evaluate a model or a fine-tuned run: loss/perplexity on a split and generation accuracy."""
     from ..errors import UserError
-    from ..evaluate import evaluate
+    from ..evaluate import evaluate, evaluate_with_base
     from ..scorers import parse_scorers
 
     if limit is not None and limit < 0:
@@ -42,8 +43,21 @@ def eval_command(
         sys.stderr.write(f"generating {done}/{total}\n")
         sys.stderr.flush()
 
-    result = evaluate(model, data, split=split, scorers=names, mask_prompt=mask_prompt, batch_size=batch_size,
-                      max_tokens=max_tokens, limit=limit, loss=loss, generate=generate, on_batch=on_batch)
+    options = dict(split=split, scorers=names, mask_prompt=mask_prompt, batch_size=batch_size,
+                   max_tokens=max_tokens, limit=limit, loss=loss, generate=generate, on_batch=on_batch)
+    if baseline:
+        def on_model(role: str) -> None:
+            sys.stderr.write(f"evaluating the {role} model\n")
+            sys.stderr.flush()
+
+        results = evaluate_with_base(model, data, on_model=on_model, **options)
+        print_comparison(results, names, show=show, max_tokens=max_tokens)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2))
+            echo(f"wrote     {out}")
+        return
+    result = evaluate(model, data, **options)
     for item in result.get("items", [])[:show]:
         scores = ", ".join(f"{k} {v:g}" for k, v in item["scores"].items())
         echo(f"prompt:    {item['prompt'].strip()}\n  answer:    {item['answer'].strip()}\n"
@@ -63,3 +77,32 @@ def eval_command(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
         echo(f"wrote     {out}")
+
+
+def _one_line(text: str, width: int = 100) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def print_comparison(results: dict, scorers: list, *, show: int, max_tokens: int) -> None:
+    """base -> tuned: a few answers side by side, then loss and each scorer's accuracy, one line each."""
+    from ..evaluate import score_summary
+
+    base, tuned = results["base"], results["tuned"]
+    for before, after in list(zip(base.get("items", []), tuned.get("items", [])))[:show]:
+        echo(f"{_one_line(after['prompt'])}   (reference: {_one_line(after['reference'])})\n"
+             f"  base:  {_one_line(before['answer'])}\n  tuned: {_one_line(after['answer'])}")
+    if show and tuned.get("items"):
+        echo("")
+    echo(f"base      {base['model']}\ntuned     {tuned['model']}")
+    echo(f"data      {tuned['data']} ({tuned['split']}, {tuned['examples']} examples)")
+    if "loss" in tuned:
+        echo(f"loss      base {base['loss']:.4f} -> tuned {tuned['loss']:.4f} "
+             f"(perplexity {base['ppl']:.2f} -> {tuned['ppl']:.2f})")
+    if "count" in tuned and tuned["count"] == 0:
+        echo("accuracy  skipped: the split has no prompt/answer pairs")
+    elif "count" in tuned:
+        for name in scorers:
+            gain = 100 * (tuned["accuracy"][name] - base["accuracy"][name])
+            echo(f"{name:<9} base {score_summary(base, name)} -> tuned {score_summary(tuned, name)}: "
+                 f"{gain:+.0f} points (greedy, max {max_tokens} tokens)")
