@@ -18,6 +18,7 @@ import yaml
 
 from . import rundir
 from .config import ADAPTER_METHODS, MASKED_METHODS
+from .errors import UserError
 from .report import RESULTS_MD
 
 CARD_FILE = "README.md"
@@ -106,8 +107,10 @@ class RunSummary:
     @classmethod
     def read(cls, run_dir: str | Path) -> "RunSummary":
         run_dir = Path(run_dir)
-        config_file = run_dir / rundir.CONFIG_FILE
-        config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+        try:
+            config = rundir.run_config(run_dir)  # config.yaml, or a checkpoint's copy if it is damaged
+        except UserError:
+            config = {}
         summary = cls(config if isinstance(config, dict) else {})
         for record in rundir.read_metrics(run_dir):
             kind = record.get("type")

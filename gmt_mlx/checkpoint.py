@@ -25,6 +25,8 @@ import json
 import os
 import shutil
 import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -82,17 +84,35 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _no_sigint():
+    """Hold Ctrl-C back (it is delivered on exit) where an interruption would lose a checkpoint."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _replace_dir(tmp: Path, path: Path) -> None:
-    """Move ``tmp`` to ``path``, replacing an old ``path`` with no window where neither is complete."""
+    """Move ``tmp`` to ``path``, replacing an old ``path`` with no window where neither is complete.
+
+    A SIGKILL between the two renames leaves ``path.old`` and ``tmp``, both
+    ignored by the lookup (an older checkpoint is resumed) and removed by the next save.
+    """
     old = path.with_name(path.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    _fsync(path.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    with _no_sigint():  # a second Ctrl-C here must not leave the checkpoint renamed away
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        _fsync(path.parent)
+        if old.exists():
+            shutil.rmtree(old)
 
 
 def save_checkpoint(
@@ -136,6 +156,9 @@ def save_checkpoint(
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"could not save checkpoint {path}: {err.strerror or err}") from None
+    except BaseException:  # a second Ctrl-C mid-save: leave no partial folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
 
 
@@ -151,6 +174,9 @@ def link_checkpoint(src: str | Path, dst: str | Path) -> Path:
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"could not save checkpoint {dst}: {err.strerror or err}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return dst
 
 
@@ -161,35 +187,59 @@ def _link_or_copy(src, dst):
         shutil.copy2(src, dst)
 
 
+class DamagedCheckpoint(UserError):
+    """A checkpoint folder that cannot be used (missing, cut short or corrupt files); str(err) says which and why."""
+
+
 def read_state(path: str | Path) -> Dict[str, Any]:
-    """The metadata of a complete checkpoint (``state.json``)."""
-    return json.loads((Path(path) / STATE_FILE).read_text())
+    """The metadata of a checkpoint (``state.json``); DamagedCheckpoint if it is missing or damaged.
+
+    Only the JSON is checked here (cheap); ``verify`` also checks the other files.
+    """
+    file = Path(path) / STATE_FILE
+    try:
+        meta = json.loads(file.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"checkpoint {path} is incomplete: {STATE_FILE} is missing") from None
+    except OSError as err:
+        raise DamagedCheckpoint(f"checkpoint {path} is unreadable: {STATE_FILE}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, ValueError):  # JSONDecodeError is a ValueError
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: {STATE_FILE} is not valid JSON (cut short or corrupt)") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or isinstance(meta.get("step"), bool):
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: {STATE_FILE} has no step")
+    return meta
 
 
 def is_complete(path: str | Path) -> bool:
+    """A checkpoint folder whose save finished (state.json is written last); it may still be damaged."""
     return (Path(path) / STATE_FILE).is_file()
 
 
 def verify(path: str | Path) -> Dict[str, Any]:
-    """Check every file against the sha256 in state.json; raise UserError if any differs."""
+    """Check every file against the sha256 in state.json; raise DamagedCheckpoint if any differs."""
     path = Path(path)
-    try:
-        meta = read_state(path)
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"checkpoint {path} is unreadable ({err})") from None
-    for name, digest in meta.get("sha256", {}).items():
+    meta = read_state(path)
+    checksums = meta.get("sha256")
+    # The weights and the optimizer state must be covered: a state.json without them vouches for nothing.
+    if not isinstance(checksums, dict) or any(not isinstance(checksums.get(name), str) for name in FILES[:2]):
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: {STATE_FILE} lacks the files' checksums")
+    for name, digest in checksums.items():
         file = path / name
         if not file.is_file():
-            raise UserError(f"checkpoint {path} is incomplete: {name} is missing")
+            raise DamagedCheckpoint(f"checkpoint {path} is incomplete: {name} is missing")
         if sha256(file) != digest:
-            raise UserError(f"checkpoint {path} is corrupt: {name} does not match its checksum")
+            raise DamagedCheckpoint(f"checkpoint {path} is corrupt: {name} does not match its checksum")
     return meta
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None) -> Dict[str, Any]:
-    """Verify, then restore weights (and optimizer state and RNG); return the metadata."""
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, *, verified: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Verify, then restore weights (and optimizer state and RNG); return the metadata.
+
+    ``verified``: the metadata ``verify`` returned for this folder just before
+    (finetune's plan verifies to choose the checkpoint: hashing gigabytes twice is waste).
+    """
     path = Path(path)
-    meta = verify(path)
+    meta = verified if verified is not None else verify(path)
     weights = mx.load(str(path / FILES[0]))
     model.load_weights(list(weights.items()), strict=False)
     if optimizer is not None:

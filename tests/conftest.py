@@ -43,11 +43,15 @@ def arithmetic_chat(n: int, start: int = 0):
     ]
 
 
-@pytest.fixture()
-def chat_data(tmp_path) -> Path:
+def write_chat_data(folder: Path) -> Path:
     """A data folder in the chat format: 16 train, 4 valid, 4 test."""
-    folder = tmp_path / "data"
     write_jsonl(folder / "train.jsonl", arithmetic_chat(16))
     write_jsonl(folder / "valid.jsonl", arithmetic_chat(4, 100))
     write_jsonl(folder / "test.jsonl", arithmetic_chat(4, 200))
     return folder
+
+
+@pytest.fixture()
+def chat_data(tmp_path) -> Path:
+    """A data folder in the chat format: 16 train, 4 valid, 4 test."""
+    return write_chat_data(tmp_path / "data")

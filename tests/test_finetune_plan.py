@@ -31,6 +31,9 @@ def interrupted_run(tmp_path, *, loss_normalisation=True, **values):
     if loss_normalisation:
         state["loss_normalisation"] = ckpt.LOSS_NORMALISATION
     rundir.step_dir(out, 2).mkdir(parents=True)
+    for name in ckpt.FILES:  # stand-ins: plan_run verifies checksums, not contents
+        (rundir.step_dir(out, 2) / name).write_bytes(name.encode())
+    state["sha256"] = {name: ckpt.sha256(rundir.step_dir(out, 2) / name) for name in ckpt.FILES}
     (rundir.step_dir(out, 2) / ckpt.STATE_FILE).write_text(json.dumps(state))
     return config
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from gmt_mlx import checkpoint as ckpt
 from gmt_mlx import rundir
 from gmt_mlx.checkpoint import STATE_FILE
 from gmt_mlx.errors import UserError
@@ -25,8 +26,12 @@ def write_metrics(run, records=RECORDS, tail=""):
 
 
 def fake_checkpoint(path, step):
+    """A checkpoint folder that verifies: its files and their checksums (contents do not matter here)."""
     path.mkdir(parents=True)
-    (path / STATE_FILE).write_text(json.dumps({"step": step}))
+    for name in ckpt.FILES:
+        (path / name).write_bytes(f"{name} {step}".encode())
+    sums = {name: ckpt.sha256(path / name) for name in ckpt.FILES}
+    (path / STATE_FILE).write_text(json.dumps({"step": step, "sha256": sums}))
     return path
 
 
@@ -48,10 +53,14 @@ def test_read_metrics_filters_by_kind_and_skips_blank_lines(tmp_path):
     assert rundir.last_step(tmp_path) == 3
 
 
-def test_a_damaged_line_names_file_and_line(tmp_path):
-    (tmp_path / rundir.METRICS_FILE).write_text('{"type": "train", "step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(UserError, match=r"metrics.jsonl:2: "):
-        rundir.read_metrics(tmp_path)
+def test_a_damaged_line_is_named_and_skipped(tmp_path):
+    # A record of the run's past must not stop a resume or an export: readers skip it, callers warn.
+    (tmp_path / rundir.METRICS_FILE).write_bytes(b'{"type": "train", "step": 1}\nnot json\n\xff\xfe\n{"step": 2}\n')
+    assert rundir.read_metrics(tmp_path) == [{"type": "train", "step": 1}, {"step": 2}]
+    assert rundir.damaged_metrics(tmp_path).endswith("metrics.jsonl:2: not a metrics record (damaged line, skipped) "
+                                                     "(and 1 more damaged line)")
+    rundir.truncate_metrics(tmp_path, 5)
+    assert rundir.damaged_metrics(tmp_path) is None and len(rundir.read_metrics(tmp_path)) == 2
 
 
 def test_a_last_line_cut_by_a_kill_is_skipped_then_dropped_on_resume(tmp_path):

@@ -23,23 +23,42 @@ def finetune(
 
     Re-running with the same --out resumes an interrupted run of the same config.
     """
-    from ..config import load_yaml, resolve
+    from ..config import resolve
     from ..errors import UserError
     from ..finetune import finetune as run
-    from ..rundir import CONFIG_FILE, is_run_dir
+    from ..rundir import has_trained, is_run_dir, run_config
 
     base = None
     if resume is not None:
-        if not is_run_dir(resume):
-            raise UserError(f"--resume {resume}: not a gmt-mlx run (no {CONFIG_FILE})")
         if overrides.get("out") not in (None, str(resume)):
             raise UserError("--resume RUN_DIR and --out must name the same folder (or leave --out out)")
-        base = {**load_yaml(resume / CONFIG_FILE), "out": str(resume)}
+        if not resume.is_dir():
+            raise UserError(f"--resume {resume}: no such folder")
+        if any(resume.iterdir()) and not is_run_dir(resume):
+            raise UserError(f"--resume {resume}: not a gmt-mlx run (no config.yaml, no checkpoints)")
+        try:
+            base = {**run_config(resume), "out": str(resume)}  # plan_run warns if it fell back
+        except UserError as err:
+            # Killed before its config was saved (or that config is lost with no checkpoint
+            # holding a copy): nothing was trained, so the run can only be started, and
+            # only the command that started it knows the model and data.
+            if has_trained(resume):
+                raise UserError(f"cannot resume {resume}: {err}, and no checkpoint holds a copy of the config; "
+                                f"pass --overwrite with your original options to start over") from None
+            if not (overrides.get("data") or config_file):
+                raise UserError(f"nothing to resume in {resume} yet (it stopped before its config was saved); start "
+                                f"it with your original command: gmt-mlx finetune --model ... --data ... --out {resume}") from None
+            base = {"out": str(resume)}
     config = resolve(config_file, overrides, base=base)
     result = run(config, overwrite=overwrite, resume=resume is not None, force=force, log=echo)
+    val = f", val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f})" if result.val_loss is not None else ""
+    if result.already_finished:
+        echo(f"{result.out} is already finished; nothing changed")
+        echo(f"finished: {result.steps} steps, train loss {result.train_loss:.4f}{val}")
+        echo(f"model: {result.model_dir}")
+        return
     for sample in result.samples:
         echo(f"\nprompt: {sample['prompt']}\n  before: {sample['before'].strip()}\n  after:  {sample['after'].strip()}")
-    val = f", val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f})" if result.val_loss is not None else ""
     echo(f"\ndone: {result.steps} steps, train loss {result.train_loss:.4f}{val}")
     echo(f"model: {result.model_dir}")
     echo(f"try it: gmt-mlx generate {result.out} --prompt \"...\"")
