@@ -414,7 +414,14 @@ def export_run(
     final = rundir.model_dir(run_dir)
     use_final = checkpoint == "last" and not adapter_only and rundir.is_finished(run_dir)
     if use_final:
-        model, tokenizer, hf_config, _ = load_base(str(final))
+        try:
+            model, tokenizer, hf_config, _ = load_base(str(final))
+        except (UserError, OSError, ValueError, RuntimeError) as err:
+            # A damaged model/ (it has no checksums): the checkpoints hold the same training, verified.
+            log(f"warning: {final} cannot be loaded ({str(err).splitlines()[0][:200]}); "
+                "exporting the newest checkpoint that verifies instead")
+            use_final = False
+    if use_final:
         base_path, step, val_loss, source = final, rundir.last_step(run_dir), None, f"{rundir.MODEL_DIR}/"
         saved = hf_config.get("dtype") or hf_config.get("torch_dtype")
         if saved in DTYPES and DTYPES[saved].size < DTYPES[dtype].size:

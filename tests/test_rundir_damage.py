@@ -37,6 +37,10 @@ def args(model, data, out):
             "--method", "gmt", "--mask-ratio", "0.5", "--samples", "1"]
 
 
+FINISHED = [f"model/{name}" for name in ("model.safetensors", "config.json", "tokenizer.json")] + ["samples.json"]
+FINISHED_CASES = [(file, damage) for file in FINISHED for damage in ("truncate", "flip", "delete")]
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     """(reference run, the same run stopped by Ctrl-C after step 4: step-2, step-4 and best at step 3)."""
@@ -100,3 +104,14 @@ def test_damaged_run_exports(runs, tmp_path, file, how):
         return
     assert result.exit_code == 0, result.output
     assert (tmp_path / "export" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("file,how", FINISHED_CASES, ids=[f"{f}-{d}" for f, d in FINISHED_CASES])
+def test_damaged_finished_run_exports_and_is_left_alone_by_resume(runs, tmp_path, file, how):
+    """model/ and samples.json of a finished run: export falls back on the final checkpoint; resume changes nothing."""
+    reference, _ = runs
+    out, result = run_on_damaged_copy(reference, tmp_path, file, how, "export", "RUN", "--out", str(tmp_path / "export"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "export" / "config.json").is_file()
+    resumed = runner.invoke(app, ["finetune", "--resume", str(out)])
+    assert "Traceback" not in resumed.output and resumed.exit_code == 0, resumed.output
