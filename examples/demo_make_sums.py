@@ -10,8 +10,10 @@ item i from seed S + i, so the splits draw from widely separated seeds (1,
 10000, 20000), each taking the first questions not already taken by an
 earlier split. Each line is a chat example plus the fields reasoning-gym's
 checker needs (`answer`, `metadata`), so `--scorer reasoning_gym` can score
-it too; the quickstart scores with `exact`, which gives full credit exactly
-when reasoning-gym's checker does (the answer string equals the reference).
+it too; the quickstart scores with `exact` (the answer is the reference
+itself), which needs no extra package and is as strict as reasoning-gym's
+checker: that one gives full credit only to the number alone (written as
+"3", "+3" or "3.0").
 
 The base SmolLM2-135M-Instruct mostly knows these sums but answers in a
 sentence or a worked line; the demo teaches it to state the number alone.
