@@ -32,14 +32,17 @@ def _plain(value):
     return value
 
 
-def build() -> dict:
+def build(task: str = TASK, options: dict = TASK_OPTIONS, splits: dict = SPLITS, draws: int = 0) -> dict:
+    """split -> rows: per split (seed, size), the first `size` questions not in an earlier split.
+
+    `draws` items are generated per split (0: 3 x size) to find them.
+    """
     import reasoning_gym
 
     seen: set = set()
     out = {}
-    for split, (seed, size) in SPLITS.items():
-        # Over-generate, then keep the first `size` questions not seen in an earlier split.
-        dataset = reasoning_gym.create_dataset(TASK, size=size * 3, seed=seed, **TASK_OPTIONS)
+    for split, (seed, size) in splits.items():
+        dataset = reasoning_gym.create_dataset(task, size=draws or size * 3, seed=seed, **options)
         rows = []
         for item in dataset:
             if item["question"] in seen:
@@ -54,17 +57,22 @@ def build() -> dict:
             if len(rows) == size:
                 break
         if len(rows) < size:
-            raise SystemExit(f"only {len(rows)} distinct {split} questions; widen TASK_OPTIONS")
+            raise SystemExit(f"only {len(rows)} distinct {split} questions; widen the task options or shrink the splits")
         out[split] = rows
     return out
 
 
-def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    for split, rows in build().items():
-        path = OUT / f"{split}.jsonl"
+def write(out: Path, splits: dict) -> None:
+    """Write each split's rows to out/SPLIT.jsonl."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        path = out / f"{split}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         print(f"wrote {path} ({len(rows)} examples)")
+
+
+def main() -> None:
+    write(OUT, build())
 
 
 if __name__ == "__main__":

@@ -12,26 +12,21 @@ widely separated seeds (1, 10000, 20000), every question in one split only.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import compare_make_chain_sum as maker
+from compare_make_chain_sum import build, write
 
-maker.OUT = Path(__file__).resolve().parent / "data" / "leg_counting"
-maker.TASK = "leg_counting"
-maker.TASK_OPTIONS = {"min_animals": 1, "max_animals": 2, "min_instances": 1, "max_instances": 3}
-maker.SPLITS = {"train": (1, 256), "valid": (10000, 16), "test": (20000, 48)}  # split: (seed, size)
+OUT = Path(__file__).resolve().parent / "data" / "leg_counting"
+TASK = "leg_counting"
+TASK_OPTIONS = {"min_animals": 1, "max_animals": 2, "min_instances": 1, "max_instances": 3}
+SPLITS = {"train": (1, 256), "valid": (10000, 16), "test": (20000, 48)}  # split: (seed, size)
 
 
 def main() -> None:
-    out = maker.build()
+    out = build(TASK, TASK_OPTIONS, SPLITS)
     train = {r["messages"][0]["content"] for r in out["train"]}
     assert not any(r["messages"][0]["content"] in train for s in ("valid", "test") for r in out[s])
-    maker.OUT.mkdir(parents=True, exist_ok=True)
-    for split, rows in out.items():
-        path = maker.OUT / f"{split}.jsonl"
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        print(f"wrote {path} ({len(rows)} examples)")
+    write(OUT, out)
 
 
 if __name__ == "__main__":
