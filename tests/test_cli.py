@@ -49,6 +49,14 @@ def test_finetune_writes_the_run_directory(tiny_model_dir, chat_data, tmp_path, 
     assert "prompt:" in result.output and "after:" in result.output
 
 
+def test_try_it_suggests_a_held_out_prompt(tiny_model_dir, chat_data, tmp_path):
+    """The closing hint is a command to paste, with a prompt of the kind the model learned."""
+    result = finetune(*base_args(tiny_model_dir, chat_data, tmp_path / "run", "--iters", "1", "--samples", "0"))
+    assert result.exit_code == 0, result.output
+    held_out = json.loads((chat_data / "test.jsonl").read_text().splitlines()[0])["messages"][0]["content"]
+    assert result.output.strip().splitlines()[-1] == f"try it: gmt-mlx generate {tmp_path / 'run'} --prompt '{held_out}'"
+
+
 def test_gmt_run_reduces_training_loss(tiny_model_dir, chat_data, tmp_path):
     out = tmp_path / "run"
     result = finetune(*base_args(tiny_model_dir, chat_data, out, "--iters", "20", "--mask-prompt"))

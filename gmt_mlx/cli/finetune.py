@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated, Any, Dict, Optional
 
@@ -61,4 +62,20 @@ def finetune(
         echo(f"\nprompt: {sample['prompt']}\n  before: {sample['before'].strip()}\n  after:  {sample['after'].strip()}")
     echo(f"\ndone: {result.steps} steps, train loss {result.train_loss:.4f}{val}")
     echo(f"model: {result.model_dir}")
-    echo(f"try it: gmt-mlx generate {result.out} --prompt \"...\"")
+    echo(f"try it: gmt-mlx generate {result.out} --prompt {shlex.quote(_example_prompt(config, result.samples))}")
+
+
+def _example_prompt(config, samples: list) -> str:
+    """A prompt of the kind the model was trained on: a sample's, else the first held-out one."""
+    from ..data import load_splits
+    from ..errors import UserError
+    from ..evaluate import describe_prompt, sample_prompts
+
+    if samples:
+        return samples[0]["prompt"]
+    try:
+        rows = load_splits(config.data)
+    except UserError:
+        return "..."
+    prompts = sample_prompts(rows.get("test") or rows.get("valid") or rows.get("train") or [], 1)
+    return describe_prompt(prompts[0]) if prompts else "..."
