@@ -44,6 +44,7 @@ class Config:
     out: str = opt("runs/latest", "Run directory: config, metrics, checkpoints and the fine-tuned model.", group="Model and data", common=True)
     max_seq_length: int = opt(2048, "Truncate examples to this many tokens (a warning says how many were cut).", group="Model and data", common=True)
     mask_prompt: bool = opt(False, "Train only on completions / the final assistant turn (loss masked on prompts).", group="Model and data", common=True)
+    assistant_turns: str = opt("final", "With --mask-prompt, the assistant turns of a chat that are targets: final (the last reply, mlx-lm's --mask-prompt) or all (every reply and tool call, TRL's assistant_only_loss); system, user and tool turns never are.", ("final", "all"), group="Model and data")
 
     # Method
     method: str = opt("gmt", "gmt (gradient-mask tuning), sft or full (plain full fine-tuning), random (random mask control), lora / dora (low-rank adapters on a frozen base).", METHODS, group="Method", common=True)
@@ -117,6 +118,8 @@ class Config:
             check_mask_ratio(self.mask_ratio)
         except ValueError:
             raise UserError(f"--mask-ratio must be in [0, 1) (the fraction dropped), got {self.mask_ratio}") from None
+        if self.assistant_turns == "all" and not self.mask_prompt:
+            raise UserError("--assistant-turns all needs --mask-prompt (without it the loss covers every token)")
         if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
             raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
         positive = ["batch_size", "grad_accumulation_steps", "max_seq_length", "mask_sample_size", "steps_per_report", "keep_checkpoints"]

@@ -32,6 +32,7 @@ import numpy as np
 from gmt_mlx.errors import UserError
 
 FORMATS = ("chat", "completions", "text")
+ASSISTANT_TURNS = ("final", "all")  # which assistant turns of a chat are targets under mask_prompt
 SPLITS = ("train", "valid", "test")
 _KNOWN = "messages | prompt+completion | text"
 
@@ -177,15 +178,41 @@ def load_splits(data: str | Path) -> dict[str, list[dict]]:
 
 @dataclass
 class Example:
-    """One tokenized example; the loss targets are tokens[max(prompt_len, 1):]."""
+    """One tokenized example and which of its tokens are loss targets.
+
+    `spans` are half-open [start, end) token ranges: a masked prompt is one span
+    after it, every assistant turn of a chat is one span per turn. Token 0 is
+    never a target, whatever the spans say: nothing predicts it.
+    """
 
     tokens: list[int]
-    prompt_len: int
+    spans: list[tuple[int, int]]
+
+    @classmethod
+    def after(cls, tokens: list[int], prompt_len: int) -> "Example":
+        """An example whose targets are every token from `prompt_len` on (0: all of it)."""
+        return cls(tokens, [(prompt_len, len(tokens))])
+
+    @property
+    def prompt_len(self) -> int:
+        """Tokens before the first target (all of them when there is none)."""
+        return self.spans[0][0] if self.spans else len(self.tokens)
+
+    def target_positions(self) -> list[tuple[int, int]]:
+        """The spans clipped to [1, len(tokens)), empty ones left out."""
+        n = len(self.tokens)
+        clipped = [(max(start, 1), min(end, n)) for start, end in self.spans]
+        return [(start, end) for start, end in clipped if start < end]
 
     @property
     def num_targets(self) -> int:
-        """Tokens that are loss targets (the first token is never one: nothing predicts it)."""
-        return max(len(self.tokens) - max(self.prompt_len, 1), 0)
+        """Tokens that are loss targets."""
+        return sum(end - start for start, end in self.target_positions())
+
+    def truncated(self, length: int) -> "Example":
+        """The first `length` tokens, with the spans cut to match."""
+        spans = [(start, min(end, length)) for start, end in self.spans if start < length]
+        return Example(self.tokens[:length], spans)
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -214,19 +241,53 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _encode_chat(messages: list, tokenizer, mask_prompt: bool, tools=None) -> Example:
+def _assistant_spans(messages: list, tokens: list[int], tokenizer, kwargs: dict) -> list[tuple[int, int]]:
+    """The token span of each assistant turn in `tokens` (the whole chat rendered).
+
+    A turn starts where the template's generation prompt after the turns before
+    it stops matching (the rule of the final turn, so "final" and "all" agree on
+    it), and ends where the chat rendered up to and including it stops matching.
+    No template-specific markers: any template works.
+    """
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        try:
+            prompt = chat_ids(tokenizer, messages[:i], add_generation_prompt=True, **kwargs)
+        except Exception:
+            if i > 0:
+                raise
+            continue  # an opening assistant turn, and a template that cannot render an empty chat
+        start = _common_prefix(prompt, tokens)
+        if i == 0 and start < len(prompt):
+            continue  # an opening assistant turn after a preamble (a default system prompt): no exact start
+        last = i == len(messages) - 1
+        end = len(tokens) if last else _common_prefix(chat_ids(tokenizer, messages[: i + 1], **kwargs), tokens)
+        if end > start:
+            spans.append((start, end))
+    return spans
+
+
+def _encode_chat(messages: list, tokenizer, mask_prompt: bool, tools=None, assistant_turns: str = "final") -> Example:
     if not has_chat_template(tokenizer):
         raise UserError("chat examples (messages) need a chat template and this model's tokenizer has none; "
                         "use the prompt/completion or text format")
+    if assistant_turns not in ASSISTANT_TURNS:
+        raise UserError(f"assistant_turns must be one of {', '.join(ASSISTANT_TURNS)}, got {assistant_turns!r}")
     kwargs = {"tools": tools} if tools is not None else {}
     tokens = chat_ids(tokenizer, messages, **kwargs)
-    if not mask_prompt or len(messages) < 2:
+    if not mask_prompt:
+        return Example.after(tokens, 0)
+    if assistant_turns == "all":
+        return Example(tokens, _assistant_spans(messages, tokens, tokenizer, kwargs))
+    if len(messages) < 2:
         # A lone message has no prompt to mask: train on all of it.
-        return Example(tokens, 0)
+        return Example.after(tokens, 0)
     prompt = chat_ids(tokenizer, messages[:-1], add_generation_prompt=True, **kwargs)
     # Some templates render earlier turns differently once a reply follows (e.g. strip
     # <think> blocks); the common prefix never masks a token of the final reply.
-    return Example(tokens, _common_prefix(prompt, tokens))
+    return Example.after(tokens, _common_prefix(prompt, tokens))
 
 
 def _encode_plain(tokenizer, text: str, *, first: bool) -> list[int]:
@@ -236,18 +297,20 @@ def _encode_plain(tokenizer, text: str, *, first: bool) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def encode_example(example: dict, tokenizer, *, mask_prompt: bool) -> Example:
-    """Tokenize one example; with mask_prompt only the reply (completion / final turn) is a target.
+def encode_example(example: dict, tokenizer, *, mask_prompt: bool, assistant_turns: str = "final") -> Example:
+    """Tokenize one example; with mask_prompt only the reply (completion / assistant turns) is a target.
 
-    - chat: the tokenizer's chat template; the prompt is the template of all
-      turns but the last, with the generation prompt (what mlx-lm does).
+    - chat: the tokenizer's chat template; with assistant_turns="final" the
+      prompt is the template of all turns but the last, with the generation
+      prompt (what mlx-lm does); with "all" every assistant turn (tool calls
+      included) is a target and nothing else (TRL's assistant_only_loss).
     - completions: a [user, assistant] chat when the tokenizer has a chat
       template, else encode(prompt) + encode(completion) + eos.
     - text: encode(text) + eos (unless already last); mask_prompt is ignored.
     """
     fmt = detect_format(example, "example")
     if fmt == "chat":
-        return _encode_chat(example["messages"], tokenizer, mask_prompt, example.get("tools"))
+        return _encode_chat(example["messages"], tokenizer, mask_prompt, example.get("tools"), assistant_turns)
     eos = tokenizer.eos_token_id
     if fmt == "completions":
         if has_chat_template(tokenizer):
@@ -255,16 +318,16 @@ def encode_example(example: dict, tokenizer, *, mask_prompt: bool) -> Example:
                 {"role": "user", "content": example["prompt"]},
                 {"role": "assistant", "content": example["completion"]},
             ]
-            return _encode_chat(messages, tokenizer, mask_prompt, example.get("tools"))
+            return _encode_chat(messages, tokenizer, mask_prompt, example.get("tools"), assistant_turns)
         prompt = _encode_plain(tokenizer, example["prompt"], first=True)
         tokens = prompt + _encode_plain(tokenizer, example["completion"], first=False)
         if eos is not None:
             tokens.append(eos)
-        return Example(tokens, len(prompt) if mask_prompt else 0)
+        return Example.after(tokens, len(prompt) if mask_prompt else 0)
     tokens = _encode_plain(tokenizer, example["text"], first=True)
     if eos is not None and (not tokens or tokens[-1] != eos):
         tokens.append(eos)
-    return Example(tokens, 0)
+    return Example.after(tokens, 0)
 
 
 @dataclass
@@ -295,8 +358,9 @@ class TokenizedSplit:
         return sum(e.num_targets for e in chosen)
 
 
-def tokenize_split(rows: list[dict], tokenizer, *, mask_prompt: bool, max_seq_length: int, name: str) -> TokenizedSplit:
-    """Tokenize rows, cutting each to max_seq_length tokens.
+def tokenize_split(rows: list[dict], tokenizer, *, mask_prompt: bool, max_seq_length: int, name: str,
+                   assistant_turns: str = "final") -> TokenizedSplit:
+    """Tokenize rows, cutting each to max_seq_length tokens (see `encode_example` for the targets).
 
     A cut example is counted in `truncated`; it is kept only if it still has at
     least one target token (otherwise it is counted in `dropped` too).
@@ -308,14 +372,14 @@ def tokenize_split(rows: list[dict], tokenizer, *, mask_prompt: bool, max_seq_le
     truncated = dropped = 0
     for i, row in enumerate(rows, start=1):
         try:
-            example = encode_example(row, tokenizer, mask_prompt=mask_prompt)
+            example = encode_example(row, tokenizer, mask_prompt=mask_prompt, assistant_turns=assistant_turns)
         except UserError as err:
             raise UserError(f"{name} split: {err}") from None
         except Exception as err:  # a chat template that rejects these messages, say
             msg = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise UserError(f"{name} split, example {i}: could not tokenize ({msg})") from err
         if len(example.tokens) > max_seq_length:
-            example = Example(example.tokens[:max_seq_length], example.prompt_len)
+            example = example.truncated(max_seq_length)
             truncated += 1
         if example.num_targets == 0:
             dropped += 1
@@ -444,7 +508,7 @@ def make_batch(
     L is the longest example rounded up to pad_multiple (capped at the split's
     max_seq_length), or, given `buckets` (see `length_buckets`), the smallest
     bucket that holds it. mask[b, t] = 1 iff token t is a loss target, i.e.
-    max(prompt_len, 1) <= t < len(example): it is predicted from position t-1.
+    inside one of the example's spans and t >= 1: it is predicted from position t-1.
     """
     chosen = [split.examples[i] for i in indices]
     length = _batch_width(max(len(e.tokens) for e in chosen), pad_multiple, split.max_seq_length, buckets)
@@ -453,7 +517,8 @@ def make_batch(
     for row, example in enumerate(chosen):
         n = len(example.tokens)
         tokens[row, :n] = example.tokens
-        mask[row, max(example.prompt_len, 1) : n] = 1.0
+        for start, end in example.target_positions():
+            mask[row, start:end] = 1.0
     return mx.array(tokens), mx.array(mask)
 
 

@@ -153,7 +153,8 @@ def tokenize_splits(config: Config, rows: Dict[str, list], tokenizer, log: Calla
     splits = {}
     for name, split_rows in rows.items():
         split = tokenize_split(
-            split_rows, tokenizer, mask_prompt=config.mask_prompt, max_seq_length=config.max_seq_length, name=name
+            split_rows, tokenizer, mask_prompt=config.mask_prompt, max_seq_length=config.max_seq_length, name=name,
+            assistant_turns=config.assistant_turns,
         )
         if split.truncated:
             log(f"warning: {split.truncated} of {len(split_rows)} {name} examples were longer than "

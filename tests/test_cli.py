@@ -76,6 +76,18 @@ def test_yaml_is_overridden_by_flags(tiny_model_dir, chat_data, tmp_path):
     assert saved["batch_size"] == 4  # default
 
 
+def test_every_assistant_turn_trains_and_is_recorded(tiny_model_dir, tmp_path):
+    # The flag reaches the run (test_turns.py checks which tokens it makes targets).
+    rows = [{"messages": [{"role": "user", "content": f"What is {a}?"}, {"role": "assistant", "content": f"{a}."},
+                          {"role": "user", "content": "And plus 1?"}, {"role": "assistant", "content": f"{a + 1}."}]}
+            for a in range(8)]
+    data = write_jsonl(tmp_path / "d" / "train.jsonl", rows).parent
+    out = tmp_path / "run"
+    result = finetune(*base_args(tiny_model_dir, data, out, "--iters", "2", "--mask-prompt", "--assistant-turns", "all"))
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["assistant_turns"] == "all"
+
+
 def test_epochs_and_accumulation(tiny_model_dir, chat_data, tmp_path):
     out = tmp_path / "run"
     result = finetune("--model", tiny_model_dir, "--data", chat_data, "--out", out, "--epochs", "2",
@@ -191,6 +203,7 @@ def test_empty_training_file(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("flag,value,fragment", [
     ("--mask-ratio", "1.0", "--mask-ratio"), ("--mask-ratio", "-0.1", "--mask-ratio"),
     ("--method", "topk", "--method"), ("--mask-scope", "row", "--mask-scope"), ("--mask-target", "w", "--mask-target"),
+    ("--assistant-turns", "every", "--assistant-turns"), ("--assistant-turns", "all", "needs --mask-prompt"),
 ])
 def test_bad_options(tiny_model_dir, chat_data, tmp_path, flag, value, fragment):
     assert_clean_error(finetune(*base_args(tiny_model_dir, chat_data, tmp_path / "o", flag, value)), fragment)

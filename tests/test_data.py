@@ -73,7 +73,7 @@ def targets_text(tokenizer, example: Example) -> str:
 
 def synthetic_split(lengths: list[int], prompt_lens: list[int] | None = None, name: str = "train") -> TokenizedSplit:
     prompt_lens = prompt_lens or [0] * len(lengths)
-    examples = [Example(list(range(1, n + 1)), p) for n, p in zip(lengths, prompt_lens)]
+    examples = [Example.after(list(range(1, n + 1)), p) for n, p in zip(lengths, prompt_lens)]
     return TokenizedSplit(examples, truncated=0, name=name)
 
 
@@ -279,6 +279,17 @@ def test_make_batch_shapes_and_mask():
     # A cap at max_seq_length: 40 rounds to 64 but never above the cap (48).
     split.max_seq_length = 48
     assert make_batch(split, [1], pad_id=0, pad_multiple=32)[0].shape == (1, 48)
+
+
+def test_several_target_spans_mask_truncate_and_count():
+    # Every-assistant-turn examples: one span per turn; token 0 is never a target.
+    example = Example(list(range(1, 13)), [(0, 3), (5, 8), (10, 12)])
+    split = TokenizedSplit([example, example.truncated(7)], truncated=1, name="train")
+    _, mask = make_batch(split, [0, 1], pad_id=0, pad_multiple=1)
+    m = np.array(mask)
+    assert m[0].nonzero()[0].tolist() == [1, 2, 5, 6, 7, 10, 11]
+    assert split.examples[1].spans == [(0, 3), (5, 7)] and m[1].nonzero()[0].tolist() == [1, 2, 5, 6]
+    assert [e.num_targets for e in split.examples] == [7, 4] and m.sum() == split.num_target_tokens()
 
 
 def test_iterate_batches_resume_is_exact():

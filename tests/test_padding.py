@@ -19,7 +19,7 @@ from gmt_mlx.data import (
 
 
 def split_of(lengths, max_seq_length=None):
-    return TokenizedSplit([Example(list(range(1, n + 1)), 0) for n in lengths], 0, "train", max_seq_length=max_seq_length)
+    return TokenizedSplit([Example.after(list(range(1, n + 1)), 0) for n in lengths], 0, "train", max_seq_length=max_seq_length)
 
 
 def batch_maxima(lengths, batch_size, seed, epochs):
