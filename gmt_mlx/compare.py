@@ -192,6 +192,7 @@ def _evaluate(spec: CompareSpec, model: str, split: Optional[str], path: Path, c
             return saved
     t0 = time.perf_counter()
     result = evaluate(model, config.data, split=split, scorers=spec.scorers, mask_prompt=config.mask_prompt,
+                      assistant_turns=config.assistant_turns,
                       max_seq_length=config.max_seq_length, batch_size=spec.eval_batch_size,
                       max_tokens=spec.max_tokens, limit=spec.eval_limit)
     result["settings"] = settings
@@ -217,7 +218,7 @@ def _base_validation(base: Config, splits: Dict[str, list], path: Path, log) -> 
     if "valid" not in splits:
         return None
     settings = {key: getattr(base, key) for key in ("model", "data", "batch_size", "val_batches", "max_seq_length",
-                                                    "mask_prompt", "train_dtype")}
+                                                    "mask_prompt", "assistant_turns", "train_dtype")}
     if path.is_file():
         try:
             saved = json.loads(path.read_text())

@@ -175,6 +175,7 @@ def evaluate_model(
     split: str = "test",
     scorers: Sequence[str] = ("exact",),
     mask_prompt: bool = True,
+    assistant_turns: str = "final",
     max_seq_length: int = 2048,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -183,11 +184,15 @@ def evaluate_model(
     generate: bool = True,
     on_batch: Optional[Callable[[int, int], None]] = None,
 ) -> dict:
-    """Loss/perplexity over all of ``rows`` and generation accuracy on (the first ``limit`` of) them."""
+    """Loss/perplexity over all of ``rows`` and generation accuracy on (the first ``limit`` of) them.
+
+    The loss covers what training covered: ``mask_prompt`` and ``assistant_turns`` as in `encode_example`.
+    """
     result: Dict[str, object] = {"split": split, "examples": len(rows)}
     t0 = time.perf_counter()
     if loss:
-        tokenized = tokenize_split(rows, tokenizer, mask_prompt=mask_prompt, max_seq_length=max_seq_length, name=split)
+        tokenized = tokenize_split(rows, tokenizer, mask_prompt=mask_prompt, max_seq_length=max_seq_length, name=split,
+                                   assistant_turns=assistant_turns if mask_prompt else "final")
         if len(tokenized) == 0:
             raise UserError(f"{split} split has no examples with target tokens")
         measured = split_loss(model, tokenized, batch_size=batch_size, pad_id=batch_pad_id(tokenizer))
@@ -223,6 +228,7 @@ def evaluate(
     split: str = "test",
     scorers: Sequence[str] = ("exact",),
     mask_prompt: Optional[bool] = None,
+    assistant_turns: Optional[str] = None,
     max_seq_length: Optional[int] = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -233,8 +239,8 @@ def evaluate(
 ) -> dict:
     """Evaluate a model (run directory, HF folder, GGUF, Hub id or 'smollm2-135m') on a data split.
 
-    For a run directory, ``data``, ``mask_prompt`` and ``max_seq_length``
-    default to the run's own config, so the loss compares with its
+    For a run directory, ``data``, ``mask_prompt``, ``assistant_turns`` and
+    ``max_seq_length`` default to the run's own config, so the loss compares with its
     validation loss. Otherwise the loss is on completions only (mask_prompt
     True) by default.
     """
@@ -252,10 +258,11 @@ def evaluate(
     if not loss and not generate:
         raise UserError("nothing to do: both the loss and the generation accuracy are switched off")
     mask_prompt = run.get("mask_prompt", True) if mask_prompt is None else mask_prompt
+    assistant_turns = assistant_turns or run.get("assistant_turns") or "final"
     max_seq_length = max_seq_length or run.get("max_seq_length", 2048)
     model, tokenizer, _, path = load_base(run_model_dir(model_or_run), dequantize=False)
     result = evaluate_model(model, tokenizer, splits[split], split=split, scorers=scorers, mask_prompt=mask_prompt,
-                            max_seq_length=max_seq_length, batch_size=batch_size, max_tokens=max_tokens,
+                            assistant_turns=assistant_turns, max_seq_length=max_seq_length, batch_size=batch_size, max_tokens=max_tokens,
                             limit=limit, loss=loss, generate=generate, on_batch=on_batch)
     return {"model": str(model_or_run), "model_path": str(path), "data": str(data), **result}
 
@@ -283,6 +290,8 @@ def evaluate_with_base(run_dir: str, data: Optional[str] = None, *, on_model: Op
     data = data or run.get("data")
     if options.get("mask_prompt") is None:
         options["mask_prompt"] = run.get("mask_prompt", True)
+    if options.get("assistant_turns") is None:
+        options["assistant_turns"] = run.get("assistant_turns", "final")
     options.setdefault("max_seq_length", run.get("max_seq_length"))
     results = {}
     for role, model in (("base", base), ("tuned", run_dir)):

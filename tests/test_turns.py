@@ -181,3 +181,24 @@ def test_config_assistant_turns_needs_mask_prompt_and_reaches_tokenizing(tokeniz
     tokenizer = template_tokenizer(tokenizer_json, "smollm2")
     splits = tokenize_splits(config, {"train": [{"messages": conversation(True)}]}, tokenizer, log=lambda s: None)
     assert span_texts(tokenizer, splits["train"].examples[0]) == [reply + "<|im_end|>\n" for reply in REPLIES]
+
+
+def test_eval_loss_covers_what_the_run_trained_on(tiny_model_dir, tmp_path):
+    """A run trained on every assistant turn is evaluated on every assistant turn (its config says so)."""
+    from gmt_mlx.config import Config
+    from gmt_mlx.evaluate import evaluate
+    from gmt_mlx.finetune import finetune
+
+    from .conftest import write_jsonl
+
+    rows = [{"messages": [{"role": "user", "content": f"Add {a} and 1."}, {"role": "assistant", "content": f"{a + 1}."},
+                          {"role": "user", "content": f"And {a} and 2?"}, {"role": "assistant", "content": f"{a + 2}."}]}
+            for a in range(12)]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "data" / "test.jsonl", rows[:4])
+    out = tmp_path / "run"
+    finetune(Config(model=str(tiny_model_dir), data=str(tmp_path / "data"), out=str(out), iters=1, mask_prompt=True,
+                    assistant_turns="all", samples=0, steps_per_save=0), log=lambda *_: None)
+    every = evaluate(str(out), generate=False)
+    final = evaluate(str(out), generate=False, assistant_turns="final")
+    assert every["tokens"] > final["tokens"] > 0  # both replies of each chat, against the last one only
