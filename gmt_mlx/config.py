@@ -84,6 +84,7 @@ class Config:
     samples: int = opt(2, "Test prompts answered greedily before and after training, saved in samples.json (0: none).", group="Reporting")
     dtype: str = opt("float32", "dtype of the saved model.", ("float32", "bfloat16", "float16"), group="Reporting")
     train_dtype: str = opt("float32", "dtype the weights are trained in (float32 recommended on CPU).", ("float32", "bfloat16", "float16"), group="Reporting")
+    report_to: str = opt("", "Comma-separated trackers that also get metrics.jsonl's records and the config: tensorboard (RUN_DIR/tensorboard/, pip install 'gmt-mlx[tensorboard]'), wandb (pip install 'gmt-mlx[wandb]').", group="Reporting")
 
     # Checkpoints, resume and guards
     steps_per_save: int = opt(100, "Optimizer steps between checkpoints of the full training state (0: only on Ctrl-C).", group="Checkpoints and safety")
@@ -151,7 +152,7 @@ class Config:
         return dataclasses.asdict(self)
 
     # Keys that do not change what is trained (used to compare runs).
-    COSMETIC = ("out", "steps_per_report", "samples", "steps_per_save", "keep_checkpoints", "max_bad_steps", "memory_check", "distributed_backend", "push_to_hub", "hub_datasets")
+    COSMETIC = ("out", "steps_per_report", "samples", "steps_per_save", "keep_checkpoints", "max_bad_steps", "memory_check", "distributed_backend", "push_to_hub", "hub_datasets", "report_to")
 
 
 def flag(name: str) -> str:

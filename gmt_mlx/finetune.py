@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 
 from . import checkpoint as ckpt
 from . import config as cfg
-from . import rundir
+from . import rundir, tracking
 from .blas import blas_info
 from .config import Config
 from .data import TokenizedSplit, iterate_batches, length_buckets, load_splits, padding_waste, tokenize_split
@@ -272,6 +272,7 @@ def finetune(
     metrics, checkpoints and the final model (see distributed.py).
     """
     config.validate()
+    tracking.check(config.report_to)  # a missing extra is said before anything loads or is written
     group = init_group(config.distributed_backend)
     main = is_main(group)
     if not main:
@@ -292,7 +293,7 @@ def finetune(
         log(f"ranks      {group.size()} data-parallel ranks, {config.batch_size // group.size()} examples each per micro-batch")
     prompts, before = _samples_before(config, run, plan.out, fresh=plan.checkpoint is None, log=log) if main else ([], [])
 
-    logger = RunLogger(config, run, plan.out, group, best_val=best_val, resumed=start_step > 0)
+    logger = RunLogger(config, run, plan.out, group, best_val=best_val, start_step=start_step)
     try:
         last_step = _train(config, run, logger, start_step, group, log)
         if last_step < run.steps and main and logger.saved_step != last_step:
@@ -497,13 +498,14 @@ def _samples_before(config: Config, run: Setup, out: Path, *, fresh: bool, log=p
 
 
 class RunLogger:
-    """The loop's callbacks: progress, metrics.jsonl, periodic checkpoints, validation and the best checkpoint.
+    """The loop's callbacks: progress, metrics.jsonl (and --report-to trackers), periodic checkpoints, validation and the best checkpoint.
 
     Every rank runs them (validation is sharded over the ranks); only rank 0
     (``main``) prints, writes metrics and saves.
     """
 
-    def __init__(self, config: Config, run: Setup, out: Path, group, *, best_val: Optional[float], resumed: bool):
+    def __init__(self, config: Config, run: Setup, out: Path, group, *, best_val: Optional[float], start_step: int = 0):
+        resumed = start_step > 0
         self.config, self.run, self.out, self.group = config, run, out, group
         self.main = is_main(group)
         self.best_val = best_val
@@ -516,6 +518,11 @@ class RunLogger:
         self.previous_mask: Optional[np.ndarray] = None
         self.mask_overlap: Optional[float] = None
         self.metrics = open(out / rundir.METRICS_FILE, "a") if self.main else open(os.devnull, "w")
+        # --report-to: TensorBoard / wandb get a copy of each record; metrics.jsonl (cut back to the checkpoint) stays the record.
+        self.trackers = tracking.Trackers()
+        if self.main:
+            self.trackers = tracking.open_trackers(config.report_to, out, config.to_dict(), resume_step=start_step if resumed else None,
+                                                   past_records=lambda: rundir.read_metrics(out))
         if resumed:  # a resume straight to the final save still reports the run's last losses
             for kind, key in (("train", "loss"), ("eval", "val_loss")):
                 record = rundir.last_record(out, kind)
@@ -528,9 +535,11 @@ class RunLogger:
     def write(self, record: dict) -> None:
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
+        self.trackers.log(record)
 
     def close(self) -> None:
         self.metrics.close()
+        self.trackers.close()
 
     def count_tokens(self, tokens: int) -> None:
         self.trained_tokens += tokens
