@@ -38,10 +38,13 @@ SAMPLES_BEFORE_FILE = "samples_before.json"
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
 BEST = "best"
+TENSORBOARD_DIR = "tensorboard"  # --report-to tensorboard (tracking.py)
+WANDB_DIR = "wandb"  # --report-to wandb: its files and the run id
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Every name a run directory holds; a folder of these alone (with a metrics file or a
 # checkpoint in it) is what is left of a run whose config.yaml was lost or never written.
-_RUN_NAMES = {CONFIG_FILE, CONFIG_FILE + ".tmp", METRICS_FILE, SAMPLES_FILE, SAMPLES_BEFORE_FILE, MODEL_DIR, CHECKPOINTS_DIR}
+_RUN_NAMES = {CONFIG_FILE, CONFIG_FILE + ".tmp", METRICS_FILE, SAMPLES_FILE, SAMPLES_BEFORE_FILE, MODEL_DIR, CHECKPOINTS_DIR,
+              TENSORBOARD_DIR, WANDB_DIR}
 
 
 def is_run_dir(path: str | Path) -> bool:

@@ -24,11 +24,10 @@ from typing import Any, Callable, Dict, List, Optional
 import yaml
 
 from .errors import UserError
+from .rundir import TENSORBOARD_DIR, WANDB_DIR
 
 # tracker name -> the module it imports (the gmt-mlx extra of the same name installs it)
 TRACKERS = {"tensorboard": "tensorboardX", "wandb": "wandb"}
-TENSORBOARD_DIR = "tensorboard"
-WANDB_DIR = "wandb"  # wandb.init(dir=RUN_DIR) writes its files here; run_id beside them
 WANDB_ID_FILE = "run_id"
 
 

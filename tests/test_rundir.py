@@ -98,3 +98,14 @@ def test_find_checkpoint_without_any(tmp_path):
         rundir.find_checkpoint(tmp_path, "best")
     with pytest.raises(UserError, match="no checkpoint and no final model"):
         rundir.find_checkpoint(tmp_path, "last")
+
+
+def test_a_run_with_tracker_folders_and_no_config_is_still_a_run(tmp_path):
+    from gmt_mlx import rundir
+
+    (tmp_path / rundir.METRICS_FILE).write_text("")
+    (tmp_path / rundir.TENSORBOARD_DIR).mkdir()
+    (tmp_path / rundir.WANDB_DIR).mkdir()
+    assert rundir.is_run_dir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")  # a user's own file: not a run's
+    assert not rundir.is_run_dir(tmp_path)
