@@ -195,6 +195,7 @@ class UnitThresholds(NamedTuple):
     threshold: mx.array  # large units: the mask_ratio quantile of |g| (from the sample)
     tie_fraction: mx.array  # large units: of the entries equal to it, the share to keep
     order_cut: mx.array  # small units: keep entries whose order key (_order_key) is >= this (uint64)
+    small: List[bool]  # per unit: cut exactly by order key (at most sample_size entries)
 
 
 def _order_key(magnitude: mx.array, position_hash: mx.array) -> mx.array:
@@ -235,21 +236,22 @@ def unit_thresholds(units: List[List[mx.array]], mask_ratio: float, key: mx.arra
         draws = (mx.random.uniform(shape=(len(sampled),), key=key) * starts).astype(mx.int32)
         offsets = {ui: draws[j : j + 1] for j, ui in enumerate(sampled)}
     totals = [sum(g.size for g in grads) for grads in units]
+    small = [n <= sample_size for n in totals]
     groups: Dict[Tuple[int, bool], List[int]] = {}
     pools = []
     for u, (grads, (stride, width, counts)) in enumerate(zip(units, plans)):
         pool = _unit_pool(grads, stride, width, counts, [offsets.get((u, i)) for i in range(len(grads))])
         pools.append(pool)
-        groups.setdefault((pool.size, totals[u] <= sample_size), []).append(u)
+        groups.setdefault((pool.size, small[u]), []).append(u)
     parts, order = [], []
-    for (length, small), members in groups.items():
+    for (length, exact), members in groups.items():
         batch = mx.stack([pools[u] for u in members])
         kth = min(int(round(mask_ratio * length)), length - 1)
-        none = mx.zeros((len(members),))
-        if small:
+        if exact:
             hashes = mx.arange(length, dtype=mx.uint32) * mx.array(_FIB, mx.uint32)
             cut = mx.partition(_order_key(batch, hashes), kth, axis=-1)[:, kth]
-            parts.append((none, none, cut))
+            unused = mx.zeros((len(members),))  # the sampled units' threshold and tie share
+            parts.append((unused, unused, cut))
         else:
             threshold = mx.partition(batch, kth, axis=-1)[:, kth]
             # Each unit's target count, scaled to its sample.
@@ -268,7 +270,7 @@ def unit_thresholds(units: List[List[mx.array]], mask_ratio: float, key: mx.arra
     if any(drops_none):
         none = mx.array(drops_none)
         threshold, cut = mx.where(none, 0, threshold), mx.where(none, 0, cut)
-    return UnitThresholds(threshold, fraction, cut)
+    return UnitThresholds(threshold, fraction, cut, small)
 
 
 @lru_cache(maxsize=256)
@@ -319,13 +321,12 @@ def gmt_masks(
     masks: Dict[str, mx.array] = {}
     counts = []
     j = 0
-    for unit in units:
-        small = sum(flat[n].size for n in unit) <= sample_size
+    for u, unit in enumerate(units):
         offset = 0
         for name in unit:
             g = flat[name]
             magnitude = mx.abs(g)
-            if small:
+            if found.small[u]:
                 # The tensor's entries continue the unit's position index from `offset`.
                 shift = mx.array((offset * _FIB) & _NO_HASH, mx.uint32)
                 keys = _order_key(magnitude, _position_hash(tuple(g.shape)) + shift)
