@@ -179,6 +179,16 @@ def step_examples(config: Config) -> int:
     return config.batch_size * config.grad_accumulation_steps
 
 
+def check_step_fits(n: int, config: Config, name: str = "train") -> None:
+    """Refuse a split with fewer examples than one optimizer step draws, naming the flags."""
+    if config.grad_accumulation_steps == 1:
+        check_split_size(n, config.batch_size, name)
+    elif n < step_examples(config):
+        raise UserError(f"{name} split has {n} examples, fewer than one optimizer step takes (--batch-size "
+                        f"{config.batch_size} x --grad-accumulation-steps {config.grad_accumulation_steps}); "
+                        f"lower them or add examples")
+
+
 def _batch_tokens(mask: mx.array) -> int:
     """Real (unpadded) tokens in a batch: targets run to each example's end."""
     m = np.array(mask)
@@ -207,9 +217,6 @@ def _train_batches(split: TokenizedSplit, config: Config, pad_id: int, start_mic
     --grad-accumulation-steps 2` train on the same examples per step.
     """
     accumulation = config.grad_accumulation_steps
-    if len(split.examples) < step_examples(config):
-        raise UserError(f"the {split.name} split has {len(split.examples)} examples, fewer than one optimizer step takes "
-                        f"(--batch-size {config.batch_size} x --grad-accumulation-steps {accumulation}); lower them or add examples")
     for _, _, tokens, mask in iterate_batches(
         split, step_examples(config), seed=config.seed, pad_id=pad_id, pad_multiple=PAD_MULTIPLE,
         start_step=start_micro // accumulation, shard=shard, buckets=buckets, micro_batches=accumulation,
@@ -334,8 +341,8 @@ def _setup(config: Config, log: Callable[[str], None]) -> Setup:
     if not config.data:
         raise UserError("--data is required (a folder with train.jsonl, or a .jsonl file)")
     rows = load_splits(config.data)  # read the data before the (slow) model load
-    if rows.get("train"):  # before the (slow) model load too; data.py says it when batching
-        check_split_size(len(rows["train"]), config.batch_size, "train")
+    if rows.get("train"):  # before the (slow) model load too
+        check_step_fits(len(rows["train"]), config)
     # LoRA/DoRA keep a quantized base quantized (QLoRA); full-weight methods need floats.
     model, tokenizer, model_config, model_path = load_base(config.model, dequantize=config.method not in cfg.ADAPTER_METHODS)
     sizes = prepare_model(model, config)
@@ -343,6 +350,7 @@ def _setup(config: Config, log: Callable[[str], None]) -> Setup:
         enable_grad_checkpoint(model)
     splits = tokenize_splits(config, rows, tokenizer, log)
     train_split = splits["train"]
+    check_step_fits(len(train_split), config)  # again: tokenizing may have dropped examples
     steps = total_steps(config, len(train_split))
     schedule = make_schedule(
         config.learning_rate, steps, kind=config.lr_schedule, warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio

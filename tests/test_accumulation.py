@@ -195,3 +195,22 @@ def test_finetune_batch_8_equals_4_accumulated_twice(tiny_model_dir, tmp_path, m
             assert gap.max() <= RTOL["adamw"] * np.abs(a).max(), name
     # gmt: only entries a rounding-level mask flip moved may differ.
     assert far <= MAX_FLIPS * sum(a.size for a in runs["big"].values())
+
+
+def test_a_split_smaller_than_one_step_is_refused_at_set_up(tiny_model_dir, tmp_path):
+    """Batch x accumulation examples per step: the message names both flags, and the corrected command runs."""
+    from typer.testing import CliRunner
+
+    from gmt_mlx.cli import app
+
+    from .conftest import write_jsonl
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", varied_chat(12))
+    common = ["finetune", "--model", str(tiny_model_dir), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+              "--iters", "1", "--samples", "0", "--batch-size", "4"]
+    result = CliRunner().invoke(app, [*common, "--grad-accumulation-steps", "4"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == ("error: train split has 12 examples, fewer than one optimizer step "
+                                                      "takes (--batch-size 4 x --grad-accumulation-steps 4); lower them or "
+                                                      "add examples")
+    assert CliRunner().invoke(app, [*common, "--grad-accumulation-steps", "3"]).exit_code == 0
