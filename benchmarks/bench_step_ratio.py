@@ -81,7 +81,7 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before)
     summed = hasattr(trainer, "accumulate")
 
     def shared():
-        loss, ntoks, grads = grad_fn(tokens, mask)
+        loss, ntoks, _, grads = grad_fn(tokens, mask)
         if summed:
             scale = 1.0 / mx.maximum(ntoks, 1.0)
             norm = trainer.global_norm(grads) * scale
@@ -114,7 +114,7 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before)
     long_times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        loss, ntoks, g = grad_fn(long_tokens, long_mask)
+        loss, ntoks, _, g = grad_fn(long_tokens, long_mask)
         mx.eval(loss, ntoks, trainer.global_norm(g), g)
         long_times.append(time.perf_counter() - t0)
         del g

@@ -72,7 +72,7 @@ def main() -> None:
         return loss, ntoks
 
     def ours():  # the body of gmt_mlx.trainer.train for one step
-        loss, ntoks, grads = grad_fn(tokens, mask)
+        loss, ntoks, _, grads = grad_fn(tokens, mask)
         norm = global_norm(grads)
         mx.eval(loss, ntoks, norm)
         loss.item(), norm.item()
@@ -81,7 +81,7 @@ def main() -> None:
         kept.item()
 
     def ours_without_norm():
-        loss, ntoks, grads = plain_grad_fn(tokens, mask)
+        loss, ntoks, _, grads = plain_grad_fn(tokens, mask)
         mx.eval(loss, ntoks, grads)
         kept = plain_update_fn(grads, mx.array(1.0))
         mx.eval(plain_state, kept)
@@ -90,7 +90,7 @@ def main() -> None:
         loss, ntoks = their_step(tokens, lengths)
         mx.eval(theirs_state, loss, ntoks)
 
-    _, _, grads = grad_fn(tokens, mask)
+    _, _, _, grads = grad_fn(tokens, mask)
     mx.eval(grads)
 
     def norm_square():

@@ -182,8 +182,20 @@ def _method_rows(config: Dict[str, Any], setup: Dict[str, Any]) -> List[tuple]:
     return rows
 
 
+def objective_text(config: Dict[str, Any]) -> str:
+    """The training objective and its settings, in a few words (the card, the start-up summary)."""
+    mode = config.get("train_mode", "sft")
+    if mode == "dpo":
+        smoothing = f", label smoothing {config.get('label_smoothing'):g}" if config.get("label_smoothing") else ""
+        return (f"DPO ({config.get('dpo_loss', 'sigmoid')} loss), beta {config.get('beta', 0.1):g}{smoothing}, "
+                "reference = the step-0 model")
+    if mode == "orpo":
+        return f"ORPO, lambda {config.get('orpo_lambda', 0.1):g} (no reference model)"
+    return "SFT (next-token loss)"
+
+
 def _training_rows(config: Dict[str, Any]) -> List[tuple]:
-    rows = []
+    rows = [("objective", objective_text(config))]
     if config.get("data"):
         rows.append(("data", f"`{_public_value(config['data'])}`" + (" (loss on completions only)" if config.get("mask_prompt") else "")))
     if config.get("optimizer"):
@@ -216,7 +228,11 @@ def _result_rows(summary: RunSummary) -> List[tuple]:
             rows.append(("training time", f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"))
     if summary.evals:
         last = summary.evals[-1]
-        rows.append(("final validation loss", f"{_fmt(last.get('val_loss'))} (perplexity {_fmt(last.get('val_ppl'))}, step {last.get('step')})"))
+        if last.get("val_reward_accuracy") is not None:
+            detail = f"reward accuracy {_fmt(last['val_reward_accuracy'])}, margin {_fmt(last.get('val_reward_margin'))}"
+        else:
+            detail = f"perplexity {_fmt(last.get('val_ppl'))}"
+        rows.append(("final validation loss", f"{_fmt(last.get('val_loss'))} ({detail}, step {last.get('step')})"))
         best = min(summary.evals, key=lambda r: r.get("val_loss", float("inf")))
         rows.append(("best validation loss", f"{_fmt(best.get('val_loss'))} (step {best.get('step')})"))
     for kind, record in sorted((k, r) for k, r in summary.other.items() if k != "setup"):
@@ -304,6 +320,7 @@ def model_card(
         meta["datasets"] = list(datasets)
     meta["pipeline_tag"] = "text-generation"
     tags = ["gmt", "mlx", "gmt-mlx", "gradient-mask-tuning", method]
+    tags += [config["train_mode"]] if config.get("train_mode") in ("dpo", "orpo") else []
     tags += ["lora"] if adapter and "lora" not in tags else []
     meta["tags"] = list(dict.fromkeys(tags))
 
@@ -317,7 +334,8 @@ def model_card(
     details += [f"validation loss {_fmt(checkpoint_val_loss)}"] if checkpoint_val_loss is not None else []
     source = "the final model" if checkpoint == "last" else f"checkpoint `{checkpoint}`"
     source += f" ({', '.join(details)})" if details else ""
-    intro = (f"{base_text} fine-tuned with {METHOD_NAMES.get(method, f'`{method}`')} using gmt-mlx on "
+    objective = f" on the {objective_text(config)} objective" if config.get("train_mode") in ("dpo", "orpo") else ""
+    intro = (f"{base_text} fine-tuned with {METHOD_NAMES.get(method, f'`{method}`')}{objective} using gmt-mlx on "
              f"[MLX](https://github.com/ml-explore/mlx). This repository holds {what}; exported from {source}.")
     note = _gguf_base_note(config.get("model"), base_path, dtype)
 

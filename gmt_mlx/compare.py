@@ -41,6 +41,7 @@ from .config import MASKED_METHODS, Config
 from .errors import Interrupted, UserError
 from .progress import format_seconds
 from .report import RESULTS_MD, aggregate, render_markdown, write_plots
+from .sources import data_options
 
 DEFAULT_METHODS = ("sft", "gmt", "lora")
 # Peak learning rates when --learning-rates does not name the method. Full-weight
@@ -192,7 +193,7 @@ def _evaluate(spec: CompareSpec, model: str, split: Optional[str], path: Path, c
             return saved
     t0 = time.perf_counter()
     result = evaluate(model, config.data, split=split, scorers=spec.scorers, mask_prompt=config.mask_prompt,
-                      assistant_turns=config.assistant_turns,
+                      assistant_turns=config.assistant_turns, data_options=data_options(config),
                       max_seq_length=config.max_seq_length, batch_size=spec.eval_batch_size,
                       max_tokens=spec.max_tokens, limit=spec.eval_limit)
     result["settings"] = settings
@@ -219,6 +220,7 @@ def _base_validation(base: Config, splits: Dict[str, list], path: Path, log) -> 
         return None
     settings = {key: getattr(base, key) for key in ("model", "data", "batch_size", "val_batches", "max_seq_length",
                                                     "mask_prompt", "assistant_turns", "train_dtype")}
+    settings.update({key: value for key, value in data_options(base).items() if value})  # old caches stay valid
     if path.is_file():
         try:
             saved = json.loads(path.read_text())
@@ -261,7 +263,7 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
     if out.is_dir() and any(out.iterdir()) and not (out / "runs").is_dir() and not (out / RESULTS_JSON).is_file():
         raise UserError(f"--out {out} is a non-empty folder that is not a gmt-mlx comparison; choose another")
     plan(spec)  # check every run's config before anything else
-    splits = load_splits(spec.base.data)  # fail on bad data before any model is loaded
+    splits = load_splits(spec.base.data, **data_options(spec.base))  # fail on bad data before any model is loaded
     spec = with_cadence(spec, total_steps(spec.base, len(splits["train"])), log)
     runs = plan(spec)
     eval_split = "test" if "test" in splits else ("valid" if "valid" in splits else None)

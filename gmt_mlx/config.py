@@ -27,6 +27,8 @@ MASKED_METHODS = ("gmt", "random")
 ADAPTER_METHODS = ("lora", "dora")
 MASK_KEYS = ("mask_ratio", "mask_scope", "mask_target", "mask_sample_size")
 LORA_KEYS = ("lora_rank", "lora_scale", "lora_dropout", "lora_keys")
+# Keys of one preference objective only (the train mode they apply to).
+TRAIN_MODE_KEYS = {"beta": "dpo", "dpo_loss": "dpo", "label_smoothing": "dpo", "orpo_lambda": "orpo"}
 
 
 def opt(default, help: str, choices: tuple = (), group: str = "Training", cli: bool = True, common: bool = False):
@@ -40,11 +42,14 @@ def opt(default, help: str, choices: tuple = (), group: str = "Training", cli: b
 class Config:
     # What to train on
     model: str = opt("smollm2-135m", "Local HF folder, GGUF file, Hub id, or 'smollm2-135m' (the embedded default).", group="Model and data", common=True)
-    data: Optional[str] = opt(None, "Folder with train.jsonl (+ valid.jsonl, test.jsonl) or a single .jsonl file.", group="Model and data", common=True)
+    data: Optional[str] = opt(None, "Folder with train.jsonl (+ valid.jsonl, test.jsonl), a .jsonl, .parquet, .csv or .json file, a folder written by datasets' save_to_disk, or a Hub dataset id owner/name (all but JSONL: pip install 'gmt-mlx[datasets]').", group="Model and data", common=True)
     out: str = opt("runs/latest", "Run directory: config, metrics, checkpoints and the fine-tuned model.", group="Model and data", common=True)
     max_seq_length: int = opt(2048, "Truncate examples to this many tokens (a warning says how many were cut).", group="Model and data", common=True)
     mask_prompt: bool = opt(False, "Train only on completions / the final assistant turn (loss masked on prompts).", group="Model and data", common=True)
     assistant_turns: str = opt("final", "With --mask-prompt, the assistant turns of a chat that are targets: final (the last reply, mlx-lm's --mask-prompt) or all (every reply and tool call, TRL's assistant_only_loss); system, user and tool turns never are.", ("final", "all"), group="Model and data")
+    columns: Optional[str] = opt(None, "Rename dataset columns to the fields of our formats, SOURCE=FIELD pairs: question=prompt,answer=completion (other columns are kept).", group="Model and data")
+    data_config: Optional[str] = opt(None, "Configuration (subset) of a Hub dataset, load_dataset's name (TRL's --dataset-config), e.g. main for openai/gsm8k.", group="Model and data")
+    data_splits: Optional[str] = opt(None, "Dataset splits that become train/valid/test, SPLIT=OURS pairs: train_sft=train,test_sft=valid, or slices: train[:90%]=train,train[90%:]=valid.  [default: train, validation (or valid, dev), test]", group="Model and data")
 
     # Method
     method: str = opt("gmt", "gmt (gradient-mask tuning), sft or full (plain full fine-tuning), random (random mask control), lora / dora (low-rank adapters on a frozen base).", METHODS, group="Method", common=True)
@@ -61,6 +66,13 @@ class Config:
     lora_scale: float = opt(20.0, "Adapter output multiplier, mlx-lm's 'scale' (PEFT's lora_alpha / rank).", group="LoRA")
     lora_dropout: float = opt(0.0, "Dropout on the adapter input, in [0, 1).", group="LoRA")
     lora_keys: str = opt("", "Comma-separated block-relative module names to adapt, e.g. self_attn.q_proj,self_attn.v_proj (empty: every linear layer of the block).", group="LoRA")
+
+    # Objective (DESIGN.md decision 10): the same loop, methods and mask for every mode
+    train_mode: str = opt("sft", "sft (next-token loss on the targets), dpo (direct preference optimisation against the step-0 model, whose log-probabilities are computed once) or orpo (odds-ratio preference optimisation, no reference). dpo/orpo read prompt/chosen/rejected rows.", ("sft", "dpo", "orpo"), group="Objective", common=True)
+    beta: float = opt(0.1, "DPO's beta: how far the tuned model may move from the step-0 model (larger: stays closer).", group="Objective")
+    dpo_loss: str = opt("sigmoid", "DPO loss: sigmoid (DPO), ipo (IPO, on per-token averaged log-probabilities) or hinge (SLiC).", ("sigmoid", "ipo", "hinge"), group="Objective")
+    label_smoothing: float = opt(0.0, "DPO sigmoid loss: the assumed probability that a pair's preference is flipped (conservative DPO), in [0, 0.5).", group="Objective")
+    orpo_lambda: float = opt(0.1, "ORPO's lambda: the weight of the odds-ratio term next to the chosen answer's NLL.", group="Objective")
 
     # Optimisation
     optimizer: str = opt("adamw", "Base optimizer that the mask wraps.", ("adamw", "adam", "sgd", "adafactor", "muon"))
@@ -102,6 +114,11 @@ class Config:
         self.method = METHOD_ALIASES.get(self.method, self.method)
 
     @property
+    def preference(self) -> bool:
+        """Whether the objective trains on preference pairs (dpo, orpo)."""
+        return self.train_mode in ("dpo", "orpo")
+
+    @property
     def masked(self) -> bool:
         """Whether the optimizer step drops gradient entries (a masking method with mask_ratio > 0)."""
         return self.method in MASKED_METHODS and self.mask_ratio > 0
@@ -119,6 +136,14 @@ class Config:
             check_mask_ratio(self.mask_ratio)
         except ValueError:
             raise UserError(f"--mask-ratio must be in [0, 1) (the fraction dropped), got {self.mask_ratio}") from None
+        if self.beta <= 0:
+            raise UserError(f"--beta must be positive, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.dpo_loss != "sigmoid":
+            raise UserError(f"--label-smoothing applies to --dpo-loss sigmoid only, not {self.dpo_loss}")
+        if self.orpo_lambda < 0:
+            raise UserError(f"--orpo-lambda must be 0 or more, got {self.orpo_lambda}")
         if self.assistant_turns == "all" and not self.mask_prompt:
             raise UserError("--assistant-turns all needs --mask-prompt (without it the loss covers every token)")
         if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
@@ -257,5 +282,7 @@ def diff(a: Dict[str, Any], b: Dict[str, Any], ignore=Config.COSMETIC) -> Dict[s
     """
     keys = (set(a) | set(b)) - set(ignore)
     methods = (a.get("method"), b.get("method"))
+    modes = (a.get("train_mode", "sft"), b.get("train_mode", "sft"))
     return {k: (a.get(k), b.get(k)) for k in sorted(keys)
-            if a.get(k) != b.get(k) and any(applies(k, m) for m in methods)}
+            if a.get(k) != b.get(k) and any(applies(k, m) for m in methods)
+            and (k not in TRAIN_MODE_KEYS or TRAIN_MODE_KEYS[k] in modes)}

@@ -6,6 +6,8 @@ Data lives in JSONL files, one example per line, in the three formats that
 - chat:        {"messages": [{"role": "user", "content": ...}, ...]}
 - completions: {"prompt": ..., "completion": ...}
 - text:        {"text": ...}
+- preference:  {"prompt": ..., "chosen": ..., "rejected": ...}  (TRL's conventions;
+               --train-mode dpo / orpo; strings, or message lists; optional "system")
 
 A data folder holds `train.jsonl` (required), `valid.jsonl` and `test.jsonl`
 (optional). Every problem with a file becomes a one-line `UserError` that
@@ -20,6 +22,7 @@ first k batches without building them.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import sys
 from collections.abc import Iterator, Mapping
@@ -31,10 +34,10 @@ import numpy as np
 
 from gmt_mlx.errors import UserError
 
-FORMATS = ("chat", "completions", "text")
+FORMATS = ("chat", "completions", "text", "preference")
 ASSISTANT_TURNS = ("final", "all")  # which assistant turns of a chat are targets under mask_prompt
 SPLITS = ("train", "valid", "test")
-_KNOWN = "messages | prompt+completion | text"
+_KNOWN = "messages | prompt+completion | text | prompt+chosen+rejected"
 
 
 # --------------------------------------------------------------------------
@@ -61,13 +64,48 @@ def _check_messages(messages: object, where: str) -> None:
             raise UserError(f"{where}: messages[{i}] 'content' must be a string, got {got}")
 
 
+def _answer_text(answer: object) -> str:
+    """The text of an answer (a string, or the contents of a message list), to tell empty and equal ones."""
+    if isinstance(answer, str):
+        return answer
+    return "\n".join(m["content"] for m in answer if isinstance(m.get("content"), str))
+
+
+def _check_preference(example: dict, where: str) -> None:
+    """Raise a UserError unless `example` is a usable prompt/chosen/rejected row."""
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in example:
+            raise UserError(f"{where}: has {' and '.join(repr(k) for k in ('chosen', 'rejected') if k in example)} "
+                            f"but no '{key}' (the preference format needs prompt, chosen and rejected)")
+    prompt = example["prompt"]
+    if isinstance(prompt, list):
+        _check_messages(prompt, f"{where}: 'prompt'")
+    elif not isinstance(prompt, str):
+        raise UserError(f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+    for key in ("chosen", "rejected"):
+        answer = example[key]
+        if isinstance(answer, list):
+            _check_messages(answer, f"{where}: '{key}'")
+        elif not isinstance(answer, str):
+            raise UserError(f"{where}: '{key}' must be a string or a list of messages, got {type(answer).__name__}")
+        if not _answer_text(answer).strip():
+            raise UserError(f"{where}: '{key}' is empty (a preference pair needs two answers)")
+    if _answer_text(example["chosen"]) == _answer_text(example["rejected"]):
+        raise UserError(f"{where}: 'chosen' and 'rejected' are the same answer (nothing to prefer)")
+    if "system" in example and not isinstance(example["system"], str):
+        raise UserError(f"{where}: 'system' must be a string, got {type(example['system']).__name__}")
+
+
 def detect_format(example: dict, where: str) -> str:
-    """Return 'chat', 'completions' or 'text' for one example, or raise UserError naming `where`.
+    """Return 'chat', 'completions', 'text' or 'preference' for one example, or raise UserError naming `where`.
 
     `where` is the location used in messages, normally "file:line".
     """
     if not isinstance(example, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(example).__name__}")
+    if "chosen" in example or "rejected" in example:
+        _check_preference(example, where)
+        return "preference"
     if "messages" in example:
         _check_messages(example["messages"], where)
         return "chat"
@@ -154,11 +192,18 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def load_splits(data: str | Path) -> dict[str, list[dict]]:
+def load_splits(data: str | Path, columns: str | None = None, *, data_config: str | None = None,
+                data_splits: str | None = None) -> dict[str, list[dict]]:
     """Load a data folder (train.jsonl required; valid/test.jsonl optional) or one JSONL file.
 
     Returns {split: rows} for the splits present; a single file becomes {"train": rows}.
+    Parquet/CSV/JSON files, save_to_disk folders, Hub dataset ids, and any data with
+    ``columns``/``data_config``/``data_splits`` go to sources.load_source (the `datasets` extra).
     """
+    from . import sources
+
+    if sources.wants_datasets(str(data), columns, data_config, data_splits):
+        return sources.load_source(str(data), columns, data_config, data_splits)
     path = Path(data).expanduser()
     if not path.exists():
         raise UserError(f"{path}: no such file or folder (expected a folder with train.jsonl, or a .jsonl file)")
@@ -213,6 +258,30 @@ class Example:
         """The first `length` tokens, with the spans cut to match."""
         spans = [(start, min(end, length)) for start, end in self.spans if start < length]
         return Example(self.tokens[:length], spans)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class Pair:
+    """A preference pair: the prompt with its chosen answer, and with its rejected one (answers are the targets)."""
+
+    chosen: Example
+    rejected: Example
+
+    @property
+    def length(self) -> int:
+        """The longer of the two: the width a batch needs for this pair."""
+        return max(len(self.chosen.tokens), len(self.rejected.tokens))
+
+    @property
+    def num_targets(self) -> int:
+        return self.chosen.num_targets + self.rejected.num_targets
+
+    def truncated(self, length: int) -> "Pair":
+        return Pair(self.chosen.truncated(length), self.rejected.truncated(length))
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -290,6 +359,32 @@ def _encode_chat(messages: list, tokenizer, mask_prompt: bool, tools=None, assis
     return Example.after(tokens, _common_prefix(prompt, tokens))
 
 
+def _encode_answer(tokenizer, prompt: object, answer: object, system: str | None) -> Example:
+    """The prompt followed by one answer, the answer's tokens (and end marker) the only targets."""
+    if has_chat_template(tokenizer):
+        context = [{"role": "system", "content": system}] if system else []
+        context += [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        reply = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else list(answer)
+        tokens = chat_ids(tokenizer, context + reply)
+        return Example.after(tokens, _common_prefix(chat_ids(tokenizer, context, add_generation_prompt=True), tokens))
+    if not (isinstance(prompt, str) and isinstance(answer, str)):
+        raise UserError("preference rows with message lists need a chat template and this model's tokenizer has "
+                        "none; use strings")
+    head = _encode_plain(tokenizer, (system + "\n" if system else "") + prompt, first=True)
+    tokens = head + _encode_plain(tokenizer, answer, first=False)
+    if tokenizer.eos_token_id is not None:
+        tokens.append(tokenizer.eos_token_id)
+    return Example.after(tokens, len(head))
+
+
+def encode_pair(example: dict, tokenizer) -> Pair:
+    """Tokenize a preference row: the prompt (as a user turn when there is a chat template) with each answer."""
+    detect_format(example, "example")
+    system = example.get("system")
+    return Pair(_encode_answer(tokenizer, example["prompt"], example["chosen"], system),
+                _encode_answer(tokenizer, example["prompt"], example["rejected"], system))
+
+
 def _encode_plain(tokenizer, text: str, *, first: bool) -> list[int]:
     # Only the first piece gets special tokens, so an automatic BOS appears once.
     if first:
@@ -309,6 +404,8 @@ def encode_example(example: dict, tokenizer, *, mask_prompt: bool, assistant_tur
     - text: encode(text) + eos (unless already last); mask_prompt is ignored.
     """
     fmt = detect_format(example, "example")
+    if fmt == "preference":
+        raise UserError("a preference row (prompt/chosen/rejected) needs --train-mode dpo or orpo")
     if fmt == "chat":
         return _encode_chat(example["messages"], tokenizer, mask_prompt, example.get("tools"), assistant_turns)
     eos = tokenizer.eos_token_id
@@ -336,21 +433,39 @@ class TokenizedSplit:
 
     `truncated` counts examples cut to max_seq_length (the caller warns);
     `dropped` counts examples left without any target token (after truncation,
-    or too short to have one) and therefore removed.
+    or too short to have one) and therefore removed. A preference split holds
+    `Pair`s (a pair is dropped when either answer has no target left) and,
+    for DPO, `reference`: the step-0 model's summed log-probabilities of each
+    pair's (chosen, rejected) answer, shape (n, 2).
     """
 
-    examples: list[Example]
+    examples: list[Example] | list[Pair]
     truncated: int
     name: str
     dropped: int = 0
     max_seq_length: int | None = None
+    reference: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
 
+    @property
+    def preference(self) -> bool:
+        return bool(self.examples) and isinstance(self.examples[0], Pair)
+
     def lengths(self) -> list[int]:
-        """Token count of each example."""
-        return [len(e.tokens) for e in self.examples]
+        """Token count of each example (of a pair's longer answer)."""
+        return [e.length for e in self.examples]
+
+    def fingerprint(self) -> str:
+        """A hash of every example's tokens and targets: what the reference log-probabilities are valid for."""
+        digest = hashlib.sha256()
+        for example in self.examples:
+            for part in (example.chosen, example.rejected) if isinstance(example, Pair) else (example,):
+                digest.update(np.asarray(part.tokens, dtype=np.int64).tobytes())
+                digest.update(np.asarray(part.target_positions(), dtype=np.int64).tobytes())
+                digest.update(b"|")
+        return digest.hexdigest()
 
     def num_target_tokens(self, indices: list[int] | None = None) -> int:
         """Loss-target tokens in the whole split, or in the examples at `indices`."""
@@ -359,11 +474,13 @@ class TokenizedSplit:
 
 
 def tokenize_split(rows: list[dict], tokenizer, *, mask_prompt: bool, max_seq_length: int, name: str,
-                   assistant_turns: str = "final") -> TokenizedSplit:
+                   assistant_turns: str = "final", preference: bool = False) -> TokenizedSplit:
     """Tokenize rows, cutting each to max_seq_length tokens (see `encode_example` for the targets).
 
     A cut example is counted in `truncated`; it is kept only if it still has at
-    least one target token (otherwise it is counted in `dropped` too).
+    least one target token (otherwise it is counted in `dropped` too). With
+    ``preference`` the rows must be prompt/chosen/rejected pairs (`encode_pair`)
+    and every other format is refused; without it, pairs are.
     """
     if max_seq_length < 2:
         # One token has nothing to predict it from.
@@ -372,16 +489,24 @@ def tokenize_split(rows: list[dict], tokenizer, *, mask_prompt: bool, max_seq_le
     truncated = dropped = 0
     for i, row in enumerate(rows, start=1):
         try:
-            example = encode_example(row, tokenizer, mask_prompt=mask_prompt, assistant_turns=assistant_turns)
+            if preference:
+                if not (isinstance(row, dict) and ("chosen" in row or "rejected" in row)):
+                    fmt = detect_format(row, f"example {i}")
+                    raise UserError(f"example {i}: is in the {fmt} format; --train-mode dpo and orpo need "
+                                    "prompt/chosen/rejected rows")
+                example = encode_pair(row, tokenizer)
+            else:
+                example = encode_example(row, tokenizer, mask_prompt=mask_prompt, assistant_turns=assistant_turns)
         except UserError as err:
             raise UserError(f"{name} split: {err}") from None
         except Exception as err:  # a chat template that rejects these messages, say
             msg = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise UserError(f"{name} split, example {i}: could not tokenize ({msg})") from err
-        if len(example.tokens) > max_seq_length:
+        if example.length > max_seq_length:
             example = example.truncated(max_seq_length)
             truncated += 1
-        if example.num_targets == 0:
+        parts = (example.chosen, example.rejected) if preference else (example,)
+        if any(part.num_targets == 0 for part in parts):
             dropped += 1
             continue
         examples.append(example)
@@ -509,8 +634,14 @@ def make_batch(
     max_seq_length), or, given `buckets` (see `length_buckets`), the smallest
     bucket that holds it. mask[b, t] = 1 iff token t is a loss target, i.e.
     inside one of the example's spans and t >= 1: it is predicted from position t-1.
+
+    A preference split's batch has 2B rows, the B chosen answers then the B
+    rejected ones, and a third array when the split has its reference
+    log-probabilities: (2B,) float32 in the same row order.
     """
     chosen = [split.examples[i] for i in indices]
+    if chosen and isinstance(chosen[0], Pair):
+        chosen = [p.chosen for p in chosen] + [p.rejected for p in chosen]
     length = _batch_width(max(len(e.tokens) for e in chosen), pad_multiple, split.max_seq_length, buckets)
     tokens = np.full((len(chosen), length), pad_id, dtype=np.int32)
     mask = np.zeros((len(chosen), length), dtype=np.float32)
@@ -519,6 +650,9 @@ def make_batch(
         tokens[row, :n] = example.tokens
         for start, end in example.target_positions():
             mask[row, start:end] = 1.0
+    if split.reference is not None:
+        reference = split.reference[np.asarray(indices, dtype=np.int64)]
+        return mx.array(tokens), mx.array(mask), mx.array(np.concatenate([reference[:, 0], reference[:, 1]]).astype(np.float32))
     return mx.array(tokens), mx.array(mask)
 
 
@@ -536,7 +670,7 @@ def iterate_batches(
     buckets: list[int] | None = None,
     micro_batches: int = 1,
 ) -> Iterator[tuple[int, int, mx.array, mx.array]]:
-    """Yield (step, epoch, tokens, mask), step counting from start_step.
+    """Yield (step, epoch, tokens, mask[, reference]) (see `make_batch`), step counting from start_step.
 
     With ``micro_batches`` k > 1 each step's batch (of ``batch_size``
     examples, this rank's share of it when sharded) is yielded as k
@@ -565,9 +699,9 @@ def iterate_batches(
                 indices = indices[shard[0] * per : (shard[0] + 1) * per]
             per = len(indices) // micro_batches
             for part in range(micro_batches):
-                tokens, mask = make_batch(split, indices[part * per : (part + 1) * per], pad_id=pad_id,
-                                          pad_multiple=pad_multiple, buckets=buckets)
-                yield step, epoch, tokens, mask
+                batch = make_batch(split, indices[part * per : (part + 1) * per], pad_id=pad_id,
+                                   pad_multiple=pad_multiple, buckets=buckets)
+                yield (step, epoch, *batch)
             step += 1
         epoch, offset = epoch + 1, 0
 

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.nn as nn
+import numpy as np
 
 from .data import pad_id as batch_pad_id
 from .data import TokenizedSplit, batch_order, chat_ids, has_chat_template, load_splits, make_batch, tokenize_split
+from . import sources
 from .errors import UserError
-from .losses import sft_loss
+from .losses import PREFERENCE_METRICS, sft_loss
+from .preference import reference_logps
 from .scorers import get_scorer, reference_of
 from .trainer import evaluate_loss
 
@@ -35,13 +38,15 @@ def split_loss(
     max_batches: int = -1,
     pad_multiple: int = 8,
     group=None,
+    loss_fn: Callable = sft_loss,
 ) -> dict:
     """Token-weighted loss and perplexity over (the first ``max_batches`` batches of) a split.
 
     Uses every example (the last batch may be smaller), in a fixed
     length-grouped order so the value is comparable across steps and runs.
     With a distributed ``group``, rank r evaluates batches r, r + N, ... and
-    the token-weighted sums are reduced over ranks.
+    the token-weighted sums are reduced over ranks. A preference ``loss_fn``
+    gives the mean per pair and its metrics (see `trainer.evaluate_loss`).
     """
     order = batch_order(split.lengths(), min(batch_size, len(split)), seed=0, epoch=0)
     covered = {i for batch in order for i in batch}
@@ -56,13 +61,18 @@ def split_loss(
         import mlx.core as mx
 
         mine = order[group.rank() :: group.size()]
-        local = evaluate_loss(model, (make_batch(split, idx, pad_id=pad_id, pad_multiple=pad_multiple) for idx in mine))
-        total = local["loss"] * local["tokens"] if local["tokens"] else 0.0
-        sums = mx.distributed.all_sum(mx.array([total, float(local["tokens"])]), group=group).tolist()
+        local = evaluate_loss(model, (make_batch(split, idx, pad_id=pad_id, pad_multiple=pad_multiple) for idx in mine), loss_fn)
+        # The same keys on every rank, whether or not it had a batch.
+        keys = list(PREFERENCE_METRICS) if split.preference else []
+        n = float(local["tokens"])
+        values = [local["loss"] * n if n else 0.0, n] + [local.get(k, 0.0) * n if n else 0.0 for k in keys]
+        sums = mx.distributed.all_sum(mx.array(values), group=group).tolist()
         mean = sums[0] / sums[1] if sums[1] else float("nan")
-        return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": int(sums[1])}
+        ppl = math.exp(min(mean, 50.0)) if not keys else None
+        return {"loss": mean, "ppl": ppl, "tokens": int(sums[1]),
+                **{k: (v / sums[1] if sums[1] else float("nan")) for k, v in zip(keys, sums[2:])}}
     batches = (make_batch(split, idx, pad_id=pad_id, pad_multiple=pad_multiple) for idx in order)
-    return evaluate_loss(model, batches, sft_loss)
+    return evaluate_loss(model, batches, loss_fn)
 
 
 def prompt_of(row: dict) -> Optional[object]:
@@ -190,7 +200,10 @@ def evaluate_model(
     """
     result: Dict[str, object] = {"split": split, "examples": len(rows)}
     t0 = time.perf_counter()
-    if loss:
+    if loss and is_preference(rows):
+        result.update(preference_accuracy(model, tokenizer, rows, split=split, max_seq_length=max_seq_length,
+                                          batch_size=batch_size))
+    elif loss:
         tokenized = tokenize_split(rows, tokenizer, mask_prompt=mask_prompt, max_seq_length=max_seq_length, name=split,
                                    assistant_turns=assistant_turns if mask_prompt else "final")
         if len(tokenized) == 0:
@@ -204,6 +217,38 @@ def evaluate_model(
         result["max_tokens"] = max_tokens
     result["wall_time"] = time.perf_counter() - t0
     return result
+
+
+def is_preference(rows: List[dict]) -> bool:
+    """Whether a split holds prompt/chosen/rejected rows (files hold one format: the first row decides)."""
+    return bool(rows) and isinstance(rows[0], dict) and ("chosen" in rows[0] or "rejected" in rows[0])
+
+
+def preference_accuracy(model: nn.Module, tokenizer, rows: List[dict], *, split: str, max_seq_length: int,
+                        batch_size: int) -> dict:
+    """How often the model gives the chosen answer a higher log-probability than the rejected one.
+
+    Log-probabilities are summed over each answer's tokens. Returns
+    preference_accuracy, margin (mean chosen - rejected log-probability),
+    pairs, and every pair's (chosen, rejected) log-probabilities in
+    ``pair_logps`` (with a base model's, the DPO rewards: see `evaluate_with_base`).
+    """
+    tokenized = tokenize_split(rows, tokenizer, mask_prompt=True, max_seq_length=max_seq_length, name=split,
+                               preference=True)
+    if len(tokenized) == 0:
+        raise UserError(f"{split} split has no pairs with room for an answer within {max_seq_length} tokens")
+    logps = reference_logps(model, tokenized, batch_size=batch_size, pad_id=batch_pad_id(tokenizer)).astype(float)
+    return {"preference_accuracy": float((logps[:, 0] > logps[:, 1]).mean()),
+            "margin": float((logps[:, 0] - logps[:, 1]).mean()), "pairs": len(tokenized),
+            "pair_logps": logps.tolist()}
+
+
+def reward_accuracy(tuned: dict, base: dict) -> Optional[float]:
+    """DPO's reward accuracy of a tuned model against its base as the reference, from two `preference_accuracy` results."""
+    if "pair_logps" not in tuned or "pair_logps" not in base or len(tuned["pair_logps"]) != len(base["pair_logps"]):
+        return None
+    t, b = (np.asarray(r["pair_logps"]) for r in (tuned, base))
+    return float(((t[:, 0] - b[:, 0]) > (t[:, 1] - b[:, 1])).mean())
 
 
 def run_config(model_or_run: str) -> Optional[dict]:
@@ -236,10 +281,12 @@ def evaluate(
     loss: bool = True,
     generate: bool = True,
     on_batch: Optional[Callable[[int, int], None]] = None,
+    data_options: Optional[dict] = None,
 ) -> dict:
     """Evaluate a model (run directory, HF folder, GGUF, Hub id or 'smollm2-135m') on a data split.
 
-    For a run directory, ``data``, ``mask_prompt``, ``assistant_turns`` and
+    For a run directory, ``data`` (with its ``data_options``: columns, data_config,
+    data_splits), ``mask_prompt``, ``assistant_turns`` and
     ``max_seq_length`` default to the run's own config, so the loss compares with its
     validation loss. Otherwise the loss is on completions only (mask_prompt
     True) by default.
@@ -249,10 +296,13 @@ def evaluate(
     for name in scorers:
         get_scorer(name)  # unknown scorer or missing package: fail before loading anything
     run = run_config(model_or_run) or {}
+    # How to read the data (--columns ...): given ones win, the run's own apply to the run's own data.
+    options = sources.data_options(run) if not data or data == run.get("data") else {}
+    options.update({key: value for key, value in (data_options or {}).items() if value is not None})
     data = data or run.get("data")
     if not data:
-        raise UserError("--data is required (a folder with train/valid/test.jsonl, or a .jsonl file)")
-    splits = load_splits(data)
+        raise UserError("--data is required (a folder with train/valid/test.jsonl, a data file, a saved dataset or a Hub dataset id)")
+    splits = load_splits(data, **options)
     if split not in splits:
         raise UserError(f"{data}: no {split} split (found: {', '.join(splits)})")
     if not loss and not generate:
@@ -287,6 +337,9 @@ def evaluate_with_base(run_dir: str, data: Optional[str] = None, *, on_model: Op
     """
     base = base_model_of(run_dir)
     run = run_config(run_dir) or {}
+    # The base model is no run: hand it the run's way of reading the run's data (--columns ...).
+    own = sources.data_options(run) if not data or data == run.get("data") else {}
+    options["data_options"] = {**own, **{k: v for k, v in (options.get("data_options") or {}).items() if v is not None}}
     data = data or run.get("data")
     if options.get("mask_prompt") is None:
         options["mask_prompt"] = run.get("mask_prompt", True)
@@ -298,6 +351,9 @@ def evaluate_with_base(run_dir: str, data: Optional[str] = None, *, on_model: Op
         if on_model is not None:
             on_model(role)
         results[role] = evaluate(model, data, **options)
+    rewards = reward_accuracy(results["tuned"], results["base"])
+    if rewards is not None:
+        results["tuned"]["reward_accuracy"] = rewards
     return results
 
 

@@ -28,6 +28,7 @@ from . import checkpoint as ckpt
 from . import config as cfg
 from . import rundir, tracking
 from .blas import blas_info
+from .card import objective_text
 from .config import Config
 from .data import TokenizedSplit, iterate_batches, length_buckets, load_splits, padding_waste, tokenize_split
 from .data import _check_batch_size as check_split_size
@@ -38,11 +39,14 @@ from .evaluate import describe_prompt, generate_text, sample_prompts, split_loss
 from .export import save_hf_model
 from .hub import check_push, publish_run
 from .loading import load_base
+from .losses import make_loss
 from .memory import MemoryEstimate, advice, available_bytes, estimate
 from .methods import enable_grad_checkpoint, prepare_model
 from .models import embedded_gguf_base
 from .optim import MASK_SAMPLE_KEY, build_optimizer, make_schedule
+from .preference import compute_reference, load_reference
 from .progress import Progress
+from .sources import data_options
 from .trainer import NonFiniteError, StepResult, train
 
 # Training batches are padded to train_buckets' widths; this multiple only rounds the
@@ -154,12 +158,16 @@ def tokenize_splits(config: Config, rows: Dict[str, list], tokenizer, log: Calla
     for name, split_rows in rows.items():
         split = tokenize_split(
             split_rows, tokenizer, mask_prompt=config.mask_prompt, max_seq_length=config.max_seq_length, name=name,
-            assistant_turns=config.assistant_turns,
+            assistant_turns=config.assistant_turns, preference=config.preference,
         )
+        what = "pairs" if config.preference else "examples"
         if split.truncated:
-            log(f"warning: {split.truncated} of {len(split_rows)} {name} examples were longer than "
+            log(f"warning: {split.truncated} of {len(split_rows)} {name} {what} were longer than "
                 f"--max-seq-length {config.max_seq_length} and were truncated")
-        if split.dropped:
+        if split.dropped and config.preference:
+            log(f"warning: dropped {split.dropped} {name} pair{'s' if split.dropped != 1 else ''} whose prompt leaves "
+                f"no room for an answer within --max-seq-length {config.max_seq_length}")
+        elif split.dropped:
             log(f"warning: dropped {split.dropped} {name} example{'s' if split.dropped != 1 else ''} with no target tokens left")
         if len(split) == 0:
             raise UserError(f"{name} split has no usable examples")
@@ -217,12 +225,12 @@ def _train_batches(split: TokenizedSplit, config: Config, pad_id: int, start_mic
     --grad-accumulation-steps 2` train on the same examples per step.
     """
     accumulation = config.grad_accumulation_steps
-    for _, _, tokens, mask in iterate_batches(
+    for _, _, *batch in iterate_batches(
         split, step_examples(config), seed=config.seed, pad_id=pad_id, pad_multiple=PAD_MULTIPLE,
         start_step=start_micro // accumulation, shard=shard, buckets=buckets, micro_batches=accumulation,
     ):
-        count(_batch_tokens(mask))
-        yield tokens, mask
+        count(_batch_tokens(batch[1]))
+        yield tuple(batch)
 
 
 @contextmanager
@@ -263,6 +271,7 @@ class Setup:
     optimizer: Any
     memory: MemoryEstimate
     buckets: List[int]
+    loss_fn: Callable = field(default=None, repr=False)  # the train mode's loss (losses.make_loss)
 
 
 def finetune(
@@ -294,13 +303,21 @@ def finetune(
         check_push(config.push_to_hub)  # repo id and token, before hours of training
 
     run = _setup(config, log)
+    dpo_splits = {name: split for name, split in (("train", run.train_split), ("valid", run.valid_split))
+                  if split is not None and config.train_mode == "dpo"}
+    if dpo_splits and plan.checkpoint is not None:
+        load_reference(plan.out, dpo_splits)  # before anything is written: a refused resume leaves the run as it was
     start_step, best_val = _open_run_dir(plan, config, run, main, log)
     _summary(config, run, log)
+    if dpo_splits and plan.checkpoint is None:
+        compute_reference(run.model, dpo_splits, plan.out, write=main, batch_size=config.batch_size, pad_id=run.pad_id, log=log)
     if group.size() > 1:
         log(f"ranks      {group.size()} data-parallel ranks, {config.batch_size // group.size()} examples each per micro-batch")
     prompts, before = _samples_before(config, run, plan.out, fresh=plan.checkpoint is None, log=log) if main else ([], [])
 
     logger = RunLogger(config, run, plan.out, group, best_val=best_val, start_step=start_step)
+    if config.preference and plan.checkpoint is None:
+        logger.on_eval(0, initial=True)  # where preference training starts (DPO: ln 2, policy = reference)
     try:
         last_step = _train(config, run, logger, start_step, group, log)
         if last_step < run.steps and main and logger.saved_step != last_step:
@@ -339,8 +356,8 @@ def _setup(config: Config, log: Callable[[str], None]) -> Setup:
     """Read the data, load and prepare the model, build the optimizer, check memory."""
     mx.random.seed(config.seed)
     if not config.data:
-        raise UserError("--data is required (a folder with train.jsonl, or a .jsonl file)")
-    rows = load_splits(config.data)  # read the data before the (slow) model load
+        raise UserError("--data is required (a folder with train.jsonl, a data file, a saved dataset or a Hub dataset id)")
+    rows = load_splits(config.data, **data_options(config))  # read the data before the (slow) model load
     if rows.get("train"):  # before the (slow) model load too
         check_step_fits(len(rows["train"]), config)
     # LoRA/DoRA keep a quantized base quantized (QLoRA); full-weight methods need floats.
@@ -361,8 +378,10 @@ def _setup(config: Config, log: Callable[[str], None]) -> Setup:
         seed=config.seed, sample_size=config.mask_sample_size,
     )
     memory = _check_memory(config, model, model_config, sizes, train_split, log)
+    loss_fn = make_loss(config.train_mode, beta=config.beta, dpo_loss_type=config.dpo_loss,
+                        label_smoothing=config.label_smoothing, orpo_lambda=config.orpo_lambda)
     return Setup(model, tokenizer, model_config, model_path, sizes, rows, train_split, splits.get("valid"),
-                 batch_pad_id(tokenizer), steps, optimizer, memory, train_buckets(train_split, config))
+                 batch_pad_id(tokenizer), steps, optimizer, memory, train_buckets(train_split, config), loss_fn)
 
 
 def _open_run_dir(plan: RunPlan, config: Config, run: Setup, main: bool, log) -> Tuple[int, Optional[float]]:
@@ -403,7 +422,7 @@ def _train(config: Config, run: Setup, logger: "RunLogger", start_step: int, gro
         with stop_on_sigint(log) as should_stop:
             return train(
                 run.model, run.optimizer, batches, iters=run.steps, start_step=start_step,
-                grad_accumulation_steps=config.grad_accumulation_steps, grad_clip=config.grad_clip,
+                grad_accumulation_steps=config.grad_accumulation_steps, grad_clip=config.grad_clip, loss_fn=run.loss_fn,
                 steps_per_eval=config.steps_per_eval, should_stop=should_stop, max_bad_steps=config.max_bad_steps,
                 group=group, on_step=logger.on_step, on_eval=logger.on_eval,
             )
@@ -438,8 +457,11 @@ def _check_memory(config: Config, model, model_config: dict, sizes: dict, train_
     longest = max(train_split.lengths())
     seq_len = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    # A preference batch holds two rows per pair; DPO's reference pass (forward only, at the
+    # same batch) stays below the training step's peak, so the step's estimate covers it.
+    rows = 2 if config.preference else 1
     memory = estimate(
-        model_config, weight_bytes=weight_bytes, trainable=sizes["trainable"], batch_size=config.batch_size,
+        model_config, weight_bytes=weight_bytes, trainable=sizes["trainable"], batch_size=config.batch_size * rows,
         seq_len=seq_len, optimizer=config.optimizer, masked=config.masked,
         grad_accumulation_steps=config.grad_accumulation_steps, grad_checkpoint=config.grad_checkpoint,
     )
@@ -453,7 +475,8 @@ def _check_memory(config: Config, model, model_config: dict, sizes: dict, train_
 def _summary(config: Config, run: Setup, log) -> None:
     """Start-up summary: the derived numbers a user should see before waiting."""
     sizes, train_split, valid_split = run.sizes, run.train_split, run.valid_split
-    tokens_per_step = config.batch_size * config.grad_accumulation_steps * np.mean(train_split.lengths())
+    rows = 2 if config.preference else 1  # a pair is two sequences
+    tokens_per_step = config.batch_size * config.grad_accumulation_steps * rows * np.mean(train_split.lengths())
     updated = sizes["trainable"] * (1 - config.mask_ratio) if config.masked else sizes["trainable"]
     waste = padding_waste(train_split, config.batch_size, seed=config.seed, buckets=run.buckets)
     embedded = embedded_gguf_base(config.model, run.model_path)
@@ -464,9 +487,12 @@ def _summary(config: Config, run: Setup, log) -> None:
         log(f"model      {config.model} ({run.model_path})")
     log(f"blas       {describe_blas()}")
     log(f"method     {config.method}" + (f" mask_ratio={config.mask_ratio} scope={config.mask_scope} target={config.mask_target}" if config.masked else ""))
+    if config.preference:
+        log(f"objective  {objective_text(config.to_dict())}")
     log(f"params     {sizes['trainable']:,} trainable of {sizes['total']:,} ({100 * sizes['trainable'] / sizes['total']:.1f}%)")
     log(f"per step   ~{tokens_per_step:.0f} tokens, ~{updated:,.0f} gradient entries kept")
-    log(f"data       {len(train_split)} train / {len(valid_split) if valid_split else 0} valid examples; "
+    log(f"data       {len(train_split)} train / {len(valid_split) if valid_split else 0} valid "
+        f"{'pairs' if config.preference else 'examples'}; "
         f"padding waste {100 * waste:.1f}% ({len(run.buckets)} batch widths)")
     log(f"memory     estimated peak {run.memory.describe()}")
     log(f"steps      {run.steps} optimizer steps, batch {config.batch_size} x {config.grad_accumulation_steps} accumulation")
@@ -596,10 +622,11 @@ class RunLogger:
             return
         if result.skipped:
             self.progress.message(f"step {result.step}: non-finite loss or gradient, update skipped")
-        self.progress.update(result.step, loss=result.loss, tok_s=round(tps), kept=round(kept_fraction, 3))
+        shown = {"acc": round(result.metrics["reward_accuracy"], 3)} if "reward_accuracy" in result.metrics else {}
+        self.progress.update(result.step, loss=result.loss, **shown, tok_s=round(tps), kept=round(kept_fraction, 3))
         if result.step % config.steps_per_report == 0 or result.step == steps or result.skipped:
             self.write({
-                "type": "train", "step": result.step, "loss": result.loss, "learning_rate": result.learning_rate,
+                "type": "train", "step": result.step, "loss": result.loss, **result.metrics, "learning_rate": result.learning_rate,
                 "tokens_per_sec": tps, "kept_fraction": kept_fraction, "mask_overlap": self.mask_overlap,
                 "grad_norm": result.grad_norm, "skipped": result.skipped, "trained_tokens": self.trained_tokens,
                 "peak_memory_gb": mx.get_peak_memory() / 1e9, "memory_estimate_gb": self.run.memory.total / 1e9,
@@ -610,19 +637,28 @@ class RunLogger:
             self.save(result.step)
         ckpt.fault(f"after-step:{result.step}")
 
-    def on_eval(self, step: int) -> None:
+    def on_eval(self, step: int, initial: bool = False) -> None:
+        """Validate at ``step``; ``initial``: the step-0 model, reported but never the best checkpoint."""
         if self.run.valid_split is None:
             return
         # Every rank evaluates its share; only rank 0 reports and saves.
         result = split_loss(self.run.model, self.run.valid_split, batch_size=self.config.batch_size,
-                            pad_id=self.run.pad_id, max_batches=self.config.val_batches, group=self.group)
+                            pad_id=self.run.pad_id, max_batches=self.config.val_batches, group=self.group,
+                            loss_fn=self.run.loss_fn)
         if not self.main:
             return
-        self.last["val_loss"] = result["loss"]
-        improved = self.best_val is None or result["loss"] < self.best_val
-        self.progress.message(f"step {step}: val loss {result['loss']:.4f} (ppl {result['ppl']:.2f})" + (" *best*" if improved else ""))
-        self.write({"type": "eval", "step": step, "val_loss": result["loss"], "val_ppl": result["ppl"],
+        improved = not initial and (self.best_val is None or result["loss"] < self.best_val)
+        if result["ppl"] is not None:
+            detail = f" (ppl {result['ppl']:.2f})"
+        else:
+            detail = f" (reward accuracy {result['reward_accuracy']:.3f}, margin {result['reward_margin']:.3f})"
+        self.progress.message(f"step {step}: val loss {result['loss']:.4f}{detail}" + (" *best*" if improved else ""))
+        metrics = {f"val_{k}": v for k, v in result.items() if k not in ("loss", "tokens", "ppl")}
+        self.write({"type": "eval", "step": step, "val_loss": result["loss"], "val_ppl": result["ppl"], **metrics,
                     "wall_time": time.perf_counter() - self.t_start})
+        if initial:
+            return
+        self.last["val_loss"] = result["loss"]
         if improved:
             self.best_val = result["loss"]
             self._save_best(step, result["loss"])

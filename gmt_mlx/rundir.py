@@ -35,6 +35,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.json"
 SAMPLES_BEFORE_FILE = "samples_before.json"
+REFERENCE_FILE = "reference_logps.json"  # DPO: the step-0 model's log-probabilities (preference.py)
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
 BEST = "best"
@@ -44,7 +45,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Every name a run directory holds; a folder of these alone (with a metrics file or a
 # checkpoint in it) is what is left of a run whose config.yaml was lost or never written.
 _RUN_NAMES = {CONFIG_FILE, CONFIG_FILE + ".tmp", METRICS_FILE, SAMPLES_FILE, SAMPLES_BEFORE_FILE, MODEL_DIR, CHECKPOINTS_DIR,
-              TENSORBOARD_DIR, WANDB_DIR}
+              TENSORBOARD_DIR, WANDB_DIR, REFERENCE_FILE, REFERENCE_FILE + ".tmp"}
 
 
 def is_run_dir(path: str | Path) -> bool:

@@ -41,11 +41,13 @@ _MINUS = str.maketrans({"\u2212": "-", "\u2013": "-"})
 
 
 def reference_of(row: dict) -> Optional[str]:
-    """The reference answer of a data row: ``answer``, else the completion or last assistant turn."""
+    """The reference answer of a data row: ``answer``, else the completion, the chosen answer or last assistant turn."""
     if isinstance(row.get("answer"), (str, int, float)) and not isinstance(row.get("answer"), bool):
         return str(row["answer"])
     if isinstance(row.get("completion"), str):
         return row["completion"]
+    if isinstance(row.get("chosen"), str):  # a preference pair: its preferred answer
+        return row["chosen"]
     messages = row.get("messages")
     if isinstance(messages, list) and len(messages) > 1 and isinstance(messages[-1], dict):
         content = messages[-1].get("content")

@@ -8,7 +8,7 @@ accumulation and the parameter update.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
@@ -17,10 +17,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from .distributed import all_sum_tree, any_rank
-from .losses import sft_loss
+from .losses import sft_loss, unpack
 from .optim import MaskedOptimizer
 
-Batch = Tuple[mx.array, mx.array]  # tokens (B, L) int32, target mask (B, L)
+# tokens (B, L) int32, target mask (B, L), then whatever else the loss takes
+# (a DPO batch: the reference log-probabilities of its rows).
+Batch = Tuple[mx.array, ...]
 
 
 @dataclass
@@ -32,6 +34,7 @@ class StepResult:
     kept: int
     learning_rate: float
     skipped: bool = False  # non-finite loss or gradient: the update was not applied
+    metrics: Dict[str, float] = field(default_factory=dict)  # the loss's per-unit means (DPO: reward accuracy, ...)
 
 
 class NonFiniteError(RuntimeError):
@@ -51,8 +54,8 @@ def training_state(model: nn.Module, optimizer) -> list:
 def make_step_fns(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, grad_clip: float = 0.0):
     """Compile the two halves of a step over the explicit training state.
 
-    ``grad_fn(tokens, mask)`` returns (summed loss, count, gradient of the
-    summed loss) for one micro-batch; ``update_fn(grads, scale, norm)`` applies
+    ``grad_fn(*batch)`` returns (summed loss, count, metric sums, gradient of
+    the summed loss) for one micro-batch; ``update_fn(grads, scale, norm)`` applies
     ``scale * grads`` (scale: 1 / the step's count, times the clipping factor
     from ``norm``, the norm of the scaled gradient), masked, and returns the
     number of entries kept. Splitting them lets accumulation and the
@@ -63,15 +66,16 @@ def make_step_fns(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, gra
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def grad_fn(tokens, mask):
-        (loss, count), grads = loss_and_grad(model, tokens, mask)
+    def grad_fn(*batch):
+        out, grads = loss_and_grad(model, *batch)
+        loss, count, metrics = unpack(out)
         # A Linear's weight gradient comes out of the matmul's vjp transposed
         # (column-major). Every later pass (norm, mask, optimizer) mixes it
         # with row-major arrays and falls off MLX's contiguous kernels: one
         # copy here made SmolLM2-135M's whole SFT step 7% and its GMT step
         # 16% faster on CPU (benchmarks/RESULTS.md). A no-op for arrays that
         # are already contiguous.
-        return loss, count, tree_map(mx.contiguous, grads)
+        return loss, count, metrics, tree_map(mx.contiguous, grads)
 
     @partial(mx.compile, inputs=state, outputs=state)
     def update_fn(grads, scale, norm):
@@ -116,21 +120,22 @@ def global_norm(grads) -> mx.array:
 
 
 def accumulate(grad_fn: Callable, batches: Iterator[Batch], micro_batches: int, group=None):
-    """Sum (loss, count, gradient) over one step's micro-batches, then over ranks."""
-    loss_sum, count, grads = mx.array(0.0), mx.array(0.0), None
+    """Sum (loss, count, metric sums, gradient) over one step's micro-batches, then over ranks."""
+    loss_sum, count, metrics, grads = mx.array(0.0), mx.array(0.0), None, None
     for _ in range(micro_batches):
-        tokens, mask = next(batches)
-        loss, n, micro = grad_fn(tokens, mask)
+        loss, n, micro_metrics, micro = grad_fn(*next(batches))
         grads = micro if grads is None else tree_map(mx.add, grads, micro)
         del micro  # else this gradient stays alive through on_step/on_eval (validation, checkpoints)
+        metrics = micro_metrics if metrics is None else tree_map(mx.add, metrics, micro_metrics)
         loss_sum, count = loss_sum + loss, count + n
         if micro_batches > 1:
-            mx.eval(grads, loss_sum, count)  # bound the graph (and memory) per micro-batch
+            mx.eval(grads, loss_sum, count, metrics)  # bound the graph (and memory) per micro-batch
     if group is not None and group.size() > 1:
         grads = all_sum_tree(grads, group)
         loss_sum = mx.distributed.all_sum(loss_sum, group=group)
         count = mx.distributed.all_sum(count, group=group)
-    return loss_sum, count, grads
+        metrics = {k: mx.distributed.all_sum(v, group=group) for k, v in metrics.items()}
+    return loss_sum, count, metrics, grads
 
 
 def train(
@@ -168,10 +173,10 @@ def train(
     model.train()
     bad_in_a_row, step = 0, start_step
     for step in range(start_step + 1, iters + 1):
-        loss_sum, count, grads = accumulate(grad_fn, batches, grad_accumulation_steps, group)
+        loss_sum, count, metric_sums, grads = accumulate(grad_fn, batches, grad_accumulation_steps, group)
         scale = 1.0 / mx.maximum(count, 1.0)
         norm = global_norm(grads) * scale
-        mx.eval(loss_sum, scale, norm)
+        mx.eval(loss_sum, scale, norm, metric_sums)
         loss_value, norm_value = (loss_sum * scale).item(), norm.item()
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
         kept = 0
@@ -186,7 +191,8 @@ def train(
         if on_step is not None:
             # The optimizer stores the learning rate it last used (the schedule at this step).
             lr = optimizer.state["learning_rate"].item() if "learning_rate" in optimizer.state else float("nan")
-            on_step(StepResult(step, loss_value, int(count.item()), norm_value, kept, lr, skipped))
+            metrics = {k: v.item() * scale.item() for k, v in metric_sums.items()}
+            on_step(StepResult(step, loss_value, int(count.item()), norm_value, kept, lr, skipped, metrics))
         if max_bad_steps > 0 and bad_in_a_row >= max_bad_steps:
             raise NonFiniteError(step, bad_in_a_row)
         if on_eval is not None and ((steps_per_eval > 0 and step % steps_per_eval == 0) or step == iters):
@@ -199,15 +205,21 @@ def train(
 
 
 def evaluate_loss(model: nn.Module, batches, loss_fn: Callable = sft_loss) -> Dict[str, float]:
-    """Mean loss per unit (target token) over ``batches``, and its perplexity."""
+    """Mean loss per unit (target token, or pair) over ``batches``, its perplexity, and the loss's metric means.
+
+    "tokens" is the count of units (pairs for a preference loss, which has no perplexity).
+    """
     model.eval()
-    total, count = 0.0, 0.0
-    for tokens, mask in batches:
-        loss, n = loss_fn(model, tokens, mask)
-        mx.eval(loss, n)
+    total, count, sums = 0.0, 0.0, {}
+    for batch in batches:
+        loss, n, metrics = unpack(loss_fn(model, *batch))
+        mx.eval(loss, n, metrics)
         total += loss.item()
         count += n.item()
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + value.item()
     if count == 0:
         return {"loss": float("nan"), "ppl": float("nan"), "tokens": 0}
     mean = total / count
-    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": int(count)}
+    ppl = math.exp(min(mean, 50.0)) if not sums else None
+    return {"loss": mean, "ppl": ppl, "tokens": int(count), **{k: v / count for k, v in sums.items()}}

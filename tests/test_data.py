@@ -84,13 +84,14 @@ def test_detect_format_each_kind():
     assert detect_format(CHAT, "x:1") == "chat"
     assert detect_format(COMPLETION, "x:1") == "completions"
     assert detect_format(TEXT, "x:1") == "text"
-    assert FORMATS == ("chat", "completions", "text")
+    assert detect_format({"prompt": "q", "chosen": "a", "rejected": "b"}, "x:1") == "preference"
+    assert FORMATS == ("chat", "completions", "text", "preference")
 
 
 @pytest.mark.parametrize(
     "row, needle",
     [
-        ({"foo": 1, "bar": 2}, "none of the known formats (messages | prompt+completion | text); keys found: bar, foo"),
+        ({"foo": 1, "bar": 2}, "none of the known formats (messages | prompt+completion | text | prompt+chosen+rejected); keys found: bar, foo"),
         ({"messages": []}, "non-empty list"),
         ({"messages": [{"role": "user"}]}, "'content' must be a string"),
         ({"messages": ["hi"]}, "messages[0] must be an object"),

@@ -15,7 +15,10 @@ from .common import echo, user_errors
 @user_errors
 def eval_command(
     model: Annotated[str, typer.Argument(help="A run directory, HF folder, GGUF file, Hub id or 'smollm2-135m'.")],
-    data: Annotated[Optional[str], typer.Option(help="Data folder or .jsonl file.  [default: a run's own --data]")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Data folder, .jsonl/.parquet/.csv/.json file, saved dataset or Hub dataset id.  [default: a run's own --data]")] = None,
+    columns: Annotated[Optional[str], typer.Option(help="Rename dataset columns, SOURCE=FIELD pairs: question=prompt,answer=completion.  [default: a run's own, for its own data]")] = None,
+    data_config: Annotated[Optional[str], typer.Option(help="Configuration (subset) of a Hub dataset.  [default: a run's own, for its own data]")] = None,
+    data_splits: Annotated[Optional[str], typer.Option(help="Dataset splits that become train/valid/test: train_sft=train,test_sft=valid.  [default: a run's own, for its own data]")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate: train, valid or test.")] = "test",
     scorer: Annotated[str, typer.Option(help="Comma-separated scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK] or module:function.")] = "exact",
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate per answer at most (greedy).")] = 64,
@@ -44,7 +47,8 @@ def eval_command(
         sys.stderr.flush()
 
     options = dict(split=split, scorers=names, mask_prompt=mask_prompt, batch_size=batch_size,
-                   max_tokens=max_tokens, limit=limit, loss=loss, generate=generate, on_batch=on_batch)
+                   max_tokens=max_tokens, limit=limit, loss=loss, generate=generate, on_batch=on_batch,
+                   data_options=dict(columns=columns, data_config=data_config, data_splits=data_splits))
     if baseline:
         def on_model(role: str) -> None:
             sys.stderr.write(f"evaluating the {role} model\n")
@@ -64,6 +68,9 @@ def eval_command(
              f"  reference: {str(item['reference']).strip()}\n  score:     {scores}")
     echo(f"model     {result['model']}")
     echo(f"data      {result['data']} ({split}, {result['examples']} examples)")
+    if "preference_accuracy" in result:
+        echo(f"preference accuracy {100 * result['preference_accuracy']:.1f}% of {result['pairs']} pairs (chosen answer "
+             f"likelier than the rejected one; mean log-prob margin {result['margin']:.3f})")
     if "loss" in result:
         echo(f"loss      {result['loss']:.4f} (perplexity {result['ppl']:.3f}, {result['tokens']} target tokens"
              f"{', completions only' if result['mask_prompt'] else ''})")
@@ -96,6 +103,12 @@ def print_comparison(results: dict, scorers: list, *, show: int, max_tokens: int
         echo("")
     echo(f"base      {base['model']}\ntuned     {tuned['model']}")
     echo(f"data      {tuned['data']} ({tuned['split']}, {tuned['examples']} examples)")
+    if "preference_accuracy" in tuned:
+        echo(f"preference accuracy base {100 * base['preference_accuracy']:.1f}% -> tuned "
+             f"{100 * tuned['preference_accuracy']:.1f}% of {tuned['pairs']} pairs (log-prob margin "
+             f"{base['margin']:.3f} -> {tuned['margin']:.3f})")
+        if tuned.get("reward_accuracy") is not None:
+            echo(f"reward accuracy {100 * tuned['reward_accuracy']:.1f}% (DPO's, with the base as the reference)")
     if "loss" in tuned:
         echo(f"loss      base {base['loss']:.4f} -> tuned {tuned['loss']:.4f} "
              f"(perplexity {base['ppl']:.2f} -> {tuned['ppl']:.2f})")

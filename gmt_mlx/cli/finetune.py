@@ -70,11 +70,12 @@ def _example_prompt(config, samples: list) -> str:
     from ..data import load_splits
     from ..errors import UserError
     from ..evaluate import describe_prompt, sample_prompts
+    from ..sources import data_options
 
     if samples:
         return samples[0]["prompt"]
     try:
-        rows = load_splits(config.data)
+        rows = load_splits(config.data, **data_options(config))
     except UserError:
         return "..."
     prompts = sample_prompts(rows.get("test") or rows.get("valid") or rows.get("train") or [], 1)
