@@ -37,6 +37,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from . import config as cfg
 from . import rundir
+from .card import objective_text
 from .config import MASKED_METHODS, Config
 from .errors import Interrupted, UserError
 from .progress import format_seconds
@@ -201,8 +202,12 @@ def _evaluate(spec: CompareSpec, model: str, split: Optional[str], path: Path, c
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(path)
     acc = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.get("accuracy", {}).items() if v is not None)
-    log(f"eval       {split}: loss {result['loss']:.4f} (ppl {result['ppl']:.3f})"
-        + (f", accuracy {acc} of {result['count']}" if acc else "") + f" [{time.perf_counter() - t0:.0f} s]")
+    if "preference_accuracy" in result:
+        what = f"preference accuracy {100 * result['preference_accuracy']:.1f}% of {result['pairs']} pairs"
+    else:
+        what = f"loss {result['loss']:.4f} (ppl {result['ppl']:.3f})"
+    log(f"eval       {split}: {what}" + (f", accuracy {acc} of {result['count']}" if acc else "")
+        + f" [{time.perf_counter() - t0:.0f} s]")
     return result
 
 
@@ -216,7 +221,7 @@ def _base_validation(base: Config, splits: Dict[str, list], path: Path, log) -> 
     from .finetune import tokenize_splits
     from .loading import load_base
 
-    if "valid" not in splits:
+    if "valid" not in splits or base.preference:  # preference runs validate at step 0 themselves
         return None
     settings = {key: getattr(base, key) for key in ("model", "data", "batch_size", "val_batches", "max_seq_length",
                                                     "mask_prompt", "assistant_turns", "train_dtype")}
@@ -346,6 +351,7 @@ def summarize_eval(evaluation: Optional[dict]) -> Optional[dict]:
         return None
     items = evaluation.get("items", [])
     return {"test_loss": evaluation.get("loss"), "test_ppl": evaluation.get("ppl"),
+            "test_preference_accuracy": evaluation.get("preference_accuracy"), "test_margin": evaluation.get("margin"),
             "accuracy": evaluation.get("accuracy", {}), "count": evaluation.get("count", 0),
             "samples": [{k: item[k] for k in ("prompt", "reference", "answer")} for item in items[:3]]}
 
@@ -399,6 +405,7 @@ def summarize_run(run: PlannedRun, run_dir: Path, evaluation: Optional[dict],
         "seed": run.seed, "learning_rate": run.config.learning_rate, "steps": train[-1]["step"] if train else 0,
         "final_val_loss": evals[-1]["val_loss"] if evals else None,
         "best_val_loss": min(r["val_loss"] for r in evals) if evals else None,
+        "final_val_reward_accuracy": evals[-1].get("val_reward_accuracy") if evals else None,
         "tokens_per_sec": _median(speeds), "tokens_per_sec_samples": len(speeds),
         "tokens_per_sec_spread": speed_spread(speeds),
         "wall_time": train[-1]["wall_time"] if train else None,
@@ -423,7 +430,7 @@ def describe_spec(spec: CompareSpec, eval_split: Optional[str]) -> dict:
     base = spec.base
     return {
         "model": base.model, "data": base.data, "out": str(spec.out), "methods": spec.methods, "seeds": spec.seeds,
-        "mask_ratios": spec.mask_ratios,
+        "mask_ratios": spec.mask_ratios, "train_mode": base.train_mode, "objective": objective_text(base.to_dict()),
         "learning_rates": {m: spec.learning_rate(m) for m in spec.methods},
         "steps": base.iters if base.epochs is None else f"{base.epochs} epochs",
         "steps_per_eval": base.steps_per_eval, "steps_per_report": base.steps_per_report,

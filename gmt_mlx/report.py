@@ -29,7 +29,8 @@ def mean_std(values: List[Optional[float]]) -> Optional[dict]:
 
 
 ROW_METRICS = ("final_val_loss", "best_val_loss", "test_loss", "test_ppl", "tokens_per_sec", "wall_time",
-               "peak_memory_gb", "trainable_share", "updated_share", "kept_fraction", "mask_overlap")
+               "peak_memory_gb", "trainable_share", "updated_share", "kept_fraction", "mask_overlap",
+               "final_val_reward_accuracy", "test_preference_accuracy")
 
 
 # A run's tokens/s is marked noisy when its per-step rates spread this much (interquartile range
@@ -89,6 +90,7 @@ def render_markdown(results: dict) -> str:
         f"accumulation, {spec['optimizer']}, {spec['lr_schedule']} schedule (warmup {spec['warmup_steps']}, "
         f"min lr ratio {spec['min_lr_ratio']}), prompt masked: {spec['mask_prompt']}",
         f"- seeds: {seeds} (mean ± sample std over seeds; a seed fixes the data order for every method)",
+        *([f"- objective: {spec['objective']}"] if spec.get("objective") else []),
         *([f"- validation every {spec['steps_per_eval']} steps and metrics every {spec['steps_per_report']}; "
            "every validation curve starts at step 0, the base model"] if spec.get("steps_per_eval") else []),
         "- learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in spec["learning_rates"].items()),
@@ -101,18 +103,30 @@ def render_markdown(results: dict) -> str:
         "",
     ]
     acc_headers = [f"accuracy ({s})" for s in scorers]
-    headers = ["method", "lr", "final val loss", "best val loss", "test ppl", *acc_headers, "tokens/s",
+    # Preference runs have no perplexity: their columns are the validation reward accuracy and the
+    # test preference accuracy (chosen answer likelier than the rejected one).
+    preference = spec.get("train_mode") in ("dpo", "orpo")
+    quality = ["val reward acc", "test pref. acc"] if preference else ["test ppl"]
+    headers = ["method", "lr", "final val loss", "best val loss", *quality, *acc_headers, "tokens/s",
                "train time (s)", "peak mem (GB)", "trained %", "updated %/step"]
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     if base is not None:
         acc = [f"{100 * base['accuracy'][s]:.1f}%" if base["accuracy"].get(s) is not None else "—" for s in scorers]
-        ppl = f"{base['test_ppl']:.3f}" if base.get("test_ppl") is not None else "—"
+        if preference:
+            pref = base.get("test_preference_accuracy")
+            first = ["—", f"{100 * pref:.1f}%" if pref is not None else "—"]
+        else:
+            first = [f"{base['test_ppl']:.3f}" if base.get("test_ppl") is not None else "—"]
         val = f"{base['val_loss']:.4f}" if base.get("val_loss") is not None else "—"
-        lines.append("| " + " | ".join(["base model (no training)", "—", val, val, ppl, *acc, "—", "—", "—", "0%", "0%"]) + " |")
+        lines.append("| " + " | ".join(["base model (no training)", "—", val, val, *first, *acc, "—", "—", "—", "0%", "0%"]) + " |")
     for row in rows:
         acc = [_fmt(row["accuracy"].get(s), 1, 100, "%") for s in scorers]
+        if preference:
+            first = [_fmt(row.get("final_val_reward_accuracy"), 1, 100, "%"), _fmt(row.get("test_preference_accuracy"), 1, 100, "%")]
+        else:
+            first = [_fmt(row["test_ppl"], 3)]
         cells = [row["group"], f"{row['learning_rate']:g}", _fmt(row["final_val_loss"]), _fmt(row["best_val_loss"]),
-                 _fmt(row["test_ppl"], 3), *acc, _fmt(row["tokens_per_sec"], 0) + (" (noisy)" if row.get("speed_noisy") else ""),
+                 *first, *acc, _fmt(row["tokens_per_sec"], 0) + (" (noisy)" if row.get("speed_noisy") else ""),
                  _fmt(row["wall_time"], 1),
                  _fmt(row["peak_memory_gb"], 2), _fmt(row["trainable_share"], 2, 100, "%"),
                  _fmt(row["updated_share"], 2, 100, "%")]
