@@ -1,4 +1,4 @@
-"""Convert a llama-family GGUF file into a Hugging Face model folder.
+"""Convert a llama- or qwen2-architecture GGUF file into a Hugging Face model folder.
 
 `convert_gguf(path, out_dir)` writes what `mlx_lm.load` and `transformers`
 read: `model.safetensors` (dequantized, float32 by default), `config.json`
@@ -17,6 +17,8 @@ How the tensors come back:
 - llama.cpp's converter permutes the rows of q_proj/k_proj so that GGML's
   rope (rotating adjacent pairs) matches Hugging Face's (rotating the two
   halves of each head). We apply the exact inverse; see `unpermute_qk`.
+  Only for `llama` (Llama, Mistral, SmolLM ...): llama.cpp runs `qwen2` with
+  the NEOX rope, which is Hugging Face's, so its rows are stored as they are.
 
 The GGUF header (metadata and tensor types) is parsed here in pure Python so
 that an unsupported file is refused before any tensor is read.
@@ -35,7 +37,11 @@ from typing import Any
 
 from gmt_mlx.errors import UserError
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# GGUF architecture -> the Hugging Face model_type / class it converts to.
+HF_MODEL_TYPES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
+# Architectures whose q/k rows llama.cpp stores permuted (GGML's pairwise "normal" rope).
+PERMUTED_QK_ARCHITECTURES = ("llama",)
 # Written next to a converted model: where it came from (how a card tells a GGUF base from the Hub's).
 GGUF_SOURCE = "gguf_source.json"
 
@@ -87,6 +93,8 @@ _LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN2_STYLE = {"qwen2", "deepseek-r1-qwen"}
+_QWEN2_PATTERN = _LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")  # single digits
 
 
 @dataclass
@@ -184,7 +192,7 @@ def check_supported(header: GGUFHeader, path: str | Path = "") -> str:
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     if meta.get(f"{arch}.expert_count", 0):
-        raise UserError(f"unsupported GGUF model in {path}: mixture-of-experts llama (expert_count > 0)")
+        raise UserError(f"unsupported GGUF model in {path}: mixture-of-experts {arch} (expert_count > 0)")
     bad = sorted({t for t in header.tensor_types.values() if t not in SUPPORTED_TENSOR_TYPES})
     if bad:
         raise UserError(
@@ -241,7 +249,8 @@ def hf_tensor_names(header: GGUFHeader) -> dict[str, str]:
         elif len(parts) == 2 and parts[0] in _TOP_NAMES:
             names[gguf_name] = f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
         else:
-            raise UserError(f"unexpected tensor {gguf_name!r} in a llama GGUF (not a plain llama?)")
+            arch = header.metadata.get("general.architecture", "llama")
+            raise UserError(f"unexpected tensor {gguf_name!r} in a {arch} GGUF (not a plain {arch}?)")
     arch = header.metadata.get("general.architecture", "llama")
     n_layers = int(header.metadata.get(f"{arch}.block_count", 0))
     expected = ["model.embed_tokens.weight", "model.norm.weight"] + [
@@ -249,13 +258,15 @@ def hf_tensor_names(header: GGUFHeader) -> dict[str, str]:
     ]
     missing = sorted(set(expected) - set(names.values()))
     if missing:
-        raise UserError(f"GGUF is missing {len(missing)} llama tensor(s), e.g. {missing[0]}")
+        raise UserError(f"GGUF is missing {len(missing)} {arch} tensor(s), e.g. {missing[0]}")
     return names
 
 
 def _hf_weights(raw: dict, names: dict[str, str], config: dict, dtype) -> dict:
     """Dequantize, un-permute q/k and rename every tensor (lazily: nothing is computed yet)."""
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    if config["model_type"] not in PERMUTED_QK_ARCHITECTURES:
+        heads = {}  # NEOX rope: llama.cpp stored the rows in Hugging Face's order
     out = {}
     for gguf_name, hf_name in names.items():
         if gguf_name.endswith(".weight"):
@@ -312,7 +323,7 @@ def _llama3_rope_scaling(factors: list[float], base: float, head_dim: int) -> di
 
 
 def hf_config(header: GGUFHeader, raw: dict | None = None, dtype_name: str = "float32") -> dict:
-    """A Hugging Face LlamaForCausalLM config.json built from GGUF metadata."""
+    """A Hugging Face config.json (LlamaForCausalLM or Qwen2ForCausalLM) built from GGUF metadata."""
     meta = header.metadata
     arch = meta.get("general.architecture", "llama")
 
@@ -346,9 +357,10 @@ def hf_config(header: GGUFHeader, raw: dict | None = None, dtype_name: str = "fl
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eos_ids = [i for i in (eos, meta.get("tokenizer.ggml.eot_token_id")) if i is not None]
     eos_ids = list(dict.fromkeys(eos_ids))  # unique, in order
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    model_type, hf_class = HF_MODEL_TYPES.get(arch, HF_MODEL_TYPES["llama"])
+    config = {
+        "architectures": [hf_class],
+        "model_type": model_type,
         "hidden_size": hidden,
         "intermediate_size": int(get("feed_forward_length")),
         "num_hidden_layers": int(get("block_count")),
@@ -369,6 +381,11 @@ def hf_config(header: GGUFHeader, raw: dict | None = None, dtype_name: str = "fl
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
         "torch_dtype": dtype_name,
     }
+    if model_type == "qwen2":  # q/k/v biases are part of the architecture; no sliding window in llama.cpp
+        for key in ("attention_bias", "mlp_bias"):
+            del config[key]
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=config["num_hidden_layers"])
+    return config
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -381,8 +398,9 @@ def _bpe_pre_tokenizer(pre: str):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGITS_THEN_GPT2:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in _LLAMA3_STYLE:
-        split = pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated", invert=False)
+    if pre in _LLAMA3_STYLE or pre in _QWEN2_STYLE:
+        pattern = _LLAMA3_PATTERN if pre in _LLAMA3_STYLE else _QWEN2_PATTERN
+        split = pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
         return pre_tokenizers.Sequence(
             [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
@@ -497,7 +515,7 @@ def build_tokenizer(metadata: dict):
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
-    """Convert a llama-family GGUF file into a Hugging Face model folder; return out_dir.
+    """Convert a llama or qwen2 GGUF file into a Hugging Face model folder; return out_dir.
 
     dtype: float dtype of the written weights ("float32", "float16" or
     "bfloat16"); float32 is what training and generation on CPU want.

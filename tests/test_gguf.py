@@ -453,8 +453,8 @@ def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path):
 
 
 def test_unsupported_architecture_is_a_user_error(tiny, tmp_path):
-    path = hf_to_gguf(tiny, tmp_path / "m.gguf", arch="qwen2")
-    with pytest.raises(UserError, match="unsupported GGUF architecture 'qwen2'"):
+    path = hf_to_gguf(tiny, tmp_path / "m.gguf", arch="gemma2")
+    with pytest.raises(UserError, match="unsupported GGUF architecture 'gemma2'"):
         convert_gguf(path, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 

@@ -1,4 +1,4 @@
-"""`gmt-mlx export`: a run's model as a Hugging Face folder (merged) or a PEFT adapter."""
+"""`gmt-mlx export`: a run's model as a Hugging Face folder (merged), a PEFT adapter, or a GGUF file."""
 
 from __future__ import annotations
 
@@ -19,12 +19,17 @@ def export(
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="LoRA/DoRA runs: write only the adapter, in PEFT's format.")] = False,
     dataset: Annotated[Optional[List[str]], typer.Option("--dataset", metavar="ID", help="Hub dataset id the training data came from (repeatable): the card's `datasets`.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model already in --out.")] = False,
+    format: Annotated[str, typer.Option("--format", help="hf (safetensors folder) or gguf (one .gguf file + an Ollama Modelfile, for llama.cpp / Ollama / LM Studio).")] = "hf",
+    outtype: Annotated[Optional[str], typer.Option(help="--format gguf: f32, f16 or q8_0.  [default: f16]")] = None,
 ) -> None:
-    """Export a run: merged safetensors + config + tokenizer + model card (or a PEFT adapter)."""
+    """Export a run: merged safetensors + config + tokenizer + model card (or a PEFT adapter, or a GGUF)."""
     from ..export import export_run
 
     result = export_run(run_dir, out, dtype=dtype, checkpoint=checkpoint, adapter_only=adapter_only,
-                        datasets=dataset or None, overwrite=overwrite, log=echo)
+                        datasets=dataset or None, overwrite=overwrite, log=echo, format=format, outtype=outtype)
     step = f", step {result.step}" if result.step is not None else ""
     echo(f"exported {result.source}{step} to {result.out}: {', '.join(result.files)}")
-    echo(f"publish it: gmt-mlx push {result.out} --repo USER/NAME")
+    if format == "gguf":
+        echo(f"run it: cd {result.out} && ollama create {result.out.name} -f Modelfile && ollama run {result.out.name}")
+    else:
+        echo(f"publish it: gmt-mlx push {result.out} --repo USER/NAME")

@@ -1,4 +1,4 @@
-"""`gmt-mlx import-gguf`: convert a llama-family GGUF file to a Hugging Face folder."""
+"""`gmt-mlx import-gguf`: convert a llama or qwen2 GGUF file to a Hugging Face folder."""
 
 from __future__ import annotations
 

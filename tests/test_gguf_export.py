@@ -1,0 +1,431 @@
+"""GGUF export (issue 16 §5): checked by readers that are not our importer.
+
+- MLX's own GGUF loader (`mx.load`) decodes the file; the tensors are renamed and
+  their q/k rows put back with this file's and test_gguf.py's tables (derived from
+  the two rope definitions, not from gmt_mlx), and an mlx_lm llama built from
+  them gives the HF export's logits.
+- The `gguf` package's GGUFReader (llama.cpp's own Python reader) reads the
+  metadata and tensor types back.
+- Our importer (`convert_gguf`) brings back bit-identical float32 weights,
+  config and tokenizer.
+- llama.cpp itself (`llama-cpp-python`), in a slow test, when it is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from gmt_mlx.errors import UserError
+from gmt_mlx.gguf import convert_gguf, read_gguf_header, unpermute_qk
+from gmt_mlx.tiny import make_tiny_model
+
+from .test_gguf import _TO_GGUF, ENGLISH, IDS, TEXTS, _smollm2_gguf, ggml_order, llama_cpp_permute
+
+gguf = pytest.importorskip("gguf")
+
+from gmt_mlx.gguf_export import hf_folder_to_gguf, ollama_modelfile, permute_qk  # noqa: E402
+
+_FROM_GGUF = {gg: hf for hf, gg in _TO_GGUF.items()}
+
+
+# ---------------------------------------------------------------- an independent reader
+
+
+def hf_from_mx_load(path: Path, config: dict) -> dict[str, mx.array]:
+    """The GGUF as HF-named float32 tensors: mx.load decodes, this file renames and un-permutes
+    (llama's q/k only: llama.cpp runs qwen2 with the NEOX rope, i.e. HF's row order)."""
+    raw = mx.load(str(path))
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    if config["model_type"] == "qwen2":
+        heads = {}
+    out = {}
+    for name in raw:
+        if name.endswith((".scales", ".biases")) or name == "rope_freqs.weight":
+            continue
+        base, leaf = name.rsplit(".", 1)
+        w = raw[name]
+        if f"{base}.scales" in raw:  # Q8_0 comes back as an MLX affine triplet, blocks of 32
+            w = mx.dequantize(w, raw[f"{base}.scales"].astype(mx.float32), raw[f"{base}.biases"].astype(mx.float32),
+                              group_size=32, bits=8)
+        w = np.array(w.astype(mx.float32))
+        parts = base.split(".")
+        if parts[0] == "blk":
+            if parts[2] in heads:  # GGML slot j holds HF row order[j]: invert that
+                d = w.shape[0] // heads[parts[2]]
+                inverse = np.argsort(ggml_order(d))
+                w = w.reshape(heads[parts[2]], d, *w.shape[1:])[:, inverse].reshape(w.shape)
+            hf = f"model.layers.{parts[1]}.{_FROM_GGUF[parts[2]]}.{leaf}"
+        else:
+            hf = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}[base] + "." + leaf
+        out[hf] = mx.array(w)
+    return out
+
+
+def mlx_model_from_gguf(path: Path, hf_dir: Path):
+    from mlx_lm.models import llama
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model.load_weights(list(hf_from_mx_load(path, config).items()), strict=True)
+    model.eval()
+    return model
+
+
+def hf_logits(hf_dir: Path, ids) -> np.ndarray:
+    from mlx_lm.utils import load
+
+    model, _ = load(str(hf_dir))
+    return np.array(model(mx.array([ids])).astype(mx.float32))
+
+
+def perplexity(model, ids) -> float:
+    import mlx.nn as nn
+
+    x = mx.array([ids])
+    return math.exp(nn.losses.cross_entropy(model(x[:, :-1]), x[:, 1:]).mean().item())
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_tied(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tied"), tie_word_embeddings=True, seed=1)
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def test_permute_qk_is_llama_cpps_order_and_the_inverse_of_the_import():
+    rng = np.random.default_rng(0)
+    for n_head, rows, cols in [(4, 64, 8), (2, 32, 8), (3, 48, 1)]:
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        np.testing.assert_array_equal(permute_qk(w, n_head), llama_cpp_permute(w, n_head))
+        np.testing.assert_array_equal(unpermute_qk(permute_qk(w, n_head), n_head), w)
+        bias = w[:, 0]
+        np.testing.assert_array_equal(permute_qk(bias, n_head), llama_cpp_permute(bias, n_head))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_tied"])
+def test_f32_round_trip_through_our_import_is_exact(fixture, request, tmp_path):
+    hf_dir = request.getfixturevalue(fixture)
+    path = hf_folder_to_gguf(hf_dir, tmp_path / "m.gguf", outtype="f32")
+    back = convert_gguf(path, tmp_path / "back")
+    want, got = mx.load(str(hf_dir / "model.safetensors")), mx.load(str(back / "model.safetensors"))
+    assert sorted(got) == sorted(want)
+    assert all(mx.array_equal(got[k], want[k]).item() for k in want)
+    cfg, orig = json.loads((back / "config.json").read_text()), json.loads((hf_dir / "config.json").read_text())
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
+                "eos_token_id", "max_position_embeddings"):
+        assert cfg[key] == orig[key], key
+    from tokenizers import Tokenizer
+
+    new, old = (Tokenizer.from_file(str(d / "tokenizer.json")) for d in (back, hf_dir))
+    for text in TEXTS:
+        assert new.encode(text).ids == old.encode(text).ids, text
+    tc_new = json.loads((back / "tokenizer_config.json").read_text())
+    tc_old = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    assert tc_new["chat_template"] == tc_old["chat_template"]
+    assert (tc_new["eos_token"], tc_new["pad_token"]) == (tc_old["eos_token"], tc_old["pad_token"])
+
+
+# Logits of an mlx_lm llama built from mx.load's tensors vs the HF folder (float32 compute).
+MX_LOAD_ATOL = {"f32": 1e-4, "f16": 0.02, "q8_0": 0.1}
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
+def test_mx_load_reads_the_gguf_with_the_hf_logits(outtype, tiny_model_dir, tmp_path):
+    path = hf_folder_to_gguf(tiny_model_dir, tmp_path / "m.gguf", outtype=outtype)
+    got = np.array(mlx_model_from_gguf(path, tiny_model_dir)(mx.array([IDS])))
+    want = hf_logits(tiny_model_dir, IDS)
+    diff = float(np.abs(got - want).max())
+    print(f"{outtype}: max |logit diff| vs the HF folder = {diff:.2e}")
+    assert diff < MX_LOAD_ATOL[outtype]
+    if outtype == "f32":  # f32 is the same numbers, so it is the same model bit for bit
+        assert diff == 0.0
+
+
+def test_gguf_reader_sees_llama_cpps_layout(tiny_model_dir, tmp_path):
+    """llama.cpp's own Python reader: architecture, types per outtype, tokenizer keys."""
+    path = hf_folder_to_gguf(tiny_model_dir, tmp_path / "m.gguf", outtype="q8_0", name="tiny")
+    reader = gguf.GGUFReader(str(path))
+    fields = {f.name: f for f in reader.fields.values()}
+
+    def value(key):
+        return fields[key].contents()
+
+    assert value("general.architecture") == "llama" and value("general.name") == "tiny"
+    assert value("general.file_type") == 7 and value("general.quantization_version") == 2
+    assert value("llama.block_count") == 2 and value("llama.rope.freq_base") == 10000.0
+    assert value("tokenizer.ggml.model") == "gpt2" and value("tokenizer.ggml.pre") == "gpt-2"
+    vocab = json.loads((tiny_model_dir / "tokenizer.json").read_text())
+    tokens = value("tokenizer.ggml.tokens")
+    assert all(tokens[i] == t for t, i in vocab["model"]["vocab"].items())
+    types = value("tokenizer.ggml.token_type")
+    assert [types[i] for i in (0, 1, 2)] == [3, 3, 3] and types[10] == 1  # specials are CONTROL
+    assert tokens[value("tokenizer.ggml.eos_token_id")] == "<|im_end|>"
+    assert "<|im_start|>" in value("tokenizer.chat_template")
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_norm.weight"] == "F32" and kinds["blk.0.attn_q.weight"] == "Q8_0"
+    assert kinds["token_embd.weight"] == "Q8_0" and "output.weight" in kinds
+    # Two decoders agree on the Q8_0 blocks: gguf's numpy one and mx.load's.
+    t = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    ours = np.array(hf_from_mx_load(path, json.loads((tiny_model_dir / "config.json").read_text()))
+                    ["model.layers.1.mlp.down_proj.weight"])
+    np.testing.assert_array_equal(gguf.quants.dequantize(t.data, t.tensor_type), ours)
+
+
+def test_llama3_and_linear_rope_scaling_survive_the_round_trip(tiny_model_dir, tmp_path):
+    import shutil
+
+    for scaling in [{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+                    {"rope_type": "linear", "factor": 2.0}]:
+        src = tmp_path / scaling["rope_type"]
+        shutil.copytree(tiny_model_dir, src)
+        cfg = json.loads((src / "config.json").read_text())
+        # transformers 5 writes rope_parameters and no top-level rope_theta.
+        cfg["rope_parameters"] = {**scaling, "rope_theta": cfg.pop("rope_theta")}
+        (src / "config.json").write_text(json.dumps(cfg))
+        back = convert_gguf(hf_folder_to_gguf(src, src / "m.gguf", outtype="f32"), tmp_path / f"back-{scaling['rope_type']}")
+        got = json.loads((back / "config.json").read_text())
+        assert got["rope_theta"] == 10000.0
+        assert got["rope_scaling"] == scaling
+
+
+def test_refusals_are_one_line_user_errors(tiny_model_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "gemma"
+    shutil.copytree(tiny_model_dir, src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma2"}))
+    with pytest.raises(UserError, match="model type 'gemma2'"):
+        hf_folder_to_gguf(src, tmp_path / "x.gguf")
+    (src / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    with pytest.raises(UserError, match="rope scaling 'yarn'"):
+        hf_folder_to_gguf(src, tmp_path / "x.gguf")
+    (src / "config.json").write_text(json.dumps(cfg))
+    tj = json.loads((src / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Whitespace"}
+    (src / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(UserError, match="pre-tokenizer Whitespace"):
+        hf_folder_to_gguf(src, tmp_path / "x.gguf")
+    with pytest.raises(UserError, match="--outtype"):
+        hf_folder_to_gguf(tiny_model_dir, tmp_path / "x.gguf", outtype="q4_k")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*partial"))
+
+
+def test_ollama_modelfile_for_chatml(tiny_model_dir, tmp_path):
+    path = hf_folder_to_gguf(tiny_model_dir, tmp_path / "m.gguf", outtype="f16")
+    text = ollama_modelfile(path.name, read_gguf_header(path).metadata)
+    lines = text.splitlines()
+    assert "FROM ./m.gguf" in lines
+    assert 'PARAMETER stop "<|im_end|>"' in lines and 'PARAMETER stop "<|im_start|>"' in lines
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n' in text
+    meta = dict(read_gguf_header(path).metadata, **{"tokenizer.chat_template": "{{ messages }}"})
+    other = ollama_modelfile("m.gguf", meta)
+    assert not any(line.startswith("TEMPLATE") for line in other.splitlines())
+    assert 'PARAMETER stop "<|im_end|>"' in other
+
+
+# ---------------------------------------------------------------- Qwen2 and Mistral, written by transformers
+
+
+def transformers_model(kind: str, out: Path, tiny_model_dir: Path) -> Path:
+    """A tiny random Qwen2 (q/k/v biases, tied embeddings, Qwen2's split regex) or Mistral, saved by
+    transformers itself (so config.json has transformers 5's rope_parameters), with the tiny tokenizer."""
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from gmt_mlx.gguf import _QWEN2_PATTERN
+
+    shape = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=2, bos_token_id=None,
+                 pad_token_id=0)
+    if kind == "qwen2":
+        config = transformers.Qwen2Config(**shape, tie_word_embeddings=True, rope_theta=1000000.0)
+        model = transformers.Qwen2ForCausalLM(config)
+    else:
+        config = transformers.MistralConfig(**shape, tie_word_embeddings=False, sliding_window=None)
+        model = transformers.MistralForCausalLM(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # biases too, so a wrongly permuted bias shows
+            p.normal_(0, 0.2)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, out / name)
+    if kind == "qwen2":
+        tj = json.loads((out / "tokenizer.json").read_text())
+        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": _QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+        (out / "tokenizer.json").write_text(json.dumps(tj))
+    return out
+
+
+def torch_logits(folder: Path, ids) -> np.ndarray:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits.numpy()
+
+
+@pytest.mark.parametrize("kind,arch", [("qwen2", "qwen2"), ("mistral", "llama")])
+def test_transformers_models_round_trip_through_gguf(kind, arch, tiny_model_dir, tmp_path):
+    """transformers writes the model; GGUF out; mx.load and our import (then transformers) read it back."""
+    src = transformers_model(kind, tmp_path / kind, tiny_model_dir)
+    want = torch_logits(src, IDS)
+    path = hf_folder_to_gguf(src, tmp_path / "m.gguf", outtype="f32")
+    meta = read_gguf_header(path).metadata
+    assert meta["general.architecture"] == arch
+    config = json.loads((src / "config.json").read_text())
+    assert "rope_theta" not in config  # transformers 5: rope_parameters only
+    assert meta[f"{arch}.rope.freq_base"] == config["rope_parameters"]["rope_theta"]
+    if kind == "qwen2":
+        assert meta["tokenizer.ggml.pre"] == "qwen2" and "output.weight" not in read_gguf_header(path).tensor_types
+        assert "blk.0.attn_q.bias" in read_gguf_header(path).tensor_types
+    # MLX's reader: the GGUF's tensors, renamed by this file, are the model's.
+    from mlx_lm.models import llama, qwen2
+
+    module = qwen2 if kind == "qwen2" else llama
+    mlx_config = {**config, "rope_theta": config["rope_parameters"]["rope_theta"]}
+    model = module.Model(module.ModelArgs.from_dict(mlx_config))
+    model.load_weights(list(hf_from_mx_load(path, mlx_config).items()), strict=True)
+    assert np.abs(np.array(model(mx.array([IDS]))) - want).max() < 1e-4
+    # Our import, then transformers.
+    back = convert_gguf(path, tmp_path / "back")
+    assert json.loads((back / "config.json").read_text())["model_type"] == ("qwen2" if kind == "qwen2" else "llama")
+    assert np.abs(torch_logits(back, IDS) - want).max() < 1e-4
+    from tokenizers import Tokenizer
+
+    new, old = (Tokenizer.from_file(str(d / "tokenizer.json")) for d in (back, src))
+    for text in TEXTS + ["digits 1234567 and 'll contractions"]:
+        assert new.encode(text).ids == old.encode(text).ids, text
+
+
+# ---------------------------------------------------------------- gmt-mlx export RUN --format gguf
+
+
+def export_cli(*args):
+    from typer.testing import CliRunner
+
+    from gmt_mlx.cli import app
+
+    return CliRunner().invoke(app, ["export", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from gmt_mlx.cli import app
+
+    from .conftest import arithmetic_chat, write_jsonl
+
+    root = tmp_path_factory.mktemp("gguf-run")
+    write_jsonl(root / "data" / "train.jsonl", arithmetic_chat(16))
+    write_jsonl(root / "data" / "valid.jsonl", arithmetic_chat(4, 100))
+    args = ["finetune", "--model", tiny_model_dir, "--data", root / "data", "--out", root / "run", "--iters", "4",
+            "--learning-rate", "1e-2", "--method", "lora", "--steps-per-eval", "4"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+def test_export_run_as_gguf_matches_the_hf_export(lora_run, tiny_model_dir, tmp_path):
+    assert export_cli(lora_run, "--out", tmp_path / "hf").exit_code == 0
+    result = export_cli(lora_run, "--out", tmp_path / "tiny-gguf", "--format", "gguf", "--outtype", "f32")
+    assert result.exit_code == 0, result.output
+    assert "ollama create tiny-gguf" in result.output
+    files = sorted(p.name for p in (tmp_path / "tiny-gguf").iterdir())
+    assert files == ["Modelfile", "tiny-gguf-f32.gguf"]
+    path = tmp_path / "tiny-gguf" / "tiny-gguf-f32.gguf"
+    want = hf_logits(tmp_path / "hf", IDS)
+    assert np.abs(want - hf_logits(tiny_model_dir, IDS)).max() > 1e-3  # the LoRA delta is in there
+    got = np.array(mlx_model_from_gguf(path, tmp_path / "hf")(mx.array([IDS])))
+    assert np.abs(got - want).max() < 1e-4
+    # --overwrite replaces a GGUF export; without it the folder is kept.
+    again = export_cli(lora_run, "--out", tmp_path / "tiny-gguf", "--format", "gguf", "--outtype", "q8_0")
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    again = export_cli(lora_run, "--out", tmp_path / "tiny-gguf", "--format", "gguf", "--outtype", "q8_0", "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in (tmp_path / "tiny-gguf").iterdir()) == ["Modelfile", "tiny-gguf-q8_0.gguf"]
+
+
+def test_export_gguf_option_errors(lora_run, tmp_path, monkeypatch):
+    from .test_export import assert_clean_error
+
+    out = tmp_path / "o"
+    assert_clean_error(export_cli(lora_run, "--out", out, "--format", "gguf", "--outtype", "q4_k"), "--outtype", "q4_k")
+    assert_clean_error(export_cli(lora_run, "--out", out, "--format", "gguf", "--dtype", "float16"), "--outtype")
+    assert_clean_error(export_cli(lora_run, "--out", out, "--format", "gguf", "--adapter-only"), "--adapter-only")
+    assert_clean_error(export_cli(lora_run, "--out", out, "--outtype", "f16"), "--outtype is for --format gguf")
+    assert_clean_error(export_cli(lora_run, "--out", out, "--format", "onnx"), "--format", "onnx")
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
+    assert_clean_error(export_cli(lora_run, "--out", out, "--format", "gguf"), "pip install 'gmt-mlx[gguf]'")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- the real SmolLM2-135M
+
+
+@pytest.mark.slow
+def test_real_smollm2_exports_to_gguf_that_mx_load_reads(tmp_path):
+    """SmolLM2-135M (the embedded GGUF, converted to HF float32) -> GGUF f32 and q8_0."""
+    from mlx_lm.utils import load
+
+    from gmt_mlx.models import resolve_model
+
+    original = read_gguf_header(_smollm2_gguf()).metadata
+    hf_dir = resolve_model("smollm2-135m")
+    _, tok = load(str(hf_dir))
+    ids = tok.encode(ENGLISH)
+    model_hf, _ = load(str(hf_dir))
+    want = np.array(model_hf(mx.array([ids])))
+    ppl_hf = perplexity(model_hf, ids)
+    for outtype in ("f32", "q8_0"):
+        path = hf_folder_to_gguf(hf_dir, tmp_path / f"smollm2-{outtype}.gguf", outtype=outtype)
+        meta = read_gguf_header(path).metadata
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                    "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                    "tokenizer.ggml.padding_token_id", "tokenizer.chat_template", "llama.rope.freq_base",
+                    "llama.attention.head_count_kv", "llama.context_length"):
+            assert meta.get(key) == original.get(key), key
+        model = mlx_model_from_gguf(path, hf_dir)
+        diff = float(np.abs(np.array(model(mx.array([ids]))) - want).max())
+        ppl = perplexity(model, ids)
+        print(f"SmolLM2-135M {outtype}: max |logit diff| {diff:.2e}, perplexity {ppl:.3f} (HF float32 {ppl_hf:.3f})")
+        if outtype == "f32":
+            assert diff < 1e-4
+        else:
+            assert diff < 1.0 and abs(ppl - ppl_hf) / ppl_hf < 0.05
+
+
+@pytest.mark.slow
+def test_llama_cpp_reads_the_export(tiny_model_dir, tmp_path):
+    """llama.cpp itself (llama-cpp-python): same tokens and the HF folder's logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = hf_folder_to_gguf(tiny_model_dir, tmp_path / "m.gguf", outtype="f32")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
+    from tokenizers import Tokenizer
+
+    original = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == original.encode(text).ids, text
+    llm.eval(IDS)
+    got = np.array(llm.scores[: len(IDS)])
+    np.testing.assert_allclose(got, hf_logits(tiny_model_dir, IDS)[0], atol=1e-3)
