@@ -15,6 +15,8 @@ Benchmarks, in the order they run, one module each over the shared harness
 - accuracy    (bench_accuracy.py): kept fraction on a real gradient.
 - step-ratio  (bench_step_ratio.py): GMT / SFT step ratio, precisely (the
               shared forward/backward and each method's update timed apart).
+- dpo         (bench_dpo.py): the same split for the DPO step (GMT-DPO /
+              full DPO), on pairs of examples/data/prefs.
 - step        (bench_steps.py): whole steps of every method against sft, and
               ours against mlx_lm.lora, on one fixed batch.
 - pipeline    (bench_pipeline.py): tokens/s over whole epochs, each tool
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import bench_accuracy
+import bench_dpo
 import bench_masking
 import bench_padding
 import bench_pipeline
@@ -51,10 +54,10 @@ from harness import REPO, Context, datasets, environment, load_before, log, mode
 
 # The order they run in: padding, then each model's benchmarks model by model, then
 # threshold (last: it allocates tensors of up to 128M entries).
-FIRST, PER_MODEL, LAST = [bench_padding], [bench_masking, bench_accuracy, bench_step_ratio, bench_steps, bench_pipeline], [bench_threshold]
+FIRST, PER_MODEL, LAST = [bench_padding], [bench_masking, bench_accuracy, bench_step_ratio, bench_dpo, bench_steps, bench_pipeline], [bench_threshold]
 BENCHMARKS = FIRST + PER_MODEL + LAST
 # The order of their tables in the report.
-REPORT_ORDER = [bench_masking, bench_step_ratio, bench_steps, bench_pipeline, bench_accuracy]
+REPORT_ORDER = [bench_masking, bench_step_ratio, bench_dpo, bench_steps, bench_pipeline, bench_accuracy]
 NAMES = [b.NAME for b in BENCHMARKS]
 # These compare against the masking code as of BEFORE_COMMIT.
 NEED_BEFORE = {"masking", "threshold", "step-ratio", "step"}

@@ -33,11 +33,29 @@ def _before_masks(before):
     return Before
 
 
-def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before) -> dict:
+def preference_batch(folder, tokenizer, pairs: int):
+    """The first ``pairs`` pairs of a preference folder as a DPO batch (tokens, mask, reference),
+    with the model-free stand-in reference 0 (the step's cost does not depend on its values)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from gmt_mlx.data import load_splits, make_batch, tokenize_split
+
+    rows = load_splits(folder)["train"][:pairs]
+    split = tokenize_split(rows, tokenizer, mask_prompt=True, max_seq_length=2048, name="train", preference=True)
+    width = 8 * math.ceil(max(split.lengths()) / 8)
+    split.reference = np.zeros((len(split), 2), np.float32)
+    tokens, mask, reference = make_batch(split, list(range(pairs)), pad_id=pad_token(tokenizer), pad_multiple=width)
+    return (tokens, mask, reference), width
+
+
+def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before, *, train_mode: str = "sft",
+                   contenders=None) -> dict:
     """The step split in two: the part every full-weight method shares (forward,
     backward, gradient norm: trainer.make_step_fns' grad_fn + trainer.global_norm)
     and the update (clip, mask, optimizer: update_fn), each method's update timed
-    `reps` times, interleaved, on the same real gradient. The update is where
+    `reps` times, interleaved, on the same real gradient. ``train_mode`` "dpo" times the
+    DPO step instead (``batch_size`` pairs of the preference folder: twice the rows). The update is where
     the methods differ; short and repeated, it is measured far more precisely than
     whole steps on a shared machine. Step ratio = (shared + update) / (shared +
     sft's update)."""
@@ -49,15 +67,21 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before)
     from gmt_mlx.methods import prepare_model
     from gmt_mlx.optim import MaskedOptimizer, build_optimizer
 
+    from gmt_mlx.losses import make_loss
+
     defaults = Config()
     model, tokenizer = load_model(spec.path)
     prepare_model(model, Config(method="sft"))
-    _, split = tokenized(folders["chat"], tokenizer)
-    width = 8 * math.ceil(max(split.lengths()[:batch_size]) / 8)
-    (tokens, mask, _), _ = fixed_batch(split, batch_size, pad_token(tokenizer), width)
+    if train_mode == "sft":
+        _, split = tokenized(folders["chat"], tokenizer)
+        width = 8 * math.ceil(max(split.lengths()[:batch_size]) / 8)
+        (tokens, mask, _), _ = fixed_batch(split, batch_size, pad_token(tokenizer), width)
+        batch = (tokens, mask)
+    else:
+        batch, width = preference_batch(folders["prefs"], tokenizer, batch_size)
     base = build_optimizer("adamw", defaults.learning_rate, weight_decay=defaults.weight_decay).optimizer
     optimizers = {"sft": MaskedOptimizer(base, mask_ratio=0.0)}
-    for name in CONTENDERS[1:]:
+    for name in (contenders or CONTENDERS)[1:]:
         # "... ratio R": that mask ratio instead of MASK_RATIO (the cost of high ratios' larger samples).
         ratio = float(name.rsplit(" ", 1)[1]) if " ratio " in name else MASK_RATIO
         if name.startswith("random"):
@@ -70,7 +94,8 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before)
         else:
             scope, target = name.split()[1].split("/")
             optimizers[name] = MaskedOptimizer(base, mask_ratio=ratio, scope=scope, target=target)
-    fns = {name: trainer.make_step_fns(model, opt, grad_clip=defaults.grad_clip) for name, opt in optimizers.items()}
+    loss_fn = make_loss(train_mode)
+    fns = {name: trainer.make_step_fns(model, opt, loss_fn, grad_clip=defaults.grad_clip) for name, opt in optimizers.items()}
     grad_fn = fns["sft"][0]
     state = trainer.training_state(model, base)
 
@@ -81,7 +106,7 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before)
     summed = hasattr(trainer, "accumulate")
 
     def shared():
-        loss, ntoks, _, grads = grad_fn(tokens, mask)
+        loss, ntoks, _, grads = grad_fn(*batch)
         if summed:
             scale = 1.0 / mx.maximum(ntoks, 1.0)
             norm = trainer.global_norm(grads) * scale
@@ -109,18 +134,20 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before)
     sft = statistics.median(times["sft"])
     # The update costs the same whatever the batch; the shared part grows with
     # the tokens of a step. DESIGN.md's reference step is 4 x 256 tokens.
-    long_tokens = mx.array(np.resize(np.array(tokens), (batch_size, 256)), mx.int32)  # valid ids, repeated
-    long_mask = mx.ones((batch_size, 256))
+    rows = batch[0].shape[0]  # a DPO batch: two rows per pair
+    long_tokens = mx.array(np.resize(np.array(batch[0]), (rows, 256)), mx.int32)  # valid ids, repeated
+    long_mask = mx.ones((rows, 256))
+    long_batch = (long_tokens, long_mask) + ((mx.zeros((rows,)),) if train_mode != "sft" else ())
     long_times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        loss, ntoks, _, g = grad_fn(long_tokens, long_mask)
+        loss, ntoks, _, g = grad_fn(*long_batch)
         mx.eval(loss, ntoks, trainer.global_norm(g), g)
         long_times.append(time.perf_counter() - t0)
         del g
     shared_long = statistics.median(long_times[1:])
     out = {"reps": reps, "shared_vs_sft_update": shared_s / sft, "shared_long_vs_sft_update": shared_long / sft,
-           "batch_shape": [batch_size, width], "long_shape": [batch_size, 256], "result": {}}
+           "batch_shape": [rows, width], "long_shape": [rows, 256], "train_mode": train_mode, "result": {}}
     for name, ts in times.items():
         update = statistics.median(ts)
         # Per repetition, against sft's update of the same repetition: the spread.
@@ -128,7 +155,7 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before)
         out["result"][name] = {"update_vs_sft_update": update / sft, "step_ratio": (shared_s + update) / (shared_s + sft),
                                "step_ratio_quartiles": [paired[len(paired) // 4], paired[(3 * len(paired)) // 4]],
                                "step_ratio_long": (shared_long + update) / (shared_long + sft)}
-    del fns, optimizers, model, args, long_tokens
+    del fns, optimizers, model, args, long_tokens, long_batch, batch
     gc.collect()
     mx.clear_cache()
     return out
@@ -143,7 +170,8 @@ def render(result: dict) -> List[str]:
     lines: List[str] = []
     up = result
     b, lb = up.get("batch_shape", ["?", "?"]), up.get("long_shape", ["?", "?"])
-    lines += [f"### Step split in two: shared forward/backward/norm, then each method's update ({up['reps']} interleaved "
+    dpo = " (DPO: the sft row is full-weight DPO, every row's loss the DPO loss)" if up.get("train_mode") == "dpo" else ""
+    lines += [f"### {'DPO step' if dpo else 'Step'} split in two{dpo}: shared forward/backward/norm, then each method's update ({up['reps']} interleaved "
               f"repetitions on one real gradient; shared part = {up['shared_vs_sft_update']:.2f} x sft's update at "
               f"{b[0]} x {b[1]} tokens, {up.get('shared_long_vs_sft_update', float('nan')):.2f} x at {lb[0]} x {lb[1]})", "",
               f"| method | update / sft update | step / sft step, {b[0]} x {b[1]} tokens | (quartiles over repetitions) | step / sft step, {lb[0]} x {lb[1]} tokens |",

@@ -132,7 +132,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def datasets(workdir: Path, quick: bool) -> Dict[str, Path]:
     """Data folders: the shipped examples and a generated mixed-length chat set."""
-    out = {name: REPO / "examples" / "data" / name for name in ("chat", "completions", "text")}
+    out = {name: REPO / "examples" / "data" / name for name in ("chat", "completions", "text", "prefs")}
     mixed = workdir / "mixed"
     write_jsonl(mixed / "train.jsonl", mixed_length_rows(32 if quick else 16))
     out["mixed"] = mixed

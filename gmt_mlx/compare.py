@@ -40,6 +40,7 @@ from . import rundir
 from .card import objective_text
 from .config import MASKED_METHODS, Config
 from .errors import Interrupted, UserError
+from .evaluate import against_base
 from .progress import format_seconds
 from .report import RESULTS_MD, aggregate, render_markdown, write_plots
 from .sources import data_options
@@ -311,6 +312,8 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
             trained_time += time.perf_counter() - t0
             trained += 1
         evaluation = _evaluate(spec, str(run_dir), eval_split, run_dir / EVAL_FILE, run.config, log)
+        if evaluation is not None and base_eval is not None:  # preference runs: DPO's numbers against the base
+            evaluation = {**evaluation, **against_base(evaluation, base_eval, run.config.to_dict())}
         if not reuse and evaluation is not None:
             trained_time += evaluation.get("wall_time", 0.0)
         summaries.append(summarize_run(run, run_dir, evaluation, base_val_loss=base_val))
@@ -352,6 +355,7 @@ def summarize_eval(evaluation: Optional[dict]) -> Optional[dict]:
     items = evaluation.get("items", [])
     return {"test_loss": evaluation.get("loss"), "test_ppl": evaluation.get("ppl"),
             "test_preference_accuracy": evaluation.get("preference_accuracy"), "test_margin": evaluation.get("margin"),
+            "test_reward_accuracy": evaluation.get("reward_accuracy"), "test_dpo_loss": evaluation.get("dpo_loss"),
             "accuracy": evaluation.get("accuracy", {}), "count": evaluation.get("count", 0),
             "samples": [{k: item[k] for k in ("prompt", "reference", "answer")} for item in items[:3]]}
 

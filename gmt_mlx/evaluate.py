@@ -243,12 +243,28 @@ def preference_accuracy(model: nn.Module, tokenizer, rows: List[dict], *, split:
             "pair_logps": logps.tolist()}
 
 
-def reward_accuracy(tuned: dict, base: dict) -> Optional[float]:
-    """DPO's reward accuracy of a tuned model against its base as the reference, from two `preference_accuracy` results."""
+def against_base(tuned: dict, base: dict, run: Optional[dict] = None) -> dict:
+    """DPO's numbers for a tuned model with its base as the reference, from two `preference_accuracy` results.
+
+    reward_accuracy always; with the run's config ``run`` (a DPO run with the
+    sigmoid or hinge loss, whose rewards use summed log-probabilities) also
+    dpo_loss, the run's own loss on this split. Empty when the two did not
+    score the same pairs.
+    """
     if "pair_logps" not in tuned or "pair_logps" not in base or len(tuned["pair_logps"]) != len(base["pair_logps"]):
-        return None
-    t, b = (np.asarray(r["pair_logps"]) for r in (tuned, base))
-    return float(((t[:, 0] - b[:, 0]) > (t[:, 1] - b[:, 1])).mean())
+        return {}
+    t, b = (np.asarray(r["pair_logps"], dtype=np.float64) for r in (tuned, base))
+    out = {"reward_accuracy": float(((t[:, 0] - b[:, 0]) > (t[:, 1] - b[:, 1])).mean())}
+    if run and run.get("train_mode") == "dpo" and run.get("dpo_loss", "sigmoid") in ("sigmoid", "hinge"):
+        import mlx.core as mx
+
+        from .losses import dpo_pair_losses
+
+        losses = dpo_pair_losses(*(mx.array(v.astype(np.float32)) for v in (t[:, 0], t[:, 1], b[:, 0], b[:, 1])),
+                                 beta=run.get("beta", 0.1), loss_type=run.get("dpo_loss", "sigmoid"),
+                                 label_smoothing=run.get("label_smoothing", 0.0))
+        out["dpo_loss"] = float(np.array(losses).mean())
+    return out
 
 
 def run_config(model_or_run: str) -> Optional[dict]:
@@ -351,9 +367,7 @@ def evaluate_with_base(run_dir: str, data: Optional[str] = None, *, on_model: Op
         if on_model is not None:
             on_model(role)
         results[role] = evaluate(model, data, **options)
-    rewards = reward_accuracy(results["tuned"], results["base"])
-    if rewards is not None:
-        results["tuned"]["reward_accuracy"] = rewards
+    results["tuned"].update(against_base(results["tuned"], results["base"], run))
     return results
 
 

@@ -30,7 +30,7 @@ def mean_std(values: List[Optional[float]]) -> Optional[dict]:
 
 ROW_METRICS = ("final_val_loss", "best_val_loss", "test_loss", "test_ppl", "tokens_per_sec", "wall_time",
                "peak_memory_gb", "trainable_share", "updated_share", "kept_fraction", "mask_overlap",
-               "final_val_reward_accuracy", "test_preference_accuracy")
+               "final_val_reward_accuracy", "test_preference_accuracy", "test_reward_accuracy", "test_dpo_loss")
 
 
 # A run's tokens/s is marked noisy when its per-step rates spread this much (interquartile range
@@ -106,7 +106,7 @@ def render_markdown(results: dict) -> str:
     # Preference runs have no perplexity: their columns are the validation reward accuracy and the
     # test preference accuracy (chosen answer likelier than the rejected one).
     preference = spec.get("train_mode") in ("dpo", "orpo")
-    quality = ["val reward acc", "test pref. acc"] if preference else ["test ppl"]
+    quality = ["val reward acc", "test pref. acc", "test reward acc"] if preference else ["test ppl"]
     headers = ["method", "lr", "final val loss", "best val loss", *quality, *acc_headers, "tokens/s",
                "train time (s)", "peak mem (GB)", "trained %", "updated %/step"]
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -114,7 +114,7 @@ def render_markdown(results: dict) -> str:
         acc = [f"{100 * base['accuracy'][s]:.1f}%" if base["accuracy"].get(s) is not None else "—" for s in scorers]
         if preference:
             pref = base.get("test_preference_accuracy")
-            first = ["—", f"{100 * pref:.1f}%" if pref is not None else "—"]
+            first = ["—", f"{100 * pref:.1f}%" if pref is not None else "—", "—"]
         else:
             first = [f"{base['test_ppl']:.3f}" if base.get("test_ppl") is not None else "—"]
         val = f"{base['val_loss']:.4f}" if base.get("val_loss") is not None else "—"
@@ -122,7 +122,8 @@ def render_markdown(results: dict) -> str:
     for row in rows:
         acc = [_fmt(row["accuracy"].get(s), 1, 100, "%") for s in scorers]
         if preference:
-            first = [_fmt(row.get("final_val_reward_accuracy"), 1, 100, "%"), _fmt(row.get("test_preference_accuracy"), 1, 100, "%")]
+            first = [_fmt(row.get(key), 1, 100, "%") for key in
+                     ("final_val_reward_accuracy", "test_preference_accuracy", "test_reward_accuracy")]
         else:
             first = [_fmt(row["test_ppl"], 3)]
         cells = [row["group"], f"{row['learning_rate']:g}", _fmt(row["final_val_loss"]), _fmt(row["best_val_loss"]),
@@ -143,6 +144,11 @@ def render_markdown(results: dict) -> str:
         "*train time*: the training loop with its validation passes, without model loading and saving.",
         "",
     ]
+    if preference:
+        lines += ["- *val reward acc*: the share of validation pairs whose chosen reward beats the rejected one, "
+                  "at the last validation. *test pref. acc*: the share of test pairs whose chosen answer the model "
+                  "finds likelier. *test reward acc*: the same with the base model's log-probabilities as the "
+                  "reference (DPO's reward accuracy on test).", ""]
     masked = [r for r in rows if r["method"] in MASKED_METHODS]
     if masked:
         lines += ["| masked method | mean kept fraction | mean mask overlap with the previous step |", "|---|---|---|"]

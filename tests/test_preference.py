@@ -351,13 +351,18 @@ def test_eval_reports_preference_accuracy(tiny_model_dir, pref_data, tmp_path):
     finetune(config(tiny_model_dir, pref_data, run, iters=12), **QUIET)
     result = runner.invoke(app, ["eval", str(run), "--split", "test", "--baseline", "--scorer", "exact"])
     assert result.exit_code == 0, result.output
-    assert "preference accuracy" in result.output
+    assert "preference accuracy" in result.output and "reward accuracy" in result.output
     from gmt_mlx.evaluate import evaluate
 
     tuned = evaluate(str(run), split="test", generate=False)
     base = evaluate(str(tiny_model_dir), str(pref_data), split="test", generate=False)
     assert tuned["preference_accuracy"] >= 0.9 > base["preference_accuracy"] or tuned["preference_accuracy"] == 1.0
     assert tuned["margin"] > base["margin"]
+    from gmt_mlx.evaluate import against_base
+
+    numbers = against_base(tuned, base, json.loads(json.dumps(Config(train_mode="dpo").to_dict())))
+    assert numbers["reward_accuracy"] >= 0.9 and numbers["dpo_loss"] < math.log(2)
+    assert against_base(base, base, Config(train_mode="dpo").to_dict())["dpo_loss"] == pytest.approx(math.log(2))
 
 
 @pytest.mark.slow
@@ -373,6 +378,7 @@ def test_compare_runs_every_method_on_dpo(tiny_model_dir, pref_data, tmp_path):
     for run in results["runs"]:
         assert run["curves"]["val"][0][0] == 0 and abs(run["curves"]["val"][0][2] - math.log(2)) <= 1e-4
         assert 0.0 <= run["final_val_reward_accuracy"] <= 1.0 and run["test_preference_accuracy"] is not None
+        assert 0.0 <= run["test_reward_accuracy"] <= 1.0 and run["test_dpo_loss"] > 0
     table = (out / "results.md").read_text()
     assert "val reward acc" in table and "test pref. acc" in table and "DPO (sigmoid loss), beta 0.1" in table
 
