@@ -367,7 +367,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
-        looks_exported = (out / "config.json").is_file() or (out / PEFT_CONFIG).is_file()
+        looks_exported = (out / "config.json").is_file() or (out / PEFT_CONFIG).is_file() or any(out.glob("*.gguf"))
         if not looks_exported:
             raise UserError(f"--out {out} is a non-empty folder that is not an exported model; choose another")
         if not overwrite:
@@ -385,6 +385,8 @@ def export_run(
     overwrite: bool = False,
     shard_bytes: Optional[int] = None,
     log: Callable[[str], None] = print,
+    format: str = "hf",
+    outtype: Optional[str] = None,
 ) -> ExportResult:
     """Export a run's model (merged, or the PEFT adapter) with a model card to ``out``.
 
@@ -393,6 +395,8 @@ def export_run(
     ``best`` and ``step-N`` rebuild the model from the base, the run's method
     and that checkpoint's weights. The folder is written next to ``out`` and
     renamed into place, so an interrupted export leaves nothing half-written.
+    ``format="gguf"`` writes OUT/NAME-OUTTYPE.gguf and an Ollama Modelfile
+    instead (`gguf_export.save_gguf_model`; ``outtype`` f32, f16 or q8_0).
     """
     from . import checkpoint as ckpt
     from .card import base_model_id, write_model_card
@@ -403,6 +407,19 @@ def export_run(
     if not rundir.is_run_dir(run_dir):
         raise UserError(f"{run_dir} is not a gmt-mlx run directory (no {rundir.CONFIG_FILE})")
     config = resolve(base=rundir.run_config(run_dir, log))  # a damaged config.yaml falls back on a checkpoint's copy
+    if format == "gguf":  # every refusal before the model loads
+        from .gguf_export import check_outtype, require_gguf
+
+        require_gguf()
+        outtype = check_outtype(outtype)
+        if adapter_only:
+            raise UserError("--adapter-only writes a PEFT adapter; --format gguf writes the merged model")
+        if dtype is not None:
+            raise UserError("--dtype is for --format hf; a GGUF's precision is --outtype f32, f16 or q8_0")
+    elif format != "hf":
+        raise UserError(f"--format must be hf or gguf, got {format!r}")
+    elif outtype is not None:
+        raise UserError("--outtype is for --format gguf; a Hugging Face export's precision is --dtype")
     dtype = dtype or config.dtype
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -444,13 +461,18 @@ def export_run(
         if adapter_only:
             save_peft_adapter(tmp, model, base_model=base_model_id(config.model, base_path) or config.model,
                               dtype=dtype, tokenizer=tokenizer)
+        elif format == "gguf":
+            from .gguf_export import save_gguf_model
+
+            save_gguf_model(tmp, model, tokenizer, hf_config, outtype=outtype, name=out.name)
         else:
             save_hf_model(tmp, model, tokenizer, hf_config, dtype=dtype, base_path=base_path, shard_bytes=shard_bytes)
         # The base folder (its license, its GGUF origin) is known after a rebuild; model/ is not the base.
         card_base = _local_base(config.model) if use_final else base_path
-        write_model_card(tmp, run_dir, dtype=dtype, checkpoint=label, step=step, checkpoint_val_loss=val_loss,
-                         adapter=adapter_only, datasets=datasets, base_path=card_base, versions=versions,
-                         title=out.name)
+        if format == "hf":  # the card describes safetensors and transformers/mlx_lm usage
+            write_model_card(tmp, run_dir, dtype=dtype, checkpoint=label, step=step, checkpoint_val_loss=val_loss,
+                             adapter=adapter_only, datasets=datasets, base_path=card_base, versions=versions,
+                             title=out.name)
         tmp.chmod(0o755)  # mkdtemp makes it owner-only
         if out.exists():
             shutil.rmtree(out)

@@ -410,3 +410,17 @@ def test_two_ranks_match_one_on_dpo(tiny_model_dir, pref_data, tmp_path):
         one_val = records(tmp_path / f"one-{mode}-{method}", "eval")
         two_val = records(two, "eval")
         np.testing.assert_allclose([r["val_loss"] for r in one_val], [r["val_loss"] for r in two_val], rtol=1e-5)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--beta", "0"], "--beta must be positive, got 0.0"),
+    (["--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5), got 0.5"),
+    (["--label-smoothing", "0.1", "--dpo-loss", "ipo"], "--label-smoothing applies to --dpo-loss sigmoid only, not ipo"),
+    (["--orpo-lambda", "-1"], "--orpo-lambda must be 0 or more, got -1.0"),
+    (["--train-mode", "kto"], "kto"),
+])
+def test_bad_objective_options(tiny_model_dir, pref_data, tmp_path, extra, message):
+    result = runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(pref_data),
+                                 "--out", str(tmp_path / "run"), "--train-mode", "dpo", *extra])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
