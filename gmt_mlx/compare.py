@@ -98,11 +98,17 @@ class PlannedRun:
 
     @property
     def group(self) -> str:
-        return group_label(self.method, self.mask_ratio)
+        return group_label(self.method, self.mask_ratio, self.config.train_mode)
 
 
-def group_label(method: str, mask_ratio: Optional[float]) -> str:
+def method_label(method: str, train_mode: str = "sft") -> str:
+    """The unmasked full-weight method is "sft" in SFT comparisons and "full" under a preference objective."""
+    return "full" if method == "sft" and train_mode != "sft" else method
+
+
+def group_label(method: str, mask_ratio: Optional[float], train_mode: str = "sft") -> str:
     """The row a run belongs to: the method, with its mask ratio for masked methods (gmt r=0.2)."""
+    method = method_label(method, train_mode)
     return f"{method} r={mask_ratio:g}" if mask_ratio is not None else method
 
 
@@ -155,7 +161,7 @@ def plan(spec: CompareSpec) -> List[PlannedRun]:
         for method in spec.methods:
             ratios: List[Optional[float]] = list(spec.mask_ratios) if method in MASKED_METHODS else [None]
             for ratio in ratios:
-                name = run_name(method, ratio, seed)
+                name = run_name(method_label(method, spec.base.train_mode), ratio, seed)
                 # samples=0: the before/after answers of finetune would repeat (slowly) what
                 # the evaluation below records for every test prompt.
                 config = replace(

@@ -374,11 +374,12 @@ def test_compare_runs_every_method_on_dpo(tiny_model_dir, pref_data, tmp_path):
                                  "--eval-limit", "2", "--max-tokens", "4", "--samples", "0"])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
-    assert [r["group"] for r in results["rows"]] == ["sft", "gmt r=0.5", "random r=0.5", "lora", "dora"]
+    assert [r["group"] for r in results["rows"]] == ["full", "gmt r=0.5", "random r=0.5", "lora", "dora"]
     for run in results["runs"]:
         assert run["curves"]["val"][0][0] == 0 and abs(run["curves"]["val"][0][2] - math.log(2)) <= 1e-4
         assert 0.0 <= run["final_val_reward_accuracy"] <= 1.0 and run["test_preference_accuracy"] is not None
         assert 0.0 <= run["test_reward_accuracy"] <= 1.0 and run["test_dpo_loss"] > 0
+    assert (out / "runs" / "full-s0" / "reference_logps.json").is_file()
     table = (out / "results.md").read_text()
     assert "val reward acc" in table and "test pref. acc" in table and "DPO (sigmoid loss), beta 0.1" in table
 
