@@ -1,4 +1,4 @@
-"""Convert a llama- or qwen2-architecture GGUF file into a Hugging Face model folder.
+"""Convert a llama, qwen2, qwen3, phi3, gemma or gemma2 GGUF file into a Hugging Face model folder.
 
 `convert_gguf(path, out_dir)` writes what `mlx_lm.load` and `transformers`
 read: `model.safetensors` (dequantized, float32 by default), `config.json`
@@ -17,8 +17,14 @@ How the tensors come back:
 - llama.cpp's converter permutes the rows of q_proj/k_proj so that GGML's
   rope (rotating adjacent pairs) matches Hugging Face's (rotating the two
   halves of each head). We apply the exact inverse; see `unpermute_qk`.
-  Only for `llama` (Llama, Mistral, SmolLM ...): llama.cpp runs `qwen2` with
-  the NEOX rope, which is Hugging Face's, so its rows are stored as they are.
+  Only for `llama` (Llama, Mistral, SmolLM ...): llama.cpp runs qwen2, qwen3,
+  phi3, gemma and gemma2 with the NEOX rope, which is Hugging Face's, so their
+  rows are stored as they are.
+- Per architecture (`layer_names`): qwen3's per-head q/k norms, phi3's fused
+  `attn_qkv` and `ffn_up` (gate half first, as Hugging Face's gate_up_proj),
+  gemma2's four norms per block. Gemma's RMSNorm scales by 1 + weight and
+  llama.cpp stores that 1 + weight, so the import subtracts 1 again (exact up
+  to float32 rounding of the stored sum: one ulp of 1 at most).
 
 The GGUF header (metadata and tensor types) is parsed here in pure Python so
 that an unsupported file is refused before any tensor is read.
@@ -37,11 +43,24 @@ from typing import Any
 
 from gmt_mlx.errors import UserError
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2")
 # GGUF architecture -> the Hugging Face model_type / class it converts to.
-HF_MODEL_TYPES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
+HF_MODEL_TYPES = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "phi3": ("phi3", "Phi3ForCausalLM"),
+    "gemma": ("gemma", "GemmaForCausalLM"),
+    "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+}
 # Architectures whose q/k rows llama.cpp stores permuted (GGML's pairwise "normal" rope).
 PERMUTED_QK_ARCHITECTURES = ("llama",)
+# Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's converter stores the 1 + weight.
+NORM_PLUS_ONE_ARCHITECTURES = ("gemma", "gemma2")
+# Gemma's activation: GELU with the tanh approximation, as llama.cpp runs it.
+GEMMA_ACTIVATION = "gelu_pytorch_tanh"
+# Per-frequency rope factors llama.cpp keeps as tensors; folded into config["rope_scaling"].
+ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 # Written next to a converted model: where it came from (how a card tells a GGUF base from the Hub's).
 GGUF_SOURCE = "gguf_source.json"
 
@@ -84,6 +103,28 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_ARCH_LAYER_NAMES = {
+    "qwen3": {**_LAYER_NAMES, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+    "phi3": {  # fused projections, kept fused by llama.cpp
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+        "attn_qkv": "self_attn.qkv_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_up": "mlp.gate_up_proj",
+        "ffn_down": "mlp.down_proj",
+    },
+    "gemma2": {  # sandwich norms: HF's post_attention_layernorm is llama.cpp's post_attention_norm
+        **_LAYER_NAMES,
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+}
+
+
+def layer_names(arch: str) -> dict[str, str]:
+    """GGUF tensor kind inside blk.N -> Hugging Face module name, for one GGUF architecture."""
+    return _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES)
 
 # Pre-tokenizer regexes, paraphrasing llama.cpp's llama-vocab.cpp.
 _GPT2_STYLE = {"gpt-2", "gpt2", "default", "phi-2", "jais", "poro-chat", "olmo", "dbrx"}
@@ -239,22 +280,22 @@ def _dequantize(raw: dict, name: str):
 
 def hf_tensor_names(header: GGUFHeader) -> dict[str, str]:
     """GGUF tensor name -> Hugging Face llama name, for every tensor the file holds."""
+    arch = header.metadata.get("general.architecture", "llama")
+    layers = layer_names(arch)
     names = {}
     for gguf_name in header.tensor_types:
-        if gguf_name == "rope_freqs.weight":  # folded into config["rope_scaling"]
+        if gguf_name in ROPE_TENSORS:  # folded into config["rope_scaling"]
             continue
         parts = gguf_name.split(".")
-        if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
-            names[gguf_name] = f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in layers:
+            names[gguf_name] = f"model.layers.{parts[1]}.{layers[parts[2]]}.{parts[3]}"
         elif len(parts) == 2 and parts[0] in _TOP_NAMES:
             names[gguf_name] = f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
         else:
-            arch = header.metadata.get("general.architecture", "llama")
             raise UserError(f"unexpected tensor {gguf_name!r} in a {arch} GGUF (not a plain {arch}?)")
-    arch = header.metadata.get("general.architecture", "llama")
     n_layers = int(header.metadata.get(f"{arch}.block_count", 0))
     expected = ["model.embed_tokens.weight", "model.norm.weight"] + [
-        f"model.layers.{i}.{m}.weight" for i in range(n_layers) for m in _LAYER_NAMES.values()
+        f"model.layers.{i}.{m}.weight" for i in range(n_layers) for m in layers.values()
     ]
     missing = sorted(set(expected) - set(names.values()))
     if missing:
@@ -263,10 +304,13 @@ def hf_tensor_names(header: GGUFHeader) -> dict[str, str]:
 
 
 def _hf_weights(raw: dict, names: dict[str, str], config: dict, dtype) -> dict:
-    """Dequantize, un-permute q/k and rename every tensor (lazily: nothing is computed yet)."""
+    """Dequantize, un-permute q/k, undo Gemma's 1 + norm and rename every tensor (lazily)."""
+    import mlx.core as mx
+
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     if config["model_type"] not in PERMUTED_QK_ARCHITECTURES:
         heads = {}  # NEOX rope: llama.cpp stored the rows in Hugging Face's order
+    norm_shift = config["model_type"] in NORM_PLUS_ONE_ARCHITECTURES
     out = {}
     for gguf_name, hf_name in names.items():
         if gguf_name.endswith(".weight"):
@@ -276,6 +320,8 @@ def _hf_weights(raw: dict, names: dict[str, str], config: dict, dtype) -> dict:
         kind = gguf_name.split(".")[2] if gguf_name.startswith("blk.") else None
         if kind in heads:
             w = unpermute_qk(w, heads[kind])
+        if norm_shift and hf_name.endswith("norm.weight"):
+            w = w.astype(mx.float32) - 1.0
         out[hf_name] = w.astype(dtype)
     return out
 
@@ -323,7 +369,7 @@ def _llama3_rope_scaling(factors: list[float], base: float, head_dim: int) -> di
 
 
 def hf_config(header: GGUFHeader, raw: dict | None = None, dtype_name: str = "float32") -> dict:
-    """A Hugging Face config.json (LlamaForCausalLM or Qwen2ForCausalLM) built from GGUF metadata."""
+    """A Hugging Face config.json (the class of `HF_MODEL_TYPES`) built from GGUF metadata."""
     meta = header.metadata
     arch = meta.get("general.architecture", "llama")
 
@@ -335,9 +381,10 @@ def hf_config(header: GGUFHeader, raw: dict | None = None, dtype_name: str = "fl
 
     n_head = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
+    n_layers = int(get("block_count"))
     head_dim = int(get("attention.key_length", hidden // n_head))
     rope_dim = int(get("rope.dimension_count", head_dim))
-    if rope_dim != head_dim:
+    if rope_dim != head_dim and arch != "phi3":  # Phi-4-mini rotates part of each head, as HF's Phi3 can
         raise UserError(f"unsupported GGUF: partial rotary embedding ({rope_dim} of {head_dim} dims)")
     vocab = header.tensor_shapes["token_embd.weight"][0]
     rope_theta = _f32(get("rope.freq_base", 10000.0))
@@ -347,11 +394,17 @@ def hf_config(header: GGUFHeader, raw: dict | None = None, dtype_name: str = "fl
         rope_scaling = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
     elif scaling_type != "none":
         raise UserError(f"unsupported GGUF rope scaling type {scaling_type!r} (supported: none, linear)")
+    if raw is None and any(t in header.tensor_types for t in ROPE_TENSORS):
+        raise ValueError("rope factor tensors need the loaded tensors")
     if "rope_freqs.weight" in header.tensor_types:
-        if raw is None:
-            raise ValueError("rope_freqs needs the loaded tensors")
         factors = [float(f) for f in raw["rope_freqs.weight"].tolist()]
         rope_scaling = _llama3_rope_scaling(factors, rope_theta, head_dim)
+    if "rope_factors_long.weight" in header.tensor_types:  # Phi-3.5 / Phi-4-mini: longrope
+        rope_scaling = {
+            "rope_type": "longrope",
+            "long_factor": [_f32(float(f)) for f in raw["rope_factors_long.weight"].tolist()],
+            "short_factor": [_f32(float(f)) for f in raw["rope_factors_short.weight"].tolist()],
+        }
 
     tokens = meta.get("tokenizer.ggml.tokens") or []
     eos = meta.get("tokenizer.ggml.eos_token_id")
@@ -363,7 +416,7 @@ def hf_config(header: GGUFHeader, raw: dict | None = None, dtype_name: str = "fl
         "model_type": model_type,
         "hidden_size": hidden,
         "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
+        "num_hidden_layers": n_layers,
         "num_attention_heads": n_head,
         "num_key_value_heads": int(get("attention.head_count_kv", n_head)),
         "head_dim": head_dim,
@@ -381,11 +434,44 @@ def hf_config(header: GGUFHeader, raw: dict | None = None, dtype_name: str = "fl
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
         "torch_dtype": dtype_name,
     }
-    if model_type == "qwen2":  # q/k/v biases are part of the architecture; no sliding window in llama.cpp
-        for key in ("attention_bias", "mlp_bias"):
-            del config[key]
-        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=config["num_hidden_layers"])
+    config.update(_arch_config(arch, config, get, rope_dim))
+    for key in [k for k, v in config.items() if v is _DROP]:
+        del config[key]
     return config
+
+
+_DROP = object()  # an _arch_config value that removes the key: not part of that HF config class
+
+
+def _arch_config(arch: str, config: dict, get, rope_dim: int) -> dict:
+    """The config keys one architecture adds to (or drops from) the llama ones, as llama.cpp runs it."""
+    n_layers = config["num_hidden_layers"]
+    if arch in ("qwen2", "qwen3"):  # no sliding window in llama.cpp; qwen2's q/k/v biases are built in
+        return {"mlp_bias": _DROP, "attention_bias": _DROP if arch == "qwen2" else False,
+                "use_sliding_window": False, "sliding_window": None, "max_window_layers": n_layers}
+    if arch == "phi3":
+        return {
+            "attention_bias": _DROP, "mlp_bias": _DROP,
+            "original_max_position_embeddings": int(
+                get("rope.scaling.original_context_length", config["max_position_embeddings"])),
+            "sliding_window": int(get("attention.sliding_window", 0)) or None,  # 0: none (Phi-4)
+            "partial_rotary_factor": rope_dim / config["head_dim"],
+        }
+    if arch in ("gemma", "gemma2"):
+        extra = {"mlp_bias": _DROP, "hidden_act": GEMMA_ACTIVATION}
+        if arch == "gemma2":
+            # llama.cpp's gemma2 scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the
+            # 46-layer 27B: HF's query_pre_attn_scalar. Soft-capping defaults are llama.cpp's.
+            scalar = config["hidden_size"] // config["num_attention_heads"] if n_layers == 46 else config["head_dim"]
+            extra.update(
+                hidden_activation=GEMMA_ACTIVATION,
+                query_pre_attn_scalar=scalar,
+                attn_logit_softcapping=_f32(get("attn_logit_softcapping", 50.0)),
+                final_logit_softcapping=_f32(get("final_logit_softcapping", 30.0)),
+                sliding_window=int(get("attention.sliding_window", 4096)),
+            )
+        return extra
+    return {}
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -515,7 +601,7 @@ def build_tokenizer(metadata: dict):
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
-    """Convert a llama or qwen2 GGUF file into a Hugging Face model folder; return out_dir.
+    """Convert a GGUF file of a `SUPPORTED_ARCHITECTURES` model into a Hugging Face model folder; return out_dir.
 
     dtype: float dtype of the written weights ("float32", "float16" or
     "bfloat16"); float32 is what training and generation on CPU want.

@@ -1,17 +1,22 @@
-"""Write a Hugging Face llama/Mistral/Qwen2 folder as one GGUF file, for llama.cpp, Ollama and LM Studio.
+"""Write a Hugging Face Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma/Gemma 2 folder as one GGUF file (llama.cpp, Ollama).
 
 The inverse of `gmt_mlx.gguf` (the import), written with the `gguf` package
 (llama.cpp's own Python writer):
-- tensors renamed to llama.cpp's names; q_proj/k_proj rows permuted into
-  GGML's rope layout with `permute_qk`, the exact inverse of
-  `gguf.unpermute_qk` (llama only: llama.cpp runs qwen2 with the NEOX
-  rope, Hugging Face's own, and stores its rows as they are); 1-D tensors (norms, biases) stay F32, as llama.cpp's
+- tensors renamed to llama.cpp's names (`gguf.layer_names`: qwen3's q/k
+  norms, phi3's fused qkv and gate_up kept fused, gemma2's four norms);
+  q_proj/k_proj rows permuted into GGML's rope layout with `permute_qk`, the
+  exact inverse of `gguf.unpermute_qk` (llama only: llama.cpp runs the others
+  with the NEOX rope, Hugging Face's own, and stores their rows as they are);
+  Gemma's norms stored as 1 + weight, as llama.cpp's converter does;
+  1-D tensors (norms, biases) stay F32, as llama.cpp's
   converter keeps them; matrices in F32, F16 or Q8_0 (`--outtype`), a matrix
   whose rows are not a whole number of 32-blocks falls back to F16 like
   llama.cpp's converter does;
 - the config as `{arch}.*` metadata (rope base read from `rope_theta` or
   transformers 5's `rope_parameters`; Llama 3 rope scaling as the
-  `rope_freqs` tensor llama.cpp expects, linear scaling as metadata);
+  `rope_freqs` tensor llama.cpp expects, Phi-3's longrope as its
+  `rope_factors_long/short` tensors, linear scaling as metadata; Gemma 2's
+  soft-capping and sliding window);
 - the tokenizer (byte-level BPE: GPT-2, SmolLM/StarCoder, Llama 3 and Qwen2
   split rules) with its merges, token types, special tokens, add-BOS flag and
   chat template.
@@ -32,12 +37,23 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from .errors import UserError
-from .gguf import _LAYER_NAMES, _LLAMA3_PATTERN, _QWEN2_PATTERN, _TOP_NAMES, PERMUTED_QK_ARCHITECTURES
+from .gguf import (
+    _LLAMA3_PATTERN,
+    _QWEN2_PATTERN,
+    _TOP_NAMES,
+    GEMMA_ACTIVATION,
+    NORM_PLUS_ONE_ARCHITECTURES,
+    PERMUTED_QK_ARCHITECTURES,
+    layer_names,
+)
 
 OUTTYPES = ("f32", "f16", "q8_0")
 DEFAULT_OUTTYPE = "f16"  # llama.cpp's convert_hf_to_gguf.py default
 # Hugging Face model_type -> GGUF architecture (llama.cpp converts Mistral as llama too); the import reads them all.
-EXPORT_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+EXPORT_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+                        "gemma": "gemma", "gemma2": "gemma2"}
+# GGUF architectures whose llama.cpp graph has no q/k/v biases.
+_NO_ATTENTION_BIAS = ("qwen3", "phi3", "gemma", "gemma2")
 INSTALL_HINT = "pip install 'gmt-mlx[gguf]'  (or: pip install gguf)"
 MODELFILE = "Modelfile"
 Q8_BLOCK = 32
@@ -46,7 +62,6 @@ Q8_BLOCK = 32
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama.cpp's LlamaFileType
 
-_TO_GGUF_LAYER = {hf: gg for gg, hf in _LAYER_NAMES.items()}
 _TO_GGUF_TOP = {hf: gg for gg, hf in _TOP_NAMES.items()}
 
 
@@ -67,18 +82,44 @@ def check_outtype(outtype: Optional[str]) -> str:
 
 
 def gguf_architecture(config: Dict[str, Any]) -> str:
-    """The GGUF architecture for an HF config, or a one-line error naming the model type."""
+    """The GGUF architecture for an HF config, or a one-line error naming what llama.cpp would run differently."""
     model_type = config.get("model_type")
     if model_type not in EXPORT_ARCHITECTURES:
         raise UserError(f"GGUF export does not support model type {model_type!r} "
                         f"(supported: {', '.join(EXPORT_ARCHITECTURES)}); export --format hf instead")
+    arch = EXPORT_ARCHITECTURES[model_type]
     if config.get("mlp_bias"):
-        raise UserError("GGUF export does not support mlp_bias=true (llama.cpp's llama has no MLP biases)")
+        raise UserError(f"GGUF export does not support mlp_bias=true (llama.cpp's {arch} has no MLP biases)")
+    if config.get("attention_bias") and arch in _NO_ATTENTION_BIAS:
+        raise UserError(f"GGUF export does not support attention_bias=true (llama.cpp's {arch} has no q/k/v biases)")
     if config.get("use_sliding_window"):
-        raise UserError("GGUF export does not support use_sliding_window=true (llama.cpp's qwen2 has no window)")
-    if config.get("hidden_act", "silu") != "silu":
-        raise UserError(f"GGUF export needs hidden_act silu, the config has {config.get('hidden_act')!r}")
-    return EXPORT_ARCHITECTURES[model_type]
+        raise UserError(f"GGUF export does not support use_sliding_window=true (llama.cpp's {arch} has no window)")
+    act = config.get("hidden_activation") or config.get("hidden_act") or "silu"
+    want = GEMMA_ACTIVATION if arch in ("gemma", "gemma2") else "silu"
+    if act != want:
+        raise UserError(f"GGUF export of {model_type} needs hidden_act {want}, the config has {act!r}")
+    if arch in ("gemma", "gemma2") and config.get("tie_word_embeddings") is False:
+        raise UserError(f"GGUF export of {model_type} needs tied embeddings (llama.cpp's {arch} has no output matrix)")
+    if arch == "gemma2":
+        _check_gemma2(config)
+    return arch
+
+
+def _check_gemma2(config: Dict[str, Any]) -> None:
+    """What llama.cpp's gemma2 graph fixes: both soft-caps on, its query scale, alternating sliding layers."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if not config.get(key):
+            raise UserError(f"GGUF export of gemma2 needs {key} (llama.cpp's gemma2 always soft-caps)")
+    heads, n_layers = int(config["num_attention_heads"]), int(config["num_hidden_layers"])
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    scalar = int(config["hidden_size"]) // heads if n_layers == 46 else head_dim  # llama.cpp: by model size
+    if config.get("query_pre_attn_scalar", scalar) != scalar:
+        raise UserError(f"GGUF export of gemma2 needs query_pre_attn_scalar {scalar} (llama.cpp's query scale "
+                        f"for {n_layers} layers), the config has {config['query_pre_attn_scalar']}")
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+    if config.get("layer_types", alternating) != alternating:
+        raise UserError("GGUF export of gemma2 needs sliding-window attention on every other layer from layer 0 "
+                        "(llama.cpp's pattern); this config's layer_types differ")
 
 
 # ---------------------------------------------------------------- tensors
@@ -125,20 +166,34 @@ def llama3_rope_freqs(scaling: Dict[str, Any], base: float, head_dim: int) -> np
     return np.asarray(out, np.float32)
 
 
+def _rotary_dim(config: Dict[str, Any]) -> int:
+    """Rotated dims per head: all of them, or Phi-3's partial_rotary_factor of them (llama.cpp's rounding)."""
+    params = config.get("rope_parameters") or {}
+    factor = float(config.get("partial_rotary_factor") or params.get("partial_rotary_factor") or 1.0)
+    heads = int(config["num_attention_heads"])
+    if factor == 1.0:
+        return int(config.get("head_dim") or config["hidden_size"] // heads)
+    return int(factor * int(config["hidden_size"])) // heads
+
+
 def gguf_tensors(weights: Dict[str, np.ndarray], config: Dict[str, Any]) -> Dict[str, np.ndarray]:
-    """HF weights -> llama.cpp names, float32, q/k permuted for llama; plus rope_freqs for Llama 3 scaling."""
+    """HF weights -> llama.cpp names, float32, q/k permuted for llama, Gemma's norms as 1 + weight;
+    plus the rope factor tensors of Llama 3 and Phi-3 longrope scaling."""
+    arch = gguf_architecture(config)
+    to_gguf = {hf: gg for gg, hf in layer_names(arch).items()}
     heads = {"attn_q": config["num_attention_heads"],
              "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"]}
-    if gguf_architecture(config) not in PERMUTED_QK_ARCHITECTURES:
+    if arch not in PERMUTED_QK_ARCHITECTURES:
         heads = {}
+    norm_shift = arch in NORM_PLUS_ONE_ARCHITECTURES
     out = {}
     for name, w in weights.items():
         parts = name.split(".")
         if name.rsplit(".", 1)[0] in _TO_GGUF_TOP:
             module, leaf = name.rsplit(".", 1)
             gname = f"{_TO_GGUF_TOP[module]}.{leaf}"
-        elif parts[:2] == ["model", "layers"] and ".".join(parts[3:-1]) in _TO_GGUF_LAYER:
-            kind = _TO_GGUF_LAYER[".".join(parts[3:-1])]
+        elif parts[:2] == ["model", "layers"] and ".".join(parts[3:-1]) in to_gguf:
+            kind = to_gguf[".".join(parts[3:-1])]
             gname = f"blk.{parts[2]}.{kind}.{parts[-1]}"
             if kind in heads:
                 w = permute_qk(np.asarray(w), heads[kind])
@@ -146,20 +201,31 @@ def gguf_tensors(weights: Dict[str, np.ndarray], config: Dict[str, Any]) -> Dict
             continue
         else:
             raise UserError(f"GGUF export: unexpected tensor {name!r} for a {config.get('model_type')} model")
-        out[gname] = np.ascontiguousarray(w, dtype=np.float32)
-    if config.get("tie_word_embeddings") and "output.weight" in out:
+        w = np.asarray(w, dtype=np.float32)
+        if norm_shift and name.endswith("norm.weight"):
+            w = w + np.float32(1.0)
+        out[gname] = np.ascontiguousarray(w)
+    if config.get("tie_word_embeddings", arch in NORM_PLUS_ONE_ARCHITECTURES) and "output.weight" in out:
         del out["output.weight"]  # llama.cpp reads a missing output.weight as tied
     scaling = _rope_scaling(config)
-    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "llama3":
+    kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         out["rope_freqs.weight"] = llama3_rope_freqs(scaling, rope_theta(config), head_dim)
+    elif kind in ("longrope", "su") and arch == "phi3":
+        for which in ("long", "short"):
+            factors = np.asarray(scaling[f"{which}_factor"], np.float32)
+            if factors.shape != (_rotary_dim(config) // 2,):
+                raise UserError(f"GGUF export: {which}_factor has {factors.size} values, "
+                                f"the rope rotates {_rotary_dim(config)} dims (needs half as many)")
+            out[f"rope_factors_{which}.weight"] = factors
     return out
 
 
 def encode_tensor(name: str, w: np.ndarray, outtype: str):
     """(data, raw ggml type or None) as GGUFWriter.add_tensor takes them; 1-D tensors stay F32."""
     gguf = require_gguf()
-    if w.ndim == 1 or outtype == "f32" or name == "rope_freqs.weight":
+    if w.ndim == 1 or outtype == "f32":
         return w.astype(np.float32), None
     if outtype == "q8_0" and w.shape[-1] % Q8_BLOCK == 0:
         return gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
@@ -184,17 +250,33 @@ def model_metadata(config: Dict[str, Any], arch: str, n_vocab: int) -> Dict[str,
         f"{arch}.attention.value_length": head_dim,
         f"{arch}.attention.layer_norm_rms_epsilon": float(config.get("rms_norm_eps", 1e-5)),
         f"{arch}.rope.freq_base": rope_theta(config),
-        f"{arch}.rope.dimension_count": head_dim,
+        f"{arch}.rope.dimension_count": _rotary_dim(config),
         f"{arch}.vocab_size": int(n_vocab),
     }
+    if arch == "phi3":
+        meta[f"{arch}.rope.scaling.original_context_length"] = int(
+            config.get("original_max_position_embeddings") or meta[f"{arch}.context_length"])
+        meta[f"{arch}.attention.sliding_window"] = int(config.get("sliding_window") or 0)  # 0: none
+    elif arch == "gemma2":
+        meta[f"{arch}.attn_logit_softcapping"] = float(config["attn_logit_softcapping"])
+        meta[f"{arch}.final_logit_softcapping"] = float(config["final_logit_softcapping"])
+        meta[f"{arch}.attention.sliding_window"] = int(config.get("sliding_window") or 4096)
+    elif meta[f"{arch}.rope.dimension_count"] != head_dim:
+        raise UserError(f"GGUF export of {config.get('model_type')} does not support a partial rotary embedding")
     scaling = _rope_scaling(config)
     if scaling is not None:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind == "linear":
             meta[f"{arch}.rope.scaling.type"] = "linear"
             meta[f"{arch}.rope.scaling.factor"] = float(scaling["factor"])
+        elif kind in ("longrope", "su") and arch == "phi3":  # the factors go in rope_factors_* tensors
+            orig = meta[f"{arch}.rope.scaling.original_context_length"]
+            scale = meta[f"{arch}.context_length"] / orig
+            meta[f"{arch}.rope.scaling.attn_factor"] = (
+                math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0)
         elif kind != "llama3":  # llama3 goes in the rope_freqs tensor
-            raise UserError(f"GGUF export does not support rope scaling {kind!r} (supported: linear, llama3)")
+            supported = "linear, llama3, longrope (phi3)"
+            raise UserError(f"GGUF export does not support rope scaling {kind!r} (supported: {supported})")
     return meta
 
 

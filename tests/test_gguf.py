@@ -453,10 +453,14 @@ def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path):
 
 
 def test_unsupported_architecture_is_a_user_error(tiny, tmp_path):
-    path = hf_to_gguf(tiny, tmp_path / "m.gguf", arch="gemma2")
-    with pytest.raises(UserError, match="unsupported GGUF architecture 'gemma2'"):
+    path = hf_to_gguf(tiny, tmp_path / "m.gguf", arch="gemma3")
+    with pytest.raises(UserError, match="unsupported GGUF architecture 'gemma3'"):
         convert_gguf(path, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+    # A supported architecture whose tensors are not all there names the first one missing.
+    path = hf_to_gguf(tiny, tmp_path / "g.gguf", arch="gemma2")
+    with pytest.raises(UserError, match="missing 4 gemma2 tensor.*post_attention_layernorm"):
+        convert_gguf(path, tmp_path / "hf")
 
 
 def test_unsupported_tensor_type_is_a_user_error(tiny, tmp_path):

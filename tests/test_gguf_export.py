@@ -206,8 +206,8 @@ def test_refusals_are_one_line_user_errors(tiny_model_dir, tmp_path):
     src = tmp_path / "gemma"
     shutil.copytree(tiny_model_dir, src)
     cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma2"}))
-    with pytest.raises(UserError, match="model type 'gemma2'"):
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma3_text"}))
+    with pytest.raises(UserError, match="model type 'gemma3_text'"):
         hf_folder_to_gguf(src, tmp_path / "x.gguf")
     (src / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
     with pytest.raises(UserError, match="rope scaling 'yarn'"):
@@ -239,9 +239,32 @@ def test_ollama_modelfile_for_chatml(tiny_model_dir, tmp_path):
 # ---------------------------------------------------------------- Qwen2 and Mistral, written by transformers
 
 
+LONGROPE_FACTORS = {"long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 9.0],
+                    "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0, 2.5]}
+# The families beyond llama/qwen2, each with what makes it differ (head_dim is not hidden/heads where the
+# family allows it, so a config rebuilt from hidden/heads would not load).
+FAMILIES = {
+    # per-head q/k RMSNorms, no biases, explicit head_dim
+    "qwen3": lambda t, shape: t.Qwen3Config(**shape, head_dim=32, tie_word_embeddings=False, rope_theta=1000000.0),
+    # fused qkv_proj and gate_up_proj, half of each head rotated
+    "phi3": lambda t, shape: t.Phi3Config(**shape, original_max_position_embeddings=2048, partial_rotary_factor=0.5,
+                                          rope_theta=50000.0, sliding_window=None),
+    # Phi-3.5 / Phi-4-mini's longrope (factors for the 8 rotated dims of a 16-dim head)
+    "phi3-longrope": lambda t, shape: t.Phi3Config(**{**shape, "max_position_embeddings": 8192},
+                                                   original_max_position_embeddings=2048, rope_theta=10000.0,
+                                                   rope_scaling={"rope_type": "longrope", **LONGROPE_FACTORS}),
+    # RMSNorm scaling by 1 + weight, GELU-tanh, tied embeddings
+    "gemma": lambda t, shape: t.GemmaConfig(**shape, head_dim=32),
+    # sandwich norms, soft-capping (low caps, so they bite on random weights), every other layer windowed
+    # (8 < len(IDS): a lost window shows in the logits)
+    "gemma2": lambda t, shape: t.Gemma2Config(**shape, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                                              attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+}
+
+
 def transformers_model(kind: str, out: Path, tiny_model_dir: Path) -> Path:
-    """A tiny random Qwen2 (q/k/v biases, tied embeddings, Qwen2's split regex) or Mistral, saved by
-    transformers itself (so config.json has transformers 5's rope_parameters), with the tiny tokenizer."""
+    """A tiny random Qwen2 (q/k/v biases, tied embeddings, Qwen2's split regex), Mistral or one of FAMILIES,
+    saved by transformers itself (so config.json has transformers 5's rope_parameters), with the tiny tokenizer."""
     import shutil
 
     torch = pytest.importorskip("torch")
@@ -254,9 +277,11 @@ def transformers_model(kind: str, out: Path, tiny_model_dir: Path) -> Path:
     if kind == "qwen2":
         config = transformers.Qwen2Config(**shape, tie_word_embeddings=True, rope_theta=1000000.0)
         model = transformers.Qwen2ForCausalLM(config)
-    else:
+    elif kind == "mistral":
         config = transformers.MistralConfig(**shape, tie_word_embeddings=False, sliding_window=None)
         model = transformers.MistralForCausalLM(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(FAMILIES[kind](transformers, shape))
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():  # biases too, so a wrongly permuted bias shows
@@ -264,7 +289,7 @@ def transformers_model(kind: str, out: Path, tiny_model_dir: Path) -> Path:
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, out / name)
-    if kind == "qwen2":
+    if kind in ("qwen2", "qwen3"):
         tj = json.loads((out / "tokenizer.json").read_text())
         tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": _QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
@@ -313,6 +338,92 @@ def test_transformers_models_round_trip_through_gguf(kind, arch, tiny_model_dir,
     new, old = (Tokenizer.from_file(str(d / "tokenizer.json")) for d in (back, src))
     for text in TEXTS + ["digits 1234567 and 'll contractions"]:
         assert new.encode(text).ids == old.encode(text).ids, text
+
+
+# llama.cpp's name for each GGUF architecture's tensors, from the gguf package (llama.cpp's own tables).
+def llama_cpp_tensor_names(arch: str, n_layers: int) -> set[str]:
+    from gguf.constants import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
+
+    model_arch = next(a for a, name in MODEL_ARCH_NAMES.items() if name == arch)
+    bases = [TENSOR_NAMES[t] for t in MODEL_TENSORS[model_arch]]
+    return {f"{b.format(bid=i)}.{leaf}" for b in bases for i in range(n_layers) for leaf in ("weight", "bias")}
+
+
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
+def test_more_families_round_trip_through_gguf(kind, tiny_model_dir, tmp_path):
+    """Qwen3, Phi-3 (also longrope), Gemma and Gemma 2 written by transformers: GGUF out (llama.cpp's tensor
+    names and transforms), our import back, the same weights, and transformers gives the same logits."""
+    src = transformers_model(kind, tmp_path / kind, tiny_model_dir)
+    config = json.loads((src / "config.json").read_text())
+    arch = config["model_type"]
+    want = torch_logits(src, IDS)
+    path = hf_folder_to_gguf(src, tmp_path / "m.gguf", outtype="f32")
+
+    # llama.cpp's own reader and tables: the architecture, tensor names it knows, metadata it reads.
+    reader = gguf.GGUFReader(str(path))
+    fields = {f.name: f.contents() for f in reader.fields.values()}
+    stored = {t.name: np.array(t.data).reshape(tuple(reversed([int(d) for d in t.shape]))) for t in reader.tensors}
+    assert fields["general.architecture"] == arch
+    assert set(stored) <= llama_cpp_tensor_names(arch, config["num_hidden_layers"])
+    original = {k: np.array(v) for k, v in mx.load(str(src / "model.safetensors")).items()}
+    if arch == "qwen3":
+        np.testing.assert_array_equal(stored["blk.1.attn_k_norm.weight"],
+                                      original["model.layers.1.self_attn.k_norm.weight"])
+        assert fields["qwen3.attention.key_length"] == 32 and "blk.0.attn_q.bias" not in stored
+    if arch == "phi3":  # fused and unpermuted (NEOX rope), as HF keeps them
+        for gg, hf in (("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")):
+            np.testing.assert_array_equal(stored[f"blk.0.{gg}.weight"], original[f"model.layers.0.{hf}.weight"])
+        assert fields["phi3.rope.dimension_count"] == (8 if kind == "phi3" else 16)
+        assert fields["phi3.rope.scaling.original_context_length"] == 2048
+        assert ("rope_factors_long.weight" in stored) == (kind == "phi3-longrope")
+    if arch.startswith("gemma"):  # llama.cpp stores Gemma's norms as 1 + weight, and no output matrix
+        np.testing.assert_array_equal(stored["blk.0.attn_norm.weight"],
+                                      original["model.layers.0.input_layernorm.weight"] + np.float32(1))
+        assert "output.weight" not in stored
+    if arch == "gemma2":
+        np.testing.assert_array_equal(stored["blk.1.post_ffw_norm.weight"],
+                                      original["model.layers.1.post_feedforward_layernorm.weight"] + np.float32(1))
+        assert (fields["gemma2.attn_logit_softcapping"], fields["gemma2.final_logit_softcapping"]) == (5.0, 3.0)
+        assert fields["gemma2.attention.sliding_window"] == 8
+
+    # Our import: the same weights (Gemma's norms within the float32 rounding of 1 + w), then transformers.
+    back = convert_gguf(path, tmp_path / "back")
+    got = {k: np.array(v) for k, v in mx.load(str(back / "model.safetensors")).items()}
+    assert sorted(got) == sorted(original)
+    for name, w in original.items():
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            np.testing.assert_allclose(got[name], w, rtol=0, atol=2**-22, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got[name], w, err_msg=name)
+    import transformers
+
+    old, new = (transformers.AutoConfig.from_pretrained(str(d)) for d in (src, back))
+    assert type(new) is type(old)
+    for key in ("head_dim", "num_key_value_heads", "tie_word_embeddings", "rope_parameters", "sliding_window",
+                "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "hidden_activation",
+                "original_max_position_embeddings", "layer_types", "attention_bias"):
+        if hasattr(old, key):
+            assert getattr(new, key) == getattr(old, key), key
+    diff = float(np.abs(torch_logits(back, IDS) - want).max())
+    print(f"{kind}: max |logit diff| transformers(imported) vs transformers(original) = {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_family_refusals_name_what_llama_cpp_cannot_run(tiny_model_dir, tmp_path):
+    src = transformers_model("gemma2", tmp_path / "gemma2", tiny_model_dir)
+    cfg = json.loads((src / "config.json").read_text())
+    for change, message in [({"query_pre_attn_scalar": 20}, "query_pre_attn_scalar 32"),
+                            ({"final_logit_softcapping": None}, "needs final_logit_softcapping"),
+                            ({"hidden_activation": "gelu"}, "hidden_act gelu_pytorch_tanh"),
+                            ({"tie_word_embeddings": False}, "tied embeddings"),
+                            ({"layer_types": ["full_attention"] * 2}, "every other layer")]:
+        (src / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(UserError, match=message):
+            hf_folder_to_gguf(src, tmp_path / "x.gguf")
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen3", "attention_bias": True}))
+    with pytest.raises(UserError, match="attention_bias=true .*qwen3"):
+        hf_folder_to_gguf(src, tmp_path / "x.gguf")
+    assert not list(tmp_path.glob("*.gguf"))
 
 
 # ---------------------------------------------------------------- gmt-mlx export RUN --format gguf
