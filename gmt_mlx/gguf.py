@@ -402,6 +402,7 @@ def hf_config(header: GGUFHeader, raw: dict | None = None, dtype_name: str = "fl
     if "rope_factors_long.weight" in header.tensor_types:  # Phi-3.5 / Phi-4-mini: longrope
         rope_scaling = {
             "rope_type": "longrope",
+            "type": "longrope",  # the key mlx-lm's phi3 requires (Phi-3.5's own config.json has it)
             "long_factor": [_f32(float(f)) for f in raw["rope_factors_long.weight"].tolist()],
             "short_factor": [_f32(float(f)) for f in raw["rope_factors_short.weight"].tolist()],
         }
