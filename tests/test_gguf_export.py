@@ -410,6 +410,80 @@ def test_more_families_round_trip_through_gguf(kind, tiny_model_dir, tmp_path):
     assert diff < 1e-4
 
 
+def test_gemma_gguf_with_a_sentencepiece_vocab_imports(tiny_model_dir, tmp_path):
+    """A Gemma GGUF as people download it: SentencePiece vocab (scores, byte pieces, no space prefix), which our
+    exporter refuses, so this file is written here with gguf's GGUFWriter the way llama.cpp's converter lays it out
+    (its own tensor names, norms as 1 + weight, no output matrix)."""
+    spm = pytest.importorskip("sentencepiece")
+    src = transformers_model("gemma", tmp_path / "gemma", tiny_model_dir)
+    cfg = json.loads((src / "config.json").read_text())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["The quick brown fox jumps over the lazy dog.", "Hello world, hello there!",
+                                 "Numbers 12345 and words; more words and more numbers."] * 20))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=340, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"])  # Gemma's ids, normalizer and turn markers
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    n_vocab = cfg["vocab_size"]  # 384 embedding rows, 340 pieces: llama.cpp pads with unused [PADi]
+
+    def kind(i):
+        if i >= sp.get_piece_size():
+            return 5
+        return 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else \
+            4 if sp.id_to_piece(i).startswith("<") and sp.id_to_piece(i).endswith("_turn>") else 1
+
+    writer = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gemma")
+    for key, value in [("context_length", cfg["max_position_embeddings"]), ("embedding_length", cfg["hidden_size"]),
+                       ("block_count", cfg["num_hidden_layers"]), ("feed_forward_length", cfg["intermediate_size"]),
+                       ("attention.head_count", cfg["num_attention_heads"]),
+                       ("attention.head_count_kv", cfg["num_key_value_heads"]),
+                       ("attention.key_length", cfg["head_dim"]), ("attention.value_length", cfg["head_dim"])]:
+        writer.add_uint32(f"gemma.{key}", value)
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([sp.id_to_piece(i) if i < sp.get_piece_size() else f"[PAD{i}]" for i in range(n_vocab)])
+    writer.add_token_scores([sp.get_score(i) if i < sp.get_piece_size() else -1000.0 for i in range(n_vocab)])
+    writer.add_token_types([kind(i) for i in range(n_vocab)])
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_space_prefix(False)
+    table = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    original = {k: np.array(v) for k, v in mx.load(str(src / "model.safetensors")).items()}
+    for name, w in original.items():
+        if name.startswith("model.layers."):
+            _, _, layer, rest = name.split(".", 3)
+            gname = f"blk.{layer}.{table[rest.rsplit('.', 1)[0]]}.weight"
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}[name]
+        writer.add_tensor(gname, w + np.float32(1) if name.endswith("norm.weight") else w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    back = convert_gguf(tmp_path / "g.gguf", tmp_path / "back")
+    got = {k: np.array(v) for k, v in mx.load(str(back / "model.safetensors")).items()}
+    assert sorted(got) == sorted(original)
+    for name, w in original.items():
+        np.testing.assert_allclose(got[name], w, rtol=0, atol=2**-22 if name.endswith("norm.weight") else 0)
+    assert np.abs(torch_logits(back, IDS) - torch_logits(src, IDS)).max() < 1e-4
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(back))
+    for text in ["The quick brown fox.", "hello world numbers 42", "zebra ünïcode ✓",
+                 "<start_of_turn>user\nHello there<end_of_turn>", "  two  spaces,\ta tab\n\nand lines "]:
+        assert tok.encode(text) == [2] + sp.encode(text), text  # BOS, then no prepended space
+        assert tok.decode(tok.encode(text), skip_special_tokens=True) == sp.decode(sp.encode(text))
+
+
 def test_family_refusals_name_what_llama_cpp_cannot_run(tiny_model_dir, tmp_path):
     src = transformers_model("gemma2", tmp_path / "gemma2", tiny_model_dir)
     cfg = json.loads((src / "config.json").read_text())
