@@ -1,4 +1,4 @@
-"""`gmt-mlx import-gguf`: convert a llama or qwen2 GGUF file to a Hugging Face folder."""
+"""`gmt-mlx import-gguf`: convert a llama, qwen2, qwen3, phi3, gemma or gemma2 GGUF file to a Hugging Face folder."""
 
 from __future__ import annotations
 
