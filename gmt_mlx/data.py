@@ -555,6 +555,20 @@ def batch_order(lengths: list[int], batch_size: int, *, seed: int, epoch: int, g
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def drawn_indices(lengths: list[int], batch_size: int, *, seed: int, steps: int, group_size: int = 64) -> list[int]:
+    """The examples that steps 1..``steps`` of `iterate_batches` draw (sorted): what a short run
+    needs per-example data for (DPO's reference log-probabilities), and nothing else."""
+    steps_per_epoch = len(lengths) // batch_size
+    drawn: set[int] = set()
+    for epoch in range(-(-steps // steps_per_epoch)):
+        order = batch_order(lengths, batch_size, seed=seed, epoch=epoch, group_size=group_size)
+        for indices in order[: steps - epoch * steps_per_epoch]:
+            drawn.update(indices)
+        if len(drawn) == len(lengths):
+            break
+    return sorted(drawn)
+
+
 def _padded_length(longest: int, pad_multiple: int, max_seq_length: int | None) -> int:
     # Rounding up bounds the number of distinct shapes mx.compile sees; the cap keeps
     # L within max_seq_length when that is not itself a multiple.

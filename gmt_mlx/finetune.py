@@ -30,7 +30,7 @@ from . import rundir, tracking
 from .blas import blas_info
 from .card import objective_text
 from .config import Config
-from .data import TokenizedSplit, iterate_batches, length_buckets, load_splits, padding_waste, tokenize_split
+from .data import TokenizedSplit, drawn_indices, iterate_batches, length_buckets, load_splits, padding_waste, tokenize_split
 from .data import _check_batch_size as check_split_size
 from .data import pad_id as batch_pad_id
 from .distributed import check_batch_size, check_same_config, init_group, is_main
@@ -305,12 +305,17 @@ def finetune(
     run = _setup(config, log)
     dpo_splits = {name: split for name, split in (("train", run.train_split), ("valid", run.valid_split))
                   if split is not None and config.train_mode == "dpo"}
+    # The training pairs the run draws (the order is a pure function of the seed): a short run
+    # over a big set computes and checks the reference of those alone.
+    needed = {"train": drawn_indices(run.train_split.lengths(), step_examples(config), seed=config.seed, steps=run.steps)}
     if dpo_splits and plan.checkpoint is not None:
-        load_reference(plan.out, dpo_splits)  # before anything is written: a refused resume leaves the run as it was
+        # Before anything is written: a refused resume leaves the run as it was.
+        load_reference(plan.out, dpo_splits, needed)
     start_step, best_val = _open_run_dir(plan, config, run, main, log)
     _summary(config, run, log)
     if dpo_splits and plan.checkpoint is None:
-        compute_reference(run.model, dpo_splits, plan.out, write=main, batch_size=config.batch_size, pad_id=run.pad_id, log=log)
+        compute_reference(run.model, dpo_splits, plan.out, write=main, batch_size=config.batch_size, pad_id=run.pad_id,
+                          needed=needed, log=log)
     if group.size() > 1:
         log(f"ranks      {group.size()} data-parallel ranks, {config.batch_size // group.size()} examples each per micro-batch")
     prompts, before = _samples_before(config, run, plan.out, fresh=plan.checkpoint is None, log=log) if main else ([], [])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,15 +32,20 @@ FORMAT = 1
 
 
 def reference_logps(model: nn.Module, split: TokenizedSplit, *, batch_size: int, pad_id: int,
+                    indices: Optional[Sequence[int]] = None,
                     on_batch: Callable[[int, int], None] = lambda done, total: None) -> np.ndarray:
-    """Each pair's summed answer log-probabilities under ``model`` (in eval mode): (n, 2) float32, (chosen, rejected)."""
+    """Each pair's summed answer log-probabilities under ``model`` (in eval mode): (n, 2) float32, (chosen, rejected).
+
+    Only the pairs at ``indices`` (default: all) are computed; the others are NaN.
+    """
     if not split.preference:
         raise ValueError(f"{split.name} split holds no preference pairs")
     plain = TokenizedSplit(split.examples, split.truncated, split.name, max_seq_length=split.max_seq_length)
     model.eval()
     # Batches of similar length pad little; the values do not depend on the order.
-    order = sorted(range(len(plain)), key=lambda i: plain.examples[i].length)
-    out = np.zeros((len(plain), 2), dtype=np.float32)
+    wanted = range(len(plain)) if indices is None else indices
+    order = sorted(wanted, key=lambda i: plain.examples[i].length)
+    out = np.full((len(plain), 2), np.nan, dtype=np.float32)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         tokens, mask = make_batch(plain, indices, pad_id=pad_id, pad_multiple=8)
@@ -54,8 +59,10 @@ def reference_logps(model: nn.Module, split: TokenizedSplit, *, batch_size: int,
 def save_reference(run_dir: Path, splits: Dict[str, TokenizedSplit]) -> Path:
     """Write every split's reference (and fingerprint) to RUN_DIR/reference_logps.json, atomically."""
     path = Path(run_dir) / REFERENCE_FILE
+    # A pair the run never draws has no reference (NaN in memory, null in the file).
     record = {"format": FORMAT, "splits": {
-        name: {"fingerprint": split.fingerprint(), "pairs": len(split), "logps": split.reference.tolist()}
+        name: {"fingerprint": split.fingerprint(), "pairs": len(split),
+               "logps": [[None if np.isnan(v) else float(v) for v in row] for row in split.reference]}
         for name, split in splits.items()}}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record))
@@ -63,8 +70,10 @@ def save_reference(run_dir: Path, splits: Dict[str, TokenizedSplit]) -> Path:
     return path
 
 
-def load_reference(run_dir: Path, splits: Dict[str, TokenizedSplit]) -> None:
-    """Set each split's ``reference`` from the run directory, refusing a missing, damaged or stale file."""
+def load_reference(run_dir: Path, splits: Dict[str, TokenizedSplit],
+                   needed: Optional[Dict[str, Sequence[int]]] = None) -> None:
+    """Set each split's ``reference`` from the run directory, refusing a missing, damaged or stale file,
+    or one without the pairs at ``needed[name]`` (default: every pair)."""
     path = Path(run_dir) / REFERENCE_FILE
     start_over = "it cannot be recomputed from a trained model: start over with --overwrite"
     try:
@@ -80,21 +89,34 @@ def load_reference(run_dir: Path, splits: Dict[str, TokenizedSplit]) -> None:
             raise UserError(f"{path}: the {name} split is not the one the reference log-probabilities were computed "
                             f"on (the data or its tokenization changed since step 0); {start_over}")
         try:
-            values = np.asarray(entry["logps"], dtype=np.float32).reshape(len(split), 2)
+            values = np.array([[np.nan if v is None else v for v in row] for row in entry["logps"]],
+                              dtype=np.float32).reshape(len(split), 2)
         except (KeyError, ValueError, TypeError):
             raise UserError(f"{path}: damaged (DPO's reference log-probabilities); {start_over}") from None
-        if not np.isfinite(values).all():
+        wanted = list(range(len(split))) if needed is None or name not in needed else list(needed[name])
+        if np.isinf(values).any():
             raise UserError(f"{path}: damaged (non-finite reference log-probabilities); {start_over}")
+        missing = np.isnan(values[wanted]).any(axis=1)
+        if missing.any():
+            raise UserError(f"{path}: has no reference for {int(missing.sum())} {name} pairs this run draws (it was "
+                            f"started for fewer steps); {start_over}")
         split.reference = values
 
 
 def compute_reference(model: nn.Module, splits: Dict[str, TokenizedSplit], run_dir: Path, *, write: bool,
-                      batch_size: int, pad_id: int, log: Callable[[str], None] = print) -> None:
-    """Give each split its reference, computed from ``model`` (at step 0), and save them (``write``: rank 0)."""
+                      batch_size: int, pad_id: int, needed: Optional[Dict[str, Sequence[int]]] = None,
+                      log: Callable[[str], None] = print) -> None:
+    """Give each split its reference, computed from ``model`` (at step 0), and save them (``write``: rank 0).
+
+    ``needed[name]``: the pairs of that split the run will use (default: all): a run of 20
+    steps over 10,000 pairs computes 20 batches' worth, not 10,000 pairs.
+    """
+    counts = []
     for name, split in splits.items():
-        split.reference = reference_logps(model, split, batch_size=batch_size, pad_id=pad_id)
-    log(f"reference  log-probabilities of the step-0 model: {', '.join(f'{len(s)} {n}' for n, s in splits.items())} "
-        f"pairs, in {REFERENCE_FILE}")
+        indices = (needed or {}).get(name)
+        split.reference = reference_logps(model, split, batch_size=batch_size, pad_id=pad_id, indices=indices)
+        counts.append(f"{len(split) if indices is None else len(indices)} {name}")
+    log(f"reference  log-probabilities of the step-0 model: {', '.join(counts)} pairs, in {REFERENCE_FILE}")
     if write:
         save_reference(run_dir, splits)
     mx.clear_cache()

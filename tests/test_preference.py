@@ -425,3 +425,38 @@ def test_bad_objective_options(tiny_model_dir, pref_data, tmp_path, extra, messa
                                  "--out", str(tmp_path / "run"), "--train-mode", "dpo", *extra])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_drawn_indices_are_what_the_batches_draw():
+    from gmt_mlx.data import Example, TokenizedSplit, drawn_indices, iterate_batches
+
+    lengths = [3 + (i * 7) % 11 for i in range(30)]
+    # Example i is made of the token 1000 + i: a batch's rows name the examples it drew.
+    split = TokenizedSplit([Example.after([1000 + i] * n, 1) for i, n in enumerate(lengths)], 0, "train")
+    for steps in (1, 3, 7, 8, 20):
+        drawn = set()
+        batches = iterate_batches(split, 4, seed=5, pad_id=0)
+        for _ in range(steps):
+            _, _, tokens, _ = next(batches)
+            drawn.update(int(t) - 1000 for t in tokens[:, 0].tolist())
+        assert drawn_indices(lengths, 4, seed=5, steps=steps) == sorted(drawn)
+    assert len(drawn_indices(lengths, 4, seed=5, steps=3)) == 12
+    assert len(drawn_indices(lengths, 4, seed=5, steps=100)) == 30  # 2 sit out each epoch, different ones
+
+
+def test_a_short_run_computes_the_reference_of_the_pairs_it_draws(tiny_model_dir, pref_data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    lines = []
+    monkeypatch.setattr(ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:3" else None)
+    with pytest.raises(Exception):
+        finetune(config(tiny_model_dir, pref_data, run, iters=4), log=lines.append)
+    monkeypatch.setattr(ckpt, "fault", lambda point: None)
+    assert any("reference  log-probabilities of the step-0 model: 16 train, 8 valid pairs" in line for line in lines), lines
+    stored = json.loads((run / REFERENCE_FILE).read_text())["splits"]["train"]["logps"]
+    assert sum(row == [None, None] for row in stored) == 16
+    # A longer run (forced onto the same dir) would draw pairs without a reference: refused, nothing written.
+    before = (run / "config.yaml").read_bytes()
+    with pytest.raises(UserError, match="has no reference for .* train pairs this run draws"):
+        finetune(config(tiny_model_dir, pref_data, run, iters=12), force=True, **QUIET)
+    assert (run / "config.yaml").read_bytes() == before
+    finetune(config(tiny_model_dir, pref_data, run, iters=4), resume=True, **QUIET)
