@@ -52,6 +52,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from compare_make_chain_sum import _plain  # noqa: E402  (reasoning-gym metadata as JSON-ready data)
 OUT = HERE / "data" / "prefs"
 MODEL = "smollm2-135m"
 TASK = "chain_sum"
@@ -71,13 +73,6 @@ BATCH = 64
 GREEDY_MAX_TOKENS = 32  # for the base model's accuracy on the test prompts
 
 
-def _plain(value):
-    """metadata as JSON-ready data (reasoning-gym keeps ranges as tuples)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def quotas(pairs: int) -> dict:

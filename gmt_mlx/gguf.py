@@ -334,6 +334,26 @@ def _f32(x: float) -> float:
     return float(f"{x:.7g}")
 
 
+def llama3_rope_freqs(scaling: dict, base: float, head_dim: int) -> np.ndarray:
+    """llama.cpp's `rope_freqs` tensor (per-frequency divisors) for HF's llama3 rope scaling."""
+    import numpy as np
+
+    factor = float(scaling["factor"])
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    original = float(scaling.get("original_max_position_embeddings", 8192))
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * base ** (i / head_dim)
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
+
+
 def _llama3_rope_scaling(factors: list[float], base: float, head_dim: int) -> dict | None:
     """Recover Llama 3.x rope_scaling from llama.cpp's `rope_freqs` tensor.
 
@@ -345,16 +365,8 @@ def _llama3_rope_scaling(factors: list[float], base: float, head_dim: int) -> di
         return None  # identity: no scaling reaches these frequencies
     factor = max(factors)
     for low, high, original in [(1.0, 4.0, 8192)]:
-        expect = []
-        for i in range(0, head_dim, 2):
-            wavelen = 2 * math.pi * base ** (i / head_dim)
-            if wavelen < original / high:
-                expect.append(1.0)
-            elif wavelen > original / low:
-                expect.append(factor)
-            else:
-                smooth = (original / wavelen - low) / (high - low)
-                expect.append(1 / ((1 - smooth) / factor + smooth))
+        expect = llama3_rope_freqs({"factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                                    "original_max_position_embeddings": original}, base, head_dim).tolist()
         if len(expect) == len(factors) and all(
             abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(factors, expect)
         ):

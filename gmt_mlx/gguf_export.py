@@ -45,6 +45,7 @@ from .gguf import (
     NORM_PLUS_ONE_ARCHITECTURES,
     PERMUTED_QK_ARCHITECTURES,
     layer_names,
+    llama3_rope_freqs,
 )
 
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -146,24 +147,6 @@ def _rope_scaling(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
         return None
     return scaling
-
-
-def llama3_rope_freqs(scaling: Dict[str, Any], base: float, head_dim: int) -> np.ndarray:
-    """llama.cpp's `rope_freqs` tensor (per-frequency divisors) for HF's llama3 rope scaling."""
-    factor = float(scaling["factor"])
-    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
-    original = float(scaling.get("original_max_position_embeddings", 8192))
-    out = []
-    for i in range(0, head_dim, 2):
-        wavelen = 2 * math.pi * base ** (i / head_dim)
-        if wavelen < original / high:
-            out.append(1.0)
-        elif wavelen > original / low:
-            out.append(factor)
-        else:
-            smooth = (original / wavelen - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.asarray(out, np.float32)
 
 
 def _rotary_dim(config: Dict[str, Any]) -> int:
