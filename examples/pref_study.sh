@@ -32,7 +32,7 @@ slim() {  # drop weights and checkpoints of evaluated runs, keep the finished ma
   done
 }
 share_base() {  # the base model's evaluation is the same for every comparison
-  mkdir -p "$2"; [ -f "$1/base_eval.json" ] && cp -n "$1/base_eval.json" "$2/" 2>/dev/null || true
+  mkdir -p "$2/runs"; [ -f "$1/base_eval.json" ] && cp -n "$1/base_eval.json" "$2/" 2>/dev/null || true
 }
 
 # 1. Seed 0 at two learning rates per method.
