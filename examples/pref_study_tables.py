@@ -12,7 +12,6 @@ is regenerated without retraining. A method's seed-0 row is its sweep run at the
 from __future__ import annotations
 
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
@@ -43,12 +42,17 @@ def pick_lr(root: Path) -> str:
 
 
 def collect(src: Path, dst: Path) -> None:
+    """Copy each comparison's results.json and each run's eval.json (every test answer)."""
     for rel in [*SWEEP.values(), *GROUPS]:
         path = src / rel / "results.json"
         if path.is_file():
             (dst / rel).mkdir(parents=True, exist_ok=True)
             shutil.copy(path, dst / rel / "results.json")
-            print(f"copied {path} -> {dst / rel}")
+            for evaluation in sorted((src / rel / "runs").glob("*/eval.json")):
+                target = dst / rel / "runs" / evaluation.parent.name
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy(evaluation, target / "eval.json")
+            print(f"copied {path} (and its runs' eval.json) -> {dst / rel}")
 
 
 def grouped(root: Path) -> tuple:
@@ -63,14 +67,14 @@ def grouped(root: Path) -> tuple:
             base = base or res.get("base")
             for run in res["runs"]:
                 if chosen.get(run["method"]) == run["learning_rate"]:
-                    rows.setdefault(run["group"], []).append(run)
+                    rows.setdefault(run["group"], []).append({**run, "_dir": root / rel / "runs" / run["name"]})
     for group in GROUPS:
         path = root / group / "results.json"
         if path.is_file():
             res = load(path)
             base = base or res.get("base")
             for run in res["runs"]:
-                rows.setdefault(run["group"], []).append(run)
+                rows.setdefault(run["group"], []).append({**run, "_dir": root / group / "runs" / run["name"]})
     return rows, base
 
 
@@ -106,23 +110,20 @@ def render(root: Path) -> str:
         n = max(r.get("count", 0) for rs in rows.values() for r in rs)
         out += [f"## Held-out test split ({n} problems), mean ± sample std over seeds", "",
                 "| method | lr | seeds | test accuracy (reasoning_gym) | test accuracy (number) | test preference accuracy | "
-                "test reward accuracy | test DPO loss | final val DPO loss | train time (s) | time / full |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "test reward accuracy | test DPO loss | final val DPO loss | distinct test answers |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         if base:
             pref = base.get("test_preference_accuracy")
             out.append(f"| base model (no training) | — | — | {stat([base['accuracy'].get('reasoning_gym')], 100, 1)}% | "
-                       f"{stat([base['accuracy'].get('number')], 100, 1)}% | {stat([pref], 100, 1)}% | — | 0.6931 | 0.6931 | — | — |")
-        full_time = statistics.mean(r["wall_time"] for r in rows["full"]) if rows.get("full") else None
+                       f"{stat([base['accuracy'].get('number')], 100, 1)}% | {stat([pref], 100, 1)}% | — | 0.6931 | 0.6931 | — |")
         for name in sorted(rows, key=sort_key):
             rs = rows[name]
-            time = statistics.mean(r["wall_time"] for r in rs)
-            ratio = f"{time / full_time:.2f}" if full_time else "—"
             out.append(
                 f"| {name} | {rs[0]['learning_rate']:g} | {len(rs)} | {stat([r['accuracy'].get('reasoning_gym') for r in rs], 100, 1)}% | "
                 f"{stat([r['accuracy'].get('number') for r in rs], 100, 1)}% | "
                 f"{stat([r.get('test_preference_accuracy') for r in rs], 100, 1)}% | "
                 f"{stat([r.get('test_reward_accuracy') for r in rs], 100, 1)}% | {stat([r.get('test_dpo_loss') for r in rs], 1, 4)} | "
-                f"{stat([r['final_val_loss'] for r in rs], 1, 4)} | {time:.0f} | {ratio} |")
+                f"{stat([r['final_val_loss'] for r in rs], 1, 4)} | {distinct(rs)} |")
         out += ["", "### Paired differences to full (same seed), mean ± std over seeds", "",
                 "| method | test accuracy (reasoning_gym), points | test reward accuracy, points | test DPO loss |",
                 "|---|---|---|---|"]
@@ -132,6 +133,13 @@ def render(root: Path) -> str:
                            f"{paired(rows, name, 'test_reward_accuracy', 100)} | {paired(rows, name, 'test_dpo_loss')} |")
         out.append("")
     return "\n".join(out)
+
+
+def distinct(runs: list) -> str:
+    """How many different answers each run gave on the test prompts (from eval.json, when the runs are there)."""
+    counts = [len({item["answer"].strip() for item in load(run["_dir"] / "eval.json").get("items", [])})
+              for run in runs if (run["_dir"] / "eval.json").is_file()]
+    return ", ".join(map(str, counts)) if counts else "—"
 
 
 def _paired_acc(rows: dict, name: str) -> str:
