@@ -20,6 +20,7 @@ RNG of their own: they derive from (seed, optimizer step).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -115,6 +116,17 @@ def _replace_dir(tmp: Path, path: Path) -> None:
             shutil.rmtree(old)
 
 
+def save_arrays(path: str | Path, arrays: Dict[str, mx.array], metadata: Optional[Dict[str, str]] = None) -> None:
+    """mx.save_safetensors, with MLX's failed write (a RuntimeError "[write] Unable to write ...",
+    e.g. on a full disk) raised as the OSError it is, so every caller's disk-error handling sees it."""
+    try:
+        mx.save_safetensors(str(path), arrays, **({"metadata": metadata} if metadata else {}))
+    except RuntimeError as err:
+        if "[write]" not in str(err) and "Unable to" not in str(err):
+            raise
+        raise OSError(errno.EIO, f"could not write {path} (is the disk full?)", str(path)) from None
+
+
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -135,10 +147,10 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        mx.save_safetensors(str(tmp / FILES[0]), dict(tree_flatten(model.trainable_parameters())))
-        mx.save_safetensors(str(tmp / FILES[1]), dict(tree_flatten(optimizer.state)))
+        save_arrays(tmp / FILES[0], dict(tree_flatten(model.trainable_parameters())))
+        save_arrays(tmp / FILES[1], dict(tree_flatten(optimizer.state)))
         fault(f"during-save:{step}")
-        mx.save_safetensors(str(tmp / FILES[2]), {"rng": mx.random.state[0]})
+        save_arrays(tmp / FILES[2], {"rng": mx.random.state[0]})
         meta = {
             "step": step,
             "loss_normalisation": LOSS_NORMALISATION,

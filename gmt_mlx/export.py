@@ -26,6 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import rundir
+from .checkpoint import save_arrays
 from .config import ADAPTER_METHODS
 from .errors import UserError
 from .methods import DTYPES, is_quantized
@@ -141,7 +142,7 @@ def save_safetensors(out_dir: Path, weights: Dict[str, mx.array], shard_bytes: O
     for i, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         # transformers requires format=pt in the safetensors metadata.
-        mx.save_safetensors(str(out_dir / fname), shard, metadata={"format": "pt"})
+        save_arrays(out_dir / fname, shard, metadata={"format": "pt"})
         weight_map.update({name: fname for name in shard})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(w.nbytes for w in weights.values())}, "weight_map": weight_map}
@@ -304,7 +305,7 @@ def save_peft_adapter(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
-    mx.save_safetensors(str(out_dir / PEFT_WEIGHTS), weights, metadata={"format": "pt"})
+    save_arrays(out_dir / PEFT_WEIGHTS, weights, metadata={"format": "pt"})
     config["base_model_name_or_path"] = base_model
     (out_dir / PEFT_CONFIG).write_text(json.dumps(dict(sorted(config.items())), indent=2))
     if tokenizer is not None:

@@ -201,3 +201,24 @@ def test_grad_checkpoint_gives_the_same_training(tiny_model_dir, chat_data, tmp_
         assert runner.invoke(app, args(tiny_model_dir, chat_data, out, flag)).exit_code == 0
         losses.append([json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in l])
     assert np.allclose(losses[0], losses[1], rtol=1e-4)
+
+
+def test_mlx_write_failure_is_one_line_and_resumable(tiny_model_dir, chat_data, tmp_path, monkeypatch):
+    """MLX reports a failed write (a full disk) as RuntimeError("[write] Unable to write ..."), not OSError."""
+    real = mx.save_safetensors
+    calls = {"n": 0}
+
+    def flaky(path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 3:  # the first checkpoint (3 files) is written, the second fails
+            raise RuntimeError("[write] Unable to write 3234769 bytes to file.")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(mx, "save_safetensors", flaky)
+    out = tmp_path / "run"
+    result = runner.invoke(app, args(tiny_model_dir, chat_data, out, "--samples", "0"))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "is the disk full?" in last_line(result)
+    monkeypatch.setattr(mx, "save_safetensors", real)
+    resumed = runner.invoke(app, ["finetune", "--resume", str(out)])
+    assert resumed.exit_code == 0, resumed.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import sys
@@ -37,6 +38,11 @@ def user_errors(fn: Callable) -> Callable:
             fail("interrupted", 130)
         except (PermissionError, IsADirectoryError, NotADirectoryError) as err:
             fail(f"{err.strerror}: {err.filename}")
+        except OSError as err:
+            # A full disk or quota, a read-only or failing one: the user's to fix. Other OS errors are bugs.
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+                raise
+            fail(f"{err.strerror}" + (f": {err.filename}" if err.filename and str(err.filename) not in err.strerror else ""))
 
     return wrapper
 
