@@ -40,7 +40,6 @@ from . import rundir
 from .card import objective_text
 from .config import MASKED_METHODS, Config
 from .errors import Interrupted, UserError
-from .evaluate import against_base
 from .progress import format_seconds
 from .report import RESULTS_MD, aggregate, render_markdown, write_plots
 from .sources import data_options
@@ -319,6 +318,8 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
             trained += 1
         evaluation = _evaluate(spec, str(run_dir), eval_split, run_dir / EVAL_FILE, run.config, log)
         if evaluation is not None and base_eval is not None:  # preference runs: DPO's numbers against the base
+            from .evaluate import against_base  # evaluate loads MLX: not at import (the CLI imports this module)
+
             evaluation = {**evaluation, **against_base(evaluation, base_eval, run.config.to_dict())}
         if not reuse and evaluation is not None:
             trained_time += evaluation.get("wall_time", 0.0)

@@ -307,7 +307,8 @@ def finetune(
                   if split is not None and config.train_mode == "dpo"}
     # The training pairs the run draws (the order is a pure function of the seed): a short run
     # over a big set computes and checks the reference of those alone.
-    needed = {"train": drawn_indices(run.train_split.lengths(), step_examples(config), seed=config.seed, steps=run.steps)}
+    needed = {"train": drawn_indices(run.train_split.lengths(), step_examples(config), seed=config.seed,
+                                     steps=run.steps)} if dpo_splits else {}
     if dpo_splits and plan.checkpoint is not None:
         # Before anything is written: a refused resume leaves the run as it was.
         load_reference(plan.out, dpo_splits, needed)
