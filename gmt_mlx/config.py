@@ -100,6 +100,7 @@ class Config:
 
     # Checkpoints, resume and guards
     steps_per_save: int = opt(100, "Optimizer steps between checkpoints of the full training state (0: only on Ctrl-C).", group="Checkpoints and safety")
+    save_best: bool = opt(True, "Save the full training state whenever validation loss reaches a new best (export --checkpoint best); off saves those writes.", group="Checkpoints and safety")
     keep_checkpoints: int = opt(2, "Keep the newest N step checkpoints (the best-validation one is always kept).", group="Checkpoints and safety")
     max_bad_steps: int = opt(3, "Stop after this many consecutive steps with a non-finite loss or gradient (their updates are skipped).", group="Checkpoints and safety")
     grad_checkpoint: bool = opt(False, "Recompute block activations in the backward pass: less memory, ~30% more compute.", group="Checkpoints and safety")
@@ -177,7 +178,7 @@ class Config:
         return dataclasses.asdict(self)
 
     # Keys that do not change what is trained (used to compare runs).
-    COSMETIC = ("out", "steps_per_report", "samples", "steps_per_save", "keep_checkpoints", "max_bad_steps", "memory_check", "distributed_backend", "push_to_hub", "hub_datasets", "report_to")
+    COSMETIC = ("out", "steps_per_report", "samples", "steps_per_save", "save_best", "keep_checkpoints", "max_bad_steps", "memory_check", "distributed_backend", "push_to_hub", "hub_datasets", "report_to")
 
 
 def flag(name: str) -> str:

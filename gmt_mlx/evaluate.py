@@ -20,10 +20,10 @@ from .data import pad_id as batch_pad_id
 from .data import TokenizedSplit, batch_order, chat_ids, has_chat_template, load_splits, make_batch, tokenize_split
 from . import sources
 from .errors import UserError
-from .losses import PREFERENCE_METRICS, sft_loss
+from .losses import PREFERENCE_METRICS, sft_eval_loss, sft_loss
 from .preference import reference_logps
 from .scorers import get_scorer, reference_of
-from .trainer import evaluate_loss
+from .trainer import evaluate_loss, loss_sums, mean_metrics
 
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_BATCH_SIZE = 16
@@ -45,9 +45,13 @@ def split_loss(
     Uses every example (the last batch may be smaller), in a fixed
     length-grouped order so the value is comparable across steps and runs.
     With a distributed ``group``, rank r evaluates batches r, r + N, ... and
-    the token-weighted sums are reduced over ranks. A preference ``loss_fn``
-    gives the mean per pair and its metrics (see `trainer.evaluate_loss`).
+    the sums are reduced over ranks. An SFT split also gets "exact_match": the
+    share of its examples that greedy decoding would answer exactly (see
+    `losses.sft_eval_loss`). A preference ``loss_fn`` gives the mean per pair
+    and its metrics (see `trainer.evaluate_loss`).
     """
+    if loss_fn is sft_loss:
+        loss_fn = sft_eval_loss  # the same loss, and the exact-match count from the same logits
     order = batch_order(split.lengths(), min(batch_size, len(split)), seed=0, epoch=0)
     covered = {i for batch in order for i in batch}
     leftover = [i for i in range(len(split)) if i not in covered]
@@ -55,24 +59,17 @@ def split_loss(
         order.append(leftover)
     if max_batches > 0:
         order = order[:max_batches]
-    if group is not None and group.size() > 1:
-        import math
+    if group is None or group.size() == 1:
+        batches = (make_batch(split, idx, pad_id=pad_id, pad_multiple=pad_multiple) for idx in order)
+        return evaluate_loss(model, batches, loss_fn)
+    import mlx.core as mx
 
-        import mlx.core as mx
-
-        mine = order[group.rank() :: group.size()]
-        local = evaluate_loss(model, (make_batch(split, idx, pad_id=pad_id, pad_multiple=pad_multiple) for idx in mine), loss_fn)
-        # The same keys on every rank, whether or not it had a batch.
-        keys = list(PREFERENCE_METRICS) if split.preference else []
-        n = float(local["tokens"])
-        values = [local["loss"] * n if n else 0.0, n] + [local.get(k, 0.0) * n if n else 0.0 for k in keys]
-        sums = mx.distributed.all_sum(mx.array(values), group=group).tolist()
-        mean = sums[0] / sums[1] if sums[1] else float("nan")
-        ppl = math.exp(min(mean, 50.0)) if not keys else None
-        return {"loss": mean, "ppl": ppl, "tokens": int(sums[1]),
-                **{k: (v / sums[1] if sums[1] else float("nan")) for k, v in zip(keys, sums[2:])}}
-    batches = (make_batch(split, idx, pad_id=pad_id, pad_multiple=pad_multiple) for idx in order)
-    return evaluate_loss(model, batches, loss_fn)
+    mine = order[group.rank() :: group.size()]
+    total, count, sums = loss_sums(model, (make_batch(split, idx, pad_id=pad_id, pad_multiple=pad_multiple) for idx in mine), loss_fn)
+    # The same keys on every rank, whether or not it had a batch.
+    keys = list(PREFERENCE_METRICS) if split.preference else (["exact_match", "rows"] if loss_fn is sft_eval_loss else [])
+    reduced = mx.distributed.all_sum(mx.array([total, count] + [sums.get(k, 0.0) for k in keys]), group=group).tolist()
+    return mean_metrics(reduced[0], reduced[1], dict(zip(keys, reduced[2:])))
 
 
 def prompt_of(row: dict) -> Optional[object]:

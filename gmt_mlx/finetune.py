@@ -281,8 +281,15 @@ def finetune(
     resume: bool = False,
     force: bool = False,
     log: Callable[[str], None] = print,
+    on_validation: Optional[Callable[[int, Any, dict], None]] = None,
 ) -> RunResult:
     """Fine-tune ``config.model`` on ``config.data`` and write (or resume) the run directory.
+
+    ``on_validation(step, model, result)`` is called (rank 0) after each
+    validation pass with the model being trained and the validation numbers
+    (loss, ppl, exact_match or the preference metrics, and "best": whether it
+    is the best so far); a study can measure more there (see
+    examples/ceiling_study.py). It must not change the model.
 
     Under `mlx.launch` every rank runs this; rank 0 alone prints, writes
     metrics, checkpoints and the final model (see distributed.py).
@@ -321,7 +328,8 @@ def finetune(
         log(f"ranks      {group.size()} data-parallel ranks, {config.batch_size // group.size()} examples each per micro-batch")
     prompts, before = _samples_before(config, run, plan.out, fresh=plan.checkpoint is None, log=log) if main else ([], [])
 
-    logger = RunLogger(config, run, plan.out, group, best_val=best_val, start_step=start_step)
+    logger = RunLogger(config, run, plan.out, group, best_val=best_val, start_step=start_step,
+                       on_validation=on_validation if main else None)
     if config.preference and plan.checkpoint is None:
         logger.on_eval(0, initial=True)  # where preference training starts (DPO: ln 2, policy = reference)
     try:
@@ -544,8 +552,10 @@ class RunLogger:
     (``main``) prints, writes metrics and saves.
     """
 
-    def __init__(self, config: Config, run: Setup, out: Path, group, *, best_val: Optional[float], start_step: int = 0):
+    def __init__(self, config: Config, run: Setup, out: Path, group, *, best_val: Optional[float], start_step: int = 0,
+                 on_validation: Optional[Callable[[int, Any, dict], None]] = None):
         resumed = start_step > 0
+        self.on_validation = on_validation
         self.config, self.run, self.out, self.group = config, run, out, group
         self.main = is_main(group)
         self.best_val = best_val
@@ -655,19 +665,23 @@ class RunLogger:
             return
         improved = not initial and (self.best_val is None or result["loss"] < self.best_val)
         if result["ppl"] is not None:
-            detail = f" (ppl {result['ppl']:.2f})"
+            match = result.get("exact_match")
+            exact = f", exact {match:.1%}" if isinstance(match, float) and match == match else ""
+            detail = f" (ppl {result['ppl']:.2f}{exact})"
         else:
             detail = f" (reward accuracy {result['reward_accuracy']:.3f}, margin {result['reward_margin']:.3f})"
         self.progress.message(f"step {step}: val loss {result['loss']:.4f}{detail}" + (" *best*" if improved else ""))
         metrics = {f"val_{k}": v for k, v in result.items() if k not in ("loss", "tokens", "ppl")}
         self.write({"type": "eval", "step": step, "val_loss": result["loss"], "val_ppl": result["ppl"], **metrics,
                     "wall_time": time.perf_counter() - self.t_start})
-        if initial:
-            return
-        self.last["val_loss"] = result["loss"]
-        if improved:
-            self.best_val = result["loss"]
-            self._save_best(step, result["loss"])
+        if not initial:
+            self.last["val_loss"] = result["loss"]
+            if improved:
+                self.best_val = result["loss"]
+                if self.config.save_best:
+                    self._save_best(step, result["loss"])
+        if self.on_validation is not None:
+            self.on_validation(step, self.run.model, {**result, "best": improved})
 
     def _save_best(self, step: int, val_loss: float) -> None:
         best = rundir.best_dir(self.out)

@@ -38,6 +38,27 @@ def sft_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> Tuple[mx.arr
     return ce.sum(), weights.sum()
 
 
+def sft_eval_loss(model: nn.Module, tokens: mx.array, mask: mx.array):
+    """`sft_loss` for validation, plus how many rows the model reproduces greedily.
+
+    A row counts when every target token is the model's most likely next
+    token given the reference before it: exactly when greedy decoding from the
+    prompt writes the reference answer (with its end marker, a target too) and
+    stops. One forward pass gives both numbers, so validation reports this
+    accuracy at no extra cost. Metrics: "exact_match" (matched rows) and
+    "rows" (rows with targets), summed; `trainer.evaluate_loss` divides the one by the other.
+    """
+    logits = model(tokens[:, :-1]).astype(mx.float32)
+    targets = tokens[:, 1:]
+    weights = mask[:, 1:].astype(mx.float32)
+    ce = nn.losses.cross_entropy(logits, targets) * weights
+    wrong = ((mx.argmax(logits, axis=-1) != targets).astype(mx.float32) * weights).sum(axis=1)
+    has_targets = weights.sum(axis=1) > 0
+    matched = mx.logical_and(wrong == 0, has_targets)
+    return ce.sum(), weights.sum(), {"exact_match": matched.astype(mx.float32).sum(),
+                                     "rows": has_targets.astype(mx.float32).sum()}
+
+
 def sequence_logps(model: nn.Module, tokens: mx.array, mask: mx.array) -> Tuple[mx.array, mx.array]:
     """Each row's summed log-probability of its target tokens, and how many there are: two (B,) arrays."""
     logits = model(tokens[:, :-1]).astype(mx.float32)

@@ -209,6 +209,12 @@ def evaluate_loss(model: nn.Module, batches, loss_fn: Callable = sft_loss) -> Di
 
     "tokens" is the count of units (pairs for a preference loss, which has no perplexity).
     """
+    total, count, sums = loss_sums(model, batches, loss_fn)
+    return mean_metrics(total, count, sums)
+
+
+def loss_sums(model: nn.Module, batches, loss_fn: Callable = sft_loss) -> Tuple[float, float, Dict[str, float]]:
+    """The summed loss, unit count and metric sums of ``loss_fn`` over ``batches`` (eval mode)."""
     model.eval()
     total, count, sums = 0.0, 0.0, {}
     for batch in batches:
@@ -218,8 +224,19 @@ def evaluate_loss(model: nn.Module, batches, loss_fn: Callable = sft_loss) -> Di
         count += n.item()
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value.item()
+    return total, count, sums
+
+
+def mean_metrics(total: float, count: float, sums: Dict[str, float]) -> Dict[str, float]:
+    """Means from a loss's summed values: the loss and metrics per unit; "exact_match" per row (`sft_eval_loss`).
+
+    A token-level loss (no per-unit metrics) has a perplexity; a preference loss does not.
+    """
     if count == 0:
         return {"loss": float("nan"), "ppl": float("nan"), "tokens": 0}
+    sums = dict(sums)
+    rows = sums.pop("rows", None)
+    per_row = {"exact_match": sums.pop("exact_match") / rows if rows else float("nan")} if rows is not None else {}
     mean = total / count
     ppl = math.exp(min(mean, 50.0)) if not sums else None
-    return {"loss": mean, "ppl": ppl, "tokens": int(count), **{k: v / count for k, v in sums.items()}}
+    return {"loss": mean, "ppl": ppl, "tokens": int(count), **{k: v / count for k, v in sums.items()}, **per_row}

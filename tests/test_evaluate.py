@@ -262,3 +262,69 @@ def test_eval_baseline_needs_a_run(tiny_model_dir, chat_data):
     result = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", str(chat_data), "--baseline"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "needs a gmt-mlx run directory" in result.output.strip().splitlines()[-1]
+
+
+# ---- exact match in validation ---------------------------------------------------------------
+
+
+def _greedy(model, ids, n):
+    import mlx.core as mx
+
+    out = list(ids)
+    for _ in range(n):
+        out.append(int(mx.argmax(model(mx.array([out]))[0, -1]).item()))
+    return out[len(ids):]
+
+
+def test_validation_exact_match_is_greedy_decoding_reproducing_the_answer(tiny_model_dir):
+    """A row counts exactly when greedy decoding from its prompt writes its target tokens; padding and prompts do not count."""
+    import mlx.core as mx
+
+    from gmt_mlx.loading import load_base
+    from gmt_mlx.losses import sft_eval_loss, sft_loss
+
+    model, tokenizer, _, _ = load_base(str(tiny_model_dir))
+    rows, expected = [], 0
+    for i, prompt in enumerate(["What is 1 + 2?", "hello there", "12 plus 7", "a b c d e f", "x", "What is 100 + 3?"]):
+        ids = [int(t) for t in tokenizer.encode(prompt)]
+        answer = _greedy(model, ids, 2 + i % 3)  # the model's own greedy continuation: a match
+        if i % 2:  # change one target token: no longer what greedy decoding writes
+            position = i % len(answer)
+            answer[position] = (answer[position] + 1) % 64
+        else:
+            expected += 1
+        rows.append((ids, answer))
+    width = max(len(p) + len(a) for p, a in rows) + 3
+    tokens = [p + a + [0] * (width - len(p) - len(a)) for p, a in rows]
+    mask = [[0] * len(p) + [1] * len(a) + [0] * (width - len(p) - len(a)) for p, a in rows]
+    tokens.append([5] * width)  # a row without targets (padding) is not a row
+    mask.append([0] * width)
+    batch = (mx.array(tokens), mx.array(mask))
+    loss, count, metrics = sft_eval_loss(model, *batch)
+    plain_loss, plain_count = sft_loss(model, *batch)
+    assert loss.item() == pytest.approx(plain_loss.item(), rel=1e-6) and count.item() == plain_count.item()
+    assert metrics["rows"].item() == len(rows)
+    assert metrics["exact_match"].item() == expected == 3
+
+
+def test_validation_reports_exact_match_and_a_study_hook_sees_each_pass(tiny_model_dir, chat_data, tmp_path):
+    """finetune's on_validation gets the model and the numbers of every pass; --no-save-best writes no best checkpoint."""
+    from gmt_mlx.config import Config
+    from gmt_mlx.finetune import finetune
+
+    seen = []
+    run = tmp_path / "run"
+    finetune(Config(model=str(tiny_model_dir), data=str(chat_data), out=str(run), iters=4, steps_per_eval=2, samples=0,
+                    steps_per_save=0, save_best=False, learning_rate=1e-3),
+             log=lambda s: None, on_validation=lambda step, model, result: seen.append((step, result, model)))
+    assert [s for s, _, _ in seen] == [2, 4]
+    assert seen[0][1]["best"] is True and all(0.0 <= r["exact_match"] <= 1.0 for _, r, _ in seen)
+    assert seen[1][1]["best"] == (seen[1][1]["loss"] < seen[0][1]["loss"])
+    assert not (run / "checkpoints" / "best").exists()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["val_exact_match"] for r in evals] == [r["exact_match"] for _, r, _ in seen]
+    with_best = tmp_path / "with_best"
+    finetune(Config(model=str(tiny_model_dir), data=str(chat_data), out=str(with_best), iters=2, steps_per_eval=2, samples=0,
+                    steps_per_save=0), log=lambda s: None)
+    assert (with_best / "checkpoints" / "best").is_dir()
