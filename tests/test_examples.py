@@ -49,3 +49,21 @@ def test_example_data_exists(path):
     for folder in folders:
         full = REPO / folder
         assert (full / "train.jsonl").is_file(), f"{path.name}: {folder}/train.jsonl is missing"
+
+
+def test_ceiling_study_tables_regenerate_from_the_raw_results(tmp_path):
+    """docs/evidence/ceiling/tables.md is what examples/ceiling_tables.py makes of the shipped raw results."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    shipped = root / "docs" / "evidence" / "ceiling"
+    copy = tmp_path / "ceiling"
+    shutil.copytree(shipped, copy)
+    (copy / "tables.md").unlink()
+    subprocess.run([sys.executable, str(root / "examples" / "ceiling_tables.py"), str(copy)], check=True,
+                   capture_output=True)
+    expected = (shipped / "tables.md").read_text().replace("docs/evidence/ceiling", str(copy))
+    assert (copy / "tables.md").read_text() == expected
+    assert (copy / "curves.png").stat().st_size > 10_000
