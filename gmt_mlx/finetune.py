@@ -519,7 +519,8 @@ def describe_blas() -> str:
         return "Apple Accelerate"
     where = f" ({info['library']})" if info["library"] else ""
     if info["is_reference"]:
-        return f"reference BLAS{where}: slow matmuls; `gmt-mlx doctor` says how to get a fast one"
+        return (f"reference BLAS{where}: slow matmuls; `gmt-mlx doctor` says how to get a fast one "
+                f"(a Python script: call gmt_mlx.blas.maybe_reexec_with_blas() first)")
     if info["kind"] == "unknown":
         return f"unknown{where}" + (f": {info['error']}" if info["error"] else "")
     return f"{info['kind']}{where}"

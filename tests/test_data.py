@@ -401,8 +401,15 @@ def test_shipped_example_datasets(tokenizer):
 
 
 def test_every_example_folder_parses():
-    """Every shipped data folder loads, has a train split and no test item inside train."""
-    for folder in sorted(p for p in EXAMPLES.iterdir() if p.is_dir()):
+    """Every shipped data folder (a study's regimes are subfolders) and loose .jsonl file loads, has a
+    train split and no test item inside train."""
+    folders = sorted(p.parent for p in EXAMPLES.rglob("train.jsonl"))
+    assert {p.name for p in folders} >= {"sums", "chat", "large", "small"}
+    loose = sorted(p for p in EXAMPLES.rglob("*.jsonl") if p.parent not in folders)
+    assert loose, "the forgetting probe examples/data/ceiling/english.jsonl"
+    for folder in (p for p in EXAMPLES.rglob("*") if p.is_dir()):  # none without a train split below it
+        assert any(f == folder or folder in f.parents for f in folders), folder
+    for folder in folders + loose:
         splits = load_splits(folder)
         assert "train" in splits, folder
         if "test" in splits:
