@@ -91,8 +91,9 @@ def train_and_measure(out: Path, regime: str, method: str, ratio, seed: int, lr:
     done = path / "study.json"
     if done.is_file():
         return json.loads(done.read_text())
-    config = Config(model=MODEL, data=str(DATA / "ceiling" / regime), out=str(path), method=method,
-                    mask_ratio=ratio if ratio is not None else 0.2, learning_rate=lr, seed=seed, iters=STEPS[regime],
+    masked = {"mask_ratio": ratio} if ratio is not None else {}
+    config = Config(model=MODEL, data=str(DATA / "ceiling" / regime), out=str(path), method=method, **masked,
+                    learning_rate=lr, seed=seed, iters=STEPS[regime],
                     batch_size=BATCH, mask_prompt=True, max_seq_length=64, lr_schedule="cosine", warmup_steps=0,
                     min_lr_ratio=0.1, steps_per_eval=EVAL_EVERY[regime], val_batches=-1, steps_per_report=1,
                     steps_per_save=0, save_best=False, samples=0)

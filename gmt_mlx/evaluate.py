@@ -20,7 +20,7 @@ from .data import pad_id as batch_pad_id
 from .data import TokenizedSplit, batch_order, chat_ids, has_chat_template, load_splits, make_batch, tokenize_split
 from . import sources
 from .errors import UserError
-from .losses import PREFERENCE_METRICS, sft_eval_loss, sft_loss
+from .losses import PREFERENCE_METRICS, SFT_EVAL_METRICS, sft_eval_loss, sft_loss
 from .preference import reference_logps
 from .scorers import get_scorer, reference_of
 from .trainer import evaluate_loss, loss_sums, mean_metrics
@@ -67,7 +67,7 @@ def split_loss(
     mine = order[group.rank() :: group.size()]
     total, count, sums = loss_sums(model, (make_batch(split, idx, pad_id=pad_id, pad_multiple=pad_multiple) for idx in mine), loss_fn)
     # The same keys on every rank, whether or not it had a batch.
-    keys = list(PREFERENCE_METRICS) if split.preference else (["exact_match", "rows"] if loss_fn is sft_eval_loss else [])
+    keys = list(PREFERENCE_METRICS) if split.preference else (list(SFT_EVAL_METRICS) if loss_fn is sft_eval_loss else [])
     reduced = mx.distributed.all_sum(mx.array([total, count] + [sums.get(k, 0.0) for k in keys]), group=group).tolist()
     return mean_metrics(reduced[0], reduced[1], dict(zip(keys, reduced[2:])))
 

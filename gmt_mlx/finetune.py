@@ -328,8 +328,7 @@ def finetune(
         log(f"ranks      {group.size()} data-parallel ranks, {config.batch_size // group.size()} examples each per micro-batch")
     prompts, before = _samples_before(config, run, plan.out, fresh=plan.checkpoint is None, log=log) if main else ([], [])
 
-    logger = RunLogger(config, run, plan.out, group, best_val=best_val, start_step=start_step,
-                       on_validation=on_validation if main else None)
+    logger = RunLogger(config, run, plan.out, group, best_val=best_val, start_step=start_step, on_validation=on_validation)
     if config.preference and plan.checkpoint is None:
         logger.on_eval(0, initial=True)  # where preference training starts (DPO: ln 2, policy = reference)
     try:
@@ -666,8 +665,7 @@ class RunLogger:
             return
         improved = not initial and (self.best_val is None or result["loss"] < self.best_val)
         if result["ppl"] is not None:
-            match = result.get("exact_match")
-            exact = f", exact {match:.1%}" if isinstance(match, float) and match == match else ""
+            exact = f", exact {result['exact_match']:.1%}" if "exact_match" in result else ""
             detail = f" (ppl {result['ppl']:.2f}{exact})"
         else:
             detail = f" (reward accuracy {result['reward_accuracy']:.3f}, margin {result['reward_margin']:.3f})"

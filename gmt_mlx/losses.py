@@ -24,17 +24,24 @@ TRAIN_MODES = ("sft", "dpo", "orpo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 # Per-pair sums a preference loss reports; divided by the pair count they are means.
 PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
+# What `sft_eval_loss` sums besides the loss: matched rows and rows (their ratio is the exact match).
+SFT_EVAL_METRICS = ("exact_match", "rows")
 
 
-def sft_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> Tuple[mx.array, mx.array]:
-    """Summed next-token cross-entropy over target positions, and their count.
+def _token_ce(model: nn.Module, tokens: mx.array, mask: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
+    """(logits, target weights, per-token cross-entropy zeroed off-target) of next-token prediction.
 
     ``tokens`` is (B, L) int32; ``mask[b, t]`` is 1 where token t is a loss
     target (predicted from position t - 1), 0 on prompts and padding.
     """
     logits = model(tokens[:, :-1]).astype(mx.float32)
     weights = mask[:, 1:].astype(mx.float32)
-    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]) * weights
+    return logits, weights, nn.losses.cross_entropy(logits, tokens[:, 1:]) * weights
+
+
+def sft_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> Tuple[mx.array, mx.array]:
+    """Summed next-token cross-entropy over target positions, and their count."""
+    _, weights, ce = _token_ce(model, tokens, mask)
     return ce.sum(), weights.sum()
 
 
@@ -45,14 +52,12 @@ def sft_eval_loss(model: nn.Module, tokens: mx.array, mask: mx.array):
     token given the reference before it: exactly when greedy decoding from the
     prompt writes the reference answer (with its end marker, a target too) and
     stops. One forward pass gives both numbers, so validation reports this
-    accuracy at no extra cost. Metrics: "exact_match" (matched rows) and
-    "rows" (rows with targets), summed; `trainer.evaluate_loss` divides the one by the other.
+    accuracy at no extra cost. Metrics (SFT_EVAL_METRICS): "exact_match"
+    (matched rows) and "rows" (rows with targets), summed;
+    `trainer.mean_metrics` divides the one by the other.
     """
-    logits = model(tokens[:, :-1]).astype(mx.float32)
-    targets = tokens[:, 1:]
-    weights = mask[:, 1:].astype(mx.float32)
-    ce = nn.losses.cross_entropy(logits, targets) * weights
-    wrong = ((mx.argmax(logits, axis=-1) != targets).astype(mx.float32) * weights).sum(axis=1)
+    logits, weights, ce = _token_ce(model, tokens, mask)
+    wrong = ((mx.argmax(logits, axis=-1) != tokens[:, 1:]).astype(mx.float32) * weights).sum(axis=1)
     has_targets = weights.sum(axis=1) > 0
     matched = mx.logical_and(wrong == 0, has_targets)
     return ce.sum(), weights.sum(), {"exact_match": matched.astype(mx.float32).sum(),
@@ -61,10 +66,8 @@ def sft_eval_loss(model: nn.Module, tokens: mx.array, mask: mx.array):
 
 def sequence_logps(model: nn.Module, tokens: mx.array, mask: mx.array) -> Tuple[mx.array, mx.array]:
     """Each row's summed log-probability of its target tokens, and how many there are: two (B,) arrays."""
-    logits = model(tokens[:, :-1]).astype(mx.float32)
-    weights = mask[:, 1:].astype(mx.float32)
-    logps = -nn.losses.cross_entropy(logits, tokens[:, 1:]) * weights
-    return logps.sum(axis=1), weights.sum(axis=1)
+    _, weights, ce = _token_ce(model, tokens, mask)
+    return -ce.sum(axis=1), weights.sum(axis=1)
 
 
 def _log_sigmoid(x: mx.array) -> mx.array:

@@ -235,8 +235,8 @@ def mean_metrics(total: float, count: float, sums: Dict[str, float]) -> Dict[str
     if count == 0:
         return {"loss": float("nan"), "ppl": float("nan"), "tokens": 0}
     sums = dict(sums)
-    rows = sums.pop("rows", None)
-    per_row = {"exact_match": sums.pop("exact_match") / rows if rows else float("nan")} if rows is not None else {}
+    rows = sums.pop("rows", None)  # > 0 whenever count is: a target token lies in some row
+    per_row = {"exact_match": sums.pop("exact_match") / rows} if rows is not None else {}
     mean = total / count
     ppl = math.exp(min(mean, 50.0)) if not sums else None
     return {"loss": mean, "ppl": ppl, "tokens": int(count), **{k: v / count for k, v in sums.items()}, **per_row}
