@@ -166,6 +166,8 @@ def plan(spec: CompareSpec) -> List[PlannedRun]:
                 config = replace(
                     spec.base, method=method, mask_ratio=ratio if ratio is not None else 0.0, seed=seed,
                     learning_rate=spec.learning_rate(method), out=str(spec.out / "runs" / name), samples=0,
+                    # The table's mask overlap between steps (a byte per parameter of peak memory).
+                    mask_overlap=spec.base.mask_overlap or ratio is not None,
                 ).validate()
                 runs.append(PlannedRun(name, method, ratio, seed, config))
     return runs

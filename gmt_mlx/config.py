@@ -27,6 +27,16 @@ MASKED_METHODS = ("gmt", "random")
 ADAPTER_METHODS = ("lora", "dora")
 MASK_KEYS = ("mask_ratio", "mask_scope", "mask_target", "mask_sample_size")
 LORA_KEYS = ("lora_rank", "lora_scale", "lora_dropout", "lora_keys")
+# How AdamW's moments are stored (optim.CompactAdamW); "auto": in the weights' dtype.
+MOMENTS = ("auto", "float32", "bfloat16", "8bit", "8bit-factored")
+# How an update is rounded into low-precision (bfloat16) weights.
+WEIGHT_ROUNDINGS = ("stochastic", "nearest")
+# What --low-memory sets, for the options the user did not set (DESIGN.md decision 11):
+# bfloat16 weights with stochastic rounding, 8-bit m and factored v (the smallest
+# state that matched float32 AdamW on the main job: benchmarks/RESULTS.md), the
+# model saved in the dtype it was trained in, and no global gradient clipping,
+# whose norm needs every gradient alive before the first update.
+LOW_MEMORY = {"train_dtype": "bfloat16", "moments": "8bit-factored", "dtype": "bfloat16", "grad_clip": 0.0}
 # Keys of one preference objective only (the train mode they apply to).
 TRAIN_MODE_KEYS = {"beta": "dpo", "dpo_loss": "dpo", "label_smoothing": "dpo", "orpo_lambda": "orpo"}
 
@@ -57,6 +67,7 @@ class Config:
     mask_scope: str = opt("tensor", "Unit sharing one threshold: tensor, layer (transformer block) or global.", ("tensor", "layer", "global"), group="Method")
     mask_target: str = opt("grad", "grad: the optimizer sees the masked gradient; update: only kept entries move.", ("grad", "update"), group="Method")
     mask_sample_size: int = opt(65536, "Units larger than this estimate the threshold from a sample of up to this many entries (4 r (1-r) x this at mask ratio r).", group="Method")
+    mask_overlap: bool = opt(False, "Log how much consecutive steps' masks overlap (mask_overlap in metrics.jsonl, from a 65k-entry sample); costs ~1 byte per trained parameter of peak memory.", group="Method")
     freeze_embeddings: bool = opt(False, "Do not train the input embeddings.", group="Method")
     freeze_lm_head: bool = opt(False, "Do not train the output head (lm_head).", group="Method")
     num_layers: int = opt(-1, "Train only the last N transformer blocks (-1: all); for lora/dora, put adapters on the last N blocks.", group="Method")
@@ -95,7 +106,10 @@ class Config:
     val_batches: int = opt(25, "Validation batches per evaluation (-1: the whole split).", group="Reporting")
     samples: int = opt(2, "Test prompts answered greedily before and after training, saved in samples.json (0: none).", group="Reporting")
     dtype: str = opt("float32", "dtype of the saved model.", ("float32", "bfloat16", "float16"), group="Reporting")
-    train_dtype: str = opt("float32", "dtype the weights are trained in (float32 recommended on CPU).", ("float32", "bfloat16", "float16"), group="Reporting")
+    train_dtype: str = opt("float32", "dtype the weights are stored and trained in (float32 recommended on CPU, where bfloat16 matmuls are slow).", ("float32", "bfloat16", "float16"), group="Memory")
+    weight_rounding: str = opt("stochastic", "How an update is rounded into bfloat16 weights: stochastic (unbiased: small updates are kept on average) or nearest (small updates are lost, as in plain bfloat16 training).", WEIGHT_ROUNDINGS, group="Memory")
+    moments: str = opt("auto", "Storage of adam/adamw's moments: auto (the weights' dtype), float32, bfloat16 (stochastically rounded), 8bit (block-wise m and sqrt(v)) or 8bit-factored (8-bit m, v factored into row and column averages).", MOMENTS, group="Memory")
+    low_memory: bool = opt(False, "Every saving that kept float32 quality on the main job: bfloat16 weights with stochastic rounding, 8-bit-factored moments, no global gradient clipping, the model saved in bfloat16 (options you set yourself win).", group="Memory", common=True)
     report_to: str = opt("", "Comma-separated trackers that also get metrics.jsonl's records and the config: tensorboard (RUN_DIR/tensorboard/, pip install 'gmt-mlx[tensorboard]'), wandb (pip install 'gmt-mlx[wandb]').", group="Reporting")
 
     # Checkpoints, resume and guards
@@ -178,7 +192,7 @@ class Config:
         return dataclasses.asdict(self)
 
     # Keys that do not change what is trained (used to compare runs).
-    COSMETIC = ("out", "steps_per_report", "samples", "steps_per_save", "save_best", "keep_checkpoints", "max_bad_steps", "memory_check", "distributed_backend", "push_to_hub", "hub_datasets", "report_to")
+    COSMETIC = ("out", "mask_overlap", "steps_per_report", "samples", "steps_per_save", "save_best", "keep_checkpoints", "max_bad_steps", "memory_check", "distributed_backend", "push_to_hub", "hub_datasets", "report_to")
 
 
 def flag(name: str) -> str:
@@ -257,6 +271,9 @@ def resolve(
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value
+    if values.get("low_memory"):
+        for key, value in LOW_MEMORY.items():
+            values.setdefault(key, value)
     return Config(**values).validate()
 
 

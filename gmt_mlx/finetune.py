@@ -40,7 +40,7 @@ from .export import save_hf_model
 from .hub import check_push, publish_run
 from .loading import load_base
 from .losses import make_loss
-from .memory import MemoryEstimate, advice, available_bytes, estimate
+from .memory import DTYPE_BYTES, MemoryEstimate, advice, available_bytes, estimate, moment_storage
 from .methods import enable_grad_checkpoint, prepare_model
 from .models import embedded_gguf_base
 from .optim import MASK_SAMPLE_KEY, build_optimizer, make_schedule
@@ -388,7 +388,8 @@ def _setup(config: Config, log: Callable[[str], None]) -> Setup:
     optimizer = build_optimizer(
         config.optimizer, schedule, weight_decay=config.weight_decay, momentum=config.momentum, method=config.method,
         mask_ratio=config.mask_ratio, mask_scope=config.mask_scope, mask_target=config.mask_target,
-        seed=config.seed, sample_size=config.mask_sample_size,
+        seed=config.seed, sample_size=config.mask_sample_size, moments=config.moments,
+        weights_dtype=config.train_dtype, weight_rounding=config.weight_rounding, record_mask_sample=config.mask_overlap,
     )
     memory = _check_memory(config, model, model_config, sizes, train_split, log)
     loss_fn = make_loss(config.train_mode, beta=config.beta, dpo_loss_type=config.dpo_loss,
@@ -469,19 +470,32 @@ def _save_final(config: Config, run: Setup, out: Path, logger: "RunLogger", prom
 def _check_memory(config: Config, model, model_config: dict, sizes: dict, train_split: TokenizedSplit, log) -> MemoryEstimate:
     longest = max(train_split.lengths())
     seq_len = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
-    weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    params = tree_flatten(model.parameters())
+    weight_bytes = sum(v.nbytes for _, v in params)
+    largest = max((v.size for _, v in tree_flatten(model.trainable_parameters())), default=0)
     # A preference batch holds two rows per pair; DPO's reference pass (forward only, at the
     # same batch) stays below the training step's peak, so the step's estimate covers it.
     rows = 2 if config.preference else 1
-    memory = estimate(
-        model_config, weight_bytes=weight_bytes, trainable=sizes["trainable"], batch_size=config.batch_size * rows,
-        seq_len=seq_len, optimizer=config.optimizer, masked=config.masked,
-        grad_accumulation_steps=config.grad_accumulation_steps, grad_checkpoint=config.grad_checkpoint,
-    )
+
+    def estimate_with(**settings) -> MemoryEstimate:
+        values = {"train_dtype": config.train_dtype, "moments": config.moments, "grad_clip": config.grad_clip, **settings}
+        # Weights stored in another dtype than now take its bytes per entry.
+        scaled = weight_bytes * DTYPE_BYTES[values["train_dtype"]] // DTYPE_BYTES[config.train_dtype]
+        return estimate(
+            model_config, weight_bytes=scaled, trainable=sizes["trainable"], batch_size=config.batch_size * rows,
+            seq_len=seq_len, optimizer=config.optimizer, masked=config.masked,
+            grad_accumulation_steps=config.grad_accumulation_steps, grad_checkpoint=config.grad_checkpoint,
+            mask_overlap=config.mask_overlap, largest=largest, **values,
+        )
+
+    memory = estimate_with()
     available = available_bytes()
     if config.memory_check and available and memory.total > available:
+        low = None
+        if not config.low_memory and config.method not in cfg.ADAPTER_METHODS:
+            low = estimate_with(**{k: v for k, v in cfg.LOW_MEMORY.items() if k != "dtype"}).total
         raise UserError(f"estimated peak memory {memory.total / 1e9:.1f} GB exceeds the {available / 1e9:.1f} GB "
-                        f"available; {advice(config.method)}; or pass --no-memory-check to try anyway")
+                        f"available; {advice(config.method, low)}; or pass --no-memory-check to try anyway")
     return memory
 
 
@@ -507,6 +521,10 @@ def _summary(config: Config, run: Setup, log) -> None:
     log(f"data       {len(train_split)} train / {len(valid_split) if valid_split else 0} valid "
         f"{'pairs' if config.preference else 'examples'}; "
         f"padding waste {100 * waste:.1f}% ({len(run.buckets)} batch widths)")
+    if config.method not in cfg.ADAPTER_METHODS:
+        rounding = f", {config.weight_rounding} rounding" if config.train_dtype == "bfloat16" else ""
+        moments = f", adam moments {moment_storage(config.moments, config.train_dtype)}" if config.optimizer in ("adam", "adamw") else ""
+        log(f"precision  weights {config.train_dtype}{rounding}{moments}")
     log(f"memory     estimated peak {run.memory.describe()}")
     log(f"steps      {run.steps} optimizer steps, batch {config.batch_size} x {config.grad_accumulation_steps} accumulation")
 

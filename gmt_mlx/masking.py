@@ -76,7 +76,7 @@ def check_mask_ratio(mask_ratio: float) -> float:
     return float(mask_ratio)
 
 
-def _index_hash(shape: Tuple[int, ...]) -> mx.array:
+def index_hash(shape: Tuple[int, ...]) -> mx.array:
     """Fibonacci hash (uint32) of each entry's flat index.
 
     A broadcast sum of a column and a row term, so that no index array of the
@@ -99,7 +99,7 @@ def _position_rank(shape: Tuple[int, ...]) -> mx.array:
     255 levels gave rank 0 a double share). Cached per shape: a contiguous
     constant keeps the tie test in the fast kernel (see docs/masking.md).
     """
-    rank = (_index_hash(shape) >> 16).astype(mx.uint16)
+    rank = (index_hash(shape) >> 16).astype(mx.uint16)
     mx.eval(rank)
     return rank
 
@@ -190,11 +190,12 @@ def _unit_pool(grads: List[mx.array], stride: int, width: int, counts: List[int]
 
 
 class UnitThresholds(NamedTuple):
-    """Per unit (arrays of shape (units,)): where to cut, and which ties a large unit keeps."""
+    """Per unit (lists of (1,) arrays, one per unit, each depending on that unit
+    only): where to cut, and which ties a large unit keeps."""
 
-    threshold: mx.array  # large units: the mask_ratio quantile of |g| (from the sample)
-    tie_fraction: mx.array  # large units: of the entries equal to it, the share to keep
-    order_cut: mx.array  # small units: keep entries whose order key (_order_key) is >= this (uint64)
+    threshold: List[mx.array]  # large units: the mask_ratio quantile of |g| (from the sample)
+    tie_fraction: List[mx.array]  # large units: of the entries equal to it, the share to keep
+    order_cut: List[mx.array]  # small units: keep entries whose order key (_order_key) is >= this (uint64)
     small: List[bool]  # per unit: cut exactly by order key (at most sample_size entries)
 
 
@@ -223,9 +224,11 @@ def unit_thresholds(units: List[List[mx.array]], mask_ratio: float, key: mx.arra
     ``sample_entries(sample_size, mask_ratio)`` entries; its tensors pick ties
     by the 16-bit position rank.
 
-    Units whose pools have the same length are stacked and partitioned in one
-    call: a step of the tensor scope has hundreds of units, and on CPU every
-    small op costs a few microseconds.
+    Each unit is partitioned on its own, never stacked with others: inside
+    the fused training step (trainer.make_fused_step) a unit's threshold then
+    depends on that unit's gradient only, so each gradient can be freed as
+    soon as its update ran. (Stacking equal-length pools saved a few
+    microseconds per unit on CPU, and held every gradient of the model alive.)
     """
     plans = [_pool_plan(grads, sample_size, mask_ratio) for grads in units]
     sampled = [(u, i) for u, (stride, _, _) in enumerate(plans) if stride > 1 for i in range(len(units[u]))]
@@ -237,46 +240,39 @@ def unit_thresholds(units: List[List[mx.array]], mask_ratio: float, key: mx.arra
         offsets = {ui: draws[j : j + 1] for j, ui in enumerate(sampled)}
     totals = [sum(g.size for g in grads) for grads in units]
     small = [n <= sample_size for n in totals]
-    groups: Dict[Tuple[int, bool], List[int]] = {}
-    pools = []
+    zero, zero_cut = mx.zeros((1,)), mx.zeros((1,), mx.uint64)
+    thresholds, fractions, cuts = [], [], []
     for u, (grads, (stride, width, counts)) in enumerate(zip(units, plans)):
         pool = _unit_pool(grads, stride, width, counts, [offsets.get((u, i)) for i in range(len(grads))])
-        pools.append(pool)
-        groups.setdefault((pool.size, small[u]), []).append(u)
-    parts, order = [], []
-    for (length, exact), members in groups.items():
-        batch = mx.stack([pools[u] for u in members])
+        length = pool.size
         kth = min(int(round(mask_ratio * length)), length - 1)
-        if exact:
+        if int(round(mask_ratio * totals[u])) == 0:
+            # A unit whose target drops no entry keeps every non-zero entry,
+            # even where a sample's minimum would cut some.
+            threshold, fraction, cut = zero, zero, zero_cut
+        elif small[u]:
             hashes = mx.arange(length, dtype=mx.uint32) * mx.array(_FIB, mx.uint32)
-            cut = mx.partition(_order_key(batch, hashes), kth, axis=-1)[:, kth]
-            unused = mx.zeros((len(members),))  # the sampled units' threshold and tie share
-            parts.append((unused, unused, cut))
+            threshold, fraction = zero, zero  # unused: cut by order key
+            cut = mx.partition(_order_key(pool, hashes), kth)[kth : kth + 1]
         else:
-            threshold = mx.partition(batch, kth, axis=-1)[:, kth]
-            # Each unit's target count, scaled to its sample.
-            keep = mx.array([length * (n - int(round(mask_ratio * n))) / n for n in (totals[u] for u in members)])
-            above = mx.sum(batch > threshold[:, None], axis=-1).astype(mx.float32)
-            ties = mx.sum(batch == threshold[:, None], axis=-1).astype(mx.float32)
+            threshold = mx.partition(pool, kth)[kth : kth + 1]
+            # The unit's target count, scaled to its sample.
+            n = totals[u]
+            keep = mx.array([length * (n - int(round(mask_ratio * n))) / n])
+            above = mx.sum(pool > threshold).astype(mx.float32)
+            ties = mx.sum(pool == threshold).astype(mx.float32)
             fraction = mx.clip((keep - above) / mx.maximum(ties, 1.0), 0.0, 1.0)
-            parts.append((threshold, fraction, mx.zeros((len(members),), mx.uint64)))
-        order.extend(members)
-    # Back to unit order.
-    restore = mx.array(sorted(range(len(order)), key=order.__getitem__))
-    threshold, fraction, cut = (mx.concatenate([p[i] for p in parts])[restore] for i in range(3))
-    # A unit whose target drops no entry (mask_ratio * size rounds to 0) keeps
-    # every non-zero entry, even where a sample's minimum would cut some.
-    drops_none = [int(round(mask_ratio * n)) == 0 for n in totals]
-    if any(drops_none):
-        none = mx.array(drops_none)
-        threshold, cut = mx.where(none, 0, threshold), mx.where(none, 0, cut)
-    return UnitThresholds(threshold, fraction, cut, small)
+            cut = zero_cut
+        thresholds.append(threshold)
+        fractions.append(fraction)
+        cuts.append(cut)
+    return UnitThresholds(thresholds, fractions, cuts, small)
 
 
 @lru_cache(maxsize=256)
 def _position_hash(shape: Tuple[int, ...]) -> mx.array:
     """The uint32 Fibonacci hash of each flat index, built once per (small) shape."""
-    h = _index_hash(shape)
+    h = index_hash(shape)
     mx.eval(h)
     return h
 
@@ -304,39 +300,36 @@ def gmt_masks(
     # Per tensor: its unit's cut; zero gradients are never kept. In a large
     # unit each tensor keeps the ties whose 16-bit position rank is below its
     # unit's level, rounded with its own random dither (unbiased over the
-    # unit). These are (tensors,) arrays sliced one scalar per tensor: fused
-    # into the full-size kernels, this scalar arithmetic was recomputed per
-    # entry (3x slower).
-    unit_index = mx.array([u for u, names in enumerate(units) for _ in names])
-    names = [n for group in units for n in group]
-    thresholds = found.threshold[unit_index]
-    dither = mx.random.uniform(shape=(len(names),), key=dither_key)
-    rank_cuts = mx.minimum(mx.floor(found.tie_fraction[unit_index] * _RANK_LEVELS + dither), _RANK_LEVELS)
-    # rank < cut, written as rank <= cut - 1 so that it fits uint16 (a wider
-    # comparison would materialise a widened copy of the rank); a tensor that
-    # keeps no tie gets the tie value -1, which no |g| equals.
-    tie_values = mx.where((thresholds > 0) & (rank_cuts > 0), thresholds, -1.0)
-    last_ranks = mx.maximum(rank_cuts - 1, 0).astype(mx.uint16)
-    order_cuts = found.order_cut[unit_index]
+    # unit). The scalar arithmetic is done on a (tensors of the unit,) vector
+    # sliced one entry per tensor: fused into the full-size kernels, it was
+    # recomputed per entry (3x slower).
+    dither = mx.random.uniform(shape=(sum(len(unit) for unit in units),), key=dither_key)
     masks: Dict[str, mx.array] = {}
     counts = []
     j = 0
     for u, unit in enumerate(units):
+        threshold = found.threshold[u]
+        rank_cuts = mx.minimum(mx.floor(found.tie_fraction[u] * _RANK_LEVELS + dither[j : j + len(unit)]), _RANK_LEVELS)
+        # rank < cut, written as rank <= cut - 1 so that it fits uint16 (a wider
+        # comparison would materialise a widened copy of the rank); a tensor that
+        # keeps no tie gets the tie value -1, which no |g| equals.
+        tie_values = mx.where((threshold > 0) & (rank_cuts > 0), threshold, -1.0)
+        last_ranks = mx.maximum(rank_cuts - 1, 0).astype(mx.uint16)
         offset = 0
-        for name in unit:
+        for i, name in enumerate(unit):
             g = flat[name]
             magnitude = mx.abs(g)
             if found.small[u]:
                 # The tensor's entries continue the unit's position index from `offset`.
                 shift = mx.array((offset * _FIB) & _NO_HASH, mx.uint32)
                 keys = _order_key(magnitude, _position_hash(tuple(g.shape)) + shift)
-                masks[name] = (keys >= order_cuts[j]) & (magnitude > 0)
+                masks[name] = (keys >= found.order_cut[u][0]) & (magnitude > 0)
             else:
-                tie_kept = (magnitude == tie_values[j]) & (_position_rank(tuple(g.shape)) <= last_ranks[j])
-                masks[name] = (magnitude > thresholds[j]) | tie_kept
+                tie_kept = (magnitude == tie_values[i]) & (_position_rank(tuple(g.shape)) <= last_ranks[i])
+                masks[name] = (magnitude > threshold[0]) | tie_kept
             counts.append(mx.sum(masks[name]))  # int32: a tensor has < 2^31 entries
             offset += g.size
-            j += 1
+        j += len(unit)
     # int64 for the total: a large model has more than 2^31 entries.
     kept = mx.sum(mx.stack(counts).astype(mx.int64))
     # Rebuild on the gradient tree itself: tree_unflatten would drop empty
@@ -344,7 +337,7 @@ def gmt_masks(
     return tree_map_with_path(lambda path, _: masks[path], grads), kept
 
 
-def _mix32(h: mx.array) -> mx.array:
+def mix32(h: mx.array) -> mx.array:
     """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with p ~ 1/2."""
     h = h ^ (h >> 16)
     h = h * mx.array(0x85EBCA6B, mx.uint32)
@@ -367,7 +360,7 @@ def random_scores(grads: dict, key: mx.array) -> dict:
     scores = {}
     for i, (name, g) in enumerate(flat):
         # 24 bits: what float32 holds exactly; + 1 keeps every eligible score above 0.
-        bits = (_mix32(_index_hash(tuple(g.shape)) ^ seeds[i]) >> 8).astype(mx.float32) + 1.0
+        bits = (mix32(index_hash(tuple(g.shape)) ^ seeds[i]) >> 8).astype(mx.float32) + 1.0
         scores[name] = bits * (g != 0)
     return tree_map_with_path(lambda path, _: scores[path], grads)
 

@@ -18,9 +18,23 @@ from typing import Dict, Optional
 from .config import ADAPTER_METHODS
 
 F32 = 4
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# Optimizer state in float32 words per trainable entry.
+# Optimizer state in float32 words per trainable entry, for mlx's optimizers.
 _OPTIMIZER_WORDS = {"adamw": 2, "adam": 2, "sgd": 1, "muon": 1, "adafactor": 0.1}
+# Bytes per trainable entry of Adam's two moments, by storage (optim.CompactAdamW):
+# 8-bit forms carry a float32 scale per block of 128 entries.
+_MOMENT_BYTES = {"float32": 8, "bfloat16": 4, "8bit": 2 + 2 * 4 / 128, "8bit-factored": 1 + 4 / 128}
+# Of the tensors being updated at one moment in the fused step: ~8 float32
+# copies of the largest (its gradient, old and new weights and moments,
+# temporaries). Measured: 1.05 GB over weights + state on a 309M llama whose
+# largest tensor has 32.8M entries.
+_IN_FLIGHT_COPIES = 8
+# The compact moments' update is a chain of kernels (block scales, row and
+# column means, rounding) whose float32 temporaries MLX's scheduler keeps
+# alive for several tensors at once: ~2.5 bytes per trainable entry measured
+# on the same model (benchmarks/RESULTS.md).
+_COMPACT_IN_FLIGHT = 2.5
 
 
 @dataclass
@@ -41,6 +55,13 @@ class MemoryEstimate:
                 f"optimizer {gb(self.optimizer)}, masking {gb(self.masking)}, activations {gb(self.activations)})")
 
 
+def moment_storage(moments: str, train_dtype: str) -> str:
+    """The storage "auto" resolves to (optim.build_optimizer's rule)."""
+    if moments != "auto":
+        return moments
+    return train_dtype if train_dtype in _MOMENT_BYTES else "float32"
+
+
 def estimate(
     hf_config: Dict,
     *,
@@ -52,27 +73,50 @@ def estimate(
     masked: bool = True,
     grad_accumulation_steps: int = 1,
     grad_checkpoint: bool = False,
+    train_dtype: str = "float32",
+    moments: str = "auto",
+    grad_clip: float = 0.0,
+    mask_overlap: bool = False,
+    largest: int = 0,
 ) -> MemoryEstimate:
-    """Estimate the peak bytes of one training step (float32 training); ``masked``: Config.masked."""
+    """Estimate the peak bytes of one training step (trainer.make_fused_step).
+
+    ``largest``: entries of the largest trainable tensor (0: guessed from the
+    vocabulary and hidden size). ``masked``: Config.masked.
+
+    The fused step frees each gradient as soon as its update ran, so a whole
+    gradient (in the weights' dtype) is only counted when something needs it
+    all before the first update: global clipping (``grad_clip`` > 0) or the
+    accumulation buffer (``grad_accumulation_steps`` > 1: both).
+    """
     hidden = int(hf_config.get("hidden_size", 0))
     inter = int(hf_config.get("intermediate_size", 4 * hidden))
     layers = int(hf_config.get("num_hidden_layers", 0))
     heads = int(hf_config.get("num_attention_heads", 1))
     vocab = int(hf_config.get("vocab_size", 0))
     tokens = batch_size * seq_len
-    gradients = trainable * F32 * (2 if grad_accumulation_steps > 1 else 1)
-    opt_words = _OPTIMIZER_WORDS.get(optimizer, 2)
-    optimizer_bytes = int(trainable * F32 * opt_words)
-    # A masked step holds a bool mask plus one masked copy of the gradient (or of the update).
-    masking = trainable * (1 + F32) if masked else 0
+    width = DTYPE_BYTES.get(train_dtype, F32)
+    largest = largest or min(trainable, vocab * hidden)
+    whole = (grad_clip > 0) + (grad_accumulation_steps > 1) * 2
+    gradients = trainable * width * min(whole, 2) + largest * F32 * _IN_FLIGHT_COPIES
+    storage = moment_storage(moments, train_dtype)
+    if optimizer in ("adam", "adamw"):
+        optimizer_bytes = int(trainable * _MOMENT_BYTES.get(storage, 8))
+        if not (storage == "float32" and train_dtype == "float32"):
+            gradients += int(trainable * _COMPACT_IN_FLIGHT)
+    else:
+        optimizer_bytes = int(trainable * width * _OPTIMIZER_WORDS.get(optimizer, 1))
+    # The masks are built and consumed tensor by tensor (in the in-flight term);
+    # --mask-overlap's sample keeps them all (a byte per entry) until the step ends.
+    masking = trainable if masked and mask_overlap else 0
     # Saved for the backward pass per layer and token: ~12 hidden-sized and
     # ~4 intermediate-sized vectors, plus attention scores and probabilities.
-    per_layer = tokens * (12 * hidden + 4 * inter) * F32 + batch_size * heads * seq_len * seq_len * 2 * F32
+    per_layer = tokens * (12 * hidden + 4 * inter) * width + batch_size * heads * seq_len * seq_len * 2 * width
     kept_layers = 1 if grad_checkpoint else layers
-    checkpoint_inputs = tokens * hidden * F32 * layers if grad_checkpoint else 0
+    checkpoint_inputs = tokens * hidden * width * layers if grad_checkpoint else 0
     logits = tokens * vocab * F32 * 3  # logits, log-softmax, and their gradient
     activations = per_layer * kept_layers + checkpoint_inputs + logits
-    return MemoryEstimate(weight_bytes, gradients, optimizer_bytes, masking, activations)
+    return MemoryEstimate(weight_bytes, int(gradients), optimizer_bytes, masking, activations)
 
 
 def available_bytes() -> Optional[int]:
@@ -100,9 +144,13 @@ def available_bytes() -> Optional[int]:
         return None
 
 
-def advice(method: str) -> str:
-    tips = ["a smaller --batch-size (with --grad-accumulation-steps to keep the batch)",
-            "a shorter --max-seq-length", "--grad-checkpoint"]
+def advice(method: str, low_memory_total: Optional[int] = None) -> str:
+    """What to try when the estimate does not fit (``low_memory_total``: the estimate with --low-memory)."""
+    tips = []
+    if low_memory_total is not None:
+        tips.append(f"--low-memory (estimated ~{low_memory_total / 1e9:.1f} GB)")
+    tips += ["a smaller --batch-size (with --grad-accumulation-steps to keep the batch)",
+             "a shorter --max-seq-length", "--grad-checkpoint"]
     if method not in ADAPTER_METHODS:
         tips.append("--method lora, or --num-layers N to train fewer blocks")
     return "try " + ", ".join(tips)

@@ -16,9 +16,9 @@ from typing import Callable, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from .config import MASKED_METHODS
+from .config import MASKED_METHODS, MOMENTS, WEIGHT_ROUNDINGS
 from .masking import (
     DEFAULT_SAMPLE_SIZE,
     SCOPES,
@@ -29,19 +29,40 @@ from .masking import (
     gmt_masks,
     random_masks,
 )
+from .precision import (
+    SALT_M,
+    SALT_V,
+    SALT_WEIGHTS,
+    BLOCK,
+    dequantize_root,
+    dequantize_signed,
+    quantizable,
+    quantize_root,
+    quantize_signed,
+    round_to,
+    step_seed,
+    tensor_seed,
+)
 
 # Optimizer-state key of the keep-mask sample (see MaskedOptimizer.apply_gradients).
 MASK_SAMPLE_KEY = "mask_sample"
 MASK_SAMPLE_SIZE = 65536
 
 
+def mask_sample_parts(masks: dict, size: int = MASK_SAMPLE_SIZE) -> dict:
+    """A fixed subset of ~``size`` keep-mask entries, by parameter path: every k-th
+    entry of each tensor, k odd so it does not line up with power-of-two rows.
+    The same positions every step, so two steps' samples (`mask_sample`)
+    estimate how much their masks overlap."""
+    flat = tree_flatten(masks)
+    stride = max(1, sum(m.size for _, m in flat) // size) | 1
+    # Copies, not strided views: a view keeps its whole mask alive.
+    return {path: mx.contiguous(m.reshape(-1)[::stride]) for path, m in flat}
+
+
 def mask_sample(masks: dict, size: int = MASK_SAMPLE_SIZE) -> mx.array:
-    """A fixed subset of ~``size`` keep-mask entries (every k-th entry of each tensor,
-    k odd so it does not line up with power-of-two rows): the same positions every
-    step, so two steps' samples estimate how much their masks overlap."""
-    flat = [m.reshape(-1) for _, m in tree_flatten(masks)]
-    stride = max(1, sum(m.size for m in flat) // size) | 1
-    return mx.concatenate([m[::stride] for m in flat])
+    """`mask_sample_parts` joined in one array."""
+    return mx.concatenate(list(mask_sample_parts(masks, size).values()))
 
 
 class MaskedOptimizer:
@@ -51,10 +72,13 @@ class MaskedOptimizer:
     result is bit-for-bit plain fine-tuning.
 
     ``update()`` / ``apply_gradients()`` return statistics as arrays (``kept``:
-    entries kept this step) so a compiled step can return them. When masking,
-    a sample of the keep-mask (`mask_sample`) is also stored in the state
-    under ``"mask_sample"``, so a caller can measure the overlap of
-    consecutive steps' masks without holding whole masks.
+    entries kept this step) so a compiled step can return them. With
+    ``record_mask_sample``, a sample of the keep-mask (`mask_sample`) is also
+    stored in the state under ``"mask_sample"``, so a caller can measure the
+    overlap of consecutive steps' masks. It costs memory: in the fused step
+    (trainer.make_fused_step) the join of the samples kept every mask alive
+    until the end of the step (+2.6 GB, 8.5 bytes per parameter, on a 309M
+    model in float32), so it is off unless asked for.
     """
 
     def __init__(
@@ -67,6 +91,8 @@ class MaskedOptimizer:
         target: str = "grad",
         seed: int = 0,
         sample_size: int = DEFAULT_SAMPLE_SIZE,
+        weight_rounding: str = "stochastic",
+        record_mask_sample: bool = False,
     ):
         if method not in MASKED_METHODS:
             raise ValueError(f"unknown mask method {method!r} (expected one of {', '.join(MASKED_METHODS)})")
@@ -76,7 +102,11 @@ class MaskedOptimizer:
             raise ValueError(f"unknown mask target {target!r} (expected one of {', '.join(TARGETS)})")
         if sample_size < 1:
             raise ValueError(f"sample_size must be positive, got {sample_size}")
+        if weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ValueError(f"unknown weight rounding {weight_rounding!r} (expected one of {', '.join(WEIGHT_ROUNDINGS)})")
         self.optimizer = optimizer
+        self.weight_rounding = weight_rounding
+        self.record_mask_sample = record_mask_sample
         self.method = method
         self.mask_ratio = check_mask_ratio(mask_ratio)
         self.scope = scope
@@ -133,21 +163,37 @@ class MaskedOptimizer:
         def scaled(tree):
             return tree if grad_scale is None else tree_map(lambda g: g * grad_scale, tree)
 
+        # Weights stored in a low-precision dtype are updated in float32 and
+        # rounded back once, at the end (stochastically by default: see
+        # precision.round_to), so the optimizer's arithmetic never rounds.
+        stored = tree_map(lambda g, p: p, gradients, parameters)
+        low = [p.dtype for _, p in tree_flatten(stored) if p.dtype != mx.float32]
+        work = tree_map(lambda p: p.astype(mx.float32), stored) if low else stored
+        seed = step_seed(self.seed, self.optimizer.step) if low and self.weight_rounding == "stochastic" else None
+        state_dtypes = _state_dtypes(self.optimizer) if low else None
+
         total = count_entries(gradients)
         if self.mask_ratio == 0.0:
             kept = mx.array(total, mx.int64)
-            return self.optimizer.apply_gradients(scaled(gradients), parameters), {"kept": kept}
-        masks, kept = self.masks(gradients)
-        self.optimizer.state[MASK_SAMPLE_KEY] = mask_sample(masks)
-        if self.target == "grad":
-            updated = self.optimizer.apply_gradients(scaled(apply_masks(gradients, masks)), parameters)
+            updated = self.optimizer.apply_gradients(scaled(gradients), work)
         else:
-            # The optimizer state sees the full gradient; only kept entries move.
-            # new * m + p * ~m is where(m, new, p) for finite values (x * 1 = x,
-            # x * 0 = 0): arithmetic fuses into the optimizer's kernel at full
-            # speed, a select there made the step ~3% slower (SmolLM2-135M, CPU).
-            new = self.optimizer.apply_gradients(scaled(gradients), parameters)
-            updated = tree_map(lambda n, m, p: n * m + p * ~m, new, masks, parameters)
+            masks, kept = self.masks(gradients)
+            if self.record_mask_sample:
+                self.optimizer.state[MASK_SAMPLE_KEY] = mask_sample(masks)
+            if self.target == "grad":
+                updated = self.optimizer.apply_gradients(scaled(apply_masks(gradients, masks)), work)
+            else:
+                # The optimizer state sees the full gradient; only kept entries move.
+                # new * m + p * ~m is where(m, new, p) for finite values (x * 1 = x,
+                # x * 0 = 0): arithmetic fuses into the optimizer's kernel at full
+                # speed, a select there made the step ~3% slower (SmolLM2-135M, CPU).
+                new = self.optimizer.apply_gradients(scaled(gradients), work)
+                updated = tree_map(lambda n, m, p: n * m + p * ~m, new, masks, work)
+        if low:
+            _restore_state_dtypes(self.optimizer, state_dtypes)
+            updated = tree_map_with_path(
+                lambda path, new, p: round_to(new, p.dtype, None if seed is None else tensor_seed(seed, path, SALT_WEIGHTS)),
+                updated, stored)
         return updated, {"kept": kept}
 
     def update(self, model, gradients: dict, grad_scale: mx.array | None = None) -> Dict[str, mx.array]:
@@ -155,6 +201,133 @@ class MaskedOptimizer:
         updated, stats = self.apply_gradients(gradients, model, grad_scale)
         model.update(updated)
         return stats
+
+
+def _state_dtypes(optimizer) -> dict:
+    """The dtype of every array in an optimizer's state (before a step), by path."""
+    return {path: v.dtype for path, v in tree_flatten(optimizer.state)}
+
+
+def _restore_state_dtypes(optimizer, dtypes: dict) -> None:
+    """Keep a wrapped mlx optimizer's state in the dtype it was created in.
+
+    Its arithmetic on a float32 gradient (the scaled one) promotes a bfloat16
+    moment to float32, which would silently double the state's memory after
+    the first step. (`CompactAdamW` stores its moments itself.)
+    """
+    if isinstance(optimizer, CompactAdamW) or not dtypes:
+        return
+    # In place: a compiled step's outputs are this very dict's contents.
+    optimizer.state.update(tree_map_with_path(
+        lambda path, v: v.astype(dtypes[path]) if path in dtypes and v.dtype != dtypes[path] else v, optimizer.state))
+
+
+class CompactAdamW(optim.Optimizer):
+    """AdamW with its moments stored in less memory, and float32 arithmetic.
+
+    The update is mlx's AdamW's (decoupled weight decay, no bias correction):
+    ``p <- p (1 - lr wd) - lr m / (sqrt(v) + eps)``. ``moments`` says how m and
+    v are stored between steps:
+
+    - ``float32``: 8 bytes per entry, as mlx's AdamW on float32 weights;
+    - ``bfloat16``: 4 bytes, stochastically rounded (to nearest, v could
+      never decay by 0.1% a step: precision.round_to);
+    - ``8bit``: ~2 bytes: m as int8 and sqrt(v) as uint8, each with a float32
+      scale per block of 128 entries, stochastically rounded
+      (precision.quantize_signed / quantize_root say why this v is stable);
+    - ``8bit-factored``: ~1 byte: m in 8 bits, and v of a matrix kept as
+      the moving averages of its rows' and columns' mean squared gradient
+      (Adafactor's factorisation: v_ij ~ row_i col_j / mean(row)), float32.
+
+    Tensors too small for whole blocks (norms, biases) keep float32 moments:
+    they are a negligible share of the memory. Rounding seeds come from
+    (seed, step, parameter path), so a resumed run draws the same bits.
+    """
+
+    def __init__(self, learning_rate, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 moments: str = "float32", seed: int = 0):
+        super().__init__()
+        if moments not in COMPACT_MOMENTS:
+            raise ValueError(f"unknown moments storage {moments!r} (expected one of {', '.join(COMPACT_MOMENTS)})")
+        self._maybe_schedule("learning_rate", learning_rate)
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.moments, self.seed = moments, int(seed)
+
+    def _form(self, shape) -> str:
+        """How one tensor's moments are stored."""
+        if self.moments in ("float32", "bfloat16") or not quantizable(shape):
+            return "float32" if self.moments != "bfloat16" else "bfloat16"
+        if self.moments == "8bit-factored" and len(shape) >= 2:
+            return "factored"
+        return "8bit"
+
+    def init_single(self, parameter: mx.array, state: dict):
+        shape, form = parameter.shape, self._form(parameter.shape)
+        if form in ("float32", "bfloat16"):
+            dtype = mx.float32 if form == "float32" else mx.bfloat16
+            state["m"], state["v"] = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
+            return
+        blocks = parameter.size // BLOCK
+        state["m_codes"], state["m_scale"] = mx.zeros(shape, mx.int8), mx.zeros((blocks,), mx.float32)
+        if form == "factored":
+            rows = parameter.size // shape[-1]
+            state["v_row"], state["v_col"] = mx.zeros((rows,), mx.float32), mx.zeros((shape[-1],), mx.float32)
+        else:
+            state["v_codes"], state["v_scale"] = mx.zeros(shape, mx.uint8), mx.zeros((blocks,), mx.float32)
+
+    def apply_gradients(self, gradients: dict, parameters: dict):
+        # mlx's loop, with the parameter path passed on: it seeds the rounding.
+        if not self._initialized:
+            self.init(gradients)
+        for param, scheduler in self._schedulers.items():
+            self.state[param] = scheduler(self.step)
+        seed = step_seed(self.seed, self.step)
+        self.state["step"] = self.step + 1
+        grads = dict(tree_flatten(gradients))
+        params = {path: p for path, p in tree_flatten(tree_map(lambda g, p: p, gradients, parameters))}
+        states = {path: s for path, s in tree_flatten(tree_map(lambda g, s: s, gradients, self.state), is_leaf=lambda x: isinstance(x, dict) and not any(isinstance(v, dict) for v in x.values()))}
+        new, previous = {}, None
+        # One tensor after another, in the order the backward pass produces
+        # their gradients (the reverse of the model's): the update's chain of
+        # kernels (block scales, row and column means, rounding) would
+        # otherwise run level by level across many tensors, keeping all their
+        # float32 temporaries alive at once.
+        for path in reversed(list(grads)):
+            g = grads[path] if previous is None else mx.depends(grads[path], previous)
+            new[path] = previous = self._apply(g, params[path], states[path], seed, path)
+        return tree_map_with_path(lambda path, g: new[path], gradients)
+
+    def apply_single(self, gradient, parameter, state):  # the abstract method; apply_gradients bypasses it
+        return self._apply(gradient, parameter, state, step_seed(self.seed, self.step), "")
+
+    def _apply(self, gradient: mx.array, parameter: mx.array, state: dict, seed: mx.array, path: str) -> mx.array:
+        b1, b2 = self.betas
+        lr = self.learning_rate.astype(mx.float32)
+        g = gradient.astype(mx.float32)
+        stochastic = None if self.moments == "float32" else tensor_seed(seed, path, SALT_M)
+        if "m" in state:
+            m = b1 * state["m"].astype(mx.float32) + (1 - b1) * g
+            v = b2 * state["v"].astype(mx.float32) + (1 - b2) * mx.square(g)
+            state["m"] = round_to(m, state["m"].dtype, stochastic)
+            state["v"] = round_to(v, state["v"].dtype, None if stochastic is None else tensor_seed(seed, path, SALT_V))
+        else:
+            m = b1 * dequantize_signed(state["m_codes"], state["m_scale"]) + (1 - b1) * g
+            state["m_codes"], state["m_scale"] = quantize_signed(m, stochastic)
+            if "v_row" in state:
+                square = mx.square(g).reshape(-1, g.shape[-1])
+                row = b2 * state["v_row"] + (1 - b2) * mx.mean(square, axis=-1)
+                col = b2 * state["v_col"] + (1 - b2) * mx.mean(square, axis=0)
+                state["v_row"], state["v_col"] = row, col
+                v = (row[:, None] * (col / mx.maximum(mx.mean(row), 1e-30))[None, :]).reshape(g.shape)
+            else:
+                v = b2 * dequantize_root(state["v_codes"], state["v_scale"]) + (1 - b2) * mx.square(g)
+                state["v_codes"], state["v_scale"] = quantize_root(v, tensor_seed(seed, path, SALT_V))
+        p = parameter.astype(mx.float32)
+        return p * (1 - lr * self.weight_decay) - lr * m / (mx.sqrt(v) + self.eps)
+
+
+# Storage forms of CompactAdamW's moments ("auto" resolves to the weights' dtype).
+COMPACT_MOMENTS = tuple(m for m in MOMENTS if m != "auto")
 
 
 def make_schedule(
@@ -202,13 +375,24 @@ def build_optimizer(
     mask_target: str = "grad",
     seed: int = 0,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
+    moments: str = "auto",
+    weights_dtype: str = "float32",
+    weight_rounding: str = "stochastic",
+    record_mask_sample: bool = False,
 ) -> MaskedOptimizer:
     """Build the base optimizer and wrap it; unmasked methods (sft, LoRA) get mask_ratio 0.
 
     ``momentum`` is sgd's and muon's (None: their own defaults, 0 and 0.95);
-    Adam's betas and eps stay mlx's defaults.
+    Adam's betas and eps stay mlx's defaults. ``moments`` (adam/adamw): how
+    the moments are stored (`CompactAdamW`); "auto" keeps them in the weights'
+    dtype. float32 moments on float32 weights use mlx's own AdamW/Adam.
     """
-    if name == "adamw":
+    if moments == "auto":
+        moments = weights_dtype if weights_dtype in COMPACT_MOMENTS else "float32"
+    if name in ("adam", "adamw") and not (moments == "float32" and weights_dtype == "float32"):
+        base = CompactAdamW(learning_rate, weight_decay=weight_decay if name == "adamw" else 0.0,
+                            moments=moments, seed=seed)
+    elif name == "adamw":
         base = optim.AdamW(learning_rate, weight_decay=weight_decay)
     elif name == "adam":
         base = optim.Adam(learning_rate)
@@ -229,4 +413,6 @@ def build_optimizer(
         target=mask_target,
         seed=seed,
         sample_size=sample_size,
+        weight_rounding=weight_rounding,
+        record_mask_sample=record_mask_sample,
     )

@@ -94,6 +94,78 @@ def make_step_fns(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, gra
     return grad_fn, update_fn
 
 
+def make_fused_step(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, grad_clip: float = 0.0, group=None):
+    """One compiled function for a step's last micro-batch: gradient, all-reduce, mask and update.
+
+    ``step_fn(earlier, *batch)``: ``earlier`` is None or the (loss, count,
+    metric sums, gradient) summed over the step's earlier micro-batches
+    (`accumulate`). Returns (summed loss, count, metric sums, gradient norm of
+    the step's mean loss, entries kept, applied).
+
+    Why one graph: each tensor's gradient is consumed by its own threshold,
+    mask and update and freed right after, so the gradients of the whole
+    model are never alive at once (the split grad_fn / update_fn of
+    `make_step_fns` hold all of them across the two calls). What still
+    couples every tensor is opt-in: global gradient clipping (the clip factor
+    needs the whole norm first), the global mask scope and accumulation's
+    buffer. The per-tensor statistics (squared norm, kept count) are small
+    outputs; `train` evaluates them with the state in one `mx.eval`.
+
+    A step whose loss or gradient is not finite is reported as not applied,
+    the optimizer's step counter (so the schedule) does not advance, and its
+    non-finite tensors keep their weights (all of them, if the loss is not
+    finite): they reach the optimizer as zero gradients, so their moments
+    decay by one step. Keeping every weight and moment exactly unchanged would
+    need every gradient before the first update (the all-or-nothing check) or
+    a second copy of the state (a select on it held every tensor's old and
+    new moments alive: +2 GB on a 309M model).
+    """
+    state = training_state(model, optimizer)
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    distributed = group is not None and group.size() > 1
+
+    def step(earlier, *batch):
+        out, grads = loss_and_grad(model, *batch)
+        loss, count, metrics = unpack(out)
+        grads = tree_map(mx.contiguous, grads)  # see make_step_fns
+        if earlier is not None:
+            loss, count = loss + earlier[0], count + earlier[1]
+            metrics = tree_map(mx.add, metrics, earlier[2])
+            grads = tree_map(mx.add, earlier[3], grads)
+        if distributed:
+            grads = all_sum_tree(grads, group)
+            loss = mx.distributed.all_sum(loss, group=group)
+            count = mx.distributed.all_sum(count, group=group)
+            metrics = {k: mx.distributed.all_sum(v, group=group) for k, v in metrics.items()}
+        scale = 1.0 / mx.maximum(count, 1.0)
+        squares = tree_map(_sum_of_squares, grads)
+        norm = mx.sqrt(sum(v for _, v in tree_flatten(squares))) * scale
+        if grad_clip > 0:
+            scale = scale * mx.minimum(grad_clip / (norm + 1e-6), 1.0)
+        finite = mx.isfinite(loss)
+        ok = tree_map(lambda q: finite & mx.isfinite(q), squares)
+        # A tensor that is not ok reaches the optimizer as a zero gradient and keeps its weights.
+        grads = tree_map(lambda k, g: mx.where(k, g, 0), ok, grads)
+        old = tree_map(lambda g, p: p, grads, model.trainable_parameters())
+        old_step = optimizer.state.get("step")
+        if isinstance(optimizer, MaskedOptimizer):
+            kept = optimizer.update(model, grads, grad_scale=scale)["kept"]
+        else:
+            optimizer.update(model, tree_map(lambda g: g * scale, grads))
+            kept = mx.array(sum(g.size for _, g in tree_flatten(grads)), mx.int64)
+        new = tree_map(lambda g, p: p, grads, model.trainable_parameters())
+        model.update(tree_map(lambda k, n, p: mx.where(k, n, p), ok, new, old))
+        applied = finite & mx.isfinite(norm)
+        if old_step is not None:
+            # A scalar: the step counter (and with it the schedule) advances only on applied steps.
+            optimizer.state["step"] = mx.where(applied, optimizer.state["step"], old_step)
+        return loss, count, metrics, norm, kept, applied
+
+    first = partial(mx.compile, inputs=state, outputs=state)(lambda *batch: step(None, *batch))
+    rest = partial(mx.compile, inputs=state, outputs=state)(lambda earlier, *batch: step(earlier, *batch))
+    return lambda earlier, *batch: first(*batch) if earlier is None else rest(earlier, *batch)
+
+
 @lru_cache(maxsize=8)
 def _ones(n: int) -> mx.array:
     return mx.ones((n,), mx.float32)
@@ -120,7 +192,7 @@ def global_norm(grads) -> mx.array:
 
 
 def accumulate(grad_fn: Callable, batches: Iterator[Batch], micro_batches: int, group=None):
-    """Sum (loss, count, metric sums, gradient) over one step's micro-batches, then over ranks."""
+    """Sum (loss, count, metric sums, gradient) over ``micro_batches`` micro-batches (then over ranks, with ``group``)."""
     loss_sum, count, metrics, grads = mx.array(0.0), mx.array(0.0), None, None
     for _ in range(micro_batches):
         loss, n, micro_metrics, micro = grad_fn(*next(batches))
@@ -128,8 +200,7 @@ def accumulate(grad_fn: Callable, batches: Iterator[Batch], micro_batches: int, 
         del micro  # else this gradient stays alive through on_step/on_eval (validation, checkpoints)
         metrics = micro_metrics if metrics is None else tree_map(mx.add, metrics, micro_metrics)
         loss_sum, count = loss_sum + loss, count + n
-        if micro_batches > 1:
-            mx.eval(grads, loss_sum, count, metrics)  # bound the graph (and memory) per micro-batch
+        mx.eval(grads, loss_sum, count, metrics)  # bound the graph (and memory) per micro-batch
     if group is not None and group.size() > 1:
         grads = all_sum_tree(grads, group)
         loss_sum = mx.distributed.all_sum(loss_sum, group=group)
@@ -168,26 +239,27 @@ def train(
     steps (Ctrl-C sets it). ``on_eval(step)`` runs every ``steps_per_eval``
     steps and at ``iters``.
     """
-    grad_fn, update_fn = make_step_fns(model, optimizer, loss_fn, grad_clip)
+    if hasattr(optimizer, "init"):
+        # Create the state before compiling, so the step's guard sees it (a no-op on a restored state).
+        optimizer.init(model.trainable_parameters())
+    grad_fn, _ = make_step_fns(model, optimizer, loss_fn, grad_clip)
+    step_fn = make_fused_step(model, optimizer, loss_fn, grad_clip, group)
     state = training_state(model, optimizer)
     model.train()
     bad_in_a_row, step = 0, start_step
     for step in range(start_step + 1, iters + 1):
-        loss_sum, count, metric_sums, grads = accumulate(grad_fn, batches, grad_accumulation_steps, group)
+        earlier = None
+        if grad_accumulation_steps > 1:
+            earlier = accumulate(grad_fn, batches, grad_accumulation_steps - 1)
+        loss_sum, count, metric_sums, norm, kept_arr, applied = step_fn(earlier, *next(batches))
+        del earlier  # the accumulation buffer: freed before on_step/on_eval (validation, checkpoints)
+        # The small outputs first, in the same evaluation as the state: see make_fused_step.
+        mx.eval(norm, kept_arr, applied, loss_sum, count, metric_sums, state)
         scale = 1.0 / mx.maximum(count, 1.0)
-        norm = global_norm(grads) * scale
-        mx.eval(loss_sum, scale, norm, metric_sums)
         loss_value, norm_value = (loss_sum * scale).item(), norm.item()
-        skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
-        kept = 0
-        if skipped:
-            bad_in_a_row += 1
-        else:
-            bad_in_a_row = 0
-            kept_arr = update_fn(grads, scale, norm)
-            mx.eval(state, kept_arr)
-            kept = int(kept_arr.item())
-        del grads
+        skipped = not applied.item()
+        kept = 0 if skipped else int(kept_arr.item())
+        bad_in_a_row = bad_in_a_row + 1 if skipped else 0
         if on_step is not None:
             # The optimizer stores the learning rate it last used (the schedule at this step).
             lr = optimizer.state["learning_rate"].item() if "learning_rate" in optimizer.state else float("nan")

@@ -28,8 +28,8 @@ def weights_of(model) -> dict:
 
 @pytest.mark.parametrize("method", ["gmt", "sft"])
 def test_non_finite_steps_are_skipped_under_compile(tiny_model_dir, method):
-    """A loss that is inf or nan at given steps: those updates are skipped (weights and
-    optimizer state untouched), the others applied, and NonFiniteError is raised after
+    """A loss that is inf or nan at given steps: those updates are skipped (weights and the
+    optimizer's step counter untouched; trainer.make_fused_step), the others applied, and NonFiniteError is raised after
     max_bad_steps bad steps in a row. The poison travels as data (column 0 of the mask,
     never a target), so one compiled trace serves every step, as in a real run."""
     from mlx_lm import load
