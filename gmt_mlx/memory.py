@@ -32,9 +32,10 @@ _MOMENT_BYTES = {"float32": 8, "bfloat16": 4, "8bit": 2 + 2 * 4 / 128, "8bit-fac
 _IN_FLIGHT_COPIES = 8
 # The compact moments' update is a chain of kernels (block scales, row and
 # column means, rounding) whose float32 temporaries MLX's scheduler keeps
-# alive for several tensors at once: ~2.5 bytes per trainable entry measured
-# on the same model (benchmarks/RESULTS.md).
-_COMPACT_IN_FLIGHT = 2.5
+# alive for many tensors at once: ~3.3 bytes per trainable entry, fitted to
+# the 1.39B benchmark shape (full --low-memory: MLX peak 11.44 GB) and within
+# 16% on a 309M llama (benchmarks/RESULTS.md). GMT's masks add ~1 byte there.
+_COMPACT_IN_FLIGHT = 3.3
 
 
 @dataclass
@@ -100,15 +101,17 @@ def estimate(
     whole = (grad_clip > 0) + (grad_accumulation_steps > 1) * 2
     gradients = trainable * width * min(whole, 2) + largest * F32 * _IN_FLIGHT_COPIES
     storage = moment_storage(moments, train_dtype)
+    compact = optimizer in ("adam", "adamw") and not (storage == "float32" and train_dtype == "float32")
     if optimizer in ("adam", "adamw"):
         optimizer_bytes = int(trainable * _MOMENT_BYTES.get(storage, 8))
-        if not (storage == "float32" and train_dtype == "float32"):
+        if compact:
             gradients += int(trainable * _COMPACT_IN_FLIGHT)
     else:
         optimizer_bytes = int(trainable * width * _OPTIMIZER_WORDS.get(optimizer, 1))
-    # The masks are built and consumed tensor by tensor (in the in-flight term);
-    # --mask-overlap's sample keeps them all (a byte per entry) until the step ends.
-    masking = trainable if masked and mask_overlap else 0
+    # With mlx's AdamW the masks are built and consumed tensor by tensor (in the
+    # in-flight term); --mask-overlap's sample, and the compact moments' slower
+    # update, keep them (a byte per entry) until the step ends.
+    masking = trainable if masked and (mask_overlap or compact) else 0
     # Saved for the backward pass per layer and token: ~12 hidden-sized and
     # ~4 intermediate-sized vectors, plus attention scores and probabilities.
     per_layer = tokens * (12 * hidden + 4 * inter) * width + batch_size * heads * seq_len * seq_len * 2 * width
