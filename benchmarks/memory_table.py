@@ -24,7 +24,7 @@ SHAPES = {
 }
 SETUPS = {
     "gmt / full, float32 (defaults)": dict(train_dtype="float32", moments="auto", grad_clip=1.0),
-    "gmt / full, --low-memory": dict(train_dtype="bfloat16", moments="8bit-factored", grad_clip=0.0),
+    "gmt / full, --low-memory": dict(train_dtype="bfloat16", moments="8bit", grad_clip=0.0),
 }
 MEMORY_GB = (16, 32, 64, 128)
 USABLE = 0.70

@@ -32,11 +32,12 @@ MOMENTS = ("auto", "float32", "bfloat16", "8bit", "8bit-factored")
 # How an update is rounded into low-precision (bfloat16) weights.
 WEIGHT_ROUNDINGS = ("stochastic", "nearest")
 # What --low-memory sets, for the options the user did not set (DESIGN.md decision 11):
-# bfloat16 weights with stochastic rounding, 8-bit m and factored v (the smallest
-# state that matched float32 AdamW on the main job: benchmarks/RESULTS.md), the
+# bfloat16 weights with stochastic rounding, 8-bit m and sqrt(v) (the smallest
+# state that matched float32 AdamW on the main job; 8-bit m with a factored v
+# did not: benchmarks/RESULTS.md), the
 # model saved in the dtype it was trained in, and no global gradient clipping,
 # whose norm needs every gradient alive before the first update.
-LOW_MEMORY = {"train_dtype": "bfloat16", "moments": "8bit-factored", "dtype": "bfloat16", "grad_clip": 0.0}
+LOW_MEMORY = {"train_dtype": "bfloat16", "moments": "8bit", "dtype": "bfloat16", "grad_clip": 0.0}
 # Keys of one preference objective only (the train mode they apply to).
 TRAIN_MODE_KEYS = {"beta": "dpo", "dpo_loss": "dpo", "label_smoothing": "dpo", "orpo_lambda": "orpo"}
 
@@ -109,7 +110,7 @@ class Config:
     train_dtype: str = opt("float32", "dtype the weights are stored and trained in (float32 recommended on CPU, where bfloat16 matmuls are slow).", ("float32", "bfloat16", "float16"), group="Memory")
     weight_rounding: str = opt("stochastic", "How an update is rounded into bfloat16 weights: stochastic (unbiased: small updates are kept on average) or nearest (small updates are lost, as in plain bfloat16 training).", WEIGHT_ROUNDINGS, group="Memory")
     moments: str = opt("auto", "Storage of adam/adamw's moments: auto (the weights' dtype), float32, bfloat16 (stochastically rounded), 8bit (block-wise m and sqrt(v)) or 8bit-factored (8-bit m, v factored into row and column averages).", MOMENTS, group="Memory")
-    low_memory: bool = opt(False, "Every saving that kept float32 quality on the main job: bfloat16 weights with stochastic rounding, 8-bit-factored moments, no global gradient clipping, the model saved in bfloat16 (options you set yourself win).", group="Memory", common=True)
+    low_memory: bool = opt(False, "Every saving that kept float32 quality on the main job: bfloat16 weights with stochastic rounding, 8-bit moments, no global gradient clipping, the model saved in bfloat16 (options you set yourself win).", group="Memory", common=True)
     report_to: str = opt("", "Comma-separated trackers that also get metrics.jsonl's records and the config: tensorboard (RUN_DIR/tensorboard/, pip install 'gmt-mlx[tensorboard]'), wandb (pip install 'gmt-mlx[wandb]').", group="Reporting")
 
     # Checkpoints, resume and guards
