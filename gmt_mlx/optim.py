@@ -49,20 +49,14 @@ MASK_SAMPLE_KEY = "mask_sample"
 MASK_SAMPLE_SIZE = 65536
 
 
-def mask_sample_parts(masks: dict, size: int = MASK_SAMPLE_SIZE) -> dict:
-    """A fixed subset of ~``size`` keep-mask entries, by parameter path: every k-th
-    entry of each tensor, k odd so it does not line up with power-of-two rows.
-    The same positions every step, so two steps' samples (`mask_sample`)
-    estimate how much their masks overlap."""
-    flat = tree_flatten(masks)
-    stride = max(1, sum(m.size for _, m in flat) // size) | 1
-    # Copies, not strided views: a view keeps its whole mask alive.
-    return {path: mx.contiguous(m.reshape(-1)[::stride]) for path, m in flat}
-
-
 def mask_sample(masks: dict, size: int = MASK_SAMPLE_SIZE) -> mx.array:
-    """`mask_sample_parts` joined in one array."""
-    return mx.concatenate(list(mask_sample_parts(masks, size).values()))
+    """A fixed subset of ~``size`` keep-mask entries (every k-th entry of each tensor,
+    k odd so it does not line up with power-of-two rows): the same positions every
+    step, so two steps' samples estimate how much their masks overlap."""
+    flat = [m.reshape(-1) for _, m in tree_flatten(masks)]
+    stride = max(1, sum(m.size for m in flat) // size) | 1
+    # Copies, not strided views: a view keeps its whole mask alive.
+    return mx.concatenate([mx.contiguous(m[::stride]) for m in flat])
 
 
 class MaskedOptimizer:
@@ -167,7 +161,7 @@ class MaskedOptimizer:
         # rounded back once, at the end (stochastically by default: see
         # precision.round_to), so the optimizer's arithmetic never rounds.
         stored = tree_map(lambda g, p: p, gradients, parameters)
-        low = [p.dtype for _, p in tree_flatten(stored) if p.dtype != mx.float32]
+        low = any(p.dtype != mx.float32 for _, p in tree_flatten(stored))
         work = tree_map(lambda p: p.astype(mx.float32), stored) if low else stored
         seed = step_seed(self.seed, self.optimizer.step) if low and self.weight_rounding == "stochastic" else None
         state_dtypes = _state_dtypes(self.optimizer) if low else None
@@ -283,9 +277,12 @@ class CompactAdamW(optim.Optimizer):
             self.state[param] = scheduler(self.step)
         seed = step_seed(self.seed, self.step)
         self.state["step"] = self.step + 1
-        grads = dict(tree_flatten(gradients))
-        params = {path: p for path, p in tree_flatten(tree_map(lambda g, p: p, gradients, parameters))}
-        states = {path: s for path, s in tree_flatten(tree_map(lambda g, s: s, gradients, self.state), is_leaf=lambda x: isinstance(x, dict) and not any(isinstance(v, dict) for v in x.values()))}
+        grads, params, states = {}, {}, {}
+
+        def collect(path, g, p, s):
+            grads[path], params[path], states[path] = g, p, s
+
+        tree_map_with_path(collect, gradients, parameters, self.state)
         new, previous = {}, None
         # One tensor after another, in the order the backward pass produces
         # their gradients (the reverse of the model's): the update's chain of
