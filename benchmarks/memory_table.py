@@ -24,28 +24,29 @@ SHAPES = {
 }
 SETUPS = {
     "gmt / full, float32 (defaults)": dict(train_dtype="float32", moments="auto", grad_clip=1.0),
-    "gmt / full, --low-memory": dict(train_dtype="bfloat16", moments="8bit", grad_clip=0.0),
+    "gmt / full, --low-memory": dict(train_dtype="bfloat16", moments="8bit", grad_clip=0.0, update_per_layer=True),
 }
 MEMORY_GB = (16, 32, 64, 128)
 USABLE = 0.70
 
 
-def params(hidden, layers, inter, heads, kv, vocab, tied) -> tuple[int, int]:
-    """(parameter count, largest tensor's entries)."""
+def params(hidden, layers, inter, heads, kv, vocab, tied) -> tuple[int, int, int, int]:
+    """(parameter count, largest tensor's entries, one block's, those outside the blocks)."""
     head = hidden // heads
     attn = hidden * hidden * 2 + hidden * kv * head * 2 + hidden + 2 * kv * head  # q, o, k, v (+ biases)
     block = attn + 3 * hidden * inter + 2 * hidden
     embed = vocab * hidden
-    return layers * block + embed * (1 if tied else 2) + hidden, embed
+    outer = embed * (1 if tied else 2) + hidden
+    return layers * block + outer, embed, block, outer
 
 
 def peak(shape, setup) -> float:
     hidden, layers, inter, heads, kv, vocab, tied = shape
-    n, largest = params(*shape)
+    n, largest, block, outer = params(*shape)
     config = {"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": inter,
               "num_attention_heads": heads, "vocab_size": vocab}
     est = estimate(config, weight_bytes=n * DTYPE_BYTES[setup["train_dtype"]], trainable=n, batch_size=1,
-                   seq_len=512, largest=largest, **setup)
+                   seq_len=512, largest=largest, block=block, outer=outer, **setup)
     return est.total / 1e9
 
 
@@ -53,7 +54,7 @@ def main() -> None:
     print("| model | parameters | " + " | ".join(SETUPS) + " |")
     print("|---|---|" + "---|" * len(SETUPS))
     for name, shape in SHAPES.items():
-        n, _ = params(*shape)
+        n = params(*shape)[0]
         print(f"| {name} | {n / 1e9:.2f}B | " + " | ".join(f"{peak(shape, s):.1f} GB" for s in SETUPS.values()) + " |")
     print()
     print("| Mac memory | " + " | ".join(SETUPS) + " |")

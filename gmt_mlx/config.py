@@ -35,9 +35,11 @@ WEIGHT_ROUNDINGS = ("stochastic", "nearest")
 # bfloat16 weights with stochastic rounding, 8-bit m and sqrt(v) (the smallest
 # state that matched float32 AdamW on the main job; 8-bit m with a factored v
 # did not: benchmarks/RESULTS.md), the
-# model saved in the dtype it was trained in, and no global gradient clipping,
-# whose norm needs every gradient alive before the first update.
-LOW_MEMORY = {"train_dtype": "bfloat16", "moments": "8bit", "dtype": "bfloat16", "grad_clip": 0.0}
+# model saved in the dtype it was trained in, and the update per layer
+# (layerwise) without global gradient clipping, whose norm needs every
+# gradient alive before the first update.
+LOW_MEMORY = {"train_dtype": "bfloat16", "moments": "8bit", "dtype": "bfloat16", "grad_clip": 0.0,
+              "update_per_layer": True}
 # Keys of one preference objective only (the train mode they apply to).
 TRAIN_MODE_KEYS = {"beta": "dpo", "dpo_loss": "dpo", "label_smoothing": "dpo", "orpo_lambda": "orpo"}
 
@@ -110,7 +112,8 @@ class Config:
     train_dtype: str = opt("float32", "dtype the weights are stored and trained in (float32 recommended on CPU, where bfloat16 matmuls are slow).", ("float32", "bfloat16", "float16"), group="Memory")
     weight_rounding: str = opt("stochastic", "How an update is rounded into bfloat16 weights: stochastic (unbiased: small updates are kept on average) or nearest (small updates are lost, as in plain bfloat16 training).", WEIGHT_ROUNDINGS, group="Memory")
     moments: str = opt("auto", "Storage of adam/adamw's moments: auto (the weights' dtype), float32, bfloat16 (stochastically rounded), 8bit (block-wise m and sqrt(v)) or 8bit-factored (8-bit m, v factored into row and column averages).", MOMENTS, group="Memory")
-    low_memory: bool = opt(False, "Every saving that kept float32 quality on the main job: bfloat16 weights with stochastic rounding, 8-bit moments, no global gradient clipping, the model saved in bfloat16 (options you set yourself win).", group="Memory", common=True)
+    update_per_layer: bool = opt(False, "Run the backward pass one transformer block at a time, each block updated (and its gradient freed) before the next block's gradient exists: the whole gradient is never held, for one more forward pass per step. Needs --grad-clip 0 and a mask scope other than global.", group="Memory")
+    low_memory: bool = opt(False, "Every saving that kept float32 quality on the main job: bfloat16 weights with stochastic rounding, 8-bit moments, the update per layer without global gradient clipping, the model saved in bfloat16 (options you set yourself win).", group="Memory", common=True)
     report_to: str = opt("", "Comma-separated trackers that also get metrics.jsonl's records and the config: tensorboard (RUN_DIR/tensorboard/, pip install 'gmt-mlx[tensorboard]'), wandb (pip install 'gmt-mlx[wandb]').", group="Reporting")
 
     # Checkpoints, resume and guards
@@ -185,6 +188,17 @@ class Config:
             raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lora_scale <= 0:
             raise UserError(f"--lora-scale must be positive, got {self.lora_scale}")
+        if self.update_per_layer:
+            # Each needs every gradient of the step before the first update (layerwise).
+            if self.grad_clip > 0:
+                raise UserError(f"--update-per-layer needs --grad-clip 0 (clipping needs the whole gradient's norm "
+                                f"before the first update), got --grad-clip {self.grad_clip}")
+            if self.mask_scope == "global" and self.method in MASKED_METHODS:
+                raise UserError("--update-per-layer cannot build a --mask-scope global mask (one threshold over the "
+                                "whole gradient); use tensor or layer")
+            if self.lora_dropout > 0 and self.method in ADAPTER_METHODS:
+                raise UserError("--update-per-layer needs --lora-dropout 0 (a block's forward runs again in its "
+                                "backward and would draw another dropout mask)")
         if any(not key.strip() for key in self.lora_keys.split(",")) and self.lora_keys.strip():
             raise UserError(f"--lora-keys must be comma-separated module names, got {self.lora_keys!r}")
         return self
@@ -273,6 +287,9 @@ def resolve(
         if value is not None:
             values[key] = value
     if values.get("low_memory"):
+        if values.get("grad_clip", 0.0) > 0 or values.get("mask_scope") == "global" or values.get("lora_dropout", 0.0) > 0:
+            # What the user asked for needs the whole gradient at once: the split update, not per layer.
+            values.setdefault("update_per_layer", False)
         for key, value in LOW_MEMORY.items():
             values.setdefault(key, value)
     return Config(**values).validate()

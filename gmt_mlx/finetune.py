@@ -438,7 +438,7 @@ def _train(config: Config, run: Setup, logger: "RunLogger", start_step: int, gro
                 run.model, run.optimizer, batches, iters=run.steps, start_step=start_step,
                 grad_accumulation_steps=config.grad_accumulation_steps, grad_clip=config.grad_clip, loss_fn=run.loss_fn,
                 steps_per_eval=config.steps_per_eval, should_stop=should_stop, max_bad_steps=config.max_bad_steps,
-                group=group, on_step=logger.on_step, on_eval=logger.on_eval,
+                group=group, on_step=logger.on_step, on_eval=logger.on_eval, update_per_layer=config.update_per_layer,
             )
     except NonFiniteError as err:
         latest = rundir.latest_checkpoint(logger.out)
@@ -472,20 +472,27 @@ def _check_memory(config: Config, model, model_config: dict, sizes: dict, train_
     seq_len = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
     params = tree_flatten(model.parameters())
     weight_bytes = sum(v.nbytes for _, v in params)
-    largest = max((v.size for _, v in tree_flatten(model.trainable_parameters())), default=0)
+    trainable = tree_flatten(model.trainable_parameters())
+    largest = max((v.size for _, v in trainable), default=0)
+    # The per-layer update's units: the largest block, and what lies outside the blocks.
+    prefixes = [f"{name}." for name, m in model.named_modules() if any(m is b for b in getattr(model, "layers", []))]
+    per_block = [sum(v.size for k, v in trainable if k.startswith(p)) for p in prefixes]
+    outer = sum(v.size for _, v in trainable) - sum(per_block)
     # A preference batch holds two rows per pair; DPO's reference pass (forward only, at the
     # same batch) stays below the training step's peak, so the step's estimate covers it.
     rows = 2 if config.preference else 1
 
     def estimate_with(**settings) -> MemoryEstimate:
-        values = {"train_dtype": config.train_dtype, "moments": config.moments, "grad_clip": config.grad_clip, **settings}
+        values = {"train_dtype": config.train_dtype, "moments": config.moments, "grad_clip": config.grad_clip,
+                  "update_per_layer": config.update_per_layer, **settings}
         # Weights stored in another dtype than now take its bytes per entry.
         scaled = weight_bytes * DTYPE_BYTES[values["train_dtype"]] // DTYPE_BYTES[config.train_dtype]
         return estimate(
             model_config, weight_bytes=scaled, trainable=sizes["trainable"], batch_size=config.batch_size * rows,
             seq_len=seq_len, optimizer=config.optimizer, masked=config.masked,
             grad_accumulation_steps=config.grad_accumulation_steps, grad_checkpoint=config.grad_checkpoint,
-            mask_overlap=config.mask_overlap, largest=largest, **values,
+            mask_overlap=config.mask_overlap, largest=largest, block=max(per_block, default=0), outer=outer,
+            **values,
         )
 
     memory = estimate_with()
@@ -525,7 +532,8 @@ def _summary(config: Config, run: Setup, log) -> None:
         rounding = f", {config.weight_rounding} rounding" if config.train_dtype == "bfloat16" else ""
         moments = f", adam moments {moment_storage(config.moments, config.train_dtype)}" if config.optimizer in ("adam", "adamw") else ""
         log(f"precision  weights {config.train_dtype}{rounding}{moments}")
-    log(f"memory     estimated peak {run.memory.describe()}")
+    per_layer = "; updated per layer" if config.update_per_layer else ""
+    log(f"memory     estimated peak {run.memory.describe()}{per_layer}")
     log(f"steps      {run.steps} optimizer steps, batch {config.batch_size} x {config.grad_accumulation_steps} accumulation")
 
 

@@ -40,7 +40,9 @@ def final_weights(run_dir: Path) -> Dict[str, np.ndarray]:
 
     weights = {}
     for file in sorted((run_dir / "model").glob("*.safetensors")):
-        weights.update({k: np.array(v) for k, v in mx.load(str(file)).items()})
+        # bfloat16 has no numpy dtype; its float32 values are exact, so bit-for-bit still holds.
+        weights.update({k: np.array(v.astype(mx.float32) if v.dtype == mx.bfloat16 else v)
+                        for k, v in mx.load(str(file)).items()})
     return weights
 
 

@@ -88,7 +88,10 @@ def index_hash(shape: Tuple[int, ...]) -> mx.array:
     rows = math.prod(shape[:-1])
     col = mx.arange(cols, dtype=mx.uint32) * mx.array(_FIB, mx.uint32)
     row = mx.arange(rows, dtype=mx.uint32) * mx.array((cols * _FIB) & 0xFFFFFFFF, mx.uint32)
-    return (row[:, None] + col[None, :]).reshape(shape)
+    hashed = row[:, None] + col[None, :]
+    # No reshape when the shape is already 2-D: inside a compiled function a
+    # reshape ends the fused kernel, materialising the hash (4 bytes per entry).
+    return hashed if len(shape) == 2 else hashed.reshape(shape)
 
 
 @lru_cache(maxsize=64)

@@ -36,6 +36,13 @@ _IN_FLIGHT_COPIES = 8
 # the 1.39B benchmark shape (full --low-memory: MLX peak 11.44 GB) and within
 # 16% on a 309M llama (benchmarks/RESULTS.md). GMT's masks add ~1 byte there.
 _COMPACT_IN_FLIGHT = 3.3
+# Updated per layer (layerwise), one compiled update per tensor: its float32
+# temporaries and its new weights and state beside the old, in bytes per entry
+# of the largest tensor. Measured on a 13.8M-entry matrix: 12-13 with mlx's
+# AdamW on float32 weights, 36-37 with 8-bit moments on bfloat16 weights
+# (MLX fuses at most 11 elementwise ops per kernel: the rounding noise and
+# the moments' float32 values are materialised).
+_PER_TENSOR_UPDATE = {False: 13, True: 37}
 
 
 @dataclass
@@ -79,6 +86,9 @@ def estimate(
     grad_clip: float = 0.0,
     mask_overlap: bool = False,
     largest: int = 0,
+    update_per_layer: bool = False,
+    block: int = 0,
+    outer: int = 0,
 ) -> MemoryEstimate:
     """Estimate the peak bytes of one training step (trainer.make_fused_step).
 
@@ -89,6 +99,11 @@ def estimate(
     gradient (in the weights' dtype) is only counted when something needs it
     all before the first update: global clipping (``grad_clip`` > 0) or the
     accumulation buffer (``grad_accumulation_steps`` > 1: both).
+
+    ``update_per_layer`` (layerwise): ``block`` is the largest block's
+    trainable entries and ``outer`` those outside the blocks (embeddings,
+    head), whose gradient waits for the end of the backward pass; one block
+    is recomputed at a time, with every block's input kept.
     """
     hidden = int(hf_config.get("hidden_size", 0))
     inter = int(hf_config.get("intermediate_size", 4 * hidden))
@@ -108,15 +123,18 @@ def estimate(
             gradients += int(trainable * _COMPACT_IN_FLIGHT)
     else:
         optimizer_bytes = int(trainable * width * _OPTIMIZER_WORDS.get(optimizer, 1))
+    if update_per_layer:
+        gradients = (trainable * width * (grad_accumulation_steps > 1) + (outer + block) * width
+                     + largest * _PER_TENSOR_UPDATE[compact])
     # With mlx's AdamW the masks are built and consumed tensor by tensor (in the
     # in-flight term); --mask-overlap's sample, and the compact moments' slower
     # update, keep them (a byte per entry) until the step ends.
-    masking = trainable if masked and (mask_overlap or compact) else 0
+    masking = trainable if masked and (mask_overlap or compact) and not update_per_layer else 0
     # Saved for the backward pass per layer and token: ~12 hidden-sized and
     # ~4 intermediate-sized vectors, plus attention scores and probabilities.
     per_layer = tokens * (12 * hidden + 4 * inter) * width + batch_size * heads * seq_len * seq_len * 2 * width
-    kept_layers = 1 if grad_checkpoint else layers
-    checkpoint_inputs = tokens * hidden * width * layers if grad_checkpoint else 0
+    kept_layers = 1 if grad_checkpoint or update_per_layer else layers
+    checkpoint_inputs = tokens * hidden * width * layers if grad_checkpoint or update_per_layer else 0
     logits = tokens * vocab * F32 * 3  # logits, log-softmax, and their gradient
     activations = per_layer * kept_layers + checkpoint_inputs + logits
     return MemoryEstimate(weight_bytes, int(gradients), optimizer_bytes, masking, activations)

@@ -34,11 +34,12 @@ from .precision import (
     SALT_V,
     SALT_WEIGHTS,
     BLOCK,
+    blocks_of,
     dequantize_root,
     dequantize_signed,
     quantizable,
-    quantize_root,
     quantize_signed,
+    quantize_sqrt,
     round_to,
     step_seed,
     tensor_seed,
@@ -128,20 +129,23 @@ class MaskedOptimizer:
     def init(self, parameters: dict) -> None:
         self.optimizer.init(parameters)
 
-    def _step_key(self) -> mx.array:
-        # A threefry key from (seed, step): deterministic and resume-safe.
+    def _step_key(self, part: int = 0) -> mx.array:
+        # A threefry key from (seed, step, part): deterministic and resume-safe.
+        # Part 0 is the whole model in one update; a step updated per layer
+        # (layerwise) gives each block its own part, so its own random numbers.
         step = self.optimizer.step.astype(mx.uint32).reshape(1)
-        return mx.concatenate([mx.array([self.seed & 0xFFFFFFFF], mx.uint32), step])
+        word = (self.seed + part * 0x9E3779B9) & 0xFFFFFFFF
+        return mx.concatenate([mx.array([word], mx.uint32), step])
 
-    def masks(self, gradients: dict) -> Tuple[dict, mx.array]:
+    def masks(self, gradients: dict, part: int = 0) -> Tuple[dict, mx.array]:
         """Keep-masks for this step's (accumulated) gradient, and the number kept."""
-        key = self._step_key()
+        key = self._step_key(part)
         if self.method == "random":
             return random_masks(gradients, self.mask_ratio, key, self.scope, self.sample_size)
         return gmt_masks(gradients, self.mask_ratio, self.scope, key, self.sample_size)
 
     def apply_gradients(
-        self, gradients: dict, parameters: dict, grad_scale: mx.array | None = None
+        self, gradients: dict, parameters: dict, grad_scale: mx.array | None = None, part: int = 0
     ) -> Tuple[dict, Dict[str, mx.array]]:
         """Return the updated parameters (same tree as ``gradients``) and mask statistics.
 
@@ -171,7 +175,7 @@ class MaskedOptimizer:
             kept = mx.array(total, mx.int64)
             updated = self.optimizer.apply_gradients(scaled(gradients), work)
         else:
-            masks, kept = self.masks(gradients)
+            masks, kept = self.masks(gradients, part)
             if self.record_mask_sample:
                 self.optimizer.state[MASK_SAMPLE_KEY] = mask_sample(masks)
             if self.target == "grad":
@@ -186,13 +190,15 @@ class MaskedOptimizer:
         if low:
             _restore_state_dtypes(self.optimizer, state_dtypes)
             updated = tree_map_with_path(
-                lambda path, new, p: round_to(new, p.dtype, None if seed is None else tensor_seed(seed, path, SALT_WEIGHTS)),
+                lambda path, new, p: round_to(new, p.dtype, None if seed is None else
+                                              mx.depends(tensor_seed(seed, path, SALT_WEIGHTS), new)),
                 updated, stored)
         return updated, {"kept": kept}
 
-    def update(self, model, gradients: dict, grad_scale: mx.array | None = None) -> Dict[str, mx.array]:
-        """Update ``model`` in place; return mask statistics (``grad_scale``: see apply_gradients)."""
-        updated, stats = self.apply_gradients(gradients, model, grad_scale)
+    def update(self, model, gradients: dict, grad_scale: mx.array | None = None, part: int = 0) -> Dict[str, mx.array]:
+        """Update ``model`` in place; return mask statistics (``grad_scale``: see apply_gradients;
+        ``part``: which part of a step updated in parts, see layerwise)."""
+        updated, stats = self.apply_gradients(gradients, model, grad_scale, part)
         model.update(updated)
         return stats
 
@@ -307,20 +313,32 @@ class CompactAdamW(optim.Optimizer):
             v = b2 * state["v"].astype(mx.float32) + (1 - b2) * mx.square(g)
             state["m"] = round_to(m, state["m"].dtype, stochastic)
             state["v"] = round_to(v, state["v"].dtype, None if stochastic is None else tensor_seed(seed, path, SALT_V))
+            p = parameter.astype(mx.float32)
+            return p * (1 - lr * self.weight_decay) - lr * m / (mx.sqrt(v) + self.eps)
+        # 8-bit: the whole update on rows of BLOCK entries (views of the inputs), so
+        # that inside a compiled step no reshape forces a float32 copy; m and
+        # sqrt(v) are the only float32 arrays of the tensor's size it needs.
+        shape = parameter.shape
+        g = blocks_of(g)
+        m = b1 * dequantize_signed(state["m_codes"], state["m_scale"], g.shape) + (1 - b1) * g
+        codes, state["m_scale"] = quantize_signed(m, stochastic)
+        state["m_codes"] = codes.reshape(shape)
+        if "v_row" in state:
+            square = mx.square(g).reshape(-1, shape[-1])
+            row = b2 * state["v_row"] + (1 - b2) * mx.mean(square, axis=-1)
+            col = b2 * state["v_col"] + (1 - b2) * mx.mean(square, axis=0)
+            state["v_row"], state["v_col"] = row, col
+            root = blocks_of(mx.sqrt(row[:, None] * (col / mx.maximum(mx.mean(row), 1e-30))[None, :]))
         else:
-            m = b1 * dequantize_signed(state["m_codes"], state["m_scale"]) + (1 - b1) * g
-            state["m_codes"], state["m_scale"] = quantize_signed(m, stochastic)
-            if "v_row" in state:
-                square = mx.square(g).reshape(-1, g.shape[-1])
-                row = b2 * state["v_row"] + (1 - b2) * mx.mean(square, axis=-1)
-                col = b2 * state["v_col"] + (1 - b2) * mx.mean(square, axis=0)
-                state["v_row"], state["v_col"] = row, col
-                v = (row[:, None] * (col / mx.maximum(mx.mean(row), 1e-30))[None, :]).reshape(g.shape)
-            else:
-                v = b2 * dequantize_root(state["v_codes"], state["v_scale"]) + (1 - b2) * mx.square(g)
-                state["v_codes"], state["v_scale"] = quantize_root(v, tensor_seed(seed, path, SALT_V))
-        p = parameter.astype(mx.float32)
-        return p * (1 - lr * self.weight_decay) - lr * m / (mx.sqrt(v) + self.eps)
+            v = b2 * dequantize_root(state["v_codes"], state["v_scale"], g.shape) + (1 - b2) * mx.square(g)
+            root = mx.sqrt(v)
+            # The rounding noise depends on nothing but the seed, so MLX would
+            # compute every noise array of the update first and hold them all
+            # (4 bytes per entry each): each waits for the stage before it.
+            codes, state["v_scale"] = quantize_sqrt(root, mx.depends(tensor_seed(seed, path, SALT_V), state["m_scale"]))
+            state["v_codes"] = codes.reshape(shape)
+        p = blocks_of(parameter.astype(mx.float32))
+        return (p * (1 - lr * self.weight_decay) - lr * m / (root + self.eps)).reshape(shape)
 
 
 # Storage forms of CompactAdamW's moments ("auto" resolves to the weights' dtype).

@@ -68,23 +68,36 @@ def quantizable(shape) -> bool:
     return size >= 16 * BLOCK and size % BLOCK == 0
 
 
+def blocks_of(x: mx.array) -> mx.array:
+    """``x`` as rows of BLOCK entries (a view of a contiguous array)."""
+    return x if x.ndim == 2 and x.shape[1] == BLOCK else x.reshape(-1, BLOCK)
+
+
+def _block_max_abs(blocks: mx.array) -> mx.array:
+    # max(max, -min) rather than max(abs): two reductions that read the blocks
+    # as they are, where abs would be materialised first (a float32 copy).
+    return mx.maximum(mx.max(blocks, axis=-1, keepdims=True), -mx.min(blocks, axis=-1, keepdims=True))
+
+
 def quantize_signed(x: mx.array, seed: mx.array) -> tuple[mx.array, mx.array]:
     """(int8 codes, float32 scale per block of BLOCK entries): x ~ codes * scale, stochastically rounded.
 
     The scale is the block's largest |x| / 127, so the largest entry is exact
-    and the others are unbiased to within one step.
+    and the others are unbiased to within one step. Codes come back in x's
+    shape; x given as blocks (`blocks_of`) avoids a reshaped copy inside a
+    compiled update.
     """
-    blocks = x.astype(mx.float32).reshape(-1, BLOCK)
-    scale = mx.max(mx.abs(blocks), axis=-1, keepdims=True) / _LEVELS
+    blocks = blocks_of(x.astype(mx.float32))
+    scale = _block_max_abs(blocks) / _LEVELS
     safe = mx.where(scale > 0, scale, 1.0)
     codes = mx.floor(blocks / safe + uniform_noise(blocks.shape, seed))
     return mx.clip(codes, -_LEVELS, _LEVELS).astype(mx.int8).reshape(x.shape), scale.reshape(-1)
 
 
-def dequantize_signed(codes: mx.array, scale: mx.array) -> mx.array:
-    """float32 values of `quantize_signed`'s codes."""
-    blocks = codes.reshape(-1, BLOCK).astype(mx.float32) * scale[:, None]
-    return blocks.reshape(codes.shape)
+def dequantize_signed(codes: mx.array, scale: mx.array, shape=None) -> mx.array:
+    """float32 values of `quantize_signed`'s codes, in ``shape`` (default: the codes')."""
+    blocks = blocks_of(codes).astype(mx.float32) * scale[:, None]
+    return blocks.reshape(codes.shape if shape is None else shape)
 
 
 def quantize_root(v: mx.array, seed: mx.array) -> tuple[mx.array, mx.array]:
@@ -97,18 +110,24 @@ def quantize_root(v: mx.array, seed: mx.array) -> tuple[mx.array, mx.array]:
     and no non-zero v is ever stored as 0: the smallest code for one is 1
     (1/255 of its block's largest sqrt(v)), so the division is bounded.
     """
-    root = mx.sqrt(v.astype(mx.float32)).reshape(-1, BLOCK)
-    scale = mx.max(root, axis=-1, keepdims=True) / 255.0
+    codes, scale = quantize_sqrt(mx.sqrt(v.astype(mx.float32)), seed)
+    return codes.reshape(v.shape), scale
+
+
+def quantize_sqrt(root: mx.array, seed: mx.array) -> tuple[mx.array, mx.array]:
+    """`quantize_root` given sqrt(v) (which Adam's update needs too): codes in root's shape."""
+    blocks = blocks_of(root)
+    scale = mx.max(blocks, axis=-1, keepdims=True) / 255.0
     safe = mx.where(scale > 0, scale, 1.0)
-    codes = mx.floor(root / safe + uniform_noise(root.shape, seed))
-    codes = mx.where(root > 0, mx.maximum(codes, 1.0), 0.0)
-    return mx.clip(codes, 0, 255).astype(mx.uint8).reshape(v.shape), scale.reshape(-1)
+    codes = mx.floor(blocks / safe + uniform_noise(blocks.shape, seed))
+    codes = mx.where(blocks > 0, mx.maximum(codes, 1.0), 0.0)
+    return mx.clip(codes, 0, 255).astype(mx.uint8).reshape(root.shape), scale.reshape(-1)
 
 
-def dequantize_root(codes: mx.array, scale: mx.array) -> mx.array:
-    """float32 v from `quantize_root`'s codes (the square of the stored root)."""
-    root = codes.reshape(-1, BLOCK).astype(mx.float32) * scale[:, None]
-    return mx.square(root).reshape(codes.shape)
+def dequantize_root(codes: mx.array, scale: mx.array, shape=None) -> mx.array:
+    """float32 v from `quantize_root`'s codes (the square of the stored root), in ``shape`` (default: the codes')."""
+    root = blocks_of(codes).astype(mx.float32) * scale[:, None]
+    return mx.square(root).reshape(codes.shape if shape is None else shape)
 
 
 # Salts that give the weights and each moment their own random stream.

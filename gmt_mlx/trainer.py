@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from .distributed import all_sum_tree, any_rank
+from .layerwise import make_layerwise_step
 from .losses import sft_loss, unpack
 from .optim import MaskedOptimizer
 
@@ -225,6 +226,7 @@ def train(
     should_stop: Optional[Callable[[], bool]] = None,
     max_bad_steps: int = 0,
     group: Optional[mx.distributed.Group] = None,
+    update_per_layer: bool = False,
 ) -> int:
     """Run optimizer steps ``start_step + 1 .. iters``; return the last step completed.
 
@@ -237,13 +239,20 @@ def train(
     finite is not applied; after ``max_bad_steps`` such steps in a row (0:
     never) `NonFiniteError` is raised. ``should_stop()`` is polled between
     steps (Ctrl-C sets it). ``on_eval(step)`` runs every ``steps_per_eval``
-    steps and at ``iters``.
+    steps and at ``iters``. With ``update_per_layer`` the step's last
+    micro-batch runs block by block (`layerwise.make_layerwise_step`) instead
+    of in one compiled function; it needs ``grad_clip`` 0.
     """
     if hasattr(optimizer, "init"):
         # Create the state before compiling, so the step's guard sees it (a no-op on a restored state).
         optimizer.init(model.trainable_parameters())
     grad_fn, _ = make_step_fns(model, optimizer, loss_fn, grad_clip)
-    step_fn = make_fused_step(model, optimizer, loss_fn, grad_clip, group)
+    if update_per_layer:
+        if grad_clip > 0:
+            raise ValueError("update_per_layer needs grad_clip 0: clipping needs the whole gradient's norm first")
+        step_fn = make_layerwise_step(model, optimizer, loss_fn, group)
+    else:
+        step_fn = make_fused_step(model, optimizer, loss_fn, grad_clip, group)
     state = training_state(model, optimizer)
     model.train()
     bad_in_a_row, step = 0, start_step

@@ -66,8 +66,8 @@ def micro_batches(seed: int = 0):
 class Recording(MaskedOptimizer):
     """Keeps each step's masks in the optimizer state, which the compiled step returns."""
 
-    def masks(self, gradients):
-        masks, kept = super().masks(gradients)
+    def masks(self, gradients, part=0):
+        masks, kept = super().masks(gradients, part)
         self.optimizer.state["recorded_masks"] = masks
         return masks, kept
 

@@ -22,7 +22,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path(LAUNCH).exists(), re
 
 # One float32 rounding step: 2 ranks sum the batch's token losses in another order.
 ATOL = 1e-5
-CASES = [("sft", "tensor"), ("gmt", "tensor"), ("gmt", "layer"), ("gmt", "global"), ("random", "tensor")]
+CASES = [("sft", "tensor"), ("gmt", "tensor"), ("gmt", "layer"), ("gmt", "global"), ("random", "tensor"),
+         ("gmt", "per-layer")]
+
+
+def case(method, scope):
+    """Config values of a case; scope "per-layer" is the tensor scope updated block by block (layerwise)."""
+    if scope == "per-layer":
+        return dict(method=method, mask_scope="tensor", update_per_layer=True, grad_clip=0.0)
+    return dict(method=method, mask_scope=scope)
 
 
 def base(model, data, out, **kw):
@@ -52,10 +60,10 @@ def two_rank_runs(tiny_model_dir, tmp_path_factory):
     data = tmp / "data"
     write_jsonl(data / "train.jsonl", arithmetic_chat(16))
     write_jsonl(data / "valid.jsonl", arithmetic_chat(6, 100))
-    jobs = [{"config": base(tiny_model_dir, data, tmp / f"two-{m}-{s}", method=m, mask_scope=s)} for m, s in CASES]
+    jobs = [{"config": base(tiny_model_dir, data, tmp / f"two-{m}-{s}", **case(m, s))} for m, s in CASES]
     result = launch(jobs, tmp)
     for m, s in CASES:
-        finetune(Config(**base(tiny_model_dir, data, tmp / f"one-{m}-{s}", method=m, mask_scope=s)), log=lambda *_: None)
+        finetune(Config(**base(tiny_model_dir, data, tmp / f"one-{m}-{s}", **case(m, s))), log=lambda *_: None)
     return tmp, data, result
 
 

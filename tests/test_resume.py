@@ -187,6 +187,7 @@ def test_memory_check_refuses_then_can_be_overridden(tiny_model_dir, chat_data, 
     monkeypatch.setattr(ft, "available_bytes", lambda: 1000)
     refused = runner.invoke(app, args(tiny_model_dir, chat_data, tmp_path / "a"))
     assert refused.exit_code == 2 and "exceeds" in last_line(refused) and "--batch-size" in last_line(refused)
+    assert "--low-memory (estimated ~" in last_line(refused)  # the one switch, with what it would need
     assert not (tmp_path / "a").exists()
     allowed = runner.invoke(app, args(tiny_model_dir, chat_data, tmp_path / "b", "--no-memory-check"))
     assert allowed.exit_code == 0, allowed.output

@@ -1,0 +1,109 @@
+"""Bytes per entry that ONE tensor's optimizer update needs above what is held, and a step's time per layer.
+
+    python benchmarks/bench_update_memory.py
+
+Part 1: a (8960, 1536) matrix (the MLP shape of Qwen2.5-1.5B) updated by the
+masked optimizer, compiled as `layerwise` compiles each part, and eagerly:
+MLX's peak during the update minus the memory held before it, per entry. It
+counts the new weights and state beside the old (they coexist until the
+update ends) and every float32 temporary the update materialises. This is
+the in-flight term of the per-layer estimate (gmt_mlx/memory.py,
+_PER_TENSOR_UPDATE), paid for the largest tensor.
+
+Part 2: seconds per step of the fused step and of the per-layer step on a
+16-block llama (hidden 256), float32, same process, alternating; the ratio is
+what --update-per-layer costs in time (one more forward pass per step, and
+one evaluation per tensor).
+"""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from gmt_mlx.layerwise import make_layerwise_step
+from gmt_mlx.losses import sft_loss
+from gmt_mlx.optim import build_optimizer
+from gmt_mlx.trainer import make_fused_step, training_state
+
+SHAPE = (8960, 1536)
+CASES = [  # method, moments, weights dtype
+    ("sft", "float32", "float32"),
+    ("gmt", "float32", "float32"),
+    ("sft", "8bit", "float32"),
+    ("sft", "8bit", "bfloat16"),
+    ("gmt", "8bit", "bfloat16"),
+    ("gmt", "8bit-factored", "bfloat16"),
+]
+
+
+class _One(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.w = mx.random.normal(SHAPE).astype(dtype)
+
+
+def update_bytes(method: str, moments: str, dtype: str, compiled: bool) -> float:
+    model = _One(getattr(mx, dtype))
+    opt = build_optimizer("adamw", 1e-5, method=method, mask_ratio=0.2 if method == "gmt" else 0.0,
+                          moments=moments, weights_dtype=dtype)
+    opt.init(model.trainable_parameters())
+    state = [model.state, opt.state]
+    mx.eval(state)
+
+    def update(g, scale):
+        return opt.update(model, {"w": g}, grad_scale=scale)["kept"]
+
+    fn = mx.compile(update, inputs=state, outputs=state) if compiled else update
+    g = mx.random.normal(SHAPE).astype(getattr(mx, dtype))
+    mx.eval(g)
+    for _ in range(2):  # the second call: compiled, and the state's final dtypes
+        held = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(fn(g, mx.array(1.0)), state)
+    return (mx.get_peak_memory() - held) / g.size
+
+
+def step_times(steps: int = 6) -> dict:
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=256, num_hidden_layers=16, intermediate_size=1024,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=512,
+                           tie_word_embeddings=False)
+    tokens = mx.array(np.random.default_rng(0).integers(0, 512, (4, 128)), mx.int32)
+    batch = (tokens, mx.ones(tokens.shape))
+    runs = {}
+    for kind in ("fused", "per-layer"):
+        mx.random.seed(0)
+        model = llama.Model(args)
+        opt = build_optimizer("adamw", 1e-4, method="gmt", mask_ratio=0.2)
+        opt.init(model.trainable_parameters())
+        fn = make_fused_step(model, opt) if kind == "fused" else make_layerwise_step(model, opt, sft_loss)
+        runs[kind] = (fn, training_state(model, opt))
+    times = {kind: [] for kind in runs}
+    for i in range(steps + 1):
+        for kind, (fn, state) in runs.items():
+            start = time.perf_counter()
+            mx.eval(fn(None, *batch), state)
+            if i:  # the first step compiles
+                times[kind].append(time.perf_counter() - start)
+    return {kind: float(np.median(t)) for kind, t in times.items()}
+
+
+def main() -> None:
+    print(f"One update of a {SHAPE} tensor: MLX peak above what was held, bytes per entry")
+    print("| method | moments | weights | compiled | eager |")
+    print("|---|---|---|---|---|")
+    for method, moments, dtype in CASES:
+        compiled, eager = (update_bytes(method, moments, dtype, c) for c in (True, False))
+        print(f"| {method} | {moments} | {dtype} | {compiled:.1f} | {eager:.1f} |")
+    times = step_times()
+    print(f"\nstep time, 16-block llama, gmt, float32, batch 4 x 128: per-layer / fused = "
+          f"{times['per-layer'] / times['fused']:.2f}x (medians of 6 steps, same process)")
+
+
+if __name__ == "__main__":
+    main()
