@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .distributed import all_sum_tree
 from .errors import UserError
 from .losses import unpack
-from .optim import MASK_SAMPLE_KEY, MASK_SAMPLE_SIZE, MaskedOptimizer
+from .optim import MASK_SAMPLE_KEY, MASK_SAMPLE_SIZE, CompactAdamW, MaskedOptimizer
 
 
 class _StandIn:
@@ -267,12 +267,15 @@ class _PartUpdates:
     """``update(prefix, grads, scale)``: apply one part's gradient (block-relative paths under
     ``prefix``) and return the entries kept; a compiled function per part.
 
-    Compiled, because eagerly the update's chain of float32 temporaries (the
-    gradient, old and new moments, their block scales, the weights, the
-    rounding noise) were all materialised at once: ~70 bytes per entry of
-    the tensor being updated, 5.8 GB for the 1.39B shape's embedding. One
-    function per part, traced on the first step: a part's path seeds its
-    rounding and masks, so it is a constant of its trace. Each part's number
+    Eagerly, the update's chain of float32 temporaries (the gradient, old and
+    new moments, their block scales, the weights, the rounding noise) was
+    materialised at once: ~70 bytes per entry of the tensor being updated,
+    5.8 GB for the 1.39B shape's embedding. So each part's update is one
+    compiled function (~37 bytes per entry: MLX fuses at most 11 elementwise
+    ops per kernel), traced on the first step (a part's path seeds its
+    rounding and masks, so it is a constant of its trace) -- or, with
+    `CompactAdamW`'s 8-bit moments, runs in stages that are each compiled and
+    evaluated in turn (``staged``: ~20 bytes per entry). Each part's number
     (its mask's random stream) is its position in the model, so it does not
     depend on which other tensors were skipped. With a mask sample to record
     (--mask-overlap) the state gains a key inside the step, which a compiled
@@ -283,14 +286,22 @@ class _PartUpdates:
         self.model, self.optimizer = model, optimizer
         self.state = [model.state, optimizer.state, mx.random.state]
         self.parts = {path: i + 1 for i, (path, _) in enumerate(tree_flatten(model.trainable_parameters()))}
-        self.eager = getattr(optimizer, "record_mask_sample", False)
+        inner = getattr(optimizer, "optimizer", None)
+        self.staged = isinstance(inner, CompactAdamW) and inner.moments in ("8bit", "8bit-factored") \
+            and getattr(optimizer, "target", "grad") == "grad"
+        self.eager = self.staged or getattr(optimizer, "record_mask_sample", False)
         self.compiled: Dict[tuple, Callable] = {}
 
     def __call__(self, prefix: str, grads: Dict[str, mx.array], scale: mx.array) -> mx.array:
         names = tuple(grads)
         part = self.parts[prefix + names[0]]
         if self.eager:
-            return _update(self.optimizer, self.model, _nest(prefix, grads), scale, part)
+            inner = self.optimizer.optimizer
+            inner.staged = self.staged
+            try:
+                return _update(self.optimizer, self.model, _nest(prefix, grads), scale, part)
+            finally:
+                inner.staged = False
         fn = self.compiled.get((prefix, names))
         if fn is None:
             def run(arrays, scale):

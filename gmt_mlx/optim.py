@@ -166,7 +166,10 @@ class MaskedOptimizer:
         # precision.round_to), so the optimizer's arithmetic never rounds.
         stored = tree_map(lambda g, p: p, gradients, parameters)
         low = any(p.dtype != mx.float32 for _, p in tree_flatten(stored))
-        work = tree_map(lambda p: p.astype(mx.float32), stored) if low else stored
+        # CompactAdamW casts each weight itself, inside its update's kernel; a
+        # cast here would be a float32 copy of the weights given to it.
+        cast = low and not isinstance(self.optimizer, CompactAdamW)
+        work = tree_map(lambda p: p.astype(mx.float32), stored) if cast else stored
         seed = step_seed(self.seed, self.optimizer.step) if low and self.weight_rounding == "stochastic" else None
         state_dtypes = _state_dtypes(self.optimizer) if low else None
 
@@ -190,8 +193,7 @@ class MaskedOptimizer:
         if low:
             _restore_state_dtypes(self.optimizer, state_dtypes)
             updated = tree_map_with_path(
-                lambda path, new, p: round_to(new, p.dtype, None if seed is None else
-                                              mx.depends(tensor_seed(seed, path, SALT_WEIGHTS), new)),
+                lambda path, new, p: round_to(new, p.dtype, None if seed is None else tensor_seed(seed, path, SALT_WEIGHTS)),
                 updated, stored)
         return updated, {"kept": kept}
 
@@ -252,6 +254,7 @@ class CompactAdamW(optim.Optimizer):
         self._maybe_schedule("learning_rate", learning_rate)
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         self.moments, self.seed = moments, int(seed)
+        self.staged = False  # see _stage
 
     def _form(self, shape) -> str:
         """How one tensor's moments are stored."""
@@ -320,9 +323,9 @@ class CompactAdamW(optim.Optimizer):
         # sqrt(v) are the only float32 arrays of the tensor's size it needs.
         shape = parameter.shape
         g = blocks_of(g)
-        m = b1 * dequantize_signed(state["m_codes"], state["m_scale"], g.shape) + (1 - b1) * g
-        codes, state["m_scale"] = quantize_signed(m, stochastic)
+        m, codes, state["m_scale"] = _first_moment(g, state["m_codes"], state["m_scale"], stochastic, b1)
         state["m_codes"] = codes.reshape(shape)
+        self._stage(m, codes, state["m_scale"])
         if "v_row" in state:
             square = mx.square(g).reshape(-1, shape[-1])
             row = b2 * state["v_row"] + (1 - b2) * mx.mean(square, axis=-1)
@@ -330,15 +333,45 @@ class CompactAdamW(optim.Optimizer):
             state["v_row"], state["v_col"] = row, col
             root = blocks_of(mx.sqrt(row[:, None] * (col / mx.maximum(mx.mean(row), 1e-30))[None, :]))
         else:
-            v = b2 * dequantize_root(state["v_codes"], state["v_scale"], g.shape) + (1 - b2) * mx.square(g)
-            root = mx.sqrt(v)
-            # The rounding noise depends on nothing but the seed, so MLX would
-            # compute every noise array of the update first and hold them all
-            # (4 bytes per entry each): each waits for the stage before it.
-            codes, state["v_scale"] = quantize_sqrt(root, mx.depends(tensor_seed(seed, path, SALT_V), state["m_scale"]))
+            root, codes, state["v_scale"] = _second_root(g, state["v_codes"], state["v_scale"],
+                                                         tensor_seed(seed, path, SALT_V), b2)
             state["v_codes"] = codes.reshape(shape)
-        p = blocks_of(parameter.astype(mx.float32))
-        return (p * (1 - lr * self.weight_decay) - lr * m / (root + self.eps)).reshape(shape)
+        self._stage(root, state)
+        new = _adamw_step(parameter, m, root, lr, self.weight_decay, self.eps)
+        self._stage(new)
+        return new
+
+    def _stage(self, *arrays) -> None:
+        """With ``staged`` (set by a caller outside any compiled function: layerwise), evaluate
+        one stage of a tensor's update before the next starts, so that at most m,
+        sqrt(v) and one stage's temporaries are alive: ~20 bytes per entry, where the
+        whole update in one compiled function held ~37 (benchmarks/bench_update_memory.py)."""
+        if self.staged:
+            mx.eval(*arrays)
+
+
+# The 8-bit update's stages, each compiled: within one, MLX fuses the
+# elementwise ops (at most 11 per kernel); called eagerly one after another
+# (CompactAdamW.staged) their float32 temporaries never pile up.
+@mx.compile
+def _first_moment(g: mx.array, codes: mx.array, scale: mx.array, seed, b1: float):
+    """AdamW's new m from its 8-bit codes and the gradient (both as blocks): (m, new codes, new scales)."""
+    m = b1 * dequantize_signed(codes, scale, g.shape) + (1 - b1) * g
+    return (m, *quantize_signed(m, seed))
+
+
+@mx.compile
+def _second_root(g: mx.array, codes: mx.array, scale: mx.array, seed: mx.array, b2: float):
+    """sqrt of AdamW's new v from its 8-bit codes and the gradient: (root, new codes, new scales)."""
+    root = mx.sqrt(b2 * dequantize_root(codes, scale, g.shape) + (1 - b2) * mx.square(g))
+    return (root, *quantize_sqrt(root, seed))
+
+
+@mx.compile
+def _adamw_step(parameter: mx.array, m: mx.array, root: mx.array, lr: mx.array, weight_decay: float, eps: float):
+    """The new weights in float32 (decoupled weight decay, no bias correction), in ``parameter``'s shape."""
+    p = blocks_of(parameter.astype(mx.float32))
+    return (p * (1 - lr * weight_decay) - lr * m / (root + eps)).reshape(parameter.shape)
 
 
 # Storage forms of CompactAdamW's moments ("auto" resolves to the weights' dtype).

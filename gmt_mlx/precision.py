@@ -54,6 +54,14 @@ def round_to(x: mx.array, dtype: mx.Dtype, seed: mx.array | None = None) -> mx.a
         return x
     if seed is None or dtype != mx.bfloat16:
         return x.astype(dtype)
+    return _stochastic_bfloat16(x, seed)
+
+
+@mx.compile
+def _stochastic_bfloat16(x: mx.array, seed: mx.array) -> mx.array:
+    # Compiled: called eagerly (layerwise's staged update), the hash's dozen
+    # elementwise ops would each materialise a 4-byte array. (Inside another
+    # compiled function it is traced inline.)
     bits = mx.view(x.astype(mx.float32), mx.uint32)
     noise = noise_bits(x.shape, seed) & mx.array(0xFFFF, mx.uint32)
     truncated = (bits + noise) & mx.array(0xFFFF0000, mx.uint32)
