@@ -14,7 +14,7 @@ from mlx_lm.models import llama
 from gmt_mlx.config import resolve
 from gmt_mlx.errors import UserError
 from gmt_mlx.layerwise import make_layerwise_step
-from gmt_mlx.losses import dpo_loss, sft_loss
+from gmt_mlx.losses import dpo_loss, orpo_loss, sft_loss
 from gmt_mlx.optim import build_optimizer
 from gmt_mlx.trainer import make_fused_step, make_step_fns, train, training_state
 
@@ -79,11 +79,14 @@ def test_per_layer_with_accumulation_and_compact_moments():
     assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-5
 
 
-def test_per_layer_dpo_matches_fused():
-    """A preference batch (chosen and rejected rows, reference log-probs) through the same cut."""
+@pytest.mark.parametrize("mode", ["dpo", "orpo"])
+def test_per_layer_preference_matches_fused(mode):
+    """A preference batch (chosen and rejected rows; DPO: reference log-probs) through the same cut."""
     tokens, mask = _batch(rows=4)
-    batch = (tokens, mask, mx.array([-30.0, -31.0, -29.0, -33.0]))
-    loss_fn = partial(dpo_loss, beta=0.1)
+    if mode == "dpo":
+        batch, loss_fn = (tokens, mask, mx.array([-30.0, -31.0, -29.0, -33.0])), partial(dpo_loss, beta=0.1)
+    else:
+        batch, loss_fn = (tokens, mask), partial(orpo_loss, lam=0.1)
     fused, _, _ = _run("fused", "gmt", loss_fn=loss_fn, batches=[batch] * 2, steps=2)
     layer, _, _ = _run("layer", "gmt", loss_fn=loss_fn, batches=[batch] * 2, steps=2)
     a, b = _weights(fused), _weights(layer)
@@ -240,3 +243,32 @@ def test_adapters_per_layer_train_like_fused(tiny_model_dir, chat_data, tmp_path
         finals.append({k: np.array(v) for k, v in mx.load(str(out / "model" / "model.safetensors")).items()})
     a, b = finals
     assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-5
+
+
+def test_low_memory_run_exports_in_every_dtype_and_gguf(tiny_model_dir, chat_data, tmp_path):
+    """A --low-memory run (bfloat16 weights, updated per layer) exports as HF in any dtype and as GGUF."""
+    from typer.testing import CliRunner
+
+    from gmt_mlx.cli import app
+
+    runner = CliRunner()
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(chat_data), "--out", str(run),
+                                 "--iters", "3", "--learning-rate", "1e-3", "--low-memory", "--samples", "0"])
+    assert result.exit_code == 0, result.output
+    assert "updated per layer" in result.output
+    saved = mx.load(str(run / "model" / "model.safetensors"))
+    assert all(v.dtype == mx.bfloat16 for v in saved.values())  # --low-memory saves what it trained
+    for dtype in ("float32", "float16"):
+        out = tmp_path / dtype
+        result = runner.invoke(app, ["export", str(run), "--dtype", dtype, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        exported = mx.load(str(out / "model.safetensors"))
+        assert {str(v.dtype) for v in exported.values()} == {f"mlx.core.{dtype}"}
+        # bfloat16 values are exact in float32 (and these small weights in float16 to its precision)
+        for k, v in saved.items():
+            np.testing.assert_allclose(np.array(exported[k].astype(mx.float32)), np.array(v.astype(mx.float32)),
+                                       rtol=1e-3, atol=1e-6)
+    result = runner.invoke(app, ["export", str(run), "--format", "gguf", "--out", str(tmp_path / "gguf")])
+    assert result.exit_code == 0, result.output
+    assert list((tmp_path / "gguf").glob("*.gguf"))
