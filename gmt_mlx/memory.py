@@ -36,13 +36,12 @@ _IN_FLIGHT_COPIES = 8
 # the 1.39B benchmark shape (full --low-memory: MLX peak 11.44 GB) and within
 # 16% on a 309M llama (benchmarks/RESULTS.md). GMT's masks add ~1 byte there.
 _COMPACT_IN_FLIGHT = 3.3
-# Updated per layer (layerwise), one compiled update per tensor: its float32
-# temporaries and its new weights and state beside the old, in bytes per entry
-# of the largest tensor. Measured on a 13.8M-entry matrix: 12-13 with mlx's
-# AdamW on float32 weights, 36-37 with 8-bit moments on bfloat16 weights
-# (MLX fuses at most 11 elementwise ops per kernel: the rounding noise and
-# the moments' float32 values are materialised).
-_PER_TENSOR_UPDATE = {False: 13, True: 37}
+# Updated per layer (layerwise), one tensor at a time: its update's float32
+# temporaries and its new weights and state beside the old, in bytes per
+# entry of the largest tensor (benchmarks/bench_update_memory.py, a
+# 13.8M-entry matrix): 12-13 with mlx's AdamW on float32 weights (one
+# compiled update), 21-22 with CompactAdamW's 8-bit moments (staged).
+_PER_TENSOR_UPDATE = {False: 13, True: 22}
 
 
 @dataclass

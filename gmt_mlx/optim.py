@@ -12,6 +12,7 @@ and a resumed run draws exactly the masks the uninterrupted run would have.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable, Dict, Optional, Tuple
 
 import mlx.core as mx
@@ -139,10 +140,13 @@ class MaskedOptimizer:
 
     def masks(self, gradients: dict, part: int = 0) -> Tuple[dict, mx.array]:
         """Keep-masks for this step's (accumulated) gradient, and the number kept."""
-        key = self._step_key(part)
-        if self.method == "random":
-            return random_masks(gradients, self.mask_ratio, key, self.scope, self.sample_size)
-        return gmt_masks(gradients, self.mask_ratio, self.scope, key, self.sample_size)
+        flat = tree_flatten(gradients)
+        names = tuple(name for name, _ in flat)
+        build = _mask_builder(names, self.method, self.mask_ratio, self.scope, self.sample_size)
+        masks, kept = build([g for _, g in flat], self._step_key(part))
+        found = dict(zip(names, masks))
+        # Rebuilt on the gradient tree itself (see masking.gmt_masks).
+        return tree_map_with_path(lambda path, _: found[path], gradients), kept
 
     def apply_gradients(
         self, gradients: dict, parameters: dict, grad_scale: mx.array | None = None, part: int = 0
@@ -203,6 +207,24 @@ class MaskedOptimizer:
         updated, stats = self.apply_gradients(gradients, model, grad_scale, part)
         model.update(updated)
         return stats
+
+
+@lru_cache(maxsize=1024)
+def _mask_builder(names: tuple, method: str, mask_ratio: float, scope: str, sample_size: int) -> Callable:
+    """The masks of the tensors ``names`` (a list of arrays, and a key), compiled.
+
+    Inside a compiled step this is traced inline; called eagerly (the staged
+    update of layerwise) its comparisons, ties and counts fuse instead of each
+    materialising a tensor-sized array. Keyed by the names, which decide the
+    mask units, so that no two trees share a trace.
+    """
+    build = random_masks if method == "random" else gmt_masks
+
+    def run(grads: list, key: mx.array):
+        masks, kept = build(dict(zip(names, grads)), mask_ratio, scope=scope, key=key, sample_size=sample_size)
+        return [masks[name] for name in names], kept
+
+    return mx.compile(run)
 
 
 def _state_dtypes(optimizer) -> dict:
