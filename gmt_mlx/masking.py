@@ -76,11 +76,18 @@ def check_mask_ratio(mask_ratio: float) -> float:
     return float(mask_ratio)
 
 
-def index_hash(shape: Tuple[int, ...]) -> mx.array:
+def hash_start(first: int) -> mx.array:
+    """The hash of flat index ``first`` (uint32): `index_hash`'s ``start`` for a slice beginning there."""
+    return mx.array((first * _FIB) & 0xFFFFFFFF, mx.uint32)
+
+
+def index_hash(shape: Tuple[int, ...], start: mx.array | None = None) -> mx.array:
     """Fibonacci hash (uint32) of each entry's flat index.
 
     A broadcast sum of a column and a row term, so that no index array of the
-    tensor's full size is materialised for it.
+    tensor's full size is materialised for it. ``start`` (`hash_start`) makes
+    the indices those of a slice of a larger tensor: (first + i) * FIB wraps
+    like first * FIB + i * FIB, so rows hashed in slices equal the whole.
     """
     if len(shape) == 0:
         shape = (1,)
@@ -89,6 +96,8 @@ def index_hash(shape: Tuple[int, ...]) -> mx.array:
     col = mx.arange(cols, dtype=mx.uint32) * mx.array(_FIB, mx.uint32)
     row = mx.arange(rows, dtype=mx.uint32) * mx.array((cols * _FIB) & 0xFFFFFFFF, mx.uint32)
     hashed = row[:, None] + col[None, :]
+    if start is not None:
+        hashed = hashed + start
     # No reshape when the shape is already 2-D: inside a compiled function a
     # reshape ends the fused kernel, materialising the hash (4 bytes per entry).
     return hashed if len(shape) == 2 else hashed.reshape(shape)

@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from .config import MASKED_METHODS, MOMENTS, WEIGHT_ROUNDINGS
 from .masking import (
+    hash_start,
     DEFAULT_SAMPLE_SIZE,
     SCOPES,
     TARGETS,
@@ -177,6 +178,11 @@ class MaskedOptimizer:
         seed = step_seed(self.seed, self.optimizer.step) if low and self.weight_rounding == "stochastic" else None
         state_dtypes = _state_dtypes(self.optimizer) if low else None
 
+        if low and isinstance(self.optimizer, CompactAdamW):
+            # It rounds each weight itself, as soon as (a slice of) it is computed.
+            dtypes = {path: p.dtype for path, p in tree_flatten(stored)}
+            self.optimizer.weight_rounder = lambda path, x, start: round_to(
+                x, dtypes[path], None if seed is None else tensor_seed(seed, path, SALT_WEIGHTS), start)
         total = count_entries(gradients)
         if self.mask_ratio == 0.0:
             kept = mx.array(total, mx.int64)
@@ -195,6 +201,8 @@ class MaskedOptimizer:
                 new = self.optimizer.apply_gradients(scaled(gradients), work)
                 updated = tree_map(lambda n, m, p: n * m + p * ~m, new, masks, work)
         if low:
+            if isinstance(self.optimizer, CompactAdamW):
+                self.optimizer.weight_rounder = None
             _restore_state_dtypes(self.optimizer, state_dtypes)
             updated = tree_map_with_path(
                 lambda path, new, p: round_to(new, p.dtype, None if seed is None else tensor_seed(seed, path, SALT_WEIGHTS)),
@@ -277,6 +285,9 @@ class CompactAdamW(optim.Optimizer):
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         self.moments, self.seed = moments, int(seed)
         self.staged = False  # see _stage
+        # Set by MaskedOptimizer for low-precision weights: (path, float32 weights, hash start) ->
+        # the weights rounded to their dtype, so a slice is rounded as soon as it is computed.
+        self.weight_rounder: Optional[Callable] = None
 
     def _form(self, shape) -> str:
         """How one tensor's moments are stored."""
@@ -340,28 +351,63 @@ class CompactAdamW(optim.Optimizer):
             state["v"] = round_to(v, state["v"].dtype, None if stochastic is None else tensor_seed(seed, path, SALT_V))
             p = parameter.astype(mx.float32)
             return p * (1 - lr * self.weight_decay) - lr * m / (mx.sqrt(v) + self.eps)
-        # 8-bit: the whole update on rows of BLOCK entries (views of the inputs), so
-        # that inside a compiled step no reshape forces a float32 copy; m and
+        # 8-bit: the update works on rows of BLOCK entries (views of the inputs),
+        # so that inside a compiled step no reshape forces a float32 copy; m and
         # sqrt(v) are the only float32 arrays of the tensor's size it needs.
-        shape = parameter.shape
-        g = blocks_of(g)
-        m, codes, state["m_scale"] = _first_moment(g, state["m_codes"], state["m_scale"], stochastic, b1)
-        state["m_codes"] = codes.reshape(shape)
-        self._stage(m, codes, state["m_scale"])
+        # Staged (layerwise), a large tensor is updated a slice of rows at a
+        # time (CHUNK_ENTRIES): its float32 temporaries are a slice's, and the
+        # rounding noise of a slice is the whole tensor's there (hash_start).
+        shape, cols = parameter.shape, parameter.shape[-1]
+        rows = parameter.size // cols
+        step = max(1, CHUNK_ENTRIES // cols) if self.staged and cols % BLOCK == 0 else rows
+        g, p = g.reshape(rows, cols), parameter.reshape(rows, cols)
+        seed_v = tensor_seed(seed, path, SALT_V)
         if "v_row" in state:
-            square = mx.square(g).reshape(-1, shape[-1])
+            square = mx.square(g)
             row = b2 * state["v_row"] + (1 - b2) * mx.mean(square, axis=-1)
             col = b2 * state["v_col"] + (1 - b2) * mx.mean(square, axis=0)
             state["v_row"], state["v_col"] = row, col
-            root = blocks_of(mx.sqrt(row[:, None] * (col / mx.maximum(mx.mean(row), 1e-30))[None, :]))
-        else:
-            root, codes, state["v_scale"] = _second_root(g, state["v_codes"], state["v_scale"],
-                                                         tensor_seed(seed, path, SALT_V), b2)
-            state["v_codes"] = codes.reshape(shape)
-        self._stage(root, state)
-        new = _adamw_step(parameter, m, root, lr, self.weight_decay, self.eps)
-        self._stage(new)
-        return new
+            col_term = col / mx.maximum(mx.mean(row), 1e-30)
+            self._stage(row, col_term)
+        m_codes, v_codes = state["m_codes"].reshape(rows, cols), state.get("v_codes")
+        v_codes = None if v_codes is None else v_codes.reshape(rows, cols)
+        pieces: Dict[str, list] = {"new": [], "m_codes": [], "m_scale": [], "v_codes": [], "v_scale": []}
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            b0, b1_ = r0 * cols // BLOCK, r1 * cols // BLOCK
+            start = hash_start(r0 * cols) if r0 else None
+
+            def rows_of(a, lo=r0, hi=r1):  # the slice's rows (the array itself when it is all of them)
+                return a if lo == 0 and hi == a.shape[0] else a[lo:hi]
+
+            gb = blocks_of(rows_of(g))
+            m, codes, scale = _first_moment(gb, rows_of(m_codes), rows_of(state["m_scale"], b0, b1_), stochastic, b1, start)
+            pieces["m_codes"].append(codes.reshape(r1 - r0, cols))
+            pieces["m_scale"].append(scale)
+            self._stage(m, codes, scale)
+            if v_codes is None:
+                root = blocks_of(mx.sqrt(rows_of(row)[:, None] * col_term[None, :]))
+            else:
+                root, codes, scale = _second_root(gb, rows_of(v_codes), rows_of(state["v_scale"], b0, b1_), seed_v, b2, start)
+                pieces["v_codes"].append(codes.reshape(r1 - r0, cols))
+                pieces["v_scale"].append(scale)
+            self._stage(root, codes, scale)
+            new = _adamw_step(rows_of(p), m, root, lr, self.weight_decay, self.eps)
+            if self.weight_rounder is not None:
+                new = self.weight_rounder(path, new, start)
+            pieces["new"].append(new)
+            del m, root, gb
+            self._stage(new)
+        joined = {}
+        for key, parts in pieces.items():
+            if parts:
+                joined[key] = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+                parts.clear()  # the slices: freed once joined
+                self._stage(joined[key])
+        for key in ("m_codes", "m_scale", "v_codes", "v_scale"):
+            if key in joined:
+                state[key] = joined[key].reshape(shape) if key.endswith("codes") else joined[key]
+        return joined["new"].reshape(shape)
 
     def _stage(self, *arrays) -> None:
         """With ``staged`` (set by a caller outside any compiled function: layerwise), evaluate
@@ -376,17 +422,18 @@ class CompactAdamW(optim.Optimizer):
 # elementwise ops (at most 11 per kernel); called eagerly one after another
 # (CompactAdamW.staged) their float32 temporaries never pile up.
 @mx.compile
-def _first_moment(g: mx.array, codes: mx.array, scale: mx.array, seed, b1: float):
-    """AdamW's new m from its 8-bit codes and the gradient (both as blocks): (m, new codes, new scales)."""
+def _first_moment(g: mx.array, codes: mx.array, scale: mx.array, seed, b1: float, start=None):
+    """AdamW's new m from its 8-bit codes and the gradient (both as blocks): (m, new codes, new scales).
+    ``start``: these are a slice of the tensor (masking.hash_start)."""
     m = b1 * dequantize_signed(codes, scale, g.shape) + (1 - b1) * g
-    return (m, *quantize_signed(m, seed))
+    return (m, *quantize_signed(m, seed, start))
 
 
 @mx.compile
-def _second_root(g: mx.array, codes: mx.array, scale: mx.array, seed: mx.array, b2: float):
+def _second_root(g: mx.array, codes: mx.array, scale: mx.array, seed: mx.array, b2: float, start=None):
     """sqrt of AdamW's new v from its 8-bit codes and the gradient: (root, new codes, new scales)."""
     root = mx.sqrt(b2 * dequantize_root(codes, scale, g.shape) + (1 - b2) * mx.square(g))
-    return (root, *quantize_sqrt(root, seed))
+    return (root, *quantize_sqrt(root, seed, start))
 
 
 @mx.compile
@@ -394,6 +441,10 @@ def _adamw_step(parameter: mx.array, m: mx.array, root: mx.array, lr: mx.array, 
     """The new weights in float32 (decoupled weight decay, no bias correction), in ``parameter``'s shape."""
     p = blocks_of(parameter.astype(mx.float32))
     return (p * (1 - lr * weight_decay) - lr * m / (root + eps)).reshape(parameter.shape)
+
+
+# Entries of one slice of a large tensor's staged update (~22 bytes each in flight: ~90 MB).
+CHUNK_ENTRIES = 1 << 22
 
 
 # Storage forms of CompactAdamW's moments ("auto" resolves to the weights' dtype).

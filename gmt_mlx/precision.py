@@ -30,17 +30,18 @@ BLOCK = 128
 _LEVELS = 127.0
 
 
-def noise_bits(shape, seed: mx.array) -> mx.array:
-    """32 pseudo-random bits (uint32) per entry of ``shape``, from ``seed`` (a uint32 scalar)."""
-    return mix32(index_hash(tuple(shape)) ^ seed)
+def noise_bits(shape, seed: mx.array, start: mx.array | None = None) -> mx.array:
+    """32 pseudo-random bits (uint32) per entry of ``shape``, from ``seed`` (a uint32 scalar);
+    ``start``: the shape is a slice of a larger tensor (masking.hash_start), with its bits."""
+    return mix32(index_hash(tuple(shape), start) ^ seed)
 
 
-def uniform_noise(shape, seed: mx.array) -> mx.array:
+def uniform_noise(shape, seed: mx.array, start: mx.array | None = None) -> mx.array:
     """Uniform noise in [0, 1) per entry (24 bits: what float32 holds exactly)."""
-    return (noise_bits(shape, seed) >> 8).astype(mx.float32) * (1.0 / (1 << 24))
+    return (noise_bits(shape, seed, start) >> 8).astype(mx.float32) * (1.0 / (1 << 24))
 
 
-def round_to(x: mx.array, dtype: mx.Dtype, seed: mx.array | None = None) -> mx.array:
+def round_to(x: mx.array, dtype: mx.Dtype, seed: mx.array | None = None, start: mx.array | None = None) -> mx.array:
     """``x`` (float32) in ``dtype``: stochastically rounded to bfloat16 when ``seed`` is given, else to nearest.
 
     Stochastic rounding adds 16 random bits below bfloat16's last mantissa
@@ -48,22 +49,23 @@ def round_to(x: mx.array, dtype: mx.Dtype, seed: mx.array | None = None) -> mx.a
     to the dropped bits' share of the spacing, so E[result] = x. Sign and
     magnitude are separate in IEEE floats, so negatives round symmetrically.
     Only bfloat16 (float32 with 16 bits cut off) is rounded this way; other
-    dtypes round to nearest.
+    dtypes round to nearest. ``start``: ``x`` is a slice of a larger tensor
+    (masking.hash_start), rounded as the whole would be there.
     """
     if x.dtype == dtype:
         return x
     if seed is None or dtype != mx.bfloat16:
         return x.astype(dtype)
-    return _stochastic_bfloat16(x, seed)
+    return _stochastic_bfloat16(x, seed, start)
 
 
 @mx.compile
-def _stochastic_bfloat16(x: mx.array, seed: mx.array) -> mx.array:
+def _stochastic_bfloat16(x: mx.array, seed: mx.array, start: mx.array | None) -> mx.array:
     # Compiled: called eagerly (layerwise's staged update), the hash's dozen
     # elementwise ops would each materialise a 4-byte array. (Inside another
     # compiled function it is traced inline.)
     bits = mx.view(x.astype(mx.float32), mx.uint32)
-    noise = noise_bits(x.shape, seed) & mx.array(0xFFFF, mx.uint32)
+    noise = noise_bits(x.shape, seed, start) & mx.array(0xFFFF, mx.uint32)
     truncated = (bits + noise) & mx.array(0xFFFF0000, mx.uint32)
     return mx.view(truncated, mx.float32).astype(mx.bfloat16)  # exact: the low 16 bits are zero
 
@@ -87,7 +89,7 @@ def _block_max_abs(blocks: mx.array) -> mx.array:
     return mx.maximum(mx.max(blocks, axis=-1, keepdims=True), -mx.min(blocks, axis=-1, keepdims=True))
 
 
-def quantize_signed(x: mx.array, seed: mx.array) -> tuple[mx.array, mx.array]:
+def quantize_signed(x: mx.array, seed: mx.array, start: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """(int8 codes, float32 scale per block of BLOCK entries): x ~ codes * scale, stochastically rounded.
 
     The scale is the block's largest |x| / 127, so the largest entry is exact
@@ -98,7 +100,7 @@ def quantize_signed(x: mx.array, seed: mx.array) -> tuple[mx.array, mx.array]:
     blocks = blocks_of(x.astype(mx.float32))
     scale = _block_max_abs(blocks) / _LEVELS
     safe = mx.where(scale > 0, scale, 1.0)
-    codes = mx.floor(blocks / safe + uniform_noise(blocks.shape, seed))
+    codes = mx.floor(blocks / safe + uniform_noise(blocks.shape, seed, start))
     return mx.clip(codes, -_LEVELS, _LEVELS).astype(mx.int8).reshape(x.shape), scale.reshape(-1)
 
 
@@ -122,12 +124,12 @@ def quantize_root(v: mx.array, seed: mx.array) -> tuple[mx.array, mx.array]:
     return codes.reshape(v.shape), scale
 
 
-def quantize_sqrt(root: mx.array, seed: mx.array) -> tuple[mx.array, mx.array]:
+def quantize_sqrt(root: mx.array, seed: mx.array, start: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """`quantize_root` given sqrt(v) (which Adam's update needs too): codes in root's shape."""
     blocks = blocks_of(root)
     scale = mx.max(blocks, axis=-1, keepdims=True) / 255.0
     safe = mx.where(scale > 0, scale, 1.0)
-    codes = mx.floor(blocks / safe + uniform_noise(blocks.shape, seed))
+    codes = mx.floor(blocks / safe + uniform_noise(blocks.shape, seed, start))
     codes = mx.where(blocks > 0, mx.maximum(codes, 1.0), 0.0)
     return mx.clip(codes, 0, 255).astype(mx.uint8).reshape(root.shape), scale.reshape(-1)
 

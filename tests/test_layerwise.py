@@ -272,3 +272,31 @@ def test_low_memory_run_exports_in_every_dtype_and_gguf(tiny_model_dir, chat_dat
     result = runner.invoke(app, ["export", str(run), "--format", "gguf", "--out", str(tmp_path / "gguf")])
     assert result.exit_code == 0, result.output
     assert list((tmp_path / "gguf").glob("*.gguf"))
+
+
+@pytest.mark.parametrize("moments", ["8bit", "8bit-factored"])
+def test_row_slices_update_exactly_as_the_whole_tensor(monkeypatch, moments):
+    """The staged update of a large tensor in slices of rows (CHUNK_ENTRIES) gives the weights and
+    8-bit state bit for bit of the whole tensor at once: the rounding noise follows each entry's
+    position in the tensor (masking.hash_start), not in its slice."""
+    import gmt_mlx.optim as optim_module
+
+    results = []
+    for chunk in (1 << 30, 512):  # whole tensors; then slices of 4 rows of 128
+        monkeypatch.setattr(optim_module, "CHUNK_ENTRIES", chunk)
+        model = _model(hidden=128)
+        model.set_dtype(mx.bfloat16)
+        opt = build_optimizer("adamw", 1e-2, method="gmt", mask_ratio=0.3, moments=moments, weights_dtype="bfloat16")
+        opt.init(model.trainable_parameters())
+        step = make_layerwise_step(model, opt, sft_loss)
+        for s in range(3):
+            mx.eval(step(None, *_batch(seed=s)), training_state(model, opt))
+        flat = {**{k: v for k, v in tree_flatten(model.parameters())},
+                **{"state." + k: v for k, v in tree_flatten(opt.state) if isinstance(v, mx.array)}}
+        results.append({k: np.array(v.astype(mx.float32) if v.dtype == mx.bfloat16 else v) for k, v in flat.items()})
+    whole, sliced = results
+    assert whole.keys() == sliced.keys()
+    for k in whole:
+        np.testing.assert_array_equal(whole[k], sliced[k], err_msg=k)
+    moved = np.abs(whole["model.embed_tokens.weight"] - np.array(_model(hidden=128).model.embed_tokens.weight.astype(mx.bfloat16).astype(mx.float32)))
+    assert moved.max() > 0  # the embedding (100 x 128 = 25 slices) was trained
