@@ -43,7 +43,7 @@ from .losses import make_loss
 from .memory import DTYPE_BYTES, MemoryEstimate, advice, available_bytes, estimate, moment_storage
 from .methods import enable_grad_checkpoint, prepare_model
 from .models import embedded_gguf_base
-from .optim import MASK_SAMPLE_KEY, build_optimizer, make_schedule
+from .optim import CHUNK_ENTRIES, MASK_SAMPLE_KEY, build_optimizer, make_schedule
 from .preference import compute_reference, load_reference
 from .progress import Progress
 from .sources import data_options
@@ -492,6 +492,7 @@ def _check_memory(config: Config, model, model_config: dict, sizes: dict, train_
             seq_len=seq_len, optimizer=config.optimizer, masked=config.masked,
             grad_accumulation_steps=config.grad_accumulation_steps, grad_checkpoint=config.grad_checkpoint,
             mask_overlap=config.mask_overlap, largest=largest, block=max(per_block, default=0), outer=outer,
+            chunk=CHUNK_ENTRIES,
             **values,
         )
 

@@ -36,12 +36,16 @@ _IN_FLIGHT_COPIES = 8
 # the 1.39B benchmark shape (full --low-memory: MLX peak 11.44 GB) and within
 # 16% on a 309M llama (benchmarks/RESULTS.md). GMT's masks add ~1 byte there.
 _COMPACT_IN_FLIGHT = 3.3
-# Updated per layer (layerwise), one tensor at a time: its update's float32
-# temporaries and its new weights and state beside the old, in bytes per
-# entry of the largest tensor (benchmarks/bench_update_memory.py, a
-# 13.8M-entry matrix): 12-13 with mlx's AdamW on float32 weights (one
-# compiled update), 21-22 with CompactAdamW's 8-bit moments (staged).
-_PER_TENSOR_UPDATE = {False: 13, True: 22}
+# Updated per layer (layerwise), one tensor at a time, in bytes per entry of
+# the largest tensor (benchmarks/bench_update_memory.py, a 13.8M-entry
+# matrix): 12-13 with mlx's AdamW on float32 weights (one compiled update:
+# its temporaries and the new weights and state beside the old). With
+# CompactAdamW's 8-bit moments the update is staged in slices of rows: ~22
+# bytes per entry of one slice (``chunk`` entries) in flight, plus ~7 per
+# entry of the whole tensor (its masked gradient in float32, the mask, the
+# new slices until joined): 13.6 measured on that matrix, 13.7 from this rule.
+_PER_TENSOR_UPDATE = 13
+_SLICE_UPDATE, _STAGED_UPDATE = 22, 7
 
 
 @dataclass
@@ -88,6 +92,7 @@ def estimate(
     update_per_layer: bool = False,
     block: int = 0,
     outer: int = 0,
+    chunk: int = 1 << 22,
 ) -> MemoryEstimate:
     """Estimate the peak bytes of one training step (trainer.make_fused_step).
 
@@ -102,7 +107,8 @@ def estimate(
     ``update_per_layer`` (layerwise): ``block`` is the largest block's
     trainable entries and ``outer`` those outside the blocks (embeddings,
     head), whose gradient waits for the end of the backward pass; one block
-    is recomputed at a time, with every block's input kept.
+    is recomputed at a time, with every block's input kept. ``chunk``: the
+    slice of a large tensor one staged 8-bit update works on (optim.CHUNK_ENTRIES).
     """
     hidden = int(hf_config.get("hidden_size", 0))
     inter = int(hf_config.get("intermediate_size", 4 * hidden))
@@ -123,8 +129,9 @@ def estimate(
     else:
         optimizer_bytes = int(trainable * width * _OPTIMIZER_WORDS.get(optimizer, 1))
     if update_per_layer:
-        gradients = (trainable * width * (grad_accumulation_steps > 1) + (outer + block) * width
-                     + largest * _PER_TENSOR_UPDATE[compact])
+        in_flight = (largest * _STAGED_UPDATE + min(largest, chunk) * _SLICE_UPDATE if compact
+                     else largest * _PER_TENSOR_UPDATE)
+        gradients = trainable * width * (grad_accumulation_steps > 1) + (outer + block) * width + in_flight
     # With mlx's AdamW the masks are built and consumed tensor by tensor (in the
     # in-flight term); --mask-overlap's sample, and the compact moments' slower
     # update, keep them (a byte per entry) until the step ends.
