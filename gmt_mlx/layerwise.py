@@ -31,6 +31,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .distributed import all_sum_tree
 from .errors import UserError
 from .losses import unpack
+from .precision import sum_of_squares
 from .optim import MASK_SAMPLE_KEY, MASK_SAMPLE_SIZE, CompactAdamW, MaskedOptimizer
 
 
@@ -169,10 +170,6 @@ def _nest(prefix: str, flat: Dict[str, mx.array]) -> dict:
     return tree_unflatten([(prefix + path, v) for path, v in flat.items()])
 
 
-def _sum_of_squares(g: mx.array) -> mx.array:
-    return mx.sum(mx.square(g.astype(mx.float32)))
-
-
 def make_layerwise_step(model: nn.Module, optimizer, loss_fn: Callable, group=None):
     """A step function like trainer.make_fused_step's: ``step(earlier, *batch)`` returns
     (summed loss, count, metric sums, gradient norm of the mean loss, entries kept, applied).
@@ -224,7 +221,7 @@ def make_layerwise_step(model: nn.Module, optimizer, loss_fn: Callable, group=No
                 if prefix + path in pending:
                     grads[path] = grads[path] + pending.pop(prefix + path)
             grads = reduce(grads)
-            part_squares = {path: _sum_of_squares(g) for path, g in grads.items()}
+            part_squares = {path: sum_of_squares(g) for path, g in grads.items()}
             mx.eval(grads, part_squares, extra)
             finite = {path: g for path, g in grads.items() if mx.isfinite(part_squares[path]).item()}
             all_finite = all_finite and len(finite) == len(grads)

@@ -18,6 +18,7 @@ uninterrupted run would have.
 from __future__ import annotations
 
 import zlib
+from functools import lru_cache
 
 import mlx.core as mx
 
@@ -152,3 +153,24 @@ def step_seed(run_seed: int, step: mx.array) -> mx.array:
 def tensor_seed(seed: mx.array, name: str, salt: int) -> mx.array:
     """The step seed made specific to one tensor (by its parameter path) and one use (``salt``)."""
     return mix32(seed ^ mx.array((zlib.crc32(name.encode()) ^ salt) & 0xFFFFFFFF, mx.uint32))
+
+
+@lru_cache(maxsize=8)
+def _ones(n: int) -> mx.array:
+    return mx.ones((n,), mx.float32)
+
+
+def sum_of_squares(g: mx.array) -> mx.array:
+    """sum(g ** 2) in float32: squares summed in rows of <= 64 by a matrix-vector product.
+
+    On CPU, mx.sum over a whole tensor is one sequential float32 loop: slow,
+    and over a 28M-entry embedding gradient off by ~0.4% against float64. The
+    BLAS's vectorised row sums made the whole norm of SmolLM2-135M's
+    (contiguous, see trainer.make_step_fns) gradient 1.5x faster, within 1e-5 of float64.
+    mx.square, not ** 2: an uncompiled power costs ~5x more.
+    """
+    flat = g.reshape(-1).astype(mx.float32)
+    cols = 64
+    while flat.size % cols:
+        cols //= 2
+    return mx.sum(mx.square(flat.reshape(-1, cols)) @ _ones(cols))

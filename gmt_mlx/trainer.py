@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from functools import partial
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import mlx.core as mx
@@ -20,6 +20,7 @@ from .distributed import all_sum_tree, any_rank
 from .layerwise import make_layerwise_step
 from .losses import sft_loss, unpack
 from .optim import MaskedOptimizer
+from .precision import sum_of_squares
 
 # tokens (B, L) int32, target mask (B, L), then whatever else the loss takes
 # (a DPO batch: the reference log-probabilities of its rows).
@@ -139,7 +140,7 @@ def make_fused_step(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, g
             count = mx.distributed.all_sum(count, group=group)
             metrics = {k: mx.distributed.all_sum(v, group=group) for k, v in metrics.items()}
         scale = 1.0 / mx.maximum(count, 1.0)
-        squares = tree_map(_sum_of_squares, grads)
+        squares = tree_map(sum_of_squares, grads)
         norm = mx.sqrt(sum(v for _, v in tree_flatten(squares))) * scale
         if grad_clip > 0:
             scale = scale * mx.minimum(grad_clip / (norm + 1e-6), 1.0)
@@ -167,29 +168,8 @@ def make_fused_step(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, g
     return lambda earlier, *batch: first(*batch) if earlier is None else rest(earlier, *batch)
 
 
-@lru_cache(maxsize=8)
-def _ones(n: int) -> mx.array:
-    return mx.ones((n,), mx.float32)
-
-
-def _sum_of_squares(g: mx.array) -> mx.array:
-    """sum(g ** 2) in float32: squares summed in rows of <= 64 by a matrix-vector product.
-
-    On CPU, mx.sum over a whole tensor is one sequential float32 loop: slow,
-    and over a 28M-entry embedding gradient off by ~0.4% against float64. The
-    BLAS's vectorised row sums made the whole norm of SmolLM2-135M's
-    (contiguous, see make_step_fns) gradient 1.5x faster, within 1e-5 of float64.
-    mx.square, not ** 2: an uncompiled power costs ~5x more.
-    """
-    flat = g.reshape(-1).astype(mx.float32)
-    cols = 64
-    while flat.size % cols:
-        cols //= 2
-    return mx.sum(mx.square(flat.reshape(-1, cols)) @ _ones(cols))
-
-
 def global_norm(grads) -> mx.array:
-    return mx.sqrt(sum(_sum_of_squares(g) for _, g in tree_flatten(grads)))
+    return mx.sqrt(sum(sum_of_squares(g) for _, g in tree_flatten(grads)))
 
 
 def accumulate(grad_fn: Callable, batches: Iterator[Batch], micro_batches: int, group=None):
