@@ -39,6 +39,7 @@ from .evaluate import describe_prompt, generate_text, sample_prompts, split_loss
 from .export import save_hf_model
 from .hub import check_push, publish_run
 from .loading import load_base
+from .layerwise import block_sizes
 from .losses import make_loss
 from .memory import DTYPE_BYTES, MemoryEstimate, advice, available_bytes, estimate, moment_storage
 from .methods import enable_grad_checkpoint, prepare_model
@@ -472,12 +473,8 @@ def _check_memory(config: Config, model, model_config: dict, sizes: dict, train_
     seq_len = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
     params = tree_flatten(model.parameters())
     weight_bytes = sum(v.nbytes for _, v in params)
-    trainable = tree_flatten(model.trainable_parameters())
-    largest = max((v.size for _, v in trainable), default=0)
-    # The per-layer update's units: the largest block, and what lies outside the blocks.
-    prefixes = [f"{name}." for name, m in model.named_modules() if any(m is b for b in getattr(model, "layers", []))]
-    per_block = [sum(v.size for k, v in trainable if k.startswith(p)) for p in prefixes]
-    outer = sum(v.size for _, v in trainable) - sum(per_block)
+    largest = max((v.size for _, v in tree_flatten(model.trainable_parameters())), default=0)
+    block, outer = block_sizes(model)  # the per-layer update's units
     # A preference batch holds two rows per pair; DPO's reference pass (forward only, at the
     # same batch) stays below the training step's peak, so the step's estimate covers it.
     rows = 2 if config.preference else 1
@@ -491,7 +488,7 @@ def _check_memory(config: Config, model, model_config: dict, sizes: dict, train_
             model_config, weight_bytes=scaled, trainable=sizes["trainable"], batch_size=config.batch_size * rows,
             seq_len=seq_len, optimizer=config.optimizer, masked=config.masked,
             grad_accumulation_steps=config.grad_accumulation_steps, grad_checkpoint=config.grad_checkpoint,
-            mask_overlap=config.mask_overlap, largest=largest, block=max(per_block, default=0), outer=outer,
+            mask_overlap=config.mask_overlap, largest=largest, block=block, outer=outer,
             chunk=CHUNK_ENTRIES,
             **values,
         )

@@ -22,17 +22,17 @@ here: global gradient clipping and the global mask scope (config refuses them).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .distributed import all_sum_tree
 from .errors import UserError
 from .losses import unpack
+from .optim import MASK_SAMPLE_KEY, MASK_SAMPLE_SIZE, CompactAdamW, MaskedOptimizer, apply_update, training_state
 from .precision import sum_of_squares
-from .optim import MASK_SAMPLE_KEY, MASK_SAMPLE_SIZE, CompactAdamW, MaskedOptimizer
 
 
 class _StandIn:
@@ -164,6 +164,24 @@ class Blocks:
         return dict(zip(names, grads))
 
 
+def block_sizes(model: nn.Module) -> Tuple[int, int]:
+    """(trainable entries of the largest block, trainable entries outside the blocks), as
+    `Blocks` splits them; (0, all) for a model without ``model.layers``."""
+    flat = dict(tree_flatten(model.trainable_parameters()))
+    try:
+        blocks, outer = Blocks(model).split(flat)
+    except UserError:
+        return 0, sum(v.size for v in flat.values())
+    return max(sum(v.size for v in b.values()) for b in blocks), sum(v.size for v in outer.values())
+
+
+def _at(tree, path: str):
+    """The entry of a nested dict/list tree at a dotted path."""
+    for key in path.split("."):
+        tree = tree[int(key)] if isinstance(tree, list) else tree[key]
+    return tree
+
+
 def _nest(prefix: str, flat: Dict[str, mx.array]) -> dict:
     """A partial tree of the model's shape holding ``flat`` (relative to ``prefix``):
     lists are padded with empty dicts, which mlx's tree_map and Module.update skip."""
@@ -234,7 +252,9 @@ def make_layerwise_step(model: nn.Module, optimizer, loss_fn: Callable, group=No
                     optimizer.state["step"] = start
                 if MASK_SAMPLE_KEY in optimizer.state:
                     samples.append(optimizer.state.pop(MASK_SAMPLE_KEY))
-                mx.eval(model.trainable_parameters(), optimizer.state, kept[-1])
+                # What this update wrote: its weights and their state (not a walk of the whole model).
+                paths = [prefix + path for path in unit]
+                mx.eval(kept[-1], [_at(model, p) for p in paths], [_at(optimizer.state, p) for p in paths])
                 unit.clear()  # this gradient is no longer needed
 
         for i in reversed(range(len(blocks.layers))):
@@ -281,7 +301,7 @@ class _PartUpdates:
 
     def __init__(self, model: nn.Module, optimizer):
         self.model, self.optimizer = model, optimizer
-        self.state = [model.state, optimizer.state, mx.random.state]
+        self.state = training_state(model, optimizer)
         self.parts = {path: i + 1 for i, (path, _) in enumerate(tree_flatten(model.trainable_parameters()))}
         inner = getattr(optimizer, "optimizer", None)
         self.staged = isinstance(inner, CompactAdamW) and inner.moments in ("8bit", "8bit-factored") \
@@ -296,21 +316,13 @@ class _PartUpdates:
             inner = self.optimizer.optimizer
             inner.staged = self.staged
             try:
-                return _update(self.optimizer, self.model, _nest(prefix, grads), scale, part)
+                return apply_update(self.optimizer, self.model, _nest(prefix, grads), scale, part)
             finally:
                 inner.staged = False
         fn = self.compiled.get((prefix, names))
         if fn is None:
             def run(arrays, scale):
-                return _update(self.optimizer, self.model, _nest(prefix, dict(zip(names, arrays))), scale, part)
+                return apply_update(self.optimizer, self.model, _nest(prefix, dict(zip(names, arrays))), scale, part)
 
             fn = self.compiled[(prefix, names)] = mx.compile(run, inputs=self.state, outputs=self.state)
         return fn([grads[n] for n in names], scale)
-
-
-def _update(optimizer, model, grads: dict, scale: mx.array, part: int) -> mx.array:
-    """Apply one part's (partial-tree) gradient; return the number of entries kept."""
-    if isinstance(optimizer, MaskedOptimizer):
-        return optimizer.update(model, grads, grad_scale=scale, part=part)["kept"]
-    optimizer.update(model, tree_map(lambda g: g * scale, grads))
-    return mx.array(sum(g.size for _, g in tree_flatten(grads)), mx.int64)

@@ -21,7 +21,6 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from .config import MASKED_METHODS, MOMENTS, WEIGHT_ROUNDINGS
 from .masking import (
-    hash_start,
     DEFAULT_SAMPLE_SIZE,
     SCOPES,
     TARGETS,
@@ -29,6 +28,7 @@ from .masking import (
     check_mask_ratio,
     count_entries,
     gmt_masks,
+    hash_start,
     random_masks,
 )
 from .precision import (
@@ -215,6 +215,25 @@ class MaskedOptimizer:
         updated, stats = self.apply_gradients(gradients, model, grad_scale, part)
         model.update(updated)
         return stats
+
+
+def training_state(model, optimizer) -> list:
+    """Everything a step reads and writes: weights, optimizer state and the RNG
+    (LoRA dropout draws from it; without it a compiled step would replay one mask)."""
+    return [model.state, optimizer.state, mx.random.state]
+
+
+def apply_update(optimizer, model, grads: dict, scale: mx.array, part: int = 0) -> mx.array:
+    """Apply ``scale * grads`` to ``model`` (masked by a `MaskedOptimizer`); return the entries kept.
+
+    The mask is built from the unscaled gradient (a positive scale does not
+    change it) and the scale fuses into the optimizer's kernel. ``part``: see
+    MaskedOptimizer.update. A plain mlx optimizer keeps everything.
+    """
+    if isinstance(optimizer, MaskedOptimizer):
+        return optimizer.update(model, grads, grad_scale=scale, part=part)["kept"]
+    optimizer.update(model, tree_map(lambda g: g * scale, grads))
+    return mx.array(sum(g.size for _, g in tree_flatten(grads)), mx.int64)
 
 
 @lru_cache(maxsize=1024)

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten, tree_map
 from .distributed import all_sum_tree, any_rank
 from .layerwise import make_layerwise_step
 from .losses import sft_loss, unpack
-from .optim import MaskedOptimizer
+from .optim import apply_update, training_state
 from .precision import sum_of_squares
 
 # tokens (B, L) int32, target mask (B, L), then whatever else the loss takes
@@ -45,12 +45,6 @@ class NonFiniteError(RuntimeError):
     def __init__(self, step: int, count: int):
         super().__init__(f"{count} consecutive steps with a non-finite loss or gradient (last at step {step})")
         self.step, self.count = step, count
-
-
-def training_state(model: nn.Module, optimizer) -> list:
-    """Everything a step reads and writes: weights, optimizer state and the RNG
-    (LoRA dropout draws from it; without it a compiled step would replay one mask)."""
-    return [model.state, optimizer.state, mx.random.state]
 
 
 def make_step_fns(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, grad_clip: float = 0.0):
@@ -84,14 +78,7 @@ def make_step_fns(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, gra
         # The same clipping as optim.clip_grad_norm, reusing the norm we already have.
         if grad_clip > 0:
             scale = scale * mx.minimum(grad_clip / (norm + 1e-6), 1.0)
-        if isinstance(optimizer, MaskedOptimizer):
-            # The mask is built from the unscaled sum (a positive scale does not
-            # change it) and the scale fuses into the optimizer's kernel.
-            stats = optimizer.update(model, grads, grad_scale=scale)
-        else:
-            stats = optimizer.update(model, tree_map(lambda g: g * scale, grads))
-        # A plain mlx optimizer returns None: everything was kept.
-        return stats["kept"] if stats else mx.array(sum(g.size for _, g in tree_flatten(grads)), mx.int64)
+        return apply_update(optimizer, model, grads, scale)
 
     return grad_fn, update_fn
 
@@ -150,11 +137,7 @@ def make_fused_step(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, g
         grads = tree_map(lambda k, g: mx.where(k, g, 0), ok, grads)
         old = tree_map(lambda g, p: p, grads, model.trainable_parameters())
         old_step = optimizer.state.get("step")
-        if isinstance(optimizer, MaskedOptimizer):
-            kept = optimizer.update(model, grads, grad_scale=scale)["kept"]
-        else:
-            optimizer.update(model, tree_map(lambda g: g * scale, grads))
-            kept = mx.array(sum(g.size for _, g in tree_flatten(grads)), mx.int64)
+        kept = apply_update(optimizer, model, grads, scale)
         new = tree_map(lambda g, p: p, grads, model.trainable_parameters())
         model.update(tree_map(lambda k, n, p: mx.where(k, n, p), ok, new, old))
         applied = finite & mx.isfinite(norm)

@@ -18,6 +18,8 @@ from gmt_mlx.losses import dpo_loss, orpo_loss, sft_loss
 from gmt_mlx.optim import build_optimizer
 from gmt_mlx.trainer import make_fused_step, make_step_fns, train, training_state
 
+from .test_precision import _peak_over_held
+
 
 def _model(tied=True, layers=3, hidden=64, vocab=100):
     args = llama.ModelArgs(model_type="llama", hidden_size=hidden, num_hidden_layers=layers,
@@ -155,13 +157,6 @@ def test_non_finite_loss_changes_nothing():
     assert not out[5].item()
     after = _weights(model)
     assert all(np.array_equal(before[k], after[k]) for k in before)
-
-
-def _peak_over_held(step, steps=3):
-    for _ in range(steps):
-        mx.reset_peak_memory()
-        step()
-    return mx.get_peak_memory() - mx.get_active_memory()
 
 
 @pytest.mark.parametrize("method", ["sft", "gmt"])
