@@ -16,9 +16,9 @@ def real_gradient_accuracy(spec: ModelSpec, folders, batch_size: int, keys: int)
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from gmt_mlx import masking as new
-    from gmt_mlx.data import make_batch
-    from gmt_mlx.losses import sft_loss
+    from gmt_mlx.core import masking as new
+    from gmt_mlx.core.losses import sft_loss
+    from gmt_mlx.data.batching import make_batch
 
     model, tokenizer = load_model(spec.path)
     _, split = tokenized(folders["chat"], tokenizer)

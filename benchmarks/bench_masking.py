@@ -21,7 +21,7 @@ def masking_section(spec: ModelSpec, before, reps: int) -> dict:
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten, tree_map
 
-    from gmt_mlx import masking as new
+    from gmt_mlx.core import masking as new
 
     model, _ = load_model(spec.path)
     params = model.trainable_parameters()

@@ -28,7 +28,7 @@ def mlx_lm_padding(lengths: Sequence[int], batch_size: int) -> tuple:
 
 def our_padding(split, batch_size: int, *, pad_multiple: int = 8, buckets=None, epochs: int = 10) -> tuple:
     """(waste over epoch 0, distinct padded lengths over `epochs` epochs) of our batching."""
-    from gmt_mlx import data
+    from gmt_mlx.data import batching as data
 
     kwargs = {"buckets": buckets} if buckets is not None else {}
     waste = data.padding_waste(split, batch_size, seed=0, pad_multiple=pad_multiple, **kwargs)
@@ -47,7 +47,7 @@ def our_padding(split, batch_size: int, *, pad_multiple: int = 8, buckets=None, 
 def padding_section(specs: List[ModelSpec], folders: Dict, batch_size: int) -> dict:
     from mlx_lm import load
 
-    from gmt_mlx import data
+    from gmt_mlx.data import batching as data
 
     have_buckets = hasattr(data, "length_buckets")
     out = {}

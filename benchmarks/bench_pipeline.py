@@ -18,7 +18,7 @@ def pipeline_section(spec: ModelSpec, folders, workdir: Path, batch_size: int, d
     """Ours vs mlx_lm, each with its own batching, over whole epochs (one warmup epoch, one timed)."""
     import mlx.core as mx
 
-    from gmt_mlx import data as gdata
+    from gmt_mlx.data import batching as gdata
 
     tokenizer = tokenizer_of(spec)
     pad_id = pad_token(tokenizer)

@@ -529,7 +529,7 @@ def main(argv=None) -> int:
 def resolve_base(model: str) -> Path:
     """The folder a run of `model` loads (when its log did not name it)."""
     sys.path.insert(0, str(REPO))
-    from gmt_mlx.models import resolve_model
+    from gmt_mlx.models.resolve import resolve_model
 
     return resolve_model(model)
 

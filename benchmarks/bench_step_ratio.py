@@ -24,7 +24,7 @@ KEY = "update"  # its key in the results JSON
 def _before_masks(before):
     """Today's MaskedOptimizer with the masks of the 'before' code: only the masking
     differs, so the comparison is not skewed by how each version's step is wired."""
-    from gmt_mlx.optim import MaskedOptimizer
+    from gmt_mlx.core.optim import MaskedOptimizer
 
     class Before(MaskedOptimizer):
         def masks(self, gradients):
@@ -39,7 +39,9 @@ def preference_batch(folder, tokenizer, pairs: int):
     import mlx.core as mx
     import numpy as np
 
-    from gmt_mlx.data import load_splits, make_batch, tokenize_split
+    from gmt_mlx.data.batching import make_batch
+    from gmt_mlx.data.encoding import tokenize_split
+    from gmt_mlx.data.sources import load_splits
 
     rows = load_splits(folder)["train"][:pairs]
     split = tokenize_split(rows, tokenizer, mask_prompt=True, max_seq_length=2048, name="train", preference=True)
@@ -62,12 +64,12 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before,
     import mlx.core as mx
     import numpy as np
 
-    from gmt_mlx import trainer
     from gmt_mlx.config import Config
-    from gmt_mlx.methods import prepare_model
-    from gmt_mlx.optim import MaskedOptimizer, build_optimizer
+    from gmt_mlx.core import trainer
+    from gmt_mlx.core.optim import MaskedOptimizer, build_optimizer
+    from gmt_mlx.models.methods import prepare_model
 
-    from gmt_mlx.losses import make_loss
+    from gmt_mlx.core.losses import make_loss
 
     defaults = Config()
     model, tokenizer = load_model(spec.path)

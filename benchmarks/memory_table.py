@@ -5,13 +5,13 @@
 Shapes are the Qwen2.5 instruct family's (from their config.json), one step of
 batch 1 x 512 tokens. "Fits" means the estimate is at most 70% of the Mac's
 memory (macOS lets the GPU use ~70-75% of unified memory by default). These are
-estimates (gmt_mlx.memory.estimate), not measurements: benchmarks/RESULTS.md says
+estimates (gmt_mlx.run.memory.estimate), not measurements: benchmarks/RESULTS.md says
 which sizes were measured and how far the estimate was off there.
 """
 
 from __future__ import annotations
 
-from gmt_mlx.memory import DTYPE_BYTES, estimate
+from gmt_mlx.run.memory import DTYPE_BYTES, estimate
 
 # name: (hidden, layers, intermediate, heads, kv heads, vocab, tied)
 SHAPES = {

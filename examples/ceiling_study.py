@@ -65,8 +65,9 @@ def read_rows(path: Path) -> list:
 
 def measure(model, tokenizer, test_rows: list, probes: dict) -> dict:
     """Test accuracy (reasoning-gym's checker on greedy answers) and the probes' losses."""
-    from gmt_mlx.data import pad_id, tokenize_split
-    from gmt_mlx.evaluate import generation_accuracy, split_loss
+    from gmt_mlx.data.batching import pad_id
+    from gmt_mlx.data.encoding import tokenize_split
+    from gmt_mlx.evaluation.evaluate import generation_accuracy, split_loss
 
     t0 = time.perf_counter()
     gen = generation_accuracy(model, tokenizer, test_rows, scorers=["reasoning_gym"], max_tokens=TEST_MAX_TOKENS,
@@ -85,7 +86,7 @@ def train_and_measure(out: Path, regime: str, method: str, ratio, seed: int, lr:
     from mlx.utils import tree_flatten
 
     from gmt_mlx.config import Config
-    from gmt_mlx.finetune import finetune
+    from gmt_mlx.recipes.finetune import finetune
 
     path = run_dir(out, regime, method, ratio, seed, lr)
     done = path / "study.json"
@@ -178,7 +179,7 @@ def main() -> None:
         print(f"copied to {args.collect}")
         return
 
-    from gmt_mlx.loading import load_base
+    from gmt_mlx.models.loading import load_base
 
     args.out.mkdir(parents=True, exist_ok=True)
     test_rows = read_rows(DATA / "ceiling" / "small" / "test.jsonl")

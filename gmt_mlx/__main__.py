@@ -1,5 +1,5 @@
 """`python -m gmt_mlx ...` is the same as the `gmt-mlx` command."""
 
-from .cli import main
+from gmt_mlx.cli import main
 
 main()

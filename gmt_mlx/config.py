@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 
 import yaml
 
-from .errors import UserError
+from gmt_mlx.errors import UserError
 
 # "full" is another name for "sft" (plain full fine-tuning); Config stores it as "sft".
 METHODS = ("gmt", "sft", "full", "random", "lora", "dora")
@@ -31,6 +31,19 @@ LORA_KEYS = ("lora_rank", "lora_scale", "lora_dropout", "lora_keys")
 MOMENTS = ("auto", "float32", "bfloat16", "8bit", "8bit-factored")
 # How an update is rounded into low-precision (bfloat16) weights.
 WEIGHT_ROUNDINGS = ("stochastic", "nearest")
+# The choice lists of the options below: this is where they are written; the modules
+# that check a value (masking, losses, optim, data) take theirs from here.
+ASSISTANT_TURNS = ("final", "all")  # which assistant turns of a chat are targets under mask_prompt
+MASK_SCOPES = ("tensor", "layer", "global")
+MASK_TARGETS = ("grad", "update")
+TRAIN_MODES = ("sft", "dpo", "orpo")
+# The objectives trained on prompt/chosen/rejected pairs (the one test: Config.preference, is_preference).
+PREFERENCE_MODES = ("dpo", "orpo")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "muon")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DISTRIBUTED_BACKENDS = ("any", "ring", "mpi", "nccl", "jaccl")
 # What --low-memory sets, for the options the user did not set (DESIGN.md decision 11):
 # bfloat16 weights with stochastic rounding, 8-bit m and sqrt(v) (the smallest
 # state that matched float32 AdamW on the main job; 8-bit m with a factored v
@@ -51,6 +64,18 @@ def opt(default, help: str, choices: tuple = (), group: str = "Training", cli: b
                                             "common": common})
 
 
+def check_mask_ratio(mask_ratio: float) -> float:
+    """Validate that ``mask_ratio`` (the fraction dropped) lies in [0, 1)."""
+    if not (0.0 <= float(mask_ratio) < 1.0):
+        raise ValueError(f"mask_ratio must be in [0, 1) (the fraction dropped), got {mask_ratio}")
+    return float(mask_ratio)
+
+
+def is_preference(train_mode: str | None) -> bool:
+    """Whether ``train_mode`` trains on prompt/chosen/rejected pairs (dpo, orpo)."""
+    return train_mode in PREFERENCE_MODES
+
+
 @dataclass
 class Config:
     # What to train on
@@ -59,7 +84,7 @@ class Config:
     out: str = opt("runs/latest", "Run directory: config, metrics, checkpoints and the fine-tuned model.", group="Model and data", common=True)
     max_seq_length: int = opt(2048, "Truncate examples to this many tokens (a warning says how many were cut).", group="Model and data", common=True)
     mask_prompt: bool = opt(False, "Train only on completions / the final assistant turn (loss masked on prompts).", group="Model and data", common=True)
-    assistant_turns: str = opt("final", "With --mask-prompt, the assistant turns of a chat that are targets: final (the last reply, mlx-lm's --mask-prompt) or all (every reply and tool call, TRL's assistant_only_loss); system, user and tool turns never are.", ("final", "all"), group="Model and data")
+    assistant_turns: str = opt("final", "With --mask-prompt, the assistant turns of a chat that are targets: final (the last reply, mlx-lm's --mask-prompt) or all (every reply and tool call, TRL's assistant_only_loss); system, user and tool turns never are.", ASSISTANT_TURNS, group="Model and data")
     columns: Optional[str] = opt(None, "Rename dataset columns to the fields of our formats, SOURCE=FIELD pairs: question=prompt,answer=completion (other columns are kept).", group="Model and data")
     data_config: Optional[str] = opt(None, "Configuration (subset) of a Hub dataset, load_dataset's name (TRL's --dataset-config), e.g. main for openai/gsm8k.", group="Model and data")
     data_splits: Optional[str] = opt(None, "Dataset splits that become train/valid/test, SPLIT=OURS pairs: train_sft=train,test_sft=valid, or slices: train[:90%]=train,train[90%:]=valid.  [default: train, validation (or valid, dev), test]", group="Model and data")
@@ -67,8 +92,8 @@ class Config:
     # Method
     method: str = opt("gmt", "gmt (gradient-mask tuning), sft or full (plain full fine-tuning), random (random mask control), lora / dora (low-rank adapters on a frozen base).", METHODS, group="Method", common=True)
     mask_ratio: float = opt(0.2, "Fraction of gradient entries DROPPED each optimizer step, in [0, 1).", group="Method", common=True)
-    mask_scope: str = opt("tensor", "Unit sharing one threshold: tensor, layer (transformer block) or global.", ("tensor", "layer", "global"), group="Method")
-    mask_target: str = opt("grad", "grad: the optimizer sees the masked gradient; update: only kept entries move.", ("grad", "update"), group="Method")
+    mask_scope: str = opt("tensor", "Unit sharing one threshold: tensor, layer (transformer block) or global.", MASK_SCOPES, group="Method")
+    mask_target: str = opt("grad", "grad: the optimizer sees the masked gradient; update: only kept entries move.", MASK_TARGETS, group="Method")
     mask_sample_size: int = opt(65536, "Units larger than this estimate the threshold from a sample of up to this many entries (4 r (1-r) x this at mask ratio r).", group="Method")
     mask_overlap: bool = opt(False, "Log how much consecutive steps' masks overlap (mask_overlap in metrics.jsonl, from a 65k-entry sample); costs ~1 byte per trained parameter of peak memory.", group="Method")
     freeze_embeddings: bool = opt(False, "Do not train the input embeddings.", group="Method")
@@ -82,18 +107,18 @@ class Config:
     lora_keys: str = opt("", "Comma-separated block-relative module names to adapt, e.g. self_attn.q_proj,self_attn.v_proj (empty: every linear layer of the block).", group="LoRA")
 
     # Objective (DESIGN.md decision 10): the same loop, methods and mask for every mode
-    train_mode: str = opt("sft", "sft (next-token loss on the targets), dpo (direct preference optimisation against the step-0 model, whose log-probabilities are computed once) or orpo (odds-ratio preference optimisation, no reference). dpo/orpo read prompt/chosen/rejected rows.", ("sft", "dpo", "orpo"), group="Objective", common=True)
+    train_mode: str = opt("sft", "sft (next-token loss on the targets), dpo (direct preference optimisation against the step-0 model, whose log-probabilities are computed once) or orpo (odds-ratio preference optimisation, no reference). dpo/orpo read prompt/chosen/rejected rows.", TRAIN_MODES, group="Objective", common=True)
     beta: float = opt(0.1, "DPO's beta: how far the tuned model may move from the step-0 model (larger: stays closer).", group="Objective")
-    dpo_loss: str = opt("sigmoid", "DPO loss: sigmoid (DPO), ipo (IPO, on per-token averaged log-probabilities) or hinge (SLiC).", ("sigmoid", "ipo", "hinge"), group="Objective")
+    dpo_loss: str = opt("sigmoid", "DPO loss: sigmoid (DPO), ipo (IPO, on per-token averaged log-probabilities) or hinge (SLiC).", DPO_LOSSES, group="Objective")
     label_smoothing: float = opt(0.0, "DPO sigmoid loss: the assumed probability that a pair's preference is flipped (conservative DPO), in [0, 0.5).", group="Objective")
     orpo_lambda: float = opt(0.1, "ORPO's lambda: the weight of the odds-ratio term next to the chosen answer's NLL.", group="Objective")
 
     # Optimisation
-    optimizer: str = opt("adamw", "Base optimizer that the mask wraps.", ("adamw", "adam", "sgd", "adafactor", "muon"))
+    optimizer: str = opt("adamw", "Base optimizer that the mask wraps.", OPTIMIZERS)
     learning_rate: float = opt(1e-5, "Peak learning rate.", common=True)
     weight_decay: float = opt(0.0, "Decoupled weight decay (adamw, sgd, muon).")
     momentum: Optional[float] = opt(None, "Momentum of sgd and muon; ignored by adam/adamw/adafactor.  [default: 0 for sgd, 0.95 for muon]")
-    lr_schedule: str = opt("cosine", "Decay after warmup.", ("cosine", "linear", "constant"))
+    lr_schedule: str = opt("cosine", "Decay after warmup.", LR_SCHEDULES)
     warmup_steps: int = opt(0, "Linear warmup steps.")
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak.")
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0: off).")
@@ -108,8 +133,8 @@ class Config:
     steps_per_eval: int = opt(50, "Optimizer steps between validation passes (0: only at the end).", group="Reporting", common=True)
     val_batches: int = opt(25, "Validation batches per evaluation (-1: the whole split).", group="Reporting")
     samples: int = opt(2, "Test prompts answered greedily before and after training, saved in samples.json (0: none).", group="Reporting")
-    dtype: str = opt("float32", "dtype of the saved model.", ("float32", "bfloat16", "float16"), group="Reporting")
-    train_dtype: str = opt("float32", "dtype the weights are stored and trained in (float32 recommended on CPU, where bfloat16 matmuls are slow).", ("float32", "bfloat16", "float16"), group="Memory")
+    dtype: str = opt("float32", "dtype of the saved model.", DTYPE_NAMES, group="Reporting")
+    train_dtype: str = opt("float32", "dtype the weights are stored and trained in (float32 recommended on CPU, where bfloat16 matmuls are slow).", DTYPE_NAMES, group="Memory")
     weight_rounding: str = opt("stochastic", "How an update is rounded into bfloat16 weights: stochastic (unbiased: small updates are kept on average) or nearest (small updates are lost, as in plain bfloat16 training).", WEIGHT_ROUNDINGS, group="Memory")
     moments: str = opt("auto", "Storage of adam/adamw's moments: auto (the weights' dtype), float32, bfloat16 (stochastically rounded), 8bit (block-wise m and sqrt(v)) or 8bit-factored (8-bit m, v factored into row and column averages).", MOMENTS, group="Memory")
     update_per_layer: bool = opt(False, "Run the backward pass one transformer block at a time, each block updated (and its gradient freed) before the next block's gradient exists: the whole gradient is never held, for one more forward pass per step. Needs --grad-clip 0 and a mask scope other than global.", group="Memory")
@@ -122,7 +147,7 @@ class Config:
     keep_checkpoints: int = opt(2, "Keep the newest N step checkpoints (the best-validation one is always kept).", group="Checkpoints and safety")
     max_bad_steps: int = opt(3, "Stop after this many consecutive steps with a non-finite loss or gradient (their updates are skipped).", group="Checkpoints and safety")
     grad_checkpoint: bool = opt(False, "Recompute block activations in the backward pass: less memory, ~30% more compute.", group="Checkpoints and safety")
-    distributed_backend: str = opt("any", "Backend of mlx.launch runs (any: whatever the launcher set up).", ("any", "ring", "mpi", "nccl", "jaccl"), group="Checkpoints and safety")
+    distributed_backend: str = opt("any", "Backend of mlx.launch runs (any: whatever the launcher set up).", DISTRIBUTED_BACKENDS, group="Checkpoints and safety")
     memory_check: bool = opt(True, "Refuse to start when the estimated peak memory exceeds the memory available.", group="Checkpoints and safety")
 
     # Hub (the token comes from HF_TOKEN or `hf auth login`, never from the config)
@@ -135,7 +160,7 @@ class Config:
     @property
     def preference(self) -> bool:
         """Whether the objective trains on preference pairs (dpo, orpo)."""
-        return self.train_mode in ("dpo", "orpo")
+        return is_preference(self.train_mode)
 
     @property
     def masked(self) -> bool:
@@ -149,8 +174,6 @@ class Config:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise UserError(f"--{flag(f.name)} must be one of {', '.join(choices)}, got {value!r}")
-        from .masking import check_mask_ratio  # the one rule for the range (imports mlx: not at module load)
-
         try:
             check_mask_ratio(self.mask_ratio)
         except ValueError:

@@ -1,10 +1,15 @@
-"""The only module that talks to the Hugging Face Hub: model downloads and uploads.
+"""The only module that calls `huggingface_hub`: names, model downloads, tokens and uploads.
 
-`download_model` fetches a model repo's snapshot (what `--model owner/name`
-needs). `push` creates the repo if needed and uploads a folder with
-`huggingface_hub`, like `hf upload`; rerunning it after an interruption sends
+`is_hub_id` / `looks_like_path` tell a Hub id from a path (for models and
+datasets alike). `download_model` fetches a model repo's snapshot (what
+`--model owner/name` needs). `upload_folder` creates the repo if needed and
+uploads a folder, like `hf upload`; rerunning it after an interruption sends
 only what is missing (files already on the Hub are skipped, large-file data
-already uploaded is deduplicated). The model card it uploads is card.py's.
+already uploaded is deduplicated). What is uploaded (the model folder, its
+card) is publish/push.py's business. Hub *datasets* are fetched by the
+`datasets` library in data/sources.py: the same `load_dataset` call reads
+local parquet/CSV files, and this module only tells it whether a name is a
+Hub id.
 
 The token comes from `HF_TOKEN` or the local login (`hf auth login`). It is
 handed to `HfApi` and nowhere else: never printed, logged or written, and
@@ -14,13 +19,10 @@ scrubbed from any error message that quotes it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional, Tuple
 
-from . import rundir
-from .card import CARD_FILE, RunSummary, card_for, write_model_card
-from .errors import UserError
+from gmt_mlx.errors import UserError
 
 # What `upload_folder` never sends; the dry-run listing leaves the same out.
 SKIPPED_DIRS = (".git", ".cache")
@@ -42,6 +44,21 @@ def _first_line(err: BaseException) -> str:
 def is_hub_id(name: str) -> bool:
     """``name`` has the shape of a Hub repo id (owner/name); whether it exists is not checked."""
     return bool(_HUB_ID.match(name))
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` was typed as a local path rather than a Hub id (owner/name).
+
+    A path: starts with /, ./, ../ or ~, has more than one slash or a backslash, ends with a
+    slash or .gguf, or its first part is a local folder or runs/ (where runs go by default).
+    A bare owner/name that exists nowhere locally is a Hub id.
+    """
+    if name.startswith(("/", "./", "../", "~")) or name in (".", "..") or "\\" in name:
+        return True
+    if name.count("/") > 1 or name.endswith("/") or name.lower().endswith(".gguf"):
+        return True
+    first = name.split("/", 1)[0]
+    return "/" in name and (first == "runs" or Path(first).is_dir())
 
 
 class HubUnreachable(UserError):
@@ -164,87 +181,12 @@ def describe_hub_error(err: BaseException, repo_id: str, revision: Optional[str]
     return None
 
 
-def model_folder(path: str | Path) -> Path:
-    """The folder to upload: ``path`` itself, or RUN_DIR/model for a run directory (its card written if missing)."""
-    path = Path(path)
-    if rundir.is_run_dir(path) and rundir.is_finished(path):
-        run_dir, path = path, rundir.model_dir(path)
-        if not (path / CARD_FILE).is_file():
-            dtype = (RunSummary.read(run_dir).config.get("dtype")) or "float32"
-            write_model_card(path, run_dir, dtype=dtype)
-    if not path.is_dir():
-        raise UserError(f"{path}: no such folder")
-    if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
-        raise UserError(f"{path} is not a model folder (no config.json or adapter_config.json); "
-                        "write one with `gmt-mlx export RUN_DIR --out DIR`")
-    return path
+def upload_folder(folder: Path, repo_id: str, *, token: str, private: bool, revision: Optional[str],
+                  commit_message: str) -> Tuple[str, Optional[str]]:
+    """Create ``repo_id`` (and the branch) if missing and upload ``folder``; (repo URL, commit URL).
 
-
-def upload_files(folder: Path) -> List[Path]:
-    """The files `upload_folder` sends, relative to ``folder``, sorted."""
-    files = []
-    for file in folder.rglob("*"):
-        rel = file.relative_to(folder)
-        if file.is_file() and not any(part in SKIPPED_DIRS for part in rel.parts):
-            files.append(rel)
-    return sorted(files)
-
-
-def _size(nbytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1024 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return ""
-
-
-@dataclass
-class PushResult:
-    """What `push` sent: the repo, the files (relative paths), the repo and commit URLs."""
-
-    repo_id: str
-    files: List[str]
-    url: Optional[str] = None
-    commit_url: Optional[str] = None
-
-
-def push(
-    folder: str | Path,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: Optional[str] = None,
-    commit_message: Optional[str] = None,
-    dry_run: bool = False,
-    log: Callable[[str], None] = print,
-) -> PushResult:
-    """Create ``repo_id`` if needed and upload ``folder`` (an exported model or a run directory).
-
-    With ``dry_run`` nothing is sent: the files and the model card that would be
-    uploaded are printed. Every failure the user can fix is a one-line UserError.
+    Errors the user can act on become one-line UserErrors with the token scrubbed.
     """
-    folder = model_folder(folder)
-    check_repo_id(repo_id)
-    files = upload_files(folder)
-    card = card_for(folder, repo_id)
-    token = get_token()
-    branch = revision or "main"
-    if dry_run:
-        total = sum((folder / f).stat().st_size for f in files)
-        log(f"dry run: would create {'private' if private else 'public'} repo {repo_id} if missing, "
-            f"then upload {len(files)} files ({_size(total)}) from {folder} to branch {branch}:")
-        for f in files:
-            log(f"  {f.as_posix():<48} {_size((folder / f).stat().st_size):>10}")
-        log("token: " + ("found" if token else f"missing: {NO_TOKEN}"))
-        log(f"--- {CARD_FILE} ---\n{card}" if card is not None else f"warning: no {CARD_FILE}: the repo would have no model card")
-        return PushResult(repo_id, [f.as_posix() for f in files])
-    if not token:
-        raise UserError(NO_TOKEN)
-    if card is None:
-        log(f"warning: {folder} has no {CARD_FILE}: the repo gets no model card")
-    elif card != (folder / CARD_FILE).read_text():
-        (folder / CARD_FILE).write_text(card)  # the usage snippets now name the repo
-
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
@@ -252,32 +194,11 @@ def push(
         url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main":
             api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True, repo_type="model")
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(folder),
-            repo_type="model",
-            revision=revision,
-            commit_message=commit_message or f"Upload {folder.name} with gmt-mlx",
-        )
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,
+                                 commit_message=commit_message)
     except Exception as err:  # the Hub raises many types; describe the ones a user can act on
         message = describe_hub_error(err, repo_id, revision)
         if message is None:
             raise
         raise UserError(redact(message, token)) from None
-    commit_url = getattr(info, "commit_url", None)
-    log(redact(f"pushed {len(files)} files to {url}" + (f" ({commit_url})" if commit_url else ""), token))
-    return PushResult(repo_id, [f.as_posix() for f in files], str(url), commit_url)
-
-
-def publish_run(run_dir: str | Path, model_dir: str | Path, config, *, step: Optional[int] = None,
-                base_path: Optional[str | Path] = None, log: Callable[[str], None] = print) -> Optional[PushResult]:
-    """The end of `finetune`: write RUN_DIR/model's card, then push it when ``config.push_to_hub`` is set."""
-    from .checkpoint import versions
-
-    write_model_card(model_dir, run_dir, dtype=config.dtype, step=step, base_path=base_path, versions=versions())
-    if not config.push_to_hub:
-        return None
-    try:
-        return push(model_dir, config.push_to_hub, log=log)
-    except UserError as err:
-        raise UserError(f"{err} (the run is saved; retry with: gmt-mlx push {run_dir} --repo {config.push_to_hub})") from None
+    return str(url), getattr(info, "commit_url", None)

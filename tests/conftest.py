@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gmt_mlx.tiny import make_tiny_model
+from gmt_mlx.models.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 
 from gmt_mlx.config import Config
 from gmt_mlx.errors import UserError
-from gmt_mlx.finetune import finetune
+from gmt_mlx.recipes.finetune import finetune
 
 
 def digest(model) -> str:

@@ -21,8 +21,8 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
 
-from gmt_mlx.optim import MaskedOptimizer, build_optimizer
-from gmt_mlx.trainer import train
+from gmt_mlx.core.optim import MaskedOptimizer, build_optimizer
+from gmt_mlx.core.trainer import train
 
 STEPS = 3
 WIDTHS = (28, 12)  # the two micro-batches of a step: long and short examples
@@ -174,7 +174,7 @@ def varied_chat(n: int):
 def test_finetune_batch_8_equals_4_accumulated_twice(tiny_model_dir, tmp_path, method, optimizer):
     """The CLI-level promise: the same examples per step, and the same weights."""
     from gmt_mlx.config import Config
-    from gmt_mlx.finetune import finetune
+    from gmt_mlx.recipes.finetune import finetune
 
     from .conftest import write_jsonl
 

@@ -17,11 +17,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from gmt_mlx import checkpoint as ckpt
 from gmt_mlx.config import Config
-from gmt_mlx.finetune import finetune
-from gmt_mlx.killcheck import final_weights
-from gmt_mlx.masking import group_units
+from gmt_mlx.core.masking import group_units
+from gmt_mlx.recipes.finetune import finetune
+from gmt_mlx.run import checkpoint as ckpt
+from gmt_mlx.run.killcheck import final_weights
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -47,7 +47,7 @@ TOKENS = [[5, 17, 42, 99, 7, 250, 3, 64, 128, 11]]
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_dir(request, tmp_path_factory):
     """A tiny random model of one family, saved by transformers, with the tiny tokenizer."""
-    from gmt_mlx.tiny import make_tiny_tokenizer
+    from gmt_mlx.models.tiny import make_tiny_tokenizer
 
     out = tmp_path_factory.mktemp(request.param)
     make_tiny_tokenizer(out)
@@ -74,7 +74,7 @@ def run(model_dir, data, out, **kw):
 
 def test_base_loads_with_transformers_logits(family_dir):
     """Before any training: mlx-lm's reading of the folder is transformers' model."""
-    from gmt_mlx.loading import load_base
+    from gmt_mlx.models.loading import load_base
 
     _, folder = family_dir
     model = load_base(str(folder))[0]
@@ -93,7 +93,7 @@ def test_trains_and_exports_within_1e4_of_transformers(family_dir, chat_data, tm
 def test_layer_scope_finds_every_block(family_dir):
     from mlx.utils import tree_flatten
 
-    from gmt_mlx.loading import load_base
+    from gmt_mlx.models.loading import load_base
 
     _, folder = family_dir
     names = [n for n, _ in tree_flatten(load_base(str(folder))[0].trainable_parameters())]
@@ -120,7 +120,7 @@ def test_ctrl_c_and_resume_is_bit_for_bit(family_dir, chat_data, tmp_path, monke
 
 def test_rope_parameters_are_mapped_or_refused(tmp_path):
     from gmt_mlx.errors import UserError
-    from gmt_mlx.loading import rope_overrides
+    from gmt_mlx.models.loading import rope_overrides
 
     assert rope_overrides({"rope_theta": 1e6, "rope_parameters": {"rope_theta": 5.0}}, tmp_path) == {}  # already read
     assert rope_overrides({"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}, tmp_path) == {"rope_theta": 5e5}

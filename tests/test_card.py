@@ -7,11 +7,11 @@ import json
 import pytest
 import yaml
 
-import gmt_mlx.hub as hub
-from gmt_mlx.card import front_matter, model_card
+from gmt_mlx import hub
 from gmt_mlx.errors import UserError
-from gmt_mlx.export import _local_base
-from gmt_mlx.gguf import GGUF_SOURCE
+from gmt_mlx.models.gguf.tables import GGUF_SOURCE
+from gmt_mlx.publish.card import front_matter, model_card
+from gmt_mlx.publish.export import _local_base
 
 
 @pytest.fixture()

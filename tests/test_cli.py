@@ -101,10 +101,10 @@ def test_saved_model_reloads_with_identical_logits(tiny_model_dir, tmp_path):
     from mlx_lm import load
 
     from gmt_mlx.config import Config
-    from gmt_mlx.export import save_hf_model
-    from gmt_mlx.methods import prepare_model
-    from gmt_mlx.optim import build_optimizer
-    from gmt_mlx.trainer import train
+    from gmt_mlx.core.optim import build_optimizer
+    from gmt_mlx.core.trainer import train
+    from gmt_mlx.models.hf import save_hf_model
+    from gmt_mlx.models.methods import prepare_model
 
     model, tokenizer, config = load(str(tiny_model_dir), return_config=True)
     prepare_model(model, Config())

@@ -10,12 +10,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from gmt_mlx import compare as cmp
-from gmt_mlx import report
-from gmt_mlx.cli import parsing
 from gmt_mlx.cli import app
+from gmt_mlx.cli import parsing
 from gmt_mlx.config import Config
 from gmt_mlx.errors import UserError
+from gmt_mlx.evaluation import report
+from gmt_mlx.recipes import compare as cmp
 
 runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -111,9 +111,11 @@ def test_results_table_and_plots(compared):
 def test_base_validation_loss_is_what_a_run_measures_before_training(compared, tiny_model_dir, tmp_path):
     # A 1-step sft run at a learning rate of ~0 still holds the base weights at its first evaluation.
     spec, results, _ = compared
-    from gmt_mlx.evaluate import split_loss
-    from gmt_mlx.data import load_splits, pad_id, tokenize_split
-    from gmt_mlx.loading import load_base
+    from gmt_mlx.data.batching import pad_id
+    from gmt_mlx.data.encoding import tokenize_split
+    from gmt_mlx.data.sources import load_splits
+    from gmt_mlx.evaluation.evaluate import split_loss
+    from gmt_mlx.models.loading import load_base
 
     model, tokenizer, _, _ = load_base(str(tiny_model_dir))
     rows = load_splits(spec.base.data)["valid"]
@@ -286,7 +288,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_shipped_compare_example_config_and_data():
     from gmt_mlx.config import load_yaml, resolve
-    from gmt_mlx.data import load_splits
+    from gmt_mlx.data.sources import load_splits
 
     config_path = ROOT / "examples" / "compare_chain_sum.yaml"
     values = load_yaml(config_path)
@@ -316,7 +318,7 @@ def test_shipped_example_data_is_what_the_generator_makes():
     for split, rows in built.items():
         shipped = (ROOT / "examples" / "data" / "chain_sum" / f"{split}.jsonl").read_text().splitlines()
         assert [json.loads(line) for line in shipped] == rows, split
-    from gmt_mlx.scorers import get_scorer
+    from gmt_mlx.evaluation.scorers import get_scorer
 
     score = get_scorer("reasoning_gym")
     assert all(score(row["answer"], row) == 1.0 for row in built["test"])

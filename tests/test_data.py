@@ -9,23 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gmt_mlx.data import (
-    FORMATS,
-    Example,
-    TokenizedSplit,
-    batch_order,
-    detect_format,
-    encode_example,
-    iterate_batches,
-    load_splits,
-    make_batch,
-    padding_waste,
-    read_jsonl,
-    token_stats,
-    tokenize_split,
-)
+from gmt_mlx.data.batching import batch_order, iterate_batches, make_batch, padding_waste, token_stats
+from gmt_mlx.data.encoding import Example, TokenizedSplit, encode_example, tokenize_split
+from gmt_mlx.data.formats import FORMATS, detect_format, read_jsonl
+from gmt_mlx.data.sources import load_splits
 from gmt_mlx.errors import UserError
-from gmt_mlx.tiny import make_tiny_tokenizer
+from gmt_mlx.models.tiny import make_tiny_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 
@@ -442,8 +431,8 @@ class _TemplateTokenizer:
     (None, lambda *a, **k: "", True),  # mlx-lm's own template (chat_template_type), the HF one None
 ])
 def test_one_chat_template_rule_for_training_and_generation(template, own, chat):
-    from gmt_mlx.data import has_chat_template
-    from gmt_mlx.evaluate import prompt_tokens
+    from gmt_mlx.data.encoding import has_chat_template
+    from gmt_mlx.evaluation.evaluate import prompt_tokens
 
     tok = _TemplateTokenizer(template, own)
     assert has_chat_template(tok) is chat

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gmt_mlx.config import Config
-from gmt_mlx.finetune import finetune
+from gmt_mlx.recipes.finetune import finetune
 
 LAUNCH = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
 DRIVER = Path(__file__).parent / "dist_driver.py"

@@ -7,9 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from gmt_mlx import scorers as sc
 from gmt_mlx.cli import app
 from gmt_mlx.errors import UserError
+from gmt_mlx.evaluation import scorers as sc
 
 runner = CliRunner()
 
@@ -148,8 +148,8 @@ def test_reasoning_gym_scorer():
 
 
 def test_batched_generation_matches_one_at_a_time(tiny_model_dir):
-    from gmt_mlx.evaluate import generate_batch, generate_text
-    from gmt_mlx.loading import load_base
+    from gmt_mlx.evaluation.evaluate import generate_batch, generate_text
+    from gmt_mlx.models.loading import load_base
 
     model, tokenizer, _, _ = load_base(str(tiny_model_dir))
     prompts = ["What is 1 + 2?", [{"role": "user", "content": "What is 12 plus 7? The answer"}], "hello"]
@@ -160,8 +160,8 @@ def test_batched_generation_matches_one_at_a_time(tiny_model_dir):
 
 def test_evaluate_a_run_and_a_model(tiny_model_dir, chat_data, tmp_path):
     from gmt_mlx.config import Config
-    from gmt_mlx.evaluate import evaluate
-    from gmt_mlx.finetune import finetune
+    from gmt_mlx.evaluation.evaluate import evaluate
+    from gmt_mlx.recipes.finetune import finetune
 
     result = evaluate(str(tiny_model_dir), str(chat_data), split="valid", scorers=["number", "exact"], max_tokens=4,
                       batch_size=3)
@@ -217,7 +217,7 @@ def test_eval_without_data_is_one_line(tiny_model_dir):
 
 
 def test_score_summary_counts_or_averages():
-    from gmt_mlx.evaluate import score_summary
+    from gmt_mlx.evaluation.evaluate import score_summary
 
     result = {"count": 3, "accuracy": {"exact": 2 / 3, "rg": 0.5},
               "items": [{"scores": {"exact": 1.0, "rg": 1.0}}, {"scores": {"exact": True, "rg": 0.5}},
@@ -229,8 +229,8 @@ def test_score_summary_counts_or_averages():
 
 def test_eval_baseline_compares_a_run_with_its_base(tiny_model_dir, chat_data, tmp_path):
     from gmt_mlx.config import Config
-    from gmt_mlx.evaluate import evaluate
-    from gmt_mlx.finetune import finetune
+    from gmt_mlx.evaluation.evaluate import evaluate
+    from gmt_mlx.recipes.finetune import finetune
 
     run = tmp_path / "run"
     finetune(Config(model=str(tiny_model_dir), data=str(chat_data), out=str(run), iters=2, learning_rate=1e-2,
@@ -280,8 +280,8 @@ def test_validation_exact_match_is_greedy_decoding_reproducing_the_answer(tiny_m
     """A row counts exactly when greedy decoding from its prompt writes its target tokens; padding and prompts do not count."""
     import mlx.core as mx
 
-    from gmt_mlx.loading import load_base
-    from gmt_mlx.losses import sft_eval_loss, sft_loss
+    from gmt_mlx.core.losses import sft_eval_loss, sft_loss
+    from gmt_mlx.models.loading import load_base
 
     model, tokenizer, _, _ = load_base(str(tiny_model_dir))
     rows, expected = [], 0
@@ -310,7 +310,7 @@ def test_validation_exact_match_is_greedy_decoding_reproducing_the_answer(tiny_m
 def test_validation_reports_exact_match_and_a_study_hook_sees_each_pass(tiny_model_dir, chat_data, tmp_path):
     """finetune's on_validation gets the model and the numbers of every pass; --no-save-best writes no best checkpoint."""
     from gmt_mlx.config import Config
-    from gmt_mlx.finetune import finetune
+    from gmt_mlx.recipes.finetune import finetune
 
     seen = []
     run = tmp_path / "run"

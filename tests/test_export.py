@@ -11,10 +11,10 @@ from mlx.utils import tree_flatten
 from mlx_lm import load
 
 from gmt_mlx.config import Config
-from gmt_mlx.export import save_hf_model
-from gmt_mlx.methods import prepare_model
-from gmt_mlx.optim import build_optimizer
-from gmt_mlx.trainer import train
+from gmt_mlx.core.optim import build_optimizer
+from gmt_mlx.core.trainer import train
+from gmt_mlx.models.hf import save_hf_model
+from gmt_mlx.models.methods import prepare_model
 
 TOKENS = [[1, 5, 9, 40, 77, 2, 3, 8, 100, 200]]
 
@@ -58,7 +58,7 @@ def test_gguf_converted_then_exported_loads_in_transformers(tiny_model_dir, tmp_
     """Issue 3 (c): GGUF -> our loader -> our exporter -> transformers, same logits as MLX."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from gmt_mlx.loading import load_base
+    from gmt_mlx.models.loading import load_base
 
     from .test_gguf import Q8_0, hf_to_gguf
 
@@ -154,7 +154,7 @@ def test_dora_export_is_the_renormalised_merge(tiny_model_dir, tmp_path):
 
 
 def test_fuse_adapters_in_place(tiny_model_dir):
-    from gmt_mlx.export import fuse_adapters, merged_weights
+    from gmt_mlx.models.hf import fuse_adapters, merged_weights
 
     model, _, _ = lora_model(tiny_model_dir, quantize=True)
     expected = model(mx.array(TOKENS))
@@ -203,7 +203,7 @@ def test_peft_adapter_loads_onto_the_base_with_the_same_logits(dora, tiny_model_
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from gmt_mlx.export import save_peft_adapter
+    from gmt_mlx.models.hf import save_peft_adapter
 
     model, tokenizer, config = lora_model(tiny_model_dir, dora=dora)
     expected = np.array(model(mx.array(TOKENS)))
@@ -229,7 +229,7 @@ def test_peft_adapter_loads_onto_the_base_with_the_same_logits(dora, tiny_model_
 
 
 def test_peft_targets_select_exactly_the_adapted_modules(tiny_model_dir):
-    from gmt_mlx.export import peft_adapter
+    from gmt_mlx.models.hf import peft_adapter
 
     model, _, _ = lora_model(tiny_model_dir, num_layers=1, keys={"self_attn.q_proj", "self_attn.v_proj"})
     _, config = peft_adapter(model)
@@ -242,7 +242,7 @@ def test_peft_targets_select_exactly_the_adapted_modules(tiny_model_dir):
 
 def test_peft_adapter_refuses_what_it_cannot_describe(trained, tiny_model_dir):
     from gmt_mlx.errors import UserError
-    from gmt_mlx.export import peft_adapter
+    from gmt_mlx.models.hf import peft_adapter
 
     with pytest.raises(UserError, match="no LoRA/DoRA adapters"):
         peft_adapter(trained[0])
@@ -294,8 +294,8 @@ def rebuilt(run_dir, checkpoint):
     import yaml
 
     from gmt_mlx.config import Config
-    from gmt_mlx.loading import load_base
-    from gmt_mlx.methods import prepare_model
+    from gmt_mlx.models.loading import load_base
+    from gmt_mlx.models.methods import prepare_model
 
     config = Config(**yaml.safe_load((run_dir / "config.yaml").read_text()))
     model, _, _, _ = load_base(config.model)
@@ -315,7 +315,7 @@ DTYPE_ATOL = {"float32": 1e-6, "bfloat16": 0.1, "float16": 0.02}
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_export_best_checkpoint_round_trips(runs, tmp_path, dtype):
-    from gmt_mlx.methods import DTYPES
+    from gmt_mlx.models.methods import DTYPES
 
     run = runs["gmt"]
     result = export_cli(run, "--out", tmp_path / "out", "--checkpoint", "best", "--dtype", dtype)
@@ -363,9 +363,9 @@ def test_export_a_step_checkpoint(runs, tmp_path, name):
 
 
 def test_export_sharded_above_the_threshold(runs, tmp_path, monkeypatch):
-    import gmt_mlx.export
+    from gmt_mlx.models import hf
 
-    monkeypatch.setattr(gmt_mlx.export, "SHARD_BYTES", 100_000)
+    monkeypatch.setattr(hf, "SHARD_BYTES", 100_000)
     assert export_cli(runs["gmt"], "--out", tmp_path / "out", "--checkpoint", "best").exit_code == 0
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) >= 2

@@ -10,13 +10,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import gmt_mlx.finetune as ft
-from gmt_mlx import checkpoint as ckpt
 from gmt_mlx import config as cfg
-from gmt_mlx import rundir
 from gmt_mlx.cli import app
 from gmt_mlx.config import Config
 from gmt_mlx.errors import UserError
+from gmt_mlx.run import checkpoint as ckpt
+from gmt_mlx.run import rundir
+import gmt_mlx.recipes.finetune as ft
 
 runner = CliRunner()
 

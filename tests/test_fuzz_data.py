@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gmt_mlx.data import read_jsonl
+from gmt_mlx.data.formats import read_jsonl
 from gmt_mlx.errors import UserError
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples" / "data").glob("*/train.jsonl"))

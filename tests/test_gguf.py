@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from gmt_mlx.errors import UserError
-from gmt_mlx.gguf import convert_gguf, read_gguf_header
-from gmt_mlx.tiny import make_tiny_model
+from gmt_mlx.models.gguf.reader import convert_gguf, read_gguf_header
+from gmt_mlx.models.tiny import make_tiny_model
 
 # ---------------------------------------------------------------- a tiny GGUF writer
 
@@ -414,7 +414,7 @@ def test_tokenizer_round_trips_like_the_original(tiny, tmp_path):
 def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path):
     """A llama (SPM) GGUF vocab: tokens + scores + types, as llama.cpp writes them."""
     spm = pytest.importorskip("sentencepiece")
-    from gmt_mlx.gguf import build_tokenizer
+    from gmt_mlx.models.gguf.reader import build_tokenizer
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(
@@ -496,7 +496,7 @@ def llama3_rope_factors(base: float, dim: int, factor: float) -> np.ndarray:
 
 
 def test_llama3_rope_freqs_become_rope_scaling(tiny, tmp_path):
-    from gmt_mlx.gguf import _llama3_rope_scaling
+    from gmt_mlx.models.gguf.reader import _llama3_rope_scaling
 
     base, dim = 500000.0, 64  # Llama 3.2: factor 32
     factors = llama3_rope_factors(base, dim, 32.0).tolist()

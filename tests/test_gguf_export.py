@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 
 from gmt_mlx.errors import UserError
-from gmt_mlx.gguf import convert_gguf, read_gguf_header, unpermute_qk
-from gmt_mlx.tiny import make_tiny_model
+from gmt_mlx.models.gguf.reader import convert_gguf, read_gguf_header, unpermute_qk
+from gmt_mlx.models.tiny import make_tiny_model
 
 from .test_gguf import _TO_GGUF, ENGLISH, IDS, TEXTS, _smollm2_gguf, ggml_order, llama_cpp_permute
 
 gguf = pytest.importorskip("gguf")
 
-from gmt_mlx.gguf_export import hf_folder_to_gguf, ollama_modelfile, permute_qk  # noqa: E402
+from gmt_mlx.models.gguf.writer import hf_folder_to_gguf, ollama_modelfile, permute_qk # noqa: E402
 
 _FROM_GGUF = {gg: hf for hf, gg in _TO_GGUF.items()}
 
@@ -269,7 +269,7 @@ def transformers_model(kind: str, out: Path, tiny_model_dir: Path) -> Path:
 
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from gmt_mlx.gguf import _QWEN2_PATTERN
+    from gmt_mlx.models.gguf.tables import QWEN2_PATTERN
 
     shape = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=2, bos_token_id=None,
@@ -292,7 +292,7 @@ def transformers_model(kind: str, out: Path, tiny_model_dir: Path) -> Path:
     if kind in ("qwen2", "qwen3"):
         tj = json.loads((out / "tokenizer.json").read_text())
         tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": _QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
         (out / "tokenizer.json").write_text(json.dumps(tj))
     return out
@@ -574,7 +574,7 @@ def test_real_smollm2_exports_to_gguf_that_mx_load_reads(tmp_path):
     """SmolLM2-135M (the embedded GGUF, converted to HF float32) -> GGUF f32 and q8_0."""
     from mlx_lm.utils import load
 
-    from gmt_mlx.models import resolve_model
+    from gmt_mlx.models.resolve import resolve_model
 
     original = read_gguf_header(_smollm2_gguf()).metadata
     hf_dir = resolve_model("smollm2-135m")

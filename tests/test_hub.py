@@ -13,7 +13,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
-from gmt_mlx.card import MODEL_ID_PLACEHOLDER, front_matter
+from gmt_mlx.publish.card import MODEL_ID_PLACEHOLDER, front_matter
 
 from .conftest import arithmetic_chat, write_jsonl
 

@@ -1,4 +1,4 @@
-"""--update-per-layer: the backward pass block by block (gmt_mlx.layerwise)."""
+"""--update-per-layer: the backward pass block by block (gmt_mlx.core.layerwise)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
 from gmt_mlx.config import resolve
+from gmt_mlx.core.layerwise import make_layerwise_step
+from gmt_mlx.core.losses import dpo_loss, orpo_loss, sft_loss
+from gmt_mlx.core.optim import build_optimizer
+from gmt_mlx.core.trainer import make_fused_step, make_step_fns, train, training_state
 from gmt_mlx.errors import UserError
-from gmt_mlx.layerwise import make_layerwise_step
-from gmt_mlx.losses import dpo_loss, orpo_loss, sft_loss
-from gmt_mlx.optim import build_optimizer
-from gmt_mlx.trainer import make_fused_step, make_step_fns, train, training_state
 
 from .test_precision import _peak_over_held
 
@@ -216,7 +216,7 @@ def test_mask_sample_covers_every_part():
 @pytest.mark.slow
 def test_low_memory_run_killed_and_resumed_is_bit_for_bit(tiny_model_dir, chat_data, tmp_path):
     """--low-memory (bfloat16 weights, 8-bit moments, updated per layer) through SIGKILLs and resume."""
-    from gmt_mlx.killcheck import kill_and_resume
+    from gmt_mlx.run.killcheck import kill_and_resume
 
     problems = kill_and_resume(str(tiny_model_dir), str(chat_data), tmp_path, method="gmt", iters=8, save_every=3,
                                extra=["--learning-rate", "1e-3", "--mask-ratio", "0.5", "--low-memory"])
@@ -227,7 +227,7 @@ def test_low_memory_run_killed_and_resumed_is_bit_for_bit(tiny_model_dir, chat_d
 def test_adapters_per_layer_train_like_fused(tiny_model_dir, chat_data, tmp_path, method):
     """finetune end to end: the per-layer update of adapter weights equals the fused step's."""
     from gmt_mlx.config import Config
-    from gmt_mlx.finetune import finetune
+    from gmt_mlx.recipes.finetune import finetune
 
     finals = []
     for per_layer in (False, True):
@@ -274,7 +274,7 @@ def test_row_slices_update_exactly_as_the_whole_tensor(monkeypatch, moments):
     """The staged update of a large tensor in slices of rows (CHUNK_ENTRIES) gives the weights and
     8-bit state bit for bit of the whole tensor at once: the rounding noise follows each entry's
     position in the tensor (masking.hash_start), not in its slice."""
-    import gmt_mlx.optim as optim_module
+    import gmt_mlx.core.optim as optim_module
 
     results = []
     for chunk in (1 << 30, 512):  # whole tensors; then slices of 4 rows of 128

@@ -13,18 +13,18 @@ from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 from gmt_mlx.config import Config
+from gmt_mlx.core.optim import build_optimizer
+from gmt_mlx.core.trainer import train
 from gmt_mlx.errors import UserError
-from gmt_mlx.export import fuse_adapters, is_adapter
-from gmt_mlx.methods import prepare_model
-from gmt_mlx.optim import build_optimizer
-from gmt_mlx.trainer import train
+from gmt_mlx.models.hf import fuse_adapters, is_adapter
+from gmt_mlx.models.methods import prepare_model
 
 runner = CliRunner()
 TOKENS = mx.array([[1, 5, 9, 40, 77, 2, 3, 8], [4, 4, 10, 11, 12, 13, 14, 15]])
 
 
 def load_tiny(path, **config):
-    from gmt_mlx.loading import load_base
+    from gmt_mlx.models.loading import load_base
 
     model, tokenizer, hf_config, _ = load_base(str(path), dequantize=config.get("method") not in ("lora", "dora"))
     sizes = prepare_model(model, Config(**config))
@@ -100,7 +100,7 @@ def quantized_copy(src, dst):
 def test_qlora_keeps_the_base_quantized_and_exports_floats(tiny_model_dir, tmp_path):
     from mlx_lm import load
 
-    from gmt_mlx.export import save_hf_model
+    from gmt_mlx.models.hf import save_hf_model
 
     qdir = quantized_copy(tiny_model_dir, tmp_path / "q4")
     model, tokenizer, hf_config, sizes = load_tiny(qdir, method="lora")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from gmt_mlx.masking import apply_masks, gmt_masks, group_units, random_masks
+from gmt_mlx.core.masking import apply_masks, gmt_masks, group_units, random_masks
 
 
 def grad_tree(seed: int = 0):
@@ -171,7 +171,7 @@ def test_sampled_units_report_the_exact_count():
 
 
 def test_sample_entries_hold_the_error_constant():
-    from gmt_mlx.masking import sample_entries
+    from gmt_mlx.core.masking import sample_entries
 
     assert sample_entries(65536, 0.5) == 65536
     assert sample_entries(65536, 0.2) == math.ceil(0.64 * 65536)
@@ -203,7 +203,7 @@ def structured_gradients():
 
 
 def test_sample_takes_adjacent_entries_when_no_short_stride_fits():
-    from gmt_mlx.masking import _pool_plan, _sample_stride, sample_entries
+    from gmt_mlx.core.masking import _pool_plan, _sample_stride, sample_entries
 
     # 576 x 192 at r = 0.2: the ideal stride is 2.6, and 2 and 3 divide 192.
     assert _sample_stride(110592, sample_entries(65536, 0.2), [192]) == (5, 2)
@@ -294,7 +294,7 @@ def test_tied_tensors_keep_their_fraction_within_a_tenth_of_a_percent(mask_ratio
 
 
 def test_position_rank_is_uniform():
-    from gmt_mlx.masking import _position_rank
+    from gmt_mlx.core.masking import _position_rank
 
     rank = np.array(_position_rank((1024, 1024))).ravel()
     counts = np.bincount(rank, minlength=65536)
@@ -331,7 +331,7 @@ def test_high_ratios_keep_their_count_and_the_exact_set(mask_ratio):
 
 
 def test_sample_grows_at_high_ratios_and_is_bounded():
-    from gmt_mlx.masking import sample_entries
+    from gmt_mlx.core.masking import sample_entries
 
     s = 65536
     assert sample_entries(s, 0.5) == s and sample_entries(s, 0.8) == math.ceil(0.64 * s)

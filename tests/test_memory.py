@@ -1,6 +1,6 @@
-"""The peak-memory estimate's arithmetic (gmt_mlx.memory): it follows the dtypes, moments and update mode."""
+"""The peak-memory estimate's arithmetic (gmt_mlx.run.memory): it follows the dtypes, moments and update mode."""
 
-from gmt_mlx.memory import advice, estimate
+from gmt_mlx.run.memory import advice, estimate
 
 CONFIG = {"hidden_size": 1536, "num_hidden_layers": 28, "intermediate_size": 8960, "num_attention_heads": 12,
           "vocab_size": 49152}

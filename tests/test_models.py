@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import gmt_mlx.hub as hub
+from gmt_mlx import hub
 from gmt_mlx.errors import UserError
-from gmt_mlx.models import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, resolve_model
+from gmt_mlx.models.resolve import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_gguf, resolve_model
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +78,7 @@ def test_gguf_path_is_converted_once_into_the_cache(tiny_gguf, tmp_path, monkeyp
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("converted twice")
 
-    monkeypatch.setattr("gmt_mlx.gguf.convert_gguf", no_second_conversion)
+    monkeypatch.setattr("gmt_mlx.models.gguf.reader.convert_gguf", no_second_conversion)
     assert resolve_model(str(tiny_gguf)) == out
     # An explicit cache_dir wins over $GMT_MLX_CACHE (and would need its own conversion).
     with pytest.raises(AssertionError, match="converted twice"):
@@ -232,7 +232,7 @@ def test_path_like_names_are_never_looked_up(monkeypatch, tmp_path, name):
 
 
 def test_looks_like_path_leaves_bare_hub_ids_alone(monkeypatch, tmp_path):
-    from gmt_mlx.models import looks_like_path
+    from gmt_mlx.hub import looks_like_path
 
     monkeypatch.chdir(tmp_path)
     assert not looks_like_path("HuggingFaceTB/SmolLM2-135M-Instruct")

@@ -9,9 +9,9 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
 
-from gmt_mlx.masking import count_entries
-from gmt_mlx.optim import MaskedOptimizer, build_optimizer, make_schedule
-from gmt_mlx.trainer import train
+from gmt_mlx.core.masking import count_entries
+from gmt_mlx.core.optim import MaskedOptimizer, build_optimizer, make_schedule
+from gmt_mlx.core.trainer import train
 
 
 def batches(seed: int = 0, vocab: int = 384):
@@ -63,7 +63,7 @@ def one_step_change(model_dir, target, base):
     opt = MaskedOptimizer(base, mask_ratio=0.6, scope="tensor", target=target, seed=3)
     tokens, mask = next(batches())
     import mlx.nn as nn
-    from gmt_mlx.losses import sft_loss
+    from gmt_mlx.core.losses import sft_loss
 
     (_, _), grads = nn.value_and_grad(model, sft_loss)(model, tokens, mask)
     masks, _ = opt.masks(grads)  # same (seed, step) key the update will use
@@ -98,7 +98,7 @@ def test_adam_with_grad_target_moves_more_than_the_kept_entries(tiny_model_dir):
 
 def test_compiled_step_matches_eager(tiny_model_dir):
     import mlx.nn as nn
-    from gmt_mlx.losses import sft_loss
+    from gmt_mlx.core.losses import sft_loss
 
     results = []
     for compiled in (False, True):
@@ -170,7 +170,7 @@ def test_every_base_optimizer_can_be_masked(tiny_model_dir, name):
 def test_a_ratio_that_drops_nothing_runs_through_the_masking_and_equals_sft(tiny_model_dir):
     """Unlike ratio 0 (which bypasses the masking code), 1e-6 goes through it and must keep everything."""
     import mlx.nn as nn
-    from gmt_mlx.losses import sft_loss
+    from gmt_mlx.core.losses import sft_loss
 
     model, _ = load(str(tiny_model_dir))
     (_, _), grads = nn.value_and_grad(model, sft_loss)(model, *next(batches()))
@@ -196,7 +196,7 @@ def test_schedule_warmup_then_decay():
 
 
 def test_global_norm_matches_float64():
-    from gmt_mlx.trainer import global_norm
+    from gmt_mlx.core.trainer import global_norm
 
     rng = np.random.default_rng(0)
     # A large tensor (where a float32 running sum drifts), odd sizes that do

@@ -7,15 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from gmt_mlx.data import (
-    Example,
-    TokenizedSplit,
-    batch_order,
-    iterate_batches,
-    length_buckets,
-    make_batch,
-    padding_waste,
-)
+from gmt_mlx.data.batching import batch_order, iterate_batches, length_buckets, make_batch, padding_waste
+from gmt_mlx.data.encoding import Example, TokenizedSplit
 
 
 def split_of(lengths, max_seq_length=None):

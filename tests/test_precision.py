@@ -8,16 +8,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 from gmt_mlx.config import LOW_MEMORY, resolve
-from gmt_mlx.optim import CompactAdamW, build_optimizer
-from gmt_mlx.precision import (
-    BLOCK,
-    dequantize_root,
-    dequantize_signed,
-    quantize_root,
-    quantize_signed,
-    round_to,
-)
-from gmt_mlx.trainer import train
+from gmt_mlx.core.optim import CompactAdamW, build_optimizer
+from gmt_mlx.core.precision import BLOCK, dequantize_root, dequantize_signed, quantize_root, quantize_signed, round_to
+from gmt_mlx.core.trainer import train
 
 
 def _seeds(n):
@@ -197,7 +190,7 @@ def _peak_over_held(step, steps=3):
 def test_fused_step_never_holds_the_whole_gradient(method):
     """The fused step's peak over weights + state is at least half a gradient below the split step's,
     which holds every gradient between its two calls (trainer.make_fused_step)."""
-    from gmt_mlx.trainer import make_fused_step, make_step_fns, training_state
+    from gmt_mlx.core.trainer import make_fused_step, make_step_fns, training_state
 
     tokens = mx.random.randint(0, 512, (1, 8))
     batch = (tokens, mx.ones((1, 8)))

@@ -16,15 +16,18 @@ import pytest
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
-from gmt_mlx import checkpoint as ckpt
 from gmt_mlx.cli import app
 from gmt_mlx.config import Config
-from gmt_mlx.data import detect_format, load_splits, make_batch, tokenize_split
+from gmt_mlx.core.losses import dpo_loss, orpo_loss, orpo_pair_losses
+from gmt_mlx.data.batching import make_batch
+from gmt_mlx.data.encoding import tokenize_split
+from gmt_mlx.data.formats import detect_format
+from gmt_mlx.data.sources import load_splits
 from gmt_mlx.errors import UserError
-from gmt_mlx.finetune import finetune
-from gmt_mlx.killcheck import final_weights, kill_and_resume
-from gmt_mlx.losses import dpo_loss, orpo_loss, orpo_pair_losses
-from gmt_mlx.rundir import REFERENCE_FILE
+from gmt_mlx.recipes.finetune import finetune
+from gmt_mlx.run import checkpoint as ckpt
+from gmt_mlx.run.killcheck import final_weights, kill_and_resume
+from gmt_mlx.run.rundir import REFERENCE_FILE
 
 from .conftest import write_jsonl
 
@@ -352,13 +355,13 @@ def test_eval_reports_preference_accuracy(tiny_model_dir, pref_data, tmp_path):
     result = runner.invoke(app, ["eval", str(run), "--split", "test", "--baseline", "--scorer", "exact"])
     assert result.exit_code == 0, result.output
     assert "preference accuracy" in result.output and "reward accuracy" in result.output
-    from gmt_mlx.evaluate import evaluate
+    from gmt_mlx.evaluation.evaluate import evaluate
 
     tuned = evaluate(str(run), split="test", generate=False)
     base = evaluate(str(tiny_model_dir), str(pref_data), split="test", generate=False)
     assert tuned["preference_accuracy"] >= 0.9 > base["preference_accuracy"] or tuned["preference_accuracy"] == 1.0
     assert tuned["margin"] > base["margin"]
-    from gmt_mlx.evaluate import against_base
+    from gmt_mlx.evaluation.evaluate import against_base
 
     numbers = against_base(tuned, base, json.loads(json.dumps(Config(train_mode="dpo").to_dict())))
     assert numbers["reward_accuracy"] >= 0.9 and numbers["dpo_loss"] < math.log(2)
@@ -428,7 +431,8 @@ def test_bad_objective_options(tiny_model_dir, pref_data, tmp_path, extra, messa
 
 
 def test_drawn_indices_are_what_the_batches_draw():
-    from gmt_mlx.data import Example, TokenizedSplit, drawn_indices, iterate_batches
+    from gmt_mlx.data.batching import drawn_indices, iterate_batches
+    from gmt_mlx.data.encoding import Example, TokenizedSplit
 
     lengths = [3 + (i * 7) % 11 for i in range(30)]
     # Example i is made of the token 1000 + i: a batch's rows name the examples it drew.

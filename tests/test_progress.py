@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from gmt_mlx import progress
+from gmt_mlx.run import progress
 
 
 def test_eta_of_a_resumed_run_counts_only_the_steps_run_here(monkeypatch):

@@ -12,12 +12,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from gmt_mlx import checkpoint as ckpt
-from gmt_mlx import rundir
 from gmt_mlx.cli import app
 from gmt_mlx.config import METHODS
-from gmt_mlx.killcheck import final_weights, kill_and_resume
-from gmt_mlx.trainer import NonFiniteError, train
+from gmt_mlx.core.trainer import NonFiniteError, train
+from gmt_mlx.run import checkpoint as ckpt
+from gmt_mlx.run import rundir
+from gmt_mlx.run.killcheck import final_weights, kill_and_resume
 
 runner = CliRunner()
 
@@ -116,8 +116,8 @@ def test_corrupt_checkpoint_is_never_loaded(tiny_model_dir, chat_data, tmp_path,
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     from mlx_lm import load
 
+    from gmt_mlx.core.optim import build_optimizer
     from gmt_mlx.errors import UserError
-    from gmt_mlx.optim import build_optimizer
 
     model, _ = load(str(tiny_model_dir))
     opt = build_optimizer("adamw", 1e-3, method="gmt", mask_ratio=0.5)
@@ -140,8 +140,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_model_dir, tm
 def test_non_finite_steps_are_skipped_then_stop(tiny_model_dir):
     from mlx_lm import load
 
-    from gmt_mlx.losses import sft_loss
-    from gmt_mlx.optim import build_optimizer
+    from gmt_mlx.core.losses import sft_loss
+    from gmt_mlx.core.optim import build_optimizer
 
     model, _ = load(str(tiny_model_dir))
     opt = build_optimizer("adamw", 1e-3, method="gmt", mask_ratio=0.5)
@@ -182,7 +182,7 @@ def test_diverging_run_stops_with_a_message(tiny_model_dir, chat_data, tmp_path)
 
 
 def test_memory_check_refuses_then_can_be_overridden(tiny_model_dir, chat_data, tmp_path, monkeypatch):
-    import gmt_mlx.finetune as ft
+    import gmt_mlx.recipes.finetune as ft
 
     monkeypatch.setattr(ft, "available_bytes", lambda: 1000)
     refused = runner.invoke(app, args(tiny_model_dir, chat_data, tmp_path / "a"))

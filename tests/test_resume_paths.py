@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import gmt_mlx.finetune as ft
-from gmt_mlx import checkpoint as ckpt
-from gmt_mlx import rundir
 from gmt_mlx.cli import app
 from gmt_mlx.errors import UserError
-from gmt_mlx.killcheck import final_weights
+from gmt_mlx.run import checkpoint as ckpt
+from gmt_mlx.run import rundir
+from gmt_mlx.run.killcheck import final_weights
+import gmt_mlx.recipes.finetune as ft
 
 from .test_resume import args, corrupt
 
@@ -163,7 +163,7 @@ def test_resume_of_a_run_killed_before_its_config_existed(tiny_model_dir, chat_d
 
 
 def test_summary_names_the_blas_and_the_embedded_model(tiny_model_dir, chat_data, tmp_path, monkeypatch):
-    from gmt_mlx.models import EMBEDDED_MODELS
+    from gmt_mlx.models.resolve import EMBEDDED_MODELS
 
     calls = []
     real = ft.blas_info

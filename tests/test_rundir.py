@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from gmt_mlx import checkpoint as ckpt
-from gmt_mlx import rundir
-from gmt_mlx.checkpoint import STATE_FILE
 from gmt_mlx.errors import UserError
+from gmt_mlx.run import checkpoint as ckpt
+from gmt_mlx.run import rundir
+from gmt_mlx.run.checkpoint import STATE_FILE
 
 RECORDS = [
     {"type": "setup", "step": 0},
@@ -101,7 +101,7 @@ def test_find_checkpoint_without_any(tmp_path):
 
 
 def test_a_run_with_tracker_folders_and_no_config_is_still_a_run(tmp_path):
-    from gmt_mlx import rundir
+    from gmt_mlx.run import rundir
 
     (tmp_path / rundir.METRICS_FILE).write_text("")
     (tmp_path / rundir.TENSORBOARD_DIR).mkdir()

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from gmt_mlx import checkpoint as ckpt
 from gmt_mlx.cli import app
-from gmt_mlx.killcheck import final_weights
+from gmt_mlx.run import checkpoint as ckpt
+from gmt_mlx.run.killcheck import final_weights
 
 from .conftest import write_chat_data
 

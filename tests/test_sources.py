@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
-from gmt_mlx.data import load_splits
+from gmt_mlx.data.sources import load_splits
 from gmt_mlx.errors import UserError
 
 from .conftest import write_jsonl

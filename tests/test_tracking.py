@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from gmt_mlx import checkpoint as ckpt
-from gmt_mlx import finetune as finetune_module
 from gmt_mlx.cli import app
+from gmt_mlx.recipes import finetune as finetune_module
+from gmt_mlx.run import checkpoint as ckpt
 
 runner = CliRunner()
 

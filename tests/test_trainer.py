@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from gmt_mlx.trainer import NonFiniteError, train
+from gmt_mlx.core.trainer import NonFiniteError, train
 
 INF, NAN = float("inf"), float("nan")
 
@@ -34,7 +34,7 @@ def test_non_finite_steps_are_skipped_under_compile(tiny_model_dir, method):
     never a target), so one compiled trace serves every step, as in a real run."""
     from mlx_lm import load
 
-    from gmt_mlx.optim import build_optimizer
+    from gmt_mlx.core.optim import build_optimizer
 
     model, _ = load(str(tiny_model_dir))
     opt = build_optimizer("adamw", 1e-3, method=method, mask_ratio=0.5)

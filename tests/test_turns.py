@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from gmt_mlx.config import Config
-from gmt_mlx.data import Example, TokenizedSplit, encode_example, make_batch, tokenize_split
+from gmt_mlx.data.batching import make_batch
+from gmt_mlx.data.encoding import Example, TokenizedSplit, encode_example, tokenize_split
 from gmt_mlx.errors import UserError
-from gmt_mlx.tiny import make_tiny_tokenizer
+from gmt_mlx.models.tiny import make_tiny_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
 
@@ -171,7 +172,7 @@ def test_a_chat_without_assistant_turns_has_no_targets_in_every_turn_mode(tokeni
 
 
 def test_config_assistant_turns_needs_mask_prompt_and_reaches_tokenizing(tokenizer_json):
-    from gmt_mlx.finetune import tokenize_splits
+    from gmt_mlx.recipes.finetune import tokenize_splits
 
     with pytest.raises(UserError, match="--assistant-turns all needs --mask-prompt"):
         Config(data="d", assistant_turns="all").validate()
@@ -186,8 +187,8 @@ def test_config_assistant_turns_needs_mask_prompt_and_reaches_tokenizing(tokeniz
 def test_eval_loss_covers_what_the_run_trained_on(tiny_model_dir, tmp_path):
     """A run trained on every assistant turn is evaluated on every assistant turn (its config says so)."""
     from gmt_mlx.config import Config
-    from gmt_mlx.evaluate import evaluate
-    from gmt_mlx.finetune import finetune
+    from gmt_mlx.evaluation.evaluate import evaluate
+    from gmt_mlx.recipes.finetune import finetune
 
     from .conftest import write_jsonl
 

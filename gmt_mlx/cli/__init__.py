@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from .common import ConfigHelpCommand
-from .compare import compare
-from .doctor import doctor
-from .eval import eval_command
-from .export import export
-from .finetune import finetune
-from .generate import generate
-from .import_gguf import import_gguf
-from .push import push
+from gmt_mlx.cli.common import ConfigHelpCommand
+from gmt_mlx.cli.compare import compare
+from gmt_mlx.cli.doctor import doctor
+from gmt_mlx.cli.eval import eval_command
+from gmt_mlx.cli.export import export
+from gmt_mlx.cli.finetune import finetune
+from gmt_mlx.cli.generate import generate
+from gmt_mlx.cli.import_gguf import import_gguf
+from gmt_mlx.cli.push import push
 
 app = typer.Typer(
     name="gmt-mlx",
@@ -36,7 +36,7 @@ app.command("doctor")(doctor)
 def main() -> None:
     """Console entry point: on Linux, first switch MLX to an optimized BLAS when one is
     installed and passes a numerical check (GMT_MLX_BLAS=reference opts out; see blas.py)."""
-    from ..blas import maybe_reexec_with_blas
+    from gmt_mlx.blas import maybe_reexec_with_blas
 
     maybe_reexec_with_blas()
     app()

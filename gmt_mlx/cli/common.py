@@ -12,8 +12,8 @@ from typing import Annotated, Any, Callable, Dict, Optional
 import typer
 from typer.core import TyperCommand
 
-from ..config import Config, field_types, flag
-from ..errors import Interrupted, UserError
+from gmt_mlx.config import Config, field_types, flag
+from gmt_mlx.errors import Interrupted, UserError
 
 
 def fail(message: str, code: int = 2) -> None:

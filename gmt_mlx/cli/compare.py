@@ -9,8 +9,8 @@ from typing import Annotated, Any, Dict, Optional
 
 import typer
 
-from ..compare import PER_RUN_KEYS
-from .common import echo, user_errors, with_config_options
+from gmt_mlx.cli.common import echo, user_errors, with_config_options
+from gmt_mlx.recipes.compare import PER_RUN_KEYS
 
 
 def _command_line() -> Optional[str]:
@@ -42,13 +42,13 @@ def compare(
     Every run is a normal fine-tuning run under OUT/runs/. Running the same
     command again resumes an interrupted comparison and reuses finished runs.
     """
-    from ..compare import CADENCE_KEYS, CompareSpec, check_base
-    from ..compare import compare as run
-    from ..config import load_yaml, resolve
-    from ..errors import UserError
-    from ..report import RESULTS_MD
-    from ..scorers import parse_scorers
-    from .parsing import parse_learning_rates, parse_mask_ratios, parse_methods, parse_seeds
+    from gmt_mlx.cli.parsing import parse_learning_rates, parse_mask_ratios, parse_methods, parse_seeds
+    from gmt_mlx.config import load_yaml, resolve
+    from gmt_mlx.errors import UserError
+    from gmt_mlx.evaluation.report import RESULTS_MD
+    from gmt_mlx.evaluation.scorers import parse_scorers
+    from gmt_mlx.recipes.compare import CADENCE_KEYS, CompareSpec, check_base
+    from gmt_mlx.recipes.compare import compare as run
 
     from_yaml = load_yaml(config_file) if config_file is not None else {}
     if config_file is not None:

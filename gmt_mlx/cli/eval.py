@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import echo, user_errors
+from gmt_mlx.cli.common import echo, user_errors
 
 
 @user_errors
@@ -32,9 +32,9 @@ def eval_command(
     baseline: Annotated[bool, typer.Option("--baseline", help="A run only: also evaluate the base model it was tuned from, on the same rows, and print base -> tuned with before/after answers.")] = False,
 ) -> None:
     """Evaluate a model or a fine-tuned run: loss/perplexity on a split and generation accuracy."""
-    from ..errors import UserError
-    from ..evaluate import evaluate, evaluate_with_base
-    from ..scorers import parse_scorers
+    from gmt_mlx.errors import UserError
+    from gmt_mlx.evaluation.evaluate import evaluate, evaluate_with_base
+    from gmt_mlx.evaluation.scorers import parse_scorers
 
     if limit is not None and limit < 0:
         raise UserError(f"--limit must be 0 or more, got {limit}")
@@ -93,7 +93,7 @@ def _one_line(text: str, width: int = 100) -> str:
 
 def print_comparison(results: dict, scorers: list, *, show: int, max_tokens: int) -> None:
     """base -> tuned: a few answers side by side, then loss and each scorer's accuracy, one line each."""
-    from ..evaluate import score_summary
+    from gmt_mlx.evaluation.evaluate import score_summary
 
     base, tuned = results["base"], results["tuned"]
     for before, after in list(zip(base.get("items", []), tuned.get("items", [])))[:show]:

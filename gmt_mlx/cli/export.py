@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from .common import echo, user_errors
+from gmt_mlx.cli.common import echo, user_errors
 
 
 @user_errors
@@ -23,7 +23,7 @@ def export(
     outtype: Annotated[Optional[str], typer.Option(help="--format gguf: f32, f16 or q8_0.  [default: f16]")] = None,
 ) -> None:
     """Export a run: merged safetensors + config + tokenizer + model card (or a PEFT adapter, or a GGUF)."""
-    from ..export import export_run
+    from gmt_mlx.publish.export import export_run
 
     result = export_run(run_dir, out, dtype=dtype, checkpoint=checkpoint, adapter_only=adapter_only,
                         datasets=dataset or None, overwrite=overwrite, log=echo, format=format, outtype=outtype)

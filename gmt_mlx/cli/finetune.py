@@ -8,7 +8,7 @@ from typing import Annotated, Any, Dict, Optional
 
 import typer
 
-from .common import echo, user_errors, with_config_options
+from gmt_mlx.cli.common import echo, user_errors, with_config_options
 
 
 @with_config_options
@@ -24,10 +24,10 @@ def finetune(
 
     Re-running with the same --out resumes an interrupted run of the same config.
     """
-    from ..config import resolve
-    from ..errors import UserError
-    from ..finetune import finetune as run
-    from ..rundir import has_trained, is_run_dir, run_config
+    from gmt_mlx.config import resolve
+    from gmt_mlx.errors import UserError
+    from gmt_mlx.recipes.finetune import finetune as run
+    from gmt_mlx.run.rundir import has_trained, is_run_dir, run_config
 
     base = None
     if resume is not None:
@@ -67,10 +67,10 @@ def finetune(
 
 def _example_prompt(config, samples: list) -> str:
     """A prompt of the kind the model was trained on: a sample's, else the first held-out one."""
-    from ..data import load_splits
-    from ..errors import UserError
-    from ..evaluate import describe_prompt, sample_prompts
-    from ..sources import data_options
+    from gmt_mlx.data.sources import data_options
+    from gmt_mlx.data.sources import load_splits
+    from gmt_mlx.errors import UserError
+    from gmt_mlx.evaluation.evaluate import describe_prompt, sample_prompts
 
     if samples:
         return samples[0]["prompt"]

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .common import echo, user_errors
+from gmt_mlx.cli.common import echo, user_errors
 
 
 @user_errors
@@ -17,8 +17,8 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template.")] = False,
 ) -> None:
     """Generate text from a fine-tuned run (RUN_DIR/model) or any model."""
-    from ..evaluate import generate_text
-    from ..loading import load_base, run_model_dir
+    from gmt_mlx.evaluation.evaluate import generate_text
+    from gmt_mlx.models.loading import load_base, run_model_dir
 
     net, tokenizer, _, _ = load_base(run_model_dir(model))
     echo(generate_text(net, tokenizer, prompt, max_tokens=max_tokens, chat=False if raw else None))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import echo, user_errors
+from gmt_mlx.cli.common import echo, user_errors
 
 
 @user_errors
@@ -17,8 +17,8 @@ def import_gguf(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
 ) -> None:
     """Dequantize, rename to HF layout, undo GGML's q/k permutation, build the tokenizer."""
-    from ..errors import UserError
-    from ..gguf import convert_gguf
+    from gmt_mlx.errors import UserError
+    from gmt_mlx.models.gguf.reader import convert_gguf
 
     if not file.is_file():
         raise UserError(f"GGUF file not found: {file}")

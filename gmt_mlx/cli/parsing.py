@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, List, Optional
 
-from ..config import METHOD_ALIASES, METHODS
-from ..errors import UserError
+from gmt_mlx.config import METHOD_ALIASES, METHODS
+from gmt_mlx.errors import UserError
 
 
 def _items(text: str, what: str) -> List[str]:
@@ -55,7 +55,7 @@ def parse_mask_ratios(text: str) -> List[float]:
 
 
 def _is_mask_ratio(value: float) -> bool:
-    from ..masking import check_mask_ratio  # the one range rule
+    from gmt_mlx.config import check_mask_ratio
 
     try:
         check_mask_ratio(value)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import echo, user_errors
+from gmt_mlx.cli.common import echo, user_errors
 
 
 @user_errors
@@ -20,6 +20,6 @@ def push(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the files and the model card that would be uploaded; send nothing.")] = False,
 ) -> None:
     """Publish a model folder to the Hub (token: HF_TOKEN or `hf auth login`)."""
-    from ..hub import push as run
+    from gmt_mlx.publish.push import push as run
 
     run(folder, repo, private=private, revision=revision, commit_message=commit_message, dry_run=dry_run, log=echo)

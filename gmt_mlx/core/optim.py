@@ -1,0 +1,554 @@
+"""The masked optimizer: GMT (and the random-mask control) as an optimizer wrapper.
+
+`MaskedOptimizer` wraps any `mlx.optimizers.Optimizer` the way
+`mlx.optimizers.MultiOptimizer` does: it owns no parameters of its own, its
+`.state` *is* the wrapped optimizer's state, so a training step can be
+compiled with ``mx.compile(inputs=state, outputs=state)``.
+
+The random keys for the sampled threshold and for the random control are
+derived from ``(seed, optimizer step)``, so they need no state of their own
+and a resumed run draws exactly the masks the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable, Dict, Optional, Tuple
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+
+from gmt_mlx.config import MASK_SCOPES, MASK_TARGETS, MASKED_METHODS, MOMENTS, OPTIMIZERS, WEIGHT_ROUNDINGS, check_mask_ratio
+from gmt_mlx.core.masking import (
+    DEFAULT_SAMPLE_SIZE,
+    apply_masks,
+    count_entries,
+    gmt_masks,
+    hash_start,
+    random_masks,
+)
+from gmt_mlx.core.precision import (
+    SALT_M,
+    SALT_V,
+    SALT_WEIGHTS,
+    BLOCK,
+    blocks_of,
+    dequantize_root,
+    dequantize_signed,
+    quantizable,
+    quantize_signed,
+    quantize_sqrt,
+    round_to,
+    step_seed,
+    tensor_seed,
+)
+
+# Optimizer-state key of the keep-mask sample (see MaskedOptimizer.apply_gradients).
+MASK_SAMPLE_KEY = "mask_sample"
+MASK_SAMPLE_SIZE = 65536
+
+
+def mask_sample(masks: dict, size: int = MASK_SAMPLE_SIZE) -> mx.array:
+    """A fixed subset of ~``size`` keep-mask entries (every k-th entry of each tensor,
+    k odd so it does not line up with power-of-two rows): the same positions every
+    step, so two steps' samples estimate how much their masks overlap."""
+    flat = [m.reshape(-1) for _, m in tree_flatten(masks)]
+    stride = max(1, sum(m.size for m in flat) // size) | 1
+    # Copies, not strided views: a view keeps its whole mask alive.
+    return mx.concatenate([mx.contiguous(m[::stride]) for m in flat])
+
+
+class MaskedOptimizer:
+    """Apply ``optimizer`` to a masked gradient (target ``grad``) or mask its update (``update``).
+
+    With ``mask_ratio == 0`` the wrapped optimizer is called unchanged, so the
+    result is bit-for-bit plain fine-tuning.
+
+    ``update()`` / ``apply_gradients()`` return statistics as arrays (``kept``:
+    entries kept this step) so a compiled step can return them. With
+    ``record_mask_sample``, a sample of the keep-mask (`mask_sample`) is also
+    stored in the state under ``"mask_sample"``, so a caller can measure the
+    overlap of consecutive steps' masks. It costs memory: in the fused step
+    (trainer.make_fused_step) the join of the samples kept every mask alive
+    until the end of the step (+2.6 GB, 8.5 bytes per parameter, on a 309M
+    model in float32), so it is off unless asked for.
+    """
+
+    def __init__(
+        self,
+        optimizer: optim.Optimizer,
+        *,
+        method: str = "gmt",
+        mask_ratio: float = 0.0,
+        scope: str = "tensor",
+        target: str = "grad",
+        seed: int = 0,
+        sample_size: int = DEFAULT_SAMPLE_SIZE,
+        weight_rounding: str = "stochastic",
+        record_mask_sample: bool = False,
+    ):
+        if method not in MASKED_METHODS:
+            raise ValueError(f"unknown mask method {method!r} (expected one of {', '.join(MASKED_METHODS)})")
+        if scope not in MASK_SCOPES:
+            raise ValueError(f"unknown mask scope {scope!r} (expected one of {', '.join(MASK_SCOPES)})")
+        if target not in MASK_TARGETS:
+            raise ValueError(f"unknown mask target {target!r} (expected one of {', '.join(MASK_TARGETS)})")
+        if sample_size < 1:
+            raise ValueError(f"sample_size must be positive, got {sample_size}")
+        if weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ValueError(f"unknown weight rounding {weight_rounding!r} (expected one of {', '.join(WEIGHT_ROUNDINGS)})")
+        self.optimizer = optimizer
+        self.weight_rounding = weight_rounding
+        self.record_mask_sample = record_mask_sample
+        self.method = method
+        self.mask_ratio = check_mask_ratio(mask_ratio)
+        self.scope = scope
+        self.target = target
+        self.seed = int(seed)
+        self.sample_size = int(sample_size)
+
+    # The wrapped optimizer's state is ours: compile and checkpoints see one tree.
+    @property
+    def state(self) -> dict:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        self.optimizer.state = state
+
+    @property
+    def step(self) -> mx.array:
+        return self.optimizer.step
+
+    @property
+    def learning_rate(self) -> mx.array:
+        return self.optimizer.learning_rate
+
+    def init(self, parameters: dict) -> None:
+        self.optimizer.init(parameters)
+
+    def _step_key(self, part: int = 0) -> mx.array:
+        # A threefry key from (seed, step, part): deterministic and resume-safe.
+        # Part 0 is the whole model in one update; a step updated per layer
+        # (layerwise) gives each block its own part, so its own random numbers.
+        step = self.optimizer.step.astype(mx.uint32).reshape(1)
+        word = (self.seed + part * 0x9E3779B9) & 0xFFFFFFFF
+        return mx.concatenate([mx.array([word], mx.uint32), step])
+
+    def masks(self, gradients: dict, part: int = 0) -> Tuple[dict, mx.array]:
+        """Keep-masks for this step's (accumulated) gradient, and the number kept."""
+        flat = tree_flatten(gradients)
+        names = tuple(name for name, _ in flat)
+        build = _mask_builder(names, self.method, self.mask_ratio, self.scope, self.sample_size)
+        masks, kept = build([g for _, g in flat], self._step_key(part))
+        found = dict(zip(names, masks))
+        # Rebuilt on the gradient tree itself (see masking.gmt_masks).
+        return tree_map_with_path(lambda path, _: found[path], gradients), kept
+
+    def apply_gradients(
+        self, gradients: dict, parameters: dict, grad_scale: mx.array | None = None, part: int = 0
+    ) -> Tuple[dict, Dict[str, mx.array]]:
+        """Return the updated parameters (same tree as ``gradients``) and mask statistics.
+
+        ``grad_scale`` (a positive scalar, e.g. the gradient-clipping factor)
+        multiplies the gradient the wrapped optimizer sees. Pass it here rather
+        than scaling the gradient beforehand: a positive scale does not change
+        the mask, so the mask is built from the gradient as given and the
+        scaling fuses into the optimizer's kernel. A pre-scaled gradient has to
+        be materialised for the sampled threshold: a whole extra copy of the
+        gradient (+14% peak memory and ~2% step time on SmolLM2-135M).
+        """
+
+        def scaled(tree):
+            return tree if grad_scale is None else tree_map(lambda g: g * grad_scale, tree)
+
+        # Weights stored in a low-precision dtype are updated in float32 and
+        # rounded back once, at the end (stochastically by default: see
+        # precision.round_to), so the optimizer's arithmetic never rounds.
+        stored = tree_map(lambda g, p: p, gradients, parameters)
+        low = any(p.dtype != mx.float32 for _, p in tree_flatten(stored))
+        # CompactAdamW casts each weight itself, inside its update's kernel; a
+        # cast here would be a float32 copy of the weights given to it.
+        cast = low and not isinstance(self.optimizer, CompactAdamW)
+        work = tree_map(lambda p: p.astype(mx.float32), stored) if cast else stored
+        seed = step_seed(self.seed, self.optimizer.step) if low and self.weight_rounding == "stochastic" else None
+        state_dtypes = _state_dtypes(self.optimizer) if low else None
+
+        if low and isinstance(self.optimizer, CompactAdamW):
+            # It rounds each weight itself, as soon as (a slice of) it is computed.
+            dtypes = {path: p.dtype for path, p in tree_flatten(stored)}
+            self.optimizer.weight_rounder = lambda path, x, start: round_to(
+                x, dtypes[path], None if seed is None else tensor_seed(seed, path, SALT_WEIGHTS), start)
+        total = count_entries(gradients)
+        if self.mask_ratio == 0.0:
+            kept = mx.array(total, mx.int64)
+            updated = self.optimizer.apply_gradients(scaled(gradients), work)
+        else:
+            masks, kept = self.masks(gradients, part)
+            if self.record_mask_sample:
+                self.optimizer.state[MASK_SAMPLE_KEY] = mask_sample(masks)
+            if self.target == "grad":
+                updated = self.optimizer.apply_gradients(scaled(apply_masks(gradients, masks)), work)
+            else:
+                # The optimizer state sees the full gradient; only kept entries move.
+                # new * m + p * ~m is where(m, new, p) for finite values (x * 1 = x,
+                # x * 0 = 0): arithmetic fuses into the optimizer's kernel at full
+                # speed, a select there made the step ~3% slower (SmolLM2-135M, CPU).
+                new = self.optimizer.apply_gradients(scaled(gradients), work)
+                updated = tree_map(lambda n, m, p: n * m + p * ~m, new, masks, work)
+        if low:
+            if isinstance(self.optimizer, CompactAdamW):
+                self.optimizer.weight_rounder = None
+            _restore_state_dtypes(self.optimizer, state_dtypes)
+            updated = tree_map_with_path(
+                lambda path, new, p: round_to(new, p.dtype, None if seed is None else tensor_seed(seed, path, SALT_WEIGHTS)),
+                updated, stored)
+        return updated, {"kept": kept}
+
+    def update(self, model, gradients: dict, grad_scale: mx.array | None = None, part: int = 0) -> Dict[str, mx.array]:
+        """Update ``model`` in place; return mask statistics (``grad_scale``: see apply_gradients;
+        ``part``: which part of a step updated in parts, see layerwise)."""
+        updated, stats = self.apply_gradients(gradients, model, grad_scale, part)
+        model.update(updated)
+        return stats
+
+
+def training_state(model, optimizer) -> list:
+    """Everything a step reads and writes: weights, optimizer state and the RNG
+    (LoRA dropout draws from it; without it a compiled step would replay one mask)."""
+    return [model.state, optimizer.state, mx.random.state]
+
+
+def apply_update(optimizer, model, grads: dict, scale: mx.array, part: int = 0) -> mx.array:
+    """Apply ``scale * grads`` to ``model`` (masked by a `MaskedOptimizer`); return the entries kept.
+
+    The mask is built from the unscaled gradient (a positive scale does not
+    change it) and the scale fuses into the optimizer's kernel. ``part``: see
+    MaskedOptimizer.update. A plain mlx optimizer keeps everything.
+    """
+    if isinstance(optimizer, MaskedOptimizer):
+        return optimizer.update(model, grads, grad_scale=scale, part=part)["kept"]
+    optimizer.update(model, tree_map(lambda g: g * scale, grads))
+    return mx.array(sum(g.size for _, g in tree_flatten(grads)), mx.int64)
+
+
+@lru_cache(maxsize=1024)
+def _mask_builder(names: tuple, method: str, mask_ratio: float, scope: str, sample_size: int) -> Callable:
+    """The masks of the tensors ``names`` (a list of arrays, and a key), compiled.
+
+    Inside a compiled step this is traced inline; called eagerly (the staged
+    update of layerwise) its comparisons, ties and counts fuse instead of each
+    materialising a tensor-sized array. Keyed by the names, which decide the
+    mask units, so that no two trees share a trace.
+    """
+    build = random_masks if method == "random" else gmt_masks
+
+    def run(grads: list, key: mx.array):
+        masks, kept = build(dict(zip(names, grads)), mask_ratio, scope=scope, key=key, sample_size=sample_size)
+        return [masks[name] for name in names], kept
+
+    return mx.compile(run)
+
+
+def _state_dtypes(optimizer) -> dict:
+    """The dtype of every array in an optimizer's state (before a step), by path."""
+    return {path: v.dtype for path, v in tree_flatten(optimizer.state)}
+
+
+def _restore_state_dtypes(optimizer, dtypes: dict) -> None:
+    """Keep a wrapped mlx optimizer's state in the dtype it was created in.
+
+    Its arithmetic on a float32 gradient (the scaled one) promotes a bfloat16
+    moment to float32, which would silently double the state's memory after
+    the first step. (`CompactAdamW` stores its moments itself.)
+    """
+    if isinstance(optimizer, CompactAdamW) or not dtypes:
+        return
+    # In place: a compiled step's outputs are this very dict's contents.
+    optimizer.state.update(tree_map_with_path(
+        lambda path, v: v.astype(dtypes[path]) if path in dtypes and v.dtype != dtypes[path] else v, optimizer.state))
+
+
+class CompactAdamW(optim.Optimizer):
+    """AdamW with its moments stored in less memory, and float32 arithmetic.
+
+    The update is mlx's AdamW's (decoupled weight decay, no bias correction):
+    ``p <- p (1 - lr wd) - lr m / (sqrt(v) + eps)``. ``moments`` says how m and
+    v are stored between steps:
+
+    - ``float32``: 8 bytes per entry, as mlx's AdamW on float32 weights;
+    - ``bfloat16``: 4 bytes, stochastically rounded (to nearest, v could
+      never decay by 0.1% a step: precision.round_to);
+    - ``8bit``: ~2 bytes: m as int8 and sqrt(v) as uint8, each with a float32
+      scale per block of 128 entries, stochastically rounded
+      (precision.quantize_signed / quantize_root say why this v is stable);
+    - ``8bit-factored``: ~1 byte: m in 8 bits, and v of a matrix kept as
+      the moving averages of its rows' and columns' mean squared gradient
+      (Adafactor's factorisation: v_ij ~ row_i col_j / mean(row)), float32.
+
+    Tensors too small for whole blocks (norms, biases) keep float32 moments:
+    they are a negligible share of the memory. Rounding seeds come from
+    (seed, step, parameter path), so a resumed run draws the same bits.
+    """
+
+    def __init__(self, learning_rate, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 moments: str = "float32", seed: int = 0):
+        super().__init__()
+        if moments not in COMPACT_MOMENTS:
+            raise ValueError(f"unknown moments storage {moments!r} (expected one of {', '.join(COMPACT_MOMENTS)})")
+        self._maybe_schedule("learning_rate", learning_rate)
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.moments, self.seed = moments, int(seed)
+        self.staged = False  # see _stage
+        # Set by MaskedOptimizer for low-precision weights: (path, float32 weights, hash start) ->
+        # the weights rounded to their dtype, so a slice is rounded as soon as it is computed.
+        self.weight_rounder: Optional[Callable] = None
+
+    def _form(self, shape) -> str:
+        """How one tensor's moments are stored."""
+        if self.moments in ("float32", "bfloat16") or not quantizable(shape):
+            return "float32" if self.moments != "bfloat16" else "bfloat16"
+        if self.moments == "8bit-factored" and len(shape) >= 2:
+            return "factored"
+        return "8bit"
+
+    def init_single(self, parameter: mx.array, state: dict):
+        shape, form = parameter.shape, self._form(parameter.shape)
+        if form in ("float32", "bfloat16"):
+            dtype = mx.float32 if form == "float32" else mx.bfloat16
+            state["m"], state["v"] = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
+            return
+        blocks = parameter.size // BLOCK
+        state["m_codes"], state["m_scale"] = mx.zeros(shape, mx.int8), mx.zeros((blocks,), mx.float32)
+        if form == "factored":
+            rows = parameter.size // shape[-1]
+            state["v_row"], state["v_col"] = mx.zeros((rows,), mx.float32), mx.zeros((shape[-1],), mx.float32)
+        else:
+            state["v_codes"], state["v_scale"] = mx.zeros(shape, mx.uint8), mx.zeros((blocks,), mx.float32)
+
+    def apply_gradients(self, gradients: dict, parameters: dict):
+        # mlx's loop, with the parameter path passed on: it seeds the rounding.
+        if not self._initialized:
+            self.init(gradients)
+        for param, scheduler in self._schedulers.items():
+            self.state[param] = scheduler(self.step)
+        seed = step_seed(self.seed, self.step)
+        self.state["step"] = self.step + 1
+        grads, params, states = {}, {}, {}
+
+        def collect(path, g, p, s):
+            grads[path], params[path], states[path] = g, p, s
+
+        tree_map_with_path(collect, gradients, parameters, self.state)
+        new, previous = {}, None
+        # One tensor after another, in the order the backward pass produces
+        # their gradients (the reverse of the model's): the update's chain of
+        # kernels (block scales, row and column means, rounding) would
+        # otherwise run level by level across many tensors, keeping all their
+        # float32 temporaries alive at once.
+        for path in reversed(list(grads)):
+            g = grads[path] if previous is None else mx.depends(grads[path], previous)
+            new[path] = previous = self._apply(g, params[path], states[path], seed, path)
+        return tree_map_with_path(lambda path, g: new[path], gradients)
+
+    def apply_single(self, gradient, parameter, state):  # the abstract method; apply_gradients bypasses it
+        return self._apply(gradient, parameter, state, step_seed(self.seed, self.step), "")
+
+    def _apply(self, gradient: mx.array, parameter: mx.array, state: dict, seed: mx.array, path: str) -> mx.array:
+        b1, b2 = self.betas
+        lr = self.learning_rate.astype(mx.float32)
+        g = gradient.astype(mx.float32)
+        stochastic = None if self.moments == "float32" else tensor_seed(seed, path, SALT_M)
+        if "m" in state:
+            m = b1 * state["m"].astype(mx.float32) + (1 - b1) * g
+            v = b2 * state["v"].astype(mx.float32) + (1 - b2) * mx.square(g)
+            state["m"] = round_to(m, state["m"].dtype, stochastic)
+            state["v"] = round_to(v, state["v"].dtype, None if stochastic is None else tensor_seed(seed, path, SALT_V))
+            p = parameter.astype(mx.float32)
+            return p * (1 - lr * self.weight_decay) - lr * m / (mx.sqrt(v) + self.eps)
+        # 8-bit: the update works on rows of BLOCK entries (views of the inputs),
+        # so that inside a compiled step no reshape forces a float32 copy; m and
+        # sqrt(v) are the only float32 arrays of the tensor's size it needs.
+        # Staged (layerwise), a large tensor is updated a slice of rows at a
+        # time (CHUNK_ENTRIES): its float32 temporaries are a slice's, and the
+        # rounding noise of a slice is the whole tensor's there (hash_start).
+        shape, cols = parameter.shape, parameter.shape[-1]
+        rows = parameter.size // cols
+        step = max(1, CHUNK_ENTRIES // cols) if self.staged and cols % BLOCK == 0 else rows
+        g, p = g.reshape(rows, cols), parameter.reshape(rows, cols)
+        seed_v = tensor_seed(seed, path, SALT_V)
+        if "v_row" in state:
+            square = mx.square(g)
+            row = b2 * state["v_row"] + (1 - b2) * mx.mean(square, axis=-1)
+            col = b2 * state["v_col"] + (1 - b2) * mx.mean(square, axis=0)
+            state["v_row"], state["v_col"] = row, col
+            col_term = col / mx.maximum(mx.mean(row), 1e-30)
+            self._stage(row, col_term)
+        m_codes, v_codes = state["m_codes"].reshape(rows, cols), state.get("v_codes")
+        v_codes = None if v_codes is None else v_codes.reshape(rows, cols)
+        pieces: Dict[str, list] = {"new": [], "m_codes": [], "m_scale": [], "v_codes": [], "v_scale": []}
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            b0, b1_ = r0 * cols // BLOCK, r1 * cols // BLOCK
+            start = hash_start(r0 * cols) if r0 else None
+
+            def rows_of(a, lo=r0, hi=r1):  # the slice's rows (the array itself when it is all of them)
+                return a if lo == 0 and hi == a.shape[0] else a[lo:hi]
+
+            gb = blocks_of(rows_of(g))
+            m, codes, scale = _first_moment(gb, rows_of(m_codes), rows_of(state["m_scale"], b0, b1_), stochastic, b1, start)
+            pieces["m_codes"].append(codes.reshape(r1 - r0, cols))
+            pieces["m_scale"].append(scale)
+            self._stage(m, codes, scale)
+            if v_codes is None:
+                root = blocks_of(mx.sqrt(rows_of(row)[:, None] * col_term[None, :]))
+            else:
+                root, codes, scale = _second_root(gb, rows_of(v_codes), rows_of(state["v_scale"], b0, b1_), seed_v, b2, start)
+                pieces["v_codes"].append(codes.reshape(r1 - r0, cols))
+                pieces["v_scale"].append(scale)
+            self._stage(root, codes, scale)
+            new = _adamw_step(rows_of(p), m, root, lr, self.weight_decay, self.eps)
+            if self.weight_rounder is not None:
+                new = self.weight_rounder(path, new, start)
+            pieces["new"].append(new)
+            del m, root, gb
+            self._stage(new)
+        joined = {}
+        for key, parts in pieces.items():
+            if parts:
+                joined[key] = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+                parts.clear()  # the slices: freed once joined
+                self._stage(joined[key])
+        for key in ("m_codes", "m_scale", "v_codes", "v_scale"):
+            if key in joined:
+                state[key] = joined[key].reshape(shape) if key.endswith("codes") else joined[key]
+        return joined["new"].reshape(shape)
+
+    def _stage(self, *arrays) -> None:
+        """With ``staged`` (set by a caller outside any compiled function: layerwise), evaluate
+        one stage of a tensor's update before the next starts, so that at most m,
+        sqrt(v) and one stage's temporaries are alive: ~20 bytes per entry, where the
+        whole update in one compiled function held ~37 (benchmarks/bench_update_memory.py)."""
+        if self.staged:
+            mx.eval(*arrays)
+
+
+# The 8-bit update's stages, each compiled: within one, MLX fuses the
+# elementwise ops (at most 11 per kernel); called eagerly one after another
+# (CompactAdamW.staged) their float32 temporaries never pile up.
+@mx.compile
+def _first_moment(g: mx.array, codes: mx.array, scale: mx.array, seed, b1: float, start=None):
+    """AdamW's new m from its 8-bit codes and the gradient (both as blocks): (m, new codes, new scales).
+    ``start``: these are a slice of the tensor (masking.hash_start)."""
+    m = b1 * dequantize_signed(codes, scale, g.shape) + (1 - b1) * g
+    return (m, *quantize_signed(m, seed, start))
+
+
+@mx.compile
+def _second_root(g: mx.array, codes: mx.array, scale: mx.array, seed: mx.array, b2: float, start=None):
+    """sqrt of AdamW's new v from its 8-bit codes and the gradient: (root, new codes, new scales)."""
+    root = mx.sqrt(b2 * dequantize_root(codes, scale, g.shape) + (1 - b2) * mx.square(g))
+    return (root, *quantize_sqrt(root, seed, start))
+
+
+@mx.compile
+def _adamw_step(parameter: mx.array, m: mx.array, root: mx.array, lr: mx.array, weight_decay: float, eps: float):
+    """The new weights in float32 (decoupled weight decay, no bias correction), in ``parameter``'s shape."""
+    p = blocks_of(parameter.astype(mx.float32))
+    return (p * (1 - lr * weight_decay) - lr * m / (root + eps)).reshape(parameter.shape)
+
+
+# Entries of one slice of a large tensor's staged update (~22 bytes each in flight: ~90 MB).
+CHUNK_ENTRIES = 1 << 22
+
+
+# Storage forms of CompactAdamW's moments ("auto" resolves to the weights' dtype).
+COMPACT_MOMENTS = tuple(m for m in MOMENTS if m != "auto")
+
+
+def make_schedule(
+    learning_rate: float,
+    total_steps: int,
+    *,
+    kind: str = "cosine",
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.0,
+) -> Callable[[mx.array], mx.array]:
+    """Learning rate against optimizer step: linear warmup, then cosine / linear / constant.
+
+    Warmup ramps from lr/warmup to lr (never 0, so step 1 already trains);
+    the decay phase runs over the remaining steps down to lr * min_lr_ratio.
+    """
+    end = learning_rate * min_lr_ratio
+    decay_steps = max(1, total_steps - warmup_steps)
+    if kind == "cosine":
+        decay = optim.cosine_decay(learning_rate, decay_steps, end)
+    elif kind == "linear":
+        decay = optim.linear_schedule(learning_rate, end, decay_steps)
+    elif kind == "constant":
+        decay = lambda step: mx.array(learning_rate, mx.float32)  # noqa: E731
+    else:
+        raise ValueError(f"unknown lr schedule {kind!r} (expected cosine, linear or constant)")
+    if warmup_steps <= 0:
+        return decay
+    # Step 0 is the first update: start at lr/warmup_steps, reach lr at the last warmup step.
+    warmup = optim.linear_schedule(learning_rate / warmup_steps, learning_rate, max(1, warmup_steps - 1))
+    return optim.join_schedules([warmup, decay], [warmup_steps])
+
+
+
+
+def build_optimizer(
+    name: str,
+    learning_rate,
+    *,
+    weight_decay: float = 0.0,
+    momentum: Optional[float] = None,
+    method: str = "sft",
+    mask_ratio: float = 0.0,
+    mask_scope: str = "tensor",
+    mask_target: str = "grad",
+    seed: int = 0,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    moments: str = "auto",
+    weights_dtype: str = "float32",
+    weight_rounding: str = "stochastic",
+    record_mask_sample: bool = False,
+) -> MaskedOptimizer:
+    """Build the base optimizer and wrap it; unmasked methods (sft, LoRA) get mask_ratio 0.
+
+    ``momentum`` is sgd's and muon's (None: their own defaults, 0 and 0.95);
+    Adam's betas and eps stay mlx's defaults. ``moments`` (adam/adamw): how
+    the moments are stored (`CompactAdamW`); "auto" keeps them in the weights'
+    dtype. float32 moments on float32 weights use mlx's own AdamW/Adam.
+    """
+    if moments == "auto":
+        moments = weights_dtype if weights_dtype in COMPACT_MOMENTS else "float32"
+    if name in ("adam", "adamw") and not (moments == "float32" and weights_dtype == "float32"):
+        base = CompactAdamW(learning_rate, weight_decay=weight_decay if name == "adamw" else 0.0,
+                            moments=moments, seed=seed)
+    elif name == "adamw":
+        base = optim.AdamW(learning_rate, weight_decay=weight_decay)
+    elif name == "adam":
+        base = optim.Adam(learning_rate)
+    elif name == "sgd":
+        base = optim.SGD(learning_rate, momentum=momentum or 0.0, weight_decay=weight_decay)
+    elif name == "adafactor":
+        base = optim.Adafactor(learning_rate, relative_step=False, scale_parameter=False)
+    elif name == "muon":
+        base = optim.Muon(learning_rate, momentum=0.95 if momentum is None else momentum, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {name!r} (expected one of {', '.join(OPTIMIZERS)})")
+    masked = method in MASKED_METHODS
+    return MaskedOptimizer(
+        base,
+        method=method if masked else "gmt",
+        mask_ratio=mask_ratio if masked else 0.0,
+        scope=mask_scope,
+        target=mask_target,
+        seed=seed,
+        sample_size=sample_size,
+        weight_rounding=weight_rounding,
+        record_mask_sample=record_mask_sample,
+    )

@@ -1,0 +1,188 @@
+"""Row formats: read JSONL files and check that each row is one of the formats we train on.
+
+Data lives in JSONL files, one example per line, in the formats that
+`mlx_lm.lora` users know:
+
+- chat:        {"messages": [{"role": "user", "content": ...}, ...]}
+- completions: {"prompt": ..., "completion": ...}
+- text:        {"text": ...}
+- preference:  {"prompt": ..., "chosen": ..., "rejected": ...}  (TRL's conventions;
+               --train-mode dpo / orpo; strings, or message lists; optional "system")
+
+A data folder holds `train.jsonl` (required), `valid.jsonl` and `test.jsonl`
+(optional). Every problem with a file becomes a one-line `UserError` that
+names the file and the 1-based line.
+"""
+
+
+from __future__ import annotations
+
+import codecs
+import json
+import sys
+from pathlib import Path
+
+
+from gmt_mlx.errors import UserError
+
+FORMATS = ("chat", "completions", "text", "preference")
+SPLITS = ("train", "valid", "test")
+_KNOWN = "messages | prompt+completion | text | prompt+chosen+rejected"
+
+
+# --------------------------------------------------------------------------
+# Reading and validating JSONL
+# --------------------------------------------------------------------------
+
+
+def _check_messages(messages: object, where: str) -> None:
+    """Raise a UserError unless `messages` is a usable chat transcript."""
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if isinstance(messages, list) else type(messages).__name__
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects, got {got}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise UserError(f"{where}: messages[{i}] must be an object with 'role' and 'content', got {type(message).__name__}")
+        if not isinstance(message.get("role"), str):
+            raise UserError(f"{where}: messages[{i}] has no string 'role'")
+        content = message.get("content")
+        # Tool-call turns may carry no content; list content is the HF "parts" form the template renders.
+        if content is None and "tool_calls" in message:
+            continue
+        if not isinstance(content, (str, list)):
+            got = "missing" if "content" not in message else type(content).__name__
+            raise UserError(f"{where}: messages[{i}] 'content' must be a string, got {got}")
+
+
+def _answer_text(answer: object) -> str:
+    """The text of an answer (a string, or the contents of a message list), to tell empty and equal ones."""
+    if isinstance(answer, str):
+        return answer
+    return "\n".join(m["content"] for m in answer if isinstance(m.get("content"), str))
+
+
+def _check_preference(example: dict, where: str) -> None:
+    """Raise a UserError unless `example` is a usable prompt/chosen/rejected row."""
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in example:
+            raise UserError(f"{where}: has {' and '.join(repr(k) for k in ('chosen', 'rejected') if k in example)} "
+                            f"but no '{key}' (the preference format needs prompt, chosen and rejected)")
+    prompt = example["prompt"]
+    if isinstance(prompt, list):
+        _check_messages(prompt, f"{where}: 'prompt'")
+    elif not isinstance(prompt, str):
+        raise UserError(f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+    for key in ("chosen", "rejected"):
+        answer = example[key]
+        if isinstance(answer, list):
+            _check_messages(answer, f"{where}: '{key}'")
+        elif not isinstance(answer, str):
+            raise UserError(f"{where}: '{key}' must be a string or a list of messages, got {type(answer).__name__}")
+        if not _answer_text(answer).strip():
+            raise UserError(f"{where}: '{key}' is empty (a preference pair needs two answers)")
+    if _answer_text(example["chosen"]) == _answer_text(example["rejected"]):
+        raise UserError(f"{where}: 'chosen' and 'rejected' are the same answer (nothing to prefer)")
+    if "system" in example and not isinstance(example["system"], str):
+        raise UserError(f"{where}: 'system' must be a string, got {type(example['system']).__name__}")
+
+
+def is_preference_row(row: object) -> bool:
+    """Whether ``row`` is a preference row (it has "chosen" or "rejected"): the one test, for files and splits."""
+    return isinstance(row, dict) and ("chosen" in row or "rejected" in row)
+
+
+def detect_format(example: dict, where: str) -> str:
+    """Return 'chat', 'completions', 'text' or 'preference' for one example, or raise UserError naming `where`.
+
+    `where` is the location used in messages, normally "file:line".
+    """
+    if not isinstance(example, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(example).__name__}")
+    if is_preference_row(example):
+        _check_preference(example, where)
+        return "preference"
+    if "messages" in example:
+        _check_messages(example["messages"], where)
+        return "chat"
+    if "prompt" in example or "completion" in example:
+        for key in ("prompt", "completion"):
+            if key not in example:
+                other = "completion" if key == "prompt" else "prompt"
+                raise UserError(f"{where}: has '{other}' but no '{key}' (completions format needs both)")
+            if not isinstance(example[key], str):
+                raise UserError(f"{where}: '{key}' must be a string, got {type(example[key]).__name__}")
+        return "completions"
+    if "text" in example:
+        if not isinstance(example["text"], str):
+            raise UserError(f"{where}: 'text' must be a string, got {type(example['text']).__name__}")
+        return "text"
+    # repr() for odd keys keeps the message one printable line (newlines, lone surrogates).
+    keys = ", ".join(k if k.isprintable() else repr(k) for k in sorted(example)) or "none"
+    raise UserError(f"{where}: line has none of the known formats ({_KNOWN}); keys found: {keys}")
+
+
+def _parse_line(line: str, where: str) -> object:
+    """json.loads, with every way it can fail turned into a UserError naming `where`."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: invalid JSON ({err.msg}, column {err.colno})") from None
+    except RecursionError:
+        # Python's parser recurses per nesting level (~1000 levels max).
+        raise UserError(f"{where}: invalid JSON (nested too deeply)") from None
+    except ValueError as err:
+        # Python 3.11+ refuses integer literals over 4,300 digits (sys.int_max_str_digits).
+        if "digits" in str(err):
+            raise UserError(f"{where}: invalid JSON (an integer literal of more than "
+                            f"{sys.get_int_max_str_digits()} digits)") from None
+        raise UserError(f"{where}: invalid JSON ({str(err).splitlines()[0][:120]})") from None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a JSONL file of examples, validating every line; blank lines are skipped.
+
+    Lines end at \n (or \r\n) only: U+2028, U+2029 and U+0085 are valid inside
+    JSON strings. A leading UTF-8 byte-order mark is skipped. Raises UserError
+    ("file:line: ...") for invalid JSON, a line that is not an object, an unknown
+    format, or a format that differs from the file's first example; and
+    ("file: no examples") for a file without any.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a JSONL file")
+    try:
+        raw = path.read_bytes()
+        # Editors on Windows write a BOM; it is not part of the first line's JSON.
+        text = raw[len(codecs.BOM_UTF8):].decode("utf-8") if raw.startswith(codecs.BOM_UTF8) else raw.decode("utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+
+    rows: list[dict] = []
+    first: tuple[str, int] | None = None  # (format, line) of the first example
+    # Not str.splitlines(): it also splits at U+2028/U+2029/U+0085 and other controls.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        row = _parse_line(line, where)
+        fmt = detect_format(row, where)
+        if first is None:
+            first = (fmt, lineno)
+        elif fmt != first[0]:
+            # One file, one format: mixing usually means a broken export, and the
+            # prompt-masking rules differ per format.
+            raise UserError(
+                f"{where}: format is {fmt} but the file started as {first[0]} (line {first[1]}); "
+                "one file must use one format"
+            )
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: no examples")
+    return rows
+

@@ -1,0 +1,402 @@
+"""Evaluation: loss and perplexity on a split, and generation-based accuracy.
+
+Library first: `split_loss` (token-weighted loss over a tokenized split),
+`generate_batch` (batched greedy generation), `generation_accuracy` (answers
+scored by pluggable scorers, see `scorers.py`), `evaluate_model` (both, on
+an already loaded model) and `evaluate` (load a model or run directory and a
+data split, then both). `gmt-mlx eval` is a thin wrapper around `evaluate`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import mlx.nn as nn
+import numpy as np
+
+from gmt_mlx.core.losses import PREFERENCE_METRICS, SFT_EVAL_METRICS, sft_eval_loss, sft_loss
+from gmt_mlx.core.trainer import evaluate_loss, loss_sums, mean_metrics
+from gmt_mlx.data import sources
+from gmt_mlx.data.batching import PAD_MULTIPLE, batch_order, make_batch
+from gmt_mlx.data.batching import pad_id as batch_pad_id
+from gmt_mlx.data.encoding import TokenizedSplit, chat_ids, has_chat_template, tokenize_split
+from gmt_mlx.data.formats import is_preference_row
+from gmt_mlx.data.sources import load_splits
+from gmt_mlx.errors import UserError
+from gmt_mlx.evaluation.reference import reference_logps
+from gmt_mlx.evaluation.scorers import get_scorer, reference_of
+
+DEFAULT_MAX_TOKENS = 64
+DEFAULT_BATCH_SIZE = 16
+
+
+def split_loss(
+    model: nn.Module,
+    split: TokenizedSplit,
+    *,
+    batch_size: int,
+    pad_id: int,
+    max_batches: int = -1,
+    pad_multiple: int = PAD_MULTIPLE,
+    group=None,
+    loss_fn: Callable = sft_loss,
+) -> dict:
+    """Token-weighted loss and perplexity over (the first ``max_batches`` batches of) a split.
+
+    Uses every example (the last batch may be smaller), in a fixed
+    length-grouped order so the value is comparable across steps and runs.
+    With a distributed ``group``, rank r evaluates batches r, r + N, ... and
+    the sums are reduced over ranks. An SFT split also gets "exact_match": the
+    share of its examples that greedy decoding would answer exactly (see
+    `losses.sft_eval_loss`). A preference ``loss_fn`` gives the mean per pair
+    and its metrics (see `trainer.evaluate_loss`).
+    """
+    if loss_fn is sft_loss:
+        loss_fn = sft_eval_loss  # the same loss, and the exact-match count from the same logits
+    order = batch_order(split.lengths(), min(batch_size, len(split)), seed=0, epoch=0)
+    covered = {i for batch in order for i in batch}
+    leftover = [i for i in range(len(split)) if i not in covered]
+    if leftover:
+        order.append(leftover)
+    if max_batches > 0:
+        order = order[:max_batches]
+    if group is None or group.size() == 1:
+        batches = (make_batch(split, idx, pad_id=pad_id, pad_multiple=pad_multiple) for idx in order)
+        return evaluate_loss(model, batches, loss_fn)
+    import mlx.core as mx
+
+    mine = order[group.rank() :: group.size()]
+    total, count, sums = loss_sums(model, (make_batch(split, idx, pad_id=pad_id, pad_multiple=pad_multiple) for idx in mine), loss_fn)
+    # The same keys on every rank, whether or not it had a batch.
+    keys = list(PREFERENCE_METRICS) if split.preference else (list(SFT_EVAL_METRICS) if loss_fn is sft_eval_loss else [])
+    reduced = mx.distributed.all_sum(mx.array([total, count] + [sums.get(k, 0.0) for k in keys]), group=group).tolist()
+    return mean_metrics(reduced[0], reduced[1], dict(zip(keys, reduced[2:])))
+
+
+def prompt_of(row: dict) -> Optional[object]:
+    """The prompt part of a data row (chat messages before the last, or the prompt)."""
+    if "messages" in row and len(row["messages"]) > 1:
+        return row["messages"][:-1]
+    if "prompt" in row:
+        return row["prompt"]
+    return None
+
+
+def generate_text(model: nn.Module, tokenizer, prompt, *, max_tokens: int = 64, chat: Optional[bool] = None) -> str:
+    """Greedy continuation of ``prompt`` (a string or a list of chat messages).
+
+    A string is wrapped as a user turn when the tokenizer has a chat template
+    (unless ``chat=False``).
+    """
+    from mlx_lm.generate import generate
+
+    model.eval()
+    return generate(model, tokenizer, prompt_tokens(tokenizer, prompt, chat=chat), max_tokens=max_tokens, verbose=False)
+
+
+def prompt_tokens(tokenizer, prompt, *, chat: Optional[bool] = None) -> List[int]:
+    """Token ids of a prompt: chat messages (or a string, wrapped as a user turn when the
+    tokenizer has a chat template, unless ``chat=False``) end with the generation prompt."""
+    if isinstance(prompt, list):
+        return chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    if (chat is None and has_chat_template(tokenizer)) or chat:
+        return chat_ids(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return [int(t) for t in tokenizer.encode(prompt)]
+
+
+def generate_batch(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    chat: Optional[bool] = None,
+    on_batch: Optional[Callable[[int, int], None]] = None,
+) -> List[str]:
+    """Greedy answers to ``prompts`` (strings or chat message lists), ``batch_size`` at a time.
+
+    Prompts are grouped by length (less left-padding) and the answers come
+    back in the prompts' order; generation stops at an end-of-sequence token
+    or after ``max_tokens``. ``on_batch(done, total)`` reports progress.
+    """
+    from mlx_lm.generate import batch_generate
+
+    if max_tokens < 1 or batch_size < 1:
+        raise UserError(f"max_tokens and batch_size must be at least 1, got {max_tokens} and {batch_size}")
+    ids = [prompt_tokens(tokenizer, p, chat=chat) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    answers: List[str] = [""] * len(ids)
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        result = batch_generate(model, tokenizer, [ids[i] for i in chunk], max_tokens=max_tokens,
+                                prefill_batch_size=len(chunk), completion_batch_size=len(chunk))
+        for i, text in zip(chunk, result.texts):
+            answers[i] = text
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(order)), len(order))
+    return answers
+
+
+def scored_rows(rows: List[dict], limit: Optional[int] = None) -> List[dict]:
+    """The rows that have both a prompt and a reference answer, first ``limit`` of them."""
+    usable = [r for r in rows if prompt_of(r) is not None and reference_of(r) is not None]
+    return usable[:limit] if limit is not None and limit >= 0 else usable
+
+
+def generation_accuracy(
+    model: nn.Module,
+    tokenizer,
+    rows: List[dict],
+    *,
+    scorers: Sequence[str] = ("exact",),
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    limit: Optional[int] = None,
+    on_batch: Optional[Callable[[int, int], None]] = None,
+) -> dict:
+    """Generate an answer to each row's prompt and score it with every scorer.
+
+    Returns {"accuracy": {scorer: mean score}, "count": items scored,
+    "items": [{"prompt", "reference", "answer", "scores"}]}. Rows without a
+    prompt/answer pair (plain text) are skipped.
+    """
+    functions = {name: get_scorer(name) for name in scorers}
+    chosen = scored_rows(rows, limit)
+    answers = generate_batch(model, tokenizer, [prompt_of(r) for r in chosen], max_tokens=max_tokens,
+                             batch_size=batch_size, on_batch=on_batch)
+    items = []
+    for row, answer in zip(chosen, answers):
+        scores = {name: fn(answer, row) for name, fn in functions.items()}
+        items.append({"prompt": describe_prompt(prompt_of(row)), "reference": reference_of(row),
+                      "answer": answer, "scores": scores})
+    accuracy = {name: (sum(i["scores"][name] for i in items) / len(items) if items else None) for name in functions}
+    return {"accuracy": accuracy, "count": len(items), "items": items}
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer,
+    rows: List[dict],
+    *,
+    split: str = "test",
+    scorers: Sequence[str] = ("exact",),
+    mask_prompt: bool = True,
+    assistant_turns: str = "final",
+    max_seq_length: int = 2048,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    limit: Optional[int] = None,
+    loss: bool = True,
+    generate: bool = True,
+    on_batch: Optional[Callable[[int, int], None]] = None,
+) -> dict:
+    """Loss/perplexity over all of ``rows`` and generation accuracy on (the first ``limit`` of) them.
+
+    The loss covers what training covered: ``mask_prompt`` and ``assistant_turns`` as in `encode_example`.
+    """
+    result: Dict[str, object] = {"split": split, "examples": len(rows)}
+    t0 = time.perf_counter()
+    if loss and is_preference(rows):
+        result.update(preference_accuracy(model, tokenizer, rows, split=split, max_seq_length=max_seq_length,
+                                          batch_size=batch_size))
+    elif loss:
+        tokenized = tokenize_split(rows, tokenizer, mask_prompt=mask_prompt, max_seq_length=max_seq_length, name=split,
+                                   assistant_turns=assistant_turns if mask_prompt else "final")
+        if len(tokenized) == 0:
+            raise UserError(f"{split} split has no examples with target tokens")
+        measured = split_loss(model, tokenized, batch_size=batch_size, pad_id=batch_pad_id(tokenizer))
+        result.update(loss=measured["loss"], ppl=measured["ppl"], tokens=measured["tokens"], mask_prompt=mask_prompt)
+    if generate:
+        result.update(generation_accuracy(model, tokenizer, rows, scorers=scorers, max_tokens=max_tokens,
+                                          batch_size=batch_size, limit=limit, on_batch=on_batch))
+        result["scorers"] = list(scorers)
+        result["max_tokens"] = max_tokens
+    result["wall_time"] = time.perf_counter() - t0
+    return result
+
+
+def is_preference(rows: List[dict]) -> bool:
+    """Whether a split holds prompt/chosen/rejected rows (files hold one format: the first row decides)."""
+    return bool(rows) and is_preference_row(rows[0])
+
+
+def preference_accuracy(model: nn.Module, tokenizer, rows: List[dict], *, split: str, max_seq_length: int,
+                        batch_size: int) -> dict:
+    """How often the model gives the chosen answer a higher log-probability than the rejected one.
+
+    Log-probabilities are summed over each answer's tokens. Returns
+    preference_accuracy, margin (mean chosen - rejected log-probability),
+    pairs, and every pair's (chosen, rejected) log-probabilities in
+    ``pair_logps`` (with a base model's, the DPO rewards: see `evaluate_with_base`).
+    """
+    tokenized = tokenize_split(rows, tokenizer, mask_prompt=True, max_seq_length=max_seq_length, name=split,
+                               preference=True)
+    if len(tokenized) == 0:
+        raise UserError(f"{split} split has no pairs with room for an answer within {max_seq_length} tokens")
+    logps = reference_logps(model, tokenized, batch_size=batch_size, pad_id=batch_pad_id(tokenizer)).astype(float)
+    return {"preference_accuracy": float((logps[:, 0] > logps[:, 1]).mean()),
+            "margin": float((logps[:, 0] - logps[:, 1]).mean()), "pairs": len(tokenized),
+            "pair_logps": logps.tolist()}
+
+
+def against_base(tuned: dict, base: dict, run: Optional[dict] = None) -> dict:
+    """DPO's numbers for a tuned model with its base as the reference, from two `preference_accuracy` results.
+
+    reward_accuracy always; with the run's config ``run`` (a DPO run with the
+    sigmoid or hinge loss, whose rewards use summed log-probabilities) also
+    dpo_loss, the run's own loss on this split. Empty when the two did not
+    score the same pairs.
+    """
+    if "pair_logps" not in tuned or "pair_logps" not in base or len(tuned["pair_logps"]) != len(base["pair_logps"]):
+        return {}
+    t, b = (np.asarray(r["pair_logps"], dtype=np.float64) for r in (tuned, base))
+    out = {"reward_accuracy": float(((t[:, 0] - b[:, 0]) > (t[:, 1] - b[:, 1])).mean())}
+    if run and run.get("train_mode") == "dpo" and run.get("dpo_loss", "sigmoid") in ("sigmoid", "hinge"):
+        import mlx.core as mx
+
+        from gmt_mlx.core.losses import dpo_pair_losses
+
+        losses = dpo_pair_losses(*(mx.array(v.astype(np.float32)) for v in (t[:, 0], t[:, 1], b[:, 0], b[:, 1])),
+                                 beta=run.get("beta", 0.1), loss_type=run.get("dpo_loss", "sigmoid"),
+                                 label_smoothing=run.get("label_smoothing", 0.0))
+        out["dpo_loss"] = float(np.array(losses).mean())
+    return out
+
+
+def run_config(model_or_run: str) -> Optional[dict]:
+    """The config.yaml of a gmt-mlx run directory, or None for a plain model."""
+    import yaml
+
+    from gmt_mlx.run.rundir import CONFIG_FILE
+
+    path = Path(model_or_run) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):  # a byte-flipped file is not UTF-8
+        raise UserError(f"{path}: invalid YAML") from None
+
+
+def evaluate(
+    model_or_run: str,
+    data: Optional[str] = None,
+    *,
+    split: str = "test",
+    scorers: Sequence[str] = ("exact",),
+    mask_prompt: Optional[bool] = None,
+    assistant_turns: Optional[str] = None,
+    max_seq_length: Optional[int] = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    limit: Optional[int] = None,
+    loss: bool = True,
+    generate: bool = True,
+    on_batch: Optional[Callable[[int, int], None]] = None,
+    data_options: Optional[dict] = None,
+) -> dict:
+    """Evaluate a model (run directory, HF folder, GGUF, Hub id or 'smollm2-135m') on a data split.
+
+    For a run directory, ``data`` (with its ``data_options``: columns, data_config,
+    data_splits), ``mask_prompt``, ``assistant_turns`` and
+    ``max_seq_length`` default to the run's own config, so the loss compares with its
+    validation loss. Otherwise the loss is on completions only (mask_prompt
+    True) by default.
+    """
+    from gmt_mlx.models.loading import load_base, run_model_dir
+
+    for name in scorers:
+        get_scorer(name)  # unknown scorer or missing package: fail before loading anything
+    run = run_config(model_or_run) or {}
+    # How to read the data (--columns ...): given ones win, the run's own apply to the run's own data.
+    options = sources.data_options(run) if not data or data == run.get("data") else {}
+    options.update({key: value for key, value in (data_options or {}).items() if value is not None})
+    data = data or run.get("data")
+    if not data:
+        raise UserError("--data is required (a folder with train/valid/test.jsonl, a data file, a saved dataset or a Hub dataset id)")
+    splits = load_splits(data, **options)
+    if split not in splits:
+        raise UserError(f"{data}: no {split} split (found: {', '.join(splits)})")
+    if not loss and not generate:
+        raise UserError("nothing to do: both the loss and the generation accuracy are switched off")
+    mask_prompt = run.get("mask_prompt", True) if mask_prompt is None else mask_prompt
+    assistant_turns = assistant_turns or run.get("assistant_turns") or "final"
+    max_seq_length = max_seq_length or run.get("max_seq_length", 2048)
+    model, tokenizer, _, path = load_base(run_model_dir(model_or_run), dequantize=False)
+    result = evaluate_model(model, tokenizer, splits[split], split=split, scorers=scorers, mask_prompt=mask_prompt,
+                            assistant_turns=assistant_turns, max_seq_length=max_seq_length, batch_size=batch_size, max_tokens=max_tokens,
+                            limit=limit, loss=loss, generate=generate, on_batch=on_batch)
+    return {"model": str(model_or_run), "model_path": str(path), "data": str(data), **result}
+
+
+def base_model_of(run_dir: str) -> str:
+    """The base model a run was fine-tuned from (its config's ``model``)."""
+    run = run_config(run_dir)
+    if not run or not run.get("model"):
+        raise UserError(f"{run_dir}: comparing with the base model needs a gmt-mlx run directory "
+                        "(its config.yaml names the base model)")
+    return str(run["model"])
+
+
+def evaluate_with_base(run_dir: str, data: Optional[str] = None, *, on_model: Optional[Callable[[str], None]] = None,
+                       **options) -> dict:
+    """`evaluate` a run and the base model it was fine-tuned from, on the same split and rows.
+
+    Both use the run's data (unless ``data``), prompt masking and sequence
+    length, so their losses and accuracies compare item by item. Returns
+    {"base": result, "tuned": result} with `evaluate`'s results;
+    ``on_model(role)`` is called before each ("base", then "tuned").
+    """
+    base = base_model_of(run_dir)
+    run = run_config(run_dir) or {}
+    # The base model is no run: hand it the run's way of reading the run's data (--columns ...).
+    own = sources.data_options(run) if not data or data == run.get("data") else {}
+    options["data_options"] = {**own, **{k: v for k, v in (options.get("data_options") or {}).items() if v is not None}}
+    data = data or run.get("data")
+    if options.get("mask_prompt") is None:
+        options["mask_prompt"] = run.get("mask_prompt", True)
+    if options.get("assistant_turns") is None:
+        options["assistant_turns"] = run.get("assistant_turns", "final")
+    options.setdefault("max_seq_length", run.get("max_seq_length"))
+    results = {}
+    for role, model in (("base", base), ("tuned", run_dir)):
+        if on_model is not None:
+            on_model(role)
+        results[role] = evaluate(model, data, **options)
+    results["tuned"].update(against_base(results["tuned"], results["base"], run))
+    return results
+
+
+def score_summary(result: dict, scorer: str) -> str:
+    """A scorer's accuracy as "27/32 (84%)" (a mean percentage when there is partial credit)."""
+    count = result.get("count", 0)
+    value = result.get("accuracy", {}).get(scorer)
+    if not count or value is None:
+        return "n/a"
+    scores = [item["scores"][scorer] for item in result.get("items", [])]
+    if all(float(s) in (0.0, 1.0) for s in scores):
+        return f"{int(sum(float(s) for s in scores))}/{count} ({100 * value:.0f}%)"
+    return f"{100 * value:.1f}% of {count}"
+
+
+def describe_prompt(prompt) -> str:
+    """A prompt as one string for logs: its last message's content, or the prompt itself."""
+    if isinstance(prompt, list):
+        return prompt[-1].get("content", "") if prompt else ""
+    return str(prompt)
+
+
+def sample_prompts(rows: List[dict], count: int) -> list:
+    """Up to ``count`` prompts from data rows, in file order."""
+    out = []
+    for row in rows:
+        prompt = prompt_of(row)
+        if prompt is not None:
+            out.append(prompt)
+        if len(out) >= count:
+            break
+    return out

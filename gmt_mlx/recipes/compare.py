@@ -1,0 +1,460 @@
+"""Compare methods (sft, gmt, random, lora, dora) on one model, data and budget.
+
+`compare(spec)` runs every (method, mask ratio, seed) as a normal fine-tuning
+run under ``OUT/runs/<name>/``, evaluates each saved model on the test split
+(loss, perplexity, generation accuracy), evaluates the untouched base model
+once, and writes:
+
+    OUT/results.json     every run's numbers and curves, and the per-method rows
+    OUT/results.md       one row per method: mean ± std over seeds
+    OUT/*.png            validation loss vs step and vs wall time, train loss,
+                         GMT's kept fraction and mask overlap between steps
+
+(report.py builds results.md and the plots from the results dict.)
+
+What is held equal: every run starts from the same base config (data,
+sequence length, batch, accumulation, optimizer step budget, schedule shape,
+warmup, evaluation cadence), and seed s gives every method the same data order.
+What differs: the method, its mask ratio (gmt/random only), and its learning
+rate (full-weight methods and adapters need very different ones; see
+DEFAULT_LEARNING_RATES).
+
+A finished run (``model/config.json`` and ``metrics.jsonl`` present, same
+config) is reused, and its evaluation too (``eval.json``), so a comparison
+interrupted half-way picks up where it stopped; an interrupted run resumes
+from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+from gmt_mlx import config as cfg
+from gmt_mlx.config import MASKED_METHODS, Config
+from gmt_mlx.data.sources import data_options
+from gmt_mlx.errors import Interrupted, UserError
+from gmt_mlx.evaluation.report import RESULTS_MD, aggregate, render_markdown, write_plots
+from gmt_mlx.publish.card import objective_text
+from gmt_mlx.run import rundir
+from gmt_mlx.run.progress import format_seconds
+
+DEFAULT_METHODS = ("sft", "gmt", "lora")
+# Peak learning rates when --learning-rates does not name the method. Full-weight
+# methods share one, TRL's SFT default (GMT's mask does not change the step size of
+# the entries it keeps); adapters start from zero and take ~5-10x more (PEFT users
+# run 1e-4 to 2e-4; DESIGN.md measured 1e-4 working and 5e-4 collapsing SmolLM2-135M).
+DEFAULT_LEARNING_RATES = {"sft": 2e-5, "gmt": 2e-5, "random": 2e-5, "lora": 1e-4, "dora": 1e-4}
+# Config keys compare sets per run; a base config must leave them alone.
+PER_RUN_KEYS = ("method", "mask_ratio", "seed", "learning_rate", "out")
+RESULTS_JSON, EVAL_FILE, BASE_EVAL = "results.json", "eval.json", "base_eval.json"
+BASE_VAL = "base_val.json"  # the base model's validation loss: every validation curve's step 0
+CADENCE_KEYS = ("steps_per_report", "steps_per_eval")
+# Validation points per run when compare picks the cadence (train-loss points: twice as many).
+CURVE_POINTS = 8
+
+
+@dataclass
+class CompareSpec:
+    """What to compare. ``base`` holds every shared option (model, data, iters, batch ...)."""
+
+    base: Config
+    out: Path
+    methods: List[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    seeds: List[int] = field(default_factory=lambda: [0])
+    mask_ratios: List[float] = field(default_factory=lambda: [0.2])
+    learning_rates: Dict[str, float] = field(default_factory=dict)
+    scorers: List[str] = field(default_factory=lambda: ["exact"])
+    eval_limit: int = 100
+    max_tokens: int = 32
+    eval_batch_size: int = 16
+    command: Optional[str] = None  # the command line, recorded in results.md
+    # Cadence keys compare may choose so that every run draws a curve (those the user did not set).
+    auto_cadence: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # "full" runs as "sft" (Config stores it so): one run, named and priced as sft.
+        self.methods = list(dict.fromkeys(cfg.METHOD_ALIASES.get(m, m) for m in self.methods))
+
+    def learning_rate(self, method: str) -> float:
+        return self.learning_rates.get(method, DEFAULT_LEARNING_RATES[method])
+
+
+@dataclass
+class PlannedRun:
+    """One run of a comparison: its folder name, method, mask ratio (None unmasked), seed and config."""
+
+    name: str
+    method: str
+    mask_ratio: Optional[float]  # None for methods that do not mask
+    seed: int
+    config: Config
+
+    @property
+    def group(self) -> str:
+        return group_label(self.method, self.mask_ratio, self.config.train_mode)
+
+
+def method_label(method: str, train_mode: str = "sft") -> str:
+    """The unmasked full-weight method is "sft" in SFT comparisons and "full" under a preference objective."""
+    return "full" if method == "sft" and train_mode != "sft" else method
+
+
+def group_label(method: str, mask_ratio: Optional[float], train_mode: str = "sft") -> str:
+    """The row a run belongs to: the method, with its mask ratio for masked methods (gmt r=0.2)."""
+    method = method_label(method, train_mode)
+    return f"{method} r={mask_ratio:g}" if mask_ratio is not None else method
+
+
+def check_base(values: Dict[str, object], where: str) -> None:
+    """A base config must not set what compare sets per run."""
+    for key in PER_RUN_KEYS:
+        if key in values and values[key] is not None:
+            hint = {"method": "--methods", "mask_ratio": "--mask-ratios", "seed": "--seeds",
+                    "learning_rate": "--learning-rates", "out": "compare's --out"}[key]
+            raise UserError(f"{where}: {key} is set per run by compare; use {hint}")
+
+
+# --------------------------------------------------------------------------
+# Planning and running
+# --------------------------------------------------------------------------
+
+
+def with_cadence(spec: CompareSpec, steps: int, log: Callable[[str], None] = print) -> CompareSpec:
+    """``spec`` with the report/eval cadence that draws a curve of ~CURVE_POINTS points for a run of
+    ``steps`` steps, for the keys in ``spec.auto_cadence``; warns when the user's cadence draws dots."""
+    changes = {}
+    every_eval = max(1, steps // CURVE_POINTS)
+    if "steps_per_eval" in spec.auto_cadence:
+        changes["steps_per_eval"] = every_eval
+    if "steps_per_report" in spec.auto_cadence:
+        # Eval steps are multiples of report steps, and enough report windows for a median speed.
+        changes["steps_per_report"] = max(1, changes.get("steps_per_eval", every_eval) // 2)
+    base = replace(spec.base, **changes)
+    if changes:
+        log(f"compare: {steps} steps per run; validation every {base.steps_per_eval}, metrics every "
+            f"{base.steps_per_report} (set --steps-per-eval / --steps-per-report to choose)")
+    evals = steps // base.steps_per_eval if base.steps_per_eval else 1
+    if evals < 3:
+        log(f"warning: --steps-per-eval {base.steps_per_eval} with {steps} steps: each validation curve has "
+            f"{evals + 1} point{'s' if evals else ''} (step 0 included); a smaller --steps-per-eval draws a curve")
+    return replace(spec, base=base)
+
+
+def run_name(method: str, mask_ratio: Optional[float], seed: int) -> str:
+    """Run folder name: gmt-r0.3-s0 for masked methods, sft-s0 / lora-s0 for the others."""
+    return f"{method}-r{mask_ratio:g}-s{seed}" if mask_ratio is not None else f"{method}-s{seed}"
+
+
+def plan(spec: CompareSpec) -> List[PlannedRun]:
+    """Every run of the comparison, seed-major (all methods of seed 0 first), configs validated."""
+    if not spec.base.data:
+        raise UserError("--data is required (a folder with train.jsonl, valid.jsonl and test.jsonl)")
+    runs = []
+    for seed in spec.seeds:
+        for method in spec.methods:
+            ratios: List[Optional[float]] = list(spec.mask_ratios) if method in MASKED_METHODS else [None]
+            for ratio in ratios:
+                name = run_name(method_label(method, spec.base.train_mode), ratio, seed)
+                # samples=0: the before/after answers of finetune would repeat (slowly) what
+                # the evaluation below records for every test prompt.
+                config = replace(
+                    spec.base, method=method, mask_ratio=ratio if ratio is not None else 0.0, seed=seed,
+                    learning_rate=spec.learning_rate(method), out=str(spec.out / "runs" / name), samples=0,
+                    # The table's mask overlap between steps (a byte per parameter of peak memory).
+                    mask_overlap=spec.base.mask_overlap or ratio is not None,
+                ).validate()
+                runs.append(PlannedRun(name, method, ratio, seed, config))
+    return runs
+
+
+def _is_finished(run_dir: Path) -> bool:
+    return rundir.is_finished(run_dir) and (run_dir / rundir.METRICS_FILE).is_file()
+
+
+def _check_same_config(run: PlannedRun, run_dir: Path) -> Dict[str, tuple]:
+    try:
+        saved = cfg.load_yaml(run_dir / rundir.CONFIG_FILE)
+    except UserError:
+        return {rundir.CONFIG_FILE: ("unreadable", "")}
+    return cfg.diff({**Config().to_dict(), **saved}, run.config.to_dict())
+
+
+def _eval_settings(spec: CompareSpec, split: str) -> dict:
+    return {"split": split, "scorers": list(spec.scorers), "limit": spec.eval_limit, "max_tokens": spec.max_tokens}
+
+
+def _evaluate(spec: CompareSpec, model: str, split: Optional[str], path: Path, config: Config, log) -> Optional[dict]:
+    """Evaluate ``model`` on ``split`` once; reuse ``path`` when it holds the same evaluation."""
+    from gmt_mlx.evaluation.evaluate import evaluate
+
+    if split is None:
+        return None
+    settings = _eval_settings(spec, split)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return saved
+    t0 = time.perf_counter()
+    result = evaluate(model, config.data, split=split, scorers=spec.scorers, mask_prompt=config.mask_prompt,
+                      assistant_turns=config.assistant_turns, data_options=data_options(config),
+                      max_seq_length=config.max_seq_length, batch_size=spec.eval_batch_size,
+                      max_tokens=spec.max_tokens, limit=spec.eval_limit)
+    result["settings"] = settings
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    acc = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.get("accuracy", {}).items() if v is not None)
+    if "preference_accuracy" in result:
+        what = f"preference accuracy {100 * result['preference_accuracy']:.1f}% of {result['pairs']} pairs"
+    else:
+        what = f"loss {result['loss']:.4f} (ppl {result['ppl']:.3f})"
+    log(f"eval       {split}: {what}" + (f", accuracy {acc} of {result['count']}" if acc else "")
+        + f" [{time.perf_counter() - t0:.0f} s]")
+    return result
+
+
+def _base_validation(base: Config, splits: Dict[str, list], path: Path, log) -> Optional[float]:
+    """The untouched model's validation loss, measured as finetune measures it (same split, batches
+    and dtype): the step-0 point of every curve (LoRA starts as the base model too). Cached in ``path``."""
+    import mlx.core as mx
+
+    from gmt_mlx.data.batching import pad_id
+    from gmt_mlx.evaluation.evaluate import split_loss
+    from gmt_mlx.models.loading import load_base
+    from gmt_mlx.recipes.finetune import tokenize_splits
+
+    if "valid" not in splits or base.preference:  # preference runs validate at step 0 themselves
+        return None
+    settings = {key: getattr(base, key) for key in ("model", "data", "batch_size", "val_batches", "max_seq_length",
+                                                    "mask_prompt", "assistant_turns", "train_dtype")}
+    settings.update({key: value for key, value in data_options(base).items() if value})  # old caches stay valid
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            saved = {}  # a damaged cache is recomputed
+        if isinstance(saved, dict) and saved.get("settings") == settings and isinstance(saved.get("val_loss"), float):
+            return saved["val_loss"]
+    t0 = time.perf_counter()
+    model, tokenizer, _, _ = load_base(base.model)
+    model.set_dtype(getattr(mx, base.train_dtype))
+    valid = tokenize_splits(base, {"valid": splits["valid"]}, tokenizer, lambda s: None)["valid"]
+    loss = split_loss(model, valid, batch_size=base.batch_size, pad_id=pad_id(tokenizer),
+                      max_batches=base.val_batches)["loss"]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "val_loss": loss}, indent=2))
+    tmp.replace(path)
+    log(f"valid: loss {loss:.4f} (step 0 of every validation curve) [{time.perf_counter() - t0:.0f} s]")
+    return loss
+
+
+def _with_val_loss(summary: Optional[dict], val_loss: Optional[float]) -> Optional[dict]:
+    if summary is None:
+        return None if val_loss is None else {"val_loss": val_loss, "test_loss": None, "test_ppl": None,
+                                              "accuracy": {}, "count": 0, "samples": []}
+    return {**summary, "val_loss": val_loss}
+
+
+def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run (or reuse) every planned run, evaluate them, and write results.json/.md and the plots."""
+    import mlx.core as mx
+
+    from gmt_mlx.data.sources import load_splits
+    from gmt_mlx.recipes.finetune import finetune, total_steps
+
+    if not spec.methods or not spec.seeds:
+        raise UserError("compare needs at least one method and one seed")
+    out = Path(spec.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "runs").is_dir() and not (out / RESULTS_JSON).is_file():
+        raise UserError(f"--out {out} is a non-empty folder that is not a gmt-mlx comparison; choose another")
+    plan(spec)  # check every run's config before anything else
+    splits = load_splits(spec.base.data, **data_options(spec.base))  # fail on bad data before any model is loaded
+    spec = with_cadence(spec, total_steps(spec.base, len(splits["train"])), log)
+    runs = plan(spec)
+    eval_split = "test" if "test" in splits else ("valid" if "valid" in splits else None)
+    if "valid" not in splits:
+        log("warning: no valid.jsonl: no validation-loss curves")
+    if eval_split != "test":
+        log(f"warning: no test.jsonl: evaluating on {eval_split or 'nothing'}")
+    # Refuse a finished run of another config before spending time on anything.
+    if not overwrite:
+        for run in runs:
+            run_dir = out / "runs" / run.name
+            if _is_finished(run_dir) and (diff := _check_same_config(run, run_dir)):
+                keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                raise UserError(f"{run_dir} holds a finished run with a different config ({keys}); "
+                                f"use another --out or pass --overwrite")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+
+    base_eval = _evaluate(spec, spec.base.model, eval_split, out / BASE_EVAL, spec.base,
+                          lambda s: log(f"[base model] {s}"))
+    base_val = _base_validation(spec.base, splits, out / BASE_VAL, lambda s: log(f"[base model] {s}"))
+    started, trained_time, trained = time.perf_counter(), 0.0, 0
+    summaries = []
+    for i, run in enumerate(runs, start=1):
+        run_dir = out / "runs" / run.name
+        reuse = _is_finished(run_dir) and not overwrite
+        remaining = len(runs) - i + 1
+        eta = f"ETA {format_seconds(trained_time / trained * remaining)}" if trained else "ETA ?"
+        log(f"\n=== compare {i}/{len(runs)}: {run.name} (lr {run.config.learning_rate:g}) | "
+            f"elapsed {format_seconds(time.perf_counter() - started)} | {eta}"
+            + (" | finished earlier, reused" if reuse else ""))
+        if not reuse:
+            t0 = time.perf_counter()
+            (run_dir / EVAL_FILE).unlink(missing_ok=True)  # it described the model being replaced
+            mx.reset_peak_memory()
+            try:
+                finetune(run.config, overwrite=overwrite and run_dir.exists(), log=log)
+            except Interrupted:
+                raise Interrupted(f"comparison interrupted during {run.name} (its checkpoint is saved); run the same "
+                                  f"compare command again to resume: finished runs are reused") from None
+            trained_time += time.perf_counter() - t0
+            trained += 1
+        evaluation = _evaluate(spec, str(run_dir), eval_split, run_dir / EVAL_FILE, run.config, log)
+        if evaluation is not None and base_eval is not None:  # preference runs: DPO's numbers against the base
+            from gmt_mlx.evaluation.evaluate import against_base
+
+            evaluation = {**evaluation, **against_base(evaluation, base_eval, run.config.to_dict())}
+        if not reuse and evaluation is not None:
+            trained_time += evaluation.get("wall_time", 0.0)
+        summaries.append(summarize_run(run, run_dir, evaluation, base_val_loss=base_val))
+
+    results = {
+        "spec": describe_spec(spec, eval_split),
+        "base": _with_val_loss(summarize_eval(base_eval), base_val),
+        "runs": summaries,
+        "rows": aggregate(summaries, spec.scorers),
+        "wall_time": time.perf_counter() - started,
+    }
+    (out / RESULTS_JSON).write_text(json.dumps(results, indent=2))
+    (out / RESULTS_MD).write_text(render_markdown(results))
+    results["plots"] = [str(p) for p in write_plots(results, out)]
+    log(f"\ncompare done: {len(runs)} runs ({len(runs) - trained} reused) in "
+        f"{format_seconds(time.perf_counter() - started)}; see {out / RESULTS_MD}")
+    return results
+
+
+# --------------------------------------------------------------------------
+# Summaries
+# --------------------------------------------------------------------------
+
+
+def _median(values: List[float]) -> Optional[float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else None
+
+
+def _mean(values: List[Optional[float]]) -> Optional[float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def summarize_eval(evaluation: Optional[dict]) -> Optional[dict]:
+    """The numbers of an evaluation that results.json keeps (and its first three answers)."""
+    if evaluation is None:
+        return None
+    items = evaluation.get("items", [])
+    return {"test_loss": evaluation.get("loss"), "test_ppl": evaluation.get("ppl"),
+            "test_preference_accuracy": evaluation.get("preference_accuracy"), "test_margin": evaluation.get("margin"),
+            "test_reward_accuracy": evaluation.get("reward_accuracy"), "test_dpo_loss": evaluation.get("dpo_loss"),
+            "accuracy": evaluation.get("accuracy", {}), "count": evaluation.get("count", 0),
+            "samples": [{k: item[k] for k in ("prompt", "reference", "answer")} for item in items[:3]]}
+
+
+def step_speeds(train: List[dict], evals: List[dict], steps_per_save: int) -> List[float]:
+    """The tokens/s of the report steps that measured training alone.
+
+    A report's rate is that of its one step, timed from the end of the step before. Left out:
+    the first report (compilation), and steps that follow a validation pass or a checkpoint
+    save (their time includes it). What remains still holds the odd step that compiles a new
+    batch width: take the median.
+    """
+    after = {r["step"] + 1 for r in evals}
+    if steps_per_save > 0:
+        after |= {r["step"] + 1 for r in train if r["step"] % steps_per_save == 0}
+    clean = [r for r in train[1:] if r["step"] not in after]
+    # With a validation after every step nothing is clean: use what there is (marked noisy: < 4 samples).
+    chosen = clean or train[1:] or train
+    return [v for v in (r.get("tokens_per_sec") for r in chosen) if v is not None and math.isfinite(v) and v > 0]
+
+
+def speed_spread(speeds: List[float]) -> Optional[float]:
+    """Interquartile range over the median of per-step speeds (None with fewer than 4 of them)."""
+    if len(speeds) < 4:
+        return None
+    q1, _, q3 = statistics.quantiles(speeds, n=4)
+    return (q3 - q1) / statistics.median(speeds)
+
+
+def summarize_run(run: PlannedRun, run_dir: Path, evaluation: Optional[dict],
+                  base_val_loss: Optional[float] = None) -> dict:
+    """One run's numbers (from metrics.jsonl and eval.json) and its curves.
+
+    ``base_val_loss`` (the untouched model's) starts the validation curve at step 0 when the
+    run did not record a step-0 evaluation itself.
+    """
+    records = rundir.read_metrics(run_dir)
+    train = [r for r in records if r.get("type") == "train" and not r.get("skipped")]
+    evals = [r for r in records if r.get("type") == "eval"]
+    setup = [r for r in records if r.get("type") == "setup"]
+    trainable = setup[-1]["trainable_params"] if setup else None
+    total = setup[-1]["total_params"] if setup else None
+    kept = _mean([r.get("kept_fraction") for r in train])
+    speeds = step_speeds(train, evals, run.config.steps_per_save)
+    share = trainable / total if trainable and total else None
+    val_curve = [[r["step"], r.get("wall_time"), r["val_loss"]] for r in evals]
+    if base_val_loss is not None and not (val_curve and val_curve[0][0] == 0):
+        val_curve.insert(0, [0, 0.0, base_val_loss])
+    summary = {
+        "name": run.name, "group": run.group, "method": run.method, "mask_ratio": run.mask_ratio,
+        "seed": run.seed, "learning_rate": run.config.learning_rate, "steps": train[-1]["step"] if train else 0,
+        "final_val_loss": evals[-1]["val_loss"] if evals else None,
+        "best_val_loss": min(r["val_loss"] for r in evals) if evals else None,
+        "final_val_reward_accuracy": evals[-1].get("val_reward_accuracy") if evals else None,
+        "tokens_per_sec": _median(speeds), "tokens_per_sec_samples": len(speeds),
+        "tokens_per_sec_spread": speed_spread(speeds),
+        "wall_time": train[-1]["wall_time"] if train else None,
+        "peak_memory_gb": max((r.get("peak_memory_gb") or 0.0) for r in train) if train else None,
+        "trainable_params": trainable, "total_params": total, "trainable_share": share,
+        "updated_share": share * kept if share is not None and kept is not None else None,
+        "kept_fraction": kept,
+        "mask_overlap": _mean([r.get("mask_overlap") for r in train]),
+        "curves": {
+            "val": val_curve,
+            "train": [[r["step"], r.get("wall_time"), r["loss"], r.get("kept_fraction"), r.get("mask_overlap")]
+                      for r in train],
+        },
+    }
+    summary.update(summarize_eval(evaluation) or {"test_loss": None, "test_ppl": None, "accuracy": {}, "count": 0,
+                                                  "samples": []})
+    return summary
+
+
+def describe_spec(spec: CompareSpec, eval_split: Optional[str]) -> dict:
+    """What a comparison held equal and what it varied, for results.json and the results.md header."""
+    base = spec.base
+    return {
+        "model": base.model, "data": base.data, "out": str(spec.out), "methods": spec.methods, "seeds": spec.seeds,
+        "mask_ratios": spec.mask_ratios, "train_mode": base.train_mode, "objective": objective_text(base.to_dict()),
+        "learning_rates": {m: spec.learning_rate(m) for m in spec.methods},
+        "steps": base.iters if base.epochs is None else f"{base.epochs} epochs",
+        "steps_per_eval": base.steps_per_eval, "steps_per_report": base.steps_per_report,
+        "batch_size": base.batch_size, "grad_accumulation_steps": base.grad_accumulation_steps,
+        "lr_schedule": base.lr_schedule, "warmup_steps": base.warmup_steps, "min_lr_ratio": base.min_lr_ratio,
+        "optimizer": base.optimizer, "mask_prompt": base.mask_prompt, "max_seq_length": base.max_seq_length,
+        "mask_scope": base.mask_scope, "mask_target": base.mask_target,
+        "lora": {"rank": base.lora_rank, "scale": base.lora_scale, "dropout": base.lora_dropout,
+                 "keys": base.lora_keys or "all linear layers", "num_layers": base.num_layers},
+        "eval": {"split": eval_split, "scorers": spec.scorers, "limit": spec.eval_limit,
+                 "max_tokens": spec.max_tokens, "decoding": "greedy"},
+        "command": spec.command,
+        "base_config": base.to_dict(),
+    }
