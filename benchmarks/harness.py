@@ -344,7 +344,7 @@ def our_batches(split, batch_size: int, pad_id: int, *, fixed=None, buckets=None
     lengths = split.lengths()
     order = data.batch_order(lengths, batch_size, seed=0, epoch=0)
     kwargs = {"buckets": buckets} if buckets is not None else {}
-    from gmt_mlx.recipes.finetune import PAD_MULTIPLE
+    from gmt_mlx.data.batching import PAD_MULTIPLE
 
     while True:
         for k, indices in enumerate(order):

@@ -16,7 +16,8 @@ from gmt_mlx.config import Config
 from gmt_mlx.errors import UserError
 from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run import rundir
-import gmt_mlx.recipes.finetune as ft
+import gmt_mlx.recipes.plan as plan_module
+import gmt_mlx.recipes.setup as run_setup
 
 runner = CliRunner()
 
@@ -41,14 +42,14 @@ def interrupted_run(tmp_path, *, loss_normalisation=True, **values):
 @pytest.mark.parametrize("method", ["sft", "full", "lora", "dora"])
 def test_an_unmasked_run_resumes_whatever_the_mask_ratio(tmp_path, method):
     saved = interrupted_run(tmp_path, method=method)
-    plan = ft.plan_run(Config(out=saved.out, method=method, mask_ratio=0.7, mask_scope="global"), resume=True)
+    plan = plan_module.plan_run(Config(out=saved.out, method=method, mask_ratio=0.7, mask_scope="global"), resume=True)
     assert plan.checkpoint == rundir.step_dir(saved.out, 2)
 
 
 def test_a_masked_run_with_another_mask_ratio_is_refused(tmp_path):
     saved = interrupted_run(tmp_path, method="gmt")
     with pytest.raises(UserError, match=r"mask_ratio: 0.2 -> 0.7.*--force"):
-        ft.plan_run(Config(out=saved.out, method="gmt", mask_ratio=0.7))
+        plan_module.plan_run(Config(out=saved.out, method="gmt", mask_ratio=0.7))
 
 
 OLD = "was started by gmt-mlx before 0.2's change to gradient accumulation"
@@ -59,15 +60,15 @@ def test_checkpoints_from_before_the_accumulation_change(tmp_path, accumulation,
     saved = interrupted_run(tmp_path, loss_normalisation=False, grad_accumulation_steps=accumulation, batch_size=4)
     if refused:
         with pytest.raises(UserError, match=f"{saved.out} {OLD}.*start it over with --overwrite"):
-            ft.plan_run(saved, resume=True, ranks=ranks)
-        assert ft.plan_run(saved, overwrite=True, ranks=ranks).replace
+            plan_module.plan_run(saved, resume=True, ranks=ranks)
+        assert plan_module.plan_run(saved, overwrite=True, ranks=ranks).replace
     else:  # one micro-batch on one process: the gradient did not change
-        assert ft.plan_run(saved, resume=True, ranks=ranks).checkpoint == rundir.step_dir(saved.out, 2)
+        assert plan_module.plan_run(saved, resume=True, ranks=ranks).checkpoint == rundir.step_dir(saved.out, 2)
 
 
 def test_new_checkpoints_resume_with_accumulation(tmp_path):
     saved = interrupted_run(tmp_path, grad_accumulation_steps=2)
-    assert ft.plan_run(saved, resume=True, ranks=2).checkpoint is not None
+    assert plan_module.plan_run(saved, resume=True, ranks=2).checkpoint is not None
 
 
 def test_full_run_resumes_under_a_yaml_with_another_mask_ratio(tiny_model_dir, chat_data, tmp_path, monkeypatch):
@@ -84,8 +85,8 @@ def test_full_run_resumes_under_a_yaml_with_another_mask_ratio(tiny_model_dir, c
     assert ckpt.read_state(rundir.step_dir(out, 2))["loss_normalisation"] == "step_tokens"
 
     built = {}
-    real = ft.build_optimizer
-    monkeypatch.setattr(ft, "build_optimizer", lambda *a, **k: built.update(k) or real(*a, **k))
+    real = run_setup.build_optimizer
+    monkeypatch.setattr(run_setup, "build_optimizer", lambda *a, **k: built.update(k) or real(*a, **k))
     (tmp_path / "other.yaml").write_text("mask_ratio: 0.7\nmask_target: update\nlora_rank: 4\n")
     resumed = runner.invoke(app, ["finetune", "--resume", str(out), "-c", str(tmp_path / "other.yaml")])
     assert resumed.exit_code == 0, resumed.output

@@ -182,9 +182,9 @@ def test_diverging_run_stops_with_a_message(tiny_model_dir, chat_data, tmp_path)
 
 
 def test_memory_check_refuses_then_can_be_overridden(tiny_model_dir, chat_data, tmp_path, monkeypatch):
-    import gmt_mlx.recipes.finetune as ft
+    import gmt_mlx.recipes.setup as run_setup
 
-    monkeypatch.setattr(ft, "available_bytes", lambda: 1000)
+    monkeypatch.setattr(run_setup, "available_bytes", lambda: 1000)
     refused = runner.invoke(app, args(tiny_model_dir, chat_data, tmp_path / "a"))
     assert refused.exit_code == 2 and "exceeds" in last_line(refused) and "--batch-size" in last_line(refused)
     assert "--low-memory (estimated ~" in last_line(refused)  # the one switch, with what it would need

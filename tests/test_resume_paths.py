@@ -18,6 +18,7 @@ from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run import rundir
 from gmt_mlx.run.killcheck import final_weights
 import gmt_mlx.recipes.finetune as ft
+import gmt_mlx.recipes.setup as run_setup
 
 from .test_resume import args, corrupt
 
@@ -56,11 +57,11 @@ def test_failed_setup_leaves_nothing_that_blocks_the_corrected_command(tiny_mode
     assert not out.exists()
     # A failure after the run directory was opened (here: in the summary) leaves config.yaml and the
     # setup record; nothing was trained, so the corrected command replaces them without --force.
-    real = ft._summary
-    monkeypatch.setattr(ft, "_summary", lambda *a: (_ for _ in ()).throw(UserError("set-up failed late")))
+    real = ft.print_summary
+    monkeypatch.setattr(ft, "print_summary", lambda *a: (_ for _ in ()).throw(UserError("set-up failed late")))
     assert runner.invoke(app, args(tiny_model_dir, chat_data, out, "--batch-size", "8")).exit_code == 2
     assert rundir.is_run_dir(out) and not rundir.has_trained(out)
-    monkeypatch.setattr(ft, "_summary", real)
+    monkeypatch.setattr(ft, "print_summary", real)
     fixed = runner.invoke(app, args(tiny_model_dir, chat_data, out, "--batch-size", "4"))
     assert fixed.exit_code == 0, fixed.output
     assert rundir.read_config(out)["batch_size"] == 4 and metric_steps(out).count(0) == 1
@@ -166,8 +167,8 @@ def test_summary_names_the_blas_and_the_embedded_model(tiny_model_dir, chat_data
     from gmt_mlx.models.resolve import EMBEDDED_MODELS
 
     calls = []
-    real = ft.blas_info
-    monkeypatch.setattr(ft, "blas_info", lambda **k: calls.append(k) or real(**k))
+    real = run_setup.blas_info
+    monkeypatch.setattr(run_setup, "blas_info", lambda **k: calls.append(k) or real(**k))
     plain = runner.invoke(app, args(tiny_model_dir, chat_data, tmp_path / "a", "--iters", "1"))
     assert plain.exit_code == 0, plain.output
     assert calls == [{"measure": False}]  # a symbol lookup, no matmul benchmark at start-up
@@ -175,7 +176,7 @@ def test_summary_names_the_blas_and_the_embedded_model(tiny_model_dir, chat_data
     assert len(blas) == 1 and len(blas[0]) > len("blas       ")
     assert f"model      {tiny_model_dir} ({tiny_model_dir})" in plain.output
 
-    monkeypatch.setattr(ft, "embedded_gguf_base", lambda model, path: EMBEDDED_MODELS["smollm2-135m"])
+    monkeypatch.setattr(run_setup, "embedded_gguf_base", lambda model, path: EMBEDDED_MODELS["smollm2-135m"])
     embedded = runner.invoke(app, args(tiny_model_dir, chat_data, tmp_path / "b", "--iters", "1"))
     assert embedded.exit_code == 0, embedded.output
     assert (f"model      {tiny_model_dir}: HuggingFaceTB/SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF of the "
@@ -184,9 +185,9 @@ def test_summary_names_the_blas_and_the_embedded_model(tiny_model_dir, chat_data
 
 def test_describe_blas_says_what_it_found(monkeypatch):
     info = {"kind": "reference", "library": "/x/libblas.so.3", "is_reference": True, "error": None}
-    monkeypatch.setattr(ft, "blas_info", lambda **k: info)
-    assert ft.describe_blas().startswith("reference BLAS (/x/libblas.so.3): slow matmuls; `gmt-mlx doctor`")
+    monkeypatch.setattr(run_setup, "blas_info", lambda **k: info)
+    assert run_setup.describe_blas().startswith("reference BLAS (/x/libblas.so.3): slow matmuls; `gmt-mlx doctor`")
     info.update(kind="openblas", library="/y/libopenblas.so.0", is_reference=False)
-    assert ft.describe_blas() == "openblas (/y/libopenblas.so.0)"
+    assert run_setup.describe_blas() == "openblas (/y/libopenblas.so.0)"
     info.update(kind="accelerate")
-    assert ft.describe_blas() == "Apple Accelerate"
+    assert run_setup.describe_blas() == "Apple Accelerate"

@@ -22,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
-from gmt_mlx.recipes import finetune as finetune_module
+from gmt_mlx.recipes import setup as run_setup
 from gmt_mlx.run import checkpoint as ckpt
 
 runner = CliRunner()
@@ -148,7 +148,7 @@ def test_missing_extra_is_one_line_with_the_install_command(tiny_model_dir, chat
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the check")
 
-    monkeypatch.setattr(finetune_module, "load_base", no_model)
+    monkeypatch.setattr(run_setup, "load_base", no_model)
     out = tmp_path / "run"
     result = runner.invoke(app, args(tiny_model_dir, chat_data, out, "--report-to", f"{tracker}"))
     assert result.exit_code == 2, result.output

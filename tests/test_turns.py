@@ -172,7 +172,7 @@ def test_a_chat_without_assistant_turns_has_no_targets_in_every_turn_mode(tokeni
 
 
 def test_config_assistant_turns_needs_mask_prompt_and_reaches_tokenizing(tokenizer_json):
-    from gmt_mlx.recipes.finetune import tokenize_splits
+    from gmt_mlx.recipes.plan import tokenize_splits
 
     with pytest.raises(UserError, match="--assistant-turns all needs --mask-prompt"):
         Config(data="d", assistant_turns="all").validate()

@@ -227,7 +227,7 @@ def _base_validation(base: Config, splits: Dict[str, list], path: Path, log) -> 
     from gmt_mlx.data.batching import pad_id
     from gmt_mlx.evaluation.evaluate import split_loss
     from gmt_mlx.models.loading import load_base
-    from gmt_mlx.recipes.finetune import tokenize_splits
+    from gmt_mlx.recipes.plan import tokenize_splits
 
     if "valid" not in splits or base.preference:  # preference runs validate at step 0 themselves
         return None
@@ -266,7 +266,8 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
     import mlx.core as mx
 
     from gmt_mlx.data.sources import load_splits
-    from gmt_mlx.recipes.finetune import finetune, total_steps
+    from gmt_mlx.recipes.finetune import finetune
+    from gmt_mlx.recipes.plan import total_steps
 
     if not spec.methods or not spec.seeds:
         raise UserError("compare needs at least one method and one seed")

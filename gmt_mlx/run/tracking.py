@@ -1,4 +1,7 @@
-"""Experiment trackers (`--report-to tensorboard,wandb`): copies of metrics.jsonl's records.
+"""The run's logger: metrics.jsonl and the experiment trackers (`--report-to tensorboard,wandb`), one interface.
+
+Each of them has ``log(record)`` and ``close()``; `open_run_logs` returns them
+together (`Trackers`), metrics.jsonl first.
 
 metrics.jsonl stays the run's record; a tracker receives each record as it is
 written (train/eval values as scalars by step, the setup record and the
@@ -15,6 +18,7 @@ holds. A tracker added on resume first gets the records metrics.jsonl already ho
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import secrets
 import string
@@ -24,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional
 import yaml
 
 from gmt_mlx.errors import UserError
-from gmt_mlx.run.rundir import TENSORBOARD_DIR, WANDB_DIR
+from gmt_mlx.run.rundir import METRICS_FILE, TENSORBOARD_DIR, WANDB_DIR, read_metrics
 
 # tracker name -> the module it imports (the gmt-mlx extra of the same name installs it)
 TRACKERS = {"tensorboard": "tensorboardX", "wandb": "wandb"}
@@ -69,6 +73,20 @@ def hparams(config: Dict[str, Any], setup: dict) -> Dict[str, Any]:
     values = {**config, **setup_values(setup)}
     return {key: "none" if value is None else value if isinstance(value, (bool, int, float, str)) else str(value)
             for key, value in values.items()}
+
+
+class MetricsFile:
+    """RUN_DIR/metrics.jsonl, the run's record: one JSON line per record, flushed as written (a kill loses none)."""
+
+    def __init__(self, out: Path):
+        self.file = open(Path(out) / METRICS_FILE, "a")
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class TensorBoard:
@@ -170,3 +188,9 @@ def open_trackers(report_to: str, out: Path, config: Dict[str, Any], *, resume_s
                 tracker.log(record)
         opened.append(tracker)
     return Trackers(opened)
+
+
+def open_run_logs(report_to: str, out: Path, config: Dict[str, Any], *, resume_step: Optional[int]) -> Trackers:
+    """The run's logger: metrics.jsonl first (the record, cut back to the checkpoint on resume), then the trackers."""
+    trackers = open_trackers(report_to, out, config, resume_step=resume_step, past_records=lambda: read_metrics(out))
+    return Trackers([MetricsFile(out), *trackers.trackers])

