@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gmt_mlx import blas
+from gmt_mlx import blas, blas_check, blas_find
 
 LINUX = sys.platform.startswith("linux")
 REPO = Path(__file__).resolve().parent.parent
@@ -91,28 +91,28 @@ def test_find_optimized_blas_forced_path(tmp_path, monkeypatch):
     lib = tmp_path / "libopenblas.so.0"
     lib.write_bytes(b"\x7fELF")
     monkeypatch.setattr(sys, "platform", "linux")
-    assert blas.find_optimized_blas({blas.ENV_VAR: str(lib)}) == lib
-    assert blas.find_optimized_blas({blas.ENV_VAR: str(tmp_path / "missing.so")}) is None
+    assert blas_find.find_optimized_blas({blas.ENV_VAR: str(lib)}) == lib
+    assert blas_find.find_optimized_blas({blas.ENV_VAR: str(tmp_path / "missing.so")}) is None
 
 
 def test_find_optimized_blas_off_linux(monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
-    assert blas.find_optimized_blas({}) is None
+    assert blas_find.find_optimized_blas({}) is None
 
 
 def test_find_optimized_blas_returns_existing_candidate_or_none():
-    found = blas.find_optimized_blas({})
+    found = blas_find.find_optimized_blas({})
     if not LINUX:
         assert found is None
     elif found is not None:
         assert found.is_file()
-        assert str(found) in {str(p) for p, _ in blas.candidate_paths()}
+        assert str(found) in {str(p) for p, _ in blas_find.candidate_paths()}
 
 
 def test_preload_environment_prepends_and_keeps_user_preload(tmp_path):
     lib = tmp_path / "libfast.so"
     lib.write_bytes(b"\x7fELF no fortran here")
-    env = blas.preload_environment(lib, {"LD_PRELOAD": "/a.so /b.so", "X": "1"})
+    env = blas_find.preload_environment(lib, {"LD_PRELOAD": "/a.so /b.so", "X": "1"})
     assert env["LD_PRELOAD"] == f"{lib}:/a.so:/b.so"
     assert env["X"] == "1" and "LD_LIBRARY_PATH" not in env
     assert blas.MARKER_VAR not in env
@@ -129,18 +129,18 @@ def test_preload_environment_gfortran_shim(tmp_path, monkeypatch):
     qm = libs / "libquadmath-a962d038.so.0.0.0"
     gf.write_bytes(b"gf")
     qm.write_bytes(b"qm")
-    monkeypatch.setattr(blas, "system_library", lambda soname: None)
-    monkeypatch.setattr(blas, "_mlx_bundled_gfortran", lambda: gf)
-    env = blas.preload_environment(lib, {"LD_LIBRARY_PATH": "/keep"})
+    monkeypatch.setattr(blas_find, "system_library", lambda soname: None)
+    monkeypatch.setattr(blas_find, "_mlx_bundled_gfortran", lambda: gf)
+    env = blas_find.preload_environment(lib, {"LD_LIBRARY_PATH": "/keep"})
     shim = Path(env["LD_LIBRARY_PATH"].split(":")[0])
     assert env["LD_LIBRARY_PATH"].endswith(":/keep")
     assert (shim / "libgfortran.so.5").resolve() == gf.resolve()
     assert (shim / qm.name).resolve() == qm.resolve()
     # Idempotent (second call reuses the links).
-    assert blas.preload_environment(lib, {})["LD_LIBRARY_PATH"] == str(shim)
+    assert blas_find.preload_environment(lib, {})["LD_LIBRARY_PATH"] == str(shim)
     # No libgfortran anywhere: cannot preload.
-    monkeypatch.setattr(blas, "_mlx_bundled_gfortran", lambda: None)
-    assert blas.preload_environment(lib, {}) is None
+    monkeypatch.setattr(blas_find, "_mlx_bundled_gfortran", lambda: None)
+    assert blas_find.preload_environment(lib, {}) is None
 
 
 # ------------------------------------------------------------ this process
@@ -250,7 +250,7 @@ def test_check_rejects_a_library_mlx_does_not_bind(tmp_path):
     # check must notice instead of trusting the environment variable.
     bogus = tmp_path / "libnotblas.so"
     bogus.write_text("not an ELF file")
-    ok, reason, _ = blas.check_blas(bogus, env=dict(os.environ), timeout=120)
+    ok, reason, _ = blas_check.check_blas(bogus, env=dict(os.environ), timeout=120)
     assert not ok and reason
 
 
@@ -260,7 +260,7 @@ ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 def _optimized_or_skip() -> Path:
     if not LINUX:
         pytest.skip("Linux only")
-    lib = blas.find_optimized_blas()
+    lib = blas_find.find_optimized_blas()
     if lib is None:
         why = "no optimized BLAS on this machine (" + blas.install_hint() + ")"
         if ON_CI:  # .ci/run installs one: its absence there is a broken CI, not a reason to skip
@@ -271,10 +271,10 @@ def _optimized_or_skip() -> Path:
 
 def test_check_passes_with_optimized_blas():
     lib = _optimized_or_skip()
-    ok, reason, details = blas.check_blas(lib, env=dict(os.environ), timeout=120)
+    ok, reason, details = blas_check.check_blas(lib, env=dict(os.environ), timeout=120)
     assert ok, reason
     assert details["kind"] != "reference"
-    assert details["max_err"] < blas.CHECK_TOLERANCE
+    assert details["max_err"] < blas_check.CHECK_TOLERANCE
 
 
 # A fresh process that chooses its BLAS the way the gmt-mlx command does
@@ -342,7 +342,7 @@ def test_end_to_end_reexec_in_subprocess(tmp_path):
     )
     out = run(env)
     assert out["argv"] == ["a", "b c"]
-    if blas.find_optimized_blas(env) is None:
+    if blas_find.find_optimized_blas(env) is None:
         assert not ON_CI, ".ci/run should have installed libopenblas0-pthread"
         assert out["kind"] == "reference" and out["marker"] is None
         assert "no optimized BLAS" in out["why"]

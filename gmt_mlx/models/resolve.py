@@ -29,6 +29,7 @@ from pathlib import Path
 from gmt_mlx import hub
 from gmt_mlx.errors import UserError
 from gmt_mlx.hub import looks_like_path
+from gmt_mlx.paths import cache_root
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -51,14 +52,6 @@ EMBEDDED_MODELS = {
         quantization="Q4_1",
     ),
 }
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """gmt-mlx's cache folder: cache_dir, else $GMT_MLX_CACHE, else ~/.cache/gmt-mlx."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("GMT_MLX_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "gmt-mlx"
 
 
 def resolve_model(name_or_path: str | Path | None, cache_dir: str | Path | None = None) -> Path:
