@@ -14,8 +14,6 @@ changed dataset is refused (a trained model cannot recompute them).
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
@@ -27,6 +25,7 @@ from gmt_mlx.core.losses import sequence_logps
 from gmt_mlx.data.batching import PAD_MULTIPLE, make_batch
 from gmt_mlx.data.encoding import TokenizedSplit
 from gmt_mlx.errors import UserError
+from gmt_mlx.run import rundir
 from gmt_mlx.run.rundir import REFERENCE_FILE
 
 FORMAT = 1
@@ -59,16 +58,12 @@ def reference_logps(model: nn.Module, split: TokenizedSplit, *, batch_size: int,
 
 def save_reference(run_dir: Path, splits: Dict[str, TokenizedSplit]) -> Path:
     """Write every split's reference (and fingerprint) to RUN_DIR/reference_logps.json, atomically."""
-    path = Path(run_dir) / REFERENCE_FILE
     # A pair the run never draws has no reference (NaN in memory, null in the file).
     record = {"format": FORMAT, "splits": {
         name: {"fingerprint": split.fingerprint(), "pairs": len(split),
                "logps": [[None if np.isnan(v) else float(v) for v in row] for row in split.reference]}
         for name, split in splits.items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
-    return path
+    return rundir.write_reference(run_dir, record)
 
 
 def load_reference(run_dir: Path, splits: Dict[str, TokenizedSplit],
@@ -78,8 +73,7 @@ def load_reference(run_dir: Path, splits: Dict[str, TokenizedSplit],
     path = Path(run_dir) / REFERENCE_FILE
     start_over = "it cannot be recomputed from a trained model: start over with --overwrite"
     try:
-        record = json.loads(path.read_bytes().decode("utf-8"))
-        stored = record["splits"]
+        stored = rundir.read_reference(run_dir)["splits"]
     except FileNotFoundError:
         raise UserError(f"{path}: missing (DPO's reference log-probabilities, written at step 0); {start_over}") from None
     except (OSError, ValueError, KeyError, TypeError):

@@ -30,6 +30,7 @@ from gmt_mlx import hub
 from gmt_mlx.errors import UserError
 from gmt_mlx.hub import looks_like_path
 from gmt_mlx.paths import cache_root
+from gmt_mlx.run import rundir
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -73,7 +74,7 @@ def resolve_model(name_or_path: str | Path | None, cache_dir: str | Path | None 
         return _convert_cached(path, cache_root(cache_dir) / "models" / f"{path.stem}-{digest}")
     if path.is_dir():
         if not (path / "config.json").is_file():
-            if (path / "config.yaml").is_file():  # rundir.CONFIG_FILE: a run that has not saved its model yet
+            if rundir.is_run_dir(path):  # a run that has not saved its model yet
                 raise UserError(f"{name} is a run that has not finished (no model/ yet); "
                                 f"finish it with: gmt-mlx finetune --resume {name}")
             raise UserError(f"model folder has no config.json: {name}")

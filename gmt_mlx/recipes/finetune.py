@@ -172,7 +172,7 @@ def _open_run_dir(plan: RunPlan, config: Config, run: Setup, main: bool, log) ->
             rundir.truncate_metrics(out, start_step)
         log(f"resuming   from {plan.checkpoint} (step {start_step} of {run.steps})")
     elif main:
-        (out / rundir.METRICS_FILE).unlink(missing_ok=True)
+        rundir.reset_metrics(out)
     return start_step, best_val
 
 

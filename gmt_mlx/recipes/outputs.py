@@ -49,12 +49,7 @@ def finished_result(out: Path) -> RunResult:
     """A finished run's result as its files record it (nothing is loaded or written)."""
     train, evals = rundir.read_metrics(out, "train"), rundir.read_metrics(out, "eval")
     val_losses = [r["val_loss"] for r in evals if isinstance(r.get("val_loss"), (int, float))]
-    try:
-        samples = json.loads((out / rundir.SAMPLES_FILE).read_bytes().decode("utf-8"))
-    except (OSError, ValueError):  # absent (--samples 0) or damaged: the samples are only shown
-        samples = []
-    if not isinstance(samples, list) or not all(isinstance(s, dict) and {"prompt", "before", "after"} <= set(s) for s in samples):
-        samples = []
+    samples = rundir.read_samples(out)  # absent (--samples 0) or damaged: [] (the samples are only shown)
     return RunResult(out, rundir.model_dir(out), rundir.last_step(out) or 0,
                      train[-1].get("loss", float("nan")) if train else float("nan"),
                      val_losses[-1] if val_losses else None, min(val_losses) if val_losses else None,
@@ -65,19 +60,16 @@ def samples_before(config: Config, run: Setup, out: Path, *, fresh: bool, log=pr
     """Sample prompts and the untrained model's answers; a resumed run reuses the ones its first start saved."""
     rows = run.rows.get("test") or run.rows.get("valid") or []
     prompts = sample_prompts(rows, config.samples) if config.samples else []
-    path = out / rundir.SAMPLES_BEFORE_FILE
     if not fresh and prompts:
-        try:
-            saved = json.loads(path.read_bytes().decode("utf-8"))
-        except (OSError, ValueError):
-            saved = None
-        if isinstance(saved, list) and len(saved) == len(prompts) and all(isinstance(a, str) for a in saved):
+        saved = rundir.read_samples_before(out, len(prompts))
+        if saved is not None:
             return prompts, saved
         # The model is trained now: the untrained answers cannot be made again.
-        log(f"warning: {path} is missing or damaged; the samples show the answers before training as not recorded")
+        log(f"warning: {out / rundir.SAMPLES_BEFORE_FILE} is missing or damaged; the samples show the answers "
+            "before training as not recorded")
     before = [generate_text(run.model, run.tokenizer, p) for p in prompts] if fresh else ["(not recorded)"] * len(prompts)
     if fresh:
-        path.write_text(json.dumps(before))
+        rundir.write_samples_before(out, before)
     return prompts, before
 
 
@@ -89,7 +81,7 @@ def save_final(config: Config, run: Setup, out: Path, logger: "RunLogger", promp
     after = [generate_text(run.model, run.tokenizer, p) for p in prompts]
     samples = [{"prompt": describe_prompt(p), "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
     if samples:
-        (out / rundir.SAMPLES_FILE).write_text(json.dumps(samples, indent=2))
+        rundir.write_samples(out, samples)
     publish_run(out, model_dir, config, step=run.steps, base_path=run.model_path, log=log)
     return logger.result(model_dir, samples, start_step)
 

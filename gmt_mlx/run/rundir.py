@@ -11,7 +11,8 @@ A run directory (``gmt-mlx finetune --out RUN_DIR``) holds:
     checkpoints/best        the best-validation checkpoint (never pruned)
 
 Every module that reads or writes these goes through the names and functions
-here; checkpoint.py knows only what is inside one checkpoint folder.
+here; checkpoint.py knows only what is inside one checkpoint folder, and
+tracking.py appends the metrics records.
 
 Any file here may be damaged (a disk, a kill, a hand edit): readers say which
 file and why in one line, and fall back on an older good state where one
@@ -35,7 +36,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.json"
 SAMPLES_BEFORE_FILE = "samples_before.json"
-REFERENCE_FILE = "reference_logps.json"  # DPO: the step-0 model's log-probabilities (preference.py)
+REFERENCE_FILE = "reference_logps.json"  # DPO: the step-0 model's log-probabilities (evaluation/reference.py)
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
 BEST = "best"
@@ -44,8 +45,9 @@ WANDB_DIR = "wandb"  # --report-to wandb: its files and the run id
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Every name a run directory holds; a folder of these alone (with a metrics file or a
 # checkpoint in it) is what is left of a run whose config.yaml was lost or never written.
-_RUN_NAMES = {CONFIG_FILE, CONFIG_FILE + ".tmp", METRICS_FILE, SAMPLES_FILE, SAMPLES_BEFORE_FILE, MODEL_DIR, CHECKPOINTS_DIR,
-              TENSORBOARD_DIR, WANDB_DIR, REFERENCE_FILE, REFERENCE_FILE + ".tmp"}
+_WRITTEN_ATOMICALLY = (CONFIG_FILE, SAMPLES_FILE, SAMPLES_BEFORE_FILE, REFERENCE_FILE)  # via a .tmp file
+_RUN_NAMES = {METRICS_FILE, MODEL_DIR, CHECKPOINTS_DIR, TENSORBOARD_DIR, WANDB_DIR,
+              *_WRITTEN_ATOMICALLY, *(name + ".tmp" for name in _WRITTEN_ATOMICALLY)}
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -87,6 +89,69 @@ def clear(path: str | Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+# ---------------------------------------------------------------- JSON files
+
+
+def _read_json(path: Path) -> Any:
+    """``path`` parsed; None when it is absent or damaged (not UTF-8, not JSON)."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json_atomically(path: Path, value: Any, **dumps) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, **dumps))
+    tmp.replace(path)  # a kill leaves the old file or the new one, never half of one
+    return path
+
+
+def read_samples(run_dir: str | Path) -> List[dict]:
+    """samples.json's prompts with their answers before and after; [] when absent (--samples 0) or damaged."""
+    samples = _read_json(Path(run_dir) / SAMPLES_FILE)
+    if not isinstance(samples, list) or not all(isinstance(s, dict) and {"prompt", "before", "after"} <= set(s)
+                                                for s in samples):
+        return []
+    return samples
+
+
+def write_samples(run_dir: str | Path, samples: List[dict]) -> None:
+    _write_json_atomically(Path(run_dir) / SAMPLES_FILE, samples, indent=2)
+
+
+def read_samples_before(run_dir: str | Path, count: int) -> Optional[List[str]]:
+    """The ``count`` untrained answers the run's first start saved; None when missing, damaged or not ``count``."""
+    saved = _read_json(Path(run_dir) / SAMPLES_BEFORE_FILE)
+    if isinstance(saved, list) and len(saved) == count and all(isinstance(a, str) for a in saved):
+        return saved
+    return None
+
+
+def write_samples_before(run_dir: str | Path, answers: List[str]) -> None:
+    _write_json_atomically(Path(run_dir) / SAMPLES_BEFORE_FILE, answers)
+
+
+def read_reference(run_dir: str | Path) -> Any:
+    """reference_logps.json parsed; FileNotFoundError when absent, ValueError when damaged (the caller words it)."""
+    path = Path(run_dir) / REFERENCE_FILE
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(str(err)) from None
+
+
+def write_reference(run_dir: str | Path, record: dict) -> Path:
+    return _write_json_atomically(Path(run_dir) / REFERENCE_FILE, record)
+
+
+def reset_metrics(run_dir: str | Path) -> None:
+    """A fresh start's metrics.jsonl begins empty."""
+    (Path(run_dir) / METRICS_FILE).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- config
