@@ -198,7 +198,7 @@ class Config:
             raise UserError(f"--iters must be at least 1, got {self.iters}")
         if self.epochs is not None and self.epochs <= 0:
             raise UserError(f"--epochs must be positive, got {self.epochs}")
-        for name in ("steps_per_save", "steps_per_eval", "max_bad_steps", "samples"):
+        for name in ("steps_per_save", "steps_per_eval", "max_bad_steps", "samples", "grad_clip", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{flag(name)} must be 0 or more, got {getattr(self, name)}")
         if self.learning_rate <= 0:

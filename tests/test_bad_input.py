@@ -100,3 +100,42 @@ def test_damaged_metrics_on_resume_names_the_line_and_goes_on(tiny_model_dir, ch
     assert resumed.exit_code == 0, resumed.output
     assert "metrics.jsonl:2: not a metrics record (damaged line, skipped)" in resumed.output
     assert "tra\n" not in (out / "metrics.jsonl").read_text() and (out / "model" / "config.json").is_file()
+
+
+def test_a_negative_grad_clip_or_warmup_is_refused(tiny_model_dir, chat_data, tmp_path):
+    # -1 used to mean "off" silently (only > 0 clips); 0 is the documented off.
+    assert message(run(tiny_model_dir, chat_data, tmp_path / "a", "--grad-clip", "-1")) == \
+        "error: --grad-clip must be 0 or more, got -1.0"
+    assert message(run(tiny_model_dir, chat_data, tmp_path / "b", "--warmup-steps", "-2")) == \
+        "error: --warmup-steps must be 0 or more, got -2"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_warmup_past_the_last_step_is_flagged(tiny_model_dir, chat_data, tmp_path):
+    result = run(tiny_model_dir, chat_data, tmp_path / "o", "--warmup-steps", "50", "--iters", "2")
+    assert result.exit_code == 0, result.output
+    assert ("warning: --warmup-steps 50 is not below the run's 2 steps: the learning rate never reaches "
+            "--learning-rate 1e-05") in result.output
+    quiet = run(tiny_model_dir, chat_data, tmp_path / "q", "--warmup-steps", "1", "--iters", "2")
+    assert quiet.exit_code == 0 and "--warmup-steps" not in quiet.output
+
+
+def test_a_lone_surrogate_names_the_line(tiny_model_dir, tmp_path):
+    (tmp_path / "d").mkdir()
+    # A whole pair (an emoji) is a character; half of one is not, and the tokenizer would fail cryptically.
+    (tmp_path / "d" / "train.jsonl").write_text('{"text": "ok \\ud83d\\ude00"}\n{"text": "bad \\ud800 half"}\n')
+    assert message(run(tiny_model_dir, tmp_path / "d", tmp_path / "o")) == (
+        f"error: {tmp_path / 'd' / 'train.jsonl'}:2: the text holds a lone UTF-16 surrogate (\\ud800, half of a "
+        "pair): not a character; remove it or write the whole pair")
+
+
+def test_resume_of_a_folder_never_made_starts_the_run_with_the_full_command(tiny_model_dir, chat_data, tmp_path):
+    out = tmp_path / "never"
+    bare = runner.invoke(app, ["finetune", "--resume", str(out)])
+    assert message(bare) == (f"error: --resume {out}: no such folder; start the run with your original command "
+                             f"(gmt-mlx finetune --model ... --data ... --out {out})")
+    full = runner.invoke(app, ["finetune", "--resume", str(out), "--model", str(tiny_model_dir), "--data", str(chat_data),
+                               "--iters", "1", "--batch-size", "2"])
+    assert full.exit_code == 0, full.output
+    assert f"nothing to resume in {out} yet (no such folder): starting it" in full.output
+    assert (out / "model" / "config.json").is_file()

@@ -25,33 +25,14 @@ def finetune(
     Re-running with the same --out resumes an interrupted run of the same config.
     """
     from gmt_mlx.config import resolve
-    from gmt_mlx.errors import UserError
     from gmt_mlx.recipes.finetune import finetune as run
-    from gmt_mlx.run.rundir import has_trained, is_run_dir, run_config
 
-    base = None
+    base, resuming = None, resume is not None
     if resume is not None:
-        if overrides.get("out") not in (None, str(resume)):
-            raise UserError("--resume RUN_DIR and --out must name the same folder (or leave --out out)")
-        if not resume.is_dir():
-            raise UserError(f"--resume {resume}: no such folder")
-        if any(resume.iterdir()) and not is_run_dir(resume):
-            raise UserError(f"--resume {resume}: not a gmt-mlx run (no config.yaml, no checkpoints)")
-        try:
-            base = {**run_config(resume), "out": str(resume)}  # plan_run warns if it fell back
-        except UserError as err:
-            # Killed before its config was saved (or that config is lost with no checkpoint
-            # holding a copy): nothing was trained, so the run can only be started, and
-            # only the command that started it knows the model and data.
-            if has_trained(resume):
-                raise UserError(f"cannot resume {resume}: {err}, and no checkpoint holds a copy of the config; "
-                                f"pass --overwrite with your original options to start over") from None
-            if not (overrides.get("data") or config_file):
-                raise UserError(f"nothing to resume in {resume} yet (it stopped before its config was saved); start "
-                                f"it with your original command: gmt-mlx finetune --model ... --data ... --out {resume}") from None
-            base = {"out": str(resume)}
+        base = _resume_base(resume, overrides, config_file)
+        resuming = resume.exists()
     config = resolve(config_file, overrides, base=base)
-    result = run(config, overwrite=overwrite, resume=resume is not None, force=force, log=echo)
+    result = run(config, overwrite=overwrite, resume=resuming, force=force, log=echo)
     val = f", val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f})" if result.val_loss is not None else ""
     if result.already_finished:
         echo(f"{result.out} is already finished; nothing changed")
@@ -63,6 +44,38 @@ def finetune(
     echo(f"\ndone: {result.steps} steps, train loss {result.train_loss:.4f}{val}")
     echo(f"model: {result.model_dir}")
     echo(f"try it: gmt-mlx generate {result.out} --prompt {shlex.quote(_example_prompt(config, result.samples))}")
+
+
+def _resume_base(resume: Path, overrides: Dict[str, Any], config_file: Optional[Path]) -> Dict[str, Any]:
+    """The options `--resume RUN_DIR` starts from: the run's own config, or only its --out when nothing was saved."""
+    from gmt_mlx.errors import UserError
+    from gmt_mlx.run.rundir import has_trained, is_run_dir, run_config
+
+    if overrides.get("out") not in (None, str(resume)):
+        raise UserError("--resume RUN_DIR and --out must name the same folder (or leave --out out)")
+    full_command = bool(overrides.get("data") or config_file)
+    if not resume.exists() and full_command:
+        # Killed before the folder existed: with the full command, resuming it is starting it.
+        echo(f"nothing to resume in {resume} yet (no such folder): starting it")
+        return {"out": str(resume)}
+    if not resume.is_dir():
+        raise UserError(f"--resume {resume}: no such folder; start the run with your original command "
+                        f"(gmt-mlx finetune --model ... --data ... --out {resume})")
+    if any(resume.iterdir()) and not is_run_dir(resume):
+        raise UserError(f"--resume {resume}: not a gmt-mlx run (no config.yaml, no checkpoints)")
+    try:
+        return {**run_config(resume), "out": str(resume)}  # plan_run warns if it fell back
+    except UserError as err:
+        # Killed before its config was saved (or that config is lost with no checkpoint
+        # holding a copy): nothing was trained, so the run can only be started, and
+        # only the command that started it knows the model and data.
+        if has_trained(resume):
+            raise UserError(f"cannot resume {resume}: {err}, and no checkpoint holds a copy of the config; "
+                            f"pass --overwrite with your original options to start over") from None
+        if not full_command:
+            raise UserError(f"nothing to resume in {resume} yet (it stopped before its config was saved); start "
+                            f"it with your original command: gmt-mlx finetune --model ... --data ... --out {resume}") from None
+        return {"out": str(resume)}
 
 
 def _example_prompt(config, samples: list) -> str:

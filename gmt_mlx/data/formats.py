@@ -124,7 +124,14 @@ def detect_format(example: dict, where: str) -> str:
 def _parse_line(line: str, where: str) -> object:
     """json.loads, with every way it can fail turned into a UserError naming `where`."""
     try:
-        return json.loads(line)
+        row = json.loads(line)
+        if "\\u" in line:  # only an escape can put a lone UTF-16 surrogate in the text
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        return row
+    except UnicodeEncodeError as err:
+        bad = err.object[err.start:err.end].encode("unicode_escape").decode("ascii")
+        raise UserError(f"{where}: the text holds a lone UTF-16 surrogate ({bad}, half of a pair): not a character; "
+                        "remove it or write the whole pair") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{where}: invalid JSON ({err.msg}, column {err.colno})") from None
     except RecursionError:

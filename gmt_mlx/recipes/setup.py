@@ -71,6 +71,9 @@ def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
     train_split = splits["train"]
     check_step_fits(len(train_split), config)  # again: tokenizing may have dropped examples
     steps = total_steps(config, len(train_split))
+    if config.warmup_steps >= steps > 0 and config.warmup_steps:
+        log(f"warning: --warmup-steps {config.warmup_steps} is not below the run's {steps} steps: the learning rate "
+            f"never reaches --learning-rate {config.learning_rate:g}")
     schedule = make_schedule(
         config.learning_rate, steps, kind=config.lr_schedule, warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio
     )
