@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from gmt_mlx.errors import UserError
-from gmt_mlx.models.gguf.reader import convert_gguf, read_gguf_header
+from gmt_mlx.models.gguf.header import read_gguf_header
+from gmt_mlx.models.gguf.reader import convert_gguf
 from gmt_mlx.models.tiny import make_tiny_model
 
 # ---------------------------------------------------------------- a tiny GGUF writer

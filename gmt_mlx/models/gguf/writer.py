@@ -483,7 +483,7 @@ def save_gguf_model(out_dir: str | Path, model, tokenizer, base_config: Dict[str
         path = hf_folder_to_gguf(staging, out_dir / f"{name}-{outtype}.gguf", outtype=outtype, name=name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    from gmt_mlx.models.gguf.reader import read_gguf_header
+    from gmt_mlx.models.gguf.header import read_gguf_header
 
     (out_dir / MODELFILE).write_text(ollama_modelfile(path.name, read_gguf_header(path).metadata))
     return path
