@@ -37,7 +37,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from gmt_mlx.errors import UserError
-from gmt_mlx.models.gguf.reader import llama3_rope_freqs
+from gmt_mlx.models.gguf.hf_config import llama3_rope_freqs
 from gmt_mlx.models.gguf.tables import (
     LLAMA3_PATTERN,
     QWEN2_PATTERN,
