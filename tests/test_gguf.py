@@ -415,7 +415,7 @@ def test_tokenizer_round_trips_like_the_original(tiny, tmp_path):
 def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path):
     """A llama (SPM) GGUF vocab: tokens + scores + types, as llama.cpp writes them."""
     spm = pytest.importorskip("sentencepiece")
-    from gmt_mlx.models.gguf.reader import build_tokenizer
+    from gmt_mlx.models.gguf.tokenizer import build_tokenizer
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(

@@ -2,9 +2,9 @@
 
 `convert_gguf(path, out_dir)` writes what `mlx_lm.load` and `transformers`
 read: `model.safetensors` (dequantized, float32 by default), `config.json`
-derived from the GGUF metadata (`hf_config`), `tokenizer.json` + `tokenizer_config.json`
-rebuilt with the `tokenizers` library from the GGUF vocabulary, and
-`generation_config.json`.
+derived from the GGUF metadata (`hf_config`), `tokenizer.json` +
+`tokenizer_config.json` rebuilt with the `tokenizers` library from the GGUF
+vocabulary (`tokenizer`), and `generation_config.json`.
 
 How the tensors come back:
 - `mx.load` reads F32/F16 tensors as they are and Q4_0/Q4_1/Q8_0 tensors as
@@ -34,33 +34,24 @@ any tensor is read.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 from gmt_mlx.errors import UserError
 from gmt_mlx.models.gguf.header import GGUFHeader, read_gguf_header
 from gmt_mlx.models.gguf.hf_config import hf_config
 from gmt_mlx.models.gguf.tables import (
-    DIGITS_THEN_GPT2,
     GGUF_SOURCE,
-    GPT2_STYLE,
-    LLAMA3_PATTERN,
-    LLAMA3_STYLE,
     NORM_PLUS_ONE_ARCHITECTURES,
     PERMUTED_QK_ARCHITECTURES,
-    QWEN2_PATTERN,
-    QWEN2_STYLE,
     ROPE_TENSORS,
     SUPPORTED_ARCHITECTURES,
     TOP_NAMES,
     layer_names,
 )
+from gmt_mlx.models.gguf.tokenizer import build_tokenizer
 
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
 QUANT_GROUP_SIZE = 32  # ggml's Q4_0/Q4_1/Q8_0 block size, as mx.load keeps it
-
-# llama.cpp token types (llama.h: LLAMA_TOKEN_TYPE_*).
-_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_BYTE = 1, 2, 3, 4, 6
 
 
 def check_supported(header: GGUFHeader, path: str | Path = "") -> str:
@@ -164,129 +155,6 @@ def _hf_weights(raw: dict, names: dict[str, str], config: dict, dtype) -> dict:
             w = w.astype(mx.float32) - 1.0
         out[hf_name] = w.astype(dtype)
     return out
-
-
-# ---------------------------------------------------------------- tokenizer
-
-
-def _bpe_pre_tokenizer(pre: str):
-    """The Hugging Face pre-tokenizer matching llama.cpp's `tokenizer.ggml.pre`."""
-    from tokenizers import Regex, pre_tokenizers
-
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in DIGITS_THEN_GPT2:
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in LLAMA3_STYLE or pre in QWEN2_STYLE:
-        pattern = LLAMA3_PATTERN if pre in LLAMA3_STYLE else QWEN2_PATTERN
-        split = pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
-        return pre_tokenizers.Sequence(
-            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
-    if pre not in GPT2_STYLE:
-        warnings.warn(
-            f"GGUF pre-tokenizer {pre!r} is not known to gmt-mlx; using GPT-2's split rules, "
-            "so some texts may tokenize differently than in llama.cpp",
-            stacklevel=3,
-        )
-    return byte_level
-
-
-def _spm_merges(tokens: list[str], scores: list[float], vocab: dict[str, int], normal: set[int]):
-    """BPE merges implied by a SentencePiece vocabulary: a piece's score ranks its merge."""
-    ranked = []
-    for i in sorted(normal):
-        piece = tokens[i]
-        local = [
-            (piece[:k], piece[k:])
-            for k in range(1, len(piece))
-            if vocab.get(piece[:k]) in normal and vocab.get(piece[k:]) in normal
-        ]
-        local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
-        ranked.extend((scores[i], lr) for lr in local)
-    ranked.sort(key=lambda item: -item[0])  # stable: ties keep vocabulary order
-    return [lr for _, lr in ranked]
-
-
-def build_tokenizer(metadata: dict):
-    """A `tokenizers.Tokenizer` and its tokenizer_config.json dict from GGUF metadata."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-
-    kind = metadata.get("tokenizer.ggml.model")
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    if kind is None or not tokens:
-        raise UserError("GGUF has no tokenizer (tokenizer.ggml.model / tokens metadata missing)")
-    types = metadata.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
-    vocab = {}
-    for i, tok in enumerate(tokens):
-        vocab.setdefault(tok, i)  # a duplicated string keeps its first id, like llama.cpp
-
-    def token(key):
-        idx = metadata.get(f"tokenizer.ggml.{key}")
-        return tokens[idx] if idx is not None and 0 <= idx < len(tokens) else None
-
-    bos, eos = token("bos_token_id"), token("eos_token_id")
-    unk, pad = token("unknown_token_id"), token("padding_token_id")
-    if kind == "gpt2":
-        merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
-        pre = metadata.get("tokenizer.ggml.pre", "default")
-        tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in LLAMA3_STYLE))
-        tok.pre_tokenizer = _bpe_pre_tokenizer(pre)
-        tok.decoder = decoders.ByteLevel()
-        add_bos_default, byte_post = False, processors.ByteLevel(trim_offsets=False)
-    elif kind == "llama":
-        scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-        normal = {i for i, t in enumerate(types) if t in (_TOKEN_NORMAL, _TOKEN_USER_DEFINED)}
-        merges = _spm_merges(tokens, scores, vocab, normal)
-        tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-        space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
-        steps = [normalizers.Prepend("▁")] if space_prefix else []
-        tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
-        strip = [decoders.Strip(" ", 1, 0)] if space_prefix else []  # the prepended space
-        tok.decoder = decoders.Sequence(
-            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()] + strip
-        )
-        add_bos_default, byte_post = True, None
-    else:
-        raise UserError(f"unsupported GGUF tokenizer model {kind!r} (supported: gpt2, llama)")
-
-    # Control tokens (and SPM's <unk>) are special; user-defined ones are matched
-    # in raw text but decoded like normal text, as llama.cpp treats them.
-    special_types = (_TOKEN_CONTROL, _TOKEN_UNKNOWN)
-    specials = [tokens[i] for i, t in enumerate(types) if t in special_types]
-    user = [tokens[i] for i, t in enumerate(types) if t == _TOKEN_USER_DEFINED]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    if user:
-        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
-
-    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None
-    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
-    if add_bos or add_eos:
-        head, tail = (f"{bos}:0 " if add_bos else ""), (f" {eos}:0" if add_eos else "")
-        used = [(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{head}$A:0{tail}",
-            pair=f"{head}$A:0{tail} {head.replace(':0', ':1')}$B:1{tail.replace(':0', ':1')}",
-            special_tokens=list(dict.fromkeys(used)),
-        )
-    elif byte_post is not None:
-        tok.post_processor = byte_post
-
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": bos,
-        "eos_token": eos,
-        "pad_token": pad,
-        "unk_token": unk,
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": int(
-            metadata.get(f"{metadata.get('general.architecture', 'llama')}.context_length", 2048)
-        ),
-    }
-    if metadata.get("tokenizer.chat_template"):
-        config["chat_template"] = metadata["tokenizer.chat_template"]
-    return tok, config
 
 
 # ---------------------------------------------------------------- writing
