@@ -91,29 +91,9 @@ def hf_config(header: GGUFHeader, raw: dict | None = None, dtype_name: str = "fl
         raise UserError(f"unsupported GGUF: partial rotary embedding ({rope_dim} of {head_dim} dims)")
     vocab = header.tensor_shapes["token_embd.weight"][0]
     rope_theta = _f32(get("rope.freq_base", 10000.0))
-    rope_scaling = None
-    scaling_type = get("rope.scaling.type", "none")
-    if scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
-    elif scaling_type != "none":
-        raise UserError(f"unsupported GGUF rope scaling type {scaling_type!r} (supported: none, linear)")
-    if raw is None and any(t in header.tensor_types for t in ROPE_TENSORS):
-        raise ValueError("rope factor tensors need the loaded tensors")
-    if "rope_freqs.weight" in header.tensor_types:
-        factors = [float(f) for f in raw["rope_freqs.weight"].tolist()]
-        rope_scaling = llama3_rope_scaling(factors, rope_theta, head_dim)
-    if "rope_factors_long.weight" in header.tensor_types:  # Phi-3.5 / Phi-4-mini: longrope
-        rope_scaling = {
-            "rope_type": "longrope",
-            "type": "longrope",  # the key mlx-lm's phi3 requires (Phi-3.5's own config.json has it)
-            "long_factor": [_f32(float(f)) for f in raw["rope_factors_long.weight"].tolist()],
-            "short_factor": [_f32(float(f)) for f in raw["rope_factors_short.weight"].tolist()],
-        }
+    rope_scaling = _rope_scaling(header, raw, get, rope_theta, head_dim)
 
     tokens = meta.get("tokenizer.ggml.tokens") or []
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    eos_ids = [i for i in (eos, meta.get("tokenizer.ggml.eot_token_id")) if i is not None]
-    eos_ids = list(dict.fromkeys(eos_ids))  # unique, in order
     model_type, hf_class = HF_MODEL_TYPES.get(arch, HF_MODEL_TYPES["llama"])
     config = {
         "architectures": [hf_class],
@@ -134,7 +114,7 @@ def hf_config(header: GGUFHeader, raw: dict | None = None, dtype_name: str = "fl
         "mlp_bias": False,
         "tie_word_embeddings": "output.weight" not in header.tensor_types,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else (eos_ids or None),
+        "eos_token_id": _eos_token_id(meta),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
         "torch_dtype": dtype_name,
     }
@@ -142,6 +122,37 @@ def hf_config(header: GGUFHeader, raw: dict | None = None, dtype_name: str = "fl
     for key in [k for k, v in config.items() if v is _DROP]:
         del config[key]
     return config
+
+
+def _rope_scaling(header: GGUFHeader, raw: dict | None, get, rope_theta: float, head_dim: int) -> dict | None:
+    """config["rope_scaling"]: linear from the metadata, llama3 or longrope from llama.cpp's rope factor tensors."""
+    rope_scaling = None
+    scaling_type = get("rope.scaling.type", "none")
+    if scaling_type == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
+    elif scaling_type != "none":
+        raise UserError(f"unsupported GGUF rope scaling type {scaling_type!r} (supported: none, linear)")
+    if raw is None and any(t in header.tensor_types for t in ROPE_TENSORS):
+        raise ValueError("rope factor tensors need the loaded tensors")
+    if "rope_freqs.weight" in header.tensor_types:
+        factors = [float(f) for f in raw["rope_freqs.weight"].tolist()]
+        rope_scaling = llama3_rope_scaling(factors, rope_theta, head_dim)
+    if "rope_factors_long.weight" in header.tensor_types:  # Phi-3.5 / Phi-4-mini: longrope
+        rope_scaling = {
+            "rope_type": "longrope",
+            "type": "longrope",  # the key mlx-lm's phi3 requires (Phi-3.5's own config.json has it)
+            "long_factor": [_f32(float(f)) for f in raw["rope_factors_long.weight"].tolist()],
+            "short_factor": [_f32(float(f)) for f in raw["rope_factors_short.weight"].tolist()],
+        }
+    return rope_scaling
+
+
+def _eos_token_id(meta: dict):
+    """config["eos_token_id"]: the end-of-sequence and end-of-turn ids, one int when they are one (None: neither)."""
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    eos_ids = [i for i in (eos, meta.get("tokenizer.ggml.eot_token_id")) if i is not None]
+    eos_ids = list(dict.fromkeys(eos_ids))  # unique, in order
+    return eos_ids[0] if len(eos_ids) == 1 else (eos_ids or None)
 
 
 _DROP = object()  # an _arch_config value that removes the key: not part of that HF config class
