@@ -47,7 +47,7 @@ def _bpe_pre_tokenizer(pre: str):
         warnings.warn(
             f"GGUF pre-tokenizer {pre!r} is not known to gmt-mlx; using GPT-2's split rules, "
             "so some texts may tokenize differently than in llama.cpp",
-            stacklevel=3,
+            stacklevel=4,  # the caller of build_tokenizer (via _bpe_tokenizer)
         )
     return byte_level
 
@@ -70,8 +70,6 @@ def _spm_merges(tokens: list[str], scores: list[float], vocab: dict[str, int], n
 
 def build_tokenizer(metadata: dict):
     """A `tokenizers.Tokenizer` and its tokenizer_config.json dict from GGUF metadata."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-
     kind = metadata.get("tokenizer.ggml.model")
     tokens = metadata.get("tokenizer.ggml.tokens")
     if kind is None or not tokens:
@@ -88,30 +86,60 @@ def build_tokenizer(metadata: dict):
     bos, eos = token("bos_token_id"), token("eos_token_id")
     unk, pad = token("unknown_token_id"), token("padding_token_id")
     if kind == "gpt2":
-        merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
-        pre = metadata.get("tokenizer.ggml.pre", "default")
-        tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in LLAMA3_STYLE))
-        tok.pre_tokenizer = _bpe_pre_tokenizer(pre)
-        tok.decoder = decoders.ByteLevel()
-        add_bos_default, byte_post = False, processors.ByteLevel(trim_offsets=False)
+        tok, add_bos_default = _bpe_tokenizer(metadata, vocab), False
     elif kind == "llama":
-        scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-        normal = {i for i, t in enumerate(types) if t in (_TOKEN_NORMAL, _TOKEN_USER_DEFINED)}
-        merges = _spm_merges(tokens, scores, vocab, normal)
-        tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-        space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
-        steps = [normalizers.Prepend("▁")] if space_prefix else []
-        tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
-        strip = [decoders.Strip(" ", 1, 0)] if space_prefix else []  # the prepended space
-        tok.decoder = decoders.Sequence(
-            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()] + strip
-        )
-        add_bos_default, byte_post = True, None
+        tok, add_bos_default = _spm_tokenizer(metadata, tokens, types, vocab, unk), True
     else:
         raise UserError(f"unsupported GGUF tokenizer model {kind!r} (supported: gpt2, llama)")
+    _add_special_tokens(tok, tokens, types)
 
-    # Control tokens (and SPM's <unk>) are special; user-defined ones are matched
-    # in raw text but decoded like normal text, as llama.cpp treats them.
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None
+    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    if add_bos or add_eos:
+        tok.post_processor = _bos_eos_template(vocab, bos if add_bos else None, eos if add_eos else None)
+    config = _tokenizer_config(metadata, bos=bos, eos=eos, pad=pad, unk=unk, add_bos=add_bos, add_eos=add_eos)
+    return tok, config
+
+
+def _bpe_tokenizer(metadata: dict, vocab: dict[str, int]):
+    """A byte-level BPE tokenizer (`tokenizer.ggml.model` gpt2) with llama.cpp's pre-tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, processors
+
+    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in LLAMA3_STYLE))
+    tok.pre_tokenizer = _bpe_pre_tokenizer(pre)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # unless a BOS/EOS template replaces it
+    return tok
+
+
+def _spm_tokenizer(metadata: dict, tokens: list[str], types: list[int], vocab: dict[str, int], unk: str | None):
+    """A SentencePiece vocabulary (`tokenizer.ggml.model` llama) as byte-fallback BPE, merges ranked by score."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    normal = {i for i, t in enumerate(types) if t in (_TOKEN_NORMAL, _TOKEN_USER_DEFINED)}
+    merges = _spm_merges(tokens, scores, vocab, normal)
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    steps = [normalizers.Prepend("▁")] if space_prefix else []
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    strip = [decoders.Strip(" ", 1, 0)] if space_prefix else []  # the prepended space
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()] + strip
+    )
+    return tok
+
+
+def _add_special_tokens(tok, tokens: list[str], types: list[int]) -> None:
+    """Add the control and user-defined tokens to `tok`, as llama.cpp treats them.
+
+    Control tokens (and SPM's <unk>) are special; user-defined ones are matched
+    in raw text but decoded like normal text.
+    """
+    from tokenizers import AddedToken
+
     special_types = (_TOKEN_CONTROL, _TOKEN_UNKNOWN)
     specials = [tokens[i] for i, t in enumerate(types) if t in special_types]
     user = [tokens[i] for i, t in enumerate(types) if t == _TOKEN_USER_DEFINED]
@@ -119,19 +147,23 @@ def build_tokenizer(metadata: dict):
     if user:
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
 
-    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None
-    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
-    if add_bos or add_eos:
-        head, tail = (f"{bos}:0 " if add_bos else ""), (f" {eos}:0" if add_eos else "")
-        used = [(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{head}$A:0{tail}",
-            pair=f"{head}$A:0{tail} {head.replace(':0', ':1')}$B:1{tail.replace(':0', ':1')}",
-            special_tokens=list(dict.fromkeys(used)),
-        )
-    elif byte_post is not None:
-        tok.post_processor = byte_post
 
+def _bos_eos_template(vocab: dict[str, int], bos: str | None, eos: str | None):
+    """The post-processor that puts `bos` before and `eos` after each sequence (None: that one is not added)."""
+    from tokenizers import processors
+
+    head, tail = (f"{bos}:0 " if bos is not None else ""), (f" {eos}:0" if eos is not None else "")
+    used = [(t, vocab[t]) for t in (bos, eos) if t is not None]
+    return processors.TemplateProcessing(
+        single=f"{head}$A:0{tail}",
+        pair=f"{head}$A:0{tail} {head.replace(':0', ':1')}$B:1{tail.replace(':0', ':1')}",
+        special_tokens=list(dict.fromkeys(used)),
+    )
+
+
+def _tokenizer_config(metadata: dict, *, bos: str | None, eos: str | None, pad: str | None, unk: str | None,
+                      add_bos: bool, add_eos: bool) -> dict:
+    """tokenizer_config.json: the special tokens, whether BOS/EOS are added, the context length, the chat template."""
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": bos,
@@ -147,7 +179,7 @@ def build_tokenizer(metadata: dict):
     }
     if metadata.get("tokenizer.chat_template"):
         config["chat_template"] = metadata["tokenizer.chat_template"]
-    return tok, config
+    return config
 
 
 # ---------------------------------------------------------------- tokenizer.json -> GGUF (the export)
