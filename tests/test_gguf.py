@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from gmt_mlx.errors import UserError
-from gmt_mlx.models.gguf.reader import convert_gguf, read_gguf_header
+from gmt_mlx.models.gguf.header import read_gguf_header
+from gmt_mlx.models.gguf.reader import convert_gguf
 from gmt_mlx.models.tiny import make_tiny_model
 
 # ---------------------------------------------------------------- a tiny GGUF writer
@@ -414,7 +415,7 @@ def test_tokenizer_round_trips_like_the_original(tiny, tmp_path):
 def test_sentencepiece_vocab_tokenizes_like_sentencepiece(tmp_path):
     """A llama (SPM) GGUF vocab: tokens + scores + types, as llama.cpp writes them."""
     spm = pytest.importorskip("sentencepiece")
-    from gmt_mlx.models.gguf.reader import build_tokenizer
+    from gmt_mlx.models.gguf.tokenizer import build_tokenizer
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(
@@ -496,17 +497,17 @@ def llama3_rope_factors(base: float, dim: int, factor: float) -> np.ndarray:
 
 
 def test_llama3_rope_freqs_become_rope_scaling(tiny, tmp_path):
-    from gmt_mlx.models.gguf.reader import _llama3_rope_scaling
+    from gmt_mlx.models.gguf.hf_config import llama3_rope_scaling
 
     base, dim = 500000.0, 64  # Llama 3.2: factor 32
     factors = llama3_rope_factors(base, dim, 32.0).tolist()
-    assert _llama3_rope_scaling(factors, base, dim) == {
+    assert llama3_rope_scaling(factors, base, dim) == {
         "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
     }  # fmt: skip
-    assert _llama3_rope_scaling([1.0] * 32, base, dim) is None
+    assert llama3_rope_scaling([1.0] * 32, base, dim) is None
     with pytest.raises(UserError, match="rope_freqs"):
-        _llama3_rope_scaling([2.0] * 32, base, dim)
+        llama3_rope_scaling([2.0] * 32, base, dim)
 
     # End to end on the tiny llama (head_dim 16, theta 10000: some frequencies are scaled).
     rope = {"rope_freqs.weight": llama3_rope_factors(10000.0, 16, 8.0)}

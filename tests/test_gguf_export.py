@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from gmt_mlx.errors import UserError
-from gmt_mlx.models.gguf.reader import convert_gguf, read_gguf_header, unpermute_qk
+from gmt_mlx.models.gguf.header import read_gguf_header
+from gmt_mlx.models.gguf.reader import convert_gguf, unpermute_qk
 from gmt_mlx.models.tiny import make_tiny_model
 
 from .test_gguf import _TO_GGUF, ENGLISH, IDS, TEXTS, _smollm2_gguf, ggml_order, llama_cpp_permute

@@ -2,9 +2,9 @@
 
 `convert_gguf(path, out_dir)` writes what `mlx_lm.load` and `transformers`
 read: `model.safetensors` (dequantized, float32 by default), `config.json`
-derived from the GGUF metadata, `tokenizer.json` + `tokenizer_config.json`
-rebuilt with the `tokenizers` library from the GGUF vocabulary, and
-`generation_config.json`.
+derived from the GGUF metadata (`hf_config`), `tokenizer.json` +
+`tokenizer_config.json` rebuilt with the `tokenizers` library from the GGUF
+vocabulary (`tokenizer`), and `generation_config.json`.
 
 How the tensors come back:
 - `mx.load` reads F32/F16 tensors as they are and Q4_0/Q4_1/Q8_0 tensors as
@@ -26,152 +26,32 @@ How the tensors come back:
   llama.cpp stores that 1 + weight, so the import subtracts 1 again (exact up
   to float32 rounding of the stored sum: one ulp of 1 at most).
 
-The GGUF header (metadata and tensor types) is parsed here in pure Python so
-that an unsupported file is refused before any tensor is read.
+The GGUF header (metadata and tensor types) is parsed in pure Python
+(`header.read_gguf_header`) so that an unsupported file is refused here before
+any tensor is read.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import mmap
-import struct
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from gmt_mlx.errors import UserError
+from gmt_mlx.models.gguf.header import GGUFHeader, read_gguf_header
+from gmt_mlx.models.gguf.hf_config import hf_config
 from gmt_mlx.models.gguf.tables import (
-    DIGITS_THEN_GPT2,
-    GEMMA_ACTIVATION,
     GGUF_SOURCE,
-    GPT2_STYLE,
-    HF_MODEL_TYPES,
-    LLAMA3_PATTERN,
-    LLAMA3_STYLE,
     NORM_PLUS_ONE_ARCHITECTURES,
     PERMUTED_QK_ARCHITECTURES,
-    QWEN2_PATTERN,
-    QWEN2_STYLE,
     ROPE_TENSORS,
     SUPPORTED_ARCHITECTURES,
     TOP_NAMES,
     layer_names,
 )
+from gmt_mlx.models.gguf.tokenizer import build_tokenizer
 
-# ggml tensor type ids (ggml.h); the names are what users see in llama.cpp.
-GGML_TYPE_NAMES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
-    9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
-    15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
-    20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
-    26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0",
-    35: "TQ2_0", 39: "MXFP4",
-}  # fmt: skip
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
 QUANT_GROUP_SIZE = 32  # ggml's Q4_0/Q4_1/Q8_0 block size, as mx.load keeps it
-
-# GGUF metadata value types (gguf spec).
-_STRING, _ARRAY = 8, 9
-_SCALAR_FORMATS = {
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-    10: "<Q", 11: "<q", 12: "<d",
-}  # fmt: skip
-_NUMPY_DTYPES = {
-    0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
-    10: "<u8", 11: "<i8", 12: "<f8",
-}  # fmt: skip
-
-# llama.cpp token types (llama.h: LLAMA_TOKEN_TYPE_*).
-_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_BYTE = 1, 2, 3, 4, 6
-
-
-@dataclass
-class GGUFHeader:
-    """What a GGUF file declares, read without loading any tensor."""
-
-    version: int
-    metadata: dict[str, Any]
-    tensor_types: dict[str, str] = field(default_factory=dict)  # name -> ggml type name
-    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # numpy order
-
-
-
-
-class _Reader:
-    """Little-endian cursor over a memory-mapped GGUF header."""
-
-    def __init__(self, buf: mmap.mmap, path: Path):
-        self.buf, self.pos, self.path = buf, 0, path
-
-    def unpack(self, fmt: str):
-        size = struct.calcsize(fmt)
-        if self.pos + size > len(self.buf):
-            raise UserError(f"truncated GGUF file: {self.path}")
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += size
-        return value
-
-    def string(self) -> str:
-        n = self.unpack("<Q")
-        if self.pos + n > len(self.buf):
-            raise UserError(f"truncated GGUF file: {self.path}")
-        raw = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return raw.decode("utf-8", errors="replace")
-
-    def value(self, vtype: int):
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            etype, count = self.unpack("<I"), self.unpack("<Q")
-            if etype == _STRING:
-                return [self.string() for _ in range(count)]
-            if etype not in _NUMPY_DTYPES:
-                raise UserError(f"unsupported GGUF metadata array type {etype} in {self.path}")
-            import numpy as np
-
-            dtype = np.dtype(_NUMPY_DTYPES[etype])
-            end = self.pos + count * dtype.itemsize
-            if end > len(self.buf):
-                raise UserError(f"truncated GGUF file: {self.path}")
-            arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
-            self.pos = end
-            return arr.tolist()
-        if vtype not in _SCALAR_FORMATS:
-            raise UserError(f"unsupported GGUF metadata value type {vtype} in {self.path}")
-        return self.unpack(_SCALAR_FORMATS[vtype])
-
-
-def read_gguf_header(path: str | Path) -> GGUFHeader:
-    """Parse a GGUF file's metadata and tensor table (types and shapes), not its data."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[:4] != b"GGUF":
-                raise UserError(f"not a GGUF file (bad magic bytes): {path}")
-            r = _Reader(buf, path)
-            r.pos = 4
-            version = r.unpack("<I")
-            if version not in (2, 3):
-                raise UserError(f"unsupported GGUF version {version} in {path} (supported: 2, 3)")
-            n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
-            metadata = {}
-            for _ in range(n_kv):
-                key = r.string()
-                metadata[key] = r.value(r.unpack("<I"))
-            header = GGUFHeader(version, metadata)
-            for _ in range(n_tensors):
-                name = r.string()
-                dims = [r.unpack("<Q") for _ in range(r.unpack("<I"))]
-                ggml_type = r.unpack("<I")
-                r.unpack("<Q")  # data offset: mx.load reads the data
-                header.tensor_types[name] = GGML_TYPE_NAMES.get(ggml_type, f"type {ggml_type}")
-                header.tensor_shapes[name] = tuple(reversed(dims))  # ggml lists dims fastest-first
-            return header
-    except (OSError, ValueError) as err:  # ValueError: mmap of an empty file
-        raise UserError(f"cannot read GGUF file {path}: {err}") from err
 
 
 def check_supported(header: GGUFHeader, path: str | Path = "") -> str:
@@ -275,290 +155,6 @@ def _hf_weights(raw: dict, names: dict[str, str], config: dict, dtype) -> dict:
             w = w.astype(mx.float32) - 1.0
         out[hf_name] = w.astype(dtype)
     return out
-
-
-# ---------------------------------------------------------------- config
-
-
-def _f32(x: float) -> float:
-    """A float32 metadata value as the short decimal it was written from (9.99e-06 -> 1e-05)."""
-    return float(f"{x:.7g}")
-
-
-def llama3_rope_freqs(scaling: dict, base: float, head_dim: int) -> np.ndarray:
-    """llama.cpp's `rope_freqs` tensor (per-frequency divisors) for HF's llama3 rope scaling."""
-    import numpy as np
-
-    factor = float(scaling["factor"])
-    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
-    original = float(scaling.get("original_max_position_embeddings", 8192))
-    out = []
-    for i in range(0, head_dim, 2):
-        wavelen = 2 * math.pi * base ** (i / head_dim)
-        if wavelen < original / high:
-            out.append(1.0)
-        elif wavelen > original / low:
-            out.append(factor)
-        else:
-            smooth = (original / wavelen - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.asarray(out, np.float32)
-
-
-def _llama3_rope_scaling(factors: list[float], base: float, head_dim: int) -> dict | None:
-    """Recover Llama 3.x rope_scaling from llama.cpp's `rope_freqs` tensor.
-
-    llama.cpp stores the per-frequency divisors it computed from HF's
-    (factor, low_freq_factor, high_freq_factor, original context); we try the
-    values every Llama 3.x release uses and keep the one that reproduces them.
-    """
-    if all(abs(f - 1.0) < 1e-6 for f in factors):
-        return None  # identity: no scaling reaches these frequencies
-    factor = max(factors)
-    for low, high, original in [(1.0, 4.0, 8192)]:
-        expect = llama3_rope_freqs({"factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-                                    "original_max_position_embeddings": original}, base, head_dim).tolist()
-        if len(expect) == len(factors) and all(
-            abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(factors, expect)
-        ):
-            return {
-                "rope_type": "llama3",
-                "factor": _f32(factor),
-                "low_freq_factor": low,
-                "high_freq_factor": high,
-                "original_max_position_embeddings": original,
-            }
-    raise UserError("unsupported rope scaling: the GGUF's rope_freqs tensor matches no Llama 3 setting")
-
-
-def hf_config(header: GGUFHeader, raw: dict | None = None, dtype_name: str = "float32") -> dict:
-    """A Hugging Face config.json (the class of `HF_MODEL_TYPES`) built from GGUF metadata."""
-    meta = header.metadata
-    arch = meta.get("general.architecture", "llama")
-
-    def get(key, default=None):
-        value = meta.get(f"{arch}.{key}", default)
-        if value is None:
-            raise UserError(f"GGUF metadata lacks {arch}.{key}")
-        return value
-
-    n_head = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    n_layers = int(get("block_count"))
-    head_dim = int(get("attention.key_length", hidden // n_head))
-    rope_dim = int(get("rope.dimension_count", head_dim))
-    if rope_dim != head_dim and arch != "phi3":  # Phi-4-mini rotates part of each head, as HF's Phi3 can
-        raise UserError(f"unsupported GGUF: partial rotary embedding ({rope_dim} of {head_dim} dims)")
-    vocab = header.tensor_shapes["token_embd.weight"][0]
-    rope_theta = _f32(get("rope.freq_base", 10000.0))
-    rope_scaling = None
-    scaling_type = get("rope.scaling.type", "none")
-    if scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
-    elif scaling_type != "none":
-        raise UserError(f"unsupported GGUF rope scaling type {scaling_type!r} (supported: none, linear)")
-    if raw is None and any(t in header.tensor_types for t in ROPE_TENSORS):
-        raise ValueError("rope factor tensors need the loaded tensors")
-    if "rope_freqs.weight" in header.tensor_types:
-        factors = [float(f) for f in raw["rope_freqs.weight"].tolist()]
-        rope_scaling = _llama3_rope_scaling(factors, rope_theta, head_dim)
-    if "rope_factors_long.weight" in header.tensor_types:  # Phi-3.5 / Phi-4-mini: longrope
-        rope_scaling = {
-            "rope_type": "longrope",
-            "type": "longrope",  # the key mlx-lm's phi3 requires (Phi-3.5's own config.json has it)
-            "long_factor": [_f32(float(f)) for f in raw["rope_factors_long.weight"].tolist()],
-            "short_factor": [_f32(float(f)) for f in raw["rope_factors_short.weight"].tolist()],
-        }
-
-    tokens = meta.get("tokenizer.ggml.tokens") or []
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    eos_ids = [i for i in (eos, meta.get("tokenizer.ggml.eot_token_id")) if i is not None]
-    eos_ids = list(dict.fromkeys(eos_ids))  # unique, in order
-    model_type, hf_class = HF_MODEL_TYPES.get(arch, HF_MODEL_TYPES["llama"])
-    config = {
-        "architectures": [hf_class],
-        "model_type": model_type,
-        "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": n_layers,
-        "num_attention_heads": n_head,
-        "num_key_value_heads": int(get("attention.head_count_kv", n_head)),
-        "head_dim": head_dim,
-        "vocab_size": int(vocab or len(tokens)),
-        "max_position_embeddings": int(get("context_length", 2048)),
-        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": rope_theta,
-        "rope_scaling": rope_scaling,
-        "hidden_act": "silu",
-        "attention_bias": "blk.0.attn_q.bias" in header.tensor_types,
-        "mlp_bias": False,
-        "tie_word_embeddings": "output.weight" not in header.tensor_types,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else (eos_ids or None),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
-        "torch_dtype": dtype_name,
-    }
-    config.update(_arch_config(arch, config, get, rope_dim))
-    for key in [k for k, v in config.items() if v is _DROP]:
-        del config[key]
-    return config
-
-
-_DROP = object()  # an _arch_config value that removes the key: not part of that HF config class
-
-
-def _arch_config(arch: str, config: dict, get, rope_dim: int) -> dict:
-    """The config keys one architecture adds to (or drops from) the llama ones, as llama.cpp runs it."""
-    n_layers = config["num_hidden_layers"]
-    if arch in ("qwen2", "qwen3"):  # no sliding window in llama.cpp; qwen2's q/k/v biases are built in
-        return {"mlp_bias": _DROP, "attention_bias": _DROP if arch == "qwen2" else False,
-                "use_sliding_window": False, "sliding_window": None, "max_window_layers": n_layers}
-    if arch == "phi3":
-        return {
-            "attention_bias": _DROP, "mlp_bias": _DROP,
-            "original_max_position_embeddings": int(
-                get("rope.scaling.original_context_length", config["max_position_embeddings"])),
-            "sliding_window": int(get("attention.sliding_window", 0)) or None,  # 0: none (Phi-4)
-            "partial_rotary_factor": rope_dim / config["head_dim"],
-        }
-    if arch in ("gemma", "gemma2"):
-        extra = {"mlp_bias": _DROP, "hidden_act": GEMMA_ACTIVATION}
-        if arch == "gemma2":
-            # llama.cpp's gemma2 scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the
-            # 46-layer 27B: HF's query_pre_attn_scalar. Soft-capping defaults are llama.cpp's.
-            scalar = config["hidden_size"] // config["num_attention_heads"] if n_layers == 46 else config["head_dim"]
-            extra.update(
-                hidden_activation=GEMMA_ACTIVATION,
-                query_pre_attn_scalar=scalar,
-                attn_logit_softcapping=_f32(get("attn_logit_softcapping", 50.0)),
-                final_logit_softcapping=_f32(get("final_logit_softcapping", 30.0)),
-                sliding_window=int(get("attention.sliding_window", 4096)),
-            )
-        return extra
-    return {}
-
-
-# ---------------------------------------------------------------- tokenizer
-
-
-def _bpe_pre_tokenizer(pre: str):
-    """The Hugging Face pre-tokenizer matching llama.cpp's `tokenizer.ggml.pre`."""
-    from tokenizers import Regex, pre_tokenizers
-
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in DIGITS_THEN_GPT2:
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in LLAMA3_STYLE or pre in QWEN2_STYLE:
-        pattern = LLAMA3_PATTERN if pre in LLAMA3_STYLE else QWEN2_PATTERN
-        split = pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
-        return pre_tokenizers.Sequence(
-            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
-    if pre not in GPT2_STYLE:
-        warnings.warn(
-            f"GGUF pre-tokenizer {pre!r} is not known to gmt-mlx; using GPT-2's split rules, "
-            "so some texts may tokenize differently than in llama.cpp",
-            stacklevel=3,
-        )
-    return byte_level
-
-
-def _spm_merges(tokens: list[str], scores: list[float], vocab: dict[str, int], normal: set[int]):
-    """BPE merges implied by a SentencePiece vocabulary: a piece's score ranks its merge."""
-    ranked = []
-    for i in sorted(normal):
-        piece = tokens[i]
-        local = [
-            (piece[:k], piece[k:])
-            for k in range(1, len(piece))
-            if vocab.get(piece[:k]) in normal and vocab.get(piece[k:]) in normal
-        ]
-        local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
-        ranked.extend((scores[i], lr) for lr in local)
-    ranked.sort(key=lambda item: -item[0])  # stable: ties keep vocabulary order
-    return [lr for _, lr in ranked]
-
-
-def build_tokenizer(metadata: dict):
-    """A `tokenizers.Tokenizer` and its tokenizer_config.json dict from GGUF metadata."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-
-    kind = metadata.get("tokenizer.ggml.model")
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    if kind is None or not tokens:
-        raise UserError("GGUF has no tokenizer (tokenizer.ggml.model / tokens metadata missing)")
-    types = metadata.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
-    vocab = {}
-    for i, tok in enumerate(tokens):
-        vocab.setdefault(tok, i)  # a duplicated string keeps its first id, like llama.cpp
-
-    def token(key):
-        idx = metadata.get(f"tokenizer.ggml.{key}")
-        return tokens[idx] if idx is not None and 0 <= idx < len(tokens) else None
-
-    bos, eos = token("bos_token_id"), token("eos_token_id")
-    unk, pad = token("unknown_token_id"), token("padding_token_id")
-    if kind == "gpt2":
-        merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
-        pre = metadata.get("tokenizer.ggml.pre", "default")
-        tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in LLAMA3_STYLE))
-        tok.pre_tokenizer = _bpe_pre_tokenizer(pre)
-        tok.decoder = decoders.ByteLevel()
-        add_bos_default, byte_post = False, processors.ByteLevel(trim_offsets=False)
-    elif kind == "llama":
-        scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-        normal = {i for i, t in enumerate(types) if t in (_TOKEN_NORMAL, _TOKEN_USER_DEFINED)}
-        merges = _spm_merges(tokens, scores, vocab, normal)
-        tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-        space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
-        steps = [normalizers.Prepend("▁")] if space_prefix else []
-        tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
-        strip = [decoders.Strip(" ", 1, 0)] if space_prefix else []  # the prepended space
-        tok.decoder = decoders.Sequence(
-            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()] + strip
-        )
-        add_bos_default, byte_post = True, None
-    else:
-        raise UserError(f"unsupported GGUF tokenizer model {kind!r} (supported: gpt2, llama)")
-
-    # Control tokens (and SPM's <unk>) are special; user-defined ones are matched
-    # in raw text but decoded like normal text, as llama.cpp treats them.
-    special_types = (_TOKEN_CONTROL, _TOKEN_UNKNOWN)
-    specials = [tokens[i] for i, t in enumerate(types) if t in special_types]
-    user = [tokens[i] for i, t in enumerate(types) if t == _TOKEN_USER_DEFINED]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    if user:
-        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
-
-    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None
-    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
-    if add_bos or add_eos:
-        head, tail = (f"{bos}:0 " if add_bos else ""), (f" {eos}:0" if add_eos else "")
-        used = [(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{head}$A:0{tail}",
-            pair=f"{head}$A:0{tail} {head.replace(':0', ':1')}$B:1{tail.replace(':0', ':1')}",
-            special_tokens=list(dict.fromkeys(used)),
-        )
-    elif byte_post is not None:
-        tok.post_processor = byte_post
-
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": bos,
-        "eos_token": eos,
-        "pad_token": pad,
-        "unk_token": unk,
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": int(
-            metadata.get(f"{metadata.get('general.architecture', 'llama')}.context_length", 2048)
-        ),
-    }
-    if metadata.get("tokenizer.chat_template"):
-        config["chat_template"] = metadata["tokenizer.chat_template"]
-    return tok, config
 
 
 # ---------------------------------------------------------------- writing

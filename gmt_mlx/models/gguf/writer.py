@@ -1,11 +1,11 @@
 """Write a Hugging Face Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma/Gemma 2 folder as one GGUF file (llama.cpp, Ollama).
 
-The inverse of `gmt_mlx.gguf` (the import), written with the `gguf` package
+The inverse of `reader.convert_gguf` (the import), written with the `gguf` package
 (llama.cpp's own Python writer):
-- tensors renamed to llama.cpp's names (`gguf.layer_names`: qwen3's q/k
+- tensors renamed to llama.cpp's names (`tables.layer_names`: qwen3's q/k
   norms, phi3's fused qkv and gate_up kept fused, gemma2's four norms);
   q_proj/k_proj rows permuted into GGML's rope layout with `permute_qk`, the
-  exact inverse of `gguf.unpermute_qk` (llama only: llama.cpp runs the others
+  exact inverse of `reader.unpermute_qk` (llama only: llama.cpp runs the others
   with the NEOX rope, Hugging Face's own, and stores their rows as they are);
   Gemma's norms stored as 1 + weight, as llama.cpp's converter does;
   1-D tensors (norms, biases) stay F32, as llama.cpp's
@@ -19,7 +19,7 @@ The inverse of `gmt_mlx.gguf` (the import), written with the `gguf` package
   soft-capping and sliding window);
 - the tokenizer (byte-level BPE: GPT-2, SmolLM/StarCoder, Llama 3 and Qwen2
   split rules) with its merges, token types, special tokens, add-BOS flag and
-  chat template.
+  chat template (`tokenizer.tokenizer_metadata`).
 
 Whatever cannot be written faithfully (another architecture, an unknown
 pre-tokenizer, a rope scaling llama.cpp would read differently) is a one-line
@@ -37,16 +37,15 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from gmt_mlx.errors import UserError
-from gmt_mlx.models.gguf.reader import llama3_rope_freqs
+from gmt_mlx.models.gguf.hf_config import llama3_rope_freqs
 from gmt_mlx.models.gguf.tables import (
-    LLAMA3_PATTERN,
-    QWEN2_PATTERN,
-    TOP_NAMES,
     GEMMA_ACTIVATION,
     NORM_PLUS_ONE_ARCHITECTURES,
     PERMUTED_QK_ARCHITECTURES,
+    TOP_NAMES,
     layer_names,
 )
+from gmt_mlx.models.gguf.tokenizer import tokenizer_metadata
 
 OUTTYPES = ("f32", "f16", "q8_0")
 DEFAULT_OUTTYPE = "f16"  # llama.cpp's convert_hf_to_gguf.py default
@@ -58,9 +57,6 @@ _NO_ATTENTION_BIAS = ("qwen3", "phi3", "gemma", "gemma2")
 INSTALL_HINT = "pip install 'gmt-mlx[gguf]'  (or: pip install gguf)"
 MODELFILE = "Modelfile"
 Q8_BLOCK = 32
-
-# llama.cpp token types (llama.h), as gmt_mlx.gguf reads them back.
-_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama.cpp's LlamaFileType
 
 _TO_GGUF_TOP = {hf: gg for gg, hf in TOP_NAMES.items()}
@@ -127,7 +123,7 @@ def _check_gemma2(config: Dict[str, Any]) -> None:
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF half-split rows -> GGML pairwise rows, head by head: the inverse of `gguf.unpermute_qk`.
+    """HF half-split rows -> GGML pairwise rows, head by head: the inverse of `reader.unpermute_qk`.
 
     Each head's rows, viewed as (2 halves, head_dim/2), are interleaved into
     (head_dim/2, 2), so GGML slot 2i holds HF row i and slot 2i+1 row i + d/2.
@@ -263,104 +259,6 @@ def model_metadata(config: Dict[str, Any], arch: str, n_vocab: int) -> Dict[str,
     return meta
 
 
-def _token_text(value) -> Optional[str]:
-    return value.get("content") if isinstance(value, dict) else value
-
-
-def _pre_tokenizer_name(pre: Optional[Dict[str, Any]], normalizer: Optional[Dict[str, Any]]) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer.json, judged by its split rules."""
-
-    def byte_level(step, regex):
-        return step.get("type") == "ByteLevel" and bool(step.get("use_regex", True)) == regex
-
-    steps = [] if pre is None else pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    if len(steps) == 1 and byte_level(steps[0], True):
-        name = "gpt-2"
-    elif (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
-          and byte_level(steps[1], True)):
-        name = "smollm"  # llama.cpp splits digits then applies GPT-2's rules, as for starcoder
-    elif len(steps) == 2 and steps[0].get("type") == "Split" and byte_level(steps[1], False):
-        pattern = (steps[0].get("pattern") or {}).get("Regex")
-        name = {LLAMA3_PATTERN: "llama-bpe", QWEN2_PATTERN: "qwen2"}.get(pattern)
-        if name is None:
-            raise UserError(f"GGUF export: the tokenizer's split regex {pattern!r} is not one llama.cpp "
-                            "knows (GPT-2, SmolLM, Llama 3, Qwen2)")
-    else:
-        kinds = "+".join(s.get("type", "?") for s in steps) or "none"
-        raise UserError(f"GGUF export: pre-tokenizer {kinds} has no llama.cpp equivalent known to gmt-mlx")
-    if normalizer is not None and not (name == "qwen2" and normalizer.get("type") == "NFC"):
-        raise UserError(f"GGUF export: a byte-level tokenizer with a {normalizer.get('type')} normalizer "
-                        "has no llama.cpp equivalent")
-    return name
-
-
-def _adds_bos(tokenizer_json: Dict[str, Any], tokenizer_config: Dict[str, Any], bos: Optional[str]) -> bool:
-    if "add_bos_token" in tokenizer_config:  # transformers < 5 writes it
-        return bool(tokenizer_config["add_bos_token"]) and bos is not None
-    post = tokenizer_json.get("post_processor") or {}
-    steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
-    for step in steps:
-        if step.get("type") == "TemplateProcessing" and step.get("single"):
-            first = step["single"][0]
-            return "SpecialToken" in first and first["SpecialToken"]["id"] == bos
-    return False
-
-
-def tokenizer_metadata(tokenizer_json: Dict[str, Any], tokenizer_config: Dict[str, Any],
-                       config: Dict[str, Any], n_vocab: int, chat_template: Optional[str] = None) -> Dict[str, Any]:
-    """`tokenizer.*` keys for a byte-level BPE tokenizer (what llama.cpp's converter writes)."""
-    model = tokenizer_json.get("model") or {}
-    decoder = tokenizer_json.get("decoder") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
-        raise UserError("GGUF export supports byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, "
-                        f"Qwen2); this one is {model.get('type')} with a {decoder.get('type')} decoder")
-    pre = _pre_tokenizer_name(tokenizer_json.get("pre_tokenizer"), tokenizer_json.get("normalizer"))
-    ids = dict(model["vocab"])
-    added = {t["content"]: t for t in tokenizer_json.get("added_tokens") or []}
-    ids.update({content: t["id"] for content, t in added.items()})
-    if max(ids.values()) >= n_vocab:
-        raise UserError(f"GGUF export: token id {max(ids.values())} is beyond the {n_vocab} embedding rows")
-    tokens = [f"[PAD{i}]" for i in range(n_vocab)]  # rows no token uses, as llama.cpp pads them
-    types = [_UNUSED] * n_vocab
-    for text, i in ids.items():
-        tokens[i] = text
-        types[i] = _NORMAL
-    for text, t in added.items():
-        types[t["id"]] = _CONTROL if t.get("special") else _USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-
-    meta: Dict[str, Any] = {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": pre,
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.merges": merges,
-    }
-    names = {key: _token_text(tokenizer_config.get(f"{key}_token")) for key in ("bos", "eos", "unk", "pad")}
-    for key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
-        token_id = ids.get(names[key]) if names[key] is not None else None
-        if token_id is None and key != "unk":
-            token_id = config.get(f"{key}_token_id") if not isinstance(config.get(f"{key}_token_id"), list) else None
-        if token_id is not None:
-            meta[f"tokenizer.ggml.{gguf_key}_token_id"] = int(token_id)
-    # A second end-of-sequence id in config.json (e.g. <|endoftext|> and <|im_end|>) is llama.cpp's end-of-turn.
-    eos_ids = config.get("eos_token_id")
-    eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else []
-    others = [i for i in eos_ids if i != meta.get("tokenizer.ggml.eos_token_id")]
-    if others:
-        meta.setdefault("tokenizer.ggml.eos_token_id", int(others.pop(0)))
-    if others:
-        meta["tokenizer.ggml.eot_token_id"] = int(others[0])
-    meta["tokenizer.ggml.add_bos_token"] = _adds_bos(tokenizer_json, tokenizer_config, names["bos"])
-    meta["tokenizer.ggml.add_eos_token"] = bool(tokenizer_config.get("add_eos_token", False))
-    template = chat_template or tokenizer_config.get("chat_template")
-    if isinstance(template, list):  # named templates: llama.cpp reads the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if template:
-        meta["tokenizer.chat_template"] = template
-    return meta
-
-
 # ---------------------------------------------------------------- Ollama
 
 _CHATML = (
@@ -483,7 +381,7 @@ def save_gguf_model(out_dir: str | Path, model, tokenizer, base_config: Dict[str
         path = hf_folder_to_gguf(staging, out_dir / f"{name}-{outtype}.gguf", outtype=outtype, name=name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    from gmt_mlx.models.gguf.reader import read_gguf_header
+    from gmt_mlx.models.gguf.header import read_gguf_header
 
     (out_dir / MODELFILE).write_text(ollama_modelfile(path.name, read_gguf_header(path).metadata))
     return path
