@@ -229,6 +229,26 @@ def blas_info(measure: bool = True) -> dict:
     return info
 
 
+def arithmetic() -> dict:
+    """What decides this process's float results besides the code and the data: the device and the BLAS library.
+
+    Checkpoints record it; a resume under another one would not end bit for bit
+    where the interrupted run would have (a different BLAS sums in another order).
+    """
+    import mlx.core as mx
+
+    info = blas_info(measure=False)
+    device = mx.default_device().type
+    return {"device": getattr(device, "name", str(device)), "blas": info["library"] or info["kind"]}
+
+
+def select_hint(blas: str) -> str:
+    """How a user gets ``blas`` (a recorded ``arithmetic()["blas"]``) back: the GMT_MLX_BLAS setting that selects it."""
+    if blas in ("Accelerate", "unknown") or blas is None:
+        return "the machine that ran it"
+    return f"{ENV_VAR}=reference" if classify_library(blas) == "reference" else f"{ENV_VAR}={blas}"
+
+
 # --------------------------------------------------------------------------
 # The decision, the check, the re-exec
 # --------------------------------------------------------------------------

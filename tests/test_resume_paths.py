@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -191,3 +192,29 @@ def test_describe_blas_says_what_it_found(monkeypatch):
     assert run_setup.describe_blas() == "openblas (/y/libopenblas.so.0)"
     info.update(kind="accelerate")
     assert run_setup.describe_blas() == "Apple Accelerate"
+
+
+def test_resume_under_another_blas_is_refused_or_forced(tiny_model_dir, chat_data, tmp_path, monkeypatch):
+    import gmt_mlx.recipes.plan as plan_module
+
+    out = tmp_path / "run"
+    first = runner.invoke(app, args(tiny_model_dir, chat_data, out, "--iters", "4", "--steps-per-save", "2",
+                                    "--max-bad-steps", "1"))
+    assert first.exit_code == 0, first.output
+    step2 = rundir.step_dir(out, 2)
+    recorded = ckpt.read_state(step2)["arithmetic"]
+    assert set(recorded) == {"device", "blas"} and recorded["device"] == "cpu"
+    rundir.model_dir(out).joinpath("config.json").unlink()  # as if killed before the final save
+    for path in rundir.step_checkpoints(out)[1:]:
+        shutil.rmtree(path)
+    elsewhere = {"device": "cpu", "blas": "/opt/other/libopenblas.so.0"}
+    monkeypatch.setattr(plan_module, "arithmetic", lambda: elsewhere)
+    refused = runner.invoke(app, ["finetune", "--resume", str(out)])
+    assert refused.exit_code == 2
+    line = refused.output.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot resume {out} bit for bit: its checkpoints were computed under another "
+                           f"arithmetic (blas {recorded['blas']} -> /opt/other/libopenblas.so.0); resume under the old one (GMT_MLX_BLAS=")
+    assert line.endswith("or pass --force to continue under this one")
+    forced = runner.invoke(app, ["finetune", "--resume", str(out), "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert "warning: " in forced.output and "continuing (--force)" in forced.output

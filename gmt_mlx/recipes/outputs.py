@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
+from gmt_mlx.blas import arithmetic
 from gmt_mlx.config import Config
 from gmt_mlx.core.distributed import is_main
 from gmt_mlx.core.optim import MASK_SAMPLE_KEY
@@ -220,6 +221,7 @@ class RunCheckpoints:
     def __init__(self, config: Config, run: Setup, out: Path):
         self.config, self.run, self.out = config, run, out
         self.saved_step = -1  # the step of the newest step checkpoint this start saved
+        self.arithmetic = arithmetic()  # the device and BLAS: a resume under others is refused (plan.check_arithmetic)
 
     def save(self, step: int, best_val: Optional[float]) -> Path:
         """Checkpoint the full training state at ``step``, then prune old step checkpoints."""
@@ -245,5 +247,5 @@ class RunCheckpoints:
         return ckpt.save_checkpoint(
             path, self.run.model, self.run.optimizer, step=step, config=self.config.to_dict(),
             extra={"best_val_loss": best_val, "total_steps": self.run.steps,
-                   "micro_batches": step * self.config.grad_accumulation_steps, **extra},
+                   "micro_batches": step * self.config.grad_accumulation_steps, "arithmetic": self.arithmetic, **extra},
         )

@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from gmt_mlx import config as cfg
+from gmt_mlx.blas import arithmetic, select_hint
 from gmt_mlx.config import Config
 from gmt_mlx.data.batching import PAD_MULTIPLE, check_split_size, iterate_batches, length_buckets
 from gmt_mlx.data.encoding import TokenizedSplit, tokenize_split
@@ -85,6 +86,7 @@ def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, f
                         f"anyway or --overwrite to start over")
     if latest is not None:
         check_loss_normalisation(out, meta, ranks)
+        check_arithmetic(out, meta, force=force, log=log)
     else:
         log(f"no checkpoint in {out} yet (it stopped before its first save): starting it over")
     # No checkpoint yet (killed early): start over in place. A checkpoint at the
@@ -106,6 +108,26 @@ def check_loss_normalisation(out: Path, state: dict, ranks: int) -> None:
         raise UserError(f"{out} was started by gmt-mlx before 0.2's change to gradient accumulation (micro-batches "
                         "are now weighted by their target tokens); resuming it would change its training mid-run: "
                         "start it over with --overwrite")
+
+
+def check_arithmetic(out: Path, state: dict, *, force: bool, log: Callable[[str], None]) -> None:
+    """Refuse (or, with --force, warn about) a resume under another device or BLAS than the checkpoint's.
+
+    Another BLAS sums in another order, so the resumed run would not end where
+    the interrupted one would have; the message says how to get the old one back.
+    """
+    saved, now = state.get("arithmetic"), arithmetic()
+    if not isinstance(saved, dict) or saved == now:  # checkpoints before gmt-mlx recorded it: nothing to compare
+        return
+    changed = "; ".join(f"{key} {saved.get(key)} -> {now.get(key)}" for key in sorted(set(saved) | set(now))
+                        if saved.get(key) != now.get(key))
+    if force:
+        log(f"warning: {out}'s checkpoints were computed under another arithmetic ({changed}); continuing (--force): "
+            "the result will differ from an uninterrupted run's")
+        return
+    old = select_hint(saved["blas"]) if saved.get("blas") != now.get("blas") else "the device it ran on"
+    raise UserError(f"cannot resume {out} bit for bit: its checkpoints were computed under another arithmetic "
+                    f"({changed}); resume under the old one ({old}) or pass --force to continue under this one")
 
 
 def tokenize_splits(config: Config, rows: Dict[str, list], tokenizer, log: Callable[[str], None]) -> Dict[str, TokenizedSplit]:
