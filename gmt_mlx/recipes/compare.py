@@ -191,7 +191,7 @@ def _eval_settings(spec: CompareSpec, split: str) -> dict:
 
 def _evaluate(spec: CompareSpec, model: str, split: Optional[str], path: Path, config: Config, log) -> Optional[dict]:
     """Evaluate ``model`` on ``split`` once; reuse ``path`` when it holds the same evaluation."""
-    from gmt_mlx.evaluation.evaluate import evaluate
+    from gmt_mlx.evaluation.evaluate import EvalOptions, evaluate
 
     if split is None:
         return None
@@ -201,10 +201,11 @@ def _evaluate(spec: CompareSpec, model: str, split: Optional[str], path: Path, c
         if saved.get("settings") == settings:
             return saved
     t0 = time.perf_counter()
-    result = evaluate(model, config.data, split=split, scorers=spec.scorers, mask_prompt=config.mask_prompt,
-                      assistant_turns=config.assistant_turns, data_options=data_options(config),
-                      max_seq_length=config.max_seq_length, batch_size=spec.eval_batch_size,
-                      max_tokens=spec.max_tokens, limit=spec.eval_limit)
+    options = EvalOptions(split=split, scorers=tuple(spec.scorers), mask_prompt=config.mask_prompt,
+                          assistant_turns=config.assistant_turns, max_seq_length=config.max_seq_length,
+                          batch_size=spec.eval_batch_size, max_tokens=spec.max_tokens, limit=spec.eval_limit,
+                          **data_options(config))
+    result = evaluate(model, config.data, options)
     result["settings"] = settings
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
