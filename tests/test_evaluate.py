@@ -216,6 +216,16 @@ def test_eval_without_data_is_one_line(tiny_model_dir):
     assert result.exit_code == 2 and "--data is required" in result.output
 
 
+@pytest.mark.parametrize("content,why", [(b"model: x\n\xff\xfe\n", "is damaged (not UTF-8 text at byte 9)"),
+                                         (b"model: x\nite", "is damaged (cut short)")])
+def test_eval_of_a_run_with_a_damaged_config_is_one_line(tmp_path, content, why):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_bytes(content)
+    result = runner.invoke(app, ["eval", str(run), "--baseline"])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [f"error: {run / 'config.yaml'} {why}"]
+
+
 def test_score_summary_counts_or_averages():
     from gmt_mlx.evaluation.evaluate import score_summary
 

@@ -326,16 +326,13 @@ def against_base(tuned: dict, base: dict, run: Optional[dict] = None) -> dict:
 
 
 def saved_run_config(model_or_run: str) -> Optional[dict]:
-    """The config.yaml of a gmt-mlx run directory, or None for a plain model."""
-    import yaml
+    """The config of a gmt-mlx run directory (`rundir.read_config`), or None for a plain model.
 
-    path = Path(model_or_run) / rundir.CONFIG_FILE
-    if not path.is_file():
+    A damaged config.yaml is a UserError saying which file and why, in one line.
+    """
+    if not (Path(model_or_run) / rundir.CONFIG_FILE).is_file():
         return None
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError):  # a byte-flipped file is not UTF-8
-        raise UserError(f"{path}: invalid YAML") from None
+    return rundir.read_config(model_or_run)
 
 
 def evaluate(
