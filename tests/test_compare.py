@@ -186,6 +186,16 @@ def test_finished_run_with_another_config_is_refused(compared, tmp_path):
         cmp.compare(changed, log=lambda s: None)
 
 
+def test_finished_run_with_a_damaged_config_is_refused_in_one_line(compared, tmp_path):
+    spec, _, _ = compared
+    out = tmp_path / "copy"
+    shutil.copytree(spec.out, out)
+    config = out / "runs" / "sft-s0" / "config.yaml"
+    config.write_bytes(config.read_bytes().replace(b"model:", b"\xffodel:"))  # not UTF-8: was a traceback
+    with pytest.raises(UserError, match=r"sft-s0 holds a finished run with a different config \(config.yaml: 'unread"):
+        cmp.compare(spec_for(spec.base.model, spec.base.data, out, methods=["sft"]), log=lambda s: None)
+
+
 @pytest.mark.parametrize("fn,text,fragment", [
     (parsing.parse_methods, "sft,foo", "unknown method 'foo'"),
     (parsing.parse_methods, "sft,sft", "twice"),

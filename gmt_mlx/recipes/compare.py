@@ -62,7 +62,7 @@ def _is_finished(run_dir: Path) -> bool:
 
 def _check_same_config(run: PlannedRun, run_dir: Path) -> Dict[str, tuple]:
     try:
-        saved = cfg.load_yaml(run_dir / rundir.CONFIG_FILE)
+        saved = rundir.read_config(run_dir)
     except UserError:
         return {rundir.CONFIG_FILE: ("unreadable", "")}
     return cfg.diff({**Config().to_dict(), **saved}, run.config.to_dict())
