@@ -18,21 +18,37 @@ if TYPE_CHECKING:  # annotations only: like every command, eval imports the libr
 @user_errors
 def eval_command(
     model: Annotated[str, typer.Argument(help="A run directory, HF folder, GGUF file, Hub id or 'smollm2-135m'.")],
-    data: Annotated[Optional[str], typer.Option(help="Data folder, .jsonl/.parquet/.csv/.json file, saved dataset or Hub dataset id.  [default: a run's own --data]")] = None,
-    columns: Annotated[Optional[str], typer.Option(help="Rename dataset columns, SOURCE=FIELD pairs: question=prompt,answer=completion.  [default: a run's own, for its own data]")] = None,
-    data_config: Annotated[Optional[str], typer.Option(help="Configuration (subset) of a Hub dataset.  [default: a run's own, for its own data]")] = None,
-    data_splits: Annotated[Optional[str], typer.Option(help="Dataset splits that become train/valid/test: train_sft=train,test_sft=valid.  [default: a run's own, for its own data]")] = None,
+    data: Annotated[Optional[str], typer.Option(
+        help="Data folder, .jsonl/.parquet/.csv/.json file, saved dataset or Hub dataset id.  "
+             "[default: a run's own --data]")] = None,
+    columns: Annotated[Optional[str], typer.Option(
+        help="Rename dataset columns, SOURCE=FIELD pairs: question=prompt,answer=completion.  "
+             "[default: a run's own, for its own data]")] = None,
+    data_config: Annotated[Optional[str], typer.Option(
+        help="Configuration (subset) of a Hub dataset.  [default: a run's own, for its own data]")] = None,
+    data_splits: Annotated[Optional[str], typer.Option(
+        help="Dataset splits that become train/valid/test: train_sft=train,test_sft=valid.  "
+             "[default: a run's own, for its own data]")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate: train, valid or test.")] = "test",
-    scorer: Annotated[str, typer.Option(help="Comma-separated scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK] or module:function.")] = "exact",
+    scorer: Annotated[str, typer.Option(
+        help="Comma-separated scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK] or "
+             "module:function.")] = "exact",
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate per answer at most (greedy).")] = 64,
     batch_size: Annotated[int, typer.Option(help="Prompts generated (and loss examples scored) together.")] = 16,
-    limit: Annotated[Optional[int], typer.Option(help="Score only the first N prompt/answer pairs (the loss still uses the whole split).")] = None,
-    mask_prompt: Annotated[Optional[bool], typer.Option("--mask-prompt/--no-mask-prompt", help="Loss on completions only.  [default: a run's own setting, else yes]")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        help="Score only the first N prompt/answer pairs (the loss still uses the whole split).")] = None,
+    mask_prompt: Annotated[Optional[bool], typer.Option(
+        "--mask-prompt/--no-mask-prompt",
+        help="Loss on completions only.  [default: a run's own setting, else yes]")] = None,
     loss: Annotated[bool, typer.Option("--loss/--no-loss", help="Compute loss and perplexity.")] = True,
     generate: Annotated[bool, typer.Option("--generate/--no-generate", help="Generate answers and score them.")] = True,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the full result (every item's answer and scores) to this JSON file.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Write the full result (every item's answer and scores) to this JSON file.")] = None,
     show: Annotated[int, typer.Option(help="Print this many scored answers.")] = 3,
-    baseline: Annotated[bool, typer.Option("--baseline", help="A run only: also evaluate the base model it was tuned from, on the same rows, and print base -> tuned with before/after answers.")] = False,
+    baseline: Annotated[bool, typer.Option(
+        "--baseline",
+        help="A run only: also evaluate the base model it was tuned from, on the same rows, "
+             "and print base -> tuned with before/after answers.")] = False,
 ) -> None:
     """Evaluate a model or a fine-tuned run: loss/perplexity on a split and generation accuracy."""
     from gmt_mlx.evaluation.evaluate import evaluate, evaluate_with_base
@@ -96,8 +112,8 @@ def print_result(result: dict, options: EvalOptions, *, show: int) -> None:
     echo(f"model     {result['model']}")
     echo(f"data      {result['data']} ({options.split}, {result['examples']} examples)")
     if "preference_accuracy" in result:
-        echo(f"preference accuracy {100 * result['preference_accuracy']:.1f}% of {result['pairs']} pairs (chosen answer "
-             f"likelier than the rejected one; mean log-prob margin {result['margin']:.3f})")
+        echo(f"preference accuracy {100 * result['preference_accuracy']:.1f}% of {result['pairs']} pairs "
+             f"(chosen answer likelier than the rejected one; mean log-prob margin {result['margin']:.3f})")
     if "loss" in result:
         echo(f"loss      {result['loss']:.4f} (perplexity {result['ppl']:.3f}, {result['tokens']} target tokens"
              f"{', completions only' if result['mask_prompt'] else ''})")
