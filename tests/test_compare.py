@@ -16,19 +16,20 @@ from gmt_mlx.config import Config
 from gmt_mlx.errors import UserError
 from gmt_mlx.evaluation import report
 from gmt_mlx.recipes import compare as cmp
+from gmt_mlx.recipes import compare_plan
 
 runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def spec_for(model, data, out, **kwargs) -> cmp.CompareSpec:
+def spec_for(model, data, out, **kwargs) -> compare_plan.CompareSpec:
     base = Config(model=str(model), data=str(data), iters=4, batch_size=4, steps_per_eval=2, steps_per_report=1,
                   steps_per_save=0)
     defaults = dict(methods=["sft", "gmt", "random", "lora", "dora"], seeds=[0, 1], mask_ratios=[0.5],
-                    learning_rates={m: 1e-3 for m in cmp.DEFAULT_LEARNING_RATES}, scorers=["number", "exact"],
+                    learning_rates={m: 1e-3 for m in compare_plan.DEFAULT_LEARNING_RATES}, scorers=["number", "exact"],
                     eval_limit=2, max_tokens=3)
     defaults.update(kwargs)
-    return cmp.CompareSpec(base=base, out=Path(out), **defaults)
+    return compare_plan.CompareSpec(base=base, out=Path(out), **defaults)
 
 
 @pytest.fixture(scope="module")
@@ -127,16 +128,17 @@ def test_base_validation_loss_is_what_a_run_measures_before_training(compared, t
 
 @pytest.mark.parametrize("steps, every_eval, every_report", [(4, 1, 1), (10, 1, 1), (30, 3, 1), (100, 12, 6), (1000, 125, 62)])
 def test_compare_picks_a_cadence_that_draws_curves(steps, every_eval, every_report):
-    spec = cmp.CompareSpec(base=Config(iters=steps), out=Path("x"), auto_cadence=cmp.CADENCE_KEYS)
+    spec = compare_plan.CompareSpec(base=Config(iters=steps), out=Path("x"), auto_cadence=compare_plan.CADENCE_KEYS)
     logs = []
-    base = cmp.with_cadence(spec, steps, logs.append).base
+    base = compare_plan.with_cadence(spec, steps, logs.append).base
     assert (base.steps_per_eval, base.steps_per_report) == (every_eval, every_report)
-    assert steps // base.steps_per_eval >= min(steps, cmp.CURVE_POINTS)
+    assert steps // base.steps_per_eval >= min(steps, compare_plan.CURVE_POINTS)
     assert "validation every" in logs[0]
     # What the user set stays, with a warning when it draws dots.
-    mine = cmp.CompareSpec(base=Config(iters=steps, steps_per_eval=50), out=Path("x"), auto_cadence=("steps_per_report",))
+    mine = compare_plan.CompareSpec(base=Config(iters=steps, steps_per_eval=50), out=Path("x"),
+                                    auto_cadence=("steps_per_report",))
     logs = []
-    assert cmp.with_cadence(mine, steps, logs.append).base.steps_per_eval == 50
+    assert compare_plan.with_cadence(mine, steps, logs.append).base.steps_per_eval == 50
     assert (steps < 150) == any("warning: --steps-per-eval 50" in line for line in logs)
 
 
@@ -184,6 +186,16 @@ def test_finished_run_with_another_config_is_refused(compared, tmp_path):
         cmp.compare(changed, log=lambda s: None)
 
 
+def test_finished_run_with_a_damaged_config_is_refused_in_one_line(compared, tmp_path):
+    spec, _, _ = compared
+    out = tmp_path / "copy"
+    shutil.copytree(spec.out, out)
+    config = out / "runs" / "sft-s0" / "config.yaml"
+    config.write_bytes(config.read_bytes().replace(b"model:", b"\xffodel:"))  # not UTF-8: was a traceback
+    with pytest.raises(UserError, match=r"sft-s0 holds a finished run with a different config \(config.yaml: 'unread"):
+        cmp.compare(spec_for(spec.base.model, spec.base.data, out, methods=["sft"]), log=lambda s: None)
+
+
 @pytest.mark.parametrize("fn,text,fragment", [
     (parsing.parse_methods, "sft,foo", "unknown method 'foo'"),
     (parsing.parse_methods, "sft,sft", "twice"),
@@ -207,15 +219,16 @@ def test_full_is_sft():
     assert parsing.parse_methods("full,gmt") == ["sft", "gmt"]
     assert parsing.parse_learning_rates("full=1e-4") == {"sft": 1e-4}
     assert "full" not in parsing.parse_learning_rates("1e-4")
-    spec = cmp.CompareSpec(base=Config(), out=Path("x"), methods=["full", "sft"])
-    assert spec.methods == ["sft"] and spec.learning_rate("sft") == cmp.DEFAULT_LEARNING_RATES["sft"]
+    spec = compare_plan.CompareSpec(base=Config(), out=Path("x"), methods=["full", "sft"])
+    assert spec.methods == ["sft"] and spec.learning_rate("sft") == compare_plan.DEFAULT_LEARNING_RATES["sft"]
 
 
 def test_learning_rates():
     assert parsing.parse_learning_rates("3e-4")["dora"] == 3e-4
     rates = parsing.parse_learning_rates("lora=2e-4")
-    spec = cmp.CompareSpec(base=Config(), out=Path("x"), learning_rates=rates)
-    assert spec.learning_rate("lora") == 2e-4 and spec.learning_rate("gmt") == cmp.DEFAULT_LEARNING_RATES["gmt"]
+    spec = compare_plan.CompareSpec(base=Config(), out=Path("x"), learning_rates=rates)
+    assert spec.learning_rate("lora") == 2e-4
+    assert spec.learning_rate("gmt") == compare_plan.DEFAULT_LEARNING_RATES["gmt"]
 
 
 def test_short_compare_draws_curves_from_step_0(tiny_model_dir, chat_data, tmp_path):
@@ -292,7 +305,7 @@ def test_shipped_compare_example_config_and_data():
 
     config_path = ROOT / "examples" / "compare_chain_sum.yaml"
     values = load_yaml(config_path)
-    cmp.check_base(values, str(config_path))  # compare accepts it
+    compare_plan.check_base(values, str(config_path))  # compare accepts it
     assert resolve(config_path).data == "examples/data/chain_sum"
     splits = load_splits(ROOT / "examples" / "data" / "chain_sum")
     assert {name: len(rows) for name, rows in splits.items()} == {"train": 256, "valid": 16, "test": 48}

@@ -160,11 +160,11 @@ def test_batched_generation_matches_one_at_a_time(tiny_model_dir):
 
 def test_evaluate_a_run_and_a_model(tiny_model_dir, chat_data, tmp_path):
     from gmt_mlx.config import Config
-    from gmt_mlx.evaluation.evaluate import evaluate
+    from gmt_mlx.evaluation.evaluate import EvalOptions, evaluate
     from gmt_mlx.recipes.finetune import finetune
 
-    result = evaluate(str(tiny_model_dir), str(chat_data), split="valid", scorers=["number", "exact"], max_tokens=4,
-                      batch_size=3)
+    result = evaluate(str(tiny_model_dir), str(chat_data),
+                      EvalOptions(split="valid", scorers=("number", "exact"), max_tokens=4, batch_size=3))
     assert result["count"] == 4 and len(result["items"]) == 4
     assert set(result["accuracy"]) == {"number", "exact"}
     assert result["loss"] > 0 and result["ppl"] > 1 and result["mask_prompt"] is True
@@ -174,7 +174,7 @@ def test_evaluate_a_run_and_a_model(tiny_model_dir, chat_data, tmp_path):
     finetune(Config(model=str(tiny_model_dir), data=str(chat_data), out=str(run), iters=2, mask_prompt=False,
                     samples=0), log=lambda s: None)
     # A run brings its own data and prompt masking (so the loss matches its validation loss).
-    result = evaluate(str(run), limit=1, max_tokens=2, split="valid")
+    result = evaluate(str(run), options=EvalOptions(limit=1, max_tokens=2, split="valid"))
     assert result["data"] == str(chat_data) and result["mask_prompt"] is False and result["count"] == 1
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert result["loss"] == pytest.approx([r for r in records if r["type"] == "eval"][-1]["val_loss"], rel=1e-4)
@@ -216,6 +216,16 @@ def test_eval_without_data_is_one_line(tiny_model_dir):
     assert result.exit_code == 2 and "--data is required" in result.output
 
 
+@pytest.mark.parametrize("content,why", [(b"model: x\n\xff\xfe\n", "is damaged (not UTF-8 text at byte 9)"),
+                                         (b"model: x\nite", "is damaged (cut short)")])
+def test_eval_of_a_run_with_a_damaged_config_is_one_line(tmp_path, content, why):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_bytes(content)
+    result = runner.invoke(app, ["eval", str(run), "--baseline"])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [f"error: {run / 'config.yaml'} {why}"]
+
+
 def test_score_summary_counts_or_averages():
     from gmt_mlx.evaluation.evaluate import score_summary
 
@@ -229,7 +239,7 @@ def test_score_summary_counts_or_averages():
 
 def test_eval_baseline_compares_a_run_with_its_base(tiny_model_dir, chat_data, tmp_path):
     from gmt_mlx.config import Config
-    from gmt_mlx.evaluation.evaluate import evaluate
+    from gmt_mlx.evaluation.evaluate import EvalOptions, evaluate
     from gmt_mlx.recipes.finetune import finetune
 
     run = tmp_path / "run"
@@ -251,8 +261,8 @@ def test_eval_baseline_compares_a_run_with_its_base(tiny_model_dir, chat_data, t
     assert [i["prompt"] for i in base["items"]] == [i["prompt"] for i in tuned["items"]]
     # The base is scored as the run's own settings would score it (here: loss on whole sequences).
     assert base["mask_prompt"] is False and tuned["mask_prompt"] is False
-    alone = evaluate(str(tiny_model_dir), str(chat_data), scorers=["exact", "number"], max_tokens=3, limit=2,
-                     mask_prompt=False)
+    alone = evaluate(str(tiny_model_dir), str(chat_data),
+                     EvalOptions(scorers=("exact", "number"), max_tokens=3, limit=2, mask_prompt=False))
     assert base["loss"] == pytest.approx(alone["loss"], rel=1e-6)
     assert [i["answer"] for i in base["items"]] == [i["answer"] for i in alone["items"]]
     assert tuned["loss"] != pytest.approx(base["loss"], rel=1e-6)  # the run's weights, not the base's

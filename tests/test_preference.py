@@ -355,10 +355,10 @@ def test_eval_reports_preference_accuracy(tiny_model_dir, pref_data, tmp_path):
     result = runner.invoke(app, ["eval", str(run), "--split", "test", "--baseline", "--scorer", "exact"])
     assert result.exit_code == 0, result.output
     assert "preference accuracy" in result.output and "reward accuracy" in result.output
-    from gmt_mlx.evaluation.evaluate import evaluate
+    from gmt_mlx.evaluation.evaluate import EvalOptions, evaluate
 
-    tuned = evaluate(str(run), split="test", generate=False)
-    base = evaluate(str(tiny_model_dir), str(pref_data), split="test", generate=False)
+    tuned = evaluate(str(run), options=EvalOptions(split="test", generate=False))
+    base = evaluate(str(tiny_model_dir), str(pref_data), EvalOptions(split="test", generate=False))
     assert tuned["preference_accuracy"] >= 0.9 > base["preference_accuracy"] or tuned["preference_accuracy"] == 1.0
     assert tuned["margin"] > base["margin"]
     from gmt_mlx.evaluation.evaluate import against_base

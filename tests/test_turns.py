@@ -187,7 +187,7 @@ def test_config_assistant_turns_needs_mask_prompt_and_reaches_tokenizing(tokeniz
 def test_eval_loss_covers_what_the_run_trained_on(tiny_model_dir, tmp_path):
     """A run trained on every assistant turn is evaluated on every assistant turn (its config says so)."""
     from gmt_mlx.config import Config
-    from gmt_mlx.evaluation.evaluate import evaluate
+    from gmt_mlx.evaluation.evaluate import EvalOptions, evaluate
     from gmt_mlx.recipes.finetune import finetune
 
     from .conftest import write_jsonl
@@ -200,6 +200,6 @@ def test_eval_loss_covers_what_the_run_trained_on(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     finetune(Config(model=str(tiny_model_dir), data=str(tmp_path / "data"), out=str(out), iters=1, mask_prompt=True,
                     assistant_turns="all", samples=0, steps_per_save=0), log=lambda *_: None)
-    every = evaluate(str(out), generate=False)
-    final = evaluate(str(out), generate=False, assistant_turns="final")
+    every = evaluate(str(out), options=EvalOptions(generate=False))
+    final = evaluate(str(out), options=EvalOptions(generate=False, assistant_turns="final"))
     assert every["tokens"] > final["tokens"] > 0  # both replies of each chat, against the last one only

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Dict, Optional
 import typer
 
 from gmt_mlx.cli.common import echo, user_errors, with_config_options
-from gmt_mlx.recipes.compare import PER_RUN_KEYS
+from gmt_mlx.recipes.compare_plan import PER_RUN_KEYS
 
 
 def _command_line() -> Optional[str]:
@@ -24,16 +24,28 @@ def _command_line() -> Optional[str]:
 @with_config_options(exclude=PER_RUN_KEYS)
 @user_errors
 def compare(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Comparison folder: runs/<method>[-r<ratio>]-s<seed>/, results.json, results.md, plots.")],
-    methods: Annotated[str, typer.Option(help="Comma-separated methods: sft, gmt, random, lora, dora.")] = "sft,gmt,lora",
-    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each runs every method (same data order per seed).")] = "0",
-    mask_ratios: Annotated[str, typer.Option(help="Comma-separated mask ratios for gmt and random (one run each).")] = "0.2",
-    learning_rates: Annotated[Optional[str], typer.Option(help="Peak LR per method, e.g. lora=2e-4,gmt=2e-5, or one number for all.  [default: sft/gmt/random 2e-5, lora/dora 1e-4]")] = None,
-    scorer: Annotated[str, typer.Option(help="Comma-separated accuracy scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK], module:function.")] = "exact",
-    eval_limit: Annotated[int, typer.Option(help="Test prompts to generate answers for, per run (the test loss uses the whole split).")] = 100,
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Comparison folder: runs/<method>[-r<ratio>]-s<seed>/, results.json, results.md, plots.")],
+    methods: Annotated[str, typer.Option(
+        help="Comma-separated methods: sft, gmt, random, lora, dora.")] = "sft,gmt,lora",
+    seeds: Annotated[str, typer.Option(
+        help="Comma-separated seeds; each runs every method (same data order per seed).")] = "0",
+    mask_ratios: Annotated[str, typer.Option(
+        help="Comma-separated mask ratios for gmt and random (one run each).")] = "0.2",
+    learning_rates: Annotated[Optional[str], typer.Option(
+        help="Peak LR per method, e.g. lora=2e-4,gmt=2e-5, or one number for all.  "
+             "[default: sft/gmt/random 2e-5, lora/dora 1e-4]")] = None,
+    scorer: Annotated[str, typer.Option(
+        help="Comma-separated accuracy scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK], "
+             "module:function.")] = "exact",
+    eval_limit: Annotated[int, typer.Option(
+        help="Test prompts to generate answers for, per run (the test loss uses the whole split).")] = 100,
     max_tokens: Annotated[int, typer.Option(help="New tokens per generated answer at most (greedy).")] = 32,
     eval_batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 16,
-    config_file: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML of shared options (flags override it); it must not set method, mask_ratio, seed, learning_rate or out.")] = None,
+    config_file: Annotated[Optional[Path], typer.Option(
+        "--config", "-c",
+        help="YAML of shared options (flags override it); "
+             "it must not set method, mask_ratio, seed, learning_rate or out.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-run every run, even finished ones.")] = False,
     overrides: Dict[str, Any] = None,
 ) -> None:
@@ -47,8 +59,8 @@ def compare(
     from gmt_mlx.errors import UserError
     from gmt_mlx.evaluation.report import RESULTS_MD
     from gmt_mlx.evaluation.scorers import parse_scorers
-    from gmt_mlx.recipes.compare import CADENCE_KEYS, CompareSpec, check_base
     from gmt_mlx.recipes.compare import compare as run
+    from gmt_mlx.recipes.compare_plan import CADENCE_KEYS, CompareSpec, check_base
 
     from_yaml = load_yaml(config_file) if config_file is not None else {}
     if config_file is not None:
@@ -56,17 +68,10 @@ def compare(
     if eval_limit < 0 or max_tokens < 1 or eval_batch_size < 1:
         raise UserError("--eval-limit must be 0 or more; --max-tokens and --eval-batch-size at least 1")
     spec = CompareSpec(
-        base=resolve(config_file, overrides),
-        out=out,
-        methods=parse_methods(methods),
-        seeds=parse_seeds(seeds),
-        mask_ratios=parse_mask_ratios(mask_ratios),
-        learning_rates=parse_learning_rates(learning_rates),
-        scorers=parse_scorers(scorer),
-        eval_limit=eval_limit,
-        max_tokens=max_tokens,
-        eval_batch_size=eval_batch_size,
-        command=_command_line(),
+        base=resolve(config_file, overrides), out=out, methods=parse_methods(methods), seeds=parse_seeds(seeds),
+        mask_ratios=parse_mask_ratios(mask_ratios), learning_rates=parse_learning_rates(learning_rates),
+        scorers=parse_scorers(scorer), eval_limit=eval_limit, max_tokens=max_tokens,
+        eval_batch_size=eval_batch_size, command=_command_line(),
         # Unless set, compare reports and validates often enough to draw a curve.
         auto_cadence=tuple(k for k in CADENCE_KEYS if overrides.get(k) is None and k not in from_yaml),
     )

@@ -5,85 +5,125 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from gmt_mlx.cli.common import echo, user_errors
 
+if TYPE_CHECKING:  # annotations only: like every command, eval imports the library (and MLX) when it runs
+    from gmt_mlx.evaluation.evaluate import EvalOptions
+
 
 @user_errors
 def eval_command(
     model: Annotated[str, typer.Argument(help="A run directory, HF folder, GGUF file, Hub id or 'smollm2-135m'.")],
-    data: Annotated[Optional[str], typer.Option(help="Data folder, .jsonl/.parquet/.csv/.json file, saved dataset or Hub dataset id.  [default: a run's own --data]")] = None,
-    columns: Annotated[Optional[str], typer.Option(help="Rename dataset columns, SOURCE=FIELD pairs: question=prompt,answer=completion.  [default: a run's own, for its own data]")] = None,
-    data_config: Annotated[Optional[str], typer.Option(help="Configuration (subset) of a Hub dataset.  [default: a run's own, for its own data]")] = None,
-    data_splits: Annotated[Optional[str], typer.Option(help="Dataset splits that become train/valid/test: train_sft=train,test_sft=valid.  [default: a run's own, for its own data]")] = None,
+    data: Annotated[Optional[str], typer.Option(
+        help="Data folder, .jsonl/.parquet/.csv/.json file, saved dataset or Hub dataset id.  "
+             "[default: a run's own --data]")] = None,
+    columns: Annotated[Optional[str], typer.Option(
+        help="Rename dataset columns, SOURCE=FIELD pairs: question=prompt,answer=completion.  "
+             "[default: a run's own, for its own data]")] = None,
+    data_config: Annotated[Optional[str], typer.Option(
+        help="Configuration (subset) of a Hub dataset.  [default: a run's own, for its own data]")] = None,
+    data_splits: Annotated[Optional[str], typer.Option(
+        help="Dataset splits that become train/valid/test: train_sft=train,test_sft=valid.  "
+             "[default: a run's own, for its own data]")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate: train, valid or test.")] = "test",
-    scorer: Annotated[str, typer.Option(help="Comma-separated scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK] or module:function.")] = "exact",
+    scorer: Annotated[str, typer.Option(
+        help="Comma-separated scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK] or "
+             "module:function.")] = "exact",
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate per answer at most (greedy).")] = 64,
     batch_size: Annotated[int, typer.Option(help="Prompts generated (and loss examples scored) together.")] = 16,
-    limit: Annotated[Optional[int], typer.Option(help="Score only the first N prompt/answer pairs (the loss still uses the whole split).")] = None,
-    mask_prompt: Annotated[Optional[bool], typer.Option("--mask-prompt/--no-mask-prompt", help="Loss on completions only.  [default: a run's own setting, else yes]")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        help="Score only the first N prompt/answer pairs (the loss still uses the whole split).")] = None,
+    mask_prompt: Annotated[Optional[bool], typer.Option(
+        "--mask-prompt/--no-mask-prompt",
+        help="Loss on completions only.  [default: a run's own setting, else yes]")] = None,
     loss: Annotated[bool, typer.Option("--loss/--no-loss", help="Compute loss and perplexity.")] = True,
     generate: Annotated[bool, typer.Option("--generate/--no-generate", help="Generate answers and score them.")] = True,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the full result (every item's answer and scores) to this JSON file.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Write the full result (every item's answer and scores) to this JSON file.")] = None,
     show: Annotated[int, typer.Option(help="Print this many scored answers.")] = 3,
-    baseline: Annotated[bool, typer.Option("--baseline", help="A run only: also evaluate the base model it was tuned from, on the same rows, and print base -> tuned with before/after answers.")] = False,
+    baseline: Annotated[bool, typer.Option(
+        "--baseline",
+        help="A run only: also evaluate the base model it was tuned from, on the same rows, "
+             "and print base -> tuned with before/after answers.")] = False,
 ) -> None:
     """Evaluate a model or a fine-tuned run: loss/perplexity on a split and generation accuracy."""
-    from gmt_mlx.errors import UserError
     from gmt_mlx.evaluation.evaluate import evaluate, evaluate_with_base
+
+    options = eval_options(split=split, scorer=scorer, max_tokens=max_tokens, batch_size=batch_size, limit=limit,
+                           mask_prompt=mask_prompt, loss=loss, generate=generate, columns=columns,
+                           data_config=data_config, data_splits=data_splits)
+    if baseline:
+        results = evaluate_with_base(model, data, options, on_model=_report_model, on_batch=_report_batch)
+        print_comparison(results, list(options.scorers), show=show, max_tokens=max_tokens)
+        _write_json(out, results)
+        return
+    result = evaluate(model, data, options, on_batch=_report_batch)
+    print_result(result, options, show=show)
+    _write_json(out, result)
+
+
+def eval_options(*, split: str, scorer: str, max_tokens: int, batch_size: int, limit: Optional[int],
+                 mask_prompt: Optional[bool], loss: bool, generate: bool, columns: Optional[str],
+                 data_config: Optional[str], data_splits: Optional[str]) -> EvalOptions:
+    """The command's options as one `EvalOptions`, checked (UserError naming the flag)."""
+    from gmt_mlx.errors import UserError
+    from gmt_mlx.evaluation.evaluate import EvalOptions
     from gmt_mlx.evaluation.scorers import parse_scorers
 
     if limit is not None and limit < 0:
         raise UserError(f"--limit must be 0 or more, got {limit}")
     if max_tokens < 1 or batch_size < 1:
         raise UserError("--max-tokens and --batch-size must be at least 1")
-    names = parse_scorers(scorer)
+    return EvalOptions(split=split, scorers=tuple(parse_scorers(scorer)), mask_prompt=mask_prompt,
+                       batch_size=batch_size, max_tokens=max_tokens, limit=limit, loss=loss, generate=generate,
+                       columns=columns, data_config=data_config, data_splits=data_splits)
 
-    def on_batch(done: int, total: int) -> None:
-        sys.stderr.write(f"generating {done}/{total}\n")
-        sys.stderr.flush()
 
-    options = dict(split=split, scorers=names, mask_prompt=mask_prompt, batch_size=batch_size,
-                   max_tokens=max_tokens, limit=limit, loss=loss, generate=generate, on_batch=on_batch,
-                   data_options=dict(columns=columns, data_config=data_config, data_splits=data_splits))
-    if baseline:
-        def on_model(role: str) -> None:
-            sys.stderr.write(f"evaluating the {role} model\n")
-            sys.stderr.flush()
+def _report_batch(done: int, total: int) -> None:
+    # stderr: progress must not mix with the results on stdout (or in a redirected file).
+    sys.stderr.write(f"generating {done}/{total}\n")
+    sys.stderr.flush()
 
-        results = evaluate_with_base(model, data, on_model=on_model, **options)
-        print_comparison(results, names, show=show, max_tokens=max_tokens)
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=2))
-            echo(f"wrote     {out}")
+
+def _report_model(role: str) -> None:
+    sys.stderr.write(f"evaluating the {role} model\n")
+    sys.stderr.flush()
+
+
+def _write_json(out: Optional[Path], result: dict) -> None:
+    """--out: the full result (every item's answer and scores) as JSON."""
+    if out is None:
         return
-    result = evaluate(model, data, **options)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    echo(f"wrote     {out}")
+
+
+def print_result(result: dict, options: EvalOptions, *, show: int) -> None:
+    """The first ``show`` scored answers, then the model, data, loss and each scorer's accuracy, one line each."""
     for item in result.get("items", [])[:show]:
         scores = ", ".join(f"{k} {v:g}" for k, v in item["scores"].items())
         echo(f"prompt:    {item['prompt'].strip()}\n  answer:    {item['answer'].strip()}\n"
              f"  reference: {str(item['reference']).strip()}\n  score:     {scores}")
     echo(f"model     {result['model']}")
-    echo(f"data      {result['data']} ({split}, {result['examples']} examples)")
+    echo(f"data      {result['data']} ({options.split}, {result['examples']} examples)")
     if "preference_accuracy" in result:
-        echo(f"preference accuracy {100 * result['preference_accuracy']:.1f}% of {result['pairs']} pairs (chosen answer "
-             f"likelier than the rejected one; mean log-prob margin {result['margin']:.3f})")
+        echo(f"preference accuracy {100 * result['preference_accuracy']:.1f}% of {result['pairs']} pairs "
+             f"(chosen answer likelier than the rejected one; mean log-prob margin {result['margin']:.3f})")
     if "loss" in result:
         echo(f"loss      {result['loss']:.4f} (perplexity {result['ppl']:.3f}, {result['tokens']} target tokens"
              f"{', completions only' if result['mask_prompt'] else ''})")
-    if generate:
+    if options.generate:
         if result["count"] == 0:
             echo("accuracy  skipped: the split has no prompt/answer pairs")
         for name, value in result.get("accuracy", {}).items():
             if value is not None:
-                echo(f"accuracy  {name}: {100 * value:.1f}% of {result['count']} (greedy, max {max_tokens} tokens)")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        echo(f"wrote     {out}")
+                echo(f"accuracy  {name}: {100 * value:.1f}% of {result['count']} "
+                     f"(greedy, max {options.max_tokens} tokens)")
 
 
 def _one_line(text: str, width: int = 100) -> str:

@@ -4,14 +4,16 @@ Library first: `split_loss` (token-weighted loss over a tokenized split),
 `generate_batch` (batched greedy generation), `generation_accuracy` (answers
 scored by pluggable scorers, see `scorers.py`), `evaluate_model` (both, on
 an already loaded model) and `evaluate` (load a model or run directory and a
-data split, then both). `gmt-mlx eval` is a thin wrapper around `evaluate`.
+data split, then both). How to evaluate is one `EvalOptions` value, which
+`gmt-mlx eval` builds from its options and hands to `evaluate`.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import mlx.nn as nn
 import numpy as np
@@ -27,9 +29,60 @@ from gmt_mlx.data.sources import load_splits
 from gmt_mlx.errors import UserError
 from gmt_mlx.evaluation.reference import reference_logps
 from gmt_mlx.evaluation.scorers import get_scorer, reference_of
+from gmt_mlx.run import rundir
 
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_BATCH_SIZE = 16
+DEFAULT_MAX_SEQ_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How to evaluate: the split, what to measure and with which settings (`gmt-mlx eval`'s options).
+
+    ``mask_prompt``, ``assistant_turns``, ``max_seq_length`` and the data
+    options (``columns``, ``data_config``, ``data_splits``: how to read the
+    data) left None mean "the run's own, else the default": `for_run` fills
+    them in. ``limit`` caps the prompts generated for, never the loss.
+    """
+
+    split: str = "test"
+    scorers: Tuple[str, ...] = ("exact",)
+    mask_prompt: Optional[bool] = None
+    assistant_turns: Optional[str] = None
+    max_seq_length: Optional[int] = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    limit: Optional[int] = None
+    loss: bool = True
+    generate: bool = True
+    columns: Optional[str] = None
+    data_config: Optional[str] = None
+    data_splits: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        # A list of scorer names (parse_scorers, a CompareSpec) is accepted; a tuple keeps the value frozen.
+        object.__setattr__(self, "scorers", tuple(self.scorers))
+
+    def data_options(self) -> Dict[str, Optional[str]]:
+        """{columns, data_config, data_splits}: `load_splits`' keywords."""
+        return {key: getattr(self, key) for key in sources.DATA_KEYS}
+
+    def for_run(self, run: Mapping[str, Any], data: Optional[str] = None) -> EvalOptions:
+        """These options with what is unset taken from a run's config ``run`` ({} for a plain model), else defaults.
+
+        The run's own data options apply only to the run's own data (``data``
+        None or the run's ``data``); given ones always win.
+        """
+        own = sources.data_options(dict(run)) if not data or data == run.get("data") else {}
+        given = {key: value for key, value in self.data_options().items() if value is not None}
+        return replace(
+            self,
+            mask_prompt=run.get("mask_prompt", True) if self.mask_prompt is None else self.mask_prompt,
+            assistant_turns=self.assistant_turns or run.get("assistant_turns") or "final",
+            max_seq_length=self.max_seq_length or run.get("max_seq_length", DEFAULT_MAX_SEQ_LENGTH),
+            **{**own, **given},
+        )
 
 
 def split_loss(
@@ -68,9 +121,13 @@ def split_loss(
     import mlx.core as mx
 
     mine = order[group.rank() :: group.size()]
-    total, count, sums = loss_sums(model, (make_batch(split, idx, pad_id=pad_id, pad_multiple=pad_multiple) for idx in mine), loss_fn)
+    batches = (make_batch(split, idx, pad_id=pad_id, pad_multiple=pad_multiple) for idx in mine)
+    total, count, sums = loss_sums(model, batches, loss_fn)
     # The same keys on every rank, whether or not it had a batch.
-    keys = list(PREFERENCE_METRICS) if split.preference else (list(SFT_EVAL_METRICS) if loss_fn is sft_eval_loss else [])
+    if split.preference:
+        keys = list(PREFERENCE_METRICS)
+    else:
+        keys = list(SFT_EVAL_METRICS) if loss_fn is sft_eval_loss else []
     reduced = mx.distributed.all_sum(mx.array([total, count] + [sums.get(k, 0.0) for k in keys]), group=group).tolist()
     return mean_metrics(reduced[0], reduced[1], dict(zip(keys, reduced[2:])))
 
@@ -181,42 +238,43 @@ def evaluate_model(
     model: nn.Module,
     tokenizer,
     rows: List[dict],
+    options: Optional[EvalOptions] = None,
     *,
-    split: str = "test",
-    scorers: Sequence[str] = ("exact",),
-    mask_prompt: bool = True,
-    assistant_turns: str = "final",
-    max_seq_length: int = 2048,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    limit: Optional[int] = None,
-    loss: bool = True,
-    generate: bool = True,
     on_batch: Optional[Callable[[int, int], None]] = None,
 ) -> dict:
-    """Loss/perplexity over all of ``rows`` and generation accuracy on (the first ``limit`` of) them.
+    """Loss/perplexity over all of ``rows`` and generation accuracy on (the first ``options.limit`` of) them.
 
-    The loss covers what training covered: ``mask_prompt`` and ``assistant_turns`` as in `encode_example`.
+    The loss covers what training covered: ``mask_prompt`` and ``assistant_turns`` as in `encode_example`
+    (unset, they are True and "final", as for a plain model). ``on_batch(done, total)`` reports generation.
     """
-    result: Dict[str, object] = {"split": split, "examples": len(rows)}
+    options = (options or EvalOptions()).for_run({})
+    result: Dict[str, object] = {"split": options.split, "examples": len(rows)}
     t0 = time.perf_counter()
-    if loss and is_preference(rows):
-        result.update(preference_accuracy(model, tokenizer, rows, split=split, max_seq_length=max_seq_length,
-                                          batch_size=batch_size))
-    elif loss:
-        tokenized = tokenize_split(rows, tokenizer, mask_prompt=mask_prompt, max_seq_length=max_seq_length, name=split,
-                                   assistant_turns=assistant_turns if mask_prompt else "final")
-        if len(tokenized) == 0:
-            raise UserError(f"{split} split has no examples with target tokens")
-        measured = split_loss(model, tokenized, batch_size=batch_size, pad_id=batch_pad_id(tokenizer))
-        result.update(loss=measured["loss"], ppl=measured["ppl"], tokens=measured["tokens"], mask_prompt=mask_prompt)
-    if generate:
-        result.update(generation_accuracy(model, tokenizer, rows, scorers=scorers, max_tokens=max_tokens,
-                                          batch_size=batch_size, limit=limit, on_batch=on_batch))
-        result["scorers"] = list(scorers)
-        result["max_tokens"] = max_tokens
+    if options.loss and is_preference(rows):
+        result.update(preference_accuracy(model, tokenizer, rows, split=options.split,
+                                          max_seq_length=options.max_seq_length, batch_size=options.batch_size))
+    elif options.loss:
+        result.update(sft_loss_of(model, tokenizer, rows, options))
+    if options.generate:
+        result.update(generation_accuracy(model, tokenizer, rows, scorers=options.scorers,
+                                          max_tokens=options.max_tokens, batch_size=options.batch_size,
+                                          limit=options.limit, on_batch=on_batch))
+        result["scorers"] = list(options.scorers)
+        result["max_tokens"] = options.max_tokens
     result["wall_time"] = time.perf_counter() - t0
     return result
+
+
+def sft_loss_of(model: nn.Module, tokenizer, rows: List[dict], options: EvalOptions) -> dict:
+    """Loss, perplexity and target tokens of SFT rows, over what ``options`` (resolved: see `for_run`) train on."""
+    tokenized = tokenize_split(rows, tokenizer, mask_prompt=options.mask_prompt, max_seq_length=options.max_seq_length,
+                               name=options.split,
+                               assistant_turns=options.assistant_turns if options.mask_prompt else "final")
+    if len(tokenized) == 0:
+        raise UserError(f"{options.split} split has no examples with target tokens")
+    measured = split_loss(model, tokenized, batch_size=options.batch_size, pad_id=batch_pad_id(tokenizer))
+    return {"loss": measured["loss"], "ppl": measured["ppl"], "tokens": measured["tokens"],
+            "mask_prompt": options.mask_prompt}
 
 
 def is_preference(rows: List[dict]) -> bool:
@@ -267,106 +325,91 @@ def against_base(tuned: dict, base: dict, run: Optional[dict] = None) -> dict:
     return out
 
 
-def run_config(model_or_run: str) -> Optional[dict]:
-    """The config.yaml of a gmt-mlx run directory, or None for a plain model."""
-    import yaml
+def saved_run_config(model_or_run: str) -> Optional[dict]:
+    """The config of a gmt-mlx run directory (`rundir.read_config`), or None for a plain model.
 
-    from gmt_mlx.run.rundir import CONFIG_FILE
-
-    path = Path(model_or_run) / CONFIG_FILE
-    if not path.is_file():
+    A damaged config.yaml is a UserError saying which file and why, in one line.
+    """
+    if not (Path(model_or_run) / rundir.CONFIG_FILE).is_file():
         return None
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError):  # a byte-flipped file is not UTF-8
-        raise UserError(f"{path}: invalid YAML") from None
+    return rundir.read_config(model_or_run)
 
 
 def evaluate(
     model_or_run: str,
     data: Optional[str] = None,
+    options: Optional[EvalOptions] = None,
     *,
-    split: str = "test",
-    scorers: Sequence[str] = ("exact",),
-    mask_prompt: Optional[bool] = None,
-    assistant_turns: Optional[str] = None,
-    max_seq_length: Optional[int] = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    limit: Optional[int] = None,
-    loss: bool = True,
-    generate: bool = True,
     on_batch: Optional[Callable[[int, int], None]] = None,
-    data_options: Optional[dict] = None,
 ) -> dict:
     """Evaluate a model (run directory, HF folder, GGUF, Hub id or 'smollm2-135m') on a data split.
 
-    For a run directory, ``data`` (with its ``data_options``: columns, data_config,
-    data_splits), ``mask_prompt``, ``assistant_turns`` and
-    ``max_seq_length`` default to the run's own config, so the loss compares with its
-    validation loss. Otherwise the loss is on completions only (mask_prompt
-    True) by default.
+    For a run directory, ``data`` and what ``options`` leave unset (the data
+    options, mask_prompt, assistant_turns, max_seq_length) default to the run's
+    own config, so the loss compares with its validation loss. Otherwise the
+    loss is on completions only (mask_prompt True) by default.
     """
     from gmt_mlx.models.loading import load_base, run_model_dir
 
-    for name in scorers:
+    options = options or EvalOptions()
+    for name in options.scorers:
         get_scorer(name)  # unknown scorer or missing package: fail before loading anything
-    run = run_config(model_or_run) or {}
-    # How to read the data (--columns ...): given ones win, the run's own apply to the run's own data.
-    options = sources.data_options(run) if not data or data == run.get("data") else {}
-    options.update({key: value for key, value in (data_options or {}).items() if value is not None})
+    run = saved_run_config(model_or_run) or {}
+    options = options.for_run(run, data)
     data = data or run.get("data")
-    if not data:
-        raise UserError("--data is required (a folder with train/valid/test.jsonl, a data file, a saved dataset or a Hub dataset id)")
-    splits = load_splits(data, **options)
-    if split not in splits:
-        raise UserError(f"{data}: no {split} split (found: {', '.join(splits)})")
-    if not loss and not generate:
+    rows = load_rows(data, options)
+    if not options.loss and not options.generate:
         raise UserError("nothing to do: both the loss and the generation accuracy are switched off")
-    mask_prompt = run.get("mask_prompt", True) if mask_prompt is None else mask_prompt
-    assistant_turns = assistant_turns or run.get("assistant_turns") or "final"
-    max_seq_length = max_seq_length or run.get("max_seq_length", 2048)
     model, tokenizer, _, path = load_base(run_model_dir(model_or_run), dequantize=False)
-    result = evaluate_model(model, tokenizer, splits[split], split=split, scorers=scorers, mask_prompt=mask_prompt,
-                            assistant_turns=assistant_turns, max_seq_length=max_seq_length, batch_size=batch_size, max_tokens=max_tokens,
-                            limit=limit, loss=loss, generate=generate, on_batch=on_batch)
+    result = evaluate_model(model, tokenizer, rows, options, on_batch=on_batch)
     return {"model": str(model_or_run), "model_path": str(path), "data": str(data), **result}
+
+
+def load_rows(data: Optional[str], options: EvalOptions) -> List[dict]:
+    """The rows of ``options.split`` of ``data``, read with the options' data options."""
+    if not data:
+        raise UserError("--data is required (a folder with train/valid/test.jsonl, a data file, a saved dataset "
+                        "or a Hub dataset id)")
+    splits = load_splits(data, **options.data_options())
+    if options.split not in splits:
+        raise UserError(f"{data}: no {options.split} split (found: {', '.join(splits)})")
+    return splits[options.split]
 
 
 def base_model_of(run_dir: str) -> str:
     """The base model a run was fine-tuned from (its config's ``model``)."""
-    run = run_config(run_dir)
+    run = saved_run_config(run_dir)
     if not run or not run.get("model"):
         raise UserError(f"{run_dir}: comparing with the base model needs a gmt-mlx run directory "
                         "(its config.yaml names the base model)")
     return str(run["model"])
 
 
-def evaluate_with_base(run_dir: str, data: Optional[str] = None, *, on_model: Optional[Callable[[str], None]] = None,
-                       **options) -> dict:
+def evaluate_with_base(
+    run_dir: str,
+    data: Optional[str] = None,
+    options: Optional[EvalOptions] = None,
+    *,
+    on_model: Optional[Callable[[str], None]] = None,
+    on_batch: Optional[Callable[[int, int], None]] = None,
+) -> dict:
     """`evaluate` a run and the base model it was fine-tuned from, on the same split and rows.
 
-    Both use the run's data (unless ``data``), prompt masking and sequence
-    length, so their losses and accuracies compare item by item. Returns
-    {"base": result, "tuned": result} with `evaluate`'s results;
+    Both use the run's data (unless ``data``), data options, prompt masking
+    and sequence length, so their losses and accuracies compare item by item.
+    Returns {"base": result, "tuned": result} with `evaluate`'s results;
     ``on_model(role)`` is called before each ("base", then "tuned").
     """
     base = base_model_of(run_dir)
-    run = run_config(run_dir) or {}
-    # The base model is no run: hand it the run's way of reading the run's data (--columns ...).
-    own = sources.data_options(run) if not data or data == run.get("data") else {}
-    options["data_options"] = {**own, **{k: v for k, v in (options.get("data_options") or {}).items() if v is not None}}
+    run = saved_run_config(run_dir) or {}
+    # The base model is no run: settle every run-dependent option here, so both read the data alike.
+    options = (options or EvalOptions()).for_run(run, data)
     data = data or run.get("data")
-    if options.get("mask_prompt") is None:
-        options["mask_prompt"] = run.get("mask_prompt", True)
-    if options.get("assistant_turns") is None:
-        options["assistant_turns"] = run.get("assistant_turns", "final")
-    options.setdefault("max_seq_length", run.get("max_seq_length"))
     results = {}
     for role, model in (("base", base), ("tuned", run_dir)):
         if on_model is not None:
             on_model(role)
-        results[role] = evaluate(model, data, **options)
+        results[role] = evaluate(model, data, options, on_batch=on_batch)
     results["tuned"].update(against_base(results["tuned"], results["base"], run))
     return results
 

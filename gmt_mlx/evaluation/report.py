@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Sequence
 from gmt_mlx.config import MASKED_METHODS, is_preference
 
 RESULTS_MD = "results.md"
-PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "train_loss_vs_step.png", "kept_fraction.png", "mask_overlap.png")
+PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "train_loss_vs_step.png", "kept_fraction.png",
+         "mask_overlap.png")
 
 
 def mean_std(values: List[Optional[float]]) -> Optional[dict]:
@@ -78,47 +79,53 @@ def _fmt(stat: Optional[dict], digits: int = 4, scale: float = 1.0, suffix: str 
 
 def render_markdown(results: dict) -> str:
     """results.md: the spec, one table row per method (base model first), mask statistics, plots, samples."""
-    spec, rows, base = results["spec"], results["rows"], results["base"]
-    scorers = spec["eval"]["scorers"]
-    lines = ["# gmt-mlx compare", ""]
+    spec, rows = results["spec"], results["rows"]
+    # Preference runs have no perplexity: their columns are the validation reward accuracy and the
+    # test preference accuracy (chosen answer likelier than the rejected one).
+    preference = is_preference(spec.get("train_mode"))
+    lines = ["# gmt-mlx compare", ""] + _spec_lines(spec)
+    lines += _method_table(spec["eval"]["scorers"], rows, results["base"], preference) + _notes(preference)
+    lines += _mask_table(rows) + _plot_lines() + _sample_lines(results)
+    return "\n".join(lines)
+
+
+def _spec_lines(spec: dict) -> List[str]:
+    """The command, then what was held equal and what varied, one bullet each."""
+    scorers, lora = spec["eval"]["scorers"], spec["lora"]
+    lines: List[str] = []
     if spec.get("command"):
         lines += ["Command:", "", "```sh", spec["command"], "```", ""]
     seeds = ", ".join(map(str, spec["seeds"]))
     lines += [
         f"- model: `{spec['model']}`; data: `{spec['data']}`",
-        f"- budget: {spec['steps']} optimizer steps, batch {spec['batch_size']} x {spec['grad_accumulation_steps']} "
-        f"accumulation, {spec['optimizer']}, {spec['lr_schedule']} schedule (warmup {spec['warmup_steps']}, "
-        f"min lr ratio {spec['min_lr_ratio']}), prompt masked: {spec['mask_prompt']}",
+        f"- budget: {spec['steps']} optimizer steps, batch {spec['batch_size']} x "
+        f"{spec['grad_accumulation_steps']} accumulation, {spec['optimizer']}, {spec['lr_schedule']} schedule "
+        f"(warmup {spec['warmup_steps']}, min lr ratio {spec['min_lr_ratio']}), prompt masked: {spec['mask_prompt']}",
         f"- seeds: {seeds} (mean ± sample std over seeds; a seed fixes the data order for every method)",
         *([f"- objective: {spec['objective']}"] if spec.get("objective") else []),
         *([f"- validation every {spec['steps_per_eval']} steps and metrics every {spec['steps_per_report']}; "
            "every validation curve starts at step 0, the base model"] if spec.get("steps_per_eval") else []),
         "- learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in spec["learning_rates"].items()),
         f"- GMT/random: mask scope {spec['mask_scope']}, target {spec['mask_target']}; "
-        f"LoRA/DoRA: rank {spec['lora']['rank']}, scale {spec['lora']['scale']:g}, dropout {spec['lora']['dropout']:g}, "
-        f"keys {spec['lora']['keys']}, blocks {'all' if spec['lora']['num_layers'] < 0 else spec['lora']['num_layers']}",
+        f"LoRA/DoRA: rank {lora['rank']}, scale {lora['scale']:g}, dropout {lora['dropout']:g}, "
+        f"keys {lora['keys']}, blocks {'all' if lora['num_layers'] < 0 else lora['num_layers']}",
         f"- evaluation: {spec['eval']['split']} split, loss over all of it; accuracy on the first "
         f"{spec['eval']['limit']} prompts, greedy, at most {spec['eval']['max_tokens']} new tokens, "
         f"scorer{'s' if len(scorers) > 1 else ''} {', '.join(scorers)}",
         "",
     ]
+    return lines
+
+
+def _method_table(scorers: List[str], rows: List[dict], base: Optional[dict], preference: bool) -> List[str]:
+    """The main table: the base model's row, then one row per method (mean ± std over seeds)."""
     acc_headers = [f"accuracy ({s})" for s in scorers]
-    # Preference runs have no perplexity: their columns are the validation reward accuracy and the
-    # test preference accuracy (chosen answer likelier than the rejected one).
-    preference = is_preference(spec.get("train_mode"))
     quality = ["val reward acc", "test pref. acc", "test reward acc"] if preference else ["test ppl"]
     headers = ["method", "lr", "final val loss", "best val loss", *quality, *acc_headers, "tokens/s",
                "train time (s)", "peak mem (GB)", "trained %", "updated %/step"]
-    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     if base is not None:
-        acc = [f"{100 * base['accuracy'][s]:.1f}%" if base["accuracy"].get(s) is not None else "—" for s in scorers]
-        if preference:
-            pref = base.get("test_preference_accuracy")
-            first = ["—", f"{100 * pref:.1f}%" if pref is not None else "—", "—"]
-        else:
-            first = [f"{base['test_ppl']:.3f}" if base.get("test_ppl") is not None else "—"]
-        val = f"{base['val_loss']:.4f}" if base.get("val_loss") is not None else "—"
-        lines.append("| " + " | ".join(["base model (no training)", "—", val, val, *first, *acc, "—", "—", "—", "0%", "0%"]) + " |")
+        lines.append(_base_row(scorers, base, preference))
     for row in rows:
         acc = [_fmt(row["accuracy"].get(s), 1, 100, "%") for s in scorers]
         if preference:
@@ -132,7 +139,25 @@ def render_markdown(results: dict) -> str:
                  _fmt(row["peak_memory_gb"], 2), _fmt(row["trainable_share"], 2, 100, "%"),
                  _fmt(row["updated_share"], 2, 100, "%")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
+    return lines
+
+
+def _base_row(scorers: List[str], base: dict, preference: bool) -> str:
+    """The untrained model's table row: its own numbers, dashes where a method's do not apply."""
+    acc = [f"{100 * base['accuracy'][s]:.1f}%" if base["accuracy"].get(s) is not None else "—" for s in scorers]
+    if preference:
+        pref = base.get("test_preference_accuracy")
+        first = ["—", f"{100 * pref:.1f}%" if pref is not None else "—", "—"]
+    else:
+        first = [f"{base['test_ppl']:.3f}" if base.get("test_ppl") is not None else "—"]
+    val = f"{base['val_loss']:.4f}" if base.get("val_loss") is not None else "—"
+    cells = ["base model (no training)", "—", val, val, *first, *acc, "—", "—", "—", "0%", "0%"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _notes(preference: bool) -> List[str]:
+    """What the table's less obvious columns mean."""
+    lines = [
         "",
         "- *trained %*: share of the model's parameters that receive gradients (adapters count as extra "
         "parameters on top of the base). *updated %/step*: trained % times the mean kept fraction, i.e. the "
@@ -149,31 +174,45 @@ def render_markdown(results: dict) -> str:
                   "at the last validation. *test pref. acc*: the share of test pairs whose chosen answer the model "
                   "finds likelier. *test reward acc*: the same with the base model's log-probabilities as the "
                   "reference (DPO's reward accuracy on test).", ""]
+    return lines
+
+
+def _mask_table(rows: List[dict]) -> List[str]:
+    """GMT/random rows: mean kept fraction and mask overlap between steps ([] without such a row)."""
     masked = [r for r in rows if r["method"] in MASKED_METHODS]
-    if masked:
-        lines += ["| masked method | mean kept fraction | mean mask overlap with the previous step |", "|---|---|---|"]
-        for row in masked:
-            lines.append(f"| {row['group']} | {_fmt(row['kept_fraction'], 3)} | {_fmt(row['mask_overlap'], 3)} |")
-        lines += ["", "Mask overlap: the share of a step's kept entries that the previous step kept too, measured "
-                  "on a fixed sample of ~65k positions (a random mask gives 1 - ratio).", ""]
-    lines += ["## Plots", ""]
-    for name in PLOTS:
-        lines.append(f"![{name[:-4].replace('_', ' ')}]({name})")
-    lines.append("")
+    if not masked:
+        return []
+    lines = ["| masked method | mean kept fraction | mean mask overlap with the previous step |", "|---|---|---|"]
+    for row in masked:
+        lines.append(f"| {row['group']} | {_fmt(row['kept_fraction'], 3)} | {_fmt(row['mask_overlap'], 3)} |")
+    lines += ["", "Mask overlap: the share of a step's kept entries that the previous step kept too, measured "
+              "on a fixed sample of ~65k positions (a random mask gives 1 - ratio).", ""]
+    return lines
+
+
+def _plot_lines() -> List[str]:
+    """The plots write_plots draws, as images next to results.md."""
+    return ["## Plots", ""] + [f"![{name[:-4].replace('_', ' ')}]({name})" for name in PLOTS] + [""]
+
+
+def _sample_lines(results: dict) -> List[str]:
+    """The first seed's first test prompts, with the base model's and each run's answer."""
+    spec, base = results["spec"], results["base"]
     samples = [(r["name"], r["samples"]) for r in results["runs"] if r["samples"] and r["seed"] == spec["seeds"][0]]
-    if samples or (base and base["samples"]):
-        lines += ["## Sample answers (first test prompts, first seed)", ""]
-        first = (base["samples"] if base and base["samples"] else samples[0][1])
-        for k, item in enumerate(first):
-            lines.append(f"**{item['prompt'].strip()}** (reference: `{str(item['reference']).strip()}`)")
-            lines.append("")
-            if base and len(base["samples"]) > k:
-                lines.append(f"- base model: `{_one_line(base['samples'][k]['answer'])}`")
-            for name, items in samples:
-                if len(items) > k:
-                    lines.append(f"- {name}: `{_one_line(items[k]['answer'])}`")
-            lines.append("")
-    return "\n".join(lines)
+    if not samples and not (base and base["samples"]):
+        return []
+    lines = ["## Sample answers (first test prompts, first seed)", ""]
+    first = (base["samples"] if base and base["samples"] else samples[0][1])
+    for k, item in enumerate(first):
+        lines.append(f"**{item['prompt'].strip()}** (reference: `{str(item['reference']).strip()}`)")
+        lines.append("")
+        if base and len(base["samples"]) > k:
+            lines.append(f"- base model: `{_one_line(base['samples'][k]['answer'])}`")
+        for name, items in samples:
+            if len(items) > k:
+                lines.append(f"- {name}: `{_one_line(items[k]['answer'])}`")
+        lines.append("")
+    return lines
 
 
 def _one_line(text: str, width: int = 120) -> str:
@@ -244,7 +283,8 @@ def write_plots(results: dict, out: Path) -> List[Path]:
     masked = [r for r in runs if r["method"] in MASKED_METHODS]
     no_val = "no validation split"
     return [
-        _plot(out / PLOTS[0], "Validation loss", "optimizer step", "validation loss", _series(runs, "val", 0, 2), no_val),
+        _plot(out / PLOTS[0], "Validation loss", "optimizer step", "validation loss", _series(runs, "val", 0, 2),
+              no_val),
         _plot(out / PLOTS[1], "Validation loss against time", "wall time (s)", "validation loss",
               _series(runs, "val", 1, 2), no_val),
         _plot(out / PLOTS[2], "Training loss (report steps)", "optimizer step", "training loss",

@@ -193,7 +193,8 @@ def _reasoning_gym_checker(task: str) -> Callable:
     try:
         import reasoning_gym
     except ImportError:
-        raise UserError("the reasoning_gym scorer needs the reasoning-gym package: pip install 'gmt-mlx[tasks]'") from None
+        raise UserError("the reasoning_gym scorer needs the reasoning-gym package: "
+                        "pip install 'gmt-mlx[tasks]'") from None
     try:
         return reasoning_gym.get_score_answer_fn(task)
     except (ValueError, KeyError):

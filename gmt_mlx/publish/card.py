@@ -163,7 +163,8 @@ def _method_rows(config: Dict[str, Any], setup: Dict[str, Any]) -> List[tuple]:
     rows = [("method", f"`{method}`: {METHOD_TEXT.get(method, method)}")]
     if setup.get("trainable_params") and setup.get("total_params"):
         share = 100 * setup["trainable_params"] / setup["total_params"]
-        rows.append(("trainable parameters", f"{_fmt(setup['trainable_params'])} of {_fmt(setup['total_params'])} ({share:.2f}%)"))
+        rows.append(("trainable parameters",
+                     f"{_fmt(setup['trainable_params'])} of {_fmt(setup['total_params'])} ({share:.2f}%)"))
     if method in MASKED_METHODS:
         rows.append(("mask_ratio", f"{config.get('mask_ratio')} (fraction of gradient entries dropped per step)"))
         rows.append(("mask_scope", f"{config.get('mask_scope')} (entries sharing one threshold)"))
@@ -177,7 +178,8 @@ def _method_rows(config: Dict[str, Any], setup: Dict[str, Any]) -> List[tuple]:
     layers = config.get("num_layers", -1)
     scope = "all transformer blocks" if layers in (-1, None) else f"the last {layers} transformer blocks"
     scope = f"adapters on {scope}" if adapters else scope
-    frozen = [name for name, key in (("embeddings", "freeze_embeddings"), ("lm_head", "freeze_lm_head")) if config.get(key)]
+    frozen = [name for name, key in (("embeddings", "freeze_embeddings"), ("lm_head", "freeze_lm_head"))
+              if config.get(key)]
     rows.append(("trained", scope + (f" (frozen: {', '.join(frozen)})" if frozen else "")))
     return rows
 
@@ -197,7 +199,8 @@ def objective_text(config: Dict[str, Any]) -> str:
 def _training_rows(config: Dict[str, Any]) -> List[tuple]:
     rows = [("objective", objective_text(config))]
     if config.get("data"):
-        rows.append(("data", f"`{_public_value(config['data'])}`" + (" (loss on completions only)" if config.get("mask_prompt") else "")))
+        masked = " (loss on completions only)" if config.get("mask_prompt") else ""
+        rows.append(("data", f"`{_public_value(config['data'])}`" + masked))
     if config.get("optimizer"):
         rows.append(("optimizer", f"{config['optimizer']}, weight decay {config.get('weight_decay')}, "
                                   f"gradient clip {config.get('grad_clip')}"))
@@ -229,7 +232,8 @@ def _result_rows(summary: RunSummary) -> List[tuple]:
     if summary.evals:
         last = summary.evals[-1]
         if last.get("val_reward_accuracy") is not None:
-            detail = f"reward accuracy {_fmt(last['val_reward_accuracy'])}, margin {_fmt(last.get('val_reward_margin'))}"
+            detail = (f"reward accuracy {_fmt(last['val_reward_accuracy'])}, "
+                      f"margin {_fmt(last.get('val_reward_margin'))}")
         else:
             detail = f"perplexity {_fmt(last.get('val_ppl'))}"
         rows.append(("final validation loss", f"{_fmt(last.get('val_loss'))} ({detail}, step {last.get('step')})"))
@@ -306,43 +310,13 @@ def model_card(
     base_id = base_model_id(config.get("model"), base_path)
     if datasets is None:
         datasets = [d.strip() for d in str(config.get("hub_datasets") or "").split(",") if d.strip()]
-    method = config.get("method", "gmt")
-
-    meta: Dict[str, Any] = {}
-    if base_id:
-        meta["base_model"] = base_id
-        meta["base_model_relation"] = "adapter" if adapter else "finetune"
-    # transformers: the folder is a standard HF checkpoint (HF names, float safetensors), so the
-    # Hub's "Use this model" snippet and download counter work; the `mlx` tag lists it for MLX users.
-    meta["library_name"] = "peft" if adapter else "transformers"
-    meta.update(base_license(base_path, base_id))
-    if datasets:
-        meta["datasets"] = list(datasets)
-    meta["pipeline_tag"] = "text-generation"
-    tags = ["gmt", "mlx", "gmt-mlx", "gradient-mask-tuning", method]
-    tags += [config["train_mode"]] if is_preference(config.get("train_mode")) else []
-    tags += ["lora"] if adapter and "lora" not in tags else []
-    meta["tags"] = list(dict.fromkeys(tags))
-
-    base_text = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{_public_value(config.get('model'))}`"
-    if adapter:
-        what = "the adapter alone, in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`)"
-    else:
-        merged = " (adapters merged into the base weights)" if method in ADAPTER_METHODS else ""
-        what = f"the full weights{merged} in Hugging Face format (safetensors, {dtype}): they load with `transformers` and `mlx_lm`"
-    details = [f"step {step}"] if step is not None else []
-    details += [f"validation loss {_fmt(checkpoint_val_loss)}"] if checkpoint_val_loss is not None else []
-    source = "the final model" if checkpoint == "last" else f"checkpoint `{checkpoint}`"
-    source += f" ({', '.join(details)})" if details else ""
-    objective = f" on the {objective_text(config)} objective" if is_preference(config.get("train_mode")) else ""
-    intro = (f"{base_text} fine-tuned with {METHOD_NAMES.get(method, f'`{method}`')}{objective} using gmt-mlx on "
-             f"[MLX](https://github.com/ml-explore/mlx). This repository holds {what}; exported from {source}.")
+    meta = card_metadata(config, base_id, adapter=adapter, datasets=datasets, base_path=base_path)
     note = _gguf_base_note(config.get("model"), base_path, dtype)
-
     parts = [
         "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---",
         f"# {title or folder.name}",
-        intro + (f"\n\n{note}" if note else ""),
+        _intro(config, base_id, dtype=dtype, checkpoint=checkpoint, step=step, checkpoint_val_loss=checkpoint_val_loss,
+               adapter=adapter) + (f"\n\n{note}" if note else ""),
         "## Method\n\n" + _table(_method_rows(config, summary.other.get("setup", {}))),
         "## Training\n\n" + _table(_training_rows(config))
         + "\n\n<details><summary>Full training config</summary>\n\n```yaml\n"
@@ -355,10 +329,53 @@ def model_card(
     if comparison:
         parts.append("## Comparison\n\n" + comparison)
     parts.append("## Usage\n\n" + _usage(adapter, base_id))
-    versions = versions or {}
     if versions:
         parts.append("## Framework versions\n\n" + "\n".join(f"- {k} {v}" for k, v in versions.items()))
     return "\n\n".join(parts) + "\n"
+
+
+def card_metadata(config: Dict[str, Any], base_id: Optional[str], *, adapter: bool, datasets: List[str],
+                  base_path: Optional[str | Path] = None) -> Dict[str, Any]:
+    """The card's YAML front matter: base model, library, license, datasets, pipeline and tags."""
+    meta: Dict[str, Any] = {}
+    if base_id:
+        meta["base_model"] = base_id
+        meta["base_model_relation"] = "adapter" if adapter else "finetune"
+    # transformers: the folder is a standard HF checkpoint (HF names, float safetensors), so the
+    # Hub's "Use this model" snippet and download counter work; the `mlx` tag lists it for MLX users.
+    meta["library_name"] = "peft" if adapter else "transformers"
+    meta.update(base_license(base_path, base_id))
+    if datasets:
+        meta["datasets"] = list(datasets)
+    meta["pipeline_tag"] = "text-generation"
+    tags = ["gmt", "mlx", "gmt-mlx", "gradient-mask-tuning", config.get("method", "gmt")]
+    tags += [config["train_mode"]] if is_preference(config.get("train_mode")) else []
+    tags += ["lora"] if adapter and "lora" not in tags else []
+    meta["tags"] = list(dict.fromkeys(tags))
+    return meta
+
+
+def _intro(config: Dict[str, Any], base_id: Optional[str], *, dtype: str, checkpoint: str, step: Optional[int],
+           checkpoint_val_loss: Optional[float], adapter: bool) -> str:
+    """The card's first paragraph: the base, the method and objective, what the folder holds and its source."""
+    method = config.get("method", "gmt")
+    if base_id:
+        base_text = f"[{base_id}](https://huggingface.co/{base_id})"
+    else:
+        base_text = f"`{_public_value(config.get('model'))}`"
+    if adapter:
+        what = "the adapter alone, in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`)"
+    else:
+        merged = " (adapters merged into the base weights)" if method in ADAPTER_METHODS else ""
+        what = (f"the full weights{merged} in Hugging Face format (safetensors, {dtype}): "
+                "they load with `transformers` and `mlx_lm`")
+    details = [f"step {step}"] if step is not None else []
+    details += [f"validation loss {_fmt(checkpoint_val_loss)}"] if checkpoint_val_loss is not None else []
+    source = "the final model" if checkpoint == "last" else f"checkpoint `{checkpoint}`"
+    source += f" ({', '.join(details)})" if details else ""
+    objective = f" on the {objective_text(config)} objective" if is_preference(config.get("train_mode")) else ""
+    return (f"{base_text} fine-tuned with {METHOD_NAMES.get(method, f'`{method}`')}{objective} using gmt-mlx on "
+            f"[MLX](https://github.com/ml-explore/mlx). This repository holds {what}; exported from {source}.")
 
 
 def _gguf_base_note(model: Optional[str], base_path: Optional[str | Path], dtype: str) -> Optional[str]:

@@ -19,12 +19,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from gmt_mlx.config import ADAPTER_METHODS
+from gmt_mlx.config import ADAPTER_METHODS, Config
 from gmt_mlx.errors import UserError
 from gmt_mlx.models.hf import PEFT_CONFIG, save_hf_model, save_peft_adapter
 from gmt_mlx.models.methods import DTYPES
 from gmt_mlx.run import rundir
-
 
 
 # ---------------------------------------------------------------- a run's model
@@ -40,7 +39,7 @@ class ExportResult:
     files: List[str]
 
 
-def load_run_model(checkpoint_dir: Path, config) -> Tuple[nn.Module, Any, Dict[str, Any], Path, dict]:
+def load_run_model(checkpoint_dir: Path, config: Config) -> Tuple[nn.Module, Any, Dict[str, Any], Path, dict]:
     """Base model + the run's method preparation (adapters for lora/dora) + the checkpoint's weights."""
     from gmt_mlx.models.loading import load_base
     from gmt_mlx.models.methods import prepare_model
@@ -89,6 +88,21 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
             raise UserError(f"--out {out} already holds a model; pass --overwrite to replace it")
 
 
+@dataclass
+class ExportSource:
+    """The model an export writes, and where it came from (the final model/ or a checkpoint)."""
+
+    model: nn.Module
+    tokenizer: Any
+    hf_config: Dict[str, Any]
+    base_path: Path  # the folder loaded: model/, or the base model under a rebuilt checkpoint
+    step: Optional[int]
+    val_loss: Optional[float]
+    source: str  # what ExportResult.source says
+    versions: Dict[str, str]
+    final: bool  # model/ itself: the card names the base from the config, not base_path
+
+
 def export_run(
     run_dir: str | Path,
     out: str | Path,
@@ -114,15 +128,38 @@ def export_run(
     instead (`gguf_export.save_gguf_model`; ``outtype`` f32, f16 or q8_0).
     """
     from gmt_mlx.config import resolve
-    from gmt_mlx.models.loading import load_base
-    from gmt_mlx.publish.card import base_model_id, write_model_card
-    from gmt_mlx.run import checkpoint as ckpt
 
     run_dir, out = Path(run_dir), Path(out)
     if not rundir.is_run_dir(run_dir):
         raise UserError(f"{run_dir} is not a gmt-mlx run directory (no {rundir.CONFIG_FILE})")
     config = resolve(base=rundir.run_config(run_dir, log))  # a damaged config.yaml falls back on a checkpoint's copy
-    if format == "gguf":  # every refusal before the model loads
+    outtype = _check_format(format, outtype, dtype=dtype, adapter_only=adapter_only)  # every refusal before loading
+    dtype = dtype or config.dtype
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    _check_out(run_dir, out, overwrite)
+
+    loaded = None
+    if checkpoint == "last" and not adapter_only and rundir.is_finished(run_dir):
+        loaded = _load_final(run_dir, dtype, log)
+    loaded = loaded or _load_checkpoint(run_dir, config, checkpoint, log)
+    label = checkpoint if checkpoint in (rundir.BEST, "last") else f"step-{loaded.step}"
+
+    def write(folder: Path) -> None:
+        _write_model(folder, loaded, config, dtype=dtype, format=format, outtype=outtype, adapter_only=adapter_only,
+                    shard_bytes=shard_bytes, name=out.name)
+        if format == "hf":  # the card describes safetensors and transformers/mlx_lm usage
+            _write_card(folder, run_dir, loaded, config, dtype=dtype, label=label, adapter_only=adapter_only,
+                        datasets=datasets, title=out.name)
+
+    _write_atomically(out, write)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    return ExportResult(out, loaded.source, loaded.step, files)
+
+
+def _check_format(format: str, outtype: Optional[str], *, dtype: Optional[str], adapter_only: bool) -> Optional[str]:
+    """Refuse options that do not go with ``format`` (hf or gguf); the GGUF outtype, checked (None for hf)."""
+    if format == "gguf":
         from gmt_mlx.models.gguf.writer import check_outtype, require_gguf
 
         require_gguf()
@@ -135,64 +172,89 @@ def export_run(
         raise UserError(f"--format must be hf or gguf, got {format!r}")
     elif outtype is not None:
         raise UserError("--outtype is for --format gguf; a Hugging Face export's precision is --dtype")
-    dtype = dtype or config.dtype
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return outtype
+
+
+def _check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` inside the run's own files, a file, or a folder holding something other than a model."""
     own = [run_dir.resolve(), rundir.model_dir(run_dir).resolve(), (run_dir / rundir.CHECKPOINTS_DIR).resolve()]
     if out.resolve() in own or own[2] in out.resolve().parents:
         raise UserError(f"--out {out} would overwrite the run's own files; choose another folder")
     _prepare_out(out, overwrite)
 
-    final = rundir.model_dir(run_dir)
-    use_final = checkpoint == "last" and not adapter_only and rundir.is_finished(run_dir)
-    if use_final:
-        try:
-            model, tokenizer, hf_config, _ = load_base(str(final))
-        except (UserError, OSError, ValueError, RuntimeError) as err:
-            # A damaged model/ (it has no checksums): the checkpoints hold the same training, verified.
-            log(f"warning: {final} cannot be loaded ({str(err).splitlines()[0][:200]}); "
-                "exporting the newest checkpoint that verifies instead")
-            use_final = False
-    if use_final:
-        base_path, step, val_loss, source = final, rundir.last_step(run_dir), None, f"{rundir.MODEL_DIR}/"
-        saved = hf_config.get("dtype") or hf_config.get("torch_dtype")
-        if saved in DTYPES and DTYPES[saved].size < DTYPES[dtype].size:
-            log(f"note: {final} holds {saved} weights; the {dtype} export has {saved} precision "
-                "(export --checkpoint best or step-N for the trained precision)")
-        versions = ckpt.versions()
-    else:
-        where = rundir.find_checkpoint(run_dir, checkpoint, log=log)
-        model, tokenizer, hf_config, base_path, meta = load_run_model(where, config)
-        step, val_loss, source = meta.get("step"), meta.get("val_loss"), str(where.relative_to(run_dir))
-        versions = meta.get("versions") or ckpt.versions()
-        final_step = rundir.last_step(run_dir)
-        if checkpoint == "last" and final_step is not None and step is not None and step < final_step:
-            log(f"note: the newest checkpoint is step {step}; the run reported up to step {final_step}")
-    label = checkpoint if checkpoint in (rundir.BEST, "last") else f"step-{step}"
 
+def _load_final(run_dir: Path, dtype: str, log: Callable[[str], None]) -> Optional[ExportSource]:
+    """RUN_DIR/model/, the final model; None (with a warning) when it cannot be loaded."""
+    from gmt_mlx.models.loading import load_base
+    from gmt_mlx.run import checkpoint as ckpt
+
+    final = rundir.model_dir(run_dir)
+    try:
+        model, tokenizer, hf_config, _ = load_base(str(final))
+    except (UserError, OSError, ValueError, RuntimeError) as err:
+        # A damaged model/ (it has no checksums): the checkpoints hold the same training, verified.
+        log(f"warning: {final} cannot be loaded ({str(err).splitlines()[0][:200]}); "
+            "exporting the newest checkpoint that verifies instead")
+        return None
+    saved = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    if saved in DTYPES and DTYPES[saved].size < DTYPES[dtype].size:
+        log(f"note: {final} holds {saved} weights; the {dtype} export has {saved} precision "
+            "(export --checkpoint best or step-N for the trained precision)")
+    return ExportSource(model, tokenizer, hf_config, final, rundir.last_step(run_dir), None, f"{rundir.MODEL_DIR}/",
+                        ckpt.versions(), final=True)
+
+
+def _load_checkpoint(run_dir: Path, config: Config, checkpoint: str, log: Callable[[str], None]) -> ExportSource:
+    """The model rebuilt from the base, the run's method and checkpoint ``checkpoint`` (best, last or step-N)."""
+    from gmt_mlx.run import checkpoint as ckpt
+
+    where = rundir.find_checkpoint(run_dir, checkpoint, log=log)
+    model, tokenizer, hf_config, base_path, meta = load_run_model(where, config)
+    step = meta.get("step")
+    final_step = rundir.last_step(run_dir)
+    if checkpoint == "last" and final_step is not None and step is not None and step < final_step:
+        log(f"note: the newest checkpoint is step {step}; the run reported up to step {final_step}")
+    return ExportSource(model, tokenizer, hf_config, base_path, step, meta.get("val_loss"),
+                        str(where.relative_to(run_dir)), meta.get("versions") or ckpt.versions(), final=False)
+
+
+def _write_model(folder: Path, loaded: ExportSource, config: Config, *, dtype: str, format: str, outtype: Optional[str],
+                adapter_only: bool, shard_bytes: Optional[int], name: str) -> None:
+    """Write the model into ``folder``: the PEFT adapter, a GGUF file or Hugging Face safetensors."""
+    from gmt_mlx.publish.card import base_model_id
+
+    if adapter_only:
+        base_model = base_model_id(config.model, loaded.base_path) or config.model
+        save_peft_adapter(folder, loaded.model, base_model=base_model, dtype=dtype, tokenizer=loaded.tokenizer)
+    elif format == "gguf":
+        from gmt_mlx.models.gguf.writer import save_gguf_model
+
+        save_gguf_model(folder, loaded.model, loaded.tokenizer, loaded.hf_config, outtype=outtype, name=name)
+    else:
+        save_hf_model(folder, loaded.model, loaded.tokenizer, loaded.hf_config, dtype=dtype,
+                      base_path=loaded.base_path, shard_bytes=shard_bytes)
+
+
+def _write_card(folder: Path, run_dir: Path, loaded: ExportSource, config: Config, *, dtype: str, label: str,
+                adapter_only: bool, datasets: Optional[List[str]], title: str) -> None:
+    from gmt_mlx.publish.card import write_model_card
+
+    # The base folder (its license, its GGUF origin) is known after a rebuild; model/ is not the base.
+    card_base = _local_base(config.model) if loaded.final else loaded.base_path
+    write_model_card(folder, run_dir, dtype=dtype, checkpoint=label, step=loaded.step,
+                     checkpoint_val_loss=loaded.val_loss, adapter=adapter_only, datasets=datasets,
+                     base_path=card_base, versions=loaded.versions, title=title)
+
+
+def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a folder next to ``out``, then rename it into place: a kill leaves no half-written ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        if adapter_only:
-            save_peft_adapter(tmp, model, base_model=base_model_id(config.model, base_path) or config.model,
-                              dtype=dtype, tokenizer=tokenizer)
-        elif format == "gguf":
-            from gmt_mlx.models.gguf.writer import save_gguf_model
-
-            save_gguf_model(tmp, model, tokenizer, hf_config, outtype=outtype, name=out.name)
-        else:
-            save_hf_model(tmp, model, tokenizer, hf_config, dtype=dtype, base_path=base_path, shard_bytes=shard_bytes)
-        # The base folder (its license, its GGUF origin) is known after a rebuild; model/ is not the base.
-        card_base = _local_base(config.model) if use_final else base_path
-        if format == "hf":  # the card describes safetensors and transformers/mlx_lm usage
-            write_model_card(tmp, run_dir, dtype=dtype, checkpoint=label, step=step, checkpoint_val_loss=val_loss,
-                             adapter=adapter_only, datasets=datasets, base_path=card_base, versions=versions,
-                             title=out.name)
+        write(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it owner-only
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    return ExportResult(out, source, step, files)

@@ -89,7 +89,8 @@ def push(
         for f in files:
             log(f"  {f.as_posix():<48} {_size((folder / f).stat().st_size):>10}")
         log("token: " + ("found" if token else f"missing: {NO_TOKEN}"))
-        log(f"--- {CARD_FILE} ---\n{card}" if card is not None else f"warning: no {CARD_FILE}: the repo would have no model card")
+        log(f"--- {CARD_FILE} ---\n{card}" if card is not None
+            else f"warning: no {CARD_FILE}: the repo would have no model card")
         return PushResult(repo_id, [f.as_posix() for f in files])
     if not token:
         raise UserError(NO_TOKEN)
@@ -115,4 +116,5 @@ def publish_run(run_dir: str | Path, model_dir: str | Path, config, *, step: Opt
     try:
         return push(model_dir, config.push_to_hub, log=log)
     except UserError as err:
-        raise UserError(f"{err} (the run is saved; retry with: gmt-mlx push {run_dir} --repo {config.push_to_hub})") from None
+        raise UserError(f"{err} (the run is saved; retry with: "
+                        f"gmt-mlx push {run_dir} --repo {config.push_to_hub})") from None

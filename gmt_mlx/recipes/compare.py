@@ -1,9 +1,9 @@
 """Compare methods (sft, gmt, random, lora, dora) on one model, data and budget.
 
-`compare(spec)` runs every (method, mask ratio, seed) as a normal fine-tuning
-run under ``OUT/runs/<name>/``, evaluates each saved model on the test split
-(loss, perplexity, generation accuracy), evaluates the untouched base model
-once, and writes:
+`compare(spec)` runs every (method, mask ratio, seed) of the plan
+(compare_plan.py) as a normal fine-tuning run under ``OUT/runs/<name>/``,
+evaluates each saved model on the test split (loss, perplexity, generation
+accuracy), evaluates the untouched base model once, and writes:
 
     OUT/results.json     every run's numbers and curves, and the per-method rows
     OUT/results.md       one row per method: mean ± std over seeds
@@ -17,7 +17,7 @@ sequence length, batch, accumulation, optimizer step budget, schedule shape,
 warmup, evaluation cadence), and seed s gives every method the same data order.
 What differs: the method, its mask ratio (gmt/random only), and its learning
 rate (full-weight methods and adapters need very different ones; see
-DEFAULT_LEARNING_RATES).
+compare_plan.DEFAULT_LEARNING_RATES).
 
 A finished run (``model/config.json`` and ``metrics.jsonl`` present, same
 config) is reused, and its evaluation too (``eval.json``), so a comparison
@@ -31,146 +31,29 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from gmt_mlx import config as cfg
-from gmt_mlx.config import MASKED_METHODS, Config
+from gmt_mlx.config import Config
 from gmt_mlx.data.sources import data_options
 from gmt_mlx.errors import Interrupted, UserError
 from gmt_mlx.evaluation.report import RESULTS_MD, aggregate, render_markdown, write_plots
 from gmt_mlx.publish.card import objective_text
+from gmt_mlx.recipes.compare_plan import CompareSpec, PlannedRun, plan, with_cadence
 from gmt_mlx.run import rundir
 from gmt_mlx.run.progress import format_seconds
 
-DEFAULT_METHODS = ("sft", "gmt", "lora")
-# Peak learning rates when --learning-rates does not name the method. Full-weight
-# methods share one, TRL's SFT default (GMT's mask does not change the step size of
-# the entries it keeps); adapters start from zero and take ~5-10x more (PEFT users
-# run 1e-4 to 2e-4; DESIGN.md measured 1e-4 working and 5e-4 collapsing SmolLM2-135M).
-DEFAULT_LEARNING_RATES = {"sft": 2e-5, "gmt": 2e-5, "random": 2e-5, "lora": 1e-4, "dora": 1e-4}
-# Config keys compare sets per run; a base config must leave them alone.
-PER_RUN_KEYS = ("method", "mask_ratio", "seed", "learning_rate", "out")
+if TYPE_CHECKING:  # annotations only: evaluate.py imports MLX, which `gmt-mlx compare --help` need not load
+    from gmt_mlx.evaluation.evaluate import EvalOptions
+
 RESULTS_JSON, EVAL_FILE, BASE_EVAL = "results.json", "eval.json", "base_eval.json"
 BASE_VAL = "base_val.json"  # the base model's validation loss: every validation curve's step 0
-CADENCE_KEYS = ("steps_per_report", "steps_per_eval")
-# Validation points per run when compare picks the cadence (train-loss points: twice as many).
-CURVE_POINTS = 8
-
-
-@dataclass
-class CompareSpec:
-    """What to compare. ``base`` holds every shared option (model, data, iters, batch ...)."""
-
-    base: Config
-    out: Path
-    methods: List[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    seeds: List[int] = field(default_factory=lambda: [0])
-    mask_ratios: List[float] = field(default_factory=lambda: [0.2])
-    learning_rates: Dict[str, float] = field(default_factory=dict)
-    scorers: List[str] = field(default_factory=lambda: ["exact"])
-    eval_limit: int = 100
-    max_tokens: int = 32
-    eval_batch_size: int = 16
-    command: Optional[str] = None  # the command line, recorded in results.md
-    # Cadence keys compare may choose so that every run draws a curve (those the user did not set).
-    auto_cadence: Tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        # "full" runs as "sft" (Config stores it so): one run, named and priced as sft.
-        self.methods = list(dict.fromkeys(cfg.METHOD_ALIASES.get(m, m) for m in self.methods))
-
-    def learning_rate(self, method: str) -> float:
-        return self.learning_rates.get(method, DEFAULT_LEARNING_RATES[method])
-
-
-@dataclass
-class PlannedRun:
-    """One run of a comparison: its folder name, method, mask ratio (None unmasked), seed and config."""
-
-    name: str
-    method: str
-    mask_ratio: Optional[float]  # None for methods that do not mask
-    seed: int
-    config: Config
-
-    @property
-    def group(self) -> str:
-        return group_label(self.method, self.mask_ratio, self.config.train_mode)
-
-
-def method_label(method: str, train_mode: str = "sft") -> str:
-    """The unmasked full-weight method is "sft" in SFT comparisons and "full" under a preference objective."""
-    return "full" if method == "sft" and train_mode != "sft" else method
-
-
-def group_label(method: str, mask_ratio: Optional[float], train_mode: str = "sft") -> str:
-    """The row a run belongs to: the method, with its mask ratio for masked methods (gmt r=0.2)."""
-    method = method_label(method, train_mode)
-    return f"{method} r={mask_ratio:g}" if mask_ratio is not None else method
-
-
-def check_base(values: Dict[str, object], where: str) -> None:
-    """A base config must not set what compare sets per run."""
-    for key in PER_RUN_KEYS:
-        if key in values and values[key] is not None:
-            hint = {"method": "--methods", "mask_ratio": "--mask-ratios", "seed": "--seeds",
-                    "learning_rate": "--learning-rates", "out": "compare's --out"}[key]
-            raise UserError(f"{where}: {key} is set per run by compare; use {hint}")
 
 
 # --------------------------------------------------------------------------
-# Planning and running
+# Running
 # --------------------------------------------------------------------------
-
-
-def with_cadence(spec: CompareSpec, steps: int, log: Callable[[str], None] = print) -> CompareSpec:
-    """``spec`` with the report/eval cadence that draws a curve of ~CURVE_POINTS points for a run of
-    ``steps`` steps, for the keys in ``spec.auto_cadence``; warns when the user's cadence draws dots."""
-    changes = {}
-    every_eval = max(1, steps // CURVE_POINTS)
-    if "steps_per_eval" in spec.auto_cadence:
-        changes["steps_per_eval"] = every_eval
-    if "steps_per_report" in spec.auto_cadence:
-        # Eval steps are multiples of report steps, and enough report windows for a median speed.
-        changes["steps_per_report"] = max(1, changes.get("steps_per_eval", every_eval) // 2)
-    base = replace(spec.base, **changes)
-    if changes:
-        log(f"compare: {steps} steps per run; validation every {base.steps_per_eval}, metrics every "
-            f"{base.steps_per_report} (set --steps-per-eval / --steps-per-report to choose)")
-    evals = steps // base.steps_per_eval if base.steps_per_eval else 1
-    if evals < 3:
-        log(f"warning: --steps-per-eval {base.steps_per_eval} with {steps} steps: each validation curve has "
-            f"{evals + 1} point{'s' if evals else ''} (step 0 included); a smaller --steps-per-eval draws a curve")
-    return replace(spec, base=base)
-
-
-def run_name(method: str, mask_ratio: Optional[float], seed: int) -> str:
-    """Run folder name: gmt-r0.3-s0 for masked methods, sft-s0 / lora-s0 for the others."""
-    return f"{method}-r{mask_ratio:g}-s{seed}" if mask_ratio is not None else f"{method}-s{seed}"
-
-
-def plan(spec: CompareSpec) -> List[PlannedRun]:
-    """Every run of the comparison, seed-major (all methods of seed 0 first), configs validated."""
-    if not spec.base.data:
-        raise UserError("--data is required (a folder with train.jsonl, valid.jsonl and test.jsonl)")
-    runs = []
-    for seed in spec.seeds:
-        for method in spec.methods:
-            ratios: List[Optional[float]] = list(spec.mask_ratios) if method in MASKED_METHODS else [None]
-            for ratio in ratios:
-                name = run_name(method_label(method, spec.base.train_mode), ratio, seed)
-                # samples=0: the before/after answers of finetune would repeat (slowly) what
-                # the evaluation below records for every test prompt.
-                config = replace(
-                    spec.base, method=method, mask_ratio=ratio if ratio is not None else 0.0, seed=seed,
-                    learning_rate=spec.learning_rate(method), out=str(spec.out / "runs" / name), samples=0,
-                    # The table's mask overlap between steps (a byte per parameter of peak memory).
-                    mask_overlap=spec.base.mask_overlap or ratio is not None,
-                ).validate()
-                runs.append(PlannedRun(name, method, ratio, seed, config))
-    return runs
 
 
 def _is_finished(run_dir: Path) -> bool:
@@ -179,7 +62,7 @@ def _is_finished(run_dir: Path) -> bool:
 
 def _check_same_config(run: PlannedRun, run_dir: Path) -> Dict[str, tuple]:
     try:
-        saved = cfg.load_yaml(run_dir / rundir.CONFIG_FILE)
+        saved = rundir.read_config(run_dir)
     except UserError:
         return {rundir.CONFIG_FILE: ("unreadable", "")}
     return cfg.diff({**Config().to_dict(), **saved}, run.config.to_dict())
@@ -201,10 +84,7 @@ def _evaluate(spec: CompareSpec, model: str, split: Optional[str], path: Path, c
         if saved.get("settings") == settings:
             return saved
     t0 = time.perf_counter()
-    result = evaluate(model, config.data, split=split, scorers=spec.scorers, mask_prompt=config.mask_prompt,
-                      assistant_turns=config.assistant_turns, data_options=data_options(config),
-                      max_seq_length=config.max_seq_length, batch_size=spec.eval_batch_size,
-                      max_tokens=spec.max_tokens, limit=spec.eval_limit)
+    result = evaluate(model, config.data, _eval_options(spec, split, config))
     result["settings"] = settings
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
@@ -217,6 +97,16 @@ def _evaluate(spec: CompareSpec, model: str, split: Optional[str], path: Path, c
     log(f"eval       {split}: {what}" + (f", accuracy {acc} of {result['count']}" if acc else "")
         + f" [{time.perf_counter() - t0:.0f} s]")
     return result
+
+
+def _eval_options(spec: CompareSpec, split: str, config: Config) -> EvalOptions:
+    """How compare evaluates a model: the spec's generation settings and the run config's way with the data."""
+    from gmt_mlx.evaluation.evaluate import EvalOptions
+
+    return EvalOptions(split=split, scorers=tuple(spec.scorers), mask_prompt=config.mask_prompt,
+                       assistant_turns=config.assistant_turns, max_seq_length=config.max_seq_length,
+                       batch_size=spec.eval_batch_size, max_tokens=spec.max_tokens, limit=spec.eval_limit,
+                       **data_options(config))
 
 
 def _base_validation(base: Config, splits: Dict[str, list], path: Path, log) -> Optional[float]:
@@ -263,42 +153,75 @@ def _with_val_loss(summary: Optional[dict], val_loss: Optional[float]) -> Option
 
 def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
     """Run (or reuse) every planned run, evaluate them, and write results.json/.md and the plots."""
-    import mlx.core as mx
-
     from gmt_mlx.data.sources import load_splits
-    from gmt_mlx.recipes.finetune import finetune
     from gmt_mlx.recipes.plan import total_steps
 
-    if not spec.methods or not spec.seeds:
-        raise UserError("compare needs at least one method and one seed")
     out = Path(spec.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "runs").is_dir() and not (out / RESULTS_JSON).is_file():
-        raise UserError(f"--out {out} is a non-empty folder that is not a gmt-mlx comparison; choose another")
+    _check_out(spec, out)
     plan(spec)  # check every run's config before anything else
     splits = load_splits(spec.base.data, **data_options(spec.base))  # fail on bad data before any model is loaded
     spec = with_cadence(spec, total_steps(spec.base, len(splits["train"])), log)
     runs = plan(spec)
-    eval_split = "test" if "test" in splits else ("valid" if "valid" in splits else None)
-    if "valid" not in splits:
-        log("warning: no valid.jsonl: no validation-loss curves")
-    if eval_split != "test":
-        log(f"warning: no test.jsonl: evaluating on {eval_split or 'nothing'}")
-    # Refuse a finished run of another config before spending time on anything.
-    if not overwrite:
-        for run in runs:
-            run_dir = out / "runs" / run.name
-            if _is_finished(run_dir) and (diff := _check_same_config(run, run_dir)):
-                keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                raise UserError(f"{run_dir} holds a finished run with a different config ({keys}); "
-                                f"use another --out or pass --overwrite")
+    eval_split = _eval_split(splits, log)
+    if not overwrite:  # refuse a finished run of another config before spending time on anything
+        _refuse_changed_runs(runs, out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
 
     base_eval = _evaluate(spec, spec.base.model, eval_split, out / BASE_EVAL, spec.base,
                           lambda s: log(f"[base model] {s}"))
     base_val = _base_validation(spec.base, splits, out / BASE_VAL, lambda s: log(f"[base model] {s}"))
-    started, trained_time, trained = time.perf_counter(), 0.0, 0
+    started = time.perf_counter()
+    summaries, trained = _run_all(spec, runs, eval_split, base_eval, base_val, started=started, overwrite=overwrite,
+                                  log=log)
+    results = {
+        "spec": describe_spec(spec, eval_split),
+        "base": _with_val_loss(summarize_eval(base_eval), base_val),
+        "runs": summaries,
+        "rows": aggregate(summaries, spec.scorers),
+        "wall_time": time.perf_counter() - started,
+    }
+    _write_results(results, out)
+    log(f"\ncompare done: {len(runs)} runs ({len(runs) - trained} reused) in "
+        f"{format_seconds(time.perf_counter() - started)}; see {out / RESULTS_MD}")
+    return results
+
+
+def _check_out(spec: CompareSpec, out: Path) -> None:
+    """Refuse an empty spec, and an --out that is a file or a folder of something other than a comparison."""
+    if not spec.methods or not spec.seeds:
+        raise UserError("compare needs at least one method and one seed")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "runs").is_dir() and not (out / RESULTS_JSON).is_file():
+        raise UserError(f"--out {out} is a non-empty folder that is not a gmt-mlx comparison; choose another")
+
+
+def _eval_split(splits: Dict[str, list], log: Callable[[str], None]) -> Optional[str]:
+    """The split every model is evaluated on (test, else valid, else None), with a warning for each missing one."""
+    eval_split = "test" if "test" in splits else ("valid" if "valid" in splits else None)
+    if "valid" not in splits:
+        log("warning: no valid.jsonl: no validation-loss curves")
+    if eval_split != "test":
+        log(f"warning: no test.jsonl: evaluating on {eval_split or 'nothing'}")
+    return eval_split
+
+
+def _refuse_changed_runs(runs: List[PlannedRun], out: Path) -> None:
+    """UserError when a finished run under ``out`` was made with another config than the plan's."""
+    for run in runs:
+        run_dir = out / "runs" / run.name
+        if _is_finished(run_dir) and (diff := _check_same_config(run, run_dir)):
+            keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise UserError(f"{run_dir} holds a finished run with a different config ({keys}); "
+                            f"use another --out or pass --overwrite")
+
+
+def _run_all(spec: CompareSpec, runs: List[PlannedRun], eval_split: Optional[str], base_eval: Optional[dict],
+             base_val: Optional[float], *, started: float, overwrite: bool,
+             log: Callable[[str], None]) -> Tuple[List[dict], int]:
+    """Train (or reuse) and evaluate every run in turn, with progress and an ETA: (summaries, runs trained)."""
+    out = Path(spec.out)
+    trained_time, trained = 0.0, 0
     summaries = []
     for i, run in enumerate(runs, start=1):
         run_dir = out / "runs" / run.name
@@ -309,15 +232,7 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
             f"elapsed {format_seconds(time.perf_counter() - started)} | {eta}"
             + (" | finished earlier, reused" if reuse else ""))
         if not reuse:
-            t0 = time.perf_counter()
-            (run_dir / EVAL_FILE).unlink(missing_ok=True)  # it described the model being replaced
-            mx.reset_peak_memory()
-            try:
-                finetune(run.config, overwrite=overwrite and run_dir.exists(), log=log)
-            except Interrupted:
-                raise Interrupted(f"comparison interrupted during {run.name} (its checkpoint is saved); run the same "
-                                  f"compare command again to resume: finished runs are reused") from None
-            trained_time += time.perf_counter() - t0
+            trained_time += _train(run, run_dir, overwrite=overwrite, log=log)
             trained += 1
         evaluation = _evaluate(spec, str(run_dir), eval_split, run_dir / EVAL_FILE, run.config, log)
         if evaluation is not None and base_eval is not None:  # preference runs: DPO's numbers against the base
@@ -325,22 +240,33 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
 
             evaluation = {**evaluation, **against_base(evaluation, base_eval, run.config.to_dict())}
         if not reuse and evaluation is not None:
-            trained_time += evaluation.get("wall_time", 0.0)
+            trained_time += evaluation.get("wall_time", 0.0)  # the ETA counts a run's evaluation with its training
         summaries.append(summarize_run(run, run_dir, evaluation, base_val_loss=base_val))
+    return summaries, trained
 
-    results = {
-        "spec": describe_spec(spec, eval_split),
-        "base": _with_val_loss(summarize_eval(base_eval), base_val),
-        "runs": summaries,
-        "rows": aggregate(summaries, spec.scorers),
-        "wall_time": time.perf_counter() - started,
-    }
+
+def _train(run: PlannedRun, run_dir: Path, *, overwrite: bool, log: Callable[[str], None]) -> float:
+    """Fine-tune one planned run (resuming its checkpoint if it has one); the seconds it took."""
+    import mlx.core as mx
+
+    from gmt_mlx.recipes.finetune import finetune
+
+    t0 = time.perf_counter()
+    (run_dir / EVAL_FILE).unlink(missing_ok=True)  # it described the model being replaced
+    mx.reset_peak_memory()
+    try:
+        finetune(run.config, overwrite=overwrite and run_dir.exists(), log=log)
+    except Interrupted:
+        raise Interrupted(f"comparison interrupted during {run.name} (its checkpoint is saved); run the same "
+                          f"compare command again to resume: finished runs are reused") from None
+    return time.perf_counter() - t0
+
+
+def _write_results(results: dict, out: Path) -> None:
+    """results.json, results.md and the plots (their paths go into ``results["plots"]``)."""
     (out / RESULTS_JSON).write_text(json.dumps(results, indent=2))
     (out / RESULTS_MD).write_text(render_markdown(results))
     results["plots"] = [str(p) for p in write_plots(results, out)]
-    log(f"\ncompare done: {len(runs)} runs ({len(runs) - trained} reused) in "
-        f"{format_seconds(time.perf_counter() - started)}; see {out / RESULTS_MD}")
-    return results
 
 
 # --------------------------------------------------------------------------
