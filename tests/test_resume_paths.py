@@ -3,6 +3,7 @@ a second Ctrl-C mid-save, a run killed before its config existed; the start-up s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -177,7 +178,9 @@ def test_summary_names_the_blas_and_the_embedded_model(tiny_model_dir, chat_data
     assert len(blas) == 1 and len(blas[0]) > len("blas       ")
     assert f"model      {tiny_model_dir} ({tiny_model_dir})" in plain.output
 
-    monkeypatch.setattr(run_setup, "embedded_gguf_base", lambda model, path: EMBEDDED_MODELS["smollm2-135m"])
+    real_origin = run_setup.model_origin
+    monkeypatch.setattr(run_setup, "model_origin", lambda name, path: dataclasses.replace(
+        real_origin(name, path), embedded=EMBEDDED_MODELS["smollm2-135m"]))
     embedded = runner.invoke(app, args(tiny_model_dir, chat_data, tmp_path / "b", "--iters", "1"))
     assert embedded.exit_code == 0, embedded.output
     assert (f"model      {tiny_model_dir}: HuggingFaceTB/SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF of the "

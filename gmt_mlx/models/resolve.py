@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -145,17 +146,63 @@ def embedded_gguf(spec: EmbeddedModel) -> Path | None:
     return None
 
 
-def embedded_gguf_base(model: str | None, base_path: str | Path | None) -> EmbeddedModel | None:
-    """The embedded model when ``base_path`` (what ``model`` resolved to) was converted from its GGUF.
+def local_base(name: str) -> Path | None:
+    """The folder of model ``name`` when it is on this machine already (nothing converted or downloaded)."""
+    if name.lower() in EMBEDDED_MODELS:
+        return local_embedded(name)
+    local = Path(name).expanduser()
+    return local if local.is_dir() else None
 
-    None for any other model, and for the embedded model's Hub copy (found in the HF cache).
+
+@dataclass(frozen=True)
+class ModelOrigin:
+    """Where a base model came from, worked out once (`model_origin`) and handed to whoever needs it.
+
+    ``name`` is what the user gave (--model), ``path`` the local folder it is
+    (None when not known without a download), ``hub_id`` the Hub repo its
+    weights come from when that can be known offline, and ``embedded`` the
+    embedded model when the weights are its dequantized GGUF (not the Hub's originals).
+    """
+
+    name: str | None
+    path: Path | None
+    hub_id: str | None
+    embedded: EmbeddedModel | None
+
+
+# A folder inside the Hugging Face cache names its repo: .../models--OWNER--NAME/snapshots/REV/
+_CACHE_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
+
+
+def model_origin(name: str | None, path: str | Path | None = None) -> ModelOrigin:
+    """The origin of the model named ``name`` (--model) that resolved to ``path``.
+
+    The Hub id: an embedded name maps to its repo, a Hub id is itself, a folder
+    inside the Hugging Face cache names its repo; any other local folder or GGUF
+    is unknown (None). ``embedded`` is set only when ``path`` was converted from
+    the embedded GGUF (its Hub copy, found in the cache, is the Hub's weights).
     """
     from gmt_mlx.models.gguf.tables import GGUF_SOURCE
 
-    spec = EMBEDDED_MODELS.get(str(model or "").lower())
-    if spec is None or base_path is None:
+    path = Path(path) if path is not None else None
+    spec = EMBEDDED_MODELS.get(str(name or "").lower())
+    embedded = spec if spec is not None and path is not None and (path / GGUF_SOURCE).is_file() else None
+    return ModelOrigin(name, path, _hub_id(name, path), embedded)
+
+
+def _hub_id(name: str | None, path: Path | None) -> str | None:
+    if not name:
         return None
-    return spec if (Path(base_path) / GGUF_SOURCE).is_file() else None
+    if name.lower() in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[name.lower()].hub_repo
+    for candidate in (name, str(path) if path else None):
+        if candidate:
+            match = _CACHE_SNAPSHOT.search(str(Path(candidate).expanduser().resolve()) + "/")
+            if match:
+                return f"{match.group(1)}/{match.group(2)}"
+    if hub.is_hub_id(name) and not Path(name).expanduser().exists():
+        return name
+    return None
 
 
 def _convert_cached(gguf: Path, dest: Path) -> Path:

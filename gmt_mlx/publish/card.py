@@ -19,6 +19,7 @@ import yaml
 from gmt_mlx.config import ADAPTER_METHODS, MASKED_METHODS, is_preference
 from gmt_mlx.errors import UserError
 from gmt_mlx.evaluation.report import RESULTS_MD
+from gmt_mlx.models.resolve import ModelOrigin, model_origin
 from gmt_mlx.run import rundir
 
 CARD_FILE = "README.md"
@@ -44,30 +45,6 @@ METHOD_TEXT = {
     "lora": "low-rank adapters trained on a frozen base",
     "dora": "weight-decomposed low-rank adapters trained on a frozen base",
 }
-_CACHE_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
-
-
-def base_model_id(model: Optional[str], base_path: Optional[str | Path] = None) -> Optional[str]:
-    """The Hub id of a run's base model when it can be known offline, else None.
-
-    An embedded name maps to its Hub repo, a Hub id is itself, a folder inside
-    the Hugging Face cache names its repo; any other local folder or GGUF is unknown.
-    """
-    from gmt_mlx.hub import is_hub_id
-    from gmt_mlx.models.resolve import EMBEDDED_MODELS
-
-    if not model:
-        return None
-    if model.lower() in EMBEDDED_MODELS:
-        return EMBEDDED_MODELS[model.lower()].hub_repo
-    for candidate in (model, str(base_path) if base_path else None):
-        if candidate:
-            match = _CACHE_SNAPSHOT.search(str(Path(candidate).expanduser().resolve()) + "/")
-            if match:
-                return f"{match.group(1)}/{match.group(2)}"
-    if is_hub_id(model) and not Path(model).expanduser().exists():
-        return model
-    return None
 
 
 def front_matter(text: str) -> Dict[str, Any]:
@@ -82,16 +59,16 @@ def front_matter(text: str) -> Dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def base_license(base_path: Optional[str | Path], base_id: Optional[str]) -> Dict[str, Any]:
+def base_license(origin: ModelOrigin) -> Dict[str, Any]:
     """License metadata inherited from the base: its README.md front matter, else a known license."""
-    if base_path is not None:
-        readme = Path(base_path) / CARD_FILE
+    if origin.path is not None:
+        readme = origin.path / CARD_FILE
         if readme.is_file():
             meta = front_matter(readme.read_text(errors="replace"))
             if meta.get("license"):
                 return {k: meta[k] for k in ("license", "license_name", "license_link") if meta.get(k)}
-    if base_id in KNOWN_LICENSES:
-        return {"license": KNOWN_LICENSES[base_id]}
+    if origin.hub_id in KNOWN_LICENSES:
+        return {"license": KNOWN_LICENSES[origin.hub_id]}
     return {}
 
 
@@ -299,19 +276,24 @@ def model_card(
     checkpoint_val_loss: Optional[float] = None,
     adapter: bool = False,
     datasets: Optional[List[str]] = None,
-    base_path: Optional[str | Path] = None,
+    origin: Optional[ModelOrigin] = None,
     versions: Optional[Dict[str, str]] = None,
     title: Optional[str] = None,
 ) -> str:
-    """The README.md for a model exported from ``run_dir`` into ``folder`` (plots are copied there)."""
+    """The README.md for a model exported from ``run_dir`` into ``folder`` (plots are copied there).
+
+    ``origin``: the base model's (models.resolve.model_origin); by default worked out from the
+    run's --model alone (no folder: no license file, no GGUF note).
+    """
     run_dir, folder = Path(run_dir), Path(folder)
     summary = RunSummary.read(run_dir)
     config = summary.config
-    base_id = base_model_id(config.get("model"), base_path)
+    origin = origin or model_origin(config.get("model"))
+    base_id = origin.hub_id
     if datasets is None:
         datasets = [d.strip() for d in str(config.get("hub_datasets") or "").split(",") if d.strip()]
-    meta = card_metadata(config, base_id, adapter=adapter, datasets=datasets, base_path=base_path)
-    note = _gguf_base_note(config.get("model"), base_path, dtype)
+    meta = card_metadata(config, origin, adapter=adapter, datasets=datasets)
+    note = _gguf_base_note(origin, dtype)
     parts = [
         "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---",
         f"# {title or folder.name}",
@@ -334,17 +316,17 @@ def model_card(
     return "\n\n".join(parts) + "\n"
 
 
-def card_metadata(config: Dict[str, Any], base_id: Optional[str], *, adapter: bool, datasets: List[str],
-                  base_path: Optional[str | Path] = None) -> Dict[str, Any]:
+def card_metadata(config: Dict[str, Any], origin: ModelOrigin, *, adapter: bool, datasets: List[str]) -> Dict[str, Any]:
     """The card's YAML front matter: base model, library, license, datasets, pipeline and tags."""
     meta: Dict[str, Any] = {}
+    base_id = origin.hub_id
     if base_id:
         meta["base_model"] = base_id
         meta["base_model_relation"] = "adapter" if adapter else "finetune"
     # transformers: the folder is a standard HF checkpoint (HF names, float safetensors), so the
     # Hub's "Use this model" snippet and download counter work; the `mlx` tag lists it for MLX users.
     meta["library_name"] = "peft" if adapter else "transformers"
-    meta.update(base_license(base_path, base_id))
+    meta.update(base_license(origin))
     if datasets:
         meta["datasets"] = list(datasets)
     meta["pipeline_tag"] = "text-generation"
@@ -378,11 +360,9 @@ def _intro(config: Dict[str, Any], base_id: Optional[str], *, dtype: str, checkp
             f"[MLX](https://github.com/ml-explore/mlx). This repository holds {what}; exported from {source}.")
 
 
-def _gguf_base_note(model: Optional[str], base_path: Optional[str | Path], dtype: str) -> Optional[str]:
+def _gguf_base_note(origin: ModelOrigin, dtype: str) -> Optional[str]:
     """What the card must say when the base was the embedded GGUF: 4-bit weights, not the Hub's originals."""
-    from gmt_mlx.models.resolve import embedded_gguf_base
-
-    spec = embedded_gguf_base(model, base_path)
+    spec = origin.embedded
     if spec is None:
         return None
     return (f"**Base weights:** not the original {spec.hub_repo} weights but their {spec.quantization} "

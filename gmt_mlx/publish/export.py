@@ -23,6 +23,7 @@ from gmt_mlx.config import ADAPTER_METHODS, Config
 from gmt_mlx.errors import UserError
 from gmt_mlx.models.hf import PEFT_CONFIG, save_hf_model, save_peft_adapter
 from gmt_mlx.models.methods import DTYPES
+from gmt_mlx.models.resolve import ModelOrigin, local_base, model_origin
 from gmt_mlx.run import rundir
 
 
@@ -67,16 +68,6 @@ def load_run_model(checkpoint_dir: Path, config: Config) -> Tuple[nn.Module, Any
     return model, tokenizer, hf_config, base_path, meta
 
 
-def _local_base(model: str) -> Optional[Path]:
-    """The base model's folder when it is on this machine already (nothing converted or downloaded)."""
-    from gmt_mlx.models.resolve import EMBEDDED_MODELS, local_embedded
-
-    if model.lower() in EMBEDDED_MODELS:
-        return local_embedded(model)
-    local = Path(model).expanduser()
-    return local if local.is_dir() else None
-
-
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
@@ -101,6 +92,11 @@ class ExportSource:
     source: str  # what ExportResult.source says
     versions: Dict[str, str]
     final: bool  # model/ itself: the card names the base from the config, not base_path
+
+    def origin(self, config: Config) -> ModelOrigin:
+        """The base model's origin: a rebuild loaded the base folder itself; model/ is not the base, so
+        its folder is looked up on this machine (nothing converted or downloaded)."""
+        return model_origin(config.model, local_base(config.model) if self.final else self.base_path)
 
 
 def export_run(
@@ -221,10 +217,8 @@ def _load_checkpoint(run_dir: Path, config: Config, checkpoint: str, log: Callab
 def _write_model(folder: Path, loaded: ExportSource, config: Config, *, dtype: str, format: str, outtype: Optional[str],
                 adapter_only: bool, shard_bytes: Optional[int], name: str) -> None:
     """Write the model into ``folder``: the PEFT adapter, a GGUF file or Hugging Face safetensors."""
-    from gmt_mlx.publish.card import base_model_id
-
     if adapter_only:
-        base_model = base_model_id(config.model, loaded.base_path) or config.model
+        base_model = loaded.origin(config).hub_id or config.model
         save_peft_adapter(folder, loaded.model, base_model=base_model, dtype=dtype, tokenizer=loaded.tokenizer)
     elif format == "gguf":
         from gmt_mlx.models.gguf.writer import save_gguf_model
@@ -239,11 +233,9 @@ def _write_card(folder: Path, run_dir: Path, loaded: ExportSource, config: Confi
                 adapter_only: bool, datasets: Optional[List[str]], title: str) -> None:
     from gmt_mlx.publish.card import write_model_card
 
-    # The base folder (its license, its GGUF origin) is known after a rebuild; model/ is not the base.
-    card_base = _local_base(config.model) if loaded.final else loaded.base_path
     write_model_card(folder, run_dir, dtype=dtype, checkpoint=label, step=loaded.step,
                      checkpoint_val_loss=loaded.val_loss, adapter=adapter_only, datasets=datasets,
-                     base_path=card_base, versions=loaded.versions, title=title)
+                     origin=loaded.origin(config), versions=loaded.versions, title=title)
 
 
 def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:

@@ -13,6 +13,7 @@ from typing import Callable, List, Optional
 
 from gmt_mlx.errors import UserError
 from gmt_mlx.hub import NO_TOKEN, SKIPPED_DIRS, check_repo_id, get_token, redact, upload_folder
+from gmt_mlx.models.resolve import ModelOrigin
 from gmt_mlx.publish.card import CARD_FILE, RunSummary, card_for, write_model_card
 from gmt_mlx.run import rundir
 
@@ -106,11 +107,11 @@ def push(
 
 
 def publish_run(run_dir: str | Path, model_dir: str | Path, config, *, step: Optional[int] = None,
-                base_path: Optional[str | Path] = None, log: Callable[[str], None] = print) -> Optional[PushResult]:
+                origin: Optional[ModelOrigin] = None, log: Callable[[str], None] = print) -> Optional[PushResult]:
     """The end of `finetune`: write RUN_DIR/model's card, then push it when ``config.push_to_hub`` is set."""
     from gmt_mlx.run.checkpoint import versions
 
-    write_model_card(model_dir, run_dir, dtype=config.dtype, step=step, base_path=base_path, versions=versions())
+    write_model_card(model_dir, run_dir, dtype=config.dtype, step=step, origin=origin, versions=versions())
     if not config.push_to_hub:
         return None
     try:

