@@ -274,11 +274,11 @@ def test_row_slices_update_exactly_as_the_whole_tensor(monkeypatch, moments):
     """The staged update of a large tensor in slices of rows (CHUNK_ENTRIES) gives the weights and
     8-bit state bit for bit of the whole tensor at once: the rounding noise follows each entry's
     position in the tensor (masking.hash_start), not in its slice."""
-    import gmt_mlx.core.optim as optim_module
+    import gmt_mlx.core.compact as compact_module
 
     results = []
     for chunk in (1 << 30, 512):  # whole tensors; then slices of 4 rows of 128
-        monkeypatch.setattr(optim_module, "CHUNK_ENTRIES", chunk)
+        monkeypatch.setattr(compact_module, "CHUNK_ENTRIES", chunk)
         model = _model(hidden=128)
         model.set_dtype(mx.bfloat16)
         opt = build_optimizer("adamw", 1e-2, method="gmt", mask_ratio=0.3, moments=moments, weights_dtype="bfloat16")

@@ -2,13 +2,12 @@
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
 from gmt_mlx.config import LOW_MEMORY, resolve
-from gmt_mlx.core.optim import CompactAdamW, build_optimizer
+from gmt_mlx.core.optim import build_optimizer
 from gmt_mlx.core.precision import BLOCK, dequantize_root, dequantize_signed, quantize_root, quantize_signed, round_to
 from gmt_mlx.core.trainer import train
 

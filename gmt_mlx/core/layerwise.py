@@ -28,16 +28,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from gmt_mlx.core.compact import CompactAdamW
 from gmt_mlx.core.distributed import all_sum_tree
 from gmt_mlx.core.losses import unpack
-from gmt_mlx.core.optim import (
-    MASK_SAMPLE_KEY,
-    MASK_SAMPLE_SIZE,
-    CompactAdamW,
-    MaskedOptimizer,
-    apply_update,
-    training_state,
-)
+from gmt_mlx.core.optim import MASK_SAMPLE_KEY, MASK_SAMPLE_SIZE, MaskedOptimizer, apply_update, training_state
 from gmt_mlx.core.precision import sum_of_squares
 from gmt_mlx.errors import UserError
 

@@ -22,7 +22,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Optimizer state in float32 words per trainable entry, for mlx's optimizers.
 _OPTIMIZER_WORDS = {"adamw": 2, "adam": 2, "sgd": 1, "muon": 1, "adafactor": 0.1}
-# Bytes per trainable entry of Adam's two moments, by storage (optim.CompactAdamW):
+# Bytes per trainable entry of Adam's two moments, by storage (compact.CompactAdamW):
 # 8-bit forms carry a float32 scale per block of 128 entries.
 _MOMENT_BYTES = {"float32": 8, "bfloat16": 4, "8bit": 2 + 2 * 4 / 128, "8bit-factored": 1 + 4 / 128}
 # Of the tensors being updated at one moment in the fused step: ~8 float32
@@ -108,7 +108,7 @@ def estimate(
     trainable entries and ``outer`` those outside the blocks (embeddings,
     head), whose gradient waits for the end of the backward pass; one block
     is recomputed at a time, with every block's input kept. ``chunk``: the
-    slice of a large tensor one staged 8-bit update works on (optim.CHUNK_ENTRIES).
+    slice of a large tensor one staged 8-bit update works on (compact.CHUNK_ENTRIES).
     """
     hidden = int(hf_config.get("hidden_size", 0))
     inter = int(hf_config.get("intermediate_size", 4 * hidden))
