@@ -10,7 +10,7 @@ root of the second, the new weights) that a caller outside any compiled function
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -38,6 +38,19 @@ CHUNK_ENTRIES = 1 << 22
 
 # Storage forms of CompactAdamW's moments ("auto" resolves to the weights' dtype).
 COMPACT_MOMENTS = tuple(m for m in MOMENTS if m != "auto")
+
+
+class _Rows(NamedTuple):
+    """One tensor's update inputs as rows of its last dimension; the scales have one entry per BLOCK."""
+
+    g: mx.array  # the gradient, float32
+    p: mx.array  # the weights
+    m_codes: mx.array
+    m_scale: mx.array
+    v_codes: Optional[mx.array]  # 8bit: sqrt(v) in 8 bits
+    v_scale: Optional[mx.array]
+    v_row: Optional[mx.array]  # 8bit-factored: v_ij ~ v_row_i col_term_j
+    col_term: Optional[mx.array]
 
 
 class CompactAdamW(optim.Optimizer):
@@ -126,17 +139,28 @@ class CompactAdamW(optim.Optimizer):
         return self._apply(gradient, parameter, state, step_seed(self.seed, self.step), "")
 
     def _apply(self, gradient: mx.array, parameter: mx.array, state: dict, seed: mx.array, path: str) -> mx.array:
-        b1, b2 = self.betas
+        """One tensor's new weights in float32 (or as `weight_rounder` rounds them); ``state`` is updated in place."""
         lr = self.learning_rate.astype(mx.float32)
         g = gradient.astype(mx.float32)
         stochastic = None if self.moments == "float32" else tensor_seed(seed, path, SALT_M)
         if "m" in state:
-            m = b1 * state["m"].astype(mx.float32) + (1 - b1) * g
-            v = b2 * state["v"].astype(mx.float32) + (1 - b2) * mx.square(g)
-            state["m"] = round_to(m, state["m"].dtype, stochastic)
-            state["v"] = round_to(v, state["v"].dtype, None if stochastic is None else tensor_seed(seed, path, SALT_V))
-            p = parameter.astype(mx.float32)
-            return p * (1 - lr * self.weight_decay) - lr * m / (mx.sqrt(v) + self.eps)
+            seed_v = None if stochastic is None else tensor_seed(seed, path, SALT_V)
+            return self._apply_dense(g, parameter, state, lr, (stochastic, seed_v))
+        return self._apply_8bit(g, parameter, state, lr, (stochastic, tensor_seed(seed, path, SALT_V)), path)
+
+    def _apply_dense(self, g: mx.array, parameter: mx.array, state: dict, lr: mx.array, seeds: tuple) -> mx.array:
+        """The update with m and v stored whole, in float32 or bfloat16 (``seeds``: their rounding's, or None)."""
+        b1, b2 = self.betas
+        m = b1 * state["m"].astype(mx.float32) + (1 - b1) * g
+        v = b2 * state["v"].astype(mx.float32) + (1 - b2) * mx.square(g)
+        state["m"] = round_to(m, state["m"].dtype, seeds[0])
+        state["v"] = round_to(v, state["v"].dtype, seeds[1])
+        p = parameter.astype(mx.float32)
+        return p * (1 - lr * self.weight_decay) - lr * m / (mx.sqrt(v) + self.eps)
+
+    def _apply_8bit(self, g: mx.array, parameter: mx.array, state: dict, lr: mx.array, seeds: tuple,
+                    path: str) -> mx.array:
+        """The update with m in 8 bits and v in 8 bits or factored, a slice of rows at a time when staged."""
         # 8-bit: the update works on rows of BLOCK entries (views of the inputs),
         # so that inside a compiled step no reshape forces a float32 copy; m and
         # sqrt(v) are the only float32 arrays of the tensor's size it needs.
@@ -146,43 +170,15 @@ class CompactAdamW(optim.Optimizer):
         shape, cols = parameter.shape, parameter.shape[-1]
         rows = parameter.size // cols
         step = max(1, CHUNK_ENTRIES // cols) if self.staged and cols % BLOCK == 0 else rows
-        g, p = g.reshape(rows, cols), parameter.reshape(rows, cols)
-        seed_v = tensor_seed(seed, path, SALT_V)
-        if "v_row" in state:
-            square = mx.square(g)
-            row = b2 * state["v_row"] + (1 - b2) * mx.mean(square, axis=-1)
-            col = b2 * state["v_col"] + (1 - b2) * mx.mean(square, axis=0)
-            state["v_row"], state["v_col"] = row, col
-            col_term = col / mx.maximum(mx.mean(row), 1e-30)
-            self._stage(row, col_term)
-        m_codes, v_codes = state["m_codes"].reshape(rows, cols), state.get("v_codes")
-        v_codes = None if v_codes is None else v_codes.reshape(rows, cols)
+        g = g.reshape(rows, cols)
+        row, col_term = self._factored_v(g, state) if "v_row" in state else (None, None)
+        v_codes = state.get("v_codes")
+        tensor = _Rows(g, parameter.reshape(rows, cols), state["m_codes"].reshape(rows, cols), state["m_scale"],
+                       None if v_codes is None else v_codes.reshape(rows, cols), state.get("v_scale"), row, col_term)
         pieces: Dict[str, list] = {"new": [], "m_codes": [], "m_scale": [], "v_codes": [], "v_scale": []}
         for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            b0, b1_ = r0 * cols // BLOCK, r1 * cols // BLOCK
-            start = hash_start(r0 * cols) if r0 else None
-
-            def rows_of(a, lo=r0, hi=r1):  # the slice's rows (the array itself when it is all of them)
-                return a if lo == 0 and hi == a.shape[0] else a[lo:hi]
-
-            gb = blocks_of(rows_of(g))
-            m, codes, scale = _first_moment(gb, rows_of(m_codes), rows_of(state["m_scale"], b0, b1_), stochastic, b1, start)
-            pieces["m_codes"].append(codes.reshape(r1 - r0, cols))
-            pieces["m_scale"].append(scale)
-            self._stage(m, codes, scale)
-            if v_codes is None:
-                root = blocks_of(mx.sqrt(rows_of(row)[:, None] * col_term[None, :]))
-            else:
-                root, codes, scale = _second_root(gb, rows_of(v_codes), rows_of(state["v_scale"], b0, b1_), seed_v, b2, start)
-                pieces["v_codes"].append(codes.reshape(r1 - r0, cols))
-                pieces["v_scale"].append(scale)
-            self._stage(root, codes, scale)
-            new = _adamw_step(rows_of(p), m, root, lr, self.weight_decay, self.eps)
-            if self.weight_rounder is not None:
-                new = self.weight_rounder(path, new, start)
+            new = self._update_rows(tensor, r0, min(rows, r0 + step), lr, seeds, path, pieces)
             pieces["new"].append(new)
-            del m, root, gb
             self._stage(new)
         joined = {}
         for key, parts in pieces.items():
@@ -194,6 +190,48 @@ class CompactAdamW(optim.Optimizer):
             if key in joined:
                 state[key] = joined[key].reshape(shape) if key.endswith("codes") else joined[key]
         return joined["new"].reshape(shape)
+
+    def _factored_v(self, g: mx.array, state: dict) -> Tuple[mx.array, mx.array]:
+        """Update the factored v's row and column averages in ``state``; return the rows' and columns' terms
+        (v_ij ~ row_i col_term_j)."""
+        b2 = self.betas[1]
+        square = mx.square(g)
+        row = b2 * state["v_row"] + (1 - b2) * mx.mean(square, axis=-1)
+        col = b2 * state["v_col"] + (1 - b2) * mx.mean(square, axis=0)
+        state["v_row"], state["v_col"] = row, col
+        col_term = col / mx.maximum(mx.mean(row), 1e-30)
+        self._stage(row, col_term)
+        return row, col_term
+
+    def _update_rows(self, tensor: _Rows, r0: int, r1: int, lr: mx.array, seeds: tuple, path: str,
+                     pieces: Dict[str, list]) -> mx.array:
+        """Rows ``r0:r1``' new weights; their new 8-bit codes and scales are appended to ``pieces``."""
+        b1, b2 = self.betas
+        cols = tensor.g.shape[1]
+        first_block, end_block = r0 * cols // BLOCK, r1 * cols // BLOCK
+        start = hash_start(r0 * cols) if r0 else None
+
+        def rows_of(a, lo=r0, hi=r1):  # the slice's rows (the array itself when it is all of them)
+            return a if lo == 0 and hi == a.shape[0] else a[lo:hi]
+
+        gb = blocks_of(rows_of(tensor.g))
+        m_scale = rows_of(tensor.m_scale, first_block, end_block)
+        m, codes, scale = _first_moment(gb, rows_of(tensor.m_codes), m_scale, seeds[0], b1, start)
+        pieces["m_codes"].append(codes.reshape(r1 - r0, cols))
+        pieces["m_scale"].append(scale)
+        self._stage(m, codes, scale)
+        if tensor.v_codes is None:
+            root = blocks_of(mx.sqrt(rows_of(tensor.v_row)[:, None] * tensor.col_term[None, :]))
+        else:
+            v_scale = rows_of(tensor.v_scale, first_block, end_block)
+            root, codes, scale = _second_root(gb, rows_of(tensor.v_codes), v_scale, seeds[1], b2, start)
+            pieces["v_codes"].append(codes.reshape(r1 - r0, cols))
+            pieces["v_scale"].append(scale)
+        self._stage(root, codes, scale)
+        new = _adamw_step(rows_of(tensor.p), m, root, lr, self.weight_decay, self.eps)
+        if self.weight_rounder is not None:
+            new = self.weight_rounder(path, new, start)
+        return new  # m, sqrt(v) and the gradient's blocks are freed with this frame, before ``new`` is staged
 
     def _stage(self, *arrays) -> None:
         """With ``staged`` (set by a caller outside any compiled function: layerwise), evaluate
