@@ -15,7 +15,7 @@ ones, with the prompt in front and only the answer's tokens as targets.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -173,6 +173,18 @@ def make_loss(train_mode: str = "sft", *, beta: float = 0.1, dpo_loss_type: str 
     if train_mode == "orpo":
         return partial(orpo_loss, lam=orpo_lambda)
     raise ValueError(f"unknown train mode {train_mode!r} (one of {', '.join(TRAIN_MODES)})")
+
+
+# A step's (summed loss, unit count, metric sums).
+Totals = Tuple[mx.array, mx.array, Dict[str, mx.array]]
+
+
+def add_totals(totals: Totals, earlier: Optional[tuple]) -> Totals:
+    """``totals`` plus the first three entries of ``earlier`` (the step's earlier micro-batches; None: none)."""
+    if earlier is None:
+        return totals
+    loss, count, metrics = totals
+    return loss + earlier[0], count + earlier[1], {k: v + earlier[2][k] for k, v in metrics.items()}
 
 
 def unpack(out) -> Tuple[mx.array, mx.array, Dict[str, mx.array]]:
