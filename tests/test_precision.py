@@ -177,7 +177,7 @@ def _deep_model():
     return model
 
 
-def _peak_over_held(step, steps=3):
+def peak_over_held(step, steps=3):
     """Peak memory of the last of ``steps`` calls of ``step()``, above what stays allocated after it."""
     for _ in range(steps):
         mx.reset_peak_memory()
@@ -212,6 +212,6 @@ def test_fused_step_never_holds_the_whole_gradient(method):
                 mx.eval(loss, count, grads)
                 mx.eval(update_fn(grads, 1.0 / count, mx.array(1.0)), state)
 
-        over[kind] = _peak_over_held(step)
+        over[kind] = peak_over_held(step)
     gradient = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
     assert over["fused"] < over["split"] - 0.5 * gradient, (over, gradient)
