@@ -129,7 +129,8 @@ def dpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, reference: mx.a
     ref_chosen, ref_rejected = reference[:pairs], reference[pairs:]
     losses = dpo_pair_losses(chosen, rejected, ref_chosen, ref_rejected, beta=beta, loss_type=loss_type,
                              label_smoothing=label_smoothing)
-    metrics = _preference_metrics(beta * mx.stop_gradient(chosen - ref_chosen), beta * mx.stop_gradient(rejected - ref_rejected),
+    metrics = _preference_metrics(beta * mx.stop_gradient(chosen - ref_chosen),
+                                  beta * mx.stop_gradient(rejected - ref_rejected),
                                   mx.stop_gradient(chosen), mx.stop_gradient(rejected))
     return losses.sum(), mx.array(float(pairs)), metrics
 
