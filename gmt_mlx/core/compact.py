@@ -75,8 +75,8 @@ class CompactAdamW(optim.Optimizer):
     (seed, step, parameter path), so a resumed run draws the same bits.
     """
 
-    def __init__(self, learning_rate, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 moments: str = "float32", seed: int = 0):
+    def __init__(self, learning_rate: float | Callable, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, moments: str = "float32", seed: int = 0) -> None:
         super().__init__()
         if moments not in COMPACT_MOMENTS:
             raise ValueError(f"unknown moments storage {moments!r} (expected one of {', '.join(COMPACT_MOMENTS)})")
@@ -96,7 +96,7 @@ class CompactAdamW(optim.Optimizer):
             return "factored"
         return "8bit"
 
-    def init_single(self, parameter: mx.array, state: dict):
+    def init_single(self, parameter: mx.array, state: dict) -> None:
         shape, form = parameter.shape, self._form(parameter.shape)
         if form in ("float32", "bfloat16"):
             dtype = mx.float32 if form == "float32" else mx.bfloat16
@@ -110,7 +110,7 @@ class CompactAdamW(optim.Optimizer):
         else:
             state["v_codes"], state["v_scale"] = mx.zeros(shape, mx.uint8), mx.zeros((blocks,), mx.float32)
 
-    def apply_gradients(self, gradients: dict, parameters: dict):
+    def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
         # mlx's loop, with the parameter path passed on: it seeds the rounding.
         if not self._initialized:
             self.init(gradients)
@@ -135,7 +135,8 @@ class CompactAdamW(optim.Optimizer):
             new[path] = previous = self._apply(g, params[path], states[path], seed, path)
         return tree_map_with_path(lambda path, g: new[path], gradients)
 
-    def apply_single(self, gradient, parameter, state):  # the abstract method; apply_gradients bypasses it
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        # The abstract method; apply_gradients bypasses it.
         return self._apply(gradient, parameter, state, step_seed(self.seed, self.step), "")
 
     def _apply(self, gradient: mx.array, parameter: mx.array, state: dict, seed: mx.array, path: str) -> mx.array:
@@ -246,7 +247,8 @@ class CompactAdamW(optim.Optimizer):
 # elementwise ops (at most 11 per kernel); called eagerly one after another
 # (CompactAdamW.staged) their float32 temporaries never pile up.
 @mx.compile
-def _first_moment(g: mx.array, codes: mx.array, scale: mx.array, seed, b1: float, start=None):
+def _first_moment(g: mx.array, codes: mx.array, scale: mx.array, seed: mx.array | None, b1: float,
+                  start: mx.array | None = None) -> Tuple[mx.array, mx.array, mx.array]:
     """AdamW's new m from its 8-bit codes and the gradient (both as blocks): (m, new codes, new scales).
     ``start``: these are a slice of the tensor (masking.hash_start)."""
     m = b1 * dequantize_signed(codes, scale, g.shape) + (1 - b1) * g
@@ -254,14 +256,16 @@ def _first_moment(g: mx.array, codes: mx.array, scale: mx.array, seed, b1: float
 
 
 @mx.compile
-def _second_root(g: mx.array, codes: mx.array, scale: mx.array, seed: mx.array, b2: float, start=None):
+def _second_root(g: mx.array, codes: mx.array, scale: mx.array, seed: mx.array, b2: float,
+                 start: mx.array | None = None) -> Tuple[mx.array, mx.array, mx.array]:
     """sqrt of AdamW's new v from its 8-bit codes and the gradient: (root, new codes, new scales)."""
     root = mx.sqrt(b2 * dequantize_root(codes, scale, g.shape) + (1 - b2) * mx.square(g))
     return (root, *quantize_sqrt(root, seed, start))
 
 
 @mx.compile
-def _adamw_step(parameter: mx.array, m: mx.array, root: mx.array, lr: mx.array, weight_decay: float, eps: float):
+def _adamw_step(parameter: mx.array, m: mx.array, root: mx.array, lr: mx.array, weight_decay: float,
+                eps: float) -> mx.array:
     """The new weights in float32 (decoupled weight decay, no bias correction), in ``parameter``'s shape."""
     p = blocks_of(parameter.astype(mx.float32))
     return (p * (1 - lr * weight_decay) - lr * m / (root + eps)).reshape(parameter.shape)

@@ -22,7 +22,7 @@ here: global gradient clipping and the global mask scope (config refuses them).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -40,18 +40,18 @@ class _StandIn:
     """Called in a block's place; anything else (a model reads attributes such
     as ``use_sliding`` off its blocks) is the block's."""
 
-    def __init__(self, block, call: Callable):
+    def __init__(self, block: nn.Module, call: Callable):
         self._block, self._call = block, call
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, **kwargs) -> Any:
         return self._call(*args, **kwargs)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._block, name)
 
 
 @contextmanager
-def _standing_in(layers: list, make: Callable):
+def _standing_in(layers: list, make: Callable) -> Iterator[None]:
     """Replace each block in ``layers`` by a stand-in calling ``make(index, block)`` for the duration."""
     originals = list(layers)
     try:
@@ -116,7 +116,7 @@ class Blocks:
                 _arrays([(a, k) for block_calls in calls for _, a, k in block_calls]))
         return calls, finals
 
-    def top(self, loss_fn: Callable, batch, outer: Dict[str, mx.array], finals: list):
+    def top(self, loss_fn: Callable, batch: tuple, outer: Dict[str, mx.array], finals: list) -> tuple:
         """(loss, count, metrics) and the gradients w.r.t. ``outer`` and the last block's outputs."""
         model, last = self.model, len(self.layers) - 1
 
@@ -132,7 +132,8 @@ class Blocks:
         (loss, count, metrics), (g_outer, g_finals) = mx.value_and_grad(fun, argnums=(0, 1))(outer, finals)
         return loss, count, metrics, g_outer, g_finals
 
-    def block(self, i: int, params: Dict[str, mx.array], block_calls: list, cotangents: list):
+    def block(self, i: int, params: Dict[str, mx.array], block_calls: list,
+              cotangents: list) -> Tuple[Dict[str, mx.array], list]:
         """Gradients of block ``i``'s ``params`` (relative paths) and of its inputs, given its outputs' cotangents."""
         block, names = self.layers[i], list(params)
         n = len(names)
@@ -176,7 +177,7 @@ def block_sizes(model: nn.Module) -> Tuple[int, int]:
     return max(sum(v.size for v in b.values()) for b in blocks), sum(v.size for v in outer.values())
 
 
-def _at(tree, path: str):
+def _at(tree: Any, path: str) -> Any:
     """The entry of a nested dict/list tree at a dotted path."""
     for key in path.split("."):
         tree = tree[int(key)] if isinstance(tree, list) else tree[key]
@@ -189,7 +190,8 @@ def _nest(prefix: str, flat: Dict[str, mx.array]) -> dict:
     return tree_unflatten([(prefix + path, v) for path, v in flat.items()])
 
 
-def make_layerwise_step(model: nn.Module, optimizer, loss_fn: Callable, group=None) -> Callable:
+def make_layerwise_step(model: nn.Module, optimizer: Any, loss_fn: Callable,
+                        group: Optional[mx.distributed.Group] = None) -> Callable:
     """A step function like trainer.make_fused_step's: ``step(earlier, *batch)`` returns
     (summed loss, count, metric sums, gradient norm of the mean loss, entries kept, applied).
 
@@ -220,14 +222,15 @@ class _LayerwisePass:
     new ones until the end of the step.
     """
 
-    def __init__(self, blocks: Blocks, optimizer, update: _PartUpdates, loss_fn: Callable, group):
+    def __init__(self, blocks: Blocks, optimizer: Any, update: _PartUpdates, loss_fn: Callable,
+                 group: Optional[mx.distributed.Group]):
         self.blocks, self.optimizer, self.update, self.loss_fn, self.group = blocks, optimizer, update, loss_fn, group
         self.squares: List[mx.array] = []
         self.kept: List[mx.array] = []
         self.samples: List[mx.array] = []
         self.all_finite = True
 
-    def run(self, earlier, batch) -> tuple:
+    def run(self, earlier: Optional[tuple], batch: tuple) -> tuple:
         """The step's (loss, count, metrics, norm, kept, applied); see make_layerwise_step."""
         self.block_params, self.outer = self.blocks.split(dict(tree_flatten(self.blocks.model.trainable_parameters())))
         self.pending = dict(tree_flatten(earlier[3])) if earlier is not None else {}
@@ -247,7 +250,7 @@ class _LayerwisePass:
             self._update_outer(batch)
         return (loss, count, metrics, *self._finish())
 
-    def _forward(self, earlier, batch) -> tuple:
+    def _forward(self, earlier: Optional[tuple], batch: tuple) -> tuple:
         """The recording forward pass and the backward of what follows the last block: the step's (loss, count,
         metrics), with ``earlier``'s and over the ranks; keeps the outer gradient and the last block's cotangents."""
         self.calls, finals = self.blocks.record(self.loss_fn, batch)
@@ -265,7 +268,7 @@ class _LayerwisePass:
         self.calls[i] = self.block_params[i] = None
         self._update_part(self.blocks.prefixes[i], grads, self.cotangents)
 
-    def _update_outer(self, batch) -> None:
+    def _update_outer(self, batch: tuple) -> None:
         """The parameters outside the blocks: their gradient from the top plus the one through the first block."""
         from_bottom = self.blocks.bottom(self.loss_fn, batch, self.outer, self.cotangents)
         grads = {path: self.g_outer[path] + from_bottom[path] for path in self.outer}
@@ -273,7 +276,7 @@ class _LayerwisePass:
         self.g_outer = self.outer = None
         self._update_part("", grads)
 
-    def _update_part(self, prefix: str, grads: Dict[str, mx.array], extra=()) -> None:
+    def _update_part(self, prefix: str, grads: Dict[str, mx.array], extra: Any = ()) -> None:
         """Update the finite tensors of one part (``grads``: paths relative to ``prefix``), as one unit or one
         tensor at a time; ``extra`` is evaluated with the gradient."""
         finite = self._finite(prefix, grads, extra)
@@ -283,7 +286,7 @@ class _LayerwisePass:
             self._update_unit(prefix, unit)
             unit.clear()  # this gradient is no longer needed
 
-    def _finite(self, prefix: str, grads: Dict[str, mx.array], extra) -> Dict[str, mx.array]:
+    def _finite(self, prefix: str, grads: Dict[str, mx.array], extra: Any) -> Dict[str, mx.array]:
         """The part's gradient with the earlier micro-batches' and over the ranks, evaluated; its finite tensors.
         Their squared norms are kept for the step's norm."""
         for path in grads:
@@ -345,7 +348,7 @@ class _PartUpdates:
     function cannot add: then the update runs eagerly.
     """
 
-    def __init__(self, model: nn.Module, optimizer):
+    def __init__(self, model: nn.Module, optimizer: Any):
         self.model, self.optimizer = model, optimizer
         self.state = training_state(model, optimizer)
         self.parts = {path: i + 1 for i, (path, _) in enumerate(tree_flatten(model.trainable_parameters()))}

@@ -26,6 +26,8 @@ from gmt_mlx.config import DPO_LOSSES, TRAIN_MODES
 PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
 # What `sft_eval_loss` sums besides the loss: matched rows and rows (their ratio is the exact match).
 SFT_EVAL_METRICS = ("exact_match", "rows")
+# A loss's output and a step's sums alike: (summed loss, unit count, metric sums).
+Totals = Tuple[mx.array, mx.array, Dict[str, mx.array]]
 
 
 def _token_ce(model: nn.Module, tokens: mx.array, mask: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
@@ -45,7 +47,7 @@ def sft_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> Tuple[mx.arr
     return ce.sum(), weights.sum()
 
 
-def sft_eval_loss(model: nn.Module, tokens: mx.array, mask: mx.array):
+def sft_eval_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> Totals:
     """`sft_loss` for validation, plus how many rows the model reproduces greedily.
 
     A row counts when every target token is the model's most likely next
@@ -112,7 +114,7 @@ def _preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected
 
 
 def dpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, reference: mx.array, *, beta: float,
-             loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> Totals:
     """Summed DPO loss over a batch of pairs, the pair count, and the per-pair metric sums.
 
     ``reference`` (2B,) holds the step-0 model's summed log-probabilities of
@@ -146,7 +148,7 @@ def orpo_pair_losses(chosen_avg: mx.array, rejected_avg: mx.array, *, lam: float
     return -chosen_avg - lam * _log_sigmoid(log_odds), log_odds
 
 
-def orpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, *, lam: float):
+def orpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, *, lam: float) -> Totals:
     """Summed ORPO loss over a batch of pairs, the pair count, and the per-pair metric sums.
 
     The NLL term is each pair's mean over its chosen answer's tokens (the
@@ -176,10 +178,6 @@ def make_loss(train_mode: str = "sft", *, beta: float = 0.1, dpo_loss_type: str 
     raise ValueError(f"unknown train mode {train_mode!r} (one of {', '.join(TRAIN_MODES)})")
 
 
-# A step's (summed loss, unit count, metric sums).
-Totals = Tuple[mx.array, mx.array, Dict[str, mx.array]]
-
-
 def add_totals(totals: Totals, earlier: Optional[tuple]) -> Totals:
     """``totals`` plus the first three entries of ``earlier`` (the step's earlier micro-batches; None: none)."""
     if earlier is None:
@@ -188,6 +186,6 @@ def add_totals(totals: Totals, earlier: Optional[tuple]) -> Totals:
     return loss + earlier[0], count + earlier[1], {k: v + earlier[2][k] for k, v in metrics.items()}
 
 
-def unpack(out) -> Tuple[mx.array, mx.array, Dict[str, mx.array]]:
+def unpack(out: tuple) -> Totals:
     """(loss, count, metrics) from a loss's output, metrics empty for the two-value losses."""
     return (out[0], out[1], out[2]) if len(out) > 2 else (out[0], out[1], {})

@@ -13,9 +13,10 @@ and a resumed run draws exactly the masks the uninterrupted run would have.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
@@ -197,7 +198,8 @@ class MaskedOptimizer:
         new = self.optimizer.apply_gradients(scaled(gradients), work)
         return tree_map(lambda n, m, p: n * m + p * ~m, new, masks, work), kept
 
-    def update(self, model, gradients: dict, grad_scale: mx.array | None = None, part: int = 0) -> Dict[str, mx.array]:
+    def update(self, model: nn.Module, gradients: dict, grad_scale: mx.array | None = None,
+               part: int = 0) -> Dict[str, mx.array]:
         """Update ``model`` in place; return mask statistics (``grad_scale``: see apply_gradients;
         ``part``: which part of a step updated in parts, see layerwise)."""
         updated, stats = self.apply_gradients(gradients, model, grad_scale, part)
@@ -205,13 +207,13 @@ class MaskedOptimizer:
         return stats
 
 
-def training_state(model, optimizer) -> list:
+def training_state(model: nn.Module, optimizer: Any) -> list:
     """Everything a step reads and writes: weights, optimizer state and the RNG
     (LoRA dropout draws from it; without it a compiled step would replay one mask)."""
     return [model.state, optimizer.state, mx.random.state]
 
 
-def apply_update(optimizer, model, grads: dict, scale: mx.array, part: int = 0) -> mx.array:
+def apply_update(optimizer: Any, model: nn.Module, grads: dict, scale: mx.array, part: int = 0) -> mx.array:
     """Apply ``scale * grads`` to ``model`` (masked by a `MaskedOptimizer`); return the entries kept.
 
     The mask is built from the unscaled gradient (a positive scale does not
@@ -242,12 +244,12 @@ def _mask_builder(names: tuple, method: str, mask_ratio: float, scope: str, samp
     return mx.compile(run)
 
 
-def _state_dtypes(optimizer) -> dict:
+def _state_dtypes(optimizer: optim.Optimizer) -> dict:
     """The dtype of every array in an optimizer's state (before a step), by path."""
     return {path: v.dtype for path, v in tree_flatten(optimizer.state)}
 
 
-def _restore_state_dtypes(optimizer, dtypes: dict) -> None:
+def _restore_state_dtypes(optimizer: optim.Optimizer, dtypes: dict) -> None:
     """Keep a wrapped mlx optimizer's state in the dtype it was created in.
 
     Its arithmetic on a float32 gradient (the scaled one) promotes a bfloat16
