@@ -18,7 +18,7 @@ from gmt_mlx.core.optim import build_optimizer
 from gmt_mlx.core.trainer import make_fused_step, make_step_fns, train, training_state
 from gmt_mlx.errors import UserError
 
-from .test_precision import _peak_over_held
+from .test_precision import peak_over_held
 
 
 def _model(tied=True, layers=3, hidden=64, vocab=100):
@@ -172,7 +172,7 @@ def test_per_layer_holds_one_block_not_the_gradient(method):
         opt.init(model.trainable_parameters())
         state = training_state(model, opt)
         fn = make_fused_step(model, opt) if kind == "fused" else make_layerwise_step(model, opt, sft_loss)
-        over[kind] = _peak_over_held(lambda: mx.eval(fn(None, *batch), state))
+        over[kind] = peak_over_held(lambda: mx.eval(fn(None, *batch), state))
     weights = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
     assert over["layer"] < 0.3 * weights, (over, weights)
     assert over["layer"] < 0.5 * over["fused"], over
@@ -274,11 +274,11 @@ def test_row_slices_update_exactly_as_the_whole_tensor(monkeypatch, moments):
     """The staged update of a large tensor in slices of rows (CHUNK_ENTRIES) gives the weights and
     8-bit state bit for bit of the whole tensor at once: the rounding noise follows each entry's
     position in the tensor (masking.hash_start), not in its slice."""
-    import gmt_mlx.core.optim as optim_module
+    import gmt_mlx.core.compact as compact_module
 
     results = []
     for chunk in (1 << 30, 512):  # whole tensors; then slices of 4 rows of 128
-        monkeypatch.setattr(optim_module, "CHUNK_ENTRIES", chunk)
+        monkeypatch.setattr(compact_module, "CHUNK_ENTRIES", chunk)
         model = _model(hidden=128)
         model.set_dtype(mx.bfloat16)
         opt = build_optimizer("adamw", 1e-2, method="gmt", mask_ratio=0.3, moments=moments, weights_dtype="bfloat16")

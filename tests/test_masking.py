@@ -203,14 +203,14 @@ def structured_gradients():
 
 
 def test_sample_takes_adjacent_entries_when_no_short_stride_fits():
-    from gmt_mlx.core.masking import _pool_plan, _sample_stride, sample_entries
+    from gmt_mlx.core.masking import pool_plan, sample_stride, sample_entries
 
     # 576 x 192 at r = 0.2: the ideal stride is 2.6, and 2 and 3 divide 192.
-    assert _sample_stride(110592, sample_entries(65536, 0.2), [192]) == (5, 2)
-    assert _sample_stride(110592, sample_entries(65536, 0.5), [192]) == (5, 3)
+    assert sample_stride(110592, sample_entries(65536, 0.2), [192]) == (5, 2)
+    assert sample_stride(110592, sample_entries(65536, 0.5), [192]) == (5, 3)
     # A stride near the ideal one that fits: one entry per stride.
-    assert _sample_stride(884736, sample_entries(65536, 0.2), [1536]) == (23, 1)  # 21 = 3 x 7 shares a 3 with 1536
-    stride, width, counts = _pool_plan([mx.zeros((576, 192))], 65536, 0.2)
+    assert sample_stride(884736, sample_entries(65536, 0.2), [1536]) == (23, 1)  # 21 = 3 x 7 shares a 3 with 1536
+    stride, width, counts = pool_plan([mx.zeros((576, 192))], 65536, 0.2)
     assert (stride, width) == (5, 2) and abs(counts[0] * width - sample_entries(65536, 0.2)) < 0.1 * 41944
 
 
@@ -294,9 +294,9 @@ def test_tied_tensors_keep_their_fraction_within_a_tenth_of_a_percent(mask_ratio
 
 
 def test_position_rank_is_uniform():
-    from gmt_mlx.core.masking import _position_rank
+    from gmt_mlx.core.masking import position_rank
 
-    rank = np.array(_position_rank((1024, 1024))).ravel()
+    rank = np.array(position_rank((1024, 1024))).ravel()
     counts = np.bincount(rank, minlength=65536)
     assert 14 <= counts.min() and counts.max() <= 18  # 16 each, give or take the hash's spread
     # Every cut keeps its share (the 8-bit rank gave rank 0 a double share:

@@ -2,13 +2,12 @@
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
 from gmt_mlx.config import LOW_MEMORY, resolve
-from gmt_mlx.core.optim import CompactAdamW, build_optimizer
+from gmt_mlx.core.optim import build_optimizer
 from gmt_mlx.core.precision import BLOCK, dequantize_root, dequantize_signed, quantize_root, quantize_signed, round_to
 from gmt_mlx.core.trainer import train
 
@@ -178,7 +177,7 @@ def _deep_model():
     return model
 
 
-def _peak_over_held(step, steps=3):
+def peak_over_held(step, steps=3):
     """Peak memory of the last of ``steps`` calls of ``step()``, above what stays allocated after it."""
     for _ in range(steps):
         mx.reset_peak_memory()
@@ -213,6 +212,6 @@ def test_fused_step_never_holds_the_whole_gradient(method):
                 mx.eval(loss, count, grads)
                 mx.eval(update_fn(grads, 1.0 / count, mx.array(1.0)), state)
 
-        over[kind] = _peak_over_held(step)
+        over[kind] = peak_over_held(step)
     gradient = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
     assert over["fused"] < over["split"] - 0.5 * gradient, (over, gradient)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
@@ -67,6 +67,14 @@ def all_sum_tree(tree: Any, group: mx.distributed.Group) -> Any:
         size += value.nbytes
     flush()
     return tree_unflatten([(name, out[name]) for name, _ in flat])
+
+
+def all_sum_totals(totals: Tuple[mx.array, mx.array, Dict[str, mx.array]],
+                   group: mx.distributed.Group) -> Tuple[mx.array, mx.array, Dict[str, mx.array]]:
+    """A step's (summed loss, count, metric sums) summed over all ranks."""
+    loss, count, metrics = totals
+    return (mx.distributed.all_sum(loss, group=group), mx.distributed.all_sum(count, group=group),
+            {k: mx.distributed.all_sum(v, group=group) for k, v in metrics.items()})
 
 
 def check_batch_size(batch_size: int, size: int) -> None:

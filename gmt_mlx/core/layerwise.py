@@ -22,22 +22,16 @@ here: global gradient clipping and the global mask scope (config refuses them).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from gmt_mlx.core.distributed import all_sum_tree
-from gmt_mlx.core.losses import unpack
-from gmt_mlx.core.optim import (
-    MASK_SAMPLE_KEY,
-    MASK_SAMPLE_SIZE,
-    CompactAdamW,
-    MaskedOptimizer,
-    apply_update,
-    training_state,
-)
+from gmt_mlx.core.compact import CompactAdamW
+from gmt_mlx.core.distributed import all_sum_totals, all_sum_tree
+from gmt_mlx.core.losses import add_totals, unpack
+from gmt_mlx.core.optim import MASK_SAMPLE_KEY, MASK_SAMPLE_SIZE, MaskedOptimizer, apply_update, training_state
 from gmt_mlx.core.precision import sum_of_squares
 from gmt_mlx.errors import UserError
 
@@ -46,18 +40,18 @@ class _StandIn:
     """Called in a block's place; anything else (a model reads attributes such
     as ``use_sliding`` off its blocks) is the block's."""
 
-    def __init__(self, block, call: Callable):
+    def __init__(self, block: nn.Module, call: Callable):
         self._block, self._call = block, call
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, **kwargs) -> Any:
         return self._call(*args, **kwargs)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._block, name)
 
 
 @contextmanager
-def _standing_in(layers: list, make: Callable):
+def _standing_in(layers: list, make: Callable) -> Iterator[None]:
     """Replace each block in ``layers`` by a stand-in calling ``make(index, block)`` for the duration."""
     originals = list(layers)
     try:
@@ -122,7 +116,7 @@ class Blocks:
                 _arrays([(a, k) for block_calls in calls for _, a, k in block_calls]))
         return calls, finals
 
-    def top(self, loss_fn: Callable, batch, outer: Dict[str, mx.array], finals: list):
+    def top(self, loss_fn: Callable, batch: tuple, outer: Dict[str, mx.array], finals: list) -> tuple:
         """(loss, count, metrics) and the gradients w.r.t. ``outer`` and the last block's outputs."""
         model, last = self.model, len(self.layers) - 1
 
@@ -138,7 +132,8 @@ class Blocks:
         (loss, count, metrics), (g_outer, g_finals) = mx.value_and_grad(fun, argnums=(0, 1))(outer, finals)
         return loss, count, metrics, g_outer, g_finals
 
-    def block(self, i: int, params: Dict[str, mx.array], block_calls: list, cotangents: list):
+    def block(self, i: int, params: Dict[str, mx.array], block_calls: list,
+              cotangents: list) -> Tuple[Dict[str, mx.array], list]:
         """Gradients of block ``i``'s ``params`` (relative paths) and of its inputs, given its outputs' cotangents."""
         block, names = self.layers[i], list(params)
         n = len(names)
@@ -182,7 +177,7 @@ def block_sizes(model: nn.Module) -> Tuple[int, int]:
     return max(sum(v.size for v in b.values()) for b in blocks), sum(v.size for v in outer.values())
 
 
-def _at(tree, path: str):
+def _at(tree: Any, path: str) -> Any:
     """The entry of a nested dict/list tree at a dotted path."""
     for key in path.split("."):
         tree = tree[int(key)] if isinstance(tree, list) else tree[key]
@@ -195,7 +190,8 @@ def _nest(prefix: str, flat: Dict[str, mx.array]) -> dict:
     return tree_unflatten([(prefix + path, v) for path, v in flat.items()])
 
 
-def make_layerwise_step(model: nn.Module, optimizer, loss_fn: Callable, group=None):
+def make_layerwise_step(model: nn.Module, optimizer: Any, loss_fn: Callable,
+                        group: Optional[mx.distributed.Group] = None) -> Callable:
     """A step function like trainer.make_fused_step's: ``step(earlier, *batch)`` returns
     (summed loss, count, metric sums, gradient norm of the mean loss, entries kept, applied).
 
@@ -208,83 +204,129 @@ def make_layerwise_step(model: nn.Module, optimizer, loss_fn: Callable, group=No
     exactly (it is left out of its part's update) and marks the step as not applied.
     """
     blocks = Blocks(model)
-    distributed = group is not None and group.size() > 1
+    group = group if group is not None and group.size() > 1 else None
     update = _PartUpdates(model, optimizer)
 
-    def reduce(flat: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        # all_sum_tree nests dotted paths: flattened again, the same keys.
-        return dict(tree_flatten(all_sum_tree(flat, group))) if distributed else flat
-
     def step(earlier, *batch):
-        # Only the lists below may hold the weights as they were: each entry is
-        # dropped once its part is updated, or the old weights would stay
-        # alive beside the new ones until the end of the step.
-        block_params, outer = blocks.split(dict(tree_flatten(model.trainable_parameters())))
-        pending = dict(tree_flatten(earlier[3])) if earlier is not None else {}
-        calls, finals = blocks.record(loss_fn, batch)
-        loss, count, metrics, g_outer, cotangents = blocks.top(loss_fn, batch, outer, finals)
-        del finals
-        if earlier is not None:
-            loss, count = loss + earlier[0], count + earlier[1]
-            metrics = {k: v + earlier[2][k] for k, v in metrics.items()}
-        if distributed:
-            loss, count = mx.distributed.all_sum(loss, group=group), mx.distributed.all_sum(count, group=group)
-            metrics = {k: mx.distributed.all_sum(v, group=group) for k, v in metrics.items()}
-        mx.eval(loss, count, metrics, g_outer, cotangents)
-        scale = 1.0 / mx.maximum(count, 1.0)
-        if not mx.isfinite(loss).item():
-            return loss, count, metrics, mx.array(float("nan")), mx.array(0, mx.int64), mx.array(False)
-        start = optimizer.state.get("step")
-        squares, kept, samples, all_finite = [], [], [], True
-        # A mask unit of one tensor lets each tensor be updated (and its
-        # float32 temporaries freed) on its own; a block-wide unit needs the block.
-        whole_block = isinstance(optimizer, MaskedOptimizer) and optimizer.mask_ratio > 0 and optimizer.scope == "layer"
-
-        def apply(prefix: str, grads: Dict[str, mx.array], extra=()):
-            nonlocal all_finite
-            for path in grads:
-                if prefix + path in pending:
-                    grads[path] = grads[path] + pending.pop(prefix + path)
-            grads = reduce(grads)
-            part_squares = {path: sum_of_squares(g) for path, g in grads.items()}
-            mx.eval(grads, part_squares, extra)
-            finite = {path: g for path, g in grads.items() if mx.isfinite(part_squares[path]).item()}
-            all_finite = all_finite and len(finite) == len(grads)
-            squares.extend(part_squares.values())
-            del grads
-            units = [finite] if whole_block and prefix else [{path: g} for path, g in finite.items()]
-            for unit in units:
-                kept.append(update(prefix, unit, scale))
-                if start is not None:
-                    optimizer.state["step"] = start
-                if MASK_SAMPLE_KEY in optimizer.state:
-                    samples.append(optimizer.state.pop(MASK_SAMPLE_KEY))
-                # What this update wrote: its weights and their state (not a walk of the whole model).
-                paths = [prefix + path for path in unit]
-                mx.eval(kept[-1], [_at(model, p) for p in paths], [_at(optimizer.state, p) for p in paths])
-                unit.clear()  # this gradient is no longer needed
-
-        for i in reversed(range(len(blocks.layers))):
-            grads, cotangents = blocks.block(i, block_params[i], calls[i], cotangents)
-            calls[i] = block_params[i] = None
-            apply(blocks.prefixes[i], grads, cotangents)
-        if outer:
-            from_bottom = blocks.bottom(loss_fn, batch, outer, cotangents)
-            grads = {path: g_outer[path] + from_bottom[path] for path in outer}
-            del from_bottom, g_outer, outer
-            apply("", grads)
-        norm = mx.sqrt(sum(squares)) * scale if squares else mx.array(0.0)
-        applied = all_finite and bool(mx.isfinite(norm).item())
-        if start is not None:
-            optimizer.state["step"] = start + 1 if applied else start
-        if samples:
-            # Each part stored its own mask sample: the step's is every k-th entry of them all.
-            joined = mx.concatenate(samples)
-            optimizer.state[MASK_SAMPLE_KEY] = mx.contiguous(joined[:: max(1, joined.size // MASK_SAMPLE_SIZE) | 1])
-        total_kept = sum(kept) if kept else mx.array(0, mx.int64)
-        return loss, count, metrics, norm, total_kept, mx.array(applied)
+        return _LayerwisePass(blocks, optimizer, update, loss_fn, group).run(earlier, batch)
 
     return step
+
+
+class _LayerwisePass:
+    """One call of `make_layerwise_step`'s step.
+
+    Only its lists and dicts may hold the weights as they were, each block's
+    recorded inputs and the cotangents flowing down: each entry is dropped
+    once its part is updated, or the old weights would stay alive beside the
+    new ones until the end of the step.
+    """
+
+    def __init__(self, blocks: Blocks, optimizer: Any, update: _PartUpdates, loss_fn: Callable,
+                 group: Optional[mx.distributed.Group]):
+        self.blocks, self.optimizer, self.update, self.loss_fn, self.group = blocks, optimizer, update, loss_fn, group
+        self.squares: List[mx.array] = []
+        self.kept: List[mx.array] = []
+        self.samples: List[mx.array] = []
+        self.all_finite = True
+
+    def run(self, earlier: Optional[tuple], batch: tuple) -> tuple:
+        """The step's (loss, count, metrics, norm, kept, applied); see make_layerwise_step."""
+        self.block_params, self.outer = self.blocks.split(dict(tree_flatten(self.blocks.model.trainable_parameters())))
+        self.pending = dict(tree_flatten(earlier[3])) if earlier is not None else {}
+        loss, count, metrics = self._forward(earlier, batch)
+        self.scale = 1.0 / mx.maximum(count, 1.0)
+        if not mx.isfinite(loss).item():
+            return loss, count, metrics, mx.array(float("nan")), mx.array(0, mx.int64), mx.array(False)
+        self.start = self.optimizer.state.get("step")
+        # A mask unit of one tensor lets each tensor be updated (and its
+        # float32 temporaries freed) on its own; a block-wide unit needs the block.
+        optimizer = self.optimizer
+        self.whole_block = (isinstance(optimizer, MaskedOptimizer) and optimizer.mask_ratio > 0
+                            and optimizer.scope == "layer")
+        for i in reversed(range(len(self.blocks.layers))):
+            self._update_block(i)
+        if self.outer:
+            self._update_outer(batch)
+        return (loss, count, metrics, *self._finish())
+
+    def _forward(self, earlier: Optional[tuple], batch: tuple) -> tuple:
+        """The recording forward pass and the backward of what follows the last block: the step's (loss, count,
+        metrics), with ``earlier``'s and over the ranks; keeps the outer gradient and the last block's cotangents."""
+        self.calls, finals = self.blocks.record(self.loss_fn, batch)
+        loss, count, metrics, self.g_outer, self.cotangents = self.blocks.top(self.loss_fn, batch, self.outer, finals)
+        del finals
+        loss, count, metrics = add_totals((loss, count, metrics), earlier)
+        if self.group is not None:
+            loss, count, metrics = all_sum_totals((loss, count, metrics), self.group)
+        mx.eval(loss, count, metrics, self.g_outer, self.cotangents)
+        return loss, count, metrics
+
+    def _update_block(self, i: int) -> None:
+        """Block ``i``'s backward pass (its forward runs again inside) and update; the cotangents move down a block."""
+        grads, self.cotangents = self.blocks.block(i, self.block_params[i], self.calls[i], self.cotangents)
+        self.calls[i] = self.block_params[i] = None
+        self._update_part(self.blocks.prefixes[i], grads, self.cotangents)
+
+    def _update_outer(self, batch: tuple) -> None:
+        """The parameters outside the blocks: their gradient from the top plus the one through the first block."""
+        from_bottom = self.blocks.bottom(self.loss_fn, batch, self.outer, self.cotangents)
+        grads = {path: self.g_outer[path] + from_bottom[path] for path in self.outer}
+        del from_bottom
+        self.g_outer = self.outer = None
+        self._update_part("", grads)
+
+    def _update_part(self, prefix: str, grads: Dict[str, mx.array], extra: Any = ()) -> None:
+        """Update the finite tensors of one part (``grads``: paths relative to ``prefix``), as one unit or one
+        tensor at a time; ``extra`` is evaluated with the gradient."""
+        finite = self._finite(prefix, grads, extra)
+        del grads
+        units = [finite] if self.whole_block and prefix else [{path: g} for path, g in finite.items()]
+        for unit in units:
+            self._update_unit(prefix, unit)
+            unit.clear()  # this gradient is no longer needed
+
+    def _finite(self, prefix: str, grads: Dict[str, mx.array], extra: Any) -> Dict[str, mx.array]:
+        """The part's gradient with the earlier micro-batches' and over the ranks, evaluated; its finite tensors.
+        Their squared norms are kept for the step's norm."""
+        for path in grads:
+            if prefix + path in self.pending:
+                grads[path] = grads[path] + self.pending.pop(prefix + path)
+        if self.group is not None:
+            # all_sum_tree nests dotted paths: flattened again, the same keys.
+            grads = dict(tree_flatten(all_sum_tree(grads, self.group)))
+        part_squares = {path: sum_of_squares(g) for path, g in grads.items()}
+        mx.eval(grads, part_squares, extra)
+        finite = {path: g for path, g in grads.items() if mx.isfinite(part_squares[path]).item()}
+        self.all_finite = self.all_finite and len(finite) == len(grads)
+        self.squares.extend(part_squares.values())
+        return finite
+
+    def _update_unit(self, prefix: str, unit: Dict[str, mx.array]) -> None:
+        """Apply one mask unit's update with the step counter held, and evaluate what it wrote."""
+        optimizer, model = self.optimizer, self.blocks.model
+        self.kept.append(self.update(prefix, unit, self.scale))
+        if self.start is not None:
+            optimizer.state["step"] = self.start
+        if MASK_SAMPLE_KEY in optimizer.state:
+            self.samples.append(optimizer.state.pop(MASK_SAMPLE_KEY))
+        # What this update wrote: its weights and their state (not a walk of the whole model).
+        paths = [prefix + path for path in unit]
+        mx.eval(self.kept[-1], [_at(model, p) for p in paths], [_at(optimizer.state, p) for p in paths])
+
+    def _finish(self) -> Tuple[mx.array, mx.array, mx.array]:
+        """(gradient norm, entries kept, applied); the step counter advances once, if applied."""
+        norm = mx.sqrt(sum(self.squares)) * self.scale if self.squares else mx.array(0.0)
+        applied = self.all_finite and bool(mx.isfinite(norm).item())
+        if self.start is not None:
+            self.optimizer.state["step"] = self.start + 1 if applied else self.start
+        if self.samples:
+            # Each part stored its own mask sample: the step's is every k-th entry of them all.
+            joined = mx.concatenate(self.samples)
+            stride = max(1, joined.size // MASK_SAMPLE_SIZE) | 1
+            self.optimizer.state[MASK_SAMPLE_KEY] = mx.contiguous(joined[::stride])
+        total_kept = sum(self.kept) if self.kept else mx.array(0, mx.int64)
+        return norm, total_kept, mx.array(applied)
 
 
 class _PartUpdates:
@@ -306,7 +348,7 @@ class _PartUpdates:
     function cannot add: then the update runs eagerly.
     """
 
-    def __init__(self, model: nn.Module, optimizer):
+    def __init__(self, model: nn.Module, optimizer: Any):
         self.model, self.optimizer = model, optimizer
         self.state = training_state(model, optimizer)
         self.parts = {path: i + 1 for i, (path, _) in enumerate(tree_flatten(model.trainable_parameters()))}

@@ -15,7 +15,7 @@ ones, with the prompt in front and only the answer's tokens as targets.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,6 +26,8 @@ from gmt_mlx.config import DPO_LOSSES, TRAIN_MODES
 PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
 # What `sft_eval_loss` sums besides the loss: matched rows and rows (their ratio is the exact match).
 SFT_EVAL_METRICS = ("exact_match", "rows")
+# A loss's output and a step's sums alike: (summed loss, unit count, metric sums).
+Totals = Tuple[mx.array, mx.array, Dict[str, mx.array]]
 
 
 def _token_ce(model: nn.Module, tokens: mx.array, mask: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
@@ -45,7 +47,7 @@ def sft_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> Tuple[mx.arr
     return ce.sum(), weights.sum()
 
 
-def sft_eval_loss(model: nn.Module, tokens: mx.array, mask: mx.array):
+def sft_eval_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> Totals:
     """`sft_loss` for validation, plus how many rows the model reproduces greedily.
 
     A row counts when every target token is the model's most likely next
@@ -112,7 +114,7 @@ def _preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected
 
 
 def dpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, reference: mx.array, *, beta: float,
-             loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> Totals:
     """Summed DPO loss over a batch of pairs, the pair count, and the per-pair metric sums.
 
     ``reference`` (2B,) holds the step-0 model's summed log-probabilities of
@@ -129,7 +131,8 @@ def dpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, reference: mx.a
     ref_chosen, ref_rejected = reference[:pairs], reference[pairs:]
     losses = dpo_pair_losses(chosen, rejected, ref_chosen, ref_rejected, beta=beta, loss_type=loss_type,
                              label_smoothing=label_smoothing)
-    metrics = _preference_metrics(beta * mx.stop_gradient(chosen - ref_chosen), beta * mx.stop_gradient(rejected - ref_rejected),
+    metrics = _preference_metrics(beta * mx.stop_gradient(chosen - ref_chosen),
+                                  beta * mx.stop_gradient(rejected - ref_rejected),
                                   mx.stop_gradient(chosen), mx.stop_gradient(rejected))
     return losses.sum(), mx.array(float(pairs)), metrics
 
@@ -145,7 +148,7 @@ def orpo_pair_losses(chosen_avg: mx.array, rejected_avg: mx.array, *, lam: float
     return -chosen_avg - lam * _log_sigmoid(log_odds), log_odds
 
 
-def orpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, *, lam: float):
+def orpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, *, lam: float) -> Totals:
     """Summed ORPO loss over a batch of pairs, the pair count, and the per-pair metric sums.
 
     The NLL term is each pair's mean over its chosen answer's tokens (the
@@ -175,6 +178,14 @@ def make_loss(train_mode: str = "sft", *, beta: float = 0.1, dpo_loss_type: str 
     raise ValueError(f"unknown train mode {train_mode!r} (one of {', '.join(TRAIN_MODES)})")
 
 
-def unpack(out) -> Tuple[mx.array, mx.array, Dict[str, mx.array]]:
+def add_totals(totals: Totals, earlier: Optional[tuple]) -> Totals:
+    """``totals`` plus the first three entries of ``earlier`` (the step's earlier micro-batches; None: none)."""
+    if earlier is None:
+        return totals
+    loss, count, metrics = totals
+    return loss + earlier[0], count + earlier[1], {k: v + earlier[2][k] for k, v in metrics.items()}
+
+
+def unpack(out: tuple) -> Totals:
     """(loss, count, metrics) from a loss's output, metrics empty for the two-value losses."""
     return (out[0], out[1], out[2]) if len(out) > 2 else (out[0], out[1], {})

@@ -97,7 +97,7 @@ def index_hash(shape: Tuple[int, ...], start: mx.array | None = None) -> mx.arra
 
 
 @lru_cache(maxsize=64)
-def _position_rank(shape: Tuple[int, ...]) -> mx.array:
+def position_rank(shape: Tuple[int, ...]) -> mx.array:
     """A fixed uint16 rank (0 .. 65535) per position: the top 16 bits of its index hash.
 
     Every rank holds the same share of positions (an 8-bit rank squeezed into
@@ -109,7 +109,7 @@ def _position_rank(shape: Tuple[int, ...]) -> mx.array:
     return rank
 
 
-def _sample_stride(total: int, draws: int, row_lengths: List[int]) -> Tuple[int, int]:
+def sample_stride(total: int, draws: int, row_lengths: List[int]) -> Tuple[int, int]:
     """(stride, width) of a systematic sample of about `draws` entries: `width`
     adjacent entries out of every `stride`, the stride sharing no factor with
     any row length of the unit.
@@ -161,7 +161,7 @@ def sample_entries(sample_size: int, mask_ratio: float) -> int:
     return max(1024, math.ceil(min(factor, _MAX_SAMPLE_FACTOR) * sample_size))
 
 
-def _pool_plan(grads: List[mx.array], sample_size: int, mask_ratio: float) -> Tuple[int, int, List[int]]:
+def pool_plan(grads: List[mx.array], sample_size: int, mask_ratio: float) -> Tuple[int, int, List[int]]:
     """(stride, width, strides per tensor) of a unit's sample; (1, 1, sizes) means the whole unit (exact).
 
     The sample takes `width` adjacent entries from every whole stride of each tensor.
@@ -170,14 +170,14 @@ def _pool_plan(grads: List[mx.array], sample_size: int, mask_ratio: float) -> Tu
     if total <= sample_size:
         return 1, 1, [g.size for g in grads]
     row_lengths = sorted({g.shape[-1] for g in grads if g.ndim > 1})
-    stride, width = _sample_stride(total, sample_entries(sample_size, mask_ratio), row_lengths)
+    stride, width = sample_stride(total, sample_entries(sample_size, mask_ratio), row_lengths)
     if stride == 1:
         return 1, 1, [g.size for g in grads]
     # One stride for the whole unit: each tensor contributes in proportion to its size.
     return stride, width, [g.size // stride for g in grads]
 
 
-def _unit_pool(grads: List[mx.array], stride: int, width: int, counts: List[int], offsets: List[mx.array]) -> mx.array:
+def unit_pool(grads: List[mx.array], stride: int, width: int, counts: List[int], offsets: List[mx.array]) -> mx.array:
     """|g| of the whole unit (stride 1) or of its systematic sample (one offset per tensor)."""
     if stride == 1:
         return mx.concatenate([mx.abs(g).reshape(-1) for g in grads])
@@ -235,7 +235,7 @@ def unit_thresholds(units: List[List[mx.array]], mask_ratio: float, key: mx.arra
     soon as its update ran. (Stacking equal-length pools saved a few
     microseconds per unit on CPU, and held every gradient of the model alive.)
     """
-    plans = [_pool_plan(grads, sample_size, mask_ratio) for grads in units]
+    plans = [pool_plan(grads, sample_size, mask_ratio) for grads in units]
     sampled = [(u, i) for u, (stride, _, _) in enumerate(plans) if stride > 1 for i in range(len(units[u]))]
     offsets: Dict[Tuple[int, int], mx.array] = {}
     if sampled:
@@ -248,7 +248,7 @@ def unit_thresholds(units: List[List[mx.array]], mask_ratio: float, key: mx.arra
     zero, zero_cut = mx.zeros((1,)), mx.zeros((1,), mx.uint64)
     thresholds, fractions, cuts = [], [], []
     for u, (grads, (stride, width, counts)) in enumerate(zip(units, plans)):
-        pool = _unit_pool(grads, stride, width, counts, [offsets.get((u, i)) for i in range(len(grads))])
+        pool = unit_pool(grads, stride, width, counts, [offsets.get((u, i)) for i in range(len(grads))])
         length = pool.size
         kth = min(int(round(mask_ratio * length)), length - 1)
         if int(round(mask_ratio * totals[u])) == 0:
@@ -330,7 +330,7 @@ def gmt_masks(
                 keys = _order_key(magnitude, _position_hash(tuple(g.shape)) + shift)
                 masks[name] = (keys >= found.order_cut[u][0]) & (magnitude > 0)
             else:
-                tie_kept = (magnitude == tie_values[i]) & (_position_rank(tuple(g.shape)) <= last_ranks[i])
+                tie_kept = (magnitude == tie_values[i]) & (position_rank(tuple(g.shape)) <= last_ranks[i])
                 masks[name] = (magnitude > threshold[0]) | tie_kept
             counts.append(mx.sum(masks[name]))  # int32: a tensor has < 2^31 entries
             offset += g.size

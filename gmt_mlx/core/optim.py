@@ -13,36 +13,24 @@ and a resumed run draws exactly the masks the uninterrupted run would have.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from gmt_mlx.config import MASK_SCOPES, MASK_TARGETS, MASKED_METHODS, MOMENTS, OPTIMIZERS, WEIGHT_ROUNDINGS, check_mask_ratio
-from gmt_mlx.core.masking import (
-    DEFAULT_SAMPLE_SIZE,
-    apply_masks,
-    count_entries,
-    gmt_masks,
-    hash_start,
-    random_masks,
+from gmt_mlx.config import (
+    MASK_SCOPES,
+    MASK_TARGETS,
+    MASKED_METHODS,
+    OPTIMIZERS,
+    WEIGHT_ROUNDINGS,
+    check_mask_ratio,
 )
-from gmt_mlx.core.precision import (
-    SALT_M,
-    SALT_V,
-    SALT_WEIGHTS,
-    BLOCK,
-    blocks_of,
-    dequantize_root,
-    dequantize_signed,
-    quantizable,
-    quantize_signed,
-    quantize_sqrt,
-    round_to,
-    step_seed,
-    tensor_seed,
-)
+from gmt_mlx.core.compact import COMPACT_MOMENTS, CompactAdamW
+from gmt_mlx.core.masking import DEFAULT_SAMPLE_SIZE, apply_masks, count_entries, gmt_masks, random_masks
+from gmt_mlx.core.precision import SALT_WEIGHTS, round_to, step_seed, tensor_seed
 
 # Optimizer-state key of the keep-mask sample (see MaskedOptimizer.apply_gradients).
 MASK_SAMPLE_KEY = "mask_sample"
@@ -97,7 +85,8 @@ class MaskedOptimizer:
         if sample_size < 1:
             raise ValueError(f"sample_size must be positive, got {sample_size}")
         if weight_rounding not in WEIGHT_ROUNDINGS:
-            raise ValueError(f"unknown weight rounding {weight_rounding!r} (expected one of {', '.join(WEIGHT_ROUNDINGS)})")
+            raise ValueError(f"unknown weight rounding {weight_rounding!r} "
+                             f"(expected one of {', '.join(WEIGHT_ROUNDINGS)})")
         self.optimizer = optimizer
         self.weight_rounding = weight_rounding
         self.record_mask_sample = record_mask_sample
@@ -160,9 +149,6 @@ class MaskedOptimizer:
         gradient (+14% peak memory and ~2% step time on SmolLM2-135M).
         """
 
-        def scaled(tree):
-            return tree if grad_scale is None else tree_map(lambda g: g * grad_scale, tree)
-
         # Weights stored in a low-precision dtype are updated in float32 and
         # rounded back once, at the end (stochastically by default: see
         # precision.round_to), so the optimizer's arithmetic never rounds.
@@ -175,38 +161,45 @@ class MaskedOptimizer:
         seed = step_seed(self.seed, self.optimizer.step) if low and self.weight_rounding == "stochastic" else None
         state_dtypes = _state_dtypes(self.optimizer) if low else None
 
+        def rounding_seed(path: str) -> mx.array | None:
+            return None if seed is None else tensor_seed(seed, path, SALT_WEIGHTS)
+
         if low and isinstance(self.optimizer, CompactAdamW):
             # It rounds each weight itself, as soon as (a slice of) it is computed.
             dtypes = {path: p.dtype for path, p in tree_flatten(stored)}
-            self.optimizer.weight_rounder = lambda path, x, start: round_to(
-                x, dtypes[path], None if seed is None else tensor_seed(seed, path, SALT_WEIGHTS), start)
-        total = count_entries(gradients)
-        if self.mask_ratio == 0.0:
-            kept = mx.array(total, mx.int64)
-            updated = self.optimizer.apply_gradients(scaled(gradients), work)
-        else:
-            masks, kept = self.masks(gradients, part)
-            if self.record_mask_sample:
-                self.optimizer.state[MASK_SAMPLE_KEY] = mask_sample(masks)
-            if self.target == "grad":
-                updated = self.optimizer.apply_gradients(scaled(apply_masks(gradients, masks)), work)
-            else:
-                # The optimizer state sees the full gradient; only kept entries move.
-                # new * m + p * ~m is where(m, new, p) for finite values (x * 1 = x,
-                # x * 0 = 0): arithmetic fuses into the optimizer's kernel at full
-                # speed, a select there made the step ~3% slower (SmolLM2-135M, CPU).
-                new = self.optimizer.apply_gradients(scaled(gradients), work)
-                updated = tree_map(lambda n, m, p: n * m + p * ~m, new, masks, work)
+            self.optimizer.weight_rounder = lambda path, x, start: round_to(x, dtypes[path], rounding_seed(path), start)
+        updated, kept = self._masked_update(gradients, work, grad_scale, part)
         if low:
             if isinstance(self.optimizer, CompactAdamW):
                 self.optimizer.weight_rounder = None
             _restore_state_dtypes(self.optimizer, state_dtypes)
-            updated = tree_map_with_path(
-                lambda path, new, p: round_to(new, p.dtype, None if seed is None else tensor_seed(seed, path, SALT_WEIGHTS)),
-                updated, stored)
+            updated = tree_map_with_path(lambda path, new, p: round_to(new, p.dtype, rounding_seed(path)),
+                                         updated, stored)
         return updated, {"kept": kept}
 
-    def update(self, model, gradients: dict, grad_scale: mx.array | None = None, part: int = 0) -> Dict[str, mx.array]:
+    def _masked_update(self, gradients: dict, work: dict, grad_scale: mx.array | None,
+                       part: int) -> Tuple[dict, mx.array]:
+        """The wrapped optimizer's update of ``work`` under this step's mask: (updated weights, entries kept)."""
+
+        def scaled(tree: dict) -> dict:
+            return tree if grad_scale is None else tree_map(lambda g: g * grad_scale, tree)
+
+        if self.mask_ratio == 0.0:
+            return self.optimizer.apply_gradients(scaled(gradients), work), mx.array(count_entries(gradients), mx.int64)
+        masks, kept = self.masks(gradients, part)
+        if self.record_mask_sample:
+            self.optimizer.state[MASK_SAMPLE_KEY] = mask_sample(masks)
+        if self.target == "grad":
+            return self.optimizer.apply_gradients(scaled(apply_masks(gradients, masks)), work), kept
+        # The optimizer state sees the full gradient; only kept entries move.
+        # new * m + p * ~m is where(m, new, p) for finite values (x * 1 = x,
+        # x * 0 = 0): arithmetic fuses into the optimizer's kernel at full
+        # speed, a select there made the step ~3% slower (SmolLM2-135M, CPU).
+        new = self.optimizer.apply_gradients(scaled(gradients), work)
+        return tree_map(lambda n, m, p: n * m + p * ~m, new, masks, work), kept
+
+    def update(self, model: nn.Module, gradients: dict, grad_scale: mx.array | None = None,
+               part: int = 0) -> Dict[str, mx.array]:
         """Update ``model`` in place; return mask statistics (``grad_scale``: see apply_gradients;
         ``part``: which part of a step updated in parts, see layerwise)."""
         updated, stats = self.apply_gradients(gradients, model, grad_scale, part)
@@ -214,13 +207,13 @@ class MaskedOptimizer:
         return stats
 
 
-def training_state(model, optimizer) -> list:
+def training_state(model: nn.Module, optimizer: Any) -> list:
     """Everything a step reads and writes: weights, optimizer state and the RNG
     (LoRA dropout draws from it; without it a compiled step would replay one mask)."""
     return [model.state, optimizer.state, mx.random.state]
 
 
-def apply_update(optimizer, model, grads: dict, scale: mx.array, part: int = 0) -> mx.array:
+def apply_update(optimizer: Any, model: nn.Module, grads: dict, scale: mx.array, part: int = 0) -> mx.array:
     """Apply ``scale * grads`` to ``model`` (masked by a `MaskedOptimizer`); return the entries kept.
 
     The mask is built from the unscaled gradient (a positive scale does not
@@ -251,12 +244,12 @@ def _mask_builder(names: tuple, method: str, mask_ratio: float, scope: str, samp
     return mx.compile(run)
 
 
-def _state_dtypes(optimizer) -> dict:
+def _state_dtypes(optimizer: optim.Optimizer) -> dict:
     """The dtype of every array in an optimizer's state (before a step), by path."""
     return {path: v.dtype for path, v in tree_flatten(optimizer.state)}
 
 
-def _restore_state_dtypes(optimizer, dtypes: dict) -> None:
+def _restore_state_dtypes(optimizer: optim.Optimizer, dtypes: dict) -> None:
     """Keep a wrapped mlx optimizer's state in the dtype it was created in.
 
     Its arithmetic on a float32 gradient (the scaled one) promotes a bfloat16
@@ -268,203 +261,6 @@ def _restore_state_dtypes(optimizer, dtypes: dict) -> None:
     # In place: a compiled step's outputs are this very dict's contents.
     optimizer.state.update(tree_map_with_path(
         lambda path, v: v.astype(dtypes[path]) if path in dtypes and v.dtype != dtypes[path] else v, optimizer.state))
-
-
-class CompactAdamW(optim.Optimizer):
-    """AdamW with its moments stored in less memory, and float32 arithmetic.
-
-    The update is mlx's AdamW's (decoupled weight decay, no bias correction):
-    ``p <- p (1 - lr wd) - lr m / (sqrt(v) + eps)``. ``moments`` says how m and
-    v are stored between steps:
-
-    - ``float32``: 8 bytes per entry, as mlx's AdamW on float32 weights;
-    - ``bfloat16``: 4 bytes, stochastically rounded (to nearest, v could
-      never decay by 0.1% a step: precision.round_to);
-    - ``8bit``: ~2 bytes: m as int8 and sqrt(v) as uint8, each with a float32
-      scale per block of 128 entries, stochastically rounded
-      (precision.quantize_signed / quantize_root say why this v is stable);
-    - ``8bit-factored``: ~1 byte: m in 8 bits, and v of a matrix kept as
-      the moving averages of its rows' and columns' mean squared gradient
-      (Adafactor's factorisation: v_ij ~ row_i col_j / mean(row)), float32.
-
-    Tensors too small for whole blocks (norms, biases) keep float32 moments:
-    they are a negligible share of the memory. Rounding seeds come from
-    (seed, step, parameter path), so a resumed run draws the same bits.
-    """
-
-    def __init__(self, learning_rate, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 moments: str = "float32", seed: int = 0):
-        super().__init__()
-        if moments not in COMPACT_MOMENTS:
-            raise ValueError(f"unknown moments storage {moments!r} (expected one of {', '.join(COMPACT_MOMENTS)})")
-        self._maybe_schedule("learning_rate", learning_rate)
-        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
-        self.moments, self.seed = moments, int(seed)
-        self.staged = False  # see _stage
-        # Set by MaskedOptimizer for low-precision weights: (path, float32 weights, hash start) ->
-        # the weights rounded to their dtype, so a slice is rounded as soon as it is computed.
-        self.weight_rounder: Optional[Callable] = None
-
-    def _form(self, shape) -> str:
-        """How one tensor's moments are stored."""
-        if self.moments in ("float32", "bfloat16") or not quantizable(shape):
-            return "float32" if self.moments != "bfloat16" else "bfloat16"
-        if self.moments == "8bit-factored" and len(shape) >= 2:
-            return "factored"
-        return "8bit"
-
-    def init_single(self, parameter: mx.array, state: dict):
-        shape, form = parameter.shape, self._form(parameter.shape)
-        if form in ("float32", "bfloat16"):
-            dtype = mx.float32 if form == "float32" else mx.bfloat16
-            state["m"], state["v"] = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
-            return
-        blocks = parameter.size // BLOCK
-        state["m_codes"], state["m_scale"] = mx.zeros(shape, mx.int8), mx.zeros((blocks,), mx.float32)
-        if form == "factored":
-            rows = parameter.size // shape[-1]
-            state["v_row"], state["v_col"] = mx.zeros((rows,), mx.float32), mx.zeros((shape[-1],), mx.float32)
-        else:
-            state["v_codes"], state["v_scale"] = mx.zeros(shape, mx.uint8), mx.zeros((blocks,), mx.float32)
-
-    def apply_gradients(self, gradients: dict, parameters: dict):
-        # mlx's loop, with the parameter path passed on: it seeds the rounding.
-        if not self._initialized:
-            self.init(gradients)
-        for param, scheduler in self._schedulers.items():
-            self.state[param] = scheduler(self.step)
-        seed = step_seed(self.seed, self.step)
-        self.state["step"] = self.step + 1
-        grads, params, states = {}, {}, {}
-
-        def collect(path, g, p, s):
-            grads[path], params[path], states[path] = g, p, s
-
-        tree_map_with_path(collect, gradients, parameters, self.state)
-        new, previous = {}, None
-        # One tensor after another, in the order the backward pass produces
-        # their gradients (the reverse of the model's): the update's chain of
-        # kernels (block scales, row and column means, rounding) would
-        # otherwise run level by level across many tensors, keeping all their
-        # float32 temporaries alive at once.
-        for path in reversed(list(grads)):
-            g = grads[path] if previous is None else mx.depends(grads[path], previous)
-            new[path] = previous = self._apply(g, params[path], states[path], seed, path)
-        return tree_map_with_path(lambda path, g: new[path], gradients)
-
-    def apply_single(self, gradient, parameter, state):  # the abstract method; apply_gradients bypasses it
-        return self._apply(gradient, parameter, state, step_seed(self.seed, self.step), "")
-
-    def _apply(self, gradient: mx.array, parameter: mx.array, state: dict, seed: mx.array, path: str) -> mx.array:
-        b1, b2 = self.betas
-        lr = self.learning_rate.astype(mx.float32)
-        g = gradient.astype(mx.float32)
-        stochastic = None if self.moments == "float32" else tensor_seed(seed, path, SALT_M)
-        if "m" in state:
-            m = b1 * state["m"].astype(mx.float32) + (1 - b1) * g
-            v = b2 * state["v"].astype(mx.float32) + (1 - b2) * mx.square(g)
-            state["m"] = round_to(m, state["m"].dtype, stochastic)
-            state["v"] = round_to(v, state["v"].dtype, None if stochastic is None else tensor_seed(seed, path, SALT_V))
-            p = parameter.astype(mx.float32)
-            return p * (1 - lr * self.weight_decay) - lr * m / (mx.sqrt(v) + self.eps)
-        # 8-bit: the update works on rows of BLOCK entries (views of the inputs),
-        # so that inside a compiled step no reshape forces a float32 copy; m and
-        # sqrt(v) are the only float32 arrays of the tensor's size it needs.
-        # Staged (layerwise), a large tensor is updated a slice of rows at a
-        # time (CHUNK_ENTRIES): its float32 temporaries are a slice's, and the
-        # rounding noise of a slice is the whole tensor's there (hash_start).
-        shape, cols = parameter.shape, parameter.shape[-1]
-        rows = parameter.size // cols
-        step = max(1, CHUNK_ENTRIES // cols) if self.staged and cols % BLOCK == 0 else rows
-        g, p = g.reshape(rows, cols), parameter.reshape(rows, cols)
-        seed_v = tensor_seed(seed, path, SALT_V)
-        if "v_row" in state:
-            square = mx.square(g)
-            row = b2 * state["v_row"] + (1 - b2) * mx.mean(square, axis=-1)
-            col = b2 * state["v_col"] + (1 - b2) * mx.mean(square, axis=0)
-            state["v_row"], state["v_col"] = row, col
-            col_term = col / mx.maximum(mx.mean(row), 1e-30)
-            self._stage(row, col_term)
-        m_codes, v_codes = state["m_codes"].reshape(rows, cols), state.get("v_codes")
-        v_codes = None if v_codes is None else v_codes.reshape(rows, cols)
-        pieces: Dict[str, list] = {"new": [], "m_codes": [], "m_scale": [], "v_codes": [], "v_scale": []}
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            b0, b1_ = r0 * cols // BLOCK, r1 * cols // BLOCK
-            start = hash_start(r0 * cols) if r0 else None
-
-            def rows_of(a, lo=r0, hi=r1):  # the slice's rows (the array itself when it is all of them)
-                return a if lo == 0 and hi == a.shape[0] else a[lo:hi]
-
-            gb = blocks_of(rows_of(g))
-            m, codes, scale = _first_moment(gb, rows_of(m_codes), rows_of(state["m_scale"], b0, b1_), stochastic, b1, start)
-            pieces["m_codes"].append(codes.reshape(r1 - r0, cols))
-            pieces["m_scale"].append(scale)
-            self._stage(m, codes, scale)
-            if v_codes is None:
-                root = blocks_of(mx.sqrt(rows_of(row)[:, None] * col_term[None, :]))
-            else:
-                root, codes, scale = _second_root(gb, rows_of(v_codes), rows_of(state["v_scale"], b0, b1_), seed_v, b2, start)
-                pieces["v_codes"].append(codes.reshape(r1 - r0, cols))
-                pieces["v_scale"].append(scale)
-            self._stage(root, codes, scale)
-            new = _adamw_step(rows_of(p), m, root, lr, self.weight_decay, self.eps)
-            if self.weight_rounder is not None:
-                new = self.weight_rounder(path, new, start)
-            pieces["new"].append(new)
-            del m, root, gb
-            self._stage(new)
-        joined = {}
-        for key, parts in pieces.items():
-            if parts:
-                joined[key] = parts[0] if len(parts) == 1 else mx.concatenate(parts)
-                parts.clear()  # the slices: freed once joined
-                self._stage(joined[key])
-        for key in ("m_codes", "m_scale", "v_codes", "v_scale"):
-            if key in joined:
-                state[key] = joined[key].reshape(shape) if key.endswith("codes") else joined[key]
-        return joined["new"].reshape(shape)
-
-    def _stage(self, *arrays) -> None:
-        """With ``staged`` (set by a caller outside any compiled function: layerwise), evaluate
-        one stage of a tensor's update before the next starts, so that at most m,
-        sqrt(v) and one stage's temporaries are alive: ~20 bytes per entry, where the
-        whole update in one compiled function held ~37 (benchmarks/bench_update_memory.py)."""
-        if self.staged:
-            mx.eval(*arrays)
-
-
-# The 8-bit update's stages, each compiled: within one, MLX fuses the
-# elementwise ops (at most 11 per kernel); called eagerly one after another
-# (CompactAdamW.staged) their float32 temporaries never pile up.
-@mx.compile
-def _first_moment(g: mx.array, codes: mx.array, scale: mx.array, seed, b1: float, start=None):
-    """AdamW's new m from its 8-bit codes and the gradient (both as blocks): (m, new codes, new scales).
-    ``start``: these are a slice of the tensor (masking.hash_start)."""
-    m = b1 * dequantize_signed(codes, scale, g.shape) + (1 - b1) * g
-    return (m, *quantize_signed(m, seed, start))
-
-
-@mx.compile
-def _second_root(g: mx.array, codes: mx.array, scale: mx.array, seed: mx.array, b2: float, start=None):
-    """sqrt of AdamW's new v from its 8-bit codes and the gradient: (root, new codes, new scales)."""
-    root = mx.sqrt(b2 * dequantize_root(codes, scale, g.shape) + (1 - b2) * mx.square(g))
-    return (root, *quantize_sqrt(root, seed, start))
-
-
-@mx.compile
-def _adamw_step(parameter: mx.array, m: mx.array, root: mx.array, lr: mx.array, weight_decay: float, eps: float):
-    """The new weights in float32 (decoupled weight decay, no bias correction), in ``parameter``'s shape."""
-    p = blocks_of(parameter.astype(mx.float32))
-    return (p * (1 - lr * weight_decay) - lr * m / (root + eps)).reshape(parameter.shape)
-
-
-# Entries of one slice of a large tensor's staged update (~22 bytes each in flight: ~90 MB).
-CHUNK_ENTRIES = 1 << 22
-
-
-# Storage forms of CompactAdamW's moments ("auto" resolves to the weights' dtype).
-COMPACT_MOMENTS = tuple(m for m in MOMENTS if m != "auto")
 
 
 def make_schedule(
@@ -495,8 +291,6 @@ def make_schedule(
     # Step 0 is the first update: start at lr/warmup_steps, reach lr at the last warmup step.
     warmup = optim.linear_schedule(learning_rate / warmup_steps, learning_rate, max(1, warmup_steps - 1))
     return optim.join_schedules([warmup, decay], [warmup_steps])
-
-
 
 
 def build_optimizer(

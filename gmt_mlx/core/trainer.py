@@ -10,15 +10,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from gmt_mlx.core.distributed import all_sum_tree, any_rank
+from gmt_mlx.core.distributed import all_sum_totals, all_sum_tree, any_rank
 from gmt_mlx.core.layerwise import make_layerwise_step
-from gmt_mlx.core.losses import sft_loss, unpack
+from gmt_mlx.core.losses import add_totals, sft_loss, unpack
 from gmt_mlx.core.optim import apply_update, training_state
 from gmt_mlx.core.precision import sum_of_squares
 
@@ -47,7 +47,8 @@ class NonFiniteError(RuntimeError):
         self.step, self.count = step, count
 
 
-def make_step_fns(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, grad_clip: float = 0.0):
+def make_step_fns(model: nn.Module, optimizer: Any, loss_fn: Callable = sft_loss,
+                  grad_clip: float = 0.0) -> Tuple[Callable, Callable]:
     """Compile the two halves of a step over the explicit training state.
 
     ``grad_fn(*batch)`` returns (summed loss, count, metric sums, gradient of
@@ -83,7 +84,8 @@ def make_step_fns(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, gra
     return grad_fn, update_fn
 
 
-def make_fused_step(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, grad_clip: float = 0.0, group=None):
+def make_fused_step(model: nn.Module, optimizer: Any, loss_fn: Callable = sft_loss, grad_clip: float = 0.0,
+                    group: Optional[mx.distributed.Group] = None) -> Callable:
     """One compiled function for a step's last micro-batch: gradient, all-reduce, mask and update.
 
     ``step_fn(earlier, *batch)``: ``earlier`` is None or the (loss, count,
@@ -111,21 +113,17 @@ def make_fused_step(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, g
     """
     state = training_state(model, optimizer)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
-    distributed = group is not None and group.size() > 1
+    group = group if group is not None and group.size() > 1 else None
 
     def step(earlier, *batch):
         out, grads = loss_and_grad(model, *batch)
-        loss, count, metrics = unpack(out)
+        loss, count, metrics = add_totals(unpack(out), earlier)
         grads = tree_map(mx.contiguous, grads)  # see make_step_fns
         if earlier is not None:
-            loss, count = loss + earlier[0], count + earlier[1]
-            metrics = tree_map(mx.add, metrics, earlier[2])
             grads = tree_map(mx.add, earlier[3], grads)
-        if distributed:
+        if group is not None:
             grads = all_sum_tree(grads, group)
-            loss = mx.distributed.all_sum(loss, group=group)
-            count = mx.distributed.all_sum(count, group=group)
-            metrics = {k: mx.distributed.all_sum(v, group=group) for k, v in metrics.items()}
+            loss, count, metrics = all_sum_totals((loss, count, metrics), group)
         scale = 1.0 / mx.maximum(count, 1.0)
         squares = tree_map(sum_of_squares, grads)
         norm = mx.sqrt(sum(v for _, v in tree_flatten(squares))) * scale
@@ -133,17 +131,8 @@ def make_fused_step(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, g
             scale = scale * mx.minimum(grad_clip / (norm + 1e-6), 1.0)
         finite = mx.isfinite(loss)
         ok = tree_map(lambda q: finite & mx.isfinite(q), squares)
-        # A tensor that is not ok reaches the optimizer as a zero gradient and keeps its weights.
-        grads = tree_map(lambda k, g: mx.where(k, g, 0), ok, grads)
-        old = tree_map(lambda g, p: p, grads, model.trainable_parameters())
-        old_step = optimizer.state.get("step")
-        kept = apply_update(optimizer, model, grads, scale)
-        new = tree_map(lambda g, p: p, grads, model.trainable_parameters())
-        model.update(tree_map(lambda k, n, p: mx.where(k, n, p), ok, new, old))
         applied = finite & mx.isfinite(norm)
-        if old_step is not None:
-            # A scalar: the step counter (and with it the schedule) advances only on applied steps.
-            optimizer.state["step"] = mx.where(applied, optimizer.state["step"], old_step)
+        kept = _update_where_ok(optimizer, model, grads, scale, ok, applied)
         return loss, count, metrics, norm, kept, applied
 
     first = partial(mx.compile, inputs=state, outputs=state)(lambda *batch: step(None, *batch))
@@ -151,12 +140,31 @@ def make_fused_step(model: nn.Module, optimizer, loss_fn: Callable = sft_loss, g
     return lambda earlier, *batch: first(*batch) if earlier is None else rest(earlier, *batch)
 
 
+def _update_where_ok(optimizer: Any, model: nn.Module, grads: dict, scale: mx.array, ok: dict,
+                     applied: mx.array) -> mx.array:
+    """Apply ``scale * grads`` to the tensors that are ``ok`` (a boolean scalar per tensor), the fused
+    step's update; return the entries kept. The step counter advances only if ``applied``."""
+    # A tensor that is not ok reaches the optimizer as a zero gradient and keeps its weights.
+    grads = tree_map(lambda k, g: mx.where(k, g, 0), ok, grads)
+    old = tree_map(lambda g, p: p, grads, model.trainable_parameters())
+    old_step = optimizer.state.get("step")
+    kept = apply_update(optimizer, model, grads, scale)
+    new = tree_map(lambda g, p: p, grads, model.trainable_parameters())
+    model.update(tree_map(lambda k, n, p: mx.where(k, n, p), ok, new, old))
+    if old_step is not None:
+        # A scalar: the step counter (and with it the schedule) advances only on applied steps.
+        optimizer.state["step"] = mx.where(applied, optimizer.state["step"], old_step)
+    return kept
+
+
 def global_norm(grads) -> mx.array:
     return mx.sqrt(sum(sum_of_squares(g) for _, g in tree_flatten(grads)))
 
 
-def accumulate(grad_fn: Callable, batches: Iterator[Batch], micro_batches: int, group=None):
-    """Sum (loss, count, metric sums, gradient) over ``micro_batches`` micro-batches (then over ranks, with ``group``)."""
+def accumulate(grad_fn: Callable, batches: Iterator[Batch], micro_batches: int,
+               group: Optional[mx.distributed.Group] = None) -> tuple:
+    """Sum (loss, count, metric sums, gradient) over ``micro_batches`` micro-batches (then over ranks,
+    with ``group``)."""
     loss_sum, count, metrics, grads = mx.array(0.0), mx.array(0.0), None, None
     for _ in range(micro_batches):
         loss, n, micro_metrics, micro = grad_fn(*next(batches))
@@ -167,9 +175,7 @@ def accumulate(grad_fn: Callable, batches: Iterator[Batch], micro_batches: int, 
         mx.eval(grads, loss_sum, count, metrics)  # bound the graph (and memory) per micro-batch
     if group is not None and group.size() > 1:
         grads = all_sum_tree(grads, group)
-        loss_sum = mx.distributed.all_sum(loss_sum, group=group)
-        count = mx.distributed.all_sum(count, group=group)
-        metrics = {k: mx.distributed.all_sum(v, group=group) for k, v in metrics.items()}
+        loss_sum, count, metrics = all_sum_totals((loss_sum, count, metrics), group)
     return loss_sum, count, metrics, grads
 
 

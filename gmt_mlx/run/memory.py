@@ -22,7 +22,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Optimizer state in float32 words per trainable entry, for mlx's optimizers.
 _OPTIMIZER_WORDS = {"adamw": 2, "adam": 2, "sgd": 1, "muon": 1, "adafactor": 0.1}
-# Bytes per trainable entry of Adam's two moments, by storage (optim.CompactAdamW):
+# Bytes per trainable entry of Adam's two moments, by storage (compact.CompactAdamW):
 # 8-bit forms carry a float32 scale per block of 128 entries.
 _MOMENT_BYTES = {"float32": 8, "bfloat16": 4, "8bit": 2 + 2 * 4 / 128, "8bit-factored": 1 + 4 / 128}
 # Of the tensors being updated at one moment in the fused step: ~8 float32
@@ -108,42 +108,61 @@ def estimate(
     trainable entries and ``outer`` those outside the blocks (embeddings,
     head), whose gradient waits for the end of the backward pass; one block
     is recomputed at a time, with every block's input kept. ``chunk``: the
-    slice of a large tensor one staged 8-bit update works on (optim.CHUNK_ENTRIES).
+    slice of a large tensor one staged 8-bit update works on (compact.CHUNK_ENTRIES).
     """
+    hidden = int(hf_config.get("hidden_size", 0))
+    width = DTYPE_BYTES.get(train_dtype, F32)
+    largest = largest or min(trainable, int(hf_config.get("vocab_size", 0)) * hidden)
+    storage = moment_storage(moments, train_dtype)
+    compact = optimizer in ("adam", "adamw") and not (storage == "float32" and train_dtype == "float32")
+    if update_per_layer:
+        in_flight = (largest * _STAGED_UPDATE + min(largest, chunk) * _SLICE_UPDATE if compact
+                     else largest * _PER_TENSOR_UPDATE)
+        gradients = trainable * width * (grad_accumulation_steps > 1) + (outer + block) * width + in_flight
+    else:
+        gradients = _fused_gradient_bytes(trainable, width, largest, grad_clip, grad_accumulation_steps, compact)
+    # With mlx's AdamW the masks are built and consumed tensor by tensor (in the
+    # in-flight term); --mask-overlap's sample, and the compact moments' slower
+    # update, keep them (a byte per entry) until the step ends.
+    masking = trainable if masked and (mask_overlap or compact) and not update_per_layer else 0
+    activations = _activation_bytes(hf_config, batch_size, seq_len, width, grad_checkpoint or update_per_layer)
+    return MemoryEstimate(weight_bytes, int(gradients), _optimizer_bytes(optimizer, storage, trainable, width),
+                          masking, activations)
+
+
+def _fused_gradient_bytes(trainable: int, width: int, largest: int, grad_clip: float, grad_accumulation_steps: int,
+                          compact: bool) -> int:
+    """Gradients and update temporaries of the fused step (see estimate)."""
+    whole = (grad_clip > 0) + (grad_accumulation_steps > 1) * 2
+    gradients = trainable * width * min(whole, 2) + largest * F32 * _IN_FLIGHT_COPIES
+    if compact:
+        gradients += int(trainable * _COMPACT_IN_FLIGHT)
+    return gradients
+
+
+def _optimizer_bytes(optimizer: str, storage: str, trainable: int, width: int) -> int:
+    """The optimizer's state: Adam's moments as ``storage`` stores them, else mlx's optimizer in the weights' dtype."""
+    if optimizer in ("adam", "adamw"):
+        return int(trainable * _MOMENT_BYTES.get(storage, 8))
+    return int(trainable * width * _OPTIMIZER_WORDS.get(optimizer, 1))
+
+
+def _activation_bytes(hf_config: Dict, batch_size: int, seq_len: int, width: int, recompute: bool) -> int:
+    """Activations of one micro-batch; with ``recompute`` (gradient checkpointing, or the per-layer
+    update) only one block's are kept, beside every block's input."""
     hidden = int(hf_config.get("hidden_size", 0))
     inter = int(hf_config.get("intermediate_size", 4 * hidden))
     layers = int(hf_config.get("num_hidden_layers", 0))
     heads = int(hf_config.get("num_attention_heads", 1))
     vocab = int(hf_config.get("vocab_size", 0))
     tokens = batch_size * seq_len
-    width = DTYPE_BYTES.get(train_dtype, F32)
-    largest = largest or min(trainable, vocab * hidden)
-    whole = (grad_clip > 0) + (grad_accumulation_steps > 1) * 2
-    gradients = trainable * width * min(whole, 2) + largest * F32 * _IN_FLIGHT_COPIES
-    storage = moment_storage(moments, train_dtype)
-    compact = optimizer in ("adam", "adamw") and not (storage == "float32" and train_dtype == "float32")
-    if optimizer in ("adam", "adamw"):
-        optimizer_bytes = int(trainable * _MOMENT_BYTES.get(storage, 8))
-        if compact:
-            gradients += int(trainable * _COMPACT_IN_FLIGHT)
-    else:
-        optimizer_bytes = int(trainable * width * _OPTIMIZER_WORDS.get(optimizer, 1))
-    if update_per_layer:
-        in_flight = (largest * _STAGED_UPDATE + min(largest, chunk) * _SLICE_UPDATE if compact
-                     else largest * _PER_TENSOR_UPDATE)
-        gradients = trainable * width * (grad_accumulation_steps > 1) + (outer + block) * width + in_flight
-    # With mlx's AdamW the masks are built and consumed tensor by tensor (in the
-    # in-flight term); --mask-overlap's sample, and the compact moments' slower
-    # update, keep them (a byte per entry) until the step ends.
-    masking = trainable if masked and (mask_overlap or compact) and not update_per_layer else 0
     # Saved for the backward pass per layer and token: ~12 hidden-sized and
     # ~4 intermediate-sized vectors, plus attention scores and probabilities.
     per_layer = tokens * (12 * hidden + 4 * inter) * width + batch_size * heads * seq_len * seq_len * 2 * width
-    kept_layers = 1 if grad_checkpoint or update_per_layer else layers
-    checkpoint_inputs = tokens * hidden * width * layers if grad_checkpoint or update_per_layer else 0
+    kept_layers = 1 if recompute else layers
+    checkpoint_inputs = tokens * hidden * width * layers if recompute else 0
     logits = tokens * vocab * F32 * 3  # logits, log-softmax, and their gradient
-    activations = per_layer * kept_layers + checkpoint_inputs + logits
-    return MemoryEstimate(weight_bytes, int(gradients), optimizer_bytes, masking, activations)
+    return per_layer * kept_layers + checkpoint_inputs + logits
 
 
 def available_bytes() -> Optional[int]:
