@@ -77,9 +77,9 @@ def masking_section(spec: ModelSpec, before, reps: int) -> dict:
     def new_pieces(kind):
         def f(*gs):
             if kind == "pools":
-                plans = [new._pool_plan([g], 65536, MASK_RATIO) for g in gs]
+                plans = [new.pool_plan([g], 65536, MASK_RATIO) for g in gs]
                 offset = [mx.array([1], mx.int32)]
-                return [new._unit_pool([g], s, w, c, offset) for g, (s, w, c) in zip(gs, plans)]
+                return [new.unit_pool([g], s, w, c, offset) for g, (s, w, c) in zip(gs, plans)]
             if kind == "thresholds":
                 return new.unit_thresholds([[g] for g in gs], MASK_RATIO, key, 65536)
             if kind in ("keep", "keep no ties"):
@@ -90,7 +90,7 @@ def masking_section(spec: ModelSpec, before, reps: int) -> dict:
                     a = mx.abs(g)
                     k = a > ts[i]
                     if kind == "keep":
-                        k = k | ((a == ts[i]) & (new._position_rank(tuple(g.shape)) < cuts[i]))
+                        k = k | ((a == ts[i]) & (new.position_rank(tuple(g.shape)) < cuts[i]))
                     out.append(mx.sum(k))
                 return out
             if kind == "multiply":

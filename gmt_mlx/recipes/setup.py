@@ -20,7 +20,8 @@ from gmt_mlx.blas import blas_info
 from gmt_mlx.config import Config
 from gmt_mlx.core.layerwise import block_sizes
 from gmt_mlx.core.losses import make_loss
-from gmt_mlx.core.optim import CHUNK_ENTRIES, build_optimizer, make_schedule
+from gmt_mlx.core.compact import CHUNK_ENTRIES
+from gmt_mlx.core.optim import build_optimizer, make_schedule
 from gmt_mlx.data.batching import pad_id as batch_pad_id
 from gmt_mlx.data.batching import PAD_MULTIPLE, padding_waste
 from gmt_mlx.data.encoding import TokenizedSplit
