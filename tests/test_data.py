@@ -346,11 +346,16 @@ def test_bom_and_crlf_are_accepted(tmp_path):
 
 def test_odd_keys_keep_the_message_one_printable_line(tmp_path):
     path = tmp_path / "train.jsonl"
-    path.write_text('{"a\\nb": 1, "\\ud800": 2}\n')
+    path.write_text('{"a\\nb": 1, "\\u0007": 2}\n')
     with pytest.raises(UserError) as err:
         read_jsonl(path)
     message = str(err.value)
     assert "\n" not in message and message.encode("utf-8") and "keys found:" in message
+    path.write_text('{"a\\nb": 1, "\\ud800": 2}\n')  # half a surrogate pair, even in a key: said as such
+    with pytest.raises(UserError) as err:
+        read_jsonl(path)
+    message = str(err.value)
+    assert "\n" not in message and message.encode("utf-8") and "lone UTF-16 surrogate (\\ud800" in message
 
 
 # ---------------------------------------------------------------- shipped examples

@@ -208,6 +208,7 @@ def test_resume_under_another_blas_is_refused_or_forced(tiny_model_dir, chat_dat
     recorded = ckpt.read_state(step2)["arithmetic"]
     assert set(recorded) == {"device", "blas"} and recorded["device"] == "cpu"
     rundir.model_dir(out).joinpath("config.json").unlink()  # as if killed before the final save
+    (out / rundir.FINISHED_FILE).unlink()
     for path in rundir.step_checkpoints(out)[1:]:
         shutil.rmtree(path)
     elsewhere = {"device": "cpu", "blas": "/opt/other/libopenblas.so.0"}

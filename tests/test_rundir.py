@@ -41,7 +41,17 @@ def test_run_and_finished_markers(tmp_path):
     assert rundir.is_run_dir(tmp_path) and not rundir.is_finished(tmp_path)
     rundir.model_dir(tmp_path).mkdir()
     (rundir.model_dir(tmp_path) / "config.json").write_text("{}")
-    assert rundir.is_finished(tmp_path)
+    # model/ is written but the run has not said it is done: not finished (a resume completes it)
+    assert rundir.has_model(tmp_path) and not rundir.is_finished(tmp_path)
+    rundir.write_finished(tmp_path, 4)
+    assert rundir.is_finished(tmp_path) and rundir.finished_step(tmp_path) == 4
+    assert rundir.model_damage(tmp_path) is None
+    (rundir.model_dir(tmp_path) / "config.json").write_text("{ }")
+    assert rundir.model_damage(tmp_path) == "model/config.json is not the file the run wrote (its sha256 differs)"
+    (rundir.model_dir(tmp_path) / "config.json").unlink()
+    assert rundir.model_damage(tmp_path) == "model/config.json is missing"
+    (tmp_path / rundir.FINISHED_FILE).write_text("{")
+    assert not rundir.is_finished(tmp_path)
 
 
 def test_read_metrics_filters_by_kind_and_skips_blank_lines(tmp_path):

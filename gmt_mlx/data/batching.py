@@ -265,4 +265,8 @@ def token_stats(split: TokenizedSplit) -> dict:
 def pad_id(tokenizer) -> int:
     """The id batches are padded with: the tokenizer's pad token, else its EOS."""
     pad = getattr(tokenizer, "pad_token_id", None)
-    return int(pad) if pad is not None else int(tokenizer.eos_token_id)
+    pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
+    if pad is None:
+        raise UserError("the tokenizer has neither a pad nor an end-of-sequence token (is the model folder's "
+                        "tokenizer_config.json missing?)")
+    return int(pad)

@@ -24,10 +24,8 @@ def load_base(model: str, *, dequantize: bool = True) -> Tuple[Any, Any, Dict[st
     path = resolve_model(model)
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a model folder (no config.json)")
-    try:
-        overrides = rope_overrides(json.loads((path / "config.json").read_text()), path)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path / 'config.json'}:{err.lineno}: not valid JSON ({err.msg})") from None
+    files = check_model_files(path)
+    overrides = rope_overrides(files["config.json"], path)
     try:
         net, tokenizer, config = load(str(path), model_config=overrides, return_config=True)
     except FileNotFoundError as err:
@@ -38,6 +36,48 @@ def load_base(model: str, *, dequantize: bool = True) -> Tuple[Any, Any, Dict[st
         net = dequantize_model(net)
         config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     return net, tokenizer, config, path
+
+
+# The text files of a model folder that loading reads (mlx_lm, transformers' tokenizer, our generate).
+JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+              "special_tokens_map.json")
+CHAT_TEMPLATE = "chat_template.jinja"
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from None
+    except OSError as err:
+        raise UserError(f"{path}: {err.strerror or err}") from None
+
+
+def check_model_files(path: Path) -> Dict[str, Any]:
+    """Read every JSON file of model folder ``path`` that is there, and compile its chat template.
+
+    A damaged file is a one-line UserError naming it (and the line), before
+    mlx_lm or the tokenizer library meet it with a traceback. Returns the parsed JSON files.
+    """
+    parsed = {}
+    for name in JSON_FILES:
+        if (path / name).is_file():
+            try:
+                parsed[name] = json.loads(_text(path / name))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path / name}:{err.lineno}: not valid JSON ({err.msg})") from None
+    for name, value in parsed.items():
+        if not isinstance(value, dict):
+            raise UserError(f"{path / name}: expected a JSON object, got {type(value).__name__}")
+    if (path / CHAT_TEMPLATE).is_file():
+        from jinja2 import TemplateSyntaxError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        try:  # the environment transformers renders chat templates in
+            ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).parse(_text(path / CHAT_TEMPLATE))
+        except TemplateSyntaxError as err:
+            raise UserError(f"{path / CHAT_TEMPLATE}:{err.lineno}: not a valid chat template ({err.message})") from None
+    return parsed
 
 
 def rope_overrides(config: Dict[str, Any], where: Path) -> Dict[str, Any]:
@@ -63,7 +103,12 @@ def rope_overrides(config: Dict[str, Any], where: Path) -> Dict[str, Any]:
 
 
 def run_model_dir(path_or_model: str) -> str:
-    """A run directory stands for its fine-tuned model (RUN_DIR/model)."""
-    from gmt_mlx.run.rundir import is_finished, model_dir
+    """A run directory stands for its fine-tuned model (RUN_DIR/model), verified against the sums the run wrote."""
+    from gmt_mlx.run import rundir
 
-    return str(model_dir(path_or_model)) if is_finished(path_or_model) else path_or_model
+    if not rundir.has_model(path_or_model):
+        return path_or_model
+    damage = rundir.model_damage(path_or_model)
+    if damage is not None:
+        raise UserError(f"{path_or_model}: {damage}; rebuild it with: gmt-mlx finetune --resume {path_or_model}")
+    return str(rundir.model_dir(path_or_model))

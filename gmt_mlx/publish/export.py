@@ -136,7 +136,7 @@ def export_run(
     _check_out(run_dir, out, overwrite)
 
     loaded = None
-    if checkpoint == "last" and not adapter_only and rundir.is_finished(run_dir):
+    if checkpoint == "last" and not adapter_only and rundir.has_model(run_dir) and _final_verifies(run_dir, log):
         loaded = _load_final(run_dir, dtype, log)
     loaded = loaded or _load_checkpoint(run_dir, config, checkpoint, log)
     label = checkpoint if checkpoint in (rundir.BEST, "last") else f"step-{loaded.step}"
@@ -151,6 +151,19 @@ def export_run(
     _write_atomically(out, write)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     return ExportResult(out, loaded.source, loaded.step, files)
+
+
+def _final_verifies(run_dir: Path, log: Callable[[str], None]) -> bool:
+    """Whether model/ is what the run wrote; if not, the final step's checkpoint stands in (same weights), or a refusal."""
+    damage = rundir.model_damage(run_dir)
+    if damage is None:
+        return True
+    latest, meta, _ = rundir.newest_verified(run_dir)
+    if latest is None or meta.get("step") != rundir.finished_step(run_dir):
+        raise UserError(f"{run_dir}: {damage}, and no checkpoint holds the final step; export another one "
+                        f"(--checkpoint best or step-N) or start the run over")
+    log(f"warning: {run_dir}: {damage}; exporting the final step's checkpoint {latest.name} instead (the same weights)")
+    return False
 
 
 def _check_format(format: str, outtype: Optional[str], *, dtype: Optional[str], adapter_only: bool) -> Optional[str]:

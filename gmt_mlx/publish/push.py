@@ -21,7 +21,10 @@ from gmt_mlx.run import rundir
 def model_folder(path: str | Path) -> Path:
     """The folder to upload: ``path`` itself, or RUN_DIR/model for a run directory (its card written if missing)."""
     path = Path(path)
-    if rundir.is_run_dir(path) and rundir.is_finished(path):
+    if rundir.is_run_dir(path) and rundir.has_model(path):
+        damage = rundir.model_damage(path)
+        if damage is not None:  # never push a model the run did not write
+            raise UserError(f"{path}: {damage}; rebuild it with: gmt-mlx finetune --resume {path}")
         run_dir, path = path, rundir.model_dir(path)
         if not (path / CARD_FILE).is_file():
             dtype = (RunSummary.read(run_dir).config.get("dtype")) or "float32"

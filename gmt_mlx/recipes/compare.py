@@ -57,7 +57,8 @@ BASE_VAL = "base_val.json"  # the base model's validation loss: every validation
 
 
 def _is_finished(run_dir: Path) -> bool:
-    return rundir.is_finished(run_dir) and (run_dir / rundir.METRICS_FILE).is_file()
+    # Finished, with the model it wrote (a deleted or damaged model/ makes the run train again).
+    return rundir.is_finished(run_dir) and rundir.model_damage(run_dir) is None and bool(rundir.read_metrics(run_dir))
 
 
 def _check_same_config(run: PlannedRun, run_dir: Path) -> Dict[str, tuple]:

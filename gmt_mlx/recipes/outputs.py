@@ -76,14 +76,16 @@ def samples_before(config: Config, run: Setup, out: Path, *, fresh: bool, log=pr
 
 def save_final(config: Config, run: Setup, out: Path, logger: "RunLogger", prompts: list, before: List[str],
                 start_step: int, log) -> RunResult:
-    """Write model/ and samples.json, then the model card (and the --push-to-hub upload)."""
+    """Write model/ and samples.json, then the model card (and the --push-to-hub upload), then finished.json."""
     model_dir = save_hf_model(rundir.model_dir(out), run.model, run.tokenizer, run.model_config, dtype=config.dtype,
                               base_path=run.model_path)
+    ckpt.fault("after-model")  # kill here (tests): model/ written, the rest not
     after = [generate_text(run.model, run.tokenizer, p) for p in prompts]
     samples = [{"prompt": describe_prompt(p), "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
     if samples:
         rundir.write_samples(out, samples)
     publish_run(out, model_dir, config, step=run.steps, origin=run.origin, log=log)
+    rundir.write_finished(out, run.steps)  # last: a run killed before it is completed on resume
     return logger.result(model_dir, samples, start_step)
 
 

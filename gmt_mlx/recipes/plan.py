@@ -60,9 +60,9 @@ def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, f
     if overwrite:
         return RunPlan(out, fresh=True, replace=True)
     if rundir.is_finished(out):
-        if resume:
-            return RunPlan(out, fresh=False, finished=True)
-        raise UserError(f"--out {out} already holds a finished run; pass --overwrite to replace it or choose another --out")
+        return _plan_finished(out, resume, log)
+    if rundir.has_model(out):  # killed after model/ was written, before the run's last file
+        log(f"{out}: model/ is written but not everything the run promised (samples, card, push): completing it")
     if not rundir.has_trained(out):
         # Set-up failed or was killed (e.g. --batch-size above the train split's size): its
         # files took nothing but set-up to make, so the corrected command just replaces them.
@@ -92,6 +92,22 @@ def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, f
     # No checkpoint yet (killed early): start over in place. A checkpoint at the
     # last step (killed while saving the model) resumes straight to the save.
     return RunPlan(out, fresh=latest is None, replace=latest is None, checkpoint=latest, meta=meta)
+
+
+def _plan_finished(out: Path, resume: bool, log: Callable[[str], None]) -> RunPlan:
+    """A finished run: nothing to do if its model verifies; a damaged model/ is rebuilt from the final step's
+    checkpoint, like an interrupted run is resumed (with or without --resume)."""
+    damage = rundir.model_damage(out)
+    if damage is None and resume:
+        return RunPlan(out, fresh=False, finished=True)
+    if damage is None:
+        raise UserError(f"--out {out} already holds a finished run; pass --overwrite to replace it or choose another --out")
+    latest, meta, _ = rundir.newest_verified(out)
+    if latest is None or meta.get("step") != rundir.finished_step(out):
+        raise UserError(f"{out}: {damage}, and no checkpoint holds the final step to rebuild it from; export a "
+                        f"checkpoint (gmt-mlx export {out} --checkpoint best) or start over with --overwrite")
+    log(f"warning: {out}: {damage}; rebuilding model/ from {latest.name}, the final step's checkpoint")
+    return RunPlan(out, fresh=False, checkpoint=latest, meta=meta)
 
 
 def check_loss_normalisation(out: Path, state: dict, ranks: int) -> None:

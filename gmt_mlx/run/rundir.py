@@ -7,6 +7,8 @@ A run directory (``gmt-mlx finetune --out RUN_DIR``) holds:
     samples_before.json     answers of the untrained model (reused on resume)
     samples.json            prompts with their answers before and after training
     model/                  the final model in Hugging Face layout
+    finished.json           written last, when everything the run promised is there
+                            (model/, samples, card, push): model/'s sha256 sums
     checkpoints/step-NNNNNN full training states (checkpoint.py writes one)
     checkpoints/best        the best-validation checkpoint (never pruned)
 
@@ -36,6 +38,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.json"
 SAMPLES_BEFORE_FILE = "samples_before.json"
+FINISHED_FILE = "finished.json"  # written last: the run kept every promise; model/'s sha256 sums
 REFERENCE_FILE = "reference_logps.json"  # DPO: the step-0 model's log-probabilities (evaluation/reference.py)
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
@@ -45,7 +48,7 @@ WANDB_DIR = "wandb"  # --report-to wandb: its files and the run id
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Every name a run directory holds; a folder of these alone (with a metrics file or a
 # checkpoint in it) is what is left of a run whose config.yaml was lost or never written.
-_WRITTEN_ATOMICALLY = (CONFIG_FILE, SAMPLES_FILE, SAMPLES_BEFORE_FILE, REFERENCE_FILE)  # via a .tmp file
+_WRITTEN_ATOMICALLY = (CONFIG_FILE, SAMPLES_FILE, SAMPLES_BEFORE_FILE, REFERENCE_FILE, FINISHED_FILE)  # via a .tmp file
 _RUN_NAMES = {METRICS_FILE, MODEL_DIR, CHECKPOINTS_DIR, TENSORBOARD_DIR, WANDB_DIR,
               *_WRITTEN_ATOMICALLY, *(name + ".tmp" for name in _WRITTEN_ATOMICALLY)}
 
@@ -135,14 +138,9 @@ def write_samples_before(run_dir: str | Path, answers: List[str]) -> None:
 
 
 def read_reference(run_dir: str | Path) -> Any:
-    """reference_logps.json parsed; FileNotFoundError when absent, ValueError when damaged (the caller words it)."""
+    """reference_logps.json parsed; FileNotFoundError when absent, another OSError or ValueError when damaged."""
     path = Path(run_dir) / REFERENCE_FILE
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(str(err)) from None
+    return json.loads(path.read_bytes().decode("utf-8"))  # UnicodeDecodeError is a ValueError
 
 
 def write_reference(run_dir: str | Path, record: dict) -> Path:
@@ -207,9 +205,50 @@ def run_config(run_dir: str | Path, log: Optional[Callable[[str], None]] = None)
         return {k: v for k, v in saved.items() if k in known}
 
 
-def is_finished(path: str | Path) -> bool:
-    """The run saved its final model (model/config.json is written with the weights)."""
+def has_model(path: str | Path) -> bool:
+    """The run wrote its final model (model/config.json is written after the weights)."""
     return (Path(path) / MODEL_DIR / "config.json").is_file()
+
+
+def is_finished(path: str | Path) -> bool:
+    """Everything the run promised is written: finished.json, the last file a run writes, is there."""
+    return isinstance(_read_json(Path(path) / FINISHED_FILE), dict)
+
+
+def _model_sums(run_dir: Path) -> Dict[str, str]:
+    folder = model_dir(run_dir)
+    return {p.relative_to(folder).as_posix(): ckpt.sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_finished(run_dir: str | Path, step: int) -> None:
+    """Mark the run finished (last of all its writes), with the sha256 of every file of model/."""
+    _write_json_atomically(Path(run_dir) / FINISHED_FILE, {"step": step, "model": _model_sums(Path(run_dir))}, indent=1)
+
+
+def model_damage(run_dir: str | Path) -> Optional[str]:
+    """Why the final model of a finished run is not what the run wrote (None when it verifies, or has no sums)."""
+    run_dir = Path(run_dir)
+    record = _read_json(run_dir / FINISHED_FILE)
+    if record is None:
+        return f"{FINISHED_FILE} is damaged" if (run_dir / FINISHED_FILE).exists() else None
+    sums = record.get("model") if isinstance(record, dict) else None
+    if not isinstance(sums, dict) or not sums:
+        return f"{FINISHED_FILE} is damaged"
+    folder = model_dir(run_dir)
+    for name, digest in sums.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{MODEL_DIR}/{name} is missing"
+        if ckpt.sha256(path) != digest:
+            return f"{MODEL_DIR}/{name} is not the file the run wrote (its sha256 differs)"
+    return None
+
+
+def finished_step(run_dir: str | Path) -> Optional[int]:
+    """The step finished.json records (the run's last)."""
+    record = _read_json(Path(run_dir) / FINISHED_FILE)
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
 
 
 def model_dir(run_dir: str | Path) -> Path:
