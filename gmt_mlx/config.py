@@ -40,6 +40,10 @@ TRAIN_MODES = ("sft", "dpo", "orpo")
 # The objectives trained on prompt/chosen/rejected pairs (the one test: Config.preference, is_preference).
 PREFERENCE_MODES = ("dpo", "orpo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+# Online RL (GRPO, core/grpo.py): how the per-token loss is normalised, and how rewards are scaled
+# into advantages; both as TRL defines them. Choice lists only, no Config field reads them yet.
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+REWARD_SCALINGS = ("group", "batch", "none")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "muon")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
