@@ -223,15 +223,28 @@ def reasoning_gym_scorer(task: Optional[str] = None) -> Scorer:
     return score
 
 
-def _import_hook(spec: str) -> Scorer:
+def import_function(spec: str, option: str) -> Callable:
+    """The function named by ``spec`` ("package.module:function"); a one-line UserError naming
+    ``option`` (e.g. "--scorer") when the module cannot be imported or has no such function.
+
+    A module that fails while importing (a syntax error, an exception at its top level)
+    is reported the same way, by its error's first line, not by a traceback.
+    """
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise UserError(f"--scorer {spec}: cannot import {module_name} ({err})") from None
+    except Exception as err:  # ImportError, or the user's module failing as it runs
+        detail = (str(err).strip().splitlines() or [""])[0][:300]
+        reason = detail if isinstance(err, ImportError) else f"{type(err).__name__}: {detail}"
+        raise UserError(f"{option} {spec}: cannot import {module_name} ({reason})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise UserError(f"--scorer {spec}: {module_name} has no function {attr!r}")
+        raise UserError(f"{option} {spec}: {module_name} has no function {attr!r}")
+    return fn
+
+
+def _import_hook(spec: str) -> Scorer:
+    fn = import_function(spec, "--scorer")
 
     def score(answer: str, row: dict) -> float:
         value = fn(answer, row)
