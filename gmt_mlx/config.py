@@ -44,6 +44,9 @@ DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 # into advantages; both as TRL defines them. Choice lists only, no Config field reads them yet.
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 REWARD_SCALINGS = ("group", "batch", "none")
+# The coming --reward takes any --scorer name (evaluation/scorers.py), a module:function, and these
+# rewards of its own (evaluation/rewards.py): "format", a final answer in a form the scorers read, at the end.
+REWARD_EXTRAS = ("format",)
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "muon")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
