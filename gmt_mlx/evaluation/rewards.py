@@ -114,7 +114,9 @@ def _has_answer(row: dict) -> bool:
     answer = row.get("answer")
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
         return False
-    return bool(answer.strip()) if isinstance(answer, str) else math.isfinite(answer)
+    if isinstance(answer, str):
+        return bool(answer.strip())
+    return isinstance(answer, int) or math.isfinite(answer)  # an int may be too large for a float
 
 
 def _shown(value: Any) -> str:
@@ -152,6 +154,11 @@ class RewardSet:
     @property
     def weights(self) -> List[float]:
         return [r.weight for r in self.rewards]
+
+    @property
+    def needs_answer(self) -> bool:
+        """Whether a reward here scores against the row's ``answer`` (exact, number, gsm8k, boxed)."""
+        return any(r.kind == "scorer" for r in self.rewards)
 
     def check_rows(self, rows: Sequence[dict], where: Optional[str] = None) -> None:
         """Refuse, before any generation, the first row a reward cannot score (one line, row 1-based)."""
