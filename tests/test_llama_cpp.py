@@ -8,7 +8,7 @@ float32) does the same by argmax. f32 and f16 must give our tokens on every
 prompt; q8_0 and q4_0 on most; llama.cpp's perplexity of the paragraph is ours
 for f32 and f16's within a few percent for q8_0 and q4_0.
 
-node and node-llama-cpp come from `.ci/run` (`npm ci` in tests/llama_cpp, or a
+node and node-llama-cpp come from `.ci/run` (`npm install` in tests/llama_cpp, or a
 node_modules folder named by GMT_MLX_NODE_LLAMA_CPP): where either is missing the
 tests skip with the reason, except under CI=true, where they fail.
 """
@@ -67,7 +67,7 @@ def node_llama_cpp() -> tuple[str, dict]:
     if node is None:
         missing = "node is not installed (llama.cpp is run through node-llama-cpp)"
     elif not (modules / "node-llama-cpp" / "dist" / "index.js").is_file():
-        missing = f"node-llama-cpp is not installed in {modules} (cd tests/llama_cpp && npm ci)"
+        missing = f"node-llama-cpp is not installed in {modules} (cd tests/llama_cpp && npm install)"
     else:
         return node, {**os.environ, "GMT_MLX_NODE_LLAMA_CPP": str(modules)}
     if ON_CI:  # .ci/run installs both: their absence there is a broken CI, not a reason to skip
