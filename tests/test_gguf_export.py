@@ -51,9 +51,11 @@ def hf_from_mx_load(path: Path, config: dict) -> dict[str, mx.array]:
             continue
         base, leaf = name.rsplit(".", 1)
         w = raw[name]
-        if f"{base}.scales" in raw:  # Q8_0 comes back as an MLX affine triplet, blocks of 32
-            w = mx.dequantize(w, raw[f"{base}.scales"].astype(mx.float32), raw[f"{base}.biases"].astype(mx.float32),
-                              group_size=32, bits=8)
+        if f"{base}.scales" in raw:  # Q8_0/Q4_0 come back as an MLX affine triplet, blocks of 32
+            scales = raw[f"{base}.scales"]
+            bits = w.shape[-1] * 32 // (scales.shape[-1] * 32)  # packed uint32 words per row -> bits
+            w = mx.dequantize(w, scales.astype(mx.float32), raw[f"{base}.biases"].astype(mx.float32),
+                              group_size=32, bits=bits)
         w = np.array(w.astype(mx.float32))
         parts = base.split(".")
         if parts[0] == "blk":
@@ -138,10 +140,10 @@ def test_f32_round_trip_through_our_import_is_exact(fixture, request, tmp_path):
 
 
 # Logits of an mlx_lm llama built from mx.load's tensors vs the HF folder (float32 compute).
-MX_LOAD_ATOL = {"f32": 1e-4, "f16": 0.02, "q8_0": 0.1}
+MX_LOAD_ATOL = {"f32": 1e-4, "f16": 0.02, "q8_0": 0.1, "q4_0": 1.0}
 
 
-@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0", "q4_0"])
 def test_mx_load_reads_the_gguf_with_the_hf_logits(outtype, tiny_model_dir, tmp_path):
     path = hf_folder_to_gguf(tiny_model_dir, tmp_path / "m.gguf", outtype=outtype)
     got = np.array(mlx_model_from_gguf(path, tiny_model_dir)(mx.array([IDS])))
@@ -181,6 +183,35 @@ def test_gguf_reader_sees_llama_cpps_layout(tiny_model_dir, tmp_path):
     ours = np.array(hf_from_mx_load(path, json.loads((tiny_model_dir / "config.json").read_text()))
                     ["model.layers.1.mlp.down_proj.weight"])
     np.testing.assert_array_equal(gguf.quants.dequantize(t.data, t.tensor_type), ours)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_tied"])
+def test_q4_0_keeps_the_output_matrix_in_q8_0(fixture, request, tmp_path):
+    """q4_0: matrices Q4_0, the output matrix (the embedding when tied) Q8_0 as llama.cpp keeps it above 4 bits."""
+    hf_dir = request.getfixturevalue(fixture)
+    path = hf_folder_to_gguf(hf_dir, tmp_path / "m.gguf", outtype="q4_0")
+    reader = gguf.GGUFReader(str(path))
+    fields = {f.name: f for f in reader.fields.values()}
+    assert fields["general.file_type"].contents() == 2 and fields["general.quantization_version"].contents() == 2
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q4_0" and kinds["blk.1.ffn_down.weight"] == "Q4_0"
+    assert kinds["blk.0.attn_norm.weight"] == "F32"
+    if fixture == "tiny_tied":
+        assert kinds["token_embd.weight"] == "Q8_0" and "output.weight" not in kinds
+    else:
+        assert kinds["token_embd.weight"] == "Q4_0" and kinds["output.weight"] == "Q8_0"
+    # Two decoders agree on the Q4_0 blocks: gguf's numpy one and mx.load's.
+    t = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    ours = np.array(hf_from_mx_load(path, json.loads((hf_dir / "config.json").read_text()))
+                    ["model.layers.1.mlp.down_proj.weight"])
+    np.testing.assert_array_equal(gguf.quants.dequantize(t.data, t.tensor_type), ours)
+    # And our importer reads it back within Q4_0's step d = max|x| / 8 per block (half a step when
+    # rounded, one where the codes -8..7 clip the side opposite the largest |x|).
+    want = mx.load(str(hf_dir / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"]
+    back = mx.load(str(convert_gguf(path, tmp_path / "back") / "model.safetensors"))
+    err = np.abs(np.array(back["model.layers.1.mlp.down_proj.weight"]) - np.array(want)).reshape(-1, 32)
+    step = np.abs(np.array(want)).reshape(-1, 32).max(axis=1, keepdims=True) / 8
+    assert (err <= step * 1.01).all() and np.median(err / step) < 0.3  # d is stored in f16: 1% slack
 
 
 def test_llama3_and_linear_rope_scaling_survive_the_round_trip(tiny_model_dir, tmp_path):

@@ -29,7 +29,7 @@ def export(
         "--format",
         help="hf (safetensors folder) or gguf (one .gguf file + an Ollama Modelfile, "
              "for llama.cpp / Ollama / LM Studio).")] = "hf",
-    outtype: Annotated[Optional[str], typer.Option(help="--format gguf: f32, f16 or q8_0.  [default: f16]")] = None,
+    outtype: Annotated[Optional[str], typer.Option(help="--format gguf: f32, f16, q8_0 or q4_0.  [default: f16]")] = None,
 ) -> None:
     """Export a run: merged safetensors + config + tokenizer + model card (or a PEFT adapter, or a GGUF)."""
     from gmt_mlx.publish.export import export_run

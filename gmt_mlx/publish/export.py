@@ -121,7 +121,7 @@ def export_run(
     and that checkpoint's weights. The folder is written next to ``out`` and
     renamed into place, so an interrupted export leaves nothing half-written.
     ``format="gguf"`` writes OUT/NAME-OUTTYPE.gguf and an Ollama Modelfile
-    instead (`gguf_export.save_gguf_model`; ``outtype`` f32, f16 or q8_0).
+    instead (`gguf_export.save_gguf_model`; ``outtype`` f32, f16, q8_0 or q4_0).
     """
     from gmt_mlx.config import resolve
 
@@ -176,7 +176,7 @@ def _check_format(format: str, outtype: Optional[str], *, dtype: Optional[str], 
         if adapter_only:
             raise UserError("--adapter-only writes a PEFT adapter; --format gguf writes the merged model")
         if dtype is not None:
-            raise UserError("--dtype is for --format hf; a GGUF's precision is --outtype f32, f16 or q8_0")
+            raise UserError("--dtype is for --format hf; a GGUF's precision is --outtype f32, f16, q8_0 or q4_0")
     elif format != "hf":
         raise UserError(f"--format must be hf or gguf, got {format!r}")
     elif outtype is not None:

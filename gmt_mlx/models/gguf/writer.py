@@ -9,9 +9,11 @@ The inverse of `reader.convert_gguf` (the import), written with the `gguf` packa
   with the NEOX rope, Hugging Face's own, and stores their rows as they are);
   Gemma's norms stored as 1 + weight, as llama.cpp's converter does;
   1-D tensors (norms, biases) stay F32, as llama.cpp's
-  converter keeps them; matrices in F32, F16 or Q8_0 (`--outtype`), a matrix
-  whose rows are not a whole number of 32-blocks falls back to F16 like
-  llama.cpp's converter does;
+  converter keeps them; matrices in F32, F16, Q8_0 or Q4_0 (`--outtype`), a
+  matrix whose rows are not a whole number of 32-blocks falls back to F16 like
+  llama.cpp's converter does; q4_0 keeps the output matrix (the embedding when
+  tied) in Q8_0, as llama.cpp's quantizer keeps it above 4 bits (its Q6_K; the
+  `gguf` package quantizes no k-quant, so no Q4_K_M here);
 - the config as `{arch}.*` metadata (rope base read from `rope_theta` or
   transformers 5's `rope_parameters`; Llama 3 rope scaling as the
   `rope_freqs` tensor llama.cpp expects, Phi-3's longrope as its
@@ -47,7 +49,7 @@ from gmt_mlx.models.gguf.tables import (
 )
 from gmt_mlx.models.gguf.tokenizer import tokenizer_metadata
 
-OUTTYPES = ("f32", "f16", "q8_0")
+OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
 DEFAULT_OUTTYPE = "f16"  # llama.cpp's convert_hf_to_gguf.py default
 # Hugging Face model_type -> GGUF architecture (llama.cpp converts Mistral as llama too); the import reads them all.
 EXPORT_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
@@ -56,8 +58,9 @@ EXPORT_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", 
 _NO_ATTENTION_BIAS = ("qwen3", "phi3", "gemma", "gemma2")
 INSTALL_HINT = "pip install 'gmt-mlx[gguf]'  (or: pip install gguf)"
 MODELFILE = "Modelfile"
-Q8_BLOCK = 32
-_FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama.cpp's LlamaFileType
+Q8_BLOCK = 32  # Q8_0's and Q4_0's block size
+_FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2}  # llama.cpp's LlamaFileType
+_QUANT_TYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0"}  # outtype -> GGMLQuantizationType
 
 _TO_GGUF_TOP = {hf: gg for gg, hf in TOP_NAMES.items()}
 
@@ -201,14 +204,19 @@ def gguf_tensors(weights: Dict[str, np.ndarray], config: Dict[str, Any]) -> Dict
     return out
 
 
-def encode_tensor(name: str, w: np.ndarray, outtype: str):
-    """(data, raw ggml type or None) as GGUFWriter.add_tensor takes them; 1-D tensors stay F32."""
+def encode_tensor(name: str, w: np.ndarray, outtype: str, *, tied: bool = False):
+    """(data, raw ggml type or None) as GGUFWriter.add_tensor takes them; 1-D tensors stay F32.
+
+    q4_0 writes the output matrix (``token_embd`` when ``tied``: it is the output too) as Q8_0."""
     gguf = require_gguf()
     if w.ndim == 1 or outtype == "f32":
         return w.astype(np.float32), None
-    if outtype == "q8_0" and w.shape[-1] % Q8_BLOCK == 0:
-        return gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-    return w.astype(np.float16), None  # f16, or a row length q8_0 cannot block (llama.cpp's fallback)
+    if outtype == "q4_0" and name == ("token_embd.weight" if tied else "output.weight"):
+        outtype = "q8_0"
+    if outtype in _QUANT_TYPES and w.shape[-1] % Q8_BLOCK == 0:
+        qtype = gguf.GGMLQuantizationType[_QUANT_TYPES[outtype]]
+        return gguf.quants.quantize(w, qtype), qtype
+    return w.astype(np.float16), None  # f16, or a row length q8_0/q4_0 cannot block (llama.cpp's fallback)
 
 
 # ---------------------------------------------------------------- metadata
@@ -313,10 +321,11 @@ def write_gguf(path: str | Path, arch: str, metadata: Dict[str, Any], tensors: D
             else:  # str, float (float32), bool, list of str/float: the writer's own typing
                 writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
         writer.add_file_type(_FILE_TYPES[outtype])
-        if outtype == "q8_0":
+        if outtype in _QUANT_TYPES:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        tied = "output.weight" not in tensors  # llama.cpp reads a missing output.weight as tied
         for name, w in tensors.items():
-            data, raw_dtype = encode_tensor(name, w, outtype)
+            data, raw_dtype = encode_tensor(name, w, outtype, tied=tied)
             writer.add_tensor(name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
