@@ -186,6 +186,22 @@ def test_resume_from_the_saved_key_continues_bit_for_bit(tiny, prompts):
     assert second.completion_ids != first.completion_ids
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_draws_are_mlx_lms_own_from_the_same_seed(tiny, prompts, top_p):
+    """key=s samples what mlx-lm's batch_generate with make_sampler(temp, top_p) samples after
+    mx.random.seed(s): the same distribution and the same draws (batch_generate drops the stop token)."""
+    from mlx_lm.generate import batch_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    model, tokenizer = tiny
+    ours = sample_rollouts(model, tokenizer, prompts, num_generations=2, temperature=1.2, top_p=top_p,
+                           max_completion_length=10, key=4)
+    mx.random.seed(4)
+    theirs = batch_generate(model, tokenizer, ours.prompt_ids, max_tokens=10, sampler=make_sampler(1.2, top_p),
+                            prefill_batch_size=len(ours), completion_batch_size=len(ours), return_token_ids=True)
+    assert [c if cut else c[:-1] for c, cut in zip(ours.completion_ids, ours.truncated)] == theirs.token_ids
+
+
 def test_greedy_uses_no_key_and_tiny_top_p_is_greedy(tiny, prompts):
     model, tokenizer = tiny
     greedy = sample_rollouts(model, tokenizer, prompts, num_generations=1, temperature=0.0, max_completion_length=6)
