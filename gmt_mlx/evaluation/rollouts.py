@@ -88,8 +88,10 @@ def key_from_state(state: Sequence[int]) -> mx.array:
 
 
 @mx.compile
-def _draw(logprobs: mx.array, key: mx.array, inv_temp: mx.array) -> mx.array:
-    return mx.random.categorical(logprobs * inv_temp, key=key)
+def _draw(logprobs: mx.array, key: mx.array, inv_temp: mx.array) -> Tuple[mx.array, mx.array]:
+    """(tokens, next key): the global state's own step (split, draw with the second half), in one compiled call."""
+    key, draw_key = mx.random.split(key)
+    return mx.random.categorical(logprobs * inv_temp, key=draw_key), key
 
 
 class KeyedSampler:
@@ -112,10 +114,10 @@ class KeyedSampler:
             return mx.argmax(logprobs, axis=-1)
         from mlx_lm.sample_utils import apply_top_p
 
-        self.key, draw_key = mx.random.split(self.key)
         if 0 < self.top_p < 1:
             logprobs = apply_top_p(logprobs, self.top_p)
-        return _draw(logprobs, draw_key, self._inv_temp)
+        tokens, self.key = _draw(logprobs, self.key, self._inv_temp)
+        return tokens
 
 
 def stop_token_ids(tokenizer) -> List[int]:
