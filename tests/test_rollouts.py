@@ -202,6 +202,19 @@ def test_draws_are_mlx_lms_own_from_the_same_seed(tiny, prompts, top_p):
     assert [c if cut else c[:-1] for c, cut in zip(ours.completion_ids, ours.truncated)] == theirs.token_ids
 
 
+def test_smaller_decode_batches_keep_groups_and_determinism(tiny, prompts):
+    """batch_size below the row count: mlx-lm's continuous batching, rows still in prompt-major order,
+    greedy ids as in one batch, sampled ids a function of the key."""
+    model, tokenizer = tiny
+    whole = sample_rollouts(model, tokenizer, prompts, num_generations=2, temperature=0.0, max_completion_length=6)
+    parts = sample_rollouts(model, tokenizer, prompts, num_generations=2, temperature=0.0, max_completion_length=6,
+                            batch_size=2)
+    assert parts.prompt_ids == whole.prompt_ids and parts.completion_ids == whole.completion_ids
+    options = dict(num_generations=2, temperature=1.0, max_completion_length=6, key=9, batch_size=4)
+    assert (sample_rollouts(model, tokenizer, prompts, **options).completion_ids
+            == sample_rollouts(model, tokenizer, prompts, **options).completion_ids)
+
+
 def test_greedy_uses_no_key_and_tiny_top_p_is_greedy(tiny, prompts):
     model, tokenizer = tiny
     greedy = sample_rollouts(model, tokenizer, prompts, num_generations=1, temperature=0.0, max_completion_length=6)

@@ -12,10 +12,14 @@ sampled them (a completion's log-probability is conditional on its prompt).
 Randomness is an explicit MLX key (``mx.random.key(seed)``), never the global
 ``mx.random`` state: a rollout batch is a function of (model, prompts, options,
 key) alone, so a resume that restores the key samples the same ids bit for
-bit. Each sampling step splits the key once (greedy decoding uses none), and
-the key after the batch is `Rollouts.next_key`, the key of the next batch. A
-checkpoint keeps it as two integers (`key_state`) and gets it back with
-`key_from_state`.
+bit. Each sampling step splits the key once, as the global state does, so
+``key=s`` draws exactly what mlx-lm's own sampler draws after
+``mx.random.seed(s)`` (greedy decoding uses no key). The key after the batch
+is `Rollouts.next_key`, the key of the next batch; a checkpoint keeps it as
+two integers (`key_state`) and gets it back with `key_from_state`. One draw
+covers the whole decode batch, so the ids also depend on the batch's make-up:
+a resume must sample with the same prompts, options and ``batch_size``, from
+the same weights (and, for bit-equal logits, on the same backend).
 
 Layer: evaluation, next to `evaluate.generate_batch` (generation, on a loaded
 model); it needs nothing of the package above mlx and mlx-lm, so recipes and
