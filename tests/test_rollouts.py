@@ -295,3 +295,12 @@ def test_bad_options_are_refused(tiny, options):
 def test_an_empty_prompt_is_refused(tiny):
     with pytest.raises(ValueError):
         sample_rollouts(*tiny, [[1, 2], []], num_generations=1)
+
+
+def test_the_pad_id_changes_nothing_even_when_it_is_the_stop_token(tiny, prompts):
+    """Completions are found by length, never by looking for pad ids: SmolLM2's pad is its <|im_end|>."""
+    model, tokenizer = tiny
+    out = sample_rollouts(model, tokenizer, prompts, num_generations=2, max_completion_length=6, key=1)
+    eos = stop_token_ids(tokenizer)[0]
+    np.testing.assert_array_equal(np.array(rollout_logps(model, out, pad_id=eos)),
+                                  np.array(rollout_logps(model, out, pad_id=tokenizer.pad_token_id)))
