@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 from gmt_mlx.run import checkpoint as ckpt
-from gmt_mlx.run import rundir
+from gmt_mlx.run import final, rundir
 
 from .conftest import write_jsonl
 from .test_resume import args
@@ -30,9 +30,9 @@ def flip_a_byte(path):
 
 def exported_weights(folder):
     import mlx.core as mx
+    import numpy as np
 
-    return {k: v.tobytes() for f in sorted(folder.glob("*.safetensors")) for k, v in
-            ((k, __import__("numpy").array(v)) for k, v in mx.load(str(f)).items())}
+    return {k: np.array(v).tobytes() for f in sorted(folder.glob("*.safetensors")) for k, v in mx.load(str(f)).items()}
 
 
 def last_line(result):
@@ -57,8 +57,8 @@ def copy_of(finished, tmp_path):
 
 def test_a_finished_run_records_its_models_sums_last(finished):
     out, files = finished
-    assert rundir.is_finished(out) and rundir.model_damage(out) is None
-    assert rundir.finished_step(out) == 6
+    assert rundir.is_finished(out) and final.model_damage(out) is None
+    assert final.finished_step(out) == 6
     assert set(files) <= {p.name for p in rundir.model_dir(out).iterdir()}
     assert "model.safetensors" in files and "README.md" in files  # the card is part of what is verified
 
@@ -108,7 +108,7 @@ def test_a_damaged_model_is_refused_by_eval_and_generate_and_rebuilt_by_resume(f
     rebuilt = runner.invoke(app, ["finetune", "--resume", str(out)])
     assert rebuilt.exit_code == 0, rebuilt.output
     assert f"warning: {out}: {why}; rebuilding model/ from step-000006, the final step's checkpoint" in rebuilt.output
-    assert rundir.model_damage(out) is None
+    assert final.model_damage(out) is None
     now = sums(rundir.model_dir(out))
     assert now.pop("README.md") and now == {k: v for k, v in finished[1].items() if k != "README.md"}
     assert "already finished; nothing changed" in runner.invoke(app, ["finetune", "--resume", str(out)]).output

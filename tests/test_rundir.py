@@ -8,7 +8,7 @@ import pytest
 
 from gmt_mlx.errors import UserError
 from gmt_mlx.run import checkpoint as ckpt
-from gmt_mlx.run import rundir
+from gmt_mlx.run import final, rundir
 from gmt_mlx.run.checkpoint import STATE_FILE
 
 RECORDS = [
@@ -43,13 +43,13 @@ def test_run_and_finished_markers(tmp_path):
     (rundir.model_dir(tmp_path) / "config.json").write_text("{}")
     # model/ is written but the run has not said it is done: not finished (a resume completes it)
     assert rundir.has_model(tmp_path) and not rundir.is_finished(tmp_path)
-    rundir.write_finished(tmp_path, 4)
-    assert rundir.is_finished(tmp_path) and rundir.finished_step(tmp_path) == 4
-    assert rundir.model_damage(tmp_path) is None
+    final.write_finished(tmp_path, 4)
+    assert rundir.is_finished(tmp_path) and final.finished_step(tmp_path) == 4
+    assert final.model_damage(tmp_path) is None
     (rundir.model_dir(tmp_path) / "config.json").write_text("{ }")
-    assert rundir.model_damage(tmp_path) == "model/config.json is not the file the run wrote (its sha256 differs)"
+    assert final.model_damage(tmp_path) == "model/config.json is not the file the run wrote (its sha256 differs)"
     (rundir.model_dir(tmp_path) / "config.json").unlink()
-    assert rundir.model_damage(tmp_path) == "model/config.json is missing"
+    assert final.model_damage(tmp_path) == "model/config.json is missing"
     (tmp_path / rundir.FINISHED_FILE).write_text("{")
     assert not rundir.is_finished(tmp_path)
 

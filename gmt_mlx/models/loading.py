@@ -104,11 +104,9 @@ def rope_overrides(config: Dict[str, Any], where: Path) -> Dict[str, Any]:
 
 def run_model_dir(path_or_model: str) -> str:
     """A run directory stands for its fine-tuned model (RUN_DIR/model), verified against the sums the run wrote."""
-    from gmt_mlx.run import rundir
+    from gmt_mlx.run import final, rundir
 
     if not rundir.has_model(path_or_model):
         return path_or_model
-    damage = rundir.model_damage(path_or_model)
-    if damage is not None:
-        raise UserError(f"{path_or_model}: {damage}; rebuild it with: gmt-mlx finetune --resume {path_or_model}")
+    final.check_model(path_or_model)
     return str(rundir.model_dir(path_or_model))

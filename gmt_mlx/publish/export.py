@@ -24,6 +24,7 @@ from gmt_mlx.errors import UserError
 from gmt_mlx.models.hf import PEFT_CONFIG, save_hf_model, save_peft_adapter
 from gmt_mlx.models.methods import DTYPES
 from gmt_mlx.models.resolve import ModelOrigin, local_base, model_origin
+from gmt_mlx.run import final
 from gmt_mlx.run import rundir
 
 
@@ -155,11 +156,11 @@ def export_run(
 
 def _final_verifies(run_dir: Path, log: Callable[[str], None]) -> bool:
     """Whether model/ is what the run wrote; if not, the final step's checkpoint stands in (same weights), or a refusal."""
-    damage = rundir.model_damage(run_dir)
+    damage = final.model_damage(run_dir)
     if damage is None:
         return True
-    latest, meta, _ = rundir.newest_verified(run_dir)
-    if latest is None or meta.get("step") != rundir.finished_step(run_dir):
+    latest, _ = final.final_checkpoint(run_dir)
+    if latest is None:
         raise UserError(f"{run_dir}: {damage}, and no checkpoint holds the final step; export another one "
                         f"(--checkpoint best or step-N) or start the run over")
     log(f"warning: {run_dir}: {damage}; exporting the final step's checkpoint {latest.name} instead (the same weights)")

@@ -15,6 +15,7 @@ from gmt_mlx.errors import UserError
 from gmt_mlx.hub import NO_TOKEN, SKIPPED_DIRS, check_repo_id, get_token, redact, upload_folder
 from gmt_mlx.models.resolve import ModelOrigin
 from gmt_mlx.publish.card import CARD_FILE, RunSummary, card_for, write_model_card
+from gmt_mlx.run import final
 from gmt_mlx.run import rundir
 
 
@@ -22,9 +23,7 @@ def model_folder(path: str | Path) -> Path:
     """The folder to upload: ``path`` itself, or RUN_DIR/model for a run directory (its card written if missing)."""
     path = Path(path)
     if rundir.is_run_dir(path) and rundir.has_model(path):
-        damage = rundir.model_damage(path)
-        if damage is not None:  # never push a model the run did not write
-            raise UserError(f"{path}: {damage}; rebuild it with: gmt-mlx finetune --resume {path}")
+        final.check_model(path)  # never push a model the run did not write
         run_dir, path = path, rundir.model_dir(path)
         if not (path / CARD_FILE).is_file():
             dtype = (RunSummary.read(run_dir).config.get("dtype")) or "float32"

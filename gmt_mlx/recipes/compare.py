@@ -57,8 +57,9 @@ BASE_VAL = "base_val.json"  # the base model's validation loss: every validation
 
 
 def _is_finished(run_dir: Path) -> bool:
-    # Finished, with the model it wrote (a deleted or damaged model/ makes the run train again).
-    return rundir.is_finished(run_dir) and rundir.model_damage(run_dir) is None and bool(rundir.read_metrics(run_dir))
+    # Finished, with its model/ (a deleted one makes the run train again). Its sums are not checked here:
+    # a reused run contributes its metrics and stored evaluation, and whatever reads its model/ checks them.
+    return rundir.is_finished(run_dir) and rundir.has_model(run_dir) and bool(rundir.read_metrics(run_dir))
 
 
 def _check_same_config(run: PlannedRun, run_dir: Path) -> Dict[str, tuple]:

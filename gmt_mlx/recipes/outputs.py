@@ -28,6 +28,7 @@ from gmt_mlx.models.hf import save_hf_model
 from gmt_mlx.publish.push import publish_run
 from gmt_mlx.recipes.setup import Setup
 from gmt_mlx.run import checkpoint as ckpt
+from gmt_mlx.run import final
 from gmt_mlx.run import rundir, tracking
 from gmt_mlx.run.progress import Progress
 
@@ -85,7 +86,7 @@ def save_final(config: Config, run: Setup, out: Path, logger: "RunLogger", promp
     if samples:
         rundir.write_samples(out, samples)
     publish_run(out, model_dir, config, step=run.steps, origin=run.origin, log=log)
-    rundir.write_finished(out, run.steps)  # last: a run killed before it is completed on resume
+    final.write_finished(out, run.steps)  # last: a run killed before it is completed on resume
     return logger.result(model_dir, samples, start_step)
 
 

@@ -22,6 +22,7 @@ from gmt_mlx.config import Config
 from gmt_mlx.data.batching import PAD_MULTIPLE, check_split_size, iterate_batches, length_buckets
 from gmt_mlx.data.encoding import TokenizedSplit, tokenize_split
 from gmt_mlx.errors import UserError
+from gmt_mlx.run import final
 from gmt_mlx.run import rundir
 
 
@@ -97,13 +98,13 @@ def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, f
 def _plan_finished(out: Path, resume: bool, log: Callable[[str], None]) -> RunPlan:
     """A finished run: nothing to do if its model verifies; a damaged model/ is rebuilt from the final step's
     checkpoint, like an interrupted run is resumed (with or without --resume)."""
-    damage = rundir.model_damage(out)
+    damage = final.model_damage(out)
     if damage is None and resume:
         return RunPlan(out, fresh=False, finished=True)
     if damage is None:
         raise UserError(f"--out {out} already holds a finished run; pass --overwrite to replace it or choose another --out")
-    latest, meta, _ = rundir.newest_verified(out)
-    if latest is None or meta.get("step") != rundir.finished_step(out):
+    latest, meta = final.final_checkpoint(out)
+    if latest is None:
         raise UserError(f"{out}: {damage}, and no checkpoint holds the final step to rebuild it from; export a "
                         f"checkpoint (gmt-mlx export {out} --checkpoint best) or start over with --overwrite")
     log(f"warning: {out}: {damage}; rebuilding model/ from {latest.name}, the final step's checkpoint")

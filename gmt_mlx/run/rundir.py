@@ -97,7 +97,7 @@ def clear(path: str | Path) -> None:
 # ---------------------------------------------------------------- JSON files
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     """``path`` parsed; None when it is absent or damaged (not UTF-8, not JSON)."""
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
@@ -105,7 +105,7 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _write_json_atomically(path: Path, value: Any, **dumps) -> Path:
+def write_json_atomically(path: Path, value: Any, **dumps) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, **dumps))
     tmp.replace(path)  # a kill leaves the old file or the new one, never half of one
@@ -114,7 +114,7 @@ def _write_json_atomically(path: Path, value: Any, **dumps) -> Path:
 
 def read_samples(run_dir: str | Path) -> List[dict]:
     """samples.json's prompts with their answers before and after; [] when absent (--samples 0) or damaged."""
-    samples = _read_json(Path(run_dir) / SAMPLES_FILE)
+    samples = read_json(Path(run_dir) / SAMPLES_FILE)
     if not isinstance(samples, list) or not all(isinstance(s, dict) and {"prompt", "before", "after"} <= set(s)
                                                 for s in samples):
         return []
@@ -122,19 +122,19 @@ def read_samples(run_dir: str | Path) -> List[dict]:
 
 
 def write_samples(run_dir: str | Path, samples: List[dict]) -> None:
-    _write_json_atomically(Path(run_dir) / SAMPLES_FILE, samples, indent=2)
+    write_json_atomically(Path(run_dir) / SAMPLES_FILE, samples, indent=2)
 
 
 def read_samples_before(run_dir: str | Path, count: int) -> Optional[List[str]]:
     """The ``count`` untrained answers the run's first start saved; None when missing, damaged or not ``count``."""
-    saved = _read_json(Path(run_dir) / SAMPLES_BEFORE_FILE)
+    saved = read_json(Path(run_dir) / SAMPLES_BEFORE_FILE)
     if isinstance(saved, list) and len(saved) == count and all(isinstance(a, str) for a in saved):
         return saved
     return None
 
 
 def write_samples_before(run_dir: str | Path, answers: List[str]) -> None:
-    _write_json_atomically(Path(run_dir) / SAMPLES_BEFORE_FILE, answers)
+    write_json_atomically(Path(run_dir) / SAMPLES_BEFORE_FILE, answers)
 
 
 def read_reference(run_dir: str | Path) -> Any:
@@ -144,7 +144,7 @@ def read_reference(run_dir: str | Path) -> Any:
 
 
 def write_reference(run_dir: str | Path, record: dict) -> Path:
-    return _write_json_atomically(Path(run_dir) / REFERENCE_FILE, record)
+    return write_json_atomically(Path(run_dir) / REFERENCE_FILE, record)
 
 
 def reset_metrics(run_dir: str | Path) -> None:
@@ -211,44 +211,8 @@ def has_model(path: str | Path) -> bool:
 
 
 def is_finished(path: str | Path) -> bool:
-    """Everything the run promised is written: finished.json, the last file a run writes, is there."""
-    return isinstance(_read_json(Path(path) / FINISHED_FILE), dict)
-
-
-def _model_sums(run_dir: Path) -> Dict[str, str]:
-    folder = model_dir(run_dir)
-    return {p.relative_to(folder).as_posix(): ckpt.sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def write_finished(run_dir: str | Path, step: int) -> None:
-    """Mark the run finished (last of all its writes), with the sha256 of every file of model/."""
-    _write_json_atomically(Path(run_dir) / FINISHED_FILE, {"step": step, "model": _model_sums(Path(run_dir))}, indent=1)
-
-
-def model_damage(run_dir: str | Path) -> Optional[str]:
-    """Why the final model of a finished run is not what the run wrote (None when it verifies, or has no sums)."""
-    run_dir = Path(run_dir)
-    record = _read_json(run_dir / FINISHED_FILE)
-    if record is None:
-        return f"{FINISHED_FILE} is damaged" if (run_dir / FINISHED_FILE).exists() else None
-    sums = record.get("model") if isinstance(record, dict) else None
-    if not isinstance(sums, dict) or not sums:
-        return f"{FINISHED_FILE} is damaged"
-    folder = model_dir(run_dir)
-    for name, digest in sums.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{MODEL_DIR}/{name} is missing"
-        if ckpt.sha256(path) != digest:
-            return f"{MODEL_DIR}/{name} is not the file the run wrote (its sha256 differs)"
-    return None
-
-
-def finished_step(run_dir: str | Path) -> Optional[int]:
-    """The step finished.json records (the run's last)."""
-    record = _read_json(Path(run_dir) / FINISHED_FILE)
-    step = record.get("step") if isinstance(record, dict) else None
-    return step if isinstance(step, int) else None
+    """Everything the run promised is written: finished.json, the last file a run writes, is there (run/final.py)."""
+    return isinstance(read_json(Path(path) / FINISHED_FILE), dict)
 
 
 def model_dir(run_dir: str | Path) -> Path:
