@@ -36,11 +36,13 @@ def _batch(rows=2, length=12, vocab=100, seed=1):
     return tokens, mx.ones((rows, length))
 
 
-def _run(kind, method, *, tied=True, steps=3, loss_fn=sft_loss, batches=None, accumulate=False, **opt_kw):
+def _run(kind, method, *, tied=True, steps=3, loss_fn=sft_loss, batches=None, accumulate=False, grad_clip=0.0,
+         **opt_kw):
     model = _model(tied)
     opt = build_optimizer("adamw", 1e-2, method=method, mask_ratio=0.3 if method != "sft" else 0.0, **opt_kw)
     opt.init(model.trainable_parameters())
-    step = make_fused_step(model, opt, loss_fn) if kind == "fused" else make_layerwise_step(model, opt, loss_fn)
+    step = (make_fused_step(model, opt, loss_fn, grad_clip) if kind == "fused"
+            else make_layerwise_step(model, opt, loss_fn, grad_clip=grad_clip))
     grad_fn, _ = make_step_fns(model, opt, loss_fn)
     state = training_state(model, opt)
     stats = []
@@ -74,9 +76,42 @@ def test_per_layer_trains_like_the_fused_step(method, tied):
     assert fused_opt.state["step"].item() == layer_opt.state["step"].item() == 3
 
 
-def test_per_layer_with_accumulation_and_compact_moments():
-    fused, _, _ = _run("fused", "gmt", accumulate=True, moments="8bit", weights_dtype="float32")
-    layer, _, _ = _run("layer", "gmt", accumulate=True, moments="8bit", weights_dtype="float32")
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_per_layer_clips_like_the_fused_step(accumulate):
+    """Global clipping per layer: a first backward pass for the norm, the same factor as the fused step's."""
+    fused, _, fused_stats = _run("fused", "gmt", accumulate=accumulate, grad_clip=0.05)
+    layer, _, layer_stats = _run("layer", "gmt", accumulate=accumulate, grad_clip=0.05)
+    unclipped, _, _ = _run("layer", "gmt", accumulate=accumulate)
+    a, b, c = _weights(fused), _weights(layer), _weights(unclipped)
+    assert min(s[1] for s in fused_stats) > 0.05  # the clip bound every step
+    assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-6
+    assert max(np.abs(a[k] - c[k]).max() for k in a) > 1e-3
+    np.testing.assert_allclose([s[1] for s in fused_stats], [s[1] for s in layer_stats], rtol=1e-5)  # unclipped norms
+
+
+def test_per_layer_clipping_with_a_non_finite_gradient_changes_nothing():
+    """A finite loss whose gradient is not (an earlier micro-batch's inf): no tensor moves, no moment either."""
+    model = _model()
+    opt = build_optimizer("adamw", 1e-2, method="gmt", mask_ratio=0.3)
+    opt.init(model.trainable_parameters())
+    grad_fn, _ = make_step_fns(model, opt, sft_loss)
+    loss, count, metrics, grads = grad_fn(*_batch(seed=5))
+    grads["model"]["layers"][0]["mlp"]["up_proj"]["weight"] = mx.full((128, 64), mx.inf)
+    before, state = _weights(model), training_state(model, opt)
+    moments = [np.array(v) for _, v in tree_flatten(opt.state) if isinstance(v, mx.array)]
+    out = make_layerwise_step(model, opt, sft_loss, grad_clip=1.0)((loss, count, metrics, grads), *_batch())
+    mx.eval(out, state)
+    assert np.isfinite(out[0].item()) and not np.isfinite(out[3].item()) and not bool(out[5].item())
+    after = _weights(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert all(np.array_equal(a, np.array(b)) for a, (_, b) in
+               zip(moments, [(k, v) for k, v in tree_flatten(opt.state) if isinstance(v, mx.array)]))
+
+
+@pytest.mark.parametrize("moments", ["8bit", "4bit"])
+def test_per_layer_with_accumulation_and_compact_moments(moments):
+    fused, _, _ = _run("fused", "gmt", accumulate=True, moments=moments, weights_dtype="float32")
+    layer, _, _ = _run("layer", "gmt", accumulate=True, moments=moments, weights_dtype="float32")
     a, b = _weights(fused), _weights(layer)
     assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-5
 
@@ -185,17 +220,14 @@ def test_train_loop_per_layer_and_its_guards():
     train(model, opt, iter([_batch(seed=0)] * 20), iters=8, update_per_layer=True,
           on_step=lambda r: losses.append(r.loss))
     assert losses[-1] < losses[0] * 0.7
-    with pytest.raises(ValueError, match="grad_clip"):
-        train(_model(), opt, iter([_batch()]), iters=1, update_per_layer=True, grad_clip=1.0)
 
 
 def test_config_per_layer_rules():
     assert resolve(overrides={"low_memory": True, "data": "x"}).update_per_layer
-    # Asking for what needs the whole gradient turns the per-layer update off, not the run.
-    assert not resolve(overrides={"low_memory": True, "grad_clip": 1.0, "data": "x"}).update_per_layer
+    # Clipping per layer costs a backward pass, not the per-layer update; the global mask scope does.
+    assert resolve(overrides={"low_memory": True, "data": "x"}).grad_clip == 1.0
+    assert resolve(overrides={"low_memory": True, "grad_clip": 0.5, "data": "x"}).update_per_layer
     assert not resolve(overrides={"low_memory": True, "mask_scope": "global", "data": "x"}).update_per_layer
-    with pytest.raises(UserError, match="--grad-clip 0"):
-        resolve(overrides={"update_per_layer": True, "data": "x"})
     with pytest.raises(UserError, match="global"):
         resolve(overrides={"update_per_layer": True, "grad_clip": 0.0, "mask_scope": "global", "data": "x"})
     assert resolve(overrides={"update_per_layer": True, "grad_clip": 0.0, "data": "x"}).update_per_layer
@@ -269,7 +301,7 @@ def test_low_memory_run_exports_in_every_dtype_and_gguf(tiny_model_dir, chat_dat
     assert list((tmp_path / "gguf").glob("*.gguf"))
 
 
-@pytest.mark.parametrize("moments", ["8bit", "8bit-factored"])
+@pytest.mark.parametrize("moments", ["8bit", "4bit", "8bit-factored"])
 def test_row_slices_update_exactly_as_the_whole_tensor(monkeypatch, moments):
     """The staged update of a large tensor in slices of rows (CHUNK_ENTRIES) gives the weights and
     8-bit state bit for bit of the whole tensor at once: the rounding noise follows each entry's

@@ -56,6 +56,24 @@ def test_root_8bit_never_stores_a_nonzero_second_moment_as_zero():
     assert mx.all(dequantize_root(*quantize_root(mx.zeros((2, BLOCK)), mx.array(1, mx.uint32))) == 0).item()
 
 
+def test_4bit_codes_pack_two_to_a_byte_land_on_a_neighbouring_level_and_are_unbiased():
+    x = mx.random.normal((64, BLOCK)) * mx.exp(mx.random.normal((64, 1)))
+    codes, scale = quantize_signed(x, mx.array(7, mx.uint32), bits=4)
+    assert codes.dtype == mx.uint8 and codes.shape == (64, BLOCK // 2) and scale.shape == (64,)
+    back = dequantize_signed(codes, scale, bits=4)
+    assert back.shape == x.shape and mx.array_equal(mx.max(mx.abs(back), axis=1), mx.max(mx.abs(x), axis=1))
+    # Levels are powers of two of the block's largest |x| (and 0 below 2^-6 of it): a draw is off by at most its
+    # own size, and has x's sign.
+    room = mx.maximum(mx.abs(x), scale[:, None] * 2.0 ** -6) * 1.0001
+    assert mx.all(mx.abs(back - x) <= room).item() and mx.all(back * x >= 0).item()
+    mean = sum(dequantize_signed(*quantize_signed(x, s, bits=4), bits=4) for s in _seeds(400)) / 400
+    assert mx.mean(mx.abs(mean - x) / room).item() < 0.05
+    v = mx.full((8, BLOCK), 1e-12).at[:, 0].add(1.0)
+    root_codes, root_scale = quantize_root(v, mx.array(3, mx.uint32), bits=4)
+    assert root_codes.shape == (8, BLOCK // 2)
+    assert mx.all(dequantize_root(root_codes, root_scale, bits=4) > 0).item()  # never 0: the division stays bounded
+
+
 def _regression(seed=0, n=2048, d=BLOCK):
     rng = np.random.default_rng(seed)
     x = mx.array(rng.normal(size=(n, d)).astype(np.float32))
@@ -96,12 +114,13 @@ def test_compact_adamw_float32_matches_mlx_adamw():
     assert mx.allclose(ours.layer.weight, theirs.layer.weight, atol=1e-6).item()
 
 
-@pytest.mark.parametrize("moments", ["bfloat16", "8bit", "8bit-factored"])
+@pytest.mark.parametrize("moments", ["bfloat16", "8bit", "4bit", "8bit-factored"])
 def test_compact_moments_learn_like_float32(moments):
     _, reference = _fit(build_optimizer("adamw", 1e-2), mx.float32)
     _, compact = _fit(build_optimizer("adamw", 1e-2, moments=moments), mx.float32)
     assert compact[-1] < 0.05 * compact[0]  # it learns
-    assert compact[-1] < 2.0 * reference[-1] + 1e-3
+    # 4 bits: the rounding noise of m sets a floor near convergence (measured 0.75 against 0.34 here).
+    assert compact[-1] < (3.0 if moments == "4bit" else 2.0) * reference[-1] + 1e-3
 
 
 def test_bfloat16_weights_and_state_keep_their_dtype():

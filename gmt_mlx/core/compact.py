@@ -1,8 +1,8 @@
-"""AdamW with its moments stored in less memory (--moments bfloat16 / 8bit / 8bit-factored).
+"""AdamW with its moments stored in less memory (--moments bfloat16 / 8bit / 4bit / 8bit-factored).
 
 `CompactAdamW` is a plain `mlx.optimizers.Optimizer`; `optim.MaskedOptimizer`
 wraps it like any other and `optim.build_optimizer` chooses it for low-precision
-weights or moments. Its 8-bit update runs in compiled stages (the first moment, the
+weights or moments. Its 8- and 4-bit updates run in compiled stages (the first moment, the
 root of the second, the new weights) that a caller outside any compiled function
 (layerwise) can evaluate one after another, a slice of rows at a time
 (`CHUNK_ENTRIES`), so that their float32 temporaries never pile up.
@@ -38,6 +38,8 @@ CHUNK_ENTRIES = 1 << 22
 
 # Storage forms of CompactAdamW's moments ("auto" resolves to the weights' dtype).
 COMPACT_MOMENTS = tuple(m for m in MOMENTS if m != "auto")
+# The forms held as block-wise codes, whose update runs in stages.
+QUANTIZED_MOMENTS = ("8bit", "4bit", "8bit-factored")
 
 
 class _Rows(NamedTuple):
@@ -45,9 +47,9 @@ class _Rows(NamedTuple):
 
     g: mx.array  # the gradient, float32
     p: mx.array  # the weights
-    m_codes: mx.array
+    m_codes: mx.array  # 4bit: two codes a byte, half as many columns
     m_scale: mx.array
-    v_codes: Optional[mx.array]  # 8bit: sqrt(v) in 8 bits
+    v_codes: Optional[mx.array]  # 8bit / 4bit: sqrt(v) in 8 / 4 bits
     v_scale: Optional[mx.array]
     v_row: Optional[mx.array]  # 8bit-factored: v_ij ~ v_row_i col_term_j
     col_term: Optional[mx.array]
@@ -66,6 +68,8 @@ class CompactAdamW(optim.Optimizer):
     - ``8bit``: ~2 bytes: m as int8 and sqrt(v) as uint8, each with a float32
       scale per block of 128 entries, stochastically rounded
       (precision.quantize_signed / quantize_root say why this v is stable);
+    - ``4bit``: ~1 byte: the same in 4 bits, two codes a byte (m: -7..7,
+      sqrt(v): 1..15 of its block's largest, 0 only for v = 0);
     - ``8bit-factored``: ~1 byte: m in 8 bits, and v of a matrix kept as
       the moving averages of its rows' and columns' mean squared gradient
       (Adafactor's factorisation: v_ij ~ row_i col_j / mean(row)), float32.
@@ -90,11 +94,20 @@ class CompactAdamW(optim.Optimizer):
 
     def _form(self, shape) -> str:
         """How one tensor's moments are stored."""
-        if self.moments in ("float32", "bfloat16") or not quantizable(shape):
+        if self.moments in ("float32", "bfloat16") or not quantizable(shape) or \
+                (self.moments == "4bit" and shape[-1] % 2):
             return "float32" if self.moments != "bfloat16" else "bfloat16"
         if self.moments == "8bit-factored" and len(shape) >= 2:
             return "factored"
         return "8bit"
+
+    @property
+    def bits(self) -> int:
+        """Bits of a quantized moment's code."""
+        return 4 if self.moments == "4bit" else 8
+
+    def _codes_shape(self, shape) -> tuple:
+        return (*shape[:-1], shape[-1] // 2) if self.bits == 4 else tuple(shape)
 
     def init_single(self, parameter: mx.array, state: dict) -> None:
         shape, form = parameter.shape, self._form(parameter.shape)
@@ -102,13 +115,15 @@ class CompactAdamW(optim.Optimizer):
             dtype = mx.float32 if form == "float32" else mx.bfloat16
             state["m"], state["v"] = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
             return
-        blocks = parameter.size // BLOCK
-        state["m_codes"], state["m_scale"] = mx.zeros(shape, mx.int8), mx.zeros((blocks,), mx.float32)
+        blocks, codes = parameter.size // BLOCK, self._codes_shape(shape)
+        # 4 bits: a zero code byte is -8 twice, so m starts at its scale's 0 * -8 = 0 all the same.
+        state["m_codes"] = mx.zeros(codes, mx.int8 if self.bits == 8 else mx.uint8)
+        state["m_scale"] = mx.zeros((blocks,), mx.float32)
         if form == "factored":
             rows = parameter.size // shape[-1]
             state["v_row"], state["v_col"] = mx.zeros((rows,), mx.float32), mx.zeros((shape[-1],), mx.float32)
         else:
-            state["v_codes"], state["v_scale"] = mx.zeros(shape, mx.uint8), mx.zeros((blocks,), mx.float32)
+            state["v_codes"], state["v_scale"] = mx.zeros(codes, mx.uint8), mx.zeros((blocks,), mx.float32)
 
     def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
         # mlx's loop, with the parameter path passed on: it seeds the rounding.
@@ -161,7 +176,7 @@ class CompactAdamW(optim.Optimizer):
 
     def _apply_8bit(self, g: mx.array, parameter: mx.array, state: dict, lr: mx.array, seeds: tuple,
                     path: str) -> mx.array:
-        """The update with m in 8 bits and v in 8 bits or factored, a slice of rows at a time when staged."""
+        """The update with m in 8 or 4 bits and v in as many or factored, a slice of rows at a time when staged."""
         # 8-bit: the update works on rows of BLOCK entries (views of the inputs),
         # so that inside a compiled step no reshape forces a float32 copy; m and
         # sqrt(v) are the only float32 arrays of the tensor's size it needs.
@@ -173,9 +188,9 @@ class CompactAdamW(optim.Optimizer):
         step = max(1, CHUNK_ENTRIES // cols) if self.staged and cols % BLOCK == 0 else rows
         g = g.reshape(rows, cols)
         row, col_term = self._factored_v(g, state) if "v_row" in state else (None, None)
-        v_codes = state.get("v_codes")
-        tensor = _Rows(g, parameter.reshape(rows, cols), state["m_codes"].reshape(rows, cols), state["m_scale"],
-                       None if v_codes is None else v_codes.reshape(rows, cols), state.get("v_scale"), row, col_term)
+        v_codes, code_cols = state.get("v_codes"), cols // 2 if self.bits == 4 else cols
+        tensor = _Rows(g, parameter.reshape(rows, cols), state["m_codes"].reshape(rows, code_cols), state["m_scale"],
+                       None if v_codes is None else v_codes.reshape(rows, code_cols), state.get("v_scale"), row, col_term)
         pieces: Dict[str, list] = {"new": [], "m_codes": [], "m_scale": [], "v_codes": [], "v_scale": []}
         for r0 in range(0, rows, step):
             new = self._update_rows(tensor, r0, min(rows, r0 + step), lr, seeds, path, pieces)
@@ -189,7 +204,7 @@ class CompactAdamW(optim.Optimizer):
                 self._stage(joined[key])
         for key in ("m_codes", "m_scale", "v_codes", "v_scale"):
             if key in joined:
-                state[key] = joined[key].reshape(shape) if key.endswith("codes") else joined[key]
+                state[key] = joined[key].reshape(self._codes_shape(shape)) if key.endswith("codes") else joined[key]
         return joined["new"].reshape(shape)
 
     def _factored_v(self, g: mx.array, state: dict) -> Tuple[mx.array, mx.array]:
@@ -208,7 +223,7 @@ class CompactAdamW(optim.Optimizer):
                      pieces: Dict[str, list]) -> mx.array:
         """Rows ``r0:r1``' new weights; their new 8-bit codes and scales are appended to ``pieces``."""
         b1, b2 = self.betas
-        cols = tensor.g.shape[1]
+        cols, bits = tensor.g.shape[1], self.bits
         first_block, end_block = r0 * cols // BLOCK, r1 * cols // BLOCK
         start = hash_start(r0 * cols) if r0 else None
 
@@ -217,16 +232,16 @@ class CompactAdamW(optim.Optimizer):
 
         gb = blocks_of(rows_of(tensor.g))
         m_scale = rows_of(tensor.m_scale, first_block, end_block)
-        m, codes, scale = _first_moment(gb, rows_of(tensor.m_codes), m_scale, seeds[0], b1, start)
-        pieces["m_codes"].append(codes.reshape(r1 - r0, cols))
+        m, codes, scale = _first_moment(gb, rows_of(tensor.m_codes), m_scale, seeds[0], b1, start, bits)
+        pieces["m_codes"].append(codes.reshape(r1 - r0, -1))
         pieces["m_scale"].append(scale)
         self._stage(m, codes, scale)
         if tensor.v_codes is None:
             root = blocks_of(mx.sqrt(rows_of(tensor.v_row)[:, None] * tensor.col_term[None, :]))
         else:
             v_scale = rows_of(tensor.v_scale, first_block, end_block)
-            root, codes, scale = _second_root(gb, rows_of(tensor.v_codes), v_scale, seeds[1], b2, start)
-            pieces["v_codes"].append(codes.reshape(r1 - r0, cols))
+            root, codes, scale = _second_root(gb, rows_of(tensor.v_codes), v_scale, seeds[1], b2, start, bits)
+            pieces["v_codes"].append(codes.reshape(r1 - r0, -1))
             pieces["v_scale"].append(scale)
         self._stage(root, codes, scale)
         new = _adamw_step(rows_of(tensor.p), m, root, lr, self.weight_decay, self.eps)
@@ -248,19 +263,19 @@ class CompactAdamW(optim.Optimizer):
 # (CompactAdamW.staged) their float32 temporaries never pile up.
 @mx.compile
 def _first_moment(g: mx.array, codes: mx.array, scale: mx.array, seed: mx.array | None, b1: float,
-                  start: mx.array | None = None) -> Tuple[mx.array, mx.array, mx.array]:
-    """AdamW's new m from its 8-bit codes and the gradient (both as blocks): (m, new codes, new scales).
+                  start: mx.array | None = None, bits: int = 8) -> Tuple[mx.array, mx.array, mx.array]:
+    """AdamW's new m from its 8- or 4-bit codes and the gradient (as blocks): (m, new codes, new scales).
     ``start``: these are a slice of the tensor (masking.hash_start)."""
-    m = b1 * dequantize_signed(codes, scale, g.shape) + (1 - b1) * g
-    return (m, *quantize_signed(m, seed, start))
+    m = b1 * dequantize_signed(codes, scale, g.shape, bits) + (1 - b1) * g
+    return (m, *quantize_signed(m, seed, start, bits))
 
 
 @mx.compile
 def _second_root(g: mx.array, codes: mx.array, scale: mx.array, seed: mx.array, b2: float,
-                 start: mx.array | None = None) -> Tuple[mx.array, mx.array, mx.array]:
-    """sqrt of AdamW's new v from its 8-bit codes and the gradient: (root, new codes, new scales)."""
-    root = mx.sqrt(b2 * dequantize_root(codes, scale, g.shape) + (1 - b2) * mx.square(g))
-    return (root, *quantize_sqrt(root, seed, start))
+                 start: mx.array | None = None, bits: int = 8) -> Tuple[mx.array, mx.array, mx.array]:
+    """sqrt of AdamW's new v from its 8- or 4-bit codes and the gradient: (root, new codes, new scales)."""
+    root = mx.sqrt(b2 * dequantize_root(codes, scale, g.shape, bits) + (1 - b2) * mx.square(g))
+    return (root, *quantize_sqrt(root, seed, start, bits))
 
 
 @mx.compile

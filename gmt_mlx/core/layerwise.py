@@ -16,7 +16,12 @@ The cut needs nothing from the architecture but ``model.layers``: the blocks
 are stood in for by recorders while the model's own forward runs, so the
 embedding scale, masks, rotary tables and head of every mlx-lm model stay
 theirs. What needs the whole gradient before the first update cannot run
-here: global gradient clipping and the global mask scope (config refuses them).
+here: the global mask scope (config refuses it). Global gradient clipping
+needs the whole gradient's norm before the first update: with ``grad_clip``
+the backward pass runs twice, block by block both times, the first only for
+the norm (each gradient freed once its square is summed), the second to
+update with the clipping factor that norm gives: one more backward pass per
+step, no more memory.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from gmt_mlx.core.compact import CompactAdamW
+from gmt_mlx.core.compact import QUANTIZED_MOMENTS, CompactAdamW
 from gmt_mlx.core.distributed import all_sum_totals, all_sum_tree
 from gmt_mlx.core.losses import add_totals, unpack
 from gmt_mlx.core.optim import MASK_SAMPLE_KEY, MASK_SAMPLE_SIZE, MaskedOptimizer, apply_update, training_state
@@ -191,7 +196,7 @@ def _nest(prefix: str, flat: Dict[str, mx.array]) -> dict:
 
 
 def make_layerwise_step(model: nn.Module, optimizer: Any, loss_fn: Callable,
-                        group: Optional[mx.distributed.Group] = None) -> Callable:
+                        group: Optional[mx.distributed.Group] = None, grad_clip: float = 0.0) -> Callable:
     """A step function like trainer.make_fused_step's: ``step(earlier, *batch)`` returns
     (summed loss, count, metric sums, gradient norm of the mean loss, entries kept, applied).
 
@@ -202,13 +207,15 @@ def make_layerwise_step(model: nn.Module, optimizer: Any, loss_fn: Callable,
     random numbers from (seed, step, part). A non-finite loss skips the step
     with nothing changed; a non-finite tensor keeps its weights and moments
     exactly (it is left out of its part's update) and marks the step as not applied.
+    With ``grad_clip`` > 0 the update is scaled as trainer.make_fused_step's,
+    from a first backward pass for the norm; a non-finite norm changes nothing.
     """
     blocks = Blocks(model)
     group = group if group is not None and group.size() > 1 else None
     update = _PartUpdates(model, optimizer)
 
     def step(earlier, *batch):
-        return _LayerwisePass(blocks, optimizer, update, loss_fn, group).run(earlier, batch)
+        return _LayerwisePass(blocks, optimizer, update, loss_fn, group, grad_clip).run(earlier, batch)
 
     return step
 
@@ -223,8 +230,9 @@ class _LayerwisePass:
     """
 
     def __init__(self, blocks: Blocks, optimizer: Any, update: _PartUpdates, loss_fn: Callable,
-                 group: Optional[mx.distributed.Group]):
+                 group: Optional[mx.distributed.Group], grad_clip: float = 0.0):
         self.blocks, self.optimizer, self.update, self.loss_fn, self.group = blocks, optimizer, update, loss_fn, group
+        self.grad_clip = grad_clip
         self.squares: List[mx.array] = []
         self.kept: List[mx.array] = []
         self.samples: List[mx.array] = []
@@ -235,9 +243,15 @@ class _LayerwisePass:
         self.block_params, self.outer = self.blocks.split(dict(tree_flatten(self.blocks.model.trainable_parameters())))
         self.pending = dict(tree_flatten(earlier[3])) if earlier is not None else {}
         loss, count, metrics = self._forward(earlier, batch)
-        self.scale = 1.0 / mx.maximum(count, 1.0)
+        self.scale = self.update_scale = 1.0 / mx.maximum(count, 1.0)
         if not mx.isfinite(loss).item():
             return loss, count, metrics, mx.array(float("nan")), mx.array(0, mx.int64), mx.array(False)
+        if self.grad_clip > 0:
+            norm = self._norm_pass(batch)
+            if not mx.isfinite(norm).item():
+                return loss, count, metrics, norm, mx.array(0, mx.int64), mx.array(False)
+            # The same factor as the fused step's (trainer.make_fused_step).
+            self.update_scale = self.scale * mx.minimum(self.grad_clip / (norm + 1e-6), 1.0)
         self.start = self.optimizer.state.get("step")
         # A mask unit of one tensor lets each tensor be updated (and its
         # float32 temporaries freed) on its own; a block-wide unit needs the block.
@@ -261,6 +275,34 @@ class _LayerwisePass:
             loss, count, metrics = all_sum_totals((loss, count, metrics), self.group)
         mx.eval(loss, count, metrics, self.g_outer, self.cotangents)
         return loss, count, metrics
+
+    def _norm_pass(self, batch: tuple) -> mx.array:
+        """The step's gradient norm (of the mean loss) from a backward pass that only sums squares: the
+        gradients are those the updating pass will see (earlier micro-batches' and the ranks' included)."""
+        cotangents, squares = self.cotangents, []
+        for i in reversed(range(len(self.blocks.layers))):
+            grads, cotangents = self.blocks.block(i, self.block_params[i], self.calls[i], cotangents)
+            squares.extend(self._squares(self.blocks.prefixes[i], grads))
+            mx.eval(squares, cotangents)
+        if self.outer:
+            from_bottom = self.blocks.bottom(self.loss_fn, batch, self.outer, cotangents)
+            squares.extend(self._squares("", {p: self.g_outer[p] + from_bottom[p] for p in self.outer}))
+            mx.eval(squares)
+        return mx.sqrt(sum(squares)) * self.scale if squares else mx.array(0.0)
+
+    def _summed(self, prefix: str, grads: Dict[str, mx.array], keep: bool = False) -> Dict[str, mx.array]:
+        """A part's gradient with the earlier micro-batches' (``keep``: left for the updating pass) and over the ranks."""
+        for path in grads:
+            if prefix + path in self.pending:
+                earlier = self.pending[prefix + path] if keep else self.pending.pop(prefix + path)
+                grads[path] = grads[path] + earlier
+        if self.group is not None:
+            # all_sum_tree nests dotted paths: flattened again, the same keys.
+            grads = dict(tree_flatten(all_sum_tree(grads, self.group)))
+        return grads
+
+    def _squares(self, prefix: str, grads: Dict[str, mx.array]) -> List[mx.array]:
+        return [sum_of_squares(g) for g in self._summed(prefix, grads, keep=True).values()]
 
     def _update_block(self, i: int) -> None:
         """Block ``i``'s backward pass (its forward runs again inside) and update; the cotangents move down a block."""
@@ -289,12 +331,7 @@ class _LayerwisePass:
     def _finite(self, prefix: str, grads: Dict[str, mx.array], extra: Any) -> Dict[str, mx.array]:
         """The part's gradient with the earlier micro-batches' and over the ranks, evaluated; its finite tensors.
         Their squared norms are kept for the step's norm."""
-        for path in grads:
-            if prefix + path in self.pending:
-                grads[path] = grads[path] + self.pending.pop(prefix + path)
-        if self.group is not None:
-            # all_sum_tree nests dotted paths: flattened again, the same keys.
-            grads = dict(tree_flatten(all_sum_tree(grads, self.group)))
+        grads = self._summed(prefix, grads)
         part_squares = {path: sum_of_squares(g) for path, g in grads.items()}
         mx.eval(grads, part_squares, extra)
         finite = {path: g for path, g in grads.items() if mx.isfinite(part_squares[path]).item()}
@@ -305,7 +342,7 @@ class _LayerwisePass:
     def _update_unit(self, prefix: str, unit: Dict[str, mx.array]) -> None:
         """Apply one mask unit's update with the step counter held, and evaluate what it wrote."""
         optimizer, model = self.optimizer, self.blocks.model
-        self.kept.append(self.update(prefix, unit, self.scale))
+        self.kept.append(self.update(prefix, unit, self.update_scale))
         if self.start is not None:
             optimizer.state["step"] = self.start
         if MASK_SAMPLE_KEY in optimizer.state:
@@ -353,7 +390,7 @@ class _PartUpdates:
         self.state = training_state(model, optimizer)
         self.parts = {path: i + 1 for i, (path, _) in enumerate(tree_flatten(model.trainable_parameters()))}
         inner = getattr(optimizer, "optimizer", None)
-        self.staged = isinstance(inner, CompactAdamW) and inner.moments in ("8bit", "8bit-factored") \
+        self.staged = isinstance(inner, CompactAdamW) and inner.moments in QUANTIZED_MOMENTS \
             and getattr(optimizer, "target", "grad") == "grad"
         self.eager = self.staged or getattr(optimizer, "record_mask_sample", False)
         self.compiled: Dict[tuple, Callable] = {}

@@ -1,5 +1,5 @@
 """Low-precision storage for training, as pure functions: stochastic rounding
-to bfloat16 and 8-bit block-wise quantization of optimizer moments.
+to bfloat16 and 8- or 4-bit block-wise quantization of optimizer moments.
 
 Why: an AdamW step at lr 1e-5 moves a weight of 0.05 by ~1e-5, below half a
 bfloat16 spacing there (~1e-4), so round-to-nearest throws the update away,
@@ -90,28 +90,80 @@ def _block_max_abs(blocks: mx.array) -> mx.array:
     return mx.maximum(mx.max(blocks, axis=-1, keepdims=True), -mx.min(blocks, axis=-1, keepdims=True))
 
 
-def quantize_signed(x: mx.array, seed: mx.array, start: mx.array | None = None) -> tuple[mx.array, mx.array]:
-    """(int8 codes, float32 scale per block of BLOCK entries): x ~ codes * scale, stochastically rounded.
+def pack4(codes: mx.array) -> mx.array:
+    """Codes in 0..15 (any integer dtype, an even last dimension) two to a byte: (..., n) -> (..., n / 2) uint8."""
+    pairs = codes.astype(mx.uint8).reshape(*codes.shape[:-1], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack4(packed: mx.array) -> mx.array:
+    """`pack4`'s codes again: (..., n / 2) uint8 -> (..., n) uint8."""
+    return mx.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def quantize_signed(x: mx.array, seed: mx.array, start: mx.array | None = None,
+                    bits: int = 8) -> tuple[mx.array, mx.array]:
+    """(codes, float32 scale per block of BLOCK entries): x ~ codes * scale, stochastically rounded.
 
     The scale is the block's largest |x| / 127, so the largest entry is exact
-    and the others are unbiased to within one step. Codes come back in x's
-    shape; x given as blocks (`blocks_of`) avoids a reshaped copy inside a
-    compiled update.
+    and the others are unbiased to within one step. 8 bits: int8 codes in x's
+    shape; 4 bits: powers of two (`_LOG_LEVELS`), two codes a byte (`pack4`),
+    x's shape with half its last dimension. x given as blocks (`blocks_of`) avoids
+    a reshaped copy inside a compiled update.
     """
     blocks = blocks_of(x.astype(mx.float32))
+    if bits == 4:
+        codes, scale = _quantize_signed4(blocks, seed, start)
+        return codes.reshape(*x.shape[:-1], -1), scale
     scale = _block_max_abs(blocks) / _LEVELS
     safe = mx.where(scale > 0, scale, 1.0)
-    codes = mx.floor(blocks / safe + uniform_noise(blocks.shape, seed, start))
-    return mx.clip(codes, -_LEVELS, _LEVELS).astype(mx.int8).reshape(x.shape), scale.reshape(-1)
+    codes = mx.clip(mx.floor(blocks / safe + uniform_noise(blocks.shape, seed, start)), -_LEVELS, _LEVELS)
+    return codes.astype(mx.int8).reshape(x.shape), scale.reshape(-1)
 
 
-def dequantize_signed(codes: mx.array, scale: mx.array, shape=None) -> mx.array:
-    """float32 values of `quantize_signed`'s codes, in ``shape`` (default: the codes')."""
-    blocks = blocks_of(codes).astype(mx.float32) * scale[:, None]
-    return blocks.reshape(codes.shape if shape is None else shape)
+# 4-bit m: a sign and 3 bits of magnitude, levels 0 and 2^-6 .. 2^0 of the
+# block's largest |m| (powers of two: finer near zero, where most of a block
+# lies). Linear levels (-7..7) with stochastic rounding converged to a loss
+# 4x float32's on tests/test_precision.py's regression, these to 2x; nearest
+# rounding to 40x. (Li et al. 2023 found the same for 4-bit Adam: a dynamic
+# exponent map for m.)
+_LOG_LEVELS = 7
 
 
-def quantize_root(v: mx.array, seed: mx.array) -> tuple[mx.array, mx.array]:
+@mx.compile
+def _quantize_signed4(blocks: mx.array, seed: mx.array, start: mx.array | None) -> tuple[mx.array, mx.array]:
+    """(packed codes of ``blocks``' shape with half the columns, float32 scale per block): `quantize_signed` in 4 bits.
+
+    Each |x| / scale lies between two neighbouring levels and is rounded to
+    one of them with the probability that keeps its expected value (stochastic rounding).
+    """
+    scale = _block_max_abs(blocks)
+    safe = mx.where(scale > 0, scale, 1.0)
+    a = mx.minimum(mx.abs(blocks) / safe, 1.0)
+    smallest = 2.0 ** (1 - _LOG_LEVELS)
+    level = mx.where(a >= smallest, mx.floor(mx.log2(mx.maximum(a, smallest))) + _LOG_LEVELS, 0.0)
+    lower = mx.where(level > 0, mx.power(2.0, level - _LOG_LEVELS), 0.0)
+    upper = mx.power(2.0, level + 1 - _LOG_LEVELS)
+    up = uniform_noise(blocks.shape, seed, start) < (a - lower) / (upper - lower)
+    magnitude = mx.minimum(level + up, _LOG_LEVELS)
+    return pack4(magnitude + 8.0 * (blocks < 0)), scale.reshape(-1)
+
+
+def _dequantize_signed4(codes: mx.array) -> mx.array:
+    nibble = unpack4(codes).astype(mx.float32)
+    negative = nibble >= 8
+    magnitude = nibble - 8.0 * negative
+    return mx.where(magnitude > 0, mx.power(2.0, magnitude - _LOG_LEVELS), 0.0) * mx.where(negative, -1.0, 1.0)
+
+
+def dequantize_signed(codes: mx.array, scale: mx.array, shape=None, bits: int = 8) -> mx.array:
+    """float32 values of `quantize_signed`'s codes, in ``shape`` (default: the codes', unpacked)."""
+    values = codes.astype(mx.float32) if bits == 8 else _dequantize_signed4(codes)
+    blocks = blocks_of(values) * scale[:, None]
+    return blocks.reshape(values.shape if shape is None else shape)
+
+
+def quantize_root(v: mx.array, seed: mx.array, bits: int = 8) -> tuple[mx.array, mx.array]:
     """(uint8 codes, float32 scale per block) of a non-negative second moment, stored as sqrt(v).
 
     Why it does not diverge, where a plain 8-bit v does: Adam divides by
@@ -119,26 +171,33 @@ def quantize_root(v: mx.array, seed: mx.array) -> tuple[mx.array, mx.array]:
     halves the dynamic range in bits; stochastic rounding keeps it unbiased
     (deterministic rounding could never let v decay by Adam's 0.1% a step);
     and no non-zero v is ever stored as 0: the smallest code for one is 1
-    (1/255 of its block's largest sqrt(v)), so the division is bounded.
+    (1/255 of its block's largest sqrt(v); 4 bits: 1/15), so the division is
+    bounded: a small v is stored too large, which shrinks its update, never too small.
     """
-    codes, scale = quantize_sqrt(mx.sqrt(v.astype(mx.float32)), seed)
-    return codes.reshape(v.shape), scale
+    codes, scale = quantize_sqrt(mx.sqrt(v.astype(mx.float32)), seed, bits=bits)
+    return codes.reshape(*v.shape[:-1], -1), scale
 
 
-def quantize_sqrt(root: mx.array, seed: mx.array, start: mx.array | None = None) -> tuple[mx.array, mx.array]:
-    """`quantize_root` given sqrt(v) (which Adam's update needs too): codes in root's shape."""
+def quantize_sqrt(root: mx.array, seed: mx.array, start: mx.array | None = None,
+                  bits: int = 8) -> tuple[mx.array, mx.array]:
+    """`quantize_root` given sqrt(v) (which Adam's update needs too): codes in root's shape (4 bits: packed)."""
+    top = 255.0 if bits == 8 else 15.0
     blocks = blocks_of(root)
-    scale = mx.max(blocks, axis=-1, keepdims=True) / 255.0
+    scale = mx.max(blocks, axis=-1, keepdims=True) / top
     safe = mx.where(scale > 0, scale, 1.0)
     codes = mx.floor(blocks / safe + uniform_noise(blocks.shape, seed, start))
-    codes = mx.where(blocks > 0, mx.maximum(codes, 1.0), 0.0)
-    return mx.clip(codes, 0, 255).astype(mx.uint8).reshape(root.shape), scale.reshape(-1)
+    codes = mx.clip(mx.where(blocks > 0, mx.maximum(codes, 1.0), 0.0), 0, top)
+    if bits == 4:
+        return pack4(codes).reshape(*root.shape[:-1], -1), scale.reshape(-1)
+    return codes.astype(mx.uint8).reshape(root.shape), scale.reshape(-1)
 
 
-def dequantize_root(codes: mx.array, scale: mx.array, shape=None) -> mx.array:
-    """float32 v from `quantize_root`'s codes (the square of the stored root), in ``shape`` (default: the codes')."""
-    root = blocks_of(codes).astype(mx.float32) * scale[:, None]
-    return mx.square(root).reshape(codes.shape if shape is None else shape)
+def dequantize_root(codes: mx.array, scale: mx.array, shape=None, bits: int = 8) -> mx.array:
+    """float32 v from `quantize_root`'s codes (the square of the stored root), in ``shape`` (default: the codes',
+    unpacked)."""
+    values = (codes if bits == 8 else unpack4(codes)).astype(mx.float32)
+    root = blocks_of(values) * scale[:, None]
+    return mx.square(root).reshape(values.shape if shape is None else shape)
 
 
 # Salts that give the weights and each moment their own random stream.

@@ -210,16 +210,14 @@ def train(
     steps (Ctrl-C sets it). ``on_eval(step)`` runs every ``steps_per_eval``
     steps and at ``iters``. With ``update_per_layer`` the step's last
     micro-batch runs block by block (`layerwise.make_layerwise_step`) instead
-    of in one compiled function; it needs ``grad_clip`` 0.
+    of in one compiled function (with ``grad_clip``, a backward pass more for the norm).
     """
     if hasattr(optimizer, "init"):
         # Create the state before compiling, so the step's guard sees it (a no-op on a restored state).
         optimizer.init(model.trainable_parameters())
     grad_fn, _ = make_step_fns(model, optimizer, loss_fn, grad_clip)
     if update_per_layer:
-        if grad_clip > 0:
-            raise ValueError("update_per_layer needs grad_clip 0: clipping needs the whole gradient's norm first")
-        step_fn = make_layerwise_step(model, optimizer, loss_fn, group)
+        step_fn = make_layerwise_step(model, optimizer, loss_fn, group, grad_clip)
     else:
         step_fn = make_fused_step(model, optimizer, loss_fn, grad_clip, group)
     state = training_state(model, optimizer)

@@ -24,7 +24,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _OPTIMIZER_WORDS = {"adamw": 2, "adam": 2, "sgd": 1, "muon": 1, "adafactor": 0.1}
 # Bytes per trainable entry of Adam's two moments, by storage (compact.CompactAdamW):
 # 8-bit forms carry a float32 scale per block of 128 entries.
-_MOMENT_BYTES = {"float32": 8, "bfloat16": 4, "8bit": 2 + 2 * 4 / 128, "8bit-factored": 1 + 4 / 128}
+_MOMENT_BYTES = {"float32": 8, "bfloat16": 4, "8bit": 2 + 2 * 4 / 128, "4bit": 1 + 2 * 4 / 128, "8bit-factored": 1 + 4 / 128}
 # Of the tensors being updated at one moment in the fused step: ~8 float32
 # copies of the largest (its gradient, old and new weights and moments,
 # temporaries). Measured: 1.05 GB over weights + state on a 309M llama whose
