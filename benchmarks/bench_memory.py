@@ -178,12 +178,13 @@ def run_measured(cmd: list[str], env: dict, log_dir: Path, name: str, timeout: f
     return res
 
 
-def metrics_peak(run_dir: Path) -> float | None:
-    """Largest peak_memory_gb of gmt-mlx's train records (mx.get_peak_memory() right after the step)."""
+def metrics_peak(run_dir: Path, key: str = "peak_memory_gb") -> float | None:
+    """Largest ``key`` of gmt-mlx's train records: peak_memory_gb is mx.get_peak_memory() right after the
+    step, memory_estimate_gb the start-up estimate (run/memory.py)."""
     f = run_dir / "metrics.jsonl"
     if not f.is_file():
         return None
-    peaks = [r.get("peak_memory_gb") for r in map(json.loads, f.read_text().splitlines()) if r.get("type") == "train"]
+    peaks = [r.get(key) for r in map(json.loads, f.read_text().splitlines()) if r.get("type") == "train"]
     peaks = [p for p in peaks if p is not None]
     return max(peaks) if peaks else None
 
@@ -227,17 +228,26 @@ def fmt(x, digits=2, suffix=""):
     return "-" if x is None else f"{x:.{digits}f}{suffix}"
 
 
+def _vs(c: dict) -> str:
+    estimate, peak = c.get("estimate_gb"), c.get("mlx_peak_gb")
+    if estimate is None:
+        return "-"
+    return f"{estimate:.2f} ({(estimate / peak - 1) * 100:+.0f}%)" if peak else f"{estimate:.2f}"
+
+
 def render(report: dict) -> str:
     lines = [f"Peak RSS of one training step (batch 1, {report['tokens_per_example']} tokens), "
              f"shape {report['shape']} ({report['params']:,} parameters, {report['weights_dtype']} weights), "
              f"BLAS {report['blas'] or 'reference'}, commit {report['commit']}",
              "",
-             "| contender | peak RSS GB | bytes / param | vs mlx_lm | MLX peak in training GB | wall s | exit |",
-             "|---|---|---|---|---|---|---|"]
+             "| contender | peak RSS GB | bytes / param | vs mlx_lm | MLX peak in training GB | estimate GB "
+             "(vs MLX peak) | wall s | exit |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in report["contenders"]:
         exit_ = "ok" if c["ok"] else f"{c['exit_code']}" + (f" (signal {c['signal']})" if c["signal"] else "")
         lines.append(f"| {c['name']} | {fmt(c['peak_rss_gb'])} | {fmt(c['bytes_per_param'], 1)} | "
-                     f"{fmt(c['ratio_to_mlx_lm'], 2, 'x')} | {fmt(c['mlx_peak_gb'])} | {fmt(c['wall_s'], 0)} | {exit_} |")
+                     f"{fmt(c['ratio_to_mlx_lm'], 2, 'x')} | {fmt(c['mlx_peak_gb'])} | {_vs(c)} | {fmt(c['wall_s'], 0)} | "
+                     f"{exit_} |")
     failed = [c for c in report["contenders"] if not c["ok"]]
     if failed:
         lines.append("")
@@ -299,6 +309,7 @@ def main(argv=None) -> None:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             r = run_measured(cmd, gmt_env, logs, name, args.timeout)
             r["mlx_peak_gb"] = metrics_peak(run_dir)
+            r["estimate_gb"] = metrics_peak(run_dir, "memory_estimate_gb")
             results.append({"name": name, "tool": "gmt-mlx", "extra_args": extra, **r})
             shutil.rmtree(run_dir, ignore_errors=True)  # a 1.4b run's exported model is GBs of disk
 
