@@ -52,14 +52,13 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DISTRIBUTED_BACKENDS = ("any", "ring", "mpi", "nccl", "jaccl")
 # What --low-memory sets, for the options the user did not set (DESIGN.md decision 11):
-# bfloat16 weights with stochastic rounding, 8-bit m and sqrt(v) (the smallest
-# state that matched float32 AdamW on the main job; 8-bit m with a factored v
-# did not: benchmarks/RESULTS.md), the
-# model saved in the dtype it was trained in, and the update per layer
-# (layerwise). Gradient clipping stays as asked: per layer its norm costs a
-# backward pass more, and without it the main job lost 60% of its validation
-# loss gain (benchmarks/RESULTS.md, issue 22's fourth round).
-LOW_MEMORY = {"train_dtype": "bfloat16", "moments": "8bit", "dtype": "bfloat16", "update_per_layer": True}
+# bfloat16 weights with stochastic rounding, 4-bit m and sqrt(v) (the smallest
+# state that matched float32 AdamW on the main job over 3 seeds; 8-bit m with a
+# factored v did not: benchmarks/RESULTS.md), the model saved in the dtype it
+# was trained in, and the update per layer (layerwise). Gradient clipping
+# stays as asked: per layer its norm costs a backward pass more, and without
+# it the main job lost most of its gain (RESULTS.md, issue 22's fourth round).
+LOW_MEMORY = {"train_dtype": "bfloat16", "moments": "4bit", "dtype": "bfloat16", "update_per_layer": True}
 # Keys of one preference objective only (the train mode they apply to).
 TRAIN_MODE_KEYS = {"beta": "dpo", "dpo_loss": "dpo", "label_smoothing": "dpo", "orpo_lambda": "orpo"}
 
@@ -145,7 +144,7 @@ class Config:
     weight_rounding: str = opt("stochastic", "How an update is rounded into bfloat16 weights: stochastic (unbiased: small updates are kept on average) or nearest (small updates are lost, as in plain bfloat16 training).", WEIGHT_ROUNDINGS, group="Memory")
     moments: str = opt("auto", "Storage of adam/adamw's moments: auto (the weights' dtype), float32, bfloat16 (stochastically rounded), 8bit (block-wise m and sqrt(v)), 4bit (the same in 4 bits) or 8bit-factored (8-bit m, v factored into row and column averages).", MOMENTS, group="Memory")
     update_per_layer: bool = opt(False, "Run the backward pass one transformer block at a time, each block updated (and its gradient freed) before the next block's gradient exists: the whole gradient is never held, for one more forward pass per step. Needs --grad-clip 0 and a mask scope other than global.", group="Memory")
-    low_memory: bool = opt(False, "Every memory saving: bfloat16 weights (stochastic rounding), 8-bit moments, update per layer, no gradient clipping, saved in bfloat16 (your options win). Costs some loss: README, Memory.", group="Memory", common=True)
+    low_memory: bool = opt(False, "Every memory saving that kept float32's quality on the main job: bfloat16 weights (stochastic rounding), 4-bit moments, update per layer (clipping costs a backward pass), saved in bfloat16 (your options win). README, Memory.", group="Memory", common=True)
     report_to: str = opt("", "Comma-separated trackers that also get metrics.jsonl's records and the config: tensorboard (RUN_DIR/tensorboard/, pip install 'gmt-mlx[tensorboard]'), wandb (pip install 'gmt-mlx[wandb]').", group="Reporting")
 
     # Checkpoints, resume and guards

@@ -23,13 +23,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path(LAUNCH).exists(), re
 # One float32 rounding step: 2 ranks sum the batch's token losses in another order.
 ATOL = 1e-5
 CASES = [("sft", "tensor"), ("gmt", "tensor"), ("gmt", "layer"), ("gmt", "global"), ("random", "tensor"),
-         ("gmt", "per-layer")]
+         ("gmt", "per-layer"), ("gmt", "per-layer-clip")]
 
 
 def case(method, scope):
-    """Config values of a case; scope "per-layer" is the tensor scope updated block by block (layerwise)."""
-    if scope == "per-layer":
-        return dict(method=method, mask_scope="tensor", update_per_layer=True, grad_clip=0.0)
+    """Config values of a case; scope "per-layer" is the tensor scope updated block by block (layerwise),
+    "per-layer-clip" the same with a clip that binds (its norm pass all-sums every block's gradient too)."""
+    if scope.startswith("per-layer"):
+        return dict(method=method, mask_scope="tensor", update_per_layer=True,
+                    grad_clip=0.05 if scope.endswith("clip") else 0.0)
     return dict(method=method, mask_scope=scope)
 
 
