@@ -118,7 +118,7 @@ class Config:
     lora_keys: str = opt("", "Comma-separated block-relative module names to adapt, e.g. self_attn.q_proj,self_attn.v_proj (empty: every linear layer of the block).", group="LoRA")
 
     # Objective (DESIGN.md decision 10): the same loop, methods and mask for every mode
-    train_mode: str = opt("sft", "sft (next-token loss on the targets), dpo (direct preference optimisation against the step-0 model, whose log-probabilities are computed once), orpo (odds-ratio preference optimisation, no reference) or grpo (online RL: completions sampled from the model being trained, scored by --reward). dpo/orpo read prompt/chosen/rejected rows; grpo reads prompts (chat rows, the final assistant turn ignored, or prompt/completion rows) with an answer.", TRAIN_MODES, group="Objective", common=True)
+    train_mode: str = opt("sft", "sft (next-token loss on the targets), dpo (preference optimisation against the step-0 model, its log-probabilities computed once), orpo (odds-ratio, no reference) or grpo (online RL: sampled completions scored by --reward).", TRAIN_MODES, group="Objective", common=True)
     beta: Optional[float] = opt(None, "DPO's beta: how far the tuned model may move from the step-0 model (larger: stays closer). GRPO's KL weight: only 0 (no reference) is supported yet.  [default: 0.1; 0 for grpo]", group="Objective")
     dpo_loss: str = opt("sigmoid", "DPO loss: sigmoid (DPO), ipo (IPO, on per-token averaged log-probabilities) or hinge (SLiC).", DPO_LOSSES, group="Objective")
     label_smoothing: float = opt(0.0, "DPO sigmoid loss: the assumed probability that a pair's preference is flipped (conservative DPO), in [0, 0.5).", group="Objective")
