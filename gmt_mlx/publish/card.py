@@ -170,6 +170,12 @@ def objective_text(config: Dict[str, Any]) -> str:
                 "reference = the step-0 model")
     if mode == "orpo":
         return f"ORPO, lambda {config.get('orpo_lambda', 0.1):g} (no reference model)"
+    if mode == "grpo":
+        high = config.get("epsilon_high")
+        clip = f"clip {config.get('epsilon', 0.2):g}" + (f"/{high:g}" if high is not None else "")
+        return (f"GRPO ({config.get('loss_type', 'dapo')} loss), reward {config.get('reward')}, "
+                f"{config.get('num_generations', 4)} completions per prompt, rewards scaled by "
+                f"{config.get('scale_rewards', 'group')}, {clip}, no KL term")
     return "SFT (next-token loss)"
 
 

@@ -152,8 +152,11 @@ def check_memory(config: Config, model, model_config: dict, sizes: dict, train_s
 def print_summary(config: Config, run: Setup, log) -> None:
     """Start-up summary: the derived numbers a user should see before waiting."""
     sizes, train_split, valid_split = run.sizes, run.train_split, run.valid_split
-    rows = 2 if config.preference else 1  # a pair is two sequences
-    tokens_per_step = config.batch_size * config.grad_accumulation_steps * rows * np.mean(train_split.lengths())
+    grpo = config.train_mode == "grpo"
+    rows = 2 if config.preference else (config.num_generations if grpo else 1)  # a pair is two sequences
+    # GRPO: each prompt's G completions, at most --max-completion-length tokens each (the bound is shown).
+    length = np.mean(train_split.lengths()) + (config.max_completion_length if grpo else 0)
+    tokens_per_step = config.batch_size * config.grad_accumulation_steps * rows * length
     updated = sizes["trainable"] * (1 - config.mask_ratio) if config.masked else sizes["trainable"]
     waste = padding_waste(train_split, config.batch_size, seed=config.seed, buckets=run.buckets)
     embedded = run.origin.embedded
@@ -164,12 +167,12 @@ def print_summary(config: Config, run: Setup, log) -> None:
         log(f"model      {config.model} ({run.model_path})")
     log(f"blas       {describe_blas()}")
     log(f"method     {config.method}" + (f" mask_ratio={config.mask_ratio} scope={config.mask_scope} target={config.mask_target}" if config.masked else ""))
-    if config.preference:
+    if config.preference or grpo:
         log(f"objective  {objective_text(config.to_dict())}")
     log(f"params     {sizes['trainable']:,} trainable of {sizes['total']:,} ({100 * sizes['trainable'] / sizes['total']:.1f}%)")
-    log(f"per step   ~{tokens_per_step:.0f} tokens, ~{updated:,.0f} gradient entries kept")
+    log(f"per step   {'<=' if grpo else '~'}{tokens_per_step:.0f} tokens, ~{updated:,.0f} gradient entries kept")
     log(f"data       {len(train_split)} train / {len(valid_split) if valid_split else 0} valid "
-        f"{'pairs' if config.preference else 'examples'}; "
+        f"{'pairs' if config.preference else 'prompts' if grpo else 'examples'}; "
         f"padding waste {100 * waste:.1f}% ({len(run.buckets)} batch widths)")
     if config.method not in cfg.ADAPTER_METHODS:
         rounding = f", {config.weight_rounding} rounding" if config.train_dtype == "bfloat16" else ""
