@@ -151,6 +151,18 @@ def test_reused_rollouts_and_accumulation_run(tiny_model_dir, prompt_data, tmp_p
     assert train[0]["clip_ratio/region_mean"] == 0 and train[1]["clip_ratio/region_mean"] > 0
 
 
+def test_update_per_layer_trains_grpo_like_the_fused_step(tiny_model_dir, prompt_data, tmp_path):
+    common = ("--reward", DIGITS, "--learning-rate", "1e-2", "--iters", "2", "--grad-clip", "0", "--steps-per-eval", "0")
+    fused = runner.invoke(app, grpo_args(tiny_model_dir, prompt_data, tmp_path / "fused", *common))
+    assert fused.exit_code == 0, fused.output
+    layered = runner.invoke(app, grpo_args(tiny_model_dir, prompt_data, tmp_path / "layer", "--update-per-layer", *common))
+    assert layered.exit_code == 0, layered.output
+    a, b = records(tmp_path / "fused", "train"), records(tmp_path / "layer", "train")
+    np.testing.assert_allclose([r["grad_norm"] for r in a], [r["grad_norm"] for r in b], rtol=1e-4)
+    wa, wb = final_weights(tmp_path / "fused"), final_weights(tmp_path / "layer")
+    assert all(np.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
 @pytest.mark.slow
 def test_grpo_sigkill_and_resume_is_bit_for_bit(tiny_model_dir, prompt_data, tmp_path):
     """Killed after step 4 (inside a round of --num-iterations 2: the checkpoint of step 3 holds it) and
