@@ -164,12 +164,13 @@ def test_update_per_layer_trains_grpo_like_the_fused_step(tiny_model_dir, prompt
 
 
 @pytest.mark.slow
-def test_grpo_sigkill_and_resume_is_bit_for_bit(tiny_model_dir, prompt_data, tmp_path):
-    """Killed after step 4 (inside a round of --num-iterations 2: the checkpoint of step 3 holds it) and
-    during the save of step 6, then resumed: the sampling key and the round come back exactly."""
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_grpo_sigkill_and_resume_is_bit_for_bit(tiny_model_dir, prompt_data, tmp_path, iterations):
+    """Killed after step 4 and during the save of step 6, then resumed from step 3's checkpoint: the
+    sampling key comes back exactly, and with --num-iterations 2 the round step 3 was inside of too."""
     problems = kill_and_resume(str(tiny_model_dir), str(prompt_data), tmp_path, method="gmt", iters=8, save_every=3,
                                extra=["--train-mode", "grpo", "--reward", DIGITS, "--batch-size", "2",
                                       "--num-generations", "4", "--max-completion-length", "6", "--learning-rate",
-                                      "1e-2", "--mask-ratio", "0.5", "--num-iterations", "2", "--samples", "0",
+                                      "1e-2", "--mask-ratio", "0.5", "--num-iterations", str(iterations), "--samples", "0",
                                       "--val-batches", "1"])
     assert problems == []

@@ -162,7 +162,8 @@ class RolloutBatches:
             if self.fresh:
                 self.round = self._sample_round(step // self.config.num_iterations)
             for batch in self.round.batches:
-                self.count(int((batch["tokens"] != self.pad_id).sum()))
+                # Real tokens: prompts + completions (the pad id may equal a stop token, so not "!= pad").
+                self.count(int(batch["prompt_lengths"].sum() + batch["mask"].sum()))
                 self.served += 1
                 yield tuple(mx.array(batch[k]) for k in BATCH_KEYS)
 

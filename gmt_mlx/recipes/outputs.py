@@ -204,14 +204,7 @@ class RunLogger:
         if not self.main:
             return
         improved = not initial and (self.best_val is None or result["loss"] < self.best_val)
-        if "reward" in result:
-            detail = f" (mean reward {result['reward']:.3f})"
-        elif result["ppl"] is not None:
-            exact = f", exact {result['exact_match']:.1%}" if "exact_match" in result else ""
-            detail = f" (ppl {result['ppl']:.2f}{exact})"
-        else:
-            detail = f" (reward accuracy {result['reward_accuracy']:.3f}, margin {result['reward_margin']:.3f})"
-        self.progress.message(f"step {step}: val loss {result['loss']:.4f}{detail}" + (" *best*" if improved else ""))
+        self.progress.message(f"step {step}: {describe_validation(result)}" + (" *best*" if improved else ""))
         metrics = {f"val_{k}": v for k, v in result.items() if k not in ("loss", "tokens", "ppl")}
         self.write({"type": "eval", "step": step, "val_loss": result["loss"], "val_ppl": result["ppl"], **metrics,
                     "wall_time": time.perf_counter() - self.t_start})
@@ -223,6 +216,17 @@ class RunLogger:
                     self.checkpoints.save_best(step, result["loss"], self.best_val)
         if self.on_validation is not None:
             self.on_validation(step, self.run.model, {**result, "best": improved})
+
+
+def describe_validation(result: dict) -> str:
+    """A validation result in a few words for the progress output."""
+    if "reward" in result:  # GRPO: the greedy answers' mean reward ("loss" is its negative)
+        return f"val reward {result['reward']:.4f}"
+    if result["ppl"] is not None:
+        exact = f", exact {result['exact_match']:.1%}" if "exact_match" in result else ""
+        return f"val loss {result['loss']:.4f} (ppl {result['ppl']:.2f}{exact})"
+    return (f"val loss {result['loss']:.4f} (reward accuracy {result['reward_accuracy']:.3f}, "
+            f"margin {result['reward_margin']:.3f})")
 
 
 class RunCheckpoints:
