@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,8 @@ from typer.testing import CliRunner
 
 from gmt_mlx import config as cfg
 from gmt_mlx.cli import app
+from gmt_mlx.run import checkpoint as ckpt
+from gmt_mlx.run import rundir
 from gmt_mlx.run.killcheck import final_weights, kill_and_resume
 
 from .conftest import write_jsonl
@@ -161,6 +165,37 @@ def test_update_per_layer_trains_grpo_like_the_fused_step(tiny_model_dir, prompt
     np.testing.assert_allclose([r["grad_norm"] for r in a], [r["grad_norm"] for r in b], rtol=1e-4)
     wa, wb = final_weights(tmp_path / "fused"), final_weights(tmp_path / "layer")
     assert all(np.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.mark.parametrize("loss_type", cfg.GRPO_LOSS_TYPES)
+def test_every_loss_type_trains_in_the_loop(tiny_model_dir, prompt_data, tmp_path, loss_type):
+    out = tmp_path / "run"
+    result = runner.invoke(app, grpo_args(tiny_model_dir, prompt_data, out, "--reward", DIGITS, "--iters", "2",
+                                          "--loss-type", loss_type, "--scale-rewards", "batch",
+                                          "--learning-rate", "1e-2", "--steps-per-eval", "0"))
+    assert result.exit_code == 0, result.output
+    assert all(r["grad_norm"] > 0 and np.isfinite(r["loss"]) for r in records(out, "train"))
+
+
+def test_ctrl_c_inside_a_round_saves_it_and_resume_matches(tiny_model_dir, prompt_data, tmp_path, monkeypatch):
+    """In-process and fast: Ctrl-C after step 3 of --num-iterations 2 (inside a round), resume, compare."""
+    common = ("--reward", DIGITS, "--learning-rate", "1e-2", "--iters", "6", "--num-iterations", "2",
+              "--steps-per-eval", "0")
+    reference = tmp_path / "reference"
+    assert runner.invoke(app, grpo_args(tiny_model_dir, prompt_data, reference, *common)).exit_code == 0
+    real_fault = ckpt.fault
+    monkeypatch.setattr(ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:3" else None)
+    out = tmp_path / "run"
+    stopped = runner.invoke(app, grpo_args(tiny_model_dir, prompt_data, out, *common))
+    assert stopped.exit_code == 130, stopped.output
+    state = ckpt.read_state(rundir.step_dir(out, 3))["rollouts"]
+    assert len(state["key"]) == 2 and state["round"] is not None  # step 4 trains on step 3's rollouts
+    monkeypatch.setattr(ckpt, "fault", real_fault)
+    resumed = runner.invoke(app, ["finetune", "--resume", str(out)])
+    assert resumed.exit_code == 0, resumed.output
+    a, b = final_weights(reference), final_weights(out)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert [r["reward"] for r in records(reference, "train")] == [r["reward"] for r in records(out, "train")]
 
 
 @pytest.mark.slow
