@@ -135,7 +135,7 @@ def test_mean_reward_rises_on_a_reward_the_model_can_learn(tiny_model_dir, promp
     rewards = [r["reward"] for r in train]
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.3, rewards
     for key in ("reward_std", f"rewards/{DIGITS}/mean", "frac_reward_zero_std", "completion_length",
-                "clip_ratio/region_mean", "rollout_seconds"):
+                "clip_ratio/region_mean", "rollout_seconds", "update_seconds"):
         assert key in train[-1], key
     evals = records(out, "eval")
     assert [e["step"] for e in evals] == [0, 12]  # greedy validation from step 0

@@ -125,6 +125,7 @@ class RolloutBatches:
         self.served = 0  # micro-batches yielded: the loop's position
         self.fresh = False  # whether the current step's round was sampled for it (its rollout time counts once)
         self.rollout_seconds = 0.0
+        self.update_start = 0.0  # when the step's first micro-batch was handed over (after its rollouts)
 
     @property
     def prompts_per_round(self) -> int:
@@ -152,8 +153,10 @@ class RolloutBatches:
         self.round = Round.from_state(state["round"]) if inside else None
 
     def step_metrics(self) -> Dict[str, float]:
-        """The reward metrics of the rollouts the last step trained on, and the time their sampling took."""
-        return {**(self.round.stats if self.round else {}), "rollout_seconds": self.rollout_seconds if self.fresh else 0.0}
+        """The reward metrics of the rollouts the last step trained on, the time their sampling took (0 on
+        a step that reuses them) and the time from then to now (the gradient, mask and update: "update_seconds")."""
+        return {**(self.round.stats if self.round else {}), "rollout_seconds": self.rollout_seconds if self.fresh else 0.0,
+                "update_seconds": time.perf_counter() - self.update_start}
 
     def __iter__(self) -> Iterator[tuple]:
         while True:
@@ -161,6 +164,7 @@ class RolloutBatches:
             self.fresh = step % self.config.num_iterations == 0 or self.round is None
             if self.fresh:
                 self.round = self._sample_round(step // self.config.num_iterations)
+            self.update_start = time.perf_counter()
             for batch in self.round.batches:
                 # Real tokens: prompts + completions (the pad id may equal a stop token, so not "!= pad").
                 self.count(int(batch["prompt_lengths"].sum() + batch["mask"].sum()))
