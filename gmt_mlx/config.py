@@ -60,12 +60,11 @@ DISTRIBUTED_BACKENDS = ("any", "ring", "mpi", "nccl", "jaccl")
 # backward pass more, and without it the main job lost 60% of its validation
 # loss gain (benchmarks/RESULTS.md, issue 22's fourth round).
 LOW_MEMORY = {"train_dtype": "bfloat16", "moments": "8bit", "dtype": "bfloat16", "update_per_layer": True}
-# Keys of one preference objective only (the train mode they apply to).
-# GRPO's beta stays "dpo": GRPO takes only beta 0 for now (validate), so it never tells two GRPO runs apart.
 GRPO_KEYS = ("num_generations", "reward", "reward_weights", "scale_rewards", "loss_type", "epsilon", "epsilon_high",
              "num_iterations", "temperature", "top_p", "max_completion_length")
-TRAIN_MODE_KEYS = {"beta": "dpo", "dpo_loss": "dpo", "label_smoothing": "dpo", "orpo_lambda": "orpo",
-                   **{key: "grpo" for key in GRPO_KEYS}}
+# Keys of some objectives only (the train modes they apply to): config.diff ignores them elsewhere.
+TRAIN_MODE_KEYS = {"beta": ("dpo", "grpo"), "dpo_loss": ("dpo",), "label_smoothing": ("dpo",), "orpo_lambda": ("orpo",),
+                   **{key: ("grpo",) for key in GRPO_KEYS}}
 
 
 def opt(default, help: str, choices: tuple = (), group: str = "Training", cli: bool = True, common: bool = False):
@@ -119,7 +118,7 @@ class Config:
 
     # Objective (DESIGN.md decision 10): the same loop, methods and mask for every mode
     train_mode: str = opt("sft", "sft (next-token loss on the targets), dpo (preference optimisation against the step-0 model, its log-probabilities computed once), orpo (odds-ratio, no reference) or grpo (online RL: sampled completions scored by --reward).", TRAIN_MODES, group="Objective", common=True)
-    beta: Optional[float] = opt(None, "DPO's beta: how far the tuned model may move from the step-0 model (larger: stays closer). GRPO's KL weight: only 0 (no reference) is supported yet.  [default: 0.1; 0 for grpo]", group="Objective")
+    beta: Optional[float] = opt(None, "DPO's beta: how far the tuned model may move from the step-0 model (larger: stays closer). GRPO's weight of the KL term to the step-0 model (0: none, and no reference kept; > 0 keeps the step-0 trainable weights: a second copy for full/gmt/random, the initial adapters for lora/dora).  [default: 0.1; 0 for grpo]", group="Objective")
     dpo_loss: str = opt("sigmoid", "DPO loss: sigmoid (DPO), ipo (IPO, on per-token averaged log-probabilities) or hinge (SLiC).", DPO_LOSSES, group="Objective")
     label_smoothing: float = opt(0.0, "DPO sigmoid loss: the assumed probability that a pair's preference is flipped (conservative DPO), in [0, 0.5).", group="Objective")
     orpo_lambda: float = opt(0.1, "ORPO's lambda: the weight of the odds-ratio term next to the chosen answer's NLL.", group="Objective")
@@ -252,9 +251,8 @@ class Config:
         return self
 
     def _validate_grpo(self) -> None:
-        if self.beta != 0:
-            raise UserError(f"--beta {self.beta:g} (a KL term to the step-0 model) is not supported with --train-mode "
-                            "grpo yet; use --beta 0")
+        if self.beta < 0:
+            raise UserError(f"--beta must be 0 (no KL term) or more for --train-mode grpo, got {self.beta}")
         if self.num_generations < 2:
             raise UserError(f"--num-generations must be at least 2 (a group's rewards are compared with each "
                             f"other), got {self.num_generations}")
@@ -387,4 +385,4 @@ def diff(a: Dict[str, Any], b: Dict[str, Any], ignore=Config.COSMETIC) -> Dict[s
     modes = (a.get("train_mode", "sft"), b.get("train_mode", "sft"))
     return {k: (a.get(k), b.get(k)) for k in sorted(keys)
             if a.get(k) != b.get(k) and any(applies(k, m) for m in methods)
-            and (k not in TRAIN_MODE_KEYS or TRAIN_MODE_KEYS[k] in modes)}
+            and (k not in TRAIN_MODE_KEYS or set(TRAIN_MODE_KEYS[k]) & set(modes))}

@@ -73,7 +73,7 @@ def message(result):
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--max-completion-length", "0"], "--max-completion-length must be at least 1"),
-    (["--beta", "0.1"], "not supported with --train-mode grpo yet"),
+    (["--beta", "-0.1"], "--beta must be 0 (no KL term) or more for --train-mode grpo"),
     (["--scale-rewards", "sometimes"], "--scale-rewards must be one of group, batch, none"),
     (["--loss-type", "ppo"], "--loss-type must be one of grpo, dr_grpo, dapo, bnpo"),
 ])
@@ -184,10 +184,12 @@ def test_every_loss_type_trains_in_the_loop(tiny_model_dir, prompt_data, tmp_pat
     assert all(r["grad_norm"] > 0 and np.isfinite(r["loss"]) for r in records(out, "train"))
 
 
-def test_ctrl_c_inside_a_round_saves_it_and_resume_matches(tiny_model_dir, prompt_data, tmp_path, monkeypatch):
-    """In-process and fast: Ctrl-C after step 3 of --num-iterations 2 (inside a round), resume, compare."""
+@pytest.mark.parametrize("beta", ["0", "0.05"])
+def test_ctrl_c_inside_a_round_saves_it_and_resume_matches(tiny_model_dir, prompt_data, tmp_path, monkeypatch, beta):
+    """In-process and fast: Ctrl-C after step 3 of --num-iterations 2 (inside a round), resume, compare
+    (with a KL term too: the resumed run's reference is the step-0 model again)."""
     common = ("--reward", DIGITS, "--learning-rate", "1e-2", "--iters", "6", "--num-iterations", "2",
-              "--steps-per-eval", "0")
+              "--steps-per-eval", "0", "--beta", beta)
     reference = tmp_path / "reference"
     assert runner.invoke(app, grpo_args(tiny_model_dir, prompt_data, reference, *common)).exit_code == 0
     real_fault = ckpt.fault
@@ -203,6 +205,22 @@ def test_ctrl_c_inside_a_round_saves_it_and_resume_matches(tiny_model_dir, promp
     a, b = final_weights(reference), final_weights(out)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert [r["reward"] for r in records(reference, "train")] == [r["reward"] for r in records(out, "train")]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_kl_term_to_the_step_0_model(tiny_model_dir, prompt_data, tmp_path, method):
+    """--beta > 0: "kl" starts at 0 (the policy is the reference) and grows as the policy moves; a larger
+    beta keeps it smaller."""
+    kls = {}
+    for beta in ("0.01", "1"):
+        out = tmp_path / beta
+        result = runner.invoke(app, grpo_args(tiny_model_dir, prompt_data, out, "--reward", DIGITS, "--method", method,
+                                              "--learning-rate", "3e-2", "--iters", "6", "--beta", beta,
+                                              "--steps-per-eval", "0"))
+        assert result.exit_code == 0, result.output
+        kls[beta] = [r["kl"] for r in records(out, "train")]
+        assert abs(kls[beta][0]) < 1e-5 and kls[beta][-1] > 1e-4, kls
+    assert kls["1"][-1] < kls["0.01"][-1], kls
 
 
 @pytest.mark.slow

@@ -197,8 +197,9 @@ def completion_logps(model: nn.Module, tokens: mx.array, prompt_lengths: mx.arra
 
 
 def grpo_batch_loss(model: nn.Module, tokens: mx.array, prompt_lengths: mx.array, mask: mx.array,
-                    old_logps: mx.array, advantages: mx.array, *, loss_type: str = "dapo", epsilon: float = 0.2,
-                    epsilon_high: Optional[float] = None, max_completion_length: Optional[int] = None,
+                    old_logps: mx.array, ref_logps: mx.array, advantages: mx.array, *, loss_type: str = "dapo",
+                    epsilon: float = 0.2, epsilon_high: Optional[float] = None, beta: float = 0.0,
+                    max_completion_length: Optional[int] = None,
                     reuse: bool = False) -> Tuple[mx.array, mx.array, Dict[str, mx.array]]:
     """`grpo_loss` of a rollout batch as the trainer's losses return theirs: (summed loss, unit count, metric sums).
 
@@ -210,10 +211,12 @@ def grpo_batch_loss(model: nn.Module, tokens: mx.array, prompt_lengths: mx.array
     count (low_min/high_max become count-weighted means across micro-batches).
     ``old_logps`` are read only when ``reuse`` (--num-iterations > 1); otherwise
     the batch was sampled by these very weights and the ratio is 1 (its gradient is still ∇logps).
+    ``ref_logps`` (the step-0 model's) are read only when ``beta`` > 0 (the KL term; metric "kl").
     """
     logps = completion_logps(model, tokens, prompt_lengths, mask.shape[1])
-    loss, metrics = grpo_loss(logps, old_logps if reuse else None, None, advantages, mask, loss_type=loss_type,
-                              epsilon=epsilon, epsilon_high=epsilon_high, max_completion_length=max_completion_length)
+    loss, metrics = grpo_loss(logps, old_logps if reuse else None, ref_logps if beta else None, advantages, mask,
+                              loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta,
+                              max_completion_length=max_completion_length)
     # Not mask.sum(): an output that is the very node the loss divides by fails under mx.compile's
     # value_and_grad (MLX 0.30: "_Map_base::at"); this count is equal, and its own node.
     tokens_count = (mask > 0).astype(mx.float32).sum()

@@ -175,7 +175,8 @@ def objective_text(config: Dict[str, Any]) -> str:
         clip = f"clip {config.get('epsilon', 0.2):g}" + (f"/{high:g}" if high is not None else "")
         return (f"GRPO ({config.get('loss_type', 'dapo')} loss), reward {config.get('reward')}, "
                 f"{config.get('num_generations', 4)} completions per prompt, rewards scaled by "
-                f"{config.get('scale_rewards', 'group')}, {clip}, no KL term")
+                f"{config.get('scale_rewards', 'group')}, {clip}, "
+                + (f"KL beta {config['beta']:g} to the step-0 model" if config.get("beta") else "no KL term"))
     return "SFT (next-token loss)"
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from gmt_mlx.config import Config
 from gmt_mlx.core.grpo import completion_logps, group_advantages
@@ -37,7 +38,7 @@ from gmt_mlx.evaluation.rewards import RewardSet, parse_rewards, reward_stats
 from gmt_mlx.evaluation.rollouts import key_from_state, key_state, sample_rollouts, stop_token_ids
 
 # The arrays of one micro-batch, in the order grpo_batch_loss takes them after the model.
-BATCH_KEYS = ("tokens", "prompt_lengths", "mask", "old_logps", "advantages")
+BATCH_KEYS = ("tokens", "prompt_lengths", "mask", "old_logps", "ref_logps", "advantages")
 STATE_FORMAT = 1
 
 
@@ -115,9 +116,11 @@ class RolloutBatches:
     """The training loop's batches under --train-mode grpo (see the module docstring)."""
 
     def __init__(self, config: Config, model, tokenizer, split: TokenizedSplit, rows: List[dict], rewards: RewardSet,
-                 pad_id: int, count: Callable[[int], None] = lambda tokens: None):
+                 pad_id: int, count: Callable[[int], None] = lambda tokens: None,
+                 reference: Optional[Dict[str, mx.array]] = None):
         self.config, self.model, self.tokenizer, self.split, self.rows = config, model, tokenizer, split, rows
         self.rewards, self.pad_id, self.count = rewards, pad_id, count
+        self.reference = reference  # the step-0 trainable weights, for --beta > 0 (None: no KL term)
         self.stops = stop_token_ids(tokenizer)
         self.where = split_where(config, "train")
         self.key = mx.random.key(config.seed)
@@ -213,10 +216,22 @@ class RolloutBatches:
         mask = (_padded(rollouts.completion_ids, -1) >= 0).astype(np.float32)
         batch = {"tokens": tokens, "prompt_lengths": np.array([len(p) for p in rollouts.prompt_ids], np.int32),
                  "mask": mask, "old_logps": np.zeros(mask.shape, np.float32),
-                 "advantages": np.array(advantages, dtype=np.float32)}
+                 "ref_logps": np.zeros(mask.shape, np.float32), "advantages": np.array(advantages, dtype=np.float32)}
         if config.num_iterations > 1:  # the sampling policy's log-probs, for the ratio on the reused steps
             batch["old_logps"] = self._logps(batch)
+        if self.reference is not None:
+            batch["ref_logps"] = self._reference_logps(batch)
         return batch, scores, rollouts
+
+    def _reference_logps(self, batch: Dict[str, np.ndarray]) -> np.ndarray:
+        """The step-0 model's log-probs of the batch: its trainable weights swapped in for one forward, and the
+        current ones (the same arrays, so bit for bit) swapped back. LoRA/DoRA swap only their adapters."""
+        current = dict(tree_flatten(self.model.trainable_parameters()))
+        self.model.load_weights(list(self.reference.items()), strict=False)
+        try:
+            return self._logps(batch)
+        finally:
+            self.model.load_weights(list(current.items()), strict=False)
 
     def _logps(self, batch: Dict[str, np.ndarray]) -> np.ndarray:
         was_training = getattr(self.model, "training", False)

@@ -98,7 +98,11 @@ def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
     run = Setup(model, tokenizer, model_config, model_path, origin, sizes, rows, train_split, splits.get("valid"),
                 batch_pad_id(tokenizer), steps, optimizer, memory, train_buckets(train_split, config), loss_fn)
     if rewards is not None:
-        run.rollouts = RolloutBatches(config, model, tokenizer, train_split, rows["train"], rewards, run.pad_id)
+        # beta > 0: the KL term's reference is the step-0 model, whose trainable weights are the ones held
+        # now (a resume loads the checkpoint later; set-up is seeded, so LoRA's initial adapters are the same).
+        reference = dict(tree_flatten(model.trainable_parameters())) if config.beta > 0 else None
+        run.rollouts = RolloutBatches(config, model, tokenizer, train_split, rows["train"], rewards, run.pad_id,
+                                      reference=reference)
         if run.valid_split is not None:
             run.validate = lambda m: validation_reward(m, tokenizer, run.valid_split, rows["valid"], rewards, config,
                                                        split_where(config, "valid"))
@@ -108,7 +112,8 @@ def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
 def grpo_options(config: Config) -> dict:
     """`grpo.grpo_batch_loss`'s keywords from the config."""
     return {"loss_type": config.loss_type, "epsilon": config.epsilon, "epsilon_high": config.epsilon_high,
-            "max_completion_length": config.max_completion_length, "reuse": config.num_iterations > 1}
+            "max_completion_length": config.max_completion_length, "reuse": config.num_iterations > 1,
+            "beta": config.beta}
 
 
 def check_memory(config: Config, model, model_config: dict, sizes: dict, train_split: TokenizedSplit, log) -> MemoryEstimate:
