@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,8 @@ from typer.testing import CliRunner
 
 from gmt_mlx import config as cfg
 from gmt_mlx.cli import app
+from gmt_mlx.config import Config
+from gmt_mlx.recipes.finetune import finetune
 from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run import rundir
 from gmt_mlx.run.killcheck import final_weights, kill_and_resume
@@ -234,3 +239,33 @@ def test_grpo_sigkill_and_resume_is_bit_for_bit(tiny_model_dir, prompt_data, tmp
                                       "1e-2", "--mask-ratio", "0.5", "--num-iterations", str(iterations), "--samples", "0",
                                       "--val-batches", "1"])
     assert problems == []
+
+
+LAUNCH = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(LAUNCH).exists(), reason="mlx.launch not installed")
+def test_two_ranks_train_grpo_like_one(tiny_model_dir, prompt_data, tmp_path):
+    """mlx.launch -n 2: every rank samples the whole batch and trains on its half of the groups; the step's
+    sums are all-reduced, so the weights equal one process's to float32 rounding (another summing order).
+    SGD, because Adam turns a rounding-size gradient (GRPO's advantages cancel) into a whole step of lr."""
+    values = dict(model=str(tiny_model_dir), data=str(prompt_data), train_mode="grpo", reward=DIGITS, iters=4,
+                  batch_size=2, num_generations=4, max_completion_length=6, learning_rate=0.3, optimizer="sgd",
+                  method="gmt",
+                  mask_ratio=0.5, steps_per_eval=4, val_batches=1, samples=0, steps_per_report=1, beta=0.05)
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"config": {**values, "out": str(tmp_path / "two")}}]))
+    launched = subprocess.run([LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable,
+                               str(ROOT / "tests" / "dist_driver.py"), str(jobs)], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    two = tmp_path / "two"
+    assert (two / "model").is_dir(), launched.stdout[-2000:] + launched.stderr[-2000:]
+    assert (two / "rank-0.sha256").read_text() == (two / "rank-1.sha256").read_text()
+    finetune(Config(**values, out=str(tmp_path / "one")), log=lambda *_: None)
+    a, b = final_weights(tmp_path / "one"), final_weights(two)
+    assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-5
+    one_rewards = [r["reward"] for r in records(tmp_path / "one", "train")]
+    assert one_rewards == [r["reward"] for r in records(two, "train")]  # the same rollouts
+    assert len(set(one_rewards)) > 1  # ... from weights that moved

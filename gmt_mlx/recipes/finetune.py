@@ -56,8 +56,6 @@ def finetune(
     if not main:
         log = lambda *_: None  # noqa: E731
     check_batch_size(config.batch_size, group.size())
-    if config.train_mode == "grpo" and group.size() > 1:
-        raise UserError("--train-mode grpo runs on one process for now (rollouts are not sharded over ranks yet)")
     plan = plan_run(config, overwrite=overwrite, resume=resume, force=force, ranks=group.size(), log=log)  # fail fast
     if plan.finished:  # --resume of a finished run: report it, change nothing
         return finished_result(plan.out)
@@ -184,7 +182,7 @@ def _train(config: Config, run: Setup, logger: "RunLogger", start_step: int, gro
     """The loop from ``start_step``; return the last step done. Divergence and a lost rank become UserErrors."""
     on_step = logger.on_step
     if run.rollouts is not None:
-        run.rollouts.count = logger.count_tokens
+        run.rollouts.count, run.rollouts.shard = logger.count_tokens, (group.rank(), group.size())
         batches = iter(run.rollouts)
 
         def on_step(result):  # the rewards of the rollouts the step trained on, beside the loss's metrics

@@ -121,6 +121,9 @@ class RolloutBatches:
         self.config, self.model, self.tokenizer, self.split, self.rows = config, model, tokenizer, split, rows
         self.rewards, self.pad_id, self.count = rewards, pad_id, count
         self.reference = reference  # the step-0 trainable weights, for --beta > 0 (None: no KL term)
+        # (rank, ranks) of a data-parallel run: every rank samples and scores the whole batch (the same ids, as
+        # one process would: one draw covers the decode batch) and trains on its contiguous share of the groups.
+        self.shard = (0, 1)
         self.stops = stop_token_ids(tokenizer)
         self.where = split_where(config, "train")
         self.key = mx.random.key(config.seed)
@@ -170,9 +173,15 @@ class RolloutBatches:
             self.update_start = time.perf_counter()
             for batch in self.round.batches:
                 # Real tokens: prompts + completions (the pad id may equal a stop token, so not "!= pad").
-                self.count(int(batch["prompt_lengths"].sum() + batch["mask"].sum()))
+                self.count(int(self._mine(batch["prompt_lengths"]).sum() + self._mine(batch["mask"]).sum()))
                 self.served += 1
-                yield tuple(mx.array(batch[k]) for k in BATCH_KEYS)
+                yield tuple(mx.array(self._mine(batch[k])) for k in BATCH_KEYS)
+
+    def _mine(self, rows: np.ndarray) -> np.ndarray:
+        """This rank's rows of a micro-batch (whole groups: --batch-size is a multiple of the ranks)."""
+        rank, ranks = self.shard
+        per = len(rows) // ranks
+        return rows[rank * per : (rank + 1) * per]
 
     def _round_indices(self, round_index: int) -> List[int]:
         """The prompts of round ``round_index``: SFT's batch order (seed, epoch), one step's examples a round."""
