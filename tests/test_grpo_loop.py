@@ -152,6 +152,8 @@ def test_mean_reward_rises_on_a_reward_the_model_can_learn(tiny_model_dir, promp
     evals = records(out, "eval")
     assert [e["step"] for e in evals] == [0, 12]  # greedy validation from step 0
     assert evals[-1]["val_reward"] > evals[0]["val_reward"]
+    card = (out / "model" / "README.md").read_text()
+    assert "on the GRPO (dapo loss), reward tests.test_grpo_loop:digit_share" in card and "- grpo\n" in card
 
 
 def test_reused_rollouts_and_accumulation_run(tiny_model_dir, prompt_data, tmp_path):
