@@ -104,6 +104,14 @@ def test_rows_the_rewards_cannot_score_name_the_file_and_row(tiny_model_dir, tmp
     assert "train.jsonl, row 1: no prompt" in line
 
 
+def test_long_prompts_are_kept_whole_with_a_warning(tiny_model_dir, prompt_data, tmp_path):
+    result = runner.invoke(app, grpo_args(tiny_model_dir, prompt_data, tmp_path / "o", "--max-seq-length", "16",
+                                          "--iters", "1", "--steps-per-eval", "0", "--reward", DIGITS))
+    assert result.exit_code == 0, result.output
+    assert "warning: 8 train prompts leave less than --max-completion-length 6 tokens within --max-seq-length 16" \
+        in result.output
+
+
 def test_a_reward_function_that_raises_stops_the_run_in_one_line(tiny_model_dir, prompt_data, tmp_path):
     line = message(runner.invoke(app, grpo_args(tiny_model_dir, prompt_data, tmp_path / "o",
                                                 "--reward", "tests.test_grpo_loop:broken_reward")))

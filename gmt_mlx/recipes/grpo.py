@@ -59,9 +59,12 @@ def split_where(config: Config, name: str) -> str:
     return str(data / f"{name}.jsonl") if data.is_dir() else f"{config.data} ({name} split)"
 
 
-def prompt_splits(config: Config, rows: Dict[str, list], tokenizer, rewards: RewardSet) -> Dict[str, TokenizedSplit]:
+def prompt_splits(config: Config, rows: Dict[str, list], tokenizer, rewards: RewardSet,
+                  log: Callable[[str], None] = print) -> Dict[str, TokenizedSplit]:
     """Each split's prompts as token ids (an `Example` with no targets: the completions are sampled), after
-    checking that every row has a prompt and what the rewards need; one line naming the row otherwise."""
+    checking that every row has a prompt and what the rewards need; one line naming the row otherwise.
+    Prompts are never cut (a cut question has another answer): one longer than --max-seq-length less
+    --max-completion-length is kept whole, with a warning."""
     splits = {}
     for name, split_rows in rows.items():
         where = split_where(config, name)
@@ -74,6 +77,12 @@ def prompt_splits(config: Config, rows: Dict[str, list], tokenizer, rewards: Rew
             ids = prompt_tokens(tokenizer, prompt)
             examples.append(Example(ids, []))
         rewards.check_rows(split_rows, where)
+        room = config.max_seq_length - config.max_completion_length
+        long = sum(len(e.tokens) > room for e in examples)
+        if long:
+            log(f"warning: {long} {name} prompts leave less than --max-completion-length "
+                f"{config.max_completion_length} tokens within --max-seq-length {config.max_seq_length}; they are "
+                "kept whole (the rows grow past it)")
         splits[name] = TokenizedSplit(examples, 0, name, max_seq_length=config.max_seq_length)
     return splits
 

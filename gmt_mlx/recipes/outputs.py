@@ -195,7 +195,7 @@ class RunLogger:
         if self.run.valid_split is None:
             return
         # Every rank evaluates its share; only rank 0 reports and saves.
-        if self.run.validate is not None:  # GRPO: the greedy answers' mean reward, "loss" its negative
+        if self.run.validate is not None:  # GRPO: the greedy answers' mean reward (every rank the whole split)
             result = self.run.validate(self.run.model)
         else:
             result = split_loss(self.run.model, self.run.valid_split, batch_size=self.config.batch_size,

@@ -75,7 +75,10 @@ def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
     sizes = prepare_model(model, config)
     if config.grad_checkpoint:
         enable_grad_checkpoint(model)
-    splits = prompt_splits(config, rows, tokenizer, rewards) if rewards else tokenize_splits(config, rows, tokenizer, log)
+    if rewards is not None:  # GRPO: prompts only, the completions are sampled
+        splits = prompt_splits(config, rows, tokenizer, rewards, log)
+    else:
+        splits = tokenize_splits(config, rows, tokenizer, log)
     train_split = splits["train"]
     check_step_fits(len(train_split), config)  # again: tokenizing may have dropped examples
     steps = total_steps(config, len(train_split))
