@@ -36,15 +36,15 @@ WEIGHT_ROUNDINGS = ("stochastic", "nearest")
 ASSISTANT_TURNS = ("final", "all")  # which assistant turns of a chat are targets under mask_prompt
 MASK_SCOPES = ("tensor", "layer", "global")
 MASK_TARGETS = ("grad", "update")
-TRAIN_MODES = ("sft", "dpo", "orpo")
+TRAIN_MODES = ("sft", "dpo", "orpo", "grpo")
 # The objectives trained on prompt/chosen/rejected pairs (the one test: Config.preference, is_preference).
 PREFERENCE_MODES = ("dpo", "orpo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 # Online RL (GRPO, core/grpo.py): how the per-token loss is normalised, and how rewards are scaled
-# into advantages; both as TRL defines them. Choice lists only, no Config field reads them yet.
+# into advantages; both as TRL defines them.
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 REWARD_SCALINGS = ("group", "batch", "none")
-# The coming --reward takes any --scorer name (evaluation/scorers.py), a module:function, and these
+# --reward takes any --scorer name (evaluation/scorers.py), a module:function, and these
 # rewards of its own (evaluation/rewards.py): "format", a final answer in a form the scorers read, at the end.
 REWARD_EXTRAS = ("format",)
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "muon")
@@ -59,8 +59,11 @@ DISTRIBUTED_BACKENDS = ("any", "ring", "mpi", "nccl", "jaccl")
 # stays as asked: per layer its norm costs a backward pass more, and without
 # it the main job lost most of its gain (RESULTS.md, issue 22's fourth round).
 LOW_MEMORY = {"train_dtype": "bfloat16", "moments": "4bit", "dtype": "bfloat16", "update_per_layer": True}
-# Keys of one preference objective only (the train mode they apply to).
-TRAIN_MODE_KEYS = {"beta": "dpo", "dpo_loss": "dpo", "label_smoothing": "dpo", "orpo_lambda": "orpo"}
+GRPO_KEYS = ("num_generations", "reward", "reward_weights", "scale_rewards", "loss_type", "epsilon", "epsilon_high",
+             "num_iterations", "temperature", "top_p", "max_completion_length")
+# Keys of some objectives only (the train modes they apply to): config.diff ignores them elsewhere.
+TRAIN_MODE_KEYS = {"beta": ("dpo", "grpo"), "dpo_loss": ("dpo",), "label_smoothing": ("dpo",), "orpo_lambda": ("orpo",),
+                   **{key: ("grpo",) for key in GRPO_KEYS}}
 
 
 def opt(default, help: str, choices: tuple = (), group: str = "Training", cli: bool = True, common: bool = False):
@@ -113,11 +116,24 @@ class Config:
     lora_keys: str = opt("", "Comma-separated block-relative module names to adapt, e.g. self_attn.q_proj,self_attn.v_proj (empty: every linear layer of the block).", group="LoRA")
 
     # Objective (DESIGN.md decision 10): the same loop, methods and mask for every mode
-    train_mode: str = opt("sft", "sft (next-token loss on the targets), dpo (direct preference optimisation against the step-0 model, whose log-probabilities are computed once) or orpo (odds-ratio preference optimisation, no reference). dpo/orpo read prompt/chosen/rejected rows.", TRAIN_MODES, group="Objective", common=True)
-    beta: float = opt(0.1, "DPO's beta: how far the tuned model may move from the step-0 model (larger: stays closer).", group="Objective")
+    train_mode: str = opt("sft", "sft (next-token loss on the targets), dpo (preference optimisation against the step-0 model, its log-probabilities computed once), orpo (odds-ratio, no reference) or grpo (online RL: sampled completions scored by --reward).", TRAIN_MODES, group="Objective", common=True)
+    beta: Optional[float] = opt(None, "DPO's beta: how far the tuned model may move from the step-0 model (larger: stays closer). GRPO's weight of the KL term to the step-0 model (0: none, and no reference kept; > 0 keeps the step-0 trainable weights: a second copy for full/gmt/random, the initial adapters for lora/dora).  [default: 0.1; 0 for grpo]", group="Objective")
     dpo_loss: str = opt("sigmoid", "DPO loss: sigmoid (DPO), ipo (IPO, on per-token averaged log-probabilities) or hinge (SLiC).", DPO_LOSSES, group="Objective")
     label_smoothing: float = opt(0.0, "DPO sigmoid loss: the assumed probability that a pair's preference is flipped (conservative DPO), in [0, 0.5).", group="Objective")
     orpo_lambda: float = opt(0.1, "ORPO's lambda: the weight of the odds-ratio term next to the chosen answer's NLL.", group="Objective")
+
+    # GRPO (--train-mode grpo): rollouts, rewards and the clipped loss, as TRL's GRPOTrainer defines them
+    num_generations: int = opt(4, "Completions sampled per prompt (a group; its rewards' mean is the baseline), at least 2. --batch-size counts prompts.", group="GRPO")
+    reward: str = opt("exact", "Comma-separated rewards, summed: a scorer (exact, number, gsm8k, boxed, reasoning_gym[:TASK]; exact/number/gsm8k/boxed need the row's answer), format (ends on a \\boxed{} or #### answer), or a module:function(prompt, completion, row) -> float.", group="GRPO")
+    reward_weights: Optional[str] = opt(None, "One weight per --reward, comma-separated, e.g. 1,0.5.  [default: 1 each]", group="GRPO")
+    scale_rewards: str = opt("group", "Divide each group's centred rewards by the group's reward std (group, GRPO), the batch's (batch) or nothing (none, Dr. GRPO).", REWARD_SCALINGS, group="GRPO")
+    loss_type: str = opt("dapo", "How per-token losses are averaged: dapo / bnpo (over all completion tokens of the step), grpo (per completion, then over completions) or dr_grpo (sum / (completions x --max-completion-length)).", GRPO_LOSS_TYPES, group="GRPO")
+    epsilon: float = opt(0.2, "Clip the probability ratio to new/old policy from below at 1 - epsilon.", group="GRPO")
+    epsilon_high: Optional[float] = opt(None, "Clip it from above at 1 + epsilon_high (DAPO's clip-higher: e.g. 0.28).  [default: --epsilon]", group="GRPO")
+    num_iterations: int = opt(1, "Optimizer steps on each batch of rollouts (more than 1: the ratio and the clip act).", group="GRPO")
+    temperature: float = opt(1.0, "Sampling temperature of the rollouts (> 0); validation decodes greedily.", group="GRPO")
+    top_p: float = opt(1.0, "Nucleus sampling of the rollouts, in (0, 1] (1: off).", group="GRPO")
+    max_completion_length: int = opt(64, "Most tokens sampled per completion (and generated per validation answer).", group="GRPO")
 
     # Optimisation
     optimizer: str = opt("adamw", "Base optimizer that the mask wraps.", OPTIMIZERS)
@@ -162,6 +178,8 @@ class Config:
 
     def __post_init__(self) -> None:
         self.method = METHOD_ALIASES.get(self.method, self.method)
+        if self.beta is None:  # per mode: GRPO's default is no KL term (no reference held), DPO's 0.1
+            self.beta = 0.0 if self.train_mode == "grpo" else 0.1
 
     @property
     def preference(self) -> bool:
@@ -184,7 +202,9 @@ class Config:
             check_mask_ratio(self.mask_ratio)
         except ValueError:
             raise UserError(f"--mask-ratio must be in [0, 1) (the fraction dropped), got {self.mask_ratio}") from None
-        if self.beta <= 0:
+        if self.train_mode == "grpo":
+            self._validate_grpo()
+        elif self.beta <= 0:
             raise UserError(f"--beta must be positive, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise UserError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
@@ -228,6 +248,23 @@ class Config:
         if any(not key.strip() for key in self.lora_keys.split(",")) and self.lora_keys.strip():
             raise UserError(f"--lora-keys must be comma-separated module names, got {self.lora_keys!r}")
         return self
+
+    def _validate_grpo(self) -> None:
+        if self.beta < 0:
+            raise UserError(f"--beta must be 0 (no KL term) or more for --train-mode grpo, got {self.beta}")
+        if self.num_generations < 2:
+            raise UserError(f"--num-generations must be at least 2 (a group's rewards are compared with each "
+                            f"other), got {self.num_generations}")
+        for name in ("num_iterations", "max_completion_length"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be positive (rollouts are sampled), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise UserError(f"--epsilon must be in [0, 1) and --epsilon-high 0 or more, got {self.epsilon} and "
+                            f"{self.epsilon_high}")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -347,4 +384,4 @@ def diff(a: Dict[str, Any], b: Dict[str, Any], ignore=Config.COSMETIC) -> Dict[s
     modes = (a.get("train_mode", "sft"), b.get("train_mode", "sft"))
     return {k: (a.get(k), b.get(k)) for k in sorted(keys)
             if a.get(k) != b.get(k) and any(applies(k, m) for m in methods)
-            and (k not in TRAIN_MODE_KEYS or TRAIN_MODE_KEYS[k] in modes)}
+            and (k not in TRAIN_MODE_KEYS or set(TRAIN_MODE_KEYS[k]) & set(modes))}

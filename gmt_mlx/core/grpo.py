@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from gmt_mlx.config import GRPO_LOSS_TYPES, REWARD_SCALINGS
 
@@ -176,3 +177,48 @@ def grpo_loss(logps: mx.array, old_logps: Optional[mx.array], ref_logps: Optiona
         per_token = per_token + beta * kl
         metrics["kl"] = _masked_mean(mx.stop_gradient(kl), mask)
     return _aggregate(per_token, mask, loss_type, max_completion_length), metrics
+
+
+def completion_logps(model: nn.Module, tokens: mx.array, prompt_lengths: mx.array, width: int) -> mx.array:
+    """(B, ``width``) float32 log-probabilities of each completion token given its prompt and the completion
+    before it, at temperature 1, from one forward over the right-padded prompt + completion rows.
+
+    ``tokens`` (B, L) holds row b's prompt in [0, prompt_lengths[b]) and its
+    completion right after it; padding follows, which a causal model's real
+    positions never see. Positions past a row's end hold what padding predicts:
+    the caller's completion mask zeroes them. Differentiable in the model's parameters.
+    """
+    logits = model(tokens[:, :-1]).astype(mx.float32)
+    token_logps = -nn.losses.cross_entropy(logits, tokens[:, 1:])  # (B, L - 1): logp of token t + 1
+    # Completion token j of row b is token prompt_length[b] + j, predicted at position prompt_length[b] + j - 1.
+    positions = prompt_lengths[:, None] - 1 + mx.arange(width)[None, :]
+    positions = mx.minimum(positions, token_logps.shape[1] - 1)
+    return mx.take_along_axis(token_logps, positions, axis=1)
+
+
+def grpo_batch_loss(model: nn.Module, tokens: mx.array, prompt_lengths: mx.array, mask: mx.array,
+                    old_logps: mx.array, ref_logps: mx.array, advantages: mx.array, *, loss_type: str = "dapo",
+                    epsilon: float = 0.2, epsilon_high: Optional[float] = None, beta: float = 0.0,
+                    max_completion_length: Optional[int] = None,
+                    reuse: bool = False) -> Tuple[mx.array, mx.array, Dict[str, mx.array]]:
+    """`grpo_loss` of a rollout batch as the trainer's losses return theirs: (summed loss, unit count, metric sums).
+
+    The trainer divides a step's sums by its total count, so the count is what
+    the loss type averages over: completion tokens for dapo/bnpo (a step of
+    several micro-batches then averages over all their tokens, as TRL's dapo
+    does over its generation batch; TRL's bnpo would average per micro-batch),
+    completions for grpo and dr_grpo. The clip metrics are weighted by the same
+    count (low_min/high_max become count-weighted means across micro-batches).
+    ``old_logps`` are read only when ``reuse`` (--num-iterations > 1); otherwise
+    the batch was sampled by these very weights and the ratio is 1 (its gradient is still ∇logps).
+    ``ref_logps`` (the step-0 model's) are read only when ``beta`` > 0 (the KL term; metric "kl").
+    """
+    logps = completion_logps(model, tokens, prompt_lengths, mask.shape[1])
+    loss, metrics = grpo_loss(logps, old_logps if reuse else None, ref_logps if beta else None, advantages, mask,
+                              loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta,
+                              max_completion_length=max_completion_length)
+    # Not mask.sum(): an output that is the very node the loss divides by fails under mx.compile's
+    # value_and_grad (MLX 0.30: "_Map_base::at"); this count is equal, and its own node.
+    tokens_count = (mask > 0).astype(mx.float32).sum()
+    count = tokens_count if loss_type in ("dapo", "bnpo") else mx.array(float(mask.shape[0]))
+    return loss * count, count, {k: v * count for k, v in metrics.items()}

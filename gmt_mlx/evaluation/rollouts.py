@@ -22,8 +22,8 @@ a resume must sample with the same prompts, options and ``batch_size``, from
 the same weights (and, for bit-equal logits, on the same backend).
 
 Layer: evaluation, next to `evaluate.generate_batch` (generation, on a loaded
-model); it needs nothing of the package above mlx and mlx-lm, so recipes and
-the CLI can both use it.
+model); of the package it needs only core.grpo's `completion_logps` (the
+same log-probs the GRPO loss takes), so recipes and the CLI can both use it.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from gmt_mlx.core.grpo import completion_logps
 
 
 @dataclass
@@ -210,10 +212,5 @@ def rollout_logps(model: nn.Module, rollouts: Rollouts, pad_id: int) -> mx.array
     Differentiable in the model's parameters, so a loss can call it.
     """
     tokens, prompt_lengths = rollouts.padded_tokens(pad_id)
-    logits = model(tokens[:, :-1]).astype(mx.float32)
-    token_logps = -nn.losses.cross_entropy(logits, tokens[:, 1:])  # (B, L - 1): logp of token t + 1
     mask = rollouts.completion_mask()
-    # Completion token j of row b is token prompt_length[b] + j, predicted at position prompt_length[b] + j - 1.
-    positions = prompt_lengths[:, None] - 1 + mx.arange(mask.shape[1])[None, :]
-    positions = mx.minimum(positions, token_logps.shape[1] - 1)
-    return mx.take_along_axis(token_logps, positions, axis=1) * mask
+    return completion_logps(model, tokens, prompt_lengths, mask.shape[1]) * mask

@@ -170,6 +170,13 @@ def objective_text(config: Dict[str, Any]) -> str:
                 "reference = the step-0 model")
     if mode == "orpo":
         return f"ORPO, lambda {config.get('orpo_lambda', 0.1):g} (no reference model)"
+    if mode == "grpo":
+        high = config.get("epsilon_high")
+        clip = f"clip {config.get('epsilon', 0.2):g}" + (f"/{high:g}" if high is not None else "")
+        return (f"GRPO ({config.get('loss_type', 'dapo')} loss), reward {config.get('reward')}, "
+                f"{config.get('num_generations', 4)} completions per prompt, rewards scaled by "
+                f"{config.get('scale_rewards', 'group')}, {clip}, "
+                + (f"KL beta {config['beta']:g} to the step-0 model" if config.get("beta") else "no KL term"))
     return "SFT (next-token loss)"
 
 
@@ -331,7 +338,7 @@ def card_metadata(config: Dict[str, Any], origin: ModelOrigin, *, adapter: bool,
         meta["datasets"] = list(datasets)
     meta["pipeline_tag"] = "text-generation"
     tags = ["gmt", "mlx", "gmt-mlx", "gradient-mask-tuning", config.get("method", "gmt")]
-    tags += [config["train_mode"]] if is_preference(config.get("train_mode")) else []
+    tags += [config["train_mode"]] if is_preference(config.get("train_mode")) or config.get("train_mode") == "grpo" else []
     tags += ["lora"] if adapter and "lora" not in tags else []
     meta["tags"] = list(dict.fromkeys(tags))
     return meta
@@ -352,10 +359,13 @@ def _intro(config: Dict[str, Any], base_id: Optional[str], *, dtype: str, checkp
         what = (f"the full weights{merged} in Hugging Face format (safetensors, {dtype}): "
                 "they load with `transformers` and `mlx_lm`")
     details = [f"step {step}"] if step is not None else []
-    details += [f"validation loss {_fmt(checkpoint_val_loss)}"] if checkpoint_val_loss is not None else []
+    if checkpoint_val_loss is not None:  # GRPO's validation "loss" is minus the mean reward
+        grpo = config.get("train_mode") == "grpo"
+        details += [f"validation reward {_fmt(-checkpoint_val_loss)}" if grpo else f"validation loss {_fmt(checkpoint_val_loss)}"]
     source = "the final model" if checkpoint == "last" else f"checkpoint `{checkpoint}`"
     source += f" ({', '.join(details)})" if details else ""
-    objective = f" on the {objective_text(config)} objective" if is_preference(config.get("train_mode")) else ""
+    named = is_preference(config.get("train_mode")) or config.get("train_mode") == "grpo"
+    objective = f" on the {objective_text(config)} objective" if named else ""
     return (f"{base_text} fine-tuned with {METHOD_NAMES.get(method, f'`{method}`')}{objective} using gmt-mlx on "
             f"[MLX](https://github.com/ml-explore/mlx). This repository holds {what}; exported from {source}.")
 

@@ -192,6 +192,9 @@ def _check_out(spec: CompareSpec, out: Path) -> None:
     """Refuse an empty spec, and an --out that is a file or a folder of something other than a comparison."""
     if not spec.methods or not spec.seeds:
         raise UserError("compare needs at least one method and one seed")
+    if spec.base.train_mode == "grpo":  # its step-0 point and table would mix SFT's loss with GRPO's reward
+        raise UserError("compare --train-mode grpo is not supported yet; run gmt-mlx finetune --train-mode grpo "
+                        "once per method")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "runs").is_dir() and not (out / RESULTS_JSON).is_file():

@@ -68,6 +68,8 @@ def finetune(
     reference = DpoReference(config, run, plan)
     reference.check_saved()
     start_step, best_val = _open_run_dir(plan, config, run, main, log)
+    if run.rollouts is not None:  # GRPO: the sampling key (and a round in use) from the checkpoint
+        run.rollouts.restore(start_step, (plan.meta or {}).get("rollouts"), str(plan.checkpoint))
     print_summary(config, run, log)
     reference.compute(write=main, log=log)
     if group.size() > 1:
@@ -75,8 +77,8 @@ def finetune(
     prompts, before = samples_before(config, run, plan.out, fresh=plan.checkpoint is None, log=log) if main else ([], [])
 
     logger = RunLogger(config, run, plan.out, group, best_val=best_val, start_step=start_step, on_validation=on_validation)
-    if config.preference and plan.checkpoint is None:
-        logger.on_eval(0, initial=True)  # where preference training starts (DPO: ln 2, policy = reference)
+    if (config.preference or run.validate is not None) and plan.checkpoint is None:
+        logger.on_eval(0, initial=True)  # where preference training starts (DPO: ln 2, policy = reference), GRPO's reward
     _train_to_the_end(config, run, plan, logger, start_step, group, log)
     if not main:  # the other ranks hold the same weights; rank 0 writes them
         return logger.result(rundir.model_dir(plan.out), [], start_step)
@@ -178,15 +180,24 @@ def _open_run_dir(plan: RunPlan, config: Config, run: Setup, main: bool, log) ->
 
 def _train(config: Config, run: Setup, logger: "RunLogger", start_step: int, group, log) -> int:
     """The loop from ``start_step``; return the last step done. Divergence and a lost rank become UserErrors."""
-    batches = train_batches(run.train_split, config, run.pad_id, start_step * config.grad_accumulation_steps,
-                             shard=(group.rank(), group.size()), buckets=run.buckets, count=logger.count_tokens)
+    on_step = logger.on_step
+    if run.rollouts is not None:
+        run.rollouts.count, run.rollouts.shard = logger.count_tokens, (group.rank(), group.size())
+        batches = iter(run.rollouts)
+
+        def on_step(result):  # the rewards of the rollouts the step trained on, beside the loss's metrics
+            result.metrics.update(run.rollouts.step_metrics())
+            logger.on_step(result)
+    else:
+        batches = train_batches(run.train_split, config, run.pad_id, start_step * config.grad_accumulation_steps,
+                                shard=(group.rank(), group.size()), buckets=run.buckets, count=logger.count_tokens)
     try:
         with stop_on_sigint(log) as should_stop:
             return train(
                 run.model, run.optimizer, batches, iters=run.steps, start_step=start_step,
                 grad_accumulation_steps=config.grad_accumulation_steps, grad_clip=config.grad_clip, loss_fn=run.loss_fn,
                 steps_per_eval=config.steps_per_eval, should_stop=should_stop, max_bad_steps=config.max_bad_steps,
-                group=group, on_step=logger.on_step, on_eval=logger.on_eval, update_per_layer=config.update_per_layer,
+                group=group, on_step=on_step, on_eval=logger.on_eval, update_per_layer=config.update_per_layer,
             )
     except NonFiniteError as err:
         latest = rundir.latest_checkpoint(logger.out)

@@ -174,6 +174,8 @@ class RunLogger:
         if result.skipped:
             self.progress.message(f"step {result.step}: non-finite loss or gradient, update skipped")
         shown = {"acc": round(result.metrics["reward_accuracy"], 3)} if "reward_accuracy" in result.metrics else {}
+        if "reward" in result.metrics:  # GRPO: the sampled completions' mean reward
+            shown = {"reward": round(result.metrics["reward"], 3)}
         self.progress.update(result.step, loss=result.loss, **shown, tok_s=round(tps), kept=round(kept_fraction, 3))
         if result.step % config.steps_per_report == 0 or result.step == steps or result.skipped:
             self.write({
@@ -193,18 +195,16 @@ class RunLogger:
         if self.run.valid_split is None:
             return
         # Every rank evaluates its share; only rank 0 reports and saves.
-        result = split_loss(self.run.model, self.run.valid_split, batch_size=self.config.batch_size,
-                            pad_id=self.run.pad_id, max_batches=self.config.val_batches, group=self.group,
-                            loss_fn=self.run.loss_fn)
+        if self.run.validate is not None:  # GRPO: the greedy answers' mean reward (every rank the whole split)
+            result = self.run.validate(self.run.model)
+        else:
+            result = split_loss(self.run.model, self.run.valid_split, batch_size=self.config.batch_size,
+                                pad_id=self.run.pad_id, max_batches=self.config.val_batches, group=self.group,
+                                loss_fn=self.run.loss_fn)
         if not self.main:
             return
         improved = not initial and (self.best_val is None or result["loss"] < self.best_val)
-        if result["ppl"] is not None:
-            exact = f", exact {result['exact_match']:.1%}" if "exact_match" in result else ""
-            detail = f" (ppl {result['ppl']:.2f}{exact})"
-        else:
-            detail = f" (reward accuracy {result['reward_accuracy']:.3f}, margin {result['reward_margin']:.3f})"
-        self.progress.message(f"step {step}: val loss {result['loss']:.4f}{detail}" + (" *best*" if improved else ""))
+        self.progress.message(f"step {step}: {describe_validation(result)}" + (" *best*" if improved else ""))
         metrics = {f"val_{k}": v for k, v in result.items() if k not in ("loss", "tokens", "ppl")}
         self.write({"type": "eval", "step": step, "val_loss": result["loss"], "val_ppl": result["ppl"], **metrics,
                     "wall_time": time.perf_counter() - self.t_start})
@@ -216,6 +216,17 @@ class RunLogger:
                     self.checkpoints.save_best(step, result["loss"], self.best_val)
         if self.on_validation is not None:
             self.on_validation(step, self.run.model, {**result, "best": improved})
+
+
+def describe_validation(result: dict) -> str:
+    """A validation result in a few words for the progress output."""
+    if "reward" in result:  # GRPO: the greedy answers' mean reward ("loss" is its negative)
+        return f"val reward {result['reward']:.4f}"
+    if result["ppl"] is not None:
+        exact = f", exact {result['exact_match']:.1%}" if "exact_match" in result else ""
+        return f"val loss {result['loss']:.4f} (ppl {result['ppl']:.2f}{exact})"
+    return (f"val loss {result['loss']:.4f} (reward accuracy {result['reward_accuracy']:.3f}, "
+            f"margin {result['reward_margin']:.3f})")
 
 
 class RunCheckpoints:
@@ -250,5 +261,6 @@ class RunCheckpoints:
         return ckpt.save_checkpoint(
             path, self.run.model, self.run.optimizer, step=step, config=self.config.to_dict(),
             extra={"best_val_loss": best_val, "total_steps": self.run.steps,
-                   "micro_batches": step * self.config.grad_accumulation_steps, "arithmetic": self.arithmetic, **extra},
+                   "micro_batches": step * self.config.grad_accumulation_steps, "arithmetic": self.arithmetic,
+                   **({"rollouts": self.run.rollouts.state()} if self.run.rollouts is not None else {}), **extra},
         )

@@ -174,7 +174,9 @@ def total_steps(config: Config, n_train: int) -> int:
     """Optimizer steps for the run: --iters, or --epochs over the training split."""
     if config.epochs is None:
         return config.iters
-    return max(1, math.ceil(config.epochs * max(1, n_train // step_examples(config))))
+    # GRPO trains --num-iterations steps on each step's worth of prompts (a round of rollouts).
+    reuse = config.num_iterations if config.train_mode == "grpo" else 1
+    return max(1, math.ceil(config.epochs * max(1, n_train // step_examples(config)) * reuse))
 
 
 def step_examples(config: Config) -> int:

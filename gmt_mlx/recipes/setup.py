@@ -31,6 +31,7 @@ from gmt_mlx.models.loading import load_base
 from gmt_mlx.models.methods import enable_grad_checkpoint, prepare_model
 from gmt_mlx.models.resolve import ModelOrigin, model_origin
 from gmt_mlx.publish.card import objective_text
+from gmt_mlx.recipes.grpo import RolloutBatches, prompt_splits, rewards_of, split_where, validation_reward
 from gmt_mlx.recipes.plan import check_step_fits, tokenize_splits, total_steps, train_buckets
 from gmt_mlx.run.memory import DTYPE_BYTES, MemoryEstimate, advice, available_bytes, estimate, moment_storage
 
@@ -54,6 +55,10 @@ class Setup:
     memory: MemoryEstimate
     buckets: List[int]
     loss_fn: Callable = field(default=None, repr=False)  # the train mode's loss (losses.make_loss)
+    # --train-mode grpo: the loop's batches (rollouts sampled as it goes) and the validation (greedy answers'
+    # mean reward) that replace the split's batches and loss; None for the other modes.
+    rollouts: Optional[RolloutBatches] = field(default=None, repr=False)
+    validate: Optional[Callable[[Any], dict]] = field(default=None, repr=False)
 
 
 def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
@@ -62,6 +67,7 @@ def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
     if not config.data:
         raise UserError("--data is required (a folder with train.jsonl, a data file, a saved dataset or a Hub dataset id)")
     rows = load_splits(config.data, **data_options(config))  # read the data before the (slow) model load
+    rewards = rewards_of(config) if config.train_mode == "grpo" else None  # unknown rewards before the model load
     if rows.get("train"):  # before the (slow) model load too
         check_step_fits(len(rows["train"]), config)
     # LoRA/DoRA keep a quantized base quantized (QLoRA); full-weight methods need floats.
@@ -69,7 +75,10 @@ def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
     sizes = prepare_model(model, config)
     if config.grad_checkpoint:
         enable_grad_checkpoint(model)
-    splits = tokenize_splits(config, rows, tokenizer, log)
+    if rewards is not None:  # GRPO: prompts only, the completions are sampled
+        splits = prompt_splits(config, rows, tokenizer, rewards, log)
+    else:
+        splits = tokenize_splits(config, rows, tokenizer, log)
     train_split = splits["train"]
     check_step_fits(len(train_split), config)  # again: tokenizing may have dropped examples
     steps = total_steps(config, len(train_split))
@@ -87,14 +96,33 @@ def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
     )
     memory = check_memory(config, model, model_config, sizes, train_split, log)
     loss_fn = make_loss(config.train_mode, beta=config.beta, dpo_loss_type=config.dpo_loss,
-                        label_smoothing=config.label_smoothing, orpo_lambda=config.orpo_lambda)
+                        label_smoothing=config.label_smoothing, orpo_lambda=config.orpo_lambda, grpo=grpo_options(config))
     origin = model_origin(config.model, model_path)
-    return Setup(model, tokenizer, model_config, model_path, origin, sizes, rows, train_split, splits.get("valid"),
-                 batch_pad_id(tokenizer), steps, optimizer, memory, train_buckets(train_split, config), loss_fn)
+    run = Setup(model, tokenizer, model_config, model_path, origin, sizes, rows, train_split, splits.get("valid"),
+                batch_pad_id(tokenizer), steps, optimizer, memory, train_buckets(train_split, config), loss_fn)
+    if rewards is not None:
+        # beta > 0: the KL term's reference is the step-0 model, whose trainable weights are the ones held
+        # now (a resume loads the checkpoint later; set-up is seeded, so LoRA's initial adapters are the same).
+        reference = dict(tree_flatten(model.trainable_parameters())) if config.beta > 0 else None
+        run.rollouts = RolloutBatches(config, model, tokenizer, train_split, rows["train"], rewards, run.pad_id,
+                                      reference=reference)
+        if run.valid_split is not None:
+            run.validate = lambda m: validation_reward(m, tokenizer, run.valid_split, rows["valid"], rewards, config,
+                                                       split_where(config, "valid"))
+    return run
+
+
+def grpo_options(config: Config) -> dict:
+    """`grpo.grpo_batch_loss`'s keywords from the config."""
+    return {"loss_type": config.loss_type, "epsilon": config.epsilon, "epsilon_high": config.epsilon_high,
+            "max_completion_length": config.max_completion_length, "reuse": config.num_iterations > 1,
+            "beta": config.beta}
 
 
 def check_memory(config: Config, model, model_config: dict, sizes: dict, train_split: TokenizedSplit, log) -> MemoryEstimate:
     longest = max(train_split.lengths())
+    if config.train_mode == "grpo":  # a GRPO row is a prompt and a sampled completion, G rows per prompt
+        longest += config.max_completion_length
     seq_len = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
     params = tree_flatten(model.parameters())
     weight_bytes = sum(v.nbytes for _, v in params)
@@ -102,7 +130,7 @@ def check_memory(config: Config, model, model_config: dict, sizes: dict, train_s
     block, outer = block_sizes(model)  # the per-layer update's units
     # A preference batch holds two rows per pair; DPO's reference pass (forward only, at the
     # same batch) stays below the training step's peak, so the step's estimate covers it.
-    rows = 2 if config.preference else 1
+    rows = 2 if config.preference else (config.num_generations if config.train_mode == "grpo" else 1)
 
     def estimate_with(**settings) -> MemoryEstimate:
         values = {"train_dtype": config.train_dtype, "moments": config.moments, "grad_clip": config.grad_clip,
@@ -132,8 +160,11 @@ def check_memory(config: Config, model, model_config: dict, sizes: dict, train_s
 def print_summary(config: Config, run: Setup, log) -> None:
     """Start-up summary: the derived numbers a user should see before waiting."""
     sizes, train_split, valid_split = run.sizes, run.train_split, run.valid_split
-    rows = 2 if config.preference else 1  # a pair is two sequences
-    tokens_per_step = config.batch_size * config.grad_accumulation_steps * rows * np.mean(train_split.lengths())
+    grpo = config.train_mode == "grpo"
+    rows = 2 if config.preference else (config.num_generations if grpo else 1)  # a pair is two sequences
+    # GRPO: each prompt's G completions, at most --max-completion-length tokens each (the bound is shown).
+    length = np.mean(train_split.lengths()) + (config.max_completion_length if grpo else 0)
+    tokens_per_step = config.batch_size * config.grad_accumulation_steps * rows * length
     updated = sizes["trainable"] * (1 - config.mask_ratio) if config.masked else sizes["trainable"]
     waste = padding_waste(train_split, config.batch_size, seed=config.seed, buckets=run.buckets)
     embedded = run.origin.embedded
@@ -144,12 +175,12 @@ def print_summary(config: Config, run: Setup, log) -> None:
         log(f"model      {config.model} ({run.model_path})")
     log(f"blas       {describe_blas()}")
     log(f"method     {config.method}" + (f" mask_ratio={config.mask_ratio} scope={config.mask_scope} target={config.mask_target}" if config.masked else ""))
-    if config.preference:
+    if config.preference or grpo:
         log(f"objective  {objective_text(config.to_dict())}")
     log(f"params     {sizes['trainable']:,} trainable of {sizes['total']:,} ({100 * sizes['trainable'] / sizes['total']:.1f}%)")
-    log(f"per step   ~{tokens_per_step:.0f} tokens, ~{updated:,.0f} gradient entries kept")
+    log(f"per step   {'<=' if grpo else '~'}{tokens_per_step:.0f} tokens, ~{updated:,.0f} gradient entries kept")
     log(f"data       {len(train_split)} train / {len(valid_split) if valid_split else 0} valid "
-        f"{'pairs' if config.preference else 'examples'}; "
+        f"{'pairs' if config.preference else 'prompts' if grpo else 'examples'}; "
         f"padding waste {100 * waste:.1f}% ({len(run.buckets)} batch widths)")
     if config.method not in cfg.ADAPTER_METHODS:
         rounding = f", {config.weight_rounding} rounding" if config.train_dtype == "bfloat16" else ""
