@@ -160,7 +160,7 @@ class Config:
     weight_rounding: str = opt("stochastic", "How an update is rounded into bfloat16 weights: stochastic (unbiased: small updates are kept on average) or nearest (small updates are lost, as in plain bfloat16 training).", WEIGHT_ROUNDINGS, group="Memory")
     moments: str = opt("auto", "Storage of adam/adamw's moments: auto (the weights' dtype), float32, bfloat16 (stochastically rounded), 8bit (block-wise m and sqrt(v)), 4bit (the same in 4 bits) or 8bit-factored (8-bit m, v factored into row and column averages).", MOMENTS, group="Memory")
     update_per_layer: bool = opt(False, "Run the backward pass one transformer block at a time, each block updated (and its gradient freed) before the next block's gradient exists: the whole gradient is never held, for one more forward pass per step. Needs --grad-clip 0 and a mask scope other than global.", group="Memory")
-    low_memory: bool = opt(False, "Every memory saving that kept float32's quality on the main job: bfloat16 weights (stochastic rounding), 4-bit moments, update per layer (clipping costs a backward pass), saved in bfloat16 (your options win). README, Memory.", group="Memory", common=True)
+    low_memory: bool = opt(False, "Every saving that kept float32's quality on the main job: bfloat16 weights (stochastic rounding), 4-bit moments, update per layer, saved in bfloat16 (your options win).", group="Memory", common=True)
     report_to: str = opt("", "Comma-separated trackers that also get metrics.jsonl's records and the config: tensorboard (RUN_DIR/tensorboard/, pip install 'gmt-mlx[tensorboard]'), wandb (pip install 'gmt-mlx[wandb]').", group="Reporting")
 
     # Checkpoints, resume and guards
