@@ -39,6 +39,7 @@ CASES = [  # method, moments, weights dtype
     ("sft", "8bit", "bfloat16"),
     ("gmt", "8bit", "bfloat16"),
     ("gmt", "8bit-factored", "bfloat16"),
+    ("gmt", "4bit", "bfloat16"),
 ]
 
 
@@ -84,12 +85,15 @@ def step_times(steps: int = 6) -> dict:
     tokens = mx.array(np.random.default_rng(0).integers(0, 512, (4, 128)), mx.int32)
     batch = (tokens, mx.ones(tokens.shape))
     runs = {}
-    for kind in ("fused", "per-layer"):
+    # "-clip": global clipping at 1.0 (per layer: a norm-only backward pass first).
+    for kind in ("fused", "per-layer", "fused-clip", "per-layer-clip"):
         mx.random.seed(0)
         model = llama.Model(args)
         opt = build_optimizer("adamw", 1e-4, method="gmt", mask_ratio=0.2)
         opt.init(model.trainable_parameters())
-        fn = make_fused_step(model, opt) if kind == "fused" else make_layerwise_step(model, opt, sft_loss)
+        clip = 1.0 if kind.endswith("clip") else 0.0
+        fn = (make_fused_step(model, opt, sft_loss, clip) if kind.startswith("fused")
+              else make_layerwise_step(model, opt, sft_loss, grad_clip=clip))
         runs[kind] = (fn, training_state(model, opt))
     times = {kind: [] for kind in runs}
     for i in range(steps + 1):
@@ -110,8 +114,10 @@ def main() -> None:
         cells = " | ".join(f"{update_bytes(method, moments, dtype, mode):.1f}" for mode in modes)
         print(f"| {method} | {moments} | {dtype} | {cells} |")
     times = step_times()
-    print(f"\nstep time, 16-block llama, gmt, float32, batch 4 x 128: per-layer / fused = "
-          f"{times['per-layer'] / times['fused']:.2f}x (medians of 6 steps, same process)")
+    print(f"\nstep time, 16-block llama, gmt, float32, batch 4 x 128 (medians of 6 steps, same process): "
+          f"per-layer / fused = {times['per-layer'] / times['fused']:.2f}x; with --grad-clip 1: "
+          f"{times['per-layer-clip'] / times['fused-clip']:.2f}x; per-layer clip / no clip = "
+          f"{times['per-layer-clip'] / times['per-layer']:.2f}x")
 
 
 if __name__ == "__main__":
