@@ -84,3 +84,10 @@ def test_a_tensor_updated_in_one_slice():
     # whole tensor as one slice, 22 bytes per entry.
     whole = _estimate(update_per_layer=True, chunk=LARGEST)
     assert whole.gradients == (OUTER + BLOCK) * 2 + LARGEST * 22
+
+
+def test_mlx_optimizers_on_bfloat16_weights_work_on_float32_copies():
+    bf16 = _estimate(optimizer="adafactor", masked=False)
+    f32 = _estimate(optimizer="adafactor", masked=False, train_dtype="float32", weight_bytes=4 * N)
+    assert bf16.gradients == N * 2 + int(N * 2.4) + LARGEST * 6
+    assert f32.gradients == N * 4 + LARGEST * 6
