@@ -50,8 +50,9 @@ _PLAIN_WORK_COPY = 2.4
 # kernels (block scales, rounding) whose float32 temporaries MLX keeps alive
 # for many tensors at once: (bytes per trainable entry, bytes per entry of
 # the largest tensor). 8-bit: 0.64 GB at 135M and ~4.4 GB at 1.39B over the
-# whole gradient; 4-bit 0.86 GB at 135M; a factored v ~3 bytes per entry.
-_COMPACT_IN_FLIGHT = {"4bit": (2.7, 17.8), "8bit-factored": (3.0, 0)}
+# whole gradient; 4-bit 0.86 GB and bfloat16 moments 0.85 GB at 135M; a
+# factored v ~3 bytes per entry (135M 1.90 GB, 1.39B 11.44 GB).
+_COMPACT_IN_FLIGHT = {"4bit": (2.7, 17.8), "bfloat16": (2.7, 17.2), "8bit-factored": (3.0, 0)}
 _COMPACT_DEFAULT = (2.7, 9.6)
 # GMT's masks in that step: a byte per entry of the largest tensor's twice with
 # mlx's optimizers; with CompactAdamW's slower update they pile up: (bytes per
