@@ -22,8 +22,9 @@ from gmt_mlx.core.layerwise import block_sizes
 from gmt_mlx.core.losses import make_loss
 from gmt_mlx.core.compact import CHUNK_ENTRIES
 from gmt_mlx.core.optim import build_optimizer, make_schedule
+from gmt_mlx.core.precision import BLOCK
 from gmt_mlx.data.batching import pad_id as batch_pad_id
-from gmt_mlx.data.batching import PAD_MULTIPLE, padding_waste
+from gmt_mlx.data.batching import padding_waste
 from gmt_mlx.data.encoding import TokenizedSplit
 from gmt_mlx.data.sources import data_options, load_splits
 from gmt_mlx.errors import UserError
@@ -33,7 +34,8 @@ from gmt_mlx.models.resolve import ModelOrigin, model_origin
 from gmt_mlx.publish.card import objective_text
 from gmt_mlx.recipes.grpo import RolloutBatches, prompt_splits, rewards_of, split_where, validation_reward
 from gmt_mlx.recipes.plan import check_step_fits, tokenize_splits, total_steps, train_buckets
-from gmt_mlx.run.memory import DTYPE_BYTES, MemoryEstimate, advice, available_bytes, estimate, moment_storage
+from gmt_mlx.run.memory import (DTYPE_BYTES, PROCESS_BYTES, MemoryEstimate, advice, available_bytes, estimate,
+                                moment_storage)
 
 
 @dataclass
@@ -120,13 +122,18 @@ def grpo_options(config: Config) -> dict:
 
 
 def check_memory(config: Config, model, model_config: dict, sizes: dict, train_split: TokenizedSplit, log) -> MemoryEstimate:
-    longest = max(train_split.lengths())
+    # The widest training batch: length_buckets always keeps the longest example as a width of its own.
+    seq_len = max(train_split.lengths())
     if config.train_mode == "grpo":  # a GRPO row is a prompt and a sampled completion, G rows per prompt
-        longest += config.max_completion_length
-    seq_len = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+        seq_len += config.max_completion_length
     params = tree_flatten(model.parameters())
     weight_bytes = sum(v.nbytes for _, v in params)
-    largest = max((v.size for _, v in tree_flatten(model.trainable_parameters())), default=0)
+    trainable = [v for _, v in tree_flatten(model.trainable_parameters())]
+    largest = max((v.size for v in trainable), default=0)
+    widest = max(trainable, key=lambda v: v.size, default=None)
+    # The staged update slices a tensor by rows only when its rows are whole blocks (compact._apply_8bit).
+    chunk = CHUNK_ENTRIES if widest is None or widest.shape[-1] % BLOCK == 0 else largest
+    shapes = sum({tuple(v.shape): v.size for v in trainable}.values())  # GMT's tie ranks: one per entry of each shape
     block, outer = block_sizes(model)  # the per-layer update's units
     # A preference batch holds two rows per pair; DPO's reference pass (forward only, at the
     # same batch) stays below the training step's peak, so the step's estimate covers it.
@@ -142,17 +149,19 @@ def check_memory(config: Config, model, model_config: dict, sizes: dict, train_s
             seq_len=seq_len, optimizer=config.optimizer, masked=config.masked,
             grad_accumulation_steps=config.grad_accumulation_steps, grad_checkpoint=config.grad_checkpoint,
             mask_overlap=config.mask_overlap, largest=largest, block=block, outer=outer,
-            chunk=CHUNK_ENTRIES,
+            chunk=chunk, shapes=shapes,
             **values,
         )
 
     memory = estimate_with()
     available = available_bytes()
-    if config.memory_check and available and memory.total > available:
+    # The estimate is MLX's peak; the process itself (Python, MLX, the BLAS) needs PROCESS_BYTES more.
+    if config.memory_check and available and memory.total + PROCESS_BYTES > available:
         low = None
         if not config.low_memory and config.method not in cfg.ADAPTER_METHODS:
             low = estimate_with(**{k: v for k, v in cfg.LOW_MEMORY.items() if k != "dtype"}).total
-        raise UserError(f"estimated peak memory {memory.total / 1e9:.1f} GB exceeds the {available / 1e9:.1f} GB "
+        raise UserError(f"estimated peak memory {memory.total / 1e9:.1f} GB (+{PROCESS_BYTES / 1e9:.1f} GB for the "
+                        f"process) exceeds the {available / 1e9:.1f} GB "
                         f"available; {advice(config.method, low)}; or pass --no-memory-check to try anyway")
     return memory
 

@@ -1,11 +1,13 @@
 """Peak-memory estimate for a training run, and the memory this machine offers.
 
 The estimate is deliberately simple arithmetic so a user can follow it:
-weights + gradients (+ an accumulation buffer) + optimizer state + the
-masking temporaries + activations of one micro-batch. `finetune` prints it,
-refuses to start when it exceeds the available memory (``--no-memory-check``
-overrides), and writes it next to the measured peak in metrics.jsonl so its
-accuracy stays visible.
+weights + optimizer state + GMT's masking + the gradients (with an
+accumulation buffer and the update's temporaries) and the activations of one
+micro-batch; in the one compiled step only the larger of those two counts
+(see _PLAIN_IN_FLIGHT). It predicts MLX's own peak (mx.get_peak_memory);
+`finetune` prints it, refuses to start when it plus PROCESS_BYTES exceeds
+the available memory (``--no-memory-check`` overrides), and writes it next
+to the measured peak in metrics.jsonl so its accuracy stays visible.
 """
 
 from __future__ import annotations
@@ -25,17 +27,42 @@ _OPTIMIZER_WORDS = {"adamw": 2, "adam": 2, "sgd": 1, "muon": 1, "adafactor": 0.1
 # Bytes per trainable entry of Adam's two moments, by storage (compact.CompactAdamW):
 # 8-bit forms carry a float32 scale per block of 128 entries.
 _MOMENT_BYTES = {"float32": 8, "bfloat16": 4, "8bit": 2 + 2 * 4 / 128, "4bit": 1 + 2 * 4 / 128, "8bit-factored": 1 + 4 / 128}
-# Of the tensors being updated at one moment in the fused step: ~8 float32
-# copies of the largest (its gradient, old and new weights and moments,
-# temporaries). Measured: 1.05 GB over weights + state on a 309M llama whose
-# largest tensor has 32.8M entries.
-_IN_FLIGHT_COPIES = 8
-# The compact moments' update is a chain of kernels (block scales, row and
-# column means, rounding) whose float32 temporaries MLX's scheduler keeps
-# alive for many tensors at once: ~3.3 bytes per trainable entry, fitted to
-# the 1.39B benchmark shape (full --low-memory: MLX peak 11.44 GB) and within
-# 16% on a 309M llama (benchmarks/RESULTS.md). GMT's masks add ~1 byte there.
-_COMPACT_IN_FLIGHT = 3.3
+
+# Where each constant below was measured: benchmarks/RESULTS.md, "Issue 22:
+# the estimate against the measured peak" (SmolLM2-135M and the 1.39B shape,
+# one step of batch 1 x 49 tokens; `python benchmarks/estimate_check.py`
+# recomputes every row there with this code).
+#
+# The one compiled step (trainer.make_fused_step): MLX's scheduler runs the
+# whole backward pass before the first update, so the whole gradient (in the
+# weights' dtype) is held with or without --grad-clip (135M float32 adamw:
+# 2.28 / 2.18 GB for gmt / full both ways), and the activations are freed
+# by then: the step holds the larger of the two (135M: the same peak at
+# batch 1 and 4). Beyond the whole gradient, in flight during the update:
+# with mlx's own optimizers, bytes per entry of the largest tensor (adamw
+# ~1, adafactor's squared-gradient temporaries ~6) ...
+_PLAIN_IN_FLIGHT = {"adafactor": 6}
+# On bfloat16 weights mlx's own optimizers work on float32 copies of them
+# (optim.MaskedOptimizer), about 2.4 bytes per trainable entry alive at once
+# (135M, adafactor: 1.18 GB in bfloat16 against 1.50 in float32).
+_PLAIN_WORK_COPY = 2.4
+# ... and with CompactAdamW (moments stored in less than float32), a chain of
+# kernels (block scales, rounding) whose float32 temporaries MLX keeps alive
+# for many tensors at once: (bytes per trainable entry, bytes per entry of
+# the largest tensor). 8-bit: 0.64 GB at 135M and ~4.4 GB at 1.39B over the
+# whole gradient; 4-bit 0.86 GB and bfloat16 moments 0.85 GB at 135M; a
+# factored v ~3 bytes per entry (135M 1.90 GB, 1.39B 11.44 GB).
+_COMPACT_IN_FLIGHT = {"4bit": (2.7, 17.8), "bfloat16": (2.7, 17.2), "8bit-factored": (3.0, 0)}
+_COMPACT_DEFAULT = (2.7, 9.6)
+# GMT's masks in that step: a byte per entry of the largest tensor's twice with
+# mlx's optimizers; with CompactAdamW's slower update they pile up: (bytes per
+# trainable entry, per entry of the largest) (135M: gmt - full 0.30 GB with
+# 8-bit moments, 1.39B: 1.4 GB).
+_PLAIN_MASKS = 2
+_COMPACT_MASKS = (0.5, 6)
+# GMT's cached tie ranks: a uint16 per entry of each distinct trainable shape
+# (masking.position_rank), for the whole run (1.39B: 0.21 GB).
+_TIE_RANK_BYTES = 2
 # Updated per layer (layerwise), one tensor at a time, in bytes per entry of
 # the largest tensor (benchmarks/bench_update_memory.py, a 13.8M-entry
 # matrix): 12-13 with mlx's AdamW on float32 weights (one compiled update:
@@ -44,26 +71,41 @@ _COMPACT_IN_FLIGHT = 3.3
 # bytes per entry of one slice (``chunk`` entries) in flight, plus ~7 per
 # entry of the whole tensor (its masked gradient in float32, the mask, the
 # new slices until joined): 13.6 measured on that matrix, 13.7 from this rule.
+# 4-bit codes take one less (1.39B: 5.37 GB for gmt against 6.83 with 8-bit,
+# 2.86 - 1.47 GB of it the state); a factored v three more (the squared
+# gradient of the whole tensor for its row and column means: 5.63 GB). A
+# tensor whose rows are not whole blocks is one slice (135M's embedding,
+# 576 columns: 1.27 GB for gmt with 4-bit moments, 22 bytes per entry of it).
 _PER_TENSOR_UPDATE = 13
-_SLICE_UPDATE, _STAGED_UPDATE = 22, 7
+_SLICE_UPDATE = 22
+_STAGED_UPDATE = {"8bit": 7, "4bit": 6, "8bit-factored": 10}
+# Float32 copies of the logits per token: the logits, their log-softmax and its gradient.
+_LOGIT_COPIES = 3
+# What the process holds beside MLX's arrays (Python, MLX, the BLAS, the
+# tokenizer, the heap): RSS minus MLX's peak, 0.3-0.7 GB from 135M to 1.39B.
+# The refusal keeps it as headroom.
+PROCESS_BYTES = int(0.5e9)
 
 
 @dataclass
 class MemoryEstimate:
     weights: int
-    gradients: int
+    gradients: int  # with the update's temporaries
     optimizer: int
     masking: int
     activations: int
+    fused: bool = False  # one compiled step: activations and gradients are not held at once, the larger counts
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.masking + self.activations
+        held = max(self.gradients, self.activations) if self.fused else self.gradients + self.activations
+        return self.weights + self.optimizer + self.masking + held
 
     def describe(self) -> str:
         gb = lambda x: f"{x / 1e9:.2f}"  # noqa: E731
-        return (f"~{gb(self.total)} GB (weights {gb(self.weights)}, gradients {gb(self.gradients)}, "
-                f"optimizer {gb(self.optimizer)}, masking {gb(self.masking)}, activations {gb(self.activations)})")
+        join = " or " if self.fused else ", "
+        return (f"~{gb(self.total)} GB (weights {gb(self.weights)}, optimizer {gb(self.optimizer)}, "
+                f"masking {gb(self.masking)}, gradients {gb(self.gradients)}{join}activations {gb(self.activations)})")
 
 
 def moment_storage(moments: str, train_dtype: str) -> str:
@@ -93,22 +135,25 @@ def estimate(
     block: int = 0,
     outer: int = 0,
     chunk: int = 1 << 22,
+    shapes: int = 0,
 ) -> MemoryEstimate:
-    """Estimate the peak bytes of one training step (trainer.make_fused_step).
+    """Estimate the peak bytes of one training step (trainer.make_fused_step, or layerwise's).
 
     ``largest``: entries of the largest trainable tensor (0: guessed from the
-    vocabulary and hidden size). ``masked``: Config.masked.
+    vocabulary and hidden size). ``masked``: Config.masked. ``shapes``: the
+    entries of the distinct trainable shapes, GMT's tie ranks (0: ``largest``).
+    ``seq_len``: the longest training batch's width.
 
-    The fused step frees each gradient as soon as its update ran, so a whole
-    gradient (in the weights' dtype) is only counted when something needs it
-    all before the first update: global clipping (``grad_clip`` > 0) or the
-    accumulation buffer (``grad_accumulation_steps`` > 1: both).
+    The fused step holds the whole gradient whatever ``grad_clip`` says (see
+    _PLAIN_IN_FLIGHT; the argument is kept for callers), and the accumulation
+    buffer with ``grad_accumulation_steps`` > 1.
 
     ``update_per_layer`` (layerwise): ``block`` is the largest block's
     trainable entries and ``outer`` those outside the blocks (embeddings,
     head), whose gradient waits for the end of the backward pass; one block
     is recomputed at a time, with every block's input kept. ``chunk``: the
-    slice of a large tensor one staged 8-bit update works on (compact.CHUNK_ENTRIES).
+    slice of a large tensor one staged 8-bit update works on (compact.CHUNK_ENTRIES; the
+    whole tensor when its rows are not whole blocks of 128).
     """
     hidden = int(hf_config.get("hidden_size", 0))
     width = DTYPE_BYTES.get(train_dtype, F32)
@@ -116,28 +161,52 @@ def estimate(
     storage = moment_storage(moments, train_dtype)
     compact = optimizer in ("adam", "adamw") and not (storage == "float32" and train_dtype == "float32")
     if update_per_layer:
-        in_flight = (largest * _STAGED_UPDATE + min(largest, chunk) * _SLICE_UPDATE if compact
-                     else largest * _PER_TENSOR_UPDATE)
-        gradients = trainable * width * (grad_accumulation_steps > 1) + (outer + block) * width + in_flight
+        gradients = _per_layer_gradient_bytes(trainable, width, largest, grad_accumulation_steps, block, outer,
+                                              storage if compact else "", chunk)
     else:
-        gradients = _fused_gradient_bytes(trainable, width, largest, grad_clip, grad_accumulation_steps, compact)
-    # With mlx's AdamW the masks are built and consumed tensor by tensor (in the
-    # in-flight term); --mask-overlap's sample, and the compact moments' slower
-    # update, keep them (a byte per entry) until the step ends.
-    masking = trainable if masked and (mask_overlap or compact) and not update_per_layer else 0
+        gradients = _fused_gradient_bytes(trainable, width, largest, optimizer, grad_accumulation_steps,
+                                          storage if compact else "")
+    masking = _masking_bytes(trainable, largest, shapes or largest, update_per_layer, compact, mask_overlap) if masked else 0
     activations = _activation_bytes(hf_config, batch_size, seq_len, width, grad_checkpoint or update_per_layer)
     return MemoryEstimate(weight_bytes, int(gradients), _optimizer_bytes(optimizer, storage, trainable, width),
-                          masking, activations)
+                          masking, activations, fused=not update_per_layer)
 
 
-def _fused_gradient_bytes(trainable: int, width: int, largest: int, grad_clip: float, grad_accumulation_steps: int,
-                          compact: bool) -> int:
-    """Gradients and update temporaries of the fused step (see estimate)."""
-    whole = (grad_clip > 0) + (grad_accumulation_steps > 1) * 2
-    gradients = trainable * width * min(whole, 2) + largest * F32 * _IN_FLIGHT_COPIES
+def _fused_gradient_bytes(trainable: int, width: int, largest: int, optimizer: str, grad_accumulation_steps: int,
+                          compact: str) -> int:
+    """The whole gradient (and accumulation buffer) and the update's temporaries in the fused step;
+    ``compact``: CompactAdamW's storage, or ""."""
+    gradients = trainable * width * (1 + (grad_accumulation_steps > 1))
     if compact:
-        gradients += int(trainable * _COMPACT_IN_FLIGHT)
-    return gradients
+        per_entry, per_largest = _COMPACT_IN_FLIGHT.get(compact, _COMPACT_DEFAULT)
+        return gradients + int(trainable * per_entry + largest * per_largest)
+    work = trainable * _PLAIN_WORK_COPY if width < F32 else 0
+    return gradients + int(work) + largest * _PLAIN_IN_FLIGHT.get(optimizer, 1)
+
+
+def _per_layer_gradient_bytes(trainable: int, width: int, largest: int, grad_accumulation_steps: int, block: int,
+                              outer: int, compact: str, chunk: int) -> int:
+    """The per-layer step's gradients outside the blocks and one block's (and the accumulation buffer), and
+    the largest tensor's update (staged in slices with quantized moments); ``compact`` as above."""
+    if compact in _STAGED_UPDATE and chunk >= largest:  # one slice: the whole tensor (SmolLM2-135M's embedding)
+        in_flight = largest * _SLICE_UPDATE
+    elif compact in _STAGED_UPDATE:
+        in_flight = largest * _STAGED_UPDATE[compact] + chunk * _SLICE_UPDATE
+    else:
+        in_flight = largest * _PER_TENSOR_UPDATE
+    return trainable * width * (grad_accumulation_steps > 1) + (outer + block) * width + in_flight
+
+
+def _masking_bytes(trainable: int, largest: int, shapes: int, update_per_layer: bool, compact: bool,
+                   mask_overlap: bool) -> int:
+    """GMT's tie ranks and its masks (see the constants); --mask-overlap keeps every mask until the step ends."""
+    if update_per_layer:
+        masks = largest
+    elif compact:
+        masks = trainable * _COMPACT_MASKS[0] + largest * _COMPACT_MASKS[1]
+    else:
+        masks = largest * _PLAIN_MASKS
+    return int(shapes * _TIE_RANK_BYTES + masks + trainable * mask_overlap)
 
 
 def _optimizer_bytes(optimizer: str, storage: str, trainable: int, width: int) -> int:
@@ -161,7 +230,7 @@ def _activation_bytes(hf_config: Dict, batch_size: int, seq_len: int, width: int
     per_layer = tokens * (12 * hidden + 4 * inter) * width + batch_size * heads * seq_len * seq_len * 2 * width
     kept_layers = 1 if recompute else layers
     checkpoint_inputs = tokens * hidden * width * layers if recompute else 0
-    logits = tokens * vocab * F32 * 3  # logits, log-softmax, and their gradient
+    logits = tokens * vocab * F32 * _LOGIT_COPIES
     return per_layer * kept_layers + checkpoint_inputs + logits
 
 
