@@ -68,7 +68,8 @@ class CompactAdamW(optim.Optimizer):
     - ``8bit``: ~2 bytes: m as int8 and sqrt(v) as uint8, each with a float32
       scale per block of 128 entries, stochastically rounded
       (precision.quantize_signed / quantize_root say why this v is stable);
-    - ``4bit``: ~1 byte: the same in 4 bits, two codes a byte (m: -7..7,
+    - ``4bit``: ~1 byte: the same in 4 bits, two codes a byte (m: a sign and
+      a power of two of its block's largest, precision._quantize_signed4;
       sqrt(v): 1..15 of its block's largest, 0 only for v = 0);
     - ``8bit-factored``: ~1 byte: m in 8 bits, and v of a matrix kept as
       the moving averages of its rows' and columns' mean squared gradient
@@ -116,7 +117,7 @@ class CompactAdamW(optim.Optimizer):
             state["m"], state["v"] = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
             return
         blocks, codes = parameter.size // BLOCK, self._codes_shape(shape)
-        # 4 bits: a zero code byte is -8 twice, so m starts at its scale's 0 * -8 = 0 all the same.
+        # 4 bits: a zero byte is magnitude 0 twice, so m starts at 0 as in 8 bits.
         state["m_codes"] = mx.zeros(codes, mx.int8 if self.bits == 8 else mx.uint8)
         state["m_scale"] = mx.zeros((blocks,), mx.float32)
         if form == "factored":
@@ -188,7 +189,7 @@ class CompactAdamW(optim.Optimizer):
         step = max(1, CHUNK_ENTRIES // cols) if self.staged and cols % BLOCK == 0 else rows
         g = g.reshape(rows, cols)
         row, col_term = self._factored_v(g, state) if "v_row" in state else (None, None)
-        v_codes, code_cols = state.get("v_codes"), cols // 2 if self.bits == 4 else cols
+        v_codes, code_cols = state.get("v_codes"), self._codes_shape((rows, cols))[1]
         tensor = _Rows(g, parameter.reshape(rows, cols), state["m_codes"].reshape(rows, code_cols), state["m_scale"],
                        None if v_codes is None else v_codes.reshape(rows, code_cols), state.get("v_scale"), row, col_term)
         pieces: Dict[str, list] = {"new": [], "m_codes": [], "m_scale": [], "v_codes": [], "v_scale": []}
