@@ -164,11 +164,15 @@ def test_mean_reward_rises_on_a_reward_the_model_can_learn(tiny_model_dir, promp
     assert "on the GRPO (dapo loss), reward tests.test_grpo_loop:digit_share" in card and "- grpo\n" in card
 
 
-def test_reused_rollouts_and_accumulation_run(tiny_model_dir, prompt_data, tmp_path):
-    """--num-iterations 2: the second step on a round has a ratio away from 1 (old log-probs are the sampler's)."""
+@pytest.mark.parametrize("temperature", ["1.0", "0.7"])
+def test_reused_rollouts_and_accumulation_run(tiny_model_dir, prompt_data, tmp_path, temperature):
+    """--num-iterations 2: the second step on a round has a ratio away from 1 (old log-probs are the sampler's).
+    At a temperature other than 1 the first step's ratio is still exactly 1: the old log-probs and the loss's
+    are both taken at the sampling temperature (TRL's), not one of them at 1."""
     out = tmp_path / "run"
     result = runner.invoke(app, grpo_args(tiny_model_dir, prompt_data, out, "--reward", DIGITS, "--learning-rate",
                                           "3e-2", "--num-iterations", "2", "--grad-accumulation-steps", "2",
+                                          "--temperature", temperature,
                                           "--batch-size", "1", "--epsilon", "0.01", "--steps-per-eval", "0"))
     assert result.exit_code == 0, result.output
     train = records(out, "train")

@@ -253,3 +253,26 @@ def test_loss_refuses_what_it_cannot_mean():
         grpo_loss(*args, loss_type="dr_grpo")
     with pytest.raises(ValueError, match="ref_logps"):
         grpo_loss(*args[:2], None, *args[3:], beta=0.1)
+
+
+@needs_trl
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
+def test_completion_logps_are_trls_at_the_sampling_temperature(temperature):
+    """TRL scores completions with selective_log_softmax(logits, ids, temperature): the sampling policy's
+    log-probs. completion_logps on the same logits, prompt lengths and ids gives the same numbers."""
+    import torch
+    from trl.trainer.utils import selective_log_softmax
+
+    rng = np.random.default_rng(7)
+    rows, length, vocab = 3, 10, 17
+    tokens = rng.integers(0, vocab, (rows, length)).astype(np.int32)
+    prompt_lengths = np.array([2, 4, 3], dtype=np.int32)
+    width = length - int(prompt_lengths.min())
+    logits = rng.normal(0, 2.0, (rows, length - 1, vocab)).astype(np.float32)
+    got = np.array(grpo.completion_logps(lambda _: mx.array(logits), mx.array(tokens), mx.array(prompt_lengths),
+                                         width, temperature))
+    for b in range(rows):
+        start = int(prompt_lengths[b])  # completion token j = tokens[start + j], predicted at start + j - 1
+        ids = torch.tensor(tokens[b, start:], dtype=torch.long)
+        want = selective_log_softmax(torch.tensor(logits[b, start - 1:]), ids, temperature=temperature).numpy()
+        np.testing.assert_allclose(got[b, : len(want)], want, rtol=TOL, atol=1e-6)

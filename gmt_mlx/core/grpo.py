@@ -179,9 +179,13 @@ def grpo_loss(logps: mx.array, old_logps: Optional[mx.array], ref_logps: Optiona
     return _aggregate(per_token, mask, loss_type, max_completion_length), metrics
 
 
-def completion_logps(model: nn.Module, tokens: mx.array, prompt_lengths: mx.array, width: int) -> mx.array:
+def completion_logps(model: nn.Module, tokens: mx.array, prompt_lengths: mx.array, width: int,
+                     temperature: float = 1.0) -> mx.array:
     """(B, ``width``) float32 log-probabilities of each completion token given its prompt and the completion
-    before it, at temperature 1, from one forward over the right-padded prompt + completion rows.
+    before it, at ``temperature``, from one forward over the right-padded prompt + completion rows.
+
+    The temperature is the rollouts' (TRL's selective_log_softmax(logits / T)): the policy whose ratio,
+    clip and gradient the loss takes is the one that sampled, not the model's untempered distribution.
 
     ``tokens`` (B, L) holds row b's prompt in [0, prompt_lengths[b]) and its
     completion right after it; padding follows, which a causal model's real
@@ -189,6 +193,8 @@ def completion_logps(model: nn.Module, tokens: mx.array, prompt_lengths: mx.arra
     the caller's completion mask zeroes them. Differentiable in the model's parameters.
     """
     logits = model(tokens[:, :-1]).astype(mx.float32)
+    if temperature != 1.0:
+        logits = logits / temperature
     token_logps = -nn.losses.cross_entropy(logits, tokens[:, 1:])  # (B, L - 1): logp of token t + 1
     # Completion token j of row b is token prompt_length[b] + j, predicted at position prompt_length[b] + j - 1.
     positions = prompt_lengths[:, None] - 1 + mx.arange(width)[None, :]
@@ -199,8 +205,8 @@ def completion_logps(model: nn.Module, tokens: mx.array, prompt_lengths: mx.arra
 def grpo_batch_loss(model: nn.Module, tokens: mx.array, prompt_lengths: mx.array, mask: mx.array,
                     old_logps: mx.array, ref_logps: mx.array, advantages: mx.array, *, loss_type: str = "dapo",
                     epsilon: float = 0.2, epsilon_high: Optional[float] = None, beta: float = 0.0,
-                    max_completion_length: Optional[int] = None,
-                    reuse: bool = False) -> Tuple[mx.array, mx.array, Dict[str, mx.array]]:
+                    max_completion_length: Optional[int] = None, reuse: bool = False,
+                    temperature: float = 1.0) -> Tuple[mx.array, mx.array, Dict[str, mx.array]]:
     """`grpo_loss` of a rollout batch as the trainer's losses return theirs: (summed loss, unit count, metric sums).
 
     The trainer divides a step's sums by its total count, so the count is what
@@ -212,8 +218,9 @@ def grpo_batch_loss(model: nn.Module, tokens: mx.array, prompt_lengths: mx.array
     ``old_logps`` are read only when ``reuse`` (--num-iterations > 1); otherwise
     the batch was sampled by these very weights and the ratio is 1 (its gradient is still ∇logps).
     ``ref_logps`` (the step-0 model's) are read only when ``beta`` > 0 (the KL term; metric "kl").
+    All three are log-probabilities at the rollouts' ``temperature``.
     """
-    logps = completion_logps(model, tokens, prompt_lengths, mask.shape[1])
+    logps = completion_logps(model, tokens, prompt_lengths, mask.shape[1], temperature)
     loss, metrics = grpo_loss(logps, old_logps if reuse else None, ref_logps if beta else None, advantages, mask,
                               loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta,
                               max_completion_length=max_completion_length)

@@ -203,14 +203,14 @@ def sample_rollouts(
     return Rollouts(rows, completions, truncated, num_generations, start, sampler.key)
 
 
-def rollout_logps(model: nn.Module, rollouts: Rollouts, pad_id: int) -> mx.array:
+def rollout_logps(model: nn.Module, rollouts: Rollouts, pad_id: int, temperature: float = 1.0) -> mx.array:
     """(B, T) float32 log-probabilities of each completion token given its prompt and the completion
-    before it, at temperature 1; 0 past a row's end (`Rollouts.completion_mask` says where).
+    before it, at ``temperature``; 0 past a row's end (`Rollouts.completion_mask` says where).
 
     One forward over the right-padded prompt + completion rows (`Rollouts.padded_tokens`):
-    the distribution the tokens were sampled from, before temperature and top-p.
+    the distribution the tokens were sampled from at that temperature, before top-p (as TRL scores them).
     Differentiable in the model's parameters, so a loss can call it.
     """
     tokens, prompt_lengths = rollouts.padded_tokens(pad_id)
     mask = rollouts.completion_mask()
-    return completion_logps(model, tokens, prompt_lengths, mask.shape[1]) * mask
+    return completion_logps(model, tokens, prompt_lengths, mask.shape[1], temperature) * mask

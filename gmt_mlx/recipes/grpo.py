@@ -256,7 +256,7 @@ class RolloutBatches:
         self.model.eval()  # no dropout: the log-probs of the policy that sampled
         try:
             logps = completion_logps(self.model, mx.array(batch["tokens"]), mx.array(batch["prompt_lengths"]),
-                                     batch["mask"].shape[1]) * mx.array(batch["mask"])
+                                     batch["mask"].shape[1], self.config.temperature) * mx.array(batch["mask"])
             return np.array(logps, dtype=np.float32)
         finally:
             self.model.train(was_training)

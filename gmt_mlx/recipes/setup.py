@@ -118,7 +118,7 @@ def grpo_options(config: Config) -> dict:
     """`grpo.grpo_batch_loss`'s keywords from the config."""
     return {"loss_type": config.loss_type, "epsilon": config.epsilon, "epsilon_high": config.epsilon_high,
             "max_completion_length": config.max_completion_length, "reuse": config.num_iterations > 1,
-            "beta": config.beta}
+            "beta": config.beta, "temperature": config.temperature}
 
 
 def check_memory(config: Config, model, model_config: dict, sizes: dict, train_split: TokenizedSplit, log) -> MemoryEstimate:
