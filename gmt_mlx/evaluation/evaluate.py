@@ -6,6 +6,8 @@ scored by pluggable scorers, see `scorers.py`), `evaluate_model` (both, on
 an already loaded model) and `evaluate` (load a model or run directory and a
 data split, then both). How to evaluate is one `EvalOptions` value, which
 `gmt-mlx eval` builds from its options and hands to `evaluate`.
+`reward_evaluation` scores greedy answers with GRPO's rewards (`--reward`):
+the same measure as a GRPO run's validation reward.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from gmt_mlx.data.formats import is_preference_row
 from gmt_mlx.data.sources import load_splits
 from gmt_mlx.errors import UserError
 from gmt_mlx.evaluation.reference import reference_logps
+from gmt_mlx.evaluation.rewards import RewardSet, parse_rewards, reward_stats
+from gmt_mlx.evaluation.rollouts import completion_text, grpo_prompt, sample_rollouts, stop_token_ids
 from gmt_mlx.evaluation.scorers import get_scorer, reference_of
 from gmt_mlx.run import rundir
 
@@ -40,29 +44,35 @@ DEFAULT_MAX_SEQ_LENGTH = 2048
 class EvalOptions:
     """How to evaluate: the split, what to measure and with which settings (`gmt-mlx eval`'s options).
 
-    ``mask_prompt``, ``assistant_turns``, ``max_seq_length`` and the data
-    options (``columns``, ``data_config``, ``data_splits``: how to read the
-    data) left None mean "the run's own, else the default": `for_run` fills
-    them in. ``limit`` caps the prompts generated for, never the loss.
+    ``scorers``, ``rewards``, ``max_tokens``, ``mask_prompt``, ``assistant_turns``,
+    ``max_seq_length`` and the data options (``columns``, ``data_config``,
+    ``data_splits``: how to read the data) left None mean "the run's own, else
+    the default": `for_run` fills them in. A GRPO run's own are its rewards
+    (``--reward``, ``--reward-weights``) and its --max-completion-length, with no
+    scorer; anything else's are the "exact" scorer and DEFAULT_MAX_TOKENS.
+    ``limit`` caps the prompts generated for, never the loss.
     """
 
     split: str = "test"
-    scorers: Tuple[str, ...] = ("exact",)
+    scorers: Optional[Tuple[str, ...]] = None
     mask_prompt: Optional[bool] = None
     assistant_turns: Optional[str] = None
     max_seq_length: Optional[int] = None
     batch_size: int = DEFAULT_BATCH_SIZE
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens: Optional[int] = None
     limit: Optional[int] = None
     loss: bool = True
     generate: bool = True
     columns: Optional[str] = None
     data_config: Optional[str] = None
     data_splits: Optional[str] = None
+    rewards: Optional[str] = None  # --reward's names ("number,format"), scored on greedy answers
+    reward_weights: Optional[str] = None
 
     def __post_init__(self) -> None:
         # A list of scorer names (parse_scorers, a CompareSpec) is accepted; a tuple keeps the value frozen.
-        object.__setattr__(self, "scorers", tuple(self.scorers))
+        if self.scorers is not None:
+            object.__setattr__(self, "scorers", tuple(self.scorers))
 
     def data_options(self) -> Dict[str, Optional[str]]:
         """{columns, data_config, data_splits}: `load_splits`' keywords."""
@@ -76,13 +86,30 @@ class EvalOptions:
         """
         own = sources.data_options(dict(run)) if not data or data == run.get("data") else {}
         given = {key: value for key, value in self.data_options().items() if value is not None}
+        grpo = run.get("train_mode") == "grpo"
+        # A GRPO run asked for nothing in particular is scored by its own rewards.
+        own_rewards = grpo and self.rewards is None and not self.scorers
+        rewards = run.get("reward", "exact") if own_rewards else self.rewards
+        weights = run.get("reward_weights") if own_rewards else self.reward_weights
+        scorers = self.scorers if self.scorers is not None else (() if rewards else ("exact",))
+        max_tokens = self.max_tokens or (run.get("max_completion_length") if grpo else None) or DEFAULT_MAX_TOKENS
         return replace(
             self,
+            scorers=scorers, rewards=rewards, reward_weights=weights, max_tokens=max_tokens,
             mask_prompt=run.get("mask_prompt", True) if self.mask_prompt is None else self.mask_prompt,
             assistant_turns=self.assistant_turns or run.get("assistant_turns") or "final",
             max_seq_length=self.max_seq_length or run.get("max_seq_length", DEFAULT_MAX_SEQ_LENGTH),
             **{**own, **given},
         )
+
+    def reward_set(self) -> Optional[RewardSet]:
+        """The rewards to score with (`rewards.parse_rewards`: one-line errors), None without any."""
+        return parse_rewards(self.rewards, self.reward_weights) if self.rewards else None
+
+
+def split_where(data: str, split: str) -> str:
+    """How a split's rows are named in messages: its JSONL file when the data is a folder of them."""
+    return str(Path(data) / f"{split}.jsonl") if Path(data).is_dir() else f"{data} ({split} split)"
 
 
 def split_loss(
@@ -133,7 +160,12 @@ def split_loss(
 
 
 def prompt_of(row: dict) -> Optional[object]:
-    """The prompt part of a data row (chat messages before the last, or the prompt)."""
+    """The prompt part of a data row (chat messages before the last, all of them when the last is the
+    user's, or the prompt)."""
+    messages = row.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") != "assistant":
+        return messages
     if "messages" in row and len(row["messages"]) > 1:
         return row["messages"][:-1]
     if "prompt" in row:
@@ -234,6 +266,84 @@ def generation_accuracy(
     return {"accuracy": accuracy, "count": len(items), "items": items}
 
 
+def limited(rows: List[dict], limit: Optional[int]) -> List[dict]:
+    """The first ``limit`` rows (None or negative: all)."""
+    return rows[:limit] if limit is not None and limit >= 0 else rows
+
+
+def check_reward_rows(rows: List[dict], rewards: RewardSet, where: Optional[str] = None) -> None:
+    """A one-line UserError naming the first row with no prompt, or without what a reward reads."""
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict) or grpo_prompt(row) is None:
+            raise UserError(f"{where + ', ' if where else ''}row {index + 1}: no prompt to answer "
+                            f"(--reward scores answers to chat or prompt rows)")
+    rewards.check_rows(rows, where)
+
+
+def reward_evaluation(
+    model: nn.Module,
+    tokenizer,
+    rows: List[dict],
+    rewards: RewardSet,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    where: Optional[str] = None,
+    prompt_ids: Optional[List[List[int]]] = None,
+    checked: bool = False,
+    on_batch: Optional[Callable[[int, int], None]] = None,
+) -> dict:
+    """Greedy answers to every row's prompt, scored by ``rewards``, as GRPO's validation scores them.
+
+    Each answer is decoded from the sampled ids without its stop token
+    (`rollouts.completion_text`), ``batch_size`` prompts decoded together in
+    the rows' order. Every row needs a prompt and what the rewards read (an
+    answer, metadata): a one-line UserError names the first that lacks them
+    (``where``: the file), before any generation; ``checked`` skips that
+    check. ``prompt_ids``: the prompts already tokenized. Returns {"reward":
+    mean weighted total, "rewards": {name: mean}, "reward_count",
+    "completion_length", "reward_items": [{prompt, reference, answer, reward,
+    rewards}]}.
+    """
+    if not checked:
+        check_reward_rows(rows, rewards, where)
+    prompts = [grpo_prompt(row) for row in rows]
+    ids = prompt_ids if prompt_ids is not None else [prompt_tokens(tokenizer, p) for p in prompts]
+    stops = stop_token_ids(tokenizer)
+    scores, items, lengths = [], [], []
+    for start in range(0, len(rows), batch_size):
+        indices = list(range(start, min(start + batch_size, len(rows))))
+        rollouts = sample_rollouts(model, tokenizer, [ids[i] for i in indices], num_generations=1, temperature=0.0,
+                                   max_completion_length=max_tokens, key=0, stop_ids=stops)
+        for index, completion in zip(indices, rollouts.completion_ids):
+            text = completion_text(tokenizer, completion, stops)
+            total, values = rewards.score(prompts[index], text, rows[index], index, where)
+            scores.append((total, values))
+            items.append({"prompt": describe_prompt(prompts[index]), "reference": reference_of(rows[index]),
+                          "answer": text, "reward": total, "rewards": values})
+        lengths += rollouts.completion_lengths
+        if on_batch is not None:
+            on_batch(indices[-1] + 1, len(rows))
+    if not scores:
+        return {"reward": None, "rewards": {}, "reward_count": 0, "completion_length": None, "reward_items": []}
+    stats = reward_stats(scores, 1)
+    return {"reward": stats["reward"], "rewards": {name: stats[f"rewards/{name}/mean"] for name in rewards.names},
+            "reward_count": len(scores), "completion_length": float(np.mean(lengths)), "reward_items": items}
+
+
+def has_completions(rows: List[dict]) -> bool:
+    """Whether a split's rows carry answers to train or score a loss on: not prompt rows with no completion,
+    nor chats whose last turn is the user's (files hold one format: the first row decides)."""
+    if not rows or not isinstance(rows[0], dict):
+        return True
+    row = rows[0]
+    if "prompt" in row and "completion" not in row and not is_preference_row(row):
+        return False
+    messages = row.get("messages")
+    return not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
+                and messages[-1].get("role") != "assistant")
+
+
 def evaluate_model(
     model: nn.Module,
     tokenizer,
@@ -241,24 +351,35 @@ def evaluate_model(
     options: Optional[EvalOptions] = None,
     *,
     on_batch: Optional[Callable[[int, int], None]] = None,
+    where: Optional[str] = None,
 ) -> dict:
-    """Loss/perplexity over all of ``rows`` and generation accuracy on (the first ``options.limit`` of) them.
+    """Loss/perplexity over all of ``rows``, and generation accuracy and rewards (`reward_evaluation`)
+    on (the first ``options.limit`` of) them.
 
     The loss covers what training covered: ``mask_prompt`` and ``assistant_turns`` as in `encode_example`
-    (unset, they are True and "final", as for a plain model). ``on_batch(done, total)`` reports generation.
+    (unset, they are True and "final", as for a plain model); prompt rows with no completion have none
+    ("loss_skipped" says so). ``on_batch(done, total)`` reports generation; ``where`` names the rows' file.
     """
     options = (options or EvalOptions()).for_run({})
+    rewards = options.reward_set()
     result: Dict[str, object] = {"split": options.split, "examples": len(rows)}
     t0 = time.perf_counter()
-    if options.loss and is_preference(rows):
+    if options.loss and not has_completions(rows):
+        result["loss_skipped"] = "the rows are prompts with no completion"
+    elif options.loss and is_preference(rows):
         result.update(preference_accuracy(model, tokenizer, rows, split=options.split,
                                           max_seq_length=options.max_seq_length, batch_size=options.batch_size))
     elif options.loss:
         result.update(sft_loss_of(model, tokenizer, rows, options))
-    if options.generate:
+    if options.generate and rewards is not None:
+        result.update(reward_evaluation(model, tokenizer, limited(rows, options.limit), rewards, max_tokens=options.max_tokens,
+                                        batch_size=options.batch_size, where=where, on_batch=on_batch))
+        result["reward_names"], result["reward_weights"] = rewards.names, rewards.weights
+    if options.generate and options.scorers:
         result.update(generation_accuracy(model, tokenizer, rows, scorers=options.scorers,
                                           max_tokens=options.max_tokens, batch_size=options.batch_size,
                                           limit=options.limit, on_batch=on_batch))
+    if options.generate:
         result["scorers"] = list(options.scorers)
         result["max_tokens"] = options.max_tokens
     result["wall_time"] = time.perf_counter() - t0
@@ -352,16 +473,19 @@ def evaluate(
     from gmt_mlx.models.loading import load_base, run_model_dir
 
     options = options or EvalOptions()
-    for name in options.scorers:
+    for name in options.scorers or ():
         get_scorer(name)  # unknown scorer or missing package: fail before loading anything
     run = saved_run_config(model_or_run) or {}
     options = options.for_run(run, data)
+    options.reward_set()  # an unknown reward or bad weights: one line, before anything is loaded
     data = data or run.get("data")
     rows = load_rows(data, options)
     if not options.loss and not options.generate:
         raise UserError("nothing to do: both the loss and the generation accuracy are switched off")
+    if options.rewards and options.generate:  # rows the rewards cannot score: before the model load
+        check_reward_rows(limited(rows, options.limit), options.reward_set(), split_where(str(data), options.split))
     model, tokenizer, _, path = load_base(run_model_dir(model_or_run), dequantize=False)
-    result = evaluate_model(model, tokenizer, rows, options, on_batch=on_batch)
+    result = evaluate_model(model, tokenizer, rows, options, on_batch=on_batch, where=split_where(str(data), options.split))
     return {"model": str(model_or_run), "model_path": str(path), "data": str(data), **result}
 
 
@@ -370,7 +494,7 @@ def load_rows(data: Optional[str], options: EvalOptions) -> List[dict]:
     if not data:
         raise UserError("--data is required (a folder with train/valid/test.jsonl, a data file, a saved dataset "
                         "or a Hub dataset id)")
-    splits = load_splits(data, **options.data_options())
+    splits = load_splits(data, **options.data_options(), prompts=bool(options.rewards))
     if options.split not in splits:
         raise UserError(f"{data}: no {options.split} split (found: {', '.join(splits)})")
     return splits[options.split]
