@@ -1,0 +1,122 @@
+"""GRPO beyond finetune: prompt-only rows, `eval --reward`, and `compare --train-mode grpo`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gmt_mlx.cli import app
+
+from .conftest import write_jsonl
+from .test_grpo_loop import DIGITS, grpo_args, message, sums
+
+runner = CliRunner()
+
+
+def prompt_rows(n: int, start: int = 0, answer: bool = True):
+    return [{"prompt": f"What is {a} + 3?", **({"answer": str(a + 3)} if answer else {})}
+            for a in range(start, start + n)]
+
+
+def user_turns(n: int, start: int = 0):
+    return [{"messages": [{"role": "user", "content": f"What is {a} + 3?"}], "answer": str(a + 3)}
+            for a in range(start, start + n)]
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A finished GRPO run on prompt-only rows (with a test split of them), rewarded by digits and format."""
+    folder = tmp_path_factory.mktemp("grpo-eval")
+    data = folder / "data"
+    write_jsonl(data / "train.jsonl", prompt_rows(8))
+    write_jsonl(data / "valid.jsonl", prompt_rows(4, 100))
+    write_jsonl(data / "test.jsonl", prompt_rows(3, 200))
+    result = runner.invoke(app, grpo_args(tiny_model_dir, data, folder / "run", "--iters", "2", "--reward",
+                                          f"{DIGITS},format", "--reward-weights", "1,0.5"))
+    assert result.exit_code == 0, result.output
+    return folder / "run"
+
+
+# ---- prompt-only rows ----------------------------------------------------------------------
+
+
+def test_prompt_rows_without_completion_train_grpo_and_are_refused_elsewhere(grpo_run, tiny_model_dir, tmp_path):
+    assert (grpo_run / "model").is_dir()
+    data = grpo_run.parent / "data"
+    line = message(runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(data), "--out",
+                                       str(tmp_path / "sft"), "--iters", "1"]))
+    assert "train.jsonl:1: has 'prompt' but no 'completion'" in line and "--train-mode grpo" in line
+    line = message(runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(data), "--out",
+                                       str(tmp_path / "dpo"), "--iters", "1", "--train-mode", "dpo"]))
+    assert "no 'completion'" in line
+
+
+def test_chat_rows_with_only_a_user_turn_train_grpo(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", user_turns(4))
+    result = runner.invoke(app, grpo_args(tiny_model_dir, data, tmp_path / "o", "--iters", "1", "--reward", "exact"))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["type"] == "train" and "reward" in r for r in records)
+
+
+# ---- eval --reward -------------------------------------------------------------------------
+
+
+def test_eval_of_a_grpo_run_scores_its_own_rewards(grpo_run, tmp_path):
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", str(grpo_run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    names = [DIGITS, "format"]
+    assert saved["reward_names"] == names and saved["reward_weights"] == [1.0, 0.5]
+    assert saved["reward_count"] == 3 and set(saved["rewards"]) == set(names)
+    # The weighted total, item by item and on average; answers as long as the run's --max-completion-length.
+    items = saved["reward_items"]
+    for item in items:
+        assert item["reward"] == pytest.approx(item["rewards"][DIGITS] + 0.5 * item["rewards"]["format"])
+    assert saved["reward"] == pytest.approx(sum(i["reward"] for i in items) / 3)
+    assert saved["max_tokens"] == 6 and saved["scorers"] == [] and "accuracy" not in saved
+    assert saved["loss_skipped"] and "loss" not in saved  # prompt rows: nothing to score a loss on
+    assert f"reward    {saved['reward']:.4f} mean of 3" in result.output and "format" in result.output
+    assert "loss      skipped" in result.output
+
+
+def test_eval_reward_matches_the_runs_validation_reward(grpo_run):
+    from gmt_mlx.evaluation.evaluate import EvalOptions, evaluate
+
+    evals = [json.loads(line) for line in (grpo_run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in evals if r["type"] == "eval"][-1]
+    assert last["step"] == 2
+    # The first --val-batches x --batch-size valid prompts, decoded --batch-size x G at once as validation does.
+    result = evaluate(str(grpo_run), options=EvalOptions(split="valid", batch_size=8, limit=2, loss=False))
+    assert result["reward"] == last["val_reward"] and result["completion_length"] == last["val_completion_length"]
+    for name, value in result["rewards"].items():
+        assert value == last[f"val_rewards/{name}/mean"]
+
+
+def test_eval_reward_on_any_model_with_names_and_weights(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    write_jsonl(data / "test.jsonl", sums(3))
+    write_jsonl(data / "train.jsonl", sums(3))
+    result = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", str(data), "--reward", "exact,format",
+                                 "--reward-weights", "2,1", "--max-tokens", "3", "--scorer", "number"])
+    assert result.exit_code == 0, result.output
+    assert "accuracy  number" in result.output and "(greedy, max 3 tokens; 2 x exact + 1 x format)" in result.output
+    assert "loss      " in result.output and "skipped" not in result.output  # chat rows with answers: a loss too
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--reward", "nonsense"], "unknown reward 'nonsense'"),
+    (["--reward", "exact", "--reward-weights", "1,2"], "--reward-weights has 2 weights but --reward names 1"),
+    (["--reward-weights", "1"], "--reward-weights needs --reward"),
+    (["--reward", "exact"], "test.jsonl, row 2: no answer, which --reward exact needs"),
+])
+def test_eval_reward_errors_are_one_line(tiny_model_dir, tmp_path, flags, expected):
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", prompt_rows(2))
+    write_jsonl(data / "test.jsonl", prompt_rows(1) + prompt_rows(1, answer=False))
+    assert expected in message(runner.invoke(app, ["eval", str(tiny_model_dir), "--data", str(data), *flags]))
