@@ -120,3 +120,65 @@ def test_eval_reward_errors_are_one_line(tiny_model_dir, tmp_path, flags, expect
     write_jsonl(data / "train.jsonl", prompt_rows(2))
     write_jsonl(data / "test.jsonl", prompt_rows(1) + prompt_rows(1, answer=False))
     assert expected in message(runner.invoke(app, ["eval", str(tiny_model_dir), "--data", str(data), *flags]))
+
+
+# ---- compare --train-mode grpo -------------------------------------------------------------
+
+
+def test_compare_grpo_reports_rewards_not_losses(grpo_run, tiny_model_dir, tmp_path):
+    data = grpo_run.parent / "data"
+    out = tmp_path / "c"
+    args = ["compare", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--train-mode",
+            "grpo", "--methods", "full,gmt,lora", "--mask-ratios", "0.5", "--batch-size", "2",
+            "--num-generations", "4", "--max-completion-length", "6", "--iters", "2", "--val-batches", "1",
+            "--reward", f"{DIGITS},format", "--reward-weights", "1,0.5", "--learning-rates", "3e-3",
+            "--eval-limit", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    names = [DIGITS, "format"]
+    assert results["spec"]["eval"]["rewards"] == names and results["spec"]["eval"]["max_tokens"] == 6
+    assert results["spec"]["eval"]["scorers"] == []
+    runs = {r["name"]: r for r in results["runs"]}
+    assert set(runs) == {"full-s0", "gmt-r0.5-s0", "lora-s0"}
+    step0 = set()
+    for run in runs.values():
+        saved = yaml_config(out / "runs" / run["name"])
+        assert saved["train_mode"] == "grpo" and saved["reward"] == f"{DIGITS},format"
+        val = run["curves"]["val"]
+        # Each run's own step-0 validation (the base model's reward), never an SFT loss.
+        assert val[0][0] == 0 and val[-1][0] == 2 and all(0 <= p[2] <= 1.5 for p in val)
+        step0.add(val[0][2])
+        assert run["final_val_reward"] == val[-1][2] and run["best_val_reward"] == max(p[2] for p in val)
+        assert run["test_loss"] is None and set(run["test_rewards"]) == set(names) and run["reward_count"] == 2
+        assert len(run["curves"]["train"][0]) == 6  # the rollouts' mean reward beside the loss
+    assert len(step0) == 1  # every method starts from the same model (LoRA's adapters start at zero)
+    base = results["base"]
+    assert base["val_reward"] == step0.pop() and base["test_reward"] is not None and base["test_loss"] is None
+    rows = {r["group"]: r for r in results["rows"]}
+    assert rows["gmt r=0.5"]["test_reward"]["mean"] == runs["gmt-r0.5-s0"]["test_reward"]
+    table = (out / "results.md").read_text()
+    assert "| method | lr | final val reward | best val reward | test reward | test " + DIGITS in table
+    assert "val loss" not in table and "test ppl" not in table
+    for name in ("val_reward_vs_step.png", "val_reward_vs_time.png", "train_reward_vs_step.png"):
+        assert (out / name).is_file() and f"]({name})" in table
+    # Run again: everything reused, evaluations included.
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "3 runs (3 reused)" in again.output
+
+
+def yaml_config(run_dir: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def test_compare_grpo_refuses_rows_its_rewards_cannot_score_before_training(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", prompt_rows(4))
+    write_jsonl(data / "test.jsonl", prompt_rows(1) + prompt_rows(1, answer=False))
+    line = message(runner.invoke(app, ["compare", "--model", str(tiny_model_dir), "--data", str(data), "--out",
+                                       str(tmp_path / "c"), "--train-mode", "grpo", "--reward", "exact"]))
+    assert "test.jsonl, row 2: no answer, which --reward exact needs" in line
+    assert not (tmp_path / "c" / "runs").exists()
