@@ -182,3 +182,9 @@ def test_compare_grpo_refuses_rows_its_rewards_cannot_score_before_training(tiny
                                        str(tmp_path / "c"), "--train-mode", "grpo", "--reward", "exact"]))
     assert "test.jsonl, row 2: no answer, which --reward exact needs" in line
     assert not (tmp_path / "c" / "runs").exists()
+
+
+def test_eval_baseline_of_a_grpo_run_compares_rewards(grpo_run):
+    result = runner.invoke(app, ["eval", str(grpo_run), "--baseline", "--show", "0"])
+    assert result.exit_code == 0, result.output
+    assert "reward    base " in result.output and " -> tuned " in result.output and "format" in result.output

@@ -90,7 +90,7 @@ def _example_prompt(config, samples: list) -> str:
     if samples:
         return samples[0]["prompt"]
     try:
-        rows = load_splits(config.data, **data_options(config))
+        rows = load_splits(config.data, **data_options(config), prompts=config.train_mode == "grpo")
     except UserError:
         return "..."
     prompts = sample_prompts(rows.get("test") or rows.get("valid") or rows.get("train") or [], 1)
