@@ -85,7 +85,7 @@ def _example_prompt(config, samples: list) -> str:
     from gmt_mlx.data.sources import data_options
     from gmt_mlx.data.sources import load_splits
     from gmt_mlx.errors import UserError
-    from gmt_mlx.evaluation.evaluate import describe_prompt, sample_prompts
+    from gmt_mlx.evaluation.prompts import describe_prompt, sample_prompts
 
     if samples:
         return samples[0]["prompt"]

@@ -6,8 +6,9 @@ scored by pluggable scorers, see `scorers.py`), `evaluate_model` (both, on
 an already loaded model) and `evaluate` (load a model or run directory and a
 data split, then both). How to evaluate is one `EvalOptions` value, which
 `gmt-mlx eval` builds from its options and hands to `evaluate`.
-`reward_evaluation` scores greedy answers with GRPO's rewards (`--reward`):
-the same measure as a GRPO run's validation reward.
+`reward_eval.reward_evaluation` scores greedy answers with GRPO's rewards
+(`--reward`): the same measure as a GRPO run's validation reward. What a row
+asks, and its token ids, are `prompts.py`'s.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from gmt_mlx.core.trainer import evaluate_loss, loss_sums, mean_metrics
 from gmt_mlx.data import sources
 from gmt_mlx.data.batching import PAD_MULTIPLE, batch_order, make_batch
 from gmt_mlx.data.batching import pad_id as batch_pad_id
-from gmt_mlx.data.encoding import TokenizedSplit, chat_ids, has_chat_template, tokenize_split
+from gmt_mlx.data.encoding import TokenizedSplit, tokenize_split
 from gmt_mlx.data.formats import is_preference_row
 from gmt_mlx.data.sources import load_splits
 from gmt_mlx.errors import UserError
+from gmt_mlx.evaluation.prompts import describe_prompt, prompt_of, prompt_tokens, split_where
 from gmt_mlx.evaluation.reference import reference_logps
-from gmt_mlx.evaluation.rewards import RewardSet, parse_rewards, reward_stats
-from gmt_mlx.evaluation.rollouts import completion_text, grpo_prompt, sample_rollouts, stop_token_ids
+from gmt_mlx.evaluation.reward_eval import check_reward_rows, has_completions, limited, reward_evaluation
+from gmt_mlx.evaluation.rewards import RewardSet, parse_rewards
 from gmt_mlx.evaluation.scorers import get_scorer, reference_of
 from gmt_mlx.run import rundir
 
@@ -107,11 +109,6 @@ class EvalOptions:
         return parse_rewards(self.rewards, self.reward_weights) if self.rewards else None
 
 
-def split_where(data: str, split: str) -> str:
-    """How a split's rows are named in messages: its JSONL file when the data is a folder of them."""
-    return str(Path(data) / f"{split}.jsonl") if Path(data).is_dir() else f"{data} ({split} split)"
-
-
 def split_loss(
     model: nn.Module,
     split: TokenizedSplit,
@@ -159,20 +156,6 @@ def split_loss(
     return mean_metrics(reduced[0], reduced[1], dict(zip(keys, reduced[2:])))
 
 
-def prompt_of(row: dict) -> Optional[object]:
-    """The prompt part of a data row (chat messages before the last, all of them when the last is the
-    user's, or the prompt)."""
-    messages = row.get("messages")
-    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
-            and messages[-1].get("role") != "assistant":
-        return messages
-    if "messages" in row and len(row["messages"]) > 1:
-        return row["messages"][:-1]
-    if "prompt" in row:
-        return row["prompt"]
-    return None
-
-
 def generate_text(model: nn.Module, tokenizer, prompt, *, max_tokens: int = 64, chat: Optional[bool] = None) -> str:
     """Greedy continuation of ``prompt`` (a string or a list of chat messages).
 
@@ -183,16 +166,6 @@ def generate_text(model: nn.Module, tokenizer, prompt, *, max_tokens: int = 64, 
 
     model.eval()
     return generate(model, tokenizer, prompt_tokens(tokenizer, prompt, chat=chat), max_tokens=max_tokens, verbose=False)
-
-
-def prompt_tokens(tokenizer, prompt, *, chat: Optional[bool] = None) -> List[int]:
-    """Token ids of a prompt: chat messages (or a string, wrapped as a user turn when the
-    tokenizer has a chat template, unless ``chat=False``) end with the generation prompt."""
-    if isinstance(prompt, list):
-        return chat_ids(tokenizer, prompt, add_generation_prompt=True)
-    if (chat is None and has_chat_template(tokenizer)) or chat:
-        return chat_ids(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-    return [int(t) for t in tokenizer.encode(prompt)]
 
 
 def generate_batch(
@@ -264,84 +237,6 @@ def generation_accuracy(
                       "answer": answer, "scores": scores})
     accuracy = {name: (sum(i["scores"][name] for i in items) / len(items) if items else None) for name in functions}
     return {"accuracy": accuracy, "count": len(items), "items": items}
-
-
-def limited(rows: List[dict], limit: Optional[int]) -> List[dict]:
-    """The first ``limit`` rows (None or negative: all)."""
-    return rows[:limit] if limit is not None and limit >= 0 else rows
-
-
-def check_reward_rows(rows: List[dict], rewards: RewardSet, where: Optional[str] = None) -> None:
-    """A one-line UserError naming the first row with no prompt, or without what a reward reads."""
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict) or grpo_prompt(row) is None:
-            raise UserError(f"{where + ', ' if where else ''}row {index + 1}: no prompt to answer "
-                            f"(--reward scores answers to chat or prompt rows)")
-    rewards.check_rows(rows, where)
-
-
-def reward_evaluation(
-    model: nn.Module,
-    tokenizer,
-    rows: List[dict],
-    rewards: RewardSet,
-    *,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    where: Optional[str] = None,
-    prompt_ids: Optional[List[List[int]]] = None,
-    checked: bool = False,
-    on_batch: Optional[Callable[[int, int], None]] = None,
-) -> dict:
-    """Greedy answers to every row's prompt, scored by ``rewards``, as GRPO's validation scores them.
-
-    Each answer is decoded from the sampled ids without its stop token
-    (`rollouts.completion_text`), ``batch_size`` prompts decoded together in
-    the rows' order. Every row needs a prompt and what the rewards read (an
-    answer, metadata): a one-line UserError names the first that lacks them
-    (``where``: the file), before any generation; ``checked`` skips that
-    check. ``prompt_ids``: the prompts already tokenized. Returns {"reward":
-    mean weighted total, "rewards": {name: mean}, "reward_count",
-    "completion_length", "reward_items": [{prompt, reference, answer, reward,
-    rewards}]}.
-    """
-    if not checked:
-        check_reward_rows(rows, rewards, where)
-    prompts = [grpo_prompt(row) for row in rows]
-    ids = prompt_ids if prompt_ids is not None else [prompt_tokens(tokenizer, p) for p in prompts]
-    stops = stop_token_ids(tokenizer)
-    scores, items, lengths = [], [], []
-    for start in range(0, len(rows), batch_size):
-        indices = list(range(start, min(start + batch_size, len(rows))))
-        rollouts = sample_rollouts(model, tokenizer, [ids[i] for i in indices], num_generations=1, temperature=0.0,
-                                   max_completion_length=max_tokens, key=0, stop_ids=stops)
-        for index, completion in zip(indices, rollouts.completion_ids):
-            text = completion_text(tokenizer, completion, stops)
-            total, values = rewards.score(prompts[index], text, rows[index], index, where)
-            scores.append((total, values))
-            items.append({"prompt": describe_prompt(prompts[index]), "reference": reference_of(rows[index]),
-                          "answer": text, "reward": total, "rewards": values})
-        lengths += rollouts.completion_lengths
-        if on_batch is not None:
-            on_batch(indices[-1] + 1, len(rows))
-    if not scores:
-        return {"reward": None, "rewards": {}, "reward_count": 0, "completion_length": None, "reward_items": []}
-    stats = reward_stats(scores, 1)
-    return {"reward": stats["reward"], "rewards": {name: stats[f"rewards/{name}/mean"] for name in rewards.names},
-            "reward_count": len(scores), "completion_length": float(np.mean(lengths)), "reward_items": items}
-
-
-def has_completions(rows: List[dict]) -> bool:
-    """Whether a split's rows carry answers to train or score a loss on: not prompt rows with no completion,
-    nor chats whose last turn is the user's (files hold one format: the first row decides)."""
-    if not rows or not isinstance(rows[0], dict):
-        return True
-    row = rows[0]
-    if "prompt" in row and "completion" not in row and not is_preference_row(row):
-        return False
-    messages = row.get("messages")
-    return not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
-                and messages[-1].get("role") != "assistant")
 
 
 def evaluate_model(
@@ -550,20 +445,3 @@ def score_summary(result: dict, scorer: str) -> str:
     return f"{100 * value:.1f}% of {count}"
 
 
-def describe_prompt(prompt) -> str:
-    """A prompt as one string for logs: its last message's content, or the prompt itself."""
-    if isinstance(prompt, list):
-        return prompt[-1].get("content", "") if prompt else ""
-    return str(prompt)
-
-
-def sample_prompts(rows: List[dict], count: int) -> list:
-    """Up to ``count`` prompts from data rows, in file order."""
-    out = []
-    for row in rows:
-        prompt = prompt_of(row)
-        if prompt is not None:
-            out.append(prompt)
-        if len(out) >= count:
-            break
-    return out

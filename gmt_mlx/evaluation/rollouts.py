@@ -29,7 +29,7 @@ same log-probs the GRPO loss takes), so recipes and the CLI can both use it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -81,17 +81,6 @@ class Rollouts:
         for b, row in enumerate(rows):
             tokens[b, : len(row)] = row
         return mx.array(tokens), mx.array([len(p) for p in self.prompt_ids], dtype=mx.int32)
-
-
-def grpo_prompt(row: dict) -> Any:
-    """A row's prompt as the model is asked it: chat messages without their final assistant turn(s), or the
-    prompt of a prompt/completion or prompt-only row (a completion ignored); None for a row without one (text)."""
-    messages = row.get("messages")
-    if isinstance(messages, list):
-        while messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
-            messages = messages[:-1]
-        return messages or None
-    return row.get("prompt") if isinstance(row.get("prompt"), (str, list)) else None
 
 
 def completion_text(tokenizer, ids: List[int], stops: List[int]) -> str:

@@ -179,7 +179,8 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
     # Fail on bad data before any model is loaded (GRPO takes prompt rows with no completion).
     splits = load_splits(spec.base.data, **data_options(spec.base), prompts=spec.base.train_mode == "grpo")
     if spec.base.train_mode == "grpo" and eval_split_of(splits):  # rows its rewards cannot score, before training
-        from gmt_mlx.evaluation.evaluate import check_reward_rows, limited, split_where
+        from gmt_mlx.evaluation.prompts import split_where
+        from gmt_mlx.evaluation.reward_eval import check_reward_rows, limited
 
         split = eval_split_of(splits)
         check_reward_rows(limited(splits[split], spec.eval_limit), rewards_of(spec.base), split_where(spec.base.data, split))

@@ -32,11 +32,11 @@ from gmt_mlx.core.grpo import completion_logps, group_advantages
 from gmt_mlx.data.batching import PAD_MULTIPLE, batch_order
 from gmt_mlx.data.encoding import Example, TokenizedSplit
 from gmt_mlx.errors import UserError
-from gmt_mlx.evaluation.evaluate import prompt_tokens, reward_evaluation
-from gmt_mlx.evaluation.evaluate import split_where as data_split_where
+from gmt_mlx.evaluation.prompts import grpo_prompt, prompt_tokens
+from gmt_mlx.evaluation.prompts import split_where as data_split_where
+from gmt_mlx.evaluation.reward_eval import reward_evaluation
 from gmt_mlx.evaluation.rewards import RewardSet, parse_rewards, reward_stats
-from gmt_mlx.evaluation.rollouts import (completion_text, grpo_prompt, key_from_state, key_state, sample_rollouts,
-                                        stop_token_ids)
+from gmt_mlx.evaluation.rollouts import completion_text, key_from_state, key_state, sample_rollouts, stop_token_ids
 
 # The arrays of one micro-batch, in the order grpo_batch_loss takes them after the model.
 BATCH_KEYS = ("tokens", "prompt_lengths", "mask", "old_logps", "ref_logps", "advantages")

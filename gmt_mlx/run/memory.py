@@ -146,9 +146,7 @@ def estimate(
     outer: int = 0,
     chunk: int = 1 << 22,
     shapes: int = 0,
-    rollout_rows: int = 0,
-    rollout_tokens: int = 0,
-    reference_bytes: int = 0,
+    rollout_rows: int = 0, rollout_tokens: int = 0, reference_bytes: int = 0,
 ) -> MemoryEstimate:
     """Estimate the peak bytes of one training step (trainer.make_fused_step, or layerwise's).
 
@@ -167,10 +165,7 @@ def estimate(
     is recomputed at a time, with every block's input kept. ``chunk``: the
     slice of a large tensor one staged 8-bit update works on (compact.CHUNK_ENTRIES; the
     whole tensor when its rows are not whole blocks of 128).
-
-    GRPO (`rollout_kv_bytes`): ``rollout_rows`` sequences of ``rollout_tokens``
-    (prompt + --max-completion-length) decoded at once; ``reference_bytes``: the
-    step-0 trainable weights the KL term keeps (--beta > 0), else 0.
+    GRPO: ``rollout_rows`` x ``rollout_tokens`` decoded at once (`rollout_kv_bytes`); ``reference_bytes``.
     """
     hidden = int(hf_config.get("hidden_size", 0))
     width = DTYPE_BYTES.get(train_dtype, F32)
@@ -192,9 +187,11 @@ def estimate(
 
 
 def rollout_kv_bytes(hf_config: Dict, rows: int, tokens: int, width: int) -> int:
-    """The KV cache of ``rows`` sequences of up to ``tokens`` positions decoded together: per layer a key
-    and a value of kv_heads x head_dim per position, in the weights' dtype (``width`` bytes). mlx-lm's
-    cache grows in blocks of KV_STEP positions, so ``tokens`` is rounded up to one."""
+    """GRPO's rollouts: the KV cache of ``rows`` sequences (prompts x G) of up to ``tokens`` positions
+    (prompt + --max-completion-length) decoded together: per layer a key and a value of kv_heads x
+    head_dim per position, in the weights' dtype (``width`` bytes). mlx-lm's cache grows in blocks of
+    KV_STEP positions, so ``tokens`` is rounded up to one. (`estimate`'s ``reference_bytes`` beside it:
+    the step-0 trainable weights that --beta > 0 keeps.)"""
     if rows <= 0 or tokens <= 0:
         return 0
     layers = int(hf_config.get("num_hidden_layers", 0))
