@@ -74,7 +74,14 @@ def test_detect_format_each_kind():
     assert detect_format(COMPLETION, "x:1") == "completions"
     assert detect_format(TEXT, "x:1") == "text"
     assert detect_format({"prompt": "q", "chosen": "a", "rejected": "b"}, "x:1") == "preference"
-    assert FORMATS == ("chat", "completions", "text", "preference")
+    # A prompt with no completion: GRPO's prompt rows, accepted only when asked for (prompts=True).
+    assert detect_format({"prompt": "q", "answer": "a"}, "x:1", prompts=True) == "prompts"
+    assert detect_format(COMPLETION, "x:1", prompts=True) == "completions"
+    with pytest.raises(UserError, match="no 'completion'"):
+        detect_format({"prompt": "q", "answer": "a"}, "x:1")
+    with pytest.raises(UserError, match="'prompt' must be a string or a list of messages"):
+        detect_format({"prompt": 3}, "x:1", prompts=True)
+    assert FORMATS == ("chat", "completions", "text", "preference", "prompts")
 
 
 @pytest.mark.parametrize(

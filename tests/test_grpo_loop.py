@@ -87,13 +87,6 @@ def test_bad_grpo_options_are_one_line_errors(tiny_model_dir, prompt_data, tmp_p
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
-def test_compare_refuses_grpo_for_now(tiny_model_dir, prompt_data, tmp_path):
-    result = runner.invoke(app, ["compare", "--model", str(tiny_model_dir), "--data", str(prompt_data), "--out",
-                                 str(tmp_path / "c"), "--train-mode", "grpo", "--methods", "sft,gmt"])
-    assert "compare --train-mode grpo is not supported yet" in message(result)
-    assert not (tmp_path / "c").exists()
-
-
 def test_rows_the_rewards_cannot_score_name_the_file_and_row(tiny_model_dir, tmp_path):
     data = tmp_path / "data"
     write_jsonl(data / "train.jsonl", sums(3) + sums(1, 50, answer=False))

@@ -91,3 +91,58 @@ def test_mlx_optimizers_on_bfloat16_weights_work_on_float32_copies():
     f32 = _estimate(optimizer="adafactor", masked=False, train_dtype="float32", weight_bytes=4 * N)
     assert bf16.gradients == N * 2 + int(N * 2.4) + LARGEST * 6
     assert f32.gradients == N * 4 + LARGEST * 6
+
+
+def test_grpo_rollouts_kv_cache_and_reference_weights():
+    from gmt_mlx.run.memory import KV_STEP, rollout_kv_bytes
+
+    gqa = {**CONFIG, "num_key_value_heads": 2}  # 12 heads of 128: 2 KV heads of 128
+    # 4 prompts x 8 completions, 100 + 412 tokens (two blocks of 256), 28 layers, a key and a value, bfloat16.
+    assert rollout_kv_bytes(gqa, 32, 512, 2) == 32 * 512 * 28 * 2 * 2 * 128 * 2
+    assert rollout_kv_bytes(gqa, 32, 513, 2) == rollout_kv_bytes(gqa, 32, 512 + KV_STEP, 2)  # grown by a block
+    assert rollout_kv_bytes({**gqa, "head_dim": 64}, 32, 512, 2) == rollout_kv_bytes(gqa, 32, 512, 2) // 2
+    assert rollout_kv_bytes(CONFIG, 32, 512, 2) == 6 * rollout_kv_bytes(gqa, 32, 512, 2)  # no GQA: all 12 heads
+    assert rollout_kv_bytes(gqa, 0, 512, 2) == 0
+    plain = _estimate(update_per_layer=True)
+    kv = rollout_kv_bytes(CONFIG, 32, 512, 2)
+    grpo = _estimate(update_per_layer=True, rollout_rows=32, rollout_tokens=512)
+    assert grpo.rollouts == kv
+    # Sampled before the step: the larger of the cache and the step's gradients and activations counts.
+    assert grpo.total == plain.total - plain.gradients - plain.activations + max(kv, plain.gradients + plain.activations)
+    small = _estimate(update_per_layer=True, rollout_rows=1, rollout_tokens=64)
+    assert small.total == plain.total
+    # --beta > 0: the step-0 trainable weights (the caller's bytes: all of them, or LoRA's adapters) are added.
+    kl = _estimate(rollout_rows=1, rollout_tokens=64, reference_bytes=2 * N)
+    assert kl.total == _estimate().total + 2 * N and "reference weights" in kl.describe()
+
+
+def test_grpo_estimate_at_start_up_counts_the_reference_only_with_a_kl_term(tiny_model_dir, tmp_path):
+    from mlx.utils import tree_flatten
+
+    from gmt_mlx.config import resolve
+    from gmt_mlx.models.loading import load_base
+    from gmt_mlx.models.methods import prepare_model
+    from gmt_mlx.recipes.setup import check_memory
+    from gmt_mlx.run.memory import rollout_kv_bytes
+
+    class Split:
+        def lengths(self):
+            return [20, 30]
+
+    def memory(**values):
+        config = resolve(overrides={"model": str(tiny_model_dir), "data": "unused", "memory_check": False,
+                                    "train_mode": "grpo", "num_generations": 4, "batch_size": 2,
+                                    "max_completion_length": 16, **values})
+        model, _, model_config, _ = load_base(config.model)
+        sizes = prepare_model(model, config)
+        trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+        return check_memory(config, model, model_config, sizes, Split(), lambda _: None), trainable, model_config
+
+    plain, _, model_config = memory()
+    assert plain.reference == 0 and plain.rollouts > 0
+    # The longest prompt + --max-completion-length, --batch-size x --num-generations rows, the weights' float32.
+    assert plain.rollouts == rollout_kv_bytes(model_config, 2 * 4, 30 + 16, 4)
+    full, full_bytes, _ = memory(beta=0.04, method="full")
+    assert full.reference == full_bytes
+    lora, lora_bytes, _ = memory(beta=0.04, method="lora")
+    assert lora.reference == lora_bytes < full_bytes / 2  # the adapters only

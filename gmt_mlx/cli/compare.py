@@ -35,12 +35,14 @@ def compare(
     learning_rates: Annotated[Optional[str], typer.Option(
         help="Peak LR per method, e.g. lora=2e-4,gmt=2e-5, or one number for all.  "
              "[default: sft/gmt/random 2e-5, lora/dora 1e-4]")] = None,
-    scorer: Annotated[str, typer.Option(
+    scorer: Annotated[Optional[str], typer.Option(
         help="Comma-separated accuracy scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK], "
-             "module:function.")] = "exact",
+             "module:function.  [default: exact; none for grpo, whose --reward scores]")] = None,
     eval_limit: Annotated[int, typer.Option(
         help="Test prompts to generate answers for, per run (the test loss uses the whole split).")] = 100,
-    max_tokens: Annotated[int, typer.Option(help="New tokens per generated answer at most (greedy).")] = 32,
+    max_tokens: Annotated[Optional[int], typer.Option(
+        help="New tokens per generated answer at most (greedy).  "
+             "[default: 32; grpo: --max-completion-length]")] = None,
     eval_batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 16,
     config_file: Annotated[Optional[Path], typer.Option(
         "--config", "-c",
@@ -65,12 +67,12 @@ def compare(
     from_yaml = load_yaml(config_file) if config_file is not None else {}
     if config_file is not None:
         check_base(from_yaml, str(config_file))
-    if eval_limit < 0 or max_tokens < 1 or eval_batch_size < 1:
+    if eval_limit < 0 or (max_tokens is not None and max_tokens < 1) or eval_batch_size < 1:
         raise UserError("--eval-limit must be 0 or more; --max-tokens and --eval-batch-size at least 1")
     spec = CompareSpec(
         base=resolve(config_file, overrides), out=out, methods=parse_methods(methods), seeds=parse_seeds(seeds),
         mask_ratios=parse_mask_ratios(mask_ratios), learning_rates=parse_learning_rates(learning_rates),
-        scorers=parse_scorers(scorer), eval_limit=eval_limit, max_tokens=max_tokens,
+        scorers=parse_scorers(scorer) if scorer is not None else None, eval_limit=eval_limit, max_tokens=max_tokens,
         eval_batch_size=eval_batch_size, command=_command_line(),
         # Unless set, compare reports and validates often enough to draw a curve.
         auto_cadence=tuple(k for k in CADENCE_KEYS if overrides.get(k) is None and k not in from_yaml),

@@ -30,10 +30,17 @@ def eval_command(
         help="Dataset splits that become train/valid/test: train_sft=train,test_sft=valid.  "
              "[default: a run's own, for its own data]")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate: train, valid or test.")] = "test",
-    scorer: Annotated[str, typer.Option(
+    scorer: Annotated[Optional[str], typer.Option(
         help="Comma-separated scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK] or "
-             "module:function.")] = "exact",
-    max_tokens: Annotated[int, typer.Option(help="Tokens to generate per answer at most (greedy).")] = 64,
+             "module:function.  [default: exact; none with --reward or for a GRPO run]")] = None,
+    reward: Annotated[Optional[str], typer.Option(
+        help="Score the answers with rewards, named as finetune's --reward; mean and per reward.  "
+             "[default: a GRPO run's own]")] = None,
+    reward_weights: Annotated[Optional[str], typer.Option(
+        help="One weight per --reward, e.g. 1,0.5.  [default: 1 each]")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(
+        help="Tokens to generate per answer at most (greedy).  "
+             "[default: a GRPO run's --max-completion-length, else 64]")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts generated (and loss examples scored) together.")] = 16,
     limit: Annotated[Optional[int], typer.Option(
         help="Score only the first N prompt/answer pairs (the loss still uses the whole split).")] = None,
@@ -55,10 +62,12 @@ def eval_command(
 
     options = eval_options(split=split, scorer=scorer, max_tokens=max_tokens, batch_size=batch_size, limit=limit,
                            mask_prompt=mask_prompt, loss=loss, generate=generate, columns=columns,
-                           data_config=data_config, data_splits=data_splits)
+                           data_config=data_config, data_splits=data_splits, reward=reward,
+                           reward_weights=reward_weights)
     if baseline:
         results = evaluate_with_base(model, data, options, on_model=_report_model, on_batch=_report_batch)
-        print_comparison(results, list(options.scorers), show=show, max_tokens=max_tokens)
+        print_comparison(results, results["tuned"].get("scorers", []), show=show,
+                         max_tokens=results["tuned"].get("max_tokens"))
         _write_json(out, results)
         return
     result = evaluate(model, data, options, on_batch=_report_batch)
@@ -66,21 +75,28 @@ def eval_command(
     _write_json(out, result)
 
 
-def eval_options(*, split: str, scorer: str, max_tokens: int, batch_size: int, limit: Optional[int],
-                 mask_prompt: Optional[bool], loss: bool, generate: bool, columns: Optional[str],
-                 data_config: Optional[str], data_splits: Optional[str]) -> EvalOptions:
+def eval_options(*, split: str, scorer: Optional[str], max_tokens: Optional[int], batch_size: int,
+                 limit: Optional[int], mask_prompt: Optional[bool], loss: bool, generate: bool,
+                 columns: Optional[str], data_config: Optional[str], data_splits: Optional[str],
+                 reward: Optional[str] = None, reward_weights: Optional[str] = None) -> EvalOptions:
     """The command's options as one `EvalOptions`, checked (UserError naming the flag)."""
     from gmt_mlx.errors import UserError
     from gmt_mlx.evaluation.evaluate import EvalOptions
+    from gmt_mlx.evaluation.rewards import parse_rewards
     from gmt_mlx.evaluation.scorers import parse_scorers
 
     if limit is not None and limit < 0:
         raise UserError(f"--limit must be 0 or more, got {limit}")
-    if max_tokens < 1 or batch_size < 1:
+    if (max_tokens is not None and max_tokens < 1) or batch_size < 1:
         raise UserError("--max-tokens and --batch-size must be at least 1")
-    return EvalOptions(split=split, scorers=tuple(parse_scorers(scorer)), mask_prompt=mask_prompt,
-                       batch_size=batch_size, max_tokens=max_tokens, limit=limit, loss=loss, generate=generate,
-                       columns=columns, data_config=data_config, data_splits=data_splits)
+    if reward_weights is not None and reward is None:
+        raise UserError("--reward-weights needs --reward (one weight per reward)")
+    if reward is not None:
+        parse_rewards(reward, reward_weights)  # unknown names, bad weights: one line, before anything loads
+    return EvalOptions(split=split, scorers=tuple(parse_scorers(scorer)) if scorer is not None else None,
+                       mask_prompt=mask_prompt, batch_size=batch_size, max_tokens=max_tokens, limit=limit, loss=loss,
+                       generate=generate, columns=columns, data_config=data_config, data_splits=data_splits,
+                       rewards=reward, reward_weights=reward_weights)
 
 
 def _report_batch(done: int, total: int) -> None:
@@ -104,11 +120,17 @@ def _write_json(out: Optional[Path], result: dict) -> None:
 
 
 def print_result(result: dict, options: EvalOptions, *, show: int) -> None:
-    """The first ``show`` scored answers, then the model, data, loss and each scorer's accuracy, one line each."""
+    """The first ``show`` scored answers, then the model, data, loss, each scorer's accuracy and
+    the rewards, one line each."""
     for item in result.get("items", [])[:show]:
         scores = ", ".join(f"{k} {v:g}" for k, v in item["scores"].items())
         echo(f"prompt:    {item['prompt'].strip()}\n  answer:    {item['answer'].strip()}\n"
              f"  reference: {str(item['reference']).strip()}\n  score:     {scores}")
+    if not result.get("items"):
+        for item in result.get("reward_items", [])[:show]:
+            values = ", ".join(f"{k} {v:g}" for k, v in item["rewards"].items())
+            echo(f"prompt:    {item['prompt'].strip()}\n  answer:    {item['answer'].strip()}\n"
+                 f"  reference: {str(item['reference']).strip()}\n  reward:    {item['reward']:g} ({values})")
     echo(f"model     {result['model']}")
     echo(f"data      {result['data']} ({options.split}, {result['examples']} examples)")
     if "preference_accuracy" in result:
@@ -117,13 +139,37 @@ def print_result(result: dict, options: EvalOptions, *, show: int) -> None:
     if "loss" in result:
         echo(f"loss      {result['loss']:.4f} (perplexity {result['ppl']:.3f}, {result['tokens']} target tokens"
              f"{', completions only' if result['mask_prompt'] else ''})")
-    if options.generate:
+    if result.get("loss_skipped"):
+        echo(f"loss      skipped: {result['loss_skipped']}")
+    if options.generate and "count" in result:
         if result["count"] == 0:
             echo("accuracy  skipped: the split has no prompt/answer pairs")
         for name, value in result.get("accuracy", {}).items():
             if value is not None:
                 echo(f"accuracy  {name}: {100 * value:.1f}% of {result['count']} "
-                     f"(greedy, max {options.max_tokens} tokens)")
+                     f"(greedy, max {result['max_tokens']} tokens)")
+    for line in reward_lines(result):
+        echo(line)
+
+
+def reward_lines(result: dict, base: Optional[dict] = None) -> list:
+    """The mean reward and each reward's mean, one line each (``base``: "base -> tuned")."""
+    if result.get("reward_count") is None:
+        return []
+    if not result["reward_count"]:
+        return ["reward    skipped: no prompts scored"]
+
+    def shown(r: dict, key: Optional[str] = None) -> str:
+        return f"{(r['reward'] if key is None else r['rewards'][key]):.4f}"
+
+    def pair(key: Optional[str] = None) -> str:
+        return f"base {shown(base, key)} -> tuned {shown(result, key)}" if base else shown(result, key)
+
+    weights = " + ".join(f"{w:g} x {n}" for n, w in zip(result["reward_names"], result["reward_weights"]))
+    lines = [f"reward    {pair()} mean of {result['reward_count']} (greedy, max {result['max_tokens']} tokens; "
+             f"{weights})"]
+    lines += [f"  {name:<8}{pair(name)}" for name in result["reward_names"]]
+    return lines
 
 
 def _one_line(text: str, width: int = 100) -> str:
@@ -152,6 +198,8 @@ def print_comparison(results: dict, scorers: list, *, show: int, max_tokens: int
     if "loss" in tuned:
         echo(f"loss      base {base['loss']:.4f} -> tuned {tuned['loss']:.4f} "
              f"(perplexity {base['ppl']:.2f} -> {tuned['ppl']:.2f})")
+    for line in reward_lines(tuned, base):
+        echo(line)
     if "count" in tuned and tuned["count"] == 0:
         echo("accuracy  skipped: the split has no prompt/answer pairs")
     elif "count" in tuned:

@@ -85,12 +85,12 @@ def _example_prompt(config, samples: list) -> str:
     from gmt_mlx.data.sources import data_options
     from gmt_mlx.data.sources import load_splits
     from gmt_mlx.errors import UserError
-    from gmt_mlx.evaluation.evaluate import describe_prompt, sample_prompts
+    from gmt_mlx.evaluation.prompts import describe_prompt, sample_prompts
 
     if samples:
         return samples[0]["prompt"]
     try:
-        rows = load_splits(config.data, **data_options(config))
+        rows = load_splits(config.data, **data_options(config), prompts=config.train_mode == "grpo")
     except UserError:
         return "..."
     prompts = sample_prompts(rows.get("test") or rows.get("valid") or rows.get("train") or [], 1)

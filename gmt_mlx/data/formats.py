@@ -8,6 +8,9 @@ Data lives in JSONL files, one example per line, in the formats that
 - text:        {"text": ...}
 - preference:  {"prompt": ..., "chosen": ..., "rejected": ...}  (TRL's conventions;
                --train-mode dpo / orpo; strings, or message lists; optional "system")
+- prompts:     {"prompt": ..., "answer": ...}, no completion (--train-mode grpo and eval
+               --reward only, ``prompts=True``: the completions are sampled; chat rows
+               whose last turn is the user's are prompts too, in any mode)
 
 A data folder holds `train.jsonl` (required), `valid.jsonl` and `test.jsonl`
 (optional). Every problem with a file becomes a one-line `UserError` that
@@ -25,7 +28,7 @@ from pathlib import Path
 
 from gmt_mlx.errors import UserError
 
-FORMATS = ("chat", "completions", "text", "preference")
+FORMATS = ("chat", "completions", "text", "preference", "prompts")
 SPLITS = ("train", "valid", "test")
 _KNOWN = "messages | prompt+completion | text | prompt+chosen+rejected"
 
@@ -91,10 +94,11 @@ def is_preference_row(row: object) -> bool:
     return isinstance(row, dict) and ("chosen" in row or "rejected" in row)
 
 
-def detect_format(example: dict, where: str) -> str:
+def detect_format(example: dict, where: str, prompts: bool = False) -> str:
     """Return 'chat', 'completions', 'text' or 'preference' for one example, or raise UserError naming `where`.
 
-    `where` is the location used in messages, normally "file:line".
+    `where` is the location used in messages, normally "file:line". ``prompts``
+    (GRPO, reward evaluation): a "prompt" with no "completion" is a 'prompts' row.
     """
     if not isinstance(example, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(example).__name__}")
@@ -104,11 +108,18 @@ def detect_format(example: dict, where: str) -> str:
     if "messages" in example:
         _check_messages(example["messages"], where)
         return "chat"
+    if prompts and "prompt" in example and "completion" not in example:
+        if not isinstance(example["prompt"], (str, list)):
+            raise UserError(f"{where}: 'prompt' must be a string or a list of messages, got {type(example['prompt']).__name__}")
+        if isinstance(example["prompt"], list):
+            _check_messages(example["prompt"], f"{where}: 'prompt'")
+        return "prompts"
     if "prompt" in example or "completion" in example:
         for key in ("prompt", "completion"):
             if key not in example:
                 other = "completion" if key == "prompt" else "prompt"
-                raise UserError(f"{where}: has '{other}' but no '{key}' (completions format needs both)")
+                hint = "; prompt-only rows are for --train-mode grpo" if key == "completion" else ""
+                raise UserError(f"{where}: has '{other}' but no '{key}' (completions format needs both{hint})")
             if not isinstance(example[key], str):
                 raise UserError(f"{where}: '{key}' must be a string, got {type(example[key]).__name__}")
         return "completions"
@@ -145,14 +156,14 @@ def _parse_line(line: str, where: str) -> object:
         raise UserError(f"{where}: invalid JSON ({str(err).splitlines()[0][:120]})") from None
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, prompts: bool = False) -> list[dict]:
     """Read a JSONL file of examples, validating every line; blank lines are skipped.
 
     Lines end at \n (or \r\n) only: U+2028, U+2029 and U+0085 are valid inside
     JSON strings. A leading UTF-8 byte-order mark is skipped. Raises UserError
     ("file:line: ...") for invalid JSON, a line that is not an object, an unknown
     format, or a format that differs from the file's first example; and
-    ("file: no examples") for a file without any.
+    ("file: no examples") for a file without any. ``prompts``: see `detect_format`.
     """
     path = Path(path)
     if path.is_dir():
@@ -178,7 +189,7 @@ def read_jsonl(path: Path) -> list[dict]:
             continue
         where = f"{path}:{lineno}"
         row = _parse_line(line, where)
-        fmt = detect_format(row, where)
+        fmt = detect_format(row, where, prompts)
         if first is None:
             first = (fmt, lineno)
         elif fmt != first[0]:

@@ -208,7 +208,7 @@ def _drop_nones(value):
     return value
 
 
-def _rows(dataset, spec: str, mapping: Dict[str, str], label: str) -> List[dict]:
+def _rows(dataset, spec: str, mapping: Dict[str, str], label: str, prompts: bool = False) -> List[dict]:
     """The split's rows, renamed by ``mapping`` and each checked by data.detect_format."""
     from gmt_mlx.data.formats import detect_format
 
@@ -236,7 +236,7 @@ def _rows(dataset, spec: str, mapping: Dict[str, str], label: str) -> List[dict]
         row = {mapping.get(k, k): _drop_nones(v) for k, v in raw.items()}
         where = f"{where_split}, row {i}"
         try:
-            fmt = detect_format(row, where)
+            fmt = detect_format(row, where, prompts)
         except UserError as err:
             message = str(err)
             for plain, noted in notes.items():
@@ -251,7 +251,7 @@ def _rows(dataset, spec: str, mapping: Dict[str, str], label: str) -> List[dict]
 
 
 def load_source(data: str, columns: Optional[str] = None, data_config: Optional[str] = None,
-                data_splits: Optional[str] = None) -> Dict[str, List[dict]]:
+                data_splits: Optional[str] = None, prompts: bool = False) -> Dict[str, List[dict]]:
     """Read ``data`` (file, saved folder or Hub id) into {split: rows}, like data.load_splits.
 
     ``columns``: 'question=prompt,answer=completion' renames dataset columns to our fields
@@ -259,32 +259,34 @@ def load_source(data: str, columns: Optional[str] = None, data_config: Optional[
     name). ``data_splits``: 'train_sft=train,test_sft=valid' or 'train[:90%]=train,train[90%:]=valid'
     picks the dataset splits (slices as in load_dataset) that become train / valid / test;
     by default train, validation (or valid, dev) and test. A single file is the train split.
+    ``prompts``: prompt rows without a completion are accepted (`formats.detect_format`).
     """
     mapping = parse_pairs(columns, "--columns", "question=prompt,answer=completion")
     parse_pairs(data_splits, "--data-splits", "train_sft=train,test_sft=valid")  # syntax, before the import
     datasets = _import_datasets(str(data))
     label = f"dataset {data}"
     found = _load(str(data), data_config, datasets)
-    return {ours: _rows(ds, spec, mapping, label) for ours, (spec, ds) in _choose_splits(found, data_splits, label, datasets).items()}
+    return {ours: _rows(ds, spec, mapping, label, prompts) for ours, (spec, ds) in _choose_splits(found, data_splits, label, datasets).items()}
 
 
 def load_splits(data: str | Path, columns: str | None = None, *, data_config: str | None = None,
-                data_splits: str | None = None) -> dict[str, list[dict]]:
+                data_splits: str | None = None, prompts: bool = False) -> dict[str, list[dict]]:
     """Load a data folder (train.jsonl required; valid/test.jsonl optional) or one JSONL file.
 
     Returns {split: rows} for the splits present; a single file becomes {"train": rows}.
     Parquet/CSV/JSON files, save_to_disk folders, Hub dataset ids, and any data with
     ``columns``/``data_config``/``data_splits`` go to load_source (the `datasets` extra).
+    ``prompts`` (--train-mode grpo, eval --reward): prompt rows with no completion are accepted.
     """
     if wants_datasets(str(data), columns, data_config, data_splits):
-        return load_source(str(data), columns, data_config, data_splits)
+        return load_source(str(data), columns, data_config, data_splits, prompts)
     path = Path(data).expanduser()
     if not path.exists():
         raise UserError(f"{path}: no such file or folder (expected a folder with train.jsonl, or a .jsonl file)")
     if path.is_file():
-        return {"train": read_jsonl(path)}
+        return {"train": read_jsonl(path, prompts)}
     if (path / "train.jsonl").is_dir():
         raise UserError(f"{path / 'train.jsonl'}: is a directory, not a JSONL file")
     if not (path / "train.jsonl").is_file():
         raise UserError(f"{path}: no train.jsonl (a data folder needs train.jsonl; valid.jsonl and test.jsonl are optional)")
-    return {name: read_jsonl(path / f"{name}.jsonl") for name in SPLITS if (path / f"{name}.jsonl").is_file()}
+    return {name: read_jsonl(path / f"{name}.jsonl", prompts) for name in SPLITS if (path / f"{name}.jsonl").is_file()}

@@ -6,6 +6,9 @@ scored by pluggable scorers, see `scorers.py`), `evaluate_model` (both, on
 an already loaded model) and `evaluate` (load a model or run directory and a
 data split, then both). How to evaluate is one `EvalOptions` value, which
 `gmt-mlx eval` builds from its options and hands to `evaluate`.
+`reward_eval.reward_evaluation` scores greedy answers with GRPO's rewards
+(`--reward`): the same measure as a GRPO run's validation reward. What a row
+asks, and its token ids, are `prompts.py`'s.
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ from gmt_mlx.core.trainer import evaluate_loss, loss_sums, mean_metrics
 from gmt_mlx.data import sources
 from gmt_mlx.data.batching import PAD_MULTIPLE, batch_order, make_batch
 from gmt_mlx.data.batching import pad_id as batch_pad_id
-from gmt_mlx.data.encoding import TokenizedSplit, chat_ids, has_chat_template, tokenize_split
+from gmt_mlx.data.encoding import TokenizedSplit, tokenize_split
 from gmt_mlx.data.formats import is_preference_row
 from gmt_mlx.data.sources import load_splits
 from gmt_mlx.errors import UserError
+from gmt_mlx.evaluation.prompts import describe_prompt, prompt_of, prompt_tokens, split_where
 from gmt_mlx.evaluation.reference import reference_logps
+from gmt_mlx.evaluation.reward_eval import check_reward_rows, has_completions, limited, reward_evaluation
+from gmt_mlx.evaluation.rewards import RewardSet, parse_rewards
 from gmt_mlx.evaluation.scorers import get_scorer, reference_of
 from gmt_mlx.run import rundir
 
@@ -40,29 +46,35 @@ DEFAULT_MAX_SEQ_LENGTH = 2048
 class EvalOptions:
     """How to evaluate: the split, what to measure and with which settings (`gmt-mlx eval`'s options).
 
-    ``mask_prompt``, ``assistant_turns``, ``max_seq_length`` and the data
-    options (``columns``, ``data_config``, ``data_splits``: how to read the
-    data) left None mean "the run's own, else the default": `for_run` fills
-    them in. ``limit`` caps the prompts generated for, never the loss.
+    ``scorers``, ``rewards``, ``max_tokens``, ``mask_prompt``, ``assistant_turns``,
+    ``max_seq_length`` and the data options (``columns``, ``data_config``,
+    ``data_splits``: how to read the data) left None mean "the run's own, else
+    the default": `for_run` fills them in. A GRPO run's own are its rewards
+    (``--reward``, ``--reward-weights``) and its --max-completion-length, with no
+    scorer; anything else's are the "exact" scorer and DEFAULT_MAX_TOKENS.
+    ``limit`` caps the prompts generated for, never the loss.
     """
 
     split: str = "test"
-    scorers: Tuple[str, ...] = ("exact",)
+    scorers: Optional[Tuple[str, ...]] = None
     mask_prompt: Optional[bool] = None
     assistant_turns: Optional[str] = None
     max_seq_length: Optional[int] = None
     batch_size: int = DEFAULT_BATCH_SIZE
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens: Optional[int] = None
     limit: Optional[int] = None
     loss: bool = True
     generate: bool = True
     columns: Optional[str] = None
     data_config: Optional[str] = None
     data_splits: Optional[str] = None
+    rewards: Optional[str] = None  # --reward's names ("number,format"), scored on greedy answers
+    reward_weights: Optional[str] = None
 
     def __post_init__(self) -> None:
         # A list of scorer names (parse_scorers, a CompareSpec) is accepted; a tuple keeps the value frozen.
-        object.__setattr__(self, "scorers", tuple(self.scorers))
+        if self.scorers is not None:
+            object.__setattr__(self, "scorers", tuple(self.scorers))
 
     def data_options(self) -> Dict[str, Optional[str]]:
         """{columns, data_config, data_splits}: `load_splits`' keywords."""
@@ -76,13 +88,25 @@ class EvalOptions:
         """
         own = sources.data_options(dict(run)) if not data or data == run.get("data") else {}
         given = {key: value for key, value in self.data_options().items() if value is not None}
+        grpo = run.get("train_mode") == "grpo"
+        # A GRPO run asked for nothing in particular is scored by its own rewards.
+        own_rewards = grpo and self.rewards is None and not self.scorers
+        rewards = run.get("reward", "exact") if own_rewards else self.rewards
+        weights = run.get("reward_weights") if own_rewards else self.reward_weights
+        scorers = self.scorers if self.scorers is not None else (() if rewards else ("exact",))
+        max_tokens = self.max_tokens or (run.get("max_completion_length") if grpo else None) or DEFAULT_MAX_TOKENS
         return replace(
             self,
+            scorers=scorers, rewards=rewards, reward_weights=weights, max_tokens=max_tokens,
             mask_prompt=run.get("mask_prompt", True) if self.mask_prompt is None else self.mask_prompt,
             assistant_turns=self.assistant_turns or run.get("assistant_turns") or "final",
             max_seq_length=self.max_seq_length or run.get("max_seq_length", DEFAULT_MAX_SEQ_LENGTH),
             **{**own, **given},
         )
+
+    def reward_set(self) -> Optional[RewardSet]:
+        """The rewards to score with (`rewards.parse_rewards`: one-line errors), None without any."""
+        return parse_rewards(self.rewards, self.reward_weights) if self.rewards else None
 
 
 def split_loss(
@@ -132,15 +156,6 @@ def split_loss(
     return mean_metrics(reduced[0], reduced[1], dict(zip(keys, reduced[2:])))
 
 
-def prompt_of(row: dict) -> Optional[object]:
-    """The prompt part of a data row (chat messages before the last, or the prompt)."""
-    if "messages" in row and len(row["messages"]) > 1:
-        return row["messages"][:-1]
-    if "prompt" in row:
-        return row["prompt"]
-    return None
-
-
 def generate_text(model: nn.Module, tokenizer, prompt, *, max_tokens: int = 64, chat: Optional[bool] = None) -> str:
     """Greedy continuation of ``prompt`` (a string or a list of chat messages).
 
@@ -151,16 +166,6 @@ def generate_text(model: nn.Module, tokenizer, prompt, *, max_tokens: int = 64, 
 
     model.eval()
     return generate(model, tokenizer, prompt_tokens(tokenizer, prompt, chat=chat), max_tokens=max_tokens, verbose=False)
-
-
-def prompt_tokens(tokenizer, prompt, *, chat: Optional[bool] = None) -> List[int]:
-    """Token ids of a prompt: chat messages (or a string, wrapped as a user turn when the
-    tokenizer has a chat template, unless ``chat=False``) end with the generation prompt."""
-    if isinstance(prompt, list):
-        return chat_ids(tokenizer, prompt, add_generation_prompt=True)
-    if (chat is None and has_chat_template(tokenizer)) or chat:
-        return chat_ids(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-    return [int(t) for t in tokenizer.encode(prompt)]
 
 
 def generate_batch(
@@ -241,24 +246,35 @@ def evaluate_model(
     options: Optional[EvalOptions] = None,
     *,
     on_batch: Optional[Callable[[int, int], None]] = None,
+    where: Optional[str] = None,
 ) -> dict:
-    """Loss/perplexity over all of ``rows`` and generation accuracy on (the first ``options.limit`` of) them.
+    """Loss/perplexity over all of ``rows``, and generation accuracy and rewards (`reward_evaluation`)
+    on (the first ``options.limit`` of) them.
 
     The loss covers what training covered: ``mask_prompt`` and ``assistant_turns`` as in `encode_example`
-    (unset, they are True and "final", as for a plain model). ``on_batch(done, total)`` reports generation.
+    (unset, they are True and "final", as for a plain model); prompt rows with no completion have none
+    ("loss_skipped" says so). ``on_batch(done, total)`` reports generation; ``where`` names the rows' file.
     """
     options = (options or EvalOptions()).for_run({})
+    rewards = options.reward_set()
     result: Dict[str, object] = {"split": options.split, "examples": len(rows)}
     t0 = time.perf_counter()
-    if options.loss and is_preference(rows):
+    if options.loss and not has_completions(rows):
+        result["loss_skipped"] = "the rows are prompts with no completion"
+    elif options.loss and is_preference(rows):
         result.update(preference_accuracy(model, tokenizer, rows, split=options.split,
                                           max_seq_length=options.max_seq_length, batch_size=options.batch_size))
     elif options.loss:
         result.update(sft_loss_of(model, tokenizer, rows, options))
-    if options.generate:
+    if options.generate and rewards is not None:
+        result.update(reward_evaluation(model, tokenizer, limited(rows, options.limit), rewards, max_tokens=options.max_tokens,
+                                        batch_size=options.batch_size, where=where, on_batch=on_batch))
+        result["reward_names"], result["reward_weights"] = rewards.names, rewards.weights
+    if options.generate and options.scorers:
         result.update(generation_accuracy(model, tokenizer, rows, scorers=options.scorers,
                                           max_tokens=options.max_tokens, batch_size=options.batch_size,
                                           limit=options.limit, on_batch=on_batch))
+    if options.generate:
         result["scorers"] = list(options.scorers)
         result["max_tokens"] = options.max_tokens
     result["wall_time"] = time.perf_counter() - t0
@@ -352,16 +368,19 @@ def evaluate(
     from gmt_mlx.models.loading import load_base, run_model_dir
 
     options = options or EvalOptions()
-    for name in options.scorers:
+    for name in options.scorers or ():
         get_scorer(name)  # unknown scorer or missing package: fail before loading anything
     run = saved_run_config(model_or_run) or {}
     options = options.for_run(run, data)
+    options.reward_set()  # an unknown reward or bad weights: one line, before anything is loaded
     data = data or run.get("data")
     rows = load_rows(data, options)
     if not options.loss and not options.generate:
         raise UserError("nothing to do: both the loss and the generation accuracy are switched off")
+    if options.rewards and options.generate:  # rows the rewards cannot score: before the model load
+        check_reward_rows(limited(rows, options.limit), options.reward_set(), split_where(str(data), options.split))
     model, tokenizer, _, path = load_base(run_model_dir(model_or_run), dequantize=False)
-    result = evaluate_model(model, tokenizer, rows, options, on_batch=on_batch)
+    result = evaluate_model(model, tokenizer, rows, options, on_batch=on_batch, where=split_where(str(data), options.split))
     return {"model": str(model_or_run), "model_path": str(path), "data": str(data), **result}
 
 
@@ -370,7 +389,7 @@ def load_rows(data: Optional[str], options: EvalOptions) -> List[dict]:
     if not data:
         raise UserError("--data is required (a folder with train/valid/test.jsonl, a data file, a saved dataset "
                         "or a Hub dataset id)")
-    splits = load_splits(data, **options.data_options())
+    splits = load_splits(data, **options.data_options(), prompts=bool(options.rewards))
     if options.split not in splits:
         raise UserError(f"{data}: no {options.split} split (found: {', '.join(splits)})")
     return splits[options.split]
@@ -426,20 +445,3 @@ def score_summary(result: dict, scorer: str) -> str:
     return f"{100 * value:.1f}% of {count}"
 
 
-def describe_prompt(prompt) -> str:
-    """A prompt as one string for logs: its last message's content, or the prompt itself."""
-    if isinstance(prompt, list):
-        return prompt[-1].get("content", "") if prompt else ""
-    return str(prompt)
-
-
-def sample_prompts(rows: List[dict], count: int) -> list:
-    """Up to ``count`` prompts from data rows, in file order."""
-    out = []
-    for row in rows:
-        prompt = prompt_of(row)
-        if prompt is not None:
-            out.append(prompt)
-        if len(out) >= count:
-            break
-    return out

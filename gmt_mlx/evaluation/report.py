@@ -18,6 +18,14 @@ from gmt_mlx.config import MASKED_METHODS, is_preference
 RESULTS_MD = "results.md"
 PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "train_loss_vs_step.png", "kept_fraction.png",
          "mask_overlap.png")
+# --train-mode grpo: rewards (higher is better) where the other modes plot losses.
+GRPO_PLOTS = ("val_reward_vs_step.png", "val_reward_vs_time.png", "train_reward_vs_step.png", "kept_fraction.png",
+              "mask_overlap.png")
+
+
+def plot_names(train_mode: Optional[str]) -> tuple:
+    """The PNG files of a comparison in ``train_mode``."""
+    return GRPO_PLOTS if train_mode == "grpo" else PLOTS
 
 
 def mean_std(values: List[Optional[float]]) -> Optional[dict]:
@@ -31,7 +39,8 @@ def mean_std(values: List[Optional[float]]) -> Optional[dict]:
 
 ROW_METRICS = ("final_val_loss", "best_val_loss", "test_loss", "test_ppl", "tokens_per_sec", "wall_time",
                "peak_memory_gb", "trainable_share", "updated_share", "kept_fraction", "mask_overlap",
-               "final_val_reward_accuracy", "test_preference_accuracy", "test_reward_accuracy", "test_dpo_loss")
+               "final_val_reward_accuracy", "test_preference_accuracy", "test_reward_accuracy", "test_dpo_loss",
+               "final_val_reward", "best_val_reward", "test_reward")
 
 
 # A run's tokens/s is marked noisy when its per-step rates spread this much (interquartile range
@@ -45,8 +54,8 @@ def speed_is_noisy(summary: dict) -> bool:
     return summary.get("tokens_per_sec") is not None and (spread is None or spread > NOISY_SPREAD)
 
 
-def aggregate(summaries: List[dict], scorers: Sequence[str]) -> List[dict]:
-    """One row per (method, mask ratio): mean ± std over seeds of every metric."""
+def aggregate(summaries: List[dict], scorers: Sequence[str], rewards: Sequence[str] = ()) -> List[dict]:
+    """One row per (method, mask ratio): mean ± std over seeds of every metric (GRPO: each reward's too)."""
     groups: Dict[str, List[dict]] = {}
     for s in summaries:
         groups.setdefault(s["group"], []).append(s)
@@ -57,6 +66,8 @@ def aggregate(summaries: List[dict], scorers: Sequence[str]) -> List[dict]:
         for key in ROW_METRICS:
             row[key] = mean_std([m.get(key) for m in members])
         row["accuracy"] = {name: mean_std([m["accuracy"].get(name) for m in members]) for name in scorers}
+        row["test_rewards"] = {name: mean_std([(m.get("test_rewards") or {}).get(name) for m in members])
+                               for name in rewards}
         row["speed_noisy"] = any(speed_is_noisy(m) for m in members)
         rows.append(row)
     return rows
@@ -84,14 +95,17 @@ def render_markdown(results: dict) -> str:
     # test preference accuracy (chosen answer likelier than the rejected one).
     preference = is_preference(spec.get("train_mode"))
     lines = ["# gmt-mlx compare", ""] + _spec_lines(spec)
-    lines += _method_table(spec["eval"]["scorers"], rows, results["base"], preference) + _notes(preference)
-    lines += _mask_table(rows) + _plot_lines() + _sample_lines(results)
+    if spec.get("train_mode") == "grpo":
+        lines += _reward_table(spec, rows, results["base"]) + _notes(False) + _reward_notes(spec)
+    else:
+        lines += _method_table(spec["eval"]["scorers"], rows, results["base"], preference) + _notes(preference)
+    lines += _mask_table(rows) + _plot_lines(plot_names(spec.get("train_mode"))) + _sample_lines(results)
     return "\n".join(lines)
 
 
 def _spec_lines(spec: dict) -> List[str]:
     """The command, then what was held equal and what varied, one bullet each."""
-    scorers, lora = spec["eval"]["scorers"], spec["lora"]
+    lora = spec["lora"]
     lines: List[str] = []
     if spec.get("command"):
         lines += ["Command:", "", "```sh", spec["command"], "```", ""]
@@ -109,12 +123,23 @@ def _spec_lines(spec: dict) -> List[str]:
         f"- GMT/random: mask scope {spec['mask_scope']}, target {spec['mask_target']}; "
         f"LoRA/DoRA: rank {lora['rank']}, scale {lora['scale']:g}, dropout {lora['dropout']:g}, "
         f"keys {lora['keys']}, blocks {'all' if lora['num_layers'] < 0 else lora['num_layers']}",
-        f"- evaluation: {spec['eval']['split']} split, loss over all of it; accuracy on the first "
-        f"{spec['eval']['limit']} prompts, greedy, at most {spec['eval']['max_tokens']} new tokens, "
-        f"scorer{'s' if len(scorers) > 1 else ''} {', '.join(scorers)}",
+        _eval_line(spec),
         "",
     ]
     return lines
+
+
+def _eval_line(spec: dict) -> str:
+    """How the test evaluation went: a loss and scorers, or (GRPO) rewards of greedy answers."""
+    ev, scorers = spec["eval"], spec["eval"]["scorers"]
+    scored = f"scorer{'s' if len(scorers) > 1 else ''} {', '.join(scorers)}"
+    if spec.get("train_mode") == "grpo":
+        weights = " + ".join(f"{w:g} x {n}" for n, w in zip(ev.get("rewards", []), ev.get("reward_weights", [])))
+        return (f"- evaluation: {ev['split']} split, the first {ev['limit']} prompts answered greedily (at most "
+                f"{ev['max_tokens']} new tokens) and scored by the runs' rewards, {weights}"
+                + (f"; also {scored}" if scorers else ""))
+    return (f"- evaluation: {ev['split']} split, loss over all of it; accuracy on the first {ev['limit']} prompts, "
+            f"greedy, at most {ev['max_tokens']} new tokens, {scored}")
 
 
 def _method_table(scorers: List[str], rows: List[dict], base: Optional[dict], preference: bool) -> List[str]:
@@ -140,6 +165,42 @@ def _method_table(scorers: List[str], rows: List[dict], base: Optional[dict], pr
                  _fmt(row["updated_share"], 2, 100, "%")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _reward_table(spec: dict, rows: List[dict], base: Optional[dict]) -> List[str]:
+    """GRPO's table: validation and test rewards (higher is better), each reward's test mean, then speed and
+    memory as in `_method_table`."""
+    scorers, rewards = spec["eval"]["scorers"], spec["eval"].get("rewards", [])
+    headers = ["method", "lr", "final val reward", "best val reward", "test reward",
+               *[f"test {name}" for name in rewards], *[f"accuracy ({s})" for s in scorers], "tokens/s",
+               "train time (s)", "peak mem (GB)", "trained %", "updated %/step"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    if base is not None:
+        value = lambda v: f"{v:.4f}" if v is not None else "—"  # noqa: E731
+        per = [value((base.get("test_rewards") or {}).get(name)) for name in rewards]
+        acc = [f"{100 * base['accuracy'][s]:.1f}%" if base["accuracy"].get(s) is not None else "—" for s in scorers]
+        cells = ["base model (no training)", "—", value(base.get("val_reward")), value(base.get("val_reward")),
+                 value(base.get("test_reward")), *per, *acc, "—", "—", "—", "0%", "0%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for row in rows:
+        per = [_fmt(row.get("test_rewards", {}).get(name)) for name in rewards]
+        acc = [_fmt(row["accuracy"].get(s), 1, 100, "%") for s in scorers]
+        cells = [row["group"], f"{row['learning_rate']:g}", _fmt(row.get("final_val_reward")),
+                 _fmt(row.get("best_val_reward")), _fmt(row.get("test_reward")), *per, *acc,
+                 _fmt(row["tokens_per_sec"], 0) + (" (noisy)" if row.get("speed_noisy") else ""),
+                 _fmt(row["wall_time"], 1), _fmt(row["peak_memory_gb"], 2), _fmt(row["trainable_share"], 2, 100, "%"),
+                 _fmt(row["updated_share"], 2, 100, "%")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _reward_notes(spec: dict) -> List[str]:
+    """What GRPO's reward columns mean."""
+    return ["- *val reward*: the mean weighted reward of greedy answers to the first --val-batches x --batch-size "
+            "validation prompts, at most --max-completion-length tokens (the base model's is every run's step 0); "
+            "higher is better. *test reward*: the same on the evaluation split (see above); *test NAME*: that "
+            "reward's own unweighted mean. *tokens/s* counts prompts and sampled completions, rollouts included.",
+            ""]
 
 
 def _base_row(scorers: List[str], base: dict, preference: bool) -> str:
@@ -190,9 +251,9 @@ def _mask_table(rows: List[dict]) -> List[str]:
     return lines
 
 
-def _plot_lines() -> List[str]:
+def _plot_lines(names: Sequence[str] = PLOTS) -> List[str]:
     """The plots write_plots draws, as images next to results.md."""
-    return ["## Plots", ""] + [f"![{name[:-4].replace('_', ' ')}]({name})" for name in PLOTS] + [""]
+    return ["## Plots", ""] + [f"![{name[:-4].replace('_', ' ')}]({name})" for name in names] + [""]
 
 
 def _sample_lines(results: dict) -> List[str]:
@@ -282,15 +343,20 @@ def write_plots(results: dict, out: Path) -> List[Path]:
     runs = results["runs"]
     masked = [r for r in runs if r["method"] in MASKED_METHODS]
     no_val = "no validation split"
+    grpo = results["spec"].get("train_mode") == "grpo"
+    names = plot_names(results["spec"].get("train_mode"))
+    # GRPO: the greedy answers' mean reward (higher is better), and the rollouts' mean reward in training.
+    val = "validation reward (greedy)" if grpo else "validation loss"
+    train = ("Rollout reward (sampled, report steps)", "mean reward", 5) if grpo else \
+        ("Training loss (report steps)", "training loss", 2)
     return [
-        _plot(out / PLOTS[0], "Validation loss", "optimizer step", "validation loss", _series(runs, "val", 0, 2),
+        _plot(out / names[0], val.capitalize(), "optimizer step", val, _series(runs, "val", 0, 2), no_val),
+        _plot(out / names[1], f"{val.capitalize()} against time", "wall time (s)", val, _series(runs, "val", 1, 2),
               no_val),
-        _plot(out / PLOTS[1], "Validation loss against time", "wall time (s)", "validation loss",
-              _series(runs, "val", 1, 2), no_val),
-        _plot(out / PLOTS[2], "Training loss (report steps)", "optimizer step", "training loss",
-              _series(runs, "train", 0, 2), "no training records"),
-        _plot(out / PLOTS[3], "Kept fraction of gradient entries", "optimizer step", "kept fraction",
+        _plot(out / names[2], train[0], "optimizer step", train[1], _series(runs, "train", 0, train[2]),
+              "no training records"),
+        _plot(out / names[3], "Kept fraction of gradient entries", "optimizer step", "kept fraction",
               _series(masked, "train", 0, 3), "no gmt/random run"),
-        _plot(out / PLOTS[4], "Mask overlap with the previous step", "optimizer step", "overlap",
+        _plot(out / names[4], "Mask overlap with the previous step", "optimizer step", "overlap",
               _series(masked, "train", 0, 4), "no gmt/random run"),
     ]

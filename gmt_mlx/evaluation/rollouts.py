@@ -83,6 +83,13 @@ class Rollouts:
         return mx.array(tokens), mx.array([len(p) for p in self.prompt_ids], dtype=mx.int32)
 
 
+def completion_text(tokenizer, ids: List[int], stops: List[int]) -> str:
+    """A completion's text for the rewards: its ids decoded without the stop token that ended it."""
+    if ids and ids[-1] in stops:
+        ids = ids[:-1]
+    return tokenizer.decode(ids)
+
+
 def key_state(key: mx.array) -> List[int]:
     """A key as plain integers, for a JSON checkpoint."""
     return [int(v) for v in np.array(key, dtype=np.uint32)]

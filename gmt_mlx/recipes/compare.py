@@ -10,6 +10,12 @@ accuracy), evaluates the untouched base model once, and writes:
     OUT/*.png            validation loss vs step and vs wall time, train loss,
                          GMT's kept fraction and mask overlap between steps
 
+Under ``--train-mode grpo`` every run trains with GRPO on the same prompts and
+rewards; validation is the mean reward of greedy answers (each run records its
+own step 0, the base model), the test evaluation scores greedy answers with
+the runs' rewards (mean and per reward, `evaluate.reward_evaluation`) instead
+of a loss, and the table and plots show rewards (higher is better).
+
 (report.py builds results.md and the plots from the results dict.)
 
 What is held equal: every run starts from the same base config (data,
@@ -71,7 +77,10 @@ def _check_same_config(run: PlannedRun, run_dir: Path) -> Dict[str, tuple]:
 
 
 def _eval_settings(spec: CompareSpec, split: str) -> dict:
-    return {"split": split, "scorers": list(spec.scorers), "limit": spec.eval_limit, "max_tokens": spec.max_tokens}
+    settings = {"split": split, "scorers": list(spec.scorers), "limit": spec.eval_limit, "max_tokens": spec.max_tokens}
+    if spec.base.train_mode == "grpo":
+        settings.update(rewards=spec.base.reward, reward_weights=spec.base.reward_weights)
+    return settings
 
 
 def _evaluate(spec: CompareSpec, model: str, split: Optional[str], path: Path, config: Config, log) -> Optional[dict]:
@@ -94,6 +103,9 @@ def _evaluate(spec: CompareSpec, model: str, split: Optional[str], path: Path, c
     acc = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.get("accuracy", {}).items() if v is not None)
     if "preference_accuracy" in result:
         what = f"preference accuracy {100 * result['preference_accuracy']:.1f}% of {result['pairs']} pairs"
+    elif result.get("reward") is not None:
+        each = ", ".join(f"{name} {value:.4f}" for name, value in result["rewards"].items())
+        what = f"reward {result['reward']:.4f} ({each}) of {result['reward_count']} greedy answers"
     else:
         what = f"loss {result['loss']:.4f} (ppl {result['ppl']:.3f})"
     log(f"eval       {split}: {what}" + (f", accuracy {acc} of {result['count']}" if acc else "")
@@ -105,10 +117,12 @@ def _eval_options(spec: CompareSpec, split: str, config: Config) -> EvalOptions:
     """How compare evaluates a model: the spec's generation settings and the run config's way with the data."""
     from gmt_mlx.evaluation.evaluate import EvalOptions
 
+    grpo = config.train_mode == "grpo"  # the runs' rewards score the answers; no (SFT) loss beside them
     return EvalOptions(split=split, scorers=tuple(spec.scorers), mask_prompt=config.mask_prompt,
                        assistant_turns=config.assistant_turns, max_seq_length=config.max_seq_length,
                        batch_size=spec.eval_batch_size, max_tokens=spec.max_tokens, limit=spec.eval_limit,
-                       **data_options(config))
+                       loss=not grpo, rewards=config.reward if grpo else None,
+                       reward_weights=config.reward_weights if grpo else None, **data_options(config))
 
 
 def _base_validation(base: Config, splits: Dict[str, list], path: Path, log) -> Optional[float]:
@@ -121,7 +135,7 @@ def _base_validation(base: Config, splits: Dict[str, list], path: Path, log) -> 
     from gmt_mlx.models.loading import load_base
     from gmt_mlx.recipes.plan import tokenize_splits
 
-    if "valid" not in splits or base.preference:  # preference runs validate at step 0 themselves
+    if "valid" not in splits or base.preference or base.train_mode == "grpo":  # these validate at step 0 themselves
         return None
     settings = {key: getattr(base, key) for key in ("model", "data", "batch_size", "val_batches", "max_seq_length",
                                                     "mask_prompt", "assistant_turns", "train_dtype")}
@@ -149,7 +163,8 @@ def _base_validation(base: Config, splits: Dict[str, list], path: Path, log) -> 
 def _with_val_loss(summary: Optional[dict], val_loss: Optional[float]) -> Optional[dict]:
     if summary is None:
         return None if val_loss is None else {"val_loss": val_loss, "test_loss": None, "test_ppl": None,
-                                              "accuracy": {}, "count": 0, "samples": []}
+                                              "test_reward": None, "test_rewards": {}, "accuracy": {}, "count": 0,
+                                              "samples": []}
     return {**summary, "val_loss": val_loss}
 
 
@@ -161,7 +176,14 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
     out = Path(spec.out)
     _check_out(spec, out)
     plan(spec)  # check every run's config before anything else
-    splits = load_splits(spec.base.data, **data_options(spec.base))  # fail on bad data before any model is loaded
+    # Fail on bad data before any model is loaded (GRPO takes prompt rows with no completion).
+    splits = load_splits(spec.base.data, **data_options(spec.base), prompts=spec.base.train_mode == "grpo")
+    if spec.base.train_mode == "grpo" and eval_split_of(splits):  # rows its rewards cannot score, before training
+        from gmt_mlx.evaluation.prompts import split_where
+        from gmt_mlx.evaluation.reward_eval import check_reward_rows, limited
+
+        split = eval_split_of(splits)
+        check_reward_rows(limited(splits[split], spec.eval_limit), rewards_of(spec.base), split_where(spec.base.data, split))
     spec = with_cadence(spec, total_steps(spec.base, len(splits["train"])), log)
     runs = plan(spec)
     eval_split = _eval_split(splits, log)
@@ -175,11 +197,15 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
     started = time.perf_counter()
     summaries, trained = _run_all(spec, runs, eval_split, base_eval, base_val, started=started, overwrite=overwrite,
                                   log=log)
+    base = _with_val_loss(summarize_eval(base_eval), base_val)
+    if spec.base.train_mode == "grpo" and base is not None:  # every run's step 0 is the base model's val reward
+        steps0 = [point[2] for s in summaries for point in s["curves"]["val"][:1] if point[0] == 0]
+        base["val_reward"] = steps0[0] if steps0 else None
     results = {
         "spec": describe_spec(spec, eval_split),
-        "base": _with_val_loss(summarize_eval(base_eval), base_val),
+        "base": base,
         "runs": summaries,
-        "rows": aggregate(summaries, spec.scorers),
+        "rows": aggregate(summaries, spec.scorers, reward_names(spec)),
         "wall_time": time.perf_counter() - started,
     }
     _write_results(results, out)
@@ -192,18 +218,31 @@ def _check_out(spec: CompareSpec, out: Path) -> None:
     """Refuse an empty spec, and an --out that is a file or a folder of something other than a comparison."""
     if not spec.methods or not spec.seeds:
         raise UserError("compare needs at least one method and one seed")
-    if spec.base.train_mode == "grpo":  # its step-0 point and table would mix SFT's loss with GRPO's reward
-        raise UserError("compare --train-mode grpo is not supported yet; run gmt-mlx finetune --train-mode grpo "
-                        "once per method")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "runs").is_dir() and not (out / RESULTS_JSON).is_file():
         raise UserError(f"--out {out} is a non-empty folder that is not a gmt-mlx comparison; choose another")
 
 
+def eval_split_of(splits: Dict[str, list]) -> Optional[str]:
+    """The split every model is evaluated on: test, else valid, else None."""
+    return "test" if "test" in splits else ("valid" if "valid" in splits else None)
+
+
+def reward_names(spec: CompareSpec) -> List[str]:
+    """The rewards a GRPO comparison scores with, in --reward's order; [] for the other modes."""
+    return rewards_of(spec.base).names if spec.base.train_mode == "grpo" else []
+
+
+def rewards_of(base: Config):
+    from gmt_mlx.evaluation.rewards import parse_rewards
+
+    return parse_rewards(base.reward, base.reward_weights)
+
+
 def _eval_split(splits: Dict[str, list], log: Callable[[str], None]) -> Optional[str]:
     """The split every model is evaluated on (test, else valid, else None), with a warning for each missing one."""
-    eval_split = "test" if "test" in splits else ("valid" if "valid" in splits else None)
+    eval_split = eval_split_of(splits)
     if "valid" not in splits:
         log("warning: no valid.jsonl: no validation-loss curves")
     if eval_split != "test":
@@ -293,10 +332,12 @@ def summarize_eval(evaluation: Optional[dict]) -> Optional[dict]:
     """The numbers of an evaluation that results.json keeps (and its first three answers)."""
     if evaluation is None:
         return None
-    items = evaluation.get("items", [])
+    items = evaluation.get("items") or evaluation.get("reward_items", [])
     return {"test_loss": evaluation.get("loss"), "test_ppl": evaluation.get("ppl"),
             "test_preference_accuracy": evaluation.get("preference_accuracy"), "test_margin": evaluation.get("margin"),
             "test_reward_accuracy": evaluation.get("reward_accuracy"), "test_dpo_loss": evaluation.get("dpo_loss"),
+            "test_reward": evaluation.get("reward"), "test_rewards": evaluation.get("rewards", {}),
+            "reward_count": evaluation.get("reward_count", 0),
             "accuracy": evaluation.get("accuracy", {}), "count": evaluation.get("count", 0),
             "samples": [{k: item[k] for k in ("prompt", "reference", "answer")} for item in items[:3]]}
 
@@ -343,14 +384,20 @@ def summarize_run(run: PlannedRun, run_dir: Path, evaluation: Optional[dict],
     speeds = step_speeds(train, evals, run.config.steps_per_save)
     share = trainable / total if trainable and total else None
     val_curve = [[r["step"], r.get("wall_time"), r["val_loss"]] for r in evals]
+    grpo = run.config.train_mode == "grpo"
+    if grpo:  # the greedy answers' mean reward (its val_loss is minus it), higher is better
+        val_curve = [[r["step"], r.get("wall_time"), r.get("val_reward")] for r in evals]
     if base_val_loss is not None and not (val_curve and val_curve[0][0] == 0):
         val_curve.insert(0, [0, 0.0, base_val_loss])
+    rewards = [r.get("val_reward") for r in evals if r.get("val_reward") is not None]
     summary = {
         "name": run.name, "group": run.group, "method": run.method, "mask_ratio": run.mask_ratio,
         "seed": run.seed, "learning_rate": run.config.learning_rate, "steps": train[-1]["step"] if train else 0,
         "final_val_loss": evals[-1]["val_loss"] if evals else None,
         "best_val_loss": min(r["val_loss"] for r in evals) if evals else None,
         "final_val_reward_accuracy": evals[-1].get("val_reward_accuracy") if evals else None,
+        "final_val_reward": rewards[-1] if grpo and rewards else None,
+        "best_val_reward": max(rewards) if grpo and rewards else None,
         "tokens_per_sec": _median(speeds), "tokens_per_sec_samples": len(speeds),
         "tokens_per_sec_spread": speed_spread(speeds),
         "wall_time": train[-1]["wall_time"] if train else None,
@@ -361,12 +408,13 @@ def summarize_run(run: PlannedRun, run_dir: Path, evaluation: Optional[dict],
         "mask_overlap": _mean([r.get("mask_overlap") for r in train]),
         "curves": {
             "val": val_curve,
-            "train": [[r["step"], r.get("wall_time"), r["loss"], r.get("kept_fraction"), r.get("mask_overlap")]
-                      for r in train],
+            # GRPO adds the rollouts' mean reward (sampled, at the run's temperature).
+            "train": [[r["step"], r.get("wall_time"), r["loss"], r.get("kept_fraction"), r.get("mask_overlap"),
+                       *([r.get("reward")] if grpo else [])] for r in train],
         },
     }
     summary.update(summarize_eval(evaluation) or {"test_loss": None, "test_ppl": None, "accuracy": {}, "count": 0,
-                                                  "samples": []})
+                                                  "test_reward": None, "test_rewards": {}, "samples": []})
     return summary
 
 
@@ -386,7 +434,8 @@ def describe_spec(spec: CompareSpec, eval_split: Optional[str]) -> dict:
         "lora": {"rank": base.lora_rank, "scale": base.lora_scale, "dropout": base.lora_dropout,
                  "keys": base.lora_keys or "all linear layers", "num_layers": base.num_layers},
         "eval": {"split": eval_split, "scorers": spec.scorers, "limit": spec.eval_limit,
-                 "max_tokens": spec.max_tokens, "decoding": "greedy"},
+                 "max_tokens": spec.max_tokens, "decoding": "greedy", "rewards": reward_names(spec),
+                 "reward_weights": rewards_of(base).weights if base.train_mode == "grpo" else []},
         "command": spec.command,
         "base_config": base.to_dict(),
     }

@@ -39,9 +39,11 @@ class CompareSpec:
     seeds: List[int] = field(default_factory=lambda: [0])
     mask_ratios: List[float] = field(default_factory=lambda: [0.2])
     learning_rates: Dict[str, float] = field(default_factory=dict)
-    scorers: List[str] = field(default_factory=lambda: ["exact"])
+    # None: the mode's default. SFT/DPO/ORPO: the "exact" scorer and 32 new tokens. GRPO: no scorer (the
+    # runs' --reward scores the test answers) and the runs' --max-completion-length.
+    scorers: Optional[List[str]] = None
     eval_limit: int = 100
-    max_tokens: int = 32
+    max_tokens: Optional[int] = None
     eval_batch_size: int = 16
     command: Optional[str] = None  # the command line, recorded in results.md
     # Cadence keys compare may choose so that every run draws a curve (those the user did not set).
@@ -50,6 +52,11 @@ class CompareSpec:
     def __post_init__(self) -> None:
         # "full" runs as "sft" (Config stores it so): one run, named and priced as sft.
         self.methods = list(dict.fromkeys(cfg.METHOD_ALIASES.get(m, m) for m in self.methods))
+        grpo = self.base.train_mode == "grpo"
+        if self.scorers is None:
+            self.scorers = [] if grpo else ["exact"]
+        if self.max_tokens is None:
+            self.max_tokens = self.base.max_completion_length if grpo else 32
 
     def learning_rate(self, method: str) -> float:
         return self.learning_rates.get(method, DEFAULT_LEARNING_RATES[method])

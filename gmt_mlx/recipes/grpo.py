@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import mlx.core as mx
@@ -33,30 +32,20 @@ from gmt_mlx.core.grpo import completion_logps, group_advantages
 from gmt_mlx.data.batching import PAD_MULTIPLE, batch_order
 from gmt_mlx.data.encoding import Example, TokenizedSplit
 from gmt_mlx.errors import UserError
-from gmt_mlx.evaluation.evaluate import prompt_tokens
+from gmt_mlx.evaluation.prompts import grpo_prompt, prompt_tokens
+from gmt_mlx.evaluation.prompts import split_where as data_split_where
+from gmt_mlx.evaluation.reward_eval import reward_evaluation
 from gmt_mlx.evaluation.rewards import RewardSet, parse_rewards, reward_stats
-from gmt_mlx.evaluation.rollouts import key_from_state, key_state, sample_rollouts, stop_token_ids
+from gmt_mlx.evaluation.rollouts import completion_text, key_from_state, key_state, sample_rollouts, stop_token_ids
 
 # The arrays of one micro-batch, in the order grpo_batch_loss takes them after the model.
 BATCH_KEYS = ("tokens", "prompt_lengths", "mask", "old_logps", "ref_logps", "advantages")
 STATE_FORMAT = 1
 
 
-def grpo_prompt(row: dict) -> Any:
-    """A row's prompt as the model is asked it: chat messages without their final assistant turn(s), or the
-    prompt of a prompt/completion row (its completion ignored); None for a row without one (text)."""
-    messages = row.get("messages")
-    if isinstance(messages, list):
-        while messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
-            messages = messages[:-1]
-        return messages or None
-    return row.get("prompt") if isinstance(row.get("prompt"), (str, list)) else None
-
-
 def split_where(config: Config, name: str) -> str:
     """How a split's rows are named in messages: its JSONL file when the data is a folder of them."""
-    data = Path(str(config.data))
-    return str(data / f"{name}.jsonl") if data.is_dir() else f"{config.data} ({name} split)"
+    return data_split_where(str(config.data), name)
 
 
 def prompt_splits(config: Config, rows: Dict[str, list], tokenizer, rewards: RewardSet,
@@ -94,13 +83,6 @@ def _padded(rows: List[List[int]], pad: int, dtype=np.int32) -> np.ndarray:
     for b, row in enumerate(rows):
         out[b, : len(row)] = row
     return out
-
-
-def completion_text(tokenizer, ids: List[int], stops: List[int]) -> str:
-    """A completion's text for the rewards: its ids decoded without the stop token that ended it."""
-    if ids and ids[-1] in stops:
-        ids = ids[:-1]
-    return tokenizer.decode(ids)
 
 
 @dataclass
@@ -266,24 +248,16 @@ def validation_reward(model, tokenizer, split: TokenizedSplit, rows: List[dict],
                       config: Config, where: str) -> Dict[str, Any]:
     """Mean reward (and each reward's) of greedy answers to the valid prompts (the first --val-batches
     x --batch-size of them; -1: all), as a validation result: "loss" is minus the mean reward, so the
-    best checkpoint is the one with the highest reward."""
+    best checkpoint is the one with the highest reward. `evaluate.reward_evaluation` scores them, as
+    `gmt-mlx eval` of a GRPO run does."""
     count = len(split) if config.val_batches < 0 else min(len(split), config.val_batches * config.batch_size)
-    stops = stop_token_ids(tokenizer)
-    scores, lengths = [], []
-    chunk = config.batch_size * config.num_generations  # as many rows as a training micro-batch decodes
-    for start in range(0, count, chunk):
-        indices = list(range(start, min(start + chunk, count)))
-        rollouts = sample_rollouts(model, tokenizer, [split.examples[i].tokens for i in indices], num_generations=1,
-                                   temperature=0.0, max_completion_length=config.max_completion_length, key=0,
-                                   stop_ids=stops)
-        for index, completion in zip(indices, rollouts.completion_ids):
-            text = completion_text(tokenizer, completion, stops)
-            scores.append(rewards.score(grpo_prompt(rows[index]), text, rows[index], index, where))
-        lengths += rollouts.completion_lengths
-    stats = reward_stats(scores, 1)
-    result = {"loss": -stats["reward"], "ppl": None, "tokens": count, "reward": stats["reward"],
-              "completion_length": float(np.mean(lengths))}
-    result.update({k: v for k, v in stats.items() if k.startswith("rewards/") and k.endswith("/mean")})
+    # As many rows decoded together as a training micro-batch decodes.
+    scored = reward_evaluation(model, tokenizer, rows[:count], rewards, max_tokens=config.max_completion_length,
+                               batch_size=config.batch_size * config.num_generations, where=where,
+                               prompt_ids=[e.tokens for e in split.examples[:count]], checked=True)
+    result = {"loss": -scored["reward"], "ppl": None, "tokens": count, "reward": scored["reward"],
+              "completion_length": scored["completion_length"]}
+    result.update({f"rewards/{name}/mean": value for name, value in scored["rewards"].items()})
     return result
 
 

@@ -23,7 +23,8 @@ from gmt_mlx.config import Config
 from gmt_mlx.core.distributed import is_main
 from gmt_mlx.core.optim import MASK_SAMPLE_KEY
 from gmt_mlx.core.trainer import StepResult
-from gmt_mlx.evaluation.evaluate import describe_prompt, generate_text, sample_prompts, split_loss
+from gmt_mlx.evaluation.evaluate import generate_text, split_loss
+from gmt_mlx.evaluation.prompts import describe_prompt, sample_prompts
 from gmt_mlx.models.hf import save_hf_model
 from gmt_mlx.publish.push import publish_run
 from gmt_mlx.recipes.setup import Setup

@@ -68,7 +68,8 @@ def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
     mx.random.seed(config.seed)
     if not config.data:
         raise UserError("--data is required (a folder with train.jsonl, a data file, a saved dataset or a Hub dataset id)")
-    rows = load_splits(config.data, **data_options(config))  # read the data before the (slow) model load
+    # Read the data before the (slow) model load; GRPO takes prompt rows with no completion.
+    rows = load_splits(config.data, **data_options(config), prompts=config.train_mode == "grpo")
     rewards = rewards_of(config) if config.train_mode == "grpo" else None  # unknown rewards before the model load
     if rows.get("train"):  # before the (slow) model load too
         check_step_fits(len(rows["train"]), config)
@@ -137,19 +138,24 @@ def check_memory(config: Config, model, model_config: dict, sizes: dict, train_s
     block, outer = block_sizes(model)  # the per-layer update's units
     # A preference batch holds two rows per pair; DPO's reference pass (forward only, at the
     # same batch) stays below the training step's peak, so the step's estimate covers it.
-    rows = 2 if config.preference else (config.num_generations if config.train_mode == "grpo" else 1)
+    grpo = config.train_mode == "grpo"
+    rows = 2 if config.preference else (config.num_generations if grpo else 1)
+    # GRPO: a micro-batch's prompts x G completions decoded at once (the KV cache), and with --beta > 0 the
+    # step-0 trainable weights (all of them for full/gmt/random, the adapters for lora/dora).
+    reference = sum(v.nbytes for v in trainable) if grpo and config.beta > 0 else 0
 
     def estimate_with(**settings) -> MemoryEstimate:
         values = {"train_dtype": config.train_dtype, "moments": config.moments, "grad_clip": config.grad_clip,
                   "update_per_layer": config.update_per_layer, **settings}
         # Weights stored in another dtype than now take its bytes per entry.
-        scaled = weight_bytes * DTYPE_BYTES[values["train_dtype"]] // DTYPE_BYTES[config.train_dtype]
+        scale = lambda n: n * DTYPE_BYTES[values["train_dtype"]] // DTYPE_BYTES[config.train_dtype]  # noqa: E731
         return estimate(
-            model_config, weight_bytes=scaled, trainable=sizes["trainable"], batch_size=config.batch_size * rows,
-            seq_len=seq_len, optimizer=config.optimizer, masked=config.masked,
+            model_config, weight_bytes=scale(weight_bytes), trainable=sizes["trainable"],
+            batch_size=config.batch_size * rows, seq_len=seq_len, optimizer=config.optimizer, masked=config.masked,
             grad_accumulation_steps=config.grad_accumulation_steps, grad_checkpoint=config.grad_checkpoint,
             mask_overlap=config.mask_overlap, largest=largest, block=block, outer=outer,
-            chunk=chunk, shapes=shapes,
+            chunk=chunk, shapes=shapes, rollout_rows=config.batch_size * rows if grpo else 0,
+            rollout_tokens=seq_len if grpo else 0, reference_bytes=scale(reference),
             **values,
         )
 

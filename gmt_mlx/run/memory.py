@@ -4,7 +4,8 @@ The estimate is deliberately simple arithmetic so a user can follow it:
 weights + optimizer state + GMT's masking + the gradients (with an
 accumulation buffer and the update's temporaries) and the activations of one
 micro-batch; in the one compiled step only the larger of those two counts
-(see _PLAIN_IN_FLIGHT). It predicts MLX's own peak (mx.get_peak_memory);
+(see _PLAIN_IN_FLIGHT). GRPO adds its rollouts' KV cache and, with --beta > 0,
+the step-0 copy of the trainable weights (`rollout_kv_bytes`). It predicts MLX's own peak (mx.get_peak_memory);
 `finetune` prints it, refuses to start when it plus PROCESS_BYTES exceeds
 the available memory (``--no-memory-check`` overrides), and writes it next
 to the measured peak in metrics.jsonl so its accuracy stays visible.
@@ -85,6 +86,8 @@ _LOGIT_COPIES = 3
 # tokenizer, the heap): RSS minus MLX's peak, 0.3-0.7 GB from 135M to 1.39B.
 # The refusal keeps it as headroom.
 PROCESS_BYTES = int(0.5e9)
+# mlx-lm's batched KV cache grows in blocks of this many positions (models.cache.BatchKVCache.step).
+KV_STEP = 256
 
 
 @dataclass
@@ -95,17 +98,24 @@ class MemoryEstimate:
     masking: int
     activations: int
     fused: bool = False  # one compiled step: activations and gradients are not held at once, the larger counts
+    # GRPO: the rollouts' KV cache, alive while they are sampled (before the step: the larger of it and
+    # the step's gradients / activations counts), and the KL term's reference weights, held all run.
+    rollouts: int = 0
+    reference: int = 0
 
     @property
     def total(self) -> int:
         held = max(self.gradients, self.activations) if self.fused else self.gradients + self.activations
-        return self.weights + self.optimizer + self.masking + held
+        return self.weights + self.optimizer + self.masking + self.reference + max(held, self.rollouts)
 
     def describe(self) -> str:
         gb = lambda x: f"{x / 1e9:.2f}"  # noqa: E731
         join = " or " if self.fused else ", "
+        grpo = (f"; or rollouts' KV cache {gb(self.rollouts)}" if self.rollouts else "") + \
+            (f"; reference weights {gb(self.reference)}" if self.reference else "")
         return (f"~{gb(self.total)} GB (weights {gb(self.weights)}, optimizer {gb(self.optimizer)}, "
-                f"masking {gb(self.masking)}, gradients {gb(self.gradients)}{join}activations {gb(self.activations)})")
+                f"masking {gb(self.masking)}, gradients {gb(self.gradients)}{join}activations {gb(self.activations)}"
+                f"{grpo})")
 
 
 def moment_storage(moments: str, train_dtype: str) -> str:
@@ -136,6 +146,7 @@ def estimate(
     outer: int = 0,
     chunk: int = 1 << 22,
     shapes: int = 0,
+    rollout_rows: int = 0, rollout_tokens: int = 0, reference_bytes: int = 0,
 ) -> MemoryEstimate:
     """Estimate the peak bytes of one training step (trainer.make_fused_step, or layerwise's).
 
@@ -154,6 +165,7 @@ def estimate(
     is recomputed at a time, with every block's input kept. ``chunk``: the
     slice of a large tensor one staged 8-bit update works on (compact.CHUNK_ENTRIES; the
     whole tensor when its rows are not whole blocks of 128).
+    GRPO: ``rollout_rows`` x ``rollout_tokens`` decoded at once (`rollout_kv_bytes`); ``reference_bytes``.
     """
     hidden = int(hf_config.get("hidden_size", 0))
     width = DTYPE_BYTES.get(train_dtype, F32)
@@ -169,7 +181,25 @@ def estimate(
     masking = _masking_bytes(trainable, largest, shapes or largest, update_per_layer, compact, mask_overlap) if masked else 0
     activations = _activation_bytes(hf_config, batch_size, seq_len, width, grad_checkpoint or update_per_layer)
     return MemoryEstimate(weight_bytes, int(gradients), _optimizer_bytes(optimizer, storage, trainable, width),
-                          masking, activations, fused=not update_per_layer)
+                          masking, activations, fused=not update_per_layer,
+                          rollouts=rollout_kv_bytes(hf_config, rollout_rows, rollout_tokens, width),
+                          reference=int(reference_bytes))
+
+
+def rollout_kv_bytes(hf_config: Dict, rows: int, tokens: int, width: int) -> int:
+    """GRPO's rollouts: the KV cache of ``rows`` sequences (prompts x G) of up to ``tokens`` positions
+    (prompt + --max-completion-length) decoded together: per layer a key and a value of kv_heads x
+    head_dim per position, in the weights' dtype (``width`` bytes). mlx-lm's cache grows in blocks of
+    KV_STEP positions, so ``tokens`` is rounded up to one. (`estimate`'s ``reference_bytes`` beside it:
+    the step-0 trainable weights that --beta > 0 keeps.)"""
+    if rows <= 0 or tokens <= 0:
+        return 0
+    layers = int(hf_config.get("num_hidden_layers", 0))
+    heads = int(hf_config.get("num_attention_heads", 1))
+    kv_heads = int(hf_config.get("num_key_value_heads") or heads)
+    head_dim = int(hf_config.get("head_dim") or int(hf_config.get("hidden_size", 0)) // max(heads, 1))
+    positions = -(-tokens // KV_STEP) * KV_STEP
+    return rows * positions * layers * 2 * kv_heads * head_dim * width
 
 
 def _fused_gradient_bytes(trainable: int, width: int, largest: int, optimizer: str, grad_accumulation_steps: int,
