@@ -60,7 +60,7 @@ DISTRIBUTED_BACKENDS = ("any", "ring", "mpi", "nccl", "jaccl")
 # it the main job lost most of its gain (RESULTS.md, issue 22's fourth round).
 LOW_MEMORY = {"train_dtype": "bfloat16", "moments": "4bit", "dtype": "bfloat16", "update_per_layer": True}
 GRPO_KEYS = ("num_generations", "reward", "reward_weights", "scale_rewards", "loss_type", "epsilon", "epsilon_high",
-             "num_iterations", "temperature", "top_p", "max_completion_length")
+             "num_iterations", "temperature", "top_p", "max_completion_length", "mask_truncated_completions")
 # Keys of some objectives only (the train modes they apply to): config.diff ignores them elsewhere.
 TRAIN_MODE_KEYS = {"beta": ("dpo", "grpo"), "dpo_loss": ("dpo",), "label_smoothing": ("dpo",), "orpo_lambda": ("orpo",),
                    **{key: ("grpo",) for key in GRPO_KEYS}}
@@ -134,6 +134,7 @@ class Config:
     temperature: float = opt(1.0, "Sampling temperature of the rollouts (> 0); validation decodes greedily.", group="GRPO")
     top_p: float = opt(1.0, "Nucleus sampling of the rollouts, in (0, 1] (1: off).", group="GRPO")
     max_completion_length: int = opt(64, "Most tokens sampled per completion (and generated per validation answer).", group="GRPO")
+    mask_truncated_completions: bool = opt(False, "Leave completions cut at --max-completion-length out of the loss (DAPO's overlong filtering; they still count in their group's mean).", group="GRPO")
 
     # Optimisation
     optimizer: str = opt("adamw", "Base optimizer that the mask wraps.", OPTIMIZERS)

@@ -186,6 +186,31 @@ def test_update_per_layer_trains_grpo_like_the_fused_step(tiny_model_dir, prompt
     assert all(np.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_truncated_completions_leave_the_loss_when_asked(tiny_model_dir, prompt_data, tmp_path, masked):
+    """At 2 completion tokens every completion of the tiny model is cut short: --mask-truncated-completions
+    leaves them all out of the loss, so no gradient and weights bit-equal to the step-0 model's; without it they train."""
+    out = tmp_path / "run"
+    flags = ["--mask-truncated-completions"] if masked else []
+    result = runner.invoke(app, grpo_args(tiny_model_dir, prompt_data, out, "--reward", DIGITS, "--iters", "2",
+                                          "--max-completion-length", "2", "--learning-rate", "1e-2",
+                                          "--steps-per-eval", "0", "--scale-rewards", "none", *flags))
+    assert result.exit_code == 0, result.output
+    train = records(out, "train")
+    assert all(r["truncated_fraction"] == 1.0 for r in train)
+    import mlx.core as mx
+
+    base = {k: np.array(v) for f in sorted(Path(tiny_model_dir).glob("*.safetensors")) for k, v in mx.load(str(f)).items()}
+    tuned = final_weights(out)
+    assert set(tuned) <= set(base)
+    if masked:
+        assert all(r["grad_norm"] == 0 for r in train)
+        assert all(np.array_equal(tuned[k], base[k]) for k in tuned)
+    else:
+        assert any(r["grad_norm"] > 0 for r in train)
+        assert not all(np.array_equal(tuned[k], base[k]) for k in tuned)
+
+
 @pytest.mark.parametrize("loss_type", cfg.GRPO_LOSS_TYPES)
 def test_every_loss_type_trains_in_the_loop(tiny_model_dir, prompt_data, tmp_path, loss_type):
     out = tmp_path / "run"

@@ -214,6 +214,8 @@ class RolloutBatches:
                                       config.scale_rewards)
         tokens = _padded([p + c for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids)], self.pad_id)
         mask = (_padded(rollouts.completion_ids, -1) >= 0).astype(np.float32)
+        if config.mask_truncated_completions:  # TRL's: the rewards and advantages stay, the tokens leave the loss
+            mask[np.array(rollouts.truncated, dtype=bool)] = 0.0
         batch = {"tokens": tokens, "prompt_lengths": np.array([len(p) for p in rollouts.prompt_ids], np.int32),
                  "mask": mask, "old_logps": np.zeros(mask.shape, np.float32),
                  "ref_logps": np.zeros(mask.shape, np.float32), "advantages": np.array(advantages, dtype=np.float32)}
