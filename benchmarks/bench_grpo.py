@@ -58,7 +58,7 @@ def _config(method: str, iters: int, **extra):
     return Config(model=MODEL, data=str(DATA), train_mode="grpo", method=method, iters=iters, **SETTINGS, **extra).validate()
 
 
-def fixed_section(methods, reps: int) -> dict:
+def fixed_section(methods, reps: int, cold: bool = False) -> dict:
     """Every method's fused step on one fixed round of rollouts, interleaved (see the module docstring)."""
     import mlx.core as mx
 
@@ -113,7 +113,8 @@ def fixed_section(methods, reps: int) -> dict:
     for r in range(reps):
         order = methods if r % 2 == 0 else methods[::-1]
         for method in order:
-            mx.clear_cache()  # the same cold start for each (the loop keeps its cache; both alike)
+            if cold:
+                mx.clear_cache()  # an empty buffer cache for each step (trainer.train keeps its cache)
             t0 = time.perf_counter()
             fused_step(method)
             times[method].append(time.perf_counter() - t0)
@@ -122,7 +123,8 @@ def fixed_section(methods, reps: int) -> dict:
         args = shared(ref)
         shared_times.append(time.perf_counter() - t0)
         for method in order:
-            mx.clear_cache()
+            if cold:
+                mx.clear_cache()
             t0 = time.perf_counter()
             mx.eval(split[method][1](*args), states[method])
             update_times[method].append(time.perf_counter() - t0)
@@ -132,7 +134,7 @@ def fixed_section(methods, reps: int) -> dict:
     base = statistics.median(times[ref])
     shared_s = statistics.median(shared_times)
     base_update = statistics.median(update_times[ref])
-    out = {"methods": methods, "reps": reps, "rollout_seconds_vs_full_step": rollout_s / base,
+    out = {"methods": methods, "reps": reps, "cold_cache": cold, "rollout_seconds_vs_full_step": rollout_s / base,
            "batch_shape": list(batch[0].shape), "rollout_stats": stats,
            "shared_vs_full_update": shared_s / base_update, "result": {}}
     for method in methods:
@@ -215,6 +217,8 @@ def main() -> None:
     parser.add_argument("--sections", default="fixed,runs")
     parser.add_argument("--methods", default="full,gmt", help="the first is the reference of the ratios")
     parser.add_argument("--reps", type=int, default=10, help="fixed: timed steps per method")
+    parser.add_argument("--cold-cache", action="store_true",
+                        help="fixed: empty MLX's buffer cache before each timed call (trainer.train does not)")
     parser.add_argument("--iters", type=int, default=6, help="runs: steps per run")
     parser.add_argument("--pairs", type=int, default=2, help="runs: runs per method")
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -237,15 +241,17 @@ def main() -> None:
     for section in args.sections.split(","):
         start = time.perf_counter()
         if section == "fixed":
-            result = fixed_section(methods, args.reps)
+            result = fixed_section(methods, args.reps, args.cold_cache)
+            name = "fixed-cold" if args.cold_cache else "fixed"
         elif section == "runs":
+            name = "runs"
             result = runs_section(methods, args.iters, args.pairs, workdir)
         else:
             raise SystemExit(f"unknown section {section!r}")
         result["seconds"] = time.perf_counter() - start
         result["settings"] = {"model": MODEL, "data": "examples/data/chain_sum", **SETTINGS}
         result["environment"] = env
-        path = out_dir / f"grpo-{section}.json"
+        path = out_dir / f"grpo-{name}.json"
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps({k: v for k, v in result.items() if k not in ("runs", "environment")}, indent=1))
         log(f"wrote {path}")
