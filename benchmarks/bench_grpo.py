@@ -1,6 +1,6 @@
 """GRPO step costs (issue 23's benchmarks): where a step's time goes, and GMT-GRPO step / full GRPO step.
 
-Three sections, on SmolLM2-135M and examples/data/chain_sum (reward reasoning_gym,
+Four sections, on SmolLM2-135M and examples/data/chain_sum (reward reasoning_gym,
 4 completions per prompt, at most 16 tokens each, 4 prompts a step):
 
 - ``fixed``: the step the loop runs, on the same rollouts for every method. One
@@ -14,6 +14,8 @@ Three sections, on SmolLM2-135M and examples/data/chain_sum (reward reasoning_gy
   bench_step_ratio does: the part every full-weight method shares (``grad_fn``
   + norm) and each method's update (``update_fn``: clip, mask, AdamW), to show
   what the mask itself costs next to a GRPO gradient.
+- ``reencode``: how often decoding the sampled ids and encoding the text again changes them (what the
+  decode/re-encode of older mlx-lm-lora GRPO trainers trained on), on the recipe's own rollouts.
 - ``runs``: whole steps of real ``gmt-mlx finetune --train-mode grpo`` runs,
   full and gmt alternating run by run (full, gmt, full, gmt); from each run's
   metrics.jsonl (``--steps-per-report 1``): rollout_seconds and update_seconds
@@ -55,7 +57,7 @@ SETTINGS = {"reward": "reasoning_gym", "num_generations": 4, "max_completion_len
 def _config(method: str, iters: int, **extra):
     from gmt_mlx.config import Config
 
-    return Config(model=MODEL, data=str(DATA), train_mode="grpo", method=method, iters=iters, **SETTINGS, **extra).validate()
+    return Config(model=MODEL, data=str(DATA), train_mode="grpo", method=method, iters=iters, **{**SETTINGS, **extra}).validate()
 
 
 def fixed_section(methods, reps: int, cold: bool = False) -> dict:
@@ -212,6 +214,45 @@ def runs_section(methods, iters: int, pairs: int, workdir: Path) -> dict:
     return out
 
 
+def reencode_section(prompts: int, max_tokens: int, seed: int = 0) -> dict:
+    """How often decoding sampled completion ids and encoding the text again changes them: what a trainer
+    that re-encodes completions (instead of keeping the ids, as ours and mlx-lm-lora 5.10 do) would train on.
+    The rollouts are the recipe's own (``sample_rollouts``, temperature 1, top-p 1) on the first ``prompts``
+    train prompts, 4 completions each; the text is what a reward sees (stop token dropped, ``completion_text``)."""
+    from gmt_mlx.recipes.setup import build_setup
+    from gmt_mlx.recipes.grpo import completion_text
+    from gmt_mlx.evaluation.rollouts import sample_rollouts
+
+    run = build_setup(_config("full", iters=100, max_completion_length=max_tokens, seed=seed), lambda *_: None)
+    tok, stops = run.tokenizer, run.rollouts.stops
+    g = SETTINGS["num_generations"]
+    changed = changed_tokens = total = tokens = truncated = changed_truncated = 0
+    examples = []
+    key = seed
+    for start in range(0, prompts, SETTINGS["batch_size"]):
+        batch = [run.train_split.examples[i].tokens for i in range(start, min(start + SETTINGS["batch_size"], prompts))]
+        out = sample_rollouts(run.model, tok, batch, num_generations=g, temperature=1.0, top_p=1.0,
+                              max_completion_length=max_tokens, key=key, stop_ids=stops)
+        key = out.next_key
+        for ids, cut in zip(out.completion_ids, out.truncated):
+            body = ids[:-1] if ids and ids[-1] in stops else list(ids)
+            again = tok.encode(completion_text(tok, ids, stops), add_special_tokens=False)
+            total += 1
+            tokens += len(body)
+            truncated += bool(cut)
+            if again != body:
+                changed += 1
+                changed_truncated += bool(cut)
+                changed_tokens += sum(a != b for a, b in zip(again, body)) + abs(len(again) - len(body))
+                if len(examples) < 5:
+                    examples.append({"sampled": body, "reencoded": again, "text": tok.decode(body)})
+        log(f"reencode: {total} completions, {changed} changed")
+    return {"prompts": prompts, "num_generations": g, "max_completion_length": max_tokens, "completions": total,
+            "completion_tokens": tokens, "changed": changed, "changed_fraction": changed / total,
+            "changed_tokens": changed_tokens, "truncated": truncated, "changed_among_truncated": changed_truncated,
+            "examples": examples}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="fixed,runs")
@@ -221,6 +262,8 @@ def main() -> None:
                         help="fixed: empty MLX's buffer cache before each timed call (trainer.train does not)")
     parser.add_argument("--iters", type=int, default=6, help="runs: steps per run")
     parser.add_argument("--pairs", type=int, default=2, help="runs: runs per method")
+    parser.add_argument("--reencode-prompts", type=int, default=32)
+    parser.add_argument("--reencode-tokens", type=int, default=64, help="reencode: max completion length")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--workdir", default="/tmp/bench-grpo")
     parser.add_argument("--no-blas", action="store_true")
@@ -243,6 +286,9 @@ def main() -> None:
         if section == "fixed":
             result = fixed_section(methods, args.reps, args.cold_cache)
             name = "fixed-cold" if args.cold_cache else "fixed"
+        elif section == "reencode":
+            name = "reencode"
+            result = reencode_section(args.reencode_prompts, args.reencode_tokens)
         elif section == "runs":
             name = "runs"
             result = runs_section(methods, args.iters, args.pairs, workdir)

@@ -19,6 +19,9 @@
 #   BETA [0]  SEED [0]  LOSS [grpo] (both tools have grpo, bnpo, dr_grpo)  VAL_BATCHES [1]
 #   SKIP_VAL  1: theirs runs no validation (it validates at step 1 and at the end, outside the timed steps;
 #             ~35-50 s each here); 0: it does, on VAL_BATCHES batches    [1]
+#   OURS_ARGS more gmt-mlx flags, appended (the last of a repeated flag wins), e.g.
+#             "--batch-size 1 --grad-accumulation-steps 4": micro-batches of G rows, as theirs chunks its gradient
+#   SUMMARIZE run names already in OUT (e.g. "theirs-1 ours-2"): no runs, only their summary
 #   OUT       where the data, logs, JSON lines and the summary go    [/tmp/mlx_lm_lora_grpo]
 #   BLAS      shared library preloaded as MLX's BLAS for theirs on Linux, as gmt-mlx does by itself
 #             [Debian's libopenblas0-pthread when present; "reference" to keep MLX's own]
@@ -230,19 +233,21 @@ PY
 }
 
 ours() {  # $1: run name
+    name=$1
     set -- finetune --model "$MODEL" --data "$SRC" --train-mode grpo --method full --reward reasoning_gym \
         --num-generations "$GROUP" --max-completion-length "$MAX_COMPLETION" --temperature "$TEMPERATURE" \
         --top-p 1.0 --beta "$BETA" --loss-type "$LOSS" --seed "$SEED" --batch-size "$BATCH" --iters "$ITERS" \
         --learning-rate "$LR" --optimizer adam --lr-schedule constant --warmup-steps 0 --grad-clip 0 \
         --steps-per-report 1 --steps-per-eval 0 --val-batches "$VAL_BATCHES" --samples 0 --steps-per-save 0 \
-        --out "$OUT/$1" --overwrite
-    echo "command ($1): gmt-mlx $*"
-    (cd "$ROOT" && /usr/bin/time -v -o "$OUT/$1.time" "$(dirname "$GMT_PY")/gmt-mlx" "$@" > "$OUT/$1.log" 2>&1)
-    echo "  $1: done, log $OUT/$1.log"
+        --out "$OUT/$name" --overwrite ${OURS_ARGS:-}
+    echo "command ($name): gmt-mlx $*"
+    (cd "$ROOT" && /usr/bin/time -v -o "$OUT/$name.time" "$(dirname "$GMT_PY")/gmt-mlx" "$@" > "$OUT/$name.log" 2>&1)
+    echo "  $name: done, log $OUT/$name.log"
 }
 
 n=0
 RUNS=""
+[ -n "${SUMMARIZE:-}" ] && ORDER=""  # only the summary of runs already in OUT (their names, e.g. "theirs-1 ours-2")
 for who in $ORDER; do
     n=$((n + 1))
     case $who in
@@ -253,6 +258,7 @@ for who in $ORDER; do
     esac
     RUNS="$RUNS $who-$n"
 done
+RUNS=${SUMMARIZE:-$RUNS}
 
 "$GMT_PY" - "$OUT" $RUNS <<'PY'
 import json, re, statistics, sys
