@@ -1,6 +1,6 @@
 """GRPO step costs (issue 23's benchmarks): where a step's time goes, and GMT-GRPO step / full GRPO step.
 
-Four sections, on SmolLM2-135M and examples/data/chain_sum (reward reasoning_gym,
+Three sections, on SmolLM2-135M and examples/data/chain_sum (reward reasoning_gym,
 4 completions per prompt, at most 16 tokens each, 4 prompts a step):
 
 - ``fixed``: the step the loop runs, on the same rollouts for every method. One
@@ -23,8 +23,9 @@ Four sections, on SmolLM2-135M and examples/data/chain_sum (reward reasoning_gym
   step spent in rollouts and the whole-step ratio gmt / full (rollouts included,
   which differ a little between the runs once their weights part).
 
-    python benchmarks/bench_grpo.py                      # both sections, ~15 min on 2 cores
-    python benchmarks/bench_grpo.py --sections fixed     # only the fixed-rollout step ratio (~5 min)
+    python benchmarks/bench_grpo.py                      # fixed and runs, ~17 min on 2 cores
+    python benchmarks/bench_grpo.py --sections fixed     # only the fixed-rollout step ratio (~8 min)
+    python benchmarks/bench_grpo.py --sections reencode --reencode-prompts 32 --reencode-tokens 64   # ~2 min
     python benchmarks/bench_grpo.py --sections runs --iters 6 --pairs 2
 
 Writes benchmarks/results/grpo-<section>.json (and prints a summary). On Linux
@@ -255,7 +256,7 @@ def reencode_section(prompts: int, max_tokens: int, seed: int = 0) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="fixed,runs")
+    parser.add_argument("--sections", default="fixed,runs", help="fixed, runs, reencode (comma-separated)")
     parser.add_argument("--methods", default="full,gmt", help="the first is the reference of the ratios")
     parser.add_argument("--reps", type=int, default=10, help="fixed: timed steps per method")
     parser.add_argument("--cold-cache", action="store_true",
