@@ -53,7 +53,7 @@ MAX_SEQ_LENGTH=${MAX_SEQ_LENGTH:-2048}
 OUT=${OUT:-/tmp/mlx_lm_lora_dpo}
 
 if [ -z "${MODEL:-}" ]; then
-    MODEL=$("$GMT_PY" -c "from gmt_mlx.models import resolve_model; print(resolve_model('smollm2-135m'))")
+    MODEL=$("$GMT_PY" -c "from gmt_mlx.models.resolve import resolve_model; print(resolve_model('smollm2-135m'))")
 fi
 if [ "$(uname -s)" = Linux ] && [ "${BLAS:-}" != reference ]; then
     BLAS=${BLAS:-/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0}
