@@ -51,19 +51,19 @@ def test_example_data_exists(path):
         assert (full / "train.jsonl").is_file(), f"{path.name}: {folder}/train.jsonl is missing"
 
 
-def test_ceiling_study_tables_regenerate_from_the_raw_results(tmp_path):
-    """docs/evidence/ceiling/tables.md is what examples/ceiling_tables.py makes of the shipped raw results."""
+@pytest.mark.parametrize("study, script", [("ceiling", "ceiling_tables.py"), ("grpo", "grpo_study_tables.py")])
+def test_study_tables_regenerate_from_the_raw_results(tmp_path, study, script):
+    """docs/evidence/STUDY/tables.md is what its tables script makes of the shipped raw results."""
     import shutil
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parent.parent
-    shipped = root / "docs" / "evidence" / "ceiling"
-    copy = tmp_path / "ceiling"
+    shipped = root / "docs" / "evidence" / study
+    copy = tmp_path / study
     shutil.copytree(shipped, copy)
     (copy / "tables.md").unlink()
-    subprocess.run([sys.executable, str(root / "examples" / "ceiling_tables.py"), str(copy)], check=True,
-                   capture_output=True)
-    expected = (shipped / "tables.md").read_text().replace("docs/evidence/ceiling", str(copy))
+    subprocess.run([sys.executable, str(root / "examples" / script), str(copy)], check=True, capture_output=True)
+    expected = (shipped / "tables.md").read_text().replace(f"docs/evidence/{study}", str(copy))
     assert (copy / "tables.md").read_text() == expected
     assert (copy / "curves.png").stat().st_size > 10_000
