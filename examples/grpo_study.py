@@ -60,7 +60,7 @@ def label(method: str, ratio) -> str:
 
 
 def run_dir(out: Path, method: str, ratio, seed: int, lr: float) -> Path:
-    return out / "runs" / f"{label(method, ratio)}-lr{lr:g}-s{seed}"
+    return out / "trained" / f"{label(method, ratio)}-lr{lr:g}-s{seed}"
 
 
 def read_rows(path: Path) -> list:

@@ -2,7 +2,7 @@
 
     python examples/grpo_study_tables.py docs/evidence/grpo     # writes tables.md and curves.png there
 
-Reads base.json, rates.json and every runs/RUN/study.json; trains nothing. Means ± sample standard
+Reads base.json, rates.json and every trained/RUN/study.json; trains nothing. Means ± sample standard
 deviations over seeds; "vs full" is the mean ± std of the per-seed differences to full fine-tuning with
 the same seed (paired: same prompts in the same order; the rollouts differ once the weights do).
 """
@@ -20,7 +20,7 @@ LABELS = ("full", "gmt-r0.8", "random-r0.8", "lora")
 def load(folder: Path):
     base = json.loads((folder / "base.json").read_text())
     rates = json.loads((folder / "rates.json").read_text()) if (folder / "rates.json").is_file() else {}
-    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("runs/*/study.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("trained/*/study.json"))]
     return base, rates, runs
 
 
