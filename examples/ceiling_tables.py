@@ -14,6 +14,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from study_tools import paired, rate_of, stat
+
 LABELS = ("full", "gmt-r0.5", "gmt-r0.8", "random-r0.5", "lora")
 REGIMES = {"small": "(b) small set: 32 examples, 24 steps (each example seen 6 times)",
            "large": "(a) much data: 512 examples, 32 steps (no example repeated)"}
@@ -26,29 +28,10 @@ def load(folder: Path):
     return base, rates, runs
 
 
-def rate_of(rates: dict, label: str):
-    return rates.get("lora" if label == "lora" else "full")  # gmt and random use full's rate
-
-
 def main_runs(runs: list, rates: dict, regime: str, label: str) -> dict:
     """seed -> run, at the method's chosen learning rate."""
     return {r["seed"]: r for r in runs if r["regime"] == regime and r["label"] == label
             and r["learning_rate"] == rate_of(rates, label)}
-
-
-def stat(values: list, scale: float = 1.0, digits: int = 1, sign: bool = False) -> str:
-    values = [v * scale for v in values if v is not None]
-    if not values:
-        return "-"
-    fmt = f"{{:+.{digits}f}}" if sign else f"{{:.{digits}f}}"
-    mean = statistics.mean(values)
-    if len(values) == 1:
-        return fmt.format(mean)
-    return f"{fmt.format(mean)} ± {statistics.stdev(values):.{digits}f}"
-
-
-def paired(runs: dict, full: dict, key) -> list:
-    return [key(runs[s]) - key(full[s]) for s in sorted(runs) if s in full]
 
 
 def median_step(run: dict) -> float:

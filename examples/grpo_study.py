@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from study_tools import collect, read_rows
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data"
 MODEL = "smollm2-135m"
@@ -61,10 +63,6 @@ def label(method: str, ratio) -> str:
 
 def run_dir(out: Path, method: str, ratio, seed: int, lr: float) -> Path:
     return out / "trained" / f"{label(method, ratio)}-lr{lr:g}-s{seed}"
-
-
-def read_rows(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def measure(model, tokenizer, test_rows: list, probe_rows: list) -> dict:
@@ -151,11 +149,7 @@ def main() -> None:
 
     maybe_reexec_with_blas()  # as the CLI does: MLX's Linux CPU wheel otherwise uses the ~20x slower reference BLAS
     if args.collect:
-        for src in sorted(args.out.rglob("study.json")) + [args.out / "base.json", args.out / "rates.json"]:
-            dst = args.collect / src.relative_to(args.out)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
-        print(f"copied to {args.collect}")
+        collect(args.out, args.collect)
         return
 
     from gmt_mlx.models.loading import load_base
