@@ -65,13 +65,14 @@ def _label(doc: Path) -> str:
 
 
 def named_paths(text: str) -> list:
-    """Repository paths a text names, as written, without the ones that are patterns or placeholders."""
+    """(path, is a Markdown link target) for every repository path a text names, as written, without
+    the ones that are patterns or placeholders."""
     found = []
     for match in PATH_RE.finditer(text):
         path = match.group().split("#")[0].rstrip(".,:;")
         if any(c in path for c in "{}*<>") or any(part.isupper() for part in path.split("/")):
             continue  # docs/evidence/{a,b}/..., full-<names>.*, docs/evidence/STUDY/...: a pattern, not a path
-        found.append(path)
+        found.append((path, text[:match.start()].endswith("](")))
     return found
 
 
@@ -80,8 +81,9 @@ def missing_paths(files: list) -> list:
     missing = []
     for doc in files:
         for number, line in enumerate(doc.read_text().split("\n"), 1):
-            for path in named_paths(line):
-                if not (ROOT / path.rstrip("/")).exists():
+            for path, is_link in named_paths(line):
+                # A Markdown link is relative to its page; a path in text or code, to the repository.
+                if not (doc.parent if is_link else ROOT).joinpath(path.rstrip("/")).exists():
                     missing.append(f"{_label(doc)}:{number}: {path}")
     return missing
 
