@@ -26,36 +26,51 @@ RAW_RESULTS = ("docs/evidence/", "docs/compare_chain_sum/")
 # Flags the docs name that belong to other tools (or to our benchmark and study scripts), never
 # to a gmt-mlx command. A flag missing here and from the CLI fails the test: add it with its tool.
 OTHER_TOOLS_FLAGS = {
-    "--backend": "mlx.launch", "--hostfile": "mlx.launch",
-    "--fine-tune-type": "mlx_lm lora", "--dpo-cpo-loss-type": "mlx-lm-lora",
+    "--backend": "mlx.launch",
+    "--hostfile": "mlx.launch",
+    "--fine-tune-type": "mlx_lm lora",
+    "--dpo-cpo-loss-type": "mlx-lm-lora",
     "--dataset-config": "TRL (named as the equivalent of our --data-config)",
-    "--no-deps": "pip", "--strict": "mkdocs", "--logdir": "tensorboard",
+    "--no-deps": "pip",
+    "--strict": "mkdocs",
+    "--logdir": "tensorboard",
     "--mask-ration": "a misspelt flag on purpose: docs/bad-input.md shows what it prints",
     # benchmarks/*.py
-    "--before": "benchmarks/bench.py", "--models": "benchmarks/bench.py", "--no-blas": "benchmarks/bench.py",
-    "--quick": "benchmarks/bench.py", "--sections": "benchmarks/bench.py, bench_grpo.py", "--steps": "benchmarks/bench.py",
-    "--reps": "benchmarks/loop_profile.py, bench_grpo.py", "--cold-cache": "benchmarks/bench_grpo.py",
-    "--pairs": "benchmarks/bench_grpo.py", "--reencode-prompts": "benchmarks/bench_grpo.py",
+    "--before": "benchmarks/bench.py",
+    "--models": "benchmarks/bench.py",
+    "--no-blas": "benchmarks/bench.py",
+    "--quick": "benchmarks/bench.py",
+    "--sections": "benchmarks/bench.py, bench_grpo.py",
+    "--steps": "benchmarks/bench.py",
+    "--reps": "benchmarks/loop_profile.py, bench_grpo.py",
+    "--cold-cache": "benchmarks/bench_grpo.py",
+    "--pairs": "benchmarks/bench_grpo.py",
+    "--reencode-prompts": "benchmarks/bench_grpo.py",
     "--reencode-tokens": "benchmarks/bench_grpo.py",
-    "--contender": "benchmarks/bench_memory.py", "--shape": "benchmarks/bench_memory.py",
-    "--no-mlx-lm": "benchmarks/bench_memory.py", "--reference": "benchmarks/estimate_check.py",
+    "--contender": "benchmarks/bench_memory.py",
+    "--shape": "benchmarks/bench_memory.py",
+    "--no-mlx-lm": "benchmarks/bench_memory.py",
+    "--reference": "benchmarks/estimate_check.py",
     "--runs": "benchmarks/estimate_check.py",
     # studies/*.py
-    "--answers": "studies/evidence_tables.py", "--pick-lr": "studies/evidence_tables.py",
-    "--pick-ratio": "studies/evidence_tables.py", "--collect": "studies/ceiling_study.py, grpo_study.py",
+    "--answers": "studies/evidence_tables.py",
+    "--pick-lr": "studies/evidence_tables.py",
+    "--pick-ratio": "studies/evidence_tables.py",
+    "--collect": "studies/ceiling_study.py, grpo_study.py",
 }
 
 PATH_PREFIXES = ("examples", "studies", "benchmarks", "scripts", "docs", "tests", "gmt_mlx")
 # A path starts after a space, quote, bracket or backtick (not inside a longer path or URL).
-PATH_RE = re.compile(r"(?<![\w./~-])(?:%s)/[\w./{},*<>-]*" % "|".join(PATH_PREFIXES))
+PATH_RE = re.compile(r"(?<![\w./~-])(?:" + "|".join(PATH_PREFIXES) + r")/[\w./{},*<>-]*")
 MODULE_RE = re.compile(r"(?<![\w.])gmt_mlx(?:\.\w+)+")
 FLAG_RE = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 
 
 def doc_files() -> list:
     """The Markdown files whose paths and flags are checked (see the module docstring)."""
-    docs = sorted(p for p in (ROOT / "docs").rglob("*.md")
-                  if not p.relative_to(ROOT).as_posix().startswith(RAW_RESULTS))
+    docs = sorted(
+        p for p in (ROOT / "docs").rglob("*.md") if not p.relative_to(ROOT).as_posix().startswith(RAW_RESULTS)
+    )
     return [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *docs]
 
 
@@ -72,7 +87,7 @@ def named_paths(text: str) -> list:
         path = match.group().split("#")[0].rstrip(".,:;")
         if any(c in path for c in "{}*<>") or any(part.isupper() for part in path.split("/")):
             continue  # docs/evidence/{a,b}/..., full-<names>.*, docs/evidence/STUDY/...: a pattern, not a path
-        found.append((path, text[:match.start()].endswith("](")))
+        found.append((path, text[: match.start()].endswith("](")))
     return found
 
 
@@ -102,7 +117,10 @@ def _module_exists(dotted: str) -> bool:
             return True
         if len(rest) > 1:
             return False
-        return re.search(rf"^(def|class|async def) {rest[0]}\b|^{rest[0]}\s*[:=]", source.read_text(), re.M) is not None
+        return (
+            re.search(rf"^(def|class|async def) {rest[0]}\b|^{rest[0]}\s*[:=]", source.read_text(), re.MULTILINE)
+            is not None
+        )
     return False
 
 
@@ -146,8 +164,13 @@ def unknown_flags(files: list, known: set) -> list:
 
 def mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess:
     """``mkdocs build --strict`` of ``config`` into ``site``."""
-    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(site)],
-                          capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(site)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
 
 
 def github_slug(heading: str) -> str:
@@ -203,15 +226,16 @@ def test_named_modules_exist():
 def test_named_flags_exist():
     """Every --flag named is an option of a gmt-mlx command, or another tool's (OTHER_TOOLS_FLAGS)."""
     unknown = unknown_flags(doc_files(), cli_flags())
-    assert not unknown, (f"{len(unknown)} flags are no gmt-mlx option (add another tool's to OTHER_TOOLS_FLAGS):\n"
-                         + "\n".join(unknown))
+    assert not unknown, (
+        f"{len(unknown)} flags are no gmt-mlx option (add another tool's to OTHER_TOOLS_FLAGS):\n" + "\n".join(unknown)
+    )
 
 
 def test_readme_contents_links_and_length():
     """The README stays a five-minute read, and its in-page links name its own headings."""
     text = (ROOT / "README.md").read_text()
     assert len(text.split("\n")) <= 400
-    anchors = {github_slug(h) for h in re.findall(r"^#{1,4} (.+)$", text, re.M)}
+    anchors = {github_slug(h) for h in re.findall(r"^#{1,4} (.+)$", text, re.MULTILINE)}
     links = set(re.findall(r"\]\(#([\w-]+)\)", text))
     assert links and not links - anchors, f"README links to missing headings: {sorted(links - anchors)}"
 
@@ -219,9 +243,11 @@ def test_readme_contents_links_and_length():
 def test_checks_catch_planted_errors(tmp_path):
     """Each path, module and flag check reports a planted mistake (and passes a correct line)."""
     page = tmp_path / "page.md"
-    page.write_text("Run `gmt-mlx finetune --mask-ratio 0.2 --mask-ratoi 0.3` (gmt_mlx/core/masking.py,\n"
-                    "gmt_mlx/masking.py, examples/data/sums/, docs/nowhere.md, studies/{a,b}.py).\n"
-                    "Library: gmt_mlx.core.masking.gmt_masks, gmt_mlx.core.masking.no_such_function, gmt_mlx.nope.\n")
+    page.write_text(
+        "Run `gmt-mlx finetune --mask-ratio 0.2 --mask-ratoi 0.3` (gmt_mlx/core/masking.py,\n"
+        "gmt_mlx/masking.py, examples/data/sums/, docs/nowhere.md, studies/{a,b}.py).\n"
+        "Library: gmt_mlx.core.masking.gmt_masks, gmt_mlx.core.masking.no_such_function, gmt_mlx.nope.\n"
+    )
     paths, modules, flags = missing_paths([page]), missing_modules([page]), unknown_flags([page], cli_flags())
     assert [p.split(": ")[1] for p in paths] == ["gmt_mlx/masking.py", "docs/nowhere.md"]
     assert [m.split(": ")[1] for m in modules] == ["gmt_mlx.core.masking.no_such_function", "gmt_mlx.nope"]
