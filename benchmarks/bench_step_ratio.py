@@ -101,7 +101,7 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before,
     grad_fn = fns["sft"][0]
     state = trainer.training_state(model, base)
 
-    # What trainer.train does before and at the update. Since DESIGN.md decision 8
+    # What trainer.train does before and at the update. Since docs/design.md decision 8
     # (trainer.accumulate), grad_fn returns the gradient of the summed loss and
     # update_fn(grads, scale, norm) scales it by 1 / target tokens; before, grad_fn's
     # gradient was already a mean and update_fn took (grads, norm).
@@ -135,7 +135,7 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before,
     shared_s = statistics.median(shared_times)
     sft = statistics.median(times["sft"])
     # The update costs the same whatever the batch; the shared part grows with
-    # the tokens of a step. DESIGN.md's reference step is 4 x 256 tokens.
+    # the tokens of a step. docs/design.md's reference step is 4 x 256 tokens.
     rows = batch[0].shape[0]  # a DPO batch: two rows per pair
     long_tokens = mx.array(np.resize(np.array(batch[0]), (rows, 256)), mx.int32)  # valid ids, repeated
     long_mask = mx.ones((rows, 256))
