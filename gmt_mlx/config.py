@@ -565,3 +565,49 @@ RUN_FIELDS = ("out", "freeze_embeddings", "freeze_lm_head", "num_layers", "train
               "epochs", "seed", "steps_per_report", "steps_per_eval", "val_batches", "samples", "dtype", "report_to",
               "steps_per_save", "save_best", "keep_checkpoints", "max_bad_steps", "distributed_backend",
               "push_to_hub", "hub_datasets")
+
+
+# --- Evaluation options (`gmt-mlx eval`, and compare's evaluation of each run) ---------------
+# Written once here: eval's flags (cli/eval.py) come from these fields, evaluation.EvalOptions and
+# recipes.compare_plan.CompareSpec take their defaults from them. The options eval shares with
+# finetune (--columns, --reward ...) are Config's fields themselves, with "the run's own" as default.
+# The answers' length differs by command on purpose: eval answers up to 64 tokens, compare (many
+# runs, 100 prompts each) up to 32 by default; README.md quotes both, and its numbers depend on them.
+EVAL_MAX_TOKENS = 64
+COMPARE_MAX_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class EvalFields:
+    """The evaluation options of `gmt-mlx eval` (compare's --eval-limit, --eval-batch-size and --max-tokens
+    are ``limit``, ``batch_size`` and ``max_tokens`` here)."""
+
+    split: str = opt("test", "Split to evaluate: train, valid or test.", group="Evaluation")
+    scorer: Optional[str] = opt(None, "Comma-separated scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK] or "
+                                      "module:function.  [default: exact; none with --reward or for a GRPO run]",
+                                group="Evaluation")
+    max_tokens: Optional[int] = opt(None, "Tokens to generate per answer at most (greedy).  "
+                                          f"[default: a GRPO run's --max-completion-length, else {EVAL_MAX_TOKENS}]",
+                                    group="Evaluation")
+    batch_size: int = opt(16, "Prompts generated (and loss examples scored) together.", group="Evaluation")
+    limit: Optional[int] = opt(None, "Score only the first N prompt/answer pairs (the loss still uses the whole "
+                                     "split).", group="Evaluation")
+    # Not Config's mask_prompt: an evaluation's default is the run's own setting, else completions only.
+    mask_prompt: Optional[bool] = opt(None, "Loss on completions only.  [default: a run's own setting, else yes]",
+                                      group="Evaluation")
+    # compare's: the test prompts each run answers (eval's --limit); a comparison needs a bound.
+    eval_limit: int = opt(100, "Test prompts to generate answers for, per run (the test loss uses the whole split).",
+                          group="Evaluation")
+
+
+def eval_default(name: str) -> Any:
+    """The default of evaluation option ``name`` (an `EvalFields` field)."""
+    return EvalFields.__dataclass_fields__[name].default
+
+
+def field_help(name: str, default_note: Optional[str] = None) -> str:
+    """Config field ``name``'s help text, with ``default_note`` as its shown default ("[default: ...]")."""
+    text = Config.__dataclass_fields__[name].metadata["help"]
+    if default_note is not None:
+        text = text.split("  [default:")[0] + f"  [default: {default_note}]"
+    return text
