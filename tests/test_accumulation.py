@@ -21,6 +21,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
 
+from gmt_mlx.config import MaskOptions, OptimizerOptions
 from gmt_mlx.core.optim import MaskedOptimizer, build_optimizer
 from gmt_mlx.core.trainer import train
 
@@ -76,8 +77,9 @@ def train_recording(model_dir, method: str, batches, *, accumulation: int, group
     """Train STEPS steps; return the final weights and each step's masks (flat dicts)."""
     model, _ = load(str(model_dir))
     lr = 1e-3 if optimizer == "adamw" else 0.5
-    base = build_optimizer(optimizer, lr, weight_decay=0.01, method=method, mask_ratio=0.5, seed=1)
-    opt = Recording(base.optimizer, method=base.method, mask_ratio=base.mask_ratio, seed=1)
+    mask = MaskOptions(method=method, mask_ratio=0.5)
+    base = build_optimizer(OptimizerOptions(optimizer=optimizer, weight_decay=0.01), lr, seed=1, mask=mask)
+    opt = Recording(base.optimizer, mask, seed=1)
     masks = []
 
     def on_step(_):

@@ -101,6 +101,7 @@ def test_saved_model_reloads_with_identical_logits(tiny_model_dir, tmp_path):
     from mlx_lm import load
 
     from gmt_mlx.config import Config
+    from gmt_mlx.config import MaskOptions, OptimizerOptions
     from gmt_mlx.core.optim import build_optimizer
     from gmt_mlx.core.trainer import train
     from gmt_mlx.models.hf import save_hf_model
@@ -110,7 +111,7 @@ def test_saved_model_reloads_with_identical_logits(tiny_model_dir, tmp_path):
     prepare_model(model, Config())
     tokens = mx.array([[1, 5, 9, 40, 77, 2, 3, 8]])
     data = iter([(tokens, mx.ones(tokens.shape))] * 3)
-    train(model, build_optimizer("adamw", 1e-2, method="gmt", mask_ratio=0.5), data, iters=3)
+    train(model, build_optimizer(OptimizerOptions(), 1e-2, seed=0, mask=MaskOptions(mask_ratio=0.5)), data, iters=3)
     model.eval()
     expected = model(tokens)
     save_hf_model(tmp_path / "model", model, tokenizer, config, dtype="float32", base_path=tiny_model_dir)

@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 from mlx_lm import load
 
 from gmt_mlx.config import Config
+from gmt_mlx.config import MaskOptions, OptimizerOptions
 from gmt_mlx.core.optim import build_optimizer
 from gmt_mlx.core.trainer import train
 from gmt_mlx.models.hf import save_hf_model
@@ -24,7 +25,8 @@ def trained(tiny_model_dir):
     model, tokenizer, config = load(str(tiny_model_dir), return_config=True)
     prepare_model(model, Config())
     tokens = mx.array(TOKENS)
-    train(model, build_optimizer("adamw", 1e-2, method="gmt", mask_ratio=0.5), iter([(tokens, mx.ones(tokens.shape))] * 3), iters=3)
+    train(model, build_optimizer(OptimizerOptions(), 1e-2, seed=0, mask=MaskOptions(mask_ratio=0.5)),
+          iter([(tokens, mx.ones(tokens.shape))] * 3), iters=3)
     model.eval()
     return model, tokenizer, config
 

@@ -86,7 +86,8 @@ def test_full_run_resumes_under_a_yaml_with_another_mask_ratio(tiny_model_dir, c
 
     built = {}
     real = run_setup.build_optimizer
-    monkeypatch.setattr(run_setup, "build_optimizer", lambda *a, **k: built.update(k) or real(*a, **k))
+    monkeypatch.setattr(run_setup, "build_optimizer",
+                        lambda options, *a, **k: built.update(vars(options), **k) or real(options, *a, **k))
     (tmp_path / "other.yaml").write_text("mask_ratio: 0.7\nmask_target: update\nlora_rank: 4\n")
     resumed = runner.invoke(app, ["finetune", "--resume", str(out), "-c", str(tmp_path / "other.yaml")])
     assert resumed.exit_code == 0, resumed.output

@@ -14,6 +14,7 @@ from mlx_lm.models import llama
 from gmt_mlx.config import resolve
 from gmt_mlx.core.layerwise import make_layerwise_step
 from gmt_mlx.core.losses import dpo_loss, orpo_loss, sft_loss
+from gmt_mlx.config import MaskOptions, OptimizerOptions, PrecisionOptions
 from gmt_mlx.core.optim import build_optimizer
 from gmt_mlx.core.trainer import make_fused_step, make_step_fns, train, training_state
 from gmt_mlx.errors import UserError
@@ -37,9 +38,10 @@ def _batch(rows=2, length=12, vocab=100, seed=1):
 
 
 def _run(kind, method, *, tied=True, steps=3, loss_fn=sft_loss, batches=None, accumulate=False, grad_clip=0.0,
-         **opt_kw):
+         **precision):
     model = _model(tied)
-    opt = build_optimizer("adamw", 1e-2, method=method, mask_ratio=0.3 if method != "sft" else 0.0, **opt_kw)
+    opt = build_optimizer(OptimizerOptions(), 1e-2, seed=0, mask=MaskOptions(method=method, mask_ratio=0.3),
+                          precision=PrecisionOptions(**precision))
     opt.init(model.trainable_parameters())
     step = (make_fused_step(model, opt, loss_fn, grad_clip) if kind == "fused"
             else make_layerwise_step(model, opt, loss_fn, grad_clip=grad_clip))
@@ -92,7 +94,7 @@ def test_per_layer_clips_like_the_fused_step(accumulate):
 def test_per_layer_clipping_with_a_non_finite_gradient_changes_nothing():
     """A finite loss whose gradient is not (an earlier micro-batch's inf): no tensor moves, no moment either."""
     model = _model()
-    opt = build_optimizer("adamw", 1e-2, method="gmt", mask_ratio=0.3)
+    opt = build_optimizer(OptimizerOptions(), 1e-2, seed=0, mask=MaskOptions(mask_ratio=0.3))
     opt.init(model.trainable_parameters())
     grad_fn, _ = make_step_fns(model, opt, sft_loss)
     loss, count, metrics, grads = grad_fn(*_batch(seed=5))
@@ -110,8 +112,8 @@ def test_per_layer_clipping_with_a_non_finite_gradient_changes_nothing():
 
 @pytest.mark.parametrize("moments", ["8bit", "4bit"])
 def test_per_layer_with_accumulation_and_compact_moments(moments):
-    fused, _, _ = _run("fused", "gmt", accumulate=True, moments=moments, weights_dtype="float32")
-    layer, _, _ = _run("layer", "gmt", accumulate=True, moments=moments, weights_dtype="float32")
+    fused, _, _ = _run("fused", "gmt", accumulate=True, moments=moments, train_dtype="float32")
+    layer, _, _ = _run("layer", "gmt", accumulate=True, moments=moments, train_dtype="float32")
     a, b = _weights(fused), _weights(layer)
     assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-5
 
@@ -155,7 +157,7 @@ class _Poisoned(nn.Module):
 def test_non_finite_tensor_keeps_its_weights_and_moments_exactly():
     model = _model()
     model.layers[1].mlp = _Poisoned(model.layers[1].mlp)
-    opt = build_optimizer("adamw", 1e-2, method="gmt", mask_ratio=0.3)
+    opt = build_optimizer(OptimizerOptions(), 1e-2, seed=0, mask=MaskOptions(mask_ratio=0.3))
     opt.init(model.trainable_parameters())
     step = make_layerwise_step(model, opt, sft_loss)
     mx.eval(step(None, *_batch(seed=0)), training_state(model, opt))
@@ -179,7 +181,7 @@ def test_non_finite_tensor_keeps_its_weights_and_moments_exactly():
 
 def test_non_finite_loss_changes_nothing():
     model = _model()
-    opt = build_optimizer("adamw", 1e-2, method="gmt", mask_ratio=0.3)
+    opt = build_optimizer(OptimizerOptions(), 1e-2, seed=0, mask=MaskOptions(mask_ratio=0.3))
     opt.init(model.trainable_parameters())
     before = _weights(model)
 
@@ -203,7 +205,8 @@ def test_per_layer_holds_one_block_not_the_gradient(method):
     over = {}
     for kind in ("fused", "layer"):
         model = _model(**model_kw)
-        opt = build_optimizer("adamw", 1e-5, method=method, mask_ratio=0.2 if method == "gmt" else 0.0)
+        mask = MaskOptions(method=method, mask_ratio=0.2 if method == "gmt" else 0.0)
+        opt = build_optimizer(OptimizerOptions(), 1e-5, seed=0, mask=mask)
         opt.init(model.trainable_parameters())
         state = training_state(model, opt)
         fn = make_fused_step(model, opt) if kind == "fused" else make_layerwise_step(model, opt, sft_loss)
@@ -215,7 +218,7 @@ def test_per_layer_holds_one_block_not_the_gradient(method):
 
 def test_train_loop_per_layer_and_its_guards():
     model = _model()
-    opt = build_optimizer("adamw", 1e-2, method="gmt", mask_ratio=0.3)
+    opt = build_optimizer(OptimizerOptions(), 1e-2, seed=0, mask=MaskOptions(mask_ratio=0.3))
     losses = []
     train(model, opt, iter([_batch(seed=0)] * 20), iters=8, update_per_layer=True,
           on_step=lambda r: losses.append(r.loss))
@@ -235,7 +238,7 @@ def test_config_per_layer_rules():
 
 def test_mask_sample_covers_every_part():
     model = _model()
-    opt = build_optimizer("adamw", 1e-2, method="gmt", mask_ratio=0.3, record_mask_sample=True)
+    opt = build_optimizer(OptimizerOptions(), 1e-2, seed=0, mask=MaskOptions(mask_ratio=0.3, mask_overlap=True))
     opt.init(model.trainable_parameters())
     step = make_layerwise_step(model, opt, sft_loss)
     mx.eval(step(None, *_batch()), training_state(model, opt))
@@ -313,7 +316,8 @@ def test_row_slices_update_exactly_as_the_whole_tensor(monkeypatch, moments):
         monkeypatch.setattr(compact_module, "CHUNK_ENTRIES", chunk)
         model = _model(hidden=128)
         model.set_dtype(mx.bfloat16)
-        opt = build_optimizer("adamw", 1e-2, method="gmt", mask_ratio=0.3, moments=moments, weights_dtype="bfloat16")
+        opt = build_optimizer(OptimizerOptions(), 1e-2, seed=0, mask=MaskOptions(mask_ratio=0.3),
+                              precision=PrecisionOptions(train_dtype="bfloat16", moments=moments))
         opt.init(model.trainable_parameters())
         step = make_layerwise_step(model, opt, sft_loss)
         for s in range(3):

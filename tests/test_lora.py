@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 from gmt_mlx.config import Config
+from gmt_mlx.config import OptimizerOptions
 from gmt_mlx.core.optim import build_optimizer
 from gmt_mlx.core.trainer import train
 from gmt_mlx.errors import UserError
@@ -33,7 +34,7 @@ def load_tiny(path, **config):
 
 def train_steps(model, steps=3, lr=1e-2):
     data = iter([(TOKENS, mx.ones(TOKENS.shape))] * steps)
-    train(model, build_optimizer("adamw", lr, method="sft"), data, iters=steps)
+    train(model, build_optimizer(OptimizerOptions(), lr, seed=0), data, iters=steps)
 
 
 def snapshot(model):

@@ -1,6 +1,7 @@
 """The peak-memory estimate's arithmetic (gmt_mlx.run.memory): it follows the dtypes, moments and update mode."""
 
-from gmt_mlx.run.memory import advice, estimate
+from gmt_mlx.config import Config
+from gmt_mlx.run.memory import Footprint, advice, estimate
 
 CONFIG = {"hidden_size": 1536, "num_hidden_layers": 28, "intermediate_size": 8960, "num_attention_heads": 12,
           "vocab_size": 49152}
@@ -8,10 +9,16 @@ N, LARGEST, BLOCK, OUTER = 1_385_838_080, 49152 * 1536, 46_797_824, 49152 * 1536
 
 
 def _estimate(**kw):
+    """The estimate for these values: Footprint's, the step's and Config fields (masked: gmt, else sft)."""
     values = dict(weight_bytes=N * 2, trainable=N, batch_size=1, seq_len=64, masked=True, largest=LARGEST,
                   block=BLOCK, outer=OUTER, train_dtype="bfloat16", moments="8bit", grad_clip=0.0)
     values.update(kw)
-    return estimate(CONFIG, **values)
+    footprint = Footprint(**{k: values.pop(k) for k in list(values) if k in Footprint.__dataclass_fields__})
+    step = {k: values.pop(k) for k in ("seq_len", "rollout_rows", "rollout_tokens", "reference_bytes") if k in values}
+    rows = values.pop("batch_size")
+    config = Config(method="gmt" if values.pop("masked") else "sft", **values)
+    return estimate(CONFIG, footprint, batch_rows=rows, optim=config.optim, precision=config.precision,
+                    memory=config.memory, mask=config.mask, **step)
 
 
 def test_state_follows_the_moment_storage():

@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten
 from mlx_lm import load
 
 from gmt_mlx.core.masking import count_entries
+from gmt_mlx.config import MaskOptions, OptimizerOptions
 from gmt_mlx.core.optim import MaskedOptimizer, build_optimizer, make_schedule
 from gmt_mlx.core.trainer import train
 
@@ -47,7 +48,8 @@ def test_mask_ratio_zero_is_bit_for_bit_plain(tiny_model_dir, method, scope, tar
     plain, _ = run(tiny_model_dir, optim.AdamW(1e-3, weight_decay=0.01), accumulation=2)
     masked, _ = run(
         tiny_model_dir,
-        MaskedOptimizer(optim.AdamW(1e-3, weight_decay=0.01), method=method, mask_ratio=0.0, scope=scope, target=target),
+        MaskedOptimizer(optim.AdamW(1e-3, weight_decay=0.01),
+                        MaskOptions(method=method, mask_ratio=0.0, mask_scope=scope, mask_target=target), seed=0),
         accumulation=2,
     )
     a, b = params(plain), params(masked)
@@ -60,7 +62,7 @@ def one_step_change(model_dir, target, base):
     """Masks predicted for step 0 and the entries that actually changed in one step."""
     model, _ = load(str(model_dir))
     before = {n: np.array(v) for n, v in tree_flatten(model.parameters())}
-    opt = MaskedOptimizer(base, mask_ratio=0.6, scope="tensor", target=target, seed=3)
+    opt = MaskedOptimizer(base, MaskOptions(mask_ratio=0.6, mask_scope="tensor", mask_target=target), seed=3)
     tokens, mask = next(batches())
     import mlx.nn as nn
     from gmt_mlx.core.losses import sft_loss
@@ -90,7 +92,7 @@ def test_adam_with_grad_target_moves_more_than_the_kept_entries(tiny_model_dir):
     """The documented difference: momentum keeps moving entries the mask dropped."""
     model, _ = load(str(tiny_model_dir))
     start = {n: np.array(v) for n, v in tree_flatten(model.parameters())}
-    opt = MaskedOptimizer(optim.Adam(1e-2), mask_ratio=0.8, target="grad")
+    opt = MaskedOptimizer(optim.Adam(1e-2), MaskOptions(mask_ratio=0.8, mask_target="grad"), seed=0)
     train(model, opt, batches(), iters=3)
     moved = sum((start[n] != np.array(v)).sum() for n, v in tree_flatten(model.parameters()))
     assert moved / count_entries(model.parameters()) > 0.2 + 0.05
@@ -103,7 +105,8 @@ def test_compiled_step_matches_eager(tiny_model_dir):
     results = []
     for compiled in (False, True):
         model, _ = load(str(tiny_model_dir))
-        opt = MaskedOptimizer(optim.AdamW(1e-3), mask_ratio=0.5, scope="layer", target="update")
+        opt = MaskedOptimizer(optim.AdamW(1e-3), MaskOptions(mask_ratio=0.5, mask_scope="layer", mask_target="update"),
+                              seed=0)
         state = [model.state, opt.state]
 
         def step(tokens, mask):
@@ -122,7 +125,8 @@ def test_compiled_step_matches_eager(tiny_model_dir):
 
 @pytest.mark.parametrize("method", ["gmt", "random"])
 def test_masked_training_reduces_loss(tiny_model_dir, method):
-    opt = build_optimizer("adamw", make_schedule(3e-3, 30), method=method, mask_ratio=0.5)
+    schedule = make_schedule(3e-3, 30, kind="cosine", warmup_steps=0, min_lr_ratio=0.0)
+    opt = build_optimizer(OptimizerOptions(), schedule, seed=0, mask=MaskOptions(method=method, mask_ratio=0.5))
     _, losses = run(tiny_model_dir, opt, iters=30, data=fixed_batches())
     assert losses[-1].loss < 0.5 * losses[0].loss
     kept = losses[-1].kept / count_entries(load(str(tiny_model_dir))[0].trainable_parameters())
@@ -131,7 +135,7 @@ def test_masked_training_reduces_loss(tiny_model_dir, method):
 
 def test_masks_differ_between_steps_and_repeat_for_the_same_step():
     grads = {"w": mx.random.normal((300, 300), key=mx.random.key(0))}
-    opt = MaskedOptimizer(optim.SGD(0.1), method="random", mask_ratio=0.5, seed=7)
+    opt = MaskedOptimizer(optim.SGD(0.1), MaskOptions(method="random", mask_ratio=0.5), seed=7)
     first, _ = opt.masks(grads)
     again, _ = opt.masks(grads)
     assert mx.array_equal(first["w"], again["w"]).item()
@@ -141,28 +145,29 @@ def test_masks_differ_between_steps_and_repeat_for_the_same_step():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"method": "topk"}, "method"), ({"scope": "row"}, "scope"), ({"target": "weights"}, "target"),
-    ({"mask_ratio": 1.0}, "mask_ratio"),
+    ({"method": "topk"}, "method"), ({"mask_scope": "row"}, "scope"), ({"mask_target": "weights"}, "target"),
+    ({"mask_ratio": 1.0}, "mask_ratio"), ({"mask_sample_size": 0}, "mask_sample_size"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        MaskedOptimizer(optim.SGD(0.1), **kwargs)
+        MaskedOptimizer(optim.SGD(0.1), MaskOptions(**kwargs), seed=0)
 
 
 @pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "adafactor", "muon"])
 def test_every_base_optimizer_can_be_masked(tiny_model_dir, name):
-    opt = build_optimizer(name, 1e-3, method="gmt", mask_ratio=0.3)
+    opt = build_optimizer(OptimizerOptions(optimizer=name), 1e-3, seed=0, mask=MaskOptions(mask_ratio=0.3))
     _, losses = run(tiny_model_dir, opt, iters=2)
     assert np.isfinite(losses[-1].loss)
     # And the mask is really applied: with the update target exactly the kept entries move.
-    base = build_optimizer(name, 1e-2, method="sft").optimizer
+    base = build_optimizer(OptimizerOptions(optimizer=name), 1e-2, seed=0).optimizer
     masks, changed = one_step_change(tiny_model_dir, "update", base)
     for n, m in masks.items():
         assert not changed[n][~m].any(), n  # a dropped entry never moves
     moved = sum(changed[n].sum() for n in masks) / sum(m.sum() for m in masks.values())
     assert moved > 0.95  # ... and (nearly) every kept one does
     if name != "muon":  # Muon orthogonalises the whole update matrix: a zero gradient entry still moves
-        masks, changed = one_step_change(tiny_model_dir, "grad", build_optimizer(name, 1e-2, method="sft").optimizer)
+        plain = build_optimizer(OptimizerOptions(optimizer=name), 1e-2, seed=0).optimizer
+        masks, changed = one_step_change(tiny_model_dir, "grad", plain)
         for n, m in masks.items():
             assert not changed[n][~m].any(), n
 
@@ -174,14 +179,15 @@ def test_a_ratio_that_drops_nothing_runs_through_the_masking_and_equals_sft(tiny
 
     model, _ = load(str(tiny_model_dir))
     (_, _), grads = nn.value_and_grad(model, sft_loss)(model, *next(batches()))
-    opt = build_optimizer("adamw", 1e-3, method="gmt", mask_ratio=1e-6)
+    opt = build_optimizer(OptimizerOptions(), 1e-3, seed=0, mask=MaskOptions(mask_ratio=1e-6))
     masks, kept = opt.masks(grads)
     nonzero = sum(int((g != 0).sum().item()) for _, g in tree_flatten(grads))
     assert kept.item() == nonzero
     for (n, g), (_, m) in zip(tree_flatten(grads), tree_flatten(masks)):
         assert mx.array_equal(m, g != 0).item(), n
-    plain, _ = run(tiny_model_dir, build_optimizer("adamw", 1e-3, method="sft"), accumulation=2)
-    masked, _ = run(tiny_model_dir, build_optimizer("adamw", 1e-3, method="gmt", mask_ratio=1e-6), accumulation=2)
+    plain, _ = run(tiny_model_dir, build_optimizer(OptimizerOptions(), 1e-3, seed=0), accumulation=2)
+    masked, _ = run(tiny_model_dir, build_optimizer(OptimizerOptions(), 1e-3, seed=0,
+                                                    mask=MaskOptions(mask_ratio=1e-6)), accumulation=2)
     a, b = params(plain), params(masked)
     for name in a:
         assert mx.allclose(a[name], b[name], rtol=1e-6, atol=1e-7).item(), name
@@ -192,7 +198,7 @@ def test_schedule_warmup_then_decay():
     lrs = [f(mx.array(i)).item() for i in range(10)]
     assert lrs[0] == pytest.approx(0.25) and lrs[3] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] >= 0.1 - 1e-6
-    assert make_schedule(1.0, 10, kind="constant")(mx.array(7)).item() == 1.0
+    assert make_schedule(1.0, 10, kind="constant", warmup_steps=0, min_lr_ratio=0.0)(mx.array(7)).item() == 1.0
 
 
 def test_global_norm_matches_float64():

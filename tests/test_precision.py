@@ -7,6 +7,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from gmt_mlx.config import LOW_MEMORY, resolve
+from gmt_mlx.config import MaskOptions, OptimizerOptions, PrecisionOptions
 from gmt_mlx.core.optim import build_optimizer
 from gmt_mlx.core.precision import BLOCK, dequantize_root, dequantize_signed, quantize_root, quantize_signed, round_to
 from gmt_mlx.core.trainer import train
@@ -107,17 +108,19 @@ def _fit(optimizer, dtype=mx.float32, steps=60):
 
 
 def test_compact_adamw_float32_matches_mlx_adamw():
-    ours, _ = _fit(build_optimizer("adamw", 1e-2, weight_decay=0.01, moments="float32", weights_dtype="bfloat16"),
+    ours, _ = _fit(build_optimizer(OptimizerOptions(weight_decay=0.01), 1e-2, seed=0,
+                                   precision=PrecisionOptions(train_dtype="bfloat16", moments="float32")),
                    mx.float32, steps=20)
     # weights_dtype bfloat16 selects CompactAdamW; on float32 weights nothing is rounded.
-    theirs, _ = _fit(build_optimizer("adamw", 1e-2, weight_decay=0.01), mx.float32, steps=20)
+    theirs, _ = _fit(build_optimizer(OptimizerOptions(weight_decay=0.01), 1e-2, seed=0), mx.float32, steps=20)
     assert mx.allclose(ours.layer.weight, theirs.layer.weight, atol=1e-6).item()
 
 
 @pytest.mark.parametrize("moments", ["bfloat16", "8bit", "4bit", "8bit-factored"])
 def test_compact_moments_learn_like_float32(moments):
-    _, reference = _fit(build_optimizer("adamw", 1e-2), mx.float32)
-    _, compact = _fit(build_optimizer("adamw", 1e-2, moments=moments), mx.float32)
+    _, reference = _fit(build_optimizer(OptimizerOptions(), 1e-2, seed=0), mx.float32)
+    _, compact = _fit(build_optimizer(OptimizerOptions(), 1e-2, seed=0, precision=PrecisionOptions(moments=moments)),
+                      mx.float32)
     assert compact[-1] < 0.05 * compact[0]  # it learns
     # 4 bits: the rounding noise of m sets a floor near convergence (measured 0.75 against 0.34 here).
     assert compact[-1] < (3.0 if moments == "4bit" else 2.0) * reference[-1] + 1e-3
@@ -125,12 +128,13 @@ def test_compact_moments_learn_like_float32(moments):
 
 def test_bfloat16_weights_and_state_keep_their_dtype():
     # Regression: a float32 gradient scale promoted bf16 weights and moments to float32 after step 1.
-    opt = build_optimizer("adamw", 1e-3, weights_dtype="bfloat16")
+    opt = build_optimizer(OptimizerOptions(), 1e-3, seed=0, precision=PrecisionOptions(train_dtype="bfloat16"))
     model, _ = _fit(opt, mx.bfloat16, steps=3)
     assert model.layer.weight.dtype == mx.bfloat16
     moments = [v for k, v in tree_flatten(opt.state) if k.endswith((".m", ".v"))]
     assert moments and all(v.dtype == mx.bfloat16 for v in moments)
-    sgd = build_optimizer("sgd", 1e-3, momentum=0.9, weights_dtype="bfloat16")
+    sgd = build_optimizer(OptimizerOptions(optimizer="sgd", momentum=0.9), 1e-3, seed=0,
+                          precision=PrecisionOptions(train_dtype="bfloat16"))
     model, _ = _fit(sgd, mx.bfloat16, steps=3)
     assert model.layer.weight.dtype == mx.bfloat16
     assert all(v.dtype == mx.bfloat16 for k, v in tree_flatten(sgd.state) if k.endswith(".v"))
@@ -139,7 +143,8 @@ def test_bfloat16_weights_and_state_keep_their_dtype():
 def test_stochastic_rounding_keeps_updates_that_nearest_loses():
     # lr 1e-5 on weights ~0.05-1: every update is below half a bfloat16 spacing.
     def delta(rounding):
-        opt = build_optimizer("adamw", 1e-5, moments="float32", weights_dtype="bfloat16", weight_rounding=rounding)
+        precision = PrecisionOptions(train_dtype="bfloat16", moments="float32", weight_rounding=rounding)
+        opt = build_optimizer(OptimizerOptions(), 1e-5, seed=0, precision=precision)
         mx.random.seed(0)
         model = _Linear()
         model.set_dtype(mx.bfloat16)
@@ -154,7 +159,7 @@ def test_stochastic_rounding_keeps_updates_that_nearest_loses():
         return model.layer.weight.astype(mx.float32) - start
 
     mx.random.seed(0)
-    reference_opt = build_optimizer("adamw", 1e-5)
+    reference_opt = build_optimizer(OptimizerOptions(), 1e-5, seed=0)
     ref_model = _Linear()
     start = ref_model.layer.weight.astype(mx.float32)  # the same init as above (seed 0), in float32
     x, y = _regression()
@@ -215,7 +220,8 @@ def test_fused_step_never_holds_the_whole_gradient(method):
     over = {}
     for kind in ("split", "fused"):
         model = _deep_model()
-        opt = build_optimizer("adamw", 1e-5, method=method, mask_ratio=0.2 if method == "gmt" else 0.0)
+        mask = MaskOptions(method=method, mask_ratio=0.2 if method == "gmt" else 0.0)
+        opt = build_optimizer(OptimizerOptions(), 1e-5, seed=0, mask=mask)
         opt.init(model.trainable_parameters())
         state = training_state(model, opt)
         if kind == "fused":

@@ -116,11 +116,12 @@ def test_corrupt_checkpoint_is_never_loaded(tiny_model_dir, chat_data, tmp_path,
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     from mlx_lm import load
 
+    from gmt_mlx.config import MaskOptions, OptimizerOptions
     from gmt_mlx.core.optim import build_optimizer
     from gmt_mlx.errors import UserError
 
     model, _ = load(str(tiny_model_dir))
-    opt = build_optimizer("adamw", 1e-3, method="gmt", mask_ratio=0.5)
+    opt = build_optimizer(OptimizerOptions(), 1e-3, seed=0, mask=MaskOptions(mask_ratio=0.5))
     opt.init(model.trainable_parameters())
     path = tmp_path / "ckpt"
     ckpt.save_checkpoint(path, model, opt, step=1, config={})
@@ -141,10 +142,11 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_model_dir):
     from mlx_lm import load
 
     from gmt_mlx.core.losses import sft_loss
+    from gmt_mlx.config import MaskOptions, OptimizerOptions
     from gmt_mlx.core.optim import build_optimizer
 
     model, _ = load(str(tiny_model_dir))
-    opt = build_optimizer("adamw", 1e-3, method="gmt", mask_ratio=0.5)
+    opt = build_optimizer(OptimizerOptions(), 1e-3, seed=0, mask=MaskOptions(mask_ratio=0.5))
     calls = {"n": 0}
 
     def loss_fn(m, tokens, mask):

@@ -34,10 +34,11 @@ def test_non_finite_steps_are_skipped_under_compile(tiny_model_dir, method):
     never a target), so one compiled trace serves every step, as in a real run."""
     from mlx_lm import load
 
+    from gmt_mlx.config import MaskOptions, OptimizerOptions
     from gmt_mlx.core.optim import build_optimizer
 
     model, _ = load(str(tiny_model_dir))
-    opt = build_optimizer("adamw", 1e-3, method=method, mask_ratio=0.5)
+    opt = build_optimizer(OptimizerOptions(), 1e-3, seed=0, mask=MaskOptions(method=method, mask_ratio=0.5))
     traces = []
 
     def loss_fn(m, tokens, mask):
