@@ -22,7 +22,7 @@ from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run import rundir
 from gmt_mlx.run.killcheck import final_weights, kill_and_resume
 
-from .conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 runner = CliRunner()
 # A reward the tiny random model can learn in a few steps: the share of digits in its completion.
@@ -274,7 +274,7 @@ def test_grpo_sigkill_and_resume_is_bit_for_bit(tiny_model_dir, prompt_data, tmp
 
 
 LAUNCH = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]  # tests/unit/objectives/ -> the repository
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from gmt_mlx.cli import app
 from gmt_mlx.data.sources import load_splits
 from gmt_mlx.errors import UserError
 
-from .conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 datasets = pytest.importorskip("datasets")
 runner = CliRunner()

@@ -17,7 +17,7 @@ from gmt_mlx.config import Config
 from gmt_mlx.recipes.finetune import finetune
 
 LAUNCH = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
-DRIVER = Path(__file__).parent / "dist_driver.py"
+DRIVER = Path(__file__).resolve().parents[1] / "dist_driver.py"  # tests/dist_driver.py
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path(LAUNCH).exists(), reason="mlx.launch not installed")]
 
 # One float32 rounding step: 2 ranks sum the batch's token losses in another order.
@@ -56,7 +56,7 @@ def weights(run_dir):
 @pytest.fixture(scope="module")
 def two_rank_runs(tiny_model_dir, tmp_path_factory):
     """Every method/scope trained by 1 process (in-process) and by 2 ranks (one mlx.launch job)."""
-    from .conftest import arithmetic_chat, write_jsonl
+    from tests.helpers import arithmetic_chat, write_jsonl
 
     tmp = tmp_path_factory.mktemp("dist")
     data = tmp / "data"
@@ -112,7 +112,7 @@ def test_killed_rank_stops_the_job_and_resume_matches(two_rank_runs, tiny_model_
 
 
 def test_bad_setups_fail_clearly(tiny_model_dir, tmp_path):
-    from .conftest import arithmetic_chat, write_jsonl
+    from tests.helpers import arithmetic_chat, write_jsonl
 
     data = tmp_path / "data"
     write_jsonl(data / "train.jsonl", arithmetic_chat(12))

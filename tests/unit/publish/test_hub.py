@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from gmt_mlx.cli import app
 from gmt_mlx.publish.card import MODEL_ID_PLACEHOLDER, front_matter
 
-from .conftest import arithmetic_chat, write_jsonl
+from tests.helpers import arithmetic_chat, write_jsonl
 
 runner = CliRunner()
 TOKEN = "hf_TESTtokenDoNotPrint0123456789"

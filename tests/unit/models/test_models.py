@@ -29,10 +29,7 @@ def tiny(tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny, tmp_path_factory) -> Path:
-    try:  # the GGUF writer in tests/test_gguf.py (tests/ is a package, or on sys.path)
-        from tests.test_gguf import hf_to_gguf
-    except ImportError:
-        from test_gguf import hf_to_gguf
+    from tests.unit.models.test_gguf import hf_to_gguf  # the tests' GGUF writer
 
     return hf_to_gguf(tiny, tmp_path_factory.mktemp("gguf") / "Tiny-Llama.F32.gguf")
 

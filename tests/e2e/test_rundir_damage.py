@@ -19,7 +19,7 @@ from gmt_mlx.cli import app
 from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run.killcheck import final_weights
 
-from .conftest import write_chat_data
+from tests.helpers import write_chat_data
 
 runner = CliRunner()
 STEP2, STEP4, BEST = "checkpoints/step-000002", "checkpoints/step-000004", "checkpoints/best"

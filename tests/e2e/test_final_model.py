@@ -12,7 +12,7 @@ from gmt_mlx.cli import app
 from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run import final, rundir
 
-from .conftest import write_jsonl
+from tests.helpers import write_jsonl
 from .test_resume import args
 
 runner = CliRunner()

@@ -269,7 +269,7 @@ def _finetune_run(base, data, out, *extra):
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
-    from .conftest import arithmetic_chat, write_jsonl
+    from tests.helpers import arithmetic_chat, write_jsonl
 
     root = tmp_path_factory.mktemp("runs")
     write_jsonl(root / "data" / "train.jsonl", arithmetic_chat(16))

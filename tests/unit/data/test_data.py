@@ -16,7 +16,7 @@ from gmt_mlx.data.sources import load_splits
 from gmt_mlx.errors import UserError
 from gmt_mlx.models.tiny import make_tiny_tokenizer
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "data"
 
 CHAT = {
     "messages": [

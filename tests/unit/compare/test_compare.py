@@ -35,7 +35,7 @@ def spec_for(model, data, out, **kwargs) -> compare_plan.CompareSpec:
 @pytest.fixture(scope="module")
 def compared(tiny_model_dir, tmp_path_factory):
     """One comparison of all five methods x two seeds on the tiny model, shared by the tests below."""
-    from .conftest import arithmetic_chat, write_jsonl
+    from tests.helpers import arithmetic_chat, write_jsonl
 
     root = tmp_path_factory.mktemp("compare")
     data = root / "data"
@@ -296,7 +296,7 @@ def test_compare_needs_data_and_refuses_foreign_folders(tiny_model_dir, tmp_path
 
 # ---- the shipped example --------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]  # tests/unit/compare/ -> the repository
 
 
 def test_shipped_compare_example_config_and_data():

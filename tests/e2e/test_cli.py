@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 
-from .conftest import arithmetic_chat, write_jsonl
+from tests.helpers import arithmetic_chat, write_jsonl
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 
-from .conftest import write_jsonl
+from tests.helpers import write_jsonl
 from .test_grpo_loop import DIGITS, grpo_args, message, sums
 
 runner = CliRunner()

@@ -21,7 +21,7 @@ from gmt_mlx.data.encoding import Example, TokenizedSplit, encode_example, token
 from gmt_mlx.errors import UserError
 from gmt_mlx.models.tiny import make_tiny_tokenizer
 
-FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "chat_templates"  # tests/fixtures
 
 # Per template: the tokens the real tokenizer has as added/special tokens, its BOS,
 # what closes an assistant turn, and whether it takes a system message.
@@ -190,7 +190,7 @@ def test_eval_loss_covers_what_the_run_trained_on(tiny_model_dir, tmp_path):
     from gmt_mlx.evaluation.evaluate import EvalOptions, evaluate
     from gmt_mlx.recipes.finetune import finetune
 
-    from .conftest import write_jsonl
+    from tests.helpers import write_jsonl
 
     rows = [{"messages": [{"role": "user", "content": f"Add {a} and 1."}, {"role": "assistant", "content": f"{a + 1}."},
                           {"role": "user", "content": f"And {a} and 2?"}, {"role": "assistant", "content": f"{a + 2}."}]}

@@ -550,7 +550,7 @@ def lora_run(tiny_model_dir, tmp_path_factory):
 
     from gmt_mlx.cli import app
 
-    from .conftest import arithmetic_chat, write_jsonl
+    from tests.helpers import arithmetic_chat, write_jsonl
 
     root = tmp_path_factory.mktemp("gguf-run")
     write_jsonl(root / "data" / "train.jsonl", arithmetic_chat(16))

@@ -35,7 +35,7 @@ pytest.importorskip("gguf")
 from gmt_mlx.models.gguf.writer import hf_folder_to_gguf  # noqa: E402
 
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-NODE_DIR = Path(__file__).parent / "llama_cpp"
+NODE_DIR = Path(__file__).resolve().parents[2] / "llama_cpp"  # tests/llama_cpp (.ci/run installs there)
 SCRIPT = NODE_DIR / "decode.mjs"
 OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
 MAX_TOKENS = 16

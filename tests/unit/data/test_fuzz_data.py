@@ -16,7 +16,7 @@ import pytest
 from gmt_mlx.data.formats import read_jsonl
 from gmt_mlx.errors import UserError
 
-EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples" / "data").glob("*/train.jsonl"))
+EXAMPLES = sorted((Path(__file__).resolve().parents[3] / "examples" / "data").glob("*/train.jsonl"))
 MUTATIONS_PER_FILE = 800
 
 # Things that once broke (or could break) a line-based JSON reader.

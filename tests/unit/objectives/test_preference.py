@@ -29,7 +29,7 @@ from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run.killcheck import final_weights, kill_and_resume
 from gmt_mlx.run.rundir import REFERENCE_FILE
 
-from .conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 runner = CliRunner()
 QUIET = dict(log=lambda *_: None)
@@ -405,7 +405,7 @@ def test_two_ranks_match_one_on_dpo(tiny_model_dir, pref_data, tmp_path):
         assert (two / "model").is_dir(), launched.stdout[-2000:] + launched.stderr[-2000:]
         a, b = saved_weights(tmp_path / f"one-{mode}-{method}"), saved_weights(two)
         # Two ranks sum the gradient in another order: an entry within float rounding of a GMT
-        # threshold may flip (tests/test_accumulation.py measured 2 of 123,200 once); such an entry
+        # threshold may flip (tests/unit/core/test_accumulation.py measured 2 of 123,200 once); such an entry
         # then moves by ~lr. Everything else agrees to float rounding.
         differing = sum(int((np.abs(a[k] - b[k]) > 1e-5).sum()) for k in a)
         total = sum(a[k].size for k in a)

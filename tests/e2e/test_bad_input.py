@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 
-from .conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 runner = CliRunner()
 

@@ -141,7 +141,7 @@ METHODS = ["sft", "gmt", "random"]
 def two_rank_runs(tiny_model_dir, tmp_path_factory):
     """Every method trained by 2 ranks of 4 examples (one mlx.launch job)."""
     out = tmp_path_factory.mktemp("ranks")
-    driver = Path(__file__).parent / "accum_driver.py"
+    driver = Path(__file__).resolve().parents[2] / "accum_driver.py"  # tests/accum_driver.py
     result = subprocess.run([LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, str(driver),
                              str(tiny_model_dir), str(out), *METHODS],
                             capture_output=True, text=True, timeout=600, env=dict(os.environ))
@@ -176,7 +176,7 @@ def test_finetune_batch_8_equals_4_accumulated_twice(tiny_model_dir, tmp_path, m
     from gmt_mlx.config import Config
     from gmt_mlx.recipes.finetune import finetune
 
-    from .conftest import write_jsonl
+    from tests.helpers import write_jsonl
 
     data = tmp_path / "data"
     write_jsonl(data / "train.jsonl", varied_chat(32))
@@ -203,7 +203,7 @@ def test_a_split_smaller_than_one_step_is_refused_at_set_up(tiny_model_dir, tmp_
 
     from gmt_mlx.cli import app
 
-    from .conftest import write_jsonl
+    from tests.helpers import write_jsonl
 
     write_jsonl(tmp_path / "data" / "train.jsonl", varied_chat(12))
     common = ["finetune", "--model", str(tiny_model_dir), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),

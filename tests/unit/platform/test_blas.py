@@ -20,7 +20,7 @@ import pytest
 from gmt_mlx import blas, blas_check, blas_find
 
 LINUX = sys.platform.startswith("linux")
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]  # tests/unit/platform/ -> the repository
 
 
 @pytest.fixture(autouse=True)
