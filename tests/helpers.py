@@ -36,19 +36,26 @@ def last_line(result) -> str:
     return result.output.strip().splitlines()[-1]
 
 
-def assert_clean_error(result, *fragments, exit_code: int | None = 2) -> str:
-    """A user error as the CLI must give it: exit `exit_code` (None: any non-zero), no traceback, and stderr one line
-    `error: ...` holding every fragment. Returns that line."""
+def assert_clean_error(result, *fragments, exit_code: int | None = 2, usage: bool = False) -> str:
+    """A user error as the CLI must give it: exit `exit_code` (None: any non-zero), no traceback, and stderr one line,
+    `error: ...`, holding every fragment (stdout may hold the run's log up to the error). Returns that line.
+
+    usage=True: an error click itself reports (an unknown option, a value of the wrong type), which it prints as its
+    usage lines and then one `Error: ...` line; that last line must hold the fragments.
+    """
     if exit_code is None:
         assert result.exit_code != 0, result.output
     else:
         assert result.exit_code == exit_code, (result.exit_code, result.output)
     assert "Traceback" not in result.output, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    if usage:
+        assert lines[0].startswith("Usage: ") and lines[-1].startswith("Error: "), result.stderr
+    else:
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+        assert fragment in lines[-1], lines[-1]
+    return lines[-1]
 
 
 def write_jsonl(path: Path, rows) -> Path:

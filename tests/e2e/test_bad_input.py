@@ -6,24 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
-
-from tests.helpers import write_jsonl
-
-runner = CliRunner()
+from tests.helpers import assert_clean_error as message  # checks the error, returns its line
+from tests.helpers import runner, write_jsonl
 
 
 def run(model, data, out, *extra):
     return runner.invoke(app, ["finetune", "--model", str(model), "--data", str(data), "--out", str(out),
                                "--iters", "1", "--batch-size", "2", *map(str, extra)])
-
-
-def message(result):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    return result.output.strip().splitlines()[-1]
 
 
 def test_non_utf8_bytes(tiny_model_dir, tmp_path):

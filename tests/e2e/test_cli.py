@@ -7,13 +7,9 @@ import json
 import mlx.core as mx
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
-
-from tests.helpers import arithmetic_chat, write_jsonl
-
-runner = CliRunner()
+from tests.helpers import arithmetic_chat, assert_clean_error, runner, write_jsonl
 
 
 def finetune(*args):
@@ -61,7 +57,8 @@ def test_gmt_run_reduces_training_loss(tiny_model_dir, chat_data, tmp_path):
     out = tmp_path / "run"
     result = finetune(*base_args(tiny_model_dir, chat_data, out, "--iters", "20", "--mask-prompt"))
     assert result.exit_code == 0, result.output
-    losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in metrics if '"train"' in line]
     assert losses[-1] < 0.7 * losses[0]
 
 
@@ -93,7 +90,7 @@ def test_epochs_and_accumulation(tiny_model_dir, chat_data, tmp_path):
     result = finetune("--model", tiny_model_dir, "--data", chat_data, "--out", out, "--epochs", "2",
                       "--grad-accumulation-steps", "2", "--steps-per-report", "1")
     assert result.exit_code == 0, result.output
-    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert steps[-1] == 4  # 16 examples / batch 4 = 4 batches per epoch, 2 per step, 2 epochs
 
 
@@ -140,14 +137,6 @@ def test_generate_from_a_run(tiny_model_dir, chat_data, tmp_path):
 
 
 # ---- bad input: one line, non-zero exit, no traceback --------------------------------
-
-
-def assert_clean_error(result, *fragments):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    message = result.output.strip().splitlines()[-1]
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 def test_missing_model(chat_data, tmp_path):
@@ -236,4 +225,5 @@ def test_bad_yaml_key(tiny_model_dir, chat_data, tmp_path):
     assert_clean_error(result, "unknown option 'zzz_nothing_like_it'")
     assert "did you mean" not in result.output
     # An unknown flag: click suggests the close ones itself.
-    assert_clean_error(finetune("--mask-ration", "0.3"), "No such option: --mask-ration", "--mask-ratio")
+    assert_clean_error(finetune("--mask-ration", "0.3"), "No such option: --mask-ration", "--mask-ratio",
+                       usage=True)

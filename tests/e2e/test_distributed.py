@@ -56,12 +56,10 @@ def weights(run_dir):
 @pytest.fixture(scope="module")
 def two_rank_runs(tiny_model_dir, tmp_path_factory):
     """Every method/scope trained by 1 process (in-process) and by 2 ranks (one mlx.launch job)."""
-    from tests.helpers import arithmetic_chat, write_jsonl
+    from tests.helpers import write_chat_data
 
     tmp = tmp_path_factory.mktemp("dist")
-    data = tmp / "data"
-    write_jsonl(data / "train.jsonl", arithmetic_chat(16))
-    write_jsonl(data / "valid.jsonl", arithmetic_chat(6, 100))
+    data = write_chat_data(tmp / "data", valid=6, test=None)
     jobs = [{"config": base(tiny_model_dir, data, tmp / f"two-{m}-{s}", **case(m, s))} for m, s in CASES]
     result = launch(jobs, tmp)
     for m, s in CASES:

@@ -6,16 +6,13 @@ import hashlib
 import shutil
 
 import pytest
-from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run import final, rundir
+from tests.helpers import runner, write_jsonl
 
-from tests.helpers import write_jsonl
 from .test_resume import args
-
-runner = CliRunner()
 
 
 def sums(folder):
@@ -86,7 +83,8 @@ def test_a_kill_after_the_model_is_completed_on_resume(tiny_model_dir, chat_data
     assert now.pop("README.md") and now == {k: v for k, v in finished[1].items() if k != "README.md"}
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("damage", ["flip", pytest.param("truncate", marks=pytest.mark.slow),
+                                    pytest.param("delete", marks=pytest.mark.slow)])
 def test_a_damaged_model_is_refused_by_eval_and_generate_and_rebuilt_by_resume(finished, tmp_path, damage):
     out = copy_of(finished, tmp_path)
     weights = rundir.model_dir(out) / "model.safetensors"

@@ -7,12 +7,11 @@ import re
 from dataclasses import fields
 
 import pytest
-from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 from gmt_mlx.config import Config, field_types, flag
+from tests.helpers import runner
 
-runner = CliRunner()
 COMMANDS = ["finetune", "compare", "generate", "eval", "export", "push", "import-gguf", "doctor"]
 
 

@@ -10,7 +10,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 from gmt_mlx.config import METHODS
@@ -18,18 +17,13 @@ from gmt_mlx.core.trainer import NonFiniteError, train
 from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run import rundir
 from gmt_mlx.run.killcheck import final_weights, kill_and_resume
-
-runner = CliRunner()
+from tests.helpers import last_line, runner
 
 
 def args(model, data, out, *extra):
     return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--iters", "6",
             "--learning-rate", "1e-3", "--steps-per-save", "2", "--steps-per-eval", "3", "--steps-per-report", "1",
             "--method", "gmt", "--mask-ratio", "0.5", *map(str, extra)]
-
-
-def last_line(result):
-    return result.output.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
@@ -191,16 +185,18 @@ def test_memory_check_refuses_then_can_be_overridden(tiny_model_dir, chat_data, 
     assert not (tmp_path / "a").exists()
     allowed = runner.invoke(app, args(tiny_model_dir, chat_data, tmp_path / "b", "--no-memory-check"))
     assert allowed.exit_code == 0, allowed.output
-    record = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()][-2]
+    record = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()][-2]
     assert record["memory_estimate_gb"] > 0 and record["peak_memory_gb"] > 0
 
 
+@pytest.mark.slow
 def test_grad_checkpoint_gives_the_same_training(tiny_model_dir, chat_data, tmp_path):
     losses = []
     for flag in ("--no-grad-checkpoint", "--grad-checkpoint"):
         out = tmp_path / flag
         assert runner.invoke(app, args(tiny_model_dir, chat_data, out, flag)).exit_code == 0
-        losses.append([json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in l])
+        train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+        losses.append([record["loss"] for record in train])
     assert np.allclose(losses[0], losses[1], rtol=1e-4)
 
 

@@ -12,19 +12,17 @@ import signal
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
+import gmt_mlx.recipes.finetune as ft
+import gmt_mlx.recipes.setup as run_setup
 from gmt_mlx.cli import app
 from gmt_mlx.errors import UserError
 from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run import rundir
 from gmt_mlx.run.killcheck import final_weights
-import gmt_mlx.recipes.finetune as ft
-import gmt_mlx.recipes.setup as run_setup
+from tests.helpers import runner
 
 from .test_resume import args, corrupt
-
-runner = CliRunner()
 
 
 def sigint_at(monkeypatch, *points, times=1):
@@ -79,7 +77,8 @@ def test_resume_of_a_finished_run_reports_it_and_changes_nothing(tiny_model_dir,
     best = min(r["val_loss"] for r in evals)
     assert result.output.splitlines() == [
         f"{out} is already finished; nothing changed",
-        f"finished: 6 steps, train loss {train[-1]['loss']:.4f}, val loss {evals[-1]['val_loss']:.4f} (best {best:.4f})",
+        f"finished: 6 steps, train loss {train[-1]['loss']:.4f}, val loss {evals[-1]['val_loss']:.4f} "
+        f"(best {best:.4f})",
         f"model: {out / 'model'}",
     ]
     assert tree_digest(out) == before
@@ -118,7 +117,7 @@ def test_every_checkpoint_damaged_says_so_in_one_line(tiny_model_dir, chat_data,
         f"state.json is not valid JSON (cut short or corrupt)); pass --overwrite to start over")
 
 
-@pytest.mark.parametrize("where", ["final save", "periodic save"])
+@pytest.mark.parametrize("where", [pytest.param("final save", marks=pytest.mark.slow), "periodic save"])
 def test_second_ctrl_c_during_a_save_leaves_the_run_resumable(tiny_model_dir, chat_data, tmp_path, monkeypatch, where):
     reference = tmp_path / "reference"
     assert runner.invoke(app, args(tiny_model_dir, chat_data, reference)).exit_code == 0

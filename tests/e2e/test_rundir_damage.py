@@ -13,15 +13,12 @@ import signal
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run.killcheck import final_weights
+from tests.helpers import runner, write_chat_data
 
-from tests.helpers import write_chat_data
-
-runner = CliRunner()
 STEP2, STEP4, BEST = "checkpoints/step-000002", "checkpoints/step-000004", "checkpoints/best"
 FILES = ["config.yaml", "metrics.jsonl", "samples_before.json"] + [
     f"{folder}/{name}" for folder in (STEP2, STEP4, BEST) for name in (ckpt.STATE_FILE, *ckpt.FILES)

@@ -8,17 +8,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from gmt_mlx.cli import app
-from gmt_mlx.cli import parsing
+from gmt_mlx.cli import app, parsing
 from gmt_mlx.config import Config
 from gmt_mlx.errors import UserError
 from gmt_mlx.evaluation import report
 from gmt_mlx.recipes import compare as cmp
 from gmt_mlx.recipes import compare_plan
+from tests.helpers import runner
 
-runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -35,19 +33,17 @@ def spec_for(model, data, out, **kwargs) -> compare_plan.CompareSpec:
 @pytest.fixture(scope="module")
 def compared(tiny_model_dir, tmp_path_factory):
     """One comparison of all five methods x two seeds on the tiny model, shared by the tests below."""
-    from tests.helpers import arithmetic_chat, write_jsonl
+    from tests.helpers import write_chat_data
 
     root = tmp_path_factory.mktemp("compare")
-    data = root / "data"
-    write_jsonl(data / "train.jsonl", arithmetic_chat(16))
-    write_jsonl(data / "valid.jsonl", arithmetic_chat(4, 100))
-    write_jsonl(data / "test.jsonl", arithmetic_chat(4, 200))
+    data = write_chat_data(root / "data")
     spec = spec_for(tiny_model_dir, data, root / "cmp")
     logs = []
     results = cmp.compare(spec, log=logs.append)
     return spec, results, logs
 
 
+@pytest.mark.slow
 def test_every_method_trains_through_compare(compared):
     spec, results, logs = compared
     names = {r["name"] for r in results["runs"]}
@@ -75,6 +71,7 @@ def test_every_method_trains_through_compare(compared):
     assert any("=== compare 1/10" in line for line in logs) and "ETA" in "\n".join(logs)
 
 
+@pytest.mark.slow
 def test_same_seed_same_data_order(compared):
     spec, results, _ = compared
     # Step 1 of every full-weight method sees the same batch from the same weights: same loss.
@@ -83,6 +80,7 @@ def test_same_seed_same_data_order(compared):
     assert first["sft-s0"] != pytest.approx(first["sft-s1"])
 
 
+@pytest.mark.slow
 def test_random_masks_overlap_like_independent_draws(compared):
     _, results, _ = compared
     random_run = next(r for r in results["runs"] if r["name"] == "random-r0.5-s0")
@@ -91,6 +89,7 @@ def test_random_masks_overlap_like_independent_draws(compared):
     assert all(abs(o - 0.5) < 0.05 for o in overlaps[1:])
 
 
+@pytest.mark.slow
 def test_results_table_and_plots(compared):
     spec, results, _ = compared
     rows = {row["group"]: row for row in results["rows"]}
@@ -109,6 +108,7 @@ def test_results_table_and_plots(compared):
         assert path.stat().st_size > 5000 and f"]({name})" in md
 
 
+@pytest.mark.slow
 def test_base_validation_loss_is_what_a_run_measures_before_training(compared, tiny_model_dir, tmp_path):
     # A 1-step sft run at a learning rate of ~0 still holds the base weights at its first evaluation.
     spec, results, _ = compared
@@ -160,6 +160,7 @@ def test_mean_std():
     assert report.mean_std([None, float("nan")]) is None
 
 
+@pytest.mark.slow
 def test_half_finished_comparison_resumes(compared, tmp_path):
     spec, results, _ = compared
     out = tmp_path / "copy"
@@ -177,6 +178,7 @@ def test_half_finished_comparison_resumes(compared, tmp_path):
     assert redone["final_val_loss"] == pytest.approx(before["final_val_loss"], rel=1e-5)  # deterministic
 
 
+@pytest.mark.slow
 def test_finished_run_with_another_config_is_refused(compared, tmp_path):
     spec, _, _ = compared
     out = tmp_path / "copy"
@@ -186,6 +188,7 @@ def test_finished_run_with_another_config_is_refused(compared, tmp_path):
         cmp.compare(changed, log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_finished_run_with_a_damaged_config_is_refused_in_one_line(compared, tmp_path):
     spec, _, _ = compared
     out = tmp_path / "copy"

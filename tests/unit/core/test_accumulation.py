@@ -23,6 +23,7 @@ from mlx_lm import load
 
 from gmt_mlx.core.optim import MaskedOptimizer, build_optimizer
 from gmt_mlx.core.trainer import train
+from tests.helpers import runner
 
 STEPS = 3
 WIDTHS = (28, 12)  # the two micro-batches of a step: long and short examples
@@ -175,7 +176,6 @@ def test_finetune_batch_8_equals_4_accumulated_twice(tiny_model_dir, tmp_path, m
     """The CLI-level promise: the same examples per step, and the same weights."""
     from gmt_mlx.config import Config
     from gmt_mlx.recipes.finetune import finetune
-
     from tests.helpers import write_jsonl
 
     data = tmp_path / "data"
@@ -199,18 +199,15 @@ def test_finetune_batch_8_equals_4_accumulated_twice(tiny_model_dir, tmp_path, m
 
 def test_a_split_smaller_than_one_step_is_refused_at_set_up(tiny_model_dir, tmp_path):
     """Batch x accumulation examples per step: the message names both flags, and the corrected command runs."""
-    from typer.testing import CliRunner
-
     from gmt_mlx.cli import app
-
     from tests.helpers import write_jsonl
 
     write_jsonl(tmp_path / "data" / "train.jsonl", varied_chat(12))
     common = ["finetune", "--model", str(tiny_model_dir), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
               "--iters", "1", "--samples", "0", "--batch-size", "4"]
-    result = CliRunner().invoke(app, [*common, "--grad-accumulation-steps", "4"])
+    result = runner.invoke(app, [*common, "--grad-accumulation-steps", "4"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1] == ("error: train split has 12 examples, fewer than one optimizer step "
                                                       "takes (--batch-size 4 x --grad-accumulation-steps 4); lower them or "
                                                       "add examples")
-    assert CliRunner().invoke(app, [*common, "--grad-accumulation-steps", "3"]).exit_code == 0
+    assert runner.invoke(app, [*common, "--grad-accumulation-steps", "3"]).exit_code == 0

@@ -17,6 +17,7 @@ from gmt_mlx.core.losses import dpo_loss, orpo_loss, sft_loss
 from gmt_mlx.core.optim import build_optimizer
 from gmt_mlx.core.trainer import make_fused_step, make_step_fns, train, training_state
 from gmt_mlx.errors import UserError
+from tests.helpers import runner
 
 from .test_precision import peak_over_held
 
@@ -108,6 +109,7 @@ def test_per_layer_clipping_with_a_non_finite_gradient_changes_nothing():
                zip(moments, [(k, v) for k, v in tree_flatten(opt.state) if isinstance(v, mx.array)]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moments", ["8bit", "4bit"])
 def test_per_layer_with_accumulation_and_compact_moments(moments):
     fused, _, _ = _run("fused", "gmt", accumulate=True, moments=moments, weights_dtype="float32")
@@ -194,7 +196,7 @@ def test_non_finite_loss_changes_nothing():
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("method", ["sft", "gmt"])
+@pytest.mark.parametrize("method", ["sft", pytest.param("gmt", marks=pytest.mark.slow)])
 def test_per_layer_holds_one_block_not_the_gradient(method):
     """Above the weights and state it keeps, a step per layer peaks at well under the fused
     step's (measured on this 16-block model: 0.16-0.19 vs 0.59-0.81 of the weights' bytes)."""
@@ -274,11 +276,8 @@ def test_adapters_per_layer_train_like_fused(tiny_model_dir, chat_data, tmp_path
 
 def test_low_memory_run_exports_in_every_dtype_and_gguf(tiny_model_dir, chat_data, tmp_path):
     """A --low-memory run (bfloat16 weights, updated per layer) exports as HF in any dtype and as GGUF."""
-    from typer.testing import CliRunner
-
     from gmt_mlx.cli import app
 
-    runner = CliRunner()
     run = tmp_path / "run"
     result = runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(chat_data), "--out", str(run),
                                  "--iters", "3", "--learning-rate", "1e-3", "--low-memory", "--samples", "0"])
@@ -301,7 +300,8 @@ def test_low_memory_run_exports_in_every_dtype_and_gguf(tiny_model_dir, chat_dat
     assert list((tmp_path / "gguf").glob("*.gguf"))
 
 
-@pytest.mark.parametrize("moments", ["8bit", "4bit", "8bit-factored"])
+@pytest.mark.parametrize("moments", [pytest.param("8bit", marks=pytest.mark.slow), "4bit",
+                                     pytest.param("8bit-factored", marks=pytest.mark.slow)])
 def test_row_slices_update_exactly_as_the_whole_tensor(monkeypatch, moments):
     """The staged update of a large tensor in slices of rows (CHUNK_ENTRIES) gives the weights and
     8-bit state bit for bit of the whole tensor at once: the rounding noise follows each entry's

@@ -203,7 +203,7 @@ def structured_gradients():
 
 
 def test_sample_takes_adjacent_entries_when_no_short_stride_fits():
-    from gmt_mlx.core.masking import pool_plan, sample_stride, sample_entries
+    from gmt_mlx.core.masking import pool_plan, sample_entries, sample_stride
 
     # 576 x 192 at r = 0.2: the ideal stride is 2.6, and 2 and 3 divide 192.
     assert sample_stride(110592, sample_entries(65536, 0.2), [192]) == (5, 2)
@@ -248,6 +248,7 @@ def test_large_constant_gradient_spreads_its_ties():
     assert rows.min() > 0.5 and rows.max() < 0.7 and cols.min() > 0.45 and cols.max() < 0.75
 
 
+@pytest.mark.slow
 def test_sampled_masks_compile_to_the_same_result():
     grads = structured_gradients()
     key = mx.random.key(5)
@@ -316,7 +317,7 @@ def exact_keep(g: np.ndarray, mask_ratio: float) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("mask_ratio", [0.9, 0.95, 0.99])
+@pytest.mark.parametrize("mask_ratio", [0.9, 0.95, pytest.param(0.99, marks=pytest.mark.slow)])
 def test_high_ratios_keep_their_count_and_the_exact_set(mask_ratio):
     """Kept count within 5% of its target and Jaccard >= 0.9 with the exact mask (issue 13)."""
     for seed in range(3):

@@ -63,6 +63,7 @@ def one_step_change(model_dir, target, base):
     opt = MaskedOptimizer(base, mask_ratio=0.6, scope="tensor", target=target, seed=3)
     tokens, mask = next(batches())
     import mlx.nn as nn
+
     from gmt_mlx.core.losses import sft_loss
 
     (_, _), grads = nn.value_and_grad(model, sft_loss)(model, tokens, mask)
@@ -98,6 +99,7 @@ def test_adam_with_grad_target_moves_more_than_the_kept_entries(tiny_model_dir):
 
 def test_compiled_step_matches_eager(tiny_model_dir):
     import mlx.nn as nn
+
     from gmt_mlx.core.losses import sft_loss
 
     results = []
@@ -149,7 +151,8 @@ def test_bad_options(kwargs, match):
         MaskedOptimizer(optim.SGD(0.1), **kwargs)
 
 
-@pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "adafactor", "muon"])
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd", pytest.param("adafactor", marks=pytest.mark.slow),
+                                  pytest.param("muon", marks=pytest.mark.slow)])
 def test_every_base_optimizer_can_be_masked(tiny_model_dir, name):
     opt = build_optimizer(name, 1e-3, method="gmt", mask_ratio=0.3)
     _, losses = run(tiny_model_dir, opt, iters=2)
@@ -170,6 +173,7 @@ def test_every_base_optimizer_can_be_masked(tiny_model_dir, name):
 def test_a_ratio_that_drops_nothing_runs_through_the_masking_and_equals_sft(tiny_model_dir):
     """Unlike ratio 0 (which bypasses the masking code), 1e-6 goes through it and must keep everything."""
     import mlx.nn as nn
+
     from gmt_mlx.core.losses import sft_loss
 
     model, _ = load(str(tiny_model_dir))

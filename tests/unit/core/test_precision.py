@@ -114,7 +114,9 @@ def test_compact_adamw_float32_matches_mlx_adamw():
     assert mx.allclose(ours.layer.weight, theirs.layer.weight, atol=1e-6).item()
 
 
-@pytest.mark.parametrize("moments", ["bfloat16", "8bit", "4bit", "8bit-factored"])
+@pytest.mark.parametrize("moments", [pytest.param("bfloat16", marks=pytest.mark.slow), "8bit",
+                                     pytest.param("4bit", marks=pytest.mark.slow),
+                                     pytest.param("8bit-factored", marks=pytest.mark.slow)])
 def test_compact_moments_learn_like_float32(moments):
     _, reference = _fit(build_optimizer("adamw", 1e-2), mx.float32)
     _, compact = _fit(build_optimizer("adamw", 1e-2, moments=moments), mx.float32)
@@ -204,7 +206,7 @@ def peak_over_held(step, steps=3):
     return mx.get_peak_memory() - mx.get_active_memory()
 
 
-@pytest.mark.parametrize("method", ["sft", "gmt"])
+@pytest.mark.parametrize("method", ["sft", pytest.param("gmt", marks=pytest.mark.slow)])
 def test_fused_step_never_holds_the_whole_gradient(method):
     """The fused step's peak over weights + state is at least half a gradient below the split step's,
     which holds every gradient between its two calls (trainer.make_fused_step)."""

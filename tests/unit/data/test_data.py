@@ -87,7 +87,9 @@ def test_detect_format_each_kind():
 @pytest.mark.parametrize(
     "row, needle",
     [
-        ({"foo": 1, "bar": 2}, "none of the known formats (messages | prompt+completion | text | prompt+chosen+rejected); keys found: bar, foo"),
+        ({"foo": 1, "bar": 2},
+         "none of the known formats (messages | prompt+completion | text | prompt+chosen+rejected); "
+         "keys found: bar, foo"),
         ({"messages": []}, "non-empty list"),
         ({"messages": [{"role": "user"}]}, "'content' must be a string"),
         ({"messages": ["hi"]}, "messages[0] must be an object"),

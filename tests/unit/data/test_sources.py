@@ -13,16 +13,13 @@ import sys
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 from gmt_mlx.data.sources import load_splits
 from gmt_mlx.errors import UserError
-
-from tests.helpers import write_jsonl
+from tests.helpers import runner, write_jsonl
 
 datasets = pytest.importorskip("datasets")
-runner = CliRunner()
 QA = "question=prompt,answer=completion"
 
 

@@ -189,7 +189,6 @@ def test_eval_loss_covers_what_the_run_trained_on(tiny_model_dir, tmp_path):
     from gmt_mlx.config import Config
     from gmt_mlx.evaluation.evaluate import EvalOptions, evaluate
     from gmt_mlx.recipes.finetune import finetune
-
     from tests.helpers import write_jsonl
 
     rows = [{"messages": [{"role": "user", "content": f"Add {a} and 1."}, {"role": "assistant", "content": f"{a + 1}."},

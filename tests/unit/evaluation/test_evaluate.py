@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 from gmt_mlx.errors import UserError
 from gmt_mlx.evaluation import scorers as sc
-
-runner = CliRunner()
+from tests.helpers import runner
 
 
 def chat_row(reply: str, **extra) -> dict:
@@ -110,12 +108,12 @@ def test_gsm8k_and_boxed_scorers():
     assert sc.boxed_match("\\boxed{x + 1}", chat_row("\\boxed{X + 1}")) == 1.0
 
 
-def my_checker(answer, row):  # used through --scorer tests.test_evaluate:my_checker
+def my_checker(answer, row):  # used through --scorer tests.unit.evaluation.test_evaluate:my_checker
     return answer.strip() == row["answer"][::-1]
 
 
 def test_scorer_lookup_and_hooks():
-    hook = sc.get_scorer("tests.test_evaluate:my_checker")
+    hook = sc.get_scorer("tests.unit.evaluation.test_evaluate:my_checker")
     assert hook("cba", {"answer": "abc"}) == 1.0 and hook("abc", {"answer": "abc"}) == 0.0
     assert sc.parse_scorers("number, exact") == ["number", "exact"]
     with pytest.raises(UserError, match="unknown scorer 'bogus'"):
@@ -123,7 +121,7 @@ def test_scorer_lookup_and_hooks():
     with pytest.raises(UserError, match="cannot import"):
         sc.get_scorer("no_such_module_xyz:f")
     with pytest.raises(UserError, match="has no function"):
-        sc.get_scorer("tests.test_evaluate:nothing_here")
+        sc.get_scorer("tests.unit.evaluation.test_evaluate:nothing_here")
     with pytest.raises(UserError, match="at least one"):
         sc.parse_scorers(" , ")
 
@@ -287,7 +285,8 @@ def _greedy(model, ids, n):
 
 
 def test_validation_exact_match_is_greedy_decoding_reproducing_the_answer(tiny_model_dir):
-    """A row counts exactly when greedy decoding from its prompt writes its target tokens; padding and prompts do not count."""
+    """A row counts exactly when greedy decoding from its prompt writes its target tokens; padding and prompts do not
+    count."""
     import mlx.core as mx
 
     from gmt_mlx.core.losses import sft_eval_loss, sft_loss
@@ -318,7 +317,8 @@ def test_validation_exact_match_is_greedy_decoding_reproducing_the_answer(tiny_m
 
 
 def test_validation_reports_exact_match_and_a_study_hook_sees_each_pass(tiny_model_dir, chat_data, tmp_path):
-    """finetune's on_validation gets the model and the numbers of every pass; --no-save-best writes no best checkpoint."""
+    """finetune's on_validation gets the model and the numbers of every pass; --no-save-best writes no best
+    checkpoint."""
     from gmt_mlx.config import Config
     from gmt_mlx.recipes.finetune import finetune
 

@@ -82,6 +82,7 @@ def test_base_loads_with_transformers_logits(family_dir):
     assert np.abs(ours - hf_logits(folder)).max() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gmt", "lora"])
 def test_trains_and_exports_within_1e4_of_transformers(family_dir, chat_data, tmp_path, method):
     _, folder = family_dir

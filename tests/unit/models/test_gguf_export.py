@@ -25,12 +25,13 @@ from gmt_mlx.errors import UserError
 from gmt_mlx.models.gguf.header import read_gguf_header
 from gmt_mlx.models.gguf.reader import convert_gguf, unpermute_qk
 from gmt_mlx.models.tiny import make_tiny_model
+from tests.helpers import cli
 
 from .test_gguf import _TO_GGUF, ENGLISH, IDS, TEXTS, _smollm2_gguf, ggml_order, llama_cpp_permute
 
 gguf = pytest.importorskip("gguf")
 
-from gmt_mlx.models.gguf.writer import hf_folder_to_gguf, ollama_modelfile, permute_qk # noqa: E402
+from gmt_mlx.models.gguf.writer import hf_folder_to_gguf, ollama_modelfile, permute_qk  # noqa: E402
 
 _FROM_GGUF = {gg: hf for hf, gg in _TO_GGUF.items()}
 
@@ -537,19 +538,11 @@ def test_family_refusals_name_what_llama_cpp_cannot_run(tiny_model_dir, tmp_path
 
 
 def export_cli(*args):
-    from typer.testing import CliRunner
-
-    from gmt_mlx.cli import app
-
-    return CliRunner().invoke(app, ["export", *map(str, args)])
+    return cli("export", *args)
 
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, tmp_path_factory):
-    from typer.testing import CliRunner
-
-    from gmt_mlx.cli import app
-
     from tests.helpers import arithmetic_chat, write_jsonl
 
     root = tmp_path_factory.mktemp("gguf-run")
@@ -557,7 +550,7 @@ def lora_run(tiny_model_dir, tmp_path_factory):
     write_jsonl(root / "data" / "valid.jsonl", arithmetic_chat(4, 100))
     args = ["finetune", "--model", tiny_model_dir, "--data", root / "data", "--out", root / "run", "--iters", "4",
             "--learning-rate", "1e-2", "--method", "lora", "--steps-per-eval", "4"]
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    result = cli(*args)
     assert result.exit_code == 0, result.output
     return root / "run"
 
@@ -583,7 +576,7 @@ def test_export_run_as_gguf_matches_the_hf_export(lora_run, tiny_model_dir, tmp_
 
 
 def test_export_gguf_option_errors(lora_run, tmp_path, monkeypatch):
-    from .test_export import assert_clean_error
+    from tests.helpers import assert_clean_error
 
     out = tmp_path / "o"
     assert_clean_error(export_cli(lora_run, "--out", out, "--format", "gguf", "--outtype", "q4_k"), "--outtype", "q4_k")

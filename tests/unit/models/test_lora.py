@@ -9,7 +9,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
-from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 from gmt_mlx.config import Config
@@ -18,8 +17,8 @@ from gmt_mlx.core.trainer import train
 from gmt_mlx.errors import UserError
 from gmt_mlx.models.hf import fuse_adapters, is_adapter
 from gmt_mlx.models.methods import prepare_model
+from tests.helpers import runner
 
-runner = CliRunner()
 TOKENS = mx.array([[1, 5, 9, 40, 77, 2, 3, 8], [4, 4, 10, 11, 12, 13, 14, 15]])
 
 

@@ -6,14 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
+from tests.helpers import assert_clean_error as message  # checks the error, returns its line
+from tests.helpers import runner, write_jsonl
 
-from tests.helpers import write_jsonl
-from .test_grpo_loop import DIGITS, grpo_args, message, sums
-
-runner = CliRunner()
+from .test_grpo_loop import DIGITS, grpo_args, sums
 
 
 def prompt_rows(n: int, start: int = 0, answer: bool = True):
@@ -125,6 +123,7 @@ def test_eval_reward_errors_are_one_line(tiny_model_dir, tmp_path, flags, expect
 # ---- compare --train-mode grpo -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compare_grpo_reports_rewards_not_losses(grpo_run, tiny_model_dir, tmp_path):
     data = grpo_run.parent / "data"
     out = tmp_path / "c"

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from gmt_mlx import config as cfg
 from gmt_mlx.cli import app
@@ -21,12 +20,11 @@ from gmt_mlx.recipes.finetune import finetune
 from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run import rundir
 from gmt_mlx.run.killcheck import final_weights, kill_and_resume
+from tests.helpers import assert_clean_error as message  # checks the error, returns its line
+from tests.helpers import runner, write_jsonl
 
-from tests.helpers import write_jsonl
-
-runner = CliRunner()
 # A reward the tiny random model can learn in a few steps: the share of digits in its completion.
-DIGITS = "tests.test_grpo_loop:digit_share"
+DIGITS = "tests.unit.objectives.test_grpo_loop:digit_share"
 
 
 def digit_share(prompt, completion, row):
@@ -61,12 +59,6 @@ def grpo_args(model, data, out, *extra):
             "--batch-size", "2", "--num-generations", "4", "--max-completion-length", "6", "--iters", "4",
             "--steps-per-report", "1", "--samples", "0", "--steps-per-save", "0", "--val-batches", "1",
             *map(str, extra)]
-
-
-def message(result):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    return result.output.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -106,10 +98,10 @@ def test_long_prompts_are_kept_whole_with_a_warning(tiny_model_dir, prompt_data,
 
 
 def test_a_reward_function_that_raises_stops_the_run_in_one_line(tiny_model_dir, prompt_data, tmp_path):
-    line = message(runner.invoke(app, grpo_args(tiny_model_dir, prompt_data, tmp_path / "o",
-                                                "--reward", "tests.test_grpo_loop:broken_reward")))
+    broken = DIGITS.replace("digit_share", "broken_reward")
+    line = message(runner.invoke(app, grpo_args(tiny_model_dir, prompt_data, tmp_path / "o", "--reward", broken)))
     # The step-0 validation scores first: the valid file's first row.
-    assert "valid.jsonl, row 1: --reward tests.test_grpo_loop:broken_reward raised ValueError: no reward today" in line
+    assert f"valid.jsonl, row 1: --reward {broken} raised ValueError: no reward today" in line
 
 
 def test_grpo_options_do_not_tell_other_modes_apart():
@@ -154,10 +146,10 @@ def test_mean_reward_rises_on_a_reward_the_model_can_learn(tiny_model_dir, promp
     assert [e["step"] for e in evals] == [0, 12]  # greedy validation from step 0
     assert evals[-1]["val_reward"] > evals[0]["val_reward"]
     card = (out / "model" / "README.md").read_text()
-    assert "on the GRPO (dapo loss), reward tests.test_grpo_loop:digit_share" in card and "- grpo\n" in card
+    assert f"on the GRPO (dapo loss), reward {DIGITS}" in card and "- grpo\n" in card
 
 
-@pytest.mark.parametrize("temperature", ["1.0", "0.7"])
+@pytest.mark.parametrize("temperature", [pytest.param("1.0", marks=pytest.mark.slow), "0.7"])
 def test_reused_rollouts_and_accumulation_run(tiny_model_dir, prompt_data, tmp_path, temperature):
     """--num-iterations 2: the second step on a round has a ratio away from 1 (old log-probs are the sampler's).
     At a temperature other than 1 the first step's ratio is still exactly 1: the old log-probs and the loss's
@@ -189,7 +181,8 @@ def test_update_per_layer_trains_grpo_like_the_fused_step(tiny_model_dir, prompt
 @pytest.mark.parametrize("masked", [False, True])
 def test_truncated_completions_leave_the_loss_when_asked(tiny_model_dir, prompt_data, tmp_path, masked):
     """At 2 completion tokens every completion of the tiny model is cut short: --mask-truncated-completions
-    leaves them all out of the loss, so no gradient and weights bit-equal to the step-0 model's; without it they train."""
+    leaves them all out of the loss, so no gradient and weights bit-equal to the step-0 model's; without it they
+    train."""
     out = tmp_path / "run"
     flags = ["--mask-truncated-completions"] if masked else []
     result = runner.invoke(app, grpo_args(tiny_model_dir, prompt_data, out, "--reward", DIGITS, "--iters", "2",
@@ -221,7 +214,7 @@ def test_every_loss_type_trains_in_the_loop(tiny_model_dir, prompt_data, tmp_pat
     assert all(r["grad_norm"] > 0 and np.isfinite(r["loss"]) for r in records(out, "train"))
 
 
-@pytest.mark.parametrize("beta", ["0", "0.05"])
+@pytest.mark.parametrize("beta", ["0", pytest.param("0.05", marks=pytest.mark.slow)])
 def test_ctrl_c_inside_a_round_saves_it_and_resume_matches(tiny_model_dir, prompt_data, tmp_path, monkeypatch, beta):
     """In-process and fast: Ctrl-C after step 3 of --num-iterations 2 (inside a round), resume, compare
     (with a KL term too: the resumed run's reference is the step-0 model again)."""
@@ -244,7 +237,7 @@ def test_ctrl_c_inside_a_round_saves_it_and_resume_matches(tiny_model_dir, promp
     assert [r["reward"] for r in records(reference, "train")] == [r["reward"] for r in records(out, "train")]
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", [pytest.param("full", marks=pytest.mark.slow), "lora"])
 def test_a_kl_term_to_the_step_0_model(tiny_model_dir, prompt_data, tmp_path, method):
     """--beta > 0: "kl" starts at 0 (the policy is the reference) and grows as the policy moves; a larger
     beta keeps it smaller."""

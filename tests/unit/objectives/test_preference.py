@@ -14,24 +14,20 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 from gmt_mlx.config import Config
 from gmt_mlx.core.losses import dpo_loss, orpo_loss, orpo_pair_losses
-from gmt_mlx.data.batching import make_batch
 from gmt_mlx.data.encoding import tokenize_split
 from gmt_mlx.data.formats import detect_format
 from gmt_mlx.data.sources import load_splits
 from gmt_mlx.errors import UserError
 from gmt_mlx.recipes.finetune import finetune
 from gmt_mlx.run import checkpoint as ckpt
-from gmt_mlx.run.killcheck import final_weights, kill_and_resume
+from gmt_mlx.run.killcheck import kill_and_resume
 from gmt_mlx.run.rundir import REFERENCE_FILE
+from tests.helpers import runner, write_jsonl
 
-from tests.helpers import write_jsonl
-
-runner = CliRunner()
 QUIET = dict(log=lambda *_: None)
 
 
@@ -129,7 +125,8 @@ def test_dpo_losses_match_trl(tiny_model_dir, loss_type, beta):
 
 
 def test_dpo_label_smoothing_matches_trl(tiny_model_dir):
-    """Conservative DPO: TRL 1.x keeps its formula in the `aot` loss, which on one pair (nothing to sort) is exactly it."""
+    """Conservative DPO: TRL 1.x keeps its formula in the `aot` loss, which on one pair (nothing to sort) is exactly
+    it."""
     model, tokens, mask, reference, per_token = _policy_batch(tiny_model_dir)
     n = tokens.shape[0] // 2
     for eps in (0.1, 0.3):
@@ -257,7 +254,8 @@ def test_the_mask_applies_to_the_preference_gradient(tiny_model_dir, pref_data, 
     assert all(0 < k < 0.6 for k in kept), kept  # ratio 0.5 of the non-zero entries
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "random"])
+@pytest.mark.parametrize("method", ["lora", pytest.param("dora", marks=pytest.mark.slow),
+                                    pytest.param("random", marks=pytest.mark.slow)])
 def test_every_method_trains_with_dpo(tiny_model_dir, pref_data, tmp_path, method):
     result = finetune(config(tiny_model_dir, pref_data, tmp_path / method, method=method, iters=6,
                              learning_rate=1e-2 if method in ("lora", "dora") else 1e-3), **QUIET)
@@ -275,6 +273,7 @@ def test_orpo_trains_without_a_reference(tiny_model_dir, pref_data, tmp_path):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[-1]["val_reward_accuracy"] >= 0.9, evals
 
 
+@pytest.mark.slow
 def test_accumulation_equals_the_bigger_batch(tiny_model_dir, pref_data, tmp_path):
     one = finetune(config(tiny_model_dir, pref_data, tmp_path / "b8", batch_size=8, iters=3, optimizer="sgd"), **QUIET)
     two = finetune(config(tiny_model_dir, pref_data, tmp_path / "b4x2", batch_size=4, grad_accumulation_steps=2,
@@ -389,8 +388,8 @@ def test_compare_runs_every_method_on_dpo(tiny_model_dir, pref_data, tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_match_one_on_dpo(tiny_model_dir, pref_data, tmp_path):
-    from .test_distributed import LAUNCH, launch
-    from .test_distributed import weights as saved_weights
+    from tests.e2e.test_distributed import LAUNCH, launch
+    from tests.e2e.test_distributed import weights as saved_weights
 
     if not Path(LAUNCH).exists():
         pytest.skip("mlx.launch not installed")

@@ -336,10 +336,11 @@ def test_end_to_end_reexec_in_subprocess(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.MARKER_VAR, blas.ENV_VAR)}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
-    run = lambda e: json.loads(
-        subprocess.run([sys.executable, str(script), "a", "b c"], env=e, capture_output=True, text=True,
-                       timeout=180, check=True).stdout.strip().splitlines()[-1]
-    )
+
+    def run(e):
+        return json.loads(subprocess.run([sys.executable, str(script), "a", "b c"], env=e, capture_output=True,
+                                         text=True, timeout=180, check=True).stdout.strip().splitlines()[-1])
+
     out = run(env)
     assert out["argv"] == ["a", "b c"]
     if blas_find.find_optimized_blas(env) is None:

@@ -15,6 +15,7 @@ from gmt_mlx.core.optim import build_optimizer
 from gmt_mlx.core.trainer import train
 from gmt_mlx.models.hf import save_hf_model
 from gmt_mlx.models.methods import prepare_model
+from tests.helpers import assert_clean_error, cli
 
 TOKENS = [[1, 5, 9, 40, 77, 2, 3, 8, 100, 200]]
 
@@ -59,8 +60,7 @@ def test_gguf_converted_then_exported_loads_in_transformers(tiny_model_dir, tmp_
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from gmt_mlx.models.loading import load_base
-
-    from .test_gguf import Q8_0, hf_to_gguf
+    from tests.unit.models.test_gguf import Q8_0, hf_to_gguf
 
     gguf = hf_to_gguf(tiny_model_dir, tmp_path / "m.gguf", Q8_0)
     model, tokenizer, config, path = load_base(str(gguf))
@@ -256,13 +256,9 @@ def test_peft_adapter_refuses_what_it_cannot_describe(trained, tiny_model_dir):
 
 
 def _finetune_run(base, data, out, *extra):
-    from typer.testing import CliRunner
-
-    from gmt_mlx.cli import app
-
     args = ["finetune", "--model", base, "--data", data, "--out", out, "--iters", "6", "--learning-rate", "1e-3",
             "--steps-per-eval", "3", "--steps-per-save", "2", "--keep-checkpoints", "5", *extra]
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    result = cli(*args)
     assert result.exit_code == 0, result.output
     return out
 
@@ -282,11 +278,7 @@ def runs(tiny_model_dir, tmp_path_factory):
 
 
 def export_cli(*args):
-    from typer.testing import CliRunner
-
-    from gmt_mlx.cli import app
-
-    return CliRunner().invoke(app, ["export", *map(str, args)])
+    return cli("export", *args)
 
 
 def rebuilt(run_dir, checkpoint):
@@ -396,15 +388,6 @@ def test_export_lora_run_merged_and_as_adapter(runs, tiny_model_dir, tmp_path):
         assert np.abs(hf(torch.tensor(TOKENS)).logits.numpy() - expected).max() < 1e-4
 
 
-def assert_clean_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_export_errors(runs, tmp_path):
     run = runs["gmt"]
     assert_clean_error(export_cli(run, "--out", tmp_path / "o", "--checkpoint", "step-5"),
@@ -424,6 +407,7 @@ def test_export_errors(runs, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]  # no temporary folder left
 
 
+@pytest.mark.slow
 def test_export_qdora_run_is_dequantized(runs, tiny_model_dir, tmp_path):
     """DoRA on a 4-bit base (the base stays quantized in training): the export is plain floats."""
     import shutil

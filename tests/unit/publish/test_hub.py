@@ -10,20 +10,13 @@ import huggingface_hub
 import pytest
 import yaml
 from huggingface_hub.errors import HfHubHTTPError
-from typer.testing import CliRunner
 
-from gmt_mlx.cli import app
 from gmt_mlx.publish.card import MODEL_ID_PLACEHOLDER, front_matter
+from tests import helpers
+from tests.helpers import arithmetic_chat, cli, write_jsonl
 
-from tests.helpers import arithmetic_chat, write_jsonl
-
-runner = CliRunner()
 TOKEN = "hf_TESTtokenDoNotPrint0123456789"
 REPO = "someone/tiny-gmt"
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +91,8 @@ def no_token(monkeypatch, tmp_path):
 
 
 def assert_clean_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    """tests.helpers' check, and the token is never printed."""
+    helpers.assert_clean_error(result, *fragments)
     assert TOKEN not in result.output
 
 

@@ -8,18 +8,16 @@ import signal
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
+import gmt_mlx.recipes.plan as plan_module
+import gmt_mlx.recipes.setup as run_setup
 from gmt_mlx import config as cfg
 from gmt_mlx.cli import app
 from gmt_mlx.config import Config
 from gmt_mlx.errors import UserError
 from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run import rundir
-import gmt_mlx.recipes.plan as plan_module
-import gmt_mlx.recipes.setup as run_setup
-
-runner = CliRunner()
+from tests.helpers import runner
 
 
 def interrupted_run(tmp_path, *, loss_normalisation=True, **values):

@@ -19,13 +19,11 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 from gmt_mlx.recipes import setup as run_setup
 from gmt_mlx.run import checkpoint as ckpt
-
-runner = CliRunner()
+from tests.helpers import runner
 
 
 def args(model, data, out, *extra):
@@ -43,7 +41,8 @@ def crash():
 
 
 def stop_after_step_3_then_resume(monkeypatch, first: list, stop, *resume_args) -> Path:
-    """Run ``first`` until ``stop`` after step 3 (checkpoints every 2 steps), then ``finetune --resume`` it; return the run dir."""
+    """Run ``first`` until ``stop`` after step 3 (checkpoints every 2 steps), then ``finetune --resume`` it; return
+    the run dir."""
     out = Path(first[first.index("--out") + 1])
     monkeypatch.setattr(ckpt, "fault", lambda point: stop() if point == "after-step:3" else None)
     stopped = runner.invoke(app, first)
@@ -153,7 +152,8 @@ def test_missing_extra_is_one_line_with_the_install_command(tiny_model_dir, chat
     result = runner.invoke(app, args(tiny_model_dir, chat_data, out, "--report-to", f"{tracker}"))
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [
-        f"error: --report-to {tracker} needs the {module} package, which is not installed: pip install 'gmt-mlx[{tracker}]'"]
+        f"error: --report-to {tracker} needs the {module} package, which is not installed: "
+        f"pip install 'gmt-mlx[{tracker}]'"]
     assert not out.exists()
 
 
