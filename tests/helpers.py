@@ -68,8 +68,12 @@ def write_jsonl(path: Path, rows) -> Path:
 def arithmetic_chat(n: int, start: int = 0) -> list:
     """`n` chat rows "What is a + (a+3)?" -> "a + (a+3) = 2a+3.", for a from `start`."""
     return [
-        {"messages": [{"role": "user", "content": f"What is {a} + {a + 3}?"},
-                      {"role": "assistant", "content": f"{a} + {a + 3} = {2 * a + 3}."}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {a} + {a + 3}?"},
+                {"role": "assistant", "content": f"{a} + {a + 3} = {2 * a + 3}."},
+            ]
+        }
         for a in range(start, start + n)
     ]
 
