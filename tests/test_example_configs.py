@@ -30,7 +30,7 @@ def command_problems(path: Path, first_line: str) -> list[str]:
         words = shlex.split(first_line[2:])
     except ValueError as err:
         return [f"{path.name}:1: the command does not parse ({err})"]
-    if "gmt-mlx" not in words or words[words.index("gmt-mlx") + 1:][:1] != ["finetune"]:
+    if "gmt-mlx" not in words or words[words.index("gmt-mlx") + 1 :][:1] != ["finetune"]:
         return [f"{path.name}:1: the command must run `gmt-mlx finetune`, got {first_line[2:]!r}"]
     wanted = f"examples/{path.name}"
     if not any(a == "-c" and b == wanted for a, b in pairwise(words)):
@@ -46,7 +46,7 @@ def comment_problems(path: Path, lines: list[str]) -> list[str]:
         match = KEY.match(line)
         if not match:
             continue
-        own = re.search(r"\s#", line[match.end():])
+        own = re.search(r"\s#", line[match.end() :])
         above = i > header and lines[i - 1].lstrip().startswith("#")
         if not (own or above):
             problems.append(f"{path.name}:{i + 1}: key {match.group(1)!r} has no comment saying what it does")
@@ -61,12 +61,16 @@ def launch_problems(path: Path, first_line: str, config: Config) -> list[str]:
     problems = []
     ranks = int(words[words.index("-n") + 1]) if "-n" in words else None
     if ranks and config.batch_size % ranks:
-        problems.append(f"{path.name}: batch_size {config.batch_size} is the global batch and must be divisible "
-                        f"by the {ranks} ranks of its command")
+        problems.append(
+            f"{path.name}: batch_size {config.batch_size} is the global batch and must be divisible "
+            f"by the {ranks} ranks of its command"
+        )
     backend = words[words.index("--backend") + 1] if "--backend" in words else None
     if backend and config.distributed_backend not in ("any", backend):
-        problems.append(f"{path.name}: distributed_backend {config.distributed_backend} but the command launches "
-                        f"--backend {backend}")
+        problems.append(
+            f"{path.name}: distributed_backend {config.distributed_backend} but the command launches "
+            f"--backend {backend}"
+        )
     return problems
 
 
@@ -107,14 +111,24 @@ SUMS = "data: examples/data/sums  # the quickstart's rows"
 BAD = {  # name: (the planted file's lines, what its problem must say)
     "no-command": (["# LoRA, briefly", "method: lora  # adapters", SUMS], "must run `gmt-mlx finetune`"),
     "other-file": (["# gmt-mlx finetune -c examples/lora.yaml", "method: lora  # adapters", SUMS], "its own file"),
-    "silent-key": (["# gmt-mlx finetune -c examples/silent-key.yaml", "method: lora", SUMS],
-                   "key 'method' has no comment"),
+    "silent-key": (
+        ["# gmt-mlx finetune -c examples/silent-key.yaml", "method: lora", SUMS],
+        "key 'method' has no comment",
+    ),
     "unknown-key": (["# gmt-mlx finetune -c examples/unknown-key.yaml", "methd: lora  # typo", SUMS], "methd"),
-    "bad-value": (["# gmt-mlx finetune -c examples/bad-value.yaml", "mask_ratio: 1.5  # too much", SUMS],
-                  "--mask-ratio"),
+    "bad-value": (
+        ["# gmt-mlx finetune -c examples/bad-value.yaml", "mask_ratio: 1.5  # too much", SUMS],
+        "--mask-ratio",
+    ),
     "no-data": (["# gmt-mlx finetune -c examples/no-data.yaml", "data: examples/data/nowhere  # gone"], "data"),
-    "odd-batch": (["# mlx.launch -n 2 --backend ring -- gmt-mlx finetune -c examples/odd-batch.yaml",
-                   "batch_size: 3  # odd", SUMS], "divisible"),
+    "odd-batch": (
+        [
+            "# mlx.launch -n 2 --backend ring -- gmt-mlx finetune -c examples/odd-batch.yaml",
+            "batch_size: 3  # odd",
+            SUMS,
+        ],
+        "divisible",
+    ),
 }
 
 
@@ -131,9 +145,20 @@ def test_a_planted_bad_example_is_caught(tmp_path, name):
 def short_run(path: Path, model_dir: Path, out: Path) -> Config:
     """The example's own config on the tiny model for 2 steps (its data, method and objective unchanged)."""
     config = resolve(path)
-    return resolve(path, overrides={"model": str(model_dir), "data": str(REPO / config.data), "out": str(out),
-                                    "iters": 2, "epochs": None, "samples": 0, "val_batches": 1,
-                                    "steps_per_report": 1, "steps_per_save": 0})
+    return resolve(
+        path,
+        overrides={
+            "model": str(model_dir),
+            "data": str(REPO / config.data),
+            "out": str(out),
+            "iters": 2,
+            "epochs": None,
+            "samples": 0,
+            "val_batches": 1,
+            "steps_per_report": 1,
+            "steps_per_save": 0,
+        },
+    )
 
 
 @pytest.mark.slow
