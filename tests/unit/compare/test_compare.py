@@ -306,7 +306,7 @@ def test_shipped_compare_example_config_and_data():
     from gmt_mlx.config import load_yaml, resolve
     from gmt_mlx.data.sources import load_splits
 
-    config_path = ROOT / "examples" / "compare_chain_sum.yaml"
+    config_path = ROOT / "studies" / "compare_chain_sum.yaml"
     values = load_yaml(config_path)
     compare_plan.check_base(values, str(config_path))  # compare accepts it
     assert resolve(config_path).data == "examples/data/chain_sum"
@@ -319,15 +319,15 @@ def test_shipped_compare_example_config_and_data():
             assert row["answer"] == row["messages"][-1]["content"]
             assert row["metadata"]["source_dataset"] == "chain_sum"
             assert eval(row["metadata"]["expression"]) == int(row["answer"])  # noqa: S307 - two numbers and + or -
-    script = (ROOT / "examples" / "compare_chain_sum.sh").read_text()
-    assert "-c examples/compare_chain_sum.yaml" in script and "--scorer reasoning_gym" in script
+    script = (ROOT / "studies" / "compare_chain_sum.sh").read_text()
+    assert "-c studies/compare_chain_sum.yaml" in script and "--scorer reasoning_gym" in script
 
 
 def test_shipped_example_data_is_what_the_generator_makes():
     pytest.importorskip("reasoning_gym")
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("make_chain_sum", ROOT / "examples" / "compare_make_chain_sum.py")
+    spec = importlib.util.spec_from_file_location("make_chain_sum", ROOT / "studies" / "compare_make_chain_sum.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     built = module.build()

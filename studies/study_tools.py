@@ -1,6 +1,6 @@
-"""What the evidence studies' scripts share (examples/ceiling_*.py, examples/grpo_study*.py).
+"""What the evidence studies' scripts share (studies/ceiling_*.py, studies/grpo_study*.py).
 
-The scripts run as `python examples/NAME.py`, so this folder is on sys.path and they import it
+The scripts run as `python studies/NAME.py`, so this folder is on sys.path and they import it
 as ``study_tools``. Reading rows, copying raw results into docs/, and the "mean ± sample std"
 and paired-difference cells of their tables.
 """

@@ -1,7 +1,7 @@
-"""Build the data of the second evidence study (examples/ceiling_study.py), deterministically.
+"""Build the data of the second evidence study (studies/ceiling_study.py), deterministically.
 
     pip install -e ".[tasks]"
-    python examples/ceiling_make_data.py
+    python studies/ceiling_make_data.py
 
 examples/data/ceiling/
   large/   reasoning-gym chain_sum (two terms, 1-2 digits), train 512 / valid 64 / test 128:
@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_make_chain_sum import TASK, TASK_OPTIONS, build, write  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "data" / "ceiling"
+OUT = Path(__file__).resolve().parent.parent / "examples" / "data" / "ceiling"  # the shipped data, not studies/
 SPLITS = {"train": (60000, 512), "valid": (70000, 64), "test": (80000, 128)}
 SMALL_TRAIN = 32
 SYSTEM = "Answer with the number."

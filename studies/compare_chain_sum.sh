@@ -13,9 +13,9 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 
 # reasoning-gym scores the answers (the `tasks` extra); the data is already in
-# examples/data/chain_sum (rebuild it with examples/compare_make_chain_sum.py).
+# examples/data/chain_sum (rebuild it with studies/compare_make_chain_sum.py).
 "$PY" -c "import reasoning_gym" 2>/dev/null || "$PY" -m pip install -q "reasoning-gym>=0.1.25"
 
-"$PY" -m gmt_mlx compare -c examples/compare_chain_sum.yaml --out runs/compare_chain_sum \
+"$PY" -m gmt_mlx compare -c studies/compare_chain_sum.yaml --out runs/compare_chain_sum \
     --methods sft,gmt,random,lora --seeds 0,1 --mask-ratios 0.2 \
     --scorer reasoning_gym,number --eval-limit 24 --max-tokens 16 "$@"

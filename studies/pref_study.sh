@@ -13,10 +13,10 @@
 #   2. seeds 1 and 2 of every method at its chosen rate, and all three seeds of the random
 #      control at gmt's rate (it differs from gmt only in which entries it drops).
 #
-#   sh examples/pref_study.sh      # re-running resumes: finished runs are reused
+#   sh studies/pref_study.sh      # re-running resumes: finished runs are reused
 #
 # Raw results: runs/pref_study/, copied to docs/evidence/dpo/; tables by
-# examples/pref_study_tables.py, without retraining.
+# studies/pref_study_tables.py, without retraining.
 set -e
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -24,7 +24,7 @@ OUT=runs/pref_study
 "$PY" -c "import reasoning_gym" 2>/dev/null || "$PY" -m pip install -q "reasoning-gym>=0.1.25"
 
 EVAL="--scorer reasoning_gym,number --max-tokens 16 --eval-limit 64"
-cmp() { "$PY" -m gmt_mlx compare -c examples/pref_study.yaml --data examples/data/prefs $EVAL "$@"; }
+cmp() { "$PY" -m gmt_mlx compare -c studies/pref_study.yaml --data examples/data/prefs $EVAL "$@"; }
 slim() {  # drop weights and checkpoints of evaluated runs, keep the finished marker
   for d in "$1"/runs/*/; do
     [ -f "$d/eval.json" ] || continue
@@ -41,7 +41,7 @@ slim $OUT/sweep/lo
 share_base $OUT/sweep/lo $OUT/sweep/hi
 cmp --out $OUT/sweep/hi --methods full,gmt,lora --mask-ratios 0.5 --seeds 0 --learning-rates full=5e-6,gmt=5e-6,lora=1e-4
 slim $OUT/sweep/hi
-LRS=$("$PY" examples/pref_study_tables.py --pick-lr $OUT)
+LRS=$("$PY" studies/pref_study_tables.py --pick-lr $OUT)
 echo "chosen learning rates (final validation DPO loss, seed 0): $LRS"
 
 # 2. Seeds 1 and 2 at the chosen rates; the random control at gmt's rate, every seed.
@@ -53,5 +53,5 @@ cmp --out $OUT/random --methods random --mask-ratios 0.5 --seeds 0,1,2 --learnin
 slim $OUT/random
 
 # 3. Raw results into docs/evidence/dpo/, then the tables.
-"$PY" examples/pref_study_tables.py --collect $OUT docs/evidence/dpo
-"$PY" examples/pref_study_tables.py docs/evidence/dpo
+"$PY" studies/pref_study_tables.py --collect $OUT docs/evidence/dpo
+"$PY" studies/pref_study_tables.py docs/evidence/dpo

@@ -1,7 +1,7 @@
 """Build examples/data/sums/, the quickstart's task, from reasoning-gym's `chain_sum` (deterministic).
 
     pip install -e ".[tasks]"          # reasoning-gym, only needed to regenerate
-    python examples/demo_make_sums.py
+    python studies/demo_make_sums.py
 
 Two-term sums and differences of one-digit numbers ("State the final answer
 to the following arithmetic problem: 4 - 1 =" -> "3"). There are exactly 200
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from compare_make_chain_sum import build, write  # the same split recipe
 
-OUT = Path(__file__).resolve().parent / "data" / "sums"
+OUT = Path(__file__).resolve().parent.parent / "examples" / "data" / "sums"  # the shipped data, not studies/
 TASK = "chain_sum"
 TASK_OPTIONS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 SPLITS = {"train": (1, 136), "valid": (10000, 32), "test": (20000, 32)}  # split: (seed, size)

@@ -11,24 +11,24 @@
 # which entries it drops). 69 runs for 5 seeds, about 90 minutes on a 2-core Linux CPU
 # with OpenBLAS (~60 s per full-weight run including model load, save and evaluation).
 #
-#   SEEDS=0,1,2,3,4 sh examples/evidence.sh   # what docs/EVIDENCE.md reports (seed-major)
-#   sh examples/evidence.sh            # seeds 0,1,2 (seed-major: all of seed 0 first)
-#   SEEDS=0 sh examples/evidence.sh    # one seed; SEEDS=0,1,2 later reuses it
+#   SEEDS=0,1,2,3,4 sh studies/evidence.sh   # what docs/EVIDENCE.md reports (seed-major)
+#   sh studies/evidence.sh            # seeds 0,1,2 (seed-major: all of seed 0 first)
+#   SEEDS=0 sh studies/evidence.sh    # one seed; SEEDS=0,1,2 later reuses it
 #
 # Re-running resumes: finished runs are reused (their weights are deleted after
 # evaluation; model/config.json stays as compare's "finished" marker).
 # Raw results: runs/evidence/, copied to docs/evidence/; tables and plot by
-# examples/evidence_tables.py, which regenerates them without retraining.
+# studies/evidence_tables.py, which regenerates them without retraining.
 set -e
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 SEEDS="${SEEDS:-0,1,2}"
 OUT=runs/evidence
 "$PY" -c "import reasoning_gym" 2>/dev/null || "$PY" -m pip install -q "reasoning-gym>=0.1.25"
-[ -f examples/data/leg_counting/test.jsonl ] || (cd examples && "$PY" evidence_make_leg_counting.py)
+[ -f examples/data/leg_counting/test.jsonl ] || "$PY" studies/evidence_make_leg_counting.py
 
 EVAL="--scorer reasoning_gym,number --max-tokens 16"
-cmp() { "$PY" -m gmt_mlx compare -c examples/evidence.yaml $EVAL "$@"; }
+cmp() { "$PY" -m gmt_mlx compare -c studies/evidence.yaml $EVAL "$@"; }
 slim() {  # drop weights and checkpoints of evaluated runs, keep the finished marker
   for d in "$1"/runs/*/; do
     [ -f "$d/eval.json" ] || continue
@@ -60,7 +60,7 @@ for LR in xxlo xlo lo mid hi; do
 done
 # Per method, the LR with the lowest final validation loss (gmt's also serves its
 # update target and the random control).
-LRS=$("$PY" examples/evidence_tables.py --pick-lr $OUT)
+LRS=$("$PY" studies/evidence_tables.py --pick-lr $OUT)
 echo "chosen learning rates: $LRS"
 
 # 2. Seed-major, so that a cut-short study still has whole seeds.
@@ -70,7 +70,7 @@ for S in $(echo "$SEEDS" | tr , ' '); do
   cmp --data examples/data/chain_sum --out $T/main --methods sft,gmt,lora --mask-ratios 0.2,0.5,0.8 \
       --seeds "$UPTO" --learning-rates $LRS --eval-limit 48
   slim $T/main
-  RATIO=$("$PY" examples/evidence_tables.py --pick-ratio $OUT)
+  RATIO=$("$PY" studies/evidence_tables.py --pick-ratio $OUT)
   echo "best mask ratio (seed-0 chain_sum validation loss): $RATIO"
   share_base $T/main $T/random; share_base $T/main $T/update
   cmp --data examples/data/chain_sum --out $T/random --methods random --mask-ratios 0.5 \
@@ -89,5 +89,5 @@ for S in $(echo "$SEEDS" | tr , ' '); do
 done
 
 # 3. Raw results into docs/evidence/, then the tables and the plot.
-"$PY" examples/evidence_tables.py --collect $OUT docs/evidence
-"$PY" examples/evidence_tables.py docs/evidence
+"$PY" studies/evidence_tables.py --collect $OUT docs/evidence
+"$PY" studies/evidence_tables.py docs/evidence

