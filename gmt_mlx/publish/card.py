@@ -12,7 +12,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
@@ -286,8 +286,12 @@ def model_card(
     origin: Optional[ModelOrigin] = None,
     versions: Optional[Dict[str, str]] = None,
     title: Optional[str] = None,
+    gguf: Sequence[str] = (),
 ) -> str:
     """The README.md for a model exported from ``run_dir`` into ``folder`` (plots are copied there).
+
+    ``gguf``: the folder's .gguf files (a GGUF export, one file per --outtype): the card says so and shows
+    llama.cpp / Ollama usage instead of transformers'.
 
     ``origin``: the base model's (models.resolve.model_origin); by default worked out from the
     run's --model alone (no folder: no license file, no GGUF note).
@@ -300,12 +304,15 @@ def model_card(
     if datasets is None:
         datasets = [d.strip() for d in str(config.get("hub_datasets") or "").split(",") if d.strip()]
     meta = card_metadata(config, origin, adapter=adapter, datasets=datasets)
+    if gguf:
+        meta = gguf_metadata(meta)
     note = _gguf_base_note(origin, dtype)
     parts = [
         "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---",
         f"# {title or folder.name}",
-        _intro(config, base_id, dtype=dtype, checkpoint=checkpoint, step=step, checkpoint_val_loss=checkpoint_val_loss,
-               adapter=adapter) + (f"\n\n{note}" if note else ""),
+        gguf_intro(_intro(config, base_id, dtype=dtype, checkpoint=checkpoint, step=step,
+                          checkpoint_val_loss=checkpoint_val_loss, adapter=adapter), gguf)
+        + (f"\n\n{note}" if note else ""),
         "## Method\n\n" + _table(_method_rows(config, summary.other.get("setup", {}))),
         "## Training\n\n" + _table(_training_rows(config))
         + "\n\n<details><summary>Full training config</summary>\n\n```yaml\n"
@@ -317,7 +324,7 @@ def model_card(
     comparison = _comparison(run_dir, folder)
     if comparison:
         parts.append("## Comparison\n\n" + comparison)
-    parts.append("## Usage\n\n" + _usage(adapter, base_id))
+    parts.append("## Usage\n\n" + (gguf_usage(gguf) if gguf else _usage(adapter, base_id)))
     if versions:
         parts.append("## Framework versions\n\n" + "\n".join(f"- {k} {v}" for k, v in versions.items()))
     return "\n\n".join(parts) + "\n"
@@ -400,6 +407,33 @@ def _usage(adapter: bool, base_id: Optional[str]) -> str:
         f'model = AutoModelForCausalLM.from_pretrained("{MODEL_ID_PLACEHOLDER}")\n'
         f'tokenizer = AutoTokenizer.from_pretrained("{MODEL_ID_PLACEHOLDER}")\n```'
     )
+
+
+def gguf_metadata(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """A GGUF export's front matter: the Hub lists the repo under GGUF (llama.cpp, Ollama, LM Studio)."""
+    meta = {**meta, "library_name": "gguf"}
+    meta["tags"] = list(dict.fromkeys([*meta.get("tags", []), "gguf"]))
+    return meta
+
+
+def gguf_intro(intro: str, files: Sequence[str]) -> str:
+    """The first paragraph, saying that the folder holds .gguf files (``files``) rather than safetensors."""
+    if not files:
+        return intro
+    listed = ", ".join(f"`{name}`" for name in files)
+    what = (f"the merged weights as GGUF for llama.cpp, Ollama and LM Studio ({listed}; "
+            "one file per quantization) and an Ollama `Modelfile`")
+    return re.sub(r"This repository holds .*?; exported from", f"This repository holds {what}; exported from", intro)
+
+
+def gguf_usage(files: Sequence[str]) -> str:
+    """llama.cpp and Ollama lines for each .gguf file (the Hub serves a file by its quantization tag)."""
+    lines = []
+    for name in files:
+        quant = Path(name).stem.rsplit("-", 1)[-1].upper()
+        lines += [f"llama-cli -hf {MODEL_ID_PLACEHOLDER}:{quant}", f"ollama run hf.co/{MODEL_ID_PLACEHOLDER}:{quant}"]
+    return ("With llama.cpp or Ollama, straight from the Hub:\n\n```bash\n" + "\n".join(lines) + "\n```\n\n"
+            "Or locally, from a copy of this folder: `ollama create NAME -f Modelfile && ollama run NAME`.")
 
 
 def write_model_card(folder: str | Path, run_dir: str | Path, **kwargs) -> Path:
