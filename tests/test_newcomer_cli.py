@@ -49,7 +49,8 @@ def test_eval_of_a_missing_run_dir_names_it(tmp_path, monkeypatch, model):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["eval", model])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert result.output.strip().splitlines()[-1] == f"error: no such model or run dir: {model}"
+    assert result.output.strip().splitlines()[-1].startswith(f"error: {model}: no such folder or file (expected a "
+                                                              "run directory, ")
 
 
 def test_eval_of_a_hub_id_without_data_still_asks_for_data(tmp_path, monkeypatch):

@@ -71,7 +71,9 @@ def check_model_path(model: str) -> None:
     from gmt_mlx.hub import looks_like_path
 
     if looks_like_path(model) and not Path(model).expanduser().exists():
-        raise UserError(f"no such model or run dir: {model}")
+        # Worded as generate's and finetune's missing model (models.resolve), with a run directory first.
+        raise UserError(f"{model}: no such folder or file (expected a run directory, a model folder with "
+                        "config.json, a .gguf file, a Hub id owner/name or 'smollm2-135m')")
 
 
 def eval_options(*, split: str, scorer: Optional[str], max_tokens: Optional[int], batch_size: int,
