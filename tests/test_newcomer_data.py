@@ -72,10 +72,10 @@ def test_unused_columns_warn_once_per_file_with_the_count(tmp_path):
     splits = load_splits(tmp_path / "d", ALPACA)
     lines = column_warnings(tmp_path / "d", splits, ALPACA)
     assert lines == [
-        f"warning: {tmp_path / 'd' / 'train.jsonl'}: completions rows do not read these columns, which are ignored: "
-        "input (3 of 4 rows); to train on them, fold them into the prompt or completion",
-        f"warning: {tmp_path / 'd' / 'valid.jsonl'}: completions rows do not read these columns, which are ignored: "
-        "input (2 of 2 rows); to train on them, fold them into the prompt or completion"]
+        (f"warning: {tmp_path / 'd' / 'train.jsonl'}: completions rows do not read these columns, which are ignored: "
+         "input (3 of 4 rows); to train on them, fold them into the prompt or completion"),
+        (f"warning: {tmp_path / 'd' / 'valid.jsonl'}: completions rows do not read these columns, which are ignored: "
+         "input (2 of 2 rows); to train on them, fold them into the prompt or completion")]
 
 
 def test_columns_something_reads_give_no_warning(tmp_path):

@@ -256,13 +256,7 @@ def read_jsonl(path: Path, prompts: bool = False, columns: dict | None = None) -
         if columns and isinstance(raw, dict):
             file_columns.update(dict.fromkeys(raw))
         row = rename_columns(raw, columns, where)
-        try:
-            fmt = detect_format(row, where, prompts)
-        except UserError as err:
-            if not columns:
-                raise
-            _check_sources(path, columns, file_columns)  # a misspelt source explains the row better
-            raise _noted(err, columns) from None
+        fmt = _detect_renamed(row, where, prompts, path, columns, file_columns)
         if first is None:
             first = (fmt, lineno)
             check_mapped_columns(columns, fmt, where)
@@ -278,6 +272,17 @@ def read_jsonl(path: Path, prompts: bool = False, columns: dict | None = None) -
         raise UserError(f"{path}: no examples")
     _check_sources(path, columns, file_columns)
     return rows
+
+
+def _detect_renamed(row: object, where: str, prompts: bool, path: Path, columns: dict, seen: dict) -> str:
+    """`detect_format` of a row renamed by --columns, its errors naming the file's own columns."""
+    try:
+        return detect_format(row, where, prompts)
+    except UserError as err:
+        if not columns:
+            raise
+        _check_sources(path, columns, seen)  # a misspelt source explains the row better
+        raise _noted(err, columns) from None
 
 
 def _check_sources(path: Path, columns: dict, seen: dict) -> None:

@@ -20,6 +20,7 @@ from gmt_mlx.config import ADAPTER_METHODS, MASKED_METHODS, is_preference
 from gmt_mlx.errors import UserError
 from gmt_mlx.evaluation.report import RESULTS_MD
 from gmt_mlx.models.resolve import ModelOrigin, model_origin
+from gmt_mlx.publish.gguf_card import gguf_intro, gguf_metadata, gguf_usage
 from gmt_mlx.run import rundir
 
 CARD_FILE = "README.md"
@@ -324,7 +325,7 @@ def model_card(
     comparison = _comparison(run_dir, folder)
     if comparison:
         parts.append("## Comparison\n\n" + comparison)
-    parts.append("## Usage\n\n" + (gguf_usage(gguf) if gguf else _usage(adapter, base_id)))
+    parts.append("## Usage\n\n" + (gguf_usage(gguf, MODEL_ID_PLACEHOLDER) if gguf else _usage(adapter, base_id)))
     if versions:
         parts.append("## Framework versions\n\n" + "\n".join(f"- {k} {v}" for k, v in versions.items()))
     return "\n\n".join(parts) + "\n"
@@ -407,33 +408,6 @@ def _usage(adapter: bool, base_id: Optional[str]) -> str:
         f'model = AutoModelForCausalLM.from_pretrained("{MODEL_ID_PLACEHOLDER}")\n'
         f'tokenizer = AutoTokenizer.from_pretrained("{MODEL_ID_PLACEHOLDER}")\n```'
     )
-
-
-def gguf_metadata(meta: Dict[str, Any]) -> Dict[str, Any]:
-    """A GGUF export's front matter: the Hub lists the repo under GGUF (llama.cpp, Ollama, LM Studio)."""
-    meta = {**meta, "library_name": "gguf"}
-    meta["tags"] = list(dict.fromkeys([*meta.get("tags", []), "gguf"]))
-    return meta
-
-
-def gguf_intro(intro: str, files: Sequence[str]) -> str:
-    """The first paragraph, saying that the folder holds .gguf files (``files``) rather than safetensors."""
-    if not files:
-        return intro
-    listed = ", ".join(f"`{name}`" for name in files)
-    what = (f"the merged weights as GGUF for llama.cpp, Ollama and LM Studio ({listed}; "
-            "one file per quantization) and an Ollama `Modelfile`")
-    return re.sub(r"This repository holds .*?; exported from", f"This repository holds {what}; exported from", intro)
-
-
-def gguf_usage(files: Sequence[str]) -> str:
-    """llama.cpp and Ollama lines for each .gguf file (the Hub serves a file by its quantization tag)."""
-    lines = []
-    for name in files:
-        quant = Path(name).stem.rsplit("-", 1)[-1].upper()
-        lines += [f"llama-cli -hf {MODEL_ID_PLACEHOLDER}:{quant}", f"ollama run hf.co/{MODEL_ID_PLACEHOLDER}:{quant}"]
-    return ("With llama.cpp or Ollama, straight from the Hub:\n\n```bash\n" + "\n".join(lines) + "\n```\n\n"
-            "Or locally, from a copy of this folder: `ollama create NAME -f Modelfile && ollama run NAME`.")
 
 
 def write_model_card(folder: str | Path, run_dir: str | Path, **kwargs) -> Path:
