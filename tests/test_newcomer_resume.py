@@ -42,7 +42,7 @@ def test_more_iters_on_a_finished_run_is_refused_with_the_command_that_trains_fu
     # The command it names trains the 4 steps still wanted, from the finished model, into a new run.
     command = line.split("Train on from its model (a new schedule and optimizer): ")[1].split(", or start over")[0]
     words = shlex.split(command)
-    assert words[:4] == ["gmt-mlx", "finetune", "--model", str(out / "model")]
+    assert words[:6] == ["gmt-mlx", "finetune", "-c", str(out / "config.yaml"), "--model", str(out / "model")]
     assert words[words.index("--iters") + 1] == "4" and words[words.index("--out") + 1] == f"{out}-more"
     follow = runner.invoke(app, [*words[1:], "--batch-size", "2", "--samples", "0"])
     assert follow.exit_code == 0, follow.output

@@ -9,6 +9,7 @@ step count, the examples per step and the padded batches.
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
@@ -120,13 +121,15 @@ def refuse_new_options(out: Path, config: Config) -> None:
         if isinstance(value, bool):
             flags.append(f"--{cfg.flag(key)}" if value else f"--no-{cfg.flag(key)}")
         elif value is not None:
-            flags.append(f"--{cfg.flag(key)} {value}")
-    data = f" --data {config.data}" if config.data and "data" not in differences else ""
+            flags.append(f"--{cfg.flag(key)} {shlex.quote(str(value))}")
+    # The run's own config.yaml as the base (data, --columns, method ...), its model as the start.
+    command = (f"gmt-mlx finetune -c {shlex.quote(str(out / rundir.CONFIG_FILE))} "
+               f"--model {shlex.quote(str(rundir.model_dir(out)))} {' '.join(flags)} "
+               f"--out {shlex.quote(f'{out}-more')}")
     raise UserError(f"{out} is a finished run ({done} steps); --resume does not continue it with other options "
                     f"({listed}): its learning-rate schedule was set by its {done} steps, so more steps would not "
                     f"equal a run started with them. Train on from its model (a new schedule and optimizer): "
-                    f"gmt-mlx finetune --model {rundir.model_dir(out)}{data} {' '.join(flags)} --out {out}-more, "
-                    f"or start over with --overwrite")
+                    f"{command}, or start over with --overwrite")
 
 
 def _plan_finished(out: Path, resume: bool, log: Callable[[str], None]) -> RunPlan:
