@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from gmt_mlx.cli.common import ConfigHelpCommand
+from gmt_mlx.cli.common import ConfigHelpCommand, with_help_all
 from gmt_mlx.cli.compare import compare
 from gmt_mlx.cli.doctor import doctor
 from gmt_mlx.cli.eval import eval_command
@@ -24,13 +24,13 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 app.command("finetune", cls=ConfigHelpCommand)(finetune)
-app.command("generate")(generate)
-app.command("eval")(eval_command)
+app.command("generate", cls=ConfigHelpCommand)(with_help_all(generate))
+app.command("eval", cls=ConfigHelpCommand)(with_help_all(eval_command))
 app.command("compare", cls=ConfigHelpCommand)(compare)
-app.command("import-gguf")(import_gguf)
-app.command("export")(export)
-app.command("push")(push)
-app.command("doctor")(doctor)
+app.command("import-gguf", cls=ConfigHelpCommand)(with_help_all(import_gguf))
+app.command("export", cls=ConfigHelpCommand)(with_help_all(export))
+app.command("push", cls=ConfigHelpCommand)(with_help_all(push))
+app.command("doctor", cls=ConfigHelpCommand)(with_help_all(doctor))
 
 
 def main() -> None:

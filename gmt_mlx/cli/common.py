@@ -129,6 +129,23 @@ class ConfigHelpCommand(TyperCommand):
                                  f"Hub): {ctx.command_path} --help-all")
 
 
+def with_help_all(fn: Callable) -> Callable:
+    """``fn`` with a --help-all (with_config_options adds its own): every command takes the flag a newcomer
+    learnt on finetune; where no option is hidden (ConfigHelpCommand hides config groups) it shows --help."""
+    params = list(inspect.signature(fn, eval_str=True).parameters.values())
+    if any(p.name == "help_all" for p in params):
+        return fn
+    help_all = inspect.Parameter("help_all", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=HelpAllOpt)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        kwargs.pop("help_all", None)
+        return fn(*args, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(params + [help_all])
+    return wrapper
+
+
 def with_config_options(fn: Optional[Callable] = None, *, exclude: tuple = ()) -> Callable:
     """Add one CLI option per Config field to ``fn`` (except the fields in ``exclude``), and --help-all.
 

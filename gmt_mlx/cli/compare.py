@@ -56,7 +56,7 @@ def compare(
     Every run is a normal fine-tuning run under OUT/runs/. Running the same
     command again resumes an interrupted comparison and reuses finished runs.
     """
-    from gmt_mlx.cli.parsing import parse_learning_rates, parse_mask_ratios, parse_methods, parse_seeds
+    from gmt_mlx.cli.parsing import method_labels, parse_learning_rates, parse_mask_ratios, parse_methods, parse_seeds
     from gmt_mlx.config import load_yaml, resolve
     from gmt_mlx.errors import UserError
     from gmt_mlx.evaluation.report import RESULTS_MD
@@ -71,6 +71,7 @@ def compare(
         raise UserError("--eval-limit must be 0 or more; --max-tokens and --eval-batch-size at least 1")
     spec = CompareSpec(
         base=resolve(config_file, overrides), out=out, methods=parse_methods(methods), seeds=parse_seeds(seeds),
+        labels=method_labels(methods),
         mask_ratios=parse_mask_ratios(mask_ratios), learning_rates=parse_learning_rates(learning_rates),
         scorers=parse_scorers(scorer) if scorer is not None else None, eval_limit=eval_limit, max_tokens=max_tokens,
         eval_batch_size=eval_batch_size, command=_command_line(),

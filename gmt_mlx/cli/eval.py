@@ -21,7 +21,8 @@ _OWN_DATA = "a run's own, for its own data"
 
 @user_errors
 def eval_command(
-    model: Annotated[str, typer.Argument(help="A run directory, HF folder, GGUF file, Hub id or 'smollm2-135m'.")],
+    model: Annotated[str, typer.Argument(
+        metavar="MODEL", help="A run directory, HF folder, GGUF file, Hub id or 'smollm2-135m'.")],
     data: run_option("data", "a run's own --data") = None,
     columns: run_option("columns", _OWN_DATA) = None,
     data_config: run_option("data_config", _OWN_DATA) = None,
@@ -47,6 +48,7 @@ def eval_command(
     """Evaluate a model or a fine-tuned run: loss/perplexity on a split and generation accuracy."""
     from gmt_mlx.evaluation.evaluate import evaluate, evaluate_with_base
 
+    check_model_path(model)
     options = eval_options(split=split, scorer=scorer, max_tokens=max_tokens, batch_size=batch_size, limit=limit,
                            mask_prompt=mask_prompt, loss=loss, generate=generate, columns=columns,
                            data_config=data_config, data_splits=data_splits, reward=reward,
@@ -60,6 +62,18 @@ def eval_command(
     result = evaluate(model, data, options, on_batch=_report_batch)
     print_result(result, options, show=show)
     _write_json(out, result)
+
+
+def check_model_path(model: str) -> None:
+    """A model typed as a local path (runs/typo, ./x, a .gguf) must exist: said first, before the
+    "--data is required" that a missing run directory would otherwise lead to (it has no data of its own)."""
+    from gmt_mlx.errors import UserError
+    from gmt_mlx.hub import looks_like_path
+
+    if looks_like_path(model) and not Path(model).expanduser().exists():
+        # Worded as generate's and finetune's missing model (models.resolve), with a run directory first.
+        raise UserError(f"{model}: no such folder or file (expected a run directory, a model folder with "
+                        "config.json, a .gguf file, a Hub id owner/name or 'smollm2-135m')")
 
 
 def eval_options(*, split: str, scorer: Optional[str], max_tokens: Optional[int], batch_size: int,

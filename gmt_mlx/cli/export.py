@@ -40,5 +40,4 @@ def export(
     echo(f"exported {result.source}{step} to {result.out}: {', '.join(result.files)}")
     if format == "gguf":
         echo(f"run it: cd {result.out} && ollama create {result.out.name} -f Modelfile && ollama run {result.out.name}")
-    else:
-        echo(f"publish it: gmt-mlx push {result.out} --repo USER/NAME")
+    echo(f"publish it: gmt-mlx push {result.out} --repo USER/NAME")

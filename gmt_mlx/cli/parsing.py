@@ -35,6 +35,11 @@ def parse_methods(text: str) -> List[str]:
     return methods
 
 
+def method_labels(text: str) -> Dict[str, str]:
+    """{method: the alias typed for it} in --methods (full,gmt: {"sft": "full"}), so compare names the run as typed."""
+    return {METHOD_ALIASES[m]: m for m in _items(text, "methods") if m in METHOD_ALIASES}
+
+
 def parse_seeds(text: str) -> List[int]:
     """"0,1,2": distinct non-negative integers."""
     seeds = _numbers(text, "seeds", int, "integers")

@@ -31,6 +31,12 @@ from gmt_mlx.errors import UserError
 FORMATS = ("chat", "completions", "text", "preference", "prompts")
 SPLITS = ("train", "valid", "test")
 _KNOWN = "messages | prompt+completion | text | prompt+chosen+rejected"
+# The columns each format's rows are read by (data.encoding; "tools" beside messages or prompt/completion).
+# Prompt rows are not listed: their every column goes to the rewards (a --reward module:function reads any).
+READ_COLUMNS = {"chat": ("messages", "tools"), "completions": ("prompt", "completion", "tools"), "text": ("text",),
+                "preference": ("prompt", "chosen", "rejected", "system")}
+# Columns eval's scorers read from any row (scorers.reference_of: answer; reasoning_gym: question, metadata).
+SCORER_COLUMNS = ("answer", "question", "metadata")
 
 
 # --------------------------------------------------------------------------
@@ -129,7 +135,8 @@ def detect_format(example: dict, where: str, prompts: bool = False) -> str:
         return "text"
     # repr() for odd keys keeps the message one printable line (newlines, lone surrogates).
     keys = ", ".join(k if k.isprintable() else repr(k) for k in sorted(example)) or "none"
-    raise UserError(f"{where}: line has none of the known formats ({_KNOWN}); keys found: {keys}")
+    raise UserError(f"{where}: line has none of the known formats ({_KNOWN}); keys found: {keys}; "
+                    "map yours with --columns, e.g. --columns question=prompt,answer=completion")
 
 
 def _parse_line(line: str, where: str) -> object:
@@ -156,7 +163,61 @@ def _parse_line(line: str, where: str) -> object:
         raise UserError(f"{where}: invalid JSON ({str(err).splitlines()[0][:120]})") from None
 
 
-def read_jsonl(path: Path, prompts: bool = False) -> list[dict]:
+def unused_columns(rows: list, fmt: str) -> dict[str, int]:
+    """{column: rows holding it} of the columns that no part of training or eval reads in ``fmt`` rows
+    (Alpaca's `input` after --columns instruction=prompt,output=completion); {} for prompt rows."""
+    if fmt not in READ_COLUMNS:
+        return {}
+    read = set(READ_COLUMNS[fmt]) | set(SCORER_COLUMNS)
+    counts: dict[str, int] = {}
+    for row in rows:
+        for key in row:
+            if key not in read:
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def unused_warning(where: str, rows: list, fmt: str) -> str | None:
+    """One warning line for a file (or split) whose rows hold unread columns, with their counts; None if none."""
+    counts = unused_columns(rows, fmt)
+    if not counts:
+        return None
+    listed = ", ".join(f"{k if k.isprintable() else repr(k)} ({n} of {len(rows)} rows)" for k, n in counts.items())
+    into = {"chat": "the messages", "completions": "the prompt or completion", "text": "the text",
+            "preference": "the prompt"}[fmt]
+    return (f"warning: {where}: {fmt} rows do not read these columns, which are ignored: {listed}; "
+            f"to train on them, fold them into {into}")
+
+
+def check_mapped_columns(mapping: dict, fmt: str, where: str) -> None:
+    """A --columns target that ``fmt`` rows never read is a mistake: the user named the column to be used."""
+    if fmt not in READ_COLUMNS:
+        return
+    for source, target in mapping.items():
+        if target not in READ_COLUMNS[fmt] and target not in SCORER_COLUMNS:
+            raise UserError(f"{where}: --columns maps {source!r} to {target!r}, which {fmt} rows do not read "
+                            f"(they read {', '.join(READ_COLUMNS[fmt])}); map it to one of those, or leave it out")
+
+
+def rename_columns(row: object, mapping: dict, where: str) -> object:
+    """``row`` with its keys renamed by --columns ``mapping``; a row holding both a source and its target is refused."""
+    if not mapping or not isinstance(row, dict):
+        return row
+    for source, target in mapping.items():
+        if source in row and target in row and target not in mapping:
+            raise UserError(f"{where}: --columns maps {source!r} to {target!r}, but the line has a {target!r} already")
+    return {mapping.get(k, k): v for k, v in row.items()}
+
+
+def _noted(err: UserError, mapping: dict) -> UserError:
+    """``err`` with each renamed field named by its own column too ('prompt' (column 'question')): what the user wrote."""
+    message = str(err)
+    for source, target in mapping.items():
+        message = message.replace(f"'{target}'", f"'{target}' (column '{source}')")
+    return UserError(message)
+
+
+def read_jsonl(path: Path, prompts: bool = False, columns: dict | None = None) -> list[dict]:
     """Read a JSONL file of examples, validating every line; blank lines are skipped.
 
     Lines end at \n (or \r\n) only: U+2028, U+2029 and U+0085 are valid inside
@@ -164,7 +225,9 @@ def read_jsonl(path: Path, prompts: bool = False) -> list[dict]:
     ("file:line: ...") for invalid JSON, a line that is not an object, an unknown
     format, or a format that differs from the file's first example; and
     ("file: no examples") for a file without any. ``prompts``: see `detect_format`.
+    ``columns``: {source: field} renames each row's keys first (--columns, without the `datasets` extra).
     """
+    columns = columns or {}
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a directory, not a JSONL file")
@@ -182,16 +245,21 @@ def read_jsonl(path: Path, prompts: bool = False) -> list[dict]:
 
     rows: list[dict] = []
     first: tuple[str, int] | None = None  # (format, line) of the first example
+    file_columns: dict = {}  # every key of the file's rows, in order (a dict as an ordered set), for --columns
     # Not str.splitlines(): it also splits at U+2028/U+2029/U+0085 and other controls.
     for lineno, line in enumerate(text.split("\n"), start=1):
         line = line.removesuffix("\r")
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        row = _parse_line(line, where)
-        fmt = detect_format(row, where, prompts)
+        raw = _parse_line(line, where)
+        if columns and isinstance(raw, dict):
+            file_columns.update(dict.fromkeys(raw))
+        row = rename_columns(raw, columns, where)
+        fmt = _detect_renamed(row, where, prompts, path, columns, file_columns)
         if first is None:
             first = (fmt, lineno)
+            check_mapped_columns(columns, fmt, where)
         elif fmt != first[0]:
             # One file, one format: mixing usually means a broken export, and the
             # prompt-masking rules differ per format.
@@ -202,5 +270,25 @@ def read_jsonl(path: Path, prompts: bool = False) -> list[dict]:
         rows.append(row)
     if not rows:
         raise UserError(f"{path}: no examples")
+    _check_sources(path, columns, file_columns)
     return rows
+
+
+def _detect_renamed(row: object, where: str, prompts: bool, path: Path, columns: dict, seen: dict) -> str:
+    """`detect_format` of a row renamed by --columns, its errors naming the file's own columns."""
+    try:
+        return detect_format(row, where, prompts)
+    except UserError as err:
+        if not columns:
+            raise
+        _check_sources(path, columns, seen)  # a misspelt source explains the row better
+        raise _noted(err, columns) from None
+
+
+def _check_sources(path: Path, columns: dict, seen: dict) -> None:
+    """Refuse a --columns source that none of the rows read so far holds."""
+    for source in columns:
+        if source not in seen:
+            listed = ", ".join(k if k.isprintable() else repr(k) for k in seen)
+            raise UserError(f"{path}: no column {source!r} (named in --columns; columns: {listed})")
 

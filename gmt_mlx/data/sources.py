@@ -52,13 +52,14 @@ def wants_datasets(data: str, columns: Optional[str] = None, data_config: Option
     """Whether ``data`` (with these options) is read here rather than by data.py's JSONL reader.
 
     Here: a .parquet/.csv/.tsv/.json file, a `save_to_disk` folder, a Hub id (owner/name that is
-    no local path), and any data with --columns, --data-config or --data-splits.
+    no local path), and any data with --data-config or --data-splits. JSONL with --columns is
+    data.py's: renaming needs no `datasets` (the README says JSONL needs none of it).
     """
     from gmt_mlx.hub import is_hub_id
     from gmt_mlx.hub import looks_like_path
 
     path = Path(data).expanduser()
-    if columns or data_config or data_splits:
+    if data_config or data_splits:
         return True
     if path.exists():
         return (path.is_file() and path.suffix.lower() in FILE_BUILDERS and path.suffix.lower() != ".jsonl") \
@@ -210,7 +211,7 @@ def _drop_nones(value):
 
 def _rows(dataset, spec: str, mapping: Dict[str, str], label: str, prompts: bool = False) -> List[dict]:
     """The split's rows, renamed by ``mapping`` and each checked by data.detect_format."""
-    from gmt_mlx.data.formats import detect_format
+    from gmt_mlx.data.formats import check_mapped_columns, detect_format
 
     where_split = f"{label}, split {spec}"
     columns = list(dataset.column_names)
@@ -244,6 +245,7 @@ def _rows(dataset, spec: str, mapping: Dict[str, str], label: str, prompts: bool
             raise UserError(message) from None
         if first is None:
             first = fmt
+            check_mapped_columns(mapping, fmt, where_split)
         elif fmt != first:
             raise UserError(f"{where}: format is {fmt} but the split started as {first} (row 0); one split must use one format")
         rows.append(row)
@@ -269,6 +271,27 @@ def load_source(data: str, columns: Optional[str] = None, data_config: Optional[
     return {ours: _rows(ds, spec, mapping, label, prompts) for ours, (spec, ds) in _choose_splits(found, data_splits, label, datasets).items()}
 
 
+def column_warnings(data: str | Path, splits: Dict[str, List[dict]], columns: Optional[str] = None, *,
+                    data_config: Optional[str] = None, data_splits: Optional[str] = None,
+                    prompts: bool = False) -> List[str]:
+    """One warning per file (or dataset split) of ``load_splits``' rows whose columns no format reads, with counts."""
+    from gmt_mlx.data.formats import detect_format, unused_warning
+
+    path = Path(data).expanduser()
+    lines = []
+    for name, rows in splits.items():
+        if not rows:
+            continue
+        if wants_datasets(str(data), columns, data_config, data_splits):
+            where = f"dataset {data}, split {name}"
+        else:
+            where = str(path if path.is_file() else path / f"{name}.jsonl")
+        line = unused_warning(where, rows, detect_format(rows[0], where, prompts))
+        if line:
+            lines.append(line)
+    return lines
+
+
 def load_splits(data: str | Path, columns: str | None = None, *, data_config: str | None = None,
                 data_splits: str | None = None, prompts: bool = False) -> dict[str, list[dict]]:
     """Load a data folder (train.jsonl required; valid/test.jsonl optional) or one JSONL file.
@@ -280,13 +303,15 @@ def load_splits(data: str | Path, columns: str | None = None, *, data_config: st
     """
     if wants_datasets(str(data), columns, data_config, data_splits):
         return load_source(str(data), columns, data_config, data_splits, prompts)
+    mapping = parse_pairs(columns, "--columns", "question=prompt,answer=completion")
     path = Path(data).expanduser()
     if not path.exists():
         raise UserError(f"{path}: no such file or folder (expected a folder with train.jsonl, or a .jsonl file)")
     if path.is_file():
-        return {"train": read_jsonl(path, prompts)}
+        return {"train": read_jsonl(path, prompts, mapping)}
     if (path / "train.jsonl").is_dir():
         raise UserError(f"{path / 'train.jsonl'}: is a directory, not a JSONL file")
     if not (path / "train.jsonl").is_file():
         raise UserError(f"{path}: no train.jsonl (a data folder needs train.jsonl; valid.jsonl and test.jsonl are optional)")
-    return {name: read_jsonl(path / f"{name}.jsonl", prompts) for name in SPLITS if (path / f"{name}.jsonl").is_file()}
+    return {name: read_jsonl(path / f"{name}.jsonl", prompts, mapping)
+            for name in SPLITS if (path / f"{name}.jsonl").is_file()}

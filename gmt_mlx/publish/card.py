@@ -12,7 +12,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
@@ -20,6 +20,7 @@ from gmt_mlx.config import ADAPTER_METHODS, MASKED_METHODS, is_preference
 from gmt_mlx.errors import UserError
 from gmt_mlx.evaluation.report import RESULTS_MD
 from gmt_mlx.models.resolve import ModelOrigin, model_origin
+from gmt_mlx.publish.gguf_card import gguf_intro, gguf_metadata, gguf_usage
 from gmt_mlx.run import rundir
 
 CARD_FILE = "README.md"
@@ -286,8 +287,12 @@ def model_card(
     origin: Optional[ModelOrigin] = None,
     versions: Optional[Dict[str, str]] = None,
     title: Optional[str] = None,
+    gguf: Sequence[str] = (),
 ) -> str:
     """The README.md for a model exported from ``run_dir`` into ``folder`` (plots are copied there).
+
+    ``gguf``: the folder's .gguf files (a GGUF export, one file per --outtype): the card says so and shows
+    llama.cpp / Ollama usage instead of transformers'.
 
     ``origin``: the base model's (models.resolve.model_origin); by default worked out from the
     run's --model alone (no folder: no license file, no GGUF note).
@@ -300,12 +305,15 @@ def model_card(
     if datasets is None:
         datasets = [d.strip() for d in str(config.get("hub_datasets") or "").split(",") if d.strip()]
     meta = card_metadata(config, origin, adapter=adapter, datasets=datasets)
+    if gguf:
+        meta = gguf_metadata(meta)
     note = _gguf_base_note(origin, dtype)
     parts = [
         "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---",
         f"# {title or folder.name}",
-        _intro(config, base_id, dtype=dtype, checkpoint=checkpoint, step=step, checkpoint_val_loss=checkpoint_val_loss,
-               adapter=adapter) + (f"\n\n{note}" if note else ""),
+        gguf_intro(_intro(config, base_id, dtype=dtype, checkpoint=checkpoint, step=step,
+                          checkpoint_val_loss=checkpoint_val_loss, adapter=adapter), gguf)
+        + (f"\n\n{note}" if note else ""),
         "## Method\n\n" + _table(_method_rows(config, summary.other.get("setup", {}))),
         "## Training\n\n" + _table(_training_rows(config))
         + "\n\n<details><summary>Full training config</summary>\n\n```yaml\n"
@@ -317,7 +325,7 @@ def model_card(
     comparison = _comparison(run_dir, folder)
     if comparison:
         parts.append("## Comparison\n\n" + comparison)
-    parts.append("## Usage\n\n" + _usage(adapter, base_id))
+    parts.append("## Usage\n\n" + (gguf_usage(gguf, MODEL_ID_PLACEHOLDER) if gguf else _usage(adapter, base_id)))
     if versions:
         parts.append("## Framework versions\n\n" + "\n".join(f"- {k} {v}" for k, v in versions.items()))
     return "\n\n".join(parts) + "\n"

@@ -134,7 +134,8 @@ def export_run(
     dtype = dtype or config.dtype
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    _check_out(run_dir, out, overwrite)
+    adding = format == "gguf" and not overwrite and _adds_gguf(out, outtype)
+    _check_out(run_dir, out, overwrite or adding)
 
     loaded = None
     if checkpoint == "last" and not adapter_only and rundir.has_model(run_dir) and _final_verifies(run_dir, log):
@@ -145,11 +146,12 @@ def export_run(
     def write(folder: Path) -> None:
         _write_model(folder, loaded, config, dtype=dtype, format=format, outtype=outtype, adapter_only=adapter_only,
                     shard_bytes=shard_bytes, name=out.name)
-        if format == "hf":  # the card describes safetensors and transformers/mlx_lm usage
-            _write_card(folder, run_dir, loaded, config, dtype=dtype, label=label, adapter_only=adapter_only,
-                        datasets=datasets, title=out.name)
+        # The card describes what the folder holds: safetensors, the adapter, or every .gguf (one per --outtype).
+        ggufs = {p.name for p in folder.glob("*.gguf")} | ({p.name for p in out.glob("*.gguf")} if adding else set())
+        _write_card(folder, run_dir, loaded, config, dtype=dtype if format == "hf" else outtype, label=label,
+                    adapter_only=adapter_only, datasets=datasets, title=out.name, gguf=sorted(ggufs))
 
-    _write_atomically(out, write)
+    (_add_to_folder if adding else _write_atomically)(out, write)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     return ExportResult(out, loaded.source, loaded.step, files)
 
@@ -244,12 +246,37 @@ def _write_model(folder: Path, loaded: ExportSource, config: Config, *, dtype: s
 
 
 def _write_card(folder: Path, run_dir: Path, loaded: ExportSource, config: Config, *, dtype: str, label: str,
-                adapter_only: bool, datasets: Optional[List[str]], title: str) -> None:
+                adapter_only: bool, datasets: Optional[List[str]], title: str, gguf: List[str]) -> None:
     from gmt_mlx.publish.card import write_model_card
 
     write_model_card(folder, run_dir, dtype=dtype, checkpoint=label, step=loaded.step,
                      checkpoint_val_loss=loaded.val_loss, adapter=adapter_only, datasets=datasets,
-                     origin=loaded.origin(config), versions=loaded.versions, title=title)
+                     origin=loaded.origin(config), versions=loaded.versions, title=title, gguf=gguf)
+
+
+def _adds_gguf(out: Path, outtype: str) -> bool:
+    """Whether ``out`` is a GGUF export that takes this --outtype's file beside its others (q8_0, then q4_0:
+    their names differ); the file of the same type is there already: --overwrite, refused like any model."""
+    if not out.is_dir() or not any(out.glob("*.gguf")):
+        return False
+    if (out / f"{out.name}-{outtype}.gguf").exists():
+        raise UserError(f"--out {out} already holds {out.name}-{outtype}.gguf; pass --overwrite to replace the "
+                        f"folder, or choose another --outtype (each type has its own file) or --out")
+    return True
+
+
+def _add_to_folder(out: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a folder next to ``out``, then move its files into ``out`` one rename each (a new .gguf, the
+    Modelfile and card now naming it): a kill leaves every file of ``out`` whole, the old or the new one."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            target = out / file.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(file, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:

@@ -30,8 +30,9 @@ def model_folder(path: str | Path) -> Path:
             write_model_card(path, run_dir, dtype=dtype)
     if not path.is_dir():
         raise UserError(f"{path}: no such folder")
-    if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
-        raise UserError(f"{path} is not a model folder (no config.json or adapter_config.json); "
+    # A GGUF export (gmt-mlx export --format gguf) is a model folder too: its .gguf files, Modelfile and card.
+    if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file() or any(path.glob("*.gguf"))):
+        raise UserError(f"{path} is not a model folder (no config.json, adapter_config.json or .gguf file); "
                         "write one with `gmt-mlx export RUN_DIR --out DIR`")
     return path
 

@@ -48,8 +48,11 @@ class CompareSpec:
     command: Optional[str] = None  # the command line, recorded in results.md
     # Cadence keys compare may choose so that every run draws a curve (those the user did not set).
     auto_cadence: Tuple[str, ...] = ()
+    # A method's name in run names and the table where the user typed an alias (--methods full: {"sft": "full"}).
+    labels: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.labels = {**{cfg.METHOD_ALIASES[m]: m for m in self.methods if m in cfg.METHOD_ALIASES}, **self.labels}
         # "full" runs as "sft" (Config stores it so): one run, named and priced as sft.
         self.methods = list(dict.fromkeys(cfg.METHOD_ALIASES.get(m, m) for m in self.methods))
         grpo = self.base.train_mode == "grpo"
@@ -71,10 +74,11 @@ class PlannedRun:
     mask_ratio: Optional[float]  # None for methods that do not mask
     seed: int
     config: Config
+    label: Optional[str] = None  # the method as the user named it (CompareSpec.labels), when not its own name
 
     @property
     def group(self) -> str:
-        return group_label(self.method, self.mask_ratio, self.config.train_mode)
+        return group_label(self.label or self.method, self.mask_ratio, self.config.train_mode)
 
 
 def method_label(method: str, train_mode: str = "sft") -> str:
@@ -137,7 +141,8 @@ def plan(spec: CompareSpec) -> List[PlannedRun]:
         for method in spec.methods:
             ratios: List[Optional[float]] = list(spec.mask_ratios) if method in MASKED_METHODS else [None]
             for ratio in ratios:
-                name = run_name(method_label(method, spec.base.train_mode), ratio, seed)
+                label = spec.labels.get(method)
+                name = run_name(label or method_label(method, spec.base.train_mode), ratio, seed)
                 # samples=0: the before/after answers of finetune would repeat (slowly) what
                 # the evaluation below records for every test prompt.
                 config = replace(
@@ -146,5 +151,5 @@ def plan(spec: CompareSpec) -> List[PlannedRun]:
                     # The table's mask overlap between steps (a byte per parameter of peak memory).
                     mask_overlap=spec.base.mask_overlap or ratio is not None,
                 ).validate()
-                runs.append(PlannedRun(name, method, ratio, seed, config))
+                runs.append(PlannedRun(name, method, ratio, seed, config, label))
     return runs

@@ -9,6 +9,7 @@ step count, the examples per step and the padded batches.
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
@@ -61,6 +62,8 @@ def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, f
     if overwrite:
         return RunPlan(out, fresh=True, replace=True)
     if rundir.is_finished(out):
+        if resume:
+            refuse_new_options(out, config)
         return _plan_finished(out, resume, log)
     if rundir.has_model(out):  # killed after model/ was written, before the run's last file
         log(f"{out}: model/ is written but not everything the run promised (samples, card, push): completing it")
@@ -93,6 +96,40 @@ def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, f
     # No checkpoint yet (killed early): start over in place. A checkpoint at the
     # last step (killed while saving the model) resumes straight to the save.
     return RunPlan(out, fresh=latest is None, replace=latest is None, checkpoint=latest, meta=meta)
+
+
+def refuse_new_options(out: Path, config: Config) -> None:
+    """`--resume` of a finished run with options it did not run with (`--iters 16` after 8): refused, with the
+    command that trains further. Continuing it would not give the run those options would have made: the
+    learning-rate schedule (cosine, warmup) is set by the total steps, so steps 9-16 of a 16-step run are
+    not 8 more steps after an 8-step one; a silent "nothing changed" would hide that the flags were ignored."""
+    try:
+        previous = rundir.run_config(out)
+    except UserError:
+        return  # no readable config: _plan_finished and the checks after it say what is wrong
+    differences = cfg.diff({**Config().to_dict(), **previous}, config.to_dict(), ignore=("out",))
+    if not differences:
+        return
+    listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differences.items())
+    if set(differences) == {"push_to_hub"}:
+        raise UserError(f"{out} is a finished run; to upload its model: gmt-mlx push {out} --repo {config.push_to_hub}")
+    done = rundir.last_step(out) or previous.get("iters")
+    flags = []
+    for key, (_, value) in differences.items():
+        if key == "iters" and isinstance(done, int) and value > done:
+            value = value - done  # the steps still wanted, from the finished model
+        if isinstance(value, bool):
+            flags.append(f"--{cfg.flag(key)}" if value else f"--no-{cfg.flag(key)}")
+        elif value is not None:
+            flags.append(f"--{cfg.flag(key)} {shlex.quote(str(value))}")
+    # The run's own config.yaml as the base (data, --columns, method ...), its model as the start.
+    command = (f"gmt-mlx finetune -c {shlex.quote(str(out / rundir.CONFIG_FILE))} "
+               f"--model {shlex.quote(str(rundir.model_dir(out)))} {' '.join(flags)} "
+               f"--out {shlex.quote(f'{out}-more')}")
+    raise UserError(f"{out} is a finished run ({done} steps); --resume does not continue it with other options "
+                    f"({listed}): its learning-rate schedule was set by its {done} steps, so more steps would not "
+                    f"equal a run started with them. Train on from its model (a new schedule and optimizer): "
+                    f"{command}, or start over with --overwrite")
 
 
 def _plan_finished(out: Path, resume: bool, log: Callable[[str], None]) -> RunPlan:

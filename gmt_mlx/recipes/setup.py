@@ -27,7 +27,7 @@ from gmt_mlx.core.precision import BLOCK
 from gmt_mlx.data.batching import pad_id as batch_pad_id
 from gmt_mlx.data.batching import padding_waste
 from gmt_mlx.data.encoding import TokenizedSplit
-from gmt_mlx.data.sources import data_options, load_splits
+from gmt_mlx.data.sources import column_warnings, data_options, load_splits
 from gmt_mlx.errors import UserError
 from gmt_mlx.models.loading import load_base
 from gmt_mlx.models.methods import enable_grad_checkpoint, prepare_model
@@ -71,6 +71,8 @@ def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
         raise UserError("--data is required (a folder with train.jsonl, a data file, a saved dataset or a Hub dataset id)")
     # Read the data before the (slow) model load; GRPO takes prompt rows with no completion.
     rows = load_splits(config.data, **data_options(config), prompts=config.train_mode == "grpo")
+    for line in column_warnings(config.data, rows, **data_options(config), prompts=config.train_mode == "grpo"):
+        log(line)
     rewards = rewards_of(config) if config.train_mode == "grpo" else None  # unknown rewards before the model load
     if rows.get("train"):  # before the (slow) model load too
         check_step_fits(len(rows["train"]), config)

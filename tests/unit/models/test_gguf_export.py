@@ -561,18 +561,18 @@ def test_export_run_as_gguf_matches_the_hf_export(lora_run, tiny_model_dir, tmp_
     assert result.exit_code == 0, result.output
     assert "ollama create tiny-gguf" in result.output
     files = sorted(p.name for p in (tmp_path / "tiny-gguf").iterdir())
-    assert files == ["Modelfile", "tiny-gguf-f32.gguf"]
+    assert files == ["Modelfile", "README.md", "tiny-gguf-f32.gguf"]
     path = tmp_path / "tiny-gguf" / "tiny-gguf-f32.gguf"
     want = hf_logits(tmp_path / "hf", IDS)
     assert np.abs(want - hf_logits(tiny_model_dir, IDS)).max() > 1e-3  # the LoRA delta is in there
     got = np.array(mlx_model_from_gguf(path, tmp_path / "hf")(mx.array([IDS])))
     assert np.abs(got - want).max() < 1e-4
-    # --overwrite replaces a GGUF export; without it the folder is kept.
-    again = export_cli(lora_run, "--out", tmp_path / "tiny-gguf", "--format", "gguf", "--outtype", "q8_0")
+    # --overwrite replaces a GGUF export; without it the folder is kept (another --outtype joins it: issue 37).
+    again = export_cli(lora_run, "--out", tmp_path / "tiny-gguf", "--format", "gguf", "--outtype", "f32")
     assert again.exit_code == 2 and "--overwrite" in again.output
     again = export_cli(lora_run, "--out", tmp_path / "tiny-gguf", "--format", "gguf", "--outtype", "q8_0", "--overwrite")
     assert again.exit_code == 0, again.output
-    assert sorted(p.name for p in (tmp_path / "tiny-gguf").iterdir()) == ["Modelfile", "tiny-gguf-q8_0.gguf"]
+    assert sorted(p.name for p in (tmp_path / "tiny-gguf").iterdir()) == ["Modelfile", "README.md", "tiny-gguf-q8_0.gguf"]
 
 
 def test_export_gguf_option_errors(lora_run, tmp_path, monkeypatch):
