@@ -6,12 +6,9 @@ from __future__ import annotations
 import hashlib
 import shlex
 
-from typer.testing import CliRunner
-
 from gmt_mlx.cli import app
 from gmt_mlx.run import rundir
-
-runner = CliRunner()
+from tests.helpers import runner
 
 
 def digest(folder) -> str:

@@ -7,15 +7,12 @@ from __future__ import annotations
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 from gmt_mlx.data.sources import column_warnings, load_splits
 from gmt_mlx.errors import UserError
+from tests.helpers import runner, write_jsonl
 
-from .conftest import write_jsonl
-
-runner = CliRunner()
 ALPACA = "instruction=prompt,output=completion"
 
 

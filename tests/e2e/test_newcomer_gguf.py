@@ -7,15 +7,12 @@ import hashlib
 from unittest import mock
 
 import pytest
-from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
-
-from .conftest import arithmetic_chat, write_jsonl
+from tests.helpers import arithmetic_chat, runner, write_jsonl
 
 pytest.importorskip("gguf")
 huggingface_hub = pytest.importorskip("huggingface_hub")
-runner = CliRunner()
 
 
 def cli(*args):

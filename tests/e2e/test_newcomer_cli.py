@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import typer.main
-from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 from gmt_mlx.cli.parsing import method_labels, parse_methods
 from gmt_mlx.config import Config
 from gmt_mlx.recipes import compare_plan
+from tests.helpers import runner
 
-runner = CliRunner()
 COMMANDS = ["finetune", "compare", "generate", "eval", "export", "push", "import-gguf", "doctor"]
 
 
