@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from gmt_mlx.cli import app
 from gmt_mlx.errors import UserError
-from gmt_mlx.evaluation import scorers as sc
+from gmt_mlx.data import scorers as sc
 
 runner = CliRunner()
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gmt_mlx.data.encoding import chat_ids
-from gmt_mlx.evaluation.rollouts import (KeyedSampler, Rollouts, key_from_state, key_state, rollout_logps,
+from gmt_mlx.objectives.grpo.rollouts import (KeyedSampler, Rollouts, key_from_state, key_state, rollout_logps,
                                          sample_rollouts, stop_token_ids)
 from gmt_mlx.models.loading import load_base
 

@@ -59,8 +59,8 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from gmt_mlx.blas_check import MARKER_VAR, cached_ok, check_blas, check_cache_key, remember_ok
-from gmt_mlx.blas_find import ENV_VAR, OPT_OUT_VALUES, find_optimized_blas, preload_environment
+from gmt_mlx.platform.blas_check import MARKER_VAR, cached_ok, check_blas, check_cache_key, remember_ok
+from gmt_mlx.platform.blas_find import ENV_VAR, OPT_OUT_VALUES, find_optimized_blas, preload_environment
 
 
 

@@ -35,7 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from gmt_mlx.core.grpo import completion_logps
+from gmt_mlx.objectives.grpo.loss import completion_logps
 
 
 @dataclass
