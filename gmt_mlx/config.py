@@ -39,12 +39,12 @@ MASK_TARGETS = ("grad", "update")
 # The objectives' names (gmt_mlx/objectives: one home each; its registry has exactly these keys, a test checks).
 TRAIN_MODES = ("sft", "dpo", "orpo", "grpo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
-# Online RL (GRPO, core/grpo.py): how the per-token loss is normalised, and how rewards are scaled
+# Online RL (GRPO, objectives/grpo/loss.py): how the per-token loss is normalised, and how rewards are scaled
 # into advantages; both as TRL defines them.
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 REWARD_SCALINGS = ("group", "batch", "none")
-# --reward takes any --scorer name (evaluation/scorers.py), a module:function, and these
-# rewards of its own (evaluation/rewards.py): "format", a final answer in a form the scorers read, at the end.
+# --reward takes any --scorer name (data/scorers.py), a module:function, and these
+# rewards of its own (objectives/grpo/rewards.py): "format", a final answer in a form the scorers read, at the end.
 REWARD_EXTRAS = ("format",)
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "muon")
 LR_SCHEDULES = ("cosine", "linear", "constant")

@@ -13,7 +13,7 @@ accuracy), evaluates the untouched base model once, and writes:
 Under ``--train-mode grpo`` every run trains with GRPO on the same prompts and
 rewards; validation is the mean reward of greedy answers (each run records its
 own step 0, the base model), the test evaluation scores greedy answers with
-the runs' rewards (mean and per reward, `evaluate.reward_evaluation`) instead
+the runs' rewards (mean and per reward, `reward_eval.reward_evaluation`) instead
 of a loss, and the table and plots show rewards (higher is better).
 
 (report.py builds results.md and the plots from the results dict.)

@@ -117,7 +117,7 @@ def dpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, reference: mx.a
     """Summed DPO loss over a batch of pairs, the pair count, and the per-pair metric sums.
 
     ``reference`` (2B,) holds the step-0 model's summed log-probabilities of
-    the same rows (computed once before training, see preference.py). The
+    the same rows (computed once before training, see objectives/dpo/reference.py). The
     rewards are β (policy - reference), summed over answer tokens (averaged
     per token for ipo, as its loss is).
     """

@@ -6,8 +6,8 @@ the loop's ``batches`` iterator: for each round it takes the step's prompts
 (in the same resumable order as SFT's examples, `batching.batch_order`),
 samples ``--num-generations`` completions of each with the weights as they are
 now (`rollouts.sample_rollouts`), scores them (`rewards.RewardSet`), turns the
-rewards into advantages (`grpo.group_advantages`) and yields micro-batches of
-arrays that `grpo.grpo_batch_loss` reads. A round serves ``--num-iterations``
+rewards into advantages (`loss.group_advantages`) and yields micro-batches of
+arrays that `loss.grpo_batch_loss` reads. A round serves ``--num-iterations``
 optimizer steps.
 
 Exact resume: the sampling key after the last round and, when a checkpoint
@@ -249,7 +249,7 @@ def validation_reward(model, tokenizer, split: TokenizedSplit, rows: List[dict],
                       config: Config, where: str) -> Dict[str, Any]:
     """Mean reward (and each reward's) of greedy answers to the valid prompts (the first --val-batches
     x --batch-size of them; -1: all), as a validation result: "loss" is minus the mean reward, so the
-    best checkpoint is the one with the highest reward. `evaluate.reward_evaluation` scores them, as
+    best checkpoint is the one with the highest reward. `reward_eval.reward_evaluation` scores them, as
     `gmt-mlx eval` of a GRPO run does."""
     count = len(split) if config.val_batches < 0 else min(len(split), config.val_batches * config.batch_size)
     # As many rows decoded together as a training micro-batch decodes.
