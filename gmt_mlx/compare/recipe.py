@@ -41,15 +41,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from gmt_mlx import config as cfg
+from gmt_mlx.compare.plan import CompareSpec, PlannedRun, plan, with_cadence
+from gmt_mlx.compare.report import aggregate, render_markdown, write_plots
 from gmt_mlx.config import Config
 from gmt_mlx.data.sources import data_options
 from gmt_mlx.errors import Interrupted, UserError
-from gmt_mlx.compare.plan import CompareSpec, PlannedRun, plan, with_cadence
-from gmt_mlx.compare.report import aggregate, render_markdown, write_plots
 from gmt_mlx.objectives import objective_of
 from gmt_mlx.run import rundir
-from gmt_mlx.run.rundir import RESULTS_MD
 from gmt_mlx.run.progress import format_seconds
+from gmt_mlx.run.rundir import RESULTS_MD
 
 if TYPE_CHECKING:  # annotations only: evaluate.py imports MLX, which `gmt-mlx compare --help` need not load
     from gmt_mlx.evaluation.evaluate import EvalOptions

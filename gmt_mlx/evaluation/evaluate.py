@@ -28,14 +28,14 @@ from gmt_mlx.data.batching import PAD_MULTIPLE, batch_order, make_batch
 from gmt_mlx.data.batching import pad_id as batch_pad_id
 from gmt_mlx.data.encoding import TokenizedSplit, tokenize_split
 from gmt_mlx.data.formats import is_preference_row
+from gmt_mlx.data.prompts import describe_prompt, prompt_of, prompt_tokens, split_where
+from gmt_mlx.data.scorers import get_scorer, reference_of
 from gmt_mlx.data.sources import load_splits
 from gmt_mlx.errors import UserError
 from gmt_mlx.objectives import objective_of
-from gmt_mlx.data.prompts import describe_prompt, prompt_of, prompt_tokens, split_where
 from gmt_mlx.objectives.dpo.reference import reference_logps
 from gmt_mlx.objectives.grpo.reward_eval import check_reward_rows, has_completions, limited, reward_evaluation
 from gmt_mlx.objectives.grpo.rewards import RewardSet, parse_rewards
-from gmt_mlx.data.scorers import get_scorer, reference_of
 from gmt_mlx.run import rundir
 
 DEFAULT_MAX_TOKENS = 64

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from gmt_mlx.platform.blas_find import preload_environment
 from gmt_mlx.paths import cache_root
+from gmt_mlx.platform.blas_find import preload_environment
 
 #: Set in the re-executed process; its presence forbids another re-exec (no loops).
 MARKER_VAR = "GMT_MLX_BLAS_REEXEC"

@@ -27,12 +27,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from gmt_mlx.config import Config
-from gmt_mlx.objectives.grpo.loss import completion_logps, group_advantages
 from gmt_mlx.data.batching import PAD_MULTIPLE, batch_order
 from gmt_mlx.data.encoding import Example, TokenizedSplit
-from gmt_mlx.errors import UserError
 from gmt_mlx.data.prompts import grpo_prompt, prompt_tokens
 from gmt_mlx.data.prompts import split_where as data_split_where
+from gmt_mlx.errors import UserError
+from gmt_mlx.objectives.grpo.loss import completion_logps, group_advantages
 from gmt_mlx.objectives.grpo.reward_eval import reward_evaluation
 from gmt_mlx.objectives.grpo.rewards import RewardSet, parse_rewards, reward_stats
 from gmt_mlx.objectives.grpo.rollouts import completion_text, key_from_state, key_state, sample_rollouts, stop_token_ids
