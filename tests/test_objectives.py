@@ -22,7 +22,7 @@ def test_objective_of_reads_a_name_a_config_or_a_saved_dict():
 
 
 def test_an_unknown_train_mode_is_a_one_line_error():
-    with pytest.raises(UserError, match=r"^--train-mode must be one of sft, dpo, orpo, grpo, got 'ppo'$"):
+    with pytest.raises(UserError, match=rf"^--train-mode must be one of {', '.join(cfg.TRAIN_MODES)}, got 'ppo'$"):
         objective_of({"train_mode": "ppo"})
 
 
