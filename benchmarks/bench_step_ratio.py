@@ -64,7 +64,7 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before,
     import mlx.core as mx
     import numpy as np
 
-    from gmt_mlx.config import Config
+    from gmt_mlx.config import Config, MaskOptions
     from gmt_mlx.core import trainer
     from gmt_mlx.core.optim import MaskedOptimizer, build_optimizer
     from gmt_mlx.models.methods import prepare_model
@@ -81,27 +81,29 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before,
         batch = (tokens, mask)
     else:
         batch, width = preference_batch(folders["prefs"], tokenizer, batch_size)
-    base = build_optimizer("adamw", defaults.learning_rate, weight_decay=defaults.weight_decay).optimizer
-    optimizers = {"sft": MaskedOptimizer(base, mask_ratio=0.0)}
+    base = build_optimizer(defaults.optim, defaults.learning_rate, seed=0).optimizer
+    optimizers = {"sft": MaskedOptimizer(base, MaskOptions(mask_ratio=0.0), seed=0)}
     for name in (contenders or CONTENDERS)[1:]:
         # "... ratio R": that mask ratio instead of MASK_RATIO (the cost of high ratios' larger samples).
         ratio = float(name.rsplit(" ", 1)[1]) if " ratio " in name else MASK_RATIO
         if name.startswith("random"):
-            optimizers[name] = MaskedOptimizer(base, method="random", mask_ratio=ratio)
+            optimizers[name] = MaskedOptimizer(base, MaskOptions(method="random", mask_ratio=ratio), seed=0)
         elif name.startswith("gmt before"):
             if before is not None:
-                optimizers[name] = _before_masks(before)(base, mask_ratio=ratio)
+                optimizers[name] = _before_masks(before)(base, MaskOptions(mask_ratio=ratio), seed=0)
         elif name.startswith("gmt tensor/grad sample"):
-            optimizers[name] = MaskedOptimizer(base, mask_ratio=ratio, sample_size=int(name.rsplit(" ", 1)[1]))
+            mask = MaskOptions(mask_ratio=ratio, mask_sample_size=int(name.rsplit(" ", 1)[1]))
+            optimizers[name] = MaskedOptimizer(base, mask, seed=0)
         else:
             scope, target = name.split()[1].split("/")
-            optimizers[name] = MaskedOptimizer(base, mask_ratio=ratio, scope=scope, target=target)
+            mask = MaskOptions(mask_ratio=ratio, mask_scope=scope, mask_target=target)
+            optimizers[name] = MaskedOptimizer(base, mask, seed=0)
     loss_fn = objective_of(train_mode).loss(Config(train_mode=train_mode))  # the mode's loss, default options
     fns = {name: trainer.make_step_fns(model, opt, loss_fn, grad_clip=defaults.grad_clip) for name, opt in optimizers.items()}
     grad_fn = fns["sft"][0]
     state = trainer.training_state(model, base)
 
-    # What trainer.train does before and at the update. Since DESIGN.md decision 8
+    # What trainer.train does before and at the update. Since docs/design.md decision 8
     # (trainer.accumulate), grad_fn returns the gradient of the summed loss and
     # update_fn(grads, scale, norm) scales it by 1 / target tokens; before, grad_fn's
     # gradient was already a mean and update_fn took (grads, norm).
@@ -135,7 +137,7 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before,
     shared_s = statistics.median(shared_times)
     sft = statistics.median(times["sft"])
     # The update costs the same whatever the batch; the shared part grows with
-    # the tokens of a step. DESIGN.md's reference step is 4 x 256 tokens.
+    # the tokens of a step. docs/design.md's reference step is 4 x 256 tokens.
     rows = batch[0].shape[0]  # a DPO batch: two rows per pair
     long_tokens = mx.array(np.resize(np.array(batch[0]), (rows, 256)), mx.int32)  # valid ids, repeated
     long_mask = mx.ones((rows, 256))

@@ -29,6 +29,10 @@ MAX_FUNCTION_LINES = 60
 LONG_BY_DESIGN = {
     "core/trainer.py::train": "the training loop: one step after another, each line a phase of it",
 }
+# Modules allowed past MAX_MODULE_LINES because cohesion wins (issue 33).
+LARGE_BY_DESIGN = {
+    "config.py": "every option's one definition, its checks, and the option groups made of those fields",
+}
 
 
 def modules() -> list[Path]:
@@ -46,7 +50,9 @@ def test_import_contracts_hold():
 
 def test_module_size_is_a_guide():
     """Past MAX_MODULE_LINES a module gets a warning, not a failure: split it by job, never to meet the number."""
-    large = [f"{p.relative_to(ROOT)} ({n} lines)" for p in modules() if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
+    large = [f"{p.relative_to(ROOT)} ({n} lines)" for p in modules()
+             if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+             and p.relative_to(PACKAGE).as_posix() not in LARGE_BY_DESIGN]
     if large:
         warnings.warn(f"modules over the {MAX_MODULE_LINES}-line guide: {', '.join(large)}", stacklevel=1)
 

@@ -64,7 +64,7 @@ class ObjectiveRun:
         """Work done once before the first step (DPO: the reference log-probabilities)."""
 
     def batches(self, default: Callable[[], Iterator], count: Callable[[int], None], shard: tuple) -> Iterator:
-        """The loop's batches: ``default()`` (the split's, in the resumable order) unless the objective makes its own."""
+        """The loop's batches: ``default()`` (the split's, in their resumable order) unless it has its own."""
         return default()
 
     def on_step(self, log_step: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -109,7 +109,9 @@ class Objective:
     def check(self, config) -> None:
         """What must be known before the (slow) model load: a bad option is a one-line UserError here."""
 
-    def tokenize(self, config, rows: Dict[str, list], tokenizer, log: Callable[[str], None]) -> Dict[str, TokenizedSplit]:
+    def tokenize(
+        self, config, rows: Dict[str, list], tokenizer, log: Callable[[str], None]
+    ) -> Dict[str, TokenizedSplit]:
         """Every split present as token ids (`tokenize_split`), with a warning for what was cut or dropped."""
         return tokenize_rows(config, rows, tokenizer, log, pairs=self.rows == "pairs")
 
@@ -127,24 +129,37 @@ class Objective:
         return ("val reward", -val_loss) if self.measure == "reward" else ("val loss", val_loss)
 
 
-def tokenize_rows(config, rows: Dict[str, list], tokenizer, log: Callable[[str], None], *,
-                  pairs: bool) -> Dict[str, TokenizedSplit]:
+def tokenize_rows(
+    config, rows: Dict[str, list], tokenizer, log: Callable[[str], None], *, pairs: bool
+) -> Dict[str, TokenizedSplit]:
     """Tokenize every split present (``pairs``: prompt/chosen/rejected rows); warn about truncation."""
     splits = {}
     for name, split_rows in rows.items():
         split = tokenize_split(
-            split_rows, tokenizer, mask_prompt=config.mask_prompt, max_seq_length=config.max_seq_length, name=name,
-            assistant_turns=config.assistant_turns, preference=pairs,
+            split_rows,
+            tokenizer,
+            mask_prompt=config.mask_prompt,
+            max_seq_length=config.max_seq_length,
+            name=name,
+            assistant_turns=config.assistant_turns,
+            preference=pairs,
         )
         what = "pairs" if pairs else "examples"
         if split.truncated:
-            log(f"warning: {split.truncated} of {len(split_rows)} {name} {what} were longer than "
-                f"--max-seq-length {config.max_seq_length} and were truncated")
+            log(
+                f"warning: {split.truncated} of {len(split_rows)} {name} {what} were longer than "
+                f"--max-seq-length {config.max_seq_length} and were truncated"
+            )
         if split.dropped and pairs:
-            log(f"warning: dropped {split.dropped} {name} pair{'s' if split.dropped != 1 else ''} whose prompt leaves "
-                f"no room for an answer within --max-seq-length {config.max_seq_length}")
+            log(
+                f"warning: dropped {split.dropped} {name} pair{'s' if split.dropped != 1 else ''} whose prompt leaves "
+                f"no room for an answer within --max-seq-length {config.max_seq_length}"
+            )
         elif split.dropped:
-            log(f"warning: dropped {split.dropped} {name} example{'s' if split.dropped != 1 else ''} with no target tokens left")
+            log(
+                f"warning: dropped {split.dropped} {name} example{'s' if split.dropped != 1 else ''} "
+                "with no target tokens left"
+            )
         if len(split) == 0:
             raise UserError(f"{name} split has no usable examples")
         splits[name] = split

@@ -43,7 +43,7 @@ def finetune(
     validation pass with the model being trained and the validation numbers
     (loss, ppl, exact_match or the preference metrics, and "best": whether it
     is the best so far); a study can measure more there (see
-    examples/ceiling_study.py). It must not change the model.
+    studies/ceiling_study.py). It must not change the model.
 
     Under `mlx.launch` every rank runs this; rank 0 alone prints, writes
     metrics, checkpoints and the final model (see distributed.py).

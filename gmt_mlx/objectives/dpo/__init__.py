@@ -37,8 +37,10 @@ class DPO(Objective):
     def describe(self, config: Dict[str, Any]) -> str:
         """DPO, its loss, beta and label smoothing."""
         smoothing = f", label smoothing {config.get('label_smoothing'):g}" if config.get("label_smoothing") else ""
-        return (f"DPO ({config.get('dpo_loss', 'sigmoid')} loss), beta {config.get('beta', 0.1):g}{smoothing}, "
-                "reference = the step-0 model")
+        return (
+            f"DPO ({config.get('dpo_loss', 'sigmoid')} loss), beta {config.get('beta', 0.1):g}{smoothing}, "
+            "reference = the step-0 model"
+        )
 
     def memory_terms(self, config, trainable_bytes: int) -> MemoryTerms:
         """Two rows per pair; the reference pass (forward only, at the same batch) stays below the step's peak."""
@@ -50,9 +52,12 @@ class DPO(Objective):
         if config.get("dpo_loss", "sigmoid") not in ("sigmoid", "hinge"):
             return {}
         t, b = tuned, reference
-        losses = dpo_pair_losses(*(mx.array(v.astype(np.float32)) for v in (t[:, 0], t[:, 1], b[:, 0], b[:, 1])),
-                                 beta=config.get("beta", 0.1), loss_type=config.get("dpo_loss", "sigmoid"),
-                                 label_smoothing=config.get("label_smoothing", 0.0))
+        losses = dpo_pair_losses(
+            *(mx.array(v.astype(np.float32)) for v in (t[:, 0], t[:, 1], b[:, 0], b[:, 1])),
+            beta=config.get("beta", 0.1),
+            loss_type=config.get("dpo_loss", "sigmoid"),
+            label_smoothing=config.get("label_smoothing", 0.0),
+        )
         return {"dpo_loss": float(np.array(losses).mean())}
 
     def start(self, config, run) -> ObjectiveRun:
@@ -70,12 +75,14 @@ class DpoReference(ObjectiveRun):
 
     def __init__(self, config, run):
         self.config, self.run = config, run
-        self.splits = {name: split for name, split in (("train", run.train_split), ("valid", run.valid_split))
-                       if split is not None}
+        self.splits = {
+            name: split for name, split in (("train", run.train_split), ("valid", run.valid_split)) if split is not None
+        }
         # One optimizer step's examples: --batch-size micro-batches x --grad-accumulation-steps.
         step_examples = config.batch_size * config.grad_accumulation_steps
-        self.needed = {"train": drawn_indices(run.train_split.lengths(), step_examples, seed=config.seed,
-                                              steps=run.steps)}
+        self.needed = {
+            "train": drawn_indices(run.train_split.lengths(), step_examples, seed=config.seed, steps=run.steps)
+        }
 
     def check_saved(self, out: Path, checkpoint: Optional[Path]) -> None:
         """On resume, the saved reference must cover the pairs this run draws."""
@@ -86,5 +93,13 @@ class DpoReference(ObjectiveRun):
     def prepare(self, out: Path, checkpoint: Optional[Path], *, write: bool, log: Callable[[str], None]) -> None:
         """On a fresh start, the step-0 model's log-probabilities of the pairs (rank 0 writes them)."""
         if checkpoint is None:
-            compute_reference(self.run.model, self.splits, out, write=write, batch_size=self.config.batch_size,
-                              pad_id=self.run.pad_id, needed=self.needed, log=log)
+            compute_reference(
+                self.run.model,
+                self.splits,
+                out,
+                write=write,
+                batch_size=self.config.batch_size,
+                pad_id=self.run.pad_id,
+                needed=self.needed,
+                log=log,
+            )

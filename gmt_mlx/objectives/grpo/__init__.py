@@ -23,9 +23,15 @@ from gmt_mlx.objectives.grpo.loss import grpo_batch_loss
 
 def grpo_options(config) -> dict:
     """`loss.grpo_batch_loss`'s keywords from the config."""
-    return {"loss_type": config.loss_type, "epsilon": config.epsilon, "epsilon_high": config.epsilon_high,
-            "max_completion_length": config.max_completion_length, "reuse": config.num_iterations > 1,
-            "beta": config.beta, "temperature": config.temperature}
+    return {
+        "loss_type": config.loss_type,
+        "epsilon": config.epsilon,
+        "epsilon_high": config.epsilon_high,
+        "max_completion_length": config.max_completion_length,
+        "reuse": config.num_iterations > 1,
+        "beta": config.beta,
+        "temperature": config.temperature,
+    }
 
 
 class GRPO(Objective):
@@ -46,17 +52,23 @@ class GRPO(Objective):
         """GRPO's loss, reward, group size, scaling, clip and KL term."""
         high = config.get("epsilon_high")
         clip = f"clip {config.get('epsilon', 0.2):g}" + (f"/{high:g}" if high is not None else "")
-        return (f"GRPO ({config.get('loss_type', 'dapo')} loss), reward {config.get('reward')}, "
-                f"{config.get('num_generations', 4)} completions per prompt, rewards scaled by "
-                f"{config.get('scale_rewards', 'group')}, {clip}, "
-                + (f"KL beta {config['beta']:g} to the step-0 model" if config.get("beta") else "no KL term"))
+        return (
+            f"GRPO ({config.get('loss_type', 'dapo')} loss), reward {config.get('reward')}, "
+            f"{config.get('num_generations', 4)} completions per prompt, rewards scaled by "
+            f"{config.get('scale_rewards', 'group')}, {clip}, "
+            + (f"KL beta {config['beta']:g} to the step-0 model" if config.get("beta") else "no KL term")
+        )
 
     def memory_terms(self, config, trainable_bytes: int) -> MemoryTerms:
         """A micro-batch's prompts x G completions decoded at once (the KV cache), each at most
         --max-completion-length tokens past its prompt, and with --beta > 0 the step-0 trainable weights
         (all of them for full/gmt/random, the adapters for lora/dora)."""
-        return MemoryTerms(rows=config.num_generations, completion_tokens=config.max_completion_length,
-                           rollouts=True, reference_bytes=trainable_bytes if config.beta > 0 else 0)
+        return MemoryTerms(
+            rows=config.num_generations,
+            completion_tokens=config.max_completion_length,
+            rollouts=True,
+            reference_bytes=trainable_bytes if config.beta > 0 else 0,
+        )
 
     def rounds(self, config) -> int:
         """A round of rollouts serves --num-iterations optimizer steps."""
@@ -83,11 +95,20 @@ class GrpoRun(ObjectiveRun):
         # beta > 0: the KL term's reference is the step-0 model, whose trainable weights are the ones held
         # now (a resume loads the checkpoint later; set-up is seeded, so LoRA's initial adapters are the same).
         reference = dict(tree_flatten(run.model.trainable_parameters())) if config.beta > 0 else None
-        self.rollouts = RolloutBatches(config, run.model, run.tokenizer, run.train_split, run.rows["train"], rewards,
-                                       run.pad_id, reference=reference)
+        self.rollouts = RolloutBatches(
+            config,
+            run.model,
+            run.tokenizer,
+            run.train_split,
+            run.rows["train"],
+            rewards,
+            run.pad_id,
+            reference=reference,
+        )
         if run.valid_split is not None:
-            self.validate = lambda m: validation_reward(m, run.tokenizer, run.valid_split, run.rows["valid"], rewards,
-                                                        config, split_where(config, "valid"))
+            self.validate = lambda m: validation_reward(
+                m, run.tokenizer, run.valid_split, run.rows["valid"], rewards, config, split_where(config, "valid")
+            )
 
     def restore(self, start_step: int, meta: Optional[dict], checkpoint: Optional[Path]) -> None:
         """The sampling key (and a round in use) from the checkpoint."""
@@ -100,9 +121,11 @@ class GrpoRun(ObjectiveRun):
 
     def on_step(self, log_step: Callable[[Any], None]) -> Callable[[Any], None]:
         """The rewards of the rollouts the step trained on, beside the loss's metrics."""
+
         def on_step(result):
             result.metrics.update(self.rollouts.step_metrics())
             log_step(result)
+
         return on_step
 
     def checkpoint_state(self) -> Dict[str, Any]:
