@@ -28,7 +28,7 @@ benchmarks/README.md for the method, benchmarks/RESULTS.md for results). Only
 ratios measured side by side are reported.
 
 On Linux the script re-executes itself with an optimized BLAS preloaded, the
-same mechanism as the gmt-mlx CLI (gmt_mlx/blas.py); --no-blas keeps MLX's
+same mechanism as the gmt-mlx CLI (gmt_mlx/platform/blas.py); --no-blas keeps MLX's
 reference BLAS.
 """
 
@@ -106,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if unknown:
         parser.error(f"unknown --sections {','.join(unknown)} (choose from {','.join(NAMES)})")
     if not args.no_blas:
-        from gmt_mlx.blas import maybe_reexec_with_blas
+        from gmt_mlx.platform.blas import maybe_reexec_with_blas
 
         log(f"BLAS: {maybe_reexec_with_blas()}")
     t_start = time.perf_counter()

@@ -29,7 +29,7 @@ Three sections, on SmolLM2-135M and examples/data/chain_sum (reward reasoning_gy
     python benchmarks/bench_grpo.py --sections runs --iters 6 --pairs 2
 
 Writes benchmarks/results/grpo-<section>.json (and prints a summary). On Linux
-CPU it first re-executes itself with an optimized BLAS preloaded (gmt_mlx/blas.py).
+CPU it first re-executes itself with an optimized BLAS preloaded (gmt_mlx/platform/blas.py).
 """
 
 from __future__ import annotations
@@ -77,9 +77,9 @@ def fixed_section(methods, reps: int, cold: bool = False) -> dict:
     # One round of rollouts, sampled by the first set-up's (step-0) model: every method trains on it.
     first = runs[methods[0]]
     t0 = time.perf_counter()
-    batch = next(iter(first.rollouts))
+    batch = next(iter(first.session.rollouts))
     rollout_s = time.perf_counter() - t0
-    stats = dict(first.rollouts.round.stats)
+    stats = dict(first.session.rollouts.round.stats)
     log(f"rollouts: {rollout_s:.1f}s, batch shape {tuple(batch[0].shape)}, reward {stats.get('reward'):.3f}, "
         f"completion length {stats.get('completion_length'):.1f}")
 
@@ -221,11 +221,11 @@ def reencode_section(prompts: int, max_tokens: int, seed: int = 0) -> dict:
     The rollouts are the recipe's own (``sample_rollouts``, temperature 1, top-p 1) on the first ``prompts``
     train prompts, 4 completions each; the text is what a reward sees (stop token dropped, ``completion_text``)."""
     from gmt_mlx.recipes.setup import build_setup
-    from gmt_mlx.recipes.grpo import completion_text
-    from gmt_mlx.evaluation.rollouts import sample_rollouts
+    from gmt_mlx.objectives.grpo.rollouts import completion_text
+    from gmt_mlx.objectives.grpo.rollouts import sample_rollouts
 
     run = build_setup(_config("full", iters=100, max_completion_length=max_tokens, seed=seed), lambda *_: None)
-    tok, stops = run.tokenizer, run.rollouts.stops
+    tok, stops = run.tokenizer, run.session.rollouts.stops
     g = SETTINGS["num_generations"]
     changed = changed_tokens = total = tokens = truncated = changed_truncated = 0
     examples = []
@@ -270,7 +270,7 @@ def main() -> None:
     parser.add_argument("--no-blas", action="store_true")
     args = parser.parse_args()
     if not args.no_blas:
-        from gmt_mlx.blas import maybe_reexec_with_blas
+        from gmt_mlx.platform.blas import maybe_reexec_with_blas
 
         print(f"BLAS: {maybe_reexec_with_blas()}", flush=True)
     from gmt_mlx.config import Config

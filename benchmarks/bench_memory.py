@@ -81,7 +81,7 @@ mx.save_safetensors = _save_after_peak  # mlx_lm's trainer calls mx.save_safeten
 sys.argv = ["mlx_lm"] + sys.argv[1:]
 from mlx_lm import cli
 cli.main()
-from gmt_mlx.blas import blas_info  # after the run: which BLAS MLX was bound to
+from gmt_mlx.platform.blas import blas_info  # after the run: which BLAS MLX was bound to
 print(f"BENCH_BLAS {blas_info(measure=False)['library']}", file=sys.stderr, flush=True)
 """
 TOKEN_COUNT = r"""
@@ -126,7 +126,7 @@ def blas_env() -> tuple[dict, str | None]:
     gmt-mlx re-execs itself with it (and checks it numerically); mlx_lm does not, so its process
     gets the same LD_PRELOAD from gmt_mlx.blas here. GMT_MLX_BLAS=reference keeps both on MLX's
     reference BLAS."""
-    from gmt_mlx import blas
+    from gmt_mlx.platform import blas
 
     if (os.environ.get(blas.ENV_VAR) or "").strip().lower() in blas.OPT_OUT_VALUES:
         return dict(os.environ), None

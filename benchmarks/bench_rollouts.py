@@ -14,7 +14,7 @@ sampled runs draw different completions, so lengths can differ.
     python benchmarks/bench_rollouts.py --model smollm2-135m     # a real model (cached or downloaded)
 
 On Linux CPU it first re-executes itself with an optimized BLAS preloaded,
-as bench.py does (gmt_mlx/blas.py; --no-blas to keep MLX's reference BLAS).
+as bench.py does (gmt_mlx/platform/blas.py; --no-blas to keep MLX's reference BLAS).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def load(name: str):
 
 
 def ours(model, tokenizer, prompts, args, seed):
-    from gmt_mlx.evaluation.rollouts import sample_rollouts
+    from gmt_mlx.objectives.grpo.rollouts import sample_rollouts
 
     start = time.perf_counter()
     out = sample_rollouts(model, tokenizer, prompts, num_generations=args.num_generations,
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--no-blas", action="store_true", help="keep MLX's bundled reference BLAS (no re-exec)")
     args = parser.parse_args()
     if not args.no_blas:  # as bench.py and the CLI: MLX's bundled reference BLAS makes CPU runs ~20x slower
-        from gmt_mlx.blas import maybe_reexec_with_blas
+        from gmt_mlx.platform.blas import maybe_reexec_with_blas
 
         print(f"BLAS: {maybe_reexec_with_blas()}", flush=True)
 

@@ -69,7 +69,7 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before,
     from gmt_mlx.core.optim import MaskedOptimizer, build_optimizer
     from gmt_mlx.models.methods import prepare_model
 
-    from gmt_mlx.core.losses import make_loss
+    from gmt_mlx.objectives import objective_of
 
     defaults = Config()
     model, tokenizer = load_model(spec.path)
@@ -98,7 +98,7 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before,
             scope, target = name.split()[1].split("/")
             mask = MaskOptions(mask_ratio=ratio, mask_scope=scope, mask_target=target)
             optimizers[name] = MaskedOptimizer(base, mask, seed=0)
-    loss_fn = make_loss(train_mode, beta=defaults.beta, dpo_loss_type=defaults.dpo_loss)
+    loss_fn = objective_of(train_mode).loss(Config(train_mode=train_mode))  # the mode's loss, default options
     fns = {name: trainer.make_step_fns(model, opt, loss_fn, grad_clip=defaults.grad_clip) for name, opt in optimizers.items()}
     grad_fn = fns["sft"][0]
     state = trainer.training_state(model, base)

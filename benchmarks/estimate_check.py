@@ -108,7 +108,7 @@ def run_row(run: Path) -> tuple:
 
     from gmt_mlx.data.sources import data_options, load_splits
     from gmt_mlx.models.resolve import resolve_model
-    from gmt_mlx.recipes.plan import tokenize_splits
+    from gmt_mlx.objectives import objective_of
 
     values = yaml.safe_load((run / "config.yaml").read_text())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -117,7 +117,8 @@ def run_row(run: Path) -> tuple:
     folder = resolve_model(values["model"])
     config = resolve(overrides=values)
     rows = load_splits(config.data, **data_options(config))
-    lengths = tokenize_splits(config, {"train": rows["train"]}, load_tokenizer(folder), lambda _: None)["train"].lengths()
+    lengths = objective_of(config).tokenize(config, {"train": rows["train"]}, load_tokenizer(folder),
+                                            lambda _: None)["train"].lengths()
     return run.name, peak, train[-1].get("memory_estimate_gb"), values, folder, lengths
 
 

@@ -44,7 +44,7 @@ def environment() -> dict:
     import mlx.core as mx
     import mlx_lm
 
-    from gmt_mlx.blas import blas_info
+    from gmt_mlx.platform.blas import blas_info
 
     cpu = platform.processor()
     try:

@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--no-blas", action="store_true")
     args = parser.parse_args()
     if not args.no_blas:
-        from gmt_mlx.blas import maybe_reexec_with_blas
+        from gmt_mlx.platform.blas import maybe_reexec_with_blas
 
         maybe_reexec_with_blas()
 

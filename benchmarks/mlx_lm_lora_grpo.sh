@@ -86,7 +86,7 @@ import json, sys
 from pathlib import Path
 from mlx_lm.utils import load_tokenizer
 from gmt_mlx.evaluation.evaluate import prompt_tokens
-from gmt_mlx.recipes.grpo import grpo_prompt
+from gmt_mlx.data.prompts import grpo_prompt
 
 src, out, model = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 tokenizer = load_tokenizer(Path(model))

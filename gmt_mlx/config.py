@@ -36,16 +36,15 @@ WEIGHT_ROUNDINGS = ("stochastic", "nearest")
 ASSISTANT_TURNS = ("final", "all")  # which assistant turns of a chat are targets under mask_prompt
 MASK_SCOPES = ("tensor", "layer", "global")
 MASK_TARGETS = ("grad", "update")
+# The objectives' names (gmt_mlx/objectives: one home each; its registry has exactly these keys, a test checks).
 TRAIN_MODES = ("sft", "dpo", "orpo", "grpo")
-# The objectives trained on prompt/chosen/rejected pairs (the one test: Config.preference, is_preference).
-PREFERENCE_MODES = ("dpo", "orpo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
-# Online RL (GRPO, core/grpo.py): how the per-token loss is normalised, and how rewards are scaled
+# Online RL (GRPO, objectives/grpo/loss.py): how the per-token loss is normalised, and how rewards are scaled
 # into advantages; both as TRL defines them.
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 REWARD_SCALINGS = ("group", "batch", "none")
-# --reward takes any --scorer name (evaluation/scorers.py), a module:function, and these
-# rewards of its own (evaluation/rewards.py): "format", a final answer in a form the scorers read, at the end.
+# --reward takes any --scorer name (data/scorers.py), a module:function, and these
+# rewards of its own (objectives/grpo/rewards.py): "format", a final answer in a form the scorers read, at the end.
 REWARD_EXTRAS = ("format",)
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "muon")
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -78,11 +77,6 @@ def check_mask_ratio(mask_ratio: float) -> float:
     if not (0.0 <= float(mask_ratio) < 1.0):
         raise ValueError(f"mask_ratio must be in [0, 1) (the fraction dropped), got {mask_ratio}")
     return float(mask_ratio)
-
-
-def is_preference(train_mode: str | None) -> bool:
-    """Whether ``train_mode`` trains on prompt/chosen/rejected pairs (dpo, orpo)."""
-    return train_mode in PREFERENCE_MODES
 
 
 @dataclass
@@ -181,11 +175,6 @@ class Config:
         self.method = METHOD_ALIASES.get(self.method, self.method)
         if self.beta is None:  # per mode: GRPO's default is no KL term (no reference held), DPO's 0.1
             self.beta = 0.0 if self.train_mode == "grpo" else 0.1
-
-    @property
-    def preference(self) -> bool:
-        """Whether the objective trains on preference pairs (dpo, orpo)."""
-        return is_preference(self.train_mode)
 
     @property
     def masked(self) -> bool:

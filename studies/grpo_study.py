@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--collect", nargs="?", const=ROOT / "docs" / "evidence" / "grpo", type=Path,
                         help="copy every run's study.json (and the base's, the rates) to this folder and stop")
     args = parser.parse_args()
-    from gmt_mlx.blas import maybe_reexec_with_blas
+    from gmt_mlx.platform.blas import maybe_reexec_with_blas
 
     maybe_reexec_with_blas()  # as the CLI does: MLX's Linux CPU wheel otherwise uses the ~20x slower reference BLAS
     if args.collect:

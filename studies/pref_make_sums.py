@@ -175,7 +175,7 @@ def sample_rejected(model, tokenizer, items: list, log=print) -> tuple:
 def greedy_accuracy(model, tokenizer, rows: list) -> dict:
     """The base model's greedy answers to rows' prompts, scored by exact, number and reasoning_gym."""
     from gmt_mlx.evaluation.evaluate import generate_batch
-    from gmt_mlx.evaluation.scorers import get_scorer
+    from gmt_mlx.data.scorers import get_scorer
 
     t0 = time.perf_counter()
     answers = generate_batch(model, tokenizer, [r["prompt"] for r in rows], max_tokens=GREEDY_MAX_TOKENS, batch_size=BATCH)
@@ -212,7 +212,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(OUT), help="output folder (default: examples/data/prefs)")
     args = parser.parse_args(argv)
 
-    from gmt_mlx.blas import maybe_reexec_with_blas
+    from gmt_mlx.platform.blas import maybe_reexec_with_blas
 
     print(f"BLAS: {maybe_reexec_with_blas()}", flush=True)  # the fast BLAS on Linux, as gmt-mlx itself does
     from gmt_mlx.models.loading import load_base
@@ -247,7 +247,7 @@ def main(argv=None) -> None:
             })
         if len(rows) < pairs:
             raise SystemExit(f"{split}: only {len(rows)} pairs (the model was right on {skipped} problems); raise SPARE")
-        from gmt_mlx.evaluation.scorers import number_match
+        from gmt_mlx.data.scorers import number_match
 
         report["splits"][split] = {
             "seed": seed, "pairs": len(rows), "problems_examined": len(rows) + skipped,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from gmt_mlx.config import load_yaml
-from gmt_mlx.evaluation.scorers import get_scorer, reference_of
+from gmt_mlx.data.scorers import get_scorer, reference_of
 
 REPO = Path(__file__).resolve().parent.parent
 SUMS = REPO / "examples" / "data" / "sums"

@@ -36,7 +36,7 @@ app.command("doctor", cls=ConfigHelpCommand)(with_help_all(doctor))
 def main() -> None:
     """Console entry point: on Linux, first switch MLX to an optimized BLAS when one is
     installed and passes a numerical check (GMT_MLX_BLAS=reference opts out; see blas.py)."""
-    from gmt_mlx.blas import maybe_reexec_with_blas
+    from gmt_mlx.platform.blas import maybe_reexec_with_blas
 
     maybe_reexec_with_blas()
     app()

@@ -10,8 +10,8 @@ from typing import Annotated, Any, Dict, Optional
 import typer
 
 from gmt_mlx.cli.common import echo, eval_option, user_errors, with_config_options
+from gmt_mlx.compare.plan import PER_RUN_KEYS
 from gmt_mlx.config import COMPARE_MAX_TOKENS, eval_default
-from gmt_mlx.recipes.compare_plan import PER_RUN_KEYS
 
 
 def _command_line() -> Optional[str]:
@@ -59,10 +59,10 @@ def compare(
     from gmt_mlx.cli.parsing import method_labels, parse_learning_rates, parse_mask_ratios, parse_methods, parse_seeds
     from gmt_mlx.config import load_yaml, resolve
     from gmt_mlx.errors import UserError
-    from gmt_mlx.evaluation.report import RESULTS_MD
-    from gmt_mlx.evaluation.scorers import parse_scorers
-    from gmt_mlx.recipes.compare import compare as run
-    from gmt_mlx.recipes.compare_plan import CADENCE_KEYS, CompareSpec, check_base
+    from gmt_mlx.run.rundir import RESULTS_MD
+    from gmt_mlx.data.scorers import parse_scorers
+    from gmt_mlx.compare.recipe import compare as run
+    from gmt_mlx.compare.plan import CADENCE_KEYS, CompareSpec, check_base
 
     from_yaml = load_yaml(config_file) if config_file is not None else {}
     if config_file is not None:

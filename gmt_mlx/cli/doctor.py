@@ -13,7 +13,7 @@ def doctor() -> None:
 
     import mlx.core as mx
 
-    from gmt_mlx.blas import ENV_VAR, MARKER_VAR, blas_info, install_hint
+    from gmt_mlx.platform.blas import ENV_VAR, MARKER_VAR, blas_info, install_hint
 
     info = blas_info(measure=True)
     echo(f"mlx        {info.get('mlx_version')} on {platform.system()} {platform.machine()}")

@@ -83,8 +83,8 @@ def eval_options(*, split: str, scorer: Optional[str], max_tokens: Optional[int]
     """The command's options as one `EvalOptions`, checked (UserError naming the flag)."""
     from gmt_mlx.errors import UserError
     from gmt_mlx.evaluation.evaluate import EvalOptions
-    from gmt_mlx.evaluation.rewards import parse_rewards
-    from gmt_mlx.evaluation.scorers import parse_scorers
+    from gmt_mlx.objectives.grpo.rewards import parse_rewards
+    from gmt_mlx.data.scorers import parse_scorers
 
     if limit is not None and limit < 0:
         raise UserError(f"--limit must be 0 or more, got {limit}")

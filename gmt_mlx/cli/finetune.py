@@ -25,6 +25,7 @@ def finetune(
     Re-running with the same --out resumes an interrupted run of the same config.
     """
     from gmt_mlx.config import resolve
+    from gmt_mlx.objectives import objective_of
     from gmt_mlx.recipes.finetune import finetune as run
 
     base, resuming = None, resume is not None
@@ -33,9 +34,11 @@ def finetune(
         resuming = resume.exists()
     config = resolve(config_file, overrides, base=base)
     result = run(config, overwrite=overwrite, resume=resuming, force=force, log=echo)
-    val = f", val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f})" if result.val_loss is not None else ""
-    if config.train_mode == "grpo" and result.val_loss is not None:  # GRPO's "val loss" is minus the mean reward
-        val = f", val reward {-result.val_loss:.4f} (best {-result.best_val_loss:.4f})"
+    val = ""
+    if result.val_loss is not None:  # GRPO's "val loss" is minus the mean reward: it shows the reward
+        shown = objective_of(config).shown_validation
+        (name, value), (_, best) = shown(result.val_loss), shown(result.best_val_loss)
+        val = f", {name} {value:.4f} (best {best:.4f})"
     if result.already_finished:
         echo(f"{result.out} is already finished; nothing changed")
         echo(f"finished: {result.steps} steps, train loss {result.train_loss:.4f}{val}")
@@ -84,13 +87,14 @@ def _example_prompt(config, samples: list) -> str:
     """A prompt of the kind the model was trained on: a sample's, else the first held-out one."""
     from gmt_mlx.data.sources import data_options
     from gmt_mlx.data.sources import load_splits
+    from gmt_mlx.data.prompts import describe_prompt, sample_prompts
     from gmt_mlx.errors import UserError
-    from gmt_mlx.evaluation.prompts import describe_prompt, sample_prompts
+    from gmt_mlx.objectives import objective_of
 
     if samples:
         return samples[0]["prompt"]
     try:
-        rows = load_splits(config.data, **data_options(config), prompts=config.train_mode == "grpo")
+        rows = load_splits(config.data, **data_options(config), **objective_of(config).load_options())
     except UserError:
         return "..."
     prompts = sample_prompts(rows.get("test") or rows.get("valid") or rows.get("train") or [], 1)

@@ -14,14 +14,12 @@ ones, with the prompt in front and only the answer's tokens as targets.
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from gmt_mlx.config import DPO_LOSSES, TRAIN_MODES
-from gmt_mlx.core.grpo import grpo_batch_loss
+from gmt_mlx.config import DPO_LOSSES
 
 # Per-pair sums a preference loss reports; divided by the pair count they are means.
 PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
@@ -119,7 +117,7 @@ def dpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, reference: mx.a
     """Summed DPO loss over a batch of pairs, the pair count, and the per-pair metric sums.
 
     ``reference`` (2B,) holds the step-0 model's summed log-probabilities of
-    the same rows (computed once before training, see preference.py). The
+    the same rows (computed once before training, see objectives/dpo/reference.py). The
     rewards are β (policy - reference), summed over answer tokens (averaged
     per token for ipo, as its loss is).
     """
@@ -165,20 +163,6 @@ def orpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, *, lam: float)
     metrics = _preference_metrics(lam * mx.stop_gradient(chosen), lam * mx.stop_gradient(rejected),
                                   mx.stop_gradient(logps[:pairs]), mx.stop_gradient(logps[pairs:]))
     return losses.sum(), mx.array(float(pairs)), metrics
-
-
-def make_loss(train_mode: str = "sft", *, beta: float, dpo_loss_type: str,
-              label_smoothing: float = 0.0, orpo_lambda: float = 0.1, grpo: Optional[dict] = None) -> Callable:
-    """The loss function of a training mode, its hyper-parameters bound (``grpo``: `grpo_batch_loss`'s keywords)."""
-    if train_mode == "sft":
-        return sft_loss
-    if train_mode == "dpo":
-        return partial(dpo_loss, beta=beta, loss_type=dpo_loss_type, label_smoothing=label_smoothing)
-    if train_mode == "orpo":
-        return partial(orpo_loss, lam=orpo_lambda)
-    if train_mode == "grpo":
-        return partial(grpo_batch_loss, **(grpo or {}))
-    raise ValueError(f"unknown train mode {train_mode!r} (one of {', '.join(TRAIN_MODES)})")
 
 
 def add_totals(totals: Totals, earlier: Optional[tuple]) -> Totals:

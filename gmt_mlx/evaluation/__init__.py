@@ -1,4 +1,5 @@
-"""Evaluation: losses and generation accuracy on a split, answer scorers, DPO's reference log-probabilities, compare's reports.
+"""Evaluation: losses and generation accuracy on a split, greedy answers scored by --scorer or --reward.
 
-Imports core/, data/, models/, run/ and the bottom layer.
+Imports objectives/ (GRPO's rewards and reward validation, DPO's reference
+log-probabilities), core/, data/, models/, run/ and the bottom layer.
 """

@@ -29,13 +29,14 @@ from gmt_mlx.data.batching import PAD_MULTIPLE, batch_order, make_batch
 from gmt_mlx.data.batching import pad_id as batch_pad_id
 from gmt_mlx.data.encoding import TokenizedSplit, tokenize_split
 from gmt_mlx.data.formats import is_preference_row
+from gmt_mlx.data.prompts import describe_prompt, prompt_of, prompt_tokens, split_where
+from gmt_mlx.data.scorers import get_scorer, reference_of
 from gmt_mlx.data.sources import load_splits
 from gmt_mlx.errors import UserError
-from gmt_mlx.evaluation.prompts import describe_prompt, prompt_of, prompt_tokens, split_where
-from gmt_mlx.evaluation.reference import reference_logps
-from gmt_mlx.evaluation.reward_eval import check_reward_rows, has_completions, limited, reward_evaluation
-from gmt_mlx.evaluation.rewards import RewardSet, parse_rewards
-from gmt_mlx.evaluation.scorers import get_scorer, reference_of
+from gmt_mlx.objectives import objective_of
+from gmt_mlx.objectives.dpo.reference import reference_logps
+from gmt_mlx.objectives.grpo.reward_eval import check_reward_rows, has_completions, limited, reward_evaluation
+from gmt_mlx.objectives.grpo.rewards import RewardSet, parse_rewards
 from gmt_mlx.run import rundir
 
 # Written once, in config (EvalFields, and Config's --max-seq-length for a plain model).
@@ -90,7 +91,7 @@ class EvalOptions:
         """
         own = sources.data_options(dict(run)) if not data or data == run.get("data") else {}
         given = {key: value for key, value in self.data_options().items() if value is not None}
-        grpo = run.get("train_mode") == "grpo"
+        grpo = objective_of(run).measure == "reward"
         # A GRPO run asked for nothing in particular is scored by its own rewards.
         own_rewards = grpo and self.rewards is None and not self.scorers
         rewards = run.get("reward", "exact") if own_rewards else self.rewards
@@ -263,7 +264,7 @@ def evaluate_model(
     t0 = time.perf_counter()
     if options.loss and not has_completions(rows):
         result["loss_skipped"] = "the rows are prompts with no completion"
-    elif options.loss and is_preference(rows):
+    elif options.loss and are_pairs(rows):
         result.update(preference_accuracy(model, tokenizer, rows, split=options.split,
                                           max_seq_length=options.max_seq_length, batch_size=options.batch_size))
     elif options.loss:
@@ -295,7 +296,7 @@ def sft_loss_of(model: nn.Module, tokenizer, rows: List[dict], options: EvalOpti
             "mask_prompt": options.mask_prompt}
 
 
-def is_preference(rows: List[dict]) -> bool:
+def are_pairs(rows: List[dict]) -> bool:
     """Whether a split holds prompt/chosen/rejected rows (files hold one format: the first row decides)."""
     return bool(rows) and is_preference_row(rows[0])
 
@@ -331,15 +332,8 @@ def against_base(tuned: dict, base: dict, run: Optional[dict] = None) -> dict:
         return {}
     t, b = (np.asarray(r["pair_logps"], dtype=np.float64) for r in (tuned, base))
     out = {"reward_accuracy": float(((t[:, 0] - b[:, 0]) > (t[:, 1] - b[:, 1])).mean())}
-    if run and run.get("train_mode") == "dpo" and run.get("dpo_loss", "sigmoid") in ("sigmoid", "hinge"):
-        import mlx.core as mx
-
-        from gmt_mlx.core.losses import dpo_pair_losses
-
-        losses = dpo_pair_losses(*(mx.array(v.astype(np.float32)) for v in (t[:, 0], t[:, 1], b[:, 0], b[:, 1])),
-                                 beta=run.get("beta", 0.1), loss_type=run.get("dpo_loss", "sigmoid"),
-                                 label_smoothing=run.get("label_smoothing", 0.0))
-        out["dpo_loss"] = float(np.array(losses).mean())
+    if run:  # the objective's own numbers against this reference (DPO: its loss)
+        out.update(objective_of(run).against_reference(run, t, b))
     return out
 
 

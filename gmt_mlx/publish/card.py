@@ -16,12 +16,13 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
-from gmt_mlx.config import ADAPTER_METHODS, MASKED_METHODS, is_preference
+from gmt_mlx.config import ADAPTER_METHODS, MASKED_METHODS
 from gmt_mlx.errors import UserError
-from gmt_mlx.evaluation.report import RESULTS_MD
 from gmt_mlx.models.resolve import ModelOrigin, model_origin
+from gmt_mlx.objectives import objective_of
 from gmt_mlx.publish.gguf_card import gguf_intro, gguf_metadata, gguf_usage
 from gmt_mlx.run import rundir
+from gmt_mlx.run.rundir import RESULTS_MD
 
 CARD_FILE = "README.md"
 # The usage snippets name the model by this until `push` knows the repo id.
@@ -163,22 +164,8 @@ def _method_rows(config: Dict[str, Any], setup: Dict[str, Any]) -> List[tuple]:
 
 
 def objective_text(config: Dict[str, Any]) -> str:
-    """The training objective and its settings, in a few words (the card, the start-up summary)."""
-    mode = config.get("train_mode", "sft")
-    if mode == "dpo":
-        smoothing = f", label smoothing {config.get('label_smoothing'):g}" if config.get("label_smoothing") else ""
-        return (f"DPO ({config.get('dpo_loss', 'sigmoid')} loss), beta {config.get('beta', 0.1):g}{smoothing}, "
-                "reference = the step-0 model")
-    if mode == "orpo":
-        return f"ORPO, lambda {config.get('orpo_lambda', 0.1):g} (no reference model)"
-    if mode == "grpo":
-        high = config.get("epsilon_high")
-        clip = f"clip {config.get('epsilon', 0.2):g}" + (f"/{high:g}" if high is not None else "")
-        return (f"GRPO ({config.get('loss_type', 'dapo')} loss), reward {config.get('reward')}, "
-                f"{config.get('num_generations', 4)} completions per prompt, rewards scaled by "
-                f"{config.get('scale_rewards', 'group')}, {clip}, "
-                + (f"KL beta {config['beta']:g} to the step-0 model" if config.get("beta") else "no KL term"))
-    return "SFT (next-token loss)"
+    """The training objective and its settings, in a few words (the card, the start-up summary): the objective's own."""
+    return objective_of(config).describe(config)
 
 
 def _training_rows(config: Dict[str, Any]) -> List[tuple]:
@@ -346,7 +333,8 @@ def card_metadata(config: Dict[str, Any], origin: ModelOrigin, *, adapter: bool,
         meta["datasets"] = list(datasets)
     meta["pipeline_tag"] = "text-generation"
     tags = ["gmt", "mlx", "gmt-mlx", "gradient-mask-tuning", config.get("method", "gmt")]
-    tags += [config["train_mode"]] if is_preference(config.get("train_mode")) or config.get("train_mode") == "grpo" else []
+    objective = objective_of(config)
+    tags += [objective.name] if objective.named else []
     tags += ["lora"] if adapter and "lora" not in tags else []
     meta["tags"] = list(dict.fromkeys(tags))
     return meta
@@ -368,12 +356,11 @@ def _intro(config: Dict[str, Any], base_id: Optional[str], *, dtype: str, checkp
                 "they load with `transformers` and `mlx_lm`")
     details = [f"step {step}"] if step is not None else []
     if checkpoint_val_loss is not None:  # GRPO's validation "loss" is minus the mean reward
-        grpo = config.get("train_mode") == "grpo"
-        details += [f"validation reward {_fmt(-checkpoint_val_loss)}" if grpo else f"validation loss {_fmt(checkpoint_val_loss)}"]
+        name, value = objective_of(config).shown_validation(checkpoint_val_loss)
+        details += [f"{name.replace('val ', 'validation ')} {_fmt(value)}"]
     source = "the final model" if checkpoint == "last" else f"checkpoint `{checkpoint}`"
     source += f" ({', '.join(details)})" if details else ""
-    named = is_preference(config.get("train_mode")) or config.get("train_mode") == "grpo"
-    objective = f" on the {objective_text(config)} objective" if named else ""
+    objective = f" on the {objective_text(config)} objective" if objective_of(config).named else ""
     return (f"{base_text} fine-tuned with {METHOD_NAMES.get(method, f'`{method}`')}{objective} using gmt-mlx on "
             f"[MLX](https://github.com/ml-explore/mlx). This repository holds {what}; exported from {source}.")
 

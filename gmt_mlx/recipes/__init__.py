@@ -1,4 +1,4 @@
-"""The recipes the CLI runs: finetune (plan, setup, outputs, the recipe) and compare.
+"""The fine-tuning recipe the CLI runs: plan, setup, outputs, the recipe (each objective's part asked of it).
 
-Imports every layer below; only cli/ imports it.
+Imports every layer below; cli/ and compare/ import it.
 """

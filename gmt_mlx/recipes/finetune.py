@@ -18,12 +18,11 @@ from typing import Any, Callable, Optional, Tuple
 from gmt_mlx.config import Config
 from gmt_mlx.core.distributed import check_batch_size, check_same_config, init_group, is_main
 from gmt_mlx.core.trainer import NonFiniteError, train
-from gmt_mlx.data.batching import drawn_indices
 from gmt_mlx.errors import Interrupted, UserError
-from gmt_mlx.evaluation.reference import compute_reference, load_reference
 from gmt_mlx.hub import check_push
 from gmt_mlx.recipes.outputs import RunLogger, RunResult, finished_result, samples_before, save_final
-from gmt_mlx.recipes.plan import RunPlan, plan_run, step_examples, train_batches
+from gmt_mlx.objectives import objective_of
+from gmt_mlx.recipes.plan import RunPlan, plan_run, train_batches
 from gmt_mlx.recipes.setup import Setup, build_setup, print_summary
 from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run import rundir, tracking
@@ -65,50 +64,24 @@ def finetune(
         check_push(config.push_to_hub)  # repo id and token, before hours of training
 
     run = build_setup(config, log)
-    reference = DpoReference(config, run, plan)
-    reference.check_saved()
+    # The objective's part of the run: DPO checks its saved reference before anything is written; GRPO
+    # takes its sampling key (and a round in use) back from the checkpoint; DPO computes its reference.
+    run.session.check_saved(plan.out, plan.checkpoint)
     start_step, best_val = _open_run_dir(plan, config, run, main, log)
-    if run.rollouts is not None:  # GRPO: the sampling key (and a round in use) from the checkpoint
-        run.rollouts.restore(start_step, (plan.meta or {}).get("rollouts"), str(plan.checkpoint))
+    run.session.restore(start_step, plan.meta, plan.checkpoint)
     print_summary(config, run, log)
-    reference.compute(write=main, log=log)
+    run.session.prepare(plan.out, plan.checkpoint, write=main, log=log)
     if group.size() > 1:
         log(f"ranks      {group.size()} data-parallel ranks, {config.batch_size // group.size()} examples each per micro-batch")
     prompts, before = samples_before(config, run, plan.out, fresh=plan.checkpoint is None, log=log) if main else ([], [])
 
     logger = RunLogger(config, run, plan.out, group, best_val=best_val, start_step=start_step, on_validation=on_validation)
-    if (config.preference or run.validate is not None) and plan.checkpoint is None:
+    if objective_of(config).validates_at_start and plan.checkpoint is None:
         logger.on_eval(0, initial=True)  # where preference training starts (DPO: ln 2, policy = reference), GRPO's reward
     _train_to_the_end(config, run, plan, logger, start_step, group, log)
     if not main:  # the other ranks hold the same weights; rank 0 writes them
         return logger.result(rundir.model_dir(plan.out), [], start_step)
     return save_final(config, run, plan.out, logger, prompts, before, start_step, log)
-
-
-class DpoReference:
-    """DPO's reference log-probabilities: checked on resume before anything is written, computed on a fresh start.
-
-    The training pairs the run draws (the order is a pure function of the
-    seed) are the ones needed: a short run over a big set computes and checks
-    the reference of those alone. Other train modes need nothing.
-    """
-
-    def __init__(self, config: Config, run: Setup, plan: RunPlan):
-        self.config, self.run, self.plan = config, run, plan
-        self.splits = {name: split for name, split in (("train", run.train_split), ("valid", run.valid_split))
-                       if split is not None and config.train_mode == "dpo"}
-        self.needed = {"train": drawn_indices(run.train_split.lengths(), step_examples(config), seed=config.seed,
-                                              steps=run.steps)} if self.splits else {}
-
-    def check_saved(self) -> None:
-        if self.splits and self.plan.checkpoint is not None:
-            # Before anything is written: a refused resume leaves the run as it was.
-            load_reference(self.plan.out, self.splits, self.needed)
-
-    def compute(self, *, write: bool, log: Callable[[str], None]) -> None:
-        if self.splits and self.plan.checkpoint is None:
-            compute_reference(self.run.model, self.splits, self.plan.out, write=write, batch_size=self.config.batch_size,
-                              pad_id=self.run.pad_id, needed=self.needed, log=log)
 
 
 def _train_to_the_end(config: Config, run: Setup, plan: RunPlan, logger: RunLogger, start_step: int, group, log) -> None:
@@ -180,17 +153,13 @@ def _open_run_dir(plan: RunPlan, config: Config, run: Setup, main: bool, log) ->
 
 def _train(config: Config, run: Setup, logger: "RunLogger", start_step: int, group, log) -> int:
     """The loop from ``start_step``; return the last step done. Divergence and a lost rank become UserErrors."""
-    on_step = logger.on_step
-    if run.rollouts is not None:
-        run.rollouts.count, run.rollouts.shard = logger.count_tokens, (group.rank(), group.size())
-        batches = iter(run.rollouts)
-
-        def on_step(result):  # the rewards of the rollouts the step trained on, beside the loss's metrics
-            result.metrics.update(run.rollouts.step_metrics())
-            logger.on_step(result)
-    else:
-        batches = train_batches(run.train_split, config, run.pad_id, start_step * config.grad_accumulation_steps,
-                                shard=(group.rank(), group.size()), buckets=run.buckets, count=logger.count_tokens)
+    # The split's batches in their resumable order, unless the objective makes its own (GRPO's rollouts).
+    shard = (group.rank(), group.size())
+    batches = run.session.batches(
+        lambda: train_batches(run.train_split, config, run.pad_id, start_step * config.grad_accumulation_steps,
+                              shard=shard, buckets=run.buckets, count=logger.count_tokens),
+        logger.count_tokens, shard)
+    on_step = run.session.on_step(logger.on_step)
     try:
         with stop_on_sigint(log) as should_stop:
             return train(

@@ -18,13 +18,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
-from gmt_mlx.blas import arithmetic
+from gmt_mlx.platform.blas import arithmetic
 from gmt_mlx.config import Config
 from gmt_mlx.core.distributed import is_main
 from gmt_mlx.core.optim import MASK_SAMPLE_KEY
 from gmt_mlx.core.trainer import StepResult
 from gmt_mlx.evaluation.evaluate import generate_text, split_loss
-from gmt_mlx.evaluation.prompts import describe_prompt, sample_prompts
+from gmt_mlx.data.prompts import describe_prompt, sample_prompts
 from gmt_mlx.models.hf import save_hf_model
 from gmt_mlx.publish.push import publish_run
 from gmt_mlx.recipes.setup import Setup
@@ -196,8 +196,8 @@ class RunLogger:
         if self.run.valid_split is None:
             return
         # Every rank evaluates its share; only rank 0 reports and saves.
-        if self.run.validate is not None:  # GRPO: the greedy answers' mean reward (every rank the whole split)
-            result = self.run.validate(self.run.model)
+        if self.run.session.validate is not None:  # GRPO: the greedy answers' mean reward (every rank: all of it)
+            result = self.run.session.validate(self.run.model)
         else:
             result = split_loss(self.run.model, self.run.valid_split, batch_size=self.config.batch_size,
                                 pad_id=self.run.pad_id, max_batches=self.config.val_batches, group=self.group,
@@ -263,5 +263,5 @@ class RunCheckpoints:
             path, self.run.model, self.run.optimizer, step=step, config=self.config.to_dict(),
             extra={"best_val_loss": best_val, "total_steps": self.run.steps,
                    "micro_batches": step * self.config.grad_accumulation_steps, "arithmetic": self.arithmetic,
-                   **({"rollouts": self.run.rollouts.state()} if self.run.rollouts is not None else {}), **extra},
+                   **self.run.session.checkpoint_state(), **extra},
         )

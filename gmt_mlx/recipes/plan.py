@@ -12,17 +12,18 @@ import math
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import mlx.core as mx
 import numpy as np
 
 from gmt_mlx import config as cfg
-from gmt_mlx.blas import arithmetic, select_hint
+from gmt_mlx.platform.blas import arithmetic, select_hint
 from gmt_mlx.config import Config
 from gmt_mlx.data.batching import PAD_MULTIPLE, check_split_size, iterate_batches, length_buckets
-from gmt_mlx.data.encoding import TokenizedSplit, tokenize_split
+from gmt_mlx.data.encoding import TokenizedSplit
 from gmt_mlx.errors import UserError
+from gmt_mlx.objectives import objective_of
 from gmt_mlx.run import final
 from gmt_mlx.run import rundir
 
@@ -184,35 +185,12 @@ def check_arithmetic(out: Path, state: dict, *, force: bool, log: Callable[[str]
                     f"({changed}); resume under the old one ({old}) or pass --force to continue under this one")
 
 
-def tokenize_splits(config: Config, rows: Dict[str, list], tokenizer, log: Callable[[str], None]) -> Dict[str, TokenizedSplit]:
-    """Tokenize every split present; warn about truncation."""
-    splits = {}
-    for name, split_rows in rows.items():
-        split = tokenize_split(
-            split_rows, tokenizer, mask_prompt=config.mask_prompt, max_seq_length=config.max_seq_length, name=name,
-            assistant_turns=config.assistant_turns, preference=config.preference,
-        )
-        what = "pairs" if config.preference else "examples"
-        if split.truncated:
-            log(f"warning: {split.truncated} of {len(split_rows)} {name} {what} were longer than "
-                f"--max-seq-length {config.max_seq_length} and were truncated")
-        if split.dropped and config.preference:
-            log(f"warning: dropped {split.dropped} {name} pair{'s' if split.dropped != 1 else ''} whose prompt leaves "
-                f"no room for an answer within --max-seq-length {config.max_seq_length}")
-        elif split.dropped:
-            log(f"warning: dropped {split.dropped} {name} example{'s' if split.dropped != 1 else ''} with no target tokens left")
-        if len(split) == 0:
-            raise UserError(f"{name} split has no usable examples")
-        splits[name] = split
-    return splits
-
-
 def total_steps(config: Config, n_train: int) -> int:
     """Optimizer steps for the run: --iters, or --epochs over the training split."""
     if config.epochs is None:
         return config.iters
     # GRPO trains --num-iterations steps on each step's worth of prompts (a round of rollouts).
-    reuse = config.num_iterations if config.train_mode == "grpo" else 1
+    reuse = objective_of(config).rounds(config)
     return max(1, math.ceil(config.epochs * max(1, n_train // step_examples(config)) * reuse))
 
 

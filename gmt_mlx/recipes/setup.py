@@ -17,10 +17,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from gmt_mlx import config as cfg
-from gmt_mlx.blas import blas_info
+from gmt_mlx.platform.blas import blas_info
 from gmt_mlx.config import Config
 from gmt_mlx.core.layerwise import block_sizes
-from gmt_mlx.core.losses import make_loss
 from gmt_mlx.core.compact import CHUNK_ENTRIES
 from gmt_mlx.core.optim import build_optimizer, make_schedule
 from gmt_mlx.core.precision import BLOCK
@@ -32,9 +31,9 @@ from gmt_mlx.errors import UserError
 from gmt_mlx.models.loading import load_base
 from gmt_mlx.models.methods import enable_grad_checkpoint, prepare_model
 from gmt_mlx.models.resolve import ModelOrigin, model_origin
-from gmt_mlx.publish.card import objective_text
-from gmt_mlx.recipes.grpo import RolloutBatches, prompt_splits, rewards_of, split_where, validation_reward
-from gmt_mlx.recipes.plan import check_step_fits, tokenize_splits, total_steps, train_buckets
+from gmt_mlx.objectives import objective_of
+from gmt_mlx.objectives.base import ObjectiveRun
+from gmt_mlx.recipes.plan import check_step_fits, total_steps, train_buckets
 from gmt_mlx.run.memory import (DTYPE_BYTES, PROCESS_BYTES, Footprint, MemoryEstimate, advice, available_bytes,
                                 estimate, moment_storage)
 
@@ -57,11 +56,10 @@ class Setup:
     optimizer: Any
     memory: MemoryEstimate
     buckets: List[int]
-    loss_fn: Callable = field(default=None, repr=False)  # the train mode's loss (losses.make_loss)
-    # --train-mode grpo: the loop's batches (rollouts sampled as it goes) and the validation (greedy answers'
-    # mean reward) that replace the split's batches and loss; None for the other modes.
-    rollouts: Optional[RolloutBatches] = field(default=None, repr=False)
-    validate: Optional[Callable[[Any], dict]] = field(default=None, repr=False)
+    loss_fn: Callable = field(default=None, repr=False)  # the objective's loss (`Objective.loss`)
+    # The objective's part of the run (`Objective.start`): its batches, validation and checkpoint state
+    # where they replace the split's (GRPO's rollouts and reward), DPO's reference; SFT's adds nothing.
+    session: ObjectiveRun = field(default_factory=ObjectiveRun, repr=False)
 
 
 def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
@@ -69,11 +67,12 @@ def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
     mx.random.seed(config.seed)
     if not config.data:
         raise UserError("--data is required (a folder with train.jsonl, a data file, a saved dataset or a Hub dataset id)")
-    # Read the data before the (slow) model load; GRPO takes prompt rows with no completion.
-    rows = load_splits(config.data, **data_options(config), prompts=config.train_mode == "grpo")
-    for line in column_warnings(config.data, rows, **data_options(config), prompts=config.train_mode == "grpo"):
+    objective = objective_of(config)
+    # Read the data before the (slow) model load, the rows the objective reads (GRPO: prompts, no completion).
+    rows = load_splits(config.data, **data_options(config), **objective.load_options())
+    for line in column_warnings(config.data, rows, **data_options(config), **objective.load_options()):
         log(line)
-    rewards = rewards_of(config) if config.train_mode == "grpo" else None  # unknown rewards before the model load
+    objective.check(config)  # its options (GRPO: unknown rewards) before the model load too
     if rows.get("train"):  # before the (slow) model load too
         check_step_fits(len(rows["train"]), config)
     # LoRA/DoRA keep a quantized base quantized (QLoRA); full-weight methods need floats.
@@ -81,10 +80,7 @@ def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
     sizes = prepare_model(model, config)
     if config.grad_checkpoint:
         enable_grad_checkpoint(model)
-    if rewards is not None:  # GRPO: prompts only, the completions are sampled
-        splits = prompt_splits(config, rows, tokenizer, rewards, log)
-    else:
-        splits = tokenize_splits(config, rows, tokenizer, log)
+    splits = objective.tokenize(config, rows, tokenizer, log)  # GRPO: prompts only, the completions are sampled
     train_split = splits["train"]
     check_step_fits(len(train_split), config)  # again: tokenizing may have dropped examples
     steps = total_steps(config, len(train_split))
@@ -96,51 +92,31 @@ def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
     )
     optimizer = build_optimizer(config.optim, schedule, seed=config.seed, mask=config.mask, precision=config.precision)
     memory = check_memory(config, model, model_config, sizes, train_split, log)
-    loss_fn = make_loss(config.train_mode, beta=config.beta, dpo_loss_type=config.dpo_loss,
-                        label_smoothing=config.label_smoothing, orpo_lambda=config.orpo_lambda, grpo=grpo_options(config))
+    loss_fn = objective.loss(config)
     origin = model_origin(config.model, model_path)
     run = Setup(model, tokenizer, model_config, model_path, origin, sizes, rows, train_split, splits.get("valid"),
                 batch_pad_id(tokenizer), steps, optimizer, memory, train_buckets(train_split, config), loss_fn)
-    if rewards is not None:
-        # beta > 0: the KL term's reference is the step-0 model, whose trainable weights are the ones held
-        # now (a resume loads the checkpoint later; set-up is seeded, so LoRA's initial adapters are the same).
-        reference = dict(tree_flatten(model.trainable_parameters())) if config.beta > 0 else None
-        run.rollouts = RolloutBatches(config, model, tokenizer, train_split, rows["train"], rewards, run.pad_id,
-                                      reference=reference)
-        if run.valid_split is not None:
-            run.validate = lambda m: validation_reward(m, tokenizer, run.valid_split, rows["valid"], rewards, config,
-                                                       split_where(config, "valid"))
+    # Last: GRPO's KL reference is the trainable weights as set-up leaves them (the step-0 model).
+    run.session = objective.start(config, run)
     return run
 
 
-def grpo_options(config: Config) -> dict:
-    """`grpo.grpo_batch_loss`'s keywords from the config."""
-    return {"loss_type": config.loss_type, "epsilon": config.epsilon, "epsilon_high": config.epsilon_high,
-            "max_completion_length": config.max_completion_length, "reuse": config.num_iterations > 1,
-            "beta": config.beta, "temperature": config.temperature}
-
-
 def check_memory(config: Config, model, model_config: dict, sizes: dict, train_split: TokenizedSplit, log) -> MemoryEstimate:
+    trainable = [v for _, v in tree_flatten(model.trainable_parameters())]
+    # The objective's rows per example (2 per pair, G per GRPO prompt), tokens sampled after a prompt (GRPO),
+    # whether it decodes rollouts (their KV cache) and a reference copy of the trainable weights (GRPO --beta > 0).
+    terms = objective_of(config).memory_terms(config, sum(v.nbytes for v in trainable))
     # The widest training batch: length_buckets always keeps the longest example as a width of its own.
-    seq_len = max(train_split.lengths())
-    if config.train_mode == "grpo":  # a GRPO row is a prompt and a sampled completion, G rows per prompt
-        seq_len += config.max_completion_length
+    seq_len = max(train_split.lengths()) + terms.completion_tokens
     params = tree_flatten(model.parameters())
     weight_bytes = sum(v.nbytes for _, v in params)
-    trainable = [v for _, v in tree_flatten(model.trainable_parameters())]
     largest = max((v.size for v in trainable), default=0)
     widest = max(trainable, key=lambda v: v.size, default=None)
     # The staged update slices a tensor by rows only when its rows are whole blocks (compact._apply_8bit).
     chunk = CHUNK_ENTRIES if widest is None or widest.shape[-1] % BLOCK == 0 else largest
     shapes = sum({tuple(v.shape): v.size for v in trainable}.values())  # GMT's tie ranks: one per entry of each shape
     block, outer = block_sizes(model)  # the per-layer update's units
-    # A preference batch holds two rows per pair; DPO's reference pass (forward only, at the
-    # same batch) stays below the training step's peak, so the step's estimate covers it.
-    grpo = config.train_mode == "grpo"
-    rows = 2 if config.preference else (config.num_generations if grpo else 1)
-    # GRPO: a micro-batch's prompts x G completions decoded at once (the KV cache), and with --beta > 0 the
-    # step-0 trainable weights (all of them for full/gmt/random, the adapters for lora/dora).
-    reference = sum(v.nbytes for v in trainable) if grpo and config.beta > 0 else 0
+    rows, reference, rollouts = terms.rows, terms.reference_bytes, terms.rollouts
 
     def estimate_with(**settings) -> MemoryEstimate:
         run = dataclasses.replace(config, **settings)  # e.g. --low-memory's settings, for the advice
@@ -150,8 +126,8 @@ def check_memory(config: Config, model, model_config: dict, sizes: dict, train_s
                               chunk=chunk, shapes=shapes)
         return estimate(model_config, footprint, batch_rows=config.batch_size * rows, seq_len=seq_len,
                         optim=run.optim, precision=run.precision, memory=run.memory, mask=run.mask,
-                        rollout_rows=config.batch_size * rows if grpo else 0, rollout_tokens=seq_len if grpo else 0,
-                        reference_bytes=scale(reference))
+                        rollout_rows=config.batch_size * rows if rollouts else 0,
+                        rollout_tokens=seq_len if rollouts else 0, reference_bytes=scale(reference))
 
     memory = estimate_with()
     available = available_bytes()
@@ -169,10 +145,12 @@ def check_memory(config: Config, model, model_config: dict, sizes: dict, train_s
 def print_summary(config: Config, run: Setup, log) -> None:
     """Start-up summary: the derived numbers a user should see before waiting."""
     sizes, train_split, valid_split = run.sizes, run.train_split, run.valid_split
-    grpo = config.train_mode == "grpo"
-    rows = 2 if config.preference else (config.num_generations if grpo else 1)  # a pair is two sequences
-    # GRPO: each prompt's G completions, at most --max-completion-length tokens each (the bound is shown).
-    length = np.mean(train_split.lengths()) + (config.max_completion_length if grpo else 0)
+    objective = objective_of(config)
+    # Sequences per example (a pair is two); GRPO: each prompt's G completions, at most
+    # --max-completion-length tokens each (the bound is shown).
+    terms = objective.memory_terms(config, 0)
+    rows, sampled = terms.rows, terms.completion_tokens > 0
+    length = np.mean(train_split.lengths()) + terms.completion_tokens
     tokens_per_step = config.batch_size * config.grad_accumulation_steps * rows * length
     updated = sizes["trainable"] * (1 - config.mask_ratio) if config.masked else sizes["trainable"]
     waste = padding_waste(train_split, config.batch_size, seed=config.seed, buckets=run.buckets)
@@ -184,12 +162,12 @@ def print_summary(config: Config, run: Setup, log) -> None:
         log(f"model      {config.model} ({run.model_path})")
     log(f"blas       {describe_blas()}")
     log(f"method     {config.method}" + (f" mask_ratio={config.mask_ratio} scope={config.mask_scope} target={config.mask_target}" if config.masked else ""))
-    if config.preference or grpo:
-        log(f"objective  {objective_text(config.to_dict())}")
+    if objective.named:
+        log(f"objective  {objective.describe(config.to_dict())}")
     log(f"params     {sizes['trainable']:,} trainable of {sizes['total']:,} ({100 * sizes['trainable'] / sizes['total']:.1f}%)")
-    log(f"per step   {'<=' if grpo else '~'}{tokens_per_step:.0f} tokens, ~{updated:,.0f} gradient entries kept")
+    log(f"per step   {'<=' if sampled else '~'}{tokens_per_step:.0f} tokens, ~{updated:,.0f} gradient entries kept")
     log(f"data       {len(train_split)} train / {len(valid_split) if valid_split else 0} valid "
-        f"{'pairs' if config.preference else 'prompts' if grpo else 'examples'}; "
+        f"{objective.rows}; "
         f"padding waste {100 * waste:.1f}% ({len(run.buckets)} batch widths)")
     if config.method not in cfg.ADAPTER_METHODS:
         rounding = f", {config.weight_rounding} rounding" if config.train_dtype == "bfloat16" else ""
@@ -208,7 +186,7 @@ def describe_blas() -> str:
     where = f" ({info['library']})" if info["library"] else ""
     if info["is_reference"]:
         return (f"reference BLAS{where}: slow matmuls; `gmt-mlx doctor` says how to get a fast one "
-                f"(a Python script: call gmt_mlx.blas.maybe_reexec_with_blas() first)")
+                f"(a Python script: call gmt_mlx.platform.blas.maybe_reexec_with_blas() first)")
     if info["kind"] == "unknown":
         return f"unknown{where}" + (f": {info['error']}" if info["error"] else "")
     return f"{info['kind']}{where}"

@@ -12,9 +12,9 @@ import yaml
 from gmt_mlx.cli import app, parsing
 from gmt_mlx.config import Config
 from gmt_mlx.errors import UserError
-from gmt_mlx.evaluation import report
-from gmt_mlx.recipes import compare as cmp
-from gmt_mlx.recipes import compare_plan
+from gmt_mlx.compare import plan as compare_plan
+from gmt_mlx.compare import recipe as cmp
+from gmt_mlx.compare import report
 from tests.helpers import runner
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -334,7 +334,7 @@ def test_shipped_example_data_is_what_the_generator_makes():
     for split, rows in built.items():
         shipped = (ROOT / "examples" / "data" / "chain_sum" / f"{split}.jsonl").read_text().splitlines()
         assert [json.loads(line) for line in shipped] == rows, split
-    from gmt_mlx.evaluation.scorers import get_scorer
+    from gmt_mlx.data.scorers import get_scorer
 
     score = get_scorer("reasoning_gym")
     assert all(score(row["answer"], row) == 1.0 for row in built["test"])

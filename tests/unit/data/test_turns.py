@@ -172,7 +172,7 @@ def test_a_chat_without_assistant_turns_has_no_targets_in_every_turn_mode(tokeni
 
 
 def test_config_assistant_turns_needs_mask_prompt_and_reaches_tokenizing(tokenizer_json):
-    from gmt_mlx.recipes.plan import tokenize_splits
+    from gmt_mlx.objectives import objective_of
 
     with pytest.raises(UserError, match="--assistant-turns all needs --mask-prompt"):
         Config(data="d", assistant_turns="all").validate()
@@ -180,7 +180,8 @@ def test_config_assistant_turns_needs_mask_prompt_and_reaches_tokenizing(tokeniz
         Config(data="d", mask_prompt=True, assistant_turns="every").validate()
     config = Config(data="d", mask_prompt=True, assistant_turns="all").validate()
     tokenizer = template_tokenizer(tokenizer_json, "smollm2")
-    splits = tokenize_splits(config, {"train": [{"messages": conversation(True)}]}, tokenizer, log=lambda s: None)
+    splits = objective_of(config).tokenize(config, {"train": [{"messages": conversation(True)}]}, tokenizer,
+                                            log=lambda s: None)
     assert span_texts(tokenizer, splits["train"].examples[0]) == [reply + "<|im_end|>\n" for reply in REPLIES]
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from gmt_mlx.cli import app
 from gmt_mlx.errors import UserError
-from gmt_mlx.evaluation import scorers as sc
+from gmt_mlx.data import scorers as sc
 from tests.helpers import runner
 
 

@@ -22,8 +22,8 @@ import pytest
 
 from gmt_mlx import config
 from gmt_mlx.config import GRPO_LOSS_TYPES, REWARD_SCALINGS
-from gmt_mlx.core import grpo
-from gmt_mlx.core.grpo import CLIP_METRICS, group_advantages, grpo_loss
+from gmt_mlx.objectives.grpo import loss as grpo
+from gmt_mlx.objectives.grpo.loss import CLIP_METRICS, group_advantages, grpo_loss
 
 needs_trl = pytest.mark.skipif(find_spec("trl") is None or find_spec("torch") is None,
                                reason="TRL's GRPOTrainer is the oracle: pip install -e '.[test]' (trl, torch)")

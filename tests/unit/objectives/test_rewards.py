@@ -10,8 +10,8 @@ import pytest
 
 from gmt_mlx import config
 from gmt_mlx.errors import UserError
-from gmt_mlx.evaluation import rewards as rw
-from gmt_mlx.evaluation import scorers as sc
+from gmt_mlx.objectives.grpo import rewards as rw
+from gmt_mlx.data import scorers as sc
 
 CHOICES = "exact, number, gsm8k, boxed, reasoning_gym[:TASK], format, module:function"
 _names = itertools.count()

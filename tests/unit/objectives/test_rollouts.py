@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gmt_mlx.data.encoding import chat_ids
-from gmt_mlx.evaluation.rollouts import (
+from gmt_mlx.objectives.grpo.rollouts import (
     KeyedSampler,
     Rollouts,
     key_from_state,

@@ -1,4 +1,4 @@
-"""Tests for gmt_mlx.blas: BLAS detection, the re-exec decision and the check.
+"""Tests for gmt_mlx.platform.blas: BLAS detection, the re-exec decision and the check.
 
 Offline and fast. Both paths are checked numerically in subprocesses: the
 reference BLAS forced with GMT_MLX_BLAS=reference, and the optimized one that
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gmt_mlx import blas, blas_check, blas_find
+from gmt_mlx.platform import blas, blas_check, blas_find
 
 LINUX = sys.platform.startswith("linux")
 REPO = Path(__file__).resolve().parents[3]  # tests/unit/platform/ -> the repository
@@ -282,7 +282,7 @@ def test_check_passes_with_optimized_blas():
 _MATMUL_CHECK = textwrap.dedent(
     """
     import json, numpy as np
-    from gmt_mlx.blas import blas_info, maybe_reexec_with_blas
+    from gmt_mlx.platform.blas import blas_info, maybe_reexec_with_blas
     why = maybe_reexec_with_blas()
     import mlx.core as mx
     rng = np.random.default_rng(1)
@@ -326,7 +326,7 @@ def test_end_to_end_reexec_in_subprocess(tmp_path):
         textwrap.dedent(
             """
             import json, os, sys
-            from gmt_mlx.blas import maybe_reexec_with_blas, blas_info, MARKER_VAR
+            from gmt_mlx.platform.blas import maybe_reexec_with_blas, blas_info, MARKER_VAR
             why = maybe_reexec_with_blas()
             print(json.dumps({"why": why, "kind": blas_info(measure=False)["kind"],
                               "argv": sys.argv[1:], "marker": os.environ.get(MARKER_VAR)}))

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from gmt_mlx.blas_find import preload_environment
 from gmt_mlx.paths import cache_root
+from gmt_mlx.platform.blas_find import preload_environment
 
 #: Set in the re-executed process; its presence forbids another re-exec (no loops).
 MARKER_VAR = "GMT_MLX_BLAS_REEXEC"
@@ -32,8 +32,8 @@ CHECK_TIMEOUT_S = 120.0
 _CHECK_CODE = r"""
 import json, sys
 import numpy as np
-from gmt_mlx.blas import blas_info
-from gmt_mlx.blas_check import CHECK_TOLERANCE
+from gmt_mlx.platform.blas import blas_info
+from gmt_mlx.platform.blas_check import CHECK_TOLERANCE
 import mlx.core as mx
 info = blas_info(measure=False)
 out = {"library": info["library"], "kind": info["kind"], "ok": False, "max_err": None}

@@ -9,11 +9,12 @@ import mlx.nn as nn
 import numpy as np
 
 from gmt_mlx.data.formats import is_preference_row
+from gmt_mlx.data.prompts import describe_prompt, grpo_prompt, prompt_tokens
+from gmt_mlx.data.scorers import reference_of
 from gmt_mlx.errors import UserError
-from gmt_mlx.evaluation.prompts import describe_prompt, grpo_prompt, prompt_tokens
-from gmt_mlx.evaluation.rewards import RewardSet, reward_stats
-from gmt_mlx.evaluation.rollouts import completion_text, sample_rollouts, stop_token_ids
-from gmt_mlx.evaluation.scorers import reference_of
+from gmt_mlx.objectives.grpo.rewards import RewardSet, reward_stats
+from gmt_mlx.objectives.grpo.rollouts import completion_text, sample_rollouts, stop_token_ids
+
 
 def limited(rows: List[dict], limit: Optional[int]) -> List[dict]:
     """The first ``limit`` rows (None or negative: all)."""

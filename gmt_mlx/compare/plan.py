@@ -55,11 +55,13 @@ class CompareSpec:
         self.labels = {**{cfg.METHOD_ALIASES[m]: m for m in self.methods if m in cfg.METHOD_ALIASES}, **self.labels}
         # "full" runs as "sft" (Config stores it so): one run, named and priced as sft.
         self.methods = list(dict.fromkeys(cfg.METHOD_ALIASES.get(m, m) for m in self.methods))
-        grpo = self.base.train_mode == "grpo"
+        from gmt_mlx.objectives import objective_of  # here: the objectives load MLX, `compare --help` need not
+
+        rewarded = objective_of(self.base).measure == "reward"  # GRPO: its rewards score greedy answers
         if self.scorers is None:
-            self.scorers = [] if grpo else ["exact"]
+            self.scorers = [] if rewarded else ["exact"]
         if self.max_tokens is None:
-            self.max_tokens = self.base.max_completion_length if grpo else cfg.COMPARE_MAX_TOKENS
+            self.max_tokens = self.base.max_completion_length if rewarded else cfg.COMPARE_MAX_TOKENS
 
     def learning_rate(self, method: str) -> float:
         return self.learning_rates.get(method, DEFAULT_LEARNING_RATES[method])
@@ -82,8 +84,10 @@ class PlannedRun:
 
 
 def method_label(method: str, train_mode: str = "sft") -> str:
-    """The unmasked full-weight method is "sft" in SFT comparisons and "full" under a preference objective."""
-    return "full" if method == "sft" and train_mode != "sft" else method
+    """The unmasked full-weight method is "sft" in SFT comparisons and "full" under another (named) objective."""
+    from gmt_mlx.objectives import objective_of  # here: the objectives load MLX, `compare --help` need not
+
+    return "full" if method == "sft" and objective_of(train_mode).named else method
 
 
 def group_label(method: str, mask_ratio: Optional[float], train_mode: str = "sft") -> str:

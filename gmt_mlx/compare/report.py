@@ -13,19 +13,19 @@ import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from gmt_mlx.config import MASKED_METHODS, is_preference
+from gmt_mlx.config import MASKED_METHODS
+from gmt_mlx.objectives import objective_of
 
-RESULTS_MD = "results.md"
 PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "train_loss_vs_step.png", "kept_fraction.png",
          "mask_overlap.png")
-# --train-mode grpo: rewards (higher is better) where the other modes plot losses.
+# An objective whose validation measures a reward (GRPO): rewards (higher is better) where the others plot losses.
 GRPO_PLOTS = ("val_reward_vs_step.png", "val_reward_vs_time.png", "train_reward_vs_step.png", "kept_fraction.png",
               "mask_overlap.png")
 
 
 def plot_names(train_mode: Optional[str]) -> tuple:
     """The PNG files of a comparison in ``train_mode``."""
-    return GRPO_PLOTS if train_mode == "grpo" else PLOTS
+    return GRPO_PLOTS if objective_of(train_mode).measure == "reward" else PLOTS
 
 
 def mean_std(values: List[Optional[float]]) -> Optional[dict]:
@@ -93,9 +93,10 @@ def render_markdown(results: dict) -> str:
     spec, rows = results["spec"], results["rows"]
     # Preference runs have no perplexity: their columns are the validation reward accuracy and the
     # test preference accuracy (chosen answer likelier than the rejected one).
-    preference = is_preference(spec.get("train_mode"))
+    table = objective_of(spec).report  # "loss", "preference" or "reward": the objective's own table
+    preference = table == "preference"
     lines = ["# gmt-mlx compare", ""] + _spec_lines(spec)
-    if spec.get("train_mode") == "grpo":
+    if table == "reward":
         lines += _reward_table(spec, rows, results["base"]) + _notes(False) + _reward_notes(spec)
     else:
         lines += _method_table(spec["eval"]["scorers"], rows, results["base"], preference) + _notes(preference)
@@ -133,7 +134,7 @@ def _eval_line(spec: dict) -> str:
     """How the test evaluation went: a loss and scorers, or (GRPO) rewards of greedy answers."""
     ev, scorers = spec["eval"], spec["eval"]["scorers"]
     scored = f"scorer{'s' if len(scorers) > 1 else ''} {', '.join(scorers)}"
-    if spec.get("train_mode") == "grpo":
+    if objective_of(spec).report == "reward":
         weights = " + ".join(f"{w:g} x {n}" for n, w in zip(ev.get("rewards", []), ev.get("reward_weights", [])))
         return (f"- evaluation: {ev['split']} split, the first {ev['limit']} prompts answered greedily (at most "
                 f"{ev['max_tokens']} new tokens) and scored by the runs' rewards, {weights}"
@@ -343,7 +344,7 @@ def write_plots(results: dict, out: Path) -> List[Path]:
     runs = results["runs"]
     masked = [r for r in runs if r["method"] in MASKED_METHODS]
     no_val = "no validation split"
-    grpo = results["spec"].get("train_mode") == "grpo"
+    grpo = objective_of(results["spec"]).measure == "reward"
     names = plot_names(results["spec"].get("train_mode"))
     # GRPO: the greedy answers' mean reward (higher is better), and the rollouts' mean reward in training.
     val = "validation reward (greedy)" if grpo else "validation loss"

@@ -59,11 +59,8 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from gmt_mlx.blas_check import MARKER_VAR, cached_ok, check_blas, check_cache_key, remember_ok
-from gmt_mlx.blas_find import ENV_VAR, OPT_OUT_VALUES, find_optimized_blas, preload_environment
-
-
-
+from gmt_mlx.platform.blas_check import MARKER_VAR, cached_ok, check_blas, check_cache_key, remember_ok
+from gmt_mlx.platform.blas_find import ENV_VAR, OPT_OUT_VALUES, find_optimized_blas, preload_environment
 
 # --------------------------------------------------------------------------
 # Which library is MLX bound to?
@@ -122,8 +119,8 @@ def _dladdr():
 
 def _libmlx_path() -> Path | None:
     try:
-        import mlx.core as mx  # noqa: F401  (loads libmlx.so)
         import mlx
+        import mlx.core as mx  # noqa: F401  (loads libmlx.so)
     except Exception:
         return None
     for base in list(getattr(mlx, "__path__", [])):

@@ -21,9 +21,9 @@ covers the whole decode batch, so the ids also depend on the batch's make-up:
 a resume must sample with the same prompts, options and ``batch_size``, from
 the same weights (and, for bit-equal logits, on the same backend).
 
-Layer: evaluation, next to `evaluate.generate_batch` (generation, on a loaded
-model); of the package it needs only core.grpo's `completion_logps` (the
-same log-probs the GRPO loss takes), so recipes and the CLI can both use it.
+Layer: objectives (GRPO's home), below evaluation, which reuses it for the
+greedy answers of `gmt-mlx eval --reward`; of the package it needs only
+loss.py's `completion_logps` (the same log-probs the GRPO loss takes).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from gmt_mlx.core.grpo import completion_logps
+from gmt_mlx.objectives.grpo.loss import completion_logps
 
 
 @dataclass

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from gmt_mlx.config import REWARD_EXTRAS
+from gmt_mlx.data.scorers import BUILTIN, get_scorer, import_function, reasoning_gym_scorer
 from gmt_mlx.errors import UserError
-from gmt_mlx.evaluation.scorers import BUILTIN, get_scorer, import_function, reasoning_gym_scorer
 
 RewardFn = Callable[[Any, str, dict], Any]
 Scores = Tuple[float, Dict[str, float]]

@@ -1,4 +1,4 @@
-"""GRPO in the fine-tuning recipe: prompt splits, rollout batches, the validation reward and the key's state.
+"""GRPO's part of a run: prompt splits, rollout batches, the validation reward and the key's state.
 
 `--train-mode grpo` runs the same loop, methods and masked optimizer as SFT
 (`trainer.train`): only the batches and the loss differ. `RolloutBatches` is
@@ -6,10 +6,9 @@ the loop's ``batches`` iterator: for each round it takes the step's prompts
 (in the same resumable order as SFT's examples, `batching.batch_order`),
 samples ``--num-generations`` completions of each with the weights as they are
 now (`rollouts.sample_rollouts`), scores them (`rewards.RewardSet`), turns the
-rewards into advantages (`grpo.group_advantages`) and yields micro-batches of
-arrays that `grpo.grpo_batch_loss` reads. A round serves ``--num-iterations``
-optimizer steps. The layers forbid core/ to import evaluation/, which is why
-the sampling lives here and the loss there.
+rewards into advantages (`loss.group_advantages`) and yields micro-batches of
+arrays that `loss.grpo_batch_loss` reads. A round serves ``--num-iterations``
+optimizer steps.
 
 Exact resume: the sampling key after the last round and, when a checkpoint
 falls inside a round (--num-iterations > 1), that round's batches themselves
@@ -28,15 +27,15 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from gmt_mlx.config import Config
-from gmt_mlx.core.grpo import completion_logps, group_advantages
 from gmt_mlx.data.batching import PAD_MULTIPLE, batch_order
 from gmt_mlx.data.encoding import Example, TokenizedSplit
+from gmt_mlx.data.prompts import grpo_prompt, prompt_tokens
+from gmt_mlx.data.prompts import split_where as data_split_where
 from gmt_mlx.errors import UserError
-from gmt_mlx.evaluation.prompts import grpo_prompt, prompt_tokens
-from gmt_mlx.evaluation.prompts import split_where as data_split_where
-from gmt_mlx.evaluation.reward_eval import reward_evaluation
-from gmt_mlx.evaluation.rewards import RewardSet, parse_rewards, reward_stats
-from gmt_mlx.evaluation.rollouts import completion_text, key_from_state, key_state, sample_rollouts, stop_token_ids
+from gmt_mlx.objectives.grpo.loss import completion_logps, group_advantages
+from gmt_mlx.objectives.grpo.reward_eval import reward_evaluation
+from gmt_mlx.objectives.grpo.rewards import RewardSet, parse_rewards, reward_stats
+from gmt_mlx.objectives.grpo.rollouts import completion_text, key_from_state, key_state, sample_rollouts, stop_token_ids
 
 # The arrays of one micro-batch, in the order grpo_batch_loss takes them after the model.
 BATCH_KEYS = ("tokens", "prompt_lengths", "mask", "old_logps", "ref_logps", "advantages")
@@ -250,7 +249,7 @@ def validation_reward(model, tokenizer, split: TokenizedSplit, rows: List[dict],
                       config: Config, where: str) -> Dict[str, Any]:
     """Mean reward (and each reward's) of greedy answers to the valid prompts (the first --val-batches
     x --batch-size of them; -1: all), as a validation result: "loss" is minus the mean reward, so the
-    best checkpoint is the one with the highest reward. `evaluate.reward_evaluation` scores them, as
+    best checkpoint is the one with the highest reward. `reward_eval.reward_evaluation` scores them, as
     `gmt-mlx eval` of a GRPO run does."""
     count = len(split) if config.val_batches < 0 else min(len(split), config.val_batches * config.batch_size)
     # As many rows decoded together as a training micro-batch decodes.

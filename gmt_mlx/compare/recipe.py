@@ -1,7 +1,7 @@
 """Compare methods (sft, gmt, random, lora, dora) on one model, data and budget.
 
 `compare(spec)` runs every (method, mask ratio, seed) of the plan
-(compare_plan.py) as a normal fine-tuning run under ``OUT/runs/<name>/``,
+(compare/plan.py) as a normal fine-tuning run under ``OUT/runs/<name>/``,
 evaluates each saved model on the test split (loss, perplexity, generation
 accuracy), evaluates the untouched base model once, and writes:
 
@@ -13,7 +13,7 @@ accuracy), evaluates the untouched base model once, and writes:
 Under ``--train-mode grpo`` every run trains with GRPO on the same prompts and
 rewards; validation is the mean reward of greedy answers (each run records its
 own step 0, the base model), the test evaluation scores greedy answers with
-the runs' rewards (mean and per reward, `evaluate.reward_evaluation`) instead
+the runs' rewards (mean and per reward, `reward_eval.reward_evaluation`) instead
 of a loss, and the table and plots show rewards (higher is better).
 
 (report.py builds results.md and the plots from the results dict.)
@@ -23,7 +23,7 @@ sequence length, batch, accumulation, optimizer step budget, schedule shape,
 warmup, evaluation cadence), and seed s gives every method the same data order.
 What differs: the method, its mask ratio (gmt/random only), and its learning
 rate (full-weight methods and adapters need very different ones; see
-compare_plan.DEFAULT_LEARNING_RATES).
+plan.DEFAULT_LEARNING_RATES).
 
 A finished run (``model/config.json`` and ``metrics.jsonl`` present, same
 config) is reused, and its evaluation too (``eval.json``), so a comparison
@@ -41,14 +41,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from gmt_mlx import config as cfg
+from gmt_mlx.compare.plan import CompareSpec, PlannedRun, plan, with_cadence
+from gmt_mlx.compare.report import aggregate, render_markdown, write_plots
 from gmt_mlx.config import Config
 from gmt_mlx.data.sources import data_options
 from gmt_mlx.errors import Interrupted, UserError
-from gmt_mlx.evaluation.report import RESULTS_MD, aggregate, render_markdown, write_plots
-from gmt_mlx.publish.card import objective_text
-from gmt_mlx.recipes.compare_plan import CompareSpec, PlannedRun, plan, with_cadence
+from gmt_mlx.objectives import objective_of
 from gmt_mlx.run import rundir
 from gmt_mlx.run.progress import format_seconds
+from gmt_mlx.run.rundir import RESULTS_MD
 
 if TYPE_CHECKING:  # annotations only: evaluate.py imports MLX, which `gmt-mlx compare --help` need not load
     from gmt_mlx.evaluation.evaluate import EvalOptions
@@ -78,7 +79,7 @@ def _check_same_config(run: PlannedRun, run_dir: Path) -> Dict[str, tuple]:
 
 def _eval_settings(spec: CompareSpec, split: str) -> dict:
     settings = {"split": split, "scorers": list(spec.scorers), "limit": spec.eval_limit, "max_tokens": spec.max_tokens}
-    if spec.base.train_mode == "grpo":
+    if rewarded(spec.base):
         settings.update(rewards=spec.base.reward, reward_weights=spec.base.reward_weights)
     return settings
 
@@ -117,7 +118,7 @@ def _eval_options(spec: CompareSpec, split: str, config: Config) -> EvalOptions:
     """How compare evaluates a model: the spec's generation settings and the run config's way with the data."""
     from gmt_mlx.evaluation.evaluate import EvalOptions
 
-    grpo = config.train_mode == "grpo"  # the runs' rewards score the answers; no (SFT) loss beside them
+    grpo = rewarded(config)  # the runs' rewards score the answers; no (SFT) loss beside them
     return EvalOptions(split=split, scorers=tuple(spec.scorers), mask_prompt=config.mask_prompt,
                        assistant_turns=config.assistant_turns, max_seq_length=config.max_seq_length,
                        batch_size=spec.eval_batch_size, max_tokens=spec.max_tokens, limit=spec.eval_limit,
@@ -133,9 +134,8 @@ def _base_validation(base: Config, splits: Dict[str, list], path: Path, log) -> 
     from gmt_mlx.data.batching import pad_id
     from gmt_mlx.evaluation.evaluate import split_loss
     from gmt_mlx.models.loading import load_base
-    from gmt_mlx.recipes.plan import tokenize_splits
 
-    if "valid" not in splits or base.preference or base.train_mode == "grpo":  # these validate at step 0 themselves
+    if "valid" not in splits or objective_of(base).validates_at_start:  # these validate at step 0 themselves
         return None
     settings = {key: getattr(base, key) for key in ("model", "data", "batch_size", "val_batches", "max_seq_length",
                                                     "mask_prompt", "assistant_turns", "train_dtype")}
@@ -150,7 +150,7 @@ def _base_validation(base: Config, splits: Dict[str, list], path: Path, log) -> 
     t0 = time.perf_counter()
     model, tokenizer, _, _ = load_base(base.model)
     model.set_dtype(getattr(mx, base.train_dtype))
-    valid = tokenize_splits(base, {"valid": splits["valid"]}, tokenizer, lambda s: None)["valid"]
+    valid = objective_of(base).tokenize(base, {"valid": splits["valid"]}, tokenizer, lambda s: None)["valid"]
     loss = split_loss(model, valid, batch_size=base.batch_size, pad_id=pad_id(tokenizer),
                       max_batches=base.val_batches)["loss"]
     tmp = path.with_suffix(".tmp")
@@ -177,10 +177,10 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
     _check_out(spec, out)
     plan(spec)  # check every run's config before anything else
     # Fail on bad data before any model is loaded (GRPO takes prompt rows with no completion).
-    splits = load_splits(spec.base.data, **data_options(spec.base), prompts=spec.base.train_mode == "grpo")
-    if spec.base.train_mode == "grpo" and eval_split_of(splits):  # rows its rewards cannot score, before training
-        from gmt_mlx.evaluation.prompts import split_where
-        from gmt_mlx.evaluation.reward_eval import check_reward_rows, limited
+    splits = load_splits(spec.base.data, **data_options(spec.base), **objective_of(spec.base).load_options())
+    if rewarded(spec.base) and eval_split_of(splits):  # rows its rewards cannot score, before training
+        from gmt_mlx.data.prompts import split_where
+        from gmt_mlx.objectives.grpo.reward_eval import check_reward_rows, limited
 
         split = eval_split_of(splits)
         check_reward_rows(limited(splits[split], spec.eval_limit), rewards_of(spec.base), split_where(spec.base.data, split))
@@ -198,7 +198,7 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
     summaries, trained = _run_all(spec, runs, eval_split, base_eval, base_val, started=started, overwrite=overwrite,
                                   log=log)
     base = _with_val_loss(summarize_eval(base_eval), base_val)
-    if spec.base.train_mode == "grpo" and base is not None:  # every run's step 0 is the base model's val reward
+    if rewarded(spec.base) and base is not None:  # every run's step 0 is the base model's val reward
         steps0 = [point[2] for s in summaries for point in s["curves"]["val"][:1] if point[0] == 0]
         base["val_reward"] = steps0[0] if steps0 else None
     results = {
@@ -230,12 +230,18 @@ def eval_split_of(splits: Dict[str, list]) -> Optional[str]:
 
 
 def reward_names(spec: CompareSpec) -> List[str]:
-    """The rewards a GRPO comparison scores with, in --reward's order; [] for the other modes."""
-    return rewards_of(spec.base).names if spec.base.train_mode == "grpo" else []
+    """The rewards a GRPO comparison scores with, in --reward's order; [] for the other objectives."""
+    return rewards_of(spec.base).names if rewarded(spec.base) else []
+
+
+def rewarded(config: Config) -> bool:
+    """Whether the objective's runs are measured by their rewards (GRPO): the answers scored, no loss beside."""
+    return objective_of(config).measure == "reward"
 
 
 def rewards_of(base: Config):
-    from gmt_mlx.evaluation.rewards import parse_rewards
+    """The comparison's rewards (`parse_rewards`)."""
+    from gmt_mlx.objectives.grpo.rewards import parse_rewards
 
     return parse_rewards(base.reward, base.reward_weights)
 
@@ -384,7 +390,7 @@ def summarize_run(run: PlannedRun, run_dir: Path, evaluation: Optional[dict],
     speeds = step_speeds(train, evals, run.config.steps_per_save)
     share = trainable / total if trainable and total else None
     val_curve = [[r["step"], r.get("wall_time"), r["val_loss"]] for r in evals]
-    grpo = run.config.train_mode == "grpo"
+    grpo = rewarded(run.config)
     if grpo:  # the greedy answers' mean reward (its val_loss is minus it), higher is better
         val_curve = [[r["step"], r.get("wall_time"), r.get("val_reward")] for r in evals]
     if base_val_loss is not None and not (val_curve and val_curve[0][0] == 0):
@@ -423,7 +429,8 @@ def describe_spec(spec: CompareSpec, eval_split: Optional[str]) -> dict:
     base = spec.base
     return {
         "model": base.model, "data": base.data, "out": str(spec.out), "methods": spec.methods, "seeds": spec.seeds,
-        "mask_ratios": spec.mask_ratios, "train_mode": base.train_mode, "objective": objective_text(base.to_dict()),
+        "mask_ratios": spec.mask_ratios, "train_mode": base.train_mode,
+        "objective": objective_of(base).describe(base.to_dict()),
         "learning_rates": {m: spec.learning_rate(m) for m in spec.methods},
         "steps": base.iters if base.epochs is None else f"{base.epochs} epochs",
         "steps_per_eval": base.steps_per_eval, "steps_per_report": base.steps_per_report,
@@ -435,7 +442,7 @@ def describe_spec(spec: CompareSpec, eval_split: Optional[str]) -> dict:
                  "keys": base.lora_keys or "all linear layers", "num_layers": base.num_layers},
         "eval": {"split": eval_split, "scorers": spec.scorers, "limit": spec.eval_limit,
                  "max_tokens": spec.max_tokens, "decoding": "greedy", "rewards": reward_names(spec),
-                 "reward_weights": rewards_of(base).weights if base.train_mode == "grpo" else []},
+                 "reward_weights": rewards_of(base).weights if rewarded(base) else []},
         "command": spec.command,
         "base_config": base.to_dict(),
     }
