@@ -124,7 +124,7 @@ def blas_env() -> tuple[dict, str | None]:
     """The environment that gives a child process the optimized BLAS the gmt-mlx CLI picks.
 
     gmt-mlx re-execs itself with it (and checks it numerically); mlx_lm does not, so its process
-    gets the same LD_PRELOAD from gmt_mlx.blas here. GMT_MLX_BLAS=reference keeps both on MLX's
+    gets the same LD_PRELOAD from gmt_mlx.platform.blas here. GMT_MLX_BLAS=reference keeps both on MLX's
     reference BLAS."""
     from gmt_mlx.platform import blas
 

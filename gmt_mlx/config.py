@@ -50,7 +50,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "muon")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DISTRIBUTED_BACKENDS = ("any", "ring", "mpi", "nccl", "jaccl")
-# What --low-memory sets, for the options the user did not set (DESIGN.md decision 11):
+# What --low-memory sets, for the options the user did not set (docs/design.md decision 11):
 # bfloat16 weights with stochastic rounding, 4-bit m and sqrt(v) (the smallest
 # state that matched float32 AdamW on the main job over 3 seeds; 8-bit m with a
 # factored v did not: benchmarks/RESULTS.md), the model saved in the dtype it
@@ -109,7 +109,7 @@ class Config:
     lora_dropout: float = opt(0.0, "Dropout on the adapter input, in [0, 1).", group="LoRA")
     lora_keys: str = opt("", "Comma-separated block-relative module names to adapt, e.g. self_attn.q_proj,self_attn.v_proj (empty: every linear layer of the block).", group="LoRA")
 
-    # Objective (DESIGN.md decision 10): the same loop, methods and mask for every mode
+    # Objective (docs/design.md decision 10): the same loop, methods and mask for every mode
     train_mode: str = opt("sft", "sft (next-token loss on the targets), dpo (preference optimisation against the step-0 model, its log-probabilities computed once), orpo (odds-ratio, no reference) or grpo (online RL: sampled completions scored by --reward).", TRAIN_MODES, group="Objective", common=True)
     beta: Optional[float] = opt(None, "DPO's beta: how far the tuned model may move from the step-0 model (larger: stays closer). GRPO's weight of the KL term to the step-0 model (0: none, and no reference kept; > 0 keeps the step-0 trainable weights: a second copy for full/gmt/random, the initial adapters for lora/dora).  [default: 0.1; 0 for grpo]", group="Objective")
     dpo_loss: str = opt("sigmoid", "DPO loss: sigmoid (DPO), ipo (IPO, on per-token averaged log-probabilities) or hinge (SLiC).", DPO_LOSSES, group="Objective")
@@ -558,7 +558,7 @@ RUN_FIELDS = ("out", "freeze_embeddings", "freeze_lm_head", "num_layers", "train
 
 # --- Evaluation options (`gmt-mlx eval`, and compare's evaluation of each run) ---------------
 # Written once here: eval's flags (cli/eval.py) come from these fields, evaluation.EvalOptions and
-# recipes.compare_plan.CompareSpec take their defaults from them. The options eval shares with
+# compare.plan.CompareSpec take their defaults from them. The options eval shares with
 # finetune (--columns, --reward ...) are Config's fields themselves, with "the run's own" as default.
 # The answers' length differs by command on purpose: eval answers up to 64 tokens, compare (many
 # runs, 100 prompts each) up to 32 by default; README.md quotes both, and its numbers depend on them.

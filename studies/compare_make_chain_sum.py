@@ -4,7 +4,7 @@
     python studies/compare_make_chain_sum.py
 
 Two-term sums and differences of 1-2 digit numbers ("4 - 1 =" -> "3"), the
-task DESIGN.md used for its mlx_lm.lora reference point. reasoning-gym builds
+task docs/design.md used for its mlx_lm.lora reference point. reasoning-gym builds
 item i of a dataset from seed S + i, so nearby seeds give nearly the same
 items: the splits use widely separated seeds (1, 10000, 20000) and every
 question appears in one split only. Each line is a chat example plus the

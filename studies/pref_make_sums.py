@@ -24,7 +24,7 @@ template closes every answer with an end-of-turn token, which would turn a
 cut-off sentence into an answer the model never gives.
 
 Splits come from widely separated seeds (reasoning-gym builds item i from
-seed S + i; DESIGN.md): train 30000, valid 40000, test 50000, none used by
+seed S + i; docs/design.md): train 30000, valid 40000, test 50000, none used by
 the other example sets (1, 10000, 20000), and every question appears in one
 split only (deduplicated by question text, in split order). Each row keeps
 `answer` and reasoning-gym's `metadata`, so `gmt-mlx eval --scorer

@@ -20,7 +20,7 @@ DEFAULT_METHODS = ("sft", "gmt", "lora")
 # Peak learning rates when --learning-rates does not name the method. Full-weight
 # methods share one, TRL's SFT default (GMT's mask does not change the step size of
 # the entries it keeps); adapters start from zero and take ~5-10x more (PEFT users
-# run 1e-4 to 2e-4; DESIGN.md measured 1e-4 working and 5e-4 collapsing SmolLM2-135M).
+# run 1e-4 to 2e-4; docs/design.md records 1e-4 working and 5e-4 collapsing SmolLM2-135M).
 DEFAULT_LEARNING_RATES = {"sft": 2e-5, "gmt": 2e-5, "random": 2e-5, "lora": 1e-4, "dora": 1e-4}
 # Config keys compare sets per run; a base config must leave them alone.
 PER_RUN_KEYS = ("method", "mask_ratio", "seed", "learning_rate", "out")

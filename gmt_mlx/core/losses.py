@@ -4,7 +4,7 @@ Every loss returns ``(summed loss, count)`` or ``(summed loss, count,
 metrics)``: the sum over its units (target tokens for SFT, preference pairs
 for DPO/ORPO), how many there were, and optionally a dict of per-unit sums to
 report (reward accuracy, margins). The trainer divides the step's sums by the
-step's count over every micro-batch and rank (DESIGN.md decision 8), so that
+step's count over every micro-batch and rank (docs/design.md decision 8), so that
 accumulation and data parallelism compute the gradient of one big batch.
 
 Preference batches (data.make_batch of a preference split) stack a pair's two

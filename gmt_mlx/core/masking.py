@@ -381,7 +381,7 @@ def random_masks(
     """The control: GMT's keep-count per unit, drawn at random from GMT's eligible entries.
 
     Entries with a zero gradient are never kept, and each unit keeps as many
-    entries as `gmt_masks` would (DESIGN.md decision 9), so the two differ only
+    entries as `gmt_masks` would (docs/design.md decision 9), so the two differ only
     in which entries are kept. Afresh for each key.
     """
     score_key, mask_key = mx.random.split(key)

@@ -202,7 +202,7 @@ def train(
     A step's gradient is the gradient of the summed loss over its
     ``grad_accumulation_steps`` micro-batches on every rank (``batches``
     yields this rank's shard), divided by the step's total count of target
-    tokens (DESIGN.md decision 8): a batch of 8 equals 4 x 2 accumulated
+    tokens (docs/design.md decision 8): a batch of 8 equals 4 x 2 accumulated
     equals 2 ranks of 4. The mask is built from it after the all-reduce, so
     every rank builds the same one. A step whose loss or gradient is not
     finite is not applied; after ``max_bad_steps`` such steps in a row (0:

@@ -198,7 +198,7 @@ def iterate_batches(
     With ``micro_batches`` k > 1 each step's batch (of ``batch_size``
     examples, this rank's share of it when sharded) is yielded as k
     contiguous micro-batches, each padded to its own width: the examples of a
-    step do not depend on how it is accumulated (DESIGN.md decision 8).
+    step do not depend on how it is accumulated (docs/design.md decision 8).
 
     Epoch e uses batch_order(seed=seed, epoch=e). With loop=True epochs go on
     forever; with loop=False only epoch 0 is yielded. Resuming at start_step

@@ -41,7 +41,7 @@ STATE_FILE = "state.json"
 FILES = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors")
 FAULT_ENV = "GMT_MLX_FAULT"
 # How a step's loss and gradient are normalised: by the step's total target tokens
-# (DESIGN.md decision 8). Checkpoints of gmt-mlx < 0.2 lack the field: they averaged
+# (docs/design.md decision 8). Checkpoints of gmt-mlx < 0.2 lack the field: they averaged
 # micro-batch means, and finetune refuses to resume them where that differs.
 LOSS_NORMALISATION = "step_tokens"
 

@@ -4,7 +4,7 @@ DPO compares the tuned model's log-probability of each answer with the
 reference model's. The reference is the model at step 0 (for LoRA/DoRA, whose
 adapters start at zero, that is the base), so its log-probabilities of every
 chosen and rejected answer are fixed numbers: we compute them in one batched
-forward pass before the first step and store them (DESIGN.md decision 10).
+forward pass before the first step and store them (docs/design.md decision 10).
 No second copy of the model stays in memory, which is what lets a machine
 that holds one model run DPO on it; and a resumed run reads the same numbers
 back, so it continues bit for bit. They are valid only for the exact tokens

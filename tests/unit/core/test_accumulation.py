@@ -1,4 +1,4 @@
-"""Accumulation equals a bigger batch (DESIGN.md decision 8).
+"""Accumulation equals a bigger batch (docs/design.md decision 8).
 
 Batch 8 in one step == 4 x 2 accumulated == 2 ranks of 4, with deliberately
 unequal target counts per micro-batch (the normal case with length buckets

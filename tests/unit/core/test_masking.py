@@ -352,7 +352,7 @@ def test_a_ratio_that_drops_nothing_keeps_every_non_zero_entry():
             assert mx.array_equal(m, dict(tree_flatten({"w": g, "b": g[:10, :10]}))[name] != 0).item(), (scope, name)
 
 
-# --- The random control: GMT's eligible entries and count (DESIGN.md decision 9) ----------
+# --- The random control: GMT's eligible entries and count (docs/design.md decision 9) ----------
 
 
 @pytest.mark.parametrize("scope", ["tensor", "layer", "global"])

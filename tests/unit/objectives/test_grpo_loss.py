@@ -1,4 +1,4 @@
-"""The GRPO objective (core/grpo.py) against TRL 1.16's own GRPOTrainer code, on the same numbers.
+"""The GRPO objective (objectives/grpo/loss.py) against TRL 1.16's own GRPOTrainer code, on the same numbers.
 
 The oracle is TRL's code itself, not a transcription of it: the loss, its
 gradient and its clip/KL metrics come from ``GRPOTrainer._compute_loss`` and

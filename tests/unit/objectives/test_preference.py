@@ -1,4 +1,4 @@
-"""Preference tuning (DESIGN.md decision 10): DPO and ORPO on the same loop, methods and mask."""
+"""Preference tuning (docs/design.md decision 10): DPO and ORPO on the same loop, methods and mask."""
 
 from __future__ import annotations
 

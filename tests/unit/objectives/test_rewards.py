@@ -1,4 +1,4 @@
-"""GRPO rewards (evaluation/rewards.py): --reward and --reward-weights, row checks, scoring, metrics."""
+"""GRPO rewards (objectives/grpo/rewards.py): --reward and --reward-weights, row checks, scoring, metrics."""
 
 from __future__ import annotations
 

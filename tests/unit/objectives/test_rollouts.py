@@ -1,4 +1,4 @@
-"""GRPO rollouts (evaluation/rollouts.py): ids as sampled, stop token kept, truncation, determinism
+"""GRPO rollouts (objectives/grpo/rollouts.py): ids as sampled, stop token kept, truncation, determinism
 from an explicit key, groups on consecutive rows, log-probs over prompt + completion.
 
 Two models: the tiny random llama (real batched generation, KV caches, uneven
