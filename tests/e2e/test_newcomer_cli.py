@@ -11,7 +11,7 @@ import typer.main
 from gmt_mlx.cli import app
 from gmt_mlx.cli.parsing import method_labels, parse_methods
 from gmt_mlx.config import Config
-from gmt_mlx.recipes import compare_plan
+from gmt_mlx.compare import plan as compare_plan
 from tests.helpers import runner
 
 COMMANDS = ["finetune", "compare", "generate", "eval", "export", "push", "import-gguf", "doctor"]
