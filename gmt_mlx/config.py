@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -194,6 +195,7 @@ class Config:
 
     def validate(self) -> "Config":
         """Check ranges and choices; raise UserError with a one-line message."""
+        check_finite(self)
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -386,3 +388,16 @@ def diff(a: Dict[str, Any], b: Dict[str, Any], ignore=Config.COSMETIC) -> Dict[s
     return {k: (a.get(k), b.get(k)) for k in sorted(keys)
             if a.get(k) != b.get(k) and any(applies(k, m) for m in methods)
             and (k not in TRAIN_MODE_KEYS or set(TRAIN_MODE_KEYS[k]) & set(modes))}
+
+
+def check_finite(config: Config) -> None:
+    """Refuse a NaN or infinite value in any numeric option, in one line (one check for every field).
+
+    A comparison with NaN is False, so the range checks of ``validate`` let it
+    through (``--learning-rate nan`` trained a model of NaNs, rc 0): this runs first.
+    """
+    kinds = field_types()
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if kinds[f.name] in (int, float) and isinstance(value, (int, float)) and not math.isfinite(value):
+            raise UserError(f"--{flag(f.name)} must be a finite number, got {value}")
