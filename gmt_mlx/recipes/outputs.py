@@ -9,7 +9,6 @@ saves.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,7 +255,7 @@ class RunCheckpoints:
         state = ckpt.read_state(best)
         state["best_val_loss"], state["val_loss"] = best_val, val_loss
         (best / ckpt.STATE_FILE).unlink()
-        (best / ckpt.STATE_FILE).write_text(json.dumps(state, indent=2))
+        ckpt.write_state(best, state)
 
     def _write(self, path: Path, step: int, best_val: Optional[float], **extra) -> Path:
         return ckpt.save_checkpoint(

@@ -23,6 +23,7 @@ exists (the newest checkpoint that verifies; the config a checkpoint holds).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -155,12 +156,34 @@ def reset_metrics(run_dir: str | Path) -> None:
 # ---------------------------------------------------------------- config
 
 
+# config.yaml's last line: the sha256 of the lines above it (a YAML comment, so any YAML reader still reads the file).
+_CONFIG_SUM = re.compile(r"^# sha256 ([0-9a-f]{64}) \(of the lines above: gmt-mlx checks it on every read\)$")
+
+
+def _config_sum(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def write_config(config: "cfg.Config", run_dir: str | Path) -> None:
-    """Write config.yaml atomically (a kill leaves the old file or the new one, never half of one)."""
+    """Write config.yaml atomically (a kill leaves the old file or the new one, never half of one), with its checksum."""
     path = Path(run_dir) / CONFIG_FILE
     tmp = path.with_name(path.name + ".tmp")
     cfg.save_yaml(config, tmp)
+    text = tmp.read_text(encoding="utf-8")
+    tmp.write_text(f"{text}# sha256 {_config_sum(text)} (of the lines above: gmt-mlx checks it on every read)\n",
+                   encoding="utf-8")
     tmp.replace(path)
+
+
+def check_config_sum(path: Path, text: str) -> None:
+    """Refuse a config.yaml whose lines differ from its checksum (a hand edit, or damage that is still YAML).
+
+    A config.yaml without the checksum line (gmt-mlx before it) is read unchecked.
+    """
+    body, _, last = text[:-1].rpartition("\n")
+    match = _CONFIG_SUM.match(last)
+    if match and _config_sum(body + "\n" if body else "") != match.group(1):
+        raise UserError(f"{path} was changed after the run wrote it (it does not match its checksum)")
 
 
 def read_config(run_dir: str | Path) -> Dict[str, Any]:
@@ -176,6 +199,7 @@ def read_config(run_dir: str | Path) -> Dict[str, Any]:
         raise UserError(f"{path} is damaged (not UTF-8 text at byte {err.start})") from None
     if text and not text.endswith("\n"):  # save_yaml ends with a newline: this one was cut short
         raise UserError(f"{path} is damaged (cut short)")
+    check_config_sum(path, text)
     return cfg.load_yaml(path)
 
 
