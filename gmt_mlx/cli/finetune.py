@@ -51,7 +51,7 @@ def finetune(
 def _resume_base(resume: Path, overrides: Dict[str, Any], config_file: Optional[Path]) -> Dict[str, Any]:
     """The options `--resume RUN_DIR` starts from: the run's own config, or only its --out when nothing was saved."""
     from gmt_mlx.errors import UserError
-    from gmt_mlx.run.rundir import has_trained, is_run_dir, run_config
+    from gmt_mlx.run.rundir import has_trained, is_empty, is_run_dir, run_config
 
     if overrides.get("out") not in (None, str(resume)):
         raise UserError("--resume RUN_DIR and --out must name the same folder (or leave --out out)")
@@ -63,7 +63,7 @@ def _resume_base(resume: Path, overrides: Dict[str, Any], config_file: Optional[
     if not resume.is_dir():
         raise UserError(f"--resume {resume}: no such folder; start the run with your original command "
                         f"(gmt-mlx finetune --model ... --data ... --out {resume})")
-    if any(resume.iterdir()) and not is_run_dir(resume):
+    if not is_empty(resume) and not is_run_dir(resume):
         raise UserError(f"--resume {resume}: not a gmt-mlx run (no config.yaml, no checkpoints)")
     try:
         return {**run_config(resume), "out": str(resume)}  # plan_run warns if it fell back

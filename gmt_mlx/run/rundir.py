@@ -46,6 +46,7 @@ CHECKPOINTS_DIR = "checkpoints"
 BEST = "best"
 TENSORBOARD_DIR = "tensorboard"  # --report-to tensorboard (tracking.py)
 WANDB_DIR = "wandb"  # --report-to wandb: its files and the run id
+LOCK_FILE = ".lock"  # held (flock) by the one process writing the run, with its pid (run/lock.py); never cleared
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Every name a run directory holds; a folder of these alone (with a metrics file or a
 # checkpoint in it) is what is left of a run whose config.yaml was lost or never written.
@@ -65,8 +66,13 @@ def is_run_dir(path: str | Path) -> bool:
         return True
     if not path.is_dir():
         return False
-    names = {child.name for child in path.iterdir()}
+    names = {child.name for child in path.iterdir()} - {LOCK_FILE}
     return bool(names) and names <= _RUN_NAMES and bool(names & {METRICS_FILE, CHECKPOINTS_DIR, CONFIG_FILE + ".tmp"})
+
+
+def is_empty(path: str | Path) -> bool:
+    """A folder holding nothing but maybe the lock file (a run killed before it wrote anything leaves that)."""
+    return all(child.name == LOCK_FILE for child in Path(path).iterdir())
 
 
 def has_trained(path: str | Path) -> bool:
@@ -89,6 +95,8 @@ def clear(path: str | Path) -> None:
     path = Path(path)
     order = {CHECKPOINTS_DIR: 0, MODEL_DIR: 1, CONFIG_FILE: 3}
     for child in sorted(path.iterdir(), key=lambda c: order.get(c.name, 2)):
+        if child.name == LOCK_FILE:  # the lock of the process clearing it: removing it would let a second one in
+            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
