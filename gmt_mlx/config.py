@@ -347,8 +347,8 @@ def resolve(
 ) -> Config:
     """Defaults < ``base`` (a resumed run's config) < YAML < explicit overrides (None = not given)."""
     values: Dict[str, Any] = dict(base or {})
-    if yaml_path:
-        values.update(load_yaml(yaml_path))
+    from_yaml = load_yaml(yaml_path) if yaml_path else {}
+    values.update(from_yaml)
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value
@@ -358,7 +358,10 @@ def resolve(
             values.setdefault("update_per_layer", False)
         for key, value in LOW_MEMORY.items():
             values.setdefault(key, value)
-    return Config(**values).validate()
+    try:
+        return Config(**values).validate()
+    except UserError as err:  # a value the user never passed as a flag is named where it was written
+        raise _named_at_its_source(err, yaml_path, from_yaml, base, overrides) from None
 
 
 def save_yaml(config: Config, path: str | Path) -> None:
@@ -401,3 +404,20 @@ def check_finite(config: Config) -> None:
         value = getattr(config, f.name)
         if kinds[f.name] in (int, float) and isinstance(value, (int, float)) and not math.isfinite(value):
             raise UserError(f"--{flag(f.name)} must be a finite number, got {value}")
+
+
+def _named_at_its_source(err: UserError, yaml_path, from_yaml: Dict[str, Any], base: Optional[Dict[str, Any]],
+                         overrides: Optional[Dict[str, Any]]) -> UserError:
+    """``err`` ("--mask-ratio must be ...") said of the file the value came from when no flag set it:
+    ``c.yaml: mask_ratio must be ...``, or the resumed run's config.yaml (``base``, which holds its ``out``)."""
+    message = str(err)
+    name = message[2:].split(" ", 1)[0].replace("-", "_") if message.startswith("--") else None
+    if name is None or (overrides or {}).get(name) is not None:
+        return err
+    if name in from_yaml:
+        where = str(yaml_path)
+    elif name in (base or {}) and base.get("out"):
+        where = str(Path(base["out"]) / "config.yaml")
+    else:
+        return err
+    return UserError(f"{where}: {name}{message[2 + len(name):]}")

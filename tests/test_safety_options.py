@@ -42,5 +42,6 @@ def test_yaml_nan_is_refused(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("learning_rate: .nan\n")
     assert math.isnan(load_yaml(path)["learning_rate"])  # YAML spells it .nan; it parses...
-    with pytest.raises(UserError, match="must be a finite number, got nan"):  # ...and is refused
+    with pytest.raises(UserError) as err:  # ...and is refused, named where it was written
         resolve(path)
+    assert str(err.value) == f"{path}: learning_rate must be a finite number, got nan"

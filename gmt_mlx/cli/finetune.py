@@ -33,9 +33,12 @@ def finetune(
         resuming = resume.exists()
     config = resolve(config_file, overrides, base=base)
     result = run(config, overwrite=overwrite, resume=resuming, force=force, log=echo)
-    val = f", val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f})" if result.val_loss is not None else ""
-    if config.train_mode == "grpo" and result.val_loss is not None:  # GRPO's "val loss" is minus the mean reward
-        val = f", val reward {-result.val_loss:.4f} (best {-result.best_val_loss:.4f})"
+    grpo = config.train_mode == "grpo"  # GRPO's "val loss" is minus the mean reward
+    best = result.best_val_loss  # None when no validation was finite (a NaN is never the best)
+    best = "" if best is None else f" (best {-best if grpo else best:.4f})"
+    val = f", val loss {result.val_loss:.4f}{best}" if result.val_loss is not None else ""
+    if grpo and result.val_loss is not None:
+        val = f", val reward {-result.val_loss:.4f}{best}"
     if result.already_finished:
         echo(f"{result.out} is already finished; nothing changed")
         echo(f"finished: {result.steps} steps, train loss {result.train_loss:.4f}{val}")
