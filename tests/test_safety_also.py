@@ -36,7 +36,7 @@ def test_a_damaged_finished_json_exports_the_final_checkpoint(tiny_model_dir, ch
                          "delete-sums": '{"step": 4}'}[how])
     result = runner.invoke(app, ["export", str(out), "--out", str(tmp_path / "hf")])
     assert result.exit_code == 0, result.output
-    assert f"exporting the final step's checkpoint step-000004 instead (the same weights)" in result.output
+    assert "exporting the final step's checkpoint step-000004 instead (the same weights)" in result.output
     assert (tmp_path / "hf" / "config.json").is_file()
 
 
