@@ -7,8 +7,8 @@ A checkpoint is one folder (rundir.py names and finds them:
     optimizer.safetensors   the optimizer state tree (step, moments, lr)
     rng.safetensors         MLX's global RNG state (LoRA dropout draws from it)
     state.json              step, data position, metrics, resolved config,
-                            loss normalisation, versions, and the sha256
-                            of every file above
+                            loss normalisation, versions, the sha256 of
+                            every file above, and its own (state_sha256)
 
 It is written to a temporary sibling folder, fsynced, then renamed into
 place, and `state.json` is written last: a kill during a save leaves either

@@ -2,7 +2,10 @@
 
 A run directory (``gmt-mlx finetune --out RUN_DIR``) holds:
 
-    config.yaml             the resolved config (what a resume compares against)
+    config.yaml             the resolved config (what a resume compares against), its
+                            last line the sha256 of the rest (checked on every read)
+    .lock                   locked (flock) by the one process writing the run, its pid
+                            in it (run/lock.py); a killed writer's lock is taken over
     metrics.jsonl           one JSON record per line: "setup", "train", "eval"
     samples_before.json     answers of the untrained model (reused on resume)
     samples.json            prompts with their answers before and after training
