@@ -64,7 +64,7 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before,
     import mlx.core as mx
     import numpy as np
 
-    from gmt_mlx.config import Config
+    from gmt_mlx.config import Config, MaskOptions
     from gmt_mlx.core import trainer
     from gmt_mlx.core.optim import MaskedOptimizer, build_optimizer
     from gmt_mlx.models.methods import prepare_model
@@ -81,22 +81,24 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before,
         batch = (tokens, mask)
     else:
         batch, width = preference_batch(folders["prefs"], tokenizer, batch_size)
-    base = build_optimizer("adamw", defaults.learning_rate, weight_decay=defaults.weight_decay).optimizer
-    optimizers = {"sft": MaskedOptimizer(base, mask_ratio=0.0)}
+    base = build_optimizer(defaults.optim, defaults.learning_rate, seed=0).optimizer
+    optimizers = {"sft": MaskedOptimizer(base, MaskOptions(mask_ratio=0.0), seed=0)}
     for name in (contenders or CONTENDERS)[1:]:
         # "... ratio R": that mask ratio instead of MASK_RATIO (the cost of high ratios' larger samples).
         ratio = float(name.rsplit(" ", 1)[1]) if " ratio " in name else MASK_RATIO
         if name.startswith("random"):
-            optimizers[name] = MaskedOptimizer(base, method="random", mask_ratio=ratio)
+            optimizers[name] = MaskedOptimizer(base, MaskOptions(method="random", mask_ratio=ratio), seed=0)
         elif name.startswith("gmt before"):
             if before is not None:
-                optimizers[name] = _before_masks(before)(base, mask_ratio=ratio)
+                optimizers[name] = _before_masks(before)(base, MaskOptions(mask_ratio=ratio), seed=0)
         elif name.startswith("gmt tensor/grad sample"):
-            optimizers[name] = MaskedOptimizer(base, mask_ratio=ratio, sample_size=int(name.rsplit(" ", 1)[1]))
+            mask = MaskOptions(mask_ratio=ratio, mask_sample_size=int(name.rsplit(" ", 1)[1]))
+            optimizers[name] = MaskedOptimizer(base, mask, seed=0)
         else:
             scope, target = name.split()[1].split("/")
-            optimizers[name] = MaskedOptimizer(base, mask_ratio=ratio, scope=scope, target=target)
-    loss_fn = make_loss(train_mode)
+            mask = MaskOptions(mask_ratio=ratio, mask_scope=scope, mask_target=target)
+            optimizers[name] = MaskedOptimizer(base, mask, seed=0)
+    loss_fn = make_loss(train_mode, beta=defaults.beta, dpo_loss_type=defaults.dpo_loss)
     fns = {name: trainer.make_step_fns(model, opt, loss_fn, grad_clip=defaults.grad_clip) for name, opt in optimizers.items()}
     grad_fn = fns["sft"][0]
     state = trainer.training_state(model, base)

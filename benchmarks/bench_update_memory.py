@@ -28,6 +28,7 @@ import numpy as np
 
 from gmt_mlx.core.layerwise import make_layerwise_step
 from gmt_mlx.core.losses import sft_loss
+from gmt_mlx.config import MaskOptions, OptimizerOptions, PrecisionOptions
 from gmt_mlx.core.optim import build_optimizer
 from gmt_mlx.core.trainer import make_fused_step, training_state
 
@@ -53,8 +54,9 @@ def update_bytes(method: str, moments: str, dtype: str, mode: str) -> float:
     """``mode``: compiled (one function, as layerwise compiles a part), staged
     (CompactAdamW's stages evaluated in turn, as layerwise runs 8-bit moments) or eager."""
     model = _One(getattr(mx, dtype))
-    opt = build_optimizer("adamw", 1e-5, method=method, mask_ratio=0.2 if method == "gmt" else 0.0,
-                          moments=moments, weights_dtype=dtype)
+    mask = MaskOptions(method=method, mask_ratio=0.2 if method == "gmt" else 0.0)
+    opt = build_optimizer(OptimizerOptions(), 1e-5, seed=0, mask=mask,
+                          precision=PrecisionOptions(train_dtype=dtype, moments=moments))
     opt.init(model.trainable_parameters())
     state = [model.state, opt.state]
     mx.eval(state)
@@ -89,7 +91,7 @@ def step_times(steps: int = 6) -> dict:
     for kind in ("fused", "per-layer", "fused-clip", "per-layer-clip"):
         mx.random.seed(0)
         model = llama.Model(args)
-        opt = build_optimizer("adamw", 1e-4, method="gmt", mask_ratio=0.2)
+        opt = build_optimizer(OptimizerOptions(), 1e-4, seed=0, mask=MaskOptions(mask_ratio=0.2))
         opt.init(model.trainable_parameters())
         clip = 1.0 if kind.endswith("clip") else 0.0
         fn = (make_fused_step(model, opt, sft_loss, clip) if kind.startswith("fused")

@@ -404,17 +404,22 @@ def build_contenders(spec: ModelSpec, turns: int, ours_data, theirs_data, *, whi
             model, _ = load_model(spec.path)
             prepare_model(model, Config(method="sft"))
             shared["model"] = model
-            shared["adamw"] = build_optimizer("adamw", defaults.learning_rate, weight_decay=defaults.weight_decay).optimizer
+            shared["adamw"] = build_optimizer(defaults.optim, defaults.learning_rate, seed=0).optimizer
         return shared["model"], shared["adamw"]
 
     def masked(method, scope="tensor", target="grad", sample_size=None, module=None):
+        from gmt_mlx.config import MaskOptions
         from gmt_mlx.core.optim import MaskedOptimizer
 
-        cls = module.MaskedOptimizer if module is not None else MaskedOptimizer
         model, base = shared_full()
-        kw = {} if sample_size is None else {"sample_size": sample_size}
         ratio = 0.0 if method == "sft" else MASK_RATIO
-        return model, cls(base, method="gmt" if method == "sft" else method, mask_ratio=ratio, scope=scope, target=target, **kw)
+        if module is not None:  # the 'before' code: its MaskedOptimizer takes the keywords it took then
+            kw = {} if sample_size is None else {"sample_size": sample_size}
+            return model, module.MaskedOptimizer(base, method="gmt" if method == "sft" else method, mask_ratio=ratio,
+                                                 scope=scope, target=target, **kw)
+        kw = {} if sample_size is None else {"mask_sample_size": sample_size}
+        mask = MaskOptions(method=method, mask_ratio=ratio, mask_scope=scope, mask_target=target, **kw)
+        return model, MaskedOptimizer(base, mask, seed=0)
 
     for name in which:
         if name == "sft":
@@ -434,11 +439,11 @@ def build_contenders(spec: ModelSpec, turns: int, ours_data, theirs_data, *, whi
         elif name == "sft frozen-emb":
             model, _ = load_model(spec.path)
             prepare_model(model, Config(method="sft", freeze_embeddings=True, freeze_lm_head=True))
-            opt = build_optimizer("adamw", defaults.learning_rate, weight_decay=defaults.weight_decay)
+            opt = build_optimizer(defaults.optim, defaults.learning_rate, seed=0)
         elif name == "lora":
             model, _ = load_model(spec.path)
             prepare_model(model, Config(method="lora", num_layers=spec.lora_layers))
-            opt = build_optimizer("adamw", defaults.learning_rate, method="lora")
+            opt = build_optimizer(defaults.optim, defaults.learning_rate, seed=0)  # lora: no mask
         elif name.startswith("mlx_lm"):
             kind = name.split()[1]
             model, _ = load_model(spec.path)

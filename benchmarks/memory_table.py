@@ -11,7 +11,8 @@ which sizes were measured and how far the estimate was off there.
 
 from __future__ import annotations
 
-from gmt_mlx.run.memory import DTYPE_BYTES, estimate
+from gmt_mlx.config import Config
+from gmt_mlx.run.memory import DTYPE_BYTES, Footprint, estimate
 
 # name: (hidden, layers, intermediate, heads, kv heads, vocab, tied)
 SHAPES = {
@@ -45,8 +46,10 @@ def peak(shape, setup) -> float:
     n, largest, block, outer = params(*shape)
     config = {"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": inter,
               "num_attention_heads": heads, "vocab_size": vocab}
-    est = estimate(config, weight_bytes=n * DTYPE_BYTES[setup["train_dtype"]], trainable=n, batch_size=1,
-                   seq_len=512, largest=largest, block=block, outer=outer, **setup)
+    run = Config(**setup)  # gmt at its default ratio (the mask's memory is counted)
+    footprint = Footprint(n * DTYPE_BYTES[setup["train_dtype"]], n, largest=largest, block=block, outer=outer)
+    est = estimate(config, footprint, batch_rows=1, seq_len=512, optim=run.optim, precision=run.precision,
+                   memory=run.memory, mask=run.mask)
     return est.total / 1e9
 
 

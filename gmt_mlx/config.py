@@ -191,7 +191,43 @@ class Config:
     @property
     def masked(self) -> bool:
         """Whether the optimizer step drops gradient entries (a masking method with mask_ratio > 0)."""
-        return self.method in MASKED_METHODS and self.mask_ratio > 0
+        return self.mask.masked
+
+    # The option groups (see `options_group`): what the functions that need a few options take.
+    @property
+    def mask(self) -> "MaskOptions":
+        """Which gradient entries each step keeps: `MaskOptions`."""
+        return MaskOptions.of(self)
+
+    @property
+    def optim(self) -> "OptimizerOptions":
+        """The optimizer, its schedule and the step: `OptimizerOptions`."""
+        return OptimizerOptions.of(self)
+
+    @property
+    def precision(self) -> "PrecisionOptions":
+        """The dtype the weights train in, their rounding and the moments' storage: `PrecisionOptions`."""
+        return PrecisionOptions.of(self)
+
+    @property
+    def memory(self) -> "MemoryOptions":
+        """The memory savers and the start-up check: `MemoryOptions`."""
+        return MemoryOptions.of(self)
+
+    @property
+    def lora(self) -> "LoraOptions":
+        """The adapters of lora / dora: `LoraOptions`."""
+        return LoraOptions.of(self)
+
+    @property
+    def objective(self) -> "ObjectiveOptions":
+        """DPO's and ORPO's hyper-parameters: `ObjectiveOptions`."""
+        return ObjectiveOptions.of(self)
+
+    @property
+    def grpo(self) -> "GrpoOptions":
+        """GRPO's rollouts, rewards and clipped loss: `GrpoOptions`."""
+        return GrpoOptions.of(self)
 
     def validate(self) -> "Config":
         """Check ranges and choices; raise UserError with a one-line message."""
@@ -391,6 +427,195 @@ def diff(a: Dict[str, Any], b: Dict[str, Any], ignore=Config.COSMETIC) -> Dict[s
     return {k: (a.get(k), b.get(k)) for k in sorted(keys)
             if a.get(k) != b.get(k) and any(applies(k, m) for m in methods)
             and (k not in TRAIN_MODE_KEYS or set(TRAIN_MODE_KEYS[k]) & set(modes))}
+
+
+# --- Option groups -----------------------------------------------------------
+# Config's fields, grouped for the functions that need a few of them: a group is
+# a frozen dataclass whose fields ARE Config fields (same name, type, default and
+# help, copied from Config by `options_group`), so no option has a second name or
+# a second default. `config.mask`, `config.optim`, ... hand them out; code that
+# runs without a Config (tests, benchmarks) builds one from plain values, e.g.
+# MaskOptions(mask_ratio=0.5), the other fields taking Config's defaults.
+
+
+def options_group(cls: type) -> type:
+    """Make ``cls`` (annotations only) a frozen dataclass of the Config fields it names.
+
+    Each annotated name must be a Config field with the same annotation; its
+    default and metadata are Config's. ``cls.of(config)`` picks them out of a
+    Config (or any object with those attributes, e.g. another group).
+    """
+    own = {f.name: f for f in fields(Config)}
+    for name, annotation in cls.__annotations__.items():
+        if name not in own:
+            raise TypeError(f"{cls.__name__}.{name} is not a Config field")
+        if str(annotation) != str(own[name].type):
+            raise TypeError(f"{cls.__name__}.{name}: {annotation} is not Config's {own[name].type}")
+        setattr(cls, name, field(default=own[name].default, metadata=own[name].metadata))
+    cls = dataclass(frozen=True)(cls)
+    cls.of = classmethod(lambda kind, source: kind(**{f.name: getattr(source, f.name) for f in fields(kind)}))
+    return cls
+
+
+@options_group
+class MaskOptions:
+    """Which gradient entries an optimizer step keeps (GMT, the random control); only masking methods mask."""
+
+    method: str
+    mask_ratio: float
+    mask_scope: str
+    mask_target: str
+    mask_sample_size: int
+    mask_overlap: bool
+
+    @property
+    def masked(self) -> bool:
+        """Whether the step drops gradient entries (a masking method with mask_ratio > 0)."""
+        return METHOD_ALIASES.get(self.method, self.method) in MASKED_METHODS and self.mask_ratio > 0
+
+
+@options_group
+class OptimizerOptions:
+    """The base optimizer, its learning-rate schedule, clipping and the micro-batches of a step."""
+
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    momentum: Optional[float]
+    lr_schedule: str
+    warmup_steps: int
+    min_lr_ratio: float
+    grad_clip: float
+    grad_accumulation_steps: int
+
+
+@options_group
+class PrecisionOptions:
+    """How the trained weights and AdamW's moments are stored, and how updates are rounded into them."""
+
+    train_dtype: str
+    weight_rounding: str
+    moments: str
+
+
+@options_group
+class MemoryOptions:
+    """What trades compute for memory, and the start-up check of the estimate."""
+
+    update_per_layer: bool
+    grad_checkpoint: bool
+    low_memory: bool
+    memory_check: bool
+
+
+@options_group
+class LoraOptions:
+    """The low-rank adapters of lora / dora."""
+
+    lora_rank: int
+    lora_scale: float
+    lora_dropout: float
+    lora_keys: str
+
+
+@options_group
+class ObjectiveOptions:
+    """The preference objectives' hyper-parameters (DPO, ORPO); ``beta`` is GRPO's KL weight too."""
+
+    beta: Optional[float]
+    dpo_loss: str
+    label_smoothing: float
+    orpo_lambda: float
+
+
+@options_group
+class GrpoOptions:
+    """GRPO's rollouts, rewards and clipped loss (``beta``: the KL term's weight)."""
+
+    beta: Optional[float]
+    num_generations: int
+    reward: str
+    reward_weights: Optional[str]
+    scale_rewards: str
+    loss_type: str
+    epsilon: float
+    epsilon_high: Optional[float]
+    num_iterations: int
+    temperature: float
+    top_p: float
+    max_completion_length: int
+    mask_truncated_completions: bool
+
+
+@options_group
+class DataOptions:
+    """What is trained on and how it is read (``config.data`` is the path; ``DataOptions.of(config)`` the group)."""
+
+    model: str
+    data: Optional[str]
+    max_seq_length: int
+    mask_prompt: bool
+    assistant_turns: str
+    columns: Optional[str]
+    data_config: Optional[str]
+    data_splits: Optional[str]
+
+
+# Every group, by the name Config's help and docs use for it; each Config field is in one at least
+# (beta in two: DPO's and GRPO's), the ones no function takes as a group in RUN_FIELDS (the run's).
+GROUPS = {"mask": MaskOptions, "optimizer": OptimizerOptions, "precision": PrecisionOptions,
+          "memory": MemoryOptions, "lora": LoraOptions, "objective": ObjectiveOptions, "grpo": GrpoOptions,
+          "data": DataOptions}
+RUN_FIELDS = ("out", "freeze_embeddings", "freeze_lm_head", "num_layers", "train_mode", "batch_size", "iters",
+              "epochs", "seed", "steps_per_report", "steps_per_eval", "val_batches", "samples", "dtype", "report_to",
+              "steps_per_save", "save_best", "keep_checkpoints", "max_bad_steps", "distributed_backend",
+              "push_to_hub", "hub_datasets")
+
+
+# --- Evaluation options (`gmt-mlx eval`, and compare's evaluation of each run) ---------------
+# Written once here: eval's flags (cli/eval.py) come from these fields, evaluation.EvalOptions and
+# recipes.compare_plan.CompareSpec take their defaults from them. The options eval shares with
+# finetune (--columns, --reward ...) are Config's fields themselves, with "the run's own" as default.
+# The answers' length differs by command on purpose: eval answers up to 64 tokens, compare (many
+# runs, 100 prompts each) up to 32 by default; README.md quotes both, and its numbers depend on them.
+EVAL_MAX_TOKENS = 64
+COMPARE_MAX_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class EvalFields:
+    """The evaluation options of `gmt-mlx eval` (compare's --eval-limit, --eval-batch-size and --max-tokens
+    are ``limit``, ``batch_size`` and ``max_tokens`` here)."""
+
+    split: str = opt("test", "Split to evaluate: train, valid or test.", group="Evaluation")
+    scorer: Optional[str] = opt(None, "Comma-separated scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK] or "
+                                      "module:function.  [default: exact; none with --reward or for a GRPO run]",
+                                group="Evaluation")
+    max_tokens: Optional[int] = opt(None, "Tokens to generate per answer at most (greedy).  "
+                                          f"[default: a GRPO run's --max-completion-length, else {EVAL_MAX_TOKENS}]",
+                                    group="Evaluation")
+    batch_size: int = opt(16, "Prompts generated (and loss examples scored) together.", group="Evaluation")
+    limit: Optional[int] = opt(None, "Score only the first N prompt/answer pairs (the loss still uses the whole "
+                                     "split).", group="Evaluation")
+    # Not Config's mask_prompt: an evaluation's default is the run's own setting, else completions only.
+    mask_prompt: Optional[bool] = opt(None, "Loss on completions only.  [default: a run's own setting, else yes]",
+                                      group="Evaluation")
+    # compare's: the test prompts each run answers (eval's --limit); a comparison needs a bound.
+    eval_limit: int = opt(100, "Test prompts to generate answers for, per run (the test loss uses the whole split).",
+                          group="Evaluation")
+
+
+def eval_default(name: str) -> Any:
+    """The default of evaluation option ``name`` (an `EvalFields` field)."""
+    return EvalFields.__dataclass_fields__[name].default
+
+
+def field_help(name: str, default_note: Optional[str] = None) -> str:
+    """Config field ``name``'s help text, with ``default_note`` as its shown default ("[default: ...]")."""
+    text = Config.__dataclass_fields__[name].metadata["help"]
+    if default_note is not None:
+        text = text.split("  [default:")[0] + f"  [default: {default_note}]"
+    return text
 
 
 def check_finite(config: Config) -> None:

@@ -1,4 +1,4 @@
-"""One rank's share of tests/test_accumulation.py, under `mlx.launch -n N --backend ring`.
+"""One rank's share of tests/unit/core/test_accumulation.py, under `mlx.launch -n N --backend ring`.
 
 Usage: mlx.launch -n N --backend ring -- python tests/accum_driver.py MODEL_DIR OUT_DIR METHOD...
 Each rank trains on its contiguous 1/N slice of every global batch (as
@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.test_accumulation import STEPS, global_batches, train_recording  # noqa: E402
+from tests.unit.core.test_accumulation import STEPS, global_batches, train_recording  # noqa: E402
 
 
 def main() -> None:

@@ -23,6 +23,10 @@ MAX_FUNCTION_LINES = 60
 LONG_BY_DESIGN = {
     "core/trainer.py::train": "the training loop: one step after another, each line a phase of it",
 }
+# Modules allowed past MAX_MODULE_LINES because cohesion wins (issue 33).
+LARGE_BY_DESIGN = {
+    "config.py": "every option's one definition, its checks, and the option groups made of those fields",
+}
 
 
 def modules() -> list[Path]:
@@ -40,6 +44,8 @@ def test_import_contracts_hold():
 
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_modules_stay_small(path):
+    if path.relative_to(PACKAGE).as_posix() in LARGE_BY_DESIGN:
+        return
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_MODULE_LINES, f"{path.relative_to(ROOT)} has {lines} lines (at most {MAX_MODULE_LINES})"
 

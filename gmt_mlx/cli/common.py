@@ -12,7 +12,7 @@ from typing import Annotated, Any, Callable, Dict, Optional
 import typer
 from typer.core import TyperCommand
 
-from gmt_mlx.config import Config, field_types, flag
+from gmt_mlx.config import Config, EvalFields, field_help, field_types, flag
 from gmt_mlx.errors import Interrupted, UserError
 
 
@@ -63,6 +63,21 @@ def _option(field) -> Any:
     option = typer.Option(*names, help=help_text, rich_help_panel=field.metadata.get("group"),
                           show_default=False, metavar=f"[{'|'.join(choices)}]" if choices else None)
     return Annotated[Optional[kind], option]
+
+
+def eval_option(name: str, *names: str) -> Any:
+    """The Typer option of evaluation option ``name`` (config.EvalFields): its help and type, written once."""
+    f = EvalFields.__dataclass_fields__[name]
+    kind = {"str": str, "int": int, "bool": bool}[str(f.type).replace("Optional[", "").rstrip("]")]
+    if kind is bool:
+        names = names or (f"--{flag(name)}/--no-{flag(name)}",)
+    return Annotated[Optional[kind] if f.default is None else kind, typer.Option(*names, help=f.metadata["help"])]
+
+
+def run_option(name: str, default_note: str) -> Any:
+    """A Config field as an optional option of another command (eval), whose default is ``default_note``
+    (a run's own value): Config's help, one definition."""
+    return Annotated[Optional[field_types()[name]], typer.Option(help=field_help(name, default_note))]
 
 
 FULL_HELP = "gmt_mlx.full_help"  # ctx.meta key: --help-all asked for every option

@@ -9,7 +9,8 @@ from typing import Annotated, Any, Dict, Optional
 
 import typer
 
-from gmt_mlx.cli.common import echo, user_errors, with_config_options
+from gmt_mlx.cli.common import echo, eval_option, user_errors, with_config_options
+from gmt_mlx.config import COMPARE_MAX_TOKENS, eval_default
 from gmt_mlx.recipes.compare_plan import PER_RUN_KEYS
 
 
@@ -38,12 +39,11 @@ def compare(
     scorer: Annotated[Optional[str], typer.Option(
         help="Comma-separated accuracy scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK], "
              "module:function.  [default: exact; none for grpo, whose --reward scores]")] = None,
-    eval_limit: Annotated[int, typer.Option(
-        help="Test prompts to generate answers for, per run (the test loss uses the whole split).")] = 100,
+    eval_limit: eval_option("eval_limit") = eval_default("eval_limit"),
     max_tokens: Annotated[Optional[int], typer.Option(
         help="New tokens per generated answer at most (greedy).  "
-             "[default: 32; grpo: --max-completion-length]")] = None,
-    eval_batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 16,
+             f"[default: {COMPARE_MAX_TOKENS}; grpo: --max-completion-length]")] = None,
+    eval_batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = eval_default("batch_size"),
     config_file: Annotated[Optional[Path], typer.Option(
         "--config", "-c",
         help="YAML of shared options (flags override it); "

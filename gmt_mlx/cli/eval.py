@@ -9,44 +9,31 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from gmt_mlx.cli.common import echo, user_errors
+from gmt_mlx.cli.common import echo, eval_option, run_option, user_errors
+from gmt_mlx.config import eval_default
 
 if TYPE_CHECKING:  # annotations only: like every command, eval imports the library (and MLX) when it runs
     from gmt_mlx.evaluation.evaluate import EvalOptions
 
 
+_OWN_DATA = "a run's own, for its own data"
+
+
 @user_errors
 def eval_command(
     model: Annotated[str, typer.Argument(help="A run directory, HF folder, GGUF file, Hub id or 'smollm2-135m'.")],
-    data: Annotated[Optional[str], typer.Option(
-        help="Data folder, .jsonl/.parquet/.csv/.json file, saved dataset or Hub dataset id.  "
-             "[default: a run's own --data]")] = None,
-    columns: Annotated[Optional[str], typer.Option(
-        help="Rename dataset columns, SOURCE=FIELD pairs: question=prompt,answer=completion.  "
-             "[default: a run's own, for its own data]")] = None,
-    data_config: Annotated[Optional[str], typer.Option(
-        help="Configuration (subset) of a Hub dataset.  [default: a run's own, for its own data]")] = None,
-    data_splits: Annotated[Optional[str], typer.Option(
-        help="Dataset splits that become train/valid/test: train_sft=train,test_sft=valid.  "
-             "[default: a run's own, for its own data]")] = None,
-    split: Annotated[str, typer.Option(help="Split to evaluate: train, valid or test.")] = "test",
-    scorer: Annotated[Optional[str], typer.Option(
-        help="Comma-separated scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK] or "
-             "module:function.  [default: exact; none with --reward or for a GRPO run]")] = None,
-    reward: Annotated[Optional[str], typer.Option(
-        help="Score the answers with rewards, named as finetune's --reward; mean and per reward.  "
-             "[default: a GRPO run's own]")] = None,
-    reward_weights: Annotated[Optional[str], typer.Option(
-        help="One weight per --reward, e.g. 1,0.5.  [default: 1 each]")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(
-        help="Tokens to generate per answer at most (greedy).  "
-             "[default: a GRPO run's --max-completion-length, else 64]")] = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts generated (and loss examples scored) together.")] = 16,
-    limit: Annotated[Optional[int], typer.Option(
-        help="Score only the first N prompt/answer pairs (the loss still uses the whole split).")] = None,
-    mask_prompt: Annotated[Optional[bool], typer.Option(
-        "--mask-prompt/--no-mask-prompt",
-        help="Loss on completions only.  [default: a run's own setting, else yes]")] = None,
+    data: run_option("data", "a run's own --data") = None,
+    columns: run_option("columns", _OWN_DATA) = None,
+    data_config: run_option("data_config", _OWN_DATA) = None,
+    data_splits: run_option("data_splits", _OWN_DATA) = None,
+    split: eval_option("split") = eval_default("split"),
+    scorer: eval_option("scorer") = None,
+    reward: run_option("reward", "a GRPO run's own") = None,
+    reward_weights: run_option("reward_weights", "1 each") = None,
+    max_tokens: eval_option("max_tokens") = None,
+    batch_size: eval_option("batch_size") = eval_default("batch_size"),
+    limit: eval_option("limit") = None,
+    mask_prompt: eval_option("mask_prompt") = None,
     loss: Annotated[bool, typer.Option("--loss/--no-loss", help="Compute loss and perplexity.")] = True,
     generate: Annotated[bool, typer.Option("--generate/--no-generate", help="Generate answers and score them.")] = True,
     out: Annotated[Optional[Path], typer.Option(

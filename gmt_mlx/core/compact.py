@@ -81,7 +81,8 @@ class CompactAdamW(optim.Optimizer):
     """
 
     def __init__(self, learning_rate: float | Callable, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, moments: str = "float32", seed: int = 0) -> None:
+                 *, weight_decay: float, moments: str = "float32", seed: int) -> None:
+        # weight_decay and seed are Config's (build_optimizer passes them): no second default here.
         super().__init__()
         if moments not in COMPACT_MOMENTS:
             raise ValueError(f"unknown moments storage {moments!r} (expected one of {', '.join(COMPACT_MOMENTS)})")

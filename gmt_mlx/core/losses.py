@@ -167,7 +167,7 @@ def orpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, *, lam: float)
     return losses.sum(), mx.array(float(pairs)), metrics
 
 
-def make_loss(train_mode: str = "sft", *, beta: float = 0.1, dpo_loss_type: str = "sigmoid",
+def make_loss(train_mode: str = "sft", *, beta: float, dpo_loss_type: str,
               label_smoothing: float = 0.0, orpo_lambda: float = 0.1, grpo: Optional[dict] = None) -> Callable:
     """The loss function of a training mode, its hyper-parameters bound (``grpo``: `grpo_batch_loss`'s keywords)."""
     if train_mode == "sft":

@@ -32,9 +32,10 @@ from typing import Dict, List, NamedTuple, Tuple
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from gmt_mlx.config import MASK_SCOPES, check_mask_ratio
+from gmt_mlx.config import MASK_SCOPES, MaskOptions, check_mask_ratio
 
-DEFAULT_SAMPLE_SIZE = 65536
+# The keyword defaults below are Config's (--mask-scope, --mask-sample-size), written there once.
+_DEFAULT = MaskOptions()
 
 _BLOCK = re.compile(r"^(.*?\blayers\.\d+)\.")
 # 2^32 / golden ratio: consecutive indices times this constant spread evenly
@@ -285,9 +286,9 @@ def _position_hash(shape: Tuple[int, ...]) -> mx.array:
 def gmt_masks(
     grads: dict,
     mask_ratio: float,
-    scope: str = "tensor",
+    scope: str = _DEFAULT.mask_scope,
     key: mx.array | None = None,
-    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    sample_size: int = _DEFAULT.mask_sample_size,
 ) -> Tuple[dict, mx.array]:
     """GMT keep-masks for a gradient tree: True where the entry is kept.
 
@@ -374,8 +375,8 @@ def random_masks(
     grads: dict,
     mask_ratio: float,
     key: mx.array,
-    scope: str = "tensor",
-    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    scope: str = _DEFAULT.mask_scope,
+    sample_size: int = _DEFAULT.mask_sample_size,
 ) -> Tuple[dict, mx.array]:
     """The control: GMT's keep-count per unit, drawn at random from GMT's eligible entries.
 

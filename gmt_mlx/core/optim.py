@@ -24,12 +24,17 @@ from gmt_mlx.config import (
     MASK_SCOPES,
     MASK_TARGETS,
     MASKED_METHODS,
+    METHOD_ALIASES,
+    METHODS,
     OPTIMIZERS,
     WEIGHT_ROUNDINGS,
+    MaskOptions,
+    OptimizerOptions,
+    PrecisionOptions,
     check_mask_ratio,
 )
 from gmt_mlx.core.compact import COMPACT_MOMENTS, CompactAdamW
-from gmt_mlx.core.masking import DEFAULT_SAMPLE_SIZE, apply_masks, count_entries, gmt_masks, random_masks
+from gmt_mlx.core.masking import apply_masks, count_entries, gmt_masks, random_masks
 from gmt_mlx.core.precision import SALT_WEIGHTS, round_to, step_seed, tensor_seed
 
 # Optimizer-state key of the keep-mask sample (see MaskedOptimizer.apply_gradients).
@@ -50,12 +55,14 @@ def mask_sample(masks: dict, size: int = MASK_SAMPLE_SIZE) -> mx.array:
 class MaskedOptimizer:
     """Apply ``optimizer`` to a masked gradient (target ``grad``) or mask its update (``update``).
 
-    With ``mask_ratio == 0`` the wrapped optimizer is called unchanged, so the
-    result is bit-for-bit plain fine-tuning.
+    ``mask`` (Config's `MaskOptions`; None: no mask): with ``mask_ratio == 0``, or
+    a method that does not mask (sft, lora, dora), the wrapped optimizer is
+    called unchanged, so the result is bit-for-bit plain fine-tuning.
+    ``precision``: how low-precision weights are rounded (None: Config's default).
 
     ``update()`` / ``apply_gradients()`` return statistics as arrays (``kept``:
     entries kept this step) so a compiled step can return them. With
-    ``record_mask_sample``, a sample of the keep-mask (`mask_sample`) is also
+    ``mask.mask_overlap``, a sample of the keep-mask (`mask_sample`) is also
     stored in the state under ``"mask_sample"``, so a caller can measure the
     overlap of consecutive steps' masks. It costs memory: in the fused step
     (trainer.make_fused_step) the join of the samples kept every mask alive
@@ -66,36 +73,36 @@ class MaskedOptimizer:
     def __init__(
         self,
         optimizer: optim.Optimizer,
+        mask: Optional[MaskOptions] = None,
         *,
-        method: str = "gmt",
-        mask_ratio: float = 0.0,
-        scope: str = "tensor",
-        target: str = "grad",
-        seed: int = 0,
-        sample_size: int = DEFAULT_SAMPLE_SIZE,
-        weight_rounding: str = "stochastic",
-        record_mask_sample: bool = False,
+        seed: int,
+        precision: Optional[PrecisionOptions] = None,
     ):
-        if method not in MASKED_METHODS:
-            raise ValueError(f"unknown mask method {method!r} (expected one of {', '.join(MASKED_METHODS)})")
-        if scope not in MASK_SCOPES:
-            raise ValueError(f"unknown mask scope {scope!r} (expected one of {', '.join(MASK_SCOPES)})")
-        if target not in MASK_TARGETS:
-            raise ValueError(f"unknown mask target {target!r} (expected one of {', '.join(MASK_TARGETS)})")
-        if sample_size < 1:
-            raise ValueError(f"sample_size must be positive, got {sample_size}")
-        if weight_rounding not in WEIGHT_ROUNDINGS:
-            raise ValueError(f"unknown weight rounding {weight_rounding!r} "
+        # None: no mask (the wrapped optimizer unchanged), and Config's default precision options.
+        mask = mask or MaskOptions(mask_ratio=0.0)
+        precision = precision or PrecisionOptions()
+        method = METHOD_ALIASES.get(mask.method, mask.method)
+        if method not in METHODS:
+            raise ValueError(f"unknown mask method {mask.method!r} (expected one of {', '.join(MASKED_METHODS)})")
+        if mask.mask_scope not in MASK_SCOPES:
+            raise ValueError(f"unknown mask scope {mask.mask_scope!r} (expected one of {', '.join(MASK_SCOPES)})")
+        if mask.mask_target not in MASK_TARGETS:
+            raise ValueError(f"unknown mask target {mask.mask_target!r} (expected one of {', '.join(MASK_TARGETS)})")
+        if mask.mask_sample_size < 1:
+            raise ValueError(f"mask_sample_size must be positive, got {mask.mask_sample_size}")
+        if precision.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ValueError(f"unknown weight rounding {precision.weight_rounding!r} "
                              f"(expected one of {', '.join(WEIGHT_ROUNDINGS)})")
+        masked = method in MASKED_METHODS  # the unmasked methods (sft, lora, dora) drop nothing
         self.optimizer = optimizer
-        self.weight_rounding = weight_rounding
-        self.record_mask_sample = record_mask_sample
-        self.method = method
-        self.mask_ratio = check_mask_ratio(mask_ratio)
-        self.scope = scope
-        self.target = target
+        self.weight_rounding = precision.weight_rounding
+        self.record_mask_sample = mask.mask_overlap
+        self.method = method if masked else "gmt"
+        self.mask_ratio = check_mask_ratio(mask.mask_ratio) if masked else 0.0
+        self.scope = mask.mask_scope
+        self.target = mask.mask_target
         self.seed = int(seed)
-        self.sample_size = int(sample_size)
+        self.sample_size = int(mask.mask_sample_size)
 
     # The wrapped optimizer's state is ours: compile and checkpoints see one tree.
     @property
@@ -267,14 +274,15 @@ def make_schedule(
     learning_rate: float,
     total_steps: int,
     *,
-    kind: str = "cosine",
-    warmup_steps: int = 0,
-    min_lr_ratio: float = 0.0,
+    kind: str,
+    warmup_steps: int,
+    min_lr_ratio: float,
 ) -> Callable[[mx.array], mx.array]:
     """Learning rate against optimizer step: linear warmup, then cosine / linear / constant.
 
     Warmup ramps from lr/warmup to lr (never 0, so step 1 already trains);
     the decay phase runs over the remaining steps down to lr * min_lr_ratio.
+    The keywords are Config's lr_schedule, warmup_steps and min_lr_ratio (see `schedule_of`).
     """
     end = learning_rate * min_lr_ratio
     decay_steps = max(1, total_steps - warmup_steps)
@@ -293,30 +301,35 @@ def make_schedule(
     return optim.join_schedules([warmup, decay], [warmup_steps])
 
 
+def schedule_of(options: OptimizerOptions, total_steps: int) -> Callable[[mx.array], mx.array]:
+    """`make_schedule` for the optimizer options' peak rate, schedule, warmup and final ratio."""
+    return make_schedule(options.learning_rate, total_steps, kind=options.lr_schedule,
+                         warmup_steps=options.warmup_steps, min_lr_ratio=options.min_lr_ratio)
+
+
 def build_optimizer(
-    name: str,
+    options: OptimizerOptions,
     learning_rate,
     *,
-    weight_decay: float = 0.0,
-    momentum: Optional[float] = None,
-    method: str = "sft",
-    mask_ratio: float = 0.0,
-    mask_scope: str = "tensor",
-    mask_target: str = "grad",
-    seed: int = 0,
-    sample_size: int = DEFAULT_SAMPLE_SIZE,
-    moments: str = "auto",
-    weights_dtype: str = "float32",
-    weight_rounding: str = "stochastic",
-    record_mask_sample: bool = False,
+    seed: int,
+    mask: Optional[MaskOptions] = None,
+    precision: Optional[PrecisionOptions] = None,
 ) -> MaskedOptimizer:
-    """Build the base optimizer and wrap it; unmasked methods (sft, LoRA) get mask_ratio 0.
+    """Build the base optimizer ``options.optimizer`` and wrap it in a `MaskedOptimizer`.
 
-    ``momentum`` is sgd's and muon's (None: their own defaults, 0 and 0.95);
-    Adam's betas and eps stay mlx's defaults. ``moments`` (adam/adamw): how
-    the moments are stored (`CompactAdamW`); "auto" keeps them in the weights'
-    dtype. float32 moments on float32 weights use mlx's own AdamW/Adam.
+    ``learning_rate``: a number or a schedule (`schedule_of`); it replaces
+    ``options.learning_rate``, the peak. ``mask``: the step's mask (None, or a
+    method that does not mask: none). ``precision``: the weights' dtype and the
+    moments' storage (None: Config's defaults). ``seed``: the masks' and the
+    roundings' random numbers. ``options.momentum`` is sgd's and muon's (None:
+    their own defaults, 0 and 0.95); Adam's betas and eps stay mlx's defaults.
+    ``precision.moments`` (adam/adamw): how the moments are stored
+    (`CompactAdamW`); "auto" keeps them in the weights' dtype. float32 moments
+    on float32 weights use mlx's own AdamW/Adam.
     """
+    precision = precision or PrecisionOptions()
+    name, weight_decay, momentum = options.optimizer, options.weight_decay, options.momentum
+    weights_dtype, moments = precision.train_dtype, precision.moments
     if moments == "auto":
         moments = weights_dtype if weights_dtype in COMPACT_MOMENTS else "float32"
     if name in ("adam", "adamw") and not (moments == "float32" and weights_dtype == "float32"):
@@ -334,15 +347,4 @@ def build_optimizer(
         base = optim.Muon(learning_rate, momentum=0.95 if momentum is None else momentum, weight_decay=weight_decay)
     else:
         raise ValueError(f"unknown optimizer {name!r} (expected one of {', '.join(OPTIMIZERS)})")
-    masked = method in MASKED_METHODS
-    return MaskedOptimizer(
-        base,
-        method=method if masked else "gmt",
-        mask_ratio=mask_ratio if masked else 0.0,
-        scope=mask_scope,
-        target=mask_target,
-        seed=seed,
-        sample_size=sample_size,
-        weight_rounding=weight_rounding,
-        record_mask_sample=record_mask_sample,
-    )
+    return MaskedOptimizer(base, mask, seed=seed, precision=precision)

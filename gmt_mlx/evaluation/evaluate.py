@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import mlx.nn as nn
 import numpy as np
 
+from gmt_mlx.config import EVAL_MAX_TOKENS, Config, eval_default
 from gmt_mlx.core.losses import PREFERENCE_METRICS, SFT_EVAL_METRICS, sft_eval_loss, sft_loss
 from gmt_mlx.core.trainer import evaluate_loss, loss_sums, mean_metrics
 from gmt_mlx.data import sources
@@ -37,9 +38,10 @@ from gmt_mlx.evaluation.rewards import RewardSet, parse_rewards
 from gmt_mlx.evaluation.scorers import get_scorer, reference_of
 from gmt_mlx.run import rundir
 
-DEFAULT_MAX_TOKENS = 64
-DEFAULT_BATCH_SIZE = 16
-DEFAULT_MAX_SEQ_LENGTH = 2048
+# Written once, in config (EvalFields, and Config's --max-seq-length for a plain model).
+DEFAULT_MAX_TOKENS = EVAL_MAX_TOKENS
+DEFAULT_BATCH_SIZE = eval_default("batch_size")
+DEFAULT_MAX_SEQ_LENGTH = Config.__dataclass_fields__["max_seq_length"].default
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class EvalOptions:
     ``limit`` caps the prompts generated for, never the loss.
     """
 
-    split: str = "test"
+    split: str = eval_default("split")
     scorers: Optional[Tuple[str, ...]] = None
     mask_prompt: Optional[bool] = None
     assistant_turns: Optional[str] = None

@@ -39,12 +39,12 @@ class CompareSpec:
     seeds: List[int] = field(default_factory=lambda: [0])
     mask_ratios: List[float] = field(default_factory=lambda: [0.2])
     learning_rates: Dict[str, float] = field(default_factory=dict)
-    # None: the mode's default. SFT/DPO/ORPO: the "exact" scorer and 32 new tokens. GRPO: no scorer (the
+    # None: the mode's default. SFT/DPO/ORPO: the "exact" scorer and COMPARE_MAX_TOKENS new tokens. GRPO: no scorer (the
     # runs' --reward scores the test answers) and the runs' --max-completion-length.
     scorers: Optional[List[str]] = None
-    eval_limit: int = 100
+    eval_limit: int = cfg.eval_default("eval_limit")
     max_tokens: Optional[int] = None
-    eval_batch_size: int = 16
+    eval_batch_size: int = cfg.eval_default("batch_size")
     command: Optional[str] = None  # the command line, recorded in results.md
     # Cadence keys compare may choose so that every run draws a curve (those the user did not set).
     auto_cadence: Tuple[str, ...] = ()
@@ -56,7 +56,7 @@ class CompareSpec:
         if self.scorers is None:
             self.scorers = [] if grpo else ["exact"]
         if self.max_tokens is None:
-            self.max_tokens = self.base.max_completion_length if grpo else 32
+            self.max_tokens = self.base.max_completion_length if grpo else cfg.COMPARE_MAX_TOKENS
 
     def learning_rate(self, method: str) -> float:
         return self.learning_rates.get(method, DEFAULT_LEARNING_RATES[method])

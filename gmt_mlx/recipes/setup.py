@@ -7,6 +7,7 @@ would block the corrected command.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -34,8 +35,8 @@ from gmt_mlx.models.resolve import ModelOrigin, model_origin
 from gmt_mlx.publish.card import objective_text
 from gmt_mlx.recipes.grpo import RolloutBatches, prompt_splits, rewards_of, split_where, validation_reward
 from gmt_mlx.recipes.plan import check_step_fits, tokenize_splits, total_steps, train_buckets
-from gmt_mlx.run.memory import (DTYPE_BYTES, PROCESS_BYTES, MemoryEstimate, advice, available_bytes, estimate,
-                                moment_storage)
+from gmt_mlx.run.memory import (DTYPE_BYTES, PROCESS_BYTES, Footprint, MemoryEstimate, advice, available_bytes,
+                                estimate, moment_storage)
 
 
 @dataclass
@@ -91,12 +92,7 @@ def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
     schedule = make_schedule(
         config.learning_rate, steps, kind=config.lr_schedule, warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio
     )
-    optimizer = build_optimizer(
-        config.optimizer, schedule, weight_decay=config.weight_decay, momentum=config.momentum, method=config.method,
-        mask_ratio=config.mask_ratio, mask_scope=config.mask_scope, mask_target=config.mask_target,
-        seed=config.seed, sample_size=config.mask_sample_size, moments=config.moments,
-        weights_dtype=config.train_dtype, weight_rounding=config.weight_rounding, record_mask_sample=config.mask_overlap,
-    )
+    optimizer = build_optimizer(config.optim, schedule, seed=config.seed, mask=config.mask, precision=config.precision)
     memory = check_memory(config, model, model_config, sizes, train_split, log)
     loss_fn = make_loss(config.train_mode, beta=config.beta, dpo_loss_type=config.dpo_loss,
                         label_smoothing=config.label_smoothing, orpo_lambda=config.orpo_lambda, grpo=grpo_options(config))
@@ -145,19 +141,15 @@ def check_memory(config: Config, model, model_config: dict, sizes: dict, train_s
     reference = sum(v.nbytes for v in trainable) if grpo and config.beta > 0 else 0
 
     def estimate_with(**settings) -> MemoryEstimate:
-        values = {"train_dtype": config.train_dtype, "moments": config.moments, "grad_clip": config.grad_clip,
-                  "update_per_layer": config.update_per_layer, **settings}
+        run = dataclasses.replace(config, **settings)  # e.g. --low-memory's settings, for the advice
         # Weights stored in another dtype than now take its bytes per entry.
-        scale = lambda n: n * DTYPE_BYTES[values["train_dtype"]] // DTYPE_BYTES[config.train_dtype]  # noqa: E731
-        return estimate(
-            model_config, weight_bytes=scale(weight_bytes), trainable=sizes["trainable"],
-            batch_size=config.batch_size * rows, seq_len=seq_len, optimizer=config.optimizer, masked=config.masked,
-            grad_accumulation_steps=config.grad_accumulation_steps, grad_checkpoint=config.grad_checkpoint,
-            mask_overlap=config.mask_overlap, largest=largest, block=block, outer=outer,
-            chunk=chunk, shapes=shapes, rollout_rows=config.batch_size * rows if grpo else 0,
-            rollout_tokens=seq_len if grpo else 0, reference_bytes=scale(reference),
-            **values,
-        )
+        scale = lambda n: n * DTYPE_BYTES[run.train_dtype] // DTYPE_BYTES[config.train_dtype]  # noqa: E731
+        footprint = Footprint(scale(weight_bytes), sizes["trainable"], largest=largest, block=block, outer=outer,
+                              chunk=chunk, shapes=shapes)
+        return estimate(model_config, footprint, batch_rows=config.batch_size * rows, seq_len=seq_len,
+                        optim=run.optim, precision=run.precision, memory=run.memory, mask=run.mask,
+                        rollout_rows=config.batch_size * rows if grpo else 0, rollout_tokens=seq_len if grpo else 0,
+                        reference_bytes=scale(reference))
 
     memory = estimate_with()
     available = available_bytes()

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from gmt_mlx.config import ADAPTER_METHODS
+from gmt_mlx.config import ADAPTER_METHODS, MaskOptions, MemoryOptions, OptimizerOptions, PrecisionOptions
 
 F32 = 4
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -125,63 +125,77 @@ def moment_storage(moments: str, train_dtype: str) -> str:
     return train_dtype if train_dtype in _MOMENT_BYTES else "float32"
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """What the estimate reads off the prepared model: measured, not configured.
+
+    ``weight_bytes``: every weight, as stored for training; ``trainable``: the
+    trainable entries. ``largest``: entries of the largest trainable tensor (0:
+    guessed from the vocabulary and hidden size). ``shapes``: the entries of the
+    distinct trainable shapes, GMT's tie ranks (0: ``largest``). The per-layer
+    update (layerwise): ``block`` is the largest block's trainable entries and
+    ``outer`` those outside the blocks (embeddings, head); ``chunk`` the slice of
+    a large tensor one staged 8-bit update works on (compact.CHUNK_ENTRIES; the
+    whole tensor when its rows are not whole blocks of 128).
+    """
+
+    weight_bytes: int
+    trainable: int
+    largest: int = 0
+    block: int = 0
+    outer: int = 0
+    chunk: int = 1 << 22
+    shapes: int = 0
+
+
 def estimate(
     hf_config: Dict,
+    footprint: Footprint,
     *,
-    weight_bytes: int,
-    trainable: int,
-    batch_size: int,
+    batch_rows: int,
     seq_len: int,
-    optimizer: str = "adamw",
-    masked: bool = True,
-    grad_accumulation_steps: int = 1,
-    grad_checkpoint: bool = False,
-    train_dtype: str = "float32",
-    moments: str = "auto",
-    grad_clip: float = 0.0,
-    mask_overlap: bool = False,
-    largest: int = 0,
-    update_per_layer: bool = False,
-    block: int = 0,
-    outer: int = 0,
-    chunk: int = 1 << 22,
-    shapes: int = 0,
-    rollout_rows: int = 0, rollout_tokens: int = 0, reference_bytes: int = 0,
+    optim: OptimizerOptions,
+    precision: PrecisionOptions,
+    memory: MemoryOptions,
+    mask: MaskOptions,
+    rollout_rows: int = 0,
+    rollout_tokens: int = 0,
+    reference_bytes: int = 0,
 ) -> MemoryEstimate:
     """Estimate the peak bytes of one training step (trainer.make_fused_step, or layerwise's).
 
-    ``largest``: entries of the largest trainable tensor (0: guessed from the
-    vocabulary and hidden size). ``masked``: Config.masked. ``shapes``: the
-    entries of the distinct trainable shapes, GMT's tie ranks (0: ``largest``).
-    ``seq_len``: the longest training batch's width.
-
-    The fused step holds the whole gradient whatever ``grad_clip`` says (see
-    _PLAIN_IN_FLIGHT; the argument is kept for callers), and the accumulation
-    buffer with ``grad_accumulation_steps`` > 1.
-
-    ``update_per_layer`` (layerwise): ``block`` is the largest block's
-    trainable entries and ``outer`` those outside the blocks (embeddings,
-    head), whose gradient waits for the end of the backward pass; one block
-    is recomputed at a time, with every block's input kept. ``chunk``: the
-    slice of a large tensor one staged 8-bit update works on (compact.CHUNK_ENTRIES; the
-    whole tensor when its rows are not whole blocks of 128).
-    GRPO: ``rollout_rows`` x ``rollout_tokens`` decoded at once (`rollout_kv_bytes`); ``reference_bytes``.
+    ``batch_rows``: the sequences of one micro-batch (two per preference pair,
+    G per GRPO prompt); ``seq_len``: the longest training batch's width. The
+    option groups are Config's (config.optim, .precision, .memory, .mask): the
+    optimizer and the accumulation, the weights' dtype and the moments, the
+    per-layer update and gradient checkpointing, and whether (and how) the step
+    masks. The fused step holds the whole gradient whatever --grad-clip says
+    (see _PLAIN_IN_FLIGHT), and the accumulation buffer with
+    --grad-accumulation-steps > 1. The per-layer update recomputes one block at
+    a time, with every block's input kept (see `Footprint`).
+    GRPO: ``rollout_rows`` x ``rollout_tokens`` decoded at once (`rollout_kv_bytes`); ``reference_bytes``
+    (the step-0 trainable weights that --beta > 0 keeps).
     """
     hidden = int(hf_config.get("hidden_size", 0))
+    optimizer, accumulation = optim.optimizer, optim.grad_accumulation_steps
+    train_dtype, update_per_layer = precision.train_dtype, memory.update_per_layer
+    trainable = footprint.trainable
     width = DTYPE_BYTES.get(train_dtype, F32)
-    largest = largest or min(trainable, int(hf_config.get("vocab_size", 0)) * hidden)
-    storage = moment_storage(moments, train_dtype)
+    largest = footprint.largest or min(trainable, int(hf_config.get("vocab_size", 0)) * hidden)
+    storage = moment_storage(precision.moments, train_dtype)
     compact = optimizer in ("adam", "adamw") and not (storage == "float32" and train_dtype == "float32")
     if update_per_layer:
-        gradients = _per_layer_gradient_bytes(trainable, width, largest, grad_accumulation_steps, block, outer,
-                                              storage if compact else "", chunk)
+        gradients = _per_layer_gradient_bytes(trainable, width, largest, accumulation, footprint.block,
+                                              footprint.outer, storage if compact else "", footprint.chunk)
     else:
-        gradients = _fused_gradient_bytes(trainable, width, largest, optimizer, grad_accumulation_steps,
+        gradients = _fused_gradient_bytes(trainable, width, largest, optimizer, accumulation,
                                           storage if compact else "")
-    masking = _masking_bytes(trainable, largest, shapes or largest, update_per_layer, compact, mask_overlap) if masked else 0
-    activations = _activation_bytes(hf_config, batch_size, seq_len, width, grad_checkpoint or update_per_layer)
-    return MemoryEstimate(weight_bytes, int(gradients), _optimizer_bytes(optimizer, storage, trainable, width),
-                          masking, activations, fused=not update_per_layer,
+    masking = _masking_bytes(trainable, largest, footprint.shapes or largest, update_per_layer, compact,
+                             mask.mask_overlap) if mask.masked else 0
+    activations = _activation_bytes(hf_config, batch_rows, seq_len, width, memory.grad_checkpoint or update_per_layer)
+    return MemoryEstimate(footprint.weight_bytes, int(gradients),
+                          _optimizer_bytes(optimizer, storage, trainable, width), masking, activations,
+                          fused=not update_per_layer,
                           rollouts=rollout_kv_bytes(hf_config, rollout_rows, rollout_tokens, width),
                           reference=int(reference_bytes))
 

@@ -1,6 +1,6 @@
 // llama.cpp (node-llama-cpp's prebuilt CPU binaries) reading one GGUF file: greedy
 // continuations of prompts given as TOKEN IDS, and per-token log-probabilities of a
-// token sequence. tests/test_llama_cpp.py compares both with gmt-mlx's own MLX decode.
+// token sequence. tests/unit/models/test_llama_cpp.py compares both with gmt-mlx's own MLX decode.
 //
 //   node decode.mjs MODEL.gguf REQUEST.json   ->   one JSON object on stdout
 //
