@@ -53,8 +53,10 @@ class RunLock:
         self.path = run_dir / rundir.LOCK_FILE if self.fd is not None else None
         if new and self.held and not rundir.is_empty(run_dir):
             self.release()
-            raise UserError(f"{run_dir} was started by another gmt-mlx process while this one set up; run the "
-                            f"command again to resume it")
+            raise UserError(
+                f"{run_dir} was started by another gmt-mlx process while this one set up; run the "
+                f"command again to resume it"
+            )
 
     def release(self) -> None:
         """Give the lock back and remove its file (the file goes first: see ``_lock``)."""
@@ -86,8 +88,10 @@ def _lock(run_dir: Path) -> Optional[int]:
             os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise UserError(f"could not lock {run_dir}: {err.strerror or err}") from None
-            raise UserError(f"{run_dir} is being written by another gmt-mlx process (pid {holder}); wait for it "
-                            f"to end, or choose another --out") from None
+            raise UserError(
+                f"{run_dir} is being written by another gmt-mlx process (pid {holder}); wait for it "
+                f"to end, or choose another --out"
+            ) from None
         # A holder releasing removes the file before unlocking: the lock we got may be on a
         # file no longer at ``path`` (another process may hold the new one). Then try again.
         try:

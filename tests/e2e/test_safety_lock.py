@@ -23,6 +23,7 @@ from gmt_mlx.errors import UserError
 from gmt_mlx.run import rundir
 from gmt_mlx.run.killcheck import final_weights
 from gmt_mlx.run.lock import RunLock
+from tests.helpers import REPO
 
 runner = CliRunner()
 
@@ -37,17 +38,45 @@ app(sys.argv[1:])
 
 
 def args(model, data, out):
-    return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--iters", "6",
-            "--learning-rate", "1e-3", "--steps-per-save", "2", "--steps-per-eval", "3", "--steps-per-report", "1",
-            "--method", "gmt", "--mask-ratio", "0.5", "--samples", "0"]
+    return [
+        "finetune",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--iters",
+        "6",
+        "--learning-rate",
+        "1e-3",
+        "--steps-per-save",
+        "2",
+        "--steps-per-eval",
+        "3",
+        "--steps-per-report",
+        "1",
+        "--method",
+        "gmt",
+        "--mask-ratio",
+        "0.5",
+        "--samples",
+        "0",
+    ]
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_killed_ones_lock_is_taken_over(tiny_model_dir, chat_data, tmp_path):
     reference, out = tmp_path / "reference", tmp_path / "run"
     assert runner.invoke(app, args(tiny_model_dir, chat_data, reference)).exit_code == 0
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    first = subprocess.Popen([sys.executable, "-c", PAUSING, *args(tiny_model_dir, chat_data, out)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    first = subprocess.Popen(
+        [sys.executable, "-c", PAUSING, *args(tiny_model_dir, chat_data, out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for line in first.stdout:  # wait until it trains (its lock held, step 2 saved)
             if line.strip() == "paused":
@@ -56,13 +85,17 @@ def test_a_second_writer_is_refused_and_a_killed_ones_lock_is_taken_over(tiny_mo
             pytest.fail(f"the first run ended early (rc {first.wait()})")
         assert (out / rundir.LOCK_FILE).read_text() == f"{first.pid}\n"
         config, metrics = (out / rundir.CONFIG_FILE).read_bytes(), (out / rundir.METRICS_FILE).read_bytes()
-        for command in (args(tiny_model_dir, chat_data, out), ["finetune", "--resume", str(out)],
-                        [*args(tiny_model_dir, chat_data, out), "--overwrite"]):
+        for command in (
+            args(tiny_model_dir, chat_data, out),
+            ["finetune", "--resume", str(out)],
+            [*args(tiny_model_dir, chat_data, out), "--overwrite"],
+        ):
             second = runner.invoke(app, command)
             assert second.exit_code == 2, second.output
             assert second.output.strip().splitlines() == [
                 f"error: {out} is being written by another gmt-mlx process (pid {first.pid}); wait for it to end, "
-                f"or choose another --out"]
+                f"or choose another --out"
+            ]
         # The refused writers changed nothing (--overwrite included).
         assert (out / rundir.CONFIG_FILE).read_bytes() == config
         assert (out / rundir.METRICS_FILE).read_bytes() == metrics
@@ -93,6 +126,7 @@ def test_the_lock_is_exclusive_and_given_back(tmp_path):
     assert not (tmp_path / rundir.LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_a_folder_with_only_a_stale_lock_is_empty(tiny_model_dir, chat_data, tmp_path):
     """A run killed before it wrote anything leaves only the lock file: the command starts it like an empty folder."""
     out = tmp_path / "run"

@@ -13,17 +13,39 @@ from gmt_mlx.errors import UserError
 
 runner = CliRunner()
 NUMERIC = [name for name, kind in field_types().items() if kind is float]
-CASES = [("learning-rate", "nan"), ("learning-rate", "inf"), ("weight-decay", "nan"), ("min-lr-ratio", "nan"),
-         ("lora-scale", "nan"), ("grad-clip", "nan"), ("temperature", "inf"), ("mask-ratio", "nan"),
-         ("beta", "-inf"), ("epochs", "nan")]
+CASES = [
+    ("learning-rate", "nan"),
+    ("learning-rate", "inf"),
+    ("weight-decay", "nan"),
+    ("min-lr-ratio", "nan"),
+    ("lora-scale", "nan"),
+    ("grad-clip", "nan"),
+    ("temperature", "inf"),
+    ("mask-ratio", "nan"),
+    ("beta", "-inf"),
+    ("epochs", "nan"),
+]
 
 
 @pytest.mark.parametrize("option,value", CASES, ids=[f"{o}={v}" for o, v in CASES])
 def test_non_finite_flags_are_refused_in_one_line(tmp_path, option, value):
     """The campaign's --learning-rate nan trained a model of NaNs, rc 0: each is now refused before anything loads."""
     mode = ["--train-mode", "grpo"] if option in ("temperature", "beta") else []
-    result = runner.invoke(app, ["finetune", "--model", str(tmp_path / "nope"), "--data", str(tmp_path),
-                                 "--out", str(tmp_path / "run"), *mode, f"--{option}", value])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--model",
+            str(tmp_path / "nope"),
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "run"),
+            *mode,
+            f"--{option}",
+            value,
+        ],
+    )
     assert result.exit_code == 2, result.output
     shown = {"nan": "nan", "inf": "inf", "-inf": "-inf"}[value]
     assert result.output.strip().splitlines() == [f"error: --{option} must be a finite number, got {shown}"]

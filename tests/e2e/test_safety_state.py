@@ -22,17 +22,38 @@ from gmt_mlx.cli import app
 from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run import rundir
 from gmt_mlx.run.killcheck import final_weights
-
-from .conftest import write_chat_data
+from tests.helpers import write_chat_data
 
 runner = CliRunner()
 STEP2, STEP4, BEST = "checkpoints/step-000002", "checkpoints/step-000004", "checkpoints/best"
 
 
 def args(model, data, out):
-    return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--iters", "6",
-            "--learning-rate", "1e-3", "--steps-per-save", "2", "--steps-per-eval", "3", "--steps-per-report", "1",
-            "--method", "gmt", "--mask-ratio", "0.5", "--samples", "0"]
+    return [
+        "finetune",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--iters",
+        "6",
+        "--learning-rate",
+        "1e-3",
+        "--steps-per-save",
+        "2",
+        "--steps-per-eval",
+        "3",
+        "--steps-per-report",
+        "1",
+        "--method",
+        "gmt",
+        "--mask-ratio",
+        "0.5",
+        "--samples",
+        "0",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +109,20 @@ def strip_checksums(out):
     config.write_text("".join(lines[:-1]))
 
 
-STATE_EDITS = [('"columns"', '"colulns"'), ('"step": 4', '"step": 5'), ('"mask_ratio": 0.5', '"mask_ratio": 0.4'),
-               ('"iters": 6', '"iters": 7')]
+STATE_EDITS = [
+    ('"columns"', '"colulns"'),
+    ('"step": 4', '"step": 5'),
+    ('"mask_ratio": 0.5', '"mask_ratio": 0.4'),
+    ('"iters": 6', '"iters": 7'),
+]
 
 
-# Without its checksum (a run of gmt-mlx before it) a plausible value cannot be told from the truth: only the unknown key.
+# Without its checksum (a run of gmt-mlx before it) a plausible value cannot be told from the truth: only the
+# unknown key.
 CASES = [(old, new, True) for old, new in STATE_EDITS] + [('"columns"', '"colulns"', False)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("old,new,checksums", CASES, ids=[new + ("" if c else "-old-run") for _, new, c in CASES])
 def test_an_edited_state_json_falls_back_on_resume_and_export(runs, tmp_path, old, new, checksums):
     reference, stopped = runs
@@ -103,8 +130,10 @@ def test_an_edited_state_json_falls_back_on_resume_and_export(runs, tmp_path, ol
     if not checksums:
         strip_checksums(out)
     edit(out / STEP4 / ckpt.STATE_FILE, old, new)
-    for command in (["export", out, "--out", tmp_path / "hf"],
-                    ["export", out, "--format", "gguf", "--outtype", "f32", "--out", tmp_path / "gguf"]):
+    for command in (
+        ["export", out, "--out", tmp_path / "hf"],
+        ["export", out, "--format", "gguf", "--outtype", "f32", "--out", tmp_path / "gguf"],
+    ):
         result = invoke(*command)
         assert result.exit_code == 0, result.output
         warning = [line for line in result.output.splitlines() if line.startswith("warning:")]
@@ -116,6 +145,7 @@ def test_an_edited_state_json_falls_back_on_resume_and_export(runs, tmp_path, ol
     assert same_weights(reference, out)
 
 
+@pytest.mark.slow
 def test_every_state_json_damaged_is_refused_in_one_line(runs, tmp_path):
     _, stopped = runs
     out = copy(stopped, tmp_path)
@@ -138,9 +168,11 @@ def test_read_state_names_the_problem(tmp_path):
     folder.mkdir()
     ckpt.write_state(folder, {"step": 3, "config": {"columns": None}, "best_val_loss": 1.5})
     assert ckpt.read_state(folder)["step"] == 3
-    for meta, problem in [({"step": 3, "config": {"colulns": None}}, "config has an unknown option 'colulns'"),
-                          ({"step": 3, "config": {"mask_ratio": "0.5"}}, "config's mask_ratio is '0.5', not a float"),
-                          ({"step": 3, "best_val_loss": "1.5"}, "best_val_loss is str, not int or float or NoneType")]:
+    for meta, problem in [
+        ({"step": 3, "config": {"colulns": None}}, "config has an unknown option 'colulns'"),
+        ({"step": 3, "config": {"mask_ratio": "0.5"}}, "config's mask_ratio is '0.5', not a float"),
+        ({"step": 3, "best_val_loss": "1.5"}, "best_val_loss is str, not int or float or NoneType"),
+    ]:
         (folder / ckpt.STATE_FILE).write_text(json.dumps(meta))  # no checksum: an old version's checkpoint
         with pytest.raises(ckpt.DamagedCheckpoint, match=f"state.json's {problem}$"):
             ckpt.read_state(folder)
@@ -149,6 +181,7 @@ def test_read_state_names_the_problem(tmp_path):
 CONFIG_EDITS = [("mask_ratio: 0.5", "mask_ratio: 0.4"), ("iters: 6", "iters: 7"), ("seed: 0", "seed: 1")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("old,new", CONFIG_EDITS, ids=[new for _, new in CONFIG_EDITS])
 def test_an_edited_config_yaml_is_said_and_the_checkpoint_copy_used(runs, tmp_path, old, new):
     """The edit is reported in one line naming config.yaml; the run trains the model it started (bit for bit)."""
@@ -158,8 +191,10 @@ def test_an_edited_config_yaml_is_said_and_the_checkpoint_copy_used(runs, tmp_pa
     resumed = invoke("finetune", "--resume", out)
     assert resumed.exit_code == 0, resumed.output
     warning = [line for line in resumed.output.splitlines() if line.startswith("warning:")]
-    assert warning == [f"warning: {out / rundir.CONFIG_FILE} was changed after the run wrote it (it does not match "
-                       f"its checksum); using the copy of the config in {STEP4}"]
+    assert warning == [
+        f"warning: {out / rundir.CONFIG_FILE} was changed after the run wrote it (it does not match "
+        f"its checksum); using the copy of the config in {STEP4}"
+    ]
     assert same_weights(reference, out)
     assert rundir.read_config(out)[old.split(":")[0]] == reference_value(old)
 
@@ -168,6 +203,7 @@ def reference_value(line):
     return {"mask_ratio": 0.5, "iters": 6, "seed": 0}[line.split(":")[0]]
 
 
+@pytest.mark.slow
 def test_an_edited_config_yaml_without_a_checkpoint_copy_is_refused(runs, tmp_path):
     _, stopped = runs
     out = copy(stopped, tmp_path)
@@ -176,9 +212,11 @@ def test_an_edited_config_yaml_without_a_checkpoint_copy_is_refused(runs, tmp_pa
     result = invoke("export", out, "--out", tmp_path / "hf")
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        f"error: {out / rundir.CONFIG_FILE} was changed after the run wrote it (it does not match its checksum)"]
+        f"error: {out / rundir.CONFIG_FILE} was changed after the run wrote it (it does not match its checksum)"
+    ]
 
 
+@pytest.mark.slow
 def test_an_old_run_without_checksums_resumes_bit_for_bit(runs, tmp_path):
     reference, stopped = runs
     out = copy(stopped, tmp_path)
