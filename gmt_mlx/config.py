@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -219,6 +220,7 @@ class Config:
 
     def validate(self) -> "Config":
         """Check ranges and choices; raise UserError with a one-line message."""
+        check_finite(self)
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -370,8 +372,8 @@ def resolve(
 ) -> Config:
     """Defaults < ``base`` (a resumed run's config) < YAML < explicit overrides (None = not given)."""
     values: Dict[str, Any] = dict(base or {})
-    if yaml_path:
-        values.update(load_yaml(yaml_path))
+    from_yaml = load_yaml(yaml_path) if yaml_path else {}
+    values.update(from_yaml)
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value
@@ -381,7 +383,10 @@ def resolve(
             values.setdefault("update_per_layer", False)
         for key, value in LOW_MEMORY.items():
             values.setdefault(key, value)
-    return Config(**values).validate()
+    try:
+        return Config(**values).validate()
+    except UserError as err:  # a value the user never passed as a flag is named where it was written
+        raise _named_at_its_source(err, yaml_path, from_yaml, base, overrides) from None
 
 
 def save_yaml(config: Config, path: str | Path) -> None:
@@ -600,3 +605,33 @@ def field_help(name: str, default_note: Optional[str] = None) -> str:
     if default_note is not None:
         text = text.split("  [default:")[0] + f"  [default: {default_note}]"
     return text
+
+
+def check_finite(config: Config) -> None:
+    """Refuse a NaN or infinite value in any numeric option, in one line (one check for every field).
+
+    A comparison with NaN is False, so the range checks of ``validate`` let it
+    through (``--learning-rate nan`` trained a model of NaNs, rc 0): this runs first.
+    """
+    kinds = field_types()
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if kinds[f.name] in (int, float) and isinstance(value, (int, float)) and not math.isfinite(value):
+            raise UserError(f"--{flag(f.name)} must be a finite number, got {value}")
+
+
+def _named_at_its_source(err: UserError, yaml_path, from_yaml: Dict[str, Any], base: Optional[Dict[str, Any]],
+                         overrides: Optional[Dict[str, Any]]) -> UserError:
+    """``err`` ("--mask-ratio must be ...") said of the file the value came from when no flag set it:
+    ``c.yaml: mask_ratio must be ...``, or the resumed run's config.yaml (``base``, which holds its ``out``)."""
+    message = str(err)
+    name = message[2:].split(" ", 1)[0].replace("-", "_") if message.startswith("--") else None
+    if name is None or (overrides or {}).get(name) is not None:
+        return err
+    if name in from_yaml:
+        where = str(yaml_path)
+    elif name in (base or {}) and base.get("out"):
+        where = str(Path(base["out"]) / "config.yaml")
+    else:
+        return err
+    return UserError(f"{where}: {name}{message[2 + len(name):]}")

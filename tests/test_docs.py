@@ -33,6 +33,7 @@ OTHER_TOOLS_FLAGS = {
     "--dataset-config": "TRL (named as the equivalent of our --data-config)",
     "--no-deps": "pip",
     "--strict": "mkdocs",
+    "--check": "ruff format, scripts/gen_cli_reference.py",
     "--logdir": "tensorboard",
     "--mask-ration": "a misspelt flag on purpose: docs/bad-input.md shows what it prints",
     # benchmarks/*.py

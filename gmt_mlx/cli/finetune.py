@@ -37,8 +37,10 @@ def finetune(
     val = ""
     if result.val_loss is not None:  # GRPO's "val loss" is minus the mean reward: it shows the reward
         shown = objective_of(config).shown_validation
-        (name, value), (_, best) = shown(result.val_loss), shown(result.best_val_loss)
-        val = f", {name} {value:.4f} (best {best:.4f})"
+        name, value = shown(result.val_loss)
+        # None when no validation was finite (a NaN is never the best)
+        best = "" if result.best_val_loss is None else f" (best {shown(result.best_val_loss)[1]:.4f})"
+        val = f", {name} {value:.4f}{best}"
     if result.already_finished:
         echo(f"{result.out} is already finished; nothing changed")
         echo(f"finished: {result.steps} steps, train loss {result.train_loss:.4f}{val}")
@@ -54,7 +56,7 @@ def finetune(
 def _resume_base(resume: Path, overrides: Dict[str, Any], config_file: Optional[Path]) -> Dict[str, Any]:
     """The options `--resume RUN_DIR` starts from: the run's own config, or only its --out when nothing was saved."""
     from gmt_mlx.errors import UserError
-    from gmt_mlx.run.rundir import has_trained, is_run_dir, run_config
+    from gmt_mlx.run.rundir import has_trained, is_empty, is_run_dir, run_config
 
     if overrides.get("out") not in (None, str(resume)):
         raise UserError("--resume RUN_DIR and --out must name the same folder (or leave --out out)")
@@ -66,7 +68,7 @@ def _resume_base(resume: Path, overrides: Dict[str, Any], config_file: Optional[
     if not resume.is_dir():
         raise UserError(f"--resume {resume}: no such folder; start the run with your original command "
                         f"(gmt-mlx finetune --model ... --data ... --out {resume})")
-    if any(resume.iterdir()) and not is_run_dir(resume):
+    if not is_empty(resume) and not is_run_dir(resume):
         raise UserError(f"--resume {resume}: not a gmt-mlx run (no config.yaml, no checkpoints)")
     try:
         return {**run_config(resume), "out": str(resume)}  # plan_run warns if it fell back

@@ -23,6 +23,7 @@ from __future__ import annotations
 import codecs
 import json
 import sys
+import unicodedata
 from pathlib import Path
 
 
@@ -54,6 +55,7 @@ def _check_messages(messages: object, where: str) -> None:
             raise UserError(f"{where}: messages[{i}] must be an object with 'role' and 'content', got {type(message).__name__}")
         if not isinstance(message.get("role"), str):
             raise UserError(f"{where}: messages[{i}] has no string 'role'")
+        _check_role(message["role"], f"{where}: messages[{i}]")
         content = message.get("content")
         # Tool-call turns may carry no content; list content is the HF "parts" form the template renders.
         if content is None and "tool_calls" in message:
@@ -61,6 +63,30 @@ def _check_messages(messages: object, where: str) -> None:
         if not isinstance(content, (str, list)):
             got = "missing" if "content" not in message else type(content).__name__
             raise UserError(f"{where}: messages[{i}] 'content' must be a string, got {got}")
+        if isinstance(content, list):
+            _check_parts(content, f"{where}: messages[{i}] 'content'")
+
+
+def _check_role(role: str, where: str) -> None:
+    """Refuse a role holding invisible or surrounding characters ("user\u200b", "user "): a template reads it as
+    another role, and the turn silently loses its place (its masking, its special tokens)."""
+    hidden = [ch for ch in role if not ch.isprintable() or unicodedata.category(ch) == "Cf"]
+    if hidden or role != role.strip():
+        what = f"an invisible character (U+{ord(hidden[0]):04X})" if hidden else "spaces around it"
+        clean = "".join(ch for ch in role if ch not in hidden).strip()
+        raise UserError(f"{where} has role {role!r}, which holds {what}" + (f"; did you mean {clean!r}?" if clean
+                                                                             else ""))
+
+
+def _check_parts(content: list, where: str) -> None:
+    """Refuse a list content that is not the parts form ([{"type": "text", "text": ...}, ...]) a template renders."""
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            got = type(part).__name__ if not isinstance(part, dict) else "an object without a string 'type'"
+            raise UserError(f"{where} is a list whose item {j} is {got}; a list content holds parts like "
+                            f"{{\"type\": \"text\", \"text\": \"...\"}} (or write the content as a string)")
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            raise UserError(f"{where}: item {j} is a text part without a string 'text'")
 
 
 def _answer_text(answer: object) -> str:
@@ -81,10 +107,16 @@ def _check_preference(example: dict, where: str) -> None:
         _check_messages(prompt, f"{where}: 'prompt'")
     elif not isinstance(prompt, str):
         raise UserError(f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+    if not _answer_text(prompt).strip():
+        raise UserError(f"{where}: 'prompt' is empty (the answers are preferred as replies to it)")
     for key in ("chosen", "rejected"):
         answer = example[key]
         if isinstance(answer, list):
             _check_messages(answer, f"{where}: '{key}'")
+            turns = [n for n, m in enumerate(answer) if m["role"] in ("user", "system")]
+            if turns:
+                raise UserError(f"{where}: '{key}' holds a {answer[turns[0]]['role']} turn (messages[{turns[0]}]); "
+                                f"an answer is the assistant's reply: the question belongs in 'prompt'")
         elif not isinstance(answer, str):
             raise UserError(f"{where}: '{key}' must be a string or a list of messages, got {type(answer).__name__}")
         if not _answer_text(answer).strip():
@@ -119,6 +151,8 @@ def detect_format(example: dict, where: str, prompts: bool = False) -> str:
             raise UserError(f"{where}: 'prompt' must be a string or a list of messages, got {type(example['prompt']).__name__}")
         if isinstance(example["prompt"], list):
             _check_messages(example["prompt"], f"{where}: 'prompt'")
+        if not _answer_text(example["prompt"]).strip():
+            raise UserError(f"{where}: 'prompt' is empty (nothing to answer)")
         return "prompts"
     if "prompt" in example or "completion" in example:
         for key in ("prompt", "completion"):

@@ -26,6 +26,7 @@ from gmt_mlx.recipes.plan import RunPlan, plan_run, train_batches
 from gmt_mlx.recipes.setup import Setup, build_setup, print_summary
 from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run import rundir, tracking
+from gmt_mlx.run.lock import RunLock
 
 
 def finetune(
@@ -46,8 +47,20 @@ def finetune(
     studies/ceiling_study.py). It must not change the model.
 
     Under `mlx.launch` every rank runs this; rank 0 alone prints, writes
-    metrics, checkpoints and the final model (see distributed.py).
+    metrics, checkpoints and the final model (see distributed.py), and holds
+    the run directory's lock while it does (run/lock.py: one writer per run).
     """
+    lock = RunLock()
+    try:
+        return _finetune(config, lock, overwrite=overwrite, resume=resume, force=force, log=log,
+                         on_validation=on_validation)
+    finally:
+        lock.release()
+
+
+def _finetune(config: Config, lock: RunLock, *, overwrite: bool, resume: bool, force: bool,
+              log: Callable[[str], None], on_validation: Optional[Callable[[int, Any, dict], None]]) -> RunResult:
+    """`finetune` with ``lock`` taken (rank 0) before the run directory is read, and kept until the end."""
     config.validate()
     tracking.check(config.report_to)  # a missing extra is said before anything loads or is written
     group = init_group(config.distributed_backend)
@@ -55,6 +68,8 @@ def finetune(
     if not main:
         log = lambda *_: None  # noqa: E731
     check_batch_size(config.batch_size, group.size())
+    if main:  # before the folder is read: a second writer is refused here, before it plans anything
+        lock.hold(config.out)
     plan = plan_run(config, overwrite=overwrite, resume=resume, force=force, ranks=group.size(), log=log)  # fail fast
     if plan.finished:  # --resume of a finished run: report it, change nothing
         return finished_result(plan.out)
@@ -67,6 +82,8 @@ def finetune(
     # The objective's part of the run: DPO checks its saved reference before anything is written; GRPO
     # takes its sampling key (and a round in use) back from the checkpoint; DPO computes its reference.
     run.session.check_saved(plan.out, plan.checkpoint)
+    if main:  # a folder that did not exist when planned: made and locked before the first write
+        lock.hold(plan.out, new=True)
     start_step, best_val = _open_run_dir(plan, config, run, main, log)
     run.session.restore(start_step, plan.meta, plan.checkpoint)
     print_summary(config, run, log)

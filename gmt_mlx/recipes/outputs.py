@@ -9,7 +9,7 @@ saves.
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,11 +51,13 @@ class RunResult:
 def finished_result(out: Path) -> RunResult:
     """A finished run's result as its files record it (nothing is loaded or written)."""
     train, evals = rundir.read_metrics(out, "train"), rundir.read_metrics(out, "eval")
-    val_losses = [r["val_loss"] for r in evals if isinstance(r.get("val_loss"), (int, float))]
+    # As RunLogger counts them: the step-0 model's validation (DPO, GRPO) is never the best, nor is a NaN.
+    val_losses = [r["val_loss"] for r in evals if isinstance(r.get("val_loss"), (int, float)) and r.get("step") != 0]
+    finite = [v for v in val_losses if math.isfinite(v)]
     samples = rundir.read_samples(out)  # absent (--samples 0) or damaged: [] (the samples are only shown)
     return RunResult(out, rundir.model_dir(out), rundir.last_step(out) or 0,
                      train[-1].get("loss", float("nan")) if train else float("nan"),
-                     val_losses[-1] if val_losses else None, min(val_losses) if val_losses else None,
+                     val_losses[-1] if val_losses else None, min(finite) if finite else None,
                      samples, already_finished=True)
 
 
@@ -204,7 +206,8 @@ class RunLogger:
                                 loss_fn=self.run.loss_fn)
         if not self.main:
             return
-        improved = not initial and (self.best_val is None or result["loss"] < self.best_val)
+        improved = (not initial and math.isfinite(result["loss"])  # a NaN validation loss is never the best
+                    and (self.best_val is None or result["loss"] < self.best_val))
         self.progress.message(f"step {step}: {describe_validation(result)}" + (" *best*" if improved else ""))
         metrics = {f"val_{k}": v for k, v in result.items() if k not in ("loss", "tokens", "ppl")}
         self.write({"type": "eval", "step": step, "val_loss": result["loss"], "val_ppl": result["ppl"], **metrics,
@@ -256,7 +259,7 @@ class RunCheckpoints:
         state = ckpt.read_state(best)
         state["best_val_loss"], state["val_loss"] = best_val, val_loss
         (best / ckpt.STATE_FILE).unlink()
-        (best / ckpt.STATE_FILE).write_text(json.dumps(state, indent=2))
+        ckpt.write_state(best, state)
 
     def _write(self, path: Path, step: int, best_val: Optional[float], **extra) -> Path:
         return ckpt.save_checkpoint(

@@ -54,7 +54,7 @@ def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, f
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or rundir.is_empty(out):
         if resume:  # killed before set-up finished: nothing to lose, so continuing it is starting it
             log(f"nothing to resume in {out} yet (it stopped before training started): starting it")
         return RunPlan(out, fresh=True)

@@ -7,8 +7,8 @@ A checkpoint is one folder (rundir.py names and finds them:
     optimizer.safetensors   the optimizer state tree (step, moments, lr)
     rng.safetensors         MLX's global RNG state (LoRA dropout draws from it)
     state.json              step, data position, metrics, resolved config,
-                            loss normalisation, versions, and the sha256
-                            of every file above
+                            loss normalisation, versions, the sha256 of
+                            every file above, and its own (state_sha256)
 
 It is written to a temporary sibling folder, fsynced, then renamed into
 place, and `state.json` is written last: a kill during a save leaves either
@@ -28,6 +28,7 @@ import shutil
 import signal
 import threading
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -35,9 +36,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from gmt_mlx.config import Config, field_types
 from gmt_mlx.errors import UserError
 
 STATE_FILE = "state.json"
+STATE_SUM = "state_sha256"  # state.json's own checksum, over the rest of it (state_digest)
 FILES = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors")
 FAULT_ENV = "GMT_MLX_FAULT"
 # How a step's loss and gradient are normalised: by the step's total target tokens
@@ -161,7 +164,7 @@ def save_checkpoint(
         }
         for name in FILES:
             _fsync(tmp / name)
-        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2))
+        write_state(tmp, meta)
         _fsync(tmp / STATE_FILE)
         _fsync(tmp)
         _replace_dir(tmp, path)
@@ -203,10 +206,25 @@ class DamagedCheckpoint(UserError):
     """A checkpoint folder that cannot be used (missing, cut short or corrupt files); str(err) says which and why."""
 
 
+def state_digest(meta: Dict[str, Any]) -> str:
+    """The sha256 of a checkpoint's metadata (all but the checksum itself), as canonical JSON."""
+    body = {key: value for key, value in meta.items() if key != STATE_SUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def write_state(path: str | Path, meta: Dict[str, Any]) -> Path:
+    """Write ``path``/state.json holding ``meta`` and its own checksum (``read_state`` checks it)."""
+    file = Path(path) / STATE_FILE
+    file.write_text(json.dumps({**meta, STATE_SUM: state_digest(meta)}, indent=2))
+    return file
+
+
 def read_state(path: str | Path) -> Dict[str, Any]:
     """The metadata of a checkpoint (``state.json``); DamagedCheckpoint if it is missing or damaged.
 
-    Only the JSON is checked here (cheap); ``verify`` also checks the other files.
+    Only the JSON is checked here (cheap): its own checksum, then the types of
+    what it holds (a checkpoint of gmt-mlx before the checksum is only type
+    checked); ``verify`` also checks the other files.
     """
     file = Path(path) / STATE_FILE
     try:
@@ -219,7 +237,41 @@ def read_state(path: str | Path) -> Dict[str, Any]:
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: {STATE_FILE} is not valid JSON (cut short or corrupt)") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or isinstance(meta.get("step"), bool):
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: {STATE_FILE} has no step")
+    if STATE_SUM in meta and meta[STATE_SUM] != state_digest(meta):
+        raise DamagedCheckpoint(f"checkpoint {path} is corrupt: {STATE_FILE} does not match its checksum")
+    problem = state_problem(meta)
+    if problem is not None:
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: {STATE_FILE}'s {problem}")
     return meta
+
+
+# What the readers of state.json take from it, by type (None: may be null); the config is checked field by field.
+_STATE_TYPES = {"step": (int,), "best_val_loss": (int, float, type(None)), "val_loss": (int, float, type(None)),
+                "total_steps": (int,), "micro_batches": (int,), "loss_normalisation": (str,), "sha256": (dict,),
+                "config": (dict,), "arithmetic": (dict,), "versions": (dict,)}
+
+
+def state_problem(meta: Dict[str, Any]) -> Optional[str]:
+    """What is wrong in a checkpoint's metadata (a value of the wrong type, an unknown option), or None.
+
+    A hand edit or a damaged checkpoint of an old version carries no checksum: this keeps its
+    config from reaching ``Config(**values)`` (a traceback) or a number from being a string.
+    """
+    for key, kinds in _STATE_TYPES.items():
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, kinds) or isinstance(value, bool)):
+            return f"{key} is {type(value).__name__}, not {' or '.join(k.__name__ for k in kinds)}"
+    kinds = field_types()
+    types = {f.name: (kinds[f.name], "Optional" in str(f.type)) for f in fields(Config)}
+    for name, value in (meta.get("config") or {}).items():
+        if name not in types:
+            return f"config has an unknown option {name!r}"
+        kind, optional = types[name]
+        allowed = (int, float) if kind is float else (kind,)
+        if not (value is None and optional) and (not isinstance(value, allowed) or
+                                                 (isinstance(value, bool) and kind is not bool)):
+            return f"config's {name} is {value!r}, not a {kind.__name__}"
+    return None
 
 
 def is_complete(path: str | Path) -> bool:

@@ -62,8 +62,17 @@ def finished_step(run_dir: str | Path) -> Optional[int]:
 
 
 def final_checkpoint(run_dir: str | Path) -> Tuple[Optional[Path], Optional[dict]]:
-    """The newest checkpoint that verifies, with its state, when it holds the run's final step; else (None, None)."""
+    """The newest checkpoint that verifies, with its state, when it holds the run's final step; else (None, None).
+
+    The final step is finished.json's; where that file is damaged, the run's step count that the
+    (verified) checkpoint itself records: a damaged finished.json must not hide a good final checkpoint.
+    """
     latest, meta, _ = rundir.newest_verified(run_dir)
-    if latest is None or meta.get("step") != finished_step(run_dir):
+    if latest is None:
+        return None, None
+    last = finished_step(run_dir)
+    if last is None:
+        last = meta.get("total_steps")
+    if meta.get("step") != last:
         return None, None
     return latest, meta

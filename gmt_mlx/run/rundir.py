@@ -2,7 +2,10 @@
 
 A run directory (``gmt-mlx finetune --out RUN_DIR``) holds:
 
-    config.yaml             the resolved config (what a resume compares against)
+    config.yaml             the resolved config (what a resume compares against), its
+                            last line the sha256 of the rest (checked on every read)
+    .lock                   locked (flock) by the one process writing the run, its pid
+                            in it (run/lock.py); a killed writer's lock is taken over
     metrics.jsonl           one JSON record per line: "setup", "train", "eval"
     samples_before.json     answers of the untrained model (reused on resume)
     samples.json            prompts with their answers before and after training
@@ -23,6 +26,7 @@ exists (the newest checkpoint that verifies; the config a checkpoint holds).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -46,6 +50,7 @@ CHECKPOINTS_DIR = "checkpoints"
 BEST = "best"
 TENSORBOARD_DIR = "tensorboard"  # --report-to tensorboard (tracking.py)
 WANDB_DIR = "wandb"  # --report-to wandb: its files and the run id
+LOCK_FILE = ".lock"  # held (flock) by the one process writing the run, with its pid (run/lock.py); never cleared
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Every name a run directory holds; a folder of these alone (with a metrics file or a
 # checkpoint in it) is what is left of a run whose config.yaml was lost or never written.
@@ -65,8 +70,13 @@ def is_run_dir(path: str | Path) -> bool:
         return True
     if not path.is_dir():
         return False
-    names = {child.name for child in path.iterdir()}
+    names = {child.name for child in path.iterdir()} - {LOCK_FILE}
     return bool(names) and names <= _RUN_NAMES and bool(names & {METRICS_FILE, CHECKPOINTS_DIR, CONFIG_FILE + ".tmp"})
+
+
+def is_empty(path: str | Path) -> bool:
+    """A folder holding nothing but maybe the lock file (a run killed before it wrote anything leaves that)."""
+    return all(child.name == LOCK_FILE for child in Path(path).iterdir())
 
 
 def has_trained(path: str | Path) -> bool:
@@ -89,6 +99,8 @@ def clear(path: str | Path) -> None:
     path = Path(path)
     order = {CHECKPOINTS_DIR: 0, MODEL_DIR: 1, CONFIG_FILE: 3}
     for child in sorted(path.iterdir(), key=lambda c: order.get(c.name, 2)):
+        if child.name == LOCK_FILE:  # the lock of the process clearing it: removing it would let a second one in
+            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
@@ -156,12 +168,34 @@ def reset_metrics(run_dir: str | Path) -> None:
 # ---------------------------------------------------------------- config
 
 
+# config.yaml's last line: the sha256 of the lines above it (a YAML comment, so any YAML reader still reads the file).
+_CONFIG_SUM = re.compile(r"^# sha256 ([0-9a-f]{64}) \(of the lines above: gmt-mlx checks it on every read\)$")
+
+
+def _config_sum(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def write_config(config: "cfg.Config", run_dir: str | Path) -> None:
-    """Write config.yaml atomically (a kill leaves the old file or the new one, never half of one)."""
+    """Write config.yaml atomically (a kill leaves the old file or the new one, never half of one), with its checksum."""
     path = Path(run_dir) / CONFIG_FILE
     tmp = path.with_name(path.name + ".tmp")
     cfg.save_yaml(config, tmp)
+    text = tmp.read_text(encoding="utf-8")
+    tmp.write_text(f"{text}# sha256 {_config_sum(text)} (of the lines above: gmt-mlx checks it on every read)\n",
+                   encoding="utf-8")
     tmp.replace(path)
+
+
+def check_config_sum(path: Path, text: str) -> None:
+    """Refuse a config.yaml whose lines differ from its checksum (a hand edit, or damage that is still YAML).
+
+    A config.yaml without the checksum line (gmt-mlx before it) is read unchecked.
+    """
+    body, _, last = text[:-1].rpartition("\n")
+    match = _CONFIG_SUM.match(last)
+    if match and _config_sum(body + "\n" if body else "") != match.group(1):
+        raise UserError(f"{path} was changed after the run wrote it (it does not match its checksum)")
 
 
 def read_config(run_dir: str | Path) -> Dict[str, Any]:
@@ -177,6 +211,7 @@ def read_config(run_dir: str | Path) -> Dict[str, Any]:
         raise UserError(f"{path} is damaged (not UTF-8 text at byte {err.start})") from None
     if text and not text.endswith("\n"):  # save_yaml ends with a newline: this one was cut short
         raise UserError(f"{path} is damaged (cut short)")
+    check_config_sum(path, text)
     return cfg.load_yaml(path)
 
 

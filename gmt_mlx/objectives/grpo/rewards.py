@@ -213,7 +213,7 @@ def _call(reward: Reward, prompt: Any, completion: str, row: dict, where: str) -
             raise UserError(f"{where}: {err}") from None
     try:
         value = reward.fn(prompt, completion, row)
-    except Exception as err:
+    except (Exception, SystemExit) as err:  # sys.exit() in a reward must not end the run silently with its code
         raise UserError(f"{where}: --reward {reward.name} raised {_first_line(err)}") from err
     number = _as_number(value)
     if number is None:
