@@ -54,7 +54,11 @@ from harness import REPO, Context, datasets, environment, load_before, log, mode
 
 # The order they run in: padding, then each model's benchmarks model by model, then
 # threshold (last: it allocates tensors of up to 128M entries).
-FIRST, PER_MODEL, LAST = [bench_padding], [bench_masking, bench_accuracy, bench_step_ratio, bench_dpo, bench_steps, bench_pipeline], [bench_threshold]
+FIRST, PER_MODEL, LAST = (
+    [bench_padding],
+    [bench_masking, bench_accuracy, bench_step_ratio, bench_dpo, bench_steps, bench_pipeline],
+    [bench_threshold],
+)
 BENCHMARKS = FIRST + PER_MODEL + LAST
 # The order of their tables in the report.
 REPORT_ORDER = [bench_masking, bench_step_ratio, bench_dpo, bench_steps, bench_pipeline, bench_accuracy]
@@ -90,15 +94,34 @@ def render(results: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model only, fewer sizes and steps (~3 min)")
-    parser.add_argument("--models", default=None, help="comma-separated: tiny, smollm2-135m (default: both; --quick: tiny)")
-    parser.add_argument("--sections", default=",".join(NAMES), help=f"benchmarks to run, comma-separated (default: all: {','.join(NAMES)})")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per method in the step benchmark, twice that for ours vs mlx_lm (default 3; --quick 6)")
+    parser.add_argument(
+        "--models", default=None, help="comma-separated: tiny, smollm2-135m (default: both; --quick: tiny)"
+    )
+    parser.add_argument(
+        "--sections",
+        default=",".join(NAMES),
+        help=f"benchmarks to run, comma-separated (default: all: {','.join(NAMES)})",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per method in the step benchmark, twice that for ours vs mlx_lm (default 3; --quick 6)",
+    )
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder for the JSON and markdown results")
+    parser.add_argument(
+        "--out", default=str(REPO / "benchmarks" / "results"), help="folder for the JSON and markdown results"
+    )
     parser.add_argument("--no-blas", action="store_true", help="keep MLX's bundled reference BLAS (no re-exec)")
-    parser.add_argument("--before", default=harness.BEFORE_COMMIT, help=f"the commit whose masking code the 'before' contenders run (default {harness.BEFORE_COMMIT}, before issue 7)")
+    parser.add_argument(
+        "--before",
+        default=harness.BEFORE_COMMIT,
+        help=f"the commit whose masking code the 'before' contenders run (default {harness.BEFORE_COMMIT}, before issue 7)",
+    )
     args = parser.parse_args(argv)
     harness.BEFORE_COMMIT = args.before
     sections = args.sections.split(",")
@@ -114,9 +137,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="gmt-bench-"))
     results: dict = {"environment": environment(), "models": {}}
     specs = model_specs(models, workdir)
-    ctx = Context(quick=args.quick, batch_size=args.batch_size, timed_steps=args.steps or (6 if args.quick else 3),
-                  workdir=workdir, specs=specs, folders=datasets(workdir, args.quick),
-                  before=load_before() if NEED_BEFORE & set(sections) else None)
+    ctx = Context(
+        quick=args.quick,
+        batch_size=args.batch_size,
+        timed_steps=args.steps or (6 if args.quick else 3),
+        workdir=workdir,
+        specs=specs,
+        folders=datasets(workdir, args.quick),
+        before=load_before() if NEED_BEFORE & set(sections) else None,
+    )
     chosen: List = [b for b in BENCHMARKS if b.NAME in sections]
     for bench in (b for b in FIRST if b in chosen):
         log(bench.NAME)
@@ -133,7 +162,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # A subset gets its own file name, so it never overwrites a full run's report.
-    stem = ("quick" if args.quick else "full") + ("" if chosen == BENCHMARKS else "-" + "+".join(b.NAME for b in chosen))
+    stem = ("quick" if args.quick else "full") + (
+        "" if chosen == BENCHMARKS else "-" + "+".join(b.NAME for b in chosen)
+    )
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
     report = render(results)
     (out / f"{stem}.md").write_text(report)

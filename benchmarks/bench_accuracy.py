@@ -44,7 +44,12 @@ def real_gradient_accuracy(spec: ModelSpec, folders, batch_size: int, keys: int)
                 if size > 65536:
                     sampled_worst = max(sampled_worst, err)
                 n_units += k == 0
-        out[scope] = {"units_checked": n_units, "keys": keys, "max_abs_error": worst, "max_abs_error_sampled_units": sampled_worst}
+        out[scope] = {
+            "units_checked": n_units,
+            "keys": keys,
+            "max_abs_error": worst,
+            "max_abs_error_sampled_units": sampled_worst,
+        }
     return out
 
 
@@ -55,9 +60,16 @@ def run(ctx: Context, spec: ModelSpec) -> dict:
 def render(result: dict) -> List[str]:
     """Markdown lines of this benchmark's tables."""
     lines: List[str] = []
-    lines += ["### Kept fraction on a real gradient (target 1 - mask_ratio = 0.8; units >= 10k entries)", "",
-              "| scope | units | keys | max abs error | max abs error, sampled units |", "|---|---|---|---|---|"]
+    lines += [
+        "### Kept fraction on a real gradient (target 1 - mask_ratio = 0.8; units >= 10k entries)",
+        "",
+        "| scope | units | keys | max abs error | max abs error, sampled units |",
+        "|---|---|---|---|---|",
+    ]
     for scope, a in result.items():
-        lines.append(f"| {scope} | {a['units_checked']} | {a['keys']} | {pct(a['max_abs_error'])} | {pct(a['max_abs_error_sampled_units'])} |")
+        lines.append(
+            f"| {scope} | {a['units_checked']} | {a['keys']} | {pct(a['max_abs_error'])} | "
+            f"{pct(a['max_abs_error_sampled_units'])} |"
+        )
     lines.append("")
     return lines

@@ -15,8 +15,15 @@ CONTENDERS = ["sft", "gmt tensor/grad", "gmt tensor/grad ratio 0.5", "random rat
 
 
 def run(ctx: Context, spec: ModelSpec) -> dict:
-    return bench_step_ratio.update_section(spec, ctx.folders, ctx.batch_size, reps=12 if ctx.quick else 10,
-                                           before=None, train_mode="dpo", contenders=CONTENDERS)
+    return bench_step_ratio.update_section(
+        spec,
+        ctx.folders,
+        ctx.batch_size,
+        reps=12 if ctx.quick else 10,
+        before=None,
+        train_mode="dpo",
+        contenders=CONTENDERS,
+    )
 
 
 def render(result: dict) -> List[str]:

@@ -51,14 +51,21 @@ from harness import environment, log  # noqa: E402
 MODEL = "smollm2-135m"
 DATA = REPO / "examples" / "data" / "chain_sum"
 # The settings every section shares (the issue's sample run; lr as the GRPO study's range).
-SETTINGS = {"reward": "reasoning_gym", "num_generations": 4, "max_completion_length": 16, "batch_size": 4,
-            "learning_rate": 1e-5}
+SETTINGS = {
+    "reward": "reasoning_gym",
+    "num_generations": 4,
+    "max_completion_length": 16,
+    "batch_size": 4,
+    "learning_rate": 1e-5,
+}
 
 
 def _config(method: str, iters: int, **extra):
     from gmt_mlx.config import Config
 
-    return Config(model=MODEL, data=str(DATA), train_mode="grpo", method=method, iters=iters, **{**SETTINGS, **extra}).validate()
+    return Config(
+        model=MODEL, data=str(DATA), train_mode="grpo", method=method, iters=iters, **{**SETTINGS, **extra}
+    ).validate()
 
 
 def fixed_section(methods, reps: int, cold: bool = False) -> dict:
@@ -80,8 +87,10 @@ def fixed_section(methods, reps: int, cold: bool = False) -> dict:
     batch = next(iter(first.session.rollouts))
     rollout_s = time.perf_counter() - t0
     stats = dict(first.session.rollouts.round.stats)
-    log(f"rollouts: {rollout_s:.1f}s, batch shape {tuple(batch[0].shape)}, reward {stats.get('reward'):.3f}, "
-        f"completion length {stats.get('completion_length'):.1f}")
+    log(
+        f"rollouts: {rollout_s:.1f}s, batch shape {tuple(batch[0].shape)}, reward {stats.get('reward'):.3f}, "
+        f"completion length {stats.get('completion_length'):.1f}"
+    )
 
     fused, split, states = {}, {}, {}
     for method, run in runs.items():
@@ -132,14 +141,25 @@ def fixed_section(methods, reps: int, cold: bool = False) -> dict:
             mx.eval(split[method][1](*args), states[method])
             update_times[method].append(time.perf_counter() - t0)
         del args
-        log(f"rep {r + 1}/{reps}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in methods)
-            + f" | shared {shared_times[-1]:.2f}s, updates " + ", ".join(f"{m} {update_times[m][-1]:.3f}s" for m in methods))
+        log(
+            f"rep {r + 1}/{reps}: "
+            + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in methods)
+            + f" | shared {shared_times[-1]:.2f}s, updates "
+            + ", ".join(f"{m} {update_times[m][-1]:.3f}s" for m in methods)
+        )
     base = statistics.median(times[ref])
     shared_s = statistics.median(shared_times)
     base_update = statistics.median(update_times[ref])
-    out = {"methods": methods, "reps": reps, "cold_cache": cold, "rollout_seconds_vs_full_step": rollout_s / base,
-           "batch_shape": list(batch[0].shape), "rollout_stats": stats,
-           "shared_vs_full_update": shared_s / base_update, "result": {}}
+    out = {
+        "methods": methods,
+        "reps": reps,
+        "cold_cache": cold,
+        "rollout_seconds_vs_full_step": rollout_s / base,
+        "batch_shape": list(batch[0].shape),
+        "rollout_stats": stats,
+        "shared_vs_full_update": shared_s / base_update,
+        "result": {},
+    }
     for method in methods:
         paired = sorted(t / u for t, u in zip(times[method], times[ref]))
         update = statistics.median(update_times[method])
@@ -164,22 +184,72 @@ def runs_section(methods, iters: int, pairs: int, workdir: Path) -> dict:
         order = methods if p % 2 == 0 else methods[::-1]
         for method in order:
             out_dir = workdir / f"grpo-{method}-{p}"
-            cmd = [str(gmt_bin), "finetune", "--model", MODEL, "--data", str(DATA), "--train-mode", "grpo",
-                   "--method", method, "--reward", SETTINGS["reward"],
-                   "--num-generations", str(SETTINGS["num_generations"]),
-                   "--max-completion-length", str(SETTINGS["max_completion_length"]),
-                   "--batch-size", str(SETTINGS["batch_size"]), "--iters", str(iters),
-                   "--learning-rate", str(SETTINGS["learning_rate"]), "--steps-per-report", "1",
-                   "--steps-per-eval", "0", "--val-batches", "1", "--samples", "0", "--steps-per-save", "0",
-                   "--out", str(out_dir), "--overwrite"]
-            commands[method] = " ".join(["gmt-mlx"] + cmd[1:]).replace(str(REPO) + "/", "").replace(str(workdir), "$TMP")
+            cmd = [
+                str(gmt_bin),
+                "finetune",
+                "--model",
+                MODEL,
+                "--data",
+                str(DATA),
+                "--train-mode",
+                "grpo",
+                "--method",
+                method,
+                "--reward",
+                SETTINGS["reward"],
+                "--num-generations",
+                str(SETTINGS["num_generations"]),
+                "--max-completion-length",
+                str(SETTINGS["max_completion_length"]),
+                "--batch-size",
+                str(SETTINGS["batch_size"]),
+                "--iters",
+                str(iters),
+                "--learning-rate",
+                str(SETTINGS["learning_rate"]),
+                "--steps-per-report",
+                "1",
+                "--steps-per-eval",
+                "0",
+                "--val-batches",
+                "1",
+                "--samples",
+                "0",
+                "--steps-per-save",
+                "0",
+                "--out",
+                str(out_dir),
+                "--overwrite",
+            ]
+            commands[method] = (
+                " ".join(["gmt-mlx"] + cmd[1:]).replace(str(REPO) + "/", "").replace(str(workdir), "$TMP")
+            )
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, capture_output=True, text=True)
             rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
             train = [r for r in rows if r.get("type") == "train"]
-            per_run.append({"method": method, "pair": p, "wall_s": time.perf_counter() - t0,
-                            "steps": [{k: r.get(k) for k in ("step", "rollout_seconds", "update_seconds", "completion_length",
-                                                              "reward", "kept_fraction", "peak_memory_gb")} for r in train]})
+            per_run.append(
+                {
+                    "method": method,
+                    "pair": p,
+                    "wall_s": time.perf_counter() - t0,
+                    "steps": [
+                        {
+                            k: r.get(k)
+                            for k in (
+                                "step",
+                                "rollout_seconds",
+                                "update_seconds",
+                                "completion_length",
+                                "reward",
+                                "kept_fraction",
+                                "peak_memory_gb",
+                            )
+                        }
+                        for r in train
+                    ],
+                }
+            )
             log(f"run {method} #{p}: {len(train)} steps in {per_run[-1]['wall_s']:.0f}s")
     out = {"methods": methods, "iters": iters, "pairs": pairs, "commands": commands, "runs": per_run, "result": {}}
     for method in methods:
@@ -220,9 +290,8 @@ def reencode_section(prompts: int, max_tokens: int, seed: int = 0) -> dict:
     that re-encodes completions (instead of keeping the ids, as ours and mlx-lm-lora 5.10 do) would train on.
     The rollouts are the recipe's own (``sample_rollouts``, temperature 1, top-p 1) on the first ``prompts``
     train prompts, 4 completions each; the text is what a reward sees (stop token dropped, ``completion_text``)."""
+    from gmt_mlx.objectives.grpo.rollouts import completion_text, sample_rollouts
     from gmt_mlx.recipes.setup import build_setup
-    from gmt_mlx.objectives.grpo.rollouts import completion_text
-    from gmt_mlx.objectives.grpo.rollouts import sample_rollouts
 
     run = build_setup(_config("full", iters=100, max_completion_length=max_tokens, seed=seed), lambda *_: None)
     tok, stops = run.tokenizer, run.session.rollouts.stops
@@ -232,8 +301,17 @@ def reencode_section(prompts: int, max_tokens: int, seed: int = 0) -> dict:
     key = seed
     for start in range(0, prompts, SETTINGS["batch_size"]):
         batch = [run.train_split.examples[i].tokens for i in range(start, min(start + SETTINGS["batch_size"], prompts))]
-        out = sample_rollouts(run.model, tok, batch, num_generations=g, temperature=1.0, top_p=1.0,
-                              max_completion_length=max_tokens, key=key, stop_ids=stops)
+        out = sample_rollouts(
+            run.model,
+            tok,
+            batch,
+            num_generations=g,
+            temperature=1.0,
+            top_p=1.0,
+            max_completion_length=max_tokens,
+            key=key,
+            stop_ids=stops,
+        )
         key = out.next_key
         for ids, cut in zip(out.completion_ids, out.truncated):
             body = ids[:-1] if ids and ids[-1] in stops else list(ids)
@@ -248,10 +326,19 @@ def reencode_section(prompts: int, max_tokens: int, seed: int = 0) -> dict:
                 if len(examples) < 5:
                     examples.append({"sampled": body, "reencoded": again, "text": tok.decode(body)})
         log(f"reencode: {total} completions, {changed} changed")
-    return {"prompts": prompts, "num_generations": g, "max_completion_length": max_tokens, "completions": total,
-            "completion_tokens": tokens, "changed": changed, "changed_fraction": changed / total,
-            "changed_tokens": changed_tokens, "truncated": truncated, "changed_among_truncated": changed_truncated,
-            "examples": examples}
+    return {
+        "prompts": prompts,
+        "num_generations": g,
+        "max_completion_length": max_tokens,
+        "completions": total,
+        "completion_tokens": tokens,
+        "changed": changed,
+        "changed_fraction": changed / total,
+        "changed_tokens": changed_tokens,
+        "truncated": truncated,
+        "changed_among_truncated": changed_truncated,
+        "examples": examples,
+    }
 
 
 def main() -> None:
@@ -259,8 +346,11 @@ def main() -> None:
     parser.add_argument("--sections", default="fixed,runs", help="fixed, runs, reencode (comma-separated)")
     parser.add_argument("--methods", default="full,gmt", help="the first is the reference of the ratios")
     parser.add_argument("--reps", type=int, default=10, help="fixed: timed steps per method")
-    parser.add_argument("--cold-cache", action="store_true",
-                        help="fixed: empty MLX's buffer cache before each timed call (trainer.train does not)")
+    parser.add_argument(
+        "--cold-cache",
+        action="store_true",
+        help="fixed: empty MLX's buffer cache before each timed call (trainer.train does not)",
+    )
     parser.add_argument("--iters", type=int, default=6, help="runs: steps per run")
     parser.add_argument("--pairs", type=int, default=2, help="runs: runs per method")
     parser.add_argument("--reencode-prompts", type=int, default=32)

@@ -46,6 +46,7 @@ def masking_section(spec: ModelSpec, before, reps: int) -> dict:
     fns = {"AdamW update (the reference)": lambda: (adamw_update(grads), state)}
     old = sys.modules.get("gmt_mlx_before.masking")
     if old is not None:
+
         def old_pieces(kind):
             def f(*gs):
                 keys = mx.random.split(key, len(gs))
@@ -67,10 +68,16 @@ def masking_section(spec: ModelSpec, before, reps: int) -> dict:
                     elif kind == "where":
                         out.append(mx.where(a > 2.5e-4, g, mx.zeros((), g.dtype)))
                 return out
+
             return f
-        for label, kind in (("random gather of the samples", "sample"), ("threshold (gather + partition)", "threshold"),
-                            ("2 counting passes (> T, == T)", "counts"), ("tie hash + keep mask", "tie hash + mask"),
-                            ("mx.where to apply", "where")):
+
+        for label, kind in (
+            ("random gather of the samples", "sample"),
+            ("threshold (gather + partition)", "threshold"),
+            ("2 counting passes (> T, == T)", "counts"),
+            ("tie hash + keep mask", "tie hash + mask"),
+            ("mx.where to apply", "where"),
+        ):
             fns[f"before: {label}"] = compiled(old_pieces(kind))
         fns["before: gmt_masks, tensor scope"] = lambda: compiled_masks(old, "tensor", key)(grads)
 
@@ -95,15 +102,21 @@ def masking_section(spec: ModelSpec, before, reps: int) -> dict:
                 return out
             if kind == "multiply":
                 return [g * (mx.abs(g) > 2.5e-4) for g in gs]
+
         return f
 
-    for label, kind in (("strided samples", "pools"), ("thresholds (samples + batched partition + tie stats)", "thresholds"),
-                        ("keep mask + exact count", "keep"), ("keep mask + count, no tie test", "keep no ties"),
-                        ("multiply to apply (alone; fused into the optimizer in a step)", "multiply")):
+    for label, kind in (
+        ("strided samples", "pools"),
+        ("thresholds (samples + batched partition + tie stats)", "thresholds"),
+        ("keep mask + exact count", "keep"),
+        ("keep mask + count, no tie test", "keep no ties"),
+        ("multiply to apply (alone; fused into the optimizer in a step)", "multiply"),
+    ):
         fns[f"after: {label}"] = compiled(new_pieces(kind))
     for scope in ("tensor", "layer", "global"):
-        fns[f"after: gmt_masks, {scope} scope"] = (
-            lambda scope=scope: (lambda c: c(grads))(compiled_masks(new, scope, key)))
+        fns[f"after: gmt_masks, {scope} scope"] = lambda scope=scope: (lambda c: c(grads))(
+            compiled_masks(new, scope, key)
+        )
     medians = timed_interleaved(fns, reps)
     ref = medians["AdamW update (the reference)"]
     total = sum(g.size for g in flat)
@@ -118,8 +131,13 @@ def render(result: dict) -> List[str]:
     """Markdown lines of this benchmark's tables."""
     lines: List[str] = []
     mk = result
-    lines += [f"### Where the masking time goes ({mk['entries']:,} entries in {mk['tensors']} tensors; time / one AdamW update of the same tensors)", "",
-              "| piece | x AdamW update |", "|---|---|"]
+    lines += [
+        f"### Where the masking time goes ({mk['entries']:,} entries in {mk['tensors']} tensors; time / one AdamW "
+        f"update of the same tensors)",
+        "",
+        "| piece | x AdamW update |",
+        "|---|---|",
+    ]
     for k, v in mk["relative_to_adamw"].items():
         lines.append(f"| {k} | {v:.2f} |")
     lines.append("")

@@ -62,13 +62,46 @@ DEFAULT_CONTENDERS = [
 ]
 # One step of batch 1; no step-0/periodic validation, checkpoints or sample answers.
 # --steps-per-eval 0 still validates once at the end, hence --val-batches 1.
-GMT_COMMON = ["--overwrite", "--iters", "1", "--batch-size", "1", "--no-memory-check", "--steps-per-eval", "0",
-              "--val-batches", "1", "--samples", "0", "--no-save-best", "--steps-per-save", "0",
-              "--steps-per-report", "1"]
+GMT_COMMON = [
+    "--overwrite",
+    "--iters",
+    "1",
+    "--batch-size",
+    "1",
+    "--no-memory-check",
+    "--steps-per-eval",
+    "0",
+    "--val-batches",
+    "1",
+    "--samples",
+    "0",
+    "--no-save-best",
+    "--steps-per-save",
+    "0",
+    "--steps-per-report",
+    "1",
+]
 # mlx_lm always validates at iteration 1 (before the step, val_batches batches of the valid split),
 # whatever --steps-per-eval says; --val-batches 1 keeps that to one forward pass of one example.
-MLX_LM_ARGS = ["--train", "--fine-tune-type", "full", "--num-layers", "-1", "--iters", "1", "--batch-size", "1",
-               "--steps-per-eval", "1000", "--val-batches", "1", "--steps-per-report", "1", "--save-every", "1000"]
+MLX_LM_ARGS = [
+    "--train",
+    "--fine-tune-type",
+    "full",
+    "--num-layers",
+    "-1",
+    "--iters",
+    "1",
+    "--batch-size",
+    "1",
+    "--steps-per-eval",
+    "1000",
+    "--val-batches",
+    "1",
+    "--steps-per-report",
+    "1",
+    "--save-every",
+    "1000",
+]
 # `python -m mlx_lm lora ...`, plus MLX's peak printed just before mlx_lm's final save.
 MLX_LM_WRAPPER = r"""
 import sys
@@ -98,8 +131,10 @@ print(json.dumps([len(tok.apply_chat_template([{"role": "user", "content": r["pr
 def write_data(folder: Path, rows: int = 4) -> Path:
     """train/valid.jsonl in the completions format; with SmolLM2's chat template each row is ~49 tokens."""
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"prompt": f"What is {10 + i} plus {20 + i}?", "completion": f"The sum is {30 + 2 * i}."})
-             for i in range(rows)]
+    lines = [
+        json.dumps({"prompt": f"What is {10 + i} plus {20 + i}?", "completion": f"The sum is {30 + 2 * i}."})
+        for i in range(rows)
+    ]
     for split in ("train", "valid"):
         (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return folder
@@ -141,8 +176,15 @@ def run_measured(cmd: list[str], env: dict, log_dir: Path, name: str, timeout: f
     t0 = time.perf_counter()
     with open(out, "w") as fo, open(err, "w") as fe:
         # Own session: on timeout the whole group (time, the tool, its re-exec) is killed.
-        p = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(tfile)] + cmd, env=env, stdout=fo, stderr=fe,
-                             stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+        p = subprocess.Popen(
+            ["/usr/bin/time", "-v", "-o", str(tfile)] + cmd,
+            env=env,
+            stdout=fo,
+            stderr=fe,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            start_new_session=True,
+        )
         try:
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -156,8 +198,11 @@ def run_measured(cmd: list[str], env: dict, log_dir: Path, name: str, timeout: f
     stderr_lines = [l for l in err.read_text(errors="replace").splitlines() if l.strip()]
     mlx_peak = [int(l.split()[1]) for l in stderr_lines if l.startswith("BENCH_MLX_PEAK ")]
     # The BLAS MLX used: gmt-mlx logs a "blas ..." line, the mlx_lm wrapper a BENCH_BLAS one.
-    blas = re.search(r"^(?:BENCH_BLAS|\s*blas) +(.+)$", out.read_text(errors="replace") + "\n" + "\n".join(stderr_lines),
-                     re.MULTILINE)
+    blas = re.search(
+        r"^(?:BENCH_BLAS|\s*blas) +(.+)$",
+        out.read_text(errors="replace") + "\n" + "\n".join(stderr_lines),
+        re.MULTILINE,
+    )
     exit_code = int(status.group(1)) if status else rc
     res = {
         "command": shlex.join(cmd),
@@ -209,16 +254,28 @@ def versions() -> dict:
 
 
 def machine() -> dict:
-    mem = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text()) if Path("/proc/meminfo").exists() else None
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "memory_gb": round(int(mem.group(1)) * 1024 / 1e9, 1) if mem else None, "python": platform.python_version()}
+    mem = (
+        re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        if Path("/proc/meminfo").exists()
+        else None
+    )
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "memory_gb": round(int(mem.group(1)) * 1024 / 1e9, 1) if mem else None,
+        "python": platform.python_version(),
+    }
 
 
 def commit() -> str | None:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return (head + ("+dirty" if dirty else "")) or None
     except OSError:
         return None
@@ -236,18 +293,22 @@ def _vs(c: dict) -> str:
 
 
 def render(report: dict) -> str:
-    lines = [f"Peak RSS of one training step (batch 1, {report['tokens_per_example']} tokens), "
-             f"shape {report['shape']} ({report['params']:,} parameters, {report['weights_dtype']} weights), "
-             f"BLAS {report['blas'] or 'reference'}, commit {report['commit']}",
-             "",
-             "| contender | peak RSS GB | bytes / param | vs mlx_lm | MLX peak in training GB | estimate GB "
-             "(vs MLX peak) | wall s | exit |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Peak RSS of one training step (batch 1, {report['tokens_per_example']} tokens), "
+        f"shape {report['shape']} ({report['params']:,} parameters, {report['weights_dtype']} weights), "
+        f"BLAS {report['blas'] or 'reference'}, commit {report['commit']}",
+        "",
+        "| contender | peak RSS GB | bytes / param | vs mlx_lm | MLX peak in training GB | estimate GB "
+        "(vs MLX peak) | wall s | exit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c in report["contenders"]:
         exit_ = "ok" if c["ok"] else f"{c['exit_code']}" + (f" (signal {c['signal']})" if c["signal"] else "")
-        lines.append(f"| {c['name']} | {fmt(c['peak_rss_gb'])} | {fmt(c['bytes_per_param'], 1)} | "
-                     f"{fmt(c['ratio_to_mlx_lm'], 2, 'x')} | {fmt(c['mlx_peak_gb'])} | {_vs(c)} | {fmt(c['wall_s'], 0)} | "
-                     f"{exit_} |")
+        lines.append(
+            f"| {c['name']} | {fmt(c['peak_rss_gb'])} | {fmt(c['bytes_per_param'], 1)} | "
+            f"{fmt(c['ratio_to_mlx_lm'], 2, 'x')} | {fmt(c['mlx_peak_gb'])} | {_vs(c)} | {fmt(c['wall_s'], 0)} | "
+            f"{exit_} |"
+        )
     failed = [c for c in report["contenders"] if not c["ok"]]
     if failed:
         lines.append("")
@@ -256,17 +317,31 @@ def render(report: dict) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--shape", default="tiny", choices=sorted(make_shape.SHAPES) + ["135m"],
-                    help="random-weight qwen2 shape from make_shape.py, or 135m: the embedded smollm2-135m itself")
-    ap.add_argument("--contender", action="append", metavar="NAME=ARGS",
-                    help="a gmt-mlx contender: its name and extra `gmt-mlx finetune` arguments (repeatable; default: "
-                         + "; ".join(DEFAULT_CONTENDERS) + ")")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    ap.add_argument(
+        "--shape",
+        default="tiny",
+        choices=sorted(make_shape.SHAPES) + ["135m"],
+        help="random-weight qwen2 shape from make_shape.py, or 135m: the embedded smollm2-135m itself",
+    )
+    ap.add_argument(
+        "--contender",
+        action="append",
+        metavar="NAME=ARGS",
+        help="a gmt-mlx contender: its name and extra `gmt-mlx finetune` arguments (repeatable; default: "
+        + "; ".join(DEFAULT_CONTENDERS)
+        + ")",
+    )
     ap.add_argument("--only-mlx-lm", action="store_true", help="measure mlx_lm only")
     ap.add_argument("--no-mlx-lm", action="store_true", help="skip mlx_lm (no ratios then)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per contender before it is killed")
-    ap.add_argument("--logs", type=Path, help="keep each contender's stdout/stderr/time output here (default: discarded)")
+    ap.add_argument(
+        "--logs", type=Path, help="keep each contender's stdout/stderr/time output here (default: discarded)"
+    )
     ap.add_argument("--out", type=Path, help="JSON report (default benchmarks/results/memory-<shape>.json)")
     args = ap.parse_args(argv)
     out = args.out or HERE / "results" / f"memory-{args.shape}.json"
@@ -288,15 +363,31 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         tmp = Path(tmp)
         data = write_data(tmp / "data")
-        tokens = json.loads(subprocess.run([sys.executable, "-c", TOKEN_COUNT, str(folder), str(data / "train.jsonl")],
-                                           capture_output=True, text=True, check=True).stdout)
+        tokens = json.loads(
+            subprocess.run(
+                [sys.executable, "-c", TOKEN_COUNT, str(folder), str(data / "train.jsonl")],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         print(f"data: {len(tokens)} rows of {tokens} tokens (chat template included)", file=sys.stderr)
         logs = args.logs or tmp / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         results = []
         if not args.no_mlx_lm:
-            cmd = [sys.executable, "-c", MLX_LM_WRAPPER, "lora", "--model", str(folder), "--data", str(data),
-                   "--adapter-path", str(tmp / "mlx_lm")] + MLX_LM_ARGS
+            cmd = [
+                sys.executable,
+                "-c",
+                MLX_LM_WRAPPER,
+                "lora",
+                "--model",
+                str(folder),
+                "--data",
+                str(data),
+                "--adapter-path",
+                str(tmp / "mlx_lm"),
+            ] + MLX_LM_ARGS
             print("running mlx_lm ...", file=sys.stderr, flush=True)
             r = run_measured(cmd, env, logs, "mlx_lm", args.timeout)
             r["command"] = r["command"].replace(shlex.quote(MLX_LM_WRAPPER), "MLX_LM_WRAPPER")  # = python -m mlx_lm
@@ -304,8 +395,22 @@ def main(argv=None) -> None:
             shutil.rmtree(tmp / "mlx_lm", ignore_errors=True)
         for name, extra in specs:
             run_dir = tmp / f"run-{name}"
-            cmd = [sys.executable, "-m", "gmt_mlx", "finetune", "--model", gmt_model, "--data", str(data),
-                   "--out", str(run_dir)] + GMT_COMMON + extra
+            cmd = (
+                [
+                    sys.executable,
+                    "-m",
+                    "gmt_mlx",
+                    "finetune",
+                    "--model",
+                    gmt_model,
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(run_dir),
+                ]
+                + GMT_COMMON
+                + extra
+            )
             print(f"running {name} ...", file=sys.stderr, flush=True)
             r = run_measured(cmd, gmt_env, logs, name, args.timeout)
             r["mlx_peak_gb"] = metrics_peak(run_dir)
@@ -319,11 +424,22 @@ def main(argv=None) -> None:
         c["bytes_per_param"] = rss * 1e9 / params if rss else None
         c["ratio_to_mlx_lm"] = rss / ref["peak_rss_gb"] if rss and ref else None
     report = {
-        "benchmark": "memory", "shape": args.shape, "model": str(folder), "params": params,
-        "weights_dtype": weights_dtype, "tokens_per_example": tokens[0] if len(set(tokens)) == 1 else tokens,
-        "batch_size": 1, "blas": blas_lib, "machine": machine(), "versions": versions(), "commit": commit(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:],
-        "gmt_common_args": GMT_COMMON, "mlx_lm_args": MLX_LM_ARGS, "contenders": results,
+        "benchmark": "memory",
+        "shape": args.shape,
+        "model": str(folder),
+        "params": params,
+        "weights_dtype": weights_dtype,
+        "tokens_per_example": tokens[0] if len(set(tokens)) == 1 else tokens,
+        "batch_size": 1,
+        "blas": blas_lib,
+        "machine": machine(),
+        "versions": versions(),
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "argv": sys.argv[1:],
+        "gmt_common_args": GMT_COMMON,
+        "mlx_lm_args": MLX_LM_ARGS,
+        "contenders": results,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -11,6 +11,7 @@ from harness import Context, ModelSpec, pct, tokenized
 
 NAME = "padding"
 
+
 def mlx_lm_padding(lengths: Sequence[int], batch_size: int) -> tuple:
     """mlx_lm's batching (tuner/trainer.py iterate_batches): batches in file order
     (its length sort keys on len() of the raw record, a constant), each padded to
@@ -56,8 +57,13 @@ def padding_section(specs: List[ModelSpec], folders: Dict, batch_size: int) -> d
         for name, folder in folders.items():
             _, split = tokenized(folder, tokenizer)
             lengths = split.lengths()
-            row = {"examples": len(lengths), "min_len": min(lengths), "mean_len": round(statistics.mean(lengths), 1),
-                   "max_len": max(lengths), "mlx_lm": mlx_lm_padding(lengths, batch_size)}
+            row = {
+                "examples": len(lengths),
+                "min_len": min(lengths),
+                "mean_len": round(statistics.mean(lengths), 1),
+                "max_len": max(lengths),
+                "mlx_lm": mlx_lm_padding(lengths, batch_size),
+            }
             for pm in (8, 4, 2, 1):
                 row[f"pad{pm}"] = our_padding(split, batch_size, pad_multiple=pm)
             if have_buckets:
@@ -75,11 +81,19 @@ def run(ctx: Context) -> dict:
 def render(result: dict) -> List[str]:
     """Markdown lines of this benchmark's table."""
     lines: List[str] = []
-    lines += ["## Padding waste (fraction of padded positions; distinct batch widths over 10 epochs)", "",
-              "| model / data | n | len min/mean/max | mlx_lm | ours pad 8 | pad 4 | pad 2 | pad 1 | length buckets |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Padding waste (fraction of padded positions; distinct batch widths over 10 epochs)",
+        "",
+        "| model / data | n | len min/mean/max | mlx_lm | ours pad 8 | pad 4 | pad 2 | pad 1 | length buckets |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in result.items():
-        cells = [f"{pct(r[k][0])} ({r[k][1]})" if k in r else "-" for k in ("mlx_lm", "pad8", "pad4", "pad2", "pad1", "buckets")]
-        lines.append(f"| {name} | {r['examples']} | {r['min_len']}/{r['mean_len']}/{r['max_len']} | " + " | ".join(cells) + " |")
+        cells = [
+            f"{pct(r[k][0])} ({r[k][1]})" if k in r else "-"
+            for k in ("mlx_lm", "pad8", "pad4", "pad2", "pad1", "buckets")
+        ]
+        lines.append(
+            f"| {name} | {r['examples']} | {r['min_len']}/{r['mean_len']}/{r['max_len']} | " + " | ".join(cells) + " |"
+        )
     lines.append("")
     return lines

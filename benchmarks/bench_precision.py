@@ -82,10 +82,28 @@ def common_args(opts) -> List[str]:
     loss is reported), and the final model saved in float32, so the saved weights are exactly
     the trained ones (a bfloat16 weight is exact in float32).
     """
-    return ["-c", str(opts.config), "--model", opts.model, "--seed", str(opts.seed),
-            "--learning-rate", repr(opts.learning_rate), "--iters", str(opts.iters),
-            "--samples", "0", "--steps-per-eval", "0", "--no-save-best", "--steps-per-save", "0",
-            "--dtype", "float32", "--overwrite"] + shlex.split(opts.common_args)
+    return [
+        "-c",
+        str(opts.config),
+        "--model",
+        opts.model,
+        "--seed",
+        str(opts.seed),
+        "--learning-rate",
+        repr(opts.learning_rate),
+        "--iters",
+        str(opts.iters),
+        "--samples",
+        "0",
+        "--steps-per-eval",
+        "0",
+        "--no-save-best",
+        "--steps-per-save",
+        "0",
+        "--dtype",
+        "float32",
+        "--overwrite",
+    ] + shlex.split(opts.common_args)
 
 
 def run_finetune(name: str, extra: List[str], opts, work: Path) -> dict:
@@ -105,8 +123,14 @@ def run_finetune(name: str, extra: List[str], opts, work: Path) -> dict:
     proc = subprocess.run(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - start
     text = proc.stdout
-    record = {"name": name, "argv": argv, "command": shlex.join(["gmt-mlx"] + argv[3:]),
-              "extra_args": extra, "returncode": proc.returncode, "wall_s": round(wall, 1)}
+    record = {
+        "name": name,
+        "argv": argv,
+        "command": shlex.join(["gmt-mlx"] + argv[3:]),
+        "extra_args": extra,
+        "returncode": proc.returncode,
+        "wall_s": round(wall, 1),
+    }
     if proc.returncode == 0 and (out / "model").is_dir():
         record["status"] = "ok"
         record.update(parse_log(text))
@@ -242,9 +266,9 @@ class DeltaStats:
 
     def __init__(self):
         self.tensors = []
-        self.changed_ref = 0      # entries the float32 run changed
-        self.lost = 0             # ... whose variant delta is exactly 0
-        self.changed_var = 0      # entries the variant changed
+        self.changed_ref = 0  # entries the float32 run changed
+        self.lost = 0  # ... whose variant delta is exactly 0
+        self.changed_var = 0  # entries the variant changed
         self.entries = 0
         self.diff_sq = 0.0
         self.ref_sq = 0.0
@@ -278,11 +302,18 @@ class DeltaStats:
             cosine = 0.0
         else:
             cosine = dot / math.sqrt(n_ref * n_var)
-        self.tensors.append({"name": name, "size": int(d_ref.size), "cosine": cosine,
-                             "lost_share": lost / changed_ref if changed_ref else None,
-                             "rel_error": math.sqrt(float(np.dot(diff, diff)) / n_ref) if n_ref else None,
-                             "norm_ratio": math.sqrt(n_var / n_ref) if n_ref else None,
-                             "base": base_dtype, "held": final_dtype})
+        self.tensors.append(
+            {
+                "name": name,
+                "size": int(d_ref.size),
+                "cosine": cosine,
+                "lost_share": lost / changed_ref if changed_ref else None,
+                "rel_error": math.sqrt(float(np.dot(diff, diff)) / n_ref) if n_ref else None,
+                "norm_ratio": math.sqrt(n_var / n_ref) if n_ref else None,
+                "base": base_dtype,
+                "held": final_dtype,
+            }
+        )
 
     def summary(self) -> dict:
         import numpy as np
@@ -350,9 +381,14 @@ def compare(base_path: Path, ref_dir: Path, variants: Dict[str, dict]) -> Dict[s
             stats[name].add(key, d_ref, to_f64(weights[key]) - to_f64(start), dtype, held)
         if hasattr(mx, "clear_cache"):
             mx.clear_cache()
-    results = {"__reference__": {"changed_share": ref_changed / ref_entries, "changed_entries": ref_changed,
-                                 "entries": ref_entries},
-               "__floor__": floor.summary()}
+    results = {
+        "__reference__": {
+            "changed_share": ref_changed / ref_entries,
+            "changed_entries": ref_changed,
+            "entries": ref_entries,
+        },
+        "__floor__": floor.summary(),
+    }
     for name in variants:
         results[name] = stats[name].summary()
         results[name]["tensors"] = stats[name].tensors
@@ -368,9 +404,12 @@ def compare(base_path: Path, ref_dir: Path, variants: Dict[str, dict]) -> Dict[s
 
 def git_commit() -> str:
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "gmt_mlx"],
-                               capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "gmt_mlx"], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         return "?"
     return commit + ("+uncommitted" if dirty else "")
@@ -386,46 +425,65 @@ def fmt(value, spec: str = ".4f") -> str:
 
 def render(report: dict) -> str:
     s = report["settings"]
-    lines = [f"## Update check: {s['model']}, lr {s['learning_rate']:g}, {s['iters']} steps, seed {s['seed']} "
-             f"({s['config']})", "",
-             "Deltas (tuned - base, per tensor) against the float32 run's. cos: cosine per tensor "
-             "(median / min / size-weighted mean); lost: share of the entries the float32 run changed "
-             "whose delta is exactly 0 here; rel err: ||d - d_f32|| / ||d_f32||; changed: share of all "
-             "entries that moved.", "",
-             "| variant | status | cos median | cos min | cos weighted | lost | rel err | changed | val loss | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## Update check: {s['model']}, lr {s['learning_rate']:g}, {s['iters']} steps, seed {s['seed']} "
+        f"({s['config']})",
+        "",
+        "Deltas (tuned - base, per tensor) against the float32 run's. cos: cosine per tensor "
+        "(median / min / size-weighted mean); lost: share of the entries the float32 run changed "
+        "whose delta is exactly 0 here; rel err: ||d - d_f32|| / ||d_f32||; changed: share of all "
+        "entries that moved.",
+        "",
+        "| variant | status | cos median | cos min | cos weighted | lost | rel err | changed | val loss | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     ref = report["reference"]
-    lines.append(f"| float32 (reference) | {ref['status']} | 1 | 1 | 1 | 0 | 0 | "
-                 f"{fmt(ref.get('changed_share'), '.2%')} | {fmt(ref.get('val_loss'))} | {fmt(ref.get('wall_s'), '.0f')} |")
+    lines.append(
+        f"| float32 (reference) | {ref['status']} | 1 | 1 | 1 | 0 | 0 | "
+        f"{fmt(ref.get('changed_share'), '.2%')} | {fmt(ref.get('val_loss'))} | {fmt(ref.get('wall_s'), '.0f')} |"
+    )
     floor = report.get("floor")
     if floor:
-        lines.append(f"| f32 rounded to bf16 (no run) | floor | {fmt(floor['cosine_median'])} | {fmt(floor['cosine_min'])} | "
-                     f"{fmt(floor['cosine_weighted_mean'])} | {fmt(floor['lost_share'], '.2%')} | {fmt(floor['rel_error'])} | "
-                     f"{fmt(floor['changed_share'], '.2%')} | - | - |")
+        lines.append(
+            f"| f32 rounded to bf16 (no run) | floor | {fmt(floor['cosine_median'])} | {fmt(floor['cosine_min'])} | "
+            f"{fmt(floor['cosine_weighted_mean'])} | {fmt(floor['lost_share'], '.2%')} | {fmt(floor['rel_error'])} | "
+            f"{fmt(floor['changed_share'], '.2%')} | - | - |"
+        )
     notes = []
     if floor and floor.get("cosine_min_tensor"):
-        notes.append(f"- f32 rounded to bf16: the float32 run's base and tuned weights both rounded to bfloat16 "
-                     f"(what bfloat16 storage of its result keeps); lowest cosine in {floor['cosine_min_tensor']}")
+        notes.append(
+            f"- f32 rounded to bf16: the float32 run's base and tuned weights both rounded to bfloat16 "
+            f"(what bfloat16 storage of its result keeps); lowest cosine in {floor['cosine_min_tensor']}"
+        )
     for name, v in report["variants"].items():
         if v["status"] != "ok":
             lines.append(f"| {name} | failed | - | - | - | - | - | - | - | {fmt(v.get('wall_s'), '.0f')} |")
             notes.append(f"- {name} failed: {v.get('error', '?')}")
             continue
-        lines.append(f"| {name} | ok | {fmt(v['cosine_median'])} | {fmt(v['cosine_min'])} | {fmt(v['cosine_weighted_mean'])} | "
-                     f"{fmt(v['lost_share'], '.2%')} | {fmt(v['rel_error'])} | {fmt(v['changed_share'], '.2%')} | "
-                     f"{fmt(v.get('val_loss'))} | {fmt(v.get('wall_s'), '.0f')} |")
+        lines.append(
+            f"| {name} | ok | {fmt(v['cosine_median'])} | {fmt(v['cosine_min'])} | {fmt(v['cosine_weighted_mean'])} | "
+            f"{fmt(v['lost_share'], '.2%')} | {fmt(v['rel_error'])} | {fmt(v['changed_share'], '.2%')} | "
+            f"{fmt(v.get('val_loss'))} | {fmt(v.get('wall_s'), '.0f')} |"
+        )
         if v.get("cosine_min_tensor"):
-            notes.append(f"- {name}: lowest cosine in {v['cosine_min_tensor']}; delta taken from the base in "
-                         f"{dtypes(v['base_dtype_tensors'])}; weights held at the end in {dtypes(v['final_dtype_tensors'])}")
+            notes.append(
+                f"- {name}: lowest cosine in {v['cosine_min_tensor']}; delta taken from the base in "
+                f"{dtypes(v['base_dtype_tensors'])}; weights held at the end in {dtypes(v['final_dtype_tensors'])}"
+            )
             if v.get("train_dtype") in ("bfloat16", "float16") and v["final_dtype_tensors"].get("float32"):
-                notes.append(f"- {name}: WARNING: trained with --train-dtype {v['train_dtype']}, yet "
-                             f"{v['final_dtype_tensors']['float32']} tensors ended in float32 (their values are off the "
-                             f"{v['train_dtype']} grid): the weights were promoted during training, so this run does not "
-                             "measure low-precision weight updates")
+                notes.append(
+                    f"- {name}: WARNING: trained with --train-dtype {v['train_dtype']}, yet "
+                    f"{v['final_dtype_tensors']['float32']} tensors ended in float32 (their values are off the "
+                    f"{v['train_dtype']} grid): the weights were promoted during training, so this run does not "
+                    "measure low-precision weight updates"
+                )
         if v.get("note"):
             notes.append(f"- {name}: {v['note']}")
-    lines += ["", f"Variant arguments (after the common ones): " +
-              "; ".join(f"{n}: `{' '.join(v['extra_args'])}`" for n, v in report["variants"].items())]
+    lines += [
+        "",
+        "Variant arguments (after the common ones): "
+        + "; ".join(f"{n}: `{' '.join(v['extra_args'])}`" for n, v in report["variants"].items()),
+    ]
     lines += [""] + notes if notes else []
     lines += ["", f"commit {report['commit']}"]
     return "\n".join(lines)
@@ -435,24 +493,40 @@ def parse_variant(text: str):
     name, sep, args = text.partition("=")
     name = name.strip()
     if not sep or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name == REFERENCE:
-        raise argparse.ArgumentTypeError(f"expected NAME=\"ARGS\" (NAME of letters, digits, _.+-, not {REFERENCE!r}): {text!r}")
+        raise argparse.ArgumentTypeError(
+            f'expected NAME="ARGS" (NAME of letters, digits, _.+-, not {REFERENCE!r}): {text!r}'
+        )
     return name, args
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", action="append", type=parse_variant, metavar='NAME="ARGS"',
-                        help="a low-precision variant: extra gmt-mlx finetune arguments (repeatable; replaces the "
-                             "default list: " + "; ".join(f"{n}={a}" for n, a in DEFAULT_VARIANTS) + ")")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        type=parse_variant,
+        metavar='NAME="ARGS"',
+        help="a low-precision variant: extra gmt-mlx finetune arguments (repeatable; replaces the "
+        "default list: " + "; ".join(f"{n}={a}" for n, a in DEFAULT_VARIANTS) + ")",
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--config", default="examples/quickstart.yaml", help="the recipe (relative to the repo root)")
     parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--iters", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--common-args", default="", help="more finetune arguments for every run, the reference included")
-    parser.add_argument("--work", type=Path, help="where the runs go (kept); default: a temporary folder, removed at the end")
-    parser.add_argument("--reuse", action="store_true", help="skip a run whose folder in --work holds a finished run of the same command")
+    parser.add_argument(
+        "--common-args", default="", help="more finetune arguments for every run, the reference included"
+    )
+    parser.add_argument(
+        "--work", type=Path, help="where the runs go (kept); default: a temporary folder, removed at the end"
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="skip a run whose folder in --work holds a finished run of the same command",
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     opts = parser.parse_args(argv)
     if opts.reuse and opts.work is None:
@@ -474,25 +548,42 @@ def main(argv=None) -> int:
             flag, value = FALLBACK_FLAG
             if record["status"] == "failed" and unknown_option(record) == flag and value in extra:
                 i = next(i for i in range(len(extra) - 1) if extra[i] == flag and extra[i + 1] == value)
-                fallback = extra[:i] + extra[i + 2:]
-                log(f"{name}: {flag} is unknown here; rerunning without it ({' '.join(fallback)}: round-to-nearest is "
-                    "what bfloat16 training does without the flag)")
+                fallback = extra[:i] + extra[i + 2 :]
+                log(
+                    f"{name}: {flag} is unknown here; rerunning without it ({' '.join(fallback)}: round-to-nearest is "
+                    "what bfloat16 training does without the flag)"
+                )
                 record = run_finetune(name, fallback, opts, work)
-                record["note"] = (f"{flag} is not a finetune option at this commit; ran `{' '.join(fallback)}` "
-                                  f"instead (what `{flag} {value}` is meant to be: round-to-nearest)")
+                record["note"] = (
+                    f"{flag} is not a finetune option at this commit; ran `{' '.join(fallback)}` "
+                    f"instead (what `{flag} {value}` is meant to be: round-to-nearest)"
+                )
             record["out"] = str(work / name)
             runs[name] = record
 
-        report = {"benchmark": "precision (update check)", "commit": git_commit(),
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "command": shlex.join([Path(sys.executable).name] + sys.argv),
-                  "settings": {"model": opts.model, "config": opts.config, "learning_rate": opts.learning_rate,
-                               "iters": opts.iters, "seed": opts.seed, "common_args": common_args(opts),
-                               "reference_args": REFERENCE_ARGS},
-                  "environment": {"python": platform.python_version(), "cores": os.cpu_count(),
-                                  "platform": platform.platform(), "blas": ref.get("blas")},
-                  "reference": {k: v for k, v in ref.items() if k not in ("argv",)},
-                  "variants": {}}
+        report = {
+            "benchmark": "precision (update check)",
+            "commit": git_commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": shlex.join([Path(sys.executable).name] + sys.argv),
+            "settings": {
+                "model": opts.model,
+                "config": opts.config,
+                "learning_rate": opts.learning_rate,
+                "iters": opts.iters,
+                "seed": opts.seed,
+                "common_args": common_args(opts),
+                "reference_args": REFERENCE_ARGS,
+            },
+            "environment": {
+                "python": platform.python_version(),
+                "cores": os.cpu_count(),
+                "platform": platform.platform(),
+                "blas": ref.get("blas"),
+            },
+            "reference": {k: v for k, v in ref.items() if k not in ("argv",)},
+            "variants": {},
+        }
         try:
             import mlx.core as mx
 

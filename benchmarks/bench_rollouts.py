@@ -50,9 +50,16 @@ def ours(model, tokenizer, prompts, args, seed):
     from gmt_mlx.objectives.grpo.rollouts import sample_rollouts
 
     start = time.perf_counter()
-    out = sample_rollouts(model, tokenizer, prompts, num_generations=args.num_generations,
-                          temperature=args.temperature, top_p=args.top_p,
-                          max_completion_length=args.max_tokens, key=seed)
+    out = sample_rollouts(
+        model,
+        tokenizer,
+        prompts,
+        num_generations=args.num_generations,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_completion_length=args.max_tokens,
+        key=seed,
+    )
     return sum(out.completion_lengths), time.perf_counter() - start
 
 
@@ -64,9 +71,15 @@ def theirs(model, tokenizer, prompts, args, seed):
     rows = [p for p in prompts for _ in range(args.num_generations)]
     mx.random.seed(seed)
     start = time.perf_counter()
-    out = batch_generate(model, tokenizer, rows, max_tokens=args.max_tokens,
-                         sampler=make_sampler(args.temperature, args.top_p),
-                         prefill_batch_size=len(rows), completion_batch_size=len(rows))
+    out = batch_generate(
+        model,
+        tokenizer,
+        rows,
+        max_tokens=args.max_tokens,
+        sampler=make_sampler(args.temperature, args.top_p),
+        prefill_batch_size=len(rows),
+        completion_batch_size=len(rows),
+    )
     return out.stats.generation_tokens, time.perf_counter() - start
 
 
@@ -100,10 +113,14 @@ def main() -> None:
             rates[name].append(tokens / seconds)
             print(f"rep {rep} {name:7s} {tokens:5d} tokens {seconds:7.3f} s {tokens / seconds:9.1f} tok/s", flush=True)
     ours_rate, their_rate = statistics.median(rates["ours"]), statistics.median(rates["mlx_lm"])
-    print(f"\nmodel {args.model}: {args.prompts} prompts x {args.num_generations} generations, "
-          f"max {args.max_tokens} tokens, temperature {args.temperature}, top-p {args.top_p}")
-    print(f"median tokens/s: sample_rollouts {ours_rate:.1f}, mlx_lm batch_generate {their_rate:.1f}, "
-          f"ratio {ours_rate / their_rate:.3f} (target >= 0.9)")
+    print(
+        f"\nmodel {args.model}: {args.prompts} prompts x {args.num_generations} generations, "
+        f"max {args.max_tokens} tokens, temperature {args.temperature}, top-p {args.top_p}"
+    )
+    print(
+        f"median tokens/s: sample_rollouts {ours_rate:.1f}, mlx_lm batch_generate {their_rate:.1f}, "
+        f"ratio {ours_rate / their_rate:.3f} (target >= 0.9)"
+    )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,12 @@ from harness import GMT_CONTENDERS, MASK_RATIO, Context, ModelSpec, fixed_batch,
 
 NAME = "step-ratio"
 # The step benchmark's contenders, and high ratios: what the larger samples cost there (issue 13).
-CONTENDERS = GMT_CONTENDERS + ["gmt tensor/grad ratio 0.9", "gmt tensor/grad ratio 0.99",
-                               "gmt before tensor/grad ratio 0.99", "random ratio 0.9"]
+CONTENDERS = GMT_CONTENDERS + [
+    "gmt tensor/grad ratio 0.9",
+    "gmt tensor/grad ratio 0.99",
+    "gmt before tensor/grad ratio 0.99",
+    "random ratio 0.9",
+]
 KEY = "update"  # its key in the results JSON
 
 
@@ -36,7 +40,6 @@ def _before_masks(before):
 def preference_batch(folder, tokenizer, pairs: int):
     """The first ``pairs`` pairs of a preference folder as a DPO batch (tokens, mask, reference),
     with the model-free stand-in reference 0 (the step's cost does not depend on its values)."""
-    import mlx.core as mx
     import numpy as np
 
     from gmt_mlx.data.batching import make_batch
@@ -51,8 +54,9 @@ def preference_batch(folder, tokenizer, pairs: int):
     return (tokens, mask, reference), width
 
 
-def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before, *, train_mode: str = "sft",
-                   contenders=None) -> dict:
+def update_section(
+    spec: ModelSpec, folders, batch_size: int, reps: int, before, *, train_mode: str = "sft", contenders=None
+) -> dict:
     """The step split in two: the part every full-weight method shares (forward,
     backward, gradient norm: trainer.make_step_fns' grad_fn + trainer.global_norm)
     and the update (clip, mask, optimizer: update_fn), each method's update timed
@@ -68,7 +72,6 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before,
     from gmt_mlx.core import trainer
     from gmt_mlx.core.optim import MaskedOptimizer, build_optimizer
     from gmt_mlx.models.methods import prepare_model
-
     from gmt_mlx.objectives import objective_of
 
     defaults = Config()
@@ -99,7 +102,10 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before,
             mask = MaskOptions(mask_ratio=ratio, mask_scope=scope, mask_target=target)
             optimizers[name] = MaskedOptimizer(base, mask, seed=0)
     loss_fn = objective_of(train_mode).loss(Config(train_mode=train_mode))  # the mode's loss, default options
-    fns = {name: trainer.make_step_fns(model, opt, loss_fn, grad_clip=defaults.grad_clip) for name, opt in optimizers.items()}
+    fns = {
+        name: trainer.make_step_fns(model, opt, loss_fn, grad_clip=defaults.grad_clip)
+        for name, opt in optimizers.items()
+    }
     grad_fn = fns["sft"][0]
     state = trainer.training_state(model, base)
 
@@ -129,7 +135,7 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before,
         t0 = time.perf_counter()
         args = shared()
         shared_times.append(time.perf_counter() - t0)
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+        for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
             mx.clear_cache()  # the same (cold) start for every update
             t0 = time.perf_counter()
             mx.eval(fns[name][1](*args), state)
@@ -150,15 +156,25 @@ def update_section(spec: ModelSpec, folders, batch_size: int, reps: int, before,
         long_times.append(time.perf_counter() - t0)
         del g
     shared_long = statistics.median(long_times[1:])
-    out = {"reps": reps, "shared_vs_sft_update": shared_s / sft, "shared_long_vs_sft_update": shared_long / sft,
-           "batch_shape": [rows, width], "long_shape": [rows, 256], "train_mode": train_mode, "result": {}}
+    out = {
+        "reps": reps,
+        "shared_vs_sft_update": shared_s / sft,
+        "shared_long_vs_sft_update": shared_long / sft,
+        "batch_shape": [rows, width],
+        "long_shape": [rows, 256],
+        "train_mode": train_mode,
+        "result": {},
+    }
     for name, ts in times.items():
         update = statistics.median(ts)
         # Per repetition, against sft's update of the same repetition: the spread.
         paired = sorted((shared_s + t) / (shared_s + u) for t, u in zip(ts, times["sft"]))
-        out["result"][name] = {"update_vs_sft_update": update / sft, "step_ratio": (shared_s + update) / (shared_s + sft),
-                               "step_ratio_quartiles": [paired[len(paired) // 4], paired[(3 * len(paired)) // 4]],
-                               "step_ratio_long": (shared_long + update) / (shared_long + sft)}
+        out["result"][name] = {
+            "update_vs_sft_update": update / sft,
+            "step_ratio": (shared_s + update) / (shared_s + sft),
+            "step_ratio_quartiles": [paired[len(paired) // 4], paired[(3 * len(paired)) // 4]],
+            "step_ratio_long": (shared_long + update) / (shared_long + sft),
+        }
     del fns, optimizers, model, args, long_tokens, long_batch, batch
     gc.collect()
     mx.clear_cache()
@@ -174,15 +190,24 @@ def render(result: dict) -> List[str]:
     lines: List[str] = []
     up = result
     b, lb = up.get("batch_shape", ["?", "?"]), up.get("long_shape", ["?", "?"])
-    dpo = " (DPO: the sft row is full-weight DPO, every row's loss the DPO loss)" if up.get("train_mode") == "dpo" else ""
-    lines += [f"### {'DPO step' if dpo else 'Step'} split in two{dpo}: shared forward/backward/norm, then each method's update ({up['reps']} interleaved "
-              f"repetitions on one real gradient; shared part = {up['shared_vs_sft_update']:.2f} x sft's update at "
-              f"{b[0]} x {b[1]} tokens, {up.get('shared_long_vs_sft_update', float('nan')):.2f} x at {lb[0]} x {lb[1]})", "",
-              f"| method | update / sft update | step / sft step, {b[0]} x {b[1]} tokens | (quartiles over repetitions) | step / sft step, {lb[0]} x {lb[1]} tokens |",
-              "|---|---|---|---|---|"]
+    dpo = (
+        " (DPO: the sft row is full-weight DPO, every row's loss the DPO loss)" if up.get("train_mode") == "dpo" else ""
+    )
+    lines += [
+        f"### {'DPO step' if dpo else 'Step'} split in two{dpo}: shared forward/backward/norm, then each method's "
+        f"update ({up['reps']} interleaved "
+        f"repetitions on one real gradient; shared part = {up['shared_vs_sft_update']:.2f} x sft's update at "
+        f"{b[0]} x {b[1]} tokens, {up.get('shared_long_vs_sft_update', float('nan')):.2f} x at {lb[0]} x {lb[1]})",
+        "",
+        f"| method | update / sft update | step / sft step, {b[0]} x {b[1]} tokens | (quartiles over repetitions) | "
+        f"step / sft step, {lb[0]} x {lb[1]} tokens |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in up["result"].items():
         q = r["step_ratio_quartiles"]
-        lines.append(f"| {name} | {r['update_vs_sft_update']:.3f} | **{r['step_ratio']:.3f}** | ({q[0]:.3f} .. {q[1]:.3f}) | "
-                     f"{r.get('step_ratio_long', float('nan')):.3f} |")
+        lines.append(
+            f"| {name} | {r['update_vs_sft_update']:.3f} | **{r['step_ratio']:.3f}** | ({q[0]:.3f} .. {q[1]:.3f}) | "
+            f"{r.get('step_ratio_long', float('nan')):.3f} |"
+        )
     lines.append("")
     return lines

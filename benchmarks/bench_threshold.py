@@ -38,8 +38,12 @@ def threshold_row(n: int, old, reps: int) -> dict:
             masks, _ = new.gmt_masks(tree, ratio, "tensor", mx.random.key(100 + seed))
             errs.append(abs(masks["w"].sum().item() / n - (1 - ratio)))
         errors[f"r={ratio}"] = max(errs)
-    row = {"entries": n, "after_vs_copy": med["after"] / med["copy"], "after_s_per_entry": med["after"] / n,
-           "max_kept_error": errors}
+    row = {
+        "entries": n,
+        "after_vs_copy": med["after"] / med["copy"],
+        "after_s_per_entry": med["after"] / n,
+        "max_kept_error": errors,
+    }
     if old is not None:
         row["before_vs_copy"] = med["before"] / med["copy"]
         row["before_s_per_entry"] = med["before"] / n
@@ -74,12 +78,19 @@ def run(ctx: Context) -> dict:
 def render(result: dict) -> List[str]:
     """Markdown lines of this benchmark's tables."""
     lines: List[str] = []
-    lines += ["## Mask cost vs entries (one tensor = one unit, tensor scope)", "",
-              "| entries | after / copy pass | after per entry / 1M row | before / copy pass | before per entry / 1M row | max kept error r=0.2 | r=0.5 |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Mask cost vs entries (one tensor = one unit, tensor scope)",
+        "",
+        "| entries | after / copy pass | after per entry / 1M row | before / copy pass | before per entry / 1M row | "
+        "max kept error r=0.2 | r=0.5 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['entries'] / 1e6:.0f}M | {r['after_vs_copy']:.2f} | {r['after_per_entry_vs_smallest']:.2f} | "
-                     f"{r.get('before_vs_copy', float('nan')):.2f} | {r.get('before_per_entry_vs_smallest', float('nan')):.2f} | "
-                     f"{pct(r['max_kept_error']['r=0.2'])} | {pct(r['max_kept_error']['r=0.5'])} |")
+        lines.append(
+            f"| {r['entries'] / 1e6:.0f}M | {r['after_vs_copy']:.2f} | {r['after_per_entry_vs_smallest']:.2f} | "
+            f"{r.get('before_vs_copy', float('nan')):.2f} | {r.get('before_per_entry_vs_smallest', float('nan')):.2f} "
+            f"| "
+            f"{pct(r['max_kept_error']['r=0.2'])} | {pct(r['max_kept_error']['r=0.5'])} |"
+        )
     lines.append("")
     return lines

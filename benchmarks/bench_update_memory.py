@@ -26,9 +26,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from gmt_mlx.config import MaskOptions, OptimizerOptions, PrecisionOptions
 from gmt_mlx.core.layerwise import make_layerwise_step
 from gmt_mlx.core.losses import sft_loss
-from gmt_mlx.config import MaskOptions, OptimizerOptions, PrecisionOptions
 from gmt_mlx.core.optim import build_optimizer
 from gmt_mlx.core.trainer import make_fused_step, training_state
 
@@ -55,8 +55,9 @@ def update_bytes(method: str, moments: str, dtype: str, mode: str) -> float:
     (CompactAdamW's stages evaluated in turn, as layerwise runs 8-bit moments) or eager."""
     model = _One(getattr(mx, dtype))
     mask = MaskOptions(method=method, mask_ratio=0.2 if method == "gmt" else 0.0)
-    opt = build_optimizer(OptimizerOptions(), 1e-5, seed=0, mask=mask,
-                          precision=PrecisionOptions(train_dtype=dtype, moments=moments))
+    opt = build_optimizer(
+        OptimizerOptions(), 1e-5, seed=0, mask=mask, precision=PrecisionOptions(train_dtype=dtype, moments=moments)
+    )
     opt.init(model.trainable_parameters())
     state = [model.state, opt.state]
     mx.eval(state)
@@ -81,9 +82,17 @@ def update_bytes(method: str, moments: str, dtype: str, mode: str) -> float:
 def step_times(steps: int = 6) -> dict:
     from mlx_lm.models import llama
 
-    args = llama.ModelArgs(model_type="llama", hidden_size=256, num_hidden_layers=16, intermediate_size=1024,
-                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=512,
-                           tie_word_embeddings=False)
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=256,
+        num_hidden_layers=16,
+        intermediate_size=1024,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=512,
+        tie_word_embeddings=False,
+    )
     tokens = mx.array(np.random.default_rng(0).integers(0, 512, (4, 128)), mx.int32)
     batch = (tokens, mx.ones(tokens.shape))
     runs = {}
@@ -94,8 +103,11 @@ def step_times(steps: int = 6) -> dict:
         opt = build_optimizer(OptimizerOptions(), 1e-4, seed=0, mask=MaskOptions(mask_ratio=0.2))
         opt.init(model.trainable_parameters())
         clip = 1.0 if kind.endswith("clip") else 0.0
-        fn = (make_fused_step(model, opt, sft_loss, clip) if kind.startswith("fused")
-              else make_layerwise_step(model, opt, sft_loss, grad_clip=clip))
+        fn = (
+            make_fused_step(model, opt, sft_loss, clip)
+            if kind.startswith("fused")
+            else make_layerwise_step(model, opt, sft_loss, grad_clip=clip)
+        )
         runs[kind] = (fn, training_state(model, opt))
     times = {kind: [] for kind in runs}
     for i in range(steps + 1):
@@ -116,10 +128,12 @@ def main() -> None:
         cells = " | ".join(f"{update_bytes(method, moments, dtype, mode):.1f}" for mode in modes)
         print(f"| {method} | {moments} | {dtype} | {cells} |")
     times = step_times()
-    print(f"\nstep time, 16-block llama, gmt, float32, batch 4 x 128 (medians of 6 steps, same process): "
-          f"per-layer / fused = {times['per-layer'] / times['fused']:.2f}x; with --grad-clip 1: "
-          f"{times['per-layer-clip'] / times['fused-clip']:.2f}x; per-layer clip / no clip = "
-          f"{times['per-layer-clip'] / times['per-layer']:.2f}x")
+    print(
+        f"\nstep time, 16-block llama, gmt, float32, batch 4 x 128 (medians of 6 steps, same process): "
+        f"per-layer / fused = {times['per-layer'] / times['fused']:.2f}x; with --grad-clip 1: "
+        f"{times['per-layer-clip'] / times['fused-clip']:.2f}x; per-layer clip / no clip = "
+        f"{times['per-layer-clip'] / times['per-layer']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -31,20 +31,50 @@ LOW_4BIT = ["--train-dtype", "bfloat16", "--moments", "4bit", "--update-per-laye
 FROZEN = ["--freeze-embeddings", "--freeze-lm-head"]
 # (name, MLX peak GB, options, where it was measured): 1.39B shape, batch 1 x 49 tokens.
 REFERENCE = [
-    ("1.4b full fused bf16 8bit-factored", 11.44, ["--method", "full", "--train-dtype", "bfloat16", "--moments",
-                                                   "8bit-factored", "--grad-clip", "0"], "memory-1.4b.json, 4af8c8f"),
-    ("1.4b gmt fused bf16 8bit-factored", 12.85, ["--method", "gmt", "--train-dtype", "bfloat16", "--moments",
-                                                  "8bit-factored", "--grad-clip", "0"], "memory-1.4b.json, 4af8c8f"),
-    ("1.4b gmt fused bf16 8bit", 14.42, ["--method", "gmt", "--train-dtype", "bfloat16", "--moments", "8bit",
-                                         "--grad-clip", "0"], "memory-1.4b-lowmem-8bit.json, 0f1abc9"),
+    (
+        "1.4b full fused bf16 8bit-factored",
+        11.44,
+        ["--method", "full", "--train-dtype", "bfloat16", "--moments", "8bit-factored", "--grad-clip", "0"],
+        "memory-1.4b.json, 4af8c8f",
+    ),
+    (
+        "1.4b gmt fused bf16 8bit-factored",
+        12.85,
+        ["--method", "gmt", "--train-dtype", "bfloat16", "--moments", "8bit-factored", "--grad-clip", "0"],
+        "memory-1.4b.json, 4af8c8f",
+    ),
+    (
+        "1.4b gmt fused bf16 8bit",
+        14.42,
+        ["--method", "gmt", "--train-dtype", "bfloat16", "--moments", "8bit", "--grad-clip", "0"],
+        "memory-1.4b-lowmem-8bit.json, 0f1abc9",
+    ),
     ("1.4b gmt per-layer 8bit", 6.83, ["--method", "gmt"] + LOW_8BIT, "memory-1.4b-per-layer.json, 9b3f34c"),
     ("1.4b full per-layer 8bit", 6.54, ["--method", "full"] + LOW_8BIT, "memory-1.4b-per-layer.json, 9b3f34c"),
-    ("1.4b gmt per-layer 8bit-factored", 5.63, ["--method", "gmt"] + LOW_8BIT + ["--moments", "8bit-factored"],
-     "memory-1.4b-per-layer.json, 9b3f34c"),
-    ("1.4b gmt per-layer 8bit frozen", 5.82, ["--method", "gmt"] + LOW_8BIT + FROZEN, "memory-1.4b-frozen.json, 8e31ba5"),
-    ("1.4b full per-layer 8bit frozen", 5.74, ["--method", "full"] + LOW_8BIT + FROZEN, "memory-1.4b-frozen.json, 8e31ba5"),
-    ("1.4b gmt per-layer 8bit-factored frozen", 4.51, ["--method", "gmt"] + LOW_8BIT + ["--moments", "8bit-factored"]
-     + FROZEN, "memory-1.4b-frozen.json, 8e31ba5"),
+    (
+        "1.4b gmt per-layer 8bit-factored",
+        5.63,
+        ["--method", "gmt"] + LOW_8BIT + ["--moments", "8bit-factored"],
+        "memory-1.4b-per-layer.json, 9b3f34c",
+    ),
+    (
+        "1.4b gmt per-layer 8bit frozen",
+        5.82,
+        ["--method", "gmt"] + LOW_8BIT + FROZEN,
+        "memory-1.4b-frozen.json, 8e31ba5",
+    ),
+    (
+        "1.4b full per-layer 8bit frozen",
+        5.74,
+        ["--method", "full"] + LOW_8BIT + FROZEN,
+        "memory-1.4b-frozen.json, 8e31ba5",
+    ),
+    (
+        "1.4b gmt per-layer 8bit-factored frozen",
+        4.51,
+        ["--method", "gmt"] + LOW_8BIT + ["--moments", "8bit-factored"] + FROZEN,
+        "memory-1.4b-frozen.json, 8e31ba5",
+    ),
     ("1.4b gmt per-layer 4bit", 5.37, ["--method", "gmt"] + LOW_4BIT, "memory-1.4b-4bit (main job, 2026-12-03 14:53)"),
     ("1.4b gmt per-layer 4bit frozen", 4.50, ["--method", "gmt"] + LOW_4BIT + FROZEN, "memory-1.4b-4bit"),
     ("1.4b full per-layer 4bit frozen", 4.42, ["--method", "full"] + LOW_4BIT + FROZEN, "memory-1.4b-4bit"),
@@ -117,8 +147,11 @@ def run_row(run: Path) -> tuple:
     folder = resolve_model(values["model"])
     config = resolve(overrides=values)
     rows = load_splits(config.data, **data_options(config))
-    lengths = objective_of(config).tokenize(config, {"train": rows["train"]}, load_tokenizer(folder),
-                                            lambda _: None)["train"].lengths()
+    lengths = (
+        objective_of(config)
+        .tokenize(config, {"train": rows["train"]}, load_tokenizer(folder), lambda _: None)["train"]
+        .lengths()
+    )
     return run.name, peak, train[-1].get("memory_estimate_gb"), values, folder, lengths
 
 
@@ -127,8 +160,11 @@ def rows_of(report: dict) -> list:
     tokens = report["tokens_per_example"]
     lengths = tokens if isinstance(tokens, list) else [tokens] * 4
     common = [a for a in report["gmt_common_args"]]
-    return [(c["name"], c["mlx_peak_gb"], c.get("estimate_gb"), common + c["extra_args"], Path(report["model"]), lengths)
-            for c in report["contenders"] if c["tool"] == "gmt-mlx" and c["ok"]]
+    return [
+        (c["name"], c["mlx_peak_gb"], c.get("estimate_gb"), common + c["extra_args"], Path(report["model"]), lengths)
+        for c in report["contenders"]
+        if c["tool"] == "gmt-mlx" and c["ok"]
+    ]
 
 
 def main(argv=None) -> None:

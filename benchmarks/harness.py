@@ -34,7 +34,6 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-
 # --------------------------------------------------------------------------
 # Environment
 # --------------------------------------------------------------------------
@@ -60,8 +59,14 @@ def environment() -> dict:
     except (ValueError, OSError):
         pass
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "gmt_mlx"], capture_output=True, text=True).stdout.strip())
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "-C", str(REPO), "status", "--porcelain", "--", "gmt_mlx"], capture_output=True, text=True
+            ).stdout.strip()
+        )
     except OSError:
         commit, dirty = "?", False
     info = blas_info(measure=True)
@@ -79,7 +84,6 @@ def environment() -> dict:
         "blas": {k: info.get(k) for k in ("kind", "library", "gflops", "reexecuted")},
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
-
 
 
 # --------------------------------------------------------------------------
@@ -101,8 +105,14 @@ def model_specs(names: Sequence[str], workdir: Path) -> List[ModelSpec]:
     for name in names:
         if name == "tiny":
             # Small enough for seconds per step, big enough that matmuls dominate.
-            path = make_tiny_model(workdir / "tiny-llama", hidden_size=256, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=768)
+            path = make_tiny_model(
+                workdir / "tiny-llama",
+                hidden_size=256,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=768,
+            )
             specs.append(ModelSpec("tiny llama (256 x 4 layers)", path, 4))
         else:
             from gmt_mlx.models.resolve import resolve_model
@@ -119,8 +129,14 @@ def mixed_length_rows(n: int, seed: int = 0, max_terms: int = 24) -> list:
     for _ in range(n):
         terms = [rng.randint(1, 99) for _ in range(rng.randint(2, max_terms))]
         question = " + ".join(map(str, terms))
-        rows.append({"messages": [{"role": "user", "content": f"What is {question}?"},
-                                  {"role": "assistant", "content": f"{question} = {sum(terms)}."}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {question}?"},
+                    {"role": "assistant", "content": f"{question} = {sum(terms)}."},
+                ]
+            }
+        )
     return rows
 
 
@@ -153,7 +169,6 @@ def mlx_lm_dataset(rows: list, tokenizer):
     return CacheDataset(create_dataset(rows, tokenizer, types.SimpleNamespace(mask_prompt=False)))
 
 
-
 _TOKENIZERS: Dict[str, object] = {}
 
 
@@ -169,8 +184,6 @@ def tokenizer_of(spec: ModelSpec):
 def pad_token(tokenizer) -> int:
     pad = getattr(tokenizer, "pad_token_id", None)
     return int(pad) if pad is not None else int(tokenizer.eos_token_id)
-
-
 
 
 @dataclass
@@ -287,7 +300,6 @@ def interleave(contenders: List[Contender], turns: int, label: str) -> None:
         c._thread.join(timeout=600)
 
 
-
 # --------------------------------------------------------------------------
 # Contenders: our loop and mlx_lm's
 # --------------------------------------------------------------------------
@@ -321,13 +333,26 @@ def mlx_lm_loop(model, optimizer, turns: int, dataset, max_seq_length: int, batc
     from mlx_lm.tuner.trainer import TrainingArgs, train
 
     big = 10**9
-    args = TrainingArgs(batch_size=batch_size, iters=turns + 1, steps_per_report=big, steps_per_eval=big, steps_per_save=big,
-                        max_seq_length=max_seq_length, adapter_file=str(workdir / f"adapters-{id(model)}.safetensors"))
+    args = TrainingArgs(
+        batch_size=batch_size,
+        iters=turns + 1,
+        steps_per_report=big,
+        steps_per_eval=big,
+        steps_per_save=big,
+        max_seq_length=max_seq_length,
+        adapter_file=str(workdir / f"adapters-{id(model)}.safetensors"),
+    )
 
     def run(batches):
         # Their loop calls iterate_batches(dataset=..., batch_size=..., ...); ours hands it the turnstile.
-        train(model=model, optimizer=optimizer, train_dataset=dataset, val_dataset=None, args=args,
-              iterate_batches=lambda **_: batches)
+        train(
+            model=model,
+            optimizer=optimizer,
+            train_dataset=dataset,
+            val_dataset=None,
+            args=args,
+            iterate_batches=lambda **_: batches,
+        )
 
     return run
 
@@ -361,7 +386,9 @@ def mlx_lm_batches(dataset, batch_size: int, max_seq_length: int, *, fixed=None)
         tokens, lengths, real = fixed
         while True:
             yield (tokens, lengths), real, 0
-    for batch, lengths in iterate_batches(dataset=dataset, batch_size=batch_size, max_seq_length=max_seq_length, loop=True, seed=0):
+    for batch, lengths in iterate_batches(
+        dataset=dataset, batch_size=batch_size, max_seq_length=max_seq_length, loop=True, seed=0
+    ):
         # Each epoch permutes the same batches: the lengths identify a batch.
         yield (batch, lengths), int(mx.sum(lengths[:, 1]).item()), tuple(lengths[:, 1].tolist())
 
@@ -381,8 +408,18 @@ def fixed_batch(split, batch_size: int, pad_id: int, width: int):
     return (tokens, mask, sum(lengths)), (tokens, theirs, sum(lengths))
 
 
-def build_contenders(spec: ModelSpec, turns: int, ours_data, theirs_data, *, which: Sequence[str],
-                     workdir: Path, batch_size: int, max_seq_length: int, before=None) -> List[Contender]:
+def build_contenders(
+    spec: ModelSpec,
+    turns: int,
+    ours_data,
+    theirs_data,
+    *,
+    which: Sequence[str],
+    workdir: Path,
+    batch_size: int,
+    max_seq_length: int,
+    before=None,
+) -> List[Contender]:
     """The contenders of one section; `ours_data()` / `theirs_data()` make fresh batch iterators."""
     import mlx.core as mx
     import mlx.optimizers as optim
@@ -415,8 +452,9 @@ def build_contenders(spec: ModelSpec, turns: int, ours_data, theirs_data, *, whi
         ratio = 0.0 if method == "sft" else MASK_RATIO
         if module is not None:  # the 'before' code: its MaskedOptimizer takes the keywords it took then
             kw = {} if sample_size is None else {"sample_size": sample_size}
-            return model, module.MaskedOptimizer(base, method="gmt" if method == "sft" else method, mask_ratio=ratio,
-                                                 scope=scope, target=target, **kw)
+            return model, module.MaskedOptimizer(
+                base, method="gmt" if method == "sft" else method, mask_ratio=ratio, scope=scope, target=target, **kw
+            )
         kw = {} if sample_size is None else {"mask_sample_size": sample_size}
         mask = MaskOptions(method=method, mask_ratio=ratio, mask_scope=scope, mask_target=target, **kw)
         return model, MaskedOptimizer(base, mask, seed=0)
@@ -454,8 +492,15 @@ def build_contenders(spec: ModelSpec, turns: int, ours_data, theirs_data, *, whi
             else:  # their defaults: rank 8, scale 20, dropout 0, all linear layers of the last 16 blocks
                 linear_to_lora_layers(model, spec.lora_layers, {"rank": 8, "scale": 20.0, "dropout": 0.0})
             opt = optim.Adam(learning_rate=1e-5)  # their default optimizer and learning rate
-            run = mlx_lm_loop(model, opt, turns, None if theirs_data is None else theirs_data.dataset,
-                              max_seq_length, batch_size, workdir)
+            run = mlx_lm_loop(
+                model,
+                opt,
+                turns,
+                None if theirs_data is None else theirs_data.dataset,
+                max_seq_length,
+                batch_size,
+                workdir,
+            )
             # MLX streams are per thread: nothing lazy may cross into the loop's thread.
             mx.eval(model.parameters())
             c = Contender(name, run, theirs_data(), turns, group="mlx_lm")
@@ -489,7 +534,9 @@ def resident_bytes(contenders: List["Contender"]) -> None:
         if ranks:
             from mlx.utils import tree_flatten
 
-            c.resident_bytes += sum(math.prod(shape) for shape in {tuple(v.shape) for _, v in tree_flatten(model.trainable_parameters())})
+            c.resident_bytes += sum(
+                math.prod(shape) for shape in {tuple(v.shape) for _, v in tree_flatten(model.trainable_parameters())}
+            )
 
 
 class DataFactory:
@@ -538,10 +585,19 @@ def summarize(contenders: List[Contender], warmup: int, reference: str) -> Dict[
     return out
 
 
-GMT_CONTENDERS = ["sft", "gmt tensor/grad", "gmt tensor/update", "gmt layer/grad", "gmt layer/update",
-                  "gmt global/grad", "gmt global/update", "random", "gmt tensor/grad sample 16384", "gmt before tensor/grad"]
+GMT_CONTENDERS = [
+    "sft",
+    "gmt tensor/grad",
+    "gmt tensor/update",
+    "gmt layer/grad",
+    "gmt layer/update",
+    "gmt global/grad",
+    "gmt global/update",
+    "random",
+    "gmt tensor/grad sample 16384",
+    "gmt before tensor/grad",
+]
 VERSUS_CONTENDERS = ["sft frozen-emb", "mlx_lm full", "lora", "mlx_lm lora"]
-
 
 
 # --------------------------------------------------------------------------
@@ -555,8 +611,12 @@ def load_before() -> Optional[types.ModuleType]:
     pkg.mkdir()
     try:
         for name in ("masking", "optim"):
-            src = subprocess.run(["git", "-C", str(REPO), "show", f"{BEFORE_COMMIT}:gmt_mlx/{name}.py"],
-                                 capture_output=True, text=True, check=True).stdout
+            src = subprocess.run(
+                ["git", "-C", str(REPO), "show", f"{BEFORE_COMMIT}:gmt_mlx/{name}.py"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             (pkg / f"{name}.py").write_text(src)
     except (OSError, subprocess.CalledProcessError) as err:
         log(f"no 'before' masking code ({err}); skipping before/after")
@@ -573,14 +633,12 @@ def timed_interleaved(fns: Dict[str, Callable[[], object]], reps: int) -> Dict[s
 
     times = {k: [] for k in fns}
     for r in range(reps + 1):
-        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+        for k in list(fns) if r % 2 == 0 else list(fns)[::-1]:
             t0 = time.perf_counter()
             mx.eval(fns[k]())
             if r > 0:
                 times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
-
-
 
 
 _MASK_FNS: Dict[tuple, Callable] = {}
@@ -594,8 +652,6 @@ def compiled_masks(module, scope, key):
     if k not in _MASK_FNS:
         _MASK_FNS[k] = mx.compile(lambda g: module.gmt_masks(g, MASK_RATIO, scope, key))
     return _MASK_FNS[k]
-
-
 
 
 def pct(x: float) -> str:

@@ -99,17 +99,25 @@ def main() -> None:
     def norm_pow():
         mx.eval(mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads))))
 
-    fns = {"ours (trainer step)": ours, "ours without norm and clipping": ours_without_norm, "mlx_lm step": theirs,
-           "global norm, mx.square (now)": norm_square, "global norm, ** 2 (before)": norm_pow}
+    fns = {
+        "ours (trainer step)": ours,
+        "ours without norm and clipping": ours_without_norm,
+        "mlx_lm step": theirs,
+        "global norm, mx.square (now)": norm_square,
+        "global norm, ** 2 (before)": norm_pow,
+    }
     times = {k: [] for k in fns}
     for r in range(args.reps + 1):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+        for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
             t0 = time.perf_counter()
             fns[name]()
             if r > 0:
                 times[name].append(time.perf_counter() - t0)
     ref = statistics.median(times["mlx_lm step"])
-    print(f"{args.model}, batch {batch} x {width}, {args.reps} interleaved repetitions; medians relative to mlx_lm's step\n")
+    print(
+        f"{args.model}, batch {batch} x {width}, {args.reps} interleaved repetitions; medians relative to mlx_lm's "
+        f"step\n"
+    )
     print("| | x mlx_lm step |\n|---|---|")
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts) / ref:.3f} |")

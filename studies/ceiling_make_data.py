@@ -35,10 +35,40 @@ SPLITS = {"train": (60000, 512), "valid": (70000, 64), "test": (80000, 128)}
 SMALL_TRAIN = 32
 SYSTEM = "Answer with the number."
 # Pure-Python modules with prose docstrings; C modules' docstrings are mostly signatures.
-MODULES = ("argparse", "calendar", "configparser", "csv", "dataclasses", "difflib", "email.message", "fractions",
-           "ftplib", "gettext", "heapq", "http.client", "imaplib", "logging", "mailbox", "pathlib", "pickle",
-           "pprint", "queue", "random", "shutil", "smtplib", "statistics", "string", "tarfile", "textwrap",
-           "threading", "typing", "unittest.case", "urllib.parse", "uuid", "zipfile")
+MODULES = (
+    "argparse",
+    "calendar",
+    "configparser",
+    "csv",
+    "dataclasses",
+    "difflib",
+    "email.message",
+    "fractions",
+    "ftplib",
+    "gettext",
+    "heapq",
+    "http.client",
+    "imaplib",
+    "logging",
+    "mailbox",
+    "pathlib",
+    "pickle",
+    "pprint",
+    "queue",
+    "random",
+    "shutil",
+    "smtplib",
+    "statistics",
+    "string",
+    "tarfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest.case",
+    "urllib.parse",
+    "uuid",
+    "zipfile",
+)
 DOCSTRINGS = 64
 
 
@@ -56,8 +86,11 @@ def docstrings(count: int = DOCSTRINGS) -> list:
     for name in MODULES:
         module = importlib.import_module(name)
         found, seen = [], set()
-        objects = [module] + [obj for _, obj in sorted(inspect.getmembers(module), key=lambda kv: kv[0])
-                              if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name]
+        objects = [module] + [
+            obj
+            for _, obj in sorted(inspect.getmembers(module), key=lambda kv: kv[0])
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name
+        ]
         for obj in list(objects):
             if inspect.isclass(obj):
                 objects += [m for _, m in sorted(vars(obj).items()) if inspect.isfunction(m)]
@@ -82,8 +115,11 @@ def short(row: dict) -> dict:
     sentence, which makes a training step ~1.7x cheaper; the answer and the checker's fields stay.
     """
     expression = row["metadata"]["expression"]
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{expression} ="},
-                row["messages"][-1]]
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": f"{expression} ="},
+        row["messages"][-1],
+    ]
     return {**row, "messages": messages}
 
 

@@ -45,8 +45,10 @@ STEPS = {"small": 24, "large": 32}
 BATCH = 8
 EVAL_EVERY = {"small": 3, "large": 8}
 REGIMES = ("small", "large")
-METHODS = {"small": (("full", None), ("gmt", 0.5), ("gmt", 0.8), ("random", 0.5), ("lora", None)),
-           "large": (("full", None), ("gmt", 0.5), ("random", 0.5), ("lora", None))}
+METHODS = {
+    "small": (("full", None), ("gmt", 0.5), ("gmt", 0.8), ("random", 0.5), ("lora", None)),
+    "large": (("full", None), ("gmt", 0.5), ("random", 0.5), ("lora", None)),
+}
 SWEEP = {"full": (3e-6, 1e-5, 3e-5), "lora": (3e-5, 1e-4, 3e-4)}
 TEST_MAX_TOKENS = 6  # answers are at most 4 characters; the base model's sentences are cut short
 PROBES = {"english": DATA / "ceiling" / "english.jsonl", "leg_counting": DATA / "leg_counting" / "test.jsonl"}
@@ -68,10 +70,14 @@ def measure(model, tokenizer, test_rows: list, probes: dict) -> dict:
     from gmt_mlx.evaluation.evaluate import generation_accuracy, split_loss
 
     t0 = time.perf_counter()
-    gen = generation_accuracy(model, tokenizer, test_rows, scorers=["reasoning_gym"], max_tokens=TEST_MAX_TOKENS,
-                              batch_size=32)
-    out = {"test_accuracy": gen["accuracy"]["reasoning_gym"], "test_count": gen["count"],
-           "answers": [item["answer"] for item in gen["items"]]}
+    gen = generation_accuracy(
+        model, tokenizer, test_rows, scorers=["reasoning_gym"], max_tokens=TEST_MAX_TOKENS, batch_size=32
+    )
+    out = {
+        "test_accuracy": gen["accuracy"]["reasoning_gym"],
+        "test_count": gen["count"],
+        "answers": [item["answer"] for item in gen["items"]],
+    }
     for name, rows in probes.items():
         split = tokenize_split(rows, tokenizer, mask_prompt=True, max_seq_length=256, name=name)
         out[f"{name}_loss"] = split_loss(model, split, batch_size=BATCH, pad_id=pad_id(tokenizer))["loss"]
@@ -79,7 +85,9 @@ def measure(model, tokenizer, test_rows: list, probes: dict) -> dict:
     return out
 
 
-def train_and_measure(out: Path, regime: str, method: str, ratio, seed: int, lr: float, tokenizer, test_rows, probes) -> dict:
+def train_and_measure(
+    out: Path, regime: str, method: str, ratio, seed: int, lr: float, tokenizer, test_rows, probes
+) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -91,11 +99,28 @@ def train_and_measure(out: Path, regime: str, method: str, ratio, seed: int, lr:
     if done.is_file():
         return json.loads(done.read_text())
     masked = {"mask_ratio": ratio} if ratio is not None else {}
-    config = Config(model=MODEL, data=str(DATA / "ceiling" / regime), out=str(path), method=method, **masked,
-                    learning_rate=lr, seed=seed, iters=STEPS[regime],
-                    batch_size=BATCH, mask_prompt=True, max_seq_length=64, lr_schedule="cosine", warmup_steps=0,
-                    min_lr_ratio=0.1, steps_per_eval=EVAL_EVERY[regime], val_batches=-1, steps_per_report=1,
-                    steps_per_save=0, save_best=False, samples=0)
+    config = Config(
+        model=MODEL,
+        data=str(DATA / "ceiling" / regime),
+        out=str(path),
+        method=method,
+        **masked,
+        learning_rate=lr,
+        seed=seed,
+        iters=STEPS[regime],
+        batch_size=BATCH,
+        mask_prompt=True,
+        max_seq_length=64,
+        lr_schedule="cosine",
+        warmup_steps=0,
+        min_lr_ratio=0.1,
+        steps_per_eval=EVAL_EVERY[regime],
+        val_batches=-1,
+        steps_per_report=1,
+        steps_per_save=0,
+        save_best=False,
+        samples=0,
+    )
     curve, kept = [], {}
 
     def on_validation(step, model, result):
@@ -112,14 +137,28 @@ def train_and_measure(out: Path, regime: str, method: str, ratio, seed: int, lr:
     model = kept.pop("model")
     records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["type"] == "train"]
-    result = {"regime": regime, "method": method, "mask_ratio": ratio, "label": label(method, ratio), "seed": seed,
-              "learning_rate": lr, "steps": STEPS[regime], "batch_size": BATCH, "curve": curve,
-              "train_loss": [[r["step"], r["loss"]] for r in train],
-              "train_seconds": train_seconds, "train_wall": train[-1]["wall_time"],
-              "step_seconds": [b["wall_time"] - a["wall_time"] for a, b in zip(train, train[1:])
-                               if b["step"] - 1 not in {c["step"] for c in curve}],
-              "peak_memory_gb": max(r["peak_memory_gb"] for r in train),
-              "best_step": kept["step"], "best_val_loss": min(c["val_loss"] for c in curve)}
+    result = {
+        "regime": regime,
+        "method": method,
+        "mask_ratio": ratio,
+        "label": label(method, ratio),
+        "seed": seed,
+        "learning_rate": lr,
+        "steps": STEPS[regime],
+        "batch_size": BATCH,
+        "curve": curve,
+        "train_loss": [[r["step"], r["loss"]] for r in train],
+        "train_seconds": train_seconds,
+        "train_wall": train[-1]["wall_time"],
+        "step_seconds": [
+            b["wall_time"] - a["wall_time"]
+            for a, b in zip(train, train[1:])
+            if b["step"] - 1 not in {c["step"] for c in curve}
+        ],
+        "peak_memory_gb": max(r["peak_memory_gb"] for r in train),
+        "best_step": kept["step"],
+        "best_val_loss": min(c["val_loss"] for c in curve),
+    }
     result["end"] = measure(model, tokenizer, test_rows, probes)
     if kept["step"] == STEPS[regime]:
         result["best"] = result["end"]
@@ -131,9 +170,12 @@ def train_and_measure(out: Path, regime: str, method: str, ratio, seed: int, lr:
     shutil.rmtree(path / "model", ignore_errors=True)  # 0.5 GB per run; study.json and metrics.jsonl stay
     shutil.rmtree(path / "checkpoints", ignore_errors=True)
     b, e = result["best"], result["end"]
-    print(f"{path.name} ({regime}): best step {kept['step']} val {result['best_val_loss']:.4f}, "
-          f"test acc best {b['test_accuracy']:.3f} end {e['test_accuracy']:.3f}, english {e['english_loss']:.3f}, "
-          f"train {train_seconds:.0f}s", flush=True)
+    print(
+        f"{path.name} ({regime}): best step {kept['step']} val {result['best_val_loss']:.4f}, "
+        f"test acc best {b['test_accuracy']:.3f} end {e['test_accuracy']:.3f}, english {e['english_loss']:.3f}, "
+        f"train {train_seconds:.0f}s",
+        flush=True,
+    )
     return result
 
 
@@ -163,8 +205,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ceiling")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--collect", nargs="?", const=ROOT / "docs" / "evidence" / "ceiling", type=Path,
-                        help="copy every run's study.json (and the base's) to this folder and stop")
+    parser.add_argument(
+        "--collect",
+        nargs="?",
+        const=ROOT / "docs" / "evidence" / "ceiling",
+        type=Path,
+        help="copy every run's study.json (and the base's) to this folder and stop",
+    )
     args = parser.parse_args()
     from gmt_mlx.platform.blas import maybe_reexec_with_blas
 
@@ -184,8 +231,11 @@ def main() -> None:
         base_file.write_text(json.dumps(measure(model, tokenizer, test_rows, probes), indent=1))
     del model
     base = json.loads(base_file.read_text())
-    print(f"base: test acc {base['test_accuracy']:.3f}, english {base['english_loss']:.3f}, "
-          f"leg_counting {base['leg_counting_loss']:.3f} ({base['eval_seconds']:.0f}s)", flush=True)
+    print(
+        f"base: test acc {base['test_accuracy']:.3f}, english {base['english_loss']:.3f}, "
+        f"leg_counting {base['leg_counting_loss']:.3f} ({base['eval_seconds']:.0f}s)",
+        flush=True,
+    )
 
     rates_file = args.out / "rates.json"
     if rates_file.is_file():

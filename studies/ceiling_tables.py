@@ -17,8 +17,10 @@ from pathlib import Path
 from study_tools import paired, rate_of, stat
 
 LABELS = ("full", "gmt-r0.5", "gmt-r0.8", "random-r0.5", "lora")
-REGIMES = {"small": "(b) small set: 32 examples, 24 steps (each example seen 6 times)",
-           "large": "(a) much data: 512 examples, 32 steps (no example repeated)"}
+REGIMES = {
+    "small": "(b) small set: 32 examples, 24 steps (each example seen 6 times)",
+    "large": "(a) much data: 512 examples, 32 steps (no example repeated)",
+}
 
 
 def load(folder: Path):
@@ -30,8 +32,11 @@ def load(folder: Path):
 
 def main_runs(runs: list, rates: dict, regime: str, label: str) -> dict:
     """seed -> run, at the method's chosen learning rate."""
-    return {r["seed"]: r for r in runs if r["regime"] == regime and r["label"] == label
-            and r["learning_rate"] == rate_of(rates, label)}
+    return {
+        r["seed"]: r
+        for r in runs
+        if r["regime"] == regime and r["label"] == label and r["learning_rate"] == rate_of(rates, label)
+    }
 
 
 def median_step(run: dict) -> float:
@@ -41,21 +46,33 @@ def median_step(run: dict) -> float:
 def sweep_table(runs: list, rates: dict) -> list:
     lines = ["| method | learning rate | lowest val loss | at step | chosen |", "|---|---|---|---|---|"]
     for label in ("full", "lora"):
-        for r in sorted((r for r in runs if r["regime"] == "small" and r["label"] == label and r["seed"] == 0),
-                        key=lambda r: r["learning_rate"]):
+        for r in sorted(
+            (r for r in runs if r["regime"] == "small" and r["label"] == label and r["seed"] == 0),
+            key=lambda r: r["learning_rate"],
+        ):
             chosen = "**yes**" if r["learning_rate"] == rate_of(rates, label) else ""
-            lines.append(f"| {label} | {r['learning_rate']:g} | {r['best_val_loss']:.4f} | {r['best_step']} | {chosen} |")
+            lines.append(
+                f"| {label} | {r['learning_rate']:g} | {r['best_val_loss']:.4f} | {r['best_step']} | {chosen} |"
+            )
     return lines
 
 
 def regime_tables(base: dict, runs: list, rates: dict, regime: str) -> list:
     full = main_runs(runs, rates, regime, "full")
-    acc = [f"| method | lr | seeds | test acc. at selected | vs full | test acc. at end | vs full | lowest val loss | "
-           f"step selected | val exact at selected |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    forget = ["| method | English loss increase, selected | at end | vs full (end) | leg_counting loss increase, selected "
-              "| at end | vs full (end) |", "|---|---|---|---|---|---|---|"]
-    cost = ["| method | step time / full's (same seed) | training wall time, s | peak memory, GB |", "|---|---|---|---|"]
+    acc = [
+        "| method | lr | seeds | test acc. at selected | vs full | test acc. at end | vs full | lowest val loss | "
+        "step selected | val exact at selected |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    forget = [
+        "| method | English loss increase, selected | at end | vs full (end) | leg_counting loss increase, selected "
+        "| at end | vs full (end) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    cost = [
+        "| method | step time / full's (same seed) | training wall time, s | peak memory, GB |",
+        "|---|---|---|---|",
+    ]
     for label in LABELS:
         mine = main_runs(runs, rates, regime, label)
         if not mine:
@@ -63,27 +80,46 @@ def regime_tables(base: dict, runs: list, rates: dict, regime: str) -> list:
         seeds = sorted(mine)
         rs = [mine[s] for s in seeds]
         exact_at_best = [next(c["val_exact_match"] for c in r["curve"] if c["step"] == r["best_step"]) for r in rs]
-        acc.append(f"| {label} | {rate_of(rates, label):g} | {','.join(map(str, seeds))} "
-                   f"| {stat([r['best']['test_accuracy'] for r in rs], 100)} "
-                   f"| {stat(paired(mine, full, lambda r: r['best']['test_accuracy']), 100, sign=True) if label != 'full' else ''} "
-                   f"| {stat([r['end']['test_accuracy'] for r in rs], 100)} "
-                   f"| {stat(paired(mine, full, lambda r: r['end']['test_accuracy']), 100, sign=True) if label != 'full' else ''} "
-                   f"| {stat([r['best_val_loss'] for r in rs], digits=4)} | {', '.join(str(r['best_step']) for r in rs)} "
-                   f"| {stat(exact_at_best, 100)} |")
-        rise = {(probe, when): [r[when][f"{probe}_loss"] - base[f"{probe}_loss"] for r in rs]
-                for probe in ("english", "leg_counting") for when in ("best", "end")}
+        acc.append(
+            f"| {label} | {rate_of(rates, label):g} | {','.join(map(str, seeds))} "
+            f"| {stat([r['best']['test_accuracy'] for r in rs], 100)} "
+            f"| {stat(paired(mine, full, lambda r: r['best']['test_accuracy']), 100, sign=True) if label != 'full' else ''} "
+            f"| {stat([r['end']['test_accuracy'] for r in rs], 100)} "
+            f"| {stat(paired(mine, full, lambda r: r['end']['test_accuracy']), 100, sign=True) if label != 'full' else ''} "
+            f"| {stat([r['best_val_loss'] for r in rs], digits=4)} | {', '.join(str(r['best_step']) for r in rs)} "
+            f"| {stat(exact_at_best, 100)} |"
+        )
+        rise = {
+            (probe, when): [r[when][f"{probe}_loss"] - base[f"{probe}_loss"] for r in rs]
+            for probe in ("english", "leg_counting")
+            for when in ("best", "end")
+        }
         forget.append(
             f"| {label} | {stat(rise['english', 'best'], digits=3, sign=True)} | {stat(rise['english', 'end'], digits=3, sign=True)} "
             f"| {stat(paired(mine, full, lambda r: r['end']['english_loss']), digits=3, sign=True) if label != 'full' else ''} "
             f"| {stat(rise['leg_counting', 'best'], digits=3, sign=True)} | {stat(rise['leg_counting', 'end'], digits=3, sign=True)} "
-            f"| {stat(paired(mine, full, lambda r: r['end']['leg_counting_loss']), digits=3, sign=True) if label != 'full' else ''} |")
+            f"| {stat(paired(mine, full, lambda r: r['end']['leg_counting_loss']), digits=3, sign=True) if label != 'full' else ''} "
+            f"|"
+        )
         ratios = [median_step(mine[s]) / median_step(full[s]) for s in seeds if s in full]
-        cost.append(f"| {label} | {stat(ratios, digits=3)} | {stat([r['train_seconds'] for r in rs], digits=0)} "
-                    f"| {stat([r['peak_memory_gb'] for r in rs], digits=2)} |")
-    return ([f"### {REGIMES[regime]}", "", "Held-out accuracy (reasoning-gym's checker, 128 test problems, %):", ""] + acc
-            + ["", f"Forgetting: loss increase over the base model (base: English {base['english_loss']:.3f}, "
-                   f"leg_counting {base['leg_counting_loss']:.3f}; 16 rows each):", ""] + forget
-            + ["", "Cost (runs one after another on a shared 2-core machine; benchmarks/ has the interleaved ratios):", ""] + cost + [""])
+        cost.append(
+            f"| {label} | {stat(ratios, digits=3)} | {stat([r['train_seconds'] for r in rs], digits=0)} "
+            f"| {stat([r['peak_memory_gb'] for r in rs], digits=2)} |"
+        )
+    return (
+        [f"### {REGIMES[regime]}", "", "Held-out accuracy (reasoning-gym's checker, 128 test problems, %):", ""]
+        + acc
+        + [
+            "",
+            f"Forgetting: loss increase over the base model (base: English {base['english_loss']:.3f}, "
+            f"leg_counting {base['leg_counting_loss']:.3f}; 16 rows each):",
+            "",
+        ]
+        + forget
+        + ["", "Cost (runs one after another on a shared 2-core machine; benchmarks/ has the interleaved ratios):", ""]
+        + cost
+        + [""]
+    )
 
 
 def plot(runs: list, rates: dict, out: Path) -> None:
@@ -100,8 +136,10 @@ def plot(runs: list, rates: dict, out: Path) -> None:
                 continue
             steps = [c["step"] for c in next(iter(mine.values()))["curve"]]
             for col, key, scale in ((0, "val_loss", 1.0), (1, "val_exact_match", 100.0)):
-                means = [statistics.mean(c[key] * scale for r in mine.values() for c in r["curve"] if c["step"] == s)
-                         for s in steps]
+                means = [
+                    statistics.mean(c[key] * scale for r in mine.values() for c in r["curve"] if c["step"] == s)
+                    for s in steps
+                ]
                 axes[row][col].plot(steps, means, marker="o", markersize=3, label=label)
         axes[row][0].set_ylabel(f"{regime}: validation loss")
         axes[row][1].set_ylabel(f"{regime}: validation exact match, %")
@@ -116,11 +154,21 @@ def plot(runs: list, rates: dict, out: Path) -> None:
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/evidence/ceiling")
     base, rates, runs = load(folder)
-    lines = ["# Second evidence study: tables", "",
-             f"Generated by `python studies/ceiling_tables.py {folder}` from the raw results in this folder.", "",
-             f"Base model: test accuracy {base['test_accuracy'] * 100:.1f}%, English loss {base['english_loss']:.3f}, "
-             f"leg_counting loss {base['leg_counting_loss']:.3f}.", "",
-             "## Learning-rate sweep (small regime, seed 0; lowest validation loss reached)", ""] + sweep_table(runs, rates) + [""]
+    lines = (
+        [
+            "# Second evidence study: tables",
+            "",
+            f"Generated by `python studies/ceiling_tables.py {folder}` from the raw results in this folder.",
+            "",
+            f"Base model: test accuracy {base['test_accuracy'] * 100:.1f}%, English loss {base['english_loss']:.3f}, "
+            f"leg_counting loss {base['leg_counting_loss']:.3f}.",
+            "",
+            "## Learning-rate sweep (small regime, seed 0; lowest validation loss reached)",
+            "",
+        ]
+        + sweep_table(runs, rates)
+        + [""]
+    )
     lines += ["## Results", ""]
     for regime in REGIMES:
         lines += regime_tables(base, runs, rates, regime)

@@ -48,16 +48,22 @@ def build(task: str = TASK, options: dict = TASK_OPTIONS, splits: dict = SPLITS,
             if item["question"] in seen:
                 continue
             seen.add(item["question"])
-            rows.append({
-                "messages": [{"role": "user", "content": item["question"]},
-                             {"role": "assistant", "content": item["answer"]}],
-                "answer": item["answer"],
-                "metadata": _plain(item["metadata"]),
-            })
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": item["question"]},
+                        {"role": "assistant", "content": item["answer"]},
+                    ],
+                    "answer": item["answer"],
+                    "metadata": _plain(item["metadata"]),
+                }
+            )
             if len(rows) == size:
                 break
         if len(rows) < size:
-            raise SystemExit(f"only {len(rows)} distinct {split} questions; widen the task options or shrink the splits")
+            raise SystemExit(
+                f"only {len(rows)} distinct {split} questions; widen the task options or shrink the splits"
+            )
         out[split] = rows
     return out
 

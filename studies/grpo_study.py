@@ -72,8 +72,9 @@ def measure(model, tokenizer, test_rows: list, probe_rows: list) -> dict:
     from gmt_mlx.evaluation.evaluate import generation_accuracy, split_loss
 
     t0 = time.perf_counter()
-    gen = generation_accuracy(model, tokenizer, test_rows, scorers=list(SCORERS), max_tokens=MAX_COMPLETION,
-                              batch_size=48)
+    gen = generation_accuracy(
+        model, tokenizer, test_rows, scorers=list(SCORERS), max_tokens=MAX_COMPLETION, batch_size=48
+    )
     out = {f"test_{name}": gen["accuracy"][name] for name in SCORERS}
     out["test_count"] = gen["count"]
     out["answers"] = [item["answer"] for item in gen["items"]]
@@ -92,12 +93,32 @@ def train_and_measure(out: Path, method: str, ratio, seed: int, lr: float, token
     if done.is_file():
         return json.loads(done.read_text())
     masked = {"mask_ratio": ratio} if ratio is not None else {}
-    config = Config(model=MODEL, data=str(TASK), out=str(path), method=method, **masked, train_mode="grpo",
-                    reward="number", num_generations=GENERATIONS, max_completion_length=MAX_COMPLETION,
-                    temperature=1.0, learning_rate=lr, seed=seed, iters=STEPS, batch_size=BATCH,
-                    max_seq_length=128, lr_schedule="cosine", warmup_steps=0, min_lr_ratio=0.1,
-                    steps_per_eval=EVAL_EVERY, val_batches=-1, steps_per_report=1, steps_per_save=0,
-                    save_best=False, samples=0)
+    config = Config(
+        model=MODEL,
+        data=str(TASK),
+        out=str(path),
+        method=method,
+        **masked,
+        train_mode="grpo",
+        reward="number",
+        num_generations=GENERATIONS,
+        max_completion_length=MAX_COMPLETION,
+        temperature=1.0,
+        learning_rate=lr,
+        seed=seed,
+        iters=STEPS,
+        batch_size=BATCH,
+        max_seq_length=128,
+        lr_schedule="cosine",
+        warmup_steps=0,
+        min_lr_ratio=0.1,
+        steps_per_eval=EVAL_EVERY,
+        val_batches=-1,
+        steps_per_report=1,
+        steps_per_save=0,
+        save_best=False,
+        samples=0,
+    )
     curve, kept = [], {}
 
     def on_validation(step, model, result):
@@ -110,26 +131,37 @@ def train_and_measure(out: Path, method: str, ratio, seed: int, lr: float, token
     model = kept.pop("model")
     records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["type"] == "train"]
-    result = {"method": method, "mask_ratio": ratio, "label": label(method, ratio), "seed": seed,
-              "learning_rate": lr, "steps": STEPS, "curve": curve,
-              "train_reward": [[r["step"], r["reward"]] for r in train],
-              "frac_reward_zero_std": [r["frac_reward_zero_std"] for r in train],
-              "completion_length": [r["completion_length"] for r in train],
-              "kept_fraction": [r.get("kept_fraction") for r in train],
-              "rollout_seconds": [r["rollout_seconds"] for r in train],
-              "update_seconds": [r["update_seconds"] for r in train],
-              "train_seconds": train_seconds, "peak_memory_gb": max(r["peak_memory_gb"] for r in train),
-              "final_val_reward": curve[-1]["val_reward"],
-              "late_train_reward": statistics.mean(r["reward"] for r in train[STEPS // 2:])}
+    result = {
+        "method": method,
+        "mask_ratio": ratio,
+        "label": label(method, ratio),
+        "seed": seed,
+        "learning_rate": lr,
+        "steps": STEPS,
+        "curve": curve,
+        "train_reward": [[r["step"], r["reward"]] for r in train],
+        "frac_reward_zero_std": [r["frac_reward_zero_std"] for r in train],
+        "completion_length": [r["completion_length"] for r in train],
+        "kept_fraction": [r.get("kept_fraction") for r in train],
+        "rollout_seconds": [r["rollout_seconds"] for r in train],
+        "update_seconds": [r["update_seconds"] for r in train],
+        "train_seconds": train_seconds,
+        "peak_memory_gb": max(r["peak_memory_gb"] for r in train),
+        "final_val_reward": curve[-1]["val_reward"],
+        "late_train_reward": statistics.mean(r["reward"] for r in train[STEPS // 2 :]),
+    }
     result["end"] = measure(model, tokenizer, test_rows, probe_rows)
     done.write_text(json.dumps(result, indent=1))
     shutil.rmtree(path / "model", ignore_errors=True)  # 0.5 GB per run; study.json and metrics.jsonl stay
     shutil.rmtree(path / "checkpoints", ignore_errors=True)
     e = result["end"]
     rewards = " ".join(f"{c['val_reward']:.3f}" for c in curve)
-    print(f"{path.name}: val reward {rewards}, late train reward "
-          f"{result['late_train_reward']:.3f}, test number {e['test_number']:.3f} rg {e['test_reasoning_gym']:.3f}, "
-          f"english {e['english_loss']:.3f}, train {train_seconds:.0f}s", flush=True)
+    print(
+        f"{path.name}: val reward {rewards}, late train reward "
+        f"{result['late_train_reward']:.3f}, test number {e['test_number']:.3f} rg {e['test_reasoning_gym']:.3f}, "
+        f"english {e['english_loss']:.3f}, train {train_seconds:.0f}s",
+        flush=True,
+    )
     return result
 
 
@@ -142,8 +174,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "grpo-study")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--collect", nargs="?", const=ROOT / "docs" / "evidence" / "grpo", type=Path,
-                        help="copy every run's study.json (and the base's, the rates) to this folder and stop")
+    parser.add_argument(
+        "--collect",
+        nargs="?",
+        const=ROOT / "docs" / "evidence" / "grpo",
+        type=Path,
+        help="copy every run's study.json (and the base's, the rates) to this folder and stop",
+    )
     args = parser.parse_args()
     from gmt_mlx.platform.blas import maybe_reexec_with_blas
 
@@ -163,15 +200,20 @@ def main() -> None:
         base_file.write_text(json.dumps(measure(model, tokenizer, test_rows, probe_rows), indent=1))
     del model
     base = json.loads(base_file.read_text())
-    print(f"base: test number {base['test_number']:.3f} rg {base['test_reasoning_gym']:.3f}, "
-          f"english {base['english_loss']:.3f} ({base['eval_seconds']:.0f}s)", flush=True)
+    print(
+        f"base: test number {base['test_number']:.3f} rg {base['test_reasoning_gym']:.3f}, "
+        f"english {base['english_loss']:.3f} ({base['eval_seconds']:.0f}s)",
+        flush=True,
+    )
 
     rates_file = args.out / "rates.json"
     if rates_file.is_file():
         rates = json.loads(rates_file.read_text())
     else:
-        rates = {m: pick([train_and_measure(args.out, m, None, 0, lr, tokenizer, test_rows, probe_rows)
-                          for lr in SWEEP[m]]) for m in SWEEP}
+        rates = {
+            m: pick([train_and_measure(args.out, m, None, 0, lr, tokenizer, test_rows, probe_rows) for lr in SWEEP[m]])
+            for m in SWEEP
+        }
         rates_file.write_text(json.dumps(rates, indent=1))
     print(f"learning rates (seed 0, highest final validation reward): {rates}", flush=True)
     for seed in (int(s) for s in args.seeds.split(",")):  # seed-major: a cut-short study has whole seeds

@@ -55,6 +55,7 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "examples" / "data"  # the shipped data (this script lives in studies/)
 sys.path.insert(0, str(HERE))
 from compare_make_chain_sum import _plain  # noqa: E402  (reasoning-gym metadata as JSON-ready data)
+
 OUT = DATA / "prefs"
 MODEL = "smollm2-135m"
 TASK = "chain_sum"
@@ -72,8 +73,6 @@ ROUNDS = 4
 SAMPLE_SEED = 0
 BATCH = 64
 GREEDY_MAX_TOKENS = 32  # for the base model's accuracy on the test prompts
-
-
 
 
 def quotas(pairs: int) -> dict:
@@ -105,14 +104,18 @@ def candidates(splits: dict = SPLITS) -> dict:
             seen.add(item["question"])
             entry = {"question": item["question"], "answer": item["answer"], "metadata": _plain(item["metadata"])}
             if check(item["answer"], entry) != 1.0:
-                raise SystemExit(f"reasoning-gym's checker rejects its own answer {item['answer']!r} to {item['question']!r}")
+                raise SystemExit(
+                    f"reasoning-gym's checker rejects its own answer {item['answer']!r} to {item['question']!r}"
+                )
             items.append(entry)
             have[digits] += 1
             if have == want:
                 break
         if have != want:
-            raise SystemExit(f"{split}: only {have} distinct questions by digit count (wanted {want}); "
-                             "widen the task options, raise DRAWS or shrink the splits")
+            raise SystemExit(
+                f"{split}: only {have} distinct questions by digit count (wanted {want}); "
+                "widen the task options, raise DRAWS or shrink the splits"
+            )
         out[split] = items
     return out
 
@@ -123,17 +126,16 @@ def sample_rejected(model, tokenizer, items: list, log=print) -> tuple:
     Returns (results, stats): results[i] = {"text", "round", "truncated"} or None.
     """
     import mlx.core as mx
+    import reasoning_gym
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
     from gmt_mlx.evaluation.evaluate import prompt_tokens
 
-    import reasoning_gym
-
     check = reasoning_gym.get_score_answer_fn(TASK)
     ids = [prompt_tokens(tokenizer, item["question"]) for item in items]
-    finished: dict = {}   # i -> first wrong sample that ended by itself
-    cut: dict = {}        # i -> first wrong sample that hit MAX_TOKENS
+    finished: dict = {}  # i -> first wrong sample that ended by itself
+    cut: dict = {}  # i -> first wrong sample that hit MAX_TOKENS
     sampler = make_sampler(temp=TEMPERATURE)
     stats = {"samples": 0, "right_samples": 0, "seconds": 0.0, "generated_tokens": 0}
     model.eval()
@@ -146,8 +148,16 @@ def sample_rejected(model, tokenizer, items: list, log=print) -> tuple:
         t0 = time.perf_counter()
         for start in range(0, len(pending), BATCH):
             chunk = pending[start : start + BATCH]
-            result = batch_generate(model, tokenizer, [ids[i] for i in chunk], max_tokens=MAX_TOKENS, sampler=sampler,
-                                    return_token_ids=True, prefill_batch_size=len(chunk), completion_batch_size=len(chunk))
+            result = batch_generate(
+                model,
+                tokenizer,
+                [ids[i] for i in chunk],
+                max_tokens=MAX_TOKENS,
+                sampler=sampler,
+                return_token_ids=True,
+                prefill_batch_size=len(chunk),
+                completion_batch_size=len(chunk),
+            )
             for i, text, tokens in zip(chunk, result.texts, result.token_ids):
                 stats["samples"] += 1
                 stats["generated_tokens"] += len(tokens)
@@ -166,19 +176,23 @@ def sample_rejected(model, tokenizer, items: list, log=print) -> tuple:
                     finished.setdefault(i, record)
         took = time.perf_counter() - t0
         stats["seconds"] += took
-        log(f"  round {rnd + 1}: sampled {len(pending)} problems in {took:.1f}s; "
-            f"{len(finished)} have a complete wrong answer, {len(cut)} a cut-off one")
+        log(
+            f"  round {rnd + 1}: sampled {len(pending)} problems in {took:.1f}s; "
+            f"{len(finished)} have a complete wrong answer, {len(cut)} a cut-off one"
+        )
     results = [finished.get(i) or cut.get(i) for i in range(len(items))]
     return results, stats
 
 
 def greedy_accuracy(model, tokenizer, rows: list) -> dict:
     """The base model's greedy answers to rows' prompts, scored by exact, number and reasoning_gym."""
-    from gmt_mlx.evaluation.evaluate import generate_batch
     from gmt_mlx.data.scorers import get_scorer
+    from gmt_mlx.evaluation.evaluate import generate_batch
 
     t0 = time.perf_counter()
-    answers = generate_batch(model, tokenizer, [r["prompt"] for r in rows], max_tokens=GREEDY_MAX_TOKENS, batch_size=BATCH)
+    answers = generate_batch(
+        model, tokenizer, [r["prompt"] for r in rows], max_tokens=GREEDY_MAX_TOKENS, batch_size=BATCH
+    )
     out = {"seconds": time.perf_counter() - t0, "count": len(rows)}
     for name in ("exact", "number", "reasoning_gym"):
         fn = get_scorer(name)
@@ -187,9 +201,13 @@ def greedy_accuracy(model, tokenizer, rows: list) -> dict:
         if name == "reasoning_gym":
             out["reasoning_gym_full_credit"] = sum(s == 1.0 for s in scores)
         for digits in (1, 2):
-            out[f"{name}_{digits}_digit"] = sum(s for s, r in zip(scores, rows) if r["metadata"]["num_digits"] == digits)
+            out[f"{name}_{digits}_digit"] = sum(
+                s for s, r in zip(scores, rows) if r["metadata"]["num_digits"] == digits
+            )
     out["count_1_digit"] = sum(r["metadata"]["num_digits"] == 1 for r in rows)
-    out["examples"] = [{"prompt": r["prompt"], "answer": r["answer"], "greedy": a} for r, a in list(zip(rows, answers))[:4]]
+    out["examples"] = [
+        {"prompt": r["prompt"], "answer": r["answer"], "greedy": a} for r, a in list(zip(rows, answers))[:4]
+    ]
     return out
 
 
@@ -236,22 +254,32 @@ def main(argv=None) -> None:
                 skipped_questions.append(item["question"])
                 continue
             room[digits] -= 1
-            rows.append({
-                "prompt": item["question"],
-                "chosen": item["answer"],
-                "rejected": found["text"],
-                "answer": item["answer"],
-                "metadata": item["metadata"],
-                "sampling": {"round": found["round"], "truncated": found["truncated"],
-                             "rejected_score": round(found["score"], 4)},
-            })
+            rows.append(
+                {
+                    "prompt": item["question"],
+                    "chosen": item["answer"],
+                    "rejected": found["text"],
+                    "answer": item["answer"],
+                    "metadata": item["metadata"],
+                    "sampling": {
+                        "round": found["round"],
+                        "truncated": found["truncated"],
+                        "rejected_score": round(found["score"], 4),
+                    },
+                }
+            )
         if len(rows) < pairs:
-            raise SystemExit(f"{split}: only {len(rows)} pairs (the model was right on {skipped} problems); raise SPARE")
+            raise SystemExit(
+                f"{split}: only {len(rows)} pairs (the model was right on {skipped} problems); raise SPARE"
+            )
         from gmt_mlx.data.scorers import number_match
 
         report["splits"][split] = {
-            "seed": seed, "pairs": len(rows), "problems_examined": len(rows) + skipped,
-            "skipped_model_right": skipped, "skipped_questions": skipped_questions,
+            "seed": seed,
+            "pairs": len(rows),
+            "problems_examined": len(rows) + skipped,
+            "skipped_model_right": skipped,
+            "skipped_questions": skipped_questions,
             "rejected_truncated": sum(r["sampling"]["truncated"] for r in rows),
             "rejected_first_round": sum(r["sampling"]["round"] == 1 for r in rows),
             "rejected_with_right_number": int(sum(number_match(r["rejected"], r) for r in rows)),

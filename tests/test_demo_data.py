@@ -47,4 +47,4 @@ def test_quickstart_trains_on_sums_and_compares_with_the_base():
     assert config["data"] == "examples/data/sums"
     script = (REPO / "scripts" / "quickstart.sh").read_text()
     assert "-c examples/quickstart.yaml" in script
-    assert "eval \"$OUT\" --baseline --split test" in script
+    assert 'eval "$OUT" --baseline --split test' in script

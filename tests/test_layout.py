@@ -50,9 +50,12 @@ def test_import_contracts_hold():
 
 def test_module_size_is_a_guide():
     """Past MAX_MODULE_LINES a module gets a warning, not a failure: split it by job, never to meet the number."""
-    large = [f"{p.relative_to(ROOT)} ({n} lines)" for p in modules()
-             if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
-             and p.relative_to(PACKAGE).as_posix() not in LARGE_BY_DESIGN]
+    large = [
+        f"{p.relative_to(ROOT)} ({n} lines)"
+        for p in modules()
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+        and p.relative_to(PACKAGE).as_posix() not in LARGE_BY_DESIGN
+    ]
     if large:
         warnings.warn(f"modules over the {MAX_MODULE_LINES}-line guide: {', '.join(large)}", stacklevel=1)
 
@@ -74,8 +77,11 @@ def test_no_private_name_is_imported_across_modules():
     for path in modules():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gmt_mlx"):
-                crossing += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
-                             if a.name.startswith("_") and not a.name.startswith("__")]
+                crossing += [
+                    f"{path.relative_to(ROOT)}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
     assert not crossing, crossing
 
 
@@ -93,7 +99,6 @@ def test_choice_lists_are_configs():
     assert choices["optimizer"] is config.OPTIMIZERS is optim.OPTIMIZERS
     assert choices["assistant_turns"] is config.ASSISTANT_TURNS is encoding.ASSISTANT_TURNS
     assert choices["moments"] is config.MOMENTS and choices["weight_rounding"] is config.WEIGHT_ROUNDINGS
-
 
 
 def test_the_registry_has_exactly_the_train_modes():
@@ -154,9 +159,15 @@ def train_mode_tests(source: str) -> list:
 
 def test_the_scan_finds_train_mode_tests():
     """The scan below catches each way the code asked for the objective before it had a home."""
-    asked = ['if config.train_mode == "grpo": pass', 'grpo = run.get("train_mode") == "grpo"',
-             'x = mode in ("dpo", "orpo")', 'rows = 2 if config.preference else 1', 'ok = is_preference(m)',
-             'from gmt_mlx.config import is_preference', 'x = spec["train_mode"] != "sft"']
+    asked = [
+        'if config.train_mode == "grpo": pass',
+        'grpo = run.get("train_mode") == "grpo"',
+        'x = mode in ("dpo", "orpo")',
+        "rows = 2 if config.preference else 1",
+        "ok = is_preference(m)",
+        "from gmt_mlx.config import is_preference",
+        'x = spec["train_mode"] != "sft"',
+    ]
     for line in asked:
         assert train_mode_tests(line), line
     assert not train_mode_tests('full = method == "sft"\nok = split.preference\nkind = loss_type == "dr_grpo"')

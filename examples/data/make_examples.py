@@ -46,18 +46,17 @@ def main() -> None:
     seen: set[str] = set()
     for split, n in (("train", 48), ("valid", 12), ("test", 12)):
         rows = [
-            {"messages": [
-                {"role": "user", "content": f"What is {e}?"},
-                {"role": "assistant", "content": f"{e} = {v}."},
-            ]}
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {e}?"},
+                    {"role": "assistant", "content": f"{e} = {v}."},
+                ]
+            }
             for e, v in _problems(rng, n, seen)
         ]
         _write(HERE / "chat" / f"{split}.jsonl", rows)
     for split, n in (("train", 32), ("valid", 8), ("test", 8)):
-        rows = [
-            {"prompt": f"What is {e}?\nAnswer:", "completion": f" {e} = {v}."}
-            for e, v in _problems(rng, n, seen)
-        ]
+        rows = [{"prompt": f"What is {e}?\nAnswer:", "completion": f" {e} = {v}."} for e, v in _problems(rng, n, seen)]
         _write(HERE / "completions" / f"{split}.jsonl", rows)
     for split, n in (("train", 32), ("valid", 8)):
         rows = [{"text": f"The value of {e} is {v}."} for e, v in _problems(rng, n, seen)]

@@ -42,7 +42,10 @@ def user_errors(fn: Callable) -> Callable:
             # A full disk or quota, a read-only or failing one: the user's to fix. Other OS errors are bugs.
             if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
                 raise
-            fail(f"{err.strerror}" + (f": {err.filename}" if err.filename and str(err.filename) not in err.strerror else ""))
+            fail(
+                f"{err.strerror}"
+                + (f": {err.filename}" if err.filename and str(err.filename) not in err.strerror else "")
+            )
 
     return wrapper
 
@@ -60,8 +63,13 @@ def _option(field) -> Any:
     # Written as click writes the defaults of the commands' own options (a string show_default
     # would come out as "[default: (x)]").
     help_text = field.metadata["help"] + (f"  [default: {shown}]" if shown is not None else "")
-    option = typer.Option(*names, help=help_text, rich_help_panel=field.metadata.get("group"),
-                          show_default=False, metavar=f"[{'|'.join(choices)}]" if choices else None)
+    option = typer.Option(
+        *names,
+        help=help_text,
+        rich_help_panel=field.metadata.get("group"),
+        show_default=False,
+        metavar=f"[{'|'.join(choices)}]" if choices else None,
+    )
     return Annotated[Optional[kind], option]
 
 
@@ -90,9 +98,16 @@ def _show_full_help(ctx: typer.Context, value: bool) -> None:
         ctx.exit()
 
 
-HelpAllOpt = Annotated[Optional[bool], typer.Option(
-    "--help-all", is_eager=True, expose_value=False, callback=_show_full_help,
-    help="Show every option, by group, and exit.")]
+HelpAllOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--help-all",
+        is_eager=True,
+        expose_value=False,
+        callback=_show_full_help,
+        help="Show every option, by group, and exit.",
+    ),
+]
 
 
 def _is_common(name: str) -> bool:
@@ -125,8 +140,10 @@ class ConfigHelpCommand(TyperCommand):
                     formatter.write_dl(records)
         if hidden:
             formatter.write_paragraph()
-            formatter.write_text(f"{hidden} more options (method details, LoRA, optimizer, reporting, checkpoints, "
-                                 f"Hub): {ctx.command_path} --help-all")
+            formatter.write_text(
+                f"{hidden} more options (method details, LoRA, optimizer, reporting, checkpoints, "
+                f"Hub): {ctx.command_path} --help-all"
+            )
 
 
 def with_help_all(fn: Callable) -> Callable:

@@ -14,9 +14,17 @@ from gmt_mlx.cli.common import echo, user_errors, with_config_options
 @with_config_options
 @user_errors
 def finetune(
-    config_file: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of options (flags override it).")] = None,
+    config_file: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="YAML file of options (flags override it).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in --out.")] = False,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory from its newest complete checkpoint (its config.yaml is the base; flags override it).")] = None,
+    resume: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--resume",
+            help="Continue the run in this directory from its newest complete checkpoint (its config.yaml is the base; flags override it).",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Resume even when the config differs from the run's.")] = False,
     overrides: Dict[str, Any] = None,
 ) -> None:
@@ -66,8 +74,10 @@ def _resume_base(resume: Path, overrides: Dict[str, Any], config_file: Optional[
         echo(f"nothing to resume in {resume} yet (no such folder): starting it")
         return {"out": str(resume)}
     if not resume.is_dir():
-        raise UserError(f"--resume {resume}: no such folder; start the run with your original command "
-                        f"(gmt-mlx finetune --model ... --data ... --out {resume})")
+        raise UserError(
+            f"--resume {resume}: no such folder; start the run with your original command "
+            f"(gmt-mlx finetune --model ... --data ... --out {resume})"
+        )
     if not is_empty(resume) and not is_run_dir(resume):
         raise UserError(f"--resume {resume}: not a gmt-mlx run (no config.yaml, no checkpoints)")
     try:
@@ -77,19 +87,22 @@ def _resume_base(resume: Path, overrides: Dict[str, Any], config_file: Optional[
         # holding a copy): nothing was trained, so the run can only be started, and
         # only the command that started it knows the model and data.
         if has_trained(resume):
-            raise UserError(f"cannot resume {resume}: {err}, and no checkpoint holds a copy of the config; "
-                            f"pass --overwrite with your original options to start over") from None
+            raise UserError(
+                f"cannot resume {resume}: {err}, and no checkpoint holds a copy of the config; "
+                f"pass --overwrite with your original options to start over"
+            ) from None
         if not full_command:
-            raise UserError(f"nothing to resume in {resume} yet (it stopped before its config was saved); start "
-                            f"it with your original command: gmt-mlx finetune --model ... --data ... --out {resume}") from None
+            raise UserError(
+                f"nothing to resume in {resume} yet (it stopped before its config was saved); start "
+                f"it with your original command: gmt-mlx finetune --model ... --data ... --out {resume}"
+            ) from None
         return {"out": str(resume)}
 
 
 def _example_prompt(config, samples: list) -> str:
     """A prompt of the kind the model was trained on: a sample's, else the first held-out one."""
-    from gmt_mlx.data.sources import data_options
-    from gmt_mlx.data.sources import load_splits
     from gmt_mlx.data.prompts import describe_prompt, sample_prompts
+    from gmt_mlx.data.sources import data_options, load_splits
     from gmt_mlx.errors import UserError
     from gmt_mlx.objectives import objective_of
 

@@ -11,8 +11,12 @@ from gmt_mlx.cli.common import echo, user_errors
 
 @user_errors
 def generate(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="A run directory, HF folder, GGUF file, Hub id or 'smollm2-135m'.")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt (wrapped in the chat template when the model has one).")],
+    model: Annotated[
+        str, typer.Argument(metavar="MODEL", help="A run directory, HF folder, GGUF file, Hub id or 'smollm2-135m'.")
+    ],
+    prompt: Annotated[
+        str, typer.Option("--prompt", "-p", help="The prompt (wrapped in the chat template when the model has one).")
+    ],
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template.")] = False,
 ) -> None:

@@ -12,7 +12,9 @@ from gmt_mlx.cli.common import echo, user_errors
 
 @user_errors
 def import_gguf(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="The .gguf file (F32, F16, Q8_0, Q4_0 or Q4_1 tensors).")],
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="The .gguf file (F32, F16, Q8_0, Q4_0 or Q4_1 tensors).")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (must not exist or be empty).")],
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
 ) -> None:

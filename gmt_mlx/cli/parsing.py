@@ -24,7 +24,7 @@ def _numbers(text: str, what: str, kind: Callable, kind_name: str) -> list:
 
 
 def parse_methods(text: str) -> List[str]:
-    """"sft,gmt,lora": known methods, each once (an alias such as full counts as its method)."""
+    """ "sft,gmt,lora": known methods, each once (an alias such as full counts as its method)."""
     methods = _items(text, "methods")
     for m in methods:
         if m not in METHODS:
@@ -41,7 +41,7 @@ def method_labels(text: str) -> Dict[str, str]:
 
 
 def parse_seeds(text: str) -> List[int]:
-    """"0,1,2": distinct non-negative integers."""
+    """ "0,1,2": distinct non-negative integers."""
     seeds = _numbers(text, "seeds", int, "integers")
     if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
         raise UserError(f"--seeds must be distinct non-negative integers, got {text!r}")
@@ -49,7 +49,7 @@ def parse_seeds(text: str) -> List[int]:
 
 
 def parse_mask_ratios(text: str) -> List[float]:
-    """"0.2,0.5": distinct ratios in (0, 1) (0 would be sft)."""
+    """ "0.2,0.5": distinct ratios in (0, 1) (0 would be sft)."""
     ratios = _numbers(text, "mask-ratios", float, "numbers")
     for r in ratios:
         if r == 0.0 or not _is_mask_ratio(r):
@@ -70,7 +70,7 @@ def _is_mask_ratio(value: float) -> bool:
 
 
 def parse_learning_rates(text: Optional[str]) -> Dict[str, float]:
-    """"1e-4" (every method) or "lora=1e-4,gmt=2e-5" (those methods; others keep their default)."""
+    """ "1e-4" (every method) or "lora=1e-4,gmt=2e-5" (those methods; others keep their default)."""
     if not text:
         return {}
     out: Dict[str, float] = {}

@@ -100,8 +100,13 @@ def check_base(values: Dict[str, object], where: str) -> None:
     """A base config must not set what compare sets per run."""
     for key in PER_RUN_KEYS:
         if key in values and values[key] is not None:
-            hint = {"method": "--methods", "mask_ratio": "--mask-ratios", "seed": "--seeds",
-                    "learning_rate": "--learning-rates", "out": "compare's --out"}[key]
+            hint = {
+                "method": "--methods",
+                "mask_ratio": "--mask-ratios",
+                "seed": "--seeds",
+                "learning_rate": "--learning-rates",
+                "out": "compare's --out",
+            }[key]
             raise UserError(f"{where}: {key} is set per run by compare; use {hint}")
 
 
@@ -122,12 +127,16 @@ def with_cadence(spec: CompareSpec, steps: int, log: Callable[[str], None] = pri
         changes["steps_per_report"] = max(1, changes.get("steps_per_eval", every_eval) // 2)
     base = replace(spec.base, **changes)
     if changes:
-        log(f"compare: {steps} steps per run; validation every {base.steps_per_eval}, metrics every "
-            f"{base.steps_per_report} (set --steps-per-eval / --steps-per-report to choose)")
+        log(
+            f"compare: {steps} steps per run; validation every {base.steps_per_eval}, metrics every "
+            f"{base.steps_per_report} (set --steps-per-eval / --steps-per-report to choose)"
+        )
     evals = steps // base.steps_per_eval if base.steps_per_eval else 1
     if evals < 3:
-        log(f"warning: --steps-per-eval {base.steps_per_eval} with {steps} steps: each validation curve has "
-            f"{evals + 1} point{'s' if evals else ''} (step 0 included); a smaller --steps-per-eval draws a curve")
+        log(
+            f"warning: --steps-per-eval {base.steps_per_eval} with {steps} steps: each validation curve has "
+            f"{evals + 1} point{'s' if evals else ''} (step 0 included); a smaller --steps-per-eval draws a curve"
+        )
     return replace(spec, base=base)
 
 
@@ -150,8 +159,13 @@ def plan(spec: CompareSpec) -> List[PlannedRun]:
                 # samples=0: the before/after answers of finetune would repeat (slowly) what
                 # the evaluation below records for every test prompt.
                 config = replace(
-                    spec.base, method=method, mask_ratio=ratio if ratio is not None else 0.0, seed=seed,
-                    learning_rate=spec.learning_rate(method), out=str(spec.out / "runs" / name), samples=0,
+                    spec.base,
+                    method=method,
+                    mask_ratio=ratio if ratio is not None else 0.0,
+                    seed=seed,
+                    learning_rate=spec.learning_rate(method),
+                    out=str(spec.out / "runs" / name),
+                    samples=0,
                     # The table's mask overlap between steps (a byte per parameter of peak memory).
                     mask_overlap=spec.base.mask_overlap or ratio is not None,
                 ).validate()

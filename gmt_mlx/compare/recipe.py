@@ -109,8 +109,11 @@ def _evaluate(spec: CompareSpec, model: str, split: Optional[str], path: Path, c
         what = f"reward {result['reward']:.4f} ({each}) of {result['reward_count']} greedy answers"
     else:
         what = f"loss {result['loss']:.4f} (ppl {result['ppl']:.3f})"
-    log(f"eval       {split}: {what}" + (f", accuracy {acc} of {result['count']}" if acc else "")
-        + f" [{time.perf_counter() - t0:.0f} s]")
+    log(
+        f"eval       {split}: {what}"
+        + (f", accuracy {acc} of {result['count']}" if acc else "")
+        + f" [{time.perf_counter() - t0:.0f} s]"
+    )
     return result
 
 
@@ -119,11 +122,20 @@ def _eval_options(spec: CompareSpec, split: str, config: Config) -> EvalOptions:
     from gmt_mlx.evaluation.evaluate import EvalOptions
 
     grpo = rewarded(config)  # the runs' rewards score the answers; no (SFT) loss beside them
-    return EvalOptions(split=split, scorers=tuple(spec.scorers), mask_prompt=config.mask_prompt,
-                       assistant_turns=config.assistant_turns, max_seq_length=config.max_seq_length,
-                       batch_size=spec.eval_batch_size, max_tokens=spec.max_tokens, limit=spec.eval_limit,
-                       loss=not grpo, rewards=config.reward if grpo else None,
-                       reward_weights=config.reward_weights if grpo else None, **data_options(config))
+    return EvalOptions(
+        split=split,
+        scorers=tuple(spec.scorers),
+        mask_prompt=config.mask_prompt,
+        assistant_turns=config.assistant_turns,
+        max_seq_length=config.max_seq_length,
+        batch_size=spec.eval_batch_size,
+        max_tokens=spec.max_tokens,
+        limit=spec.eval_limit,
+        loss=not grpo,
+        rewards=config.reward if grpo else None,
+        reward_weights=config.reward_weights if grpo else None,
+        **data_options(config),
+    )
 
 
 def _base_validation(base: Config, splits: Dict[str, list], path: Path, log) -> Optional[float]:
@@ -137,8 +149,19 @@ def _base_validation(base: Config, splits: Dict[str, list], path: Path, log) -> 
 
     if "valid" not in splits or objective_of(base).validates_at_start:  # these validate at step 0 themselves
         return None
-    settings = {key: getattr(base, key) for key in ("model", "data", "batch_size", "val_batches", "max_seq_length",
-                                                    "mask_prompt", "assistant_turns", "train_dtype")}
+    settings = {
+        key: getattr(base, key)
+        for key in (
+            "model",
+            "data",
+            "batch_size",
+            "val_batches",
+            "max_seq_length",
+            "mask_prompt",
+            "assistant_turns",
+            "train_dtype",
+        )
+    }
     settings.update({key: value for key, value in data_options(base).items() if value})  # old caches stay valid
     if path.is_file():
         try:
@@ -151,8 +174,9 @@ def _base_validation(base: Config, splits: Dict[str, list], path: Path, log) -> 
     model, tokenizer, _, _ = load_base(base.model)
     model.set_dtype(getattr(mx, base.train_dtype))
     valid = objective_of(base).tokenize(base, {"valid": splits["valid"]}, tokenizer, lambda s: None)["valid"]
-    loss = split_loss(model, valid, batch_size=base.batch_size, pad_id=pad_id(tokenizer),
-                      max_batches=base.val_batches)["loss"]
+    loss = split_loss(model, valid, batch_size=base.batch_size, pad_id=pad_id(tokenizer), max_batches=base.val_batches)[
+        "loss"
+    ]
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"settings": settings, "val_loss": loss}, indent=2))
     tmp.replace(path)
@@ -162,9 +186,20 @@ def _base_validation(base: Config, splits: Dict[str, list], path: Path, log) -> 
 
 def _with_val_loss(summary: Optional[dict], val_loss: Optional[float]) -> Optional[dict]:
     if summary is None:
-        return None if val_loss is None else {"val_loss": val_loss, "test_loss": None, "test_ppl": None,
-                                              "test_reward": None, "test_rewards": {}, "accuracy": {}, "count": 0,
-                                              "samples": []}
+        return (
+            None
+            if val_loss is None
+            else {
+                "val_loss": val_loss,
+                "test_loss": None,
+                "test_ppl": None,
+                "test_reward": None,
+                "test_rewards": {},
+                "accuracy": {},
+                "count": 0,
+                "samples": [],
+            }
+        )
     return {**summary, "val_loss": val_loss}
 
 
@@ -183,7 +218,9 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
         from gmt_mlx.objectives.grpo.reward_eval import check_reward_rows, limited
 
         split = eval_split_of(splits)
-        check_reward_rows(limited(splits[split], spec.eval_limit), rewards_of(spec.base), split_where(spec.base.data, split))
+        check_reward_rows(
+            limited(splits[split], spec.eval_limit), rewards_of(spec.base), split_where(spec.base.data, split)
+        )
     spec = with_cadence(spec, total_steps(spec.base, len(splits["train"])), log)
     runs = plan(spec)
     eval_split = _eval_split(splits, log)
@@ -191,12 +228,14 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
         _refuse_changed_runs(runs, out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
 
-    base_eval = _evaluate(spec, spec.base.model, eval_split, out / BASE_EVAL, spec.base,
-                          lambda s: log(f"[base model] {s}"))
+    base_eval = _evaluate(
+        spec, spec.base.model, eval_split, out / BASE_EVAL, spec.base, lambda s: log(f"[base model] {s}")
+    )
     base_val = _base_validation(spec.base, splits, out / BASE_VAL, lambda s: log(f"[base model] {s}"))
     started = time.perf_counter()
-    summaries, trained = _run_all(spec, runs, eval_split, base_eval, base_val, started=started, overwrite=overwrite,
-                                  log=log)
+    summaries, trained = _run_all(
+        spec, runs, eval_split, base_eval, base_val, started=started, overwrite=overwrite, log=log
+    )
     base = _with_val_loss(summarize_eval(base_eval), base_val)
     if rewarded(spec.base) and base is not None:  # every run's step 0 is the base model's val reward
         steps0 = [point[2] for s in summaries for point in s["curves"]["val"][:1] if point[0] == 0]
@@ -209,8 +248,10 @@ def compare(spec: CompareSpec, *, overwrite: bool = False, log: Callable[[str], 
         "wall_time": time.perf_counter() - started,
     }
     _write_results(results, out)
-    log(f"\ncompare done: {len(runs)} runs ({len(runs) - trained} reused) in "
-        f"{format_seconds(time.perf_counter() - started)}; see {out / RESULTS_MD}")
+    log(
+        f"\ncompare done: {len(runs)} runs ({len(runs) - trained} reused) in "
+        f"{format_seconds(time.perf_counter() - started)}; see {out / RESULTS_MD}"
+    )
     return results
 
 
@@ -262,13 +303,23 @@ def _refuse_changed_runs(runs: List[PlannedRun], out: Path) -> None:
         run_dir = out / "runs" / run.name
         if _is_finished(run_dir) and (diff := _check_same_config(run, run_dir)):
             keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise UserError(f"{run_dir} holds a finished run with a different config ({keys}); "
-                            f"use another --out or pass --overwrite")
+            raise UserError(
+                f"{run_dir} holds a finished run with a different config ({keys}); "
+                f"use another --out or pass --overwrite"
+            )
 
 
-def _run_all(spec: CompareSpec, runs: List[PlannedRun], eval_split: Optional[str], base_eval: Optional[dict],
-             base_val: Optional[float], *, started: float, overwrite: bool,
-             log: Callable[[str], None]) -> Tuple[List[dict], int]:
+def _run_all(
+    spec: CompareSpec,
+    runs: List[PlannedRun],
+    eval_split: Optional[str],
+    base_eval: Optional[dict],
+    base_val: Optional[float],
+    *,
+    started: float,
+    overwrite: bool,
+    log: Callable[[str], None],
+) -> Tuple[List[dict], int]:
     """Train (or reuse) and evaluate every run in turn, with progress and an ETA: (summaries, runs trained)."""
     out = Path(spec.out)
     trained_time, trained = 0.0, 0
@@ -278,9 +329,11 @@ def _run_all(spec: CompareSpec, runs: List[PlannedRun], eval_split: Optional[str
         reuse = _is_finished(run_dir) and not overwrite
         remaining = len(runs) - i + 1
         eta = f"ETA {format_seconds(trained_time / trained * remaining)}" if trained else "ETA ?"
-        log(f"\n=== compare {i}/{len(runs)}: {run.name} (lr {run.config.learning_rate:g}) | "
+        log(
+            f"\n=== compare {i}/{len(runs)}: {run.name} (lr {run.config.learning_rate:g}) | "
             f"elapsed {format_seconds(time.perf_counter() - started)} | {eta}"
-            + (" | finished earlier, reused" if reuse else ""))
+            + (" | finished earlier, reused" if reuse else "")
+        )
         if not reuse:
             trained_time += _train(run, run_dir, overwrite=overwrite, log=log)
             trained += 1
@@ -307,8 +360,10 @@ def _train(run: PlannedRun, run_dir: Path, *, overwrite: bool, log: Callable[[st
     try:
         finetune(run.config, overwrite=overwrite and run_dir.exists(), log=log)
     except Interrupted:
-        raise Interrupted(f"comparison interrupted during {run.name} (its checkpoint is saved); run the same "
-                          f"compare command again to resume: finished runs are reused") from None
+        raise Interrupted(
+            f"comparison interrupted during {run.name} (its checkpoint is saved); run the same "
+            f"compare command again to resume: finished runs are reused"
+        ) from None
     return time.perf_counter() - t0
 
 
@@ -339,13 +394,20 @@ def summarize_eval(evaluation: Optional[dict]) -> Optional[dict]:
     if evaluation is None:
         return None
     items = evaluation.get("items") or evaluation.get("reward_items", [])
-    return {"test_loss": evaluation.get("loss"), "test_ppl": evaluation.get("ppl"),
-            "test_preference_accuracy": evaluation.get("preference_accuracy"), "test_margin": evaluation.get("margin"),
-            "test_reward_accuracy": evaluation.get("reward_accuracy"), "test_dpo_loss": evaluation.get("dpo_loss"),
-            "test_reward": evaluation.get("reward"), "test_rewards": evaluation.get("rewards", {}),
-            "reward_count": evaluation.get("reward_count", 0),
-            "accuracy": evaluation.get("accuracy", {}), "count": evaluation.get("count", 0),
-            "samples": [{k: item[k] for k in ("prompt", "reference", "answer")} for item in items[:3]]}
+    return {
+        "test_loss": evaluation.get("loss"),
+        "test_ppl": evaluation.get("ppl"),
+        "test_preference_accuracy": evaluation.get("preference_accuracy"),
+        "test_margin": evaluation.get("margin"),
+        "test_reward_accuracy": evaluation.get("reward_accuracy"),
+        "test_dpo_loss": evaluation.get("dpo_loss"),
+        "test_reward": evaluation.get("reward"),
+        "test_rewards": evaluation.get("rewards", {}),
+        "reward_count": evaluation.get("reward_count", 0),
+        "accuracy": evaluation.get("accuracy", {}),
+        "count": evaluation.get("count", 0),
+        "samples": [{k: item[k] for k in ("prompt", "reference", "answer")} for item in items[:3]],
+    }
 
 
 def step_speeds(train: List[dict], evals: List[dict], steps_per_save: int) -> List[float]:
@@ -373,8 +435,9 @@ def speed_spread(speeds: List[float]) -> Optional[float]:
     return (q3 - q1) / statistics.median(speeds)
 
 
-def summarize_run(run: PlannedRun, run_dir: Path, evaluation: Optional[dict],
-                  base_val_loss: Optional[float] = None) -> dict:
+def summarize_run(
+    run: PlannedRun, run_dir: Path, evaluation: Optional[dict], base_val_loss: Optional[float] = None
+) -> dict:
     """One run's numbers (from metrics.jsonl and eval.json) and its curves.
 
     ``base_val_loss`` (the untouched model's) starts the validation curve at step 0 when the
@@ -397,30 +460,57 @@ def summarize_run(run: PlannedRun, run_dir: Path, evaluation: Optional[dict],
         val_curve.insert(0, [0, 0.0, base_val_loss])
     rewards = [r.get("val_reward") for r in evals if r.get("val_reward") is not None]
     summary = {
-        "name": run.name, "group": run.group, "method": run.method, "mask_ratio": run.mask_ratio,
-        "seed": run.seed, "learning_rate": run.config.learning_rate, "steps": train[-1]["step"] if train else 0,
+        "name": run.name,
+        "group": run.group,
+        "method": run.method,
+        "mask_ratio": run.mask_ratio,
+        "seed": run.seed,
+        "learning_rate": run.config.learning_rate,
+        "steps": train[-1]["step"] if train else 0,
         "final_val_loss": evals[-1]["val_loss"] if evals else None,
         "best_val_loss": min(r["val_loss"] for r in evals) if evals else None,
         "final_val_reward_accuracy": evals[-1].get("val_reward_accuracy") if evals else None,
         "final_val_reward": rewards[-1] if grpo and rewards else None,
         "best_val_reward": max(rewards) if grpo and rewards else None,
-        "tokens_per_sec": _median(speeds), "tokens_per_sec_samples": len(speeds),
+        "tokens_per_sec": _median(speeds),
+        "tokens_per_sec_samples": len(speeds),
         "tokens_per_sec_spread": speed_spread(speeds),
         "wall_time": train[-1]["wall_time"] if train else None,
         "peak_memory_gb": max((r.get("peak_memory_gb") or 0.0) for r in train) if train else None,
-        "trainable_params": trainable, "total_params": total, "trainable_share": share,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_share": share,
         "updated_share": share * kept if share is not None and kept is not None else None,
         "kept_fraction": kept,
         "mask_overlap": _mean([r.get("mask_overlap") for r in train]),
         "curves": {
             "val": val_curve,
             # GRPO adds the rollouts' mean reward (sampled, at the run's temperature).
-            "train": [[r["step"], r.get("wall_time"), r["loss"], r.get("kept_fraction"), r.get("mask_overlap"),
-                       *([r.get("reward")] if grpo else [])] for r in train],
+            "train": [
+                [
+                    r["step"],
+                    r.get("wall_time"),
+                    r["loss"],
+                    r.get("kept_fraction"),
+                    r.get("mask_overlap"),
+                    *([r.get("reward")] if grpo else []),
+                ]
+                for r in train
+            ],
         },
     }
-    summary.update(summarize_eval(evaluation) or {"test_loss": None, "test_ppl": None, "accuracy": {}, "count": 0,
-                                                  "test_reward": None, "test_rewards": {}, "samples": []})
+    summary.update(
+        summarize_eval(evaluation)
+        or {
+            "test_loss": None,
+            "test_ppl": None,
+            "accuracy": {},
+            "count": 0,
+            "test_reward": None,
+            "test_rewards": {},
+            "samples": [],
+        }
+    )
     return summary
 
 
@@ -428,21 +518,44 @@ def describe_spec(spec: CompareSpec, eval_split: Optional[str]) -> dict:
     """What a comparison held equal and what it varied, for results.json and the results.md header."""
     base = spec.base
     return {
-        "model": base.model, "data": base.data, "out": str(spec.out), "methods": spec.methods, "seeds": spec.seeds,
-        "mask_ratios": spec.mask_ratios, "train_mode": base.train_mode,
+        "model": base.model,
+        "data": base.data,
+        "out": str(spec.out),
+        "methods": spec.methods,
+        "seeds": spec.seeds,
+        "mask_ratios": spec.mask_ratios,
+        "train_mode": base.train_mode,
         "objective": objective_of(base).describe(base.to_dict()),
         "learning_rates": {m: spec.learning_rate(m) for m in spec.methods},
         "steps": base.iters if base.epochs is None else f"{base.epochs} epochs",
-        "steps_per_eval": base.steps_per_eval, "steps_per_report": base.steps_per_report,
-        "batch_size": base.batch_size, "grad_accumulation_steps": base.grad_accumulation_steps,
-        "lr_schedule": base.lr_schedule, "warmup_steps": base.warmup_steps, "min_lr_ratio": base.min_lr_ratio,
-        "optimizer": base.optimizer, "mask_prompt": base.mask_prompt, "max_seq_length": base.max_seq_length,
-        "mask_scope": base.mask_scope, "mask_target": base.mask_target,
-        "lora": {"rank": base.lora_rank, "scale": base.lora_scale, "dropout": base.lora_dropout,
-                 "keys": base.lora_keys or "all linear layers", "num_layers": base.num_layers},
-        "eval": {"split": eval_split, "scorers": spec.scorers, "limit": spec.eval_limit,
-                 "max_tokens": spec.max_tokens, "decoding": "greedy", "rewards": reward_names(spec),
-                 "reward_weights": rewards_of(base).weights if rewarded(base) else []},
+        "steps_per_eval": base.steps_per_eval,
+        "steps_per_report": base.steps_per_report,
+        "batch_size": base.batch_size,
+        "grad_accumulation_steps": base.grad_accumulation_steps,
+        "lr_schedule": base.lr_schedule,
+        "warmup_steps": base.warmup_steps,
+        "min_lr_ratio": base.min_lr_ratio,
+        "optimizer": base.optimizer,
+        "mask_prompt": base.mask_prompt,
+        "max_seq_length": base.max_seq_length,
+        "mask_scope": base.mask_scope,
+        "mask_target": base.mask_target,
+        "lora": {
+            "rank": base.lora_rank,
+            "scale": base.lora_scale,
+            "dropout": base.lora_dropout,
+            "keys": base.lora_keys or "all linear layers",
+            "num_layers": base.num_layers,
+        },
+        "eval": {
+            "split": eval_split,
+            "scorers": spec.scorers,
+            "limit": spec.eval_limit,
+            "max_tokens": spec.max_tokens,
+            "decoding": "greedy",
+            "rewards": reward_names(spec),
+            "reward_weights": rewards_of(base).weights if rewarded(base) else [],
+        },
         "command": spec.command,
         "base_config": base.to_dict(),
     }

@@ -16,11 +16,21 @@ from typing import Dict, List, Optional, Sequence
 from gmt_mlx.config import MASKED_METHODS
 from gmt_mlx.objectives import objective_of
 
-PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "train_loss_vs_step.png", "kept_fraction.png",
-         "mask_overlap.png")
+PLOTS = (
+    "val_loss_vs_step.png",
+    "val_loss_vs_time.png",
+    "train_loss_vs_step.png",
+    "kept_fraction.png",
+    "mask_overlap.png",
+)
 # An objective whose validation measures a reward (GRPO): rewards (higher is better) where the others plot losses.
-GRPO_PLOTS = ("val_reward_vs_step.png", "val_reward_vs_time.png", "train_reward_vs_step.png", "kept_fraction.png",
-              "mask_overlap.png")
+GRPO_PLOTS = (
+    "val_reward_vs_step.png",
+    "val_reward_vs_time.png",
+    "train_reward_vs_step.png",
+    "kept_fraction.png",
+    "mask_overlap.png",
+)
 
 
 def plot_names(train_mode: Optional[str]) -> tuple:
@@ -37,10 +47,26 @@ def mean_std(values: List[Optional[float]]) -> Optional[dict]:
     return {"mean": sum(values) / len(values), "std": std, "n": len(values)}
 
 
-ROW_METRICS = ("final_val_loss", "best_val_loss", "test_loss", "test_ppl", "tokens_per_sec", "wall_time",
-               "peak_memory_gb", "trainable_share", "updated_share", "kept_fraction", "mask_overlap",
-               "final_val_reward_accuracy", "test_preference_accuracy", "test_reward_accuracy", "test_dpo_loss",
-               "final_val_reward", "best_val_reward", "test_reward")
+ROW_METRICS = (
+    "final_val_loss",
+    "best_val_loss",
+    "test_loss",
+    "test_ppl",
+    "tokens_per_sec",
+    "wall_time",
+    "peak_memory_gb",
+    "trainable_share",
+    "updated_share",
+    "kept_fraction",
+    "mask_overlap",
+    "final_val_reward_accuracy",
+    "test_preference_accuracy",
+    "test_reward_accuracy",
+    "test_dpo_loss",
+    "final_val_reward",
+    "best_val_reward",
+    "test_reward",
+)
 
 
 # A run's tokens/s is marked noisy when its per-step rates spread this much (interquartile range
@@ -61,13 +87,19 @@ def aggregate(summaries: List[dict], scorers: Sequence[str], rewards: Sequence[s
         groups.setdefault(s["group"], []).append(s)
     rows = []
     for label, members in groups.items():
-        row = {"group": label, "method": members[0]["method"], "mask_ratio": members[0]["mask_ratio"],
-               "learning_rate": members[0]["learning_rate"], "seeds": [m["seed"] for m in members]}
+        row = {
+            "group": label,
+            "method": members[0]["method"],
+            "mask_ratio": members[0]["mask_ratio"],
+            "learning_rate": members[0]["learning_rate"],
+            "seeds": [m["seed"] for m in members],
+        }
         for key in ROW_METRICS:
             row[key] = mean_std([m.get(key) for m in members])
         row["accuracy"] = {name: mean_std([m["accuracy"].get(name) for m in members]) for name in scorers}
-        row["test_rewards"] = {name: mean_std([(m.get("test_rewards") or {}).get(name) for m in members])
-                               for name in rewards}
+        row["test_rewards"] = {
+            name: mean_std([(m.get("test_rewards") or {}).get(name) for m in members]) for name in rewards
+        }
         row["speed_noisy"] = any(speed_is_noisy(m) for m in members)
         rows.append(row)
     return rows
@@ -118,8 +150,14 @@ def _spec_lines(spec: dict) -> List[str]:
         f"(warmup {spec['warmup_steps']}, min lr ratio {spec['min_lr_ratio']}), prompt masked: {spec['mask_prompt']}",
         f"- seeds: {seeds} (mean ± sample std over seeds; a seed fixes the data order for every method)",
         *([f"- objective: {spec['objective']}"] if spec.get("objective") else []),
-        *([f"- validation every {spec['steps_per_eval']} steps and metrics every {spec['steps_per_report']}; "
-           "every validation curve starts at step 0, the base model"] if spec.get("steps_per_eval") else []),
+        *(
+            [
+                f"- validation every {spec['steps_per_eval']} steps and metrics every {spec['steps_per_report']}; "
+                "every validation curve starts at step 0, the base model"
+            ]
+            if spec.get("steps_per_eval")
+            else []
+        ),
         "- learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in spec["learning_rates"].items()),
         f"- GMT/random: mask scope {spec['mask_scope']}, target {spec['mask_target']}; "
         f"LoRA/DoRA: rank {lora['rank']}, scale {lora['scale']:g}, dropout {lora['dropout']:g}, "
@@ -136,34 +174,59 @@ def _eval_line(spec: dict) -> str:
     scored = f"scorer{'s' if len(scorers) > 1 else ''} {', '.join(scorers)}"
     if objective_of(spec).report == "reward":
         weights = " + ".join(f"{w:g} x {n}" for n, w in zip(ev.get("rewards", []), ev.get("reward_weights", [])))
-        return (f"- evaluation: {ev['split']} split, the first {ev['limit']} prompts answered greedily (at most "
-                f"{ev['max_tokens']} new tokens) and scored by the runs' rewards, {weights}"
-                + (f"; also {scored}" if scorers else ""))
-    return (f"- evaluation: {ev['split']} split, loss over all of it; accuracy on the first {ev['limit']} prompts, "
-            f"greedy, at most {ev['max_tokens']} new tokens, {scored}")
+        return (
+            f"- evaluation: {ev['split']} split, the first {ev['limit']} prompts answered greedily (at most "
+            f"{ev['max_tokens']} new tokens) and scored by the runs' rewards, {weights}"
+            + (f"; also {scored}" if scorers else "")
+        )
+    return (
+        f"- evaluation: {ev['split']} split, loss over all of it; accuracy on the first {ev['limit']} prompts, "
+        f"greedy, at most {ev['max_tokens']} new tokens, {scored}"
+    )
 
 
 def _method_table(scorers: List[str], rows: List[dict], base: Optional[dict], preference: bool) -> List[str]:
     """The main table: the base model's row, then one row per method (mean ± std over seeds)."""
     acc_headers = [f"accuracy ({s})" for s in scorers]
     quality = ["val reward acc", "test pref. acc", "test reward acc"] if preference else ["test ppl"]
-    headers = ["method", "lr", "final val loss", "best val loss", *quality, *acc_headers, "tokens/s",
-               "train time (s)", "peak mem (GB)", "trained %", "updated %/step"]
+    headers = [
+        "method",
+        "lr",
+        "final val loss",
+        "best val loss",
+        *quality,
+        *acc_headers,
+        "tokens/s",
+        "train time (s)",
+        "peak mem (GB)",
+        "trained %",
+        "updated %/step",
+    ]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     if base is not None:
         lines.append(_base_row(scorers, base, preference))
     for row in rows:
         acc = [_fmt(row["accuracy"].get(s), 1, 100, "%") for s in scorers]
         if preference:
-            first = [_fmt(row.get(key), 1, 100, "%") for key in
-                     ("final_val_reward_accuracy", "test_preference_accuracy", "test_reward_accuracy")]
+            first = [
+                _fmt(row.get(key), 1, 100, "%")
+                for key in ("final_val_reward_accuracy", "test_preference_accuracy", "test_reward_accuracy")
+            ]
         else:
             first = [_fmt(row["test_ppl"], 3)]
-        cells = [row["group"], f"{row['learning_rate']:g}", _fmt(row["final_val_loss"]), _fmt(row["best_val_loss"]),
-                 *first, *acc, _fmt(row["tokens_per_sec"], 0) + (" (noisy)" if row.get("speed_noisy") else ""),
-                 _fmt(row["wall_time"], 1),
-                 _fmt(row["peak_memory_gb"], 2), _fmt(row["trainable_share"], 2, 100, "%"),
-                 _fmt(row["updated_share"], 2, 100, "%")]
+        cells = [
+            row["group"],
+            f"{row['learning_rate']:g}",
+            _fmt(row["final_val_loss"]),
+            _fmt(row["best_val_loss"]),
+            *first,
+            *acc,
+            _fmt(row["tokens_per_sec"], 0) + (" (noisy)" if row.get("speed_noisy") else ""),
+            _fmt(row["wall_time"], 1),
+            _fmt(row["peak_memory_gb"], 2),
+            _fmt(row["trainable_share"], 2, 100, "%"),
+            _fmt(row["updated_share"], 2, 100, "%"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -172,36 +235,70 @@ def _reward_table(spec: dict, rows: List[dict], base: Optional[dict]) -> List[st
     """GRPO's table: validation and test rewards (higher is better), each reward's test mean, then speed and
     memory as in `_method_table`."""
     scorers, rewards = spec["eval"]["scorers"], spec["eval"].get("rewards", [])
-    headers = ["method", "lr", "final val reward", "best val reward", "test reward",
-               *[f"test {name}" for name in rewards], *[f"accuracy ({s})" for s in scorers], "tokens/s",
-               "train time (s)", "peak mem (GB)", "trained %", "updated %/step"]
+    headers = [
+        "method",
+        "lr",
+        "final val reward",
+        "best val reward",
+        "test reward",
+        *[f"test {name}" for name in rewards],
+        *[f"accuracy ({s})" for s in scorers],
+        "tokens/s",
+        "train time (s)",
+        "peak mem (GB)",
+        "trained %",
+        "updated %/step",
+    ]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     if base is not None:
         value = lambda v: f"{v:.4f}" if v is not None else "—"  # noqa: E731
         per = [value((base.get("test_rewards") or {}).get(name)) for name in rewards]
         acc = [f"{100 * base['accuracy'][s]:.1f}%" if base["accuracy"].get(s) is not None else "—" for s in scorers]
-        cells = ["base model (no training)", "—", value(base.get("val_reward")), value(base.get("val_reward")),
-                 value(base.get("test_reward")), *per, *acc, "—", "—", "—", "0%", "0%"]
+        cells = [
+            "base model (no training)",
+            "—",
+            value(base.get("val_reward")),
+            value(base.get("val_reward")),
+            value(base.get("test_reward")),
+            *per,
+            *acc,
+            "—",
+            "—",
+            "—",
+            "0%",
+            "0%",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     for row in rows:
         per = [_fmt(row.get("test_rewards", {}).get(name)) for name in rewards]
         acc = [_fmt(row["accuracy"].get(s), 1, 100, "%") for s in scorers]
-        cells = [row["group"], f"{row['learning_rate']:g}", _fmt(row.get("final_val_reward")),
-                 _fmt(row.get("best_val_reward")), _fmt(row.get("test_reward")), *per, *acc,
-                 _fmt(row["tokens_per_sec"], 0) + (" (noisy)" if row.get("speed_noisy") else ""),
-                 _fmt(row["wall_time"], 1), _fmt(row["peak_memory_gb"], 2), _fmt(row["trainable_share"], 2, 100, "%"),
-                 _fmt(row["updated_share"], 2, 100, "%")]
+        cells = [
+            row["group"],
+            f"{row['learning_rate']:g}",
+            _fmt(row.get("final_val_reward")),
+            _fmt(row.get("best_val_reward")),
+            _fmt(row.get("test_reward")),
+            *per,
+            *acc,
+            _fmt(row["tokens_per_sec"], 0) + (" (noisy)" if row.get("speed_noisy") else ""),
+            _fmt(row["wall_time"], 1),
+            _fmt(row["peak_memory_gb"], 2),
+            _fmt(row["trainable_share"], 2, 100, "%"),
+            _fmt(row["updated_share"], 2, 100, "%"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def _reward_notes(spec: dict) -> List[str]:
     """What GRPO's reward columns mean."""
-    return ["- *val reward*: the mean weighted reward of greedy answers to the first --val-batches x --batch-size "
-            "validation prompts, at most --max-completion-length tokens (the base model's is every run's step 0); "
-            "higher is better. *test reward*: the same on the evaluation split (see above); *test NAME*: that "
-            "reward's own unweighted mean. *tokens/s* counts prompts and sampled completions, rollouts included.",
-            ""]
+    return [
+        "- *val reward*: the mean weighted reward of greedy answers to the first --val-batches x --batch-size "
+        "validation prompts, at most --max-completion-length tokens (the base model's is every run's step 0); "
+        "higher is better. *test reward*: the same on the evaluation split (see above); *test NAME*: that "
+        "reward's own unweighted mean. *tokens/s* counts prompts and sampled completions, rollouts included.",
+        "",
+    ]
 
 
 def _base_row(scorers: List[str], base: dict, preference: bool) -> str:
@@ -232,10 +329,13 @@ def _notes(preference: bool) -> List[str]:
         "",
     ]
     if preference:
-        lines += ["- *val reward acc*: the share of validation pairs whose chosen reward beats the rejected one, "
-                  "at the last validation. *test pref. acc*: the share of test pairs whose chosen answer the model "
-                  "finds likelier. *test reward acc*: the same with the base model's log-probabilities as the "
-                  "reference (DPO's reward accuracy on test).", ""]
+        lines += [
+            "- *val reward acc*: the share of validation pairs whose chosen reward beats the rejected one, "
+            "at the last validation. *test pref. acc*: the share of test pairs whose chosen answer the model "
+            "finds likelier. *test reward acc*: the same with the base model's log-probabilities as the "
+            "reference (DPO's reward accuracy on test).",
+            "",
+        ]
     return lines
 
 
@@ -247,8 +347,12 @@ def _mask_table(rows: List[dict]) -> List[str]:
     lines = ["| masked method | mean kept fraction | mean mask overlap with the previous step |", "|---|---|---|"]
     for row in masked:
         lines.append(f"| {row['group']} | {_fmt(row['kept_fraction'], 3)} | {_fmt(row['mask_overlap'], 3)} |")
-    lines += ["", "Mask overlap: the share of a step's kept entries that the previous step kept too, measured "
-              "on a fixed sample of ~65k positions (a random mask gives 1 - ratio).", ""]
+    lines += [
+        "",
+        "Mask overlap: the share of a step's kept entries that the previous step kept too, measured "
+        "on a fixed sample of ~65k positions (a random mask gives 1 - ratio).",
+        "",
+    ]
     return lines
 
 
@@ -264,7 +368,7 @@ def _sample_lines(results: dict) -> List[str]:
     if not samples and not (base and base["samples"]):
         return []
     lines = ["## Sample answers (first test prompts, first seed)", ""]
-    first = (base["samples"] if base and base["samples"] else samples[0][1])
+    first = base["samples"] if base and base["samples"] else samples[0][1]
     for k, item in enumerate(first):
         lines.append(f"**{item['prompt'].strip()}** (reference: `{str(item['reference']).strip()}`)")
         lines.append("")
@@ -348,16 +452,38 @@ def write_plots(results: dict, out: Path) -> List[Path]:
     names = plot_names(results["spec"].get("train_mode"))
     # GRPO: the greedy answers' mean reward (higher is better), and the rollouts' mean reward in training.
     val = "validation reward (greedy)" if grpo else "validation loss"
-    train = ("Rollout reward (sampled, report steps)", "mean reward", 5) if grpo else \
-        ("Training loss (report steps)", "training loss", 2)
+    train = (
+        ("Rollout reward (sampled, report steps)", "mean reward", 5)
+        if grpo
+        else ("Training loss (report steps)", "training loss", 2)
+    )
     return [
         _plot(out / names[0], val.capitalize(), "optimizer step", val, _series(runs, "val", 0, 2), no_val),
-        _plot(out / names[1], f"{val.capitalize()} against time", "wall time (s)", val, _series(runs, "val", 1, 2),
-              no_val),
-        _plot(out / names[2], train[0], "optimizer step", train[1], _series(runs, "train", 0, train[2]),
-              "no training records"),
-        _plot(out / names[3], "Kept fraction of gradient entries", "optimizer step", "kept fraction",
-              _series(masked, "train", 0, 3), "no gmt/random run"),
-        _plot(out / names[4], "Mask overlap with the previous step", "optimizer step", "overlap",
-              _series(masked, "train", 0, 4), "no gmt/random run"),
+        _plot(
+            out / names[1], f"{val.capitalize()} against time", "wall time (s)", val, _series(runs, "val", 1, 2), no_val
+        ),
+        _plot(
+            out / names[2],
+            train[0],
+            "optimizer step",
+            train[1],
+            _series(runs, "train", 0, train[2]),
+            "no training records",
+        ),
+        _plot(
+            out / names[3],
+            "Kept fraction of gradient entries",
+            "optimizer step",
+            "kept fraction",
+            _series(masked, "train", 0, 3),
+            "no gmt/random run",
+        ),
+        _plot(
+            out / names[4],
+            "Mask overlap with the previous step",
+            "optimizer step",
+            "overlap",
+            _series(masked, "train", 0, 4),
+            "no gmt/random run",
+        ),
     ]

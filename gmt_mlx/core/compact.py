@@ -80,8 +80,16 @@ class CompactAdamW(optim.Optimizer):
     (seed, step, parameter path), so a resumed run draws the same bits.
     """
 
-    def __init__(self, learning_rate: float | Callable, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 *, weight_decay: float, moments: str = "float32", seed: int) -> None:
+    def __init__(
+        self,
+        learning_rate: float | Callable,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        *,
+        weight_decay: float,
+        moments: str = "float32",
+        seed: int,
+    ) -> None:
         # weight_decay and seed are Config's (build_optimizer passes them): no second default here.
         super().__init__()
         if moments not in COMPACT_MOMENTS:
@@ -96,8 +104,11 @@ class CompactAdamW(optim.Optimizer):
 
     def _form(self, shape) -> str:
         """How one tensor's moments are stored."""
-        if self.moments in ("float32", "bfloat16") or not quantizable(shape) or \
-                (self.moments == "4bit" and shape[-1] % 2):
+        if (
+            self.moments in ("float32", "bfloat16")
+            or not quantizable(shape)
+            or (self.moments == "4bit" and shape[-1] % 2)
+        ):
             return "float32" if self.moments != "bfloat16" else "bfloat16"
         if self.moments == "8bit-factored" and len(shape) >= 2:
             return "factored"
@@ -176,8 +187,9 @@ class CompactAdamW(optim.Optimizer):
         p = parameter.astype(mx.float32)
         return p * (1 - lr * self.weight_decay) - lr * m / (mx.sqrt(v) + self.eps)
 
-    def _apply_8bit(self, g: mx.array, parameter: mx.array, state: dict, lr: mx.array, seeds: tuple,
-                    path: str) -> mx.array:
+    def _apply_8bit(
+        self, g: mx.array, parameter: mx.array, state: dict, lr: mx.array, seeds: tuple, path: str
+    ) -> mx.array:
         """The update with m in 8 or 4 bits and v in as many or factored, a slice of rows at a time when staged."""
         # 8-bit: the update works on rows of BLOCK entries (views of the inputs),
         # so that inside a compiled step no reshape forces a float32 copy; m and
@@ -191,8 +203,16 @@ class CompactAdamW(optim.Optimizer):
         g = g.reshape(rows, cols)
         row, col_term = self._factored_v(g, state) if "v_row" in state else (None, None)
         v_codes, code_cols = state.get("v_codes"), self._codes_shape((rows, cols))[1]
-        tensor = _Rows(g, parameter.reshape(rows, cols), state["m_codes"].reshape(rows, code_cols), state["m_scale"],
-                       None if v_codes is None else v_codes.reshape(rows, code_cols), state.get("v_scale"), row, col_term)
+        tensor = _Rows(
+            g,
+            parameter.reshape(rows, cols),
+            state["m_codes"].reshape(rows, code_cols),
+            state["m_scale"],
+            None if v_codes is None else v_codes.reshape(rows, code_cols),
+            state.get("v_scale"),
+            row,
+            col_term,
+        )
         pieces: Dict[str, list] = {"new": [], "m_codes": [], "m_scale": [], "v_codes": [], "v_scale": []}
         for r0 in range(0, rows, step):
             new = self._update_rows(tensor, r0, min(rows, r0 + step), lr, seeds, path, pieces)
@@ -221,8 +241,9 @@ class CompactAdamW(optim.Optimizer):
         self._stage(row, col_term)
         return row, col_term
 
-    def _update_rows(self, tensor: _Rows, r0: int, r1: int, lr: mx.array, seeds: tuple, path: str,
-                     pieces: Dict[str, list]) -> mx.array:
+    def _update_rows(
+        self, tensor: _Rows, r0: int, r1: int, lr: mx.array, seeds: tuple, path: str, pieces: Dict[str, list]
+    ) -> mx.array:
         """Rows ``r0:r1``' new weights; their new 8-bit codes and scales are appended to ``pieces``."""
         b1, b2 = self.betas
         cols, bits = tensor.g.shape[1], self.bits
@@ -264,8 +285,15 @@ class CompactAdamW(optim.Optimizer):
 # elementwise ops (at most 11 per kernel); called eagerly one after another
 # (CompactAdamW.staged) their float32 temporaries never pile up.
 @mx.compile
-def _first_moment(g: mx.array, codes: mx.array, scale: mx.array, seed: mx.array | None, b1: float,
-                  start: mx.array | None = None, bits: int = 8) -> Tuple[mx.array, mx.array, mx.array]:
+def _first_moment(
+    g: mx.array,
+    codes: mx.array,
+    scale: mx.array,
+    seed: mx.array | None,
+    b1: float,
+    start: mx.array | None = None,
+    bits: int = 8,
+) -> Tuple[mx.array, mx.array, mx.array]:
     """AdamW's new m from its 8- or 4-bit codes and the gradient (as blocks): (m, new codes, new scales).
     ``start``: these are a slice of the tensor (masking.hash_start)."""
     m = b1 * dequantize_signed(codes, scale, g.shape, bits) + (1 - b1) * g
@@ -273,17 +301,24 @@ def _first_moment(g: mx.array, codes: mx.array, scale: mx.array, seed: mx.array 
 
 
 @mx.compile
-def _second_root(g: mx.array, codes: mx.array, scale: mx.array, seed: mx.array, b2: float,
-                 start: mx.array | None = None, bits: int = 8) -> Tuple[mx.array, mx.array, mx.array]:
+def _second_root(
+    g: mx.array,
+    codes: mx.array,
+    scale: mx.array,
+    seed: mx.array,
+    b2: float,
+    start: mx.array | None = None,
+    bits: int = 8,
+) -> Tuple[mx.array, mx.array, mx.array]:
     """sqrt of AdamW's new v from its 8- or 4-bit codes and the gradient: (root, new codes, new scales)."""
     root = mx.sqrt(b2 * dequantize_root(codes, scale, g.shape, bits) + (1 - b2) * mx.square(g))
     return (root, *quantize_sqrt(root, seed, start, bits))
 
 
 @mx.compile
-def _adamw_step(parameter: mx.array, m: mx.array, root: mx.array, lr: mx.array, weight_decay: float,
-                eps: float) -> mx.array:
+def _adamw_step(
+    parameter: mx.array, m: mx.array, root: mx.array, lr: mx.array, weight_decay: float, eps: float
+) -> mx.array:
     """The new weights in float32 (decoupled weight decay, no bias correction), in ``parameter``'s shape."""
     p = blocks_of(parameter.astype(mx.float32))
     return (p * (1 - lr * weight_decay) - lr * m / (root + eps)).reshape(parameter.shape)
-

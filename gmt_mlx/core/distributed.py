@@ -69,18 +69,24 @@ def all_sum_tree(tree: Any, group: mx.distributed.Group) -> Any:
     return tree_unflatten([(name, out[name]) for name, _ in flat])
 
 
-def all_sum_totals(totals: Tuple[mx.array, mx.array, Dict[str, mx.array]],
-                   group: mx.distributed.Group) -> Tuple[mx.array, mx.array, Dict[str, mx.array]]:
+def all_sum_totals(
+    totals: Tuple[mx.array, mx.array, Dict[str, mx.array]], group: mx.distributed.Group
+) -> Tuple[mx.array, mx.array, Dict[str, mx.array]]:
     """A step's (summed loss, count, metric sums) summed over all ranks."""
     loss, count, metrics = totals
-    return (mx.distributed.all_sum(loss, group=group), mx.distributed.all_sum(count, group=group),
-            {k: mx.distributed.all_sum(v, group=group) for k, v in metrics.items()})
+    return (
+        mx.distributed.all_sum(loss, group=group),
+        mx.distributed.all_sum(count, group=group),
+        {k: mx.distributed.all_sum(v, group=group) for k, v in metrics.items()},
+    )
 
 
 def check_batch_size(batch_size: int, size: int) -> None:
     if batch_size % size:
-        raise UserError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
-                        f"{size} ranks (each rank takes batch_size / ranks examples)")
+        raise UserError(
+            f"--batch-size {batch_size} is the global batch and must be divisible by the "
+            f"{size} ranks (each rank takes batch_size / ranks examples)"
+        )
 
 
 def config_digest(config: Dict[str, Any]) -> int:
@@ -98,8 +104,10 @@ def check_same_config(config: Dict[str, Any], group: mx.distributed.Group) -> No
     digests = [int(v) for v in every.tolist()]
     if len(set(digests)) > 1:
         odd = [r for r, d in enumerate(digests) if d != digests[0]]
-        raise UserError(f"the ranks were started with different configs (ranks {odd} differ from rank 0); "
-                        "run the same command, with the same data, on every rank")
+        raise UserError(
+            f"the ranks were started with different configs (ranks {odd} differ from rank 0); "
+            "run the same command, with the same data, on every rank"
+        )
 
 
 def any_rank(flag: bool, group: Optional[mx.distributed.Group]) -> bool:

@@ -77,8 +77,10 @@ class Blocks:
     def __init__(self, model: nn.Module):
         layers = getattr(model, "layers", None)
         if not isinstance(layers, list) or not layers:
-            raise UserError(f"{type(model).__module__} has no list of blocks (model.layers) to update one at a "
-                            "time; train it with --no-update-per-layer")
+            raise UserError(
+                f"{type(model).__module__} has no list of blocks (model.layers) to update one at a "
+                "time; train it with --no-update-per-layer"
+            )
         names = {id(module): name for name, module in model.named_modules()}
         self.model, self.layers = model, layers
         self.prefixes = [names[id(block)] + "." for block in layers]
@@ -90,7 +92,7 @@ class Blocks:
         for path, value in flat.items():
             for i, prefix in enumerate(self.prefixes):
                 if path.startswith(prefix):
-                    blocks[i][path[len(prefix):]] = value
+                    blocks[i][path[len(prefix) :]] = value
                     break
             else:
                 outer[path] = value
@@ -113,12 +115,16 @@ class Blocks:
                 if i == last:
                     finals.append(y)
                 return y
+
             return call
 
         with _standing_in(self.layers, make):
             loss_fn(self.model, *batch)  # lazy: only what is evaluated below is computed
-        mx.eval([x for block_calls in calls for x, _, _ in block_calls], finals,
-                _arrays([(a, k) for block_calls in calls for _, a, k in block_calls]))
+        mx.eval(
+            [x for block_calls in calls for x, _, _ in block_calls],
+            finals,
+            _arrays([(a, k) for block_calls in calls for _, a, k in block_calls]),
+        )
         return calls, finals
 
     def top(self, loss_fn: Callable, batch: tuple, outer: Dict[str, mx.array], finals: list) -> tuple:
@@ -128,8 +134,9 @@ class Blocks:
         def fun(params, outputs):
             model.update(tree_unflatten(list(params.items())))
             given = iter(outputs)
-            with _standing_in(self.layers, lambda i, _: (lambda x, *a, **k: next(given)) if i == last
-                              else (lambda x, *a, **k: x)):
+            with _standing_in(
+                self.layers, lambda i, _: (lambda x, *a, **k: next(given)) if i == last else (lambda x, *a, **k: x)
+            ):
                 out = loss_fn(model, *batch)
             loss, count, metrics = unpack(out)
             return loss, count, metrics
@@ -137,8 +144,9 @@ class Blocks:
         (loss, count, metrics), (g_outer, g_finals) = mx.value_and_grad(fun, argnums=(0, 1))(outer, finals)
         return loss, count, metrics, g_outer, g_finals
 
-    def block(self, i: int, params: Dict[str, mx.array], block_calls: list,
-              cotangents: list) -> Tuple[Dict[str, mx.array], list]:
+    def block(
+        self, i: int, params: Dict[str, mx.array], block_calls: list, cotangents: list
+    ) -> Tuple[Dict[str, mx.array], list]:
         """Gradients of block ``i``'s ``params`` (relative paths) and of its inputs, given its outputs' cotangents."""
         block, names = self.layers[i], list(params)
         n = len(names)
@@ -195,8 +203,13 @@ def _nest(prefix: str, flat: Dict[str, mx.array]) -> dict:
     return tree_unflatten([(prefix + path, v) for path, v in flat.items()])
 
 
-def make_layerwise_step(model: nn.Module, optimizer: Any, loss_fn: Callable,
-                        group: Optional[mx.distributed.Group] = None, grad_clip: float = 0.0) -> Callable:
+def make_layerwise_step(
+    model: nn.Module,
+    optimizer: Any,
+    loss_fn: Callable,
+    group: Optional[mx.distributed.Group] = None,
+    grad_clip: float = 0.0,
+) -> Callable:
     """A step function like trainer.make_fused_step's: ``step(earlier, *batch)`` returns
     (summed loss, count, metric sums, gradient norm of the mean loss, entries kept, applied).
 
@@ -229,8 +242,15 @@ class _LayerwisePass:
     new ones until the end of the step.
     """
 
-    def __init__(self, blocks: Blocks, optimizer: Any, update: _PartUpdates, loss_fn: Callable,
-                 group: Optional[mx.distributed.Group], grad_clip: float = 0.0):
+    def __init__(
+        self,
+        blocks: Blocks,
+        optimizer: Any,
+        update: _PartUpdates,
+        loss_fn: Callable,
+        group: Optional[mx.distributed.Group],
+        grad_clip: float = 0.0,
+    ):
         self.blocks, self.optimizer, self.update, self.loss_fn, self.group = blocks, optimizer, update, loss_fn, group
         self.grad_clip = grad_clip
         self.squares: List[mx.array] = []
@@ -256,8 +276,9 @@ class _LayerwisePass:
         # A mask unit of one tensor lets each tensor be updated (and its
         # float32 temporaries freed) on its own; a block-wide unit needs the block.
         optimizer = self.optimizer
-        self.whole_block = (isinstance(optimizer, MaskedOptimizer) and optimizer.mask_ratio > 0
-                            and optimizer.scope == "layer")
+        self.whole_block = (
+            isinstance(optimizer, MaskedOptimizer) and optimizer.mask_ratio > 0 and optimizer.scope == "layer"
+        )
         for i in reversed(range(len(self.blocks.layers))):
             self._update_block(i)
         if self.outer:
@@ -390,8 +411,11 @@ class _PartUpdates:
         self.state = training_state(model, optimizer)
         self.parts = {path: i + 1 for i, (path, _) in enumerate(tree_flatten(model.trainable_parameters()))}
         inner = getattr(optimizer, "optimizer", None)
-        self.staged = isinstance(inner, CompactAdamW) and inner.moments in QUANTIZED_MOMENTS \
+        self.staged = (
+            isinstance(inner, CompactAdamW)
+            and inner.moments in QUANTIZED_MOMENTS
             and getattr(optimizer, "target", "grad") == "grad"
+        )
         self.eager = self.staged or getattr(optimizer, "record_mask_sample", False)
         self.compiled: Dict[tuple, Callable] = {}
 
@@ -407,6 +431,7 @@ class _PartUpdates:
                 inner.staged = False
         fn = self.compiled.get((prefix, names))
         if fn is None:
+
             def run(arrays, scale):
                 return apply_update(self.optimizer, self.model, _nest(prefix, dict(zip(names, arrays))), scale, part)
 

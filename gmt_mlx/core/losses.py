@@ -61,8 +61,11 @@ def sft_eval_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> Totals:
     wrong = ((mx.argmax(logits, axis=-1) != tokens[:, 1:]).astype(mx.float32) * weights).sum(axis=1)
     has_targets = weights.sum(axis=1) > 0
     matched = mx.logical_and(wrong == 0, has_targets)
-    return ce.sum(), weights.sum(), {"exact_match": matched.astype(mx.float32).sum(),
-                                     "rows": has_targets.astype(mx.float32).sum()}
+    return (
+        ce.sum(),
+        weights.sum(),
+        {"exact_match": matched.astype(mx.float32).sum(), "rows": has_targets.astype(mx.float32).sum()},
+    )
 
 
 def sequence_logps(model: nn.Module, tokens: mx.array, mask: mx.array) -> Tuple[mx.array, mx.array]:
@@ -81,8 +84,16 @@ def _log1mexp(x: mx.array) -> mx.array:
     return mx.where(x > -0.6931471805599453, mx.log(-mx.expm1(x)), mx.log1p(-mx.exp(x)))
 
 
-def dpo_pair_losses(chosen: mx.array, rejected: mx.array, ref_chosen: mx.array, ref_rejected: mx.array, *,
-                    beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> mx.array:
+def dpo_pair_losses(
+    chosen: mx.array,
+    rejected: mx.array,
+    ref_chosen: mx.array,
+    ref_rejected: mx.array,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> mx.array:
     """Per-pair DPO losses from (policy, reference) log-probabilities of the chosen and rejected answers.
 
     sigmoid: -log σ(β Δ), with label smoothing ε the conservative DPO of
@@ -112,8 +123,16 @@ def _preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected
     }
 
 
-def dpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, reference: mx.array, *, beta: float,
-             loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> Totals:
+def dpo_loss(
+    model: nn.Module,
+    tokens: mx.array,
+    mask: mx.array,
+    reference: mx.array,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> Totals:
     """Summed DPO loss over a batch of pairs, the pair count, and the per-pair metric sums.
 
     ``reference`` (2B,) holds the step-0 model's summed log-probabilities of
@@ -128,11 +147,15 @@ def dpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, reference: mx.a
     pairs = tokens.shape[0] // 2
     chosen, rejected = logps[:pairs], logps[pairs:]
     ref_chosen, ref_rejected = reference[:pairs], reference[pairs:]
-    losses = dpo_pair_losses(chosen, rejected, ref_chosen, ref_rejected, beta=beta, loss_type=loss_type,
-                             label_smoothing=label_smoothing)
-    metrics = _preference_metrics(beta * mx.stop_gradient(chosen - ref_chosen),
-                                  beta * mx.stop_gradient(rejected - ref_rejected),
-                                  mx.stop_gradient(chosen), mx.stop_gradient(rejected))
+    losses = dpo_pair_losses(
+        chosen, rejected, ref_chosen, ref_rejected, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
+    )
+    metrics = _preference_metrics(
+        beta * mx.stop_gradient(chosen - ref_chosen),
+        beta * mx.stop_gradient(rejected - ref_rejected),
+        mx.stop_gradient(chosen),
+        mx.stop_gradient(rejected),
+    )
     return losses.sum(), mx.array(float(pairs)), metrics
 
 
@@ -160,8 +183,12 @@ def orpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, *, lam: float)
     pairs = tokens.shape[0] // 2
     chosen, rejected = avg[:pairs], avg[pairs:]
     losses, _ = orpo_pair_losses(chosen, rejected, lam=lam)
-    metrics = _preference_metrics(lam * mx.stop_gradient(chosen), lam * mx.stop_gradient(rejected),
-                                  mx.stop_gradient(logps[:pairs]), mx.stop_gradient(logps[pairs:]))
+    metrics = _preference_metrics(
+        lam * mx.stop_gradient(chosen),
+        lam * mx.stop_gradient(rejected),
+        mx.stop_gradient(logps[:pairs]),
+        mx.stop_gradient(logps[pairs:]),
+    )
     return losses.sum(), mx.array(float(pairs)), metrics
 
 

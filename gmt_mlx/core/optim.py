@@ -91,8 +91,9 @@ class MaskedOptimizer:
         if mask.mask_sample_size < 1:
             raise ValueError(f"mask_sample_size must be positive, got {mask.mask_sample_size}")
         if precision.weight_rounding not in WEIGHT_ROUNDINGS:
-            raise ValueError(f"unknown weight rounding {precision.weight_rounding!r} "
-                             f"(expected one of {', '.join(WEIGHT_ROUNDINGS)})")
+            raise ValueError(
+                f"unknown weight rounding {precision.weight_rounding!r} (expected one of {', '.join(WEIGHT_ROUNDINGS)})"
+            )
         masked = method in MASKED_METHODS  # the unmasked methods (sft, lora, dora) drop nothing
         self.optimizer = optimizer
         self.weight_rounding = precision.weight_rounding
@@ -180,12 +181,14 @@ class MaskedOptimizer:
             if isinstance(self.optimizer, CompactAdamW):
                 self.optimizer.weight_rounder = None
             _restore_state_dtypes(self.optimizer, state_dtypes)
-            updated = tree_map_with_path(lambda path, new, p: round_to(new, p.dtype, rounding_seed(path)),
-                                         updated, stored)
+            updated = tree_map_with_path(
+                lambda path, new, p: round_to(new, p.dtype, rounding_seed(path)), updated, stored
+            )
         return updated, {"kept": kept}
 
-    def _masked_update(self, gradients: dict, work: dict, grad_scale: mx.array | None,
-                       part: int) -> Tuple[dict, mx.array]:
+    def _masked_update(
+        self, gradients: dict, work: dict, grad_scale: mx.array | None, part: int
+    ) -> Tuple[dict, mx.array]:
         """The wrapped optimizer's update of ``work`` under this step's mask: (updated weights, entries kept)."""
 
         def scaled(tree: dict) -> dict:
@@ -205,8 +208,9 @@ class MaskedOptimizer:
         new = self.optimizer.apply_gradients(scaled(gradients), work)
         return tree_map(lambda n, m, p: n * m + p * ~m, new, masks, work), kept
 
-    def update(self, model: nn.Module, gradients: dict, grad_scale: mx.array | None = None,
-               part: int = 0) -> Dict[str, mx.array]:
+    def update(
+        self, model: nn.Module, gradients: dict, grad_scale: mx.array | None = None, part: int = 0
+    ) -> Dict[str, mx.array]:
         """Update ``model`` in place; return mask statistics (``grad_scale``: see apply_gradients;
         ``part``: which part of a step updated in parts, see layerwise)."""
         updated, stats = self.apply_gradients(gradients, model, grad_scale, part)
@@ -266,8 +270,11 @@ def _restore_state_dtypes(optimizer: optim.Optimizer, dtypes: dict) -> None:
     if isinstance(optimizer, CompactAdamW) or not dtypes:
         return
     # In place: a compiled step's outputs are this very dict's contents.
-    optimizer.state.update(tree_map_with_path(
-        lambda path, v: v.astype(dtypes[path]) if path in dtypes and v.dtype != dtypes[path] else v, optimizer.state))
+    optimizer.state.update(
+        tree_map_with_path(
+            lambda path, v: v.astype(dtypes[path]) if path in dtypes and v.dtype != dtypes[path] else v, optimizer.state
+        )
+    )
 
 
 def make_schedule(
@@ -303,8 +310,13 @@ def make_schedule(
 
 def schedule_of(options: OptimizerOptions, total_steps: int) -> Callable[[mx.array], mx.array]:
     """`make_schedule` for the optimizer options' peak rate, schedule, warmup and final ratio."""
-    return make_schedule(options.learning_rate, total_steps, kind=options.lr_schedule,
-                         warmup_steps=options.warmup_steps, min_lr_ratio=options.min_lr_ratio)
+    return make_schedule(
+        options.learning_rate,
+        total_steps,
+        kind=options.lr_schedule,
+        warmup_steps=options.warmup_steps,
+        min_lr_ratio=options.min_lr_ratio,
+    )
 
 
 def build_optimizer(
@@ -333,8 +345,9 @@ def build_optimizer(
     if moments == "auto":
         moments = weights_dtype if weights_dtype in COMPACT_MOMENTS else "float32"
     if name in ("adam", "adamw") and not (moments == "float32" and weights_dtype == "float32"):
-        base = CompactAdamW(learning_rate, weight_decay=weight_decay if name == "adamw" else 0.0,
-                            moments=moments, seed=seed)
+        base = CompactAdamW(
+            learning_rate, weight_decay=weight_decay if name == "adamw" else 0.0, moments=moments, seed=seed
+        )
     elif name == "adamw":
         base = optim.AdamW(learning_rate, weight_decay=weight_decay)
     elif name == "adam":

@@ -101,8 +101,9 @@ def unpack4(packed: mx.array) -> mx.array:
     return mx.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
 
 
-def quantize_signed(x: mx.array, seed: mx.array, start: mx.array | None = None,
-                    bits: int = 8) -> tuple[mx.array, mx.array]:
+def quantize_signed(
+    x: mx.array, seed: mx.array, start: mx.array | None = None, bits: int = 8
+) -> tuple[mx.array, mx.array]:
     """(codes, float32 scale per block of BLOCK entries): x ~ codes * scale, stochastically rounded.
 
     The scale is the block's largest |x| / 127, so the largest entry is exact
@@ -178,8 +179,9 @@ def quantize_root(v: mx.array, seed: mx.array, bits: int = 8) -> tuple[mx.array,
     return codes.reshape(*v.shape[:-1], -1), scale
 
 
-def quantize_sqrt(root: mx.array, seed: mx.array, start: mx.array | None = None,
-                  bits: int = 8) -> tuple[mx.array, mx.array]:
+def quantize_sqrt(
+    root: mx.array, seed: mx.array, start: mx.array | None = None, bits: int = 8
+) -> tuple[mx.array, mx.array]:
     """`quantize_root` given sqrt(v) (which Adam's update needs too): codes in root's shape (4 bits: packed)."""
     top = 255.0 if bits == 8 else 15.0
     blocks = blocks_of(root)

@@ -47,8 +47,9 @@ class NonFiniteError(RuntimeError):
         self.step, self.count = step, count
 
 
-def make_step_fns(model: nn.Module, optimizer: Any, loss_fn: Callable = sft_loss,
-                  grad_clip: float = 0.0) -> Tuple[Callable, Callable]:
+def make_step_fns(
+    model: nn.Module, optimizer: Any, loss_fn: Callable = sft_loss, grad_clip: float = 0.0
+) -> Tuple[Callable, Callable]:
     """Compile the two halves of a step over the explicit training state.
 
     ``grad_fn(*batch)`` returns (summed loss, count, metric sums, gradient of
@@ -84,8 +85,13 @@ def make_step_fns(model: nn.Module, optimizer: Any, loss_fn: Callable = sft_loss
     return grad_fn, update_fn
 
 
-def make_fused_step(model: nn.Module, optimizer: Any, loss_fn: Callable = sft_loss, grad_clip: float = 0.0,
-                    group: Optional[mx.distributed.Group] = None) -> Callable:
+def make_fused_step(
+    model: nn.Module,
+    optimizer: Any,
+    loss_fn: Callable = sft_loss,
+    grad_clip: float = 0.0,
+    group: Optional[mx.distributed.Group] = None,
+) -> Callable:
     """One compiled function for a step's last micro-batch: gradient, all-reduce, mask and update.
 
     ``step_fn(earlier, *batch)``: ``earlier`` is None or the (loss, count,
@@ -140,8 +146,9 @@ def make_fused_step(model: nn.Module, optimizer: Any, loss_fn: Callable = sft_lo
     return lambda earlier, *batch: first(*batch) if earlier is None else rest(earlier, *batch)
 
 
-def _update_where_ok(optimizer: Any, model: nn.Module, grads: dict, scale: mx.array, ok: dict,
-                     applied: mx.array) -> mx.array:
+def _update_where_ok(
+    optimizer: Any, model: nn.Module, grads: dict, scale: mx.array, ok: dict, applied: mx.array
+) -> mx.array:
     """Apply ``scale * grads`` to the tensors that are ``ok`` (a boolean scalar per tensor), the fused
     step's update; return the entries kept. The step counter advances only if ``applied``."""
     # A tensor that is not ok reaches the optimizer as a zero gradient and keeps its weights.
@@ -161,8 +168,9 @@ def global_norm(grads) -> mx.array:
     return mx.sqrt(sum(sum_of_squares(g) for _, g in tree_flatten(grads)))
 
 
-def accumulate(grad_fn: Callable, batches: Iterator[Batch], micro_batches: int,
-               group: Optional[mx.distributed.Group] = None) -> tuple:
+def accumulate(
+    grad_fn: Callable, batches: Iterator[Batch], micro_batches: int, group: Optional[mx.distributed.Group] = None
+) -> tuple:
     """Sum (loss, count, metric sums, gradient) over ``micro_batches`` micro-batches (then over ranks,
     with ``group``)."""
     loss_sum, count, metrics, grads = mx.array(0.0), mx.array(0.0), None, None

@@ -6,7 +6,6 @@ order is a pure function of (seed, epoch), and resuming at step k skips the
 first k batches without building them.
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -17,15 +16,12 @@ import numpy as np
 from gmt_mlx.data.encoding import Pair, TokenizedSplit
 from gmt_mlx.errors import UserError
 
-
-
-
-
 # Batch widths are rounded up to a multiple of 8 (the one value: training, validation, DPO's
 # reference pass and the memory estimate use it). 32 left up to 31 padding positions per row
 # for nothing: training batches take train_buckets' widths anyway, and evaluation's few
 # shapes compile once either way, while every padded position costs a full forward.
 PAD_MULTIPLE = 8
+
 
 def check_split_size(n: int, batch_size: int, name: str = "train") -> None:
     # Without a split's name the lengths are a training epoch's (batch_order, length_buckets).
@@ -33,8 +29,9 @@ def check_split_size(n: int, batch_size: int, name: str = "train") -> None:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if n < batch_size:
         examples = "example" if n == 1 else "examples"
-        raise UserError(f"{name} split has {n} {examples} but --batch-size is {batch_size}; "
-                        "lower --batch-size or add examples")
+        raise UserError(
+            f"{name} split has {n} {examples} but --batch-size is {batch_size}; lower --batch-size or add examples"
+        )
 
 
 def batch_order(lengths: list[int], batch_size: int, *, seed: int, epoch: int, group_size: int = 64) -> list[list[int]]:
@@ -107,8 +104,11 @@ def length_buckets(
     check_split_size(len(lengths), batch_size)
     if max_buckets < 1:
         raise UserError(f"max_buckets must be at least 1, got {max_buckets}")
-    longest = [max(lengths[i] for i in b) for e in range(epochs)
-               for b in batch_order(lengths, batch_size, seed=seed, epoch=e, group_size=group_size)]
+    longest = [
+        max(lengths[i] for i in b)
+        for e in range(epochs)
+        for b in batch_order(lengths, batch_size, seed=seed, epoch=e, group_size=group_size)
+    ]
     values, counts = np.unique(np.array(longest + [max(lengths)], dtype=np.int64), return_counts=True)
     counts[-1] -= 1  # max(lengths) was added to be a bucket, not as a batch
     if len(values) <= max_buckets:
@@ -149,7 +149,12 @@ def _batch_width(longest: int, pad_multiple: int, max_seq_length: int | None, bu
 
 
 def make_batch(
-    split: TokenizedSplit, indices: list[int], *, pad_id: int, pad_multiple: int = PAD_MULTIPLE, buckets: list[int] | None = None
+    split: TokenizedSplit,
+    indices: list[int],
+    *,
+    pad_id: int,
+    pad_multiple: int = PAD_MULTIPLE,
+    buckets: list[int] | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Pad the examples at `indices` into (tokens int32 (B, L), mask float32 (B, L)).
 
@@ -175,7 +180,11 @@ def make_batch(
             mask[row, start:end] = 1.0
     if split.reference is not None:
         reference = split.reference[np.asarray(indices, dtype=np.int64)]
-        return mx.array(tokens), mx.array(mask), mx.array(np.concatenate([reference[:, 0], reference[:, 1]]).astype(np.float32))
+        return (
+            mx.array(tokens),
+            mx.array(mask),
+            mx.array(np.concatenate([reference[:, 0], reference[:, 1]]).astype(np.float32)),
+        )
     return mx.array(tokens), mx.array(mask)
 
 
@@ -222,15 +231,25 @@ def iterate_batches(
                 indices = indices[shard[0] * per : (shard[0] + 1) * per]
             per = len(indices) // micro_batches
             for part in range(micro_batches):
-                batch = make_batch(split, indices[part * per : (part + 1) * per], pad_id=pad_id,
-                                   pad_multiple=pad_multiple, buckets=buckets)
+                batch = make_batch(
+                    split,
+                    indices[part * per : (part + 1) * per],
+                    pad_id=pad_id,
+                    pad_multiple=pad_multiple,
+                    buckets=buckets,
+                )
                 yield (step, epoch, *batch)
             step += 1
         epoch, offset = epoch + 1, 0
 
 
 def padding_waste(
-    split: TokenizedSplit, batch_size: int, *, seed: int, pad_multiple: int = PAD_MULTIPLE, group_size: int = 64,
+    split: TokenizedSplit,
+    batch_size: int,
+    *,
+    seed: int,
+    pad_multiple: int = PAD_MULTIPLE,
+    group_size: int = 64,
     buckets: list[int] | None = None,
 ) -> float:
     """Fraction of padded positions over epoch 0 of iterate_batches (from lengths only).
@@ -267,6 +286,8 @@ def pad_id(tokenizer) -> int:
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
     if pad is None:
-        raise UserError("the tokenizer has neither a pad nor an end-of-sequence token (is the model folder's "
-                        "tokenizer_config.json missing?)")
+        raise UserError(
+            "the tokenizer has neither a pad nor an end-of-sequence token (is the model folder's "
+            "tokenizer_config.json missing?)"
+        )
     return int(pad)

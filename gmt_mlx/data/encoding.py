@@ -5,7 +5,6 @@ A row becomes token ids and a target mask (`Example`; a preference row, a
 mask_prompt only the assistant's answer is a target.
 """
 
-
 from __future__ import annotations
 
 import hashlib
@@ -17,9 +16,6 @@ import numpy as np
 from gmt_mlx.config import ASSISTANT_TURNS
 from gmt_mlx.data.formats import detect_format, is_preference_row
 from gmt_mlx.errors import UserError
-
-
-
 
 
 @dataclass
@@ -141,8 +137,10 @@ def _assistant_spans(messages: list, tokens: list[int], tokenizer, kwargs: dict)
 
 def _encode_chat(messages: list, tokenizer, mask_prompt: bool, tools=None, assistant_turns: str = "final") -> Example:
     if not has_chat_template(tokenizer):
-        raise UserError("chat examples (messages) need a chat template and this model's tokenizer has none; "
-                        "use the prompt/completion or text format")
+        raise UserError(
+            "chat examples (messages) need a chat template and this model's tokenizer has none; "
+            "use the prompt/completion or text format"
+        )
     if assistant_turns not in ASSISTANT_TURNS:
         raise UserError(f"assistant_turns must be one of {', '.join(ASSISTANT_TURNS)}, got {assistant_turns!r}")
     kwargs = {"tools": tools} if tools is not None else {}
@@ -169,8 +167,9 @@ def _encode_answer(tokenizer, prompt: object, answer: object, system: str | None
         tokens = chat_ids(tokenizer, context + reply)
         return Example.after(tokens, _common_prefix(chat_ids(tokenizer, context, add_generation_prompt=True), tokens))
     if not (isinstance(prompt, str) and isinstance(answer, str)):
-        raise UserError("preference rows with message lists need a chat template and this model's tokenizer has "
-                        "none; use strings")
+        raise UserError(
+            "preference rows with message lists need a chat template and this model's tokenizer has none; use strings"
+        )
     head = _encode_plain(tokenizer, (system + "\n" if system else "") + prompt, first=True)
     tokens = head + _encode_plain(tokenizer, answer, first=False)
     if tokenizer.eos_token_id is not None:
@@ -182,8 +181,10 @@ def encode_pair(example: dict, tokenizer) -> Pair:
     """Tokenize a preference row: the prompt (as a user turn when there is a chat template) with each answer."""
     detect_format(example, "example")
     system = example.get("system")
-    return Pair(_encode_answer(tokenizer, example["prompt"], example["chosen"], system),
-                _encode_answer(tokenizer, example["prompt"], example["rejected"], system))
+    return Pair(
+        _encode_answer(tokenizer, example["prompt"], example["chosen"], system),
+        _encode_answer(tokenizer, example["prompt"], example["rejected"], system),
+    )
 
 
 def _encode_plain(tokenizer, text: str, *, first: bool) -> list[int]:
@@ -274,8 +275,16 @@ class TokenizedSplit:
         return sum(e.num_targets for e in chosen)
 
 
-def tokenize_split(rows: list[dict], tokenizer, *, mask_prompt: bool, max_seq_length: int, name: str,
-                   assistant_turns: str = "final", preference: bool = False) -> TokenizedSplit:
+def tokenize_split(
+    rows: list[dict],
+    tokenizer,
+    *,
+    mask_prompt: bool,
+    max_seq_length: int,
+    name: str,
+    assistant_turns: str = "final",
+    preference: bool = False,
+) -> TokenizedSplit:
     """Tokenize rows, cutting each to max_seq_length tokens (see `encode_example` for the targets).
 
     A cut example is counted in `truncated`; it is kept only if it still has at
@@ -293,8 +302,10 @@ def tokenize_split(rows: list[dict], tokenizer, *, mask_prompt: bool, max_seq_le
             if preference:
                 if not is_preference_row(row):
                     fmt = detect_format(row, f"example {i}")
-                    raise UserError(f"example {i}: is in the {fmt} format; --train-mode dpo and orpo need "
-                                    "prompt/chosen/rejected rows")
+                    raise UserError(
+                        f"example {i}: is in the {fmt} format; --train-mode dpo and orpo need "
+                        "prompt/chosen/rejected rows"
+                    )
                 example = encode_pair(row, tokenizer)
             else:
                 example = encode_example(row, tokenizer, mask_prompt=mask_prompt, assistant_turns=assistant_turns)
@@ -312,5 +323,3 @@ def tokenize_split(rows: list[dict], tokenizer, *, mask_prompt: bool, max_seq_le
             continue
         examples.append(example)
     return TokenizedSplit(examples, truncated, name, dropped=dropped, max_seq_length=max_seq_length)
-
-

@@ -17,7 +17,6 @@ A data folder holds `train.jsonl` (required), `valid.jsonl` and `test.jsonl`
 names the file and the 1-based line.
 """
 
-
 from __future__ import annotations
 
 import codecs
@@ -26,7 +25,6 @@ import sys
 import unicodedata
 from pathlib import Path
 
-
 from gmt_mlx.errors import UserError
 
 FORMATS = ("chat", "completions", "text", "preference", "prompts")
@@ -34,8 +32,12 @@ SPLITS = ("train", "valid", "test")
 _KNOWN = "messages | prompt+completion | text | prompt+chosen+rejected"
 # The columns each format's rows are read by (data.encoding; "tools" beside messages or prompt/completion).
 # Prompt rows are not listed: their every column goes to the rewards (a --reward module:function reads any).
-READ_COLUMNS = {"chat": ("messages", "tools"), "completions": ("prompt", "completion", "tools"), "text": ("text",),
-                "preference": ("prompt", "chosen", "rejected", "system")}
+READ_COLUMNS = {
+    "chat": ("messages", "tools"),
+    "completions": ("prompt", "completion", "tools"),
+    "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected", "system"),
+}
 # Columns eval's scorers read from any row (scorers.reference_of: answer; reasoning_gym: question, metadata).
 SCORER_COLUMNS = ("answer", "question", "metadata")
 
@@ -52,7 +54,9 @@ def _check_messages(messages: object, where: str) -> None:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects, got {got}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise UserError(f"{where}: messages[{i}] must be an object with 'role' and 'content', got {type(message).__name__}")
+            raise UserError(
+                f"{where}: messages[{i}] must be an object with 'role' and 'content', got {type(message).__name__}"
+            )
         if not isinstance(message.get("role"), str):
             raise UserError(f"{where}: messages[{i}] has no string 'role'")
         _check_role(message["role"], f"{where}: messages[{i}]")
@@ -74,8 +78,9 @@ def _check_role(role: str, where: str) -> None:
     if hidden or role != role.strip():
         what = f"an invisible character (U+{ord(hidden[0]):04X})" if hidden else "spaces around it"
         clean = "".join(ch for ch in role if ch not in hidden).strip()
-        raise UserError(f"{where} has role {role!r}, which holds {what}" + (f"; did you mean {clean!r}?" if clean
-                                                                             else ""))
+        raise UserError(
+            f"{where} has role {role!r}, which holds {what}" + (f"; did you mean {clean!r}?" if clean else "")
+        )
 
 
 def _check_parts(content: list, where: str) -> None:
@@ -83,8 +88,10 @@ def _check_parts(content: list, where: str) -> None:
     for j, part in enumerate(content):
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             got = type(part).__name__ if not isinstance(part, dict) else "an object without a string 'type'"
-            raise UserError(f"{where} is a list whose item {j} is {got}; a list content holds parts like "
-                            f"{{\"type\": \"text\", \"text\": \"...\"}} (or write the content as a string)")
+            raise UserError(
+                f"{where} is a list whose item {j} is {got}; a list content holds parts like "
+                f'{{"type": "text", "text": "..."}} (or write the content as a string)'
+            )
         if part["type"] == "text" and not isinstance(part.get("text"), str):
             raise UserError(f"{where}: item {j} is a text part without a string 'text'")
 
@@ -100,8 +107,10 @@ def _check_preference(example: dict, where: str) -> None:
     """Raise a UserError unless `example` is a usable prompt/chosen/rejected row."""
     for key in ("prompt", "chosen", "rejected"):
         if key not in example:
-            raise UserError(f"{where}: has {' and '.join(repr(k) for k in ('chosen', 'rejected') if k in example)} "
-                            f"but no '{key}' (the preference format needs prompt, chosen and rejected)")
+            raise UserError(
+                f"{where}: has {' and '.join(repr(k) for k in ('chosen', 'rejected') if k in example)} "
+                f"but no '{key}' (the preference format needs prompt, chosen and rejected)"
+            )
     prompt = example["prompt"]
     if isinstance(prompt, list):
         _check_messages(prompt, f"{where}: 'prompt'")
@@ -115,8 +124,10 @@ def _check_preference(example: dict, where: str) -> None:
             _check_messages(answer, f"{where}: '{key}'")
             turns = [n for n, m in enumerate(answer) if m["role"] in ("user", "system")]
             if turns:
-                raise UserError(f"{where}: '{key}' holds a {answer[turns[0]]['role']} turn (messages[{turns[0]}]); "
-                                f"an answer is the assistant's reply: the question belongs in 'prompt'")
+                raise UserError(
+                    f"{where}: '{key}' holds a {answer[turns[0]]['role']} turn (messages[{turns[0]}]); "
+                    f"an answer is the assistant's reply: the question belongs in 'prompt'"
+                )
         elif not isinstance(answer, str):
             raise UserError(f"{where}: '{key}' must be a string or a list of messages, got {type(answer).__name__}")
         if not _answer_text(answer).strip():
@@ -148,7 +159,9 @@ def detect_format(example: dict, where: str, prompts: bool = False) -> str:
         return "chat"
     if prompts and "prompt" in example and "completion" not in example:
         if not isinstance(example["prompt"], (str, list)):
-            raise UserError(f"{where}: 'prompt' must be a string or a list of messages, got {type(example['prompt']).__name__}")
+            raise UserError(
+                f"{where}: 'prompt' must be a string or a list of messages, got {type(example['prompt']).__name__}"
+            )
         if isinstance(example["prompt"], list):
             _check_messages(example["prompt"], f"{where}: 'prompt'")
         if not _answer_text(example["prompt"]).strip():
@@ -169,8 +182,10 @@ def detect_format(example: dict, where: str, prompts: bool = False) -> str:
         return "text"
     # repr() for odd keys keeps the message one printable line (newlines, lone surrogates).
     keys = ", ".join(k if k.isprintable() else repr(k) for k in sorted(example)) or "none"
-    raise UserError(f"{where}: line has none of the known formats ({_KNOWN}); keys found: {keys}; "
-                    "map yours with --columns, e.g. --columns question=prompt,answer=completion")
+    raise UserError(
+        f"{where}: line has none of the known formats ({_KNOWN}); keys found: {keys}; "
+        "map yours with --columns, e.g. --columns question=prompt,answer=completion"
+    )
 
 
 def _parse_line(line: str, where: str) -> object:
@@ -181,9 +196,11 @@ def _parse_line(line: str, where: str) -> object:
             json.dumps(row, ensure_ascii=False).encode("utf-8")
         return row
     except UnicodeEncodeError as err:
-        bad = err.object[err.start:err.end].encode("unicode_escape").decode("ascii")
-        raise UserError(f"{where}: the text holds a lone UTF-16 surrogate ({bad}, half of a pair): not a character; "
-                        "remove it or write the whole pair") from None
+        bad = err.object[err.start : err.end].encode("unicode_escape").decode("ascii")
+        raise UserError(
+            f"{where}: the text holds a lone UTF-16 surrogate ({bad}, half of a pair): not a character; "
+            "remove it or write the whole pair"
+        ) from None
     except json.JSONDecodeError as err:
         raise UserError(f"{where}: invalid JSON ({err.msg}, column {err.colno})") from None
     except RecursionError:
@@ -192,8 +209,9 @@ def _parse_line(line: str, where: str) -> object:
     except ValueError as err:
         # Python 3.11+ refuses integer literals over 4,300 digits (sys.int_max_str_digits).
         if "digits" in str(err):
-            raise UserError(f"{where}: invalid JSON (an integer literal of more than "
-                            f"{sys.get_int_max_str_digits()} digits)") from None
+            raise UserError(
+                f"{where}: invalid JSON (an integer literal of more than {sys.get_int_max_str_digits()} digits)"
+            ) from None
         raise UserError(f"{where}: invalid JSON ({str(err).splitlines()[0][:120]})") from None
 
 
@@ -217,10 +235,16 @@ def unused_warning(where: str, rows: list, fmt: str) -> str | None:
     if not counts:
         return None
     listed = ", ".join(f"{k if k.isprintable() else repr(k)} ({n} of {len(rows)} rows)" for k, n in counts.items())
-    into = {"chat": "the messages", "completions": "the prompt or completion", "text": "the text",
-            "preference": "the prompt"}[fmt]
-    return (f"warning: {where}: {fmt} rows do not read these columns, which are ignored: {listed}; "
-            f"to train on them, fold them into {into}")
+    into = {
+        "chat": "the messages",
+        "completions": "the prompt or completion",
+        "text": "the text",
+        "preference": "the prompt",
+    }[fmt]
+    return (
+        f"warning: {where}: {fmt} rows do not read these columns, which are ignored: {listed}; "
+        f"to train on them, fold them into {into}"
+    )
 
 
 def check_mapped_columns(mapping: dict, fmt: str, where: str) -> None:
@@ -229,8 +253,10 @@ def check_mapped_columns(mapping: dict, fmt: str, where: str) -> None:
         return
     for source, target in mapping.items():
         if target not in READ_COLUMNS[fmt] and target not in SCORER_COLUMNS:
-            raise UserError(f"{where}: --columns maps {source!r} to {target!r}, which {fmt} rows do not read "
-                            f"(they read {', '.join(READ_COLUMNS[fmt])}); map it to one of those, or leave it out")
+            raise UserError(
+                f"{where}: --columns maps {source!r} to {target!r}, which {fmt} rows do not read "
+                f"(they read {', '.join(READ_COLUMNS[fmt])}); map it to one of those, or leave it out"
+            )
 
 
 def rename_columns(row: object, mapping: dict, where: str) -> object:
@@ -268,7 +294,7 @@ def read_jsonl(path: Path, prompts: bool = False, columns: dict | None = None) -
     try:
         raw = path.read_bytes()
         # Editors on Windows write a BOM; it is not part of the first line's JSON.
-        text = raw[len(codecs.BOM_UTF8):].decode("utf-8") if raw.startswith(codecs.BOM_UTF8) else raw.decode("utf-8")
+        text = raw[len(codecs.BOM_UTF8) :].decode("utf-8") if raw.startswith(codecs.BOM_UTF8) else raw.decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except UnicodeDecodeError as err:
@@ -325,4 +351,3 @@ def _check_sources(path: Path, columns: dict, seen: dict) -> None:
         if source not in seen:
             listed = ", ".join(k if k.isprintable() else repr(k) for k in seen)
             raise UserError(f"{path}: no column {source!r} (named in --columns; columns: {listed})")
-

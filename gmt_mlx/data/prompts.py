@@ -16,8 +16,12 @@ def prompt_of(row: dict) -> Optional[object]:
     """The prompt part of a data row (chat messages before the last, all of them when the last is the
     user's, or the prompt)."""
     messages = row.get("messages")
-    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
-            and messages[-1].get("role") != "assistant":
+    if (
+        isinstance(messages, list)
+        and messages
+        and isinstance(messages[-1], dict)
+        and messages[-1].get("role") != "assistant"
+    ):
         return messages
     if "messages" in row and len(row["messages"]) > 1:
         return row["messages"][:-1]

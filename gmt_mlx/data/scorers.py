@@ -193,8 +193,9 @@ def _reasoning_gym_checker(task: str) -> Callable:
     try:
         import reasoning_gym
     except ImportError:
-        raise UserError("the reasoning_gym scorer needs the reasoning-gym package: "
-                        "pip install 'gmt-mlx[tasks]'") from None
+        raise UserError(
+            "the reasoning_gym scorer needs the reasoning-gym package: pip install 'gmt-mlx[tasks]'"
+        ) from None
     try:
         return reasoning_gym.get_score_answer_fn(task)
     except (ValueError, KeyError):
@@ -210,8 +211,10 @@ def reasoning_gym_scorer(task: Optional[str] = None) -> Scorer:
         metadata = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
         name = task or metadata.get("source_dataset")
         if not name:
-            raise UserError("reasoning_gym scorer: the row has no metadata.source_dataset; name the task "
-                            "as --scorer reasoning_gym:TASK")
+            raise UserError(
+                "reasoning_gym scorer: the row has no metadata.source_dataset; name the task "
+                "as --scorer reasoning_gym:TASK"
+            )
         checker = _reasoning_gym_checker(name)
         entry = {"question": row.get("question", ""), "answer": reference_of(row), "metadata": metadata}
         try:

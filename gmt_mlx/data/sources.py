@@ -47,23 +47,24 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
 
 
-def wants_datasets(data: str, columns: Optional[str] = None, data_config: Optional[str] = None,
-                   data_splits: Optional[str] = None) -> bool:
+def wants_datasets(
+    data: str, columns: Optional[str] = None, data_config: Optional[str] = None, data_splits: Optional[str] = None
+) -> bool:
     """Whether ``data`` (with these options) is read here rather than by data.py's JSONL reader.
 
     Here: a .parquet/.csv/.tsv/.json file, a `save_to_disk` folder, a Hub id (owner/name that is
     no local path), and any data with --data-config or --data-splits. JSONL with --columns is
     data.py's: renaming needs no `datasets` (the README says JSONL needs none of it).
     """
-    from gmt_mlx.hub import is_hub_id
-    from gmt_mlx.hub import looks_like_path
+    from gmt_mlx.hub import is_hub_id, looks_like_path
 
     path = Path(data).expanduser()
     if data_config or data_splits:
         return True
     if path.exists():
-        return (path.is_file() and path.suffix.lower() in FILE_BUILDERS and path.suffix.lower() != ".jsonl") \
-            or is_saved_dataset(path)
+        return (
+            path.is_file() and path.suffix.lower() in FILE_BUILDERS and path.suffix.lower() != ".jsonl"
+        ) or is_saved_dataset(path)
     return is_hub_id(data) and not looks_like_path(data) and path.suffix.lower() not in FILE_BUILDERS
 
 
@@ -90,7 +91,11 @@ def _import_datasets(data: str):
     try:
         import datasets
     except ImportError:
-        what = "reading it" if Path(data).expanduser().exists() else "no such file or folder, and reading it as a Hub dataset"
+        what = (
+            "reading it"
+            if Path(data).expanduser().exists()
+            else "no such file or folder, and reading it as a Hub dataset"
+        )
         raise UserError(f"{data}: {what} needs the datasets library: {INSTALL}") from None
     return datasets
 
@@ -138,9 +143,12 @@ def _load(data: str, data_config: Optional[str], datasets) -> dict:
     if path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise UserError(f"{label}: unknown file type {path.suffix or '(none)'} (expected .jsonl, .parquet, .csv, .tsv or .json)")
+            raise UserError(
+                f"{label}: unknown file type {path.suffix or '(none)'} (expected .jsonl, .parquet, .csv, .tsv or .json)"
+            )
         read = lambda: datasets.load_dataset(  # noqa: E731
-            builder, data_files={"train": str(path)}, **(_csv_kwargs(path, datasets) if builder == "csv" else {}))
+            builder, data_files={"train": str(path)}, **(_csv_kwargs(path, datasets) if builder == "csv" else {})
+        )
     elif is_saved_dataset(path):
         read = lambda: datasets.load_from_disk(str(path))  # noqa: E731
     elif path.is_dir():  # a JSONL folder read here for --columns / --data-splits
@@ -156,17 +164,21 @@ def _load(data: str, data_config: Optional[str], datasets) -> dict:
     except UserError:
         raise
     except ConnectionError as err:  # offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or no network, and not cached
-        raise UserError(f"{data}: no such file or folder, and the Hub dataset {data} is not in the local dataset cache "
-                        f"({datasets.config.HF_DATASETS_CACHE}) while the Hub cannot be reached ({_first_line(err)}); "
-                        "download it once online, or use a local file") from None
+        raise UserError(
+            f"{data}: no such file or folder, and the Hub dataset {data} is not in the local dataset cache "
+            f"({datasets.config.HF_DATASETS_CACHE}) while the Hub cannot be reached ({_first_line(err)}); "
+            "download it once online, or use a local file"
+        ) from None
     except Exception as err:  # datasets raises many types (DatasetNotFoundError, ValueError, ArrowInvalid ...)
         name = type(err).__name__
         empty = re.search(r'Instruction "([^"]+)" corresponds to no data', str(err))
         if empty:  # load_dataset refuses a split without rows
             raise UserError(f"{label}, split {empty.group(1)}: no examples") from None
         if name == "DatasetNotFoundError":
-            raise UserError(f"{data}: no such file or folder, and no Hub dataset of that name "
-                            f"({_first_line(err)}; a private or gated one needs `hf auth login`)") from None
+            raise UserError(
+                f"{data}: no such file or folder, and no Hub dataset of that name "
+                f"({_first_line(err)}; a private or gated one needs `hf auth login`)"
+            ) from None
         if data_config and "config" in str(err).lower():
             raise UserError(f"{label}: no configuration {data_config!r} ({_first_line(err)})") from None
         raise UserError(f"{label}: cannot read it ({name}: {_first_line(err)})") from None
@@ -196,8 +208,10 @@ def _choose_splits(found: dict, data_splits: Optional[str], label: str, datasets
             if theirs in found and ours not in chosen:
                 chosen[ours] = (theirs, found[theirs])
     if "train" not in chosen:
-        raise UserError(f"{label}: no train split (splits: {names}); choose them with --data-splits, "
-                        f"e.g. --data-splits train_sft=train,test_sft=valid")
+        raise UserError(
+            f"{label}: no train split (splits: {names}); choose them with --data-splits, "
+            f"e.g. --data-splits train_sft=train,test_sft=valid"
+        )
     return {ours: chosen[ours] for ours in OUR_SPLITS if ours in chosen}
 
 
@@ -220,13 +234,17 @@ def _rows(dataset, spec: str, mapping: Dict[str, str], label: str, prompts: bool
             raise UserError(f"{where_split}: no column {source!r} (named in --columns; columns: {', '.join(columns)})")
     for source, target in mapping.items():
         if target in columns and target not in mapping:
-            raise UserError(f"{where_split}: --columns maps {source!r} to {target!r}, "
-                            f"but the dataset has a column {target!r} already")
+            raise UserError(
+                f"{where_split}: --columns maps {source!r} to {target!r}, "
+                f"but the dataset has a column {target!r} already"
+            )
     renamed = [mapping.get(c, c) for c in columns]
     if not any(c in FORMAT_COLUMNS for c in renamed):
-        raise UserError(f"{where_split}: no column of a known format (messages | prompt+completion | text | "
-                        f"prompt+chosen+rejected); columns: {', '.join(columns)}; map yours with --columns, "
-                        f"e.g. {_EXAMPLE_MAPPING}")
+        raise UserError(
+            f"{where_split}: no column of a known format (messages | prompt+completion | text | "
+            f"prompt+chosen+rejected); columns: {', '.join(columns)}; map yours with --columns, "
+            f"e.g. {_EXAMPLE_MAPPING}"
+        )
     if len(dataset) == 0:
         raise UserError(f"{where_split}: no examples")
     # A renamed column is named by its own name too in messages: that is what the user sees.
@@ -247,13 +265,20 @@ def _rows(dataset, spec: str, mapping: Dict[str, str], label: str, prompts: bool
             first = fmt
             check_mapped_columns(mapping, fmt, where_split)
         elif fmt != first:
-            raise UserError(f"{where}: format is {fmt} but the split started as {first} (row 0); one split must use one format")
+            raise UserError(
+                f"{where}: format is {fmt} but the split started as {first} (row 0); one split must use one format"
+            )
         rows.append(row)
     return rows
 
 
-def load_source(data: str, columns: Optional[str] = None, data_config: Optional[str] = None,
-                data_splits: Optional[str] = None, prompts: bool = False) -> Dict[str, List[dict]]:
+def load_source(
+    data: str,
+    columns: Optional[str] = None,
+    data_config: Optional[str] = None,
+    data_splits: Optional[str] = None,
+    prompts: bool = False,
+) -> Dict[str, List[dict]]:
     """Read ``data`` (file, saved folder or Hub id) into {split: rows}, like data.load_splits.
 
     ``columns``: 'question=prompt,answer=completion' renames dataset columns to our fields
@@ -268,12 +293,21 @@ def load_source(data: str, columns: Optional[str] = None, data_config: Optional[
     datasets = _import_datasets(str(data))
     label = f"dataset {data}"
     found = _load(str(data), data_config, datasets)
-    return {ours: _rows(ds, spec, mapping, label, prompts) for ours, (spec, ds) in _choose_splits(found, data_splits, label, datasets).items()}
+    return {
+        ours: _rows(ds, spec, mapping, label, prompts)
+        for ours, (spec, ds) in _choose_splits(found, data_splits, label, datasets).items()
+    }
 
 
-def column_warnings(data: str | Path, splits: Dict[str, List[dict]], columns: Optional[str] = None, *,
-                    data_config: Optional[str] = None, data_splits: Optional[str] = None,
-                    prompts: bool = False) -> List[str]:
+def column_warnings(
+    data: str | Path,
+    splits: Dict[str, List[dict]],
+    columns: Optional[str] = None,
+    *,
+    data_config: Optional[str] = None,
+    data_splits: Optional[str] = None,
+    prompts: bool = False,
+) -> List[str]:
     """One warning per file (or dataset split) of ``load_splits``' rows whose columns no format reads, with counts."""
     from gmt_mlx.data.formats import detect_format, unused_warning
 
@@ -292,8 +326,14 @@ def column_warnings(data: str | Path, splits: Dict[str, List[dict]], columns: Op
     return lines
 
 
-def load_splits(data: str | Path, columns: str | None = None, *, data_config: str | None = None,
-                data_splits: str | None = None, prompts: bool = False) -> dict[str, list[dict]]:
+def load_splits(
+    data: str | Path,
+    columns: str | None = None,
+    *,
+    data_config: str | None = None,
+    data_splits: str | None = None,
+    prompts: bool = False,
+) -> dict[str, list[dict]]:
     """Load a data folder (train.jsonl required; valid/test.jsonl optional) or one JSONL file.
 
     Returns {split: rows} for the splits present; a single file becomes {"train": rows}.
@@ -312,6 +352,11 @@ def load_splits(data: str | Path, columns: str | None = None, *, data_config: st
     if (path / "train.jsonl").is_dir():
         raise UserError(f"{path / 'train.jsonl'}: is a directory, not a JSONL file")
     if not (path / "train.jsonl").is_file():
-        raise UserError(f"{path}: no train.jsonl (a data folder needs train.jsonl; valid.jsonl and test.jsonl are optional)")
-    return {name: read_jsonl(path / f"{name}.jsonl", prompts, mapping)
-            for name in SPLITS if (path / f"{name}.jsonl").is_file()}
+        raise UserError(
+            f"{path}: no train.jsonl (a data folder needs train.jsonl; valid.jsonl and test.jsonl are optional)"
+        )
+    return {
+        name: read_jsonl(path / f"{name}.jsonl", prompts, mapping)
+        for name in SPLITS
+        if (path / f"{name}.jsonl").is_file()
+    }

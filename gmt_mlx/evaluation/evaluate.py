@@ -100,7 +100,10 @@ class EvalOptions:
         max_tokens = self.max_tokens or (run.get("max_completion_length") if grpo else None) or DEFAULT_MAX_TOKENS
         return replace(
             self,
-            scorers=scorers, rewards=rewards, reward_weights=weights, max_tokens=max_tokens,
+            scorers=scorers,
+            rewards=rewards,
+            reward_weights=weights,
+            max_tokens=max_tokens,
             mask_prompt=run.get("mask_prompt", True) if self.mask_prompt is None else self.mask_prompt,
             assistant_turns=self.assistant_turns or run.get("assistant_turns") or "final",
             max_seq_length=self.max_seq_length or run.get("max_seq_length", DEFAULT_MAX_SEQ_LENGTH),
@@ -197,8 +200,14 @@ def generate_batch(
     model.eval()
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        result = batch_generate(model, tokenizer, [ids[i] for i in chunk], max_tokens=max_tokens,
-                                prefill_batch_size=len(chunk), completion_batch_size=len(chunk))
+        result = batch_generate(
+            model,
+            tokenizer,
+            [ids[i] for i in chunk],
+            max_tokens=max_tokens,
+            prefill_batch_size=len(chunk),
+            completion_batch_size=len(chunk),
+        )
         for i, text in zip(chunk, result.texts):
             answers[i] = text
         if on_batch is not None:
@@ -231,13 +240,25 @@ def generation_accuracy(
     """
     functions = {name: get_scorer(name) for name in scorers}
     chosen = scored_rows(rows, limit)
-    answers = generate_batch(model, tokenizer, [prompt_of(r) for r in chosen], max_tokens=max_tokens,
-                             batch_size=batch_size, on_batch=on_batch)
+    answers = generate_batch(
+        model,
+        tokenizer,
+        [prompt_of(r) for r in chosen],
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        on_batch=on_batch,
+    )
     items = []
     for row, answer in zip(chosen, answers):
         scores = {name: fn(answer, row) for name, fn in functions.items()}
-        items.append({"prompt": describe_prompt(prompt_of(row)), "reference": reference_of(row),
-                      "answer": answer, "scores": scores})
+        items.append(
+            {
+                "prompt": describe_prompt(prompt_of(row)),
+                "reference": reference_of(row),
+                "answer": answer,
+                "scores": scores,
+            }
+        )
     accuracy = {name: (sum(i["scores"][name] for i in items) / len(items) if items else None) for name in functions}
     return {"accuracy": accuracy, "count": len(items), "items": items}
 
@@ -265,18 +286,45 @@ def evaluate_model(
     if options.loss and not has_completions(rows):
         result["loss_skipped"] = "the rows are prompts with no completion"
     elif options.loss and are_pairs(rows):
-        result.update(preference_accuracy(model, tokenizer, rows, split=options.split,
-                                          max_seq_length=options.max_seq_length, batch_size=options.batch_size))
+        result.update(
+            preference_accuracy(
+                model,
+                tokenizer,
+                rows,
+                split=options.split,
+                max_seq_length=options.max_seq_length,
+                batch_size=options.batch_size,
+            )
+        )
     elif options.loss:
         result.update(sft_loss_of(model, tokenizer, rows, options))
     if options.generate and rewards is not None:
-        result.update(reward_evaluation(model, tokenizer, limited(rows, options.limit), rewards, max_tokens=options.max_tokens,
-                                        batch_size=options.batch_size, where=where, on_batch=on_batch))
+        result.update(
+            reward_evaluation(
+                model,
+                tokenizer,
+                limited(rows, options.limit),
+                rewards,
+                max_tokens=options.max_tokens,
+                batch_size=options.batch_size,
+                where=where,
+                on_batch=on_batch,
+            )
+        )
         result["reward_names"], result["reward_weights"] = rewards.names, rewards.weights
     if options.generate and options.scorers:
-        result.update(generation_accuracy(model, tokenizer, rows, scorers=options.scorers,
-                                          max_tokens=options.max_tokens, batch_size=options.batch_size,
-                                          limit=options.limit, on_batch=on_batch))
+        result.update(
+            generation_accuracy(
+                model,
+                tokenizer,
+                rows,
+                scorers=options.scorers,
+                max_tokens=options.max_tokens,
+                batch_size=options.batch_size,
+                limit=options.limit,
+                on_batch=on_batch,
+            )
+        )
     if options.generate:
         result["scorers"] = list(options.scorers)
         result["max_tokens"] = options.max_tokens
@@ -286,14 +334,23 @@ def evaluate_model(
 
 def sft_loss_of(model: nn.Module, tokenizer, rows: List[dict], options: EvalOptions) -> dict:
     """Loss, perplexity and target tokens of SFT rows, over what ``options`` (resolved: see `for_run`) train on."""
-    tokenized = tokenize_split(rows, tokenizer, mask_prompt=options.mask_prompt, max_seq_length=options.max_seq_length,
-                               name=options.split,
-                               assistant_turns=options.assistant_turns if options.mask_prompt else "final")
+    tokenized = tokenize_split(
+        rows,
+        tokenizer,
+        mask_prompt=options.mask_prompt,
+        max_seq_length=options.max_seq_length,
+        name=options.split,
+        assistant_turns=options.assistant_turns if options.mask_prompt else "final",
+    )
     if len(tokenized) == 0:
         raise UserError(f"{options.split} split has no examples with target tokens")
     measured = split_loss(model, tokenized, batch_size=options.batch_size, pad_id=batch_pad_id(tokenizer))
-    return {"loss": measured["loss"], "ppl": measured["ppl"], "tokens": measured["tokens"],
-            "mask_prompt": options.mask_prompt}
+    return {
+        "loss": measured["loss"],
+        "ppl": measured["ppl"],
+        "tokens": measured["tokens"],
+        "mask_prompt": options.mask_prompt,
+    }
 
 
 def are_pairs(rows: List[dict]) -> bool:
@@ -301,8 +358,9 @@ def are_pairs(rows: List[dict]) -> bool:
     return bool(rows) and is_preference_row(rows[0])
 
 
-def preference_accuracy(model: nn.Module, tokenizer, rows: List[dict], *, split: str, max_seq_length: int,
-                        batch_size: int) -> dict:
+def preference_accuracy(
+    model: nn.Module, tokenizer, rows: List[dict], *, split: str, max_seq_length: int, batch_size: int
+) -> dict:
     """How often the model gives the chosen answer a higher log-probability than the rejected one.
 
     Log-probabilities are summed over each answer's tokens. Returns
@@ -310,14 +368,18 @@ def preference_accuracy(model: nn.Module, tokenizer, rows: List[dict], *, split:
     pairs, and every pair's (chosen, rejected) log-probabilities in
     ``pair_logps`` (with a base model's, the DPO rewards: see `evaluate_with_base`).
     """
-    tokenized = tokenize_split(rows, tokenizer, mask_prompt=True, max_seq_length=max_seq_length, name=split,
-                               preference=True)
+    tokenized = tokenize_split(
+        rows, tokenizer, mask_prompt=True, max_seq_length=max_seq_length, name=split, preference=True
+    )
     if len(tokenized) == 0:
         raise UserError(f"{split} split has no pairs with room for an answer within {max_seq_length} tokens")
     logps = reference_logps(model, tokenized, batch_size=batch_size, pad_id=batch_pad_id(tokenizer)).astype(float)
-    return {"preference_accuracy": float((logps[:, 0] > logps[:, 1]).mean()),
-            "margin": float((logps[:, 0] - logps[:, 1]).mean()), "pairs": len(tokenized),
-            "pair_logps": logps.tolist()}
+    return {
+        "preference_accuracy": float((logps[:, 0] > logps[:, 1]).mean()),
+        "margin": float((logps[:, 0] - logps[:, 1]).mean()),
+        "pairs": len(tokenized),
+        "pair_logps": logps.tolist(),
+    }
 
 
 def against_base(tuned: dict, base: dict, run: Optional[dict] = None) -> dict:
@@ -376,15 +438,19 @@ def evaluate(
     if options.rewards and options.generate:  # rows the rewards cannot score: before the model load
         check_reward_rows(limited(rows, options.limit), options.reward_set(), split_where(str(data), options.split))
     model, tokenizer, _, path = load_base(run_model_dir(model_or_run), dequantize=False)
-    result = evaluate_model(model, tokenizer, rows, options, on_batch=on_batch, where=split_where(str(data), options.split))
+    result = evaluate_model(
+        model, tokenizer, rows, options, on_batch=on_batch, where=split_where(str(data), options.split)
+    )
     return {"model": str(model_or_run), "model_path": str(path), "data": str(data), **result}
 
 
 def load_rows(data: Optional[str], options: EvalOptions) -> List[dict]:
     """The rows of ``options.split`` of ``data``, read with the options' data options."""
     if not data:
-        raise UserError("--data is required (a folder with train/valid/test.jsonl, a data file, a saved dataset "
-                        "or a Hub dataset id)")
+        raise UserError(
+            "--data is required (a folder with train/valid/test.jsonl, a data file, a saved dataset "
+            "or a Hub dataset id)"
+        )
     splits = load_splits(data, **options.data_options(), prompts=bool(options.rewards))
     if options.split not in splits:
         raise UserError(f"{data}: no {options.split} split (found: {', '.join(splits)})")
@@ -395,8 +461,10 @@ def base_model_of(run_dir: str) -> str:
     """The base model a run was fine-tuned from (its config's ``model``)."""
     run = saved_run_config(run_dir)
     if not run or not run.get("model"):
-        raise UserError(f"{run_dir}: comparing with the base model needs a gmt-mlx run directory "
-                        "(its config.yaml names the base model)")
+        raise UserError(
+            f"{run_dir}: comparing with the base model needs a gmt-mlx run directory "
+            "(its config.yaml names the base model)"
+        )
     return str(run["model"])
 
 
@@ -439,5 +507,3 @@ def score_summary(result: dict, scorer: str) -> str:
     if all(float(s) in (0.0, 1.0) for s in scores):
         return f"{int(sum(float(s) for s in scores))}/{count} ({100 * value:.0f}%)"
     return f"{100 * value:.1f}% of {count}"
-
-

@@ -50,7 +50,11 @@ def _fuse_one(module: nn.Module) -> nn.Module:
 
 def _dequantized_params(module: nn.Module) -> Dict[str, mx.array]:
     weight = mx.dequantize(
-        module["weight"], module["scales"], module.get("biases"), module.group_size, module.bits,
+        module["weight"],
+        module["scales"],
+        module.get("biases"),
+        module.group_size,
+        module.bits,
         mode=getattr(module, "mode", "affine"),
     )
     out = {"weight": weight}
@@ -219,8 +223,10 @@ def peft_adapter(model: nn.Module) -> Tuple[Dict[str, mx.array], Dict[str, Any]]
         if not name or not is_adapter(module):
             continue
         if not isinstance(module, (LoRALinear, DoRALinear)):
-            raise UserError(f"{name}: {type(module).__name__} has no PEFT equivalent here; "
-                            "export the merged model instead (without --adapter-only)")
+            raise UserError(
+                f"{name}: {type(module).__name__} has no PEFT equivalent here; "
+                "export the merged model instead (without --adapter-only)"
+            )
         prefix = f"base_model.model.{name}"
         weights[f"{prefix}.lora_A.weight"] = module.lora_a.T
         weights[f"{prefix}.lora_B.weight"] = module.lora_b.T
@@ -236,11 +242,16 @@ def peft_adapter(model: nn.Module) -> Tuple[Dict[str, mx.array], Dict[str, Any]]
     if len(kinds) > 1:
         raise UserError("the model mixes LoRA and DoRA layers, which one PEFT config cannot describe")
     lora_suffixes = (".lora_a", ".lora_b", ".m")
-    others = [k for k, _ in tree_flatten(model.trainable_parameters())
-              if not (k.endswith(lora_suffixes) and k.rsplit(".", 1)[0] in ranks)]
+    others = [
+        k
+        for k, _ in tree_flatten(model.trainable_parameters())
+        if not (k.endswith(lora_suffixes) and k.rsplit(".", 1)[0] in ranks)
+    ]
     if others:
-        raise UserError(f"--adapter-only would drop trained weights outside the adapters ({others[0]}, ...); "
-                        "export the merged model instead")
+        raise UserError(
+            f"--adapter-only would drop trained weights outside the adapters ({others[0]}, ...); "
+            "export the merged model instead"
+        )
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config: Dict[str, Any] = {

@@ -39,8 +39,13 @@ def load_base(model: str, *, dequantize: bool = True) -> Tuple[Any, Any, Dict[st
 
 
 # The text files of a model folder that loading reads (mlx_lm, transformers' tokenizer, our generate).
-JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-              "special_tokens_map.json")
+JSON_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+)
 CHAT_TEMPLATE = "chat_template.jinja"
 
 
@@ -93,8 +98,10 @@ def rope_overrides(config: Dict[str, Any], where: Path) -> Dict[str, Any]:
         return {}
     if "rope_theta" not in params:
         # One dict per attention type (e.g. Gemma 3's sliding/full): no mlx-lm equivalent to map to.
-        raise UserError(f"{where / 'config.json'}: rope_parameters per layer type ({', '.join(map(str, params))}) "
-                        f"cannot be read by mlx-lm; use a config with rope_theta / rope_scaling")
+        raise UserError(
+            f"{where / 'config.json'}: rope_parameters per layer type ({', '.join(map(str, params))}) "
+            f"cannot be read by mlx-lm; use a config with rope_theta / rope_scaling"
+        )
     overrides: Dict[str, Any] = {"rope_theta": params["rope_theta"]}
     scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     if scaling.get("rope_type", "default") != "default":

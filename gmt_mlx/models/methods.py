@@ -101,12 +101,20 @@ def add_adapters(model: nn.Module, config: Config) -> Dict[str, int]:
         present = {name for block in blocks for name, _ in block.named_modules()}
         missing = [k for k in keys if k not in present]
         if missing:
-            linear = sorted(name for name, m in blocks[0].named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
-            raise UserError(f"--lora-keys {', '.join(missing)} not found in the model's blocks; "
-                            f"linear layers there: {', '.join(linear)}")
+            linear = sorted(
+                name for name, m in blocks[0].named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))
+            )
+            raise UserError(
+                f"--lora-keys {', '.join(missing)} not found in the model's blocks; "
+                f"linear layers there: {', '.join(linear)}"
+            )
     num_layers = len(blocks) if config.num_layers < 0 else min(config.num_layers, len(blocks))
-    lora_config = {"rank": config.lora_rank, "scale": config.lora_scale, "dropout": config.lora_dropout,
-                   "keys": set(keys) if keys else None}
+    lora_config = {
+        "rank": config.lora_rank,
+        "scale": config.lora_scale,
+        "dropout": config.lora_dropout,
+        "keys": set(keys) if keys else None,
+    }
     try:
         linear_to_lora_layers(model, num_layers, lora_config, use_dora=config.method == "dora")
     except ValueError as err:  # e.g. a layer type mlx-lm cannot adapt

@@ -76,14 +76,18 @@ def resolve_model(name_or_path: str | Path | None, cache_dir: str | Path | None 
     if path.is_dir():
         if not (path / "config.json").is_file():
             if rundir.is_run_dir(path):  # a run that has not saved its model yet
-                raise UserError(f"{name} is a run that has not finished (no model/ yet); "
-                                f"finish it with: gmt-mlx finetune --resume {name}")
+                raise UserError(
+                    f"{name} is a run that has not finished (no model/ yet); "
+                    f"finish it with: gmt-mlx finetune --resume {name}"
+                )
             raise UserError(f"model folder has no config.json: {name}")
         return path
     if looks_like_path(name):
         # Never a Hub look-up (and its DNS error) for what was typed as a path.
-        raise UserError(f"{name}: no such folder or file (expected a model folder with config.json, a .gguf file, "
-                        "a finished run directory, a Hub id owner/name or 'smollm2-135m')")
+        raise UserError(
+            f"{name}: no such folder or file (expected a model folder with config.json, a .gguf file, "
+            "a finished run directory, a Hub id owner/name or 'smollm2-135m')"
+        )
     if hub.is_hub_id(name):
         try:
             return hub.download_model(name)
@@ -96,8 +100,10 @@ def _offline_alternative(repo_id: str) -> str:
     """What works offline instead of ``repo_id``: the embedded model when it is that very model."""
     for short, spec in EMBEDDED_MODELS.items():
         if spec.hub_repo.lower() == repo_id.lower():
-            return (f"the embedded '{short}' is this very model ({spec.gguf_name}, dequantized) and works offline: "
-                    f"use {short} instead")
+            return (
+                f"the embedded '{short}' is this very model ({spec.gguf_name}, dequantized) and works offline: "
+                f"use {short} instead"
+            )
     return f"offline, use a local model folder, a .gguf file or the embedded '{DEFAULT_MODEL}'"
 
 

@@ -66,6 +66,7 @@ from gmt_mlx.platform.blas_find import ENV_VAR, OPT_OUT_VALUES, find_optimized_b
 # Which library is MLX bound to?
 # --------------------------------------------------------------------------
 
+
 def classify_library(path: str | os.PathLike | None) -> str:
     """Kind of a BLAS shared library from its (resolved) file name.
 
@@ -249,6 +250,7 @@ def select_hint(blas: str) -> str:
 # --------------------------------------------------------------------------
 # The decision, the check, the re-exec
 # --------------------------------------------------------------------------
+
 
 def decide(
     platform_name: str,

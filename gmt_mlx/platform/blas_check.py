@@ -72,7 +72,9 @@ print("GMT_MLX_BLAS_CHECK " + json.dumps(out))
 """
 
 
-def check_blas(lib: Path, env: Mapping[str, str] | None = None, timeout: float = CHECK_TIMEOUT_S) -> tuple[bool, str, dict]:
+def check_blas(
+    lib: Path, env: Mapping[str, str] | None = None, timeout: float = CHECK_TIMEOUT_S
+) -> tuple[bool, str, dict]:
     """Numerical check of ``lib`` in a subprocess; ``(ok, reason, details)``.
 
     The child preloads ``lib`` (via :func:`preload_environment`), confirms MLX
@@ -88,7 +90,11 @@ def check_blas(lib: Path, env: Mapping[str, str] | None = None, timeout: float =
     penv["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in penv.get("PYTHONPATH", "").split(os.pathsep) if p])
     try:
         r = subprocess.run(
-            [sys.executable, "-c", _CHECK_CODE], env=penv, capture_output=True, text=True, timeout=timeout,
+            [sys.executable, "-c", _CHECK_CODE],
+            env=penv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired:

@@ -24,6 +24,7 @@ from gmt_mlx.paths import cache_root
 ENV_VAR = "GMT_MLX_BLAS"
 OPT_OUT_VALUES = frozenset({"reference", "ref", "off", "0", "no", "none", "false"})
 
+
 def _triplet() -> str:
     m = platform.machine()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(m.lower(), m) + "-linux-gnu"

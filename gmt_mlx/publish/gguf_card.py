@@ -24,10 +24,13 @@ def gguf_intro(intro: str, files: Sequence[str]) -> str:
     if not files:
         return intro
     listed = ", ".join(f"`{name}`" for name in files)
-    what = (f"the merged weights as GGUF for llama.cpp, Ollama and LM Studio ({listed}; "
-            "one file per quantization) and an Ollama `Modelfile`")
-    return re.sub(r"This repository holds .*?; exported from", lambda _: f"This repository holds {what}; exported from",
-                  intro)
+    what = (
+        f"the merged weights as GGUF for llama.cpp, Ollama and LM Studio ({listed}; "
+        "one file per quantization) and an Ollama `Modelfile`"
+    )
+    return re.sub(
+        r"This repository holds .*?; exported from", lambda _: f"This repository holds {what}; exported from", intro
+    )
 
 
 def gguf_usage(files: Sequence[str], model_id: str) -> str:
@@ -37,5 +40,7 @@ def gguf_usage(files: Sequence[str], model_id: str) -> str:
     for name in files:
         quant = Path(name).stem.rsplit("-", 1)[-1].upper()
         lines += [f"llama-cli -hf {model_id}:{quant}", f"ollama run hf.co/{model_id}:{quant}"]
-    return ("With llama.cpp or Ollama, straight from the Hub:\n\n```bash\n" + "\n".join(lines) + "\n```\n\n"
-            "Or locally, from a copy of this folder: `ollama create NAME -f Modelfile && ollama run NAME`.")
+    return (
+        "With llama.cpp or Ollama, straight from the Hub:\n\n```bash\n" + "\n".join(lines) + "\n```\n\n"
+        "Or locally, from a copy of this folder: `ollama create NAME -f Modelfile && ollama run NAME`."
+    )

@@ -15,8 +15,7 @@ from gmt_mlx.errors import UserError
 from gmt_mlx.hub import NO_TOKEN, SKIPPED_DIRS, check_repo_id, get_token, redact, upload_folder
 from gmt_mlx.models.resolve import ModelOrigin
 from gmt_mlx.publish.card import CARD_FILE, RunSummary, card_for, write_model_card
-from gmt_mlx.run import final
-from gmt_mlx.run import rundir
+from gmt_mlx.run import final, rundir
 
 
 def model_folder(path: str | Path) -> Path:
@@ -32,8 +31,10 @@ def model_folder(path: str | Path) -> Path:
         raise UserError(f"{path}: no such folder")
     # A GGUF export (gmt-mlx export --format gguf) is a model folder too: its .gguf files, Modelfile and card.
     if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file() or any(path.glob("*.gguf"))):
-        raise UserError(f"{path} is not a model folder (no config.json, adapter_config.json or .gguf file); "
-                        "write one with `gmt-mlx export RUN_DIR --out DIR`")
+        raise UserError(
+            f"{path} is not a model folder (no config.json, adapter_config.json or .gguf file); "
+            "write one with `gmt-mlx export RUN_DIR --out DIR`"
+        )
     return path
 
 
@@ -88,13 +89,18 @@ def push(
     branch = revision or "main"
     if dry_run:
         total = sum((folder / f).stat().st_size for f in files)
-        log(f"dry run: would create {'private' if private else 'public'} repo {repo_id} if missing, "
-            f"then upload {len(files)} files ({_size(total)}) from {folder} to branch {branch}:")
+        log(
+            f"dry run: would create {'private' if private else 'public'} repo {repo_id} if missing, "
+            f"then upload {len(files)} files ({_size(total)}) from {folder} to branch {branch}:"
+        )
         for f in files:
             log(f"  {f.as_posix():<48} {_size((folder / f).stat().st_size):>10}")
         log("token: " + ("found" if token else f"missing: {NO_TOKEN}"))
-        log(f"--- {CARD_FILE} ---\n{card}" if card is not None
-            else f"warning: no {CARD_FILE}: the repo would have no model card")
+        log(
+            f"--- {CARD_FILE} ---\n{card}"
+            if card is not None
+            else f"warning: no {CARD_FILE}: the repo would have no model card"
+        )
         return PushResult(repo_id, [f.as_posix() for f in files])
     if not token:
         raise UserError(NO_TOKEN)
@@ -103,14 +109,27 @@ def push(
     elif card != (folder / CARD_FILE).read_text():
         (folder / CARD_FILE).write_text(card)  # the usage snippets now name the repo
 
-    url, commit_url = upload_folder(folder, repo_id, token=token, private=private, revision=revision,
-                                    commit_message=commit_message or f"Upload {folder.name} with gmt-mlx")
+    url, commit_url = upload_folder(
+        folder,
+        repo_id,
+        token=token,
+        private=private,
+        revision=revision,
+        commit_message=commit_message or f"Upload {folder.name} with gmt-mlx",
+    )
     log(redact(f"pushed {len(files)} files to {url}" + (f" ({commit_url})" if commit_url else ""), token))
     return PushResult(repo_id, [f.as_posix() for f in files], str(url), commit_url)
 
 
-def publish_run(run_dir: str | Path, model_dir: str | Path, config, *, step: Optional[int] = None,
-                origin: Optional[ModelOrigin] = None, log: Callable[[str], None] = print) -> Optional[PushResult]:
+def publish_run(
+    run_dir: str | Path,
+    model_dir: str | Path,
+    config,
+    *,
+    step: Optional[int] = None,
+    origin: Optional[ModelOrigin] = None,
+    log: Callable[[str], None] = print,
+) -> Optional[PushResult]:
     """The end of `finetune`: write RUN_DIR/model's card, then push it when ``config.push_to_hub`` is set."""
     from gmt_mlx.run.checkpoint import versions
 
@@ -120,5 +139,6 @@ def publish_run(run_dir: str | Path, model_dir: str | Path, config, *, step: Opt
     try:
         return push(model_dir, config.push_to_hub, log=log)
     except UserError as err:
-        raise UserError(f"{err} (the run is saved; retry with: "
-                        f"gmt-mlx push {run_dir} --repo {config.push_to_hub})") from None
+        raise UserError(
+            f"{err} (the run is saved; retry with: gmt-mlx push {run_dir} --repo {config.push_to_hub})"
+        ) from None

@@ -14,14 +14,13 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Optional, Tuple
 
-
 from gmt_mlx.config import Config
 from gmt_mlx.core.distributed import check_batch_size, check_same_config, init_group, is_main
 from gmt_mlx.core.trainer import NonFiniteError, train
 from gmt_mlx.errors import Interrupted, UserError
 from gmt_mlx.hub import check_push
-from gmt_mlx.recipes.outputs import RunLogger, RunResult, finished_result, samples_before, save_final
 from gmt_mlx.objectives import objective_of
+from gmt_mlx.recipes.outputs import RunLogger, RunResult, finished_result, samples_before, save_final
 from gmt_mlx.recipes.plan import RunPlan, plan_run, train_batches
 from gmt_mlx.recipes.setup import Setup, build_setup, print_summary
 from gmt_mlx.run import checkpoint as ckpt
@@ -52,14 +51,23 @@ def finetune(
     """
     lock = RunLock()
     try:
-        return _finetune(config, lock, overwrite=overwrite, resume=resume, force=force, log=log,
-                         on_validation=on_validation)
+        return _finetune(
+            config, lock, overwrite=overwrite, resume=resume, force=force, log=log, on_validation=on_validation
+        )
     finally:
         lock.release()
 
 
-def _finetune(config: Config, lock: RunLock, *, overwrite: bool, resume: bool, force: bool,
-              log: Callable[[str], None], on_validation: Optional[Callable[[int, Any, dict], None]]) -> RunResult:
+def _finetune(
+    config: Config,
+    lock: RunLock,
+    *,
+    overwrite: bool,
+    resume: bool,
+    force: bool,
+    log: Callable[[str], None],
+    on_validation: Optional[Callable[[int, Any, dict], None]],
+) -> RunResult:
     """`finetune` with ``lock`` taken (rank 0) before the run directory is read, and kept until the end."""
     config.validate()
     tracking.check(config.report_to)  # a missing extra is said before anything loads or is written
@@ -89,19 +97,30 @@ def _finetune(config: Config, lock: RunLock, *, overwrite: bool, resume: bool, f
     print_summary(config, run, log)
     run.session.prepare(plan.out, plan.checkpoint, write=main, log=log)
     if group.size() > 1:
-        log(f"ranks      {group.size()} data-parallel ranks, {config.batch_size // group.size()} examples each per micro-batch")
-    prompts, before = samples_before(config, run, plan.out, fresh=plan.checkpoint is None, log=log) if main else ([], [])
+        log(
+            f"ranks      {group.size()} data-parallel ranks, {config.batch_size // group.size()} examples each per "
+            f"micro-batch"
+        )
+    prompts, before = (
+        samples_before(config, run, plan.out, fresh=plan.checkpoint is None, log=log) if main else ([], [])
+    )
 
-    logger = RunLogger(config, run, plan.out, group, best_val=best_val, start_step=start_step, on_validation=on_validation)
+    logger = RunLogger(
+        config, run, plan.out, group, best_val=best_val, start_step=start_step, on_validation=on_validation
+    )
     if objective_of(config).validates_at_start and plan.checkpoint is None:
-        logger.on_eval(0, initial=True)  # where preference training starts (DPO: ln 2, policy = reference), GRPO's reward
+        logger.on_eval(
+            0, initial=True
+        )  # where preference training starts (DPO: ln 2, policy = reference), GRPO's reward
     _train_to_the_end(config, run, plan, logger, start_step, group, log)
     if not main:  # the other ranks hold the same weights; rank 0 writes them
         return logger.result(rundir.model_dir(plan.out), [], start_step)
     return save_final(config, run, plan.out, logger, prompts, before, start_step, log)
 
 
-def _train_to_the_end(config: Config, run: Setup, plan: RunPlan, logger: RunLogger, start_step: int, group, log) -> None:
+def _train_to_the_end(
+    config: Config, run: Setup, plan: RunPlan, logger: RunLogger, start_step: int, group, log
+) -> None:
     """Train, saving a checkpoint when stopped early; an interruption becomes `Interrupted` with the resume command."""
     try:
         last_step = _train(config, run, logger, start_step, group, log)
@@ -112,10 +131,15 @@ def _train_to_the_end(config: Config, run: Setup, plan: RunPlan, logger: RunLogg
         # the newest complete checkpoint still resumes the run exactly.
         latest = rundir.latest_checkpoint(plan.out)
         where = f"the newest checkpoint is {latest.name}" if latest else "no checkpoint was saved yet"
-        raise Interrupted(f"aborted without saving; {where}. Resume with: gmt-mlx finetune --resume {plan.out}") from None
+        raise Interrupted(
+            f"aborted without saving; {where}. Resume with: gmt-mlx finetune --resume {plan.out}"
+        ) from None
     if last_step < run.steps:
-        raise Interrupted(f"interrupted at step {last_step} of {run.steps}; checkpoint saved. "
-                          f"Resume with: gmt-mlx finetune --resume {plan.out}")
+        raise Interrupted(
+            f"interrupted at step {last_step} of {run.steps}; checkpoint saved. "
+            f"Resume with: gmt-mlx finetune --resume {plan.out}"
+        )
+
 
 @contextmanager
 def stop_on_sigint(log: Callable[[str], None]):
@@ -173,17 +197,37 @@ def _train(config: Config, run: Setup, logger: "RunLogger", start_step: int, gro
     # The split's batches in their resumable order, unless the objective makes its own (GRPO's rollouts).
     shard = (group.rank(), group.size())
     batches = run.session.batches(
-        lambda: train_batches(run.train_split, config, run.pad_id, start_step * config.grad_accumulation_steps,
-                              shard=shard, buckets=run.buckets, count=logger.count_tokens),
-        logger.count_tokens, shard)
+        lambda: train_batches(
+            run.train_split,
+            config,
+            run.pad_id,
+            start_step * config.grad_accumulation_steps,
+            shard=shard,
+            buckets=run.buckets,
+            count=logger.count_tokens,
+        ),
+        logger.count_tokens,
+        shard,
+    )
     on_step = run.session.on_step(logger.on_step)
     try:
         with stop_on_sigint(log) as should_stop:
             return train(
-                run.model, run.optimizer, batches, iters=run.steps, start_step=start_step,
-                grad_accumulation_steps=config.grad_accumulation_steps, grad_clip=config.grad_clip, loss_fn=run.loss_fn,
-                steps_per_eval=config.steps_per_eval, should_stop=should_stop, max_bad_steps=config.max_bad_steps,
-                group=group, on_step=on_step, on_eval=logger.on_eval, update_per_layer=config.update_per_layer,
+                run.model,
+                run.optimizer,
+                batches,
+                iters=run.steps,
+                start_step=start_step,
+                grad_accumulation_steps=config.grad_accumulation_steps,
+                grad_clip=config.grad_clip,
+                loss_fn=run.loss_fn,
+                steps_per_eval=config.steps_per_eval,
+                should_stop=should_stop,
+                max_bad_steps=config.max_bad_steps,
+                group=group,
+                on_step=on_step,
+                on_eval=logger.on_eval,
+                update_per_layer=config.update_per_layer,
             )
     except NonFiniteError as err:
         latest = rundir.latest_checkpoint(logger.out)
@@ -193,7 +237,9 @@ def _train(config: Config, run: Setup, logger: "RunLogger", start_step: int, gro
         if group.size() == 1 or "[ring]" not in str(err) and "peer" not in str(err):
             raise
         latest = rundir.latest_checkpoint(logger.out)
-        raise UserError(f"rank {group.rank()} lost contact with another rank ({str(err).splitlines()[0]}); "
-                        f"resume from {latest or 'the start'} with the same mlx.launch command") from None
+        raise UserError(
+            f"rank {group.rank()} lost contact with another rank ({str(err).splitlines()[0]}); "
+            f"resume from {latest or 'the start'} with the same mlx.launch command"
+        ) from None
     finally:
         logger.close()

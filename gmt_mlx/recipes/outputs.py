@@ -18,19 +18,18 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
-from gmt_mlx.platform.blas import arithmetic
 from gmt_mlx.config import Config
 from gmt_mlx.core.distributed import is_main
 from gmt_mlx.core.optim import MASK_SAMPLE_KEY
 from gmt_mlx.core.trainer import StepResult
-from gmt_mlx.evaluation.evaluate import generate_text, split_loss
 from gmt_mlx.data.prompts import describe_prompt, sample_prompts
+from gmt_mlx.evaluation.evaluate import generate_text, split_loss
 from gmt_mlx.models.hf import save_hf_model
+from gmt_mlx.platform.blas import arithmetic
 from gmt_mlx.publish.push import publish_run
 from gmt_mlx.recipes.setup import Setup
 from gmt_mlx.run import checkpoint as ckpt
-from gmt_mlx.run import final
-from gmt_mlx.run import rundir, tracking
+from gmt_mlx.run import final, rundir, tracking
 from gmt_mlx.run.progress import Progress
 
 
@@ -55,10 +54,16 @@ def finished_result(out: Path) -> RunResult:
     val_losses = [r["val_loss"] for r in evals if isinstance(r.get("val_loss"), (int, float)) and r.get("step") != 0]
     finite = [v for v in val_losses if math.isfinite(v)]
     samples = rundir.read_samples(out)  # absent (--samples 0) or damaged: [] (the samples are only shown)
-    return RunResult(out, rundir.model_dir(out), rundir.last_step(out) or 0,
-                     train[-1].get("loss", float("nan")) if train else float("nan"),
-                     val_losses[-1] if val_losses else None, min(finite) if finite else None,
-                     samples, already_finished=True)
+    return RunResult(
+        out,
+        rundir.model_dir(out),
+        rundir.last_step(out) or 0,
+        train[-1].get("loss", float("nan")) if train else float("nan"),
+        val_losses[-1] if val_losses else None,
+        min(finite) if finite else None,
+        samples,
+        already_finished=True,
+    )
 
 
 def samples_before(config: Config, run: Setup, out: Path, *, fresh: bool, log=print) -> Tuple[list, List[str]]:
@@ -70,19 +75,25 @@ def samples_before(config: Config, run: Setup, out: Path, *, fresh: bool, log=pr
         if saved is not None:
             return prompts, saved
         # The model is trained now: the untrained answers cannot be made again.
-        log(f"warning: {out / rundir.SAMPLES_BEFORE_FILE} is missing or damaged; the samples show the answers "
-            "before training as not recorded")
-    before = [generate_text(run.model, run.tokenizer, p) for p in prompts] if fresh else ["(not recorded)"] * len(prompts)
+        log(
+            f"warning: {out / rundir.SAMPLES_BEFORE_FILE} is missing or damaged; the samples show the answers "
+            "before training as not recorded"
+        )
+    before = (
+        [generate_text(run.model, run.tokenizer, p) for p in prompts] if fresh else ["(not recorded)"] * len(prompts)
+    )
     if fresh:
         rundir.write_samples_before(out, before)
     return prompts, before
 
 
-def save_final(config: Config, run: Setup, out: Path, logger: "RunLogger", prompts: list, before: List[str],
-                start_step: int, log) -> RunResult:
+def save_final(
+    config: Config, run: Setup, out: Path, logger: "RunLogger", prompts: list, before: List[str], start_step: int, log
+) -> RunResult:
     """Write model/ and samples.json, then the model card (and the --push-to-hub upload), then finished.json."""
-    model_dir = save_hf_model(rundir.model_dir(out), run.model, run.tokenizer, run.model_config, dtype=config.dtype,
-                              base_path=run.model_path)
+    model_dir = save_hf_model(
+        rundir.model_dir(out), run.model, run.tokenizer, run.model_config, dtype=config.dtype, base_path=run.model_path
+    )
     ckpt.fault("after-model")  # kill here (tests): model/ written, the rest not
     after = [generate_text(run.model, run.tokenizer, p) for p in prompts]
     samples = [{"prompt": describe_prompt(p), "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
@@ -100,8 +111,17 @@ class RunLogger:
     (``main``) prints, writes metrics and saves.
     """
 
-    def __init__(self, config: Config, run: Setup, out: Path, group, *, best_val: Optional[float], start_step: int = 0,
-                 on_validation: Optional[Callable[[int, Any, dict], None]] = None):
+    def __init__(
+        self,
+        config: Config,
+        run: Setup,
+        out: Path,
+        group,
+        *,
+        best_val: Optional[float],
+        start_step: int = 0,
+        on_validation: Optional[Callable[[int, Any, dict], None]] = None,
+    ):
         resumed = start_step > 0
         self.on_validation = on_validation
         self.config, self.run, self.out, self.group = config, run, out, group
@@ -118,16 +138,24 @@ class RunLogger:
         # metrics.jsonl and the --report-to trackers (TensorBoard / wandb get a copy of each record); rank 0 only.
         self.logs = tracking.Trackers()
         if self.main:
-            self.logs = tracking.open_run_logs(config.report_to, out, config.to_dict(),
-                                               resume_step=start_step if resumed else None)
+            self.logs = tracking.open_run_logs(
+                config.report_to, out, config.to_dict(), resume_step=start_step if resumed else None
+            )
         if resumed:  # a resume straight to the final save still reports the run's last losses
             for kind, key in (("train", "loss"), ("eval", "val_loss")):
                 record = rundir.last_record(out, kind)
                 if record is not None and isinstance(record.get(key), (int, float)):
                     self.last[key] = record[key]
         else:  # a resumed run keeps the first start's record
-            self.write({"type": "setup", "step": 0, "trainable_params": run.sizes["trainable"],
-                        "total_params": run.sizes["total"], "total_steps": run.steps})
+            self.write(
+                {
+                    "type": "setup",
+                    "step": 0,
+                    "trainable_params": run.sizes["trainable"],
+                    "total_params": run.sizes["total"],
+                    "total_steps": run.steps,
+                }
+            )
 
     def write(self, record: dict) -> None:
         self.logs.log(record)
@@ -139,8 +167,17 @@ class RunLogger:
         self.trained_tokens += tokens
 
     def result(self, model_dir: Path, samples: list, start_step: int) -> RunResult:
-        return RunResult(self.out, model_dir, self.run.steps, self.last.get("loss", float("nan")), self.last.get("val_loss"),
-                         self.best_val, samples, start_step or None, self.run.model)
+        return RunResult(
+            self.out,
+            model_dir,
+            self.run.steps,
+            self.last.get("loss", float("nan")),
+            self.last.get("val_loss"),
+            self.best_val,
+            samples,
+            start_step or None,
+            self.run.model,
+        )
 
     @property
     def saved_step(self) -> int:
@@ -181,15 +218,30 @@ class RunLogger:
             shown = {"reward": round(result.metrics["reward"], 3)}
         self.progress.update(result.step, loss=result.loss, **shown, tok_s=round(tps), kept=round(kept_fraction, 3))
         if result.step % config.steps_per_report == 0 or result.step == steps or result.skipped:
-            self.write({
-                "type": "train", "step": result.step, "loss": result.loss, **result.metrics, "learning_rate": result.learning_rate,
-                "tokens_per_sec": tps, "kept_fraction": kept_fraction, "mask_overlap": self.mask_overlap,
-                "grad_norm": result.grad_norm, "skipped": result.skipped, "trained_tokens": self.trained_tokens,
-                "peak_memory_gb": mx.get_peak_memory() / 1e9, "memory_estimate_gb": self.run.memory.total / 1e9,
-                "wall_time": now - self.t_start,
-            })
+            self.write(
+                {
+                    "type": "train",
+                    "step": result.step,
+                    "loss": result.loss,
+                    **result.metrics,
+                    "learning_rate": result.learning_rate,
+                    "tokens_per_sec": tps,
+                    "kept_fraction": kept_fraction,
+                    "mask_overlap": self.mask_overlap,
+                    "grad_norm": result.grad_norm,
+                    "skipped": result.skipped,
+                    "trained_tokens": self.trained_tokens,
+                    "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                    "memory_estimate_gb": self.run.memory.total / 1e9,
+                    "wall_time": now - self.t_start,
+                }
+            )
         # A skipped (non-finite) step changed nothing: the last good checkpoint stays as it is.
-        if config.steps_per_save > 0 and not result.skipped and (result.step % config.steps_per_save == 0 or result.step == steps):
+        if (
+            config.steps_per_save > 0
+            and not result.skipped
+            and (result.step % config.steps_per_save == 0 or result.step == steps)
+        ):
             self.save(result.step)
         ckpt.fault(f"after-step:{result.step}")
 
@@ -201,17 +253,34 @@ class RunLogger:
         if self.run.session.validate is not None:  # GRPO: the greedy answers' mean reward (every rank: all of it)
             result = self.run.session.validate(self.run.model)
         else:
-            result = split_loss(self.run.model, self.run.valid_split, batch_size=self.config.batch_size,
-                                pad_id=self.run.pad_id, max_batches=self.config.val_batches, group=self.group,
-                                loss_fn=self.run.loss_fn)
+            result = split_loss(
+                self.run.model,
+                self.run.valid_split,
+                batch_size=self.config.batch_size,
+                pad_id=self.run.pad_id,
+                max_batches=self.config.val_batches,
+                group=self.group,
+                loss_fn=self.run.loss_fn,
+            )
         if not self.main:
             return
-        improved = (not initial and math.isfinite(result["loss"])  # a NaN validation loss is never the best
-                    and (self.best_val is None or result["loss"] < self.best_val))
+        improved = (
+            not initial
+            and math.isfinite(result["loss"])  # a NaN validation loss is never the best
+            and (self.best_val is None or result["loss"] < self.best_val)
+        )
         self.progress.message(f"step {step}: {describe_validation(result)}" + (" *best*" if improved else ""))
         metrics = {f"val_{k}": v for k, v in result.items() if k not in ("loss", "tokens", "ppl")}
-        self.write({"type": "eval", "step": step, "val_loss": result["loss"], "val_ppl": result["ppl"], **metrics,
-                    "wall_time": time.perf_counter() - self.t_start})
+        self.write(
+            {
+                "type": "eval",
+                "step": step,
+                "val_loss": result["loss"],
+                "val_ppl": result["ppl"],
+                **metrics,
+                "wall_time": time.perf_counter() - self.t_start,
+            }
+        )
         if not initial:
             self.last["val_loss"] = result["loss"]
             if improved:
@@ -229,8 +298,10 @@ def describe_validation(result: dict) -> str:
     if result["ppl"] is not None:
         exact = f", exact {result['exact_match']:.1%}" if "exact_match" in result else ""
         return f"val loss {result['loss']:.4f} (ppl {result['ppl']:.2f}{exact})"
-    return (f"val loss {result['loss']:.4f} (reward accuracy {result['reward_accuracy']:.3f}, "
-            f"margin {result['reward_margin']:.3f})")
+    return (
+        f"val loss {result['loss']:.4f} (reward accuracy {result['reward_accuracy']:.3f}, "
+        f"margin {result['reward_margin']:.3f})"
+    )
 
 
 class RunCheckpoints:
@@ -263,8 +334,17 @@ class RunCheckpoints:
 
     def _write(self, path: Path, step: int, best_val: Optional[float], **extra) -> Path:
         return ckpt.save_checkpoint(
-            path, self.run.model, self.run.optimizer, step=step, config=self.config.to_dict(),
-            extra={"best_val_loss": best_val, "total_steps": self.run.steps,
-                   "micro_batches": step * self.config.grad_accumulation_steps, "arithmetic": self.arithmetic,
-                   **self.run.session.checkpoint_state(), **extra},
+            path,
+            self.run.model,
+            self.run.optimizer,
+            step=step,
+            config=self.config.to_dict(),
+            extra={
+                "best_val_loss": best_val,
+                "total_steps": self.run.steps,
+                "micro_batches": step * self.config.grad_accumulation_steps,
+                "arithmetic": self.arithmetic,
+                **self.run.session.checkpoint_state(),
+                **extra,
+            },
         )

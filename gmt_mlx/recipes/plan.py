@@ -18,14 +18,13 @@ import mlx.core as mx
 import numpy as np
 
 from gmt_mlx import config as cfg
-from gmt_mlx.platform.blas import arithmetic, select_hint
 from gmt_mlx.config import Config
 from gmt_mlx.data.batching import PAD_MULTIPLE, check_split_size, iterate_batches, length_buckets
 from gmt_mlx.data.encoding import TokenizedSplit
 from gmt_mlx.errors import UserError
 from gmt_mlx.objectives import objective_of
-from gmt_mlx.run import final
-from gmt_mlx.run import rundir
+from gmt_mlx.platform.blas import arithmetic, select_hint
+from gmt_mlx.run import final, rundir
 
 
 @dataclass
@@ -40,8 +39,15 @@ class RunPlan:
     finished: bool = False
 
 
-def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, force: bool = False,
-             ranks: int = 1, log: Callable[[str], None] = print) -> RunPlan:
+def plan_run(
+    config: Config,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    force: bool = False,
+    ranks: int = 1,
+    log: Callable[[str], None] = print,
+) -> RunPlan:
     """Decide between a fresh run and a resume; refuse to clobber anything the user made.
 
     An interrupted run of the same config in ``--out`` is resumed
@@ -76,8 +82,9 @@ def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, f
         return RunPlan(out, fresh=True, replace=True)
     latest, meta, skipped = rundir.newest_verified(out)
     if latest is None and skipped:
-        raise UserError(f"cannot resume {out}: no checkpoint verifies ({'; '.join(skipped)}); "
-                        f"pass --overwrite to start over")
+        raise UserError(
+            f"cannot resume {out}: no checkpoint verifies ({'; '.join(skipped)}); pass --overwrite to start over"
+        )
     if skipped:
         log(f"warning: {'; '.join(skipped)}; resuming from {latest.name}, the newest checkpoint that verifies")
     try:
@@ -87,8 +94,10 @@ def plan_run(config: Config, *, overwrite: bool = False, resume: bool = False, f
     differences = cfg.diff({**Config().to_dict(), **previous}, config.to_dict())
     if differences and not force:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in differences.items()))
-        raise UserError(f"{out} holds a run with a different config ({listed}); pass --force to resume it "
-                        f"anyway or --overwrite to start over")
+        raise UserError(
+            f"{out} holds a run with a different config ({listed}); pass --force to resume it "
+            f"anyway or --overwrite to start over"
+        )
     if latest is not None:
         check_loss_normalisation(out, meta, ranks)
         check_arithmetic(out, meta, force=force, log=log)
@@ -124,13 +133,17 @@ def refuse_new_options(out: Path, config: Config) -> None:
         elif value is not None:
             flags.append(f"--{cfg.flag(key)} {shlex.quote(str(value))}")
     # The run's own config.yaml as the base (data, --columns, method ...), its model as the start.
-    command = (f"gmt-mlx finetune -c {shlex.quote(str(out / rundir.CONFIG_FILE))} "
-               f"--model {shlex.quote(str(rundir.model_dir(out)))} {' '.join(flags)} "
-               f"--out {shlex.quote(f'{out}-more')}")
-    raise UserError(f"{out} is a finished run ({done} steps); --resume does not continue it with other options "
-                    f"({listed}): its learning-rate schedule was set by its {done} steps, so more steps would not "
-                    f"equal a run started with them. Train on from its model (a new schedule and optimizer): "
-                    f"{command}, or start over with --overwrite")
+    command = (
+        f"gmt-mlx finetune -c {shlex.quote(str(out / rundir.CONFIG_FILE))} "
+        f"--model {shlex.quote(str(rundir.model_dir(out)))} {' '.join(flags)} "
+        f"--out {shlex.quote(f'{out}-more')}"
+    )
+    raise UserError(
+        f"{out} is a finished run ({done} steps); --resume does not continue it with other options "
+        f"({listed}): its learning-rate schedule was set by its {done} steps, so more steps would not "
+        f"equal a run started with them. Train on from its model (a new schedule and optimizer): "
+        f"{command}, or start over with --overwrite"
+    )
 
 
 def _plan_finished(out: Path, resume: bool, log: Callable[[str], None]) -> RunPlan:
@@ -140,11 +153,15 @@ def _plan_finished(out: Path, resume: bool, log: Callable[[str], None]) -> RunPl
     if damage is None and resume:
         return RunPlan(out, fresh=False, finished=True)
     if damage is None:
-        raise UserError(f"--out {out} already holds a finished run; pass --overwrite to replace it or choose another --out")
+        raise UserError(
+            f"--out {out} already holds a finished run; pass --overwrite to replace it or choose another --out"
+        )
     latest, meta = final.final_checkpoint(out)
     if latest is None:
-        raise UserError(f"{out}: {damage}, and no checkpoint holds the final step to rebuild it from; export a "
-                        f"checkpoint (gmt-mlx export {out} --checkpoint best) or start over with --overwrite")
+        raise UserError(
+            f"{out}: {damage}, and no checkpoint holds the final step to rebuild it from; export a "
+            f"checkpoint (gmt-mlx export {out} --checkpoint best) or start over with --overwrite"
+        )
     log(f"warning: {out}: {damage}; rebuilding model/ from {latest.name}, the final step's checkpoint")
     return RunPlan(out, fresh=False, checkpoint=latest, meta=meta)
 
@@ -160,9 +177,11 @@ def check_loss_normalisation(out: Path, state: dict, ranks: int) -> None:
         return
     accumulation = int((state.get("config") or {}).get("grad_accumulation_steps", 1))
     if accumulation > 1 or ranks > 1:
-        raise UserError(f"{out} was started by gmt-mlx before 0.2's change to gradient accumulation (micro-batches "
-                        "are now weighted by their target tokens); resuming it would change its training mid-run: "
-                        "start it over with --overwrite")
+        raise UserError(
+            f"{out} was started by gmt-mlx before 0.2's change to gradient accumulation (micro-batches "
+            "are now weighted by their target tokens); resuming it would change its training mid-run: "
+            "start it over with --overwrite"
+        )
 
 
 def check_arithmetic(out: Path, state: dict, *, force: bool, log: Callable[[str], None]) -> None:
@@ -174,15 +193,22 @@ def check_arithmetic(out: Path, state: dict, *, force: bool, log: Callable[[str]
     saved, now = state.get("arithmetic"), arithmetic()
     if not isinstance(saved, dict) or saved == now:  # checkpoints before gmt-mlx recorded it: nothing to compare
         return
-    changed = "; ".join(f"{key} {saved.get(key)} -> {now.get(key)}" for key in sorted(set(saved) | set(now))
-                        if saved.get(key) != now.get(key))
+    changed = "; ".join(
+        f"{key} {saved.get(key)} -> {now.get(key)}"
+        for key in sorted(set(saved) | set(now))
+        if saved.get(key) != now.get(key)
+    )
     if force:
-        log(f"warning: {out}'s checkpoints were computed under another arithmetic ({changed}); continuing (--force): "
-            "the result will differ from an uninterrupted run's")
+        log(
+            f"warning: {out}'s checkpoints were computed under another arithmetic ({changed}); continuing (--force): "
+            "the result will differ from an uninterrupted run's"
+        )
         return
     old = select_hint(saved["blas"]) if saved.get("blas") != now.get("blas") else "the device it ran on"
-    raise UserError(f"cannot resume {out} bit for bit: its checkpoints were computed under another arithmetic "
-                    f"({changed}); resume under the old one ({old}) or pass --force to continue under this one")
+    raise UserError(
+        f"cannot resume {out} bit for bit: its checkpoints were computed under another arithmetic "
+        f"({changed}); resume under the old one ({old}) or pass --force to continue under this one"
+    )
 
 
 def total_steps(config: Config, n_train: int) -> int:
@@ -204,9 +230,11 @@ def check_step_fits(n: int, config: Config, name: str = "train") -> None:
     if config.grad_accumulation_steps == 1:
         check_split_size(n, config.batch_size, name)
     elif n < step_examples(config):
-        raise UserError(f"{name} split has {n} examples, fewer than one optimizer step takes (--batch-size "
-                        f"{config.batch_size} x --grad-accumulation-steps {config.grad_accumulation_steps}); "
-                        f"lower them or add examples")
+        raise UserError(
+            f"{name} split has {n} examples, fewer than one optimizer step takes (--batch-size "
+            f"{config.batch_size} x --grad-accumulation-steps {config.grad_accumulation_steps}); "
+            f"lower them or add examples"
+        )
 
 
 def _batch_tokens(mask: mx.array) -> int:
@@ -228,8 +256,16 @@ def train_buckets(split: TokenizedSplit, config: Config) -> List[int]:
     return length_buckets(split.lengths(), config.batch_size, seed=config.seed)
 
 
-def train_batches(split: TokenizedSplit, config: Config, pad_id: int, start_micro: int, *, shard: tuple = (0, 1),
-                   buckets: Optional[List[int]] = None, count: Callable[[int], None] = lambda tokens: None) -> Iterator:
+def train_batches(
+    split: TokenizedSplit,
+    config: Config,
+    pad_id: int,
+    start_micro: int,
+    *,
+    shard: tuple = (0, 1),
+    buckets: Optional[List[int]] = None,
+    count: Callable[[int], None] = lambda tokens: None,
+) -> Iterator:
     """This rank's micro-batches from micro-batch ``start_micro`` on; ``count`` hears each one's real tokens.
 
     Each step draws one batch of batch_size x grad_accumulation_steps examples and
@@ -238,8 +274,15 @@ def train_batches(split: TokenizedSplit, config: Config, pad_id: int, start_micr
     """
     accumulation = config.grad_accumulation_steps
     for _, _, *batch in iterate_batches(
-        split, step_examples(config), seed=config.seed, pad_id=pad_id, pad_multiple=PAD_MULTIPLE,
-        start_step=start_micro // accumulation, shard=shard, buckets=buckets, micro_batches=accumulation,
+        split,
+        step_examples(config),
+        seed=config.seed,
+        pad_id=pad_id,
+        pad_multiple=PAD_MULTIPLE,
+        start_step=start_micro // accumulation,
+        shard=shard,
+        buckets=buckets,
+        micro_batches=accumulation,
     ):
         count(_batch_tokens(batch[1]))
         yield tuple(batch)

@@ -234,7 +234,9 @@ def read_state(path: str | Path) -> Dict[str, Any]:
     except OSError as err:
         raise DamagedCheckpoint(f"checkpoint {path} is unreadable: {STATE_FILE}: {err.strerror or err}") from None
     except (UnicodeDecodeError, ValueError):  # JSONDecodeError is a ValueError
-        raise DamagedCheckpoint(f"checkpoint {path} is damaged: {STATE_FILE} is not valid JSON (cut short or corrupt)") from None
+        raise DamagedCheckpoint(
+            f"checkpoint {path} is damaged: {STATE_FILE} is not valid JSON (cut short or corrupt)"
+        ) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or isinstance(meta.get("step"), bool):
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: {STATE_FILE} has no step")
     if STATE_SUM in meta and meta[STATE_SUM] != state_digest(meta):
@@ -246,9 +248,18 @@ def read_state(path: str | Path) -> Dict[str, Any]:
 
 
 # What the readers of state.json take from it, by type (None: may be null); the config is checked field by field.
-_STATE_TYPES = {"step": (int,), "best_val_loss": (int, float, type(None)), "val_loss": (int, float, type(None)),
-                "total_steps": (int,), "micro_batches": (int,), "loss_normalisation": (str,), "sha256": (dict,),
-                "config": (dict,), "arithmetic": (dict,), "versions": (dict,)}
+_STATE_TYPES = {
+    "step": (int,),
+    "best_val_loss": (int, float, type(None)),
+    "val_loss": (int, float, type(None)),
+    "total_steps": (int,),
+    "micro_batches": (int,),
+    "loss_normalisation": (str,),
+    "sha256": (dict,),
+    "config": (dict,),
+    "arithmetic": (dict,),
+    "versions": (dict,),
+}
 
 
 def state_problem(meta: Dict[str, Any]) -> Optional[str]:
@@ -268,8 +279,9 @@ def state_problem(meta: Dict[str, Any]) -> Optional[str]:
             return f"config has an unknown option {name!r}"
         kind, optional = types[name]
         allowed = (int, float) if kind is float else (kind,)
-        if not (value is None and optional) and (not isinstance(value, allowed) or
-                                                 (isinstance(value, bool) and kind is not bool)):
+        if not (value is None and optional) and (
+            not isinstance(value, allowed) or (isinstance(value, bool) and kind is not bool)
+        ):
             return f"config's {name} is {value!r}, not a {kind.__name__}"
     return None
 
@@ -296,7 +308,9 @@ def verify(path: str | Path) -> Dict[str, Any]:
     return meta
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, *, verified: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer=None, *, verified: Optional[Dict[str, Any]] = None
+) -> Dict[str, Any]:
     """Verify, then restore weights (and optimizer state and RNG); return the metadata.
 
     ``verified``: the metadata ``verify`` returned for this folder just before

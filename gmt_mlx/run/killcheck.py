@@ -31,8 +31,9 @@ def run_finetune(args: Sequence[str], fault: Optional[str] = None, timeout: floa
     env.pop(FAULT_ENV, None)
     if fault:
         env[FAULT_ENV] = fault
-    return subprocess.run([sys.executable, "-m", "gmt_mlx", "finetune", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "gmt_mlx", "finetune", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def final_weights(run_dir: Path) -> Dict[str, np.ndarray]:
@@ -41,19 +42,40 @@ def final_weights(run_dir: Path) -> Dict[str, np.ndarray]:
     weights = {}
     for file in sorted((run_dir / "model").glob("*.safetensors")):
         # bfloat16 has no numpy dtype; its float32 values are exact, so bit-for-bit still holds.
-        weights.update({k: np.array(v.astype(mx.float32) if v.dtype == mx.bfloat16 else v)
-                        for k, v in mx.load(str(file)).items()})
+        weights.update(
+            {k: np.array(v.astype(mx.float32) if v.dtype == mx.bfloat16 else v) for k, v in mx.load(str(file)).items()}
+        )
     return weights
 
 
 def kill_and_resume(
-    model: str, data: str, workdir: Path, *, method: str = "gmt", iters: int = 8, save_every: int = 3,
+    model: str,
+    data: str,
+    workdir: Path,
+    *,
+    method: str = "gmt",
+    iters: int = 8,
+    save_every: int = 3,
     extra: Sequence[str] = (),
 ) -> List[str]:
     """Return a list of problems (empty when the resumed run matches bit for bit)."""
-    common = ["--model", model, "--data", data, "--method", method, "--iters", str(iters),
-              "--steps-per-save", str(save_every), "--steps-per-eval", str(save_every), "--steps-per-report", "1",
-              *extra]
+    common = [
+        "--model",
+        model,
+        "--data",
+        data,
+        "--method",
+        method,
+        "--iters",
+        str(iters),
+        "--steps-per-save",
+        str(save_every),
+        "--steps-per-eval",
+        str(save_every),
+        "--steps-per-report",
+        "1",
+        *extra,
+    ]
     reference, killed = workdir / "reference", workdir / "killed"
     problems: List[str] = []
 
@@ -64,11 +86,17 @@ def kill_and_resume(
 
     expect(run_finetune([*common, "--out", str(reference)]), 0, "uninterrupted run")
     kill_step, save_kill = save_every + 1, 2 * save_every
-    expect(run_finetune([*common, "--out", str(killed)], fault=f"after-step:{kill_step}"), -signal.SIGKILL,
-           f"run killed after step {kill_step}")
+    expect(
+        run_finetune([*common, "--out", str(killed)], fault=f"after-step:{kill_step}"),
+        -signal.SIGKILL,
+        f"run killed after step {kill_step}",
+    )
     # Same command again: resumes automatically from the newest complete checkpoint.
-    expect(run_finetune([*common, "--out", str(killed)], fault=f"during-save:{save_kill}"), -signal.SIGKILL,
-           f"resumed run killed while saving step {save_kill}")
+    expect(
+        run_finetune([*common, "--out", str(killed)], fault=f"during-save:{save_kill}"),
+        -signal.SIGKILL,
+        f"resumed run killed while saving step {save_kill}",
+    )
     if not list((killed / "checkpoints").glob("*.tmp")):
         problems.append("the kill during a save left no partial checkpoint behind (the fault did not hit a save)")
     expect(run_finetune(["--resume", str(killed), *common]), 0, "final resume")
@@ -95,16 +123,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, extra = parser.parse_known_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gmt-killcheck-"))
     try:
-        problems = kill_and_resume(args.model, args.data, workdir, method=args.method, iters=args.iters,
-                                   save_every=args.save_every, extra=extra)
+        problems = kill_and_resume(
+            args.model,
+            args.data,
+            workdir,
+            method=args.method,
+            iters=args.iters,
+            save_every=args.save_every,
+            extra=extra,
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     if problems:
         print("FAIL:\n  " + "\n  ".join(problems))
         return 1
-    print(f"OK: {args.method} killed twice (after a step, during a checkpoint write) and resumed: "
-          "final weights equal the uninterrupted run bit for bit")
+    print(
+        f"OK: {args.method} killed twice (after a step, during a checkpoint write) and resumed: "
+        "final weights equal the uninterrupted run bit for bit"
+    )
     return 0
 
 

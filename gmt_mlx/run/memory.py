@@ -27,7 +27,13 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _OPTIMIZER_WORDS = {"adamw": 2, "adam": 2, "sgd": 1, "muon": 1, "adafactor": 0.1}
 # Bytes per trainable entry of Adam's two moments, by storage (compact.CompactAdamW):
 # 8-bit forms carry a float32 scale per block of 128 entries.
-_MOMENT_BYTES = {"float32": 8, "bfloat16": 4, "8bit": 2 + 2 * 4 / 128, "4bit": 1 + 2 * 4 / 128, "8bit-factored": 1 + 4 / 128}
+_MOMENT_BYTES = {
+    "float32": 8,
+    "bfloat16": 4,
+    "8bit": 2 + 2 * 4 / 128,
+    "4bit": 1 + 2 * 4 / 128,
+    "8bit-factored": 1 + 4 / 128,
+}
 
 # Where each constant below was measured: benchmarks/RESULTS.md, "Issue 22:
 # the estimate against the measured peak" (SmolLM2-135M and the 1.39B shape,
@@ -111,11 +117,14 @@ class MemoryEstimate:
     def describe(self) -> str:
         gb = lambda x: f"{x / 1e9:.2f}"  # noqa: E731
         join = " or " if self.fused else ", "
-        grpo = (f"; or rollouts' KV cache {gb(self.rollouts)}" if self.rollouts else "") + \
-            (f"; reference weights {gb(self.reference)}" if self.reference else "")
-        return (f"~{gb(self.total)} GB (weights {gb(self.weights)}, optimizer {gb(self.optimizer)}, "
-                f"masking {gb(self.masking)}, gradients {gb(self.gradients)}{join}activations {gb(self.activations)}"
-                f"{grpo})")
+        grpo = (f"; or rollouts' KV cache {gb(self.rollouts)}" if self.rollouts else "") + (
+            f"; reference weights {gb(self.reference)}" if self.reference else ""
+        )
+        return (
+            f"~{gb(self.total)} GB (weights {gb(self.weights)}, optimizer {gb(self.optimizer)}, "
+            f"masking {gb(self.masking)}, gradients {gb(self.gradients)}{join}activations {gb(self.activations)}"
+            f"{grpo})"
+        )
 
 
 def moment_storage(moments: str, train_dtype: str) -> str:
@@ -185,19 +194,36 @@ def estimate(
     storage = moment_storage(precision.moments, train_dtype)
     compact = optimizer in ("adam", "adamw") and not (storage == "float32" and train_dtype == "float32")
     if update_per_layer:
-        gradients = _per_layer_gradient_bytes(trainable, width, largest, accumulation, footprint.block,
-                                              footprint.outer, storage if compact else "", footprint.chunk)
+        gradients = _per_layer_gradient_bytes(
+            trainable,
+            width,
+            largest,
+            accumulation,
+            footprint.block,
+            footprint.outer,
+            storage if compact else "",
+            footprint.chunk,
+        )
     else:
-        gradients = _fused_gradient_bytes(trainable, width, largest, optimizer, accumulation,
-                                          storage if compact else "")
-    masking = _masking_bytes(trainable, largest, footprint.shapes or largest, update_per_layer, compact,
-                             mask.mask_overlap) if mask.masked else 0
+        gradients = _fused_gradient_bytes(
+            trainable, width, largest, optimizer, accumulation, storage if compact else ""
+        )
+    masking = (
+        _masking_bytes(trainable, largest, footprint.shapes or largest, update_per_layer, compact, mask.mask_overlap)
+        if mask.masked
+        else 0
+    )
     activations = _activation_bytes(hf_config, batch_rows, seq_len, width, memory.grad_checkpoint or update_per_layer)
-    return MemoryEstimate(footprint.weight_bytes, int(gradients),
-                          _optimizer_bytes(optimizer, storage, trainable, width), masking, activations,
-                          fused=not update_per_layer,
-                          rollouts=rollout_kv_bytes(hf_config, rollout_rows, rollout_tokens, width),
-                          reference=int(reference_bytes))
+    return MemoryEstimate(
+        footprint.weight_bytes,
+        int(gradients),
+        _optimizer_bytes(optimizer, storage, trainable, width),
+        masking,
+        activations,
+        fused=not update_per_layer,
+        rollouts=rollout_kv_bytes(hf_config, rollout_rows, rollout_tokens, width),
+        reference=int(reference_bytes),
+    )
 
 
 def rollout_kv_bytes(hf_config: Dict, rows: int, tokens: int, width: int) -> int:
@@ -216,8 +242,9 @@ def rollout_kv_bytes(hf_config: Dict, rows: int, tokens: int, width: int) -> int
     return rows * positions * layers * 2 * kv_heads * head_dim * width
 
 
-def _fused_gradient_bytes(trainable: int, width: int, largest: int, optimizer: str, grad_accumulation_steps: int,
-                          compact: str) -> int:
+def _fused_gradient_bytes(
+    trainable: int, width: int, largest: int, optimizer: str, grad_accumulation_steps: int, compact: str
+) -> int:
     """The whole gradient (and accumulation buffer) and the update's temporaries in the fused step;
     ``compact``: CompactAdamW's storage, or ""."""
     gradients = trainable * width * (1 + (grad_accumulation_steps > 1))
@@ -228,8 +255,16 @@ def _fused_gradient_bytes(trainable: int, width: int, largest: int, optimizer: s
     return gradients + int(work) + largest * _PLAIN_IN_FLIGHT.get(optimizer, 1)
 
 
-def _per_layer_gradient_bytes(trainable: int, width: int, largest: int, grad_accumulation_steps: int, block: int,
-                              outer: int, compact: str, chunk: int) -> int:
+def _per_layer_gradient_bytes(
+    trainable: int,
+    width: int,
+    largest: int,
+    grad_accumulation_steps: int,
+    block: int,
+    outer: int,
+    compact: str,
+    chunk: int,
+) -> int:
     """The per-layer step's gradients outside the blocks and one block's (and the accumulation buffer), and
     the largest tensor's update (staged in slices with quantized moments); ``compact`` as above."""
     if compact in _STAGED_UPDATE and chunk >= largest:  # one slice: the whole tensor (SmolLM2-135M's embedding)
@@ -241,8 +276,9 @@ def _per_layer_gradient_bytes(trainable: int, width: int, largest: int, grad_acc
     return trainable * width * (grad_accumulation_steps > 1) + (outer + block) * width + in_flight
 
 
-def _masking_bytes(trainable: int, largest: int, shapes: int, update_per_layer: bool, compact: bool,
-                   mask_overlap: bool) -> int:
+def _masking_bytes(
+    trainable: int, largest: int, shapes: int, update_per_layer: bool, compact: bool, mask_overlap: bool
+) -> int:
     """GMT's tie ranks and its masks (see the constants); --mask-overlap keeps every mask until the step ends."""
     if update_per_layer:
         masks = largest
@@ -308,8 +344,11 @@ def advice(method: str, low_memory_total: Optional[int] = None) -> str:
     tips = []
     if low_memory_total is not None:
         tips.append(f"--low-memory (estimated ~{low_memory_total / 1e9:.1f} GB)")
-    tips += ["a smaller --batch-size (with --grad-accumulation-steps to keep the batch)",
-             "a shorter --max-seq-length", "--grad-checkpoint"]
+    tips += [
+        "a smaller --batch-size (with --grad-accumulation-steps to keep the batch)",
+        "a shorter --max-seq-length",
+        "--grad-checkpoint",
+    ]
     if method not in ADAPTER_METHODS:
         tips.append("--method lora, or --num-layers N to train fewer blocks")
     return "try " + ", ".join(tips)

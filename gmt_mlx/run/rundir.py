@@ -55,8 +55,15 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Every name a run directory holds; a folder of these alone (with a metrics file or a
 # checkpoint in it) is what is left of a run whose config.yaml was lost or never written.
 _WRITTEN_ATOMICALLY = (CONFIG_FILE, SAMPLES_FILE, SAMPLES_BEFORE_FILE, REFERENCE_FILE, FINISHED_FILE)  # via a .tmp file
-_RUN_NAMES = {METRICS_FILE, MODEL_DIR, CHECKPOINTS_DIR, TENSORBOARD_DIR, WANDB_DIR,
-              *_WRITTEN_ATOMICALLY, *(name + ".tmp" for name in _WRITTEN_ATOMICALLY)}
+_RUN_NAMES = {
+    METRICS_FILE,
+    MODEL_DIR,
+    CHECKPOINTS_DIR,
+    TENSORBOARD_DIR,
+    WANDB_DIR,
+    *_WRITTEN_ATOMICALLY,
+    *(name + ".tmp" for name in _WRITTEN_ATOMICALLY),
+}
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -128,8 +135,9 @@ def write_json_atomically(path: Path, value: Any, **dumps) -> Path:
 def read_samples(run_dir: str | Path) -> List[dict]:
     """samples.json's prompts with their answers before and after; [] when absent (--samples 0) or damaged."""
     samples = read_json(Path(run_dir) / SAMPLES_FILE)
-    if not isinstance(samples, list) or not all(isinstance(s, dict) and {"prompt", "before", "after"} <= set(s)
-                                                for s in samples):
+    if not isinstance(samples, list) or not all(
+        isinstance(s, dict) and {"prompt", "before", "after"} <= set(s) for s in samples
+    ):
         return []
     return samples
 
@@ -182,8 +190,9 @@ def write_config(config: "cfg.Config", run_dir: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     cfg.save_yaml(config, tmp)
     text = tmp.read_text(encoding="utf-8")
-    tmp.write_text(f"{text}# sha256 {_config_sum(text)} (of the lines above: gmt-mlx checks it on every read)\n",
-                   encoding="utf-8")
+    tmp.write_text(
+        f"{text}# sha256 {_config_sum(text)} (of the lines above: gmt-mlx checks it on every read)\n", encoding="utf-8"
+    )
     tmp.replace(path)
 
 
@@ -302,8 +311,11 @@ def read_metrics(run_dir: str | Path, kind: Optional[str] = None) -> List[dict]:
     Damaged lines are skipped (``damaged_metrics`` names them): a record of the
     run's past must never stop a resume or an export.
     """
-    return [record for _, _, record in _metric_lines(run_dir)
-            if record is not None and (kind is None or record.get("type") == kind)]
+    return [
+        record
+        for _, _, record in _metric_lines(run_dir)
+        if record is not None and (kind is None or record.get("type") == kind)
+    ]
 
 
 def truncate_metrics(run_dir: str | Path, step: int) -> None:
@@ -425,8 +437,10 @@ def find_checkpoint(run_dir: str | Path, name: str, log: Optional[Callable[[str]
     if name == BEST:
         if best.is_dir():
             return best
-        raise UserError(f"{run_dir} has no 'best' checkpoint (it is saved at validation, which needs "
-                        f"valid.jsonl); checkpoints: {have}")
+        raise UserError(
+            f"{run_dir} has no 'best' checkpoint (it is saved at validation, which needs "
+            f"valid.jsonl); checkpoints: {have}"
+        )
     if name == "last":
         last = run_dir / CHECKPOINTS_DIR / "last"
         if ckpt.is_complete(last):  # a "last" folder or link, where a version writes one

@@ -40,7 +40,9 @@ def names(report_to: str) -> List[str]:
     chosen = [name.strip().lower() for name in (report_to or "").split(",") if name.strip()]
     unknown = [name for name in chosen if name not in TRACKERS]
     if unknown:
-        raise UserError(f"--report-to: unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)} (comma-separated)")
+        raise UserError(
+            f"--report-to: unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)} (comma-separated)"
+        )
     return list(dict.fromkeys(chosen))  # in order, once each
 
 
@@ -51,16 +53,21 @@ def check(report_to: str) -> List[str]:
         try:
             importlib.import_module(TRACKERS[name])
         except ImportError:
-            raise UserError(f"--report-to {name} needs the {TRACKERS[name]} package, which is not installed: "
-                            f"pip install 'gmt-mlx[{name}]'") from None
+            raise UserError(
+                f"--report-to {name} needs the {TRACKERS[name]} package, which is not installed: "
+                f"pip install 'gmt-mlx[{name}]'"
+            ) from None
     return chosen
 
 
 def scalars(record: dict) -> Dict[str, float]:
     """A train/eval record's numeric values as ``type/key`` scalars (booleans as 0/1; None and text left out)."""
     kind = record.get("type")
-    return {f"{kind}/{key}": float(value) for key, value in record.items()
-            if key not in ("type", "step") and isinstance(value, (int, float))}
+    return {
+        f"{kind}/{key}": float(value)
+        for key, value in record.items()
+        if key not in ("type", "step") and isinstance(value, (int, float))
+    }
 
 
 def setup_values(record: dict) -> Dict[str, Any]:
@@ -71,8 +78,10 @@ def setup_values(record: dict) -> Dict[str, Any]:
 def hparams(config: Dict[str, Any], setup: dict) -> Dict[str, Any]:
     """The config plus the setup record's values, flat, as TensorBoard's hparams take them (None -> "none")."""
     values = {**config, **setup_values(setup)}
-    return {key: "none" if value is None else value if isinstance(value, (bool, int, float, str)) else str(value)
-            for key, value in values.items()}
+    return {
+        key: "none" if value is None else value if isinstance(value, (bool, int, float, str)) else str(value)
+        for key, value in values.items()
+    }
 
 
 class MetricsFile:
@@ -101,8 +110,12 @@ class TensorBoard:
         # Events an earlier start wrote past the resumed checkpoint (a kill after a report) are hidden.
         purge = resume_step + 1 if resume_step is not None and not self.new else None
         # tensorboardX names files by the second and opens them "wb": a start in the same second as the last would erase it.
-        self.writer = SummaryWriter(logdir=str(folder), purge_step=purge, flush_secs=30,
-                                    filename_suffix=f".{os.getpid()}.{secrets.token_hex(4)}")
+        self.writer = SummaryWriter(
+            logdir=str(folder),
+            purge_step=purge,
+            flush_secs=30,
+            filename_suffix=f".{os.getpid()}.{secrets.token_hex(4)}",
+        )
 
     def log(self, record: dict) -> None:
         if record.get("type") == "setup":
@@ -135,12 +148,20 @@ class Wandb:
             run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
             id_file.write_text(run_id + "\n")
         try:
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "gmt-mlx", name=out.name, id=run_id,
-                                  resume="allow", dir=str(out), config=config)
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT") or "gmt-mlx",
+                name=out.name,
+                id=run_id,
+                resume="allow",
+                dir=str(out),
+                config=config,
+            )
         except Exception as err:  # not logged in, no network in online mode, ...
             message = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(f"--report-to wandb: could not start a wandb run ({message}); run `wandb login`, "
-                            f"or set WANDB_MODE=offline and `wandb sync` later") from None
+            raise UserError(
+                f"--report-to wandb: could not start a wandb run ({message}); run `wandb login`, "
+                f"or set WANDB_MODE=offline and `wandb sync` later"
+            ) from None
         # wandb refuses steps below the resumed run's next one: those were logged by the earlier start.
         self.first_step = 0 if self.new else int(getattr(self.run, "step", 0) or 0)
 
@@ -173,8 +194,14 @@ class Trackers:
         self.trackers = []
 
 
-def open_trackers(report_to: str, out: Path, config: Dict[str, Any], *, resume_step: Optional[int],
-                  past_records: Callable[[], List[dict]] = list) -> Trackers:
+def open_trackers(
+    report_to: str,
+    out: Path,
+    config: Dict[str, Any],
+    *,
+    resume_step: Optional[int],
+    past_records: Callable[[], List[dict]] = list,
+) -> Trackers:
     """Open the ``report_to`` trackers for the run in ``out`` (``resume_step``: the checkpoint resumed, or None).
 
     A tracker that is new to a resumed run first gets ``past_records()``

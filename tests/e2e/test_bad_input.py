@@ -13,8 +13,23 @@ from tests.helpers import runner, write_jsonl
 
 
 def run(model, data, out, *extra):
-    return runner.invoke(app, ["finetune", "--model", str(model), "--data", str(data), "--out", str(out),
-                               "--iters", "1", "--batch-size", "2", *map(str, extra)])
+    return runner.invoke(
+        app,
+        [
+            "finetune",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--iters",
+            "1",
+            "--batch-size",
+            "2",
+            *map(str, extra),
+        ],
+    )
 
 
 def test_non_utf8_bytes(tiny_model_dir, tmp_path):
@@ -65,11 +80,14 @@ def test_output_path_below_a_file(tiny_model_dir, chat_data, tmp_path):
     assert "afile" in message(run(tiny_model_dir, chat_data, tmp_path / "afile" / "run"))
 
 
-@pytest.mark.parametrize("content,fragment", [
-    ('{"messages": "hi"}\n', "train.jsonl:1"),
-    ('[1, 2]\n', "train.jsonl:1"),
-    ('{"prompt": "p"}\n', "train.jsonl:1"),
-])
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        ('{"messages": "hi"}\n', "train.jsonl:1"),
+        ("[1, 2]\n", "train.jsonl:1"),
+        ('{"prompt": "p"}\n', "train.jsonl:1"),
+    ],
+)
 def test_wrong_keys_and_shapes(tiny_model_dir, tmp_path, content, fragment):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "train.jsonl").write_text(content)
@@ -95,18 +113,24 @@ def test_damaged_metrics_on_resume_names_the_line_and_goes_on(tiny_model_dir, ch
 
 def test_a_negative_grad_clip_or_warmup_is_refused(tiny_model_dir, chat_data, tmp_path):
     # -1 used to mean "off" silently (only > 0 clips); 0 is the documented off.
-    assert message(run(tiny_model_dir, chat_data, tmp_path / "a", "--grad-clip", "-1")) == \
-        "error: --grad-clip must be 0 or more, got -1.0"
-    assert message(run(tiny_model_dir, chat_data, tmp_path / "b", "--warmup-steps", "-2")) == \
-        "error: --warmup-steps must be 0 or more, got -2"
+    assert (
+        message(run(tiny_model_dir, chat_data, tmp_path / "a", "--grad-clip", "-1"))
+        == "error: --grad-clip must be 0 or more, got -1.0"
+    )
+    assert (
+        message(run(tiny_model_dir, chat_data, tmp_path / "b", "--warmup-steps", "-2"))
+        == "error: --warmup-steps must be 0 or more, got -2"
+    )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_warmup_past_the_last_step_is_flagged(tiny_model_dir, chat_data, tmp_path):
     result = run(tiny_model_dir, chat_data, tmp_path / "o", "--warmup-steps", "50", "--iters", "2")
     assert result.exit_code == 0, result.output
-    assert ("warning: --warmup-steps 50 is not below the run's 2 steps: the learning rate never reaches "
-            "--learning-rate 1e-05") in result.output
+    assert (
+        "warning: --warmup-steps 50 is not below the run's 2 steps: the learning rate never reaches "
+        "--learning-rate 1e-05"
+    ) in result.output
     quiet = run(tiny_model_dir, chat_data, tmp_path / "q", "--warmup-steps", "1", "--iters", "2")
     assert quiet.exit_code == 0 and "--warmup-steps" not in quiet.output
 
@@ -117,16 +141,33 @@ def test_a_lone_surrogate_names_the_line(tiny_model_dir, tmp_path):
     (tmp_path / "d" / "train.jsonl").write_text('{"text": "ok \\ud83d\\ude00"}\n{"text": "bad \\ud800 half"}\n')
     assert message(run(tiny_model_dir, tmp_path / "d", tmp_path / "o")) == (
         f"error: {tmp_path / 'd' / 'train.jsonl'}:2: the text holds a lone UTF-16 surrogate (\\ud800, half of a "
-        "pair): not a character; remove it or write the whole pair")
+        "pair): not a character; remove it or write the whole pair"
+    )
 
 
 def test_resume_of_a_folder_never_made_starts_the_run_with_the_full_command(tiny_model_dir, chat_data, tmp_path):
     out = tmp_path / "never"
     bare = runner.invoke(app, ["finetune", "--resume", str(out)])
-    assert message(bare) == (f"error: --resume {out}: no such folder; start the run with your original command "
-                             f"(gmt-mlx finetune --model ... --data ... --out {out})")
-    full = runner.invoke(app, ["finetune", "--resume", str(out), "--model", str(tiny_model_dir), "--data", str(chat_data),
-                               "--iters", "1", "--batch-size", "2"])
+    assert message(bare) == (
+        f"error: --resume {out}: no such folder; start the run with your original command "
+        f"(gmt-mlx finetune --model ... --data ... --out {out})"
+    )
+    full = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--resume",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(chat_data),
+            "--iters",
+            "1",
+            "--batch-size",
+            "2",
+        ],
+    )
     assert full.exit_code == 0, full.output
     assert f"nothing to resume in {out} yet (no such folder): starting it" in full.output
     assert (out / "model" / "config.json").is_file()

@@ -17,8 +17,25 @@ def finetune(*args):
 
 
 def base_args(model, data, out, *extra):
-    return ["--model", model, "--data", data, "--out", out, "--iters", "6", "--batch-size", "4",
-            "--learning-rate", "1e-3", "--steps-per-eval", "3", "--steps-per-report", "2", *extra]
+    return [
+        "--model",
+        model,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--iters",
+        "6",
+        "--batch-size",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--steps-per-eval",
+        "3",
+        "--steps-per-report",
+        "2",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("method", ["gmt", "sft", "random"])
@@ -50,7 +67,9 @@ def test_try_it_suggests_a_held_out_prompt(tiny_model_dir, chat_data, tmp_path):
     result = finetune(*base_args(tiny_model_dir, chat_data, tmp_path / "run", "--iters", "1", "--samples", "0"))
     assert result.exit_code == 0, result.output
     held_out = json.loads((chat_data / "test.jsonl").read_text().splitlines()[0])["messages"][0]["content"]
-    assert result.output.strip().splitlines()[-1] == f"try it: gmt-mlx generate {tmp_path / 'run'} --prompt '{held_out}'"
+    assert (
+        result.output.strip().splitlines()[-1] == f"try it: gmt-mlx generate {tmp_path / 'run'} --prompt '{held_out}'"
+    )
 
 
 def test_gmt_run_reduces_training_loss(tiny_model_dir, chat_data, tmp_path):
@@ -75,20 +94,42 @@ def test_yaml_is_overridden_by_flags(tiny_model_dir, chat_data, tmp_path):
 
 def test_every_assistant_turn_trains_and_is_recorded(tiny_model_dir, tmp_path):
     # The flag reaches the run (test_turns.py checks which tokens it makes targets).
-    rows = [{"messages": [{"role": "user", "content": f"What is {a}?"}, {"role": "assistant", "content": f"{a}."},
-                          {"role": "user", "content": "And plus 1?"}, {"role": "assistant", "content": f"{a + 1}."}]}
-            for a in range(8)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {a}?"},
+                {"role": "assistant", "content": f"{a}."},
+                {"role": "user", "content": "And plus 1?"},
+                {"role": "assistant", "content": f"{a + 1}."},
+            ]
+        }
+        for a in range(8)
+    ]
     data = write_jsonl(tmp_path / "d" / "train.jsonl", rows).parent
     out = tmp_path / "run"
-    result = finetune(*base_args(tiny_model_dir, data, out, "--iters", "2", "--mask-prompt", "--assistant-turns", "all"))
+    result = finetune(
+        *base_args(tiny_model_dir, data, out, "--iters", "2", "--mask-prompt", "--assistant-turns", "all")
+    )
     assert result.exit_code == 0, result.output
     assert yaml.safe_load((out / "config.yaml").read_text())["assistant_turns"] == "all"
 
 
 def test_epochs_and_accumulation(tiny_model_dir, chat_data, tmp_path):
     out = tmp_path / "run"
-    result = finetune("--model", tiny_model_dir, "--data", chat_data, "--out", out, "--epochs", "2",
-                      "--grad-accumulation-steps", "2", "--steps-per-report", "1")
+    result = finetune(
+        "--model",
+        tiny_model_dir,
+        "--data",
+        chat_data,
+        "--out",
+        out,
+        "--epochs",
+        "2",
+        "--grad-accumulation-steps",
+        "2",
+        "--steps-per-report",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert steps[-1] == 4  # 16 examples / batch 4 = 4 batches per epoch, 2 per step, 2 epochs
@@ -97,8 +138,7 @@ def test_epochs_and_accumulation(tiny_model_dir, chat_data, tmp_path):
 def test_saved_model_reloads_with_identical_logits(tiny_model_dir, tmp_path):
     from mlx_lm import load
 
-    from gmt_mlx.config import Config
-    from gmt_mlx.config import MaskOptions, OptimizerOptions
+    from gmt_mlx.config import Config, MaskOptions, OptimizerOptions
     from gmt_mlx.core.optim import build_optimizer
     from gmt_mlx.core.trainer import train
     from gmt_mlx.models.hf import save_hf_model
@@ -121,7 +161,9 @@ def test_saved_model_reloads_with_identical_logits(tiny_model_dir, tmp_path):
 def test_generate_from_a_run(tiny_model_dir, chat_data, tmp_path):
     out = tmp_path / "run"
     # A small learning rate: the run's model differs from the base but does not yet end every answer at once.
-    assert finetune(*base_args(tiny_model_dir, chat_data, out, "--iters", "2", "--learning-rate", "1e-4")).exit_code == 0
+    assert (
+        finetune(*base_args(tiny_model_dir, chat_data, out, "--iters", "2", "--learning-rate", "1e-4")).exit_code == 0
+    )
     result = runner.invoke(app, ["generate", str(out), "--prompt", "What is 2 + 5?", "--max-tokens", "5"])
     assert result.exit_code == 0, result.output
     # The printed text is the greedy completion of the run's model (not the base model's),
@@ -167,8 +209,12 @@ def test_offline_hub_id_points_to_the_embedded_model(monkeypatch, chat_data, tmp
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     result = finetune("--model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--data", chat_data, "--out", tmp_path / "o")
-    assert_clean_error(result, "cannot reach the Hugging Face Hub (offline mode", "Hugging Face cache",
-                       "the embedded 'smollm2-135m' is this very model")
+    assert_clean_error(
+        result,
+        "cannot reach the Hugging Face Hub (offline mode",
+        "Hugging Face cache",
+        "the embedded 'smollm2-135m' is this very model",
+    )
 
 
 def test_malformed_json_line(tiny_model_dir, tmp_path):
@@ -190,11 +236,18 @@ def test_empty_training_file(tiny_model_dir, tmp_path):
     assert_clean_error(finetune(*base_args(tiny_model_dir, tmp_path / "d", tmp_path / "o")), "train.jsonl")
 
 
-@pytest.mark.parametrize("flag,value,fragment", [
-    ("--mask-ratio", "1.0", "--mask-ratio"), ("--mask-ratio", "-0.1", "--mask-ratio"),
-    ("--method", "topk", "--method"), ("--mask-scope", "row", "--mask-scope"), ("--mask-target", "w", "--mask-target"),
-    ("--assistant-turns", "every", "--assistant-turns"), ("--assistant-turns", "all", "needs --mask-prompt"),
-])
+@pytest.mark.parametrize(
+    "flag,value,fragment",
+    [
+        ("--mask-ratio", "1.0", "--mask-ratio"),
+        ("--mask-ratio", "-0.1", "--mask-ratio"),
+        ("--method", "topk", "--method"),
+        ("--mask-scope", "row", "--mask-scope"),
+        ("--mask-target", "w", "--mask-target"),
+        ("--assistant-turns", "every", "--assistant-turns"),
+        ("--assistant-turns", "all", "needs --mask-prompt"),
+    ],
+)
 def test_bad_options(tiny_model_dir, chat_data, tmp_path, flag, value, fragment):
     assert_clean_error(finetune(*base_args(tiny_model_dir, chat_data, tmp_path / "o", flag, value)), fragment)
 
@@ -219,12 +272,13 @@ def test_foreign_folder_is_never_touched(tiny_model_dir, chat_data, tmp_path):
 def test_bad_yaml_key(tiny_model_dir, chat_data, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("mask_ration: 0.3\n")
-    assert_clean_error(finetune("-c", config, *base_args(tiny_model_dir, chat_data, tmp_path / "o")),
-                       "unknown option 'mask_ration' (did you mean mask_ratio?)")
+    assert_clean_error(
+        finetune("-c", config, *base_args(tiny_model_dir, chat_data, tmp_path / "o")),
+        "unknown option 'mask_ration' (did you mean mask_ratio?)",
+    )
     config.write_text("zzz_nothing_like_it: 1\n")
     result = finetune("-c", config, *base_args(tiny_model_dir, chat_data, tmp_path / "o"))
     assert_clean_error(result, "unknown option 'zzz_nothing_like_it'")
     assert "did you mean" not in result.output
     # An unknown flag: click suggests the close ones itself.
-    assert_clean_error(finetune("--mask-ration", "0.3"), "No such option: --mask-ration", "--mask-ratio",
-                       usage=True)
+    assert_clean_error(finetune("--mask-ration", "0.3"), "No such option: --mask-ration", "--mask-ratio", usage=True)

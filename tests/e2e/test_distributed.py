@@ -22,22 +22,41 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path(LAUNCH).exists(), re
 
 # One float32 rounding step: 2 ranks sum the batch's token losses in another order.
 ATOL = 1e-5
-CASES = [("sft", "tensor"), ("gmt", "tensor"), ("gmt", "layer"), ("gmt", "global"), ("random", "tensor"),
-         ("gmt", "per-layer"), ("gmt", "per-layer-clip")]
+CASES = [
+    ("sft", "tensor"),
+    ("gmt", "tensor"),
+    ("gmt", "layer"),
+    ("gmt", "global"),
+    ("random", "tensor"),
+    ("gmt", "per-layer"),
+    ("gmt", "per-layer-clip"),
+]
 
 
 def case(method, scope):
     """Config values of a case; scope "per-layer" is the tensor scope updated block by block (layerwise),
     "per-layer-clip" the same with a clip that binds (its norm pass all-sums every block's gradient too)."""
     if scope.startswith("per-layer"):
-        return dict(method=method, mask_scope="tensor", update_per_layer=True,
-                    grad_clip=0.05 if scope.endswith("clip") else 0.0)
+        return dict(
+            method=method, mask_scope="tensor", update_per_layer=True, grad_clip=0.05 if scope.endswith("clip") else 0.0
+        )
     return dict(method=method, mask_scope=scope)
 
 
 def base(model, data, out, **kw):
-    values = dict(model=str(model), data=str(data), out=str(out), iters=5, batch_size=4, learning_rate=1e-3,
-                  mask_ratio=0.5, steps_per_eval=5, steps_per_save=2, steps_per_report=1, seed=3)
+    values = dict(
+        model=str(model),
+        data=str(data),
+        out=str(out),
+        iters=5,
+        batch_size=4,
+        learning_rate=1e-3,
+        mask_ratio=0.5,
+        steps_per_eval=5,
+        steps_per_save=2,
+        steps_per_report=1,
+        seed=3,
+    )
     values.update(kw)
     return values
 
@@ -45,8 +64,13 @@ def base(model, data, out, **kw):
 def launch(jobs, tmp_path, n=2, env=None, timeout=600):
     spec = tmp_path / f"jobs-{len(list(tmp_path.glob('jobs-*')))}.json"
     spec.write_text(json.dumps(jobs))
-    return subprocess.run([LAUNCH, "-n", str(n), "--backend", "ring", "--", sys.executable, str(DRIVER), str(spec)],
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [LAUNCH, "-n", str(n), "--backend", "ring", "--", sys.executable, str(DRIVER), str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def weights(run_dir):
@@ -99,7 +123,9 @@ def test_killed_rank_stops_the_job_and_resume_matches(two_rank_runs, tiny_model_
     killed = launch(job, tmp_path, env={"GMT_MLX_FAULT": "rank1:after-step:3"})
     # mlx.launch reports the dead rank and terminates the others; rank 0 may get
     # its own message out first ("lost contact ... resume from ...").
-    said = killed.stdout + killed.stderr + ((out / "rank-0.error").read_text() if (out / "rank-0.error").exists() else "")
+    said = (
+        killed.stdout + killed.stderr + ((out / "rank-0.error").read_text() if (out / "rank-0.error").exists() else "")
+    )
     assert "rank 1 exited with code -9" in said or "lost contact with another rank" in said, said[-2000:]
     assert not (out / "model").exists()
     assert (out / "checkpoints" / "step-000002" / "state.json").is_file()
@@ -125,8 +151,25 @@ def test_bad_setups_fail_clearly(tiny_model_dir, tmp_path):
 
 def test_backend_that_cannot_start(tiny_model_dir, chat_data, tmp_path):
     env = {**os.environ, "MLX_RANK": "0", "MLX_HOSTFILE": str(tmp_path / "missing.json")}
-    result = subprocess.run([sys.executable, "-m", "gmt_mlx", "finetune", "--model", str(tiny_model_dir), "--data",
-                             str(chat_data), "--out", str(tmp_path / "o"), "--iters", "1"],
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gmt_mlx",
+            "finetune",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(chat_data),
+            "--out",
+            str(tmp_path / "o"),
+            "--iters",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "distributed backend could not start" in result.stderr.strip().splitlines()[-1]

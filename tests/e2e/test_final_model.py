@@ -76,15 +76,18 @@ def test_a_kill_after_the_model_is_completed_on_resume(tiny_model_dir, chat_data
     monkeypatch.setattr(ckpt, "fault", real)
     resumed = runner.invoke(app, ["finetune", "--resume", str(out)])
     assert resumed.exit_code == 0, resumed.output
-    assert "model/ is written but not everything the run promised (samples, card, push): completing it" in resumed.output
+    assert (
+        "model/ is written but not everything the run promised (samples, card, push): completing it" in resumed.output
+    )
     assert rundir.is_finished(out) and (out / rundir.SAMPLES_FILE).is_file()
     # Bit for bit the uninterrupted run's model; the card was written (it quotes measured speeds: not compared).
     now = sums(rundir.model_dir(out))
     assert now.pop("README.md") and now == {k: v for k, v in finished[1].items() if k != "README.md"}
 
 
-@pytest.mark.parametrize("damage", ["flip", pytest.param("truncate", marks=pytest.mark.slow),
-                                    pytest.param("delete", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "damage", ["flip", pytest.param("truncate", marks=pytest.mark.slow), pytest.param("delete", marks=pytest.mark.slow)]
+)
 def test_a_damaged_model_is_refused_by_eval_and_generate_and_rebuilt_by_resume(finished, tmp_path, damage):
     out = copy_of(finished, tmp_path)
     weights = rundir.model_dir(out) / "model.safetensors"
@@ -94,11 +97,17 @@ def test_a_damaged_model_is_refused_by_eval_and_generate_and_rebuilt_by_resume(f
         weights.write_bytes(weights.read_bytes()[:1000])
     else:
         weights.unlink()
-    why = ("model/model.safetensors is missing" if damage == "delete"
-           else "model/model.safetensors is not the file the run wrote (its sha256 differs)")
+    why = (
+        "model/model.safetensors is missing"
+        if damage == "delete"
+        else "model/model.safetensors is not the file the run wrote (its sha256 differs)"
+    )
     advice = f"; rebuild it with: gmt-mlx finetune --resume {out}"
-    for command in (["eval", str(out)], ["generate", str(out), "--prompt", "hi"], ["push", str(out), "--repo", "a/b",
-                                                                                    "--dry-run"]):
+    for command in (
+        ["eval", str(out)],
+        ["generate", str(out), "--prompt", "hi"],
+        ["push", str(out), "--repo", "a/b", "--dry-run"],
+    ):
         result = runner.invoke(app, command)
         assert result.exit_code == 2, (command, result.output)
         assert last_line(result) == f"error: {out}: {why}{advice}", command
@@ -155,8 +164,11 @@ def test_damage_campaign_over_every_file_of_model(finished, tmp_path):
             shutil.copytree(out0, out)
             damaged(rundir.model_dir(out) / name, how)
             tally["cases"] += 1
-            for command in (["eval", str(out)], ["generate", str(out), "--prompt", "hi"],
-                            ["push", str(out), "--repo", "a/b", "--dry-run"]):
+            for command in (
+                ["eval", str(out)],
+                ["generate", str(out), "--prompt", "hi"],
+                ["push", str(out), "--repo", "a/b", "--dry-run"],
+            ):
                 result = runner.invoke(app, command)
                 tally["tracebacks"] += result.exit_code not in (0, 2) or "Traceback" in result.output
                 tally["refused"] += result.exit_code == 2

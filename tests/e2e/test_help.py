@@ -26,8 +26,9 @@ def option_names(command: str) -> list:
     import typer.main
 
     click_command = typer.main.get_command(app).commands[command]
-    return [name for param in click_command.params for name in (*param.opts, *param.secondary_opts)
-            if name.startswith("--")]
+    return [
+        name for param in click_command.params for name in (*param.opts, *param.secondary_opts) if name.startswith("--")
+    ]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -10,8 +10,8 @@ import typer.main
 
 from gmt_mlx.cli import app
 from gmt_mlx.cli.parsing import method_labels, parse_methods
-from gmt_mlx.config import Config
 from gmt_mlx.compare import plan as compare_plan
+from gmt_mlx.config import Config
 from tests.helpers import runner
 
 COMMANDS = ["finetune", "compare", "generate", "eval", "export", "push", "import-gguf", "doctor"]
@@ -34,8 +34,10 @@ def test_help_all_equals_help_where_nothing_is_hidden(command):
 def test_positional_arguments_are_spelled_one_way():
     # Upper-case metavars (MODEL, RUN_DIR, FOLDER, FILE): eval used to show its argument as {model}.
     commands = typer.main.get_command(app).commands
-    names = {name: [p.display_name_raw for p in cmd.params if p.param_type_name == "argument"]
-             for name, cmd in commands.items()}
+    names = {
+        name: [p.display_name_raw for p in cmd.params if p.param_type_name == "argument"]
+        for name, cmd in commands.items()
+    }
     assert names["eval"] == names["generate"] == ["MODEL"]
     for name, arguments in names.items():
         assert all(a == a.upper() for a in arguments), (name, arguments)
@@ -48,8 +50,11 @@ def test_eval_of_a_missing_run_dir_names_it(tmp_path, monkeypatch, model):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["eval", model])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert result.output.strip().splitlines()[-1].startswith(f"error: {model}: no such folder or file (expected a "
-                                                              "run directory, ")
+    assert (
+        result.output.strip()
+        .splitlines()[-1]
+        .startswith(f"error: {model}: no such folder or file (expected a run directory, ")
+    )
 
 
 def test_eval_of_a_hub_id_without_data_still_asks_for_data(tmp_path, monkeypatch):
@@ -60,8 +65,9 @@ def test_eval_of_a_hub_id_without_data_still_asks_for_data(tmp_path, monkeypatch
 
 def test_compare_labels_full_as_typed():
     def planned(methods: str, **base):
-        spec = compare_plan.CompareSpec(base=Config(data="d", **base), out=Path("o"), methods=parse_methods(methods),
-                                        labels=method_labels(methods))
+        spec = compare_plan.CompareSpec(
+            base=Config(data="d", **base), out=Path("o"), methods=parse_methods(methods), labels=method_labels(methods)
+        )
         return [(run.name, run.group, run.method) for run in compare_plan.plan(spec)]
 
     assert planned("full,lora") == [("full-s0", "full", "sft"), ("lora-s0", "lora", "lora")]

@@ -30,8 +30,21 @@ def digest(folder) -> str:
 def run(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("newcomer-gguf")
     write_jsonl(root / "data" / "train.jsonl", arithmetic_chat(8))
-    result = cli("finetune", "--model", tiny_model_dir, "--data", root / "data", "--out", root / "run",
-                 "--iters", "2", "--batch-size", "2", "--samples", "0")
+    result = cli(
+        "finetune",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        root / "data",
+        "--out",
+        root / "run",
+        "--iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--samples",
+        "0",
+    )
     assert result.exit_code == 0, result.output
     return root / "run"
 
@@ -62,7 +75,8 @@ def test_a_same_type_re_export_still_needs_overwrite(run, two_types, tmp_path):
     assert again.exit_code == 2 and "Traceback" not in again.output
     assert again.output.strip().splitlines()[-1] == (
         f"error: --out {out} already holds smol-q8_0.gguf; pass --overwrite to replace the folder, "
-        "or choose another --outtype (each type has its own file) or --out")
+        "or choose another --outtype (each type has its own file) or --out"
+    )
     assert digest(out) == before
     # An HF export's folder is no GGUF folder: a GGUF into it still needs --overwrite.
     assert cli("export", run, "--out", tmp_path / "hf").exit_code == 0

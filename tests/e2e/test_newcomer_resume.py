@@ -19,14 +19,33 @@ def digest(folder) -> str:
 
 
 def finished_run(tiny_model_dir, chat_data, out):
-    result = runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(chat_data), "--out", str(out),
-                                 "--iters", "4", "--batch-size", "2", "--samples", "0", "--steps-per-eval", "0"])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(chat_data),
+            "--out",
+            str(out),
+            "--iters",
+            "4",
+            "--batch-size",
+            "2",
+            "--samples",
+            "0",
+            "--steps-per-eval",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out
 
 
-def test_more_iters_on_a_finished_run_is_refused_with_the_command_that_trains_further(tiny_model_dir, chat_data,
-                                                                                      tmp_path):
+def test_more_iters_on_a_finished_run_is_refused_with_the_command_that_trains_further(
+    tiny_model_dir, chat_data, tmp_path
+):
     out = finished_run(tiny_model_dir, chat_data, tmp_path / "run")
     before = digest(out)
     for extra in ([], ["--force"]):  # --force resumes a changed config; a finished run has nothing to resume

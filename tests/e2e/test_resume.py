@@ -21,17 +21,45 @@ from tests.helpers import last_line, runner
 
 
 def args(model, data, out, *extra):
-    return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--iters", "6",
-            "--learning-rate", "1e-3", "--steps-per-save", "2", "--steps-per-eval", "3", "--steps-per-report", "1",
-            "--method", "gmt", "--mask-ratio", "0.5", *map(str, extra)]
+    return [
+        "finetune",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--iters",
+        "6",
+        "--learning-rate",
+        "1e-3",
+        "--steps-per-save",
+        "2",
+        "--steps-per-eval",
+        "3",
+        "--steps-per-report",
+        "1",
+        "--method",
+        "gmt",
+        "--mask-ratio",
+        "0.5",
+        *map(str, extra),
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [m for m in ("gmt", "sft", "random", "lora") if m in METHODS])
 def test_sigkill_and_resume_is_bit_for_bit(tiny_model_dir, chat_data, tmp_path, method):
     """Subprocesses: SIGKILL after a step, SIGKILL during a checkpoint write, resume, compare."""
-    problems = kill_and_resume(str(tiny_model_dir), str(chat_data), tmp_path, method=method, iters=8, save_every=3,
-                               extra=["--learning-rate", "1e-3", "--mask-ratio", "0.5"])
+    problems = kill_and_resume(
+        str(tiny_model_dir),
+        str(chat_data),
+        tmp_path,
+        method=method,
+        iters=8,
+        save_every=3,
+        extra=["--learning-rate", "1e-3", "--mask-ratio", "0.5"],
+    )
     assert problems == []
 
 
@@ -41,7 +69,9 @@ def test_ctrl_c_saves_and_resume_matches(tiny_model_dir, chat_data, tmp_path, mo
 
     # Press Ctrl-C right after step 3 (a step that is not a checkpoint step).
     real_fault = ckpt.fault
-    monkeypatch.setattr(ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:3" else None)
+    monkeypatch.setattr(
+        ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:3" else None
+    )
     out = tmp_path / "run"
     stopped = runner.invoke(app, args(tiny_model_dir, chat_data, out))
     assert stopped.exit_code == 130, stopped.output
@@ -74,7 +104,9 @@ def test_checkpoint_holds_the_full_state(tiny_model_dir, chat_data, tmp_path):
 
 def test_different_config_is_refused_with_the_keys(tiny_model_dir, chat_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr(ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:2" else None)
+    monkeypatch.setattr(
+        ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:2" else None
+    )
     assert runner.invoke(app, args(tiny_model_dir, chat_data, out)).exit_code == 130
     monkeypatch.setattr(ckpt, "fault", lambda point: None)
     refused = runner.invoke(app, args(tiny_model_dir, chat_data, out, "--mask-ratio", "0.3", "--seed", "4"))
@@ -95,7 +127,9 @@ def corrupt(path):
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_corrupt_checkpoint_is_never_loaded(tiny_model_dir, chat_data, tmp_path, monkeypatch, damage):
     out = tmp_path / "run"
-    monkeypatch.setattr(ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:2" else None)
+    monkeypatch.setattr(
+        ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:2" else None
+    )
     assert runner.invoke(app, args(tiny_model_dir, chat_data, out)).exit_code == 130
     weights = rundir.step_dir(out, 2) / "weights.safetensors"
     if damage == "flip":
@@ -135,8 +169,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_model_dir, tm
 def test_non_finite_steps_are_skipped_then_stop(tiny_model_dir):
     from mlx_lm import load
 
-    from gmt_mlx.core.losses import sft_loss
     from gmt_mlx.config import MaskOptions, OptimizerOptions
+    from gmt_mlx.core.losses import sft_loss
     from gmt_mlx.core.optim import build_optimizer
 
     model, _ = load(str(tiny_model_dir))
@@ -169,8 +203,24 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_model_dir):
 
 def test_diverging_run_stops_with_a_message(tiny_model_dir, chat_data, tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(app, args(tiny_model_dir, chat_data, out, "--learning-rate", "1e38", "--optimizer", "sgd",
-                                     "--grad-clip", "0", "--steps-per-save", "1", "--iters", "12"))
+    result = runner.invoke(
+        app,
+        args(
+            tiny_model_dir,
+            chat_data,
+            out,
+            "--learning-rate",
+            "1e38",
+            "--optimizer",
+            "sgd",
+            "--grad-clip",
+            "0",
+            "--steps-per-save",
+            "1",
+            "--iters",
+            "12",
+        ),
+    )
     assert result.exit_code == 2, result.output
     assert "non-finite" in last_line(result) and "last good checkpoint" in last_line(result)
     latest = rundir.latest_checkpoint(out)

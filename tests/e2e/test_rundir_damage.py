@@ -24,14 +24,38 @@ FILES = ["config.yaml", "metrics.jsonl", "samples_before.json"] + [
     f"{folder}/{name}" for folder in (STEP2, STEP4, BEST) for name in (ckpt.STATE_FILE, *ckpt.FILES)
 ]
 CASES = [(file, damage) for file in FILES for damage in ("truncate", "flip", "delete")] + [
-    (STEP4, "delete"), (BEST, "delete"), ("checkpoints", "delete"),
+    (STEP4, "delete"),
+    (BEST, "delete"),
+    ("checkpoints", "delete"),
 ]
 
 
 def args(model, data, out):
-    return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--iters", "6",
-            "--learning-rate", "1e-3", "--steps-per-save", "2", "--steps-per-eval", "3", "--steps-per-report", "1",
-            "--method", "gmt", "--mask-ratio", "0.5", "--samples", "1"]
+    return [
+        "finetune",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--iters",
+        "6",
+        "--learning-rate",
+        "1e-3",
+        "--steps-per-save",
+        "2",
+        "--steps-per-eval",
+        "3",
+        "--steps-per-report",
+        "1",
+        "--method",
+        "gmt",
+        "--mask-ratio",
+        "0.5",
+        "--samples",
+        "1",
+    ]
 
 
 FINISHED = [f"model/{name}" for name in ("model.safetensors", "config.json", "tokenizer.json")] + ["samples.json"]
@@ -97,7 +121,8 @@ def test_damaged_run_exports(runs, tmp_path, file, how):
     out, result = run_on_damaged_copy(runs[1], tmp_path, file, how, "export", "RUN", "--out", str(tmp_path / "export"))
     if file == "checkpoints":  # no state left at all: said in one line
         assert result.exit_code == 2 and result.output.strip().splitlines() == [
-            f"error: {out} has no checkpoint and no final model (model/)"]
+            f"error: {out} has no checkpoint and no final model (model/)"
+        ]
         return
     assert result.exit_code == 0, result.output
     assert (tmp_path / "export" / "config.json").is_file()
@@ -107,7 +132,9 @@ def test_damaged_run_exports(runs, tmp_path, file, how):
 def test_damaged_finished_run_exports_and_is_left_alone_by_resume(runs, tmp_path, file, how):
     """model/ and samples.json of a finished run: export falls back on the final checkpoint; resume changes nothing."""
     reference, _ = runs
-    out, result = run_on_damaged_copy(reference, tmp_path, file, how, "export", "RUN", "--out", str(tmp_path / "export"))
+    out, result = run_on_damaged_copy(
+        reference, tmp_path, file, how, "export", "RUN", "--out", str(tmp_path / "export")
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "export" / "config.json").is_file()
     resumed = runner.invoke(app, ["finetune", "--resume", str(out)])

@@ -19,9 +19,17 @@ from gmt_mlx.config import Config
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gmt_mlx"
 # Parameters that name a Config field under another name (the fields they stand for).
-ALIASES = {"sample_size": "mask_sample_size", "scope": "mask_scope", "target": "mask_target",
-           "weights_dtype": "train_dtype", "kind": "lr_schedule", "dpo_loss_type": "dpo_loss", "lam": "orpo_lambda",
-           "rewards": "reward", "eval_batch_size": "batch_size"}
+ALIASES = {
+    "sample_size": "mask_sample_size",
+    "scope": "mask_scope",
+    "target": "mask_target",
+    "weights_dtype": "train_dtype",
+    "kind": "lr_schedule",
+    "dpo_loss_type": "dpo_loss",
+    "lam": "orpo_lambda",
+    "rewards": "reward",
+    "eval_batch_size": "batch_size",
+}
 # Found by the scan in modules other helpers of issue 33 are rewriting (objectives, data, models, trainer):
 # "function(parameter)" -> why it is left. Each entry is a duplicate to remove there, not a permission.
 NOT_YET = {
@@ -75,7 +83,7 @@ def _literal(node: ast.AST, constants: dict):
 
 
 def duplicated_defaults(source: str) -> list:
-    """"function(parameter)" (or "Class.field", "CONSTANT") for every literal in ``source`` equal to the
+    """ "function(parameter)" (or "Class.field", "CONSTANT") for every literal in ``source`` equal to the
     default of the Config field it names: the same value written a second time."""
     tree = ast.parse(source)
     defaults = _defaults()
@@ -98,7 +106,7 @@ def duplicated_defaults(source: str) -> list:
             if value is not None:
                 constants[name] = value
             if name.startswith("DEFAULT_"):
-                check(name, name[len("DEFAULT_"):].lower(), node.value)
+                check(name, name[len("DEFAULT_") :].lower(), node.value)
 
     def visit(node: ast.AST, prefix: str) -> None:
         for child in ast.iter_child_nodes(node):
@@ -110,7 +118,7 @@ def duplicated_defaults(source: str) -> list:
             elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 args = child.args
                 positional = args.posonlyargs + args.args
-                pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
+                pairs = list(zip(positional[len(positional) - len(args.defaults) :], args.defaults))
                 pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
                 for arg, default in pairs:
                     check(f"{prefix}{child.name}({arg.arg})", arg.arg, default)
@@ -124,13 +132,19 @@ def duplicated_defaults(source: str) -> list:
 
 def test_the_scan_finds_a_duplicated_default():
     # What issue 33 found: 65536 in masking.py beside config.py, beta 0.1 in losses.py.
-    source = ("DEFAULT_SAMPLE_SIZE = 65536\n"
-              "def gmt_masks(grads, sample_size: int = DEFAULT_SAMPLE_SIZE): ...\n"
-              "def make_loss(train_mode, *, beta: float = 0.1): ...\n"
-              "class Options:\n    batch_size: int = 4\n"
-              "def fine(seed=None, mask_ratio=0.5, update_per_layer=True, iters=True): ...\n")
-    assert duplicated_defaults(source) == ["DEFAULT_SAMPLE_SIZE", "gmt_masks(sample_size)",
-                                           "make_loss(beta)", "Options.batch_size"]
+    source = (
+        "DEFAULT_SAMPLE_SIZE = 65536\n"
+        "def gmt_masks(grads, sample_size: int = DEFAULT_SAMPLE_SIZE): ...\n"
+        "def make_loss(train_mode, *, beta: float = 0.1): ...\n"
+        "class Options:\n    batch_size: int = 4\n"
+        "def fine(seed=None, mask_ratio=0.5, update_per_layer=True, iters=True): ...\n"
+    )
+    assert duplicated_defaults(source) == [
+        "DEFAULT_SAMPLE_SIZE",
+        "gmt_masks(sample_size)",
+        "make_loss(beta)",
+        "Options.batch_size",
+    ]
 
 
 def test_no_module_repeats_a_config_default():
@@ -156,8 +170,15 @@ def test_every_field_is_in_a_group_and_groups_hold_config_fields():
 
 
 def test_a_group_is_the_configs_values():
-    config = Config(mask_ratio=0.3, mask_scope="layer", optimizer="sgd", momentum=0.5, train_dtype="bfloat16",
-                    train_mode="grpo", num_generations=3)
+    config = Config(
+        mask_ratio=0.3,
+        mask_scope="layer",
+        optimizer="sgd",
+        momentum=0.5,
+        train_dtype="bfloat16",
+        train_mode="grpo",
+        num_generations=3,
+    )
     assert config.mask == cfg.MaskOptions(mask_ratio=0.3, mask_scope="layer")
     assert (config.optim.optimizer, config.optim.momentum) == ("sgd", 0.5)
     assert config.precision.train_dtype == "bfloat16"

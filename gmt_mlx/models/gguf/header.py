@@ -121,4 +121,3 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
             return header
     except (OSError, ValueError) as err:  # ValueError: mmap of an empty file
         raise UserError(f"cannot read GGUF file {path}: {err}") from err
-

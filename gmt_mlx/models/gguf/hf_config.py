@@ -56,11 +56,17 @@ def llama3_rope_scaling(factors: list[float], base: float, head_dim: int) -> dic
         return None  # identity: no scaling reaches these frequencies
     factor = max(factors)
     for low, high, original in [(1.0, 4.0, 8192)]:
-        expect = llama3_rope_freqs({"factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-                                    "original_max_position_embeddings": original}, base, head_dim).tolist()
-        if len(expect) == len(factors) and all(
-            abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(factors, expect)
-        ):
+        expect = llama3_rope_freqs(
+            {
+                "factor": factor,
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": original,
+            },
+            base,
+            head_dim,
+        ).tolist()
+        if len(expect) == len(factors) and all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(factors, expect)):
             return {
                 "rope_type": "llama3",
                 "factor": _f32(factor),
@@ -162,13 +168,20 @@ def _arch_config(arch: str, config: dict, get, rope_dim: int) -> dict:
     """The config keys one architecture adds to (or drops from) the llama ones, as llama.cpp runs it."""
     n_layers = config["num_hidden_layers"]
     if arch in ("qwen2", "qwen3"):  # no sliding window in llama.cpp; qwen2's q/k/v biases are built in
-        return {"mlp_bias": _DROP, "attention_bias": _DROP if arch == "qwen2" else False,
-                "use_sliding_window": False, "sliding_window": None, "max_window_layers": n_layers}
+        return {
+            "mlp_bias": _DROP,
+            "attention_bias": _DROP if arch == "qwen2" else False,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": n_layers,
+        }
     if arch == "phi3":
         return {
-            "attention_bias": _DROP, "mlp_bias": _DROP,
+            "attention_bias": _DROP,
+            "mlp_bias": _DROP,
             "original_max_position_embeddings": int(
-                get("rope.scaling.original_context_length", config["max_position_embeddings"])),
+                get("rope.scaling.original_context_length", config["max_position_embeddings"])
+            ),
             "sliding_window": int(get("attention.sliding_window", 0)) or None,  # 0: none (Phi-4)
             "partial_rotary_factor": rope_dim / config["head_dim"],
         }

@@ -60,8 +60,7 @@ def check_supported(header: GGUFHeader, path: str | Path = "") -> str:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UserError(
-            f"unsupported GGUF architecture {arch!r} in {path} "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"unsupported GGUF architecture {arch!r} in {path} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     if meta.get(f"{arch}.expert_count", 0):
         raise UserError(f"unsupported GGUF model in {path}: mixture-of-experts {arch} (expert_count > 0)")

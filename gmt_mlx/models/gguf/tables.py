@@ -65,6 +65,7 @@ def layer_names(arch: str) -> dict[str, str]:
     """GGUF tensor kind inside blk.N -> Hugging Face module name, for one GGUF architecture."""
     return ARCH_LAYER_NAMES.get(arch, LAYER_NAMES)
 
+
 # Pre-tokenizer regexes, paraphrasing llama.cpp's llama-vocab.cpp.
 GPT2_STYLE = {"gpt-2", "gpt2", "default", "phi-2", "jais", "poro-chat", "olmo", "dbrx"}
 DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "codeshell", "exaone", "minerva", "command-r"}
@@ -75,4 +76,3 @@ LLAMA3_PATTERN = (
 )
 QWEN2_STYLE = {"qwen2", "deepseek-r1-qwen"}
 QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")  # single digits
-

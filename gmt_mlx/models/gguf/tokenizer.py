@@ -40,9 +40,7 @@ def _bpe_pre_tokenizer(pre: str):
     if pre in LLAMA3_STYLE or pre in QWEN2_STYLE:
         pattern = LLAMA3_PATTERN if pre in LLAMA3_STYLE else QWEN2_PATTERN
         split = pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
-        return pre_tokenizers.Sequence(
-            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
+        return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     if pre not in GPT2_STYLE:
         warnings.warn(
             f"GGUF pre-tokenizer {pre!r} is not known to gmt-mlx; using GPT-2's split rules, "
@@ -126,9 +124,7 @@ def _spm_tokenizer(metadata: dict, tokens: list[str], types: list[int], vocab: d
     steps = [normalizers.Prepend("▁")] if space_prefix else []
     tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
     strip = [decoders.Strip(" ", 1, 0)] if space_prefix else []  # the prepended space
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()] + strip
-    )
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()] + strip)
     return tok
 
 
@@ -161,8 +157,9 @@ def _bos_eos_template(vocab: dict[str, int], bos: str | None, eos: str | None):
     )
 
 
-def _tokenizer_config(metadata: dict, *, bos: str | None, eos: str | None, pad: str | None, unk: str | None,
-                      add_bos: bool, add_eos: bool) -> dict:
+def _tokenizer_config(
+    metadata: dict, *, bos: str | None, eos: str | None, pad: str | None, unk: str | None, add_bos: bool, add_eos: bool
+) -> dict:
     """tokenizer_config.json: the special tokens, whether BOS/EOS are added, the context length, the chat template."""
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -173,9 +170,7 @@ def _tokenizer_config(metadata: dict, *, bos: str | None, eos: str | None, pad: 
         "add_bos_token": add_bos,
         "add_eos_token": add_eos,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(
-            metadata.get(f"{metadata.get('general.architecture', 'llama')}.context_length", 2048)
-        ),
+        "model_max_length": int(metadata.get(f"{metadata.get('general.architecture', 'llama')}.context_length", 2048)),
     }
     if metadata.get("tokenizer.chat_template"):
         config["chat_template"] = metadata["tokenizer.chat_template"]
@@ -198,21 +193,29 @@ def _pre_tokenizer_name(pre: Optional[Dict[str, Any]], normalizer: Optional[Dict
     steps = [] if pre is None else pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     if len(steps) == 1 and byte_level(steps[0], True):
         name = "gpt-2"
-    elif (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
-          and byte_level(steps[1], True)):
+    elif (
+        len(steps) == 2
+        and steps[0].get("type") == "Digits"
+        and steps[0].get("individual_digits")
+        and byte_level(steps[1], True)
+    ):
         name = "smollm"  # llama.cpp splits digits then applies GPT-2's rules, as for starcoder
     elif len(steps) == 2 and steps[0].get("type") == "Split" and byte_level(steps[1], False):
         pattern = (steps[0].get("pattern") or {}).get("Regex")
         name = {LLAMA3_PATTERN: "llama-bpe", QWEN2_PATTERN: "qwen2"}.get(pattern)
         if name is None:
-            raise UserError(f"GGUF export: the tokenizer's split regex {pattern!r} is not one llama.cpp "
-                            "knows (GPT-2, SmolLM, Llama 3, Qwen2)")
+            raise UserError(
+                f"GGUF export: the tokenizer's split regex {pattern!r} is not one llama.cpp "
+                "knows (GPT-2, SmolLM, Llama 3, Qwen2)"
+            )
     else:
         kinds = "+".join(s.get("type", "?") for s in steps) or "none"
         raise UserError(f"GGUF export: pre-tokenizer {kinds} has no llama.cpp equivalent known to gmt-mlx")
     if normalizer is not None and not (name == "qwen2" and normalizer.get("type") == "NFC"):
-        raise UserError(f"GGUF export: a byte-level tokenizer with a {normalizer.get('type')} normalizer "
-                        "has no llama.cpp equivalent")
+        raise UserError(
+            f"GGUF export: a byte-level tokenizer with a {normalizer.get('type')} normalizer "
+            "has no llama.cpp equivalent"
+        )
     return name
 
 
@@ -228,14 +231,21 @@ def _adds_bos(tokenizer_json: Dict[str, Any], tokenizer_config: Dict[str, Any], 
     return False
 
 
-def tokenizer_metadata(tokenizer_json: Dict[str, Any], tokenizer_config: Dict[str, Any],
-                       config: Dict[str, Any], n_vocab: int, chat_template: Optional[str] = None) -> Dict[str, Any]:
+def tokenizer_metadata(
+    tokenizer_json: Dict[str, Any],
+    tokenizer_config: Dict[str, Any],
+    config: Dict[str, Any],
+    n_vocab: int,
+    chat_template: Optional[str] = None,
+) -> Dict[str, Any]:
     """`tokenizer.*` keys for a byte-level BPE tokenizer (what llama.cpp's converter writes)."""
     model = tokenizer_json.get("model") or {}
     decoder = tokenizer_json.get("decoder") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
-        raise UserError("GGUF export supports byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, "
-                        f"Qwen2); this one is {model.get('type')} with a {decoder.get('type')} decoder")
+        raise UserError(
+            "GGUF export supports byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, "
+            f"Qwen2); this one is {model.get('type')} with a {decoder.get('type')} decoder"
+        )
     pre = _pre_tokenizer_name(tokenizer_json.get("pre_tokenizer"), tokenizer_json.get("normalizer"))
     ids = dict(model["vocab"])
     added = {t["content"]: t for t in tokenizer_json.get("added_tokens") or []}

@@ -52,8 +52,15 @@ from gmt_mlx.models.gguf.tokenizer import tokenizer_metadata
 OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
 DEFAULT_OUTTYPE = "f16"  # llama.cpp's convert_hf_to_gguf.py default
 # Hugging Face model_type -> GGUF architecture (llama.cpp converts Mistral as llama too); the import reads them all.
-EXPORT_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-                        "gemma": "gemma", "gemma2": "gemma2"}
+EXPORT_ARCHITECTURES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+}
 # GGUF architectures whose llama.cpp graph has no q/k/v biases.
 _NO_ATTENTION_BIAS = ("qwen3", "phi3", "gemma", "gemma2")
 INSTALL_HINT = "pip install 'gmt-mlx[gguf]'  (or: pip install gguf)"
@@ -85,8 +92,10 @@ def gguf_architecture(config: Dict[str, Any]) -> str:
     """The GGUF architecture for an HF config, or a one-line error naming what llama.cpp would run differently."""
     model_type = config.get("model_type")
     if model_type not in EXPORT_ARCHITECTURES:
-        raise UserError(f"GGUF export does not support model type {model_type!r} "
-                        f"(supported: {', '.join(EXPORT_ARCHITECTURES)}); export --format hf instead")
+        raise UserError(
+            f"GGUF export does not support model type {model_type!r} "
+            f"(supported: {', '.join(EXPORT_ARCHITECTURES)}); export --format hf instead"
+        )
     arch = EXPORT_ARCHITECTURES[model_type]
     if config.get("mlp_bias"):
         raise UserError(f"GGUF export does not support mlp_bias=true (llama.cpp's {arch} has no MLP biases)")
@@ -114,12 +123,16 @@ def _check_gemma2(config: Dict[str, Any]) -> None:
     head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
     scalar = int(config["hidden_size"]) // heads if n_layers == 46 else head_dim  # llama.cpp: by model size
     if config.get("query_pre_attn_scalar", scalar) != scalar:
-        raise UserError(f"GGUF export of gemma2 needs query_pre_attn_scalar {scalar} (llama.cpp's query scale "
-                        f"for {n_layers} layers), the config has {config['query_pre_attn_scalar']}")
+        raise UserError(
+            f"GGUF export of gemma2 needs query_pre_attn_scalar {scalar} (llama.cpp's query scale "
+            f"for {n_layers} layers), the config has {config['query_pre_attn_scalar']}"
+        )
     alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
     if config.get("layer_types", alternating) != alternating:
-        raise UserError("GGUF export of gemma2 needs sliding-window attention on every other layer from layer 0 "
-                        "(llama.cpp's pattern); this config's layer_types differ")
+        raise UserError(
+            "GGUF export of gemma2 needs sliding-window attention on every other layer from layer 0 "
+            "(llama.cpp's pattern); this config's layer_types differ"
+        )
 
 
 # ---------------------------------------------------------------- tensors
@@ -163,8 +176,10 @@ def gguf_tensors(weights: Dict[str, np.ndarray], config: Dict[str, Any]) -> Dict
     plus the rope factor tensors of Llama 3 and Phi-3 longrope scaling."""
     arch = gguf_architecture(config)
     to_gguf = {hf: gg for gg, hf in layer_names(arch).items()}
-    heads = {"attn_q": config["num_attention_heads"],
-             "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    heads = {
+        "attn_q": config["num_attention_heads"],
+        "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"],
+    }
     if arch not in PERMUTED_QK_ARCHITECTURES:
         heads = {}
     norm_shift = arch in NORM_PLUS_ONE_ARCHITECTURES
@@ -198,8 +213,10 @@ def gguf_tensors(weights: Dict[str, np.ndarray], config: Dict[str, Any]) -> Dict
         for which in ("long", "short"):
             factors = np.asarray(scaling[f"{which}_factor"], np.float32)
             if factors.shape != (_rotary_dim(config) // 2,):
-                raise UserError(f"GGUF export: {which}_factor has {factors.size} values, "
-                                f"the rope rotates {_rotary_dim(config)} dims (needs half as many)")
+                raise UserError(
+                    f"GGUF export: {which}_factor has {factors.size} values, "
+                    f"the rope rotates {_rotary_dim(config)} dims (needs half as many)"
+                )
             out[f"rope_factors_{which}.weight"] = factors
     return out
 
@@ -242,7 +259,8 @@ def model_metadata(config: Dict[str, Any], arch: str, n_vocab: int) -> Dict[str,
     }
     if arch == "phi3":
         meta[f"{arch}.rope.scaling.original_context_length"] = int(
-            config.get("original_max_position_embeddings") or meta[f"{arch}.context_length"])
+            config.get("original_max_position_embeddings") or meta[f"{arch}.context_length"]
+        )
         meta[f"{arch}.attention.sliding_window"] = int(config.get("sliding_window") or 0)  # 0: none
     elif arch == "gemma2":
         meta[f"{arch}.attn_logit_softcapping"] = float(config["attn_logit_softcapping"])
@@ -260,7 +278,8 @@ def model_metadata(config: Dict[str, Any], arch: str, n_vocab: int) -> Dict[str,
             orig = meta[f"{arch}.rope.scaling.original_context_length"]
             scale = meta[f"{arch}.context_length"] / orig
             meta[f"{arch}.rope.scaling.attn_factor"] = (
-                math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0)
+                math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+            )
         elif kind != "llama3":  # llama3 goes in the rope_freqs tensor
             supported = "linear, llama3, longrope (phi3)"
             raise UserError(f"GGUF export does not support rope scaling {kind!r} (supported: {supported})")
@@ -269,13 +288,10 @@ def model_metadata(config: Dict[str, Any], arch: str, n_vocab: int) -> Dict[str,
 
 # ---------------------------------------------------------------- Ollama
 
-_CHATML = (
-    '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
-    '{{ end }}<|im_start|>assistant\n'
-)
+_CHATML = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 _LLAMA3 = (
-    '{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>'
-    '{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n'
+    "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+    "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
 )
 
 
@@ -285,8 +301,9 @@ def ollama_modelfile(gguf_name: str, metadata: Dict[str, Any]) -> str:
     tokens = metadata["tokenizer.ggml.tokens"]
     template = metadata.get("tokenizer.chat_template") or ""
     lines = [f"# Ollama: ollama create NAME -f {MODELFILE} && ollama run NAME", f"FROM ./{gguf_name}"]
-    stops = [tokens[metadata[k]] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-             if k in metadata]
+    stops = [
+        tokens[metadata[k]] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in metadata
+    ]
     if "<|im_start|>" in template and "<|im_end|>" in template:
         lines.append(f'TEMPLATE """{_CHATML}"""')
         stops += ["<|im_start|>", "<|im_end|>"]
@@ -303,8 +320,9 @@ def ollama_modelfile(gguf_name: str, metadata: Dict[str, Any]) -> str:
 # ---------------------------------------------------------------- writing
 
 
-def write_gguf(path: str | Path, arch: str, metadata: Dict[str, Any], tensors: Dict[str, np.ndarray],
-               outtype: str) -> Path:
+def write_gguf(
+    path: str | Path, arch: str, metadata: Dict[str, Any], tensors: Dict[str, np.ndarray], outtype: str
+) -> Path:
     """Write metadata and float32 tensors (encoded as `outtype`) to one GGUF file, atomically."""
     gguf = require_gguf()
     path = Path(path)
@@ -348,8 +366,9 @@ def _load_hf_weights(hf_dir: Path) -> Dict[str, np.ndarray]:
     return out
 
 
-def hf_folder_to_gguf(hf_dir: str | Path, out_path: str | Path, *, outtype: str = DEFAULT_OUTTYPE,
-                      name: Optional[str] = None) -> Path:
+def hf_folder_to_gguf(
+    hf_dir: str | Path, out_path: str | Path, *, outtype: str = DEFAULT_OUTTYPE, name: Optional[str] = None
+) -> Path:
     """Convert a Hugging Face folder (float weights, config.json, tokenizer.json) into one GGUF file."""
     require_gguf()
     hf_dir = Path(hf_dir)
@@ -372,8 +391,15 @@ def hf_folder_to_gguf(hf_dir: str | Path, out_path: str | Path, *, outtype: str 
     return write_gguf(out_path, arch, metadata, tensors, outtype)
 
 
-def save_gguf_model(out_dir: str | Path, model, tokenizer, base_config: Dict[str, Any], *,
-                    outtype: Optional[str] = None, name: str = "model") -> Path:
+def save_gguf_model(
+    out_dir: str | Path,
+    model,
+    tokenizer,
+    base_config: Dict[str, Any],
+    *,
+    outtype: Optional[str] = None,
+    name: str = "model",
+) -> Path:
     """Write ``model`` (adapters merged) as OUT_DIR/NAME-OUTTYPE.gguf plus an Ollama Modelfile; return the .gguf."""
     import shutil
     import tempfile

@@ -31,9 +31,15 @@ from gmt_mlx.run.rundir import REFERENCE_FILE
 FORMAT = 1
 
 
-def reference_logps(model: nn.Module, split: TokenizedSplit, *, batch_size: int, pad_id: int,
-                    indices: Optional[Sequence[int]] = None,
-                    on_batch: Callable[[int, int], None] = lambda done, total: None) -> np.ndarray:
+def reference_logps(
+    model: nn.Module,
+    split: TokenizedSplit,
+    *,
+    batch_size: int,
+    pad_id: int,
+    indices: Optional[Sequence[int]] = None,
+    on_batch: Callable[[int, int], None] = lambda done, total: None,
+) -> np.ndarray:
     """Each pair's summed answer log-probabilities under ``model`` (in eval mode): (n, 2) float32, (chosen, rejected).
 
     Only the pairs at ``indices`` (default: all) are computed; the others are NaN.
@@ -59,15 +65,23 @@ def reference_logps(model: nn.Module, split: TokenizedSplit, *, batch_size: int,
 def save_reference(run_dir: Path, splits: Dict[str, TokenizedSplit]) -> Path:
     """Write every split's reference (and fingerprint) to RUN_DIR/reference_logps.json, atomically."""
     # A pair the run never draws has no reference (NaN in memory, null in the file).
-    record = {"format": FORMAT, "splits": {
-        name: {"fingerprint": split.fingerprint(), "pairs": len(split),
-               "logps": [[None if np.isnan(v) else float(v) for v in row] for row in split.reference]}
-        for name, split in splits.items()}}
+    record = {
+        "format": FORMAT,
+        "splits": {
+            name: {
+                "fingerprint": split.fingerprint(),
+                "pairs": len(split),
+                "logps": [[None if np.isnan(v) else float(v) for v in row] for row in split.reference],
+            }
+            for name, split in splits.items()
+        },
+    }
     return rundir.write_reference(run_dir, record)
 
 
-def load_reference(run_dir: Path, splits: Dict[str, TokenizedSplit],
-                   needed: Optional[Dict[str, Sequence[int]]] = None) -> None:
+def load_reference(
+    run_dir: Path, splits: Dict[str, TokenizedSplit], needed: Optional[Dict[str, Sequence[int]]] = None
+) -> None:
     """Set each split's ``reference`` from the run directory, refusing a missing, damaged or stale file,
     or one without the pairs at ``needed[name]`` (default: every pair)."""
     path = Path(run_dir) / REFERENCE_FILE
@@ -75,17 +89,22 @@ def load_reference(run_dir: Path, splits: Dict[str, TokenizedSplit],
     try:
         stored = rundir.read_reference(run_dir)["splits"]
     except FileNotFoundError:
-        raise UserError(f"{path}: missing (DPO's reference log-probabilities, written at step 0); {start_over}") from None
+        raise UserError(
+            f"{path}: missing (DPO's reference log-probabilities, written at step 0); {start_over}"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{path}: damaged (DPO's reference log-probabilities); {start_over}") from None
     for name, split in splits.items():
         entry = stored.get(name) if isinstance(stored, dict) else None
         if not isinstance(entry, dict) or entry.get("fingerprint") != split.fingerprint():
-            raise UserError(f"{path}: the {name} split is not the one the reference log-probabilities were computed "
-                            f"on (the data or its tokenization changed since step 0); {start_over}")
+            raise UserError(
+                f"{path}: the {name} split is not the one the reference log-probabilities were computed "
+                f"on (the data or its tokenization changed since step 0); {start_over}"
+            )
         try:
-            values = np.array([[np.nan if v is None else v for v in row] for row in entry["logps"]],
-                              dtype=np.float32).reshape(len(split), 2)
+            values = np.array(
+                [[np.nan if v is None else v for v in row] for row in entry["logps"]], dtype=np.float32
+            ).reshape(len(split), 2)
         except (KeyError, ValueError, TypeError):
             raise UserError(f"{path}: damaged (DPO's reference log-probabilities); {start_over}") from None
         wanted = list(range(len(split))) if needed is None or name not in needed else list(needed[name])
@@ -93,14 +112,24 @@ def load_reference(run_dir: Path, splits: Dict[str, TokenizedSplit],
             raise UserError(f"{path}: damaged (non-finite reference log-probabilities); {start_over}")
         missing = np.isnan(values[wanted]).any(axis=1)
         if missing.any():
-            raise UserError(f"{path}: has no reference for {int(missing.sum())} {name} pairs this run draws (it was "
-                            f"started for fewer steps); {start_over}")
+            raise UserError(
+                f"{path}: has no reference for {int(missing.sum())} {name} pairs this run draws (it was "
+                f"started for fewer steps); {start_over}"
+            )
         split.reference = values
 
 
-def compute_reference(model: nn.Module, splits: Dict[str, TokenizedSplit], run_dir: Path, *, write: bool,
-                      batch_size: int, pad_id: int, needed: Optional[Dict[str, Sequence[int]]] = None,
-                      log: Callable[[str], None] = print) -> None:
+def compute_reference(
+    model: nn.Module,
+    splits: Dict[str, TokenizedSplit],
+    run_dir: Path,
+    *,
+    write: bool,
+    batch_size: int,
+    pad_id: int,
+    needed: Optional[Dict[str, Sequence[int]]] = None,
+    log: Callable[[str], None] = print,
+) -> None:
     """Give each split its reference, computed from ``model`` (at step 0), and save them (``write``: rank 0).
 
     ``needed[name]``: the pairs of that split the run will use (default: all): a run of 20

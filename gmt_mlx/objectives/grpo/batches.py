@@ -47,8 +47,9 @@ def split_where(config: Config, name: str) -> str:
     return data_split_where(str(config.data), name)
 
 
-def prompt_splits(config: Config, rows: Dict[str, list], tokenizer, rewards: RewardSet,
-                  log: Callable[[str], None] = print) -> Dict[str, TokenizedSplit]:
+def prompt_splits(
+    config: Config, rows: Dict[str, list], tokenizer, rewards: RewardSet, log: Callable[[str], None] = print
+) -> Dict[str, TokenizedSplit]:
     """Each split's prompts as token ids (an `Example` with no targets: the completions are sampled), after
     checking that every row has a prompt and what the rewards need; one line naming the row otherwise.
     Prompts are never cut (a cut question has another answer): one longer than --max-seq-length less
@@ -60,17 +61,21 @@ def prompt_splits(config: Config, rows: Dict[str, list], tokenizer, rewards: Rew
         for index, row in enumerate(split_rows):
             prompt = grpo_prompt(row)
             if prompt is None:
-                raise UserError(f"{where}, row {index + 1}: no prompt (--train-mode grpo reads chat rows or "
-                                f"prompt/completion rows, with an answer for answer-based rewards)")
+                raise UserError(
+                    f"{where}, row {index + 1}: no prompt (--train-mode grpo reads chat rows or "
+                    f"prompt/completion rows, with an answer for answer-based rewards)"
+                )
             ids = prompt_tokens(tokenizer, prompt)
             examples.append(Example(ids, []))
         rewards.check_rows(split_rows, where)
         room = config.max_seq_length - config.max_completion_length
         long = sum(len(e.tokens) > room for e in examples)
         if long:
-            log(f"warning: {long} {name} prompts leave less than --max-completion-length "
+            log(
+                f"warning: {long} {name} prompts leave less than --max-completion-length "
                 f"{config.max_completion_length} tokens within --max-seq-length {config.max_seq_length}; they are "
-                "kept whole (the rows grow past it)")
+                "kept whole (the rows grow past it)"
+            )
         splits[name] = TokenizedSplit(examples, 0, name, max_seq_length=config.max_seq_length)
     return splits
 
@@ -98,16 +103,27 @@ class Round:
     @classmethod
     def from_state(cls, state: dict) -> "Round":
         dtypes = {"tokens": np.int32, "prompt_lengths": np.int32}
-        return cls([{k: np.array(v, dtype=dtypes.get(k, np.float32)) for k, v in b.items()} for b in state["batches"]],
-                   dict(state["stats"]))
+        return cls(
+            [{k: np.array(v, dtype=dtypes.get(k, np.float32)) for k, v in b.items()} for b in state["batches"]],
+            dict(state["stats"]),
+        )
 
 
 class RolloutBatches:
     """The training loop's batches under --train-mode grpo (see the module docstring)."""
 
-    def __init__(self, config: Config, model, tokenizer, split: TokenizedSplit, rows: List[dict], rewards: RewardSet,
-                 pad_id: int, count: Callable[[int], None] = lambda tokens: None,
-                 reference: Optional[Dict[str, mx.array]] = None):
+    def __init__(
+        self,
+        config: Config,
+        model,
+        tokenizer,
+        split: TokenizedSplit,
+        rows: List[dict],
+        rewards: RewardSet,
+        pad_id: int,
+        count: Callable[[int], None] = lambda tokens: None,
+        reference: Optional[Dict[str, mx.array]] = None,
+    ):
         self.config, self.model, self.tokenizer, self.split, self.rows = config, model, tokenizer, split, rows
         self.rewards, self.pad_id, self.count = rewards, pad_id, count
         self.reference = reference  # the step-0 trainable weights, for --beta > 0 (None: no KL term)
@@ -133,8 +149,11 @@ class RolloutBatches:
     def state(self) -> dict:
         """What a checkpoint after the steps served so far needs to go on exactly: the key, and a round still in use."""
         inside = self._steps_done() % self.config.num_iterations != 0
-        return {"format": STATE_FORMAT, "key": key_state(self.key),
-                "round": self.round.to_state() if inside and self.round is not None else None}
+        return {
+            "format": STATE_FORMAT,
+            "key": key_state(self.key),
+            "round": self.round.to_state() if inside and self.round is not None else None,
+        }
 
     def restore(self, start_step: int, state: Optional[dict], where: str) -> None:
         """Continue after ``start_step`` steps, from a checkpoint's `state` (None: a fresh start)."""
@@ -143,16 +162,21 @@ class RolloutBatches:
             return
         inside = start_step % self.config.num_iterations != 0
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or (inside and not state.get("round")):
-            raise UserError(f"{where}: has no GRPO sampling state (the rollouts' key), so the run cannot go on "
-                            f"exactly; start over with --overwrite")
+            raise UserError(
+                f"{where}: has no GRPO sampling state (the rollouts' key), so the run cannot go on "
+                f"exactly; start over with --overwrite"
+            )
         self.key = key_from_state(state["key"])
         self.round = Round.from_state(state["round"]) if inside else None
 
     def step_metrics(self) -> Dict[str, float]:
         """The reward metrics of the rollouts the last step trained on, the time their sampling took (0 on
         a step that reuses them) and the time from then to now (the gradient, mask and update: "update_seconds")."""
-        return {**(self.round.stats if self.round else {}), "rollout_seconds": self.rollout_seconds if self.fresh else 0.0,
-                "update_seconds": time.perf_counter() - self.update_start}
+        return {
+            **(self.round.stats if self.round else {}),
+            "rollout_seconds": self.rollout_seconds if self.fresh else 0.0,
+            "update_seconds": time.perf_counter() - self.update_start,
+        }
 
     def __iter__(self) -> Iterator[tuple]:
         while True:
@@ -198,10 +222,17 @@ class RolloutBatches:
 
     def _micro_batch(self, indices: List[int]):
         config, g = self.config, self.config.num_generations
-        rollouts = sample_rollouts(self.model, self.tokenizer, [self.split.examples[i].tokens for i in indices],
-                                   num_generations=g, temperature=config.temperature, top_p=config.top_p,
-                                   max_completion_length=config.max_completion_length, key=self.key,
-                                   stop_ids=self.stops)
+        rollouts = sample_rollouts(
+            self.model,
+            self.tokenizer,
+            [self.split.examples[i].tokens for i in indices],
+            num_generations=g,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            max_completion_length=config.max_completion_length,
+            key=self.key,
+            stop_ids=self.stops,
+        )
         self.key = rollouts.next_key
         scores = []
         for b, completion in enumerate(rollouts.completion_ids):
@@ -209,15 +240,21 @@ class RolloutBatches:
             row = self.rows[index]
             text = completion_text(self.tokenizer, completion, self.stops)
             scores.append(self.rewards.score(grpo_prompt(row), text, row, index, self.where))
-        advantages = group_advantages(mx.array([total for total, _ in scores], dtype=mx.float32), g,
-                                      config.scale_rewards)
+        advantages = group_advantages(
+            mx.array([total for total, _ in scores], dtype=mx.float32), g, config.scale_rewards
+        )
         tokens = _padded([p + c for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids)], self.pad_id)
         mask = (_padded(rollouts.completion_ids, -1) >= 0).astype(np.float32)
         if config.mask_truncated_completions:  # TRL's: the rewards and advantages stay, the tokens leave the loss
             mask[np.array(rollouts.truncated, dtype=bool)] = 0.0
-        batch = {"tokens": tokens, "prompt_lengths": np.array([len(p) for p in rollouts.prompt_ids], np.int32),
-                 "mask": mask, "old_logps": np.zeros(mask.shape, np.float32),
-                 "ref_logps": np.zeros(mask.shape, np.float32), "advantages": np.array(advantages, dtype=np.float32)}
+        batch = {
+            "tokens": tokens,
+            "prompt_lengths": np.array([len(p) for p in rollouts.prompt_ids], np.int32),
+            "mask": mask,
+            "old_logps": np.zeros(mask.shape, np.float32),
+            "ref_logps": np.zeros(mask.shape, np.float32),
+            "advantages": np.array(advantages, dtype=np.float32),
+        }
         if config.num_iterations > 1:  # the sampling policy's log-probs, for the ratio on the reused steps
             batch["old_logps"] = self._logps(batch)
         if self.reference is not None:
@@ -238,26 +275,45 @@ class RolloutBatches:
         was_training = getattr(self.model, "training", False)
         self.model.eval()  # no dropout: the log-probs of the policy that sampled
         try:
-            logps = completion_logps(self.model, mx.array(batch["tokens"]), mx.array(batch["prompt_lengths"]),
-                                     batch["mask"].shape[1], self.config.temperature) * mx.array(batch["mask"])
+            logps = completion_logps(
+                self.model,
+                mx.array(batch["tokens"]),
+                mx.array(batch["prompt_lengths"]),
+                batch["mask"].shape[1],
+                self.config.temperature,
+            ) * mx.array(batch["mask"])
             return np.array(logps, dtype=np.float32)
         finally:
             self.model.train(was_training)
 
 
-def validation_reward(model, tokenizer, split: TokenizedSplit, rows: List[dict], rewards: RewardSet,
-                      config: Config, where: str) -> Dict[str, Any]:
+def validation_reward(
+    model, tokenizer, split: TokenizedSplit, rows: List[dict], rewards: RewardSet, config: Config, where: str
+) -> Dict[str, Any]:
     """Mean reward (and each reward's) of greedy answers to the valid prompts (the first --val-batches
     x --batch-size of them; -1: all), as a validation result: "loss" is minus the mean reward, so the
     best checkpoint is the one with the highest reward. `reward_eval.reward_evaluation` scores them, as
     `gmt-mlx eval` of a GRPO run does."""
     count = len(split) if config.val_batches < 0 else min(len(split), config.val_batches * config.batch_size)
     # As many rows decoded together as a training micro-batch decodes.
-    scored = reward_evaluation(model, tokenizer, rows[:count], rewards, max_tokens=config.max_completion_length,
-                               batch_size=config.batch_size * config.num_generations, where=where,
-                               prompt_ids=[e.tokens for e in split.examples[:count]], checked=True)
-    result = {"loss": -scored["reward"], "ppl": None, "tokens": count, "reward": scored["reward"],
-              "completion_length": scored["completion_length"]}
+    scored = reward_evaluation(
+        model,
+        tokenizer,
+        rows[:count],
+        rewards,
+        max_tokens=config.max_completion_length,
+        batch_size=config.batch_size * config.num_generations,
+        where=where,
+        prompt_ids=[e.tokens for e in split.examples[:count]],
+        checked=True,
+    )
+    result = {
+        "loss": -scored["reward"],
+        "ppl": None,
+        "tokens": count,
+        "reward": scored["reward"],
+        "completion_length": scored["completion_length"],
+    }
     result.update({f"rewards/{name}/mean": value for name, value in scored["rewards"].items()})
     return result
 

@@ -26,8 +26,13 @@ from gmt_mlx.config import GRPO_LOSS_TYPES, REWARD_SCALINGS
 # rewards are all equal gets zero advantage rather than 0/0.
 STD_EPS = 1e-4
 # The metrics `grpo_loss` reports, named as TRL logs them; "kl" only when beta > 0.
-CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-                "clip_ratio/low_min", "clip_ratio/high_max")
+CLIP_METRICS = (
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_max",
+)
 
 
 def _sample_std(values: mx.array, axis: Optional[int]) -> mx.array:
@@ -72,8 +77,9 @@ def _masked_mean(values: mx.array, mask: mx.array) -> mx.array:
     return (values * mask).sum() / mx.maximum(mask.sum(), 1.0)
 
 
-def _clip_metrics(ratio: mx.array, advantages: mx.array, mask: mx.array, low: float,
-                  high: float) -> Dict[str, mx.array]:
+def _clip_metrics(
+    ratio: mx.array, advantages: mx.array, mask: mx.array, low: float, high: float
+) -> Dict[str, mx.array]:
     """How often the clip bound the update, as TRL reports it (CLIP_METRICS).
 
     A token counts as clipped only where clipping changed its loss: the ratio
@@ -92,11 +98,13 @@ def _clip_metrics(ratio: mx.array, advantages: mx.array, mask: mx.array, low: fl
     def per_row(x: mx.array) -> mx.array:
         return (x * mask).sum(axis=-1) / mx.maximum(tokens, 1.0)
 
-    return {"clip_ratio/low_mean": _masked_mean(low_clipped, mask),
-            "clip_ratio/high_mean": _masked_mean(high_clipped, mask),
-            "clip_ratio/region_mean": _masked_mean(region, mask),
-            "clip_ratio/low_min": mx.where(has_tokens, per_row(low_clipped), mx.inf).min(),
-            "clip_ratio/high_max": mx.where(has_tokens, per_row(high_clipped), -mx.inf).max()}
+    return {
+        "clip_ratio/low_mean": _masked_mean(low_clipped, mask),
+        "clip_ratio/high_mean": _masked_mean(high_clipped, mask),
+        "clip_ratio/region_mean": _masked_mean(region, mask),
+        "clip_ratio/low_min": mx.where(has_tokens, per_row(low_clipped), mx.inf).min(),
+        "clip_ratio/high_max": mx.where(has_tokens, per_row(high_clipped), -mx.inf).max(),
+    }
 
 
 def _aggregate(per_token: mx.array, mask: mx.array, loss_type: str, max_completion_length: Optional[int]) -> mx.array:
@@ -126,14 +134,26 @@ def _check(loss_type: str, max_completion_length: Optional[int], logps: mx.array
     if loss_type == "dr_grpo" and not (max_completion_length and max_completion_length > 0):
         raise ValueError("the dr_grpo loss divides by max_completion_length: give a positive one")
     if logps.ndim != 2 or advantages.shape != (logps.shape[0],):
-        raise ValueError(f"log-probs must be (B, T) and advantages (B,), got {tuple(logps.shape)} "
-                         f"and {tuple(advantages.shape)}")
+        raise ValueError(
+            f"log-probs must be (B, T) and advantages (B,), got {tuple(logps.shape)} and {tuple(advantages.shape)}"
+        )
 
 
-def grpo_loss(logps: mx.array, old_logps: Optional[mx.array], ref_logps: Optional[mx.array], advantages: mx.array,
-              mask: mx.array, *, loss_type: str = "dapo", epsilon: float = 0.2, epsilon_high: Optional[float] = None,
-              beta: float = 0.0, max_completion_length: Optional[int] = None, delta: Optional[float] = None,
-              kl_ratio: bool = True) -> Tuple[mx.array, Dict[str, mx.array]]:
+def grpo_loss(
+    logps: mx.array,
+    old_logps: Optional[mx.array],
+    ref_logps: Optional[mx.array],
+    advantages: mx.array,
+    mask: mx.array,
+    *,
+    loss_type: str = "dapo",
+    epsilon: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    beta: float = 0.0,
+    max_completion_length: Optional[int] = None,
+    delta: Optional[float] = None,
+    kl_ratio: bool = True,
+) -> Tuple[mx.array, Dict[str, mx.array]]:
     """The clipped GRPO loss of a batch and its metrics, as TRL's GRPOTrainer computes them.
 
     Per token, with ratio r = exp(logps - old_logps) and advantage A of the
@@ -179,8 +199,9 @@ def grpo_loss(logps: mx.array, old_logps: Optional[mx.array], ref_logps: Optiona
     return _aggregate(per_token, mask, loss_type, max_completion_length), metrics
 
 
-def completion_logps(model: nn.Module, tokens: mx.array, prompt_lengths: mx.array, width: int,
-                     temperature: float = 1.0) -> mx.array:
+def completion_logps(
+    model: nn.Module, tokens: mx.array, prompt_lengths: mx.array, width: int, temperature: float = 1.0
+) -> mx.array:
     """(B, ``width``) float32 log-probabilities of each completion token given its prompt and the completion
     before it, at ``temperature``, from one forward over the right-padded prompt + completion rows.
 
@@ -202,11 +223,23 @@ def completion_logps(model: nn.Module, tokens: mx.array, prompt_lengths: mx.arra
     return mx.take_along_axis(token_logps, positions, axis=1)
 
 
-def grpo_batch_loss(model: nn.Module, tokens: mx.array, prompt_lengths: mx.array, mask: mx.array,
-                    old_logps: mx.array, ref_logps: mx.array, advantages: mx.array, *, loss_type: str = "dapo",
-                    epsilon: float = 0.2, epsilon_high: Optional[float] = None, beta: float = 0.0,
-                    max_completion_length: Optional[int] = None, reuse: bool = False,
-                    temperature: float = 1.0) -> Tuple[mx.array, mx.array, Dict[str, mx.array]]:
+def grpo_batch_loss(
+    model: nn.Module,
+    tokens: mx.array,
+    prompt_lengths: mx.array,
+    mask: mx.array,
+    old_logps: mx.array,
+    ref_logps: mx.array,
+    advantages: mx.array,
+    *,
+    loss_type: str = "dapo",
+    epsilon: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    beta: float = 0.0,
+    max_completion_length: Optional[int] = None,
+    reuse: bool = False,
+    temperature: float = 1.0,
+) -> Tuple[mx.array, mx.array, Dict[str, mx.array]]:
     """`grpo_loss` of a rollout batch as the trainer's losses return theirs: (summed loss, unit count, metric sums).
 
     The trainer divides a step's sums by its total count, so the count is what
@@ -221,9 +254,18 @@ def grpo_batch_loss(model: nn.Module, tokens: mx.array, prompt_lengths: mx.array
     All three are log-probabilities at the rollouts' ``temperature``.
     """
     logps = completion_logps(model, tokens, prompt_lengths, mask.shape[1], temperature)
-    loss, metrics = grpo_loss(logps, old_logps if reuse else None, ref_logps if beta else None, advantages, mask,
-                              loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta,
-                              max_completion_length=max_completion_length)
+    loss, metrics = grpo_loss(
+        logps,
+        old_logps if reuse else None,
+        ref_logps if beta else None,
+        advantages,
+        mask,
+        loss_type=loss_type,
+        epsilon=epsilon,
+        epsilon_high=epsilon_high,
+        beta=beta,
+        max_completion_length=max_completion_length,
+    )
     # Not mask.sum(): an output that is the very node the loss divides by fails under mx.compile's
     # value_and_grad (MLX 0.30: "_Map_base::at"); this count is equal, and its own node.
     tokens_count = (mask > 0).astype(mx.float32).sum()

@@ -25,8 +25,10 @@ def check_reward_rows(rows: List[dict], rewards: RewardSet, where: Optional[str]
     """A one-line UserError naming the first row with no prompt, or without what a reward reads."""
     for index, row in enumerate(rows):
         if not isinstance(row, dict) or grpo_prompt(row) is None:
-            raise UserError(f"{where + ', ' if where else ''}row {index + 1}: no prompt to answer "
-                            f"(--reward scores answers to chat or prompt rows)")
+            raise UserError(
+                f"{where + ', ' if where else ''}row {index + 1}: no prompt to answer "
+                f"(--reward scores answers to chat or prompt rows)"
+            )
     rewards.check_rows(rows, where)
 
 
@@ -63,22 +65,42 @@ def reward_evaluation(
     scores, items, lengths = [], [], []
     for start in range(0, len(rows), batch_size):
         indices = list(range(start, min(start + batch_size, len(rows))))
-        rollouts = sample_rollouts(model, tokenizer, [ids[i] for i in indices], num_generations=1, temperature=0.0,
-                                   max_completion_length=max_tokens, key=0, stop_ids=stops)
+        rollouts = sample_rollouts(
+            model,
+            tokenizer,
+            [ids[i] for i in indices],
+            num_generations=1,
+            temperature=0.0,
+            max_completion_length=max_tokens,
+            key=0,
+            stop_ids=stops,
+        )
         for index, completion in zip(indices, rollouts.completion_ids):
             text = completion_text(tokenizer, completion, stops)
             total, values = rewards.score(prompts[index], text, rows[index], index, where)
             scores.append((total, values))
-            items.append({"prompt": describe_prompt(prompts[index]), "reference": reference_of(rows[index]),
-                          "answer": text, "reward": total, "rewards": values})
+            items.append(
+                {
+                    "prompt": describe_prompt(prompts[index]),
+                    "reference": reference_of(rows[index]),
+                    "answer": text,
+                    "reward": total,
+                    "rewards": values,
+                }
+            )
         lengths += rollouts.completion_lengths
         if on_batch is not None:
             on_batch(indices[-1] + 1, len(rows))
     if not scores:
         return {"reward": None, "rewards": {}, "reward_count": 0, "completion_length": None, "reward_items": []}
     stats = reward_stats(scores, 1)
-    return {"reward": stats["reward"], "rewards": {name: stats[f"rewards/{name}/mean"] for name in rewards.names},
-            "reward_count": len(scores), "completion_length": float(np.mean(lengths)), "reward_items": items}
+    return {
+        "reward": stats["reward"],
+        "rewards": {name: stats[f"rewards/{name}/mean"] for name in rewards.names},
+        "reward_count": len(scores),
+        "completion_length": float(np.mean(lengths)),
+        "reward_items": items,
+    }
 
 
 def has_completions(rows: List[dict]) -> bool:
@@ -90,5 +112,9 @@ def has_completions(rows: List[dict]) -> bool:
     if "prompt" in row and "completion" not in row and not is_preference_row(row):
         return False
     messages = row.get("messages")
-    return not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
-                and messages[-1].get("role") != "assistant")
+    return not (
+        isinstance(messages, list)
+        and messages
+        and isinstance(messages[-1], dict)
+        and messages[-1].get("role") != "assistant"
+    )

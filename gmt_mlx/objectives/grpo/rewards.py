@@ -92,7 +92,7 @@ def format_reward(prompt: Any, completion: str, row: dict) -> float:
     ends = [end for end in (_last_box_end(text), _last_hash_end(text)) if end is not None]
     if not ends:
         return 0.0
-    return 1.0 if _CLEAN_TAIL.fullmatch(text[max(ends):]) else 0.5
+    return 1.0 if _CLEAN_TAIL.fullmatch(text[max(ends) :]) else 0.5
 
 
 @dataclass(frozen=True)
@@ -177,8 +177,7 @@ class RewardSet:
             except UserError as err:
                 raise UserError(f"{_where(where, index)}: {err}") from None
 
-    def score(self, prompt: Any, completion: str, row: dict, index: int,
-              where: Optional[str] = None) -> Scores:
+    def score(self, prompt: Any, completion: str, row: dict, index: int, where: Optional[str] = None) -> Scores:
         """(weighted total, {name: unweighted value}) of one completion of the row at ``index`` (0-based)."""
         values: Dict[str, float] = {}
         for reward in self.rewards:
@@ -190,15 +189,22 @@ def _missing(reward: Reward, row: dict) -> Optional[str]:
     """What ``row`` lacks for ``reward``, as the end of a message; None when nothing."""
     flag = f"--reward {reward.name}"
     if reward.kind == "scorer" and not _has_answer(row):
-        return (f"no answer, which {flag} needs (an \"answer\" field holding a string or a number; "
-                f"--columns SOURCE=answer renames a column to it)")
+        return (
+            f'no answer, which {flag} needs (an "answer" field holding a string or a number; '
+            f"--columns SOURCE=answer renames a column to it)"
+        )
     if reward.kind != "reasoning_gym":
         return None
     metadata = row.get("metadata")
-    if ":" not in reward.name and not (isinstance(metadata, dict) and isinstance(metadata.get("source_dataset"), str)
-                                       and metadata["source_dataset"].strip()):
-        return (f"no metadata.source_dataset, which {flag} needs to pick the task's checker "
-                f"(or name the task: --reward reasoning_gym:TASK)")
+    if ":" not in reward.name and not (
+        isinstance(metadata, dict)
+        and isinstance(metadata.get("source_dataset"), str)
+        and metadata["source_dataset"].strip()
+    ):
+        return (
+            f"no metadata.source_dataset, which {flag} needs to pick the task's checker "
+            f"(or name the task: --reward reasoning_gym:TASK)"
+        )
     if not _has_answer(row) and not isinstance(metadata, dict):
         return f"no answer and no metadata, which {flag} needs"
     return None
@@ -238,8 +244,9 @@ def _user_function(spec: str) -> RewardFn:
     try:
         signature.bind(None, None, None)
     except TypeError:
-        raise UserError(f"--reward {spec}: the function must take (prompt, completion, row), "
-                        f"but takes {signature}") from None
+        raise UserError(
+            f"--reward {spec}: the function must take (prompt, completion, row), but takes {signature}"
+        ) from None
     return fn
 
 
@@ -271,13 +278,17 @@ def parse_weights(weights: Optional[str], names: Sequence[str]) -> List[float]:
         except ValueError:
             value = math.nan
         if not math.isfinite(value):
-            raise UserError(f"--reward-weights: {item.strip()!r} is not a number "
-                            f"(one number per --reward, comma-separated, e.g. 1,0.5)")
+            raise UserError(
+                f"--reward-weights: {item.strip()!r} is not a number "
+                f"(one number per --reward, comma-separated, e.g. 1,0.5)"
+            )
         out.append(value)
     if len(out) != len(names):
         rewards = f"{len(names)} reward{'s' * (len(names) != 1)}"
-        raise UserError(f"--reward-weights has {len(out)} weight{'s' * (len(out) != 1)} "
-                        f"but --reward names {rewards} ({', '.join(names)})")
+        raise UserError(
+            f"--reward-weights has {len(out)} weight{'s' * (len(out) != 1)} "
+            f"but --reward names {rewards} ({', '.join(names)})"
+        )
     if not any(out):
         raise UserError("--reward-weights are all 0: every completion would get reward 0 and nothing would be learned")
     return out

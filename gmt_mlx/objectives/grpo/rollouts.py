@@ -145,8 +145,10 @@ def stop_token_ids(tokenizer) -> List[int]:
 
 def _check_options(prompts_ids, num_generations, temperature, top_p, max_completion_length) -> None:
     if num_generations < 1 or max_completion_length < 1:
-        raise ValueError(f"num_generations and max_completion_length must be at least 1, "
-                         f"got {num_generations} and {max_completion_length}")
+        raise ValueError(
+            f"num_generations and max_completion_length must be at least 1, "
+            f"got {num_generations} and {max_completion_length}"
+        )
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
     if not prompts_ids or any(len(p) == 0 for p in prompts_ids):
@@ -197,8 +199,14 @@ def sample_rollouts(
     stops = stop_token_ids(tokenizer) if stop_ids is None else sorted(int(i) for i in stop_ids)
     sampler = KeyedSampler(start, temperature, top_p)
     size = len(rows) if batch_size is None else batch_size
-    generator = BatchGenerator(model, max_tokens=max_completion_length, stop_tokens=[[t] for t in stops],
-                               sampler=sampler, completion_batch_size=size, prefill_batch_size=size)
+    generator = BatchGenerator(
+        model,
+        max_tokens=max_completion_length,
+        stop_tokens=[[t] for t in stops],
+        sampler=sampler,
+        completion_batch_size=size,
+        prefill_batch_size=size,
+    )
     was_training = getattr(model, "training", False)
     model.eval()
     try:

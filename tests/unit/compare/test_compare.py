@@ -10,22 +10,29 @@ import pytest
 import yaml
 
 from gmt_mlx.cli import app, parsing
-from gmt_mlx.config import Config
-from gmt_mlx.errors import UserError
 from gmt_mlx.compare import plan as compare_plan
 from gmt_mlx.compare import recipe as cmp
 from gmt_mlx.compare import report
+from gmt_mlx.config import Config
+from gmt_mlx.errors import UserError
 from tests.helpers import runner
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def spec_for(model, data, out, **kwargs) -> compare_plan.CompareSpec:
-    base = Config(model=str(model), data=str(data), iters=4, batch_size=4, steps_per_eval=2, steps_per_report=1,
-                  steps_per_save=0)
-    defaults = dict(methods=["sft", "gmt", "random", "lora", "dora"], seeds=[0, 1], mask_ratios=[0.5],
-                    learning_rates={m: 1e-3 for m in compare_plan.DEFAULT_LEARNING_RATES}, scorers=["number", "exact"],
-                    eval_limit=2, max_tokens=3)
+    base = Config(
+        model=str(model), data=str(data), iters=4, batch_size=4, steps_per_eval=2, steps_per_report=1, steps_per_save=0
+    )
+    defaults = dict(
+        methods=["sft", "gmt", "random", "lora", "dora"],
+        seeds=[0, 1],
+        mask_ratios=[0.5],
+        learning_rates={m: 1e-3 for m in compare_plan.DEFAULT_LEARNING_RATES},
+        scorers=["number", "exact"],
+        eval_limit=2,
+        max_tokens=3,
+    )
     defaults.update(kwargs)
     return compare_plan.CompareSpec(base=base, out=Path(out), **defaults)
 
@@ -48,7 +55,8 @@ def test_every_method_trains_through_compare(compared):
     spec, results, logs = compared
     names = {r["name"] for r in results["runs"]}
     expected = {f"{m}-s{s}" for m in ("sft", "lora", "dora") for s in (0, 1)} | {
-        f"{m}-r0.5-s{s}" for m in ("gmt", "random") for s in (0, 1)}
+        f"{m}-r0.5-s{s}" for m in ("gmt", "random") for s in (0, 1)
+    }
     assert names == expected
     for run in results["runs"]:
         run_dir = spec.out / "runs" / run["name"]
@@ -126,7 +134,9 @@ def test_base_validation_loss_is_what_a_run_measures_before_training(compared, t
     assert "base model (no training) | — | " + f"{expected['loss']:.4f}" in (spec.out / "results.md").read_text()
 
 
-@pytest.mark.parametrize("steps, every_eval, every_report", [(4, 1, 1), (10, 1, 1), (30, 3, 1), (100, 12, 6), (1000, 125, 62)])
+@pytest.mark.parametrize(
+    "steps, every_eval, every_report", [(4, 1, 1), (10, 1, 1), (30, 3, 1), (100, 12, 6), (1000, 125, 62)]
+)
 def test_compare_picks_a_cadence_that_draws_curves(steps, every_eval, every_report):
     spec = compare_plan.CompareSpec(base=Config(iters=steps), out=Path("x"), auto_cadence=compare_plan.CADENCE_KEYS)
     logs = []
@@ -135,16 +145,19 @@ def test_compare_picks_a_cadence_that_draws_curves(steps, every_eval, every_repo
     assert steps // base.steps_per_eval >= min(steps, compare_plan.CURVE_POINTS)
     assert "validation every" in logs[0]
     # What the user set stays, with a warning when it draws dots.
-    mine = compare_plan.CompareSpec(base=Config(iters=steps, steps_per_eval=50), out=Path("x"),
-                                    auto_cadence=("steps_per_report",))
+    mine = compare_plan.CompareSpec(
+        base=Config(iters=steps, steps_per_eval=50), out=Path("x"), auto_cadence=("steps_per_report",)
+    )
     logs = []
     assert compare_plan.with_cadence(mine, steps, logs.append).base.steps_per_eval == 50
     assert (steps < 150) == any("warning: --steps-per-eval 50" in line for line in logs)
 
 
 def test_speed_leaves_out_compilation_and_steps_timed_across_evals():
-    train = [{"step": s, "tokens_per_sec": v} for s, v in [(1, 10.0), (2, 100.0), (3, 40.0), (4, 104.0), (5, 98.0),
-                                                           (6, 102.0), (7, 101.0)]]
+    train = [
+        {"step": s, "tokens_per_sec": v}
+        for s, v in [(1, 10.0), (2, 100.0), (3, 40.0), (4, 104.0), (5, 98.0), (6, 102.0), (7, 101.0)]
+    ]
     evals = [{"step": 2}]
     speeds = cmp.step_speeds(train, evals, steps_per_save=0)
     assert speeds == [100.0, 104.0, 98.0, 102.0, 101.0]  # not step 1 (compiles) nor 3 (timed across the eval)
@@ -155,7 +168,7 @@ def test_speed_leaves_out_compilation_and_steps_timed_across_evals():
 
 
 def test_mean_std():
-    assert report.mean_std([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(2 ** 0.5), "n": 2}
+    assert report.mean_std([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(2**0.5), "n": 2}
     assert report.mean_std([5.0, None]) == {"mean": 5.0, "std": 0.0, "n": 1}
     assert report.mean_std([None, float("nan")]) is None
 
@@ -199,19 +212,22 @@ def test_finished_run_with_a_damaged_config_is_refused_in_one_line(compared, tmp
         cmp.compare(spec_for(spec.base.model, spec.base.data, out, methods=["sft"]), log=lambda s: None)
 
 
-@pytest.mark.parametrize("fn,text,fragment", [
-    (parsing.parse_methods, "sft,foo", "unknown method 'foo'"),
-    (parsing.parse_methods, "sft,sft", "twice"),
-    (parsing.parse_methods, "sft,,gmt", "comma-separated"),
-    (parsing.parse_methods, "sft,full", "twice"),  # full is sft's other name
-    (parsing.parse_seeds, "0,x", "integers"),
-    (parsing.parse_seeds, "1,1", "distinct"),
-    (parsing.parse_mask_ratios, "0.2,1", "in (0, 1)"),
-    (parsing.parse_mask_ratios, "0", "in (0, 1)"),
-    (parsing.parse_learning_rates, "lora=abc", "not METHOD=RATE"),
-    (parsing.parse_learning_rates, "bogus=1e-4", "unknown method 'bogus'"),
-    (parsing.parse_learning_rates, "lora=-1", "must be positive"),
-])
+@pytest.mark.parametrize(
+    "fn,text,fragment",
+    [
+        (parsing.parse_methods, "sft,foo", "unknown method 'foo'"),
+        (parsing.parse_methods, "sft,sft", "twice"),
+        (parsing.parse_methods, "sft,,gmt", "comma-separated"),
+        (parsing.parse_methods, "sft,full", "twice"),  # full is sft's other name
+        (parsing.parse_seeds, "0,x", "integers"),
+        (parsing.parse_seeds, "1,1", "distinct"),
+        (parsing.parse_mask_ratios, "0.2,1", "in (0, 1)"),
+        (parsing.parse_mask_ratios, "0", "in (0, 1)"),
+        (parsing.parse_learning_rates, "lora=abc", "not METHOD=RATE"),
+        (parsing.parse_learning_rates, "bogus=1e-4", "unknown method 'bogus'"),
+        (parsing.parse_learning_rates, "lora=-1", "must be positive"),
+    ],
+)
 def test_bad_lists_are_user_errors(fn, text, fragment):
     with pytest.raises(UserError) as err:
         fn(text)
@@ -237,9 +253,29 @@ def test_learning_rates():
 def test_short_compare_draws_curves_from_step_0(tiny_model_dir, chat_data, tmp_path):
     # 8 steps, shorter than the default --steps-per-report 10 and --steps-per-eval 50: a dot each, before.
     out = tmp_path / "cmp"
-    args = ["compare", "--model", str(tiny_model_dir), "--data", str(chat_data), "--out", str(out),
-            "--methods", "sft,lora", "--iters", "8", "--eval-limit", "1", "--max-tokens", "2",
-            "--learning-rates", "1e-3", "--scorer", "number", "--steps-per-save", "0"]
+    args = [
+        "compare",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(chat_data),
+        "--out",
+        str(out),
+        "--methods",
+        "sft,lora",
+        "--iters",
+        "8",
+        "--eval-limit",
+        "1",
+        "--max-tokens",
+        "2",
+        "--learning-rates",
+        "1e-3",
+        "--scorer",
+        "number",
+        "--steps-per-save",
+        "0",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "validation every 1, metrics every 1" in result.output
@@ -252,9 +288,29 @@ def test_short_compare_draws_curves_from_step_0(tiny_model_dir, chat_data, tmp_p
 
 def test_compare_command(tiny_model_dir, chat_data, tmp_path):
     out = tmp_path / "cmp"
-    args = ["compare", "--model", str(tiny_model_dir), "--data", str(chat_data), "--out", str(out),
-            "--methods", "sft,lora", "--iters", "2", "--steps-per-eval", "1", "--eval-limit", "1", "--max-tokens", "2",
-            "--learning-rates", "1e-3", "--scorer", "number"]
+    args = [
+        "compare",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(chat_data),
+        "--out",
+        str(out),
+        "--methods",
+        "sft,lora",
+        "--iters",
+        "2",
+        "--steps-per-eval",
+        "1",
+        "--eval-limit",
+        "1",
+        "--max-tokens",
+        "2",
+        "--learning-rates",
+        "1e-3",
+        "--scorer",
+        "number",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "| sft |" in result.output and "| lora |" in result.output and "compare 2/2" in result.output
@@ -263,16 +319,21 @@ def test_compare_command(tiny_model_dir, chat_data, tmp_path):
     assert again.exit_code == 0 and "2 runs (2 reused)" in again.output
 
 
-@pytest.mark.parametrize("extra,fragment", [
-    (["--methods", "sft,qlora"], "unknown method 'qlora'"),
-    (["--seeds", "a"], "--seeds must be comma-separated integers"),
-    (["--mask-ratios", "1.5"], "--mask-ratios must each be in (0, 1)"),
-    (["--scorer", "nope"], "unknown scorer 'nope'"),
-    (["--iters", "0"], "--iters must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--methods", "sft,qlora"], "unknown method 'qlora'"),
+        (["--seeds", "a"], "--seeds must be comma-separated integers"),
+        (["--mask-ratios", "1.5"], "--mask-ratios must each be in (0, 1)"),
+        (["--scorer", "nope"], "unknown scorer 'nope'"),
+        (["--iters", "0"], "--iters must be at least 1"),
+    ],
+)
 def test_compare_bad_input_is_one_line(tiny_model_dir, chat_data, tmp_path, extra, fragment):
-    result = runner.invoke(app, ["compare", "--model", str(tiny_model_dir), "--data", str(chat_data),
-                                 "--out", str(tmp_path / "cmp"), *extra])
+    result = runner.invoke(
+        app,
+        ["compare", "--model", str(tiny_model_dir), "--data", str(chat_data), "--out", str(tmp_path / "cmp"), *extra],
+    )
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert fragment in result.output.strip().splitlines()[-1]
@@ -281,8 +342,20 @@ def test_compare_bad_input_is_one_line(tiny_model_dir, chat_data, tmp_path, extr
 def test_compare_refuses_per_run_keys_in_the_yaml(tiny_model_dir, chat_data, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("iters: 2\nlearning_rate: 1.0e-4\n")
-    result = runner.invoke(app, ["compare", "-c", str(config), "--model", str(tiny_model_dir), "--data", str(chat_data),
-                                 "--out", str(tmp_path / "cmp")])
+    result = runner.invoke(
+        app,
+        [
+            "compare",
+            "-c",
+            str(config),
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(chat_data),
+            "--out",
+            str(tmp_path / "cmp"),
+        ],
+    )
     assert result.exit_code == 2
     assert "learning_rate is set per run by compare; use --learning-rates" in result.output
 

@@ -87,8 +87,16 @@ def train_recording(model_dir, method: str, batches, *, accumulation: int, group
         recorded = opt.optimizer.state.get("recorded_masks")
         masks.append(dict(tree_flatten(recorded)) if recorded is not None else {})
 
-    train(model, opt, batches, iters=STEPS, grad_accumulation_steps=accumulation, grad_clip=1.0,
-          on_step=on_step, group=group)
+    train(
+        model,
+        opt,
+        batches,
+        iters=STEPS,
+        grad_accumulation_steps=accumulation,
+        grad_clip=1.0,
+        on_step=on_step,
+        group=group,
+    )
     return dict(tree_flatten(model.parameters())), masks
 
 
@@ -145,9 +153,25 @@ def two_rank_runs(tiny_model_dir, tmp_path_factory):
     """Every method trained by 2 ranks of 4 examples (one mlx.launch job)."""
     out = tmp_path_factory.mktemp("ranks")
     driver = Path(__file__).resolve().parents[2] / "accum_driver.py"  # tests/accum_driver.py
-    result = subprocess.run([LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, str(driver),
-                             str(tiny_model_dir), str(out), *METHODS],
-                            capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    result = subprocess.run(
+        [
+            LAUNCH,
+            "-n",
+            "2",
+            "--backend",
+            "ring",
+            "--",
+            sys.executable,
+            str(driver),
+            str(tiny_model_dir),
+            str(out),
+            *METHODS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ),
+    )
     return out, result.stdout[-2000:] + result.stderr[-2000:]
 
 
@@ -158,7 +182,9 @@ def test_two_ranks_of_four_equal_the_bigger_batch(tiny_model_dir, two_rank_runs,
     out, said = two_rank_runs
     assert (out / method / "weights.safetensors").is_file(), said
     ranks = mx.load(str(out / method / "weights.safetensors"))
-    rank_masks = [mx.load(str(out / method / f"masks-{s}.safetensors")) if method != "sft" else {} for s in range(STEPS)]
+    rank_masks = [
+        mx.load(str(out / method / f"masks-{s}.safetensors")) if method != "sft" else {} for s in range(STEPS)
+    ]
     big = train_recording(tiny_model_dir, method, global_batches(), accumulation=1)
     assert_same(big[0], ranks, big[1], rank_masks, RTOL["adamw"])
 
@@ -168,8 +194,14 @@ def varied_chat(n: int):
     rows = []
     for a in range(n):
         answer = " + ".join(str(a + i) for i in range(1 + a % 7)) + f" = {sum(a + i for i in range(1 + a % 7))}."
-        rows.append({"messages": [{"role": "user", "content": f"Add the first {1 + a % 7} numbers from {a}."},
-                                  {"role": "assistant", "content": answer}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Add the first {1 + a % 7} numbers from {a}."},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
+        )
     return rows
 
 
@@ -184,10 +216,23 @@ def test_finetune_batch_8_equals_4_accumulated_twice(tiny_model_dir, tmp_path, m
     write_jsonl(data / "train.jsonl", varied_chat(32))
     runs = {}
     for name, batch, accumulation in (("big", 8, 1), ("accumulated", 4, 2)):
-        config = Config(model=str(tiny_model_dir), data=str(data), out=str(tmp_path / name), method=method,
-                        optimizer=optimizer, learning_rate=1e-3 if optimizer == "adamw" else 0.5, mask_ratio=0.5,
-                        mask_prompt=True, batch_size=batch, grad_accumulation_steps=accumulation, iters=3,
-                        steps_per_eval=0, steps_per_save=0, samples=0, seed=2)
+        config = Config(
+            model=str(tiny_model_dir),
+            data=str(data),
+            out=str(tmp_path / name),
+            method=method,
+            optimizer=optimizer,
+            learning_rate=1e-3 if optimizer == "adamw" else 0.5,
+            mask_ratio=0.5,
+            mask_prompt=True,
+            batch_size=batch,
+            grad_accumulation_steps=accumulation,
+            iters=3,
+            steps_per_eval=0,
+            steps_per_save=0,
+            samples=0,
+            seed=2,
+        )
         runs[name] = {k: np.array(v) for k, v in tree_flatten(finetune(config, log=lambda *_: None).model.parameters())}
     far = 0
     for name, a in runs["big"].items():
@@ -205,11 +250,26 @@ def test_a_split_smaller_than_one_step_is_refused_at_set_up(tiny_model_dir, tmp_
     from tests.helpers import write_jsonl
 
     write_jsonl(tmp_path / "data" / "train.jsonl", varied_chat(12))
-    common = ["finetune", "--model", str(tiny_model_dir), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
-              "--iters", "1", "--samples", "0", "--batch-size", "4"]
+    common = [
+        "finetune",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "run"),
+        "--iters",
+        "1",
+        "--samples",
+        "0",
+        "--batch-size",
+        "4",
+    ]
     result = runner.invoke(app, [*common, "--grad-accumulation-steps", "4"])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines()[-1] == ("error: train split has 12 examples, fewer than one optimizer step "
-                                                      "takes (--batch-size 4 x --grad-accumulation-steps 4); lower them or "
-                                                      "add examples")
+    assert result.output.strip().splitlines()[-1] == (
+        "error: train split has 12 examples, fewer than one optimizer step "
+        "takes (--batch-size 4 x --grad-accumulation-steps 4); lower them or "
+        "add examples"
+    )
     assert runner.invoke(app, [*common, "--grad-accumulation-steps", "3"]).exit_code == 0

@@ -11,10 +11,9 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from gmt_mlx.config import resolve
+from gmt_mlx.config import MaskOptions, OptimizerOptions, PrecisionOptions, resolve
 from gmt_mlx.core.layerwise import make_layerwise_step
 from gmt_mlx.core.losses import dpo_loss, orpo_loss, sft_loss
-from gmt_mlx.config import MaskOptions, OptimizerOptions, PrecisionOptions
 from gmt_mlx.core.optim import build_optimizer
 from gmt_mlx.core.trainer import make_fused_step, make_step_fns, train, training_state
 from gmt_mlx.errors import UserError
@@ -24,9 +23,17 @@ from .test_precision import peak_over_held
 
 
 def _model(tied=True, layers=3, hidden=64, vocab=100):
-    args = llama.ModelArgs(model_type="llama", hidden_size=hidden, num_hidden_layers=layers,
-                           intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2,
-                           rms_norm_eps=1e-5, vocab_size=vocab, tie_word_embeddings=tied)
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=2 * hidden,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+    )
     mx.random.seed(0)
     model = llama.Model(args)
     mx.eval(model.parameters())
@@ -38,14 +45,23 @@ def _batch(rows=2, length=12, vocab=100, seed=1):
     return tokens, mx.ones((rows, length))
 
 
-def _run(kind, method, *, tied=True, steps=3, loss_fn=sft_loss, batches=None, accumulate=False, grad_clip=0.0,
-         **precision):
+def _run(
+    kind, method, *, tied=True, steps=3, loss_fn=sft_loss, batches=None, accumulate=False, grad_clip=0.0, **precision
+):
     model = _model(tied)
-    opt = build_optimizer(OptimizerOptions(), 1e-2, seed=0, mask=MaskOptions(method=method, mask_ratio=0.3),
-                          precision=PrecisionOptions(**precision))
+    opt = build_optimizer(
+        OptimizerOptions(),
+        1e-2,
+        seed=0,
+        mask=MaskOptions(method=method, mask_ratio=0.3),
+        precision=PrecisionOptions(**precision),
+    )
     opt.init(model.trainable_parameters())
-    step = (make_fused_step(model, opt, loss_fn, grad_clip) if kind == "fused"
-            else make_layerwise_step(model, opt, loss_fn, grad_clip=grad_clip))
+    step = (
+        make_fused_step(model, opt, loss_fn, grad_clip)
+        if kind == "fused"
+        else make_layerwise_step(model, opt, loss_fn, grad_clip=grad_clip)
+    )
     grad_fn, _ = make_step_fns(model, opt, loss_fn)
     state = training_state(model, opt)
     stats = []
@@ -107,8 +123,10 @@ def test_per_layer_clipping_with_a_non_finite_gradient_changes_nothing():
     assert np.isfinite(out[0].item()) and not np.isfinite(out[3].item()) and not bool(out[5].item())
     after = _weights(model)
     assert all(np.array_equal(before[k], after[k]) for k in before)
-    assert all(np.array_equal(a, np.array(b)) for a, (_, b) in
-               zip(moments, [(k, v) for k, v in tree_flatten(opt.state) if isinstance(v, mx.array)]))
+    assert all(
+        np.array_equal(a, np.array(b))
+        for a, (_, b) in zip(moments, [(k, v) for k, v in tree_flatten(opt.state) if isinstance(v, mx.array)])
+    )
 
 
 @pytest.mark.slow
@@ -222,8 +240,9 @@ def test_train_loop_per_layer_and_its_guards():
     model = _model()
     opt = build_optimizer(OptimizerOptions(), 1e-2, seed=0, mask=MaskOptions(mask_ratio=0.3))
     losses = []
-    train(model, opt, iter([_batch(seed=0)] * 20), iters=8, update_per_layer=True,
-          on_step=lambda r: losses.append(r.loss))
+    train(
+        model, opt, iter([_batch(seed=0)] * 20), iters=8, update_per_layer=True, on_step=lambda r: losses.append(r.loss)
+    )
     assert losses[-1] < losses[0] * 0.7
 
 
@@ -255,8 +274,15 @@ def test_low_memory_run_killed_and_resumed_is_bit_for_bit(tiny_model_dir, chat_d
     """--low-memory (bfloat16 weights, 8-bit moments, updated per layer) through SIGKILLs and resume."""
     from gmt_mlx.run.killcheck import kill_and_resume
 
-    problems = kill_and_resume(str(tiny_model_dir), str(chat_data), tmp_path, method="gmt", iters=8, save_every=3,
-                               extra=["--learning-rate", "1e-3", "--mask-ratio", "0.5", "--low-memory"])
+    problems = kill_and_resume(
+        str(tiny_model_dir),
+        str(chat_data),
+        tmp_path,
+        method="gmt",
+        iters=8,
+        save_every=3,
+        extra=["--learning-rate", "1e-3", "--mask-ratio", "0.5", "--low-memory"],
+    )
     assert problems == []
 
 
@@ -269,9 +295,21 @@ def test_adapters_per_layer_train_like_fused(tiny_model_dir, chat_data, tmp_path
     finals = []
     for per_layer in (False, True):
         out = tmp_path / f"run-{per_layer}"
-        finetune(Config(model=str(tiny_model_dir), data=str(chat_data), out=str(out), method=method, iters=4,
-                        learning_rate=1e-3, grad_clip=0.0, update_per_layer=per_layer, steps_per_eval=4, samples=0),
-                 log=lambda *_: None)
+        finetune(
+            Config(
+                model=str(tiny_model_dir),
+                data=str(chat_data),
+                out=str(out),
+                method=method,
+                iters=4,
+                learning_rate=1e-3,
+                grad_clip=0.0,
+                update_per_layer=per_layer,
+                steps_per_eval=4,
+                samples=0,
+            ),
+            log=lambda *_: None,
+        )
         finals.append({k: np.array(v) for k, v in mx.load(str(out / "model" / "model.safetensors")).items()})
     a, b = finals
     assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-5
@@ -282,8 +320,25 @@ def test_low_memory_run_exports_in_every_dtype_and_gguf(tiny_model_dir, chat_dat
     from gmt_mlx.cli import app
 
     run = tmp_path / "run"
-    result = runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(chat_data), "--out", str(run),
-                                 "--iters", "3", "--learning-rate", "1e-3", "--low-memory", "--samples", "0"])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(chat_data),
+            "--out",
+            str(run),
+            "--iters",
+            "3",
+            "--learning-rate",
+            "1e-3",
+            "--low-memory",
+            "--samples",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "updated per layer" in result.output
     saved = mx.load(str(run / "model" / "model.safetensors"))
@@ -296,15 +351,18 @@ def test_low_memory_run_exports_in_every_dtype_and_gguf(tiny_model_dir, chat_dat
         assert {str(v.dtype) for v in exported.values()} == {f"mlx.core.{dtype}"}
         # bfloat16 values are exact in float32 (and these small weights in float16 to its precision)
         for k, v in saved.items():
-            np.testing.assert_allclose(np.array(exported[k].astype(mx.float32)), np.array(v.astype(mx.float32)),
-                                       rtol=1e-3, atol=1e-6)
+            np.testing.assert_allclose(
+                np.array(exported[k].astype(mx.float32)), np.array(v.astype(mx.float32)), rtol=1e-3, atol=1e-6
+            )
     result = runner.invoke(app, ["export", str(run), "--format", "gguf", "--out", str(tmp_path / "gguf")])
     assert result.exit_code == 0, result.output
     assert list((tmp_path / "gguf").glob("*.gguf"))
 
 
-@pytest.mark.parametrize("moments", [pytest.param("8bit", marks=pytest.mark.slow), "4bit",
-                                     pytest.param("8bit-factored", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "moments",
+    [pytest.param("8bit", marks=pytest.mark.slow), "4bit", pytest.param("8bit-factored", marks=pytest.mark.slow)],
+)
 def test_row_slices_update_exactly_as_the_whole_tensor(monkeypatch, moments):
     """The staged update of a large tensor in slices of rows (CHUNK_ENTRIES) gives the weights and
     8-bit state bit for bit of the whole tensor at once: the rounding noise follows each entry's
@@ -316,18 +374,28 @@ def test_row_slices_update_exactly_as_the_whole_tensor(monkeypatch, moments):
         monkeypatch.setattr(compact_module, "CHUNK_ENTRIES", chunk)
         model = _model(hidden=128)
         model.set_dtype(mx.bfloat16)
-        opt = build_optimizer(OptimizerOptions(), 1e-2, seed=0, mask=MaskOptions(mask_ratio=0.3),
-                              precision=PrecisionOptions(train_dtype="bfloat16", moments=moments))
+        opt = build_optimizer(
+            OptimizerOptions(),
+            1e-2,
+            seed=0,
+            mask=MaskOptions(mask_ratio=0.3),
+            precision=PrecisionOptions(train_dtype="bfloat16", moments=moments),
+        )
         opt.init(model.trainable_parameters())
         step = make_layerwise_step(model, opt, sft_loss)
         for s in range(3):
             mx.eval(step(None, *_batch(seed=s)), training_state(model, opt))
-        flat = {**{k: v for k, v in tree_flatten(model.parameters())},
-                **{"state." + k: v for k, v in tree_flatten(opt.state) if isinstance(v, mx.array)}}
+        flat = {
+            **{k: v for k, v in tree_flatten(model.parameters())},
+            **{"state." + k: v for k, v in tree_flatten(opt.state) if isinstance(v, mx.array)},
+        }
         results.append({k: np.array(v.astype(mx.float32) if v.dtype == mx.bfloat16 else v) for k, v in flat.items()})
     whole, sliced = results
     assert whole.keys() == sliced.keys()
     for k in whole:
         np.testing.assert_array_equal(whole[k], sliced[k], err_msg=k)
-    moved = np.abs(whole["model.embed_tokens.weight"] - np.array(_model(hidden=128).model.embed_tokens.weight.astype(mx.bfloat16).astype(mx.float32)))
+    moved = np.abs(
+        whole["model.embed_tokens.weight"]
+        - np.array(_model(hidden=128).model.embed_tokens.weight.astype(mx.bfloat16).astype(mx.float32))
+    )
     assert moved.max() > 0  # the embedding (100 x 128 = 25 slices) was trained

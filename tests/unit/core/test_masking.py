@@ -191,15 +191,23 @@ def structured_gradients():
     col_scale = 10 ** mx.random.uniform(-2, 2, (1, 576), key=mx.random.key(22))
     columns = mx.random.normal((700, 576), key=mx.random.key(23)) * col_scale
     # An embedding gradient: 40% of the rows (tokens absent from the batch) are zero.
-    rows = mx.random.normal((2000, 64), key=mx.random.key(24)) * (mx.random.uniform(shape=(2000, 1), key=mx.random.key(25)) > 0.4)
+    rows = mx.random.normal((2000, 64), key=mx.random.key(24)) * (
+        mx.random.uniform(shape=(2000, 1), key=mx.random.key(25)) > 0.4
+    )
     # bfloat16 gradients: 8 mantissa bits, so many exact ties at any threshold.
     low_precision = mx.random.normal((800, 800), key=mx.random.key(26)).astype(mx.bfloat16)
     # A k/v projection's shape (576 x 192): no stride near the ideal 2-3 is
     # coprime with 192, so it is sampled 2-3 adjacent entries per 5.
     kv_scale = 10 ** mx.random.uniform(-2, 2, (1, 192), key=mx.random.key(27))
     kv_columns = mx.random.normal((576, 192), key=mx.random.key(28)) * kv_scale
-    return {"periodic": periodic, "columns": columns, "rows": rows, "low_precision": low_precision,
-            "constant": mx.full((1000, 900), 0.25), "kv_columns": kv_columns}
+    return {
+        "periodic": periodic,
+        "columns": columns,
+        "rows": rows,
+        "low_precision": low_precision,
+        "constant": mx.full((1000, 900), 0.25),
+        "kv_columns": kv_columns,
+    }
 
 
 def test_sample_takes_adjacent_entries_when_no_short_stride_fits():
@@ -276,7 +284,9 @@ def test_random_masks_are_fresh_per_key_and_even_over_positions():
 def heavily_tied(shape, key):
     """Three magnitudes, a third of the entries each, at scattered positions."""
     levels = mx.array([0.25, 0.5, 1.0])
-    return levels[mx.random.randint(0, 3, shape, key=key)] * mx.where(mx.random.uniform(shape=shape, key=key) < 0.5, -1, 1)
+    return levels[mx.random.randint(0, 3, shape, key=key)] * mx.where(
+        mx.random.uniform(shape=shape, key=key) < 0.5, -1, 1
+    )
 
 
 @pytest.mark.parametrize("mask_ratio", [0.5, 0.9, 0.99])
@@ -378,7 +388,9 @@ def test_random_control_draws_gmts_count_from_gmts_eligible_entries(scope):
 
 
 def test_random_control_on_a_sampled_unit_keeps_gmts_fraction():
-    g = mx.random.normal((1000, 900), key=mx.random.key(9)) * (mx.random.uniform(shape=(1000, 1), key=mx.random.key(1)) > 0.3)
+    g = mx.random.normal((1000, 900), key=mx.random.key(9)) * (
+        mx.random.uniform(shape=(1000, 1), key=mx.random.key(1)) > 0.3
+    )
     for ratio in (0.2, 0.9):
         masks, kept = random_masks({"w": g}, ratio, mx.random.key(2))
         nonzero = (g != 0).sum().item()

@@ -9,8 +9,8 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
 
-from gmt_mlx.core.masking import count_entries
 from gmt_mlx.config import MaskOptions, OptimizerOptions
+from gmt_mlx.core.masking import count_entries
 from gmt_mlx.core.optim import MaskedOptimizer, build_optimizer, make_schedule
 from gmt_mlx.core.trainer import train
 
@@ -32,8 +32,15 @@ def fixed_batches():
 def run(model_dir, optimizer, iters=4, accumulation=1, data=None):
     model, _ = load(str(model_dir))
     losses = []
-    train(model, optimizer, data or batches(), iters=iters, grad_accumulation_steps=accumulation, grad_clip=1.0,
-          on_step=lambda r: losses.append(r))
+    train(
+        model,
+        optimizer,
+        data or batches(),
+        iters=iters,
+        grad_accumulation_steps=accumulation,
+        grad_clip=1.0,
+        on_step=lambda r: losses.append(r),
+    )
     return model, losses
 
 
@@ -41,15 +48,24 @@ def params(model):
     return dict(tree_flatten(model.parameters()))
 
 
-@pytest.mark.parametrize("method,scope,target", [
-    ("gmt", "tensor", "grad"), ("gmt", "layer", "update"), ("gmt", "global", "grad"), ("random", "tensor", "update"),
-])
+@pytest.mark.parametrize(
+    "method,scope,target",
+    [
+        ("gmt", "tensor", "grad"),
+        ("gmt", "layer", "update"),
+        ("gmt", "global", "grad"),
+        ("random", "tensor", "update"),
+    ],
+)
 def test_mask_ratio_zero_is_bit_for_bit_plain(tiny_model_dir, method, scope, target):
     plain, _ = run(tiny_model_dir, optim.AdamW(1e-3, weight_decay=0.01), accumulation=2)
     masked, _ = run(
         tiny_model_dir,
-        MaskedOptimizer(optim.AdamW(1e-3, weight_decay=0.01),
-                        MaskOptions(method=method, mask_ratio=0.0, mask_scope=scope, mask_target=target), seed=0),
+        MaskedOptimizer(
+            optim.AdamW(1e-3, weight_decay=0.01),
+            MaskOptions(method=method, mask_ratio=0.0, mask_scope=scope, mask_target=target),
+            seed=0,
+        ),
         accumulation=2,
     )
     a, b = params(plain), params(masked)
@@ -107,8 +123,9 @@ def test_compiled_step_matches_eager(tiny_model_dir):
     results = []
     for compiled in (False, True):
         model, _ = load(str(tiny_model_dir))
-        opt = MaskedOptimizer(optim.AdamW(1e-3), MaskOptions(mask_ratio=0.5, mask_scope="layer", mask_target="update"),
-                              seed=0)
+        opt = MaskedOptimizer(
+            optim.AdamW(1e-3), MaskOptions(mask_ratio=0.5, mask_scope="layer", mask_target="update"), seed=0
+        )
         state = [model.state, opt.state]
 
         def step(tokens, mask):
@@ -146,17 +163,31 @@ def test_masks_differ_between_steps_and_repeat_for_the_same_step():
     assert not mx.array_equal(first["w"], second["w"]).item()
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"method": "topk"}, "method"), ({"mask_scope": "row"}, "scope"), ({"mask_target": "weights"}, "target"),
-    ({"mask_ratio": 1.0}, "mask_ratio"), ({"mask_sample_size": 0}, "mask_sample_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"method": "topk"}, "method"),
+        ({"mask_scope": "row"}, "scope"),
+        ({"mask_target": "weights"}, "target"),
+        ({"mask_ratio": 1.0}, "mask_ratio"),
+        ({"mask_sample_size": 0}, "mask_sample_size"),
+    ],
+)
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MaskedOptimizer(optim.SGD(0.1), MaskOptions(**kwargs), seed=0)
 
 
-@pytest.mark.parametrize("name", ["adamw", "adam", "sgd", pytest.param("adafactor", marks=pytest.mark.slow),
-                                  pytest.param("muon", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "adamw",
+        "adam",
+        "sgd",
+        pytest.param("adafactor", marks=pytest.mark.slow),
+        pytest.param("muon", marks=pytest.mark.slow),
+    ],
+)
 def test_every_base_optimizer_can_be_masked(tiny_model_dir, name):
     opt = build_optimizer(OptimizerOptions(optimizer=name), 1e-3, seed=0, mask=MaskOptions(mask_ratio=0.3))
     _, losses = run(tiny_model_dir, opt, iters=2)
@@ -190,8 +221,11 @@ def test_a_ratio_that_drops_nothing_runs_through_the_masking_and_equals_sft(tiny
     for (n, g), (_, m) in zip(tree_flatten(grads), tree_flatten(masks)):
         assert mx.array_equal(m, g != 0).item(), n
     plain, _ = run(tiny_model_dir, build_optimizer(OptimizerOptions(), 1e-3, seed=0), accumulation=2)
-    masked, _ = run(tiny_model_dir, build_optimizer(OptimizerOptions(), 1e-3, seed=0,
-                                                    mask=MaskOptions(mask_ratio=1e-6)), accumulation=2)
+    masked, _ = run(
+        tiny_model_dir,
+        build_optimizer(OptimizerOptions(), 1e-3, seed=0, mask=MaskOptions(mask_ratio=1e-6)),
+        accumulation=2,
+    )
     a, b = params(plain), params(masked)
     for name in a:
         assert mx.allclose(a[name], b[name], rtol=1e-6, atol=1e-7).item(), name
@@ -212,8 +246,13 @@ def test_global_norm_matches_float64():
     # A large tensor (where a float32 running sum drifts), odd sizes that do
     # not split into rows of 64, a scalar, bfloat16 and an empty tensor.
     arrays = [rng.normal(size=(3000, 1000)), rng.normal(size=(7, 13)), rng.normal(size=()), rng.normal(size=(96,))]
-    tree = {"a": [mx.array(a.astype(np.float32)) for a in arrays], "b": mx.array(arrays[1]).astype(mx.bfloat16),
-            "c": mx.zeros((0, 4))}
-    expected = np.sqrt(sum(float(np.sum(np.asarray(a, np.float32).astype(np.float64) ** 2)) for a in arrays)
-                       + float(np.sum(np.array(tree["b"].astype(mx.float32), np.float64) ** 2)))
+    tree = {
+        "a": [mx.array(a.astype(np.float32)) for a in arrays],
+        "b": mx.array(arrays[1]).astype(mx.bfloat16),
+        "c": mx.zeros((0, 4)),
+    }
+    expected = np.sqrt(
+        sum(float(np.sum(np.asarray(a, np.float32).astype(np.float64) ** 2)) for a in arrays)
+        + float(np.sum(np.array(tree["b"].astype(mx.float32), np.float64) ** 2))
+    )
     assert abs(global_norm(tree).item() - expected) <= 1e-5 * expected

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from gmt_mlx.config import LOW_MEMORY, resolve
-from gmt_mlx.config import MaskOptions, OptimizerOptions, PrecisionOptions
+from gmt_mlx.config import LOW_MEMORY, MaskOptions, OptimizerOptions, PrecisionOptions, resolve
 from gmt_mlx.core.optim import build_optimizer
 from gmt_mlx.core.precision import BLOCK, dequantize_root, dequantize_signed, quantize_root, quantize_signed, round_to
 from gmt_mlx.core.trainer import train
@@ -65,7 +64,7 @@ def test_4bit_codes_pack_two_to_a_byte_land_on_a_neighbouring_level_and_are_unbi
     assert back.shape == x.shape and mx.array_equal(mx.max(mx.abs(back), axis=1), mx.max(mx.abs(x), axis=1))
     # Levels are powers of two of the block's largest |x| (and 0 below 2^-6 of it): a draw is off by at most its
     # own size, and has x's sign.
-    room = mx.maximum(mx.abs(x), scale[:, None] * 2.0 ** -6) * 1.0001
+    room = mx.maximum(mx.abs(x), scale[:, None] * 2.0**-6) * 1.0001
     assert mx.all(mx.abs(back - x) <= room).item() and mx.all(back * x >= 0).item()
     mean = sum(dequantize_signed(*quantize_signed(x, s, bits=4), bits=4) for s in _seeds(400)) / 400
     assert mx.mean(mx.abs(mean - x) / room).item() < 0.05
@@ -108,21 +107,35 @@ def _fit(optimizer, dtype=mx.float32, steps=60):
 
 
 def test_compact_adamw_float32_matches_mlx_adamw():
-    ours, _ = _fit(build_optimizer(OptimizerOptions(weight_decay=0.01), 1e-2, seed=0,
-                                   precision=PrecisionOptions(train_dtype="bfloat16", moments="float32")),
-                   mx.float32, steps=20)
+    ours, _ = _fit(
+        build_optimizer(
+            OptimizerOptions(weight_decay=0.01),
+            1e-2,
+            seed=0,
+            precision=PrecisionOptions(train_dtype="bfloat16", moments="float32"),
+        ),
+        mx.float32,
+        steps=20,
+    )
     # weights_dtype bfloat16 selects CompactAdamW; on float32 weights nothing is rounded.
     theirs, _ = _fit(build_optimizer(OptimizerOptions(weight_decay=0.01), 1e-2, seed=0), mx.float32, steps=20)
     assert mx.allclose(ours.layer.weight, theirs.layer.weight, atol=1e-6).item()
 
 
-@pytest.mark.parametrize("moments", [pytest.param("bfloat16", marks=pytest.mark.slow), "8bit",
-                                     pytest.param("4bit", marks=pytest.mark.slow),
-                                     pytest.param("8bit-factored", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "moments",
+    [
+        pytest.param("bfloat16", marks=pytest.mark.slow),
+        "8bit",
+        pytest.param("4bit", marks=pytest.mark.slow),
+        pytest.param("8bit-factored", marks=pytest.mark.slow),
+    ],
+)
 def test_compact_moments_learn_like_float32(moments):
     _, reference = _fit(build_optimizer(OptimizerOptions(), 1e-2, seed=0), mx.float32)
-    _, compact = _fit(build_optimizer(OptimizerOptions(), 1e-2, seed=0, precision=PrecisionOptions(moments=moments)),
-                      mx.float32)
+    _, compact = _fit(
+        build_optimizer(OptimizerOptions(), 1e-2, seed=0, precision=PrecisionOptions(moments=moments)), mx.float32
+    )
     assert compact[-1] < 0.05 * compact[0]  # it learns
     # 4 bits: the rounding noise of m sets a floor near convergence (measured 0.75 against 0.34 here).
     assert compact[-1] < (3.0 if moments == "4bit" else 2.0) * reference[-1] + 1e-3
@@ -135,8 +148,12 @@ def test_bfloat16_weights_and_state_keep_their_dtype():
     assert model.layer.weight.dtype == mx.bfloat16
     moments = [v for k, v in tree_flatten(opt.state) if k.endswith((".m", ".v"))]
     assert moments and all(v.dtype == mx.bfloat16 for v in moments)
-    sgd = build_optimizer(OptimizerOptions(optimizer="sgd", momentum=0.9), 1e-3, seed=0,
-                          precision=PrecisionOptions(train_dtype="bfloat16"))
+    sgd = build_optimizer(
+        OptimizerOptions(optimizer="sgd", momentum=0.9),
+        1e-3,
+        seed=0,
+        precision=PrecisionOptions(train_dtype="bfloat16"),
+    )
     model, _ = _fit(sgd, mx.bfloat16, steps=3)
     assert model.layer.weight.dtype == mx.bfloat16
     assert all(v.dtype == mx.bfloat16 for k, v in tree_flatten(sgd.state) if k.endswith(".v"))
@@ -194,9 +211,17 @@ def test_low_memory_sets_what_the_user_did_not():
 def _deep_model():
     from mlx_lm.models import llama
 
-    args = llama.ModelArgs(model_type="llama", hidden_size=256, num_hidden_layers=16, intermediate_size=1024,
-                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=512,
-                           tie_word_embeddings=False)
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=256,
+        num_hidden_layers=16,
+        intermediate_size=1024,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=512,
+        tie_word_embeddings=False,
+    )
     mx.random.seed(0)
     model = llama.Model(args)
     mx.eval(model.parameters())

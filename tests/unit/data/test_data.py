@@ -87,9 +87,11 @@ def test_detect_format_each_kind():
 @pytest.mark.parametrize(
     "row, needle",
     [
-        ({"foo": 1, "bar": 2},
-         "none of the known formats (messages | prompt+completion | text | prompt+chosen+rejected); "
-         "keys found: bar, foo"),
+        (
+            {"foo": 1, "bar": 2},
+            "none of the known formats (messages | prompt+completion | text | prompt+chosen+rejected); "
+            "keys found: bar, foo",
+        ),
         ({"messages": []}, "non-empty list"),
         ({"messages": [{"role": "user"}]}, "'content' must be a string"),
         ({"messages": ["hi"]}, "messages[0] must be an object"),
@@ -183,7 +185,9 @@ def test_unknown_format_and_non_object_lines(tmp_path):
 
 def test_mixed_formats_name_first_offending_line(tmp_path):
     path = write_lines(tmp_path / "train.jsonl", [COMPLETION, COMPLETION, TEXT, CHAT])
-    with pytest.raises(UserError, match=r"train\.jsonl:3: format is text but the file started as completions \(line 1\)"):
+    with pytest.raises(
+        UserError, match=r"train\.jsonl:3: format is text but the file started as completions \(line 1\)"
+    ):
         read_jsonl(path)
 
 
@@ -331,7 +335,9 @@ def test_deep_nesting_is_a_user_error(tmp_path):
 def test_huge_integer_literal_is_a_user_error(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"text": "ok", "n": ' + "9" * 5000 + "}\n")
-    with pytest.raises(UserError, match=r"train.jsonl:1: invalid JSON \(an integer literal of more than 4300 digits\)$"):
+    with pytest.raises(
+        UserError, match=r"train.jsonl:1: invalid JSON \(an integer literal of more than 4300 digits\)$"
+    ):
         read_jsonl(path)
 
 
@@ -438,12 +444,15 @@ class _TemplateTokenizer:
         return ids + [12] * add_generation_prompt
 
 
-@pytest.mark.parametrize("template,own,chat", [
-    (None, None, False),
-    ("", None, False),  # an empty template renders nothing: not a chat model
-    ("{{ messages }}", None, True),
-    (None, lambda *a, **k: "", True),  # mlx-lm's own template (chat_template_type), the HF one None
-])
+@pytest.mark.parametrize(
+    "template,own,chat",
+    [
+        (None, None, False),
+        ("", None, False),  # an empty template renders nothing: not a chat model
+        ("{{ messages }}", None, True),
+        (None, lambda *a, **k: "", True),  # mlx-lm's own template (chat_template_type), the HF one None
+    ],
+)
 def test_one_chat_template_rule_for_training_and_generation(template, own, chat):
     from gmt_mlx.data.encoding import has_chat_template
     from gmt_mlx.evaluation.evaluate import prompt_tokens

@@ -21,10 +21,38 @@ MUTATIONS_PER_FILE = 800
 
 # Things that once broke (or could break) a line-based JSON reader.
 INSERTS = [
-    b"[" * 3000, b"{\"a\":" * 2000, b"9" * 5000, b"-" + b"1" * 4400, b"1e99999", b"NaN", b"\x00", b"\x0b", b"\x1c",
-    b"\r", b"\r\n", b"\n", b"\xef\xbb\xbf", "\u2028".encode(), "\u2029".encode(), "\u0085".encode(), b"\xff",
-    b"\xc3", b"\\", b"\\ud800", b"\"", b"{", b"}", b"[]", b"null", b",", b":", b"\"messages\": 3",
-    b"\"prompt\": [1]", b"\"text\": {}", b"\"role\": null", b"\"content\": 7",
+    b"[" * 3000,
+    b'{"a":' * 2000,
+    b"9" * 5000,
+    b"-" + b"1" * 4400,
+    b"1e99999",
+    b"NaN",
+    b"\x00",
+    b"\x0b",
+    b"\x1c",
+    b"\r",
+    b"\r\n",
+    b"\n",
+    b"\xef\xbb\xbf",
+    "\u2028".encode(),
+    "\u2029".encode(),
+    "\u0085".encode(),
+    b"\xff",
+    b"\xc3",
+    b"\\",
+    b"\\ud800",
+    b'"',
+    b"{",
+    b"}",
+    b"[]",
+    b"null",
+    b",",
+    b":",
+    b'"messages": 3',
+    b'"prompt": [1]',
+    b'"text": {}',
+    b'"role": null',
+    b'"content": 7',
 ]
 
 
@@ -42,7 +70,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         elif kind == 2:  # insert a nasty token
             buf[pos:pos] = rng.choice(INSERTS)
         elif kind == 3:  # delete a quote, brace or bracket
-            hits = [i for i, b in enumerate(buf) if b in b"\"{}[]:,"]
+            hits = [i for i, b in enumerate(buf) if b in b'"{}[]:,']
             if hits:
                 del buf[rng.choice(hits)]
         elif kind == 4:  # random bytes

@@ -18,8 +18,10 @@ ALPACA = "instruction=prompt,output=completion"
 
 def alpaca(n: int, start: int = 0) -> list:
     """Alpaca rows whose `input` is what tells two equal instructions apart."""
-    return [{"instruction": "Convert to meters.", "input": f"{i} km", "output": f"{i}000 m"}
-            for i in range(start, start + n)]
+    return [
+        {"instruction": "Convert to meters.", "input": f"{i} km", "output": f"{i}000 m"}
+        for i in range(start, start + n)
+    ]
 
 
 @pytest.fixture()
@@ -31,18 +33,27 @@ def test_columns_on_plain_jsonl_need_no_datasets(tmp_path, no_datasets):
     write_jsonl(tmp_path / "d" / "train.jsonl", alpaca(2))
     for data in (tmp_path / "d", tmp_path / "d" / "train.jsonl"):
         rows = load_splits(data, ALPACA)["train"]
-        assert rows == [{"prompt": "Convert to meters.", "input": "0 km", "completion": "0000 m"},
-                        {"prompt": "Convert to meters.", "input": "1 km", "completion": "1000 m"}]
+        assert rows == [
+            {"prompt": "Convert to meters.", "input": "0 km", "completion": "0000 m"},
+            {"prompt": "Convert to meters.", "input": "1 km", "completion": "1000 m"},
+        ]
 
 
-@pytest.mark.parametrize("columns, fragments", [
-    ("instructoin=prompt,output=completion", ["train.jsonl: no column 'instructoin' (named in --columns",
-                                              "columns: instruction, input, output"]),
-    ("instruction=prompt,input=context,output=completion",
-     ["train.jsonl:1: --columns maps 'input' to 'context', which completions rows do not read"]),
-    ("instruction=prompt", ["train.jsonl:1: has 'prompt' (column 'instruction') but no 'completion'"]),
-    ("instruction=prompt,output=completion,input=prompt", ["--columns: two entries map to 'prompt'"]),
-])
+@pytest.mark.parametrize(
+    "columns, fragments",
+    [
+        (
+            "instructoin=prompt,output=completion",
+            ["train.jsonl: no column 'instructoin' (named in --columns", "columns: instruction, input, output"],
+        ),
+        (
+            "instruction=prompt,input=context,output=completion",
+            ["train.jsonl:1: --columns maps 'input' to 'context', which completions rows do not read"],
+        ),
+        ("instruction=prompt", ["train.jsonl:1: has 'prompt' (column 'instruction') but no 'completion'"]),
+        ("instruction=prompt,output=completion,input=prompt", ["--columns: two entries map to 'prompt'"]),
+    ],
+)
 def test_bad_columns_on_jsonl_are_one_line(tmp_path, no_datasets, columns, fragments):
     write_jsonl(tmp_path / "d" / "train.jsonl", alpaca(2))
     with pytest.raises(UserError) as info:
@@ -69,15 +80,28 @@ def test_unused_columns_warn_once_per_file_with_the_count(tmp_path):
     splits = load_splits(tmp_path / "d", ALPACA)
     lines = column_warnings(tmp_path / "d", splits, ALPACA)
     assert lines == [
-        (f"warning: {tmp_path / 'd' / 'train.jsonl'}: completions rows do not read these columns, which are ignored: "
-         "input (3 of 4 rows); to train on them, fold them into the prompt or completion"),
-        (f"warning: {tmp_path / 'd' / 'valid.jsonl'}: completions rows do not read these columns, which are ignored: "
-         "input (2 of 2 rows); to train on them, fold them into the prompt or completion")]
+        (
+            f"warning: {tmp_path / 'd' / 'train.jsonl'}: completions rows do not read these columns, which are "
+            f"ignored: "
+            "input (3 of 4 rows); to train on them, fold them into the prompt or completion"
+        ),
+        (
+            f"warning: {tmp_path / 'd' / 'valid.jsonl'}: completions rows do not read these columns, which are "
+            f"ignored: "
+            "input (2 of 2 rows); to train on them, fold them into the prompt or completion"
+        ),
+    ]
 
 
 def test_columns_something_reads_give_no_warning(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
-             "tools": [], "answer": "yo", "metadata": {"source_dataset": "x"}}]
+    rows = [
+        {
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+            "tools": [],
+            "answer": "yo",
+            "metadata": {"source_dataset": "x"},
+        }
+    ]
     write_jsonl(tmp_path / "chat.jsonl", rows)
     assert column_warnings(tmp_path / "chat.jsonl", load_splits(tmp_path / "chat.jsonl")) == []
     # GRPO's prompt rows: every column goes to the rewards (a --reward module:function may read any).
@@ -90,9 +114,26 @@ def test_columns_something_reads_give_no_warning(tmp_path):
 
 def test_finetune_warns_about_alpaca_input(tiny_model_dir, tmp_path, no_datasets):
     write_jsonl(tmp_path / "d" / "train.jsonl", alpaca(4))
-    result = runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(tmp_path / "d"),
-                                 "--columns", ALPACA, "--out", str(tmp_path / "run"), "--iters", "1",
-                                 "--batch-size", "2", "--samples", "0"])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(tmp_path / "d"),
+            "--columns",
+            ALPACA,
+            "--out",
+            str(tmp_path / "run"),
+            "--iters",
+            "1",
+            "--batch-size",
+            "2",
+            "--samples",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if "do not read these columns" in line]
     assert len(warnings) == 1 and "train.jsonl" in warnings[0] and "input (4 of 4 rows)" in warnings[0]

@@ -12,11 +12,15 @@ from gmt_mlx.data.encoding import Example, TokenizedSplit
 
 
 def split_of(lengths, max_seq_length=None):
-    return TokenizedSplit([Example.after(list(range(1, n + 1)), 0) for n in lengths], 0, "train", max_seq_length=max_seq_length)
+    return TokenizedSplit(
+        [Example.after(list(range(1, n + 1)), 0) for n in lengths], 0, "train", max_seq_length=max_seq_length
+    )
 
 
 def batch_maxima(lengths, batch_size, seed, epochs):
-    return [max(lengths[i] for i in b) for e in range(epochs) for b in batch_order(lengths, batch_size, seed=seed, epoch=e)]
+    return [
+        max(lengths[i] for i in b) for e in range(epochs) for b in batch_order(lengths, batch_size, seed=seed, epoch=e)
+    ]
 
 
 def test_buckets_are_optimal_against_brute_force():
@@ -31,7 +35,9 @@ def test_buckets_are_optimal_against_brute_force():
             return sum(min(b for b in bs if b >= m) for m in maxima)
 
         others = sorted(set(maxima) - {max(lengths)})
-        best = min(width(list(c) + [max(lengths)]) for k in range(max_buckets) for c in itertools.combinations(others, k))
+        best = min(
+            width(list(c) + [max(lengths)]) for k in range(max_buckets) for c in itertools.combinations(others, k)
+        )
         assert len(buckets) <= max_buckets and buckets[-1] == max(lengths)
         assert width(buckets) == best
 

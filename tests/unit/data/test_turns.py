@@ -27,11 +27,16 @@ FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "chat_templates"  
 # what closes an assistant turn, and whether it takes a system message.
 TEMPLATES = {
     "smollm2": dict(special=["<|im_start|>", "<|im_end|>"], bos=None, end="<|im_end|>\n", system=True),
-    "llama3": dict(special=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-                   bos="<|begin_of_text|>", end="<|eot_id|>", system=True),
+    "llama3": dict(
+        special=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        bos="<|begin_of_text|>",
+        end="<|eot_id|>",
+        system=True,
+    ),
     "qwen2_5": dict(special=["<|im_start|>", "<|im_end|>"], bos=None, end="<|im_end|>\n", system=True),
-    "gemma2": dict(special=["<bos>", "<start_of_turn>", "<end_of_turn>"], bos="<bos>", end="<end_of_turn>\n",
-                   system=False),
+    "gemma2": dict(
+        special=["<bos>", "<start_of_turn>", "<end_of_turn>"], bos="<bos>", end="<end_of_turn>\n", system=False
+    ),
 }
 
 REPLIES = ["The answer is 19.", "Bonjour means hello.", "Twelve plus seven is nineteen."]
@@ -56,9 +61,13 @@ def template_tokenizer(tokenizer_json: Path, name: str):
 
     spec = TEMPLATES[name]
     template = json.loads((FIXTURES / f"{name}.json").read_text())["chat_template"]
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), chat_template=template,
-                                        eos_token=spec["end"].strip(), bos_token=spec["bos"],
-                                        clean_up_tokenization_spaces=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_json),
+        chat_template=template,
+        eos_token=spec["end"].strip(),
+        bos_token=spec["bos"],
+        clean_up_tokenization_spaces=False,
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": spec["special"]})
     if name == "qwen2_5":
         tokenizer.add_tokens(["<tool_call>", "</tool_call>"])  # added (not special) tokens in Qwen2.5
@@ -79,8 +88,11 @@ def mask_text(tokenizer, example: Example) -> str:
 def todays_final_turn(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
     """gmt-mlx 0.x's --mask-prompt, written out: the common prefix with the generation prompt."""
     tokens = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
-    prompt = list(tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
-                                                return_dict=True)["input_ids"])
+    prompt = list(
+        tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
     n = next((i for i, (a, b) in enumerate(zip(prompt, tokens)) if a != b), min(len(prompt), len(tokens)))
     return tokens, n
 
@@ -89,8 +101,9 @@ def todays_final_turn(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
 def test_every_assistant_turn_is_exactly_its_content_and_end_marker(tokenizer_json, name):
     tokenizer = template_tokenizer(tokenizer_json, name)
     end = TEMPLATES[name]["end"]
-    example = encode_example({"messages": conversation(TEMPLATES[name]["system"])}, tokenizer,
-                             mask_prompt=True, assistant_turns="all")
+    example = encode_example(
+        {"messages": conversation(TEMPLATES[name]["system"])}, tokenizer, mask_prompt=True, assistant_turns="all"
+    )
     assert span_texts(tokenizer, example) == [reply + end for reply in REPLIES]
     # The mask make_batch builds holds these tokens and no others (no system/user token).
     assert mask_text(tokenizer, example) == "".join(reply + end for reply in REPLIES)
@@ -125,19 +138,31 @@ def test_truncation_keeps_the_spans_that_fit(tokenizer_json, name):
     assert REPLIES[1].startswith(span_texts(tokenizer, example)[1])
     assert example.num_targets == (e0 - s0) + 3
     # Cut inside the first user turn: no target left, so the example is dropped.
-    dropped = tokenize_split([row], tokenizer, mask_prompt=True, assistant_turns="all", max_seq_length=s0 - 1, name="train")
+    dropped = tokenize_split(
+        [row], tokenizer, mask_prompt=True, assistant_turns="all", max_seq_length=s0 - 1, name="train"
+    )
     assert len(dropped) == 0 and dropped.dropped == 1
 
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 
 TOOL_CHAT = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": None,
-     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+    },
     {"role": "tool", "content": "sunny, 21 C"},
     {"role": "assistant", "content": "Sunny and 21 degrees."},
 ]
@@ -165,8 +190,11 @@ def test_a_chat_without_assistant_turns_has_no_targets_in_every_turn_mode(tokeni
     assert len(split) == 1 and split.dropped == 1
     # A chat that opens with the assistant: SmolLM2 renders its default system prompt before it, so the
     # turn has no exact start and is left out rather than make that preamble a target.
-    opening = [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "hello"},
-               {"role": "assistant", "content": "Bye."}]
+    opening = [
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "Bye."},
+    ]
     opens = encode_example({"messages": opening}, tokenizer, mask_prompt=True, assistant_turns="all")
     assert span_texts(tokenizer, opens) == ["Bye.<|im_end|>\n"]
 
@@ -180,8 +208,9 @@ def test_config_assistant_turns_needs_mask_prompt_and_reaches_tokenizing(tokeniz
         Config(data="d", mask_prompt=True, assistant_turns="every").validate()
     config = Config(data="d", mask_prompt=True, assistant_turns="all").validate()
     tokenizer = template_tokenizer(tokenizer_json, "smollm2")
-    splits = objective_of(config).tokenize(config, {"train": [{"messages": conversation(True)}]}, tokenizer,
-                                            log=lambda s: None)
+    splits = objective_of(config).tokenize(
+        config, {"train": [{"messages": conversation(True)}]}, tokenizer, log=lambda s: None
+    )
     assert span_texts(tokenizer, splits["train"].examples[0]) == [reply + "<|im_end|>\n" for reply in REPLIES]
 
 
@@ -192,14 +221,33 @@ def test_eval_loss_covers_what_the_run_trained_on(tiny_model_dir, tmp_path):
     from gmt_mlx.recipes.finetune import finetune
     from tests.helpers import write_jsonl
 
-    rows = [{"messages": [{"role": "user", "content": f"Add {a} and 1."}, {"role": "assistant", "content": f"{a + 1}."},
-                          {"role": "user", "content": f"And {a} and 2?"}, {"role": "assistant", "content": f"{a + 2}."}]}
-            for a in range(12)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Add {a} and 1."},
+                {"role": "assistant", "content": f"{a + 1}."},
+                {"role": "user", "content": f"And {a} and 2?"},
+                {"role": "assistant", "content": f"{a + 2}."},
+            ]
+        }
+        for a in range(12)
+    ]
     write_jsonl(tmp_path / "data" / "train.jsonl", rows)
     write_jsonl(tmp_path / "data" / "test.jsonl", rows[:4])
     out = tmp_path / "run"
-    finetune(Config(model=str(tiny_model_dir), data=str(tmp_path / "data"), out=str(out), iters=1, mask_prompt=True,
-                    assistant_turns="all", samples=0, steps_per_save=0), log=lambda *_: None)
+    finetune(
+        Config(
+            model=str(tiny_model_dir),
+            data=str(tmp_path / "data"),
+            out=str(out),
+            iters=1,
+            mask_prompt=True,
+            assistant_turns="all",
+            samples=0,
+            steps_per_save=0,
+        ),
+        log=lambda *_: None,
+    )
     every = evaluate(str(out), options=EvalOptions(generate=False))
     final = evaluate(str(out), options=EvalOptions(generate=False, assistant_turns="final"))
     assert every["tokens"] > final["tokens"] > 0  # both replies of each chat, against the last one only

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from gmt_mlx.cli import app
-from gmt_mlx.errors import UserError
 from gmt_mlx.data import scorers as sc
+from gmt_mlx.errors import UserError
 from tests.helpers import runner
 
 
@@ -19,50 +19,71 @@ def chat_row(reply: str, **extra) -> dict:
 # ---- extraction ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("The answer is 17.", "17"),
-    ("12 + 5 = 17", "17"),
-    ("5 - 9 = -4", "-4"),
-    ("12-5", "5"),  # a hyphen glued to a number is an operator, not a sign
-    ("about 1,234 apples", "1,234"),
-    ("pi is 3.14159", "3.14159"),
-    ("\u22124 degrees", "-4"),  # unicode minus
-    ("no digits here", None),
-    ("", None),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("The answer is 17.", "17"),
+        ("12 + 5 = 17", "17"),
+        ("5 - 9 = -4", "-4"),
+        ("12-5", "5"),  # a hyphen glued to a number is an operator, not a sign
+        ("about 1,234 apples", "1,234"),
+        ("pi is 3.14159", "3.14159"),
+        ("\u22124 degrees", "-4"),  # unicode minus
+        ("no digits here", None),
+        ("", None),
+        (None, None),
+    ],
+)
 def test_last_number(text, expected):
     assert sc.last_number(text) == expected
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("so \\boxed{42}.", "42"),
-    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
-    ("\\boxed{1} then \\boxed{2}", "2"),
-    ("\\boxed{1} then \\boxed{2", "1"),  # an unclosed last box falls back to the earlier one
-    ("\\boxed{", None),
-    ("boxed 42", None),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("so \\boxed{42}.", "42"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("\\boxed{1} then \\boxed{2}", "2"),
+        ("\\boxed{1} then \\boxed{2", "1"),  # an unclosed last box falls back to the earlier one
+        ("\\boxed{", None),
+        ("boxed 42", None),
+        (None, None),
+    ],
+)
 def test_boxed(text, expected):
     assert sc.boxed(text) == expected
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("steps...\n#### 72", "72"),
-    ("#### 1\n#### 2", "2"),
-    ("####", None),
-    ("#### \n", None),
-    ("no marker 72", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("steps...\n#### 72", "72"),
+        ("#### 1\n#### 2", "2"),
+        ("####", None),
+        ("#### \n", None),
+        ("no marker 72", None),
+    ],
+)
 def test_hash_answer(text, expected):
     assert sc.hash_answer(text) == expected
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("1,000", 1000), ("+01,000.00", 1000), ("$5", 5), ("-0.5", -0.5), ("7.", 7),
-    ("NaN", None), ("Infinity", None), ("1/2", None), ("", None), ("abc", None), ("9" * 200, None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("1,000", 1000),
+        ("+01,000.00", 1000),
+        ("$5", 5),
+        ("-0.5", -0.5),
+        ("7.", 7),
+        ("NaN", None),
+        ("Infinity", None),
+        ("1/2", None),
+        ("", None),
+        ("abc", None),
+        ("9" * 200, None),
+    ],
+)
 def test_parse_number(text, expected):
     value = sc.parse_number(text)
     assert (value is None) if expected is None else (float(value) == expected)
@@ -161,16 +182,21 @@ def test_evaluate_a_run_and_a_model(tiny_model_dir, chat_data, tmp_path):
     from gmt_mlx.evaluation.evaluate import EvalOptions, evaluate
     from gmt_mlx.recipes.finetune import finetune
 
-    result = evaluate(str(tiny_model_dir), str(chat_data),
-                      EvalOptions(split="valid", scorers=("number", "exact"), max_tokens=4, batch_size=3))
+    result = evaluate(
+        str(tiny_model_dir),
+        str(chat_data),
+        EvalOptions(split="valid", scorers=("number", "exact"), max_tokens=4, batch_size=3),
+    )
     assert result["count"] == 4 and len(result["items"]) == 4
     assert set(result["accuracy"]) == {"number", "exact"}
     assert result["loss"] > 0 and result["ppl"] > 1 and result["mask_prompt"] is True
     item = result["items"][0]
     assert item["prompt"] == "What is 100 + 103?" and item["reference"] == "100 + 103 = 203."
     run = tmp_path / "run"
-    finetune(Config(model=str(tiny_model_dir), data=str(chat_data), out=str(run), iters=2, mask_prompt=False,
-                    samples=0), log=lambda s: None)
+    finetune(
+        Config(model=str(tiny_model_dir), data=str(chat_data), out=str(run), iters=2, mask_prompt=False, samples=0),
+        log=lambda s: None,
+    )
     # A run brings its own data and prompt masking (so the loss matches its validation loss).
     result = evaluate(str(run), options=EvalOptions(limit=1, max_tokens=2, split="valid"))
     assert result["data"] == str(chat_data) and result["mask_prompt"] is False and result["count"] == 1
@@ -180,8 +206,23 @@ def test_evaluate_a_run_and_a_model(tiny_model_dir, chat_data, tmp_path):
 
 def test_eval_command(tiny_model_dir, chat_data, tmp_path):
     out = tmp_path / "eval.json"
-    result = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", str(chat_data), "--scorer", "number,exact",
-                                 "--max-tokens", "3", "--limit", "2", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(tiny_model_dir),
+            "--data",
+            str(chat_data),
+            "--scorer",
+            "number,exact",
+            "--max-tokens",
+            "3",
+            "--limit",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "perplexity" in result.output and "accuracy  number:" in result.output and "of 2" in result.output
     saved = json.loads(out.read_text())
@@ -191,17 +232,22 @@ def test_eval_command(tiny_model_dir, chat_data, tmp_path):
 def test_eval_on_text_data_skips_accuracy(tiny_model_dir, tmp_path):
     data = tmp_path / "text.jsonl"
     data.write_text(json.dumps({"text": "hello there"}) + "\n")
-    result = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", str(data), "--split", "train", "--max-tokens", "2"])
+    result = runner.invoke(
+        app, ["eval", str(tiny_model_dir), "--data", str(data), "--split", "train", "--max-tokens", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert "accuracy  skipped" in result.output
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--scorer", "nope"], "unknown scorer 'nope'"),
-    (["--split", "other"], "no other split"),
-    (["--limit", "-1"], "--limit must be 0 or more"),
-    (["--no-loss", "--no-generate"], "nothing to do"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--scorer", "nope"], "unknown scorer 'nope'"),
+        (["--split", "other"], "no other split"),
+        (["--limit", "-1"], "--limit must be 0 or more"),
+        (["--no-loss", "--no-generate"], "nothing to do"),
+    ],
+)
 def test_eval_bad_input_is_one_line(tiny_model_dir, chat_data, args, fragment):
     result = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", str(chat_data), *args])
     assert result.exit_code == 2, result.output
@@ -214,8 +260,10 @@ def test_eval_without_data_is_one_line(tiny_model_dir):
     assert result.exit_code == 2 and "--data is required" in result.output
 
 
-@pytest.mark.parametrize("content,why", [(b"model: x\n\xff\xfe\n", "is damaged (not UTF-8 text at byte 9)"),
-                                         (b"model: x\nite", "is damaged (cut short)")])
+@pytest.mark.parametrize(
+    "content,why",
+    [(b"model: x\n\xff\xfe\n", "is damaged (not UTF-8 text at byte 9)"), (b"model: x\nite", "is damaged (cut short)")],
+)
 def test_eval_of_a_run_with_a_damaged_config_is_one_line(tmp_path, content, why):
     run = tmp_path / "run"
     run.mkdir()
@@ -227,9 +275,15 @@ def test_eval_of_a_run_with_a_damaged_config_is_one_line(tmp_path, content, why)
 def test_score_summary_counts_or_averages():
     from gmt_mlx.evaluation.evaluate import score_summary
 
-    result = {"count": 3, "accuracy": {"exact": 2 / 3, "rg": 0.5},
-              "items": [{"scores": {"exact": 1.0, "rg": 1.0}}, {"scores": {"exact": True, "rg": 0.5}},
-                        {"scores": {"exact": 0.0, "rg": 0.0}}]}
+    result = {
+        "count": 3,
+        "accuracy": {"exact": 2 / 3, "rg": 0.5},
+        "items": [
+            {"scores": {"exact": 1.0, "rg": 1.0}},
+            {"scores": {"exact": True, "rg": 0.5}},
+            {"scores": {"exact": 0.0, "rg": 0.0}},
+        ],
+    }
     assert score_summary(result, "exact") == "2/3 (67%)"
     assert score_summary(result, "rg") == "50.0% of 3"  # partial credit: a mean, not a count
     assert score_summary({"count": 0, "accuracy": {}}, "exact") == "n/a"
@@ -241,17 +295,45 @@ def test_eval_baseline_compares_a_run_with_its_base(tiny_model_dir, chat_data, t
     from gmt_mlx.recipes.finetune import finetune
 
     run = tmp_path / "run"
-    finetune(Config(model=str(tiny_model_dir), data=str(chat_data), out=str(run), iters=2, learning_rate=1e-2,
-                    mask_prompt=False, samples=0), log=lambda s: None)
+    finetune(
+        Config(
+            model=str(tiny_model_dir),
+            data=str(chat_data),
+            out=str(run),
+            iters=2,
+            learning_rate=1e-2,
+            mask_prompt=False,
+            samples=0,
+        ),
+        log=lambda s: None,
+    )
     out = tmp_path / "both.json"
-    result = runner.invoke(app, ["eval", str(run), "--baseline", "--scorer", "exact,number", "--max-tokens", "3",
-                                 "--limit", "2", "--show", "2", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(run),
+            "--baseline",
+            "--scorer",
+            "exact,number",
+            "--max-tokens",
+            "3",
+            "--limit",
+            "2",
+            "--show",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert sum(line.startswith("  base:  ") for line in lines) == 2
     assert sum(line.startswith("  tuned: ") for line in lines) == 2
-    assert any(line.startswith("exact     base ") and "/2 (" in line and "-> tuned " in line and "points" in line
-               for line in lines), result.output
+    assert any(
+        line.startswith("exact     base ") and "/2 (" in line and "-> tuned " in line and "points" in line
+        for line in lines
+    ), result.output
     assert any(line.startswith("loss      base ") for line in lines), result.output
     saved = json.loads(out.read_text())
     base, tuned = saved["base"], saved["tuned"]
@@ -259,8 +341,11 @@ def test_eval_baseline_compares_a_run_with_its_base(tiny_model_dir, chat_data, t
     assert [i["prompt"] for i in base["items"]] == [i["prompt"] for i in tuned["items"]]
     # The base is scored as the run's own settings would score it (here: loss on whole sequences).
     assert base["mask_prompt"] is False and tuned["mask_prompt"] is False
-    alone = evaluate(str(tiny_model_dir), str(chat_data),
-                     EvalOptions(scorers=("exact", "number"), max_tokens=3, limit=2, mask_prompt=False))
+    alone = evaluate(
+        str(tiny_model_dir),
+        str(chat_data),
+        EvalOptions(scorers=("exact", "number"), max_tokens=3, limit=2, mask_prompt=False),
+    )
     assert base["loss"] == pytest.approx(alone["loss"], rel=1e-6)
     assert [i["answer"] for i in base["items"]] == [i["answer"] for i in alone["items"]]
     assert tuned["loss"] != pytest.approx(base["loss"], rel=1e-6)  # the run's weights, not the base's
@@ -281,7 +366,7 @@ def _greedy(model, ids, n):
     out = list(ids)
     for _ in range(n):
         out.append(int(mx.argmax(model(mx.array([out]))[0, -1]).item()))
-    return out[len(ids):]
+    return out[len(ids) :]
 
 
 def test_validation_exact_match_is_greedy_decoding_reproducing_the_answer(tiny_model_dir):
@@ -324,9 +409,21 @@ def test_validation_reports_exact_match_and_a_study_hook_sees_each_pass(tiny_mod
 
     seen = []
     run = tmp_path / "run"
-    finetune(Config(model=str(tiny_model_dir), data=str(chat_data), out=str(run), iters=4, steps_per_eval=2, samples=0,
-                    steps_per_save=0, save_best=False, learning_rate=1e-3),
-             log=lambda s: None, on_validation=lambda step, model, result: seen.append((step, result, model)))
+    finetune(
+        Config(
+            model=str(tiny_model_dir),
+            data=str(chat_data),
+            out=str(run),
+            iters=4,
+            steps_per_eval=2,
+            samples=0,
+            steps_per_save=0,
+            save_best=False,
+            learning_rate=1e-3,
+        ),
+        log=lambda s: None,
+        on_validation=lambda step, model, result: seen.append((step, result, model)),
+    )
     assert [s for s, _, _ in seen] == [2, 4]
     assert seen[0][1]["best"] is True and all(0.0 <= r["exact_match"] <= 1.0 for _, r, _ in seen)
     assert seen[1][1]["best"] == (seen[1][1]["loss"] < seen[0][1]["loss"])
@@ -335,6 +432,16 @@ def test_validation_reports_exact_match_and_a_study_hook_sees_each_pass(tiny_mod
     evals = [r for r in records if r["type"] == "eval"]
     assert [r["val_exact_match"] for r in evals] == [r["exact_match"] for _, r, _ in seen]
     with_best = tmp_path / "with_best"
-    finetune(Config(model=str(tiny_model_dir), data=str(chat_data), out=str(with_best), iters=2, steps_per_eval=2, samples=0,
-                    steps_per_save=0), log=lambda s: None)
+    finetune(
+        Config(
+            model=str(tiny_model_dir),
+            data=str(chat_data),
+            out=str(with_best),
+            iters=2,
+            steps_per_eval=2,
+            samples=0,
+            steps_per_save=0,
+        ),
+        log=lambda s: None,
+    )
     assert (with_best / "checkpoints" / "best").is_dir()

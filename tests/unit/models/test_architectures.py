@@ -27,19 +27,36 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 LAYERS = 2
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, rope_theta=50000.0)
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rope_theta=50000.0,
+)
 FAMILIES = {
     # tied embeddings, q/k/v biases
     "qwen2": lambda v: transformers.Qwen2Config(vocab_size=v, tie_word_embeddings=True, **COMMON),
     # fused qkv_proj and gate_up_proj
-    "phi3": lambda v: transformers.Phi3Config(vocab_size=v, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                              original_max_position_embeddings=256, **COMMON),
+    "phi3": lambda v: transformers.Phi3Config(
+        vocab_size=v, pad_token_id=0, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=256, **COMMON
+    ),
     "mistral": lambda v: transformers.MistralConfig(vocab_size=v, sliding_window=None, **COMMON),
     # soft-capping, sandwich norms, a head_dim of its own, tied embeddings
-    "gemma2": lambda v: transformers.Gemma2Config(vocab_size=v, head_dim=16, query_pre_attn_scalar=16, pad_token_id=0,
-                                                  bos_token_id=1, eos_token_id=2, sliding_window=128,
-                                                  attn_logit_softcapping=50.0, final_logit_softcapping=30.0, **COMMON),
+    "gemma2": lambda v: transformers.Gemma2Config(
+        vocab_size=v,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        sliding_window=128,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        **COMMON,
+    ),
 }
 TOKENS = [[5, 17, 42, 99, 7, 250, 3, 64, 128, 11]]
 
@@ -66,8 +83,19 @@ def hf_logits(folder) -> np.ndarray:
 
 
 def run(model_dir, data, out, **kw):
-    values = dict(model=str(model_dir), data=str(data), out=str(out), iters=4, batch_size=4, learning_rate=1e-3,
-                  mask_ratio=0.5, steps_per_eval=0, steps_per_save=2, samples=0, seed=1)
+    values = dict(
+        model=str(model_dir),
+        data=str(data),
+        out=str(out),
+        iters=4,
+        batch_size=4,
+        learning_rate=1e-3,
+        mask_ratio=0.5,
+        steps_per_eval=0,
+        steps_per_save=2,
+        samples=0,
+        seed=1,
+    )
     values.update(kw)
     return finetune(Config(**values), log=lambda *_: None)
 
@@ -101,14 +129,18 @@ def test_layer_scope_finds_every_block(family_dir):
     blocks = [u for u in group_units(names, "layer") if u.split(".")[-2] == "layers"]
     assert len(blocks) == LAYERS
     # Every parameter of a block belongs to its block's unit, none is left on its own.
-    assert sum(len(v) for u, v in group_units(names, "layer").items() if u in blocks) == sum(".layers." in n for n in names)
+    assert sum(len(v) for u, v in group_units(names, "layer").items() if u in blocks) == sum(
+        ".layers." in n for n in names
+    )
 
 
 def test_ctrl_c_and_resume_is_bit_for_bit(family_dir, chat_data, tmp_path, monkeypatch):
     _, folder = family_dir
     reference = run(folder, chat_data, tmp_path / "reference", method="gmt")
     real_fault = ckpt.fault
-    monkeypatch.setattr(ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:1" else None)
+    monkeypatch.setattr(
+        ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:1" else None
+    )
     from gmt_mlx.errors import Interrupted
 
     with pytest.raises(Interrupted):
@@ -124,11 +156,21 @@ def test_rope_parameters_are_mapped_or_refused(tmp_path):
     from gmt_mlx.models.loading import rope_overrides
 
     assert rope_overrides({"rope_theta": 1e6, "rope_parameters": {"rope_theta": 5.0}}, tmp_path) == {}  # already read
-    assert rope_overrides({"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}, tmp_path) == {"rope_theta": 5e5}
-    llama3 = {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 8192}
+    assert rope_overrides({"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}, tmp_path) == {
+        "rope_theta": 5e5
+    }
+    llama3 = {
+        "rope_theta": 5e5,
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     got = rope_overrides({"rope_parameters": llama3}, tmp_path)
     assert got["rope_theta"] == 5e5 and got["rope_scaling"]["type"] == "llama3" and got["rope_scaling"]["factor"] == 8.0
     with pytest.raises(UserError, match="per layer type"):
-        rope_overrides({"rope_parameters": {"full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}},
-                       tmp_path)
+        rope_overrides(
+            {"rope_parameters": {"full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}},
+            tmp_path,
+        )

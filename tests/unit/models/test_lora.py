@@ -11,8 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from gmt_mlx.cli import app
-from gmt_mlx.config import Config
-from gmt_mlx.config import OptimizerOptions
+from gmt_mlx.config import Config, OptimizerOptions
 from gmt_mlx.core.optim import build_optimizer
 from gmt_mlx.core.trainer import train
 from gmt_mlx.errors import UserError
@@ -59,7 +58,15 @@ def test_adapters_cover_every_linear_layer_of_the_last_blocks(tiny_model_dir):
     model, _, _, _ = load_tiny(tiny_model_dir, method="lora", num_layers=1)
     adapted = {name for name, m in model.named_modules() if hasattr(m, "fuse")}
     assert adapted and all(name.startswith("model.layers.1.") for name in adapted)
-    assert {n.rsplit(".", 1)[-1] for n in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     model, _, _, _ = load_tiny(tiny_model_dir, method="lora", lora_keys="self_attn.q_proj, self_attn.v_proj")
     adapted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "fuse")}
     assert adapted == {"q_proj", "v_proj"}
@@ -89,7 +96,9 @@ def quantized_copy(src, dst):
     model, _, config = load(str(src), return_config=True)
     nn.quantize(model, group_size=32, bits=4)
     dst.mkdir()
-    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+    mx.save_safetensors(
+        str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"}
+    )
     config["quantization"] = {"group_size": 32, "bits": 4}
     (dst / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -124,9 +133,30 @@ def test_finetune_lora_writes_a_fused_model(tiny_model_dir, chat_data, tmp_path)
     from mlx_lm import load
 
     out = tmp_path / "run"
-    result = runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(chat_data), "--out", str(out),
-                                 "--method", "lora", "--lora-rank", "4", "--iters", "4", "--learning-rate", "1e-3",
-                                 "--steps-per-eval", "2", "--steps-per-report", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(chat_data),
+            "--out",
+            str(out),
+            "--method",
+            "lora",
+            "--lora-rank",
+            "4",
+            "--iters",
+            "4",
+            "--learning-rate",
+            "1e-3",
+            "--steps-per-eval",
+            "2",
+            "--steps-per-report",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kept_fraction"] == 1.0 for r in records if r["type"] == "train")
@@ -139,15 +169,32 @@ def test_finetune_lora_writes_a_fused_model(tiny_model_dir, chat_data, tmp_path)
     assert weights and all(".lora_" in k for k in weights)
 
 
-@pytest.mark.parametrize("flag,value,fragment", [
-    ("--lora-rank", "0", "--lora-rank must be at least 1"),
-    ("--lora-dropout", "1.5", "--lora-dropout must be in [0, 1)"),
-    ("--lora-scale", "-1", "--lora-scale must be positive"),
-    ("--lora-keys", "q_proj,,v_proj", "--lora-keys must be comma-separated"),
-])
+@pytest.mark.parametrize(
+    "flag,value,fragment",
+    [
+        ("--lora-rank", "0", "--lora-rank must be at least 1"),
+        ("--lora-dropout", "1.5", "--lora-dropout must be in [0, 1)"),
+        ("--lora-scale", "-1", "--lora-scale must be positive"),
+        ("--lora-keys", "q_proj,,v_proj", "--lora-keys must be comma-separated"),
+    ],
+)
 def test_bad_lora_options_give_one_line_errors(tiny_model_dir, chat_data, tmp_path, flag, value, fragment):
-    result = runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(chat_data),
-                                 "--out", str(tmp_path / "run"), "--method", "lora", flag, value])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(chat_data),
+            "--out",
+            str(tmp_path / "run"),
+            "--method",
+            "lora",
+            flag,
+            value,
+        ],
+    )
     assert result.exit_code == 2
     assert "Traceback" not in result.output
     assert fragment in result.output.strip().splitlines()[-1]

@@ -193,10 +193,13 @@ def _no_lookup(repo_id, **kwargs):
     raise AssertionError(f"a path-like name was looked up on the Hub: {repo_id}")
 
 
-@pytest.mark.parametrize("cause, reason", [
-    (ConnectionError("[Errno -2] Name or service not known"), "no network: ConnectionError"),
-    ("offline", "offline mode: HF_HUB_OFFLINE is set"),
-])
+@pytest.mark.parametrize(
+    "cause, reason",
+    [
+        (ConnectionError("[Errno -2] Name or service not known"), "no network: ConnectionError"),
+        ("offline", "offline mode: HF_HUB_OFFLINE is set"),
+    ],
+)
 def test_unreachable_hub_id_names_the_cache_and_the_embedded_model(monkeypatch, cause, reason):
     import huggingface_hub
     from huggingface_hub.errors import OfflineModeIsEnabled
@@ -211,13 +214,17 @@ def test_unreachable_hub_id_names_the_cache_and_the_embedded_model(monkeypatch, 
     assert f"cannot reach the Hugging Face Hub ({reason})" in message
     assert "local Hugging Face cache" in message
     assert "the embedded 'smollm2-135m' is this very model" in message and "use smollm2-135m instead" in message
-    with pytest.raises(UserError, match=r"\(no network|\(offline mode.*offline, use a local model folder, a .gguf file "
-                                        r"or the embedded 'smollm2-135m'"):
+    with pytest.raises(
+        UserError,
+        match=r"\(no network|\(offline mode.*offline, use a local model folder, a .gguf file "
+        r"or the embedded 'smollm2-135m'",
+    ):
         resolve_model("someone/other-model")
 
 
-@pytest.mark.parametrize("name", ["runs/nope", "./nope", "~/models/x", "../x", "/abs/x", "a/b/c", "owner/name/",
-                                  "nope.gguf", "sub/model"])
+@pytest.mark.parametrize(
+    "name", ["runs/nope", "./nope", "~/models/x", "../x", "/abs/x", "a/b/c", "owner/name/", "nope.gguf", "sub/model"]
+)
 def test_path_like_names_are_never_looked_up(monkeypatch, tmp_path, name):
     import huggingface_hub
 

@@ -15,13 +15,16 @@ from .test_grpo_loop import DIGITS, grpo_args, sums
 
 
 def prompt_rows(n: int, start: int = 0, answer: bool = True):
-    return [{"prompt": f"What is {a} + 3?", **({"answer": str(a + 3)} if answer else {})}
-            for a in range(start, start + n)]
+    return [
+        {"prompt": f"What is {a} + 3?", **({"answer": str(a + 3)} if answer else {})} for a in range(start, start + n)
+    ]
 
 
 def user_turns(n: int, start: int = 0):
-    return [{"messages": [{"role": "user", "content": f"What is {a} + 3?"}], "answer": str(a + 3)}
-            for a in range(start, start + n)]
+    return [
+        {"messages": [{"role": "user", "content": f"What is {a} + 3?"}], "answer": str(a + 3)}
+        for a in range(start, start + n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +35,20 @@ def grpo_run(tiny_model_dir, tmp_path_factory) -> Path:
     write_jsonl(data / "train.jsonl", prompt_rows(8))
     write_jsonl(data / "valid.jsonl", prompt_rows(4, 100))
     write_jsonl(data / "test.jsonl", prompt_rows(3, 200))
-    result = runner.invoke(app, grpo_args(tiny_model_dir, data, folder / "run", "--iters", "2", "--reward",
-                                          f"{DIGITS},format", "--reward-weights", "1,0.5"))
+    result = runner.invoke(
+        app,
+        grpo_args(
+            tiny_model_dir,
+            data,
+            folder / "run",
+            "--iters",
+            "2",
+            "--reward",
+            f"{DIGITS},format",
+            "--reward-weights",
+            "1,0.5",
+        ),
+    )
     assert result.exit_code == 0, result.output
     return folder / "run"
 
@@ -44,11 +59,41 @@ def grpo_run(tiny_model_dir, tmp_path_factory) -> Path:
 def test_prompt_rows_without_completion_train_grpo_and_are_refused_elsewhere(grpo_run, tiny_model_dir, tmp_path):
     assert (grpo_run / "model").is_dir()
     data = grpo_run.parent / "data"
-    line = message(runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(data), "--out",
-                                       str(tmp_path / "sft"), "--iters", "1"]))
+    line = message(
+        runner.invoke(
+            app,
+            [
+                "finetune",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "sft"),
+                "--iters",
+                "1",
+            ],
+        )
+    )
     assert "train.jsonl:1: has 'prompt' but no 'completion'" in line and "--train-mode grpo" in line
-    line = message(runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(data), "--out",
-                                       str(tmp_path / "dpo"), "--iters", "1", "--train-mode", "dpo"]))
+    line = message(
+        runner.invoke(
+            app,
+            [
+                "finetune",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "dpo"),
+                "--iters",
+                "1",
+                "--train-mode",
+                "dpo",
+            ],
+        )
+    )
     assert "no 'completion'" in line
 
 
@@ -100,19 +145,37 @@ def test_eval_reward_on_any_model_with_names_and_weights(tiny_model_dir, tmp_pat
     data = tmp_path / "data"
     write_jsonl(data / "test.jsonl", sums(3))
     write_jsonl(data / "train.jsonl", sums(3))
-    result = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", str(data), "--reward", "exact,format",
-                                 "--reward-weights", "2,1", "--max-tokens", "3", "--scorer", "number"])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--reward",
+            "exact,format",
+            "--reward-weights",
+            "2,1",
+            "--max-tokens",
+            "3",
+            "--scorer",
+            "number",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "accuracy  number" in result.output and "(greedy, max 3 tokens; 2 x exact + 1 x format)" in result.output
     assert "loss      " in result.output and "skipped" not in result.output  # chat rows with answers: a loss too
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--reward", "nonsense"], "unknown reward 'nonsense'"),
-    (["--reward", "exact", "--reward-weights", "1,2"], "--reward-weights has 2 weights but --reward names 1"),
-    (["--reward-weights", "1"], "--reward-weights needs --reward"),
-    (["--reward", "exact"], "test.jsonl, row 2: no answer, which --reward exact needs"),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--reward", "nonsense"], "unknown reward 'nonsense'"),
+        (["--reward", "exact", "--reward-weights", "1,2"], "--reward-weights has 2 weights but --reward names 1"),
+        (["--reward-weights", "1"], "--reward-weights needs --reward"),
+        (["--reward", "exact"], "test.jsonl, row 2: no answer, which --reward exact needs"),
+    ],
+)
 def test_eval_reward_errors_are_one_line(tiny_model_dir, tmp_path, flags, expected):
     data = tmp_path / "data"
     write_jsonl(data / "train.jsonl", prompt_rows(2))
@@ -127,11 +190,39 @@ def test_eval_reward_errors_are_one_line(tiny_model_dir, tmp_path, flags, expect
 def test_compare_grpo_reports_rewards_not_losses(grpo_run, tiny_model_dir, tmp_path):
     data = grpo_run.parent / "data"
     out = tmp_path / "c"
-    args = ["compare", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--train-mode",
-            "grpo", "--methods", "full,gmt,lora", "--mask-ratios", "0.5", "--batch-size", "2",
-            "--num-generations", "4", "--max-completion-length", "6", "--iters", "2", "--val-batches", "1",
-            "--reward", f"{DIGITS},format", "--reward-weights", "1,0.5", "--learning-rates", "3e-3",
-            "--eval-limit", "2"]
+    args = [
+        "compare",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--train-mode",
+        "grpo",
+        "--methods",
+        "full,gmt,lora",
+        "--mask-ratios",
+        "0.5",
+        "--batch-size",
+        "2",
+        "--num-generations",
+        "4",
+        "--max-completion-length",
+        "6",
+        "--iters",
+        "2",
+        "--val-batches",
+        "1",
+        "--reward",
+        f"{DIGITS},format",
+        "--reward-weights",
+        "1,0.5",
+        "--learning-rates",
+        "3e-3",
+        "--eval-limit",
+        "2",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
@@ -177,8 +268,24 @@ def test_compare_grpo_refuses_rows_its_rewards_cannot_score_before_training(tiny
     data = tmp_path / "data"
     write_jsonl(data / "train.jsonl", prompt_rows(4))
     write_jsonl(data / "test.jsonl", prompt_rows(1) + prompt_rows(1, answer=False))
-    line = message(runner.invoke(app, ["compare", "--model", str(tiny_model_dir), "--data", str(data), "--out",
-                                       str(tmp_path / "c"), "--train-mode", "grpo", "--reward", "exact"]))
+    line = message(
+        runner.invoke(
+            app,
+            [
+                "compare",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "c"),
+                "--train-mode",
+                "grpo",
+                "--reward",
+                "exact",
+            ],
+        )
+    )
     assert "test.jsonl, row 2: no answer, which --reward exact needs" in line
     assert not (tmp_path / "c" / "runs").exists()
 

@@ -25,8 +25,10 @@ from gmt_mlx.config import GRPO_LOSS_TYPES, REWARD_SCALINGS
 from gmt_mlx.objectives.grpo import loss as grpo
 from gmt_mlx.objectives.grpo.loss import CLIP_METRICS, group_advantages, grpo_loss
 
-needs_trl = pytest.mark.skipif(find_spec("trl") is None or find_spec("torch") is None,
-                               reason="TRL's GRPOTrainer is the oracle: pip install -e '.[test]' (trl, torch)")
+needs_trl = pytest.mark.skipif(
+    find_spec("trl") is None or find_spec("torch") is None,
+    reason="TRL's GRPOTrainer is the oracle: pip install -e '.[test]' (trl, torch)",
+)
 GROUP, GROUPS, WIDTH, MAX_LEN = 4, 3, 9, 12
 TOL = 1e-5
 
@@ -67,24 +69,62 @@ def trl_advantages(rewards: np.ndarray, group_size: int, scale: str) -> np.ndarr
     model = SimpleNamespace(training=True, is_gradient_checkpointing=False)
     sampled = ([[1, 2]] * n, [[3, 4, 5]] * n, None, ["x"] * n, None, {}, None, None)
     fake = SimpleNamespace(
-        model=model, environment_factories=None, tools=None, environments=[], _generate=lambda prompts: sampled,
-        _tokenizer=SimpleNamespace(pad_token_id=0), pad_to_multiple_of=None, mask_truncated_completions=False,
+        model=model,
+        environment_factories=None,
+        tools=None,
+        environments=[],
+        _generate=lambda prompts: sampled,
+        _tokenizer=SimpleNamespace(pad_token_id=0),
+        pad_to_multiple_of=None,
+        mask_truncated_completions=False,
         accelerator=SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, process_index=0),
-        args=SimpleNamespace(per_device_train_batch_size=n, steps_per_generation=1, gradient_accumulation_steps=1,
-                             gradient_checkpointing_kwargs=None),
-        num_iterations=1, use_vllm=False, vllm_importance_sampling_correction=False, beta=0.0,
+        args=SimpleNamespace(
+            per_device_train_batch_size=n,
+            steps_per_generation=1,
+            gradient_accumulation_steps=1,
+            gradient_checkpointing_kwargs=None,
+        ),
+        num_iterations=1,
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        beta=0.0,
         _calculate_rewards=lambda *_: torch.tensor(rewards, dtype=torch.float32)[:, None],
-        num_generations=group_size, multi_objective_aggregation="sum_then_normalize",
-        reward_weights=torch.ones(1), scale_rewards=scale, reward_func_names=["r"],
-        _metrics={"train": defaultdict(list)}, _pending_extra_logs={}, _pending_metrics={}, log_multimodal=False,
-        _logs={"prompt": [], "completion": [], "advantages": [], "rewards": defaultdict(list),
-               "extra": defaultdict(list)})
+        num_generations=group_size,
+        multi_objective_aggregation="sum_then_normalize",
+        reward_weights=torch.ones(1),
+        scale_rewards=scale,
+        reward_func_names=["r"],
+        _metrics={"train": defaultdict(list)},
+        _pending_extra_logs={},
+        _pending_metrics={},
+        log_multimodal=False,
+        _logs={
+            "prompt": [],
+            "completion": [],
+            "advantages": [],
+            "rewards": defaultdict(list),
+            "extra": defaultdict(list),
+        },
+    )
     out = trl.GRPOTrainer._generate_and_score_completions(fake, [{"prompt": "p"}] * n)
     return out["advantages"].numpy()
 
 
-def trl_loss(logps, old, ref, advantages, mask, *, loss_type, epsilon, epsilon_high=None, beta=0.0,
-             max_completion_length=MAX_LEN, delta=None, kl_ratio=True):
+def trl_loss(
+    logps,
+    old,
+    ref,
+    advantages,
+    mask,
+    *,
+    loss_type,
+    epsilon,
+    epsilon_high=None,
+    beta=0.0,
+    max_completion_length=MAX_LEN,
+    delta=None,
+    kl_ratio=True,
+):
     """GRPOTrainer._compute_loss on our log-probs: (loss, d loss / d logps, logged metrics)."""
     import torch
     import trl
@@ -92,20 +132,34 @@ def trl_loss(logps, old, ref, advantages, mask, *, loss_type, epsilon, epsilon_h
     policy = torch.tensor(logps, requires_grad=True)
     mask_t = torch.tensor(mask)
     fake = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=SimpleNamespace(num_processes=1, gather=lambda x: x,
-                                                                          reduce=lambda x, reduction: x),
+        model=SimpleNamespace(training=True),
+        accelerator=SimpleNamespace(num_processes=1, gather=lambda x: x, reduce=lambda x, reduction: x),
         _get_per_token_logps_and_entropies=lambda *a, **k: (policy, torch.zeros_like(policy), None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
-        beta=beta, loss_type=loss_type, epsilon_low=epsilon,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        beta=beta,
+        loss_type=loss_type,
+        epsilon_low=epsilon,
         epsilon_high=epsilon if epsilon_high is None else epsilon_high,
         args=SimpleNamespace(delta=delta, use_bias_correction_kl=kl_ratio, steps_per_generation=1),
-        use_vllm=False, vllm_importance_sampling_correction=False, current_gradient_accumulation_steps=1,
-        max_completion_length=max_completion_length, _entropy_bonus_enabled=False, aux_loss_enabled=False,
-        _metrics={"train": defaultdict(list)})
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        current_gradient_accumulation_steps=1,
+        max_completion_length=max_completion_length,
+        _entropy_bonus_enabled=False,
+        aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list)},
+    )
     rows = mask.shape[0]
-    inputs = {"prompt_ids": torch.ones(rows, 2, dtype=torch.long), "prompt_mask": torch.ones(rows, 2),
-              "completion_ids": torch.ones(mask.shape, dtype=torch.long), "completion_mask": mask_t,
-              "advantages": torch.tensor(advantages), "num_items_in_batch": mask_t.sum()}
+    inputs = {
+        "prompt_ids": torch.ones(rows, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(rows, 2),
+        "completion_ids": torch.ones(mask.shape, dtype=torch.long),
+        "completion_mask": mask_t,
+        "advantages": torch.tensor(advantages),
+        "num_items_in_batch": mask_t.sum(),
+    }
     if old is not None:
         inputs["old_per_token_logps"] = torch.tensor(old)
     if beta:
@@ -174,8 +228,10 @@ def assert_matches(mine, theirs, beta):
 
 
 @needs_trl
-@pytest.mark.parametrize("loss_type,scale,beta,epsilon_high",
-                         list(itertools.product(GRPO_LOSS_TYPES, REWARD_SCALINGS, [0.0, 0.04], [None, 0.28])))
+@pytest.mark.parametrize(
+    "loss_type,scale,beta,epsilon_high",
+    list(itertools.product(GRPO_LOSS_TYPES, REWARD_SCALINGS, [0.0, 0.04], [None, 0.28])),
+)
 def test_loss_gradient_and_metrics_match_trl(loss_type, scale, beta, epsilon_high):
     rewards, logps, old, ref, mask = batch(seed=1)
     adv = np.array(group_advantages(mx.array(rewards), GROUP, scale))
@@ -215,12 +271,16 @@ def test_on_policy_loss_is_the_negative_weighted_mean_advantage(loss_type, same_
     rewards, logps, _, _, mask = batch(seed=3)
     adv = np.array(group_advantages(mx.array(rewards), GROUP))
     lengths = mask.sum(axis=1)
-    per_token = {"grpo": 1 / (len(adv) * lengths), "bnpo": np.full_like(lengths, 1 / lengths.sum()),
-                 "dr_grpo": np.full_like(lengths, 1 / (len(adv) * MAX_LEN))}
+    per_token = {
+        "grpo": 1 / (len(adv) * lengths),
+        "bnpo": np.full_like(lengths, 1 / lengths.sum()),
+        "dr_grpo": np.full_like(lengths, 1 / (len(adv) * MAX_LEN)),
+    }
     per_token["dapo"] = per_token["bnpo"]
     weight = per_token[loss_type]
-    loss, grad, metrics = ours(logps, logps if same_old else None, None, adv, mask, loss_type=loss_type,
-                               max_completion_length=MAX_LEN)
+    loss, grad, metrics = ours(
+        logps, logps if same_old else None, None, adv, mask, loss_type=loss_type, max_completion_length=MAX_LEN
+    )
     assert abs(loss - float(-(adv * lengths * weight).sum())) <= TOL
     np.testing.assert_allclose(grad, -(adv * weight)[:, None] * mask, rtol=TOL, atol=1e-7)
     assert all(metrics[name] == 0 for name in CLIP_METRICS)
@@ -269,10 +329,13 @@ def test_completion_logps_are_trls_at_the_sampling_temperature(temperature):
     prompt_lengths = np.array([2, 4, 3], dtype=np.int32)
     width = length - int(prompt_lengths.min())
     logits = rng.normal(0, 2.0, (rows, length - 1, vocab)).astype(np.float32)
-    got = np.array(grpo.completion_logps(lambda _: mx.array(logits), mx.array(tokens), mx.array(prompt_lengths),
-                                         width, temperature))
+    got = np.array(
+        grpo.completion_logps(
+            lambda _: mx.array(logits), mx.array(tokens), mx.array(prompt_lengths), width, temperature
+        )
+    )
     for b in range(rows):
         start = int(prompt_lengths[b])  # completion token j = tokens[start + j], predicted at start + j - 1
         ids = torch.tensor(tokens[b, start:], dtype=torch.long)
-        want = selective_log_softmax(torch.tensor(logits[b, start - 1:]), ids, temperature=temperature).numpy()
+        want = selective_log_softmax(torch.tensor(logits[b, start - 1 :]), ids, temperature=temperature).numpy()
         np.testing.assert_allclose(got[b, : len(want)], want, rtol=TOL, atol=1e-6)

@@ -33,8 +33,10 @@ QUIET = dict(log=lambda *_: None)
 
 def pairs(n: int, start: int = 0):
     """An easy preference set: the right sum, ending in a period, over a wrong one with a tail."""
-    return [{"prompt": f"What is {a} + 3?", "chosen": f"{a + 3}.", "rejected": f"{a + 7} or so, I think"}
-            for a in range(start, start + n)]
+    return [
+        {"prompt": f"What is {a} + 3?", "chosen": f"{a + 3}.", "rejected": f"{a + 7} or so, I think"}
+        for a in range(start, start + n)
+    ]
 
 
 @pytest.fixture()
@@ -47,9 +49,22 @@ def pref_data(tmp_path) -> Path:
 
 
 def config(model, data, out, **kw) -> Config:
-    values = dict(model=str(model), data=str(data), out=str(out), train_mode="dpo", method="gmt", mask_ratio=0.5,
-                  iters=6, batch_size=4, learning_rate=1e-3, steps_per_eval=3, steps_per_save=3, steps_per_report=1,
-                  samples=0, seed=1)
+    values = dict(
+        model=str(model),
+        data=str(data),
+        out=str(out),
+        train_mode="dpo",
+        method="gmt",
+        mask_ratio=0.5,
+        iters=6,
+        batch_size=4,
+        learning_rate=1e-3,
+        steps_per_eval=3,
+        steps_per_save=3,
+        steps_per_report=1,
+        samples=0,
+        seed=1,
+    )
     values.update(kw)
     return Config(**values)
 
@@ -94,9 +109,12 @@ def _trl_dpo_loss(per_token, mask, reference, *, loss_type, beta, label_smoothin
     import trl
 
     n = per_token.shape[0] // 2
-    out = SimpleNamespace(log_probs=torch.tensor(per_token, dtype=torch.float32),
-                          entropy=torch.zeros(per_token.shape), mean_logits=torch.zeros(per_token.shape),
-                          is_top1=torch.zeros(per_token.shape, dtype=torch.bool))
+    out = SimpleNamespace(
+        log_probs=torch.tensor(per_token, dtype=torch.float32),
+        entropy=torch.zeros(per_token.shape),
+        mean_logits=torch.zeros(per_token.shape),
+        is_top1=torch.zeros(per_token.shape, dtype=torch.bool),
+    )
 
     class Model:
         training = True
@@ -105,13 +123,30 @@ def _trl_dpo_loss(per_token, mask, reference, *, loss_type, beta, label_smoothin
             return out
 
     accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x)
-    fake = SimpleNamespace(model=Model(), accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
-                           precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
-                           loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing, use_weighting=False,
-                           _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    fake = SimpleNamespace(
+        model=Model(),
+        accelerator=accelerator,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=label_smoothing,
+        use_weighting=False,
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
     ref = torch.tensor(np.array(reference))
-    inputs = {"input_ids": torch.zeros(mask.shape, dtype=torch.long), "attention_mask": torch.ones(mask.shape),
-              "completion_mask": torch.tensor(np.array(mask)), "ref_chosen_logps": ref[:n], "ref_rejected_logps": ref[n:]}
+    inputs = {
+        "input_ids": torch.zeros(mask.shape, dtype=torch.long),
+        "attention_mask": torch.ones(mask.shape),
+        "completion_mask": torch.tensor(np.array(mask)),
+        "ref_chosen_logps": ref[:n],
+        "ref_rejected_logps": ref[n:],
+    }
     return float(trl.DPOTrainer._compute_loss(fake, fake.model, inputs, return_outputs=False))
 
 
@@ -131,8 +166,17 @@ def test_dpo_label_smoothing_matches_trl(tiny_model_dir):
     n = tokens.shape[0] // 2
     for eps in (0.1, 0.3):
         ours, count, _ = dpo_loss(model, tokens, mask, reference, beta=0.2, label_smoothing=eps)
-        theirs = [_trl_dpo_loss(per_token[[i, n + i]], np.array(mask)[[i, n + i]], np.array(reference)[[i, n + i]],
-                                loss_type="aot", beta=0.2, label_smoothing=eps) for i in range(n)]
+        theirs = [
+            _trl_dpo_loss(
+                per_token[[i, n + i]],
+                np.array(mask)[[i, n + i]],
+                np.array(reference)[[i, n + i]],
+                loss_type="aot",
+                beta=0.2,
+                label_smoothing=eps,
+            )
+            for i in range(n)
+        ]
         assert abs(ours.item() / count.item() - float(np.mean(theirs))) <= 1e-5
         plain, _, _ = dpo_loss(model, tokens, mask, reference, beta=0.2)
         assert abs(ours.item() - plain.item()) > 1e-3  # the smoothing did something
@@ -163,16 +207,19 @@ def test_orpo_odds_ratio_matches_trl(tiny_model_dir):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("row,message", [
-    ({"prompt": "q", "chosen": "a"}, "no 'rejected'"),
-    ({"chosen": "a", "rejected": "b"}, "no 'prompt'"),
-    ({"prompt": "q", "chosen": "a", "rejected": "a"}, "are the same answer"),
-    ({"prompt": "q", "chosen": "  ", "rejected": "b"}, "'chosen' is empty"),
-    ({"prompt": "q", "chosen": "a", "rejected": 3}, "'rejected' must be a string or a list of messages, got int"),
-    ({"prompt": 7, "chosen": "a", "rejected": "b"}, "'prompt' must be a string or a list of messages"),
-    ({"prompt": "q", "chosen": "a", "rejected": "b", "system": ["x"]}, "'system' must be a string"),
-    ({"prompt": [], "chosen": "a", "rejected": "b"}, "non-empty list"),
-])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"prompt": "q", "chosen": "a"}, "no 'rejected'"),
+        ({"chosen": "a", "rejected": "b"}, "no 'prompt'"),
+        ({"prompt": "q", "chosen": "a", "rejected": "a"}, "are the same answer"),
+        ({"prompt": "q", "chosen": "  ", "rejected": "b"}, "'chosen' is empty"),
+        ({"prompt": "q", "chosen": "a", "rejected": 3}, "'rejected' must be a string or a list of messages, got int"),
+        ({"prompt": 7, "chosen": "a", "rejected": "b"}, "'prompt' must be a string or a list of messages"),
+        ({"prompt": "q", "chosen": "a", "rejected": "b", "system": ["x"]}, "'system' must be a string"),
+        ({"prompt": [], "chosen": "a", "rejected": "b"}, "non-empty list"),
+    ],
+)
 def test_bad_preference_rows_name_file_and_line(tmp_path, row, message):
     path = write_jsonl(tmp_path / "train.jsonl", [pairs(1)[0], row])
     with pytest.raises(UserError) as err:
@@ -185,13 +232,19 @@ def test_message_list_rows_render_through_the_chat_template(tiny_model_dir):
     from mlx_lm import load
 
     _, tokenizer = load(str(tiny_model_dir))
-    rows = [{"prompt": [{"role": "user", "content": "2 + 2?"}], "system": "Be brief.",
-             "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "2 + 2?"}],
+            "system": "Be brief.",
+            "chosen": [{"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "assistant", "content": "5"}],
+        }
+    ]
     assert detect_format(rows[0], "x") == "preference"
     split = tokenize_split(rows, tokenizer, mask_prompt=False, max_seq_length=512, name="train", preference=True)
     pair = split.examples[0]
     for example, answer in ((pair.chosen, "4"), (pair.rejected, "5")):
-        (start, end), = example.target_positions()
+        ((start, end),) = example.target_positions()
         text = tokenizer.decode(example.tokens[start:end])
         assert text.startswith(answer) and "Be brief" not in text and "2 + 2" not in text
         assert "Be brief" in tokenizer.decode(example.tokens[:start])  # the system prompt is in the context
@@ -244,8 +297,9 @@ def test_gmt_at_ratio_zero_is_full_bit_for_bit(tiny_model_dir, pref_data, tmp_pa
     b = finetune(config(tiny_model_dir, pref_data, tmp_path / "full", train_mode=mode, method="full", iters=3), **QUIET)
     wa, wb = weights(a.model), weights(b.model)
     assert all(np.array_equal(wa[k], wb[k]) for k in wa)
-    assert records(tmp_path / "gmt", "train") and [r["loss"] for r in records(tmp_path / "gmt", "train")] == \
-        [r["loss"] for r in records(tmp_path / "full", "train")]
+    assert records(tmp_path / "gmt", "train") and [r["loss"] for r in records(tmp_path / "gmt", "train")] == [
+        r["loss"] for r in records(tmp_path / "full", "train")
+    ]
 
 
 def test_the_mask_applies_to_the_preference_gradient(tiny_model_dir, pref_data, tmp_path):
@@ -254,11 +308,21 @@ def test_the_mask_applies_to_the_preference_gradient(tiny_model_dir, pref_data, 
     assert all(0 < k < 0.6 for k in kept), kept  # ratio 0.5 of the non-zero entries
 
 
-@pytest.mark.parametrize("method", ["lora", pytest.param("dora", marks=pytest.mark.slow),
-                                    pytest.param("random", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "method", ["lora", pytest.param("dora", marks=pytest.mark.slow), pytest.param("random", marks=pytest.mark.slow)]
+)
 def test_every_method_trains_with_dpo(tiny_model_dir, pref_data, tmp_path, method):
-    result = finetune(config(tiny_model_dir, pref_data, tmp_path / method, method=method, iters=6,
-                             learning_rate=1e-2 if method in ("lora", "dora") else 1e-3), **QUIET)
+    result = finetune(
+        config(
+            tiny_model_dir,
+            pref_data,
+            tmp_path / method,
+            method=method,
+            iters=6,
+            learning_rate=1e-2 if method in ("lora", "dora") else 1e-3,
+        ),
+        **QUIET,
+    )
     evals = records(tmp_path / method, "eval")
     assert abs(evals[0]["val_loss"] - math.log(2)) <= 1e-4
     assert evals[-1]["val_loss"] < evals[0]["val_loss"], evals
@@ -276,8 +340,18 @@ def test_orpo_trains_without_a_reference(tiny_model_dir, pref_data, tmp_path):
 @pytest.mark.slow
 def test_accumulation_equals_the_bigger_batch(tiny_model_dir, pref_data, tmp_path):
     one = finetune(config(tiny_model_dir, pref_data, tmp_path / "b8", batch_size=8, iters=3, optimizer="sgd"), **QUIET)
-    two = finetune(config(tiny_model_dir, pref_data, tmp_path / "b4x2", batch_size=4, grad_accumulation_steps=2,
-                          iters=3, optimizer="sgd"), **QUIET)
+    two = finetune(
+        config(
+            tiny_model_dir,
+            pref_data,
+            tmp_path / "b4x2",
+            batch_size=4,
+            grad_accumulation_steps=2,
+            iters=3,
+            optimizer="sgd",
+        ),
+        **QUIET,
+    )
     wa, wb = weights(one.model), weights(two.model)
     worst = max(float(np.abs(wa[k] - wb[k]).max() / (np.abs(wa[k]).max() + 1e-12)) for k in wa)
     assert worst <= 1e-5
@@ -289,11 +363,41 @@ def test_accumulation_equals_the_bigger_batch(tiny_model_dir, pref_data, tmp_pat
 def test_resume_reuses_the_reference_and_refuses_changed_data(tiny_model_dir, pref_data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     uninterrupted = finetune(config(tiny_model_dir, pref_data, tmp_path / "whole"), **QUIET)
-    monkeypatch.setattr(ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:3" else None)
-    result = runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(pref_data), "--out", str(run),
-                                 "--train-mode", "dpo", "--mask-ratio", "0.5", "--iters", "6", "--batch-size", "4",
-                                 "--learning-rate", "1e-3", "--steps-per-eval", "3", "--steps-per-save", "3",
-                                 "--steps-per-report", "1", "--samples", "0", "--seed", "1"])
+    monkeypatch.setattr(
+        ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:3" else None
+    )
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(pref_data),
+            "--out",
+            str(run),
+            "--train-mode",
+            "dpo",
+            "--mask-ratio",
+            "0.5",
+            "--iters",
+            "6",
+            "--batch-size",
+            "4",
+            "--learning-rate",
+            "1e-3",
+            "--steps-per-eval",
+            "3",
+            "--steps-per-save",
+            "3",
+            "--steps-per-report",
+            "1",
+            "--samples",
+            "0",
+            "--seed",
+            "1",
+        ],
+    )
     assert result.exit_code != 0 and "interrupted at step 3" in result.output
     monkeypatch.setattr(ckpt, "fault", lambda point: None)
     stored = (run / REFERENCE_FILE).read_bytes()
@@ -318,7 +422,9 @@ def test_resume_reuses_the_reference_and_refuses_changed_data(tiny_model_dir, pr
 @pytest.mark.parametrize("damage", ["delete", "garble"])
 def test_missing_or_damaged_reference_is_refused_on_resume(tiny_model_dir, pref_data, tmp_path, monkeypatch, damage):
     run = tmp_path / "run"
-    monkeypatch.setattr(ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:3" else None)
+    monkeypatch.setattr(
+        ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:3" else None
+    )
     with pytest.raises(Exception):
         finetune(config(tiny_model_dir, pref_data, run), **QUIET)
     monkeypatch.setattr(ckpt, "fault", lambda point: None)
@@ -333,8 +439,15 @@ def test_missing_or_damaged_reference_is_refused_on_resume(tiny_model_dir, pref_
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dpo", "orpo"])
 def test_sigkill_and_resume_is_bit_for_bit(tiny_model_dir, pref_data, tmp_path, mode):
-    problems = kill_and_resume(str(tiny_model_dir), str(pref_data), tmp_path, method="gmt", iters=8, save_every=3,
-                               extra=["--train-mode", mode, "--learning-rate", "1e-3", "--mask-ratio", "0.5"])
+    problems = kill_and_resume(
+        str(tiny_model_dir),
+        str(pref_data),
+        tmp_path,
+        method="gmt",
+        iters=8,
+        save_every=3,
+        extra=["--train-mode", mode, "--learning-rate", "1e-3", "--mask-ratio", "0.5"],
+    )
     assert problems == []
 
 
@@ -370,10 +483,36 @@ def test_eval_reports_preference_accuracy(tiny_model_dir, pref_data, tmp_path):
 @pytest.mark.slow
 def test_compare_runs_every_method_on_dpo(tiny_model_dir, pref_data, tmp_path):
     out = tmp_path / "cmp"
-    result = runner.invoke(app, ["compare", "--model", str(tiny_model_dir), "--data", str(pref_data), "--out", str(out),
-                                 "--train-mode", "dpo", "--methods", "full,gmt,random,lora,dora", "--mask-ratios", "0.5",
-                                 "--iters", "4", "--batch-size", "4", "--learning-rates", "full=1e-3,gmt=1e-3,random=1e-3,lora=1e-2,dora=1e-2",
-                                 "--eval-limit", "2", "--max-tokens", "4", "--samples", "0"])
+    result = runner.invoke(
+        app,
+        [
+            "compare",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(pref_data),
+            "--out",
+            str(out),
+            "--train-mode",
+            "dpo",
+            "--methods",
+            "full,gmt,random,lora,dora",
+            "--mask-ratios",
+            "0.5",
+            "--iters",
+            "4",
+            "--batch-size",
+            "4",
+            "--learning-rates",
+            "full=1e-3,gmt=1e-3,random=1e-3,lora=1e-2,dora=1e-2",
+            "--eval-limit",
+            "2",
+            "--max-tokens",
+            "4",
+            "--samples",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert [r["group"] for r in results["rows"]] == ["full", "gmt r=0.5", "random r=0.5", "lora", "dora"]
@@ -394,12 +533,22 @@ def test_two_ranks_match_one_on_dpo(tiny_model_dir, pref_data, tmp_path):
     if not Path(LAUNCH).exists():
         pytest.skip("mlx.launch not installed")
     cases = [("dpo", "gmt"), ("orpo", "gmt"), ("dpo", "lora")]
-    jobs = [{"config": config(tiny_model_dir, pref_data, tmp_path / f"two-{mode}-{method}", train_mode=mode,
-                              method=method, iters=4).to_dict()} for mode, method in cases]
+    jobs = [
+        {
+            "config": config(
+                tiny_model_dir, pref_data, tmp_path / f"two-{mode}-{method}", train_mode=mode, method=method, iters=4
+            ).to_dict()
+        }
+        for mode, method in cases
+    ]
     launched = launch(jobs, tmp_path)
     for mode, method in cases:
-        finetune(config(tiny_model_dir, pref_data, tmp_path / f"one-{mode}-{method}", train_mode=mode, method=method,
-                        iters=4), **QUIET)
+        finetune(
+            config(
+                tiny_model_dir, pref_data, tmp_path / f"one-{mode}-{method}", train_mode=mode, method=method, iters=4
+            ),
+            **QUIET,
+        )
         two = tmp_path / f"two-{mode}-{method}"
         assert (two / "model").is_dir(), launched.stdout[-2000:] + launched.stderr[-2000:]
         a, b = saved_weights(tmp_path / f"one-{mode}-{method}"), saved_weights(two)
@@ -415,16 +564,35 @@ def test_two_ranks_match_one_on_dpo(tiny_model_dir, pref_data, tmp_path):
         np.testing.assert_allclose([r["val_loss"] for r in one_val], [r["val_loss"] for r in two_val], rtol=1e-5)
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--beta", "0"], "--beta must be positive, got 0.0"),
-    (["--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5), got 0.5"),
-    (["--label-smoothing", "0.1", "--dpo-loss", "ipo"], "--label-smoothing applies to --dpo-loss sigmoid only, not ipo"),
-    (["--orpo-lambda", "-1"], "--orpo-lambda must be 0 or more, got -1.0"),
-    (["--train-mode", "kto"], "kto"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--beta", "0"], "--beta must be positive, got 0.0"),
+        (["--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5), got 0.5"),
+        (
+            ["--label-smoothing", "0.1", "--dpo-loss", "ipo"],
+            "--label-smoothing applies to --dpo-loss sigmoid only, not ipo",
+        ),
+        (["--orpo-lambda", "-1"], "--orpo-lambda must be 0 or more, got -1.0"),
+        (["--train-mode", "kto"], "kto"),
+    ],
+)
 def test_bad_objective_options(tiny_model_dir, pref_data, tmp_path, extra, message):
-    result = runner.invoke(app, ["finetune", "--model", str(tiny_model_dir), "--data", str(pref_data),
-                                 "--out", str(tmp_path / "run"), "--train-mode", "dpo", *extra])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(pref_data),
+            "--out",
+            str(tmp_path / "run"),
+            "--train-mode",
+            "dpo",
+            *extra,
+        ],
+    )
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
 
@@ -450,11 +618,15 @@ def test_drawn_indices_are_what_the_batches_draw():
 def test_a_short_run_computes_the_reference_of_the_pairs_it_draws(tiny_model_dir, pref_data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     lines = []
-    monkeypatch.setattr(ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:3" else None)
+    monkeypatch.setattr(
+        ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:3" else None
+    )
     with pytest.raises(Exception):
         finetune(config(tiny_model_dir, pref_data, run, iters=4), log=lines.append)
     monkeypatch.setattr(ckpt, "fault", lambda point: None)
-    assert any("reference  log-probabilities of the step-0 model: 16 train, 8 valid pairs" in line for line in lines), lines
+    assert any("reference  log-probabilities of the step-0 model: 16 train, 8 valid pairs" in line for line in lines), (
+        lines
+    )
     stored = json.loads((run / REFERENCE_FILE).read_text())["splits"]["train"]["logps"]
     assert sum(row == [None, None] for row in stored) == 16
     # A longer run (forced onto the same dir) would draw pairs without a reference: refused, nothing written.

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gmt_mlx.data.encoding import chat_ids
+from gmt_mlx.models.loading import load_base
 from gmt_mlx.objectives.grpo.rollouts import (
     KeyedSampler,
     Rollouts,
@@ -23,7 +24,6 @@ from gmt_mlx.objectives.grpo.rollouts import (
     sample_rollouts,
     stop_token_ids,
 )
-from gmt_mlx.models.loading import load_base
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_bigram_logps_are_the_tables(tiny):
     for row, (prompt, completion) in enumerate(zip(out.prompt_ids, out.completion_ids)):
         previous = [prompt[-1]] + completion[:-1]
         np.testing.assert_allclose(got[row, : len(completion)], table[previous, completion], atol=1e-5)
-        assert np.all(got[row, len(completion):] == 0)
+        assert np.all(got[row, len(completion) :] == 0)
 
 
 def test_groups_are_consecutive_and_prompts_unpadded(tiny, prompts):
@@ -201,11 +201,20 @@ def test_draws_are_mlx_lms_own_from_the_same_seed(tiny, prompts, top_p):
     from mlx_lm.sample_utils import make_sampler
 
     model, tokenizer = tiny
-    ours = sample_rollouts(model, tokenizer, prompts, num_generations=2, temperature=1.2, top_p=top_p,
-                           max_completion_length=10, key=4)
+    ours = sample_rollouts(
+        model, tokenizer, prompts, num_generations=2, temperature=1.2, top_p=top_p, max_completion_length=10, key=4
+    )
     mx.random.seed(4)
-    theirs = batch_generate(model, tokenizer, ours.prompt_ids, max_tokens=10, sampler=make_sampler(1.2, top_p),
-                            prefill_batch_size=len(ours), completion_batch_size=len(ours), return_token_ids=True)
+    theirs = batch_generate(
+        model,
+        tokenizer,
+        ours.prompt_ids,
+        max_tokens=10,
+        sampler=make_sampler(1.2, top_p),
+        prefill_batch_size=len(ours),
+        completion_batch_size=len(ours),
+        return_token_ids=True,
+    )
     assert [c if cut else c[:-1] for c, cut in zip(ours.completion_ids, ours.truncated)] == theirs.token_ids
 
 
@@ -214,20 +223,24 @@ def test_smaller_decode_batches_keep_groups_and_determinism(tiny, prompts):
     greedy ids as in one batch, sampled ids a function of the key."""
     model, tokenizer = tiny
     whole = sample_rollouts(model, tokenizer, prompts, num_generations=2, temperature=0.0, max_completion_length=6)
-    parts = sample_rollouts(model, tokenizer, prompts, num_generations=2, temperature=0.0, max_completion_length=6,
-                            batch_size=2)
+    parts = sample_rollouts(
+        model, tokenizer, prompts, num_generations=2, temperature=0.0, max_completion_length=6, batch_size=2
+    )
     assert parts.prompt_ids == whole.prompt_ids and parts.completion_ids == whole.completion_ids
     options = dict(num_generations=2, temperature=1.0, max_completion_length=6, key=9, batch_size=4)
-    assert (sample_rollouts(model, tokenizer, prompts, **options).completion_ids
-            == sample_rollouts(model, tokenizer, prompts, **options).completion_ids)
+    assert (
+        sample_rollouts(model, tokenizer, prompts, **options).completion_ids
+        == sample_rollouts(model, tokenizer, prompts, **options).completion_ids
+    )
 
 
 def test_greedy_uses_no_key_and_tiny_top_p_is_greedy(tiny, prompts):
     model, tokenizer = tiny
     greedy = sample_rollouts(model, tokenizer, prompts, num_generations=1, temperature=0.0, max_completion_length=6)
     assert key_state(greedy.next_key) == key_state(greedy.key)
-    nucleus = sample_rollouts(model, tokenizer, prompts, num_generations=1, temperature=1.0, top_p=1e-6,
-                              max_completion_length=6, key=1)
+    nucleus = sample_rollouts(
+        model, tokenizer, prompts, num_generations=1, temperature=1.0, top_p=1e-6, max_completion_length=6, key=1
+    )
     assert nucleus.completion_ids == greedy.completion_ids
 
 
@@ -241,8 +254,9 @@ def test_uneven_prompts_change_neither_ids_nor_logps(tiny, prompts):
         assert completion == greedy_step_by_step(model, prompt, stops, 8)
     batch_logps = np.array(rollout_logps(model, batch, pad_id=tokenizer.pad_token_id))
     for row in range(len(prompts)):
-        alone = Rollouts([batch.prompt_ids[row]], [batch.completion_ids[row]], [batch.truncated[row]], 1,
-                         batch.key, batch.next_key)
+        alone = Rollouts(
+            [batch.prompt_ids[row]], [batch.completion_ids[row]], [batch.truncated[row]], 1, batch.key, batch.next_key
+        )
         alone_logps = np.array(rollout_logps(model, alone, pad_id=tokenizer.pad_token_id))[0]
         n = len(batch.completion_ids[row])
         np.testing.assert_allclose(batch_logps[row, :n], alone_logps[:n], atol=1e-5)
@@ -252,15 +266,17 @@ def test_logps_match_a_step_by_step_forward(tiny, prompts):
     """One forward over prompt + completion gives what generation's own token-by-token pass gives,
     for sampled (temperature 1.3, top-p 0.95) completions: log-probs at temperature 1, with the prompt."""
     model, tokenizer = tiny
-    out = sample_rollouts(model, tokenizer, prompts, num_generations=2, temperature=1.3, top_p=0.95,
-                          max_completion_length=7, key=2)
+    out = sample_rollouts(
+        model, tokenizer, prompts, num_generations=2, temperature=1.3, top_p=0.95, max_completion_length=7, key=2
+    )
     logps = rollout_logps(model, out, pad_id=tokenizer.pad_token_id)
     mask = np.array(out.completion_mask())
     assert logps.shape == mask.shape == (6, max(out.completion_lengths))
     got = np.array(logps)
     for row, (prompt, completion) in enumerate(zip(out.prompt_ids, out.completion_ids)):
-        np.testing.assert_allclose(got[row, : len(completion)], step_by_step_logps(model, prompt, completion),
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            got[row, : len(completion)], step_by_step_logps(model, prompt, completion), atol=1e-4
+        )
         assert mask[row].sum() == len(completion) and np.all(got[row][mask[row] == 0] == 0)
 
 
@@ -290,8 +306,10 @@ def test_keyed_sampler_splits_once_per_step():
     assert key_state(sampler.key) == key_state(mx.random.split(mx.random.key(0))[0])
 
 
-@pytest.mark.parametrize("options", [dict(num_generations=0), dict(max_completion_length=0), dict(temperature=-1.0),
-                                     dict(top_p=0.0), dict(top_p=1.5)])
+@pytest.mark.parametrize(
+    "options",
+    [dict(num_generations=0), dict(max_completion_length=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)],
+)
 def test_bad_options_are_refused(tiny, options):
     model, tokenizer = tiny
     settings = dict(num_generations=1, max_completion_length=4) | options
@@ -309,5 +327,7 @@ def test_the_pad_id_changes_nothing_even_when_it_is_the_stop_token(tiny, prompts
     model, tokenizer = tiny
     out = sample_rollouts(model, tokenizer, prompts, num_generations=2, max_completion_length=6, key=1)
     eos = stop_token_ids(tokenizer)[0]
-    np.testing.assert_array_equal(np.array(rollout_logps(model, out, pad_id=eos)),
-                                  np.array(rollout_logps(model, out, pad_id=tokenizer.pad_token_id)))
+    np.testing.assert_array_equal(
+        np.array(rollout_logps(model, out, pad_id=eos)),
+        np.array(rollout_logps(model, out, pad_id=tokenizer.pad_token_id)),
+    )

@@ -33,6 +33,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- pure parts
 
+
 @pytest.mark.parametrize(
     "path, kind",
     [
@@ -145,9 +146,20 @@ def test_preload_environment_gfortran_shim(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------ this process
 
+
 def test_blas_info_sane():
     info = blas.blas_info(measure=True)
-    for key in ("platform", "machine", "mlx_version", "library", "kind", "is_reference", "reexecuted", "gflops", "error"):
+    for key in (
+        "platform",
+        "machine",
+        "mlx_version",
+        "library",
+        "kind",
+        "is_reference",
+        "reexecuted",
+        "gflops",
+        "error",
+    ):
         assert key in info
     assert info["kind"] in {"reference", "openblas", "mkl", "blis", "accelerate", "unknown"}
     assert info["is_reference"] == (info["kind"] == "reference")
@@ -160,6 +172,7 @@ def test_blas_info_sane():
 
 # -------------------------------------------------- maybe_reexec, in process
 
+
 class _Exec:
     def __init__(self):
         self.calls = []
@@ -170,7 +183,9 @@ class _Exec:
 
 def _fake_linux(monkeypatch, kind="reference", cand=CAND, check=(True, "ok", {})):
     monkeypatch.setattr(sys, "platform", "linux")
-    monkeypatch.setattr(blas, "blas_info", lambda measure=False: {"kind": kind, "library": "/x/libblas.so.3", "error": None})
+    monkeypatch.setattr(
+        blas, "blas_info", lambda measure=False: {"kind": kind, "library": "/x/libblas.so.3", "error": None}
+    )
     monkeypatch.setattr(blas, "find_optimized_blas", lambda env=None: cand)
     monkeypatch.setattr(blas, "check_blas", lambda lib, env=None, timeout=0: check)
     monkeypatch.setattr(blas, "preload_environment", lambda lib, env=None: {"LD_PRELOAD": str(lib)})
@@ -243,6 +258,7 @@ def test_exec_failure_is_swallowed(monkeypatch):
 
 
 # ------------------------------------------------- real subprocess checks
+
 
 @pytest.mark.skipif(not LINUX, reason="LD_PRELOAD mechanism is Linux-only")
 def test_check_rejects_a_library_mlx_does_not_bind(tmp_path):
@@ -338,8 +354,18 @@ def test_end_to_end_reexec_in_subprocess(tmp_path):
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
 
     def run(e):
-        return json.loads(subprocess.run([sys.executable, str(script), "a", "b c"], env=e, capture_output=True,
-                                         text=True, timeout=180, check=True).stdout.strip().splitlines()[-1])
+        return json.loads(
+            subprocess.run(
+                [sys.executable, str(script), "a", "b c"],
+                env=e,
+                capture_output=True,
+                text=True,
+                timeout=180,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
 
     out = run(env)
     assert out["argv"] == ["a", "b c"]

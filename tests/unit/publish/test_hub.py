@@ -28,8 +28,26 @@ def data(tmp_path_factory):
 
 
 def finetune(base, data, out, *extra):
-    result = cli("finetune", "--model", base, "--data", data, "--out", out, "--iters", "4", "--learning-rate", "1e-3",
-                 "--steps-per-eval", "2", "--steps-per-report", "2", "--mask-ratio", "0.5", *extra)
+    result = cli(
+        "finetune",
+        "--model",
+        base,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--iters",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--steps-per-eval",
+        "2",
+        "--steps-per-report",
+        "2",
+        "--mask-ratio",
+        "0.5",
+        *extra,
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -74,7 +92,9 @@ def hf_api(monkeypatch):
         folder = kwargs["folder_path"]
         from pathlib import Path
 
-        uploaded.update({p.relative_to(folder).as_posix(): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()})
+        uploaded.update(
+            {p.relative_to(folder).as_posix(): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+        )
         return api.upload_folder.return_value
 
     api.upload_folder.side_effect = upload_folder
@@ -177,7 +197,10 @@ def test_push_calls_the_hub_exactly(exported, hf_api, tmp_path):
     api.create_repo.assert_called_once_with(repo_id=REPO, private=False, exist_ok=True, repo_type="model")
     api.create_branch.assert_not_called()
     api.upload_folder.assert_called_once_with(
-        repo_id=REPO, folder_path=str(folder), repo_type="model", revision=None,
+        repo_id=REPO,
+        folder_path=str(folder),
+        repo_type="model",
+        revision=None,
         commit_message="Upload model with gmt-mlx",
     )
     assert sorted(api.uploaded) == sorted(p.name for p in out.iterdir())
@@ -263,14 +286,17 @@ def http_error(status, message):
     return HfHubHTTPError(message, response=response, server_message=message)
 
 
-@pytest.mark.parametrize("status,fragments", [
-    (401, ["401 Unauthorized", "HF_TOKEN", "hf auth login"]),
-    (403, ["403 Forbidden", REPO, "write access"]),
-    (404, ["not found (404)", REPO]),
-    (400, ["refused", "(400)", "Invalid token ***"]),
-    (429, ["429", "rerun"]),
-    (503, ["Hub failed", "503", "rerun"]),
-])
+@pytest.mark.parametrize(
+    "status,fragments",
+    [
+        (401, ["401 Unauthorized", "HF_TOKEN", "hf auth login"]),
+        (403, ["403 Forbidden", REPO, "write access"]),
+        (404, ["not found (404)", REPO]),
+        (400, ["refused", "(400)", "Invalid token ***"]),
+        (429, ["429", "rerun"]),
+        (503, ["Hub failed", "503", "rerun"]),
+    ],
+)
 def test_hub_http_errors_are_one_line(exported, hf_api, status, fragments):
     _, out = exported
     hf_api.return_value.create_repo.side_effect = http_error(status, f"Invalid token {TOKEN} for this repo")
@@ -331,19 +357,37 @@ def test_finetune_push_to_hub(tiny_model_dir, data, hf_api, tmp_path):
 
 
 def test_finetune_push_checks_token_and_repo_before_training(tiny_model_dir, data, hf_api, monkeypatch, tmp_path):
-    assert_clean_error(cli("finetune", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "r1",
-                           "--push-to-hub", "bad repo"), "bad repo id")
+    assert_clean_error(
+        cli(
+            "finetune", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "r1", "--push-to-hub", "bad repo"
+        ),
+        "bad repo id",
+    )
     no_token(monkeypatch, tmp_path)
-    assert_clean_error(cli("finetune", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "r2",
-                           "--push-to-hub", REPO), "--push-to-hub", "no Hugging Face token")
+    assert_clean_error(
+        cli("finetune", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "r2", "--push-to-hub", REPO),
+        "--push-to-hub",
+        "no Hugging Face token",
+    )
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
     hf_api.assert_not_called()
 
 
 def test_finetune_push_failure_says_how_to_retry(tiny_model_dir, data, hf_api, tmp_path):
     hf_api.return_value.create_repo.side_effect = http_error(403, "forbidden")
-    result = cli("finetune", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "run", "--iters", "2",
-                 "--push-to-hub", REPO)
+    result = cli(
+        "finetune",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--iters",
+        "2",
+        "--push-to-hub",
+        REPO,
+    )
     assert result.exit_code == 2
     last = result.output.strip().splitlines()[-1]
     assert "403 Forbidden" in last and f"gmt-mlx push {tmp_path / 'run'} --repo {REPO}" in last

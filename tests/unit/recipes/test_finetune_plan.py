@@ -72,10 +72,34 @@ def test_new_checkpoints_resume_with_accumulation(tmp_path):
 def test_full_run_resumes_under_a_yaml_with_another_mask_ratio(tiny_model_dir, chat_data, tmp_path, monkeypatch):
     """End to end: --method full (stored as sft), Ctrl-C, then --resume with a YAML that sets mask_ratio."""
     out = tmp_path / "run"
-    first = ["finetune", "--model", str(tiny_model_dir), "--data", str(chat_data), "--out", str(out), "--iters", "4",
-             "--learning-rate", "1e-3", "--steps-per-save", "2", "--steps-per-eval", "3", "--samples", "0",
-             "--method", "full", "--optimizer", "sgd", "--momentum", "0.5"]
-    monkeypatch.setattr(ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:2" else None)
+    first = [
+        "finetune",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(chat_data),
+        "--out",
+        str(out),
+        "--iters",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--steps-per-save",
+        "2",
+        "--steps-per-eval",
+        "3",
+        "--samples",
+        "0",
+        "--method",
+        "full",
+        "--optimizer",
+        "sgd",
+        "--momentum",
+        "0.5",
+    ]
+    monkeypatch.setattr(
+        ckpt, "fault", lambda point: os.kill(os.getpid(), signal.SIGINT) if point == "after-step:2" else None
+    )
     assert runner.invoke(app, first).exit_code == 130
     monkeypatch.setattr(ckpt, "fault", lambda point: None)
     saved = yaml.safe_load((out / rundir.CONFIG_FILE).read_text())
@@ -84,8 +108,11 @@ def test_full_run_resumes_under_a_yaml_with_another_mask_ratio(tiny_model_dir, c
 
     built = {}
     real = run_setup.build_optimizer
-    monkeypatch.setattr(run_setup, "build_optimizer",
-                        lambda options, *a, **k: built.update(vars(options), **k) or real(options, *a, **k))
+    monkeypatch.setattr(
+        run_setup,
+        "build_optimizer",
+        lambda options, *a, **k: built.update(vars(options), **k) or real(options, *a, **k),
+    )
     (tmp_path / "other.yaml").write_text("mask_ratio: 0.7\nmask_target: update\nlora_rank: 4\n")
     resumed = runner.invoke(app, ["finetune", "--resume", str(out), "-c", str(tmp_path / "other.yaml")])
     assert resumed.exit_code == 0, resumed.output

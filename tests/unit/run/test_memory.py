@@ -3,22 +3,46 @@
 from gmt_mlx.config import Config
 from gmt_mlx.run.memory import Footprint, advice, estimate
 
-CONFIG = {"hidden_size": 1536, "num_hidden_layers": 28, "intermediate_size": 8960, "num_attention_heads": 12,
-          "vocab_size": 49152}
+CONFIG = {
+    "hidden_size": 1536,
+    "num_hidden_layers": 28,
+    "intermediate_size": 8960,
+    "num_attention_heads": 12,
+    "vocab_size": 49152,
+}
 N, LARGEST, BLOCK, OUTER = 1_385_838_080, 49152 * 1536, 46_797_824, 49152 * 1536 + 1536
 
 
 def _estimate(**kw):
     """The estimate for these values: Footprint's, the step's and Config fields (masked: gmt, else sft)."""
-    values = dict(weight_bytes=N * 2, trainable=N, batch_size=1, seq_len=64, masked=True, largest=LARGEST,
-                  block=BLOCK, outer=OUTER, train_dtype="bfloat16", moments="8bit", grad_clip=0.0)
+    values = dict(
+        weight_bytes=N * 2,
+        trainable=N,
+        batch_size=1,
+        seq_len=64,
+        masked=True,
+        largest=LARGEST,
+        block=BLOCK,
+        outer=OUTER,
+        train_dtype="bfloat16",
+        moments="8bit",
+        grad_clip=0.0,
+    )
     values.update(kw)
     footprint = Footprint(**{k: values.pop(k) for k in list(values) if k in Footprint.__dataclass_fields__})
     step = {k: values.pop(k) for k in ("seq_len", "rollout_rows", "rollout_tokens", "reference_bytes") if k in values}
     rows = values.pop("batch_size")
     config = Config(method="gmt" if values.pop("masked") else "sft", **values)
-    return estimate(CONFIG, footprint, batch_rows=rows, optim=config.optim, precision=config.precision,
-                    memory=config.memory, mask=config.mask, **step)
+    return estimate(
+        CONFIG,
+        footprint,
+        batch_rows=rows,
+        optim=config.optim,
+        precision=config.precision,
+        memory=config.memory,
+        mask=config.mask,
+        **step,
+    )
 
 
 def test_state_follows_the_moment_storage():
@@ -63,14 +87,20 @@ def test_fused_step_holds_the_whole_gradient_with_or_without_clipping():
 
 def test_fused_step_counts_the_larger_of_gradients_and_activations():
     small, large = _estimate(batch_size=1), _estimate(batch_size=64, seq_len=1024)
-    assert small.activations < small.gradients and small.total == small.weights + small.optimizer + \
-        small.masking + small.gradients
-    assert large.activations > large.gradients and large.total == large.weights + large.optimizer + \
-        large.masking + large.activations
+    assert (
+        small.activations < small.gradients
+        and small.total == small.weights + small.optimizer + small.masking + small.gradients
+    )
+    assert (
+        large.activations > large.gradients
+        and large.total == large.weights + large.optimizer + large.masking + large.activations
+    )
     # Per layer both are held.
     per_layer = _estimate(update_per_layer=True)
-    assert per_layer.total == per_layer.weights + per_layer.optimizer + per_layer.masking + per_layer.gradients + \
-        per_layer.activations
+    assert (
+        per_layer.total
+        == per_layer.weights + per_layer.optimizer + per_layer.masking + per_layer.gradients + per_layer.activations
+    )
 
 
 def test_compact_update_in_flight_by_storage():
@@ -115,7 +145,9 @@ def test_grpo_rollouts_kv_cache_and_reference_weights():
     grpo = _estimate(update_per_layer=True, rollout_rows=32, rollout_tokens=512)
     assert grpo.rollouts == kv
     # Sampled before the step: the larger of the cache and the step's gradients and activations counts.
-    assert grpo.total == plain.total - plain.gradients - plain.activations + max(kv, plain.gradients + plain.activations)
+    assert grpo.total == plain.total - plain.gradients - plain.activations + max(
+        kv, plain.gradients + plain.activations
+    )
     small = _estimate(update_per_layer=True, rollout_rows=1, rollout_tokens=64)
     assert small.total == plain.total
     # --beta > 0: the step-0 trainable weights (the caller's bytes: all of them, or LoRA's adapters) are added.
@@ -137,9 +169,18 @@ def test_grpo_estimate_at_start_up_counts_the_reference_only_with_a_kl_term(tiny
             return [20, 30]
 
     def memory(**values):
-        config = resolve(overrides={"model": str(tiny_model_dir), "data": "unused", "memory_check": False,
-                                    "train_mode": "grpo", "num_generations": 4, "batch_size": 2,
-                                    "max_completion_length": 16, **values})
+        config = resolve(
+            overrides={
+                "model": str(tiny_model_dir),
+                "data": "unused",
+                "memory_check": False,
+                "train_mode": "grpo",
+                "num_generations": 4,
+                "batch_size": 2,
+                "max_completion_length": 16,
+                **values,
+            }
+        )
         model, _, model_config, _ = load_base(config.model)
         sizes = prepare_model(model, config)
         trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))

@@ -67,8 +67,9 @@ def test_a_damaged_line_is_named_and_skipped(tmp_path):
     # A record of the run's past must not stop a resume or an export: readers skip it, callers warn.
     (tmp_path / rundir.METRICS_FILE).write_bytes(b'{"type": "train", "step": 1}\nnot json\n\xff\xfe\n{"step": 2}\n')
     assert rundir.read_metrics(tmp_path) == [{"type": "train", "step": 1}, {"step": 2}]
-    assert rundir.damaged_metrics(tmp_path).endswith("metrics.jsonl:2: not a metrics record (damaged line, skipped) "
-                                                     "(and 1 more damaged line)")
+    assert rundir.damaged_metrics(tmp_path).endswith(
+        "metrics.jsonl:2: not a metrics record (damaged line, skipped) (and 1 more damaged line)"
+    )
     rundir.truncate_metrics(tmp_path, 5)
     assert rundir.damaged_metrics(tmp_path) is None and len(rundir.read_metrics(tmp_path)) == 2
 

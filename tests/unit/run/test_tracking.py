@@ -27,9 +27,28 @@ from tests.helpers import runner
 
 
 def args(model, data, out, *extra):
-    return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--iters", "6",
-            "--learning-rate", "1e-3", "--steps-per-save", "2", "--steps-per-eval", "3", "--steps-per-report", "1",
-            "--samples", "0", *map(str, extra)]
+    return [
+        "finetune",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--iters",
+        "6",
+        "--learning-rate",
+        "1e-3",
+        "--steps-per-save",
+        "2",
+        "--steps-per-eval",
+        "3",
+        "--steps-per-report",
+        "1",
+        "--samples",
+        "0",
+        *map(str, extra),
+    ]
 
 
 def ctrl_c():
@@ -74,8 +93,8 @@ def read_events(folder: Path) -> list:
     for path in folder.glob("events.out.tfevents.*"):
         data, events, offset = path.read_bytes(), [], 0
         while offset < len(data):  # uint64 length, uint32 crc, payload, uint32 crc
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            events.append(Event.FromString(data[offset + 12:offset + 12 + length]))
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            events.append(Event.FromString(data[offset + 12 : offset + 12 + length]))
             offset += 12 + length + 4
         files.append(events)
     files.sort(key=lambda events: events[0].wall_time)
@@ -99,7 +118,9 @@ def assert_same_scalars(shown: dict, expected: dict) -> None:
     for tag, points in expected.items():
         assert [s for s, _ in shown[tag]] == [s for s, _ in points], tag  # each step once, in order
         # Event files hold float32.
-        np.testing.assert_array_equal(np.float32([v for _, v in shown[tag]]), np.float32([v for _, v in points]), err_msg=tag)
+        np.testing.assert_array_equal(
+            np.float32([v for _, v in shown[tag]]), np.float32([v for _, v in points]), err_msg=tag
+        )
 
 
 def test_tensorboard_events_hold_the_metrics_and_the_config(tiny_model_dir, chat_data, tmp_path):
@@ -124,10 +145,13 @@ def test_tensorboard_resume_after_ctrl_c_continues_without_duplicates(tiny_model
     assert_same_scalars(tensorboard_scalars(out / "tensorboard", purge=False), expected_scalars(out))
 
 
-def test_tensorboard_resume_after_a_crash_hides_the_steps_logged_past_the_checkpoint(tiny_model_dir, chat_data, tmp_path,
-                                                                                     monkeypatch):
+def test_tensorboard_resume_after_a_crash_hides_the_steps_logged_past_the_checkpoint(
+    tiny_model_dir, chat_data, tmp_path, monkeypatch
+):
     # Step 3 is reported, the newest checkpoint is step 2.
-    out = stop_after_step_3_then_resume(monkeypatch, args(tiny_model_dir, chat_data, tmp_path / "run", "--report-to", "tensorboard"), crash)
+    out = stop_after_step_3_then_resume(
+        monkeypatch, args(tiny_model_dir, chat_data, tmp_path / "run", "--report-to", "tensorboard"), crash
+    )
 
     raw = tensorboard_scalars(out / "tensorboard", purge=False)
     assert [s for s, _ in raw["train/loss"]].count(3) == 2  # step 3 was trained and logged again
@@ -135,13 +159,16 @@ def test_tensorboard_resume_after_a_crash_hides_the_steps_logged_past_the_checkp
 
 
 def test_tracker_added_on_resume_gets_the_earlier_records(tiny_model_dir, chat_data, tmp_path, monkeypatch):
-    out = stop_after_step_3_then_resume(monkeypatch, args(tiny_model_dir, chat_data, tmp_path / "run"), ctrl_c,
-                                        "--report-to", "tensorboard")
+    out = stop_after_step_3_then_resume(
+        monkeypatch, args(tiny_model_dir, chat_data, tmp_path / "run"), ctrl_c, "--report-to", "tensorboard"
+    )
     assert_same_scalars(tensorboard_scalars(out / "tensorboard"), expected_scalars(out))
 
 
 @pytest.mark.parametrize("tracker,module", [("tensorboard", "tensorboardX"), ("wandb", "wandb")])
-def test_missing_extra_is_one_line_with_the_install_command(tiny_model_dir, chat_data, tmp_path, monkeypatch, tracker, module):
+def test_missing_extra_is_one_line_with_the_install_command(
+    tiny_model_dir, chat_data, tmp_path, monkeypatch, tracker, module
+):
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
 
     def no_model(*a, **k):
@@ -153,7 +180,8 @@ def test_missing_extra_is_one_line_with_the_install_command(tiny_model_dir, chat
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [
         f"error: --report-to {tracker} needs the {module} package, which is not installed: "
-        f"pip install 'gmt-mlx[{tracker}]'"]
+        f"pip install 'gmt-mlx[{tracker}]'"
+    ]
     assert not out.exists()
 
 
@@ -162,7 +190,8 @@ def test_unknown_tracker_is_refused_in_one_line(tiny_model_dir, chat_data, tmp_p
     result = runner.invoke(app, args(tiny_model_dir, chat_data, out, "--report-to", "tensorboard,mlflow"))
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        "error: --report-to: unknown tracker 'mlflow'; choose from tensorboard, wandb (comma-separated)"]
+        "error: --report-to: unknown tracker 'mlflow'; choose from tensorboard, wandb (comma-separated)"
+    ]
     assert not out.exists()
 
 
@@ -202,10 +231,14 @@ class FakeWandb(types.ModuleType):
         return run
 
 
-def test_wandb_gets_the_config_and_the_same_scalars_and_resumes_the_same_run(tiny_model_dir, chat_data, tmp_path, monkeypatch):
+def test_wandb_gets_the_config_and_the_same_scalars_and_resumes_the_same_run(
+    tiny_model_dir, chat_data, tmp_path, monkeypatch
+):
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    out = stop_after_step_3_then_resume(monkeypatch, args(tiny_model_dir, chat_data, tmp_path / "run", "--report-to", "wandb"), ctrl_c)
+    out = stop_after_step_3_then_resume(
+        monkeypatch, args(tiny_model_dir, chat_data, tmp_path / "run", "--report-to", "wandb"), ctrl_c
+    )
 
     run_id = (out / "wandb" / "run_id").read_text().strip()
     assert [i["id"] for i in fake.inits] == [run_id, run_id] and all(i["resume"] == "allow" for i in fake.inits)
@@ -227,7 +260,9 @@ def test_wandb_resume_after_a_crash_logs_each_step_once(tiny_model_dir, chat_dat
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     # Step 3 reaches wandb, the newest checkpoint is step 2.
-    out = stop_after_step_3_then_resume(monkeypatch, args(tiny_model_dir, chat_data, tmp_path / "run", "--report-to", "wandb"), crash)
+    out = stop_after_step_3_then_resume(
+        monkeypatch, args(tiny_model_dir, chat_data, tmp_path / "run", "--report-to", "wandb"), crash
+    )
 
     (history,) = fake.history.values()  # one wandb run
     losses = [(step, values["train/loss"]) for step, values in history if "train/loss" in values]
