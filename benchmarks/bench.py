@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """gmt-mlx benchmarks: step time, tokens/s and peak memory, ours against mlx_lm.lora.
 
-    python benchmarks/bench.py                         # every benchmark, tiny llama + SmolLM2-135M (~12-20 min on 2 CPU cores)
+    python benchmarks/bench.py                         # every benchmark, tiny llama + SmolLM2-135M (12-20 min)
     python benchmarks/bench.py --quick                 # tiny llama only (~3 min)
     python benchmarks/bench.py --sections step-ratio   # one benchmark (comma-separate several)
 
@@ -120,7 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument(
         "--before",
         default=harness.BEFORE_COMMIT,
-        help=f"the commit whose masking code the 'before' contenders run (default {harness.BEFORE_COMMIT}, before issue 7)",
+        help=f"the commit whose masking code the 'before' contenders run "
+        f"(default {harness.BEFORE_COMMIT}, before issue 7)",
     )
     args = parser.parse_args(argv)
     harness.BEFORE_COMMIT = args.before

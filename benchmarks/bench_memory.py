@@ -122,9 +122,8 @@ import json, sys
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 rows = [json.loads(l) for l in open(sys.argv[2])]
-print(json.dumps([len(tok.apply_chat_template([{"role": "user", "content": r["prompt"]},
-                                               {"role": "assistant", "content": r["completion"]}], tokenize=True, return_dict=False))
-                  for r in rows]))
+chats = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}] for r in rows]
+print(json.dumps([len(tok.apply_chat_template(chat, tokenize=True, return_dict=False)) for chat in chats]))
 """
 
 
@@ -195,8 +194,8 @@ def run_measured(cmd: list[str], env: dict, log_dir: Path, name: str, timeout: f
     rss_kb = re.search(r"Maximum resident set size \(kbytes\): (\d+)", timing)
     status = re.search(r"Exit status: (-?\d+)", timing)
     killed = re.search(r"Command terminated by signal (\d+)", timing)
-    stderr_lines = [l for l in err.read_text(errors="replace").splitlines() if l.strip()]
-    mlx_peak = [int(l.split()[1]) for l in stderr_lines if l.startswith("BENCH_MLX_PEAK ")]
+    stderr_lines = [line for line in err.read_text(errors="replace").splitlines() if line.strip()]
+    mlx_peak = [int(line.split()[1]) for line in stderr_lines if line.startswith("BENCH_MLX_PEAK ")]
     # The BLAS MLX used: gmt-mlx logs a "blas ..." line, the mlx_lm wrapper a BENCH_BLAS one.
     blas = re.search(
         r"^(?:BENCH_BLAS|\s*blas) +(.+)$",
@@ -217,7 +216,7 @@ def run_measured(cmd: list[str], env: dict, log_dir: Path, name: str, timeout: f
     }
     ok = exit_code == 0 and not killed and not res["timed_out"]
     if not ok:
-        tail = [l for l in stderr_lines if not l.startswith("BENCH_")]
+        tail = [line for line in stderr_lines if not line.startswith("BENCH_")]
         res["last_stderr"] = tail[-1][:400] if tail else ""
     res["ok"] = ok
     return res

@@ -116,7 +116,7 @@ def update_section(
     summed = hasattr(trainer, "accumulate")
 
     def shared():
-        loss, ntoks, _, grads = grad_fn(*batch)
+        loss, ntoks, _, grads = grad_fn(*batch)  # noqa: F821 (the closure's cell; `del batch` below frees it)
         if summed:
             scale = 1.0 / mx.maximum(ntoks, 1.0)
             norm = trainer.global_norm(grads) * scale

@@ -191,7 +191,8 @@ def describe_hub_error(err: BaseException, repo_id: str, revision: Optional[str]
             return f"the Hub refused the upload to {repo_id} ({status}): {server}"
         return f"the Hub failed ({status or 'no status'}: {server}): {rerun}"
     if _is_network_error(err):
-        return f"cannot reach the Hugging Face Hub ({type(err).__name__}: {_first_line(err)}): check the network, then {rerun}"
+        why = f"{type(err).__name__}: {_first_line(err)}"
+        return f"cannot reach the Hugging Face Hub ({why}): check the network, then {rerun}"
     return None
 
 

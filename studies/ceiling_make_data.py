@@ -81,7 +81,7 @@ def _prose(doc: str) -> bool:
 
 
 def docstrings(count: int = DOCSTRINGS) -> list:
-    """The first ``count`` prose docstrings (module, class, function, method) in MODULES' order, one per module in turn."""
+    """The first ``count`` prose docstrings (module, class, function, method) in MODULES' order, a module at a time."""
     per_module = []
     for name in MODULES:
         module = importlib.import_module(name)

@@ -72,9 +72,10 @@ def result_tables(base: dict, runs: list, rates: dict) -> list:
             continue
         seeds = sorted(mine)
         rs = [mine[s] for s in seeds]
-        vs = lambda key, scale=100, digits=1: (
-            stat(paired(mine, full, key), scale, digits, sign=True) if label != "full" else ""
-        )
+
+        def vs(key, scale=100, digits=1, label=label, mine=mine):
+            return stat(paired(mine, full, key), scale, digits, sign=True) if label != "full" else ""
+
         acc.append(
             f"| {label} | {rate_of(rates, label):g} | {','.join(map(str, seeds))} "
             f"| {stat([r['end']['test_number'] for r in rs], 100)} | {vs(lambda r: r['end']['test_number'])} "

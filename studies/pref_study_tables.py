@@ -140,11 +140,13 @@ def render(root: Path) -> str:
         for name in sorted(rows, key=sort_key):
             rs = rows[name]
             out.append(
-                f"| {name} | {rs[0]['learning_rate']:g} | {len(rs)} | {stat([r['accuracy'].get('reasoning_gym') for r in rs], 100, 1)}% "
+                f"| {name} | {rs[0]['learning_rate']:g} | {len(rs)} "
+                f"| {stat([r['accuracy'].get('reasoning_gym') for r in rs], 100, 1)}% "
                 f"| "
                 f"{stat([r['accuracy'].get('number') for r in rs], 100, 1)}% | "
                 f"{stat([r.get('test_preference_accuracy') for r in rs], 100, 1)}% | "
-                f"{stat([r.get('test_reward_accuracy') for r in rs], 100, 1)}% | {stat([r.get('test_dpo_loss') for r in rs], 1, 4)} "
+                f"{stat([r.get('test_reward_accuracy') for r in rs], 100, 1)}% "
+                f"| {stat([r.get('test_dpo_loss') for r in rs], 1, 4)} "
                 f"| "
                 f"{stat([r['final_val_loss'] for r in rs], 1, 4)} | {distinct(rs)} |"
             )

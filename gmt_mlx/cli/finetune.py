@@ -22,7 +22,8 @@ def finetune(
         Optional[Path],
         typer.Option(
             "--resume",
-            help="Continue the run in this directory from its newest complete checkpoint (its config.yaml is the base; flags override it).",
+            help="Continue the run in this directory from its newest complete checkpoint "
+            "(its config.yaml is the base; flags override it).",
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Resume even when the config differs from the run's.")] = False,

@@ -312,7 +312,7 @@ class _LayerwisePass:
         return mx.sqrt(sum(squares)) * self.scale if squares else mx.array(0.0)
 
     def _summed(self, prefix: str, grads: Dict[str, mx.array], keep: bool = False) -> Dict[str, mx.array]:
-        """A part's gradient with the earlier micro-batches' (``keep``: left for the updating pass) and over the ranks."""
+        """A part's gradient with the earlier micro-batches' (``keep``: left for the updating pass), over the ranks."""
         for path in grads:
             if prefix + path in self.pending:
                 earlier = self.pending[prefix + path] if keep else self.pending.pop(prefix + path)

@@ -270,7 +270,7 @@ def rename_columns(row: object, mapping: dict, where: str) -> object:
 
 
 def _noted(err: UserError, mapping: dict) -> UserError:
-    """``err`` with each renamed field named by its own column too ('prompt' (column 'question')): what the user wrote."""
+    """``err`` naming each renamed field by its column too ('prompt' (column 'question')): what the user wrote."""
     message = str(err)
     for source, target in mapping.items():
         message = message.replace(f"'{target}'", f"'{target}' (column '{source}')")

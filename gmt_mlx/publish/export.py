@@ -178,7 +178,8 @@ def export_run(
 
 
 def _final_verifies(run_dir: Path, log: Callable[[str], None]) -> bool:
-    """Whether model/ is what the run wrote; if not, the final step's checkpoint stands in (same weights), or a refusal."""
+    """Whether model/ is what the run wrote; if not, the final step's checkpoint stands in (same weights) or
+    a refusal."""
     damage = final.model_damage(run_dir)
     if damage is None:
         return True

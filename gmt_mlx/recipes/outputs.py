@@ -105,7 +105,8 @@ def save_final(
 
 
 class RunLogger:
-    """The loop's callbacks: progress, metrics.jsonl (and --report-to trackers), periodic checkpoints, validation and the best checkpoint.
+    """The loop's callbacks: progress, metrics.jsonl (and --report-to trackers), periodic checkpoints,
+    validation and the best checkpoint.
 
     Every rank runs them (validation is sharded over the ranks); only rank 0
     (``main``) prints, writes metrics and saves.

@@ -167,7 +167,8 @@ def _plan_finished(out: Path, resume: bool, log: Callable[[str], None]) -> RunPl
 
 
 def check_loss_normalisation(out: Path, state: dict, ranks: int) -> None:
-    """Refuse a checkpoint (its state.json ``state``) whose steps averaged micro-batch means (gmt-mlx < 0.2) where that differs.
+    """Refuse a checkpoint (its state.json ``state``) whose steps averaged micro-batch means (gmt-mlx < 0.2)
+    where that differs.
 
     With one micro-batch per step on one process both rules give the same
     gradient, so such a checkpoint resumes; otherwise the run's gradient would

@@ -227,7 +227,8 @@ def print_summary(config: Config, run: Setup, log) -> None:
     if objective.named:
         log(f"objective  {objective.describe(config.to_dict())}")
     log(
-        f"params     {sizes['trainable']:,} trainable of {sizes['total']:,} ({100 * sizes['trainable'] / sizes['total']:.1f}%)"
+        f"params     {sizes['trainable']:,} trainable of {sizes['total']:,} "
+        f"({100 * sizes['trainable'] / sizes['total']:.1f}%)"
     )
     log(f"per step   {'<=' if sampled else '~'}{tokens_per_step:.0f} tokens, ~{updated:,.0f} gradient entries kept")
     log(

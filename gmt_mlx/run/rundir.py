@@ -185,7 +185,7 @@ def _config_sum(text: str) -> str:
 
 
 def write_config(config: "cfg.Config", run_dir: str | Path) -> None:
-    """Write config.yaml atomically (a kill leaves the old file or the new one, never half of one), with its checksum."""
+    """Write config.yaml atomically (a kill leaves the old file or the new, never half of one), with its checksum."""
     path = Path(run_dir) / CONFIG_FILE
     tmp = path.with_name(path.name + ".tmp")
     cfg.save_yaml(config, tmp)

@@ -109,7 +109,8 @@ class TensorBoard:
         self.config = config
         # Events an earlier start wrote past the resumed checkpoint (a kill after a report) are hidden.
         purge = resume_step + 1 if resume_step is not None and not self.new else None
-        # tensorboardX names files by the second and opens them "wb": a start in the same second as the last would erase it.
+        # tensorboardX names files by the second and opens them "wb": a start in the same second as the last
+        # would erase it.
         self.writer = SummaryWriter(
             logdir=str(folder),
             purge_step=purge,

@@ -1,1 +1,2 @@
-"""GGUF both ways: the tables the reader and the writer share, the reader (GGUF -> HF folder) and the writer (HF folder -> GGUF)."""
+"""GGUF both ways: the tables the reader and the writer share, the reader (GGUF -> HF folder) and the
+writer (HF folder -> GGUF)."""
