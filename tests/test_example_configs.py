@@ -118,7 +118,7 @@ BAD = {  # name: (the planted file's lines, what its problem must say)
     "unknown-key": (["# gmt-mlx finetune -c examples/unknown-key.yaml", "methd: lora  # typo", SUMS], "methd"),
     "bad-value": (
         ["# gmt-mlx finetune -c examples/bad-value.yaml", "mask_ratio: 1.5  # too much", SUMS],
-        "--mask-ratio",
+        "mask_ratio must be in [0, 1)",  # named as the file's key (issue 38), not as a flag
     ),
     "no-data": (["# gmt-mlx finetune -c examples/no-data.yaml", "data: examples/data/nowhere  # gone"], "data"),
     "odd-batch": (

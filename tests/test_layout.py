@@ -24,11 +24,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "gmt_mlx"
 MAX_MODULE_LINES = 450
-MAX_FUNCTION_LINES = 60
-# Functions allowed past MAX_FUNCTION_LINES because their length is one job.
-LONG_BY_DESIGN = {
-    "core/trainer.py::train": "the training loop: one step after another, each line a phase of it",
-}
+# A function's size is its statements (the lines on which one starts, nested ones included), not its lines:
+# the formatter puts every argument of a long call on a line of its own, which changes the lines and not the work.
+# 55 is what the largest function held when the budget was 60 compact lines (config.validate).
+MAX_FUNCTION_STATEMENTS = 55
+# Functions allowed past MAX_FUNCTION_STATEMENTS because their length is one job.
+LONG_BY_DESIGN: dict = {}
 # Modules allowed past MAX_MODULE_LINES because cohesion wins (issue 33).
 LARGE_BY_DESIGN = {
     "config.py": "every option's one definition, its checks, and the option groups made of those fields",
@@ -60,16 +61,28 @@ def test_module_size_is_a_guide():
         warnings.warn(f"modules over the {MAX_MODULE_LINES}-line guide: {', '.join(large)}", stacklevel=1)
 
 
+def statements(function: ast.AST) -> int:
+    """How many lines of ``function`` start a statement (its own lines only once, however they are wrapped)."""
+    return len({node.lineno for node in ast.walk(function) if isinstance(node, ast.stmt)})
+
+
 def test_functions_stay_small():
     long = []
     for path in modules():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                length = node.end_lineno - node.lineno + 1
+                size = statements(node)
                 key = f"{path.relative_to(PACKAGE).as_posix()}::{node.name}"
-                if length > MAX_FUNCTION_LINES and key not in LONG_BY_DESIGN:
-                    long.append(f"{key} ({length} lines)")
-    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"
+                if size > MAX_FUNCTION_STATEMENTS and key not in LONG_BY_DESIGN:
+                    long.append(f"{key} ({size} statements)")
+    assert not long, f"functions over {MAX_FUNCTION_STATEMENTS} statements: {', '.join(long)}"
+
+
+def test_function_size_counts_statements_not_wrapped_lines():
+    """The measure sees the work: a call wrapped over many lines is one statement, a long body is many."""
+    wrapped = ast.parse("def f():\n    g(\n        1,\n        2,\n        3,\n    )\n").body[0]
+    body = ast.parse("def f():\n" + "".join(f"    x{i} = {i}\n" for i in range(60))).body[0]
+    assert statements(wrapped) == 2 and statements(body) == 61
 
 
 def test_no_private_name_is_imported_across_modules():
