@@ -31,6 +31,31 @@ def finetune_args(model, data, out, *extra) -> list:
     return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out), *map(str, extra)]
 
 
+def resumable_run_args(model, data, out, *extra) -> list:
+    """`finetune` arguments of the short GMT run the resume and damage tests kill and resume: 6 steps, a checkpoint
+    every 2, validation every 3, a metrics record every step."""
+    return finetune_args(
+        model,
+        data,
+        out,
+        "--iters",
+        6,
+        "--learning-rate",
+        "1e-3",
+        "--steps-per-save",
+        2,
+        "--steps-per-eval",
+        3,
+        "--steps-per-report",
+        1,
+        "--method",
+        "gmt",
+        "--mask-ratio",
+        0.5,
+        *extra,
+    )
+
+
 def last_line(result) -> str:
     """The last non-blank line a command printed (stdout and stderr together)."""
     return result.output.strip().splitlines()[-1]

@@ -17,34 +17,12 @@ from gmt_mlx.core.trainer import NonFiniteError, train
 from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run import rundir
 from gmt_mlx.run.killcheck import final_weights, kill_and_resume
-from tests.helpers import last_line, runner
+from tests.helpers import last_line, resumable_run_args, runner
 
 
 def args(model, data, out, *extra):
-    return [
-        "finetune",
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--iters",
-        "6",
-        "--learning-rate",
-        "1e-3",
-        "--steps-per-save",
-        "2",
-        "--steps-per-eval",
-        "3",
-        "--steps-per-report",
-        "1",
-        "--method",
-        "gmt",
-        "--mask-ratio",
-        "0.5",
-        *map(str, extra),
-    ]
+    """The resumable run's arguments (tests/helpers.py), EXTRA appended."""
+    return resumable_run_args(model, data, out, *extra)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import pytest
 from gmt_mlx.cli import app
 from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run.killcheck import final_weights
-from tests.helpers import runner, write_chat_data
+from tests.helpers import resumable_run_args, runner, write_chat_data
 
 STEP2, STEP4, BEST = "checkpoints/step-000002", "checkpoints/step-000004", "checkpoints/best"
 FILES = ["config.yaml", "metrics.jsonl", "samples_before.json"] + [
@@ -31,31 +31,8 @@ CASES = [(file, damage) for file in FILES for damage in ("truncate", "flip", "de
 
 
 def args(model, data, out):
-    return [
-        "finetune",
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--iters",
-        "6",
-        "--learning-rate",
-        "1e-3",
-        "--steps-per-save",
-        "2",
-        "--steps-per-eval",
-        "3",
-        "--steps-per-report",
-        "1",
-        "--method",
-        "gmt",
-        "--mask-ratio",
-        "0.5",
-        "--samples",
-        "1",
-    ]
+    """The resumable run's arguments (tests/helpers.py), one sample answered."""
+    return resumable_run_args(model, data, out, "--samples", 1)
 
 
 FINISHED = [f"model/{name}" for name in ("model.safetensors", "config.json", "tokenizer.json")] + ["samples.json"]

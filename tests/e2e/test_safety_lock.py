@@ -23,7 +23,7 @@ from gmt_mlx.errors import UserError
 from gmt_mlx.run import rundir
 from gmt_mlx.run.killcheck import final_weights
 from gmt_mlx.run.lock import RunLock
-from tests.helpers import REPO
+from tests.helpers import REPO, resumable_run_args
 
 runner = CliRunner()
 
@@ -38,31 +38,8 @@ app(sys.argv[1:])
 
 
 def args(model, data, out):
-    return [
-        "finetune",
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--iters",
-        "6",
-        "--learning-rate",
-        "1e-3",
-        "--steps-per-save",
-        "2",
-        "--steps-per-eval",
-        "3",
-        "--steps-per-report",
-        "1",
-        "--method",
-        "gmt",
-        "--mask-ratio",
-        "0.5",
-        "--samples",
-        "0",
-    ]
+    """The resumable run's arguments (tests/helpers.py), no samples."""
+    return resumable_run_args(model, data, out, "--samples", 0)
 
 
 @pytest.mark.slow

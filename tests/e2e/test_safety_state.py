@@ -22,38 +22,15 @@ from gmt_mlx.cli import app
 from gmt_mlx.run import checkpoint as ckpt
 from gmt_mlx.run import rundir
 from gmt_mlx.run.killcheck import final_weights
-from tests.helpers import write_chat_data
+from tests.helpers import resumable_run_args, write_chat_data
 
 runner = CliRunner()
 STEP2, STEP4, BEST = "checkpoints/step-000002", "checkpoints/step-000004", "checkpoints/best"
 
 
 def args(model, data, out):
-    return [
-        "finetune",
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--iters",
-        "6",
-        "--learning-rate",
-        "1e-3",
-        "--steps-per-save",
-        "2",
-        "--steps-per-eval",
-        "3",
-        "--steps-per-report",
-        "1",
-        "--method",
-        "gmt",
-        "--mask-ratio",
-        "0.5",
-        "--samples",
-        "0",
-    ]
+    """The resumable run's arguments (tests/helpers.py), no samples."""
+    return resumable_run_args(model, data, out, "--samples", 0)
 
 
 @pytest.fixture(scope="module")
