@@ -85,8 +85,10 @@ def check_blas(
     if penv is None:
         return False, f"cannot satisfy libgfortran.so.5 for {lib}", {}
     penv[MARKER_VAR] = "check"  # the child must never re-exec itself
-    # The child imports gmt_mlx; make sure it finds this copy of the package.
-    pkg_root = str(Path(__file__).resolve().parent.parent)
+    # The child imports gmt_mlx; make sure it finds this copy of the package: the folder that holds gmt_mlx/
+    # (this file is gmt_mlx/platform/blas_check.py). Never gmt_mlx/ itself: there, this package's platform/
+    # would shadow the standard library's `platform`, which numpy imports.
+    pkg_root = str(Path(__file__).resolve().parents[2])
     penv["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in penv.get("PYTHONPATH", "").split(os.pathsep) if p])
     try:
         r = subprocess.run(
