@@ -39,6 +39,10 @@ MASK_SCOPES = ("tensor", "layer", "global")
 MASK_TARGETS = ("grad", "update")
 # The objectives' names (gmt_mlx/objectives: one home each; its registry has exactly these keys, a test checks).
 TRAIN_MODES = ("sft", "dpo", "orpo", "grpo")
+# --beta's default depends on the mode (Config.beta is None until __post_init__): named here, once, so that
+# the GRPO loss, usable without a Config, takes its default from the same place.
+PREFERENCE_BETA = 0.1  # DPO's (and ORPO's, which ignores it)
+GRPO_BETA = 0.0  # no KL term, so no reference model is held
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 # Online RL (GRPO, objectives/grpo/loss.py): how the per-token loss is normalised, and how rewards are scaled
 # into advantages; both as TRL defines them.
@@ -429,7 +433,7 @@ class Config:
     def __post_init__(self) -> None:
         self.method = METHOD_ALIASES.get(self.method, self.method)
         if self.beta is None:  # per mode: GRPO's default is no KL term (no reference held), DPO's 0.1
-            self.beta = 0.0 if self.train_mode == "grpo" else 0.1
+            self.beta = GRPO_BETA if self.train_mode == "grpo" else PREFERENCE_BETA
 
     @property
     def masked(self) -> bool:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from gmt_mlx.cli.common import echo, user_errors
+from gmt_mlx.config import Config
 
 
 @user_errors
@@ -16,7 +17,7 @@ def import_gguf(
         Path, typer.Argument(metavar="FILE", help="The .gguf file (F32, F16, Q8_0, Q4_0 or Q4_1 tensors).")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (must not exist or be empty).")],
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = Config.dtype,
 ) -> None:
     """Dequantize, rename to HF layout, undo GGML's q/k permutation, build the tokenizer."""
     from gmt_mlx.errors import UserError

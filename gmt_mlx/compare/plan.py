@@ -83,14 +83,14 @@ class PlannedRun:
         return group_label(self.label or self.method, self.mask_ratio, self.config.train_mode)
 
 
-def method_label(method: str, train_mode: str = "sft") -> str:
+def method_label(method: str, train_mode: str = Config.train_mode) -> str:
     """The unmasked full-weight method is "sft" in SFT comparisons and "full" under another (named) objective."""
     from gmt_mlx.objectives import objective_of  # here: the objectives load MLX, `compare --help` need not
 
     return "full" if method == "sft" and objective_of(train_mode).named else method
 
 
-def group_label(method: str, mask_ratio: Optional[float], train_mode: str = "sft") -> str:
+def group_label(method: str, mask_ratio: Optional[float], train_mode: str = Config.train_mode) -> str:
     """The row a run belongs to: the method, with its mask ratio for masked methods (gmt r=0.2)."""
     method = method_label(method, train_mode)
     return f"{method} r={mask_ratio:g}" if mask_ratio is not None else method

@@ -19,7 +19,7 @@ from typing import Dict, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from gmt_mlx.config import DPO_LOSSES
+from gmt_mlx.config import DPO_LOSSES, ObjectiveOptions
 
 # Per-pair sums a preference loss reports; divided by the pair count they are means.
 PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
@@ -91,8 +91,8 @@ def dpo_pair_losses(
     ref_rejected: mx.array,
     *,
     beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
+    loss_type: str = ObjectiveOptions.dpo_loss,
+    label_smoothing: float = ObjectiveOptions.label_smoothing,
 ) -> mx.array:
     """Per-pair DPO losses from (policy, reference) log-probabilities of the chosen and rejected answers.
 
@@ -130,8 +130,8 @@ def dpo_loss(
     reference: mx.array,
     *,
     beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
+    loss_type: str = ObjectiveOptions.dpo_loss,
+    label_smoothing: float = ObjectiveOptions.label_smoothing,
 ) -> Totals:
     """Summed DPO loss over a batch of pairs, the pair count, and the per-pair metric sums.
 

@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
+from gmt_mlx.config import MemoryOptions, OptimizerOptions
 from gmt_mlx.core.distributed import all_sum_totals, all_sum_tree, any_rank
 from gmt_mlx.core.layerwise import make_layerwise_step
 from gmt_mlx.core.losses import add_totals, sft_loss, unpack
@@ -194,7 +195,7 @@ def train(
     *,
     iters: int,
     start_step: int = 0,
-    grad_accumulation_steps: int = 1,
+    grad_accumulation_steps: int = OptimizerOptions.grad_accumulation_steps,
     grad_clip: float = 0.0,
     loss_fn: Callable = sft_loss,
     on_step: Optional[Callable[[StepResult], None]] = None,
@@ -203,7 +204,7 @@ def train(
     should_stop: Optional[Callable[[], bool]] = None,
     max_bad_steps: int = 0,
     group: Optional[mx.distributed.Group] = None,
-    update_per_layer: bool = False,
+    update_per_layer: bool = MemoryOptions.update_per_layer,
 ) -> int:
     """Run optimizer steps ``start_step + 1 .. iters``; return the last step completed.
 

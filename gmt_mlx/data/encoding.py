@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gmt_mlx.config import ASSISTANT_TURNS
+from gmt_mlx.config import ASSISTANT_TURNS, DataOptions
 from gmt_mlx.data.formats import detect_format, is_preference_row
 from gmt_mlx.errors import UserError
 
@@ -135,7 +135,9 @@ def _assistant_spans(messages: list, tokens: list[int], tokenizer, kwargs: dict)
     return spans
 
 
-def _encode_chat(messages: list, tokenizer, mask_prompt: bool, tools=None, assistant_turns: str = "final") -> Example:
+def _encode_chat(
+    messages: list, tokenizer, mask_prompt: bool, tools=None, assistant_turns: str = DataOptions.assistant_turns
+) -> Example:
     if not has_chat_template(tokenizer):
         raise UserError(
             "chat examples (messages) need a chat template and this model's tokenizer has none; "
@@ -194,7 +196,9 @@ def _encode_plain(tokenizer, text: str, *, first: bool) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def encode_example(example: dict, tokenizer, *, mask_prompt: bool, assistant_turns: str = "final") -> Example:
+def encode_example(
+    example: dict, tokenizer, *, mask_prompt: bool, assistant_turns: str = DataOptions.assistant_turns
+) -> Example:
     """Tokenize one example; with mask_prompt only the reply (completion / assistant turns) is a target.
 
     - chat: the tokenizer's chat template; with assistant_turns="final" the
@@ -282,7 +286,7 @@ def tokenize_split(
     mask_prompt: bool,
     max_seq_length: int,
     name: str,
-    assistant_turns: str = "final",
+    assistant_turns: str = DataOptions.assistant_turns,
     preference: bool = False,
 ) -> TokenizedSplit:
     """Tokenize rows, cutting each to max_seq_length tokens (see `encode_example` for the targets).

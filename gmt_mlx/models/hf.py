@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from gmt_mlx.config import Config
 from gmt_mlx.errors import UserError
 from gmt_mlx.models.methods import DTYPES, is_quantized
 from gmt_mlx.run.checkpoint import save_arrays
@@ -162,7 +163,7 @@ def save_hf_model(
     tokenizer,
     base_config: Dict[str, Any],
     *,
-    dtype: str = "float32",
+    dtype: str = Config.dtype,
     base_path: Optional[str | Path] = None,
     shard_bytes: Optional[int] = None,
 ) -> Path:
@@ -300,7 +301,7 @@ def save_peft_adapter(
     model: nn.Module,
     *,
     base_model: Optional[str] = None,
-    dtype: str = "float32",
+    dtype: str = Config.dtype,
     tokenizer=None,
 ) -> Path:
     """Write the model's adapters as ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT)."""

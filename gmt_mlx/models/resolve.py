@@ -28,12 +28,13 @@ from importlib import metadata
 from pathlib import Path
 
 from gmt_mlx import hub
+from gmt_mlx.config import Config
 from gmt_mlx.errors import UserError
 from gmt_mlx.hub import looks_like_path
 from gmt_mlx.paths import cache_root
 from gmt_mlx.run import rundir
 
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = Config.model  # the embedded model a run trains when none is named
 
 
 @dataclass(frozen=True)

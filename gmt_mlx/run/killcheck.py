@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from gmt_mlx.config import Config
 from gmt_mlx.run.checkpoint import FAULT_ENV
 
 
@@ -53,7 +54,7 @@ def kill_and_resume(
     data: str,
     workdir: Path,
     *,
-    method: str = "gmt",
+    method: str = Config.method,
     iters: int = 8,
     save_every: int = 3,
     extra: Sequence[str] = (),

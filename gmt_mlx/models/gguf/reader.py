@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gmt_mlx.config import Config
 from gmt_mlx.errors import UserError
 from gmt_mlx.models.gguf.header import GGUFHeader, read_gguf_header
 from gmt_mlx.models.gguf.hf_config import hf_config
@@ -159,7 +160,7 @@ def _hf_weights(raw: dict, names: dict[str, str], config: dict, dtype) -> dict:
 # ---------------------------------------------------------------- writing
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = Config.dtype) -> Path:
     """Convert a GGUF file of a `SUPPORTED_ARCHITECTURES` model into a Hugging Face model folder; return out_dir.
 
     dtype: float dtype of the written weights ("float32", "float16" or

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from gmt_mlx.config import GRPO_LOSS_TYPES, REWARD_SCALINGS
+from gmt_mlx.config import GRPO_BETA, GRPO_LOSS_TYPES, REWARD_SCALINGS, GrpoOptions
 
 # Added to the reward standard deviation before dividing (TRL's constant): a group whose
 # rewards are all equal gets zero advantage rather than 0/0.
@@ -146,10 +146,10 @@ def grpo_loss(
     advantages: mx.array,
     mask: mx.array,
     *,
-    loss_type: str = "dapo",
-    epsilon: float = 0.2,
+    loss_type: str = GrpoOptions.loss_type,
+    epsilon: float = GrpoOptions.epsilon,
     epsilon_high: Optional[float] = None,
-    beta: float = 0.0,
+    beta: float = GRPO_BETA,
     max_completion_length: Optional[int] = None,
     delta: Optional[float] = None,
     kl_ratio: bool = True,
@@ -200,7 +200,11 @@ def grpo_loss(
 
 
 def completion_logps(
-    model: nn.Module, tokens: mx.array, prompt_lengths: mx.array, width: int, temperature: float = 1.0
+    model: nn.Module,
+    tokens: mx.array,
+    prompt_lengths: mx.array,
+    width: int,
+    temperature: float = GrpoOptions.temperature,
 ) -> mx.array:
     """(B, ``width``) float32 log-probabilities of each completion token given its prompt and the completion
     before it, at ``temperature``, from one forward over the right-padded prompt + completion rows.
@@ -232,13 +236,13 @@ def grpo_batch_loss(
     ref_logps: mx.array,
     advantages: mx.array,
     *,
-    loss_type: str = "dapo",
-    epsilon: float = 0.2,
+    loss_type: str = GrpoOptions.loss_type,
+    epsilon: float = GrpoOptions.epsilon,
     epsilon_high: Optional[float] = None,
-    beta: float = 0.0,
+    beta: float = GRPO_BETA,
     max_completion_length: Optional[int] = None,
     reuse: bool = False,
-    temperature: float = 1.0,
+    temperature: float = GrpoOptions.temperature,
 ) -> Tuple[mx.array, mx.array, Dict[str, mx.array]]:
     """`grpo_loss` of a rollout batch as the trainer's losses return theirs: (summed loss, unit count, metric sums).
 

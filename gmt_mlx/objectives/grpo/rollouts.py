@@ -35,6 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from gmt_mlx.config import GrpoOptions
 from gmt_mlx.objectives.grpo.loss import completion_logps
 
 
@@ -116,7 +117,7 @@ class KeyedSampler:
     the draws are the key's alone. Temperature 0 is greedy and uses no key.
     """
 
-    def __init__(self, key: mx.array, temperature: float, top_p: float = 1.0):
+    def __init__(self, key: mx.array, temperature: float, top_p: float = GrpoOptions.top_p):
         self.key = key
         self.temperature = temperature
         self.top_p = top_p
@@ -174,8 +175,8 @@ def sample_rollouts(
     prompts_ids: Sequence[Sequence[int]],
     *,
     num_generations: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
+    temperature: float = GrpoOptions.temperature,
+    top_p: float = GrpoOptions.top_p,
     max_completion_length: int = 256,
     key: mx.array | int = 0,
     stop_ids: Optional[Iterable[int]] = None,
@@ -218,7 +219,9 @@ def sample_rollouts(
     return Rollouts(rows, completions, truncated, num_generations, start, sampler.key)
 
 
-def rollout_logps(model: nn.Module, rollouts: Rollouts, pad_id: int, temperature: float = 1.0) -> mx.array:
+def rollout_logps(
+    model: nn.Module, rollouts: Rollouts, pad_id: int, temperature: float = GrpoOptions.temperature
+) -> mx.array:
     """(B, T) float32 log-probabilities of each completion token given its prompt and the completion
     before it, at ``temperature``; 0 past a row's end (`Rollouts.completion_mask` says where).
 
