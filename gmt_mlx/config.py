@@ -675,8 +675,13 @@ def resolve(
         raise _named_at_its_source(err, yaml_path, from_yaml, base, overrides) from None
 
 
+def dump_yaml(config: Config) -> str:
+    """The config as YAML text, in field order (what `save_yaml` writes)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
 def save_yaml(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    Path(path).write_text(dump_yaml(config))
 
 
 def applies(key: str, method: Optional[str]) -> bool:

@@ -109,9 +109,8 @@ def _finetune(
         config, run, plan.out, group, best_val=best_val, start_step=start_step, on_validation=on_validation
     )
     if objective_of(config).validates_at_start and plan.checkpoint is None:
-        logger.on_eval(
-            0, initial=True
-        )  # where preference training starts (DPO: ln 2, policy = reference), GRPO's reward
+        # Where training starts: DPO's ln 2 (policy = reference), GRPO's reward of the step-0 model.
+        logger.on_eval(0, initial=True)
     _train_to_the_end(config, run, plan, logger, start_step, group, log)
     if not main:  # the other ranks hold the same weights; rank 0 writes them
         return logger.result(rundir.model_dir(plan.out), [], start_step)

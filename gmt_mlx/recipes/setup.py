@@ -20,7 +20,7 @@ from gmt_mlx import config as cfg
 from gmt_mlx.config import Config
 from gmt_mlx.core.compact import CHUNK_ENTRIES
 from gmt_mlx.core.layerwise import block_sizes
-from gmt_mlx.core.optim import build_optimizer, make_schedule
+from gmt_mlx.core.optim import build_optimizer, schedule_of
 from gmt_mlx.core.precision import BLOCK
 from gmt_mlx.data.batching import pad_id as batch_pad_id
 from gmt_mlx.data.batching import padding_waste
@@ -79,8 +79,9 @@ def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
         )
     objective = objective_of(config)
     # Read the data before the (slow) model load, the rows the objective reads (GRPO: prompts, no completion).
-    rows = load_splits(config.data, **data_options(config), **objective.load_options())
-    for line in column_warnings(config.data, rows, **data_options(config), **objective.load_options()):
+    options = {**data_options(config), **objective.load_options()}
+    rows = load_splits(config.data, **options)
+    for line in column_warnings(config.data, rows, **options):
         log(line)
     objective.check(config)  # its options (GRPO: unknown rewards) before the model load too
     if rows.get("train"):  # before the (slow) model load too
@@ -101,13 +102,7 @@ def build_setup(config: Config, log: Callable[[str], None]) -> Setup:
             f"warning: --warmup-steps {config.warmup_steps} is not below the run's {steps} steps: the learning rate "
             f"never reaches --learning-rate {config.learning_rate:g}"
         )
-    schedule = make_schedule(
-        config.learning_rate,
-        steps,
-        kind=config.lr_schedule,
-        warmup_steps=config.warmup_steps,
-        min_lr_ratio=config.min_lr_ratio,
-    )
+    schedule = schedule_of(config.optim, steps)
     optimizer = build_optimizer(config.optim, schedule, seed=config.seed, mask=config.mask, precision=config.precision)
     memory = check_memory(config, model, model_config, sizes, train_split, log)
     loss_fn = objective.loss(config)

@@ -188,8 +188,7 @@ def write_config(config: "cfg.Config", run_dir: str | Path) -> None:
     """Write config.yaml atomically (a kill leaves the old file or the new, never half of one), with its checksum."""
     path = Path(run_dir) / CONFIG_FILE
     tmp = path.with_name(path.name + ".tmp")
-    cfg.save_yaml(config, tmp)
-    text = tmp.read_text(encoding="utf-8")
+    text = cfg.dump_yaml(config)
     tmp.write_text(
         f"{text}# sha256 {_config_sum(text)} (of the lines above: gmt-mlx checks it on every read)\n", encoding="utf-8"
     )
