@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional
 
+from gmt_mlx.config import Config
 from gmt_mlx.core.losses import sft_loss
 from gmt_mlx.data.encoding import TokenizedSplit, tokenize_split
 from gmt_mlx.errors import UserError
@@ -127,6 +128,12 @@ class Objective:
     def shown_validation(self, val_loss: float) -> tuple:
         """(name, value) of a validation result as a user reads it: GRPO's "loss" is minus the mean reward."""
         return ("val reward", -val_loss) if self.measure == "reward" else ("val loss", val_loss)
+
+
+def saved_settings(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A saved config dict (a run's config.yaml, a comparison's spec) completed with Config's defaults for the
+    keys it lacks (a run of an older gmt-mlx), beta's per mode: what `describe` and the reports read."""
+    return {**Config(train_mode=config.get("train_mode") or "sft").to_dict(), **config}
 
 
 def tokenize_rows(

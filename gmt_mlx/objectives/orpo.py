@@ -10,7 +10,7 @@ from functools import partial
 from typing import Any, Callable, Dict
 
 from gmt_mlx.core.losses import orpo_loss
-from gmt_mlx.objectives.base import MemoryTerms, Objective
+from gmt_mlx.objectives.base import MemoryTerms, Objective, saved_settings
 
 
 class ORPO(Objective):
@@ -28,7 +28,7 @@ class ORPO(Objective):
 
     def describe(self, config: Dict[str, Any]) -> str:
         """ORPO and its lambda."""
-        return f"ORPO, lambda {config.get('orpo_lambda', 0.1):g} (no reference model)"
+        return f"ORPO, lambda {saved_settings(config)['orpo_lambda']:g} (no reference model)"
 
     def memory_terms(self, config, trainable_bytes: int) -> MemoryTerms:
         """A batch holds two rows per pair."""

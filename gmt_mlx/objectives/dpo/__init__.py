@@ -17,7 +17,7 @@ import numpy as np
 
 from gmt_mlx.core.losses import dpo_loss, dpo_pair_losses
 from gmt_mlx.data.batching import drawn_indices
-from gmt_mlx.objectives.base import MemoryTerms, Objective, ObjectiveRun
+from gmt_mlx.objectives.base import MemoryTerms, Objective, ObjectiveRun, saved_settings
 from gmt_mlx.objectives.dpo.reference import compute_reference, load_reference
 
 
@@ -36,11 +36,9 @@ class DPO(Objective):
 
     def describe(self, config: Dict[str, Any]) -> str:
         """DPO, its loss, beta and label smoothing."""
-        smoothing = f", label smoothing {config.get('label_smoothing'):g}" if config.get("label_smoothing") else ""
-        return (
-            f"DPO ({config.get('dpo_loss', 'sigmoid')} loss), beta {config.get('beta', 0.1):g}{smoothing}, "
-            "reference = the step-0 model"
-        )
+        config = saved_settings(config)
+        smoothing = f", label smoothing {config['label_smoothing']:g}" if config["label_smoothing"] else ""
+        return f"DPO ({config['dpo_loss']} loss), beta {config['beta']:g}{smoothing}, reference = the step-0 model"
 
     def memory_terms(self, config, trainable_bytes: int) -> MemoryTerms:
         """Two rows per pair; the reference pass (forward only, at the same batch) stays below the step's peak."""
@@ -49,14 +47,15 @@ class DPO(Objective):
     def against_reference(self, config: Dict[str, Any], tuned: Any, reference: Any) -> Dict[str, float]:
         """dpo_loss, the run's own loss on these pairs, for the sigmoid and hinge losses (whose rewards use
         summed log-probabilities, as ``tuned`` and ``reference`` are)."""
-        if config.get("dpo_loss", "sigmoid") not in ("sigmoid", "hinge"):
+        config = saved_settings(config)
+        if config["dpo_loss"] not in ("sigmoid", "hinge"):
             return {}
         t, b = tuned, reference
         losses = dpo_pair_losses(
             *(mx.array(v.astype(np.float32)) for v in (t[:, 0], t[:, 1], b[:, 0], b[:, 1])),
-            beta=config.get("beta", 0.1),
-            loss_type=config.get("dpo_loss", "sigmoid"),
-            label_smoothing=config.get("label_smoothing", 0.0),
+            beta=config["beta"],
+            loss_type=config["dpo_loss"],
+            label_smoothing=config["label_smoothing"],
         )
         return {"dpo_loss": float(np.array(losses).mean())}
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 from mlx.utils import tree_flatten
 
-from gmt_mlx.objectives.base import MemoryTerms, Objective, ObjectiveRun
+from gmt_mlx.objectives.base import MemoryTerms, Objective, ObjectiveRun, saved_settings
 from gmt_mlx.objectives.grpo.batches import RolloutBatches, prompt_splits, rewards_of, split_where, validation_reward
 from gmt_mlx.objectives.grpo.loss import grpo_batch_loss
 
@@ -50,13 +50,14 @@ class GRPO(Objective):
 
     def describe(self, config: Dict[str, Any]) -> str:
         """GRPO's loss, reward, group size, scaling, clip and KL term."""
-        high = config.get("epsilon_high")
-        clip = f"clip {config.get('epsilon', 0.2):g}" + (f"/{high:g}" if high is not None else "")
+        config = saved_settings(config)
+        high = config["epsilon_high"]
+        clip = f"clip {config['epsilon']:g}" + (f"/{high:g}" if high is not None else "")
         return (
-            f"GRPO ({config.get('loss_type', 'dapo')} loss), reward {config.get('reward')}, "
-            f"{config.get('num_generations', 4)} completions per prompt, rewards scaled by "
-            f"{config.get('scale_rewards', 'group')}, {clip}, "
-            + (f"KL beta {config['beta']:g} to the step-0 model" if config.get("beta") else "no KL term")
+            f"GRPO ({config['loss_type']} loss), reward {config['reward']}, "
+            f"{config['num_generations']} completions per prompt, rewards scaled by "
+            f"{config['scale_rewards']}, {clip}, "
+            + (f"KL beta {config['beta']:g} to the step-0 model" if config["beta"] else "no KL term")
         )
 
     def memory_terms(self, config, trainable_bytes: int) -> MemoryTerms:
